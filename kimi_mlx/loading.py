@@ -1,0 +1,36 @@
+"""Resolve a model argument (directory, hub repo id, or 'demo') and load model + tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import KimiError
+
+
+def resolve(model: str, revision: str | None = None) -> Path:
+    """A local checkpoint directory for `model`: 'demo', a path, or a hub repo id (downloaded)."""
+    from .demo import DEMO_NAMES, demo_dir
+
+    if model in DEMO_NAMES:
+        return demo_dir(model)
+    p = Path(model).expanduser()
+    if p.exists():
+        return p
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise KimiError(f"{model}: no such directory; give a checkpoint directory, a hub repo id or 'demo'")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision))
+    except Exception as e:  # network, auth, missing repo: all one line for the user
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise KimiError(f"{model}: not a local directory and the hub download failed ({msg})") from None
+
+
+def load(model: str, revision: str | None = None):
+    """(model, tokenizer) from a directory, hub repo id or 'demo'."""
+    from .tokenizer import Tokenizer
+    from .weights.load import load_model
+
+    path = resolve(model, revision)
+    return load_model(path), Tokenizer(path)

@@ -1,0 +1,68 @@
+"""Kimi Delta Attention layer: projections, short causal conv, gates, the recurrence, gated norm."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ModelConfig
+from ..ops.kda import kda
+from ..state import KDAState
+
+
+def short_conv(x: mx.array, tail: mx.array, weight: mx.array) -> tuple[mx.array, mx.array]:
+    """Causal depthwise conv + SiLU in float32.
+
+    x: [B, T, C] new inputs; tail: [B, K-1, C] previous inputs; weight: [K, C] (row K-1 = current token).
+    Returns (y [B, T, C] in x's dtype, new tail [B, K-1, C]).
+    """
+    K = weight.shape[0]
+    T = x.shape[1]
+    xx = mx.concatenate([tail.astype(x.dtype), x], axis=1)
+    w = weight.astype(mx.float32)
+    acc = xx[:, 0:T].astype(mx.float32) * w[0]
+    for i in range(1, K):
+        acc = acc + xx[:, i : i + T].astype(mx.float32) * w[i]
+    return nn.silu(acc).astype(x.dtype), xx[:, T:]
+
+
+def softplus(x: mx.array) -> mx.array:
+    """PyTorch softplus (beta 1, linear above 20)."""
+    return mx.where(x > 20.0, x, mx.logaddexp(x, mx.zeros_like(x)))
+
+
+class KimiDeltaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, D, dim = cfg.kda_num_heads, cfg.kda_head_dim, cfg.hidden_size
+        self.num_heads, self.head_dim = H, D
+        self.qkv_proj = nn.Linear(dim, 3 * H * D, bias=False)  # q|k|v fused at load time
+        self.conv_weight = mx.zeros((cfg.conv_kernel_size, 3 * H * D))
+        self.f_a_proj = nn.Linear(dim, D, bias=False)
+        self.f_b_proj = nn.Linear(D, H * D, bias=False)
+        self.A_log = mx.zeros((H,))
+        self.dt_bias = mx.zeros((H * D,))
+        self.b_proj = nn.Linear(dim, H, bias=False)
+        self.g_a_proj = nn.Linear(dim, D, bias=False)
+        self.g_b_proj = nn.Linear(D, H * D, bias=False)
+        self.o_norm_weight = mx.ones((D,))
+        self.o_proj = nn.Linear(H * D, dim, bias=False)
+        self.norm_eps = cfg.rms_norm_eps
+
+    def gate(self, x: mx.array) -> mx.array:
+        """Log-space forget gate g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias): [B, T, H, D] f32, <= 0."""
+        B, T, _ = x.shape
+        a = self.f_b_proj(self.f_a_proj(x)).astype(mx.float32) + self.dt_bias.astype(mx.float32)
+        a = a.reshape(B, T, self.num_heads, self.head_dim)
+        return -mx.exp(self.A_log.astype(mx.float32))[:, None] * softplus(a)
+
+    def __call__(self, x: mx.array, state: KDAState) -> mx.array:
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        qkv, state.conv = short_conv(self.qkv_proj(x), state.conv, self.conv_weight)
+        q, k, v = mx.split(qkv.reshape(B, T, 3, H, D), 3, axis=2)
+        beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))
+        o, state.recurrent = kda(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.gate(x), beta, state.recurrent)
+        gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D).astype(mx.float32)
+        y = mx.fast.rms_norm(o, self.o_norm_weight.astype(mx.float32), self.norm_eps) * mx.sigmoid(gate)
+        return self.o_proj(y.reshape(B, T, H * D).astype(x.dtype))

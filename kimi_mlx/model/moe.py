@@ -1,0 +1,129 @@
+"""Mixture of experts: float32 sigmoid router with grouped top-k, stacked experts, shared expert."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ModelConfig
+from .common import MLP
+
+
+def route(x, weight, bias, *, top_k, n_group, topk_group, renormalize, scaling, bias_in_weights=False):
+    """Reference router.  x: [N, D]; weight: [E, D]; bias: [E].  Returns (indices [N, k] uint32, weights [N, k] f32)."""
+    scores = mx.sigmoid(x.astype(mx.float32) @ weight.astype(mx.float32).T)
+    choice = scores + bias.astype(mx.float32)
+    if n_group > 1 and topk_group < n_group:
+        N, E = choice.shape
+        grouped = choice.reshape(N, n_group, E // n_group)
+        group_score = mx.topk(grouped, 2, axis=-1).sum(-1)  # [N, G]
+        drop = mx.argpartition(group_score, n_group - topk_group - 1, axis=-1)[:, : n_group - topk_group]
+        keep = mx.ones((N, n_group)) - (mx.arange(n_group)[None, None] == drop[..., None]).sum(1)
+        choice = mx.where(keep[..., None] > 0, grouped, -math.inf).reshape(N, E)
+    idx = mx.argpartition(-choice, top_k - 1, axis=-1)[:, :top_k]
+    w = mx.take_along_axis(choice if bias_in_weights else scores, idx, axis=-1)
+    if renormalize:
+        w = w / (w.sum(-1, keepdims=True) + 1e-20)
+    return idx.astype(mx.uint32), w * scaling
+
+
+class SwitchLinear(nn.Module):
+    """A bank of E linear maps, weight [E, out, in]; applies the ones picked per token."""
+
+    def __init__(self, num_experts: int, dims_in: int, dims_out: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, dims_out, dims_in))
+
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **kw):
+        return QuantizedSwitchLinear.from_float(self, group_size, bits, mode)
+
+
+class QuantizedSwitchLinear(nn.Module):
+    def __init__(self, num_experts, dims_in, dims_out, group_size=64, bits=4, mode="affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        w, *sb = mx.quantize(mx.zeros((num_experts, dims_out, dims_in)), group_size, bits, mode=mode)
+        self.weight, self.scales = w, sb[0]
+        if len(sb) > 1:
+            self.biases = sb[1]
+
+    @classmethod
+    def from_float(cls, lin: SwitchLinear, group_size, bits, mode):
+        E, out, inp = lin.weight.shape
+        q = cls(E, inp, out, group_size, bits, mode)
+        w, *sb = mx.quantize(lin.weight, group_size, bits, mode=mode)
+        q.weight, q.scales = w, sb[0]
+        if len(sb) > 1:
+            q.biases = sb[1]
+        return q
+
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(
+            x, self.weight, self.scales, self.get("biases"), rhs_indices=idx, transpose=True,
+            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
+        )
+
+
+class SwitchGLU(nn.Module):
+    def __init__(self, dims: int, hidden: int, num_experts: int):
+        super().__init__()
+        self.gate_proj = SwitchLinear(num_experts, dims, hidden)
+        self.up_proj = SwitchLinear(num_experts, dims, hidden)
+        self.down_proj = SwitchLinear(num_experts, hidden, dims)
+
+    def __call__(self, x: mx.array, idx: mx.array) -> mx.array:
+        """x: [N, D]; idx: [N, k].  Returns [N, k, D]."""
+        N, k = idx.shape
+        flat = idx.flatten()
+        sort = N * k >= 64  # prefill: group tokens by expert so each expert's rows are contiguous
+        if sort:
+            order = mx.argsort(flat)
+            inv = mx.argsort(order)
+            xs = x[order // k][:, None]
+            ids = flat[order]
+        else:
+            xs, ids = x[:, None, None], idx
+        h = nn.silu(self.gate_proj(xs, ids, sort)) * self.up_proj(xs, ids, sort)
+        y = self.down_proj(h, ids, sort)
+        if sort:
+            return y[inv].reshape(N, k, -1)
+        return y.reshape(N, k, -1)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = mx.zeros((cfg.num_experts, cfg.hidden_size))
+        self.e_score_correction_bias = mx.zeros((cfg.num_experts,))
+        self.opts = dict(
+            top_k=cfg.num_experts_per_token, n_group=cfg.num_expert_group, topk_group=cfg.topk_group,
+            renormalize=cfg.moe_renormalize, scaling=cfg.routed_scaling_factor,
+            bias_in_weights=cfg.router_bias_in_weights,
+        )
+
+    def __call__(self, x: mx.array):
+        return route(x, self.weight, self.e_score_correction_bias, **self.opts)
+
+
+class KimiMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts)
+        if cfg.num_shared_experts:
+            self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        idx, w = self.gate(flat)
+        y = (self.experts(flat, idx).astype(mx.float32) * w[..., None]).sum(1).astype(x.dtype)
+        y = y.reshape(shape)
+        if "shared_experts" in self:
+            y = y + self.shared_experts(x)
+        return y

@@ -1,0 +1,122 @@
+"""Read a checkpoint directory (HF layout or this project's converted layout) into a Model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..config import ModelConfig
+from ..errors import WeightsError
+from ..model import Model
+from .layout import hf_to_local, is_hf_layout
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise WeightsError(f"{index}: corrupt index file; re-download or re-convert the checkpoint") from None
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise WeightsError(f"{path}: shard {missing[0]} listed in the index is missing; the download is incomplete")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{path}: no *.safetensors weight files found")
+    return files
+
+
+def read_checkpoint(path: Path) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    for f in weight_files(path):
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # mlx raises plain RuntimeError/ValueError on bad files
+            raise WeightsError(f"{f}: unreadable safetensors file ({_short(e)}); it is truncated or corrupt") from None
+    return weights
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+
+
+def _quantize(model: Model, cfg: ModelConfig, weights: dict) -> None:
+    q = cfg.quantization
+    if not q:
+        return
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights:
+            return False
+        spec = q.get(path)
+        if isinstance(spec, dict):
+            return {"group_size": spec["group_size"], "bits": spec["bits"], "mode": spec.get("mode", "affine")}
+        return True
+
+    nn.quantize(model, group_size=q.get("group_size", 64), bits=q.get("bits", 4), mode=q.get("mode", "affine"),
+                class_predicate=predicate)
+
+
+def check_and_load(model: Model, weights: dict) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"checkpoint is missing tensor '{missing[0]}'{more}; the checkpoint is incomplete")
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise WeightsError(f"checkpoint has unexpected tensor '{extra[0]}'; it does not match config.json")
+    for name, arr in weights.items():
+        if arr.shape != expected[name].shape:
+            raise WeightsError(
+                f"tensor '{name}' has shape {tuple(arr.shape)}, config.json implies {tuple(expected[name].shape)}"
+            )
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
+    """Load a Kimi Linear checkpoint directory: HF layout (sharded safetensors, bf16/f16/f32) or converted.
+
+    dtype: cast floating weights to this dtype (None keeps the file's dtypes).
+    """
+    from ..demo import DEMO_NAMES, demo_model
+
+    if str(path) in DEMO_NAMES:
+        return demo_model(str(path))[0]
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path}: no such directory; give a checkpoint directory, a hub repo id or 'demo'")
+    if not path.is_dir():
+        raise WeightsError(f"{path}: not a directory; give the checkpoint directory that holds config.json")
+    cfg = ModelConfig.from_file(path)
+    weights = read_checkpoint(path)
+    if is_hf_layout(weights):
+        weights = hf_to_local(cfg, weights)
+    return build_model(cfg, weights, dtype)
+
+
+def build_model(cfg: ModelConfig, weights: dict, dtype: mx.Dtype | None = None) -> Model:
+    model = Model(cfg)
+    _quantize(model, cfg, weights)
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not keep_fp32(k) else v
+                   for k, v in weights.items()}
+    check_and_load(model, weights)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+FP32_SUFFIXES = ("A_log", "dt_bias", "e_score_correction_bias", "conv_weight")
+
+
+def keep_fp32(name: str) -> bool:
+    """Small, numerically sensitive tensors that never get down-cast."""
+    return name.endswith(FP32_SUFFIXES)
