@@ -140,8 +140,8 @@ def _layer_types(d: dict, n: int) -> list[str]:
 
 
 def _mlp_types(d: dict, n: int, has_experts: bool) -> list[str]:
-    if d.get("mlp_layer_types") is not None:
-        mt = d["mlp_layer_types"]
+    mt = _get(d, "mlp_layer_types", "mlp_types")
+    if mt is not None:
         names = {"dense": DENSE, "sparse": MOE, MOE: MOE}
         if not isinstance(mt, list) or len(mt) != n or any(t not in names for t in mt):
             raise ConfigError(f"config.json: field 'mlp_layer_types' must list {n} entries of dense/sparse")

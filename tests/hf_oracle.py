@@ -58,4 +58,4 @@ def save(model: KimiLinearForCausalLM, path) -> None:
 
 def logits(model: KimiLinearForCausalLM, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+        return model(torch.tensor(tokens, dtype=torch.long), use_cache=False).logits.float().numpy()

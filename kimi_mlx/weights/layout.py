@@ -63,6 +63,8 @@ def hf_to_local(cfg: ModelConfig, weights: dict) -> dict:
     by_layer: dict[int, dict] = {}
     out = {}
     for name, arr in weights.items():
+        if arr.size == 0:
+            continue  # transformers writes empty shared experts when there are none
         m = LAYER_RE.match(name)
         if m is None:
             if not name.startswith("model.mtp") and "rotary_emb" not in name:

@@ -1,0 +1,37 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _demo_cache(tmp_path_factory):
+    """Keep the demo checkpoint out of the user's home directory."""
+    if "KIMI_MLX_CACHE" not in os.environ:
+        os.environ["KIMI_MLX_CACHE"] = str(tmp_path_factory.mktemp("kimi_cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """Factory: (torch model, checkpoint dir) for a tiny HF config, cached per argument set."""
+    import hf_oracle
+
+    made = {}
+
+    def make(layers="kkkm", seed=0, extreme_gates=False, **over):
+        key = (layers, seed, extreme_gates, tuple(sorted(over.items())))
+        if key not in made:
+            cfg = hf_oracle.make_config(layers, **over)
+            model = hf_oracle.make_model(cfg, seed=seed, extreme_gates=extreme_gates)
+            path = tmp_path_factory.mktemp("hf")
+            hf_oracle.save(model, path)
+            made[key] = (model, path)
+        return made[key]
+
+    return make

@@ -1,0 +1,129 @@
+"""Checkpoint loading: sharded HF checkpoints, dtypes, the demo, and one-line errors for bad files."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import hf_oracle
+from kimi_mlx import load_model
+from kimi_mlx.errors import KimiError, WeightsError
+
+
+def test_sharded_checkpoint_loads(tmp_path, hf_checkpoint):
+    torch_model, _ = hf_checkpoint("kkkm")
+    torch_model.save_pretrained(str(tmp_path), max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    toks = np.arange(30)[None] % 200
+    ref = hf_oracle.logits(torch_model, toks)
+    out = np.array(load_model(tmp_path)(mx.array(toks)))
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_bf16_checkpoint_keeps_sensitive_tensors_fp32(tmp_path, hf_checkpoint):
+    torch_model, path = hf_checkpoint("kkkm")
+    model = load_model(path, dtype=mx.bfloat16)
+    attn = model.model.layers[0].self_attn
+    assert attn.qkv_proj.weight.dtype == mx.bfloat16
+    assert attn.A_log.dtype == mx.float32 and attn.dt_bias.dtype == mx.float32
+    assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == mx.float32
+
+
+@pytest.fixture
+def ckpt_copy(tmp_path, hf_checkpoint):
+    _, src = hf_checkpoint("kkkm")
+    dst = tmp_path / "ck"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def one_line(exc):
+    return "\n" not in str(exc.value) and len(str(exc.value)) < 300
+
+
+def test_missing_directory():
+    with pytest.raises(WeightsError) as e:
+        load_model("/no/such/dir")
+    assert one_line(e)
+
+
+def test_missing_weights(ckpt_copy):
+    (ckpt_copy / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="no \\*.safetensors") as e:
+        load_model(ckpt_copy)
+    assert one_line(e)
+
+
+def test_truncated_weights(ckpt_copy):
+    f = ckpt_copy / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="truncated or corrupt") as e:
+        load_model(ckpt_copy)
+    assert one_line(e)
+
+
+def test_garbage_weights(ckpt_copy):
+    (ckpt_copy / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(WeightsError, match="truncated or corrupt"):
+        load_model(ckpt_copy)
+
+
+def test_missing_tensor_is_named(ckpt_copy):
+    from safetensors.numpy import load_file, save_file
+
+    w = load_file(str(ckpt_copy / "model.safetensors"))
+    del w["model.layers.3.self_attn.o_proj.weight"]
+    save_file(w, str(ckpt_copy / "model.safetensors"))
+    with pytest.raises(WeightsError, match="model.layers.3.self_attn.o_proj.weight") as e:
+        load_model(ckpt_copy)
+    assert one_line(e)
+
+
+def test_config_weights_mismatch(ckpt_copy):
+    cfg = json.loads((ckpt_copy / "config.json").read_text())
+    cfg["hidden_size"] = 64
+    (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="shape") as e:
+        load_model(ckpt_copy)
+    assert one_line(e)
+
+
+def test_index_names_missing_shard(tmp_path, hf_checkpoint):
+    torch_model, _ = hf_checkpoint("kkkm")
+    torch_model.save_pretrained(str(tmp_path), max_shard_size="100KB")
+    next(tmp_path.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(WeightsError, match="missing"):
+        load_model(tmp_path)
+
+
+def test_bad_config_is_kimi_error(ckpt_copy):
+    (ckpt_copy / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(KimiError, match="model_type"):
+        load_model(ckpt_copy)
+
+
+def test_demo_loads_and_is_deterministic():
+    a = load_model("demo")
+    b = load_model("demo")
+    toks = mx.array([[1, 2, 3, 4, 5]])
+    assert np.array_equal(np.array(a(toks)), np.array(b(toks)))
+    assert a.config.num_experts == 16 and a.config.layer_types == ["kda", "kda", "kda", "mla"]
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kimi_mlx", "generate", "--model", str(tmp_path / "nope")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_cli_demo_prints_tokens():
+    r = subprocess.run([sys.executable, "-m", "kimi_mlx", "generate", "--model", "demo", "--prompt", "hi",
+                        "--max-tokens", "8"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "random weights" in r.stderr
