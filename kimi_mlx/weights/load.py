@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 from ..config import ModelConfig
 from ..errors import WeightsError
 from ..model import Model
+from ..model.fuse import fuse_model
 from .layout import hf_to_local, is_hf_layout
 
 
@@ -81,15 +82,16 @@ def check_and_load(model: Model, weights: dict) -> None:
     model.load_weights(list(weights.items()), strict=False)
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
+def load_model(path: str | Path, dtype: mx.Dtype | None = None, fuse: bool = True) -> Model:
     """Load a Kimi Linear checkpoint directory: HF layout (sharded safetensors, bf16/f16/f32) or converted.
 
     dtype: cast floating weights to this dtype (None keeps the file's dtypes).
+    fuse: merge matmuls for speed (model/fuse.py); False keeps the reference module structure.
     """
-    from ..demo import DEMO_NAMES, demo_model
+    from ..demo import DEMO_NAMES, demo_dir as demo_model_dir
 
     if str(path) in DEMO_NAMES:
-        return demo_model(str(path))[0]
+        path = demo_model_dir(str(path))
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"{path}: no such directory; give a checkpoint directory, a hub repo id or 'demo'")
@@ -99,16 +101,18 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
     weights = read_checkpoint(path)
     if is_hf_layout(weights):
         weights = hf_to_local(cfg, weights)
-    return build_model(cfg, weights, dtype)
+    return build_model(cfg, weights, dtype, fuse)
 
 
-def build_model(cfg: ModelConfig, weights: dict, dtype: mx.Dtype | None = None) -> Model:
+def build_model(cfg: ModelConfig, weights: dict, dtype: mx.Dtype | None = None, fuse: bool = True) -> Model:
     model = Model(cfg)
     _quantize(model, cfg, weights)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not keep_fp32(k) else v
                    for k, v in weights.items()}
     check_and_load(model, weights)
+    if fuse:
+        fuse_model(model)
     mx.eval(model.parameters())
     model.eval()
     return model

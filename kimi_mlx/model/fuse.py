@@ -1,0 +1,121 @@
+"""Load-time fusion for speed: fewer, larger matmuls per token. The unfused modules are the reference.
+
+MoE: expert gate and up projections are stacked into one bank ([E, 2I, D]) and the shared expert joins
+the bank as S extra experts that every token uses with weight 1 (a SwiGLU of width S*I splits exactly
+into S SwiGLUs of width I). One gather matmul then serves routed and shared experts alike.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .common import MLP
+from .moe import KimiMoE, QuantizedSwitchLinear, SwitchLinear
+
+
+def _qparams(m: nn.Module):
+    if isinstance(m, (nn.QuantizedLinear, QuantizedSwitchLinear)):
+        return (m.group_size, m.bits, m.mode)
+    return None
+
+
+def _parts(m: nn.Module) -> dict[str, mx.array]:
+    keys = ("weight", "scales", "biases")
+    return {k: m[k] for k in keys if k in m}
+
+
+def _bank(parts: list[dict], axis: int) -> dict:
+    return {k: mx.concatenate([p[k] for p in parts], axis=axis) for k in parts[0]}
+
+
+def _as_bank(lin: nn.Module, n: int) -> dict:
+    """A dense (quantized) Linear of width n*I split into n experts: [n, I, ...]."""
+    return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in _parts(lin).items()}
+
+
+def _down_bank(lin: nn.Module, n: int) -> dict:
+    """down_proj [D, n*I] -> [n, D, I] (for quantized weights the packed input axis splits the same way)."""
+    return {k: mx.stack(mx.split(v, n, axis=1)) for k, v in _parts(lin).items()}
+
+
+def _make(template: nn.Module, arrays: dict) -> nn.Module:
+    if isinstance(template, QuantizedSwitchLinear):
+        m = QuantizedSwitchLinear.__new__(QuantizedSwitchLinear)
+        nn.Module.__init__(m)
+        m.group_size, m.bits, m.mode = template.group_size, template.bits, template.mode
+    else:
+        m = SwitchLinear.__new__(SwitchLinear)
+        nn.Module.__init__(m)
+    for k, v in arrays.items():
+        setattr(m, k, v)
+    return m
+
+
+class FusedMoE(nn.Module):
+    """KimiMoE with one gate|up bank and one down bank holding routed + shared experts."""
+
+    def __init__(self, moe: KimiMoE, num_shared: int):
+        super().__init__()
+        self.gate = moe.gate
+        self.num_routed = moe.gate.weight.shape[0]
+        self.num_shared = num_shared
+        ex = moe.experts
+        gate_up = [_bank([_parts(ex.gate_proj), _parts(ex.up_proj)], axis=1)]
+        down = [_parts(ex.down_proj)]
+        if num_shared:
+            sh: MLP = moe.shared_experts
+            gate_up.append(_bank([_as_bank(sh.gate_proj, num_shared), _as_bank(sh.up_proj, num_shared)], axis=1))
+            down.append(_down_bank(sh.down_proj, num_shared))
+        self.gate_up_proj = _make(ex.gate_proj, _bank(gate_up, axis=0))
+        self.down_proj = _make(ex.down_proj, _bank(down, axis=0))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        N = flat.shape[0]
+        idx, w = self.gate(flat)
+        if self.num_shared:
+            shared = mx.broadcast_to(mx.arange(self.num_routed, self.num_routed + self.num_shared, dtype=idx.dtype),
+                                     (N, self.num_shared))
+            idx = mx.concatenate([idx, shared], axis=1)
+            w = mx.concatenate([w, mx.ones((N, self.num_shared), w.dtype)], axis=1)
+        k = idx.shape[1]
+        sort = N * k >= 64
+        if sort:
+            order = mx.argsort(idx.flatten())
+            xs, ids = flat[order // k][:, None], idx.flatten()[order]
+        else:
+            xs, ids = flat[:, None, None], idx
+        g, u = mx.split(self.gate_up_proj(xs, ids, sort), 2, axis=-1)
+        y = self.down_proj(nn.silu(g) * u, ids, sort)
+        if sort:
+            y = y[mx.argsort(order)]
+        y = y.reshape(N, k, -1)
+        return (y.astype(mx.float32) * w[..., None]).sum(1).astype(x.dtype).reshape(shape)
+
+
+def can_fuse_moe(moe: KimiMoE) -> bool:
+    ex = moe.experts
+    q = {_qparams(ex.gate_proj), _qparams(ex.up_proj)}
+    if len(q) != 1 or _qparams(ex.down_proj) != _qparams(ex.gate_proj):
+        return False
+    if "shared_experts" in moe:
+        sh = moe.shared_experts
+        if {_qparams(sh.gate_proj), _qparams(sh.up_proj), _qparams(sh.down_proj)} != q:
+            return False
+        if sh.gate_proj.weight.dtype != ex.gate_proj.weight.dtype:
+            return False
+    return True
+
+
+def fuse_model(model) -> int:
+    """Replace fusable MoE blocks in place; returns how many were fused."""
+    n = 0
+    shared = model.config.num_shared_experts
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, KimiMoE) and can_fuse_moe(layer.mlp):
+            layer.mlp = FusedMoE(layer.mlp, shared if "shared_experts" in layer.mlp else 0)
+            n += 1
+    mx.eval(model.parameters())
+    return n

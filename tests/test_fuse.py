@@ -1,0 +1,46 @@
+"""Load-time fusion (model/fuse.py) against the unfused reference modules, plain and quantized."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from kimi_mlx import load_model
+from kimi_mlx.model.fuse import FusedMoE
+
+
+def quantize(model, bits):
+    nn.quantize(model, 32, bits, class_predicate=lambda p, m: hasattr(m, "to_quantized")
+                and "embed" not in p and m.weight.shape[-1] % 32 == 0)
+
+
+@pytest.mark.parametrize("shared", [0, 1, 2])
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_fused_equals_reference(hf_checkpoint, shared, bits):
+    _, path = hf_checkpoint("kmk", n_shared_experts=shared, moe_intermediate_size=32, hidden_size=64)
+    ref_model = load_model(path, fuse=False)
+    toks = mx.array(np.random.default_rng(shared).integers(0, 211, (2, 45)))
+    if bits:
+        quantize(ref_model, bits)
+    ref = ref_model(toks)
+    fused = load_model(path, fuse=False)
+    if bits:
+        quantize(fused, bits)
+    from kimi_mlx.model.fuse import fuse_model
+
+    assert fuse_model(fused) == 2
+    assert all(isinstance(l.mlp, FusedMoE) for l in fused.model.layers[1:])
+    scale = float(mx.abs(ref).max())
+    assert float(mx.abs(fused(toks) - ref).max()) <= 1e-5 * scale  # prefill: tokens sorted by expert
+    state = fused.new_state(2)
+    steps = mx.concatenate([fused(toks[:, t : t + 1], state) for t in range(6)], axis=1)  # decode path
+    assert float(mx.abs(steps - ref[:, :6]).max()) <= 1e-5 * scale
+
+
+def test_mixed_precision_experts_stay_unfused(hf_checkpoint):
+    _, path = hf_checkpoint("kmk", moe_intermediate_size=32, hidden_size=64)
+    model = load_model(path, fuse=False)
+    nn.quantize(model, 32, 4, class_predicate=lambda p, m: p.endswith("experts.gate_proj"))
+    from kimi_mlx.model.fuse import fuse_model
+
+    assert fuse_model(model) == 0
