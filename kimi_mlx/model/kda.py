@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from ..ops.kda import kda
+from ..ops.kda import decode_path, kda, kda_decode_step
 from ..state import KDAState
 
 
@@ -59,10 +59,18 @@ class KimiDeltaAttention(nn.Module):
     def __call__(self, x: mx.array, state: KDAState) -> mx.array:
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        qkv, state.conv = short_conv(self.qkv_proj(x), state.conv, self.conv_weight)
-        q, k, v = mx.split(qkv.reshape(B, T, 3, H, D), 3, axis=2)
-        beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))
-        o, state.recurrent = kda(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.gate(x), beta, state.recurrent)
+        if T == 1 and decode_path(state.recurrent, self.conv_weight) != "ref":
+            # one fused op: conv update, norms, gates, state update, readout (ops/kda_decode.py)
+            o, state.recurrent, state.conv = kda_decode_step(
+                self.qkv_proj(x)[:, 0], self.f_b_proj(self.f_a_proj(x))[:, 0], self.b_proj(x)[:, 0],
+                state.conv, self.conv_weight, self.A_log, self.dt_bias, state.recurrent,
+            )
+            o = o[:, None]
+        else:
+            qkv, state.conv = short_conv(self.qkv_proj(x), state.conv, self.conv_weight)
+            q, k, v = mx.split(qkv.reshape(B, T, 3, H, D), 3, axis=2)
+            beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))
+            o, state.recurrent = kda(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.gate(x), beta, state.recurrent)
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D).astype(mx.float32)
         y = mx.fast.rms_norm(o, self.o_norm_weight.astype(mx.float32), self.norm_eps) * mx.sigmoid(gate)
         return self.o_proj(y.reshape(B, T, H * D).astype(x.dtype))

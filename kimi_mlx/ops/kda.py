@@ -1,15 +1,36 @@
-"""The KDA (Kimi Delta Attention) recurrence: reference in plain mx ops, and the dispatcher.
+"""The KDA (Kimi Delta Attention) recurrence: reference in plain mx ops, and the one place that
+chooses between the reference and the fast paths.
 
 Math (per head, state S [Dv, Dk] float32):
   S <- S * exp(g_t)[None, :];  u = beta_t (v_t - S k_t);  S <- S + u k_t^T;  o_t = S q_t
 with q, k L2-normalised (eps 1e-6 on the sum of squares) and q scaled by Dk^-1/2.
+
+Paths: prefill (T > 1) runs `kda_recurrent_ref` or `kda_chunked`; a decode step (T = 1, from the
+pre-conv projections) runs the model's unfused reference, `decode_step_ops` or the fused kernel.
+`KIMI_MLX_KDA` overrides the choice for tests and benchmarks:
+  auto (default)  chunked prefill from CHUNKED_MIN_T tokens; fused kernel on a GPU, ops on CPU
+  ref             the sequential reference everywhere
+  chunked         chunked prefill for every T > 1, fused ops step
+  kernel          chunked prefill for every T > 1, fused kernel step (needs Metal or CUDA)
 """
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 
+from ..errors import ConfigError
+
 L2_EPS = 1e-6
+ENV = "KIMI_MLX_KDA"
+MODES = ("auto", "ref", "chunked", "kernel")
+CHUNKED_MIN_T = 16  # below this the per-token loop is cheaper than one padded chunk
+
+
+def softplus(x: mx.array) -> mx.array:
+    """PyTorch softplus (beta 1, linear above 20)."""
+    return mx.where(x > 20.0, x, mx.logaddexp(x, mx.zeros_like(x)))
 
 
 def l2_normalize(x: mx.array) -> mx.array:
@@ -38,6 +59,50 @@ def kda_recurrent_ref(q, k, v, g, beta, state):
     return mx.stack(outs, axis=1), state
 
 
+def mode() -> str:
+    """The path policy: KIMI_MLX_KDA if set, else 'auto'."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ConfigError(f"{ENV}={value!r} is not one of {', '.join(MODES)}; unset it or pick one")
+    return value
+
+
+def gpu_backend() -> str | None:
+    """'metal' or 'cuda' when MLX runs on that GPU by default here, else None."""
+    from metal_kernels import backend
+
+    kind = backend()
+    return kind if kind and mx.default_device() == mx.gpu else None
+
+
+def prefill_path(T: int) -> str:
+    """'ref' or 'chunked' for a call over T tokens of post-conv q, k, v."""
+    m = mode()
+    if m == "ref" or T == 1:
+        return "ref"
+    if m in ("chunked", "kernel"):
+        return "chunked"
+    return "chunked" if T >= CHUNKED_MIN_T else "ref"
+
+
+def decode_path(state: mx.array, conv_w: mx.array) -> str:
+    """'ref' (the model's unfused layer), 'ops' or 'kernel' for one fused decode step."""
+    from .kda_decode import kernel_supports
+
+    m = mode()
+    if m == "ref":
+        return "ref"
+    if m == "kernel":
+        if gpu_backend() is None:
+            raise ConfigError(f"{ENV}=kernel needs MLX's Metal or CUDA backend as the default device")
+        if not kernel_supports(state, conv_w):
+            raise ConfigError(f"{ENV}=kernel: the decode kernel needs Dk % 32 == 0 and a conv of 2+ taps")
+        return "kernel"
+    if m == "auto" and gpu_backend() and kernel_supports(state, conv_w):
+        return "kernel"
+    return "ops"
+
+
 def kda(q, k, v, g, beta, state):
     """KDA attention on raw (post-conv) q, k, v; normalises q and k, then runs the recurrence.
 
@@ -47,4 +112,20 @@ def kda(q, k, v, g, beta, state):
     scale = q.shape[-1] ** -0.5
     qn = l2_normalize(q) * scale
     kn = l2_normalize(k)
+    if prefill_path(q.shape[1]) == "chunked":
+        from .kda_chunked import kda_chunked
+
+        return kda_chunked(qn, kn, v, g, beta, state)
     return kda_recurrent_ref(qn, kn, v, g, beta, state)
+
+
+def kda_decode_step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
+    """One fused decode step on the chosen path (see kda_decode.py for the contract)."""
+    from . import kda_decode
+
+    step = {
+        "ref": kda_decode.decode_step_ref,
+        "ops": kda_decode.decode_step_ops,
+        "kernel": kda_decode.decode_step_kernel,
+    }[decode_path(state, conv_w)]
+    return step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state)

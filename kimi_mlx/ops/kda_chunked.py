@@ -1,0 +1,127 @@
+"""Chunk-parallel KDA (UT/WY transform) in plain mx ops, chunk 64.
+
+Same math as `kda_recurrent_ref` (kimi_linear.md §5). Only the gates g <= 0 are exponentiated, once
+each: alpha = exp(g) in (0, 1]. Every decay between two rows is a product of alphas (cumprod), so
+no factor exceeds 1 whatever the gate span inside a chunk (~6e4 in real checkpoints), and no decay
+comes from a difference of large cumulative sums. Inside a chunk the pair decays are never formed
+as a [C, C, Dk] tensor: the chunk is split in halves, recursively, and a pair (i in the upper half,
+j in the lower half) is split at the border m:
+  prod_{t=j+1..i} alpha_t = (prod_{t=m..i} alpha_t) * (prod_{t=j+1..m-1} alpha_t)
+which turns each cross block into one matmul. The same recursion builds the
+unit-lower-triangular inverse (I + A_kk)^-1 blockwise:
+  [[L1, 0], [X, L2]]^-1 = [[L1^-1, 0], [-L2^-1 X L1^-1, L2^-1]]
+so no triangular solve is needed.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+CHUNK = 64
+SEGMENT = 8192  # tokens per pass: bounds the temporaries, the state carries over
+
+
+def _to_chunks(x: mx.array, n: int) -> mx.array:
+    """[B, T, H, ...] -> [N, B, H, C, ...] float32, zero-padded to N*C rows."""
+    B, T = x.shape[:2]
+    x = x.astype(mx.float32)
+    if n * CHUNK > T:
+        pad = [(0, 0)] * x.ndim
+        pad[1] = (0, n * CHUNK - T)
+        x = mx.pad(x, pad)
+    x = x.reshape(B, n, CHUNK, *x.shape[2:])
+    axes = (1, 0, 3, 2) + tuple(range(4, x.ndim))
+    return x.transpose(axes)
+
+
+def _join(lo: mx.array, cross: mx.array, hi: mx.array) -> mx.array:
+    """Block lower-triangular [[lo, 0], [cross, hi]] over the last two axes."""
+    top = mx.concatenate([lo, mx.zeros_like(lo)], axis=-1)
+    bottom = mx.concatenate([cross, hi], axis=-1)
+    return mx.concatenate([top, bottom], axis=-2)
+
+
+def intra_chunk(q, k, alpha, beta):
+    """Per-chunk matrices, on [..., C, D] inputs (alpha = exp(g) in (0, 1], beta [..., C]).
+
+    Returns A_qk [..., C, C] (lower, with diagonal: q_i.k_j decayed from j to i) and
+    Tinv [..., C, C] = (I + A_kk)^-1 with A_kk[i, j] = beta_i k_i.k_j decayed, i > j.
+    """
+    lead = q.shape[:-2]
+    C = q.shape[-2]
+    a_qk = (q * k).sum(-1)[..., None, None]  # C diagonal blocks of 1x1
+    t_inv = mx.ones_like(a_qk)
+    b = 1
+    while b < C:
+        nb = C // (2 * b)
+
+        def halves(x):
+            x = x.reshape(*lead, nb, 2, b, *x.shape[len(lead) + 1 :])
+            at = (slice(None),) * (len(lead) + 1)
+            return x[at + (0,)], x[at + (1,)]
+
+        a_lo, a_hi = halves(alpha)
+        k_lo, k_hi = halves(k)
+        q_hi = halves(q)[1]
+        beta_hi = halves(beta)[1][..., None]
+        if b == 1:  # pairs (m, m-1): the decay is alpha_m alone
+            kc = k_lo * a_hi
+            x_qk = (q_hi * kc).sum(-1, keepdims=True)
+            x_kk = (k_hi * kc).sum(-1, keepdims=True) * beta_hi
+        else:
+            row = mx.cumprod(a_hi, axis=-2)  # decay from the border m through row i
+            col = mx.cumprod(a_lo, axis=-2, reverse=True, inclusive=False)  # from j+1 to m-1
+            kc = (k_lo * col).swapaxes(-1, -2)
+            x_qk = (q_hi * row) @ kc
+            x_kk = ((k_hi * row) @ kc) * beta_hi
+        blocks = a_qk.reshape(*lead, nb, 2, b, b)
+        a_qk = _join(blocks[..., 0, :, :], x_qk, blocks[..., 1, :, :])
+        blocks = t_inv.reshape(*lead, nb, 2, b, b)
+        inv_lo, inv_hi = blocks[..., 0, :, :], blocks[..., 1, :, :]
+        cross = -x_kk if b == 1 else -(inv_hi @ x_kk @ inv_lo)
+        t_inv = _join(inv_lo, cross, inv_hi)
+        b *= 2
+    return a_qk.reshape(*lead, C, C), t_inv.reshape(*lead, C, C)
+
+
+def _segment(q, k, v, g, beta, state):
+    """One pass over T <= SEGMENT tokens; shapes as in `kda_chunked`."""
+    B, T, H, _ = q.shape
+    n = -(-T // CHUNK)
+    q, k, v, g = (_to_chunks(x, n) for x in (q, k, v, g))  # [N, B, H, C, D]
+    beta = _to_chunks(beta, n)  # [N, B, H, C]
+    alpha = mx.exp(g)
+    a_qk, t_inv = intra_chunk(q, k, alpha, beta)
+    m = t_inv * beta[..., None, :]  # T Diag(beta)
+    decay_in = mx.cumprod(alpha, axis=-2)  # chunk start -> row i (inclusive)
+    decay_out = mx.cumprod(alpha, axis=-2, reverse=True, inclusive=False)  # row i -> chunk end
+    decay_all = decay_in[..., -1:, :]  # [N, B, H, 1, Dk]
+    w = m @ (k * decay_in)
+    u = m @ v
+    q_in = q * decay_in
+    k_out = k * decay_out
+    v_new, q_state = [], []
+    for i in range(n):
+        s_t = state.swapaxes(-1, -2)  # [B, H, Dk, Dv]
+        vi = mx.addmm(u[i], w[i], s_t, alpha=-1.0)  # pseudo-values U - W S^T
+        q_state.append(q_in[i] @ s_t)
+        state = mx.addmm(state * decay_all[i], vi.swapaxes(-1, -2), k_out[i])
+        v_new.append(vi)
+    o = mx.stack(q_state) + a_qk @ mx.stack(v_new)  # [N, B, H, C, Dv]
+    o = o.transpose(1, 0, 3, 2, 4).reshape(B, n * CHUNK, H, -1)[:, :T]
+    return o, state
+
+
+def kda_chunked(q, k, v, g, beta, state):
+    """Chunked KDA on normalised inputs; same contract as `kda_recurrent_ref`.
+
+    q, k: [B, T, H, Dk] (q already scaled); v: [B, T, H, Dv]; g: [B, T, H, Dk] log-decay <= 0;
+    beta: [B, T, H]; state: [B, H, Dv, Dk] f32.  Returns (o [B, T, H, Dv] f32, state).
+    """
+    state = state.astype(mx.float32)
+    outs = []
+    for s in range(0, q.shape[1], SEGMENT):
+        part = slice(s, s + SEGMENT)
+        o, state = _segment(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state)
+        outs.append(o)
+    return (outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)), state

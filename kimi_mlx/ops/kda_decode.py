@@ -1,0 +1,68 @@
+"""One KDA decode step (T = 1), fused: conv-state update + SiLU, q/k L2 norms, forget gate, beta,
+delta-rule state update and readout.
+
+Three twins with one contract:
+  decode_step_ref     plain mx ops, float32, built from the sequential pieces (the reference)
+  decode_step_ops     the same ops under mx.compile (the CPU path)
+  decode_step_kernel  one Metal or CUDA kernel per layer (metal_kernels/kda_decode.body)
+
+Arguments (C3 = 2*H*Dk + H*Dv channels, q|k|v):
+  qkv [B, C3] pre-conv projections of the token; gate_a [B, H*Dk] f_b(f_a(x)) before dt_bias;
+  beta_logit [B, H] b_proj(x); conv_tail [B, K-1, C3] previous pre-conv inputs; conv_w [K, C3]
+  (row K-1 multiplies the current token); a_log [H]; dt_bias [H*Dk]; state [B, H, Dv, Dk] f32.
+Returns (o [B, H, Dv] f32, new state [B, H, Dv, Dk] f32, new conv_tail [B, K-1, C3] in qkv's dtype).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .kda import kda_recurrent_ref, l2_normalize, softplus
+
+
+def decode_step_ref(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
+    B = qkv.shape[0]
+    H = a_log.shape[0]
+    Dv, Dk = state.shape[-2:]
+    f32 = mx.float32
+    window = mx.concatenate([conv_tail.astype(f32), qkv[:, None].astype(f32)], axis=1)  # [B, K, C3]
+    y = nn.silu((window * conv_w.astype(f32)).sum(1))
+    q, k, v = mx.split(y, [H * Dk, 2 * H * Dk], axis=-1)
+    q = l2_normalize(q.reshape(B, 1, H, Dk)) * Dk**-0.5
+    k = l2_normalize(k.reshape(B, 1, H, Dk))
+    g = -mx.exp(a_log.astype(f32))[:, None] * softplus(
+        (gate_a.astype(f32) + dt_bias.astype(f32)).reshape(B, 1, H, Dk)
+    )
+    beta = mx.sigmoid(beta_logit.astype(f32)).reshape(B, 1, H)
+    o, state = kda_recurrent_ref(q, k, v.reshape(B, 1, H, Dv), g, beta, state)
+    tail = mx.concatenate([conv_tail[:, 1:], qkv[:, None]], axis=1).astype(qkv.dtype)
+    return o[:, 0], state, tail
+
+
+decode_step_ops = mx.compile(decode_step_ref)
+
+
+def kernel_supports(state: mx.array, conv_w: mx.array) -> bool:
+    """Shapes the kernel handles: whole 32-lane groups over Dk, and at least one conv tail row."""
+    return state.shape[-1] % 32 == 0 and conv_w.shape[0] >= 2
+
+
+def decode_step_kernel(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
+    from metal_kernels import kernel
+
+    B, C3 = qkv.shape
+    H = a_log.shape[0]
+    Dv, Dk = state.shape[-2:]
+    K = conv_w.shape[0]
+    rows = next(r for r in (4, 2, 1) if Dv % r == 0)
+    out, state, tail = kernel("kda_decode")(
+        inputs=[qkv, conv_tail.astype(qkv.dtype), conv_w, gate_a, dt_bias, a_log, beta_logit,
+                state.astype(mx.float32)],
+        template=[("NH", H), ("DK", Dk), ("DV", Dv), ("KW", K)],
+        grid=(32, Dv, B * H),
+        threadgroup=(32, rows, 1),
+        output_shapes=[(B, H, Dv), (B, H, Dv, Dk), (B, K - 1, C3)],
+        output_dtypes=[mx.float32, mx.float32, qkv.dtype],
+    )
+    return out, state, tail

@@ -1,0 +1,98 @@
+"""Custom kernels: one algorithm source per kernel, built for Metal or CUDA by MLX.
+
+Each kernel body (`<name>.body`) is written once in a small vocabulary: `kda_gid` (the thread's
+uint3 position in the grid), `KDA_FN` helpers from common.h, and the primitives that metal.h and
+cuda.h define per backend (`kda_exp`, `kda_simd_sum`, ...). MLX writes the function signature from
+the input/output names and the template arguments, so the same body compiles as
+`mx.fast.metal_kernel` on Apple GPUs and as `mx.fast.cuda_kernel` on NVIDIA GPUs. `generate.py`
+writes the full text MLX compiles for a sample instantiation (`<name>.metal`, `<name>.cu`) so CI
+can check it without either GPU. Kernels are built lazily and only for a backend that exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import mlx.core as mx
+
+HERE = Path(__file__).parent
+
+THREAD_IDS = {
+    "metal": "const uint3 kda_gid = thread_position_in_grid;\n",
+    "cuda": (
+        "const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,\n"
+        "                                 blockIdx.y * blockDim.y + threadIdx.y,\n"
+        "                                 blockIdx.z * blockDim.z + threadIdx.z);\n"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Names of a kernel's buffers, and a sample instantiation for the generated files."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    sample_template: tuple[tuple[str, int], ...] = ()
+    sample_inputs: tuple[tuple[str, int], ...] = ()  # (dtype name, element count) per input
+    sample_outputs: tuple[str, ...] = ()  # dtype name per output
+
+
+SPECS = {
+    "kda_decode": KernelSpec(
+        name="kda_decode",
+        inputs=("qkv", "conv_tail", "conv_w", "gate_a", "dt_bias", "a_log", "beta_logit", "state_in"),
+        outputs=("out", "state_out", "tail_out"),
+        sample_template=(("NH", 32), ("DK", 128), ("DV", 128), ("KW", 4)),
+        sample_inputs=(
+            ("bfloat16", 12288),
+            ("bfloat16", 3 * 12288),
+            ("bfloat16", 4 * 12288),
+            ("bfloat16", 4096),
+            ("float32", 4096),
+            ("float32", 32),
+            ("bfloat16", 32),
+            ("float32", 32 * 128 * 128),
+        ),
+        sample_outputs=("float32", "float32", "bfloat16"),
+    ),
+}
+
+
+def backend() -> str | None:
+    """'metal', 'cuda', or None when MLX has no GPU backend here."""
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def header(kind: str) -> str:
+    """Text placed before the kernel: the backend's primitives, then the shared helpers."""
+    return (HERE / f"{kind}.h").read_text() + "\n" + (HERE / "common.h").read_text()
+
+
+def body(name: str, kind: str) -> str:
+    """The kernel body for one backend: its thread-id line, then the shared algorithm."""
+    return THREAD_IDS[kind] + (HERE / f"{name}.body").read_text()
+
+
+@cache
+def kernel(name: str):
+    """The MLX kernel object for `name` on this machine's GPU backend (built once)."""
+    kind = backend()
+    if kind is None:
+        raise RuntimeError(f"kernel {name!r} needs MLX's Metal or CUDA backend; this MLX has neither")
+    spec = SPECS[name]
+    make = mx.fast.metal_kernel if kind == "metal" else mx.fast.cuda_kernel
+    return make(
+        name=name,
+        input_names=list(spec.inputs),
+        output_names=list(spec.outputs),
+        source=body(name, kind),
+        header=header(kind),
+    )

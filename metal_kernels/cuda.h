@@ -1,0 +1,16 @@
+// CUDA side of the shared kernel vocabulary (MLX prepends its device utils and cooperative_groups).
+#define KDA_FN __device__ __forceinline__
+
+KDA_FN float kda_exp(float x) { return expf(x); }
+KDA_FN float kda_log(float x) { return logf(x); }
+KDA_FN float kda_rsqrt(float x) { return rsqrtf(x); }
+KDA_FN float kda_fmax(float a, float b) { return fmaxf(a, b); }
+KDA_FN float kda_fabs(float x) { return fabsf(x); }
+
+// Sum over the 32 lanes of a warp (the kernels run whole warps along x).
+KDA_FN float kda_simd_sum(float x) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    x += __shfl_xor_sync(0xffffffffu, x, offset);
+  }
+  return x;
+}

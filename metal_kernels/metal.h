@@ -1,0 +1,9 @@
+// Metal side of the shared kernel vocabulary (MLX prepends <metal_stdlib> and its utils).
+#define KDA_FN inline
+
+KDA_FN float kda_exp(float x) { return metal::precise::exp(x); }
+KDA_FN float kda_log(float x) { return metal::precise::log(x); }
+KDA_FN float kda_rsqrt(float x) { return metal::precise::rsqrt(x); }
+KDA_FN float kda_fmax(float a, float b) { return metal::fmax(a, b); }
+KDA_FN float kda_fabs(float x) { return metal::fabs(x); }
+KDA_FN float kda_simd_sum(float x) { return metal::simd_sum(x); }

@@ -1,0 +1,76 @@
+// Runs generated Metal or CUDA kernel text on the CPU, one std::thread per GPU thread, so the
+// shared algorithm bodies can be checked for behaviour without a GPU (tests/kernel_emulator.py).
+// Lanes of a 32-thread group meet at a std::barrier for simd_sum / __shfl_xor_sync.
+#pragma once
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <math.h>
+
+struct EmuGroup {
+  float v[32];
+  std::barrier<> bar{32};
+};
+inline thread_local EmuGroup* emu_group = nullptr;
+inline thread_local int emu_lane = 0;
+
+inline float emu_shfl_xor(float x, int offset) {
+  emu_group->v[emu_lane] = x;
+  emu_group->bar.arrive_and_wait();
+  float y = emu_group->v[emu_lane ^ offset];
+  emu_group->bar.arrive_and_wait();
+  return y;
+}
+
+struct emu_bf16 {
+  uint16_t bits;
+  emu_bf16() = default;
+  emu_bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    bits = uint16_t(u >> 16);
+  }
+  operator float() const {
+    uint32_t u = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+
+struct uint3 {
+  unsigned int x, y, z;
+};
+
+#ifdef EMU_CUDA
+#define __global__
+#define __device__
+#define __forceinline__ inline
+typedef emu_bf16 __nv_bfloat16;
+inline uint3 make_uint3(unsigned int x, unsigned int y, unsigned int z) { return {x, y, z}; }
+inline thread_local uint3 threadIdx, blockIdx, blockDim;
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __shfl_xor_sync(unsigned int, float x, int offset) { return emu_shfl_xor(x, offset); }
+namespace cooperative_groups {}
+#else
+#define device
+#define constant
+#define kernel
+typedef unsigned int uint;
+typedef emu_bf16 bfloat16_t;
+namespace metal {
+inline float fmax(float a, float b) { return std::fmax(a, b); }
+inline float fabs(float x) { return std::fabs(x); }
+inline float simd_sum(float x) {
+  for (int offset = 1; offset < 32; offset <<= 1) x += emu_shfl_xor(x, offset);
+  return x;
+}
+namespace precise {
+inline float exp(float x) { return std::exp(x); }
+inline float log(float x) { return std::log(x); }
+inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
+}  // namespace precise
+}  // namespace metal
+#endif
