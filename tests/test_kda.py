@@ -1,0 +1,284 @@
+"""KDA paths against their references: chunked prefill, fused decode step (ops, Metal/CUDA text),
+the dispatcher, and a tiny model. GPU-marked tests run on the device machine (README there)."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import kernel_emulator
+from kimi_mlx.config import ModelConfig
+from kimi_mlx.errors import ConfigError
+from kimi_mlx.model.decoder import Model
+from kimi_mlx.ops import kda as kda_ops
+from kimi_mlx.ops import kda_chunked
+from kimi_mlx.ops.kda import kda_recurrent_ref, l2_normalize
+from kimi_mlx.ops.kda_chunked import kda_chunked as chunked
+from kimi_mlx.ops.kda_decode import decode_step_kernel, decode_step_ops, decode_step_ref
+
+TOL = 1e-4  # float32, relative to the largest magnitude
+SHAPE = dict(B=2, H=3, Dk=40, Dv=24)  # every dim distinct, so a transposition cannot hide
+
+
+def rel_err(a, b):
+    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+    assert np.isfinite(a).all()
+    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
+
+
+def gate_inputs(shape, extreme):
+    """Pre-softplus gate values and A_log; extreme: A up to 16 and large positive pre-activations."""
+    a = mx.random.normal(shape)
+    if not extreme:
+        return a, mx.random.uniform(0.0, math.log(2.0), (shape[-2],))
+    a_log = mx.random.uniform(math.log(4.0), math.log(16.0), (shape[-2],))
+    a = mx.where(mx.random.uniform(shape=shape) < 0.6, mx.random.uniform(30.0, 200.0, shape), a)
+    return a, a_log
+
+
+def inputs(T, B, H, Dk, Dv, seed, extreme=False, dtype=mx.float32, random_state=True):
+    """Raw q, k, v in `dtype`; log-gate g and beta in f32; state [B, H, Dv, Dk]."""
+    mx.random.seed(seed)
+    q, k = (mx.random.normal((B, T, H, Dk)).astype(dtype) for _ in range(2))
+    v = mx.random.normal((B, T, H, Dv)).astype(dtype)
+    a, a_log = gate_inputs((B, T, H, Dk), extreme)
+    g = -mx.exp(a_log)[:, None] * kda_ops.softplus(a)
+    beta = mx.sigmoid(mx.random.normal((B, T, H)))
+    state = mx.random.normal((B, H, Dv, Dk)) if random_state else mx.zeros((B, H, Dv, Dk))
+    return q, k, v, g, beta, state
+
+
+def normalised(q, k, v, g, beta, state):
+    return l2_normalize(q) * q.shape[-1] ** -0.5, l2_normalize(k), v, g, beta, state
+
+
+def max_chunk_span(g):
+    """Largest |sum of g| over one 64-row chunk (any batch, head, channel)."""
+    T = g.shape[1]
+    n = -(-T // 64)
+    g = mx.pad(g, [(0, 0), (0, n * 64 - T), (0, 0), (0, 0)]).reshape(g.shape[0], n, 64, *g.shape[2:])
+    return float(-g.sum(2).min())
+
+
+# -- chunked prefill ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("random_state", [False, True], ids=["zero-state", "random-state"])
+@pytest.mark.parametrize("extreme", [False, True], ids=["gates", "extreme-gates"])
+@pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 130])
+def test_chunked_matches_reference(T, extreme, random_state, dtype):
+    x = normalised(*inputs(T, **SHAPE, seed=T, extreme=extreme, dtype=dtype, random_state=random_state))
+    o_ref, s_ref = kda_recurrent_ref(*x)
+    o, s = chunked(*x)
+    assert rel_err(o, o_ref) <= TOL
+    assert rel_err(s, s_ref) <= TOL
+
+
+def test_extreme_gates_span_6e4_inside_a_chunk():
+    x = normalised(*inputs(128, **SHAPE, seed=1, extreme=True))
+    assert max_chunk_span(x[3]) > 6e4  # the test inputs really are that extreme
+    o_ref, s_ref = kda_recurrent_ref(*x)
+    o, s = chunked(*x)
+    assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
+
+
+def test_chunked_long_sequence_small_heads():
+    x = normalised(*inputs(1100, B=1, H=2, Dk=16, Dv=12, seed=5, extreme=True))
+    o_ref, s_ref = kda_recurrent_ref(*x)
+    o, s = chunked(*x)
+    assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
+
+
+def test_chunked_segments_carry_state(monkeypatch):
+    monkeypatch.setattr(kda_chunked, "SEGMENT", 128)
+    x = normalised(*inputs(300, B=1, H=2, Dk=24, Dv=8, seed=6))
+    o_ref, s_ref = kda_recurrent_ref(*x)
+    o, s = chunked(*x)
+    assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
+
+
+def test_batch_of_two_with_different_lengths():
+    """Sequence 0 runs 100 tokens, sequence 1 runs 37: separate calls, ragged tails, then continue."""
+    q, k, v, g, beta, state = normalised(*inputs(100, **SHAPE, seed=7, extreme=True))
+    for i, length in enumerate((100, 37)):
+        part = lambda x: x[i : i + 1, :length]  # noqa: E731
+        args = [part(x) for x in (q, k, v, g, beta)]
+        o_ref, s_ref = kda_recurrent_ref(*args, state[i : i + 1])
+        o1, s1 = chunked(*[a[:, :20] for a in args], state[i : i + 1])
+        o2, s2 = chunked(*[a[:, 20:] for a in args], s1)
+        assert rel_err(mx.concatenate([o1, o2], axis=1), o_ref) <= TOL
+        assert rel_err(s2, s_ref) <= TOL
+
+
+def test_unit_triangular_inverse():
+    mx.random.seed(8)
+    q, k, _, g, beta, _ = normalised(*inputs(64, B=1, H=2, Dk=16, Dv=8, seed=8))
+    to = lambda x: x.transpose(0, 2, 1, *range(3, x.ndim))  # noqa: E731
+    a_qk, t_inv = kda_chunked.intra_chunk(to(q), to(k), mx.exp(to(g)), to(beta))
+    eye = np.eye(64, dtype=np.float32)
+    lower = np.tril(np.ones((64, 64), np.float32), -1)
+    # rebuild A_kk directly (small, exact decays from cumulative sums are fine at these gates)
+    G = np.cumsum(np.array(to(g)), axis=-2)
+    kk = np.array(to(k))
+    decay = np.exp(np.minimum(G[..., :, None, :] - G[..., None, :, :], 0.0))
+    a_kk = np.einsum("bhid,bhjd,bhijd->bhij", kk, kk, decay) * lower * np.array(to(beta))[..., None]
+    assert np.abs(np.array(t_inv) @ (eye + a_kk) - eye).max() < 1e-5
+    assert np.abs(np.triu(np.array(a_qk), 1)).max() == 0.0
+
+
+# -- fused decode step --------------------------------------------------------------------------
+
+def step_inputs(B, H, Dk, Dv, seed, dtype=mx.float32, extreme=True, random_state=True, K=4):
+    mx.random.seed(seed)
+    C3 = 2 * H * Dk + H * Dv
+    a, a_log = gate_inputs((B, H, Dk), extreme)
+    return dict(
+        qkv=mx.random.normal((B, C3)).astype(dtype),
+        gate_a=a.reshape(B, H * Dk).astype(dtype),
+        beta_logit=mx.random.normal((B, H)).astype(dtype),
+        conv_tail=mx.random.normal((B, K - 1, C3)).astype(dtype),
+        conv_w=(0.5 * mx.random.normal((K, C3))).astype(dtype),
+        a_log=a_log,
+        dt_bias=mx.random.normal((H * Dk,)),
+        state=mx.random.normal((B, H, Dv, Dk)) if random_state else mx.zeros((B, H, Dv, Dk)),
+    )
+
+
+def assert_step_close(got, want, tol=TOL):
+    o, s, tail = got
+    o_ref, s_ref, tail_ref = want
+    assert rel_err(o, o_ref) <= tol
+    assert rel_err(s, s_ref) <= tol
+    assert tail.dtype == tail_ref.dtype and rel_err(tail, tail_ref) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("random_state", [False, True], ids=["zero-state", "random-state"])
+def test_decode_ops_matches_reference(random_state, dtype):
+    x = step_inputs(2, 3, 64, 24, seed=10, dtype=dtype, random_state=random_state)
+    assert_step_close(decode_step_ops(**x), decode_step_ref(**x))
+
+
+def test_decode_reference_matches_model_pieces():
+    """The fused contract equals the unfused layer math: conv, then the recurrence on T = 1."""
+    from kimi_mlx.model.kda import short_conv
+
+    x = step_inputs(2, 3, 32, 24, seed=11)
+    H, Dk, Dv = 3, 32, 24
+    y, tail = short_conv(x["qkv"][:, None], x["conv_tail"], x["conv_w"])
+    q, k, v = mx.split(y, [H * Dk, 2 * H * Dk], axis=-1)
+    g = -mx.exp(x["a_log"])[:, None] * kda_ops.softplus((x["gate_a"] + x["dt_bias"]).reshape(2, 1, H, Dk))
+    beta = mx.sigmoid(x["beta_logit"])[:, None]
+    o, s = kda_ops.kda(q.reshape(2, 1, H, Dk), k.reshape(2, 1, H, Dk), v.reshape(2, 1, H, Dv), g, beta, x["state"])
+    assert_step_close(decode_step_ref(**x), (o[:, 0], s, tail))
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+def test_decode_kernel_text_runs_right_on_cpu(kind, dtype):
+    """The generated Metal and CUDA text of the decode kernel, run on the CPU by an emulator."""
+    B, H, Dk, Dv, K = 2, 3, 64, 24, 4
+    x = step_inputs(B, H, Dk, Dv, seed=12, dtype=dtype)
+    names = ["qkv", "conv_tail", "conv_w", "gate_a", "dt_bias", "a_log", "beta_logit", "state"]
+    got = kernel_emulator.emulate(
+        "kda_decode", kind, [x[n] for n in names], (("NH", H), ("DK", Dk), ("DV", Dv), ("KW", K)),
+        grid=(32, Dv, B * H), threadgroup=(32, 4, 1),
+        output_shapes=[(B, H, Dv), (B, H, Dv, Dk), (B, K - 1, x["qkv"].shape[1])],
+        output_dtypes=[mx.float32, mx.float32, dtype],
+    )
+    assert_step_close(got, decode_step_ref(**x))
+
+
+# -- the dispatcher -----------------------------------------------------------------------------
+
+def test_mode_from_environment(monkeypatch):
+    monkeypatch.setenv(kda_ops.ENV, "ref")
+    assert kda_ops.prefill_path(500) == "ref"
+    monkeypatch.setenv(kda_ops.ENV, "chunked")
+    assert kda_ops.prefill_path(2) == "chunked" and kda_ops.prefill_path(1) == "ref"
+    monkeypatch.setenv(kda_ops.ENV, "auto")
+    assert kda_ops.prefill_path(kda_ops.CHUNKED_MIN_T) == "chunked"
+    assert kda_ops.prefill_path(kda_ops.CHUNKED_MIN_T - 1) == "ref"
+    monkeypatch.setenv(kda_ops.ENV, "fast")
+    with pytest.raises(ConfigError, match="KIMI_MLX_KDA"):
+        kda_ops.mode()
+
+
+@pytest.mark.skipif(kda_ops.gpu_backend() is not None, reason="checks the no-GPU refusal")
+def test_kernel_mode_without_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(kda_ops.ENV, "kernel")
+    with pytest.raises(ConfigError, match="Metal or CUDA"):
+        kda_ops.decode_path(mx.zeros((1, 2, 32, 32)), mx.zeros((4, 8)))
+
+
+# -- a tiny model: every path gives the same logits ---------------------------------------------
+
+def tiny_model(seed=0):
+    cfg = ModelConfig.from_dict(dict(
+        model_type="kimi_linear", vocab_size=97, hidden_size=48, num_hidden_layers=2, intermediate_size=64,
+        linear_attn_config=dict(num_heads=2, head_dim=32, short_conv_kernel_size=4, kda_layers=[1, 2],
+                                full_attn_layers=[]),
+    ))
+    mx.random.seed(seed)
+    model = Model(cfg)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.conv_weight = 0.5 * mx.random.normal(attn.conv_weight.shape)
+        attn.A_log = mx.random.uniform(0.0, math.log(16.0), attn.A_log.shape)
+        attn.dt_bias = mx.random.uniform(-2.0, 8.0, attn.dt_bias.shape)
+    return model
+
+
+def prefill_then_decode(model, tokens, n_decode):
+    state = model.new_state(tokens.shape[0])
+    out = [model(tokens[:, :-n_decode], state)]
+    out += [model(tokens[:, t : t + 1], state) for t in range(tokens.shape[1] - n_decode, tokens.shape[1])]
+    return mx.concatenate(out, axis=1)
+
+
+def paths_agree(model, monkeypatch, modes):
+    tokens = mx.array(np.random.default_rng(0).integers(0, 97, (2, 75)))
+    monkeypatch.setenv(kda_ops.ENV, "ref")
+    want = prefill_then_decode(model, tokens, 5)
+    for m in modes:
+        monkeypatch.setenv(kda_ops.ENV, m)
+        assert rel_err(prefill_then_decode(model, tokens, 5), want) <= TOL, m
+
+
+def test_model_paths_agree(monkeypatch):
+    paths_agree(tiny_model(), monkeypatch, ["chunked", "auto"])
+
+
+# -- on the GPU (device machine) ----------------------------------------------------------------
+
+gpu = pytest.mark.skipif(kda_ops.gpu_backend() is None, reason="needs MLX's Metal or CUDA backend")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("extreme", [False, True], ids=["gates", "extreme-gates"])
+@pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 1100])
+def test_gpu_chunked_matches_reference(T, extreme, dtype):
+    x = normalised(*inputs(T, **SHAPE, seed=T, extreme=extreme, dtype=dtype, random_state=T % 2 == 0))
+    o_ref, s_ref = kda_recurrent_ref(*x)
+    o, s = chunked(*x)
+    assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 3, 64, 24), (2, 32, 128, 128)], ids=["small", "model"])
+@pytest.mark.parametrize("random_state", [False, True], ids=["zero-state", "random-state"])
+def test_gpu_decode_kernel_matches_reference(shape, random_state, dtype):
+    x = step_inputs(*shape, seed=13, dtype=dtype, random_state=random_state)
+    assert_step_close(decode_step_kernel(**x), decode_step_ref(**x))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_model_paths_agree(monkeypatch):
+    paths_agree(tiny_model(), monkeypatch, ["chunked", "kernel", "auto"])
