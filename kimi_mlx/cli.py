@@ -37,6 +37,17 @@ def generate(
     typer.echo("")
 
 
+@app.command()
+def doctor():
+    """Print the device and active fast paths; check each fast path against its reference here."""
+    from .doctor import main as run_doctor
+
+    if not run_doctor(typer.echo):
+        typer.echo("error: a fast path disagrees with its reference on this device; "
+                   "set KIMI_MLX_KDA=ref to run without it and report the output above", err=True)
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

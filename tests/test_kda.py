@@ -213,6 +213,21 @@ def test_kernel_mode_without_gpu_is_a_clear_error(monkeypatch):
         kda_ops.decode_path(mx.zeros((1, 2, 32, 32)), mx.zeros((4, 8)))
 
 
+def test_doctor_checks_every_path(monkeypatch):
+    from typer.testing import CliRunner
+
+    from kimi_mlx.cli import app
+
+    monkeypatch.delenv(kda_ops.ENV, raising=False)
+    result = CliRunner().invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert "chunked prefill" in result.output and "decode step, fused ops" in result.output
+    broken = lambda q, k, v, g, beta, state: (v.astype(mx.float32) * 0, state)  # noqa: E731
+    monkeypatch.setattr(kda_chunked, "kda_chunked", broken)
+    result = CliRunner().invoke(app, ["doctor"])
+    assert result.exit_code == 1 and "FAIL  chunked prefill" in result.output
+
+
 # -- a tiny model: every path gives the same logits ---------------------------------------------
 
 def tiny_model(seed=0):

@@ -1,0 +1,114 @@
+"""`kimi-mlx doctor`: which device and fast paths this machine uses, and a check of each fast path
+against its reference on the current device (on a Mac this is how the Metal kernels get checked)."""
+
+from __future__ import annotations
+
+import math
+import platform
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .ops import kda as kda_ops
+
+TOL = 1e-4  # float32, relative to the largest magnitude
+
+
+@dataclass
+class Check:
+    name: str
+    error: float | None  # max relative error; None when skipped
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None or self.error <= TOL
+
+
+def _rel_err(a: mx.array, b: mx.array) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    if not bool(mx.isfinite(a).all()):
+        return math.inf
+    return float(mx.abs(a - b).max() / (mx.abs(b).max() + 1e-30))
+
+
+def _gate(shape) -> tuple[mx.array, mx.array]:
+    """Extreme gates: A up to 16 and large pre-softplus values (gate spans ~1e5 per chunk)."""
+    a = mx.where(mx.random.uniform(shape=shape) < 0.5, mx.random.uniform(30.0, 150.0, shape), mx.random.normal(shape))
+    return a, mx.random.uniform(math.log(4.0), math.log(16.0), (shape[-2],))
+
+
+def check_chunked(T: int = 130, B: int = 2, H: int = 3, Dk: int = 64, Dv: int = 48) -> Check:
+    from .ops.kda_chunked import kda_chunked
+
+    mx.random.seed(0)
+    q = kda_ops.l2_normalize(mx.random.normal((B, T, H, Dk))) * Dk**-0.5
+    k = kda_ops.l2_normalize(mx.random.normal((B, T, H, Dk)))
+    v = mx.random.normal((B, T, H, Dv))
+    a, a_log = _gate((B, T, H, Dk))
+    g = -mx.exp(a_log)[:, None] * kda_ops.softplus(a)
+    beta = mx.sigmoid(mx.random.normal((B, T, H)))
+    state = mx.random.normal((B, H, Dv, Dk))
+    o_ref, s_ref = kda_ops.kda_recurrent_ref(q, k, v, g, beta, state)
+    o, s = kda_chunked(q, k, v, g, beta, state)
+    return Check(f"chunked prefill (T={T})", max(_rel_err(o, o_ref), _rel_err(s, s_ref)))
+
+
+def check_decode(path: str, B: int = 2, H: int = 4, Dk: int = 128, Dv: int = 96) -> Check:
+    from .ops import kda_decode
+
+    mx.random.seed(1)
+    C3 = 2 * H * Dk + H * Dv
+    a, a_log = _gate((B, H, Dk))
+    x = dict(
+        qkv=mx.random.normal((B, C3)), gate_a=a.reshape(B, H * Dk), beta_logit=mx.random.normal((B, H)),
+        conv_tail=mx.random.normal((B, 3, C3)), conv_w=0.5 * mx.random.normal((4, C3)), a_log=a_log,
+        dt_bias=mx.random.normal((H * Dk,)), state=mx.random.normal((B, H, Dv, Dk)),
+    )
+    step = kda_decode.decode_step_kernel if path == "kernel" else kda_decode.decode_step_ops
+    got, want = step(**x), kda_decode.decode_step_ref(**x)
+    err = max(_rel_err(g, w) for g, w in zip(got, want))
+    return Check(f"decode step, {'fused kernel' if path == 'kernel' else 'fused ops'}", err)
+
+
+def environment() -> list[tuple[str, str]]:
+    from metal_kernels import backend
+
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    gpu = kda_ops.gpu_backend()
+    mode = kda_ops.mode()
+    decode = kda_ops.decode_path(mx.zeros((1, 1, 128, 128)), mx.zeros((4, 1)))
+    return [
+        ("mlx", mx.__version__),
+        ("python", platform.python_version()),
+        ("device", f"{mx.default_device()} ({info.get('device_name', 'unknown')})"),
+        ("GPU backend", backend() or "none (CPU only)"),
+        (kda_ops.ENV, mode),
+        ("KDA prefill", {"ref": "sequential reference"}.get(
+            kda_ops.prefill_path(4096), f"chunked from T >= {1 if mode != 'auto' else kda_ops.CHUNKED_MIN_T}")),
+        ("KDA decode step", {"kernel": f"fused {gpu} kernel", "ops": "fused ops (mx.compile)",
+                             "ref": "unfused reference"}[decode]),
+    ]
+
+
+def run_checks() -> list[Check]:
+    checks = [check_chunked(), check_decode("ops")]
+    if kda_ops.gpu_backend():
+        checks.append(check_decode("kernel"))
+    else:
+        checks.append(Check("decode step, fused kernel", None, "no Metal or CUDA backend here"))
+    return checks
+
+
+def main(echo=print) -> bool:
+    """Print the report; True when every check passed."""
+    for key, value in environment():
+        echo(f"{key:>16}: {value}")
+    echo("")
+    checks = run_checks()
+    for c in checks:
+        if c.error is None:
+            echo(f"  skip  {c.name}: {c.note}")
+        else:
+            echo(f"  {'ok  ' if c.ok else 'FAIL'}  {c.name}: max rel err {c.error:.1e} (tolerance {TOL:.0e})")
+    return all(c.ok for c in checks)
