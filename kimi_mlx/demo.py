@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 DEMO_NAMES = ("demo", "demo-random")
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 N_RANKS = 256  # byte-level vocabulary; Kimi's 256 special ids follow
 
 DEMO_CONFIG = {
@@ -57,9 +57,16 @@ DEMO_CONFIG = {
 }
 
 
-def _hf_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    D, V = cfg["hidden_size"], cfg["vocab_size"]
+def _normal(rng, shape, std=0.02):
+    return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
+
+
+def layer_tensors(cfg: dict, i: int, rng: np.random.Generator, normal=None) -> dict:
+    """Random tensors of layer i in the HF (Moonshot) layout, initialised like upstream.
+
+    normal(shape, std) draws the matrices (numpy by default; benchmarks pass a GPU generator).
+    """
+    D = cfg["hidden_size"]
     lin = cfg["linear_attn_config"]
     H, Dk, K = lin["num_heads"], lin["head_dim"], lin["short_conv_kernel_size"]
     Hm, L, nope, pe, dv = (cfg[k] for k in ("num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
@@ -67,45 +74,53 @@ def _hf_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     E, I = cfg["num_experts"], cfg["moe_intermediate_size"]
 
     def w(*shape, std=0.02):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
+        return normal(shape, std) if normal else _normal(rng, shape, std)
 
-    t = {"model.embed_tokens.weight": w(V, D, std=1.0), "model.norm.weight": np.ones(D, np.float32),
-         "lm_head.weight": w(V, D)}
+    t, p, a = {}, f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+    t[p + "input_layernorm.weight"] = np.ones(D, np.float32)
+    t[p + "post_attention_layernorm.weight"] = np.ones(D, np.float32)
+    if i + 1 in lin["kda_layers"]:
+        for x in "qkv":
+            t[a + f"{x}_proj.weight"] = w(H * Dk, D)
+            t[a + f"{x}_conv1d.weight"] = w(H * Dk, 1, K, std=0.5)
+        t[a + "A_log"] = np.log(rng.uniform(1, 16, (1, 1, H, 1))).astype(np.float32)
+        dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), H * Dk))
+        t[a + "dt_bias"] = (dt + np.log(-np.expm1(-dt))).astype(np.float32)
+        t[a + "f_a_proj.weight"], t[a + "f_b_proj.weight"] = w(Dk, D), w(H * Dk, Dk)
+        t[a + "g_a_proj.weight"], t[a + "g_b_proj.weight"] = w(Dk, D), w(H * Dk, Dk)
+        t[a + "b_proj.weight"] = w(H, D)
+        t[a + "o_norm.weight"] = np.ones(Dk, np.float32)
+        t[a + "o_proj.weight"] = w(D, H * Dk)
+    else:
+        t[a + "q_proj.weight"] = w(Hm * (nope + pe), D)
+        t[a + "kv_a_proj_with_mqa.weight"] = w(L + pe, D)
+        t[a + "kv_a_layernorm.weight"] = np.ones(L, np.float32)
+        t[a + "kv_b_proj.weight"] = w(Hm * (nope + dv), L)
+        t[a + "o_proj.weight"] = w(D, Hm * dv)
+    if i < cfg["first_k_dense_replace"]:
+        m, F = p + "mlp.", cfg["intermediate_size"]
+        t[m + "gate_proj.weight"], t[m + "up_proj.weight"], t[m + "down_proj.weight"] = w(F, D), w(F, D), w(D, F)
+    else:
+        m = p + "block_sparse_moe."
+        t[m + "gate.weight"] = w(E, D)
+        t[m + "gate.e_score_correction_bias"] = w(E, std=0.01)
+        for e in range(E):
+            t[m + f"experts.{e}.w1.weight"], t[m + f"experts.{e}.w3.weight"] = w(I, D), w(I, D)
+            t[m + f"experts.{e}.w2.weight"] = w(D, I)
+        S = I * cfg["num_shared_experts"]
+        if S:
+            t[m + "shared_experts.gate_proj.weight"], t[m + "shared_experts.up_proj.weight"] = w(S, D), w(S, D)
+            t[m + "shared_experts.down_proj.weight"] = w(D, S)
+    return t
+
+
+def _hf_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    D, V = cfg["hidden_size"], cfg["vocab_size"]
+    t = {"model.embed_tokens.weight": _normal(rng, (V, D), 1.0), "model.norm.weight": np.ones(D, np.float32),
+         "lm_head.weight": _normal(rng, (V, D))}
     for i in range(cfg["num_hidden_layers"]):
-        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-        t[p + "input_layernorm.weight"] = np.ones(D, np.float32)
-        t[p + "post_attention_layernorm.weight"] = np.ones(D, np.float32)
-        if i + 1 in lin["kda_layers"]:
-            for x in "qkv":
-                t[a + f"{x}_proj.weight"] = w(H * Dk, D)
-                t[a + f"{x}_conv1d.weight"] = w(H * Dk, 1, K, std=0.5)
-            t[a + "A_log"] = np.log(rng.uniform(1, 16, (1, 1, H, 1))).astype(np.float32)
-            dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), H * Dk))
-            t[a + "dt_bias"] = (dt + np.log(-np.expm1(-dt))).astype(np.float32)
-            t[a + "f_a_proj.weight"], t[a + "f_b_proj.weight"] = w(Dk, D), w(H * Dk, Dk)
-            t[a + "g_a_proj.weight"], t[a + "g_b_proj.weight"] = w(Dk, D), w(H * Dk, Dk)
-            t[a + "b_proj.weight"] = w(H, D)
-            t[a + "o_norm.weight"] = np.ones(Dk, np.float32)
-            t[a + "o_proj.weight"] = w(D, H * Dk)
-        else:
-            t[a + "q_proj.weight"] = w(Hm * (nope + pe), D)
-            t[a + "kv_a_proj_with_mqa.weight"] = w(L + pe, D)
-            t[a + "kv_a_layernorm.weight"] = np.ones(L, np.float32)
-            t[a + "kv_b_proj.weight"] = w(Hm * (nope + dv), L)
-            t[a + "o_proj.weight"] = w(D, Hm * dv)
-        if i < cfg["first_k_dense_replace"]:
-            m = p + "mlp."
-            t[m + "gate_proj.weight"], t[m + "up_proj.weight"] = w(cfg["intermediate_size"], D), w(cfg["intermediate_size"], D)
-            t[m + "down_proj.weight"] = w(D, cfg["intermediate_size"])
-        else:
-            m = p + "block_sparse_moe."
-            t[m + "gate.weight"] = w(E, D)
-            t[m + "gate.e_score_correction_bias"] = w(E, std=0.01)
-            for e in range(E):
-                t[m + f"experts.{e}.w1.weight"], t[m + f"experts.{e}.w3.weight"] = w(I, D), w(I, D)
-                t[m + f"experts.{e}.w2.weight"] = w(D, I)
-            t[m + "shared_experts.gate_proj.weight"], t[m + "shared_experts.up_proj.weight"] = w(I, D), w(I, D)
-            t[m + "shared_experts.down_proj.weight"] = w(D, I)
+        t.update(layer_tensors(cfg, i, rng))
     return t
 
 

@@ -1,0 +1,50 @@
+"""End-to-end prefill/decode benchmark against mlx-lm on the same random weights (see kimi_mlx/bench.py).
+
+  python benchmarks/e2e.py --shape full --contexts 1024,32768,131072 --prefill 1024,8192,32768 --record
+"""
+
+import argparse
+import datetime
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kimi_mlx import bench  # noqa: E402
+
+
+def ints(s):
+    return tuple(int(x) for x in s.split(",") if x)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="small", choices=list(bench.SHAPES))
+    ap.add_argument("--contexts", type=ints, default=(1024,))
+    ap.add_argument("--prefill", type=ints, default=(1024,))
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--step", type=int, default=2048)
+    ap.add_argument("--bits", type=int, default=4, help="0 = unquantized")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--peer-prefill-max", type=int, default=2048)
+    ap.add_argument("--bandwidth", type=float, default=None, help="device bandwidth in GB/s, for the fraction")
+    ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
+    a = ap.parse_args()
+    lines = []
+
+    def echo(s):
+        print(s, flush=True)
+        lines.append(s)
+
+    bench.run(a.shape, a.contexts, a.prefill, a.decode_tokens, a.step, a.bits, peer=not a.no_peer,
+              peer_prefill_max=a.peer_prefill_max, bandwidth_gbs=a.bandwidth, echo=echo)
+    if a.record:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        head = f"\n### e2e {a.shape} — {datetime.date.today()} — commit {commit or '?'}\n\n```\n"
+        with open(Path(__file__).parent / "RESULTS.md", "a") as f:
+            f.write(head + "\n".join(lines) + "\n```\n")
+
+
+if __name__ == "__main__":
+    main()

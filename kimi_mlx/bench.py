@@ -1,0 +1,272 @@
+"""End-to-end speed: prefill and decode tok/s, peak memory and bandwidth, against mlx-lm on the same weights.
+
+Random weights at the real Kimi-Linear-48B-A3B shape (or a small one), built layer by layer in the HF
+layout and fed through both projects' own loading code, then quantized the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig
+from .model import Model
+from .model.fuse import fuse_model
+from .weights.layout import hf_layer_to_local
+
+FULL = {
+    "model_type": "kimi_linear", "vocab_size": 163840, "hidden_size": 2304, "num_hidden_layers": 27,
+    "intermediate_size": 9216, "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 72,
+    "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "mla_use_nope": True, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+    "linear_attn_config": {
+        "kda_layers": [1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23, 25, 26],
+        "full_attn_layers": [4, 8, 12, 16, 20, 24, 27], "num_heads": 32, "head_dim": 128,
+        "short_conv_kernel_size": 4,
+    },
+    "num_experts": 256, "num_experts_per_token": 8, "num_shared_experts": 1, "moe_intermediate_size": 1024,
+    "first_k_dense_replace": 1, "moe_layer_freq": 1, "moe_renormalize": True, "routed_scaling_factor": 2.446,
+    "use_grouped_topk": True, "num_expert_group": 1, "topk_group": 1, "moe_router_activation_func": "sigmoid",
+    "bos_token_id": 163584, "eos_token_id": 163586, "pad_token_id": 163839, "model_max_length": 1048576,
+    "tie_word_embeddings": False,
+}
+SMALL = {**FULL, "vocab_size": 4096, "hidden_size": 512, "num_hidden_layers": 4, "intermediate_size": 1024,
+         "num_attention_heads": 8, "num_key_value_heads": 8, "kv_lora_rank": 128, "qk_nope_head_dim": 64,
+         "qk_rope_head_dim": 32, "v_head_dim": 64, "num_experts": 16, "num_experts_per_token": 4,
+         "moe_intermediate_size": 256,
+         "linear_attn_config": {"kda_layers": [1, 2, 3], "full_attn_layers": [4], "num_heads": 8, "head_dim": 64,
+                                "short_conv_kernel_size": 4}}
+SHAPES = {"full": FULL, "small": SMALL}
+PROTECTED = ("f_a_proj", "f_b_proj", "b_proj", "g_a_proj", "g_b_proj")
+
+
+def hf_layer(cfg: dict, i: int, rng: np.random.Generator, dtype) -> dict[str, mx.array]:
+    """Random tensors of one layer in the HF (Moonshot) layout."""
+    from .demo import layer_tensors
+
+    def normal(shape, std):
+        return (std * mx.random.normal(shape)).astype(dtype)
+
+    t = layer_tensors(cfg, i, rng, normal)
+    return {k: mx.array(v).astype(dtype if k.endswith("norm.weight") else mx.float32) if isinstance(v, np.ndarray)
+            else v for k, v in t.items()}
+
+
+def _our_predicate(bits, group_size):
+    def pred(path, m):
+        if not hasattr(m, "to_quantized") or m.weight.shape[-1] % group_size:
+            return False
+        if path.endswith(PROTECTED):
+            return {"group_size": group_size, "bits": 8, "mode": "affine"}
+        return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    return pred
+
+
+def build(shape: str, bits: int = 4, group_size: int = 64, dtype=mx.bfloat16, peer: bool = True, seed: int = 0):
+    """(our model, mlx-lm model or None, config dict) with identical random weights."""
+    cfg_d = SHAPES[shape]
+    cfg = ModelConfig.from_dict(cfg_d)
+    rng = np.random.default_rng(seed)
+    ours = Model(cfg)
+    theirs = None
+    if peer:
+        from mlx_lm.models.kimi_linear import Model as PeerModel, ModelArgs
+
+        theirs = PeerModel(ModelArgs.from_dict(cfg_d))
+    pred = _our_predicate(bits, group_size)
+    for i in range(cfg.num_hidden_layers):
+        hf = hf_layer(cfg_d, i, rng, dtype)
+        if theirs is not None:
+            w = theirs.sanitize(dict(hf))
+            theirs.load_weights(list(w.items()), strict=False)
+            bits and nn.quantize(theirs.model.layers[i], group_size, bits,
+                        class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0
+                        and ({"group_size": 64, "bits": 8} if p.endswith("mlp.gate") else True))
+            mx.eval(theirs.model.layers[i].parameters())
+        ours.load_weights(list(hf_layer_to_local(cfg, i, dict(hf)).items()), strict=False)
+        bits and nn.quantize(ours.model.layers[i], class_predicate=pred)
+        mx.eval(ours.model.layers[i].parameters())
+        del hf
+        gc.collect()
+    top = {"model.embed_tokens.weight": mx.random.normal((cfg.vocab_size, cfg.hidden_size)).astype(dtype),
+           "model.norm.weight": mx.ones((cfg.hidden_size,), dtype),
+           "lm_head.weight": (0.02 * mx.random.normal((cfg.vocab_size, cfg.hidden_size))).astype(dtype)}
+    for m in filter(None, (ours, theirs)):
+        m.load_weights(list(top.items()), strict=False)
+        bits and nn.quantize(m, group_size, bits, class_predicate=lambda p, mod: p in ("model.embed_tokens", "lm_head"))
+        mx.eval(m.parameters())
+    ours.update(tree_map_router_f32(ours))
+    fuse_model(ours)
+    ours.eval()
+    return ours, theirs, cfg_d
+
+
+def tree_map_router_f32(model: Model) -> dict:
+    """Router weights in float32 once, so the f32 router matmul casts nothing per token."""
+    out = {"model": {"layers": []}}
+    for layer in model.model.layers:
+        entry = {}
+        if "gate" in layer.mlp:
+            entry = {"mlp": {"gate": {"weight": layer.mlp.gate.weight.astype(mx.float32)}}}
+        out["model"]["layers"].append(entry)
+    return out
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def active_bytes_per_token(ours: Model, cfg_d: dict) -> int:
+    """Bytes of weights read per decoded token: all but the unused experts and the embedding table."""
+    total = 0
+    E, k = cfg_d["num_experts"], cfg_d["num_experts_per_token"]
+    for name, v in tree_flatten(ours.parameters()):
+        if "embed_tokens" in name:
+            total += v.nbytes // v.shape[0]
+        elif ".mlp.gate_up_proj." in name or ".mlp.down_proj." in name:
+            total += v.nbytes * (k + cfg_d["num_shared_experts"]) // v.shape[0]
+        else:
+            total += v.nbytes
+    return total
+
+
+@dataclass
+class Runner:
+    """Uniform prefill/decode driving for our model and mlx-lm's."""
+    name: str
+    model: nn.Module
+    is_ours: bool
+    state: object = field(default=None)
+
+    def reset(self):
+        self.state = self.model.new_state(1) if self.is_ours else self.model.make_cache()
+
+    def forward(self, toks: mx.array) -> mx.array:
+        if self.is_ours:
+            return self.model(toks, self.state)
+        return self.model(toks, cache=self.state)
+
+    def eval_state(self):
+        if self.is_ours:
+            self.state.eval()
+        else:
+            mx.eval([c.state for c in self.state])
+
+    def fill_context(self, n: int, cfg_d: dict):
+        """Give every MLA layer a cache of n random latent rows (decode cost depends on length only)."""
+        self.reset()
+        L, pe = cfg_d["kv_lora_rank"], cfg_d["qk_rope_head_dim"]
+        if self.is_ours:
+            for s in self.state.layers:
+                if hasattr(s, "append"):
+                    s.append(mx.random.normal((1, n, L + pe)).astype(mx.bfloat16))
+            self.state.offset = n
+        else:
+            from mlx_lm.models.cache import KVCache
+
+            for c in self.state:
+                if isinstance(c, KVCache):
+                    c.update_and_fetch(mx.random.normal((1, 1, n, L)).astype(mx.bfloat16),
+                                       mx.random.normal((1, 1, n, pe)).astype(mx.bfloat16))
+        self.eval_state()
+
+
+def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
+    toks = mx.random.randint(0, vocab, (1, n))
+    r.reset()
+    t0 = time.perf_counter()
+    for a in range(0, n, step):
+        r.forward(toks[:, a : a + step])
+        r.eval_state()
+        mx.clear_cache()
+    return n / (time.perf_counter() - t0)
+
+
+def time_decode(r: Runner, n: int) -> float:
+    def step(y):
+        return mx.argmax(r.forward(y.reshape(1, 1))[:, -1], axis=-1)
+
+    y = step(mx.array([1]))
+    mx.async_eval(y)
+    for _ in range(3):  # warm-up
+        nxt = step(y)
+        mx.async_eval(nxt)
+        y.item()
+        y = nxt
+    t0 = time.perf_counter()
+    for _ in range(n):
+        nxt = step(y)
+        mx.async_eval(nxt)
+        y.item()
+        y = nxt
+    y.item()
+    return n / (time.perf_counter() - t0)
+
+
+def device_line() -> str:
+    info = mx.device_info()
+    name = info.get("device_name") or info.get("architecture", "?")
+    return f"{mx.default_device()} {name}, MLX {mx.__version__}"
+
+
+def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: int = 32, step: int = 2048,
+        bits: int = 4, group_size: int = 64, peer: bool = True, peer_prefill_max: int = 2048,
+        bandwidth_gbs: float | None = None, echo=print) -> list[dict]:
+    """Measure and print; returns result rows (one per measurement)."""
+    dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    ours, theirs, cfg_d = build(shape, bits, group_size, dtype=dtype, peer=peer)
+    echo(f"device: {device_line()}")
+    quant = f"{bits}-bit affine gs{group_size} (KDA gate/beta projections 8-bit)" if bits else "unquantized"
+    echo(f"shape: {shape}, random weights, {quant}, activations {dtype}")
+    active = active_bytes_per_token(ours, cfg_d)
+    echo(f"weights: {weight_bytes(ours) / 1e9:.2f} GB; read per decoded token: {active / 1e9:.3f} GB; "
+         f"cache per context token: {cache_bytes_per_token(cfg_d, 2)} B (bf16)")
+    runners = [Runner("kimi-mlx", ours, True)] + ([Runner("mlx-lm", theirs, False)] if theirs is not None else [])
+    rows = []
+    for n in prefill:
+        got = {}
+        for r in runners:
+            if r.name == "mlx-lm" and n > peer_prefill_max:
+                continue
+            mx.reset_peak_memory()
+            got[r.name] = time_prefill(r, n, step, cfg_d["vocab_size"])
+            rows.append(dict(what="prefill", tokens=n, runner=r.name, tok_s=got[r.name],
+                             peak_gb=mx.get_peak_memory() / 1e9))
+        echo(_line(f"prefill {n:>7}", got))
+    for n in contexts:
+        got = {}
+        for r in runners:
+            r.fill_context(n, cfg_d)
+            mx.reset_peak_memory()
+            got[r.name] = time_decode(r, decode_tokens)
+            row = dict(what="decode", tokens=n, runner=r.name, tok_s=got[r.name], peak_gb=mx.get_peak_memory() / 1e9)
+            if r.is_ours and bandwidth_gbs:
+                row["bandwidth_frac"] = got[r.name] * active / (bandwidth_gbs * 1e9)
+            rows.append(row)
+            r.state = None
+            gc.collect()
+            mx.clear_cache()
+        echo(_line(f"decode @{n:>7}", got, active, bandwidth_gbs))
+    return rows
+
+
+def cache_bytes_per_token(cfg_d: dict, itemsize: int) -> int:
+    n_mla = len(cfg_d["linear_attn_config"]["full_attn_layers"])
+    return n_mla * (cfg_d["kv_lora_rank"] + cfg_d["qk_rope_head_dim"]) * itemsize
+
+
+def _line(label: str, got: dict, active: int | None = None, bw: float | None = None) -> str:
+    parts = [f"{k} {v:9.1f} tok/s" for k, v in got.items()]
+    if "mlx-lm" in got and "kimi-mlx" in got:
+        parts.append(f"ratio {got['kimi-mlx'] / got['mlx-lm']:.2f}x")
+    if active and "kimi-mlx" in got:
+        parts.append(f"{got['kimi-mlx'] * active / 1e9:.0f} GB/s of weights"
+                     + (f" ({100 * got['kimi-mlx'] * active / (bw * 1e9):.0f}% of {bw:.0f})" if bw else ""))
+    return f"{label}: " + " | ".join(parts)
