@@ -3,7 +3,7 @@ delta-rule state update and readout.
 
 Three twins with one contract:
   decode_step_ref     plain mx ops, float32, built from the sequential pieces (the reference)
-  decode_step_ops     the same ops under mx.compile (the CPU path)
+  decode_step_ops     compiled conv/norm/gate ops, then the state update in three passes (CPU path)
   decode_step_kernel  one Metal or CUDA kernel per layer (metal_kernels/kda_decode.body)
 
 Arguments (C3 = 2*H*Dk + H*Dv channels, q|k|v):
@@ -21,7 +21,8 @@ import mlx.nn as nn
 from .kda import kda_recurrent_ref, l2_normalize, softplus
 
 
-def decode_step_ref(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
+def _prepare(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
+    """Conv + SiLU, q/k norms and gates: (q, k, v [B, 1, H, D], g [B, 1, H, Dk], beta [B, 1, H], tail)."""
     B = qkv.shape[0]
     H = a_log.shape[0]
     Dv, Dk = state.shape[-2:]
@@ -35,12 +36,34 @@ def decode_step_ref(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, 
         (gate_a.astype(f32) + dt_bias.astype(f32)).reshape(B, 1, H, Dk)
     )
     beta = mx.sigmoid(beta_logit.astype(f32)).reshape(B, 1, H)
-    o, state = kda_recurrent_ref(q, k, v.reshape(B, 1, H, Dv), g, beta, state)
     tail = mx.concatenate([conv_tail[:, 1:], qkv[:, None]], axis=1).astype(qkv.dtype)
+    return q, k, v.reshape(B, 1, H, Dv), g, beta, tail
+
+
+def decode_step_ref(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
+    q, k, v, g, beta, tail = _prepare(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state)
+    o, state = kda_recurrent_ref(q, k, v, g, beta, state)
     return o[:, 0], state, tail
 
 
-decode_step_ops = mx.compile(decode_step_ref)
+def _update(q, k, v, g, beta, state):
+    """The step in three passes over the state: both reads use the old state,
+    S (alpha * k) and S (alpha * q), then one fused write S * alpha + u k^T."""
+    q, k, v, beta = q[:, 0], k[:, 0], v[:, 0].astype(mx.float32), beta[:, 0, :, None]
+    alpha = mx.exp(g[:, 0])
+    pred = (state * (alpha * k)[..., None, :]).sum(-1)
+    u = beta * (v - pred)
+    o = (state * (alpha * q)[..., None, :]).sum(-1) + u * (k * q).sum(-1, keepdims=True)
+    return o, state * alpha[..., None, :] + u[..., None] * k[..., None, :]
+
+
+_prepare_compiled = mx.compile(_prepare)  # small arrays only: the state never enters a compiled graph
+
+
+def decode_step_ops(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
+    q, k, v, g, beta, tail = _prepare_compiled(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state)
+    o, state = _update(q, k, v, g, beta, state)
+    return o, state, tail
 
 
 def kernel_supports(state: mx.array, conv_w: mx.array) -> bool:
