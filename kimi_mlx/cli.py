@@ -16,25 +16,55 @@ def _root():
     """Kimi Linear on MLX: convert, generate, chat, serve, bench, doctor."""
 
 
+from .cli_options import (D, FrequencyPenalty, LogitBias, MaxTokens, MinP, Model, PrefillStepSize,  # noqa: E402
+                          PresencePenalty, RepetitionContext, RepetitionPenalty, Seed, Stop, System, Temperature,
+                          TopK, TopP, generation_options)
+
+
 @app.command()
 def generate(
-    model: str = typer.Option("demo", "--model", "-m", help="checkpoint directory, hub repo id, or 'demo'"),
-    prompt: str = typer.Option("Hello", "--prompt", "-p"),
-    max_tokens: int = typer.Option(32, "--max-tokens"),
+    model: Model = "demo",
+    prompt: str = typer.Option("Hello", "--prompt", "-p", help="the prompt; '-' reads it from stdin"),
+    system: System = None,
+    raw: bool = typer.Option(False, "--raw", help="use the prompt as is, without the chat template"),
+    max_tokens: MaxTokens = D.max_tokens,
+    temperature: Temperature = D.temperature,
+    top_p: TopP = D.top_p,
+    top_k: TopK = D.top_k,
+    min_p: MinP = D.min_p,
+    repetition_penalty: RepetitionPenalty = D.repetition_penalty,
+    repetition_context_size: RepetitionContext = D.repetition_context_size,
+    presence_penalty: PresencePenalty = D.presence_penalty,
+    frequency_penalty: FrequencyPenalty = D.frequency_penalty,
+    logit_bias: LogitBias = None,
+    seed: Seed = None,
+    stop: Stop = None,
+    prefill_step_size: PrefillStepSize = D.prefill_step_size,
+    verbose: bool = typer.Option(True, "--verbose/--quiet", help="print token counts and speeds to stderr"),
 ):
-    """Generate text greedily from a prompt."""
-    from .generate import greedy_tokens
+    """Generate text from a prompt (sent as a user message through the chat template unless --raw)."""
+    from .generate import stats_line, stream_generate
     from .loading import load
 
+    opts = generation_options(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed,
+        stop=stop, prefill_step_size=prefill_step_size,
+    )
+    text = sys.stdin.read() if prompt == "-" else prompt
     m, tok = load(model)
     if model in ("demo", "demo-random"):
         typer.echo("[demo model: random weights, the text is gibberish]", err=True)
-    ids = tok.encode(prompt)
-    out = []
-    for t in greedy_tokens(m, ids, max_tokens, stop_ids=set(m.config.eos_token_ids)):
-        out.append(t)
-        typer.echo(tok.decode([t]), nl=False)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    last = None
+    for r in stream_generate(m, tok, text if raw else messages, **opts.__dict__):
+        sys.stdout.write(r.text)
+        sys.stdout.flush()
+        last = r
     typer.echo("")
+    if verbose and last is not None:
+        typer.echo(stats_line(last), err=True)
 
 
 @app.command()

@@ -1,17 +1,275 @@
-"""Token generation over a model state."""
+"""Token generation: generate_step (ids, chunked prefill, one-step async lookahead), the Generation that
+turns steps into Response objects (text, stop strings, timing), stream_generate and generate."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Iterator
+
 import mlx.core as mx
 
+from .errors import KimiError
+from .sample import Sampler, make_logits_processors, normalize
+from .state_io import StateMark, mark
 
-def greedy_tokens(model, prompt: list[int], max_tokens: int, stop_ids=()):
-    """Yield greedy token ids after feeding prompt (minimal generator; sampling lives in sample.py)."""
-    state = model.new_state(1)
-    logits = model(mx.array([prompt]), state)[:, -1]
-    for _ in range(max_tokens):
-        tok = int(mx.argmax(logits, axis=-1).item())
-        yield tok
-        if tok in stop_ids:
+Progress = Callable[[int, int], None]  # (prompt tokens processed, prompt tokens in all)
+
+
+@dataclass
+class GenerationOptions:
+    """Every generation option with its default, in one place (the CLI reads its defaults from here)."""
+
+    max_tokens: int = 512
+    temperature: float = 0.6
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context_size: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prefill_step_size: int = 2048
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "GenerationOptions":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise KimiError(f"unknown generation option {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**kwargs).checked()
+
+    def updated(self, **kwargs) -> "GenerationOptions":
+        return GenerationOptions.from_kwargs(**{**self.__dict__, **kwargs})
+
+    def checked(self) -> "GenerationOptions":
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+        if self.logit_bias:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        rules = [
+            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.repetition_context_size >= 1, "repetition_context_size must be >= 1"),
+            (self.top_logprobs >= 0, "top_logprobs must be >= 0"),
+            (self.prefill_step_size >= 1, "prefill_step_size must be >= 1"),
+        ]
+        for ok, msg in rules:
+            if not ok:
+                raise KimiError(msg)
+        return self
+
+
+@dataclass
+class Response:
+    text: str  # new text (may be '' while a character or a possible stop string is incomplete)
+    token: int
+    logprobs: mx.array  # [V] raw model log-probabilities of this step
+    logprob: float | None  # of `token`, when options.logprobs
+    top_logprobs: list[tuple[int, float]] | None  # (id, logprob) best first, when options.top_logprobs
+    finish_reason: str | None  # None until the last: "stop" or "length"
+    prompt_tokens: int  # prompt tokens processed by this call
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+
+
+@dataclass
+class Step:
+    token: int
+    logprobs: mx.array  # [V] raw
+    mark: StateMark | None  # the state before `token` was fed; None when it was not fed (the last step)
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """<|im_end|>, the tokenizer's [EOS] and the config's eos ids."""
+    return {tokenizer.im_end_id, tokenizer.eos_id, *model.config.eos_token_ids}
+
+
+def prefill(model, state, tokens: list[int], step_size: int, progress: Progress | None = None,
+            done: int = 0, total: int | None = None) -> None:
+    """Feed tokens into state in chunks of step_size, evaluating the state after each."""
+    total = len(tokens) if total is None else total
+    for i in range(0, len(tokens), step_size):
+        model.hidden(mx.array([tokens[i : i + step_size]]), state)
+        state.eval()
+        if progress:
+            progress(done + min(i + step_size, len(tokens)), total)
+
+
+def generate_step(model, state, prompt: list[int], sampler: Sampler, processors=(), context_tail=(),
+                  max_tokens: int = 512, prefill_step_size: int = 2048,
+                  progress: Progress | None = None) -> Iterator[Step]:
+    """Feed prompt (chunked) into state, then yield sampled Steps; the state already holds each yielded
+    token except the last one allowed by max_tokens (the next step is computed ahead, asynchronously)."""
+    if not prompt:
+        raise KimiError("empty prompt: give at least one token")
+    tokens = mx.array(list(context_tail) + list(prompt)) if processors else None
+
+    def sample(logits):
+        lp = normalize(logits.astype(mx.float32))
+        drawn = lp
+        if processors:
+            for p in processors:
+                logits = p(tokens, logits)
+            drawn = normalize(logits.astype(mx.float32))
+        return sampler(drawn), lp
+
+    def feed(y):
+        nonlocal tokens
+        if processors:
+            tokens = mx.concatenate([tokens, y])
+        return sample(model(y[None], state)[:, -1])
+
+    prefill(model, state, prompt[:-1], prefill_step_size, progress, total=len(prompt))
+    y, lp = sample(model.logits(model.hidden(mx.array([prompt[-1:]]), state)[:, -1]))
+    mx.async_eval(y, lp)
+    for n in range(1, max_tokens + 1):
+        m = None
+        if n < max_tokens:
+            m = mark(state)
+            next_y, next_lp = feed(y)
+            mx.async_eval(next_y, next_lp)
+        if n == 1 and progress:
+            progress(len(prompt), len(prompt))
+        yield Step(y.item(), lp[0], m)
+        if m is None:
             return
-        logits = model(mx.array([[tok]]), state)[:, -1]
+        y, lp = next_y, next_lp
+
+
+class StopMatcher:
+    """Holds back text that may be the start of a stop string; cuts the text before a complete one."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        keep = next((k for k in range(len(self.pending), 0, -1)
+                     if any(s.startswith(self.pending[-k:]) for s in self.stops)), 0)
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Generation:
+    """One generation over `state`: iterate for Responses. Afterwards (or after the consumer stops):
+    .tokens (ids yielded), .last (the last Step), .finish_reason."""
+
+    def __init__(self, model, tokenizer, state, prompt: list[int], opts: GenerationOptions,
+                 context: list[int] = (), progress: Progress | None = None):
+        self.model, self.tokenizer, self.state, self.prompt = model, tokenizer, state, list(prompt)
+        self.opts, self.progress = opts, progress
+        tail = (list(context) + self.prompt)[-opts.repetition_context_size :]
+        self.processors = make_logits_processors(opts, len(tail))
+        self.context_tail = tail if self.processors else []
+        self.tokens: list[int] = []
+        self.last: Step | None = None
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[Response]:
+        opts, tok = self.opts, self.tokenizer
+        sampler = Sampler(opts.temperature, opts.top_p, opts.top_k, opts.min_p, opts.seed)
+        stops = stop_ids(self.model, tok)
+        detok, stopper = tok.detokenizer(), StopMatcher(opts.stop)
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        t_first = None
+        steps = generate_step(self.model, self.state, self.prompt, sampler, self.processors, self.context_tail,
+                              opts.max_tokens, opts.prefill_step_size, self.progress)
+        for step in steps:
+            t_first = t_first or time.perf_counter()
+            self.last = step
+            self.tokens.append(step.token)
+            finish = None
+            if step.token in stops:
+                text, hit = stopper.push(detok.finalize())
+                text += "" if hit else stopper.flush()
+                finish = "stop"
+            else:
+                text, hit = stopper.push(detok.add(step.token))
+                if hit:
+                    finish = "stop"
+                elif len(self.tokens) == opts.max_tokens:
+                    tail, hit = stopper.push(detok.finalize())
+                    text += tail + ("" if hit else stopper.flush())
+                    finish = "stop" if hit else "length"
+            self.finish_reason = finish
+            yield self._response(step, text, finish, t0, t_first)
+            if finish:
+                break
+        steps.close()
+
+    def _response(self, step: Step, text: str, finish, t0: float, t_first: float) -> Response:
+        now = time.perf_counter()
+        n = len(self.tokens)
+        logprob = top = None
+        if self.opts.logprobs or self.opts.top_logprobs:
+            logprob = step.logprobs[step.token].item()
+        if self.opts.top_logprobs:
+            k = min(self.opts.top_logprobs, step.logprobs.shape[-1])
+            idx = mx.argpartition(-step.logprobs, kth=k - 1)[:k]
+            vals = step.logprobs[idx].tolist()
+            top = sorted(zip(idx.tolist(), vals), key=lambda iv: -iv[1])
+        return Response(
+            text=text, token=step.token, logprobs=step.logprobs, logprob=logprob, top_logprobs=top,
+            finish_reason=finish, prompt_tokens=len(self.prompt),
+            prompt_tps=len(self.prompt) / max(t_first - t0, 1e-9), generation_tokens=n,
+            generation_tps=(n - 1) / (now - t_first) if n > 1 and now > t_first else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+        )
+
+
+def prompt_ids(tokenizer, prompt, tools=None, allow_special: bool = False) -> list[int]:
+    """A string is used as is; a list of message dicts goes through the chat template; a list of ints is ids."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, allow_special=allow_special)
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, tools=tools,
+                                         allow_special=allow_special)
+
+
+def stream_generate(model, tokenizer, prompt, *, tools=None, allow_special: bool = False,
+                    progress: Progress | None = None, **options) -> Iterator[Response]:
+    """Yield one Response per generated token (see GenerationOptions for the options)."""
+    opts = GenerationOptions.from_kwargs(**options)
+    ids = prompt_ids(tokenizer, prompt, tools, allow_special)
+    yield from Generation(model, tokenizer, model.new_state(1), ids, opts, progress=progress)
+
+
+def generate(model, tokenizer, prompt, **kwargs) -> str:
+    """The generated text (stop strings and stop tokens excluded)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
+
+
+def options_dict(opts: GenerationOptions) -> dict:
+    """JSON-ready copy (logit_bias keys become strings on the way out; from_kwargs turns them back)."""
+    return replace(opts).__dict__.copy()
+
+
+def stats_line(r: Response) -> str:
+    """One line of a finished reply's numbers, as the CLI prints it."""
+    return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} "
+            f"tokens, {r.generation_tps:.1f} tok/s | peak memory {r.peak_memory:.2f} GB")

@@ -1,0 +1,136 @@
+"""Generation on the demo model against fresh full forwards; stop strings, stop tokens, seeds, options."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import kimi_mlx
+from kimi_mlx.errors import KimiError
+from kimi_mlx.generate import StopMatcher, generate, stream_generate
+from kimi_mlx.state_io import mark, rewind
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return kimi_mlx.load("demo")
+
+
+def fresh_logprobs(model, tokens) -> np.ndarray:
+    logits = model(mx.array([tokens]))[0, -1].astype(mx.float32)
+    return np.array(logits - mx.logsumexp(logits))
+
+
+@pytest.mark.parametrize("prefill_step_size", [2048, 5])
+def test_greedy_equals_argmax_chain_of_full_forwards(demo, prefill_step_size):
+    model, tok = demo
+    prompt = tok.encode("The quick brown fox")
+    rs = list(stream_generate(model, tok, prompt, max_tokens=24, temperature=0.0,
+                              prefill_step_size=prefill_step_size, logprobs=True))
+    tokens = list(prompt)
+    for r in rs:
+        ref = fresh_logprobs(model, tokens)
+        np.testing.assert_allclose(np.array(r.logprobs), ref, atol=ATOL)
+        assert r.token == int(np.argmax(ref))
+        assert r.logprob == pytest.approx(float(ref[r.token]), abs=ATOL)
+        tokens.append(r.token)
+    assert rs[-1].finish_reason in ("length", "stop") and all(r.finish_reason is None for r in rs[:-1])
+
+
+def test_prefill_progress_is_reported_in_chunks(demo):
+    model, tok = demo
+    prompt = tok.encode("x" * 23)
+    seen = []
+    list(stream_generate(model, tok, prompt, max_tokens=1, temperature=0, prefill_step_size=5,
+                         progress=lambda done, total: seen.append((done, total))))
+    assert seen == [(5, 23), (10, 23), (15, 23), (20, 23), (22, 23), (23, 23)]
+
+
+def test_messages_go_through_the_chat_template(demo):
+    model, tok = demo
+    msgs = [{"role": "user", "content": "hi"}]
+    a = list(stream_generate(model, tok, msgs, max_tokens=3, temperature=0))
+    b = list(stream_generate(model, tok, tok.apply_chat_template(msgs, tokenize=True), max_tokens=3, temperature=0))
+    assert [r.token for r in a] == [r.token for r in b]
+    assert a[0].prompt_tokens == len(tok.apply_chat_template(msgs, tokenize=True))
+
+
+def test_seed_reproduces_sampling(demo):
+    model, tok = demo
+    run = lambda seed: [r.token for r in stream_generate(model, tok, "abc", max_tokens=16, temperature=1.0,
+                                                         top_p=0.95, seed=seed)]
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_stop_tokens_and_length(demo):
+    model, tok = demo
+    rs = list(stream_generate(model, tok, "abc", max_tokens=5, temperature=0, logit_bias={tok.im_end_id: 100.0}))
+    assert len(rs) == 1 and rs[0].token == tok.im_end_id and rs[0].finish_reason == "stop" and rs[0].text == ""
+    rs = list(stream_generate(model, tok, "abc", max_tokens=5, temperature=0, logit_bias={tok.eos_id: 100.0}))
+    assert rs[-1].token == tok.eos_id and rs[-1].finish_reason == "stop"
+    bias = {t: -100.0 for t in (tok.im_end_id, tok.eos_id)}
+    rs = list(stream_generate(model, tok, "abc", max_tokens=5, temperature=0, logit_bias=bias))
+    assert len(rs) == 5 and rs[-1].finish_reason == "length" and rs[-1].generation_tokens == 5
+
+
+def test_stop_string_split_across_tokens_never_leaks(demo):
+    model, tok = demo
+    bias = {t: -100.0 for t in (tok.im_end_id, tok.eos_id)}
+    kw = dict(max_tokens=40, temperature=0, logit_bias=bias)
+    full = generate(model, tok, "Once upon", **kw)
+    stop = full[len(full) // 2 : len(full) // 2 + 6]
+    assert len(tok.encode(stop)) > 1  # the stop string spans several tokens
+    pieces = [r.text for r in stream_generate(model, tok, "Once upon", stop=[stop], **kw)]
+    assert "".join(pieces) == full[: full.index(stop)]
+    assert "".join(pieces) + stop in full
+
+
+@pytest.mark.parametrize("stops", [["ab"], ["xyz", "b c"], ["aaa"], ["c", "abc"]])
+def test_stop_matcher_equals_find(stops):
+    text = "xx abab c aaab abc tail"
+    m = StopMatcher(stops)
+    out, hit = "", False
+    for ch in text:
+        piece, hit = m.push(ch)
+        out += piece
+        if hit:
+            break
+    if not hit:
+        out += m.flush()
+    cut = min((text.find(s) for s in stops if s in text), default=len(text))
+    assert out == text[:cut]
+
+
+def test_top_logprobs_are_sorted_and_consistent(demo):
+    model, tok = demo
+    r = next(iter(stream_generate(model, tok, "abc", max_tokens=1, temperature=0, top_logprobs=4)))
+    ids = [i for i, _ in r.top_logprobs]
+    vals = [v for _, v in r.top_logprobs]
+    assert len(ids) == 4 and vals == sorted(vals, reverse=True) and ids[0] == r.token
+    np.testing.assert_allclose(vals, np.sort(np.array(r.logprobs))[::-1][:4], atol=1e-6)
+    assert r.prompt_tps > 0 and r.peak_memory > 0
+
+
+def test_bad_options_are_one_line_errors(demo):
+    model, tok = demo
+    with pytest.raises(KimiError, match="unknown generation option temp"):
+        generate(model, tok, "a", temp=0.5)
+    with pytest.raises(KimiError, match="top_p"):
+        generate(model, tok, "a", top_p=0)
+    with pytest.raises(KimiError, match="empty prompt"):
+        generate(model, tok, "")
+
+
+def test_rewind_to_a_mark_is_exact(demo):
+    model, tok = demo
+    a, b, c = tok.encode("first part"), tok.encode(" then"), tok.encode(" another ending")
+    state = model.new_state(1)
+    model(mx.array([a]), state)
+    m = mark(state)
+    model(mx.array([b]), state)
+    rewind(state, m)
+    assert state.offset == len(a)
+    logits = model(mx.array([c]), state)[0, -1]
+    np.testing.assert_allclose(np.array(logits - mx.logsumexp(logits)), fresh_logprobs(model, a + c), atol=ATOL)
