@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import KDA, MOE, ModelConfig
-from ..state import ModelState, new_state
+from ..state import MLAState, ModelState, new_state
 from .common import MLP, RMSNorm
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA
@@ -28,29 +28,50 @@ class DecoderLayer(nn.Module):
 
 
 class KimiLinearModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Embedding, decoder layers, final norm. Under pipeline parallelism a rank builds only its own
+    layers (the others are empty placeholders, so parameter names stay global) and the ends it needs."""
+
+    def __init__(self, cfg: ModelConfig, owned: range, first: bool, last: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if first or (last and cfg.tie_word_embeddings):
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, i) if i in owned else nn.Module() for i in range(cfg.num_hidden_layers)]
+        if last:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Model(nn.Module):
-    """Kimi Linear causal LM.  model(tokens [B, T], state) -> logits [B, T, vocab]; advances state."""
+    """Kimi Linear causal LM.  model(tokens [B, T], state) -> logits [B, T, vocab]; advances state.
 
-    def __init__(self, cfg: ModelConfig):
+    With a `pipeline` (kimi_mlx/distributed.py) every rank calls the model with the same tokens; the
+    logits come back on every rank (all positions on the last rank, the final position elsewhere,
+    where earlier positions are NaN), so all ranks sample the same next token.
+    """
+
+    def __init__(self, cfg: ModelConfig, pipeline=None):
         super().__init__()
         self.config = cfg
-        self.model = KimiLinearModel(cfg)
-        if not cfg.tie_word_embeddings:
+        self._pipeline = pipeline
+        n = cfg.num_hidden_layers
+        self.owned = pipeline.layers if pipeline else range(n)
+        first, last = (pipeline.first, pipeline.last) if pipeline else (True, True)
+        self.model = KimiLinearModel(cfg, self.owned, first, last)
+        if last and not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @property
+    def pipeline(self):
+        return self._pipeline
+
+    @property
     def dtype(self) -> mx.Dtype:
-        return self.model.norm.weight.dtype
+        return self.model.layers[self.owned[0]].input_layernorm.weight.dtype
 
     def new_state(self, batch_size: int = 1) -> ModelState:
-        return new_state(self.config, batch_size, self.dtype)
+        state = new_state(self.config, batch_size, self.dtype)
+        if self._pipeline:  # keep only this rank's layers' state
+            state.layers = [s if i in self.owned else MLAState() for i, s in enumerate(state.layers)]
+        return state
 
     def hidden(self, tokens: mx.array, state: ModelState | None = None) -> mx.array:
         """Final-norm hidden states [B, T, D] (no lm_head)."""
@@ -60,10 +81,17 @@ class Model(nn.Module):
             state = self.new_state(tokens.shape[0])
         elif state.batch_size != tokens.shape[0]:
             raise ValueError(f"state holds batch {state.batch_size}, tokens have batch {tokens.shape[0]}")
-        h = self.model.embed_tokens(tokens)
-        for layer, s in zip(self.model.layers, state.layers):
-            h = layer(h, s)
+        p = self._pipeline
+        if p is None or p.first:
+            h = self.model.embed_tokens(tokens)
+        else:
+            h = p.recv((*tokens.shape, self.config.hidden_size), self.dtype)
+        for i in self.owned:
+            h = self.model.layers[i](h, state.layers[i])
         state.offset += tokens.shape[1]
+        if p is not None and not p.last:
+            p.send(h)
+            return None
         return self.model.norm(h)
 
     def logits(self, h: mx.array) -> mx.array:
@@ -72,4 +100,22 @@ class Model(nn.Module):
         return self.lm_head(h)
 
     def __call__(self, tokens: mx.array, state: ModelState | None = None) -> mx.array:
-        return self.logits(self.hidden(tokens, state))
+        p = self._pipeline
+        if p is None:
+            return self.logits(self.hidden(tokens, state))
+        h = self.hidden(tokens, state)
+        B, T = tokens.shape
+        if p.last:
+            logits = self.logits(h)
+            shared = p.broadcast_from_last(logits[:, -1:])
+            p.eval(shared)
+            return logits
+        shared = p.broadcast_from_last(mx.zeros((B, 1, self.config.vocab_size), self.logits_dtype()))
+        p.eval(shared)
+        if T == 1:
+            return shared
+        return mx.concatenate([mx.full((B, T - 1, shared.shape[-1]), float("nan"), shared.dtype), shared], axis=1)
+
+    def logits_dtype(self) -> mx.Dtype:
+        """The lm_head's output dtype (the activations' dtype), known on every rank."""
+        return self.dtype

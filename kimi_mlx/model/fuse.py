@@ -113,7 +113,8 @@ def fuse_model(model) -> int:
     """Replace fusable MoE blocks in place; returns how many were fused."""
     n = 0
     shared = model.config.num_shared_experts
-    for layer in model.model.layers:
+    for i in model.owned:
+        layer = model.model.layers[i]
         if isinstance(layer.mlp, KimiMoE) and can_fuse_moe(layer.mlp):
             layer.mlp = FusedMoE(layer.mlp, shared if "shared_experts" in layer.mlp else 0)
             n += 1

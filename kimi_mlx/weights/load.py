@@ -82,11 +82,13 @@ def check_and_load(model: Model, weights: dict) -> None:
     model.load_weights(list(weights.items()), strict=False)
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | None = None, fuse: bool = True) -> Model:
+def load_model(path: str | Path, dtype: mx.Dtype | None = None, fuse: bool = True, distributed: bool = False) -> Model:
     """Load a Kimi Linear checkpoint directory: HF layout (sharded safetensors, bf16/f16/f32) or converted.
 
     dtype: cast floating weights to this dtype (None keeps the file's dtypes).
     fuse: merge matmuls for speed (model/fuse.py); False keeps the reference module structure.
+    distributed: split the layers over the ranks of mx.distributed (kimi_mlx/distributed.py); each
+        rank reads only its own tensors. A single-rank run loads the whole model as usual.
     """
     from ..demo import DEMO_NAMES, demo_dir as demo_model_dir
 
@@ -98,14 +100,31 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, fuse: bool = Tru
     if not path.is_dir():
         raise WeightsError(f"{path}: not a directory; give the checkpoint directory that holds config.json")
     cfg = ModelConfig.from_file(path)
+    pipeline = None
+    if distributed:
+        from ..distributed import setup
+
+        pipeline = setup(path, cfg.num_hidden_layers)
     weights = read_checkpoint(path)
     if is_hf_layout(weights):
         weights = hf_to_local(cfg, weights)
-    return build_model(cfg, weights, dtype, fuse)
+    return build_model(cfg, weights, dtype, fuse, pipeline)
 
 
-def build_model(cfg: ModelConfig, weights: dict, dtype: mx.Dtype | None = None, fuse: bool = True) -> Model:
-    model = Model(cfg)
+def _owned_by(model: Model, name: str) -> bool:
+    """Whether tensor `name` lives on this rank (always, without a pipeline)."""
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2]) in model.owned
+    if name.startswith("model.embed_tokens."):
+        return "embed_tokens" in model.model
+    return "norm" in model.model  # final norm and lm_head: the last rank
+
+
+def build_model(cfg: ModelConfig, weights: dict, dtype: mx.Dtype | None = None, fuse: bool = True,
+                pipeline=None) -> Model:
+    model = Model(cfg, pipeline)
+    if pipeline is not None:  # tensors of other ranks are never read: mx.load is lazy
+        weights = {k: v for k, v in weights.items() if _owned_by(model, k)}
     _quantize(model, cfg, weights)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not keep_fp32(k) else v
