@@ -97,3 +97,15 @@ def test_batch_rows_equal_single_rows(model):
 def test_state_batch_mismatch_is_an_error(model):
     with pytest.raises(ValueError):
         model(mx.array(tokens(3, batch=2)), model.new_state(1))
+
+
+def test_compiled_decode_equals_eager_decode(model):
+    toks = mx.array(tokens(12, seed=8))
+    outs = []
+    for compiled in (True, False):
+        model.compile_decode = compiled
+        state = model.new_state()
+        model(toks[:, :4], state)
+        outs.append(mx.concatenate([model(toks[:, t : t + 1], state) for t in range(4, 12)], axis=1))
+    model.compile_decode = True
+    assert rel_err(outs[0], outs[1]) <= TOL

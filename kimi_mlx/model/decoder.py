@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import KDA, MOE, ModelConfig
-from ..state import MLAState, ModelState, new_state
+from ..state import KDAState, MLAState, ModelState, new_state
 from .common import MLP, RMSNorm
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA
@@ -24,7 +24,24 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, h: mx.array, state) -> mx.array:
         h = h + self.self_attn(self.input_layernorm(h), state)
+        return self.ffn(h)
+
+    def ffn(self, h: mx.array) -> mx.array:
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def compiled_step(self):
+        """This layer's one-token step under mx.compile (fused elementwise work, fewer launches).
+
+        KDA layers compile whole: (h, conv, recurrent) -> (h, conv, recurrent). MLA layers compile the
+        FFN only, since the attention's cache grows every step.
+        """
+        if self.is_kda:
+            def step(h, conv, recurrent):
+                s = KDAState(conv, recurrent)
+                h = self(h, s)
+                return h, s.conv, s.recurrent
+            return mx.compile(step)
+        return mx.compile(self.ffn)
 
 
 class KimiLinearModel(nn.Module):
@@ -52,6 +69,8 @@ class Model(nn.Module):
         super().__init__()
         self.config = cfg
         self._pipeline = pipeline
+        self.compile_decode = True  # False: run one-token steps eagerly (the reference)
+        self._steps = None
         n = cfg.num_hidden_layers
         self.owned = pipeline.layers if pipeline else range(n)
         first, last = (pipeline.first, pipeline.last) if pipeline else (True, True)
@@ -86,13 +105,27 @@ class Model(nn.Module):
             h = self.model.embed_tokens(tokens)
         else:
             h = p.recv((*tokens.shape, self.config.hidden_size), self.dtype)
-        for i in self.owned:
-            h = self.model.layers[i](h, state.layers[i])
+        if tokens.shape[1] == 1 and self.compile_decode:
+            h = self._decode_layers(h, state)
+        else:
+            for i in self.owned:
+                h = self.model.layers[i](h, state.layers[i])
         state.offset += tokens.shape[1]
         if p is not None and not p.last:
             p.send(h)
             return None
         return self.model.norm(h)
+
+    def _decode_layers(self, h: mx.array, state: ModelState) -> mx.array:
+        if self._steps is None:
+            self._steps = {i: self.model.layers[i].compiled_step() for i in self.owned}
+        for i in self.owned:
+            layer, s, step = self.model.layers[i], state.layers[i], self._steps[i]
+            if layer.is_kda:
+                h, s.conv, s.recurrent = step(h, s.conv, s.recurrent)
+            else:
+                h = step(h + layer.self_attn(layer.input_layernorm(h), s))
+        return h
 
     def logits(self, h: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:

@@ -118,5 +118,6 @@ def fuse_model(model) -> int:
         if isinstance(layer.mlp, KimiMoE) and can_fuse_moe(layer.mlp):
             layer.mlp = FusedMoE(layer.mlp, shared if "shared_experts" in layer.mlp else 0)
             n += 1
+    model._steps = None  # compiled decode steps close over the old modules
     mx.eval(model.parameters())
     return n
