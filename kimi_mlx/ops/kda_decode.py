@@ -71,6 +71,10 @@ def kernel_supports(state: mx.array, conv_w: mx.array) -> bool:
     return state.shape[-1] % 32 == 0 and conv_w.shape[0] >= 2
 
 
+def _as(x: mx.array, dtype: mx.Dtype) -> mx.array:
+    return x if x.dtype == dtype else x.astype(dtype)  # a same-dtype astype would still copy
+
+
 def decode_step_kernel(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
     from metal_kernels import kernel
 
@@ -80,8 +84,7 @@ def decode_step_kernel(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bia
     K = conv_w.shape[0]
     rows = next(r for r in (4, 2, 1) if Dv % r == 0)
     out, state, tail = kernel("kda_decode")(
-        inputs=[qkv, conv_tail.astype(qkv.dtype), conv_w, gate_a, dt_bias, a_log, beta_logit,
-                state.astype(mx.float32)],
+        inputs=[qkv, _as(conv_tail, qkv.dtype), conv_w, gate_a, dt_bias, a_log, beta_logit, _as(state, mx.float32)],
         template=[("NH", H), ("DK", Dk), ("DV", Dv), ("KW", K)],
         grid=(32, Dv, B * H),
         threadgroup=(32, rows, 1),
