@@ -3,11 +3,17 @@
 Layouts (B = batch):
   KDAState.conv       [B, K-1, 3*H*D]   last K-1 pre-conv inputs of q|k|v, model dtype
   KDAState.recurrent  [B, H, Dv, Dk]    float32 (the transpose of fla's [B, H, Dk, Dv])
-  MLAState.cache      [B, capacity, kv_lora_rank + qk_rope_head_dim]  normed latent | k_pe
-  MLAState.length     number of valid cached tokens (rows [0, length) of cache)
+  MLAState.pages      consecutive pages of cache rows, normed latent | k_pe (W = L + pe columns):
+                      each (rows [B, P, W],) or, with cache_bits, mx.quantize's (wq, scales, biases)
+  MLAState.length     number of valid cached tokens: the first `length` rows across the pages
+
+MLA pages are allocated as the cache grows (PAGE_FIRST rows, doubling up to PAGE_MAX) and never
+copied or resized: a step writes its rows into the last page(s) with mx.slice_update, which MLX
+does in place unless a snapshot still holds that page (then it copies that one page). Setting
+`length` lower cuts the cache; later appends overwrite the rows past it.
 
 Arrays are immutable values, so a snapshot is a shallow copy: O(1), exact, and later writes
-never change it (MLX copies a buffer on write when a snapshot still holds it).
+never change it.
 """
 
 from __future__ import annotations
@@ -17,8 +23,17 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 
 from .config import KDA, ModelConfig
+from .errors import KimiError
+from .ops.attention import LatentCache
 
-MLA_CACHE_STEP = 256
+PAGE_FIRST = 256
+PAGE_MAX = 32768
+CACHE_GROUP_SIZE = 64  # quantization group along a cache row (576 = 9 groups at the real shape)
+CACHE_BITS = (0, 8, 4)  # 0 = the model dtype, unquantized
+
+
+class ContextLimitError(KimiError):
+    """A call would take the sequence past the model's context limit."""
 
 
 @dataclass
@@ -29,35 +44,113 @@ class KDAState:
     def arrays(self) -> dict[str, mx.array]:
         return {"conv": self.conv, "recurrent": self.recurrent}
 
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, mx.array]) -> "KDAState":
+        return cls(arrays["conv"], arrays["recurrent"])
+
 
 @dataclass
 class MLAState:
-    cache: mx.array | None = None
+    pages: tuple = ()  # tuple of pages; a single dense [B, n, W] array is taken as one full page
     length: int = 0
+    bits: int = 0
+    page_first: int = PAGE_FIRST
+    page_max: int = PAGE_MAX
 
-    def append(self, new: mx.array) -> mx.array:
-        """Append [B, T, W] rows; returns the valid cache [B, length, W]."""
+    def __post_init__(self):
+        if self.pages is None:
+            self.pages = ()
+        elif isinstance(self.pages, mx.array):
+            self.pages = ((self.pages,),)
+        self.pages = tuple(tuple(p) for p in self.pages)
+
+    @property
+    def capacity(self) -> int:
+        return sum(p[0].shape[1] for p in self.pages)
+
+    def append(self, new: mx.array) -> LatentCache:
+        """Append rows [B, T, W]; returns a view of the valid cache (length rows)."""
         B, T, W = new.shape
-        end = self.length + T
-        if self.cache is None or end > self.cache.shape[1]:
-            cap = ((end + MLA_CACHE_STEP - 1) // MLA_CACHE_STEP) * MLA_CACHE_STEP
-            grown = mx.zeros((B, cap, W), dtype=new.dtype)
-            if self.length:
-                grown = _write(grown, self.cache[:, : self.length], 0)
-            self.cache = grown
-        # never __setitem__: it would mutate an array a snapshot still shares
-        self.cache = _write(self.cache, new.astype(self.cache.dtype), self.length)
-        self.length = end
-        return self.cache[:, :end]
+        rows = self._encode(new)
+        pages = list(self.pages)
+        done, pos = 0, self.length
+        while done < T:
+            i, at = self._locate(pages, pos)
+            if i == len(pages):
+                size = min(self.page_first << len(pages), self.page_max)
+                pages.append(tuple(mx.zeros((B, size, *r.shape[2:]), r.dtype) for r in rows))
+            n = min(pages[i][0].shape[1] - at, T - done)
+            # never __setitem__: it would mutate an array a snapshot still shares
+            pages[i] = tuple(
+                mx.slice_update(p, r[:, done : done + n], mx.array([0, at, 0]), axes=(0, 1, 2))
+                for p, r in zip(pages[i], rows)
+            )
+            done, pos = done + n, pos + n
+        self.pages, self.length = tuple(pages), pos
+        return self.view()
+
+    def view(self) -> LatentCache:
+        valid, left = [], self.length
+        for p in self.pages:
+            if left <= 0:
+                break
+            n = min(left, p[0].shape[1])
+            valid.append(tuple(a[:, :n] for a in p))
+            left -= n
+        return LatentCache(tuple(valid), self.bits, CACHE_GROUP_SIZE)
 
     def arrays(self) -> dict[str, mx.array]:
-        if self.cache is None:
-            return {}
-        return {"cache": self.cache[:, : self.length]}
+        """The valid rows, page by page: cache.{j} (or cache.{j}.wq / .scales / .biases when quantized)."""
+        out = {}
+        for j, page in enumerate(self.view().pages):
+            if self.bits:
+                out.update({f"cache.{j}.{k}": a for k, a in zip(("wq", "scales", "biases"), page)})
+            else:
+                out[f"cache.{j}"] = page[0]
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, mx.array]) -> "MLAState":
+        """Inverse of arrays(): the pages become full pages; the next append opens a new page."""
+        n = len({k.split(".")[1] for k in arrays})
+        if any(k.endswith(".wq") for k in arrays):
+            pages = [tuple(arrays[f"cache.{j}.{k}"] for k in ("wq", "scales", "biases")) for j in range(n)]
+            wq, scales = pages[0][0], pages[0][1]
+            bits = wq.shape[-1] * 32 // (scales.shape[-1] * CACHE_GROUP_SIZE)
+        else:
+            pages, bits = [(arrays[f"cache.{j}"],) for j in range(n)], 0
+        state = cls(tuple(pages), 0, bits)
+        state.length = state.capacity
+        return state
+
+    def _encode(self, new: mx.array) -> tuple[mx.array, ...]:
+        if not self.bits:
+            dtype = self.pages[0][0].dtype if self.pages else new.dtype
+            return (new.astype(dtype),)
+        return tuple(mx.quantize(new, group_size=CACHE_GROUP_SIZE, bits=self.bits))
+
+    @staticmethod
+    def _locate(pages, pos: int) -> tuple[int, int]:
+        """(page index, row in it) of cache row pos; index len(pages) when pos is past the last page."""
+        for i, p in enumerate(pages):
+            size = p[0].shape[1]
+            if pos < size:
+                return i, pos
+            pos -= size
+        return len(pages), 0
 
 
-def _write(buf: mx.array, rows: mx.array, start: int) -> mx.array:
-    return mx.slice_update(buf, rows, mx.array([0, start, 0]), axes=(0, 1, 2))
+@dataclass(frozen=True)
+class ContextUsage:
+    used: int
+    limit: int
+
+    @property
+    def left(self) -> int:
+        return max(0, self.limit - self.used)
+
+    def __str__(self) -> str:
+        return f"{self.used:,} / {self.limit:,} tokens ({self.left:,} left)"
 
 
 @dataclass
@@ -90,7 +183,29 @@ class ModelState:
         mx.eval(list(self.arrays().values()))
 
 
-def new_state(cfg: ModelConfig, batch_size: int = 1, dtype: mx.Dtype = mx.float32) -> ModelState:
+def context_usage(state: ModelState, limit: int) -> ContextUsage:
+    """Tokens used and left in this sequence; limit is the model's config.max_position_embeddings."""
+    return ContextUsage(state.offset, limit)
+
+
+def check_context(state: ModelState, new_tokens: int, limit: int) -> None:
+    """Raise ContextLimitError (one line) if feeding new_tokens would pass the context limit."""
+    if state.offset + new_tokens > limit:
+        raise ContextLimitError(
+            f"context full: {state.offset:,} tokens used + {new_tokens:,} new would exceed the model's limit of "
+            f"{limit:,} tokens (model_max_length); start a new conversation or shorten the input"
+        )
+
+
+def new_state(cfg: ModelConfig, batch_size: int = 1, dtype: mx.Dtype = mx.float32, cache_bits: int = 0) -> ModelState:
+    """A fresh state; cache_bits 8 or 4 stores the MLA latent caches quantized (0: in dtype)."""
+    if cache_bits not in CACHE_BITS:
+        raise KimiError(f"cache_bits must be 0 (off), 8 or 4; got {cache_bits!r}")
+    if cache_bits and cfg.latent_dim % CACHE_GROUP_SIZE:
+        raise KimiError(
+            f"a quantized MLA cache needs kv_lora_rank + qk_rope_head_dim divisible by {CACHE_GROUP_SIZE}, "
+            f"got {cfg.latent_dim}; use cache_bits=0"
+        )
     layers: list[KDAState | MLAState] = []
     P = cfg.kda_num_heads * cfg.kda_head_dim
     for t in cfg.layer_types:
@@ -102,5 +217,5 @@ def new_state(cfg: ModelConfig, batch_size: int = 1, dtype: mx.Dtype = mx.float3
                 )
             )
         else:
-            layers.append(MLAState())
+            layers.append(MLAState(bits=cache_bits))
     return ModelState(layers, 0, batch_size)

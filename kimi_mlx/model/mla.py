@@ -6,11 +6,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
+from ..ops.attention import mla_attention
 from ..state import MLAState
 from .common import RMSNorm
-
-# Up to this many new tokens, attend in the absorbed (latent) form; beyond, expand K and V.
-ABSORBED_MAX_TOKENS = 16
 
 
 class KimiMLA(nn.Module):
@@ -29,24 +27,10 @@ class KimiMLA(nn.Module):
 
     def __call__(self, x: mx.array, state: MLAState) -> mx.array:
         B, T, _ = x.shape
-        H, L = self.num_heads, self.latent_rank
-        q = self.q_proj(x).reshape(B, T, H, self.nope + self.pe).transpose(0, 2, 1, 3)
-        q_nope, q_pe = q[..., : self.nope], q[..., self.nope :]
+        L = self.latent_rank
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.nope + self.pe).transpose(0, 2, 1, 3)
         ckv = self.kv_a_proj_with_mqa(x)
         latent = self.kv_a_layernorm(ckv[..., :L])
-        cache = state.append(mx.concatenate([latent, ckv[..., L:]], axis=-1))[:, None]  # [B, 1, S, L+pe]
-        mask = "causal" if T > 1 else None
-        k_up, v_up = self.k_up.astype(x.dtype), self.v_up.astype(x.dtype)
-        if T <= ABSORBED_MAX_TOKENS:
-            q_full = mx.concatenate([q_nope @ k_up, q_pe], axis=-1)  # [B, H, T, L+pe]
-            o = mx.fast.scaled_dot_product_attention(q_full, cache, cache[..., :L], scale=self.scale, mask=mask)
-            o = o @ v_up.swapaxes(-1, -2)  # [B, H, T, v]
-        else:
-            S = cache.shape[2]
-            lat = cache[..., :L]
-            k = mx.concatenate(
-                [lat @ k_up.swapaxes(-1, -2), mx.broadcast_to(cache[..., L:], (B, H, S, self.pe))], axis=-1
-            )
-            v = lat @ v_up.swapaxes(-1, -2)
-            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, H * self.v_dim))
+        cache = state.append(mx.concatenate([latent, ckv[..., L:]], axis=-1))
+        o = mla_attention(q, cache, self.k_up.astype(x.dtype), self.v_up.astype(x.dtype), self.scale)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.v_dim))

@@ -1,0 +1,296 @@
+"""MLA attention over the latent cache, in bounded memory for any cache length.
+
+The cache holds, per token, the normed latent (L values) | k_pe (pe values): W = L + pe columns.
+With per-head up-projections k_up [H, nope, L] and v_up [H, v, L], head h attends with
+  score(t, s) = (q_nope[h,t] . k_up[h] latent[s] + q_pe[h,t] . k_pe[s]) * scale
+  out[h, t]   = v_up[h] sum_s p(t, s) latent[s]
+causally: query t of a call over T new tokens sits at position S - T + t and sees keys 0..S-T+t.
+
+Two forms of the same math:
+  expanded  K = [latent k_up^T | k_pe], V = latent v_up^T per head, for the keys being read;
+  absorbed  q' = [q_nope k_up | q_pe] against the raw cache rows (one key head for all H heads),
+            values are the latent rows and v_up is applied once to the result.
+Absorbed costs H (W + L) per query-key pair, expanded H (nope + pe + v) plus H L (nope + v) per
+key per call to expand it, so absorbed wins for short calls (decode) and expanded for prefill.
+
+Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and benchmarks):
+  ref    plain attention over the whole cache: one [B, H, T, S] score array (the reference twin)
+  fused  mx.fast.scaled_dot_product_attention, taken only where the whole cache is one page and
+         one [B, H, T, S] float32 score tile fits TILE_BYTES (MLX falls back to exactly that tile
+         where no fused kernel takes these head dims)
+  tiled  queries in chunks and keys in tiles with an online softmax: at most one
+         [B, H, query_chunk, tile_keys] float32 score tile (<= TILE_BYTES) is live at a time
+Quantized caches (see LatentCache.bits) always take the tiled path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import mlx.core as mx
+
+from ..errors import ConfigError
+
+ENV = "KIMI_MLX_MLA"
+MODES = ("auto", "ref", "fused", "tiled")
+TILE_BYTES = 1 << 26  # one float32 score tile; about ten are in flight at once (benchmarks/RESULTS.md)
+MIN_TILE_KEYS = 256  # below this many keys per tile, chunk the queries instead
+
+
+@dataclass(frozen=True)
+class LatentCache:
+    """Read-only view of the valid cache rows, as consecutive pages.
+
+    Each page is (rows [B, n, W],) or, quantized, (wq, scales, biases) from mx.quantize of the rows
+    with `bits` and `group_size` (groups run along W, so each token is quantized on its own).
+    """
+
+    pages: tuple[tuple[mx.array, ...], ...]
+    bits: int = 0
+    group_size: int = 64
+
+    @property
+    def length(self) -> int:
+        return sum(p[0].shape[1] for p in self.pages)
+
+    def rows(self, page: tuple[mx.array, ...]) -> mx.array:
+        """A page's rows as a dense [B, n, W] array (dequantized if need be)."""
+        if not self.bits:
+            return page[0]
+        return mx.dequantize(*page, group_size=self.group_size, bits=self.bits)
+
+    def spans(self, stop: int, max_rows: int):
+        """(start, page-slice) pieces of at most max_rows rows covering cache rows [0, stop)."""
+        start = 0
+        for page in self.pages:
+            n = page[0].shape[1]
+            for a in range(0, min(n, stop - start), max_rows):
+                b = min(a + max_rows, n, stop - start)
+                yield start + a, tuple(x[:, a:b] for x in page)
+            start += n
+            if start >= stop:
+                return
+
+
+@dataclass(frozen=True)
+class Tiling:
+    query_chunk: int
+    tile_keys: int
+
+
+def choose_tiling(B: int, H: int, T: int, S: int, tile_bytes: int | None = None) -> Tiling:
+    """The largest tiles whose [B, H, query_chunk, tile_keys] float32 scores fit tile_bytes (TILE_BYTES)."""
+    tile_bytes = tile_bytes or TILE_BYTES
+    per_key = B * H * T * 4
+    keys = tile_bytes // per_key
+    if keys >= MIN_TILE_KEYS or keys >= S:
+        return Tiling(T, max(1, min(keys, S)))
+    keys = min(MIN_TILE_KEYS, S)
+    return Tiling(max(1, tile_bytes // (B * H * keys * 4)), keys)
+
+
+def absorbed_is_cheaper(T: int, latent: int, pe: int, nope: int, v: int) -> bool:
+    """Per call, absorbed costs T S H (W + L); expanded costs T S H (nope + pe + v) + S H L (nope + v)."""
+    W = latent + pe
+    return T * (W + latent - nope - pe - v) <= latent * (nope + v)
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ConfigError(f"{ENV}={value!r} is not one of {', '.join(MODES)}; unset it or pick one")
+    return value
+
+
+def mla_attention(q, cache: LatentCache, k_up, v_up, scale: float, *, path: str | None = None,
+                  absorbed: bool | None = None, tiling: Tiling | None = None) -> mx.array:
+    """Causal MLA attention of T new queries over the whole cache (which already holds them).
+
+    q: [B, H, T, nope + pe]; k_up: [H, nope, L]; v_up: [H, v, L].  Returns [B, H, T, v] in q's dtype.
+    path: 'ref' | 'fused' | 'tiled' (None: KIMI_MLX_MLA, then the rule in the module docstring).
+    """
+    B, H, T, _ = q.shape
+    S = cache.length
+    _, nope, L = k_up.shape
+    pe = q.shape[-1] - nope
+    if absorbed is None:
+        absorbed = absorbed_is_cheaper(T, L, pe, nope, v_up.shape[1])
+    path = path or mode()
+    if path == "auto":
+        fits = B * H * T * S * 4 <= TILE_BYTES
+        path = "fused" if fits and len(cache.pages) == 1 and not cache.bits else "tiled"
+    if path == "ref":
+        return mla_attention_ref(q, mx.concatenate([cache.rows(p) for p in cache.pages], axis=1), k_up, v_up, scale)
+    if path == "fused":
+        if cache.bits:
+            raise ValueError("the fused path reads a dense cache; quantized caches take the tiled path")
+        return _fused(q, mx.concatenate([p[0] for p in cache.pages], axis=1), k_up, v_up, scale, absorbed)
+    if path != "tiled":
+        raise ValueError(f"unknown MLA attention path {path!r}")
+    return _tiled(q, cache, k_up, v_up, scale, absorbed, tiling or choose_tiling(B, H, T, S))
+
+
+def mla_attention_ref(q, rows, k_up, v_up, scale: float) -> mx.array:
+    """Plain expanded attention over dense cache rows [B, S, W]: the reference twin."""
+    B, H, T, _ = q.shape
+    S = rows.shape[1]
+    nope, L = k_up.shape[1], k_up.shape[2]
+    f32 = mx.float32
+    lat = rows[:, None, :, :L].astype(f32)
+    k = lat @ k_up.astype(f32).swapaxes(-1, -2)  # [B, H, S, nope]
+    v = lat @ v_up.astype(f32).swapaxes(-1, -2)  # [B, H, S, v]
+    qf = q.astype(f32)
+    s = qf[..., :nope] @ k.swapaxes(-1, -2) + qf[..., nope:] @ rows[:, None, :, L:].astype(f32).swapaxes(-1, -2)
+    visible = mx.arange(S)[None, :] <= (S - T + mx.arange(T))[:, None]
+    s = mx.where(visible, s * scale, -mx.inf)
+    return (mx.softmax(s, axis=-1) @ v).astype(q.dtype)
+
+
+def _absorb(q, k_up):
+    """[q_nope k_up | q_pe]: [B, H, T, L + pe]."""
+    nope = k_up.shape[1]
+    return mx.concatenate([q[..., :nope] @ k_up, q[..., nope:]], axis=-1)
+
+
+def _fused(q, rows, k_up, v_up, scale, absorbed):
+    B, H, T, _ = q.shape
+    S = rows.shape[1]
+    nope, L = k_up.shape[1], k_up.shape[2]
+    mask = "causal" if T > 1 else None
+    if absorbed:
+        cache = rows[:, None]
+        o = mx.fast.scaled_dot_product_attention(_absorb(q, k_up), cache, cache[..., :L], scale=scale, mask=mask)
+        return o @ v_up.swapaxes(-1, -2)
+    lat = rows[:, None, :, :L]
+    k = mx.concatenate(
+        [lat @ k_up.swapaxes(-1, -2), mx.broadcast_to(rows[:, None, :, L:], (B, H, S, rows.shape[-1] - L))], axis=-1
+    )
+    return mx.fast.scaled_dot_product_attention(q, k, lat @ v_up.swapaxes(-1, -2), scale=scale, mask=mask)
+
+
+class _Absorbed:
+    """Scores and values against raw cache rows (quantized rows are read by quantized_matmul)."""
+
+    def __init__(self, q, cache: LatentCache, k_up, v_up, scale):
+        self.cache, self.v_up, self.L = cache, v_up, k_up.shape[2]
+        self.qa = _absorb(q, k_up) * scale  # [B, H, T, W], pre-scaled like MLX's SDPA does
+
+    def queries(self, t0, t1):
+        B, H, _, W = self.qa.shape
+        self.q2 = self.qa[:, :, t0:t1].reshape(B, H * (t1 - t0), W)
+        self.shape = (B, H, t1 - t0)
+
+    def scores(self, span):
+        """(scores [B, H, t, n] in the cache dtype, what values() needs of this span)."""
+        if self.cache.bits:
+            s = mx.quantized_matmul(self.q2, *span, transpose=True, group_size=self.cache.group_size,
+                                    bits=self.cache.bits)
+        else:
+            s = self.q2 @ span[0].swapaxes(-1, -2)
+        return s.reshape(*self.shape, -1), span
+
+    def values(self, p, span):
+        p = p.reshape(p.shape[0], -1, p.shape[-1]).astype(self.qa.dtype)
+        if self.cache.bits:
+            o = mx.quantized_matmul(p, *span, transpose=False, group_size=self.cache.group_size, bits=self.cache.bits)
+        else:
+            o = p @ span[0]  # full W columns: no strided copy of the latent part; k_pe columns are dropped
+        return o[..., : self.L].reshape(*self.shape, self.L)
+
+    def finish(self, o):
+        return o.astype(self.qa.dtype) @ self.v_up.swapaxes(-1, -2)
+
+
+class _Expanded:
+    """Scores and values against per-head K and V expanded from each span of the cache."""
+
+    def __init__(self, q, cache: LatentCache, k_up, v_up, scale):
+        self.q, self.cache, self.k_up, self.v_up = q * scale, cache, k_up, v_up
+        self.nope, self.L = k_up.shape[1], k_up.shape[2]
+
+    def queries(self, t0, t1):
+        B, H, _, _ = self.q.shape
+        qc = self.q[:, :, t0:t1]
+        self.q_nope = qc[..., : self.nope]
+        self.q_pe = qc[..., self.nope :].reshape(B, H * (t1 - t0), -1)
+        self.shape = (B, H, t1 - t0)
+
+    def scores(self, span):
+        rows = self.cache.rows(span)
+        lat = rows[:, None, :, : self.L]
+        k = lat @ self.k_up.swapaxes(-1, -2)
+        s_pe = (self.q_pe @ rows[..., self.L :].swapaxes(-1, -2)).reshape(*self.shape, -1)
+        return mx.addmm(s_pe, self.q_nope, k.swapaxes(-1, -2)), lat
+
+    def values(self, p, lat):
+        v = lat @ self.v_up.swapaxes(-1, -2)
+        return p.astype(v.dtype) @ v
+
+    def finish(self, o):
+        return o.astype(self.q.dtype)
+
+
+def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling):
+    """Online softmax over key tiles, query chunk by query chunk; float32 running max, sum and output."""
+    B, H, T, _ = q.shape
+    S = cache.length
+    form = (_Absorbed if absorbed else _Expanded)(q, cache, k_up, v_up, scale)
+    outs = []
+    for t0 in range(0, T, tiling.query_chunk):
+        t1 = min(T, t0 + tiling.query_chunk)
+        form.queries(t0, t1)
+        first_q, last_q = S - T + t0, S - T + t1 - 1  # absolute positions of this chunk's queries
+        q_pos = mx.arange(first_q, last_q + 1)[:, None]
+        m = l = acc = None
+        spans = list(cache.spans(last_q + 1, tiling.tile_keys))
+        for tile in _group(spans, tiling.tile_keys):
+            # read this tile only after the previous one is folded in, so one tile is live at a time
+            after = [acc, l] if m is not None else outs[-1:]
+            if after:
+                tile = [(start, tuple(mx.depends(list(span), after))) for start, span in tile]
+            parts, ctxs = zip(*(form.scores(span) for _, span in tile))
+            s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)  # cache dtype
+            k0 = tile[0][0]
+            k1 = k0 + s.shape[-1]
+            if k1 - 1 > first_q:  # some key lies after some query of this chunk
+                s = mx.where(mx.arange(k0, k1)[None, :] <= q_pos, s, -mx.inf)
+            m_tile = s.max(-1, keepdims=True).astype(mx.float32)
+            m_new = m_tile if m is None else mx.maximum(m, m_tile)
+            p = _probs(s, m_new)
+            pv, off = None, 0
+            for part_s, ctx in zip(parts, ctxs):
+                n = part_s.shape[-1]
+                part = form.values(p[..., off : off + n], ctx).astype(mx.float32)
+                pv = part if pv is None else pv + part
+                off += n
+            if m is None:
+                l, acc = p.sum(-1, keepdims=True), pv
+            else:
+                alpha = mx.exp(m - m_new)
+                l = l * alpha + p.sum(-1, keepdims=True)
+                acc = acc * alpha + pv
+            m = m_new
+        outs.append(form.finish(acc / l))
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
+@partial(mx.compile, shapeless=True)
+def _probs(s, m):
+    """exp(s - m) in float32, one fused pass over the score tile."""
+    return mx.exp(s.astype(mx.float32) - m)
+
+
+def _group(spans, tile_keys):
+    """Consecutive spans grouped into tiles of at most tile_keys keys."""
+    tile, n = [], 0
+    for start, span in spans:
+        rows = span[0].shape[1]
+        if tile and n + rows > tile_keys:
+            yield tile
+            tile, n = [], 0
+        tile.append((start, span))
+        n += rows
+    if tile:
+        yield tile

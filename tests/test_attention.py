@@ -1,0 +1,134 @@
+"""MLA attention paths (tiled online softmax, fused, quantized cache) against the plain reference twin."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from kimi_mlx.ops import attention as A
+from kimi_mlx.ops.attention import Tiling, choose_tiling, mla_attention, mla_attention_ref
+from kimi_mlx.state import MLAState
+
+H, NOPE, PE, L, V = 3, 12, 6, 20, 10
+SCALE = (NOPE + PE) ** -0.5
+
+
+def inputs(B, T, S, seed=0, latent=L, pe=PE):
+    r = np.random.default_rng(seed)
+    rows = mx.array(r.normal(size=(B, S, latent + pe)).astype(np.float32))
+    q = mx.array(r.normal(size=(B, H, T, NOPE + pe)).astype(np.float32))
+    k_up = mx.array(r.normal(0, 0.4, size=(H, NOPE, latent)).astype(np.float32))
+    v_up = mx.array(r.normal(size=(H, V, latent)).astype(np.float32))
+    return rows, q, k_up, v_up
+
+
+def paged(rows, T, page_first=8, page_max=32, bits=0):
+    """The cache as the model builds it: earlier rows, then this call's T rows."""
+    st = MLAState(bits=bits, page_first=page_first, page_max=page_max)
+    S = rows.shape[1]
+    if S > T:
+        st.append(rows[:, : S - T])
+    return st.append(rows[:, S - T :])
+
+
+def err(a, b):
+    return float(mx.abs(a - b).max())
+
+
+# T, S, tilings: lengths straddle tile and page sizes (pages 8, 16, 32, 32, ...)
+CASES = [
+    (1, 1), (1, 9), (1, 57), (4, 57), (8, 8), (31, 33), (33, 33), (64, 65), (100, 120),
+]
+
+
+@pytest.mark.parametrize("absorbed", [False, True], ids=["expanded", "absorbed"])
+@pytest.mark.parametrize("T,S", CASES)
+def test_tiled_equals_plain(T, S, absorbed):
+    rows, q, k_up, v_up = inputs(2, T, S, seed=T * 1000 + S)
+    ref = mla_attention_ref(q, rows, k_up, v_up, SCALE)
+    cache = paged(rows, T)
+    for tiling in (Tiling(T, 7), Tiling(T, 16), Tiling(5, 8), Tiling(1, 1), Tiling(T, 4096)):
+        out = mla_attention(q, cache, k_up, v_up, SCALE, path="tiled", absorbed=absorbed, tiling=tiling)
+        assert out.shape == (2, H, T, V)
+        assert err(out, ref) < 2e-5, tiling
+
+
+@pytest.mark.parametrize("absorbed", [False, True], ids=["expanded", "absorbed"])
+@pytest.mark.parametrize("T,S", [(1, 40), (6, 40), (40, 40)])
+def test_fused_and_auto_equal_plain(T, S, absorbed):
+    rows, q, k_up, v_up = inputs(2, T, S, seed=S + T)
+    ref = mla_attention_ref(q, rows, k_up, v_up, SCALE)
+    one_page = paged(rows, T, page_first=64, page_max=64)
+    assert len(one_page.pages) == 1
+    assert err(mla_attention(q, one_page, k_up, v_up, SCALE, path="fused", absorbed=absorbed), ref) < 2e-5
+    for cache in (one_page, paged(rows, T)):
+        assert err(mla_attention(q, cache, k_up, v_up, SCALE, path="auto"), ref) < 2e-5
+        assert err(mla_attention(q, cache, k_up, v_up, SCALE, path="ref"), ref) == 0
+
+
+def test_fused_is_taken_only_for_one_dense_page_that_fits(monkeypatch):
+    rows, q, k_up, v_up = inputs(1, 4, 40)
+    taken = []
+    monkeypatch.setattr(A, "_fused", lambda *a: taken.append("fused") or mla_attention_ref(*a[:5]))
+    monkeypatch.setattr(A, "_tiled", lambda *a: taken.append("tiled") or mla_attention_ref(q, rows, k_up, v_up, SCALE))
+    mla_attention(q, paged(rows, 4, page_first=64, page_max=64), k_up, v_up, SCALE)
+    mla_attention(q, paged(rows, 4), k_up, v_up, SCALE)  # several pages
+    monkeypatch.setattr(A, "TILE_BYTES", 1 * H * 4 * 40 * 4 - 1)  # one byte short of the whole score array
+    mla_attention(q, paged(rows, 4, page_first=64, page_max=64), k_up, v_up, SCALE)
+    assert taken == ["fused", "tiled", "tiled"]
+
+
+def test_env_override(monkeypatch):
+    monkeypatch.setenv(A.ENV, "bogus")
+    with pytest.raises(A.ConfigError, match=A.ENV):
+        A.mode()
+    monkeypatch.setenv(A.ENV, "ref")
+    assert A.mode() == "ref"
+
+
+@pytest.mark.parametrize("B,H_,T,S", [(1, 32, 2048, 1 << 20), (1, 32, 1, 1 << 20), (2, 32, 16384, 1 << 20),
+                                      (1, 32, 1 << 20, 1 << 20), (1, 3, 5, 7)])
+def test_tiling_fits_the_budget(B, H_, T, S):
+    t = choose_tiling(B, H_, T, S)
+    assert 1 <= t.query_chunk <= T and 1 <= t.tile_keys <= S
+    assert B * H_ * t.query_chunk * t.tile_keys * 4 <= A.TILE_BYTES
+    assert t.tile_keys >= min(S, A.MIN_TILE_KEYS)
+
+
+def test_absorbed_choice_follows_the_cost_model():
+    # real shape: absorbed for decode and short calls, expanded for prefill steps
+    assert A.absorbed_is_cheaper(1, 512, 64, 128, 128)
+    assert A.absorbed_is_cheaper(170, 512, 64, 128, 128)
+    assert not A.absorbed_is_cheaper(171, 512, 64, 128, 128)
+    assert not A.absorbed_is_cheaper(2048, 512, 64, 128, 128)
+
+
+def test_tiled_working_set_does_not_grow_with_the_cache():
+    """Peak memory of one tiled call stays put as the cache grows 4x, far below one full score array."""
+    peaks = []
+    for S in (2048, 8192):
+        rows, q, k_up, v_up = inputs(1, 256, S, seed=1)
+        cache = paged(rows, 256, page_first=256, page_max=1024)
+        mx.eval(q, k_up, v_up, [p for page in cache.pages for p in page])
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(mla_attention(q, cache, k_up, v_up, SCALE, path="tiled", tiling=Tiling(256, 64)))
+        peaks.append(mx.get_peak_memory() - base)
+    full_scores = 1 * H * 256 * 8192 * 4
+    assert peaks[1] < 1.25 * peaks[0] + (1 << 20), peaks
+    assert peaks[1] < full_scores / 4, peaks
+
+
+@pytest.mark.parametrize("bits,tol", [(8, 0.04), (4, 0.45)])  # sharp random attention; model-level bounds: test_long_context
+@pytest.mark.parametrize("absorbed", [False, True], ids=["expanded", "absorbed"])
+def test_quantized_cache(bits, tol, absorbed):
+    """Exact against the reference on the dequantized rows; within tol of the unquantized cache."""
+    T, S, latent, pe = 5, 70, 58, 6  # W = 64: one quantization group per row
+    rows, q, k_up, v_up = inputs(2, T, S, seed=bits, latent=latent, pe=pe)
+    cache = paged(rows, T, bits=bits)
+    dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)
+    out = mla_attention(q, cache, k_up, v_up, SCALE, absorbed=absorbed, tiling=Tiling(T, 16))
+    assert err(out, mla_attention_ref(q, dq, k_up, v_up, SCALE)) < 2e-5
+    exact = mla_attention_ref(q, rows, k_up, v_up, SCALE)
+    assert err(out, exact) / float(mx.abs(exact).max()) < tol
+    assert err(out, exact) > 0  # it really is quantized
