@@ -67,6 +67,40 @@ def generate(
         typer.echo(stats_line(last), err=True)
 
 
+from .server import ServeOptions as S, format_bytes  # noqa: E402
+
+
+@app.command()
+def serve(
+    model: Model = "demo",
+    host: str = typer.Option(S.host, "--host", help="address to listen on (loopback by default)"),
+    port: int = typer.Option(S.port, "--port"),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="KIMI_MLX_API_KEY",
+                                       help="require 'Authorization: Bearer KEY' on /v1/*"),
+    max_queue: int = typer.Option(S.max_queue, "--max-queue", help="requests that may wait; more get 503"),
+    prefix_cache_bytes: str = typer.Option(format_bytes(S.prefix_cache_bytes), "--prefix-cache-bytes",
+                                           help="memory for prefix-state snapshots (e.g. 512MiB, 8GiB; 0 = off)"),
+    snapshot_interval: int = typer.Option(S.snapshot_interval, "--snapshot-interval",
+                                          help="also snapshot every this many prompt tokens"),
+    prefill_step_size: PrefillStepSize = D.prefill_step_size,
+    max_body_bytes: str = typer.Option(format_bytes(S.max_body_bytes), "--max-body-bytes",
+                                       help="largest request body accepted"),
+    allowed_origin: list[str] | None = typer.Option(None, "--allowed-origin",
+                                                    help="enable CORS for this origin (repeatable; off by default)"),
+    log_level: str = typer.Option(S.log_level, "--log-level"),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output)."""
+    from .server import parse_bytes, serve as run_server
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use the model",
+                   err=True)
+    opts = S(host, port, api_key, max_queue, parse_bytes(prefix_cache_bytes, "--prefix-cache-bytes"),
+             snapshot_interval, prefill_step_size, parse_bytes(max_body_bytes, "--max-body-bytes"),
+             tuple(allowed_origin or ()), log_level)
+    run_server(model, opts)
+
+
 @app.command()
 def doctor():
     """Print the device and active fast paths; check each fast path against its reference here."""

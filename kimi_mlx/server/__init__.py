@@ -1,0 +1,72 @@
+"""`kimi-mlx serve`: a local OpenAI-compatible server with prefix-state reuse across turns.
+
+Modules: app (routes, auth, SSE), schemas (request bodies), requests (request -> TurnSpec),
+openai_format (response objects), worker (the model's one owner), prefix_cache (state snapshots by
+token prefix), tools (Kimi tool-call parsing), constrain (llguidance grammars), errors (error objects).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServeOptions:
+    """`kimi-mlx serve` flags with their defaults, in one place."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queue: int = 64
+    prefix_cache_bytes: int = 4 << 30
+    snapshot_interval: int = 2048
+    prefill_step_size: int = 2048
+    max_body_bytes: int = 64 << 20
+    allowed_origins: tuple[str, ...] = ()
+    log_level: str = "info"
+
+
+def build_app(model: str, opts: ServeOptions):
+    """Load `model` (directory, hub repo id or 'demo') and make its app (the engine starts with the app)."""
+    from pathlib import Path
+
+    from ..loading import load
+    from .app import ServerSettings, create_app
+    from .worker import Engine, EngineSettings
+
+    m, tok = load(model)
+    engine = Engine(m, tok, EngineSettings(opts.max_queue, opts.prefix_cache_bytes, opts.snapshot_interval,
+                                           opts.prefill_step_size))
+    model_id = model if model.count("/") == 1 and not Path(model).exists() else Path(model).name or model
+    settings = ServerSettings(model_id, {model}, opts.api_key, list(opts.allowed_origins), opts.max_body_bytes)
+    return create_app(engine, settings)
+
+
+def serve(model: str, opts: ServeOptions) -> None:
+    import uvicorn
+
+    app = build_app(model, opts)
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level=opts.log_level, timeout_graceful_shutdown=5)
+
+
+def parse_bytes(text: str, flag: str) -> int:
+    """'4GiB', '512MiB', '2GB', '1000' -> bytes."""
+    from ..errors import KimiError
+
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abgikm")
+    try:
+        value = float(num) * units[s[len(num):]]
+    except (ValueError, KeyError):
+        raise KimiError(f"{flag} {text!r}: expected a size such as 4GiB, 512MiB or 1000000") from None
+    if value < 0:
+        raise KimiError(f"{flag} {text!r}: must not be negative")
+    return int(value)
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)

@@ -1,0 +1,110 @@
+"""Constrained decoding with llguidance: JSON output (json_object, json_schema) and forced tool calls.
+
+A grammar becomes a logits processor that masks every token the grammar forbids at this step and
+advances its matcher by each generated token; at the grammar's end only the stop token is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import mlx.core as mx
+import numpy as np
+
+# compact JSON with the usual separators unless a schema's own "x-guidance" says otherwise
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class GrammarError(ValueError):
+    """The grammar (a JSON schema or the tools' parameters) cannot be enforced."""
+
+
+class Grammars:
+    """Builds and checks grammars against one tokenizer (its llguidance twin is made once, lazily)."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._ll = None
+        self._lock = threading.Lock()
+
+    def ll_tokenizer(self):
+        with self._lock:
+            if self._ll is None:
+                from llguidance.tiktoken import lltokenizer_from_encoding
+
+                self._ll = lltokenizer_from_encoding(self.tokenizer.encoding, n_vocab=self.vocab_size,
+                                                     eos_token=self.tokenizer.im_end_id)
+            return self._ll
+
+    def json_schema(self, schema: dict) -> str:
+        from llguidance import LLMatcher
+
+        try:
+            grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
+        except ValueError as e:
+            raise GrammarError(str(e)) from None
+        return self.checked(grammar)
+
+    def lark(self, text: str) -> str:
+        from llguidance import LLMatcher
+
+        try:
+            grammar = LLMatcher.grammar_from_lark(text)
+        except ValueError as e:
+            raise GrammarError(str(e)) from None
+        return self.checked(grammar)
+
+    def checked(self, grammar: str) -> str:
+        from llguidance import LLMatcher
+
+        is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.ll_tokenizer())
+        if is_error or messages:  # warnings name unsupported schema keywords: refuse rather than ignore
+            raise GrammarError("; ".join(messages) or "invalid grammar")
+        return grammar
+
+    def processor(self, grammar: str) -> "GrammarProcessor":
+        from llguidance import LLMatcher
+
+        return GrammarProcessor(LLMatcher(self.ll_tokenizer(), grammar), self.vocab_size,
+                                self.tokenizer.im_end_id)
+
+
+class GrammarProcessor:
+    """(tokens, logits [1, V]) -> logits with forbidden ids at -inf. `tokens` is context + generated so far."""
+
+    def __init__(self, matcher, vocab_size: int, stop_id: int):
+        from llguidance.numpy import allocate_token_bitmask
+
+        self.matcher, self.vocab_size, self.stop_id = matcher, vocab_size, stop_id
+        self.mask = allocate_token_bitmask(1, vocab_size)
+        self.seen: int | None = None
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        from llguidance.numpy import fill_next_token_bitmask
+
+        n = tokens.size
+        if self.seen is not None and n > self.seen:
+            for t in tokens[self.seen :].tolist():
+                self.matcher.consume_token(int(t))
+        self.seen = n
+        if self.matcher.is_error():
+            allowed = np.zeros(self.vocab_size, bool)
+            allowed[self.stop_id] = True
+        else:
+            fill_next_token_bitmask(self.matcher, self.mask)
+            allowed = np.unpackbits(self.mask[0].view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
+        allowed = mx.array(allowed)
+        if logits.shape[-1] > self.vocab_size:
+            allowed = mx.concatenate([allowed, mx.zeros(logits.shape[-1] - self.vocab_size, mx.bool_)])
+        return mx.where(allowed, logits, mx.array(-mx.inf, logits.dtype))
+
+
+def ban_tokens(ids: list[int]):
+    """A logits processor that never lets `ids` be drawn (tool_choice "none" bans the tool-call section)."""
+    idx = mx.array(ids)
+
+    def apply(tokens: mx.array, logits: mx.array) -> mx.array:
+        return logits.at[:, idx].add(mx.array(-mx.inf, logits.dtype))
+
+    return apply
