@@ -65,16 +65,19 @@ def test_fused_and_auto_equal_plain(T, S, absorbed):
         assert err(mla_attention(q, cache, k_up, v_up, SCALE, path="ref"), ref) == 0
 
 
-def test_fused_is_taken_only_for_one_dense_page_that_fits(monkeypatch):
-    rows, q, k_up, v_up = inputs(1, 4, 40)
+def test_fused_is_taken_only_for_one_dense_page_that_fits_in_expanded_form(monkeypatch):
+    T = 30  # above the absorbed/expanded crossover (24 at these dims)
+    rows, q, k_up, v_up = inputs(1, T, 40)
     taken = []
-    monkeypatch.setattr(A, "_fused", lambda *a: taken.append("fused") or mla_attention_ref(*a[:5]))
-    monkeypatch.setattr(A, "_tiled", lambda *a: taken.append("tiled") or mla_attention_ref(q, rows, k_up, v_up, SCALE))
-    mla_attention(q, paged(rows, 4, page_first=64, page_max=64), k_up, v_up, SCALE)
-    mla_attention(q, paged(rows, 4), k_up, v_up, SCALE)  # several pages
-    monkeypatch.setattr(A, "TILE_BYTES", 1 * H * 4 * 40 * 4 - 1)  # one byte short of the whole score array
-    mla_attention(q, paged(rows, 4, page_first=64, page_max=64), k_up, v_up, SCALE)
-    assert taken == ["fused", "tiled", "tiled"]
+    monkeypatch.setattr(A, "_fused", lambda *a: taken.append("fused"))
+    monkeypatch.setattr(A, "_tiled", lambda *a: taken.append("tiled"))
+    one_page = paged(rows, T, page_first=64, page_max=64)
+    mla_attention(q, one_page, k_up, v_up, SCALE)
+    mla_attention(q, paged(rows, T), k_up, v_up, SCALE)  # several pages
+    mla_attention(q[:, :, -4:], one_page, k_up, v_up, SCALE)  # 4 queries: absorbed form
+    monkeypatch.setattr(A, "TILE_BYTES", 1 * H * T * 40 * 4 - 1)  # one byte short of the whole score array
+    mla_attention(q, one_page, k_up, v_up, SCALE)
+    assert taken == ["fused", "tiled", "tiled", "tiled"]
 
 
 def test_env_override(monkeypatch):

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import KDA, MOE, ModelConfig
-from ..state import KDAState, MLAState, ModelState, new_state
+from ..state import KDAState, MLAState, ModelState, check_context, new_state
 from .common import MLP, RMSNorm
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA
@@ -86,8 +86,9 @@ class Model(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.model.layers[self.owned[0]].input_layernorm.weight.dtype
 
-    def new_state(self, batch_size: int = 1) -> ModelState:
-        state = new_state(self.config, batch_size, self.dtype)
+    def new_state(self, batch_size: int = 1, cache_bits: int = 0) -> ModelState:
+        """A fresh state; cache_bits 8 or 4 quantizes the MLA latent caches (see state.py)."""
+        state = new_state(self.config, batch_size, self.dtype, cache_bits)
         if self._pipeline:  # keep only this rank's layers' state
             state.layers = [s if i in self.owned else MLAState() for i, s in enumerate(state.layers)]
         return state
@@ -100,6 +101,7 @@ class Model(nn.Module):
             state = self.new_state(tokens.shape[0])
         elif state.batch_size != tokens.shape[0]:
             raise ValueError(f"state holds batch {state.batch_size}, tokens have batch {tokens.shape[0]}")
+        check_context(state, tokens.shape[1], self.config.max_position_embeddings)
         p = self._pipeline
         if p is None or p.first:
             h = self.model.embed_tokens(tokens)

@@ -15,9 +15,11 @@ key per call to expand it, so absorbed wins for short calls (decode) and expande
 
 Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and benchmarks):
   ref    plain attention over the whole cache: one [B, H, T, S] score array (the reference twin)
-  fused  mx.fast.scaled_dot_product_attention, taken only where the whole cache is one page and
-         one [B, H, T, S] float32 score tile fits TILE_BYTES (MLX falls back to exactly that tile
-         where no fused kernel takes these head dims)
+  fused  mx.fast.scaled_dot_product_attention in the expanded form, taken only where the whole
+         cache is one page and one [B, H, T, S] float32 score tile fits TILE_BYTES (MLX falls back
+         to exactly that tile where no fused kernel takes these head dims). The absorbed form never
+         takes it: SDPA broadcasts the one key head to all H query heads, while the tiled path folds
+         the heads into query rows of one matmul (measured 6x faster on an H200, RESULTS.md).
   tiled  queries in chunks and keys in tiles with an online softmax: at most one
          [B, H, query_chunk, tile_keys] float32 score tile (<= TILE_BYTES) is live at a time
 Quantized caches (see LatentCache.bits) always take the tiled path.
@@ -120,7 +122,7 @@ def mla_attention(q, cache: LatentCache, k_up, v_up, scale: float, *, path: str 
     path = path or mode()
     if path == "auto":
         fits = B * H * T * S * 4 <= TILE_BYTES
-        path = "fused" if fits and len(cache.pages) == 1 and not cache.bits else "tiled"
+        path = "fused" if fits and not absorbed and len(cache.pages) == 1 and not cache.bits else "tiled"
     if path == "ref":
         return mla_attention_ref(q, mx.concatenate([cache.rows(p) for p in cache.pages], axis=1), k_up, v_up, scale)
     if path == "fused":
