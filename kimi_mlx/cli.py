@@ -67,6 +67,37 @@ def generate(
         typer.echo(stats_line(last), err=True)
 
 
+@app.command()
+def chat(
+    model: Model = "demo",
+    system: System = None,
+    session: str = typer.Option(None, "--session", help="resume a conversation saved with /save"),
+    max_tokens: MaxTokens = D.max_tokens,
+    temperature: Temperature = D.temperature,
+    top_p: TopP = D.top_p,
+    top_k: TopK = D.top_k,
+    min_p: MinP = D.min_p,
+    repetition_penalty: RepetitionPenalty = D.repetition_penalty,
+    repetition_context_size: RepetitionContext = D.repetition_context_size,
+    presence_penalty: PresencePenalty = D.presence_penalty,
+    frequency_penalty: FrequencyPenalty = D.frequency_penalty,
+    logit_bias: LogitBias = None,
+    seed: Seed = None,
+    stop: Stop = None,
+    prefill_step_size: PrefillStepSize = D.prefill_step_size,
+):
+    """Chat in the terminal; the model state is kept across turns (/help inside lists the commands)."""
+    from .chat import run_chat
+
+    opts = generation_options(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed,
+        stop=stop, prefill_step_size=prefill_step_size,
+    )
+    run_chat(model, opts, system, session)
+
+
 from .server import ServeOptions as S, format_bytes  # noqa: E402
 
 

@@ -71,27 +71,27 @@ class ChatSession:
 
     # -- turns ---------------------------------------------------------------------------------
     def send(self, text: str, role: str = "user", progress: Progress | None = None, **options) -> Iterator[Response]:
-        """Add a message (user, or tool for a tool result) and stream the reply."""
+        """Add a message (user, or tool for a tool result) and stream the reply.
+
+        Like regenerate and edit_last, it checks its arguments at once but changes nothing until iterated.
+        """
         self._finish_active()
-        return self._start([Message(role, text)], progress, options, retry=False)
+        return self._start(self._messages + [Message(role, text)], progress, options, retry=False)
 
     def regenerate(self, progress: Progress | None = None, **options) -> Iterator[Response]:
         """Drop the last reply and stream a new one (a fresh draw when sampling)."""
         self._finish_active()
         if not self._messages or self._messages[-1].role != "assistant":
             raise KimiError("nothing to regenerate: the last message is not a reply")
-        self._messages.pop()
-        return self._start([], progress, options, retry=True)
+        return self._start(self._messages[:-1], progress, options, retry=True)
 
     def edit_last(self, text: str, progress: Progress | None = None, **options) -> Iterator[Response]:
         """Replace the last user message (dropping its reply) and stream a new reply."""
         self._finish_active()
-        if self._messages and self._messages[-1].role == "assistant":
-            self._messages.pop()
-        if not self._messages or self._messages[-1].role != "user":
+        msgs = self._messages[:-1] if self._messages and self._messages[-1].role == "assistant" else self._messages
+        if not msgs or msgs[-1].role != "user":
             raise KimiError("nothing to edit: there is no user message")
-        old = self._messages.pop()
-        return self._start([Message(old.role, text)], progress, options, retry=False)
+        return self._start(msgs[:-1] + [Message("user", text)], progress, options, retry=False)
 
     def undo(self) -> None:
         """Remove the last exchange (reply and the message before it); the state follows on the next turn."""
@@ -103,8 +103,9 @@ class ChatSession:
         if self._messages and self._messages[-1].role != "system":
             self._messages.pop()
 
-    def _start(self, new: list[Message], progress, options, retry: bool) -> Iterator[Response]:
-        gen = self._reply(new, progress, self.options.updated(**options) if options else self.options, retry)
+    def _start(self, messages: list[Message], progress, options, retry: bool) -> Iterator[Response]:
+        opts = self.options.updated(**options) if options else self.options
+        gen = self._reply(messages, progress, opts, retry)
         self._active = gen
         return gen
 
@@ -113,9 +114,9 @@ class ChatSession:
         if active is not None:
             active.close()
 
-    def _reply(self, new: list[Message], progress, opts: GenerationOptions, retry: bool) -> Iterator[Response]:
-        n_before = len(self._messages)
-        self._messages.extend(new)
+    def _reply(self, messages: list[Message], progress, opts: GenerationOptions, retry: bool) -> Iterator[Response]:
+        """Stream the reply to `messages` (which become the conversation) and close the turn."""
+        before, self._messages = self._messages, list(messages)
         self._retries = self._retries + 1 if retry else 0
         try:
             target = self._target(add_generation_prompt=True)
@@ -136,7 +137,7 @@ class ChatSession:
             self._close_reply(gen)
             raise
         except BaseException:
-            del self._messages[n_before:]
+            self._messages = before
             self._restore_consistent()
             raise
         else:

@@ -111,6 +111,9 @@ def test_undo_regenerate_edit_equal_fresh_computation(demo):
     rs = list(s.edit_last("second, edited"))
     edited = [r.token for r in rs][: len(rs) - (rs[-1].token in (tok.im_end_id, tok.eos_id))]
     check_turn(model, tok, s, rs, [("first", ids1), ("second, edited", edited)])
+    before = s.messages
+    s.regenerate(), s.edit_last("never sent"), s.send("never sent")  # not iterated: nothing changes
+    assert s.messages == before
     s.undo()
     s.undo()
     rs, new = reply(s, "fresh start")
