@@ -5,8 +5,10 @@
 
 Each path starts from the same raw inputs (q, k, v, gate pre-activation a, beta logit b, A_log,
 dt_bias, state) and does its own q/k L2 norms, gates and recurrence:
-  kimi-mlx   chunked prefill (kimi_mlx/ops/kda_chunked.py) for T > 1; for T = 1 the fused decode
-             step (Metal/CUDA kernel on a GPU, compiled ops on CPU), which also does the short conv
+  kimi-mlx   on a GPU: chunked prefill with the scan across chunks as one kernel, and the fused
+             decode kernel, which also does the short conv (KIMI_MLX_KDA=kernel)
+  kimi-mlx ops   chunked prefill and the fused decode step in ops only (KIMI_MLX_KDA=chunked;
+             the path on CPU)
   mlx-lm     mlx_lm.models.gated_delta.gated_delta_update with KDA's per-channel gate (a Metal
              kernel on Apple GPUs; a per-token loop of ops elsewhere)
   mx.fast    mx.fast.gated_delta_update: a per-HEAD scalar gate only, so it computes a cheaper,
@@ -40,9 +42,11 @@ def inputs(T, seed=0):
     return x
 
 
-def ours(x):
+def kda_call(x):
+    """The model's KDA call (dispatcher: KIMI_MLX_KDA picks the path)."""
     g = -mx.exp(x["a_log"])[:, None] * kda_ops.softplus(x["a"] + x["dt_bias"].reshape(H, D))
     return kda_ops.kda(x["q"], x["k"], x["v"], g, mx.sigmoid(x["b"]), x["state"])
+
 
 
 def mlx_lm(x):
@@ -104,9 +108,22 @@ def time_decode(step, x, steps):
     return (t2 - t0) / steps, (t2 - t1) / steps
 
 
-def decode_ours(x):
-    step = decode_step_kernel if kda_ops.gpu_backend() else decode_step_ops
-    return step(**{k: x[k] for k in ("qkv", "gate_a", "beta_logit", "conv_tail", "conv_w", "a_log", "dt_bias", "state")})
+STEP_ARGS = ("qkv", "gate_a", "beta_logit", "conv_tail", "conv_w", "a_log", "dt_bias", "state")
+
+
+def decode_kernel(x):
+    return decode_step_kernel(**{k: x[k] for k in STEP_ARGS})
+
+
+def decode_ops(x):
+    return decode_step_ops(**{k: x[k] for k in STEP_ARGS})
+
+
+def with_mode(fn, mode):
+    def run(x):
+        os.environ[kda_ops.ENV] = mode
+        return fn(x)
+    return run
 
 
 def blas_note():
@@ -129,7 +146,6 @@ def main():
     lengths = [int(t) for t in (a.lengths or ("1,512,2048" if on_cpu else "1,512,4096,8192,32768")).split(",")]
     peer_max = a.peer_max or (2048 if on_cpu else 4096)
     fast_max = a.fast_max or (2048 if on_cpu else 8192)
-    os.environ[kda_ops.ENV] = "chunked" if on_cpu else "kernel"
 
     info = mx.device_info()
     card = info.get("device_name", "?")
@@ -141,26 +157,35 @@ def main():
 
     echo(f"device: {mx.default_device()} {card} | backend: {gpu or 'cpu'} | mlx {mx.__version__}"
          + (f" | {blas_note()}" if on_cpu else f" | MLX_ENABLE_TF32={os.environ.get('MLX_ENABLE_TF32', '1 (default)')}"))
-    echo(f"KDA per layer, H={H} D={D}, batch 1; tokens/s (higher is better); x = speed-up of kimi-mlx")
+    echo(f"KDA per layer, H={H} D={D}, batch 1; tokens/s (higher is better); x = speed-up of the first column")
     echo("mx.fast.gated_delta_update uses a per-head scalar gate (not KDA): speed comparison only")
-    echo(f"{'T':>6} | {'kimi-mlx':>14} | {'mlx-lm':>14} | {'mx.fast':>14} | {'x mlx-lm':>8} | {'x mx.fast':>9}")
+    # (label, prefill fn, decode fn, max T or None); the first column is what `auto` picks here
+    mine = [("kimi-mlx", with_mode(kda_call, "kernel"), decode_kernel, None)] if gpu else []
+    mine.append(("kimi-mlx ops", with_mode(kda_call, "chunked"), decode_ops, None))
+    peers = [("mlx-lm", mlx_lm, None, peer_max), ("mx.fast", mx_fast, None, fast_max)]
+    cols = mine + peers
+    echo(f"{'T':>6} | " + " | ".join(f"{c[0]:>14}" for c in cols) + " | " + " | ".join(f"{'x ' + p[0]:>10}" for p in peers))
     for T in lengths:
-        if T == 1:
-            ours_s, ours_eval = time_decode(decode_ours, step_inputs(), a.steps)
-            x = inputs(1)
-            both = [time_decode(lambda s: mlx_lm(dict(x, state=s["state"])), x, a.steps),
-                    time_decode(lambda s: mx_fast(dict(x, state=s["state"])), x, a.steps)]
-            peers = [p[0] for p in both]
-            cells = [f"{1e6 * w:.0f}/{1e6 * e:.0f} us" for w, e in [(ours_s, ours_eval), *both]]
-        else:
-            x = inputs(T)
-            ours_s = time_prefill(ours, x, a.repeats)
-            peers = [time_prefill(mlx_lm, x, 1) if T <= peer_max else None,
-                     time_prefill(mx_fast, x, 1 if T > 4096 else a.repeats) if T <= fast_max else None]
-            cells = [f"{T / ours_s:12,.0f}", *(f"{T / p:12,.0f}" if p else f"{'(skipped)':>12}" for p in peers)]
-            del x
-        ratios = [f"{p / ours_s:.1f}x" if p else "-" for p in peers]
-        echo(f"{T:>6} | {cells[0]:>14} | {cells[1]:>14} | {cells[2]:>14} | {ratios[0]:>8} | {ratios[1]:>9}")
+        times, cells = [], []
+        x = inputs(T)
+        for label, prefill, decode, max_t in cols:
+            if T == 1:
+                if decode is None:
+                    wall, ev = time_decode(lambda s, f=prefill: f(dict(x, state=s["state"])), x, a.steps)
+                else:
+                    wall, ev = time_decode(decode, step_inputs(), a.steps)
+                times.append(wall)
+                cells.append(f"{1e6 * wall:.0f}/{1e6 * ev:.0f} us")
+            elif max_t is not None and T > max_t:
+                times.append(None)
+                cells.append("(skipped)")
+            else:
+                repeats = a.repeats if max_t is None else (1 if T > 4096 else a.repeats)
+                times.append(time_prefill(prefill, x, repeats))
+                cells.append(f"{T / times[-1]:,.0f}")
+        del x
+        ratios = [f"{p / times[0]:.1f}x" if p else "-" for p in times[len(mine):]]
+        echo(f"{T:>6} | " + " | ".join(f"{c:>14}" for c in cells) + " | " + " | ".join(f"{r:>10}" for r in ratios))
     echo("T = 1: microseconds per decode step, wall (incl. building the graph in Python) / eval only;")
     echo("       kimi-mlx's step also does the short conv, norms and gates in the same op")
     if a.record:

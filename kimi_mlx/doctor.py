@@ -48,7 +48,7 @@ def _gate(shape) -> tuple[mx.array, mx.array]:
     return a, mx.random.uniform(math.log(4.0), math.log(16.0), (shape[-2],))
 
 
-def check_chunked(T: int = 130, B: int = 2, H: int = 3, Dk: int = 64, Dv: int = 48) -> Check:
+def check_chunked(use_kernel: bool, T: int = 130, B: int = 2, H: int = 3, Dk: int = 64, Dv: int = 48) -> Check:
     from .ops.kda_chunked import kda_chunked
 
     mx.random.seed(0)
@@ -60,11 +60,12 @@ def check_chunked(T: int = 130, B: int = 2, H: int = 3, Dk: int = 64, Dv: int = 
     beta = mx.sigmoid(mx.random.normal((B, T, H)))
     state = mx.random.normal((B, H, Dv, Dk))
     o_ref, s_ref = kda_ops.kda_recurrent_ref(q, k, v, g, beta, state)
-    o, s = kda_chunked(q, k, v, g, beta, state)
+    o, s = kda_chunked(q, k, v, g, beta, state, use_kernel=use_kernel)
     err = max(_rel_err(o, o_ref), _rel_err(s, s_ref))
+    name = f"chunked prefill, {'scan kernel' if use_kernel else 'ops'} (T={T}"
     if tf32():
-        return Check(f"chunked prefill (T={T}, TF32 matmuls)", err, tol=TF32_TOL)
-    return Check(f"chunked prefill (T={T})", err)
+        return Check(name + ", TF32 matmuls)", err, tol=TF32_TOL)
+    return Check(name + ")", err)
 
 
 def check_decode(path: str, B: int = 2, H: int = 4, Dk: int = 128, Dv: int = 96) -> Check:
@@ -97,19 +98,21 @@ def environment() -> list[tuple[str, str]]:
         ("device", f"{mx.default_device()} ({info.get('device_name', 'unknown')})"),
         ("GPU backend", backend() or "none (CPU only)"),
         (kda_ops.ENV, mode),
-        ("KDA prefill", {"ref": "sequential reference"}.get(
-            kda_ops.prefill_path(4096), f"chunked from T >= {1 if mode != 'auto' else kda_ops.CHUNKED_MIN_T}")),
-        ("KDA decode step", {"kernel": f"fused {gpu} kernel", "ops": "fused ops (mx.compile)",
+        ("KDA prefill", {"ref": "sequential reference", "chunked": "chunked, ops",
+                         "kernel": f"chunked, scan across chunks as a {gpu} kernel"}[kda_ops.prefill_path(4096)]
+         + (f" (from T >= {kda_ops.CHUNKED_MIN_T})" if mode == "auto" else "")),
+        ("KDA decode step", {"kernel": f"fused {gpu} kernel", "ops": "fused ops",
                              "ref": "unfused reference"}[decode]),
     ]
 
 
 def run_checks() -> list[Check]:
-    checks = [check_chunked(), check_decode("ops")]
+    checks = [check_chunked(False), check_decode("ops")]
     if kda_ops.gpu_backend():
-        checks.append(check_decode("kernel"))
+        checks += [check_chunked(True), check_decode("kernel")]
     else:
-        checks.append(Check("decode step, fused kernel", None, "no Metal or CUDA backend here"))
+        checks += [Check(name, None, "no Metal or CUDA backend here")
+                   for name in ("chunked prefill, scan kernel", "decode step, fused kernel")]
     return checks
 
 

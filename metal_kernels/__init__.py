@@ -59,6 +59,30 @@ SPECS = {
         ),
         sample_outputs=("float32", "float32", "bfloat16"),
     ),
+    "kda_chunk_scan": KernelSpec(
+        name="kda_chunk_scan",
+        inputs=("w", "u", "q_in", "k_out", "decay_all", "state_in", "sizes"),
+        outputs=("v_new", "q_state", "state_out"),
+        sample_template=(("NH", 32), ("DK", 128), ("DV", 128), ("C", 64)),
+        sample_inputs=(
+            ("float32", 128 * 32 * 64 * 128),
+            ("float32", 128 * 32 * 64 * 128),
+            ("float32", 128 * 32 * 64 * 128),
+            ("float32", 128 * 32 * 64 * 128),
+            ("float32", 128 * 32 * 128),
+            ("float32", 32 * 128 * 128),
+            ("int32", 2),
+        ),
+        sample_outputs=("float32", "float32", "float32"),
+    ),
+    "moe_route": KernelSpec(
+        name="moe_route",
+        inputs=("logits", "bias", "scale"),
+        outputs=("idx", "weight"),
+        sample_template=(("E", 256), ("K", 8), ("NG", 1), ("TG", 1), ("RENORM", 1), ("BIAS_W", 0)),
+        sample_inputs=(("float32", 256), ("float32", 256), ("float32", 1)),
+        sample_outputs=("int32", "float32"),
+    ),
 }
 
 

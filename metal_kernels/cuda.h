@@ -14,3 +14,6 @@ KDA_FN float kda_simd_sum(float x) {
   }
   return x;
 }
+
+KDA_FN float kda_shfl_xor(float x, int offset) { return __shfl_xor_sync(0xffffffffu, x, offset); }
+KDA_FN float kda_shfl(float x, int lane) { return __shfl_sync(0xffffffffu, x, lane); }

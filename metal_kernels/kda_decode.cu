@@ -17,6 +17,9 @@ KDA_FN float kda_simd_sum(float x) {
   return x;
 }
 
+KDA_FN float kda_shfl_xor(float x, int offset) { return __shfl_xor_sync(0xffffffffu, x, offset); }
+KDA_FN float kda_shfl(float x, int lane) { return __shfl_sync(0xffffffffu, x, lane); }
+
 // Backend-neutral helpers for the KDA kernels. The backend header defines KDA_FN, kda_exp,
 // kda_log, kda_rsqrt, kda_fmax, kda_fabs and kda_simd_sum (a sum over the 32 lanes of a group).
 

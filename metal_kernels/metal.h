@@ -7,3 +7,5 @@ KDA_FN float kda_rsqrt(float x) { return metal::precise::rsqrt(x); }
 KDA_FN float kda_fmax(float a, float b) { return metal::fmax(a, b); }
 KDA_FN float kda_fabs(float x) { return metal::fabs(x); }
 KDA_FN float kda_simd_sum(float x) { return metal::simd_sum(x); }
+KDA_FN float kda_shfl_xor(float x, int offset) { return metal::simd_shuffle_xor(x, ushort(offset)); }
+KDA_FN float kda_shfl(float x, int lane) { return metal::simd_shuffle(x, ushort(lane)); }

@@ -21,7 +21,7 @@ from metal_kernels import SPECS
 from metal_kernels.generate import kernel_name, render_cuda, render_metal
 
 SHIM = Path(__file__).parent / "kernel_shims" / "emulate.h"
-DTYPES = {mx.float32: "float32", mx.bfloat16: "bfloat16"}
+DTYPES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.int32: "int32"}
 BUILD = Path(tempfile.gettempdir()) / "kimi_mlx_kernel_emulator"
 
 
@@ -30,7 +30,7 @@ def available() -> bool:
 
 
 def _launcher(spec, kind, template, inputs, outputs) -> str:
-    types = {"float32": "float", "bfloat16": "bfloat16_t" if kind == "metal" else "__nv_bfloat16"}
+    types = {"float32": "float", "bfloat16": "bfloat16_t" if kind == "metal" else "__nv_bfloat16", "int32": "int32_t"}
     args = [f"(const {types[t]}*)bufs[{i}]" for i, (t, _) in enumerate(inputs)]
     args += [f"({types[t]}*)bufs[{len(inputs) + j}]" for j, t in enumerate(outputs)]
     name = kernel_name(spec, kind, template, inputs, outputs)
@@ -83,6 +83,10 @@ def _build(text: str, kind: str) -> ctypes.CDLL:
 def _to_numpy(x: mx.array) -> np.ndarray:
     if x.dtype == mx.bfloat16:
         return np.ascontiguousarray(np.array(x.view(mx.uint16)))
+    if x.dtype == mx.int32:
+        return np.ascontiguousarray(np.array(x))
+    if x.dtype == mx.int32:
+        return np.ascontiguousarray(np.array(x))
     return np.ascontiguousarray(np.array(x.astype(mx.float32)))
 
 
@@ -95,7 +99,8 @@ def emulate(name, kind, inputs, template, grid, threadgroup, output_shapes, outp
     text = render(spec, template, ins, outs) + _launcher(spec, kind, template, ins, outs)
     lib = _build(text, kind)
     arrays = [_to_numpy(x) for x in inputs]
-    results = [np.zeros(s, np.uint16 if d == mx.bfloat16 else np.float32) for s, d in zip(output_shapes, output_dtypes)]
+    np_types = {mx.bfloat16: np.uint16, mx.int32: np.int32}
+    results = [np.zeros(s, np_types.get(d, np.float32)) for s, d in zip(output_shapes, output_dtypes)]
     bufs = (ctypes.c_void_p * (len(arrays) + len(results)))(*[a.ctypes.data for a in arrays + results])
     lib.emu_launch(bufs, *[ctypes.c_uint(v) for v in (*grid, *threadgroup)])
     out = []

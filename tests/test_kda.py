@@ -191,6 +191,25 @@ def test_decode_kernel_text_runs_right_on_cpu(kind, dtype):
     assert_step_close(got, decode_step_ref(**x))
 
 
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+def test_chunk_scan_kernel_text_runs_right_on_cpu(kind):
+    """The generated text of the scan-across-chunks kernel, run on the CPU, against `scan_ops`."""
+    N, B, H, C, Dk, Dv = 2, 2, 3, 8, 64, 12
+    mx.random.seed(14)
+    w, q_in, k_out = (0.1 * mx.random.normal((N, B, H, C, Dk)) for _ in range(3))
+    u = mx.random.normal((N, B, H, C, Dv))
+    decay_all = mx.random.uniform(shape=(N, B, H, Dk))
+    state = mx.random.normal((B, H, Dv, Dk))
+    got = kernel_emulator.emulate(
+        "kda_chunk_scan", kind, [w, u, q_in, k_out, decay_all, state, mx.array([N, B], dtype=mx.int32)],
+        (("NH", H), ("DK", Dk), ("DV", Dv), ("C", C)), grid=(32, Dv, B * H), threadgroup=(32, 4, 1),
+        output_shapes=[u.shape, u.shape, state.shape], output_dtypes=[mx.float32] * 3,
+    )
+    for g, want in zip(got, kda_chunked.scan_ops(w, u, q_in, k_out, decay_all, state)):
+        assert rel_err(g, want) <= TOL
+
+
 # -- the dispatcher -----------------------------------------------------------------------------
 
 def test_mode_from_environment(monkeypatch):
@@ -199,7 +218,9 @@ def test_mode_from_environment(monkeypatch):
     monkeypatch.setenv(kda_ops.ENV, "chunked")
     assert kda_ops.prefill_path(2) == "chunked" and kda_ops.prefill_path(1) == "ref"
     monkeypatch.setenv(kda_ops.ENV, "auto")
-    assert kda_ops.prefill_path(kda_ops.CHUNKED_MIN_T) == "chunked"
+    fast = "kernel" if kda_ops.gpu_backend() else "chunked"
+    assert kda_ops.prefill_path(kda_ops.CHUNKED_MIN_T) == fast
+    assert kda_ops.prefill_path(kda_ops.CHUNKED_MIN_T, dk=40) == "chunked"
     assert kda_ops.prefill_path(kda_ops.CHUNKED_MIN_T - 1) == "ref"
     monkeypatch.setenv(kda_ops.ENV, "fast")
     with pytest.raises(ConfigError, match="KIMI_MLX_KDA"):
@@ -211,6 +232,8 @@ def test_kernel_mode_without_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(kda_ops.ENV, "kernel")
     with pytest.raises(ConfigError, match="Metal or CUDA"):
         kda_ops.decode_path(mx.zeros((1, 2, 32, 32)), mx.zeros((4, 8)))
+    with pytest.raises(ConfigError, match="Metal or CUDA"):
+        kda_ops.prefill_path(100)
 
 
 def test_doctor_checks_every_path(monkeypatch):
@@ -222,7 +245,7 @@ def test_doctor_checks_every_path(monkeypatch):
     result = CliRunner().invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
     assert "chunked prefill" in result.output and "decode step, fused ops" in result.output
-    broken = lambda q, k, v, g, beta, state: (v.astype(mx.float32) * 0, state)  # noqa: E731
+    broken = lambda q, k, v, g, beta, state, **kw: (v.astype(mx.float32) * 0, state)  # noqa: E731
     monkeypatch.setattr(kda_chunked, "kda_chunked", broken)
     result = CliRunner().invoke(app, ["doctor"])
     assert result.exit_code == 1 and "FAIL  chunked prefill" in result.output
@@ -276,10 +299,21 @@ gpu = pytest.mark.skipif(kda_ops.gpu_backend() is None, reason="needs MLX's Meta
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("extreme", [False, True], ids=["gates", "extreme-gates"])
 @pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 1100])
-def test_gpu_chunked_matches_reference(T, extreme, dtype):
-    x = normalised(*inputs(T, **SHAPE, seed=T, extreme=extreme, dtype=dtype, random_state=T % 2 == 0))
+@pytest.mark.parametrize("use_kernel", [False, True], ids=["ops", "scan-kernel"])
+def test_gpu_chunked_matches_reference(use_kernel, T, extreme, dtype):
+    shape = dict(SHAPE, Dk=64)  # the scan kernel needs Dk % 32 == 0
+    x = normalised(*inputs(T, **shape, seed=T, extreme=extreme, dtype=dtype, random_state=T % 2 == 0))
     o_ref, s_ref = kda_recurrent_ref(*x)
-    o, s = chunked(*x)
+    o, s = chunked(*x, use_kernel=use_kernel)
+    assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_scan_kernel_model_shape():
+    x = normalised(*inputs(300, B=1, H=32, Dk=128, Dv=128, seed=15, extreme=True))
+    o_ref, s_ref = chunked(*x)
+    o, s = chunked(*x, use_kernel=True)
     assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
 
 

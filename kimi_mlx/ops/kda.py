@@ -8,10 +8,12 @@ with q, k L2-normalised (eps 1e-6 on the sum of squares) and q scaled by Dk^-1/2
 Paths: prefill (T > 1) runs `kda_recurrent_ref` or `kda_chunked`; a decode step (T = 1, from the
 pre-conv projections) runs the model's unfused reference, `decode_step_ops` or the fused kernel.
 `KIMI_MLX_KDA` overrides the choice for tests and benchmarks:
-  auto (default)  chunked prefill from CHUNKED_MIN_T tokens; fused kernel on a GPU, ops on CPU
+  auto (default)  chunked prefill from CHUNKED_MIN_T tokens; on a GPU its scan across chunks and
+                  the decode step are kernels, on CPU ops
   ref             the sequential reference everywhere
-  chunked         chunked prefill for every T > 1, fused ops step
-  kernel          chunked prefill for every T > 1, fused kernel step (needs Metal or CUDA)
+  chunked         chunked prefill in ops for every T > 1, fused decode step in ops
+  kernel          chunked prefill with the scan kernel for every T > 1, fused decode kernel
+                  (needs Metal or CUDA)
 """
 
 from __future__ import annotations
@@ -75,14 +77,27 @@ def gpu_backend() -> str | None:
     return kind if kind and mx.default_device() == mx.gpu else None
 
 
-def prefill_path(T: int) -> str:
-    """'ref' or 'chunked' for a call over T tokens of post-conv q, k, v."""
+def prefill_path(T: int, dk: int = 128) -> str:
+    """'ref', 'chunked' (all ops) or 'kernel' (chunked, scan across chunks as one GPU kernel)
+    for a call over T tokens of post-conv q, k, v with head dim dk."""
     m = mode()
     if m == "ref" or T == 1:
         return "ref"
-    if m in ("chunked", "kernel"):
+    if m == "chunked":
         return "chunked"
-    return "chunked" if T >= CHUNKED_MIN_T else "ref"
+    if m == "kernel":
+        _require_kernels(dk)
+        return "kernel"
+    if T < CHUNKED_MIN_T:
+        return "ref"
+    return "kernel" if gpu_backend() and dk % 32 == 0 else "chunked"
+
+
+def _require_kernels(dk: int) -> None:
+    if gpu_backend() is None:
+        raise ConfigError(f"{ENV}=kernel needs MLX's Metal or CUDA backend as the default device")
+    if dk % 32:
+        raise ConfigError(f"{ENV}=kernel: the KDA kernels need a head dim divisible by 32 (got {dk})")
 
 
 def decode_path(state: mx.array, conv_w: mx.array) -> str:
@@ -93,10 +108,9 @@ def decode_path(state: mx.array, conv_w: mx.array) -> str:
     if m == "ref":
         return "ref"
     if m == "kernel":
-        if gpu_backend() is None:
-            raise ConfigError(f"{ENV}=kernel needs MLX's Metal or CUDA backend as the default device")
+        _require_kernels(state.shape[-1])
         if not kernel_supports(state, conv_w):
-            raise ConfigError(f"{ENV}=kernel: the decode kernel needs Dk % 32 == 0 and a conv of 2+ taps")
+            raise ConfigError(f"{ENV}=kernel: the decode kernel needs a short conv of 2+ taps")
         return "kernel"
     if m == "auto" and gpu_backend() and kernel_supports(state, conv_w):
         return "kernel"
@@ -112,11 +126,12 @@ def kda(q, k, v, g, beta, state):
     scale = q.shape[-1] ** -0.5
     qn = l2_normalize(q) * scale
     kn = l2_normalize(k)
-    if prefill_path(q.shape[1]) == "chunked":
-        from .kda_chunked import kda_chunked
+    path = prefill_path(q.shape[1], q.shape[-1])
+    if path == "ref":
+        return kda_recurrent_ref(qn, kn, v, g, beta, state)
+    from .kda_chunked import kda_chunked
 
-        return kda_chunked(qn, kn, v, g, beta, state)
-    return kda_recurrent_ref(qn, kn, v, g, beta, state)
+    return kda_chunked(qn, kn, v, g, beta, state, use_kernel=path == "kernel")
 
 
 def kda_decode_step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):

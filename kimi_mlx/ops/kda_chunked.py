@@ -84,7 +84,41 @@ def intra_chunk(q, k, alpha, beta):
     return a_qk.reshape(*lead, C, C), t_inv.reshape(*lead, C, C)
 
 
-def _segment(q, k, v, g, beta, state):
+def scan_ops(w, u, q_in, k_out, decay_all, state):
+    """The sequential scan across chunks, one chunk per step (N small ops each).
+
+    w, q_in, k_out: [N, B, H, C, Dk]; u: [N, B, H, C, Dv]; decay_all: [N, B, H, Dk];
+    state: [B, H, Dv, Dk].  Returns (v_new, q_state [N, B, H, C, Dv], state) with, per chunk,
+    v_new = u - w S^T (the pseudo-values), q_state = q_in S^T, S <- S * decay_all + v_new^T k_out.
+    """
+    v_new, q_state = [], []
+    for i in range(w.shape[0]):
+        s_t = state.swapaxes(-1, -2)  # [B, H, Dk, Dv]
+        vi = mx.addmm(u[i], w[i], s_t, alpha=-1.0)
+        q_state.append(q_in[i] @ s_t)
+        state = mx.addmm(state * decay_all[i][..., None, :], vi.swapaxes(-1, -2), k_out[i])
+        v_new.append(vi)
+    return mx.stack(v_new), mx.stack(q_state), state
+
+
+def scan_kernel(w, u, q_in, k_out, decay_all, state):
+    """`scan_ops` as one Metal/CUDA kernel (metal_kernels/kda_chunk_scan.body); needs Dk % 32 == 0."""
+    from metal_kernels import kernel
+
+    N, B, H, C, Dk = w.shape
+    Dv = u.shape[-1]
+    rows = next(r for r in (4, 2, 1) if Dv % r == 0)
+    return kernel("kda_chunk_scan")(
+        inputs=[w, u, q_in, k_out, decay_all, state, mx.array([N, B], dtype=mx.int32)],
+        template=[("NH", H), ("DK", Dk), ("DV", Dv), ("C", C)],
+        grid=(32, Dv, B * H),
+        threadgroup=(32, rows, 1),
+        output_shapes=[u.shape, u.shape, state.shape],
+        output_dtypes=[mx.float32] * 3,
+    )
+
+
+def _segment(q, k, v, g, beta, state, scan):
     """One pass over T <= SEGMENT tokens; shapes as in `kda_chunked`."""
     B, T, H, _ = q.shape
     n = -(-T // CHUNK)
@@ -95,33 +129,26 @@ def _segment(q, k, v, g, beta, state):
     m = t_inv * beta[..., None, :]  # T Diag(beta)
     decay_in = mx.cumprod(alpha, axis=-2)  # chunk start -> row i (inclusive)
     decay_out = mx.cumprod(alpha, axis=-2, reverse=True, inclusive=False)  # row i -> chunk end
-    decay_all = decay_in[..., -1:, :]  # [N, B, H, 1, Dk]
     w = m @ (k * decay_in)
     u = m @ v
-    q_in = q * decay_in
-    k_out = k * decay_out
-    v_new, q_state = [], []
-    for i in range(n):
-        s_t = state.swapaxes(-1, -2)  # [B, H, Dk, Dv]
-        vi = mx.addmm(u[i], w[i], s_t, alpha=-1.0)  # pseudo-values U - W S^T
-        q_state.append(q_in[i] @ s_t)
-        state = mx.addmm(state * decay_all[i], vi.swapaxes(-1, -2), k_out[i])
-        v_new.append(vi)
-    o = mx.stack(q_state) + a_qk @ mx.stack(v_new)  # [N, B, H, C, Dv]
+    v_new, q_state, state = scan(w, u, q * decay_in, k * decay_out, decay_in[..., -1, :], state)
+    o = q_state + a_qk @ v_new  # [N, B, H, C, Dv]
     o = o.transpose(1, 0, 3, 2, 4).reshape(B, n * CHUNK, H, -1)[:, :T]
     return o, state
 
 
-def kda_chunked(q, k, v, g, beta, state):
+def kda_chunked(q, k, v, g, beta, state, use_kernel=False):
     """Chunked KDA on normalised inputs; same contract as `kda_recurrent_ref`.
 
     q, k: [B, T, H, Dk] (q already scaled); v: [B, T, H, Dv]; g: [B, T, H, Dk] log-decay <= 0;
     beta: [B, T, H]; state: [B, H, Dv, Dk] f32.  Returns (o [B, T, H, Dv] f32, state).
+    use_kernel: run the scan across chunks as one GPU kernel instead of a loop of ops.
     """
     state = state.astype(mx.float32)
+    scan = scan_kernel if use_kernel else scan_ops
     outs = []
     for s in range(0, q.shape[1], SEGMENT):
         part = slice(s, s + SEGMENT)
-        o, state = _segment(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state)
+        o, state = _segment(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state, scan)
         outs.append(o)
     return (outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)), state
