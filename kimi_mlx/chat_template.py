@@ -12,6 +12,7 @@ Before rendering, every special-token text inside the messages and tools (and an
 given as token ids, `TokenIds`) is swapped for a marker made of Unicode noncharacters. The rendered
 text is then split on the template's own special tokens (control ids) and the markers are swapped
 back, so user text such as "<|im_end|>" is encoded as plain text, and generated ids go in verbatim.
+(A template that inspects content for special-token text, e.g. to strip a <think> block, sees markers.)
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import mlx.core as mx
 
 from .errors import KimiError
 from .sample import Sampler, make_logits_processors, normalize
+from .state import ContextLimitError
 from .state_io import StateMark, mark
 
 Progress = Callable[[int, int], None]  # (prompt tokens processed, prompt tokens in all)
@@ -178,9 +179,17 @@ class Generation:
     .tokens (ids yielded), .last (the last Step), .finish_reason."""
 
     def __init__(self, model, tokenizer, state, prompt: list[int], opts: GenerationOptions,
-                 context: list[int] = (), progress: Progress | None = None):
+                 context: list[int] = (), progress: Progress | None = None, reserve: int = 0):
+        """reserve: tokens the caller will feed after the reply (kept free of the context limit)."""
         self.model, self.tokenizer, self.state, self.prompt = model, tokenizer, state, list(prompt)
         self.opts, self.progress = opts, progress
+        # the last yielded token is not fed, hence + 1
+        room = model.config.max_position_embeddings - (state.offset + len(self.prompt)) + 1 - reserve
+        if room < 1:
+            raise ContextLimitError(
+                f"context full: {state.offset + len(self.prompt):,} tokens leave no room to reply within the "
+                f"model's limit of {model.config.max_position_embeddings:,}; start a new conversation")
+        self.max_tokens = min(opts.max_tokens, room)
         tail = (list(context) + self.prompt)[-opts.repetition_context_size :]
         self.processors = make_logits_processors(opts, len(tail))
         self.context_tail = tail if self.processors else []
@@ -197,7 +206,7 @@ class Generation:
         t0 = time.perf_counter()
         t_first = None
         steps = generate_step(self.model, self.state, self.prompt, sampler, self.processors, self.context_tail,
-                              opts.max_tokens, opts.prefill_step_size, self.progress)
+                              self.max_tokens, opts.prefill_step_size, self.progress)
         for step in steps:
             t_first = t_first or time.perf_counter()
             self.last = step
@@ -211,7 +220,7 @@ class Generation:
                 text, hit = stopper.push(detok.add(step.token))
                 if hit:
                     finish = "stop"
-                elif len(self.tokens) == opts.max_tokens:
+                elif len(self.tokens) == self.max_tokens:
                     tail, hit = stopper.push(detok.finalize())
                     text += tail + ("" if hit else stopper.flush())
                     finish = "stop" if hit else "length"

@@ -7,7 +7,8 @@ closed by the template (<|im_end|>), also when max_tokens or the user cut the re
 Each turn feeds only the tokens the history does not already hold: the new template ids are compared
 with `tokens`, the state is rewound to the latest mark inside the common prefix (marks sit at every
 turn boundary and just before each generation prompt's last token), and the rest is fed. So undo,
-regenerate and editing the last message cost no re-prefill. `save`/`load` write the state as
+regenerate and editing the last message cost no re-prefill. A reply cut by a stop string keeps every
+generated id up to the one that completed it (the streamed text stops before the string). `save`/`load` write the state as
 safetensors and the tokens, messages, options and model identity as JSON in the same file.
 """
 
@@ -126,7 +127,8 @@ class ChatSession:
             self._add_mark()
             n_prompt = fed + 1
             scaled = (lambda d, t: progress(fed + d, fed + t)) if progress else None
-            gen = Generation(self.model, self.tokenizer, self.state, target[-1:], opts, self.tokens, scaled)
+            # reserve 2: the session feeds the reply's last token and the closing token after it
+            gen = Generation(self.model, self.tokenizer, self.state, target[-1:], opts, self.tokens, scaled, reserve=2)
             t_first = None
             for r in gen:
                 t_first = t_first or time.perf_counter()

@@ -134,3 +134,14 @@ def test_rewind_to_a_mark_is_exact(demo):
     assert state.offset == len(a)
     logits = model(mx.array([c]), state)[0, -1]
     np.testing.assert_allclose(np.array(logits - mx.logsumexp(logits)), fresh_logprobs(model, a + c), atol=ATOL)
+
+
+def test_context_limit_caps_the_reply(demo, monkeypatch):
+    model, tok = demo
+    monkeypatch.setattr(model.config, "max_position_embeddings", 10)
+    no_stop = {tok.im_end_id: -100.0, tok.eos_id: -100.0}
+    rs = list(stream_generate(model, tok, tok.encode("abcdef"), max_tokens=50, temperature=0, logit_bias=no_stop))
+    assert len(rs) == 5 and rs[-1].finish_reason == "length"  # 6 + 4 fed = 10; the 5th is not fed
+    assert len(generate(model, tok, tok.encode("x" * 10), max_tokens=50, logit_bias=no_stop)) > 0
+    with pytest.raises(KimiError, match="context full"):
+        generate(model, tok, tok.encode("x" * 11))

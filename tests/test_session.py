@@ -162,6 +162,20 @@ def test_error_during_prefill_rolls_the_turn_back(demo):
     check_turn(model, tok, s, rs, [("ok", ids1), ("next", ids2)])
 
 
+def test_full_context_caps_the_reply_then_refuses_cleanly(demo, monkeypatch):
+    model, tok = demo
+    s = ChatSession(model, tok, system=SYSTEM, max_tokens=50, temperature=0.0,
+                    logit_bias={tok.im_end_id: -100.0, tok.eos_id: -100.0})
+    limit = len(history_tokens(tok, [("hi", None)], True)) + 6
+    monkeypatch.setattr(model.config, "max_position_embeddings", limit)
+    rs, ids = reply(s, "hi")
+    assert rs[-1].finish_reason == "length" and len(s.tokens) == limit  # the closing token still fits
+    assert s.tokens == history_tokens(tok, [("hi", ids)], False)
+    with pytest.raises(KimiError, match="context full"):
+        list(s.send("more"))
+    assert len(s.messages) == 3 and s.tokens == history_tokens(tok, [("hi", ids)], False)
+
+
 SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
