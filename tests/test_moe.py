@@ -4,7 +4,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kimi_mlx.model.moe import route
+from kimi_mlx.ops.routing import route_ref
+
+
+def route(x, w, bias, **opts):
+    return route_ref(x.astype(mx.float32) @ w.astype(mx.float32).T, bias, **opts)
 
 
 def np_route(x, w, bias, k, n_group, topk_group, renorm, scale, bias_in_weights):
@@ -52,3 +56,77 @@ def test_bias_changes_weights_only_in_hf_mode():
     _, plain = route(x, w, bias, **opts)
     _, hf = route(x, w, bias, bias_in_weights=True, **opts)
     np.testing.assert_allclose(np.array(hf) - np.array(plain), 0.25, rtol=1e-5)
+
+
+# -- the fused routing kernel ------------------------------------------------------------------
+
+import kernel_emulator  # noqa: E402
+
+from kimi_mlx.ops import routing  # noqa: E402
+
+KERNEL_CASES = [  # E, k, n_group, topk_group, renormalize, bias_in_weights
+    (256, 8, 1, 1, True, False),
+    (64, 6, 8, 3, True, False),
+    (128, 4, 4, 2, False, True),
+    (32, 3, 1, 1, True, True),
+]
+
+
+def sorted_pairs(idx, w):
+    idx, w = np.array(idx), np.array(w)
+    order = np.argsort(idx, -1)
+    return np.take_along_axis(idx, order, -1), np.take_along_axis(w, order, -1)
+
+
+def kernel_inputs(E, N=5, seed=0):
+    rng = np.random.default_rng(seed + E)
+    logits = mx.array(rng.standard_normal((N, E)).astype(np.float32) * 2)
+    bias = mx.array(rng.standard_normal(E).astype(np.float32) * 0.2)
+    return logits, bias
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"E{c[0]}k{c[1]}g{c[2]}t{c[3]}")
+def test_route_kernel_text_runs_right_on_cpu(kind, case):
+    E, k, ng, tg, renorm, bias_w = case
+    assert routing.kernel_supports(E, k, ng)
+    logits, bias = kernel_inputs(E)
+    opts = dict(top_k=k, n_group=ng, topk_group=tg, renormalize=renorm, scaling=2.446, bias_in_weights=bias_w)
+    N = logits.shape[0]
+    idx, w = kernel_emulator.emulate(
+        "moe_route", kind, [logits, bias, mx.array([2.446], mx.float32)],
+        (("E", E), ("K", k), ("NG", ng), ("TG", tg), ("RENORM", int(renorm)), ("BIAS_W", int(bias_w))),
+        grid=(32, N, 1), threadgroup=(32, 1, 1), output_shapes=[(N, k), (N, k)],
+        output_dtypes=[mx.int32, mx.float32],
+    )
+    got_i, got_w = sorted_pairs(idx, w)
+    ref_i, ref_w = sorted_pairs(*routing.route_ref(logits, bias, **opts))
+    assert np.array_equal(got_i, ref_i)
+    np.testing.assert_allclose(got_w, ref_w, rtol=1e-5, atol=1e-6)
+    # best first: the kernel returns picks in descending selection score
+    choice = np.array(mx.sigmoid(logits) + bias)
+    picked = np.take_along_axis(choice, np.array(idx), -1)
+    assert np.all(np.diff(picked, axis=-1) <= 0)
+
+
+def test_route_path_policy(monkeypatch):
+    monkeypatch.setenv(routing.ENV, "ref")
+    assert routing.path(256, 8, 1) == "ref"
+    monkeypatch.setenv(routing.ENV, "bogus")
+    with pytest.raises(Exception, match="KIMI_MLX_ROUTE"):
+        routing.path(256, 8, 1)
+    monkeypatch.delenv(routing.ENV)
+    assert not routing.kernel_supports(48, 8, 1) and routing.kernel_supports(256, 8, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"E{c[0]}k{c[1]}g{c[2]}t{c[3]}")
+def test_route_kernel_on_gpu(case):
+    E, k, ng, tg, renorm, bias_w = case
+    logits, bias = kernel_inputs(E, N=300, seed=3)
+    opts = dict(top_k=k, n_group=ng, topk_group=tg, renormalize=renorm, scaling=2.446, bias_in_weights=bias_w)
+    got_i, got_w = sorted_pairs(*routing.route_kernel(logits, bias, **opts))
+    ref_i, ref_w = sorted_pairs(*routing.route_ref(logits, bias, **opts))
+    assert np.array_equal(got_i, ref_i)
+    np.testing.assert_allclose(got_w, ref_w, rtol=1e-5, atol=1e-6)

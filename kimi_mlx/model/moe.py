@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
+from ..ops.routing import route
 from .common import MLP
-
-
-def route(x, weight, bias, *, top_k, n_group, topk_group, renormalize, scaling, bias_in_weights=False):
-    """Reference router.  x: [N, D]; weight: [E, D]; bias: [E].  Returns (indices [N, k] uint32, weights [N, k] f32)."""
-    scores = mx.sigmoid(x.astype(mx.float32) @ weight.astype(mx.float32).T)
-    choice = scores + bias.astype(mx.float32)
-    if n_group > 1 and topk_group < n_group:
-        N, E = choice.shape
-        grouped = choice.reshape(N, n_group, E // n_group)
-        group_score = mx.topk(grouped, 2, axis=-1).sum(-1)  # [N, G]
-        drop = mx.argpartition(group_score, n_group - topk_group - 1, axis=-1)[:, : n_group - topk_group]
-        keep = mx.ones((N, n_group)) - (mx.arange(n_group)[None, None] == drop[..., None]).sum(1)
-        choice = mx.where(keep[..., None] > 0, grouped, -math.inf).reshape(N, E)
-    idx = mx.argpartition(-choice, top_k - 1, axis=-1)[:, :top_k]
-    w = mx.take_along_axis(choice if bias_in_weights else scores, idx, axis=-1)
-    if renormalize:
-        w = w / (w.sum(-1, keepdims=True) + 1e-20)
-    return idx.astype(mx.uint32), w * scaling
 
 
 class SwitchLinear(nn.Module):
@@ -107,7 +88,9 @@ class Router(nn.Module):
         )
 
     def __call__(self, x: mx.array):
-        return route(x, self.weight, self.e_score_correction_bias, **self.opts)
+        """x: [N, D] -> (indices [N, k] int32, weights [N, k] f32); float32 router matmul as upstream."""
+        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        return route(logits, self.e_score_correction_bias, **self.opts)
 
 
 class KimiMoE(nn.Module):

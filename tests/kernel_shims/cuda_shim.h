@@ -29,5 +29,6 @@ float rsqrtf(float);
 float fmaxf(float, float);
 float fabsf(float);
 float __shfl_xor_sync(unsigned int, float, int);
+float __shfl_sync(unsigned int, float, int);
 void __syncthreads();
 namespace cooperative_groups {}

@@ -23,6 +23,14 @@ inline float emu_shfl_xor(float x, int offset) {
   return y;
 }
 
+inline float emu_shfl(float x, int src) {
+  emu_group->v[emu_lane] = x;
+  emu_group->bar.arrive_and_wait();
+  float y = emu_group->v[src];
+  emu_group->bar.arrive_and_wait();
+  return y;
+}
+
 struct emu_bf16 {
   uint16_t bits;
   emu_bf16() = default;
@@ -53,16 +61,20 @@ inline uint3 make_uint3(unsigned int x, unsigned int y, unsigned int z) { return
 inline thread_local uint3 threadIdx, blockIdx, blockDim;
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __shfl_xor_sync(unsigned int, float x, int offset) { return emu_shfl_xor(x, offset); }
+inline float __shfl_sync(unsigned int, float x, int src) { return emu_shfl(x, src); }
 namespace cooperative_groups {}
 #else
 #define device
 #define constant
 #define kernel
 typedef unsigned int uint;
+typedef unsigned short ushort;
 typedef emu_bf16 bfloat16_t;
 namespace metal {
 inline float fmax(float a, float b) { return std::fmax(a, b); }
 inline float fabs(float x) { return std::fabs(x); }
+inline float simd_shuffle_xor(float x, unsigned short offset) { return emu_shfl_xor(x, offset); }
+inline float simd_shuffle(float x, unsigned short src) { return emu_shfl(x, src); }
 inline float simd_sum(float x) {
   for (int offset = 1; offset < 32; offset <<= 1) x += emu_shfl_xor(x, offset);
   return x;

@@ -25,6 +25,7 @@ float fmax(float, float);
 float fabs(float);
 float simd_sum(float);
 float simd_shuffle_xor(float, ushort);
+float simd_shuffle(float, ushort);
 namespace precise {
 float exp(float);
 float log(float);

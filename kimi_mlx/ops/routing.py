@@ -1,0 +1,80 @@
+"""MoE routing: float32 sigmoid scores, selection bias, group-limited top-k, renormalise, scale.
+
+  route_ref     plain mx ops (the reference)
+  route_kernel  one Metal or CUDA kernel per call (metal_kernels/moe_route.body)
+  route         chooses: the kernel on a GPU when the shapes fit, else the reference;
+                KIMI_MLX_ROUTE=ref|kernel overrides for tests and benchmarks.
+Both return (indices [N, k] int32, weights [N, k] float32); the order of the k picks is not part
+of the contract.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import mlx.core as mx
+
+from ..errors import ConfigError
+
+ENV = "KIMI_MLX_ROUTE"
+MODES = ("auto", "ref", "kernel")
+
+
+def route_ref(logits, bias, *, top_k, n_group, topk_group, renormalize, scaling, bias_in_weights=False):
+    """logits: [N, E] float32 router outputs; bias: [E]."""
+    scores = mx.sigmoid(logits.astype(mx.float32))
+    choice = scores + bias.astype(mx.float32)
+    if n_group > 1 and topk_group < n_group:
+        N, E = choice.shape
+        grouped = choice.reshape(N, n_group, E // n_group)
+        group_score = mx.topk(grouped, 2, axis=-1).sum(-1)  # [N, G]
+        drop = mx.argpartition(group_score, n_group - topk_group - 1, axis=-1)[:, : n_group - topk_group]
+        keep = mx.ones((N, n_group)) - (mx.arange(n_group)[None, None] == drop[..., None]).sum(1)
+        choice = mx.where(keep[..., None] > 0, grouped, -math.inf).reshape(N, E)
+    idx = mx.argpartition(-choice, top_k - 1, axis=-1)[:, :top_k]
+    w = mx.take_along_axis(choice if bias_in_weights else scores, idx, axis=-1)
+    if renormalize:
+        w = w / (w.sum(-1, keepdims=True) + 1e-20)
+    return idx.astype(mx.int32), w * scaling
+
+
+def kernel_supports(E: int, top_k: int, n_group: int) -> bool:
+    per = E // 32
+    return E % 32 == 0 and 1 <= per <= 16 and top_k <= 32 and E % n_group == 0 and (E // n_group) % per == 0 \
+        and ((E // n_group) // per) & ((E // n_group) // per - 1) == 0
+
+
+def route_kernel(logits, bias, *, top_k, n_group, topk_group, renormalize, scaling, bias_in_weights=False):
+    from metal_kernels import kernel
+
+    N, E = logits.shape
+    idx, w = kernel("moe_route")(
+        inputs=[logits.astype(mx.float32), bias.astype(mx.float32), mx.array([scaling], mx.float32)],
+        template=[("E", E), ("K", top_k), ("NG", n_group), ("TG", topk_group), ("RENORM", int(renormalize)),
+                  ("BIAS_W", int(bias_in_weights))],
+        grid=(32, N, 1), threadgroup=(32, 1, 1),
+        output_shapes=[(N, top_k), (N, top_k)], output_dtypes=[mx.int32, mx.float32],
+    )
+    return idx, w
+
+
+def path(E: int, top_k: int, n_group: int) -> str:
+    from .kda import gpu_backend
+
+    m = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if m not in MODES:
+        raise ConfigError(f"{ENV}={m!r} is not one of {', '.join(MODES)}; unset it or pick one")
+    fits = kernel_supports(E, top_k, n_group)
+    if m == "kernel":
+        if gpu_backend() is None or not fits:
+            raise ConfigError(f"{ENV}=kernel needs a Metal or CUDA device and E % 32 == 0 with E / 32 <= 16")
+        return "kernel"
+    return "kernel" if m == "auto" and fits and gpu_backend() else "ref"
+
+
+def route(logits, bias, **opts):
+    E = logits.shape[-1]
+    if path(E, opts["top_k"], opts["n_group"]) == "kernel":
+        return route_kernel(logits, bias, **opts)
+    return route_ref(logits, bias, **opts)
