@@ -85,8 +85,6 @@ def _to_numpy(x: mx.array) -> np.ndarray:
         return np.ascontiguousarray(np.array(x.view(mx.uint16)))
     if x.dtype == mx.int32:
         return np.ascontiguousarray(np.array(x))
-    if x.dtype == mx.int32:
-        return np.ascontiguousarray(np.array(x))
     return np.ascontiguousarray(np.array(x.astype(mx.float32)))
 
 
