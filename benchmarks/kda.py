@@ -3,6 +3,12 @@
   python benchmarks/kda.py                                 # this device, default lengths
   python benchmarks/kda.py --lengths 1,512,4096,8192,32768 --record out.md --commit abc1234
 
+On the GPU machine (../shared/device/README.md), after `bash .device/b/install.sh`:
+  export PYTHONPATH=$PWD
+  MLX_ENABLE_TF32=0 python3 -m pytest -m "gpu or not gpu" tests/test_kda.py tests/test_kernels_static.py
+  python3 -m kimi_mlx doctor && python3 benchmarks/kda.py --record $OUT/kda_gpu.md --commit <sha>
+(TF32 off for the 1e-4 tests: MLX's CUDA backend runs float32 matmuls in TF32 by default.)
+
 Each path starts from the same raw inputs (q, k, v, gate pre-activation a, beta logit b, A_log,
 dt_bias, state) and does its own q/k L2 norms, gates and recurrence:
   kimi-mlx   on a GPU: chunked prefill with the scan across chunks as one kernel, and the fused
