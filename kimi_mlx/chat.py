@@ -128,7 +128,7 @@ class Chat:
                 except KimiError as e:
                     self.out.error(str(e))
             elif text.strip():
-                self.stream(lambda progress: self.session.send(text.removeprefix("/"), progress=progress))
+                self.stream(lambda progress, text=text: self.session.send(text.removeprefix("/"), progress=progress))
 
     def stream(self, start: Callable) -> None:
         """Stream one reply; Ctrl-C stops it (the partial reply is kept) or drops a message being read."""

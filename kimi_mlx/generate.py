@@ -4,7 +4,7 @@ turns steps into Response objects (text, stop strings, timing), stream_generate 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -271,11 +271,6 @@ def stream_generate(model, tokenizer, prompt, *, tools=None, allow_special: bool
 def generate(model, tokenizer, prompt, **kwargs) -> str:
     """The generated text (stop strings and stop tokens excluded)."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
-
-
-def options_dict(opts: GenerationOptions) -> dict:
-    """JSON-ready copy (logit_bias keys become strings on the way out; from_kwargs turns them back)."""
-    return replace(opts).__dict__.copy()
 
 
 def stats_line(r: Response) -> str:
