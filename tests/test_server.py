@@ -288,5 +288,4 @@ def test_health_answers_during_long_prefill_and_disconnect_cancels_it(server):
 
     health, latency = asyncio.run(main())
     assert health["busy"] and latency < 1.0
-    assert server.wait_idle(8) < 8
-    assert server.health()["prefix_cache"]["entries"] > 0  # what was prefilled before the cancel is kept
+    assert server.wait_idle(8) < 8  # the whole prefill would take far longer: it was cancelled

@@ -106,7 +106,7 @@ def draw(grammars, grammar, seed, steps=400):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_named_tool_grammar_gives_a_valid_call(grammars, seed):
-    g, tok = grammars
+    g, _ = grammars
     grammar = g.lark(call_grammar(TOOLS, "get_weather", 3, JSON_OPTIONS))
     text = forced_prefix("get_weather", 3) + draw(grammars, grammar, seed)
     p = ToolCallParser()

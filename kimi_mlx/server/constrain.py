@@ -63,7 +63,7 @@ class Grammars:
             raise GrammarError("; ".join(messages) or "invalid grammar")
         return grammar
 
-    def processor(self, grammar: str) -> "GrammarProcessor":
+    def processor(self, grammar: str) -> GrammarProcessor:
         from llguidance import LLMatcher
 
         return GrammarProcessor(LLMatcher(self.ll_tokenizer(), grammar), self.vocab_size,

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from ..errors import KimiError
 from ..generate import GenerationOptions
-from .constrain import GrammarError
+from .constrain import JSON_OPTIONS, GrammarError
 from .errors import ApiError
 from .schemas import ChatRequest, CompletionRequest, Sampling
 from .tools import SECTION_BEGIN, call_grammar, calls_from_messages, forced_prefix
-from .constrain import JSON_OPTIONS
 from .worker import TurnSpec
 
 
@@ -51,7 +50,7 @@ def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
 
 def check_model(req: Sampling, names: set[str]) -> None:
     if req.model is not None and req.model not in names:
-        raise ApiError(404, f"model {req.model!r} is not served here; GET /v1/models lists {sorted(names)[0]!r}",
+        raise ApiError(404, f"model {req.model!r} is not served here; GET /v1/models lists {min(names)!r}",
                        param="model", code="model_not_found")
 
 

@@ -54,8 +54,7 @@ class Delta:
 def parse_header(header: str, index: int) -> ToolCall:
     """`functions.NAME:IDX` -> ToolCall(id=header, name=NAME); any other header is taken as the name."""
     header = header.strip()
-    name = header[len("functions."):] if header.startswith("functions.") else header
-    name = name.rsplit(":", 1)[0] if ":" in name else name
+    name = header.removeprefix("functions.").rsplit(":", 1)[0]
     return ToolCall(id=header if header.startswith("functions.") else f"functions.{name}:{index}", name=name)
 
 
