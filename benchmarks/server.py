@@ -1,0 +1,145 @@
+"""Time to first token over a growing conversation, through the HTTP server, with and without the prefix cache.
+
+A client resends the whole conversation every turn (as OpenAI clients do): turn k holds k user messages of
+about --user-tokens tokens each and the k-1 replies. Both servers run in this process on 127.0.0.1 over the
+same model (default: the random-weight demo, whose byte tokenizer makes one token per ASCII character), one
+after the other, and see the same conversation (the replies are greedy, so both generate the same ones).
+
+  python benchmarks/server.py --turns 10 --user-tokens 1000 --record
+"""
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+import mlx.core as mx  # noqa: E402
+import uvicorn  # noqa: E402
+
+from kimi_mlx import bench  # noqa: E402
+from kimi_mlx.loading import load  # noqa: E402
+from kimi_mlx.server.app import ServerSettings, create_app  # noqa: E402
+from kimi_mlx.server.worker import Engine, EngineSettings  # noqa: E402
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """uvicorn in a thread on a free loopback port; stops when the `with` block ends."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def user_message(turn: int, n_tokens: int) -> str:
+    text = f"Turn {turn}. "
+    i = turn
+    while len(text) < n_tokens:  # about one token per character with the demo's byte tokenizer
+        text += WORDS[i % len(WORDS)] + " "
+        i += 7
+    return text[:n_tokens]
+
+
+def one_turn(http: httpx.Client, url: str, messages: list, max_tokens: int) -> dict:
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, reply, usage, n_data = None, "", None, 0
+    with http.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            n_data += 1
+            chunk = json.loads(line[6:])
+            if n_data == 2:  # the first chunk after the role chunk carries the first generated token
+                ttft = time.perf_counter() - t0
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                reply += choice["delta"].get("content") or ""
+    return {"ttft": ttft, "total": time.perf_counter() - t0, "reply": reply, "prompt": usage["prompt_tokens"],
+            "cached": usage["prompt_tokens_details"]["cached_tokens"]}
+
+
+def conversations(model, tok, turns: int, user_tokens: int, max_tokens: int) -> tuple[list, list]:
+    """The same conversation against a server with the prefix cache and one without, turn by turn in lockstep
+    (so that load from other processes hits both alike)."""
+    engines = [Engine(model, tok, EngineSettings(prefix_cache_bytes=b)) for b in (4 << 30, 0)]
+    rows: tuple[list, list] = ([], [])
+    with LocalServer(create_app(engines[0], ServerSettings("bench"))) as on, \
+            LocalServer(create_app(engines[1], ServerSettings("bench"))) as off, httpx.Client(timeout=600) as http:
+        for url in (on, off):
+            one_turn(http, url, [{"role": "user", "content": "warm up"}], 4)
+        messages = [{"role": "system", "content": "You are a helpful assistant."}]
+        for k in range(1, turns + 1):
+            messages.append({"role": "user", "content": user_message(k, user_tokens)})
+            for url, out in zip((on, off), rows):
+                out.append(one_turn(http, url, messages, max_tokens))
+            messages.append({"role": "assistant", "content": rows[0][-1]["reply"]})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="demo", help="checkpoint directory, hub repo id, or 'demo'")
+    ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--user-tokens", type=int, default=1000)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
+    a = ap.parse_args()
+    model, tok = load(a.model)
+    cfg = model.config
+    with_cache, without = conversations(model, tok, a.turns, a.user_tokens, a.max_tokens)
+    lines = [(f"device: {bench.device_line()} | "
+              f"model: {a.model} (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {model.dtype}) | "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"),
+             f"{a.turns} turns, {a.user_tokens}-token user messages, {a.max_tokens}-token greedy replies, streamed",
+             " turn | prompt tok | cached tok | TTFT cache on | TTFT cache off | speed-up",
+             ]
+    for k, (on, off) in enumerate(zip(with_cache, without), 1):
+        assert on["reply"] == off["reply"], f"turn {k}: the replies differ with and without the cache"
+        lines.append(f" {k:4d} | {on['prompt']:10,d} | {on['cached']:10,d} | {on['ttft'] * 1e3:10.0f} ms "
+                     f"| {off['ttft'] * 1e3:11.0f} ms | {off['ttft'] / on['ttft']:7.1f}x")
+    total_on, total_off = sum(r["ttft"] for r in with_cache), sum(r["ttft"] for r in without)
+    lines.append(f"sum of TTFT: {total_on:.2f} s with the prefix cache, {total_off:.2f} s without")
+    print("\n".join(lines), flush=True)
+    if a.record:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        head = f"\n### server: TTFT over a growing conversation — {datetime.date.today()} — commit {commit or '?'}\n\n```\n"
+        with open(Path(__file__).parent / "RESULTS.md", "a") as f:
+            f.write(head + "\n".join(lines) + "\n```\n")
+
+
+if __name__ == "__main__":
+    main()
