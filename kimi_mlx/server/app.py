@@ -122,12 +122,12 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise ApiError(503, f"server busy: {e}; retry later", code="server_busy", headers={"Retry-After": "1"})
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(job, events, out, usage), media_type="text/event-stream",
+            return StreamingResponse(stream(engine, job, events, out, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             return await collect(request, events, out, want_logprobs)
         finally:
-            job.cancel.set()
+            engine.cancel(job)
 
     return app
 
@@ -156,7 +156,7 @@ def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def stream(job, events: asyncio.Queue, out: Output, include_usage: bool):
+async def stream(engine: Engine, job, events: asyncio.Queue, out: Output, include_usage: bool):
     """SSE: chunks as tokens come, `: prefill done/total` comments while the prompt is fed, then [DONE]."""
     try:
         if out.kind == "chat":
@@ -179,4 +179,4 @@ async def stream(job, events: asyncio.Queue, out: Output, include_usage: bool):
                 break
         yield "data: [DONE]\n\n"
     finally:
-        job.cancel.set()
+        engine.cancel(job)

@@ -72,6 +72,7 @@ class Job:
     def __init__(self, spec: TurnSpec, sink: Callable[[Event], None]):
         self.spec, self._sink = spec, sink
         self.cancel = threading.Event()
+        self.dequeued = False  # no longer counted as waiting (started, or dropped while waiting)
 
     def emit(self, event: Event) -> None:
         try:
@@ -126,13 +127,24 @@ class Engine:
         self._queue.put(job)
         return job
 
+    def cancel(self, job: Job) -> None:
+        """Stop `job`: a running turn stops at its next chunk or token; a waiting one frees its place now."""
+        with self._lock:
+            job.cancel.set()
+            self._dequeue(job)
+
+    def _dequeue(self, job: Job) -> None:
+        if not job.dequeued:
+            job.dequeued = True
+            self._waiting -= 1
+
     def _loop(self) -> None:
         while True:
             job = self._queue.get()
             if job is None:
                 return
             with self._lock:
-                self._waiting -= 1
+                self._dequeue(job)
                 self.running = job
             try:
                 if not job.cancel.is_set():
