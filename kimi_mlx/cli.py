@@ -143,6 +143,38 @@ def doctor():
         raise typer.Exit(1)
 
 
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="HF checkpoint directory or hub repo id"),
+    out: str = typer.Argument(..., help="output directory (refused if it exists, unless --force)"),
+    bits: int | None = typer.Option(None, "--bits", "-b", help="quantize: affine 2/3/4/5/6/8, mxfp4/nvfp4 4, mxfp8 8"),
+    group_size: int | None = typer.Option(None, "--group-size", "-g",
+                                          help="affine 32/64/128 (64), mxfp4/mxfp8 32, nvfp4 16"),
+    mode: str | None = typer.Option(None, "--mode", help="affine | mxfp4 | mxfp8 | nvfp4"),
+    recipe: str | None = typer.Option(None, "--recipe",
+                                      help="kimi (default) | uniform | mixed_2_6 | mixed_3_4 | mixed_3_6 | mixed_4_6"),
+    override: list[str] | None = typer.Option(None, "--override",
+                                              help="PATTERN=SPEC, e.g. '*.experts.down_proj=6', 'lm_head=none'"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float16 | float32 for unquantized weights"),
+    revision: str | None = typer.Option(None, "--revision", help="hub revision (branch, tag or commit)"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
+    no_report: bool = typer.Option(False, "--no-report", help="skip the quality report of a quantized conversion"),
+):
+    """Convert an HF Kimi Linear checkpoint for kimi-mlx, optionally quantized (no --bits/--mode/--recipe: none)."""
+    import signal
+
+    from .weights.convert import ConvertOptions, convert as run_convert
+
+    opts = ConvertOptions(bits, group_size, mode, recipe, override or [], dtype, force, not no_report, revision)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up like Ctrl-C
+    try:
+        run_convert(src, out, opts, log=lambda line: typer.echo(line, err=True))
+    except KeyboardInterrupt:
+        raise KimiError(f"interrupted; {out} was not written") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main() -> None:
     try:
         app()

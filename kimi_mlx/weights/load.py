@@ -14,6 +14,7 @@ from ..errors import WeightsError
 from ..model import Model
 from ..model.fuse import fuse_model
 from .layout import hf_to_local, is_hf_layout
+from .mlx_lm_layout import is_mlx_lm_layout, mlx_lm_to_local
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -106,7 +107,9 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, fuse: bool = Tru
 
         pipeline = setup(path, cfg.num_hidden_layers)
     weights = read_checkpoint(path)
-    if is_hf_layout(weights):
+    if is_mlx_lm_layout(weights):
+        weights, cfg = mlx_lm_to_local(cfg, weights)
+    elif is_hf_layout(weights):
         weights = hf_to_local(cfg, weights)
     return build_model(cfg, weights, dtype, fuse, pipeline)
 
