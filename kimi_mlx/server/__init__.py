@@ -1,5 +1,16 @@
 """`kimi-mlx serve`: a local OpenAI-compatible server with prefix-state reuse across turns.
 
+    kimi-mlx serve --model path/to/Kimi-Linear-48B-A3B-Instruct --port 8000 [--api-key KEY]
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything")
+    client.chat.completions.create(model="Kimi-Linear-48B-A3B-Instruct", messages=[...], stream=True)
+
+Clients resend the whole conversation each turn; the server restores the state snapshot of the longest
+prefix it has seen (snapshots are taken at every message end, every --snapshot-interval prompt tokens and
+after every reply) and feeds only the rest; usage.prompt_tokens_details.cached_tokens says how many tokens
+were reused. Requests run one at a time on one engine thread; up to --max-queue wait, more get a 503.
+
 Modules: app (routes, auth, SSE), schemas (request bodies), requests (request -> TurnSpec),
 openai_format (response objects), worker (the model's one owner), prefix_cache (state snapshots by
 token prefix), tools (Kimi tool-call parsing), constrain (llguidance grammars), errors (error objects).
