@@ -124,12 +124,13 @@ def test_unknown_route_and_method_are_json_errors(http):
     assert http.get("/v1/models/demo").json()["id"] == "demo"
 
 
-def test_api_key_is_required_on_v1_only(server):
+def test_api_key_is_required_except_on_health(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         err = error_of(httpx.post(server.url + "/v1/chat/completions", json={"messages": user("hi")},
                                   headers=headers, timeout=10), 401)
         assert err["code"] == "invalid_api_key"
     error_of(httpx.get(server.url + "/v1/models", timeout=10), 401)
+    error_of(httpx.get(server.url + "/anything", timeout=10), 401)
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="wrong").models.list()

@@ -42,13 +42,14 @@ class ServerSettings:
 
 
 class BearerAuth:
-    """ASGI middleware: /v1/* needs `Authorization: Bearer <api key>`; /health stays open."""
+    """ASGI middleware: every path but /health needs `Authorization: Bearer <api key>` (CORS preflights too
+    are left to the CORS layer, which sits outside this one)."""
 
     def __init__(self, app, api_key: str):
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+        if scope["type"] == "http" and scope["path"] != "/health" and scope["method"] != "OPTIONS":
             given = dict(scope.get("headers", [])).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 err = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' "
