@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
-import mlx.core as mx  # noqa: E402
 import uvicorn  # noqa: E402
 
 from kimi_mlx import bench  # noqa: E402
