@@ -1,0 +1,408 @@
+"""`kimi-mlx convert`: tiny HF checkpoints converted in every mode and recipe, loaded and compared with
+the source; mlx-lm-converted checkpoints; bad inputs; interrupted runs; --force."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import hf_oracle
+from kimi_mlx import load_model
+from kimi_mlx.config import ModelConfig
+from kimi_mlx.demo import write_byte_tokenizer
+from kimi_mlx.errors import KimiError
+from kimi_mlx.weights import output
+from kimi_mlx.weights.convert import ConvertOptions, convert, quant_plan
+from kimi_mlx.weights.recipes import make_recipe
+
+REPO = Path(__file__).parent.parent
+# every input width divisible by 64 (so every mode and group size quantizes everything), 3 of 8 experts
+SHAPE = dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=64, num_attention_heads=2,
+             num_key_value_heads=2, kv_lora_rank=64, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+             vocab_size=256)
+TOKENS = mx.array([[(i * 7919 + 13) % 256 for i in range(32)]])
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """(torch model, HF checkpoint dir in Moonshot naming with a byte-level tokenizer)."""
+    torch_model = hf_oracle.make_model(hf_oracle.make_config("kkkm", kda_heads=2, kda_dim=64, **SHAPE), seed=3)
+    path = tmp_path_factory.mktemp("src")
+    hf_oracle.save(torch_model, path)
+    f = path / "model.safetensors"
+    # transformers writes layer 0's dense MLP under block_sparse_moe; the released checkpoint uses mlp
+    w = {k.replace("layers.0.block_sparse_moe.", "layers.0.mlp."): v for k, v in load_file(str(f)).items()}
+    save_file(w, str(f), metadata={"format": "pt"})
+    write_byte_tokenizer(path)
+    return torch_model, path
+
+
+def run(src, out, *args, report=False, **kw):
+    flags = dict(zip(("bits", "group_size", "mode", "recipe"), args))
+    return convert(str(src), out, ConvertOptions(**flags, report=report, **kw), log=lambda _: None)
+
+
+def logits(model) -> np.ndarray:
+    return np.array(model(TOKENS).astype(mx.float32))[0]
+
+
+def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    lp = p_logits - np.logaddexp.reduce(p_logits, axis=-1, keepdims=True)
+    lq = q_logits - np.logaddexp.reduce(q_logits, axis=-1, keepdims=True)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def twin(src: Path, *args, overrides=()):
+    """The straightforward path the streaming converter must equal: load the whole source, quantize it."""
+    cfg = ModelConfig.from_file(src)
+    args = list(args) + [None] * (4 - len(args))
+    plan, _ = quant_plan(cfg, make_recipe(*args, overrides=list(overrides)))
+    model = load_model(src, fuse=False)
+    nn.quantize(model, class_predicate=lambda p, m: plan[p].to_dict() if p in plan else False)
+    return model, plan
+
+
+def test_unquantized_float32_matches_source(source, tmp_path):
+    torch_model, src = source
+    out = tmp_path / "f32"
+    res = run(src, out, dtype="float32")
+    ref = hf_oracle.logits(torch_model, np.array(TOKENS))[0]
+    got = logits(load_model(out))
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization" not in cfg and cfg["max_position_embeddings"] == 1048576
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert shards == [f"model-{k:05d}-of-{res.shards:05d}.safetensors" for k in range(1, res.shards + 1)]
+    assert set(index["weight_map"].values()) == set(shards)
+    for f in ("tiktoken.model", "tokenizer_config.json", "generation_config.json", "README.md"):
+        assert (out / f).is_file(), f
+    assert str(src) in (out / "README.md").read_text()
+
+
+def test_bf16_default_keeps_sensitive_tensors_fp32(source, tmp_path):
+    _, src = source
+    run(src, tmp_path / "bf16")
+    w = mx.load(str(next((tmp_path / "bf16").glob("model-00002-*.safetensors"))))  # layer 0 (KDA)
+    a = "model.layers.0.self_attn."
+    for name in ("A_log", "dt_bias", "conv_weight", "o_norm_weight"):
+        assert w[a + name].dtype == mx.float32, name
+    assert w[a + "qkv_proj.weight"].dtype == mx.bfloat16
+    w = mx.load(str(next((tmp_path / "bf16").glob("model-00003-*.safetensors"))))  # layer 1 (MoE)
+    assert w["model.layers.1.mlp.gate.weight"].dtype == mx.float32  # the router is never down-cast
+    assert w["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == mx.float32
+    ref = logits(load_model(src))
+    got = logits(load_model(tmp_path / "bf16", dtype=mx.float32))  # CPU gather_mm runs float32 only
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()  # bf16 weights: ~3 significant digits
+
+
+MODES = [(8, None, None, None), (6, None, None, None), (5, 128, None, None), (4, None, None, None),
+         (3, 32, None, None), (2, None, None, None), (None, None, "mxfp4", None), (None, None, "mxfp8", None),
+         (None, None, "nvfp4", None), (4, None, None, "uniform"), (None, None, None, "mixed_2_6"),
+         (None, None, None, "mixed_3_4"), (None, None, None, "mixed_3_6"), (None, 32, None, "mixed_4_6")]
+
+
+@pytest.mark.parametrize("args", MODES, ids=lambda a: "-".join(str(x) for x in a if x))
+def test_quantized_equals_in_memory_twin(source, tmp_path, args):
+    _, src = source
+    run(src, tmp_path / "q", *args, dtype="float32")
+    converted = load_model(tmp_path / "q")
+    model, plan = twin(src, *args)
+    ref = logits(model)
+    assert np.abs(logits(converted) - ref).max() <= 1e-4 * np.abs(ref).max()
+    q = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
+    for path, spec in plan.items():  # every module quantized as planned, none forgotten
+        assert q.get(path, {k: q[k] for k in ("bits", "group_size", "mode")}) == spec.to_dict(), path
+    layer = load_model(tmp_path / "q", fuse=False).model.layers[1]
+    assert layer.mlp.experts.gate_proj.weight.dtype == mx.uint32  # experts quantized
+    assert layer.mlp.gate.weight.dtype == mx.float32  # router unquantized
+    if args[3] != "uniform":
+        assert layer.self_attn.f_a_proj.bits == 8 and layer.self_attn.b_proj.bits == 8
+
+
+def test_overrides_and_unquantized_modules(source, tmp_path):
+    _, src = source
+    res = run(src, tmp_path / "o", 4, dtype="float32",
+              overrides=["*.experts.down_proj=6:32", "lm_head=none", "model.layers.3.*=mxfp8"])
+    m = load_model(tmp_path / "o", fuse=False)
+    assert m.model.layers[1].mlp.experts.down_proj.bits == 6 and m.model.layers[1].mlp.experts.down_proj.group_size == 32
+    assert isinstance(m.lm_head, nn.Linear) and not isinstance(m.lm_head, nn.QuantizedLinear)
+    assert m.model.layers[3].self_attn.q_proj.mode == "mxfp8"
+    assert m.model.layers[0].self_attn.qkv_proj.bits == 4
+    model, _ = twin(src, 4, overrides=["*.experts.down_proj=6:32", "lm_head=none", "model.layers.3.*=mxfp8"])
+    assert np.abs(logits(load_model(tmp_path / "o")) - logits(model)).max() <= 1e-4 * np.abs(logits(model)).max()
+    assert res.unquantized == []
+
+
+def _noise_kl(src: Path, plan: dict, seeds=range(4)) -> float:
+    """KL to the source of the source plus Gaussian noise as large as MLX's quantizer round-trip error,
+    module by module: what a correct conversion's KL should look like."""
+    base = load_model(src, fuse=False)
+    ref = logits(base)
+    out = []
+    for seed in seeds:
+        model = load_model(src, fuse=False)
+        mx.random.seed(seed)
+        upd = []
+        for path, spec in plan.items():
+            w = _module(model, path).weight
+            q = mx.quantize(w, spec.group_size, spec.bits, mode=spec.mode)
+            err = mx.dequantize(*q[:2], q[2] if len(q) > 2 else None, spec.group_size, spec.bits, mode=spec.mode,
+                                dtype=mx.float32) - w
+            upd.append((path + ".weight", w + mx.sqrt(mx.mean(err * err)) * mx.random.normal(w.shape)))
+        model.load_weights(upd, strict=False)
+        out.append(kl(ref, logits(model)).mean())
+    return float(np.mean(out))
+
+
+def _module(model, path):
+    m = model
+    for part in path.split("."):
+        m = m[int(part)] if part.isdigit() else m[part]
+    return m
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kl_within_quantization_noise(source, tmp_path, bits):
+    """Bound: a correct conversion perturbs the model like random noise of the quantizer's own error size
+    (tiny random models route chaotically, so the absolute KL is large: ~7e-3 at 8 bits, ~0.3 at 4 bits,
+    ~1 for an unrelated model). The converted model's KL must be within 2x of that noise-matched KL
+    (measured ratio 0.6..1.4); a mapping or scale bug gives errors far above the quantizer's."""
+    _, src = source
+    res = run(src, tmp_path / "q", bits, dtype="float32", report=True)
+    got = kl(logits(load_model(src)), logits(load_model(tmp_path / "q"))).mean()
+    cfg = ModelConfig.from_file(src)
+    noise = _noise_kl(src, twin(src, bits)[1])
+    assert got <= 2 * noise, (got, noise)
+    assert res.report.kl_mean <= 2 * noise
+    assert {"experts", "kda_gates", "kda_attn", "mla_attn", "embed", "lm_head"} <= set(res.report.classes)
+
+
+def test_report_matches_full_models(source, tmp_path):
+    """The streaming report (one group of each model at a time) against whole models on the same prompt."""
+    _, src = source
+    res = run(src, tmp_path / "q", 4, dtype="float32", report=True)
+    from kimi_mlx.weights.quality import prompt_tokens
+
+    ids, _ = prompt_tokens(src, 256)
+    toks = mx.array([ids])
+    a = np.array(load_model(src, fuse=False)(toks))[0]
+    b = np.array(load_model(tmp_path / "q", fuse=False)(toks))[0]
+    k = kl(a, b)
+    assert abs(res.report.kl_mean - k.mean()) <= 1e-3 * k.mean()
+    assert abs(res.report.kl_max - k.max()) <= 1e-3 * k.max()
+    assert res.report.top1 == pytest.approx((a.argmax(-1) == b.argmax(-1)).mean())
+    assert "English prompt" in res.report.prompt
+    e = res.report.classes["experts"]
+    assert 0.05 < e.relative < 0.15 and res.report.classes["kda_gates"].relative < 0.01  # 4-bit vs protected 8-bit
+    assert "## Quality" in (tmp_path / "q" / "README.md").read_text()
+
+
+def _mlx_lm_convert(src: Path, out: Path, **quant) -> Path:
+    """mlx-lm's own conversion code path (load + sanitize, quantize_model, save), offline."""
+    from mlx_lm.utils import load_model as lm_load, quantize_model, save_config, save_model
+
+    model, config = lm_load(src, lazy=True, model_config={"rope_theta": 10000.0})  # transformers 5 omits it
+    if quant:
+        model, config = quantize_model(model, config, **quant)
+    save_model(out, model)
+    save_config(config, out / "config.json")
+    return out
+
+
+def _affine_embedding(path, module):
+    """mxfp4 with an affine embedding (an fp-mode embedding returns bfloat16 and this test runs float32)."""
+    return {"group_size": 64, "bits": 8, "mode": "affine"} if path.endswith(("mlp.gate", "embed_tokens")) else True
+
+
+@pytest.mark.parametrize("quant", [{}, dict(group_size=64, bits=4),
+                                   dict(group_size=32, bits=4, mode="mxfp4", quant_predicate=_affine_embedding),
+                                   dict(group_size=64, bits=None, quant_predicate="mixed_3_6")],
+                         ids=["float", "affine4", "mxfp4", "mixed_3_6"])
+def test_mlx_lm_layout_loads_and_matches(source, tmp_path, quant):
+    from mlx_lm.convert import mixed_quant_predicate_builder
+    from mlx_lm.utils import load_model as lm_load
+
+    torch_model, src = source
+    if isinstance(quant.get("quant_predicate"), str):
+        model, _ = lm_load(src, lazy=True, model_config={"rope_theta": 10000.0})
+        quant["quant_predicate"] = mixed_quant_predicate_builder(quant["quant_predicate"], model, 64)
+    path = _mlx_lm_convert(src, tmp_path / "lm", **quant)
+    ours = logits(load_model(path))
+    if not quant:
+        ref = hf_oracle.logits(torch_model, np.array(TOKENS))[0]
+    else:
+        theirs, _ = lm_load(path, model_config={"rope_theta": 10000.0})
+        ref = np.array(theirs(TOKENS))[0]
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def cli(*args, capsys=None):
+    """Run `kimi-mlx convert ARGS` in-process; (exit code, stderr lines)."""
+    from kimi_mlx.cli import main
+
+    argv, sys.argv = sys.argv, ["kimi-mlx", "convert", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    return code, [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+
+
+def _edit(src: Path, dst: Path, how: str) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    f, c = dst / "model.safetensors", dst / "config.json"
+    if how == "no-config":
+        c.unlink()
+    elif how == "bad-json":
+        c.write_text("{oops")
+    elif how == "llama":
+        c.write_text(json.dumps({**json.loads(c.read_text()), "model_type": "llama"}))
+    elif how == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size - 1000])
+    elif how == "garbage":
+        f.write_bytes(b"\x00garbage" * 100)
+    else:
+        w = load_file(str(f))
+        if how == "missing":
+            del w["model.layers.2.self_attn.q_proj.weight"]
+        elif how == "shape":
+            w["model.layers.3.self_attn.kv_b_proj.weight"] = np.zeros((7, 64), np.float32)
+        elif how == "int":
+            w["model.layers.1.self_attn.A_log"] = w["model.layers.1.self_attn.A_log"].astype(np.int32)
+        save_file(w, str(f))
+    return dst
+
+
+@pytest.mark.parametrize("how, match", [
+    ("no-config", "config.json not found"), ("bad-json", "not valid JSON"), ("llama", "not 'kimi_linear'"),
+    ("truncated", "truncated or corrupt"), ("garbage", "truncated or corrupt"),
+    ("missing", "missing tensor 'model.layers.2.self_attn.q_proj.weight'"),
+    ("shape", "'model.layers.3.self_attn.kv_b_proj.weight' has shape \\[7, 64\\]"), ("int", "dtype I32")])
+def test_bad_source_is_one_line(source, tmp_path, capsys, how, match):
+    bad = _edit(source[1], tmp_path / "bad", how)
+    code, err = cli(bad, tmp_path / "out", "--bits", 4, capsys=capsys)
+    assert code == 1 and len(err) == 1 and err[0].startswith("error:"), err
+    assert pytest.importorskip("re").search(match, err[0]), err[0]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--bits", 7], "--bits 7 is not supported with mode affine"),
+    (["--bits", 4, "-g", 16], "--group-size 16"), (["--mode", "mxfp4", "-g", 64], "use 32"),
+    (["--mode", "nvfp4", "--bits", 8], "--bits 8"), (["--mode", "int4"], "--mode int4"),
+    (["--recipe", "mixed_3_4", "--bits", 4], "sets the bits itself"),
+    (["--recipe", "mixed_3_4", "--mode", "mxfp4"], "affine only"), (["--recipe", "q9"], "unknown"),
+    (["-g", 64], "need --bits"), (["--bits", 4, "--override", "nope*=8"], "matches no quantizable module"),
+    (["--bits", 4, "--override", "lm_head"], "PATTERN=SPEC"), (["--dtype", "int8"], "--dtype int8")])
+def test_bad_flags_are_one_line(source, tmp_path, capsys, args, match):
+    code, err = cli(source[1], tmp_path / "out", *args, capsys=capsys)
+    assert code == 1 and len(err) == 1 and match in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_paths_are_one_line(source, tmp_path, capsys, monkeypatch):
+    _, src = source
+    cases = [((tmp_path / "nope", tmp_path / "o"), "no such directory"),
+             (("someone/no-such-repo", tmp_path / "o"), "hub download failed"),
+             ((src, src / "inside"), "overlap"), ((src, tmp_path / "docs"), "not a checkpoint directory")]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.tex").write_text("precious")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for (s, o), match in cases:
+        code, err = cli(s, o, "--force", capsys=capsys)
+        assert code == 1 and len(err) == 1 and match in err[0], err
+    monkeypatch.setattr(output.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    code, err = cli(src, tmp_path / "o", capsys=capsys)
+    assert code == 1 and "not enough free disk space" in err[0] and not (tmp_path / "o").exists()
+
+
+def test_force_semantics(source, tmp_path, capsys, monkeypatch):
+    _, src = source
+    out = tmp_path / "out"
+    assert cli(src, out, "--bits", 8, "--no-report", capsys=capsys)[0] == 0
+    (out / "marker").write_text("old")
+    code, err = cli(src, out, capsys=capsys)
+    assert code == 1 and "already exists" in err[0] and (out / "marker").exists()
+
+    def fail(self, arrays):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(output.ShardWriter, "add", fail)  # a failed --force run keeps the old OUT
+    code, err = cli(src, out, "--force", capsys=capsys)
+    assert code == 1 and "disk on fire" in err[-1] and (out / "marker").exists()
+    assert [l for l in err if "error" in l] == err[-1:]  # progress lines, then one error line
+    monkeypatch.undo()
+    assert cli(src, out, "--force", "--dtype", "float32", capsys=capsys)[0] == 0
+    assert not (out / "marker").exists() and "quantization" not in json.loads((out / "config.json").read_text())
+    assert load_model(out) is not None and not list(tmp_path.glob(".out.*"))
+
+
+PAUSE = """
+import sys, time
+from kimi_mlx.weights import output
+add = output.ShardWriter.add
+def slow(self, arrays):
+    add(self, arrays)
+    if len(self.parts) == 2:
+        print("PAUSED", flush=True)
+        time.sleep(60)
+output.ShardWriter.add = slow
+sys.argv = ["kimi-mlx", "convert", *sys.argv[1:]]
+from kimi_mlx.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["int", "term", "kill"])
+def test_interrupted_conversion_leaves_nothing_that_loads(source, tmp_path, sig):
+    _, src = source
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-c", PAUSE, str(src), str(out), "--bits", "4"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "PAUSED"
+    partial = list(tmp_path.glob(".out.partial-*"))
+    assert len(partial) == 1 and list(partial[0].glob("*.safetensors"))  # mid-way: shards written
+    p.send_signal(sig)
+    p.wait(30)
+    assert p.returncode != 0 and not out.exists()
+    if sig != signal.SIGKILL:
+        err = [l for l in p.stderr.read().splitlines() if l.startswith("error:")]
+        assert err == [f"error: interrupted; {out} was not written"]
+        assert not list(tmp_path.glob(".out.partial-*"))
+        return
+    with pytest.raises(KimiError):  # a killed run's leftovers do not load ...
+        load_model(partial[0])
+    run(src, out, 4)  # ... and the next run removes them
+    assert not partial[0].exists() and out.is_dir()
+
+
+def test_shards_are_split_at_the_limit(source, tmp_path):
+    _, src = source
+    res = run(src, tmp_path / "s", dtype="float32", max_shard_bytes=100_000)
+    files = list((tmp_path / "s").glob("model-*.safetensors"))
+    assert res.shards == len(files) > 6
+    for f in files:
+        w = mx.load(str(f))
+        assert len(w) == 1 or sum(a.nbytes for a in w.values()) <= 100_000
+    assert np.array_equal(logits(load_model(tmp_path / "s")), logits(load_model(src)))
+
+
+def test_root_convert_script(source, tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "convert.py"), str(source[1]), str(tmp_path / "o"), "--bits", "8"],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert "KL mean" in r.stderr and (tmp_path / "o" / "config.json").exists()
