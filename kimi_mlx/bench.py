@@ -123,18 +123,23 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-def active_bytes_per_token(ours: Model, cfg_d: dict) -> int:
+def active_bytes_per_token(model: Model) -> int:
     """Bytes of weights read per decoded token: all but the unused experts and the embedding table."""
+    cfg = model.config
+    E, k, S = cfg.num_experts, cfg.num_experts_per_token, cfg.num_shared_experts
     total = 0
-    E, k = cfg_d["num_experts"], cfg_d["num_experts_per_token"]
-    for name, v in tree_flatten(ours.parameters()):
+    for name, v in tree_flatten(model.parameters()):
         if "embed_tokens" in name:
             total += v.nbytes // v.shape[0]
-        elif ".mlp.gate_up_proj." in name or ".mlp.down_proj." in name:
-            total += v.nbytes * (k + cfg_d["num_shared_experts"]) // v.shape[0]
+        elif ".mlp." in name and v.ndim == 3 and v.shape[0] in (E, E + S):  # an expert bank
+            total += v.nbytes * (k + (v.shape[0] - E)) // v.shape[0]
         else:
             total += v.nbytes
     return total
+
+
+def cache_bytes_per_token(cfg: ModelConfig, itemsize: int = 2) -> int:
+    return cfg.layer_types.count("mla") * cfg.latent_dim * itemsize
 
 
 @dataclass
@@ -159,10 +164,10 @@ class Runner:
         else:
             mx.eval([c.state for c in self.state])
 
-    def fill_context(self, n: int, cfg_d: dict):
+    def fill_context(self, n: int, cfg: ModelConfig):
         """Give every MLA layer a cache of n random latent rows (decode cost depends on length only)."""
         self.reset()
-        L, pe = cfg_d["kv_lora_rank"], cfg_d["qk_rope_head_dim"]
+        L, pe = cfg.kv_lora_rank, cfg.qk_rope_head_dim
         if self.is_ours:
             for s in self.state.layers:
                 if hasattr(s, "append"):
@@ -180,6 +185,9 @@ class Runner:
 
 def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
     toks = mx.random.randint(0, vocab, (1, n))
+    r.reset()  # warm-up: one step builds and caches every kernel the timed run needs
+    r.forward(toks[:, : min(step, n)])
+    r.eval_state()
     r.reset()
     t0 = time.perf_counter()
     for a in range(0, n, step):
@@ -210,6 +218,16 @@ def time_decode(r: Runner, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+# Peak memory bandwidth in GB/s by device name, for the "fraction of bandwidth" column.
+BANDWIDTH_GBS = {"H200": 4800, "H100": 3350, "M3 Ultra": 819, "M2 Ultra": 800, "M1 Ultra": 800, "M4 Max": 546,
+                 "M3 Max": 400, "M2 Max": 400, "M1 Max": 400, "M4 Pro": 273, "M3 Pro": 150, "M2 Pro": 200}
+
+
+def known_bandwidth() -> float | None:
+    name = mx.device_info().get("device_name", "")
+    return next((bw for key, bw in BANDWIDTH_GBS.items() if key in name), None)
+
+
 def device_line() -> str:
     info = mx.device_info()
     name = info.get("device_name") or info.get("architecture", "?")
@@ -218,52 +236,71 @@ def device_line() -> str:
 
 def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: int = 32, step: int = 2048,
         bits: int = 4, group_size: int = 64, peer: bool = True, peer_prefill_max: int = 2048,
-        bandwidth_gbs: float | None = None, echo=print) -> list[dict]:
-    """Measure and print; returns result rows (one per measurement)."""
+        bandwidth_gbs: float | None = None, model_path: str | None = None, peer_model: str | None = None,
+        echo=print) -> list[dict]:
+    """Measure and print; returns result rows (one per measurement).
+
+    model_path: a checkpoint to measure instead of random weights at `shape`; peer_model: an mlx-lm
+    checkpoint of the same model to compare against (random weights are shared with mlx-lm directly).
+    """
     dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
-    ours, theirs, cfg_d = build(shape, bits, group_size, dtype=dtype, peer=peer)
+    bandwidth_gbs = bandwidth_gbs or known_bandwidth()
     echo(f"device: {device_line()}")
-    quant = f"{bits}-bit affine gs{group_size} (KDA gate/beta projections 8-bit)" if bits else "unquantized"
-    echo(f"shape: {shape}, random weights, {quant}, activations {dtype}")
-    active = active_bytes_per_token(ours, cfg_d)
+    if model_path:
+        from .weights.load import load_model
+
+        ours = load_model(model_path)
+        theirs = None
+        if peer_model:
+            from mlx_lm import load as peer_load
+
+            theirs = peer_load(peer_model)[0]
+        q = ours.config.quantization
+        quant = f"{q.get('bits')}-bit {q.get('mode', 'affine')} gs{q.get('group_size')}" if q else "unquantized"
+        echo(f"model: {model_path} ({quant}); peer: {peer_model or 'none'}")
+    else:
+        ours, theirs, _ = build(shape, bits, group_size, dtype=dtype, peer=peer)
+        quant = f"{bits}-bit affine gs{group_size} (KDA gate/beta projections 8-bit)" if bits else "unquantized"
+        echo(f"shape: {shape}, random weights, {quant}, activations {dtype}")
+    cfg = ours.config
+    active = active_bytes_per_token(ours)
     echo(f"weights: {weight_bytes(ours) / 1e9:.2f} GB; read per decoded token: {active / 1e9:.3f} GB; "
-         f"cache per context token: {cache_bytes_per_token(cfg_d, 2)} B (bf16)")
+         f"cache per context token: {cache_bytes_per_token(cfg)} B (bf16)")
     runners = [Runner("kimi-mlx", ours, True)] + ([Runner("mlx-lm", theirs, False)] if theirs is not None else [])
     rows = []
     for n in prefill:
-        got = {}
+        got, peak = {}, {}
         for r in runners:
             if r.name == "mlx-lm" and n > peer_prefill_max:
                 continue
             mx.reset_peak_memory()
-            got[r.name] = time_prefill(r, n, step, cfg_d["vocab_size"])
-            rows.append(dict(what="prefill", tokens=n, runner=r.name, tok_s=got[r.name],
-                             peak_gb=mx.get_peak_memory() / 1e9))
-        echo(_line(f"prefill {n:>7}", got))
+            got[r.name] = time_prefill(r, n, step, cfg.vocab_size)
+            peak[r.name] = mx.get_peak_memory() / 1e9
+            rows.append(dict(what="prefill", tokens=n, runner=r.name, tok_s=got[r.name], peak_gb=peak[r.name]))
+            r.state = None
+            gc.collect()
+            mx.clear_cache()
+        echo(_line(f"prefill {n:>7}", got, peak=peak))
     for n in contexts:
-        got = {}
+        got, peak = {}, {}
         for r in runners:
-            r.fill_context(n, cfg_d)
+            r.fill_context(n, cfg)
             mx.reset_peak_memory()
             got[r.name] = time_decode(r, decode_tokens)
-            row = dict(what="decode", tokens=n, runner=r.name, tok_s=got[r.name], peak_gb=mx.get_peak_memory() / 1e9)
+            peak[r.name] = mx.get_peak_memory() / 1e9
+            row = dict(what="decode", tokens=n, runner=r.name, tok_s=got[r.name], peak_gb=peak[r.name])
             if r.is_ours and bandwidth_gbs:
                 row["bandwidth_frac"] = got[r.name] * active / (bandwidth_gbs * 1e9)
             rows.append(row)
             r.state = None
             gc.collect()
             mx.clear_cache()
-        echo(_line(f"decode @{n:>7}", got, active, bandwidth_gbs))
+        echo(_line(f"decode @{n:>7}", got, active, bandwidth_gbs, peak))
     return rows
 
 
-def cache_bytes_per_token(cfg_d: dict, itemsize: int) -> int:
-    n_mla = len(cfg_d["linear_attn_config"]["full_attn_layers"])
-    return n_mla * (cfg_d["kv_lora_rank"] + cfg_d["qk_rope_head_dim"]) * itemsize
-
-
-def _line(label: str, got: dict, active: int | None = None, bw: float | None = None) -> str:
-    parts = [f"{k} {v:9.1f} tok/s" for k, v in got.items()]
+def _line(label: str, got: dict, active: int | None = None, bw: float | None = None, peak=None) -> str:
+    parts = [f"{k} {v:9.1f} tok/s" + (f" (peak {peak[k]:.1f} GB)" if peak else "") for k, v in got.items()]
     if "mlx-lm" in got and "kimi-mlx" in got:
         parts.append(f"ratio {got['kimi-mlx'] / got['mlx-lm']:.2f}x")
     if active and "kimi-mlx" in got:

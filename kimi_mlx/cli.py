@@ -175,6 +175,46 @@ def convert(
         signal.signal(signal.SIGTERM, previous)
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise KimiError(f"'{text}' is not a comma-separated list of token counts, e.g. 1024,32768") from None
+
+
+@app.command()
+def bench(
+    model: str = typer.Option(None, "--model", "-m", help="a checkpoint to measure (default: random weights)"),
+    shape: str = typer.Option("small", "--shape", help="random-weight shape: full (48B-A3B) or small"),
+    contexts: str = typer.Option("1024,32768", "--contexts", help="decode at these context lengths"),
+    prefill: str = typer.Option("1024,8192", "--prefill", help="prefill these prompt lengths"),
+    decode_tokens: int = typer.Option(32, "--decode-tokens"),
+    step: int = typer.Option(2048, "--step", help="prefill step size"),
+    bits: int = typer.Option(4, "--bits", help="random weights: quantization bits (0 = unquantized)"),
+    peer: bool = typer.Option(True, "--peer/--no-peer", help="also measure mlx-lm on the same weights"),
+    peer_model: str = typer.Option(None, "--peer-model", help="with --model: an mlx-lm checkpoint to compare"),
+    bandwidth: float = typer.Option(None, "--bandwidth", help="device memory bandwidth in GB/s"),
+):
+    """Prefill and decode speed, peak memory and bandwidth use, against mlx-lm in the same run."""
+    from . import bench as b
+
+    if shape not in b.SHAPES:
+        raise KimiError(f"--shape {shape}: choose one of {', '.join(b.SHAPES)}")
+    if peer and not model:
+        try:
+            import mlx_lm  # noqa: F401
+        except ImportError:
+            raise KimiError("mlx-lm is not installed: pip install 'kimi-mlx[bench]', or pass --no-peer") from None
+    b.run(shape, _ints(contexts), _ints(prefill), decode_tokens, step, bits, peer=peer and not model,
+          bandwidth_gbs=bandwidth, model_path=model and str(_resolve(model)), peer_model=peer_model)
+
+
+def _resolve(model: str):
+    from .loading import resolve
+
+    return resolve(model)
+
+
 def main() -> None:
     try:
         app()

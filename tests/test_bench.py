@@ -1,0 +1,34 @@
+"""The benchmark harness runs end to end (speed itself is measured in benchmarks/, not here)."""
+
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+
+from kimi_mlx import bench
+
+
+def test_identical_weights_give_matching_logits():
+    """The random model is built once and fed through both projects' loaders: same weights, same math."""
+    ours, theirs, _ = bench.build("small", bits=0, dtype=mx.float32, peer=True)
+    toks = mx.array(np.random.default_rng(0).integers(0, 4096, (1, 24)))
+    a = ours(toks)
+    b = theirs(toks)
+    assert float(mx.abs(a - b).max()) <= 1e-3 * float(mx.abs(b).max())
+
+
+def test_run_prints_ratios_and_memory():
+    lines = []
+    rows = bench.run("small", contexts=(64,), prefill=(64,), decode_tokens=4, step=64, bits=4, echo=lines.append)
+    text = "\n".join(lines)
+    assert "ratio" in text and "peak" in text and "read per decoded token" in text
+    assert {(r["what"], r["runner"]) for r in rows} == {(w, n) for w in ("prefill", "decode") for n in ("kimi-mlx", "mlx-lm")}
+    assert all(r["tok_s"] > 0 for r in rows)
+
+
+def test_cli_bench_on_a_checkpoint():
+    r = subprocess.run([sys.executable, "-m", "kimi_mlx", "bench", "--model", "demo", "--contexts", "32",
+                        "--prefill", "32", "--decode-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "decode @" in r.stdout and "prefill" in r.stdout
