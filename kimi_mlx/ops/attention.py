@@ -20,8 +20,12 @@ Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and 
          to exactly that tile where no fused kernel takes these head dims). The absorbed form never
          takes it: SDPA broadcasts the one key head to all H query heads, while the tiled path folds
          the heads into query rows of one matmul (measured 6x faster on an H200, RESULTS.md).
-  tiled  queries in chunks and keys in tiles with an online softmax: at most one
-         [B, H, query_chunk, tile_keys] float32 score tile (<= TILE_BYTES) is live at a time
+  tiled  queries in chunks and keys in tiles of [B, H, query_chunk, tile_keys] float32 scores
+         (<= TILE_BYTES) with an online softmax. mx.depends orders each tile after the previous one
+         is folded in, so the working set is a few tiles whatever S is (measured: about ten tiles
+         on CPU, where MLX allocates outputs a few ops ahead; without the ordering it grows with S).
+         One tile spans several cache pages when they fit (decode reads all pages in one tile:
+         one scores matmul and one values matmul per page, each reading the latent rows once).
 Quantized caches (see LatentCache.bits) always take the tiled path.
 """
 
@@ -37,7 +41,7 @@ from ..errors import ConfigError
 
 ENV = "KIMI_MLX_MLA"
 MODES = ("auto", "ref", "fused", "tiled")
-TILE_BYTES = 1 << 26  # one float32 score tile; about ten are in flight at once (benchmarks/RESULTS.md)
+TILE_BYTES = 1 << 26  # one float32 score tile: 256 keys x 2,048 queries x 32 heads at the real shape
 MIN_TILE_KEYS = 256  # below this many keys per tile, chunk the queries instead
 
 
@@ -248,7 +252,7 @@ def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling):
         m = l = acc = None
         spans = list(cache.spans(last_q + 1, tiling.tile_keys))
         for tile in _group(spans, tiling.tile_keys):
-            # read this tile only after the previous one is folded in, so one tile is live at a time
+            # read this tile only after the previous one is folded in (else MLX may compute tiles ahead)
             after = [acc, l] if m is not None else outs[-1:]
             if after:
                 tile = [(start, tuple(mx.depends(list(span), after))) for start, span in tile]
