@@ -150,10 +150,11 @@ def _noise_kl(src: Path, plan: dict, seeds=range(4)) -> float:
     out = []
     for seed in seeds:
         model = load_model(src, fuse=False)
+        modules = dict(model.named_modules())
         mx.random.seed(seed)
         upd = []
         for path, spec in plan.items():
-            w = _module(model, path).weight
+            w = modules[path].weight
             q = mx.quantize(w, spec.group_size, spec.bits, mode=spec.mode)
             err = mx.dequantize(*q[:2], q[2] if len(q) > 2 else None, spec.group_size, spec.bits, mode=spec.mode,
                                 dtype=mx.float32) - w
@@ -161,13 +162,6 @@ def _noise_kl(src: Path, plan: dict, seeds=range(4)) -> float:
         model.load_weights(upd, strict=False)
         out.append(kl(ref, logits(model)).mean())
     return float(np.mean(out))
-
-
-def _module(model, path):
-    m = model
-    for part in path.split("."):
-        m = m[int(part)] if part.isdigit() else m[part]
-    return m
 
 
 @pytest.mark.parametrize("bits", [8, 4])

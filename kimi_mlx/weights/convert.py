@@ -61,26 +61,18 @@ class ConvertResult:
 
 def quant_plan(cfg: ModelConfig, recipe: Recipe) -> tuple[dict[str, QuantSpec], list[str]]:
     """(module path -> spec for every module that gets quantized, paths left float for divisibility)."""
-    model = Model(cfg)  # parameters stay unevaluated: this costs no memory
-    paths = [p for p, m in model.named_modules() if hasattr(m, "to_quantized")]
-    check_overrides(recipe, paths)
+    modules = {p: m for p, m in Model(cfg).named_modules() if hasattr(m, "to_quantized")}  # never evaluated
+    check_overrides(recipe, list(modules))
     plan, skipped = {}, []
-    for path in paths:
+    for path, module in modules.items():
         spec = recipe.spec_for(path, cfg)
         if spec is None:
             continue
-        if _in_dims(model, path) % spec.group_size:
+        if module.weight.shape[-1] % spec.group_size:
             skipped.append(path)
         else:
             plan[path] = spec
     return plan, skipped
-
-
-def _in_dims(model: nn.Module, path: str) -> int:
-    m = model
-    for part in path.split("."):
-        m = m[int(part)] if part.isdigit() else m[part]
-    return m.weight.shape[-1]
 
 
 def estimate_bytes(cfg: ModelConfig, plan: dict[str, QuantSpec], dtype: mx.Dtype) -> int:
@@ -153,8 +145,8 @@ class Converter:
         conv.load_weights([(k, v.astype(stored_dtype(prefix + k, v.dtype, self.dtype))) for k, v in local.items()])
         del local
         nn.quantize(conv, class_predicate=self._predicate(prefix))
-        for _, m in conv.named_modules():  # one module at a time: sources are read as they are needed
-            mx.eval(m.parameters())
+        for _, arr in tree_flatten(conv.parameters()):  # one tensor at a time: sources read as needed
+            mx.eval(arr)
         if self.probe:
             self._probe(group, prefix, ref, conv)
         self.writer.add({prefix + k: v for k, v in tree_flatten(conv.parameters())})
