@@ -28,8 +28,11 @@ def test_fused_equals_reference(hf_checkpoint, shared, bits):
         quantize(fused, bits)
     from kimi_mlx.model.fuse import fuse_model
 
-    assert fuse_model(fused) == 2
+    fuse_model(fused)
     assert all(isinstance(l.mlp, FusedMoE) for l in fused.model.layers[1:])
+    kda_layers = [l.self_attn for l in fused.model.layers if l.is_kda]
+    assert all("gates_in" in a and "f_a_proj" not in a for a in kda_layers)
+    assert all(l.mlp.gate.weight.dtype == mx.float32 for l in fused.model.layers[1:])
     scale = float(mx.abs(ref).max())
     assert float(mx.abs(fused(toks) - ref).max()) <= 1e-5 * scale  # prefill: tokens sorted by expert
     state = fused.new_state(2)
@@ -43,4 +46,19 @@ def test_mixed_precision_experts_stay_unfused(hf_checkpoint):
     nn.quantize(model, 32, 4, class_predicate=lambda p, m: p.endswith("experts.gate_proj"))
     from kimi_mlx.model.fuse import fuse_model
 
-    assert fuse_model(model) == 0
+    fuse_model(model)
+    assert not any(isinstance(l.mlp, FusedMoE) for l in model.model.layers)
+
+
+def test_kda_inputs_stay_apart_when_stored_differently(hf_checkpoint):
+    _, path = hf_checkpoint("kmk", moe_intermediate_size=32, hidden_size=64)
+    model = load_model(path, fuse=False)
+    nn.quantize(model, 32, 8, class_predicate=lambda p, m: p.endswith(".b_proj"))
+    toks = mx.array(np.arange(20)[None] % 200)
+    ref = model(toks)
+    from kimi_mlx.model.fuse import fuse_model
+
+    fuse_model(model)
+    attn = model.model.layers[0].self_attn
+    assert "gates_in" not in attn and "b_proj" in attn
+    assert float(mx.abs(model(toks) - ref).max()) <= 1e-5 * float(mx.abs(ref).max())

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .common import MLP
+from .kda import KimiDeltaAttention
 from .moe import KimiMoE, QuantizedSwitchLinear, SwitchLinear
 
 
@@ -109,8 +110,36 @@ def can_fuse_moe(moe: KimiMoE) -> bool:
     return True
 
 
+def _linear(template: nn.Module, arrays: dict, dims_in: int) -> nn.Module:
+    """A Linear (or QuantizedLinear like `template`) holding the given arrays."""
+    if isinstance(template, nn.QuantizedLinear):
+        m = nn.QuantizedLinear(dims_in, 1, bias=False, group_size=template.group_size, bits=template.bits,
+                               mode=template.mode)
+    else:
+        m = nn.Linear(dims_in, 1, bias=False)
+    for k, v in arrays.items():
+        setattr(m, k, v)
+    m.freeze()
+    return m
+
+
+def fuse_kda_inputs(attn: KimiDeltaAttention) -> bool:
+    """f_a_proj | g_a_proj | b_proj read the same x: one matmul `gates_in` when stored alike."""
+    parts = [attn.f_a_proj, attn.g_a_proj, attn.b_proj]
+    if len({_qparams(p) for p in parts}) != 1 or len({p.weight.dtype for p in parts}) != 1:
+        return False
+    attn.gates_in = _linear(parts[0], _bank([_parts(p) for p in parts], axis=0), model_dims(attn))
+    for name in ("f_a_proj", "g_a_proj", "b_proj"):
+        delattr(attn, name)
+    return True
+
+
+def model_dims(attn: KimiDeltaAttention) -> int:
+    return attn.o_proj.weight.shape[0]
+
+
 def fuse_model(model) -> int:
-    """Replace fusable MoE blocks in place; returns how many were fused."""
+    """Fuse in place: MoE banks, KDA input projections, float32 router weights. Returns how many blocks."""
     n = 0
     shared = model.config.num_shared_experts
     for i in model.owned:
@@ -118,6 +147,10 @@ def fuse_model(model) -> int:
         if isinstance(layer.mlp, KimiMoE) and can_fuse_moe(layer.mlp):
             layer.mlp = FusedMoE(layer.mlp, shared if "shared_experts" in layer.mlp else 0)
             n += 1
+        if "gate" in layer.mlp:  # the router works in float32 (as upstream): cast once, not per call
+            layer.mlp.gate.weight = layer.mlp.gate.weight.astype(mx.float32)
+        if isinstance(layer.self_attn, KimiDeltaAttention):
+            n += fuse_kda_inputs(layer.self_attn)
     model._steps = None  # compiled decode steps close over the old modules
     mx.eval(model.parameters())
     return n

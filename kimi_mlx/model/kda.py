@@ -49,28 +49,37 @@ class KimiDeltaAttention(nn.Module):
         self.o_proj = nn.Linear(H * D, dim, bias=False)
         self.norm_eps = cfg.rms_norm_eps
 
-    def gate(self, x: mx.array) -> mx.array:
-        """Log-space forget gate g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias): [B, T, H, D] f32, <= 0."""
-        B, T, _ = x.shape
-        a = self.f_b_proj(self.f_a_proj(x)).astype(mx.float32) + self.dt_bias.astype(mx.float32)
+    def low_rank_inputs(self, x: mx.array):
+        """(f_a(x), g_a(x), b_proj(x)): one matmul where model/fuse.py merged them into `gates_in`."""
+        if "gates_in" in self:
+            D = self.head_dim
+            y = self.gates_in(x)
+            return y[..., :D], y[..., D : 2 * D], y[..., 2 * D :]
+        return self.f_a_proj(x), self.g_a_proj(x), self.b_proj(x)
+
+    def gate(self, f_a: mx.array) -> mx.array:
+        """Log-space forget gate g = -exp(A_log) * softplus(f_b(f_a) + dt_bias): [B, T, H, D] f32, <= 0."""
+        B, T, _ = f_a.shape
+        a = self.f_b_proj(f_a).astype(mx.float32) + self.dt_bias.astype(mx.float32)
         a = a.reshape(B, T, self.num_heads, self.head_dim)
         return -mx.exp(self.A_log.astype(mx.float32))[:, None] * softplus(a)
 
     def __call__(self, x: mx.array, state: KDAState) -> mx.array:
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
+        f_a, g_a, b_logit = self.low_rank_inputs(x)
         if T == 1 and decode_path(state.recurrent, self.conv_weight) != "ref":
             # one fused op: conv update, norms, gates, state update, readout (ops/kda_decode.py)
             o, state.recurrent, state.conv = kda_decode_step(
-                self.qkv_proj(x)[:, 0], self.f_b_proj(self.f_a_proj(x))[:, 0], self.b_proj(x)[:, 0],
+                self.qkv_proj(x)[:, 0], self.f_b_proj(f_a)[:, 0], b_logit[:, 0],
                 state.conv, self.conv_weight, self.A_log, self.dt_bias, state.recurrent,
             )
             o = o[:, None]
         else:
             qkv, state.conv = short_conv(self.qkv_proj(x), state.conv, self.conv_weight)
             q, k, v = mx.split(qkv.reshape(B, T, 3, H, D), 3, axis=2)
-            beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))
-            o, state.recurrent = kda(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.gate(x), beta, state.recurrent)
-        gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D).astype(mx.float32)
+            beta = mx.sigmoid(b_logit.astype(mx.float32))
+            o, state.recurrent = kda(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.gate(f_a), beta, state.recurrent)
+        gate = self.g_b_proj(g_a).reshape(B, T, H, D).astype(mx.float32)
         y = mx.fast.rms_norm(o, self.o_norm_weight.astype(mx.float32), self.norm_eps) * mx.sigmoid(gate)
         return self.o_proj(y.reshape(B, T, H * D).astype(x.dtype))
