@@ -123,6 +123,8 @@ def test_quantized_equals_in_memory_twin(source, tmp_path, args):
         assert q.get(path, {k: q[k] for k in ("bits", "group_size", "mode")}) == spec.to_dict(), path
     layer = load_model(tmp_path / "q", fuse=False).model.layers[1]
     assert layer.mlp.experts.gate_proj.weight.dtype == mx.uint32  # experts quantized
+    if args[1] == 128:  # width 64 is not a multiple of the group size: kept in floating point
+        assert layer.mlp.experts.down_proj.weight.dtype == mx.float32
     assert layer.mlp.gate.weight.dtype == mx.float32  # router unquantized
     if args[3] != "uniform":
         assert layer.self_attn.f_a_proj.bits == 8 and layer.self_attn.b_proj.bits == 8
@@ -310,6 +312,9 @@ def test_bad_flags_are_one_line(source, tmp_path, capsys, args, match):
 
 def test_bad_paths_are_one_line(source, tmp_path, capsys, monkeypatch):
     _, src = source
+    run(src, tmp_path / "converted", 8)
+    code, err = cli(tmp_path / "converted", tmp_path / "again", capsys=capsys)
+    assert code == 1 and len(err) == 1 and "already converted" in err[0], err
     cases = [((tmp_path / "nope", tmp_path / "o"), "no such directory"),
              (("someone/no-such-repo", tmp_path / "o"), "hub download failed"),
              ((src, src / "inside"), "overlap"), ((src, tmp_path / "docs"), "not a checkpoint directory")]

@@ -143,6 +143,9 @@ def expected_shapes(cfg: ModelConfig, names: set[str]) -> dict[str, tuple]:
 def check_source(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
     """The tensors to convert, after checking names, shapes and dtypes against config.json."""
     used = {n: t for n, t in tensors.items() if not _skipped(n, t, cfg)}
+    if any(n.endswith(".scales") or ".qkv_proj." in n or ".switch_mlp." in n for n in used):
+        raise WeightsError("SRC is already converted (MLX layout or quantized); convert from the original HF "
+                           "checkpoint, or load this one directly")
     expected = expected_shapes(cfg, set(used))
     missing = [n for n in expected if n not in used]
     if missing:
