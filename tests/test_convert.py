@@ -101,7 +101,8 @@ def test_bf16_default_keeps_sensitive_tensors_fp32(source, tmp_path):
     assert w["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == mx.float32
     ref = logits(load_model(src))
     got = logits(load_model(tmp_path / "bf16", dtype=mx.float32))  # CPU gather_mm runs float32 only
-    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()  # bf16 weights: ~3 significant digits
+    # bf16 rounding is RMS 0.11% of a weight, 1/5 of 8-bit gs64's 0.54%; KL grows as the square: ~2e-4
+    assert kl(ref, got).mean() <= 1e-3
 
 
 MODES = [(8, None, None, None), (6, None, None, None), (5, 128, None, None), (4, None, None, None),
@@ -168,14 +169,14 @@ def _noise_kl(src: Path, plan: dict, seeds=range(4)) -> float:
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_kl_within_quantization_noise(source, tmp_path, bits):
-    """Bound: a correct conversion perturbs the model like random noise of the quantizer's own error size
-    (tiny random models route chaotically, so the absolute KL is large: ~7e-3 at 8 bits, ~0.3 at 4 bits,
-    ~1 for an unrelated model). The converted model's KL must be within 2x of that noise-matched KL
-    (measured ratio 0.6..1.4); a mapping or scale bug gives errors far above the quantizer's."""
+    """Bound: a correct conversion perturbs the model like random noise of the quantizer's own error size.
+    Tiny random models route chaotically (a small change flips experts), so absolute KLs are large here:
+    5e-3 at 8 bits, 0.37 at 4 bits, 0.88 for an unrelated model. The converted model's KL must stay within
+    2x of the noise-matched KL (measured ratios 0.77 and 1.08); a mapping, scale or config bug adds errors
+    far above the quantizer's. Exactness against the in-memory twin is tested above."""
     _, src = source
     res = run(src, tmp_path / "q", bits, dtype="float32", report=True)
     got = kl(logits(load_model(src)), logits(load_model(tmp_path / "q"))).mean()
-    cfg = ModelConfig.from_file(src)
     noise = _noise_kl(src, twin(src, bits)[1])
     assert got <= 2 * noise, (got, noise)
     assert res.report.kl_mean <= 2 * noise
@@ -370,16 +371,16 @@ main()
 def test_interrupted_conversion_leaves_nothing_that_loads(source, tmp_path, sig):
     _, src = source
     out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "-c", PAUSE, str(src), str(out), "--bits", "4"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "PAUSED"
-    partial = list(tmp_path.glob(".out.partial-*"))
-    assert len(partial) == 1 and list(partial[0].glob("*.safetensors"))  # mid-way: shards written
-    p.send_signal(sig)
-    p.wait(30)
+    with subprocess.Popen([sys.executable, "-c", PAUSE, str(src), str(out), "--bits", "4"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        assert p.stdout.readline().strip() == "PAUSED"
+        partial = list(tmp_path.glob(".out.partial-*"))
+        assert len(partial) == 1 and list(partial[0].glob("*.safetensors"))  # mid-way: shards written
+        p.send_signal(sig)
+        stderr = p.communicate(timeout=30)[1]
     assert p.returncode != 0 and not out.exists()
     if sig != signal.SIGKILL:
-        err = [l for l in p.stderr.read().splitlines() if l.startswith("error:")]
+        err = [l for l in stderr.splitlines() if l.startswith("error:")]
         assert err == [f"error: interrupted; {out} was not written"]
         assert not list(tmp_path.glob(".out.partial-*"))
         return
