@@ -86,6 +86,14 @@ def test_env_override(monkeypatch):
         A.mode()
     monkeypatch.setenv(A.ENV, "ref")
     assert A.mode() == "ref"
+    monkeypatch.setenv(A.TILE_ENV, "256")
+    assert A.tile_bytes_from_env() == 256 << 20
+    for bad in ("0", "1.5", "lots"):
+        monkeypatch.setenv(A.TILE_ENV, bad)
+        with pytest.raises(A.ConfigError, match=A.TILE_ENV):
+            A.tile_bytes_from_env()
+    monkeypatch.delenv(A.TILE_ENV)
+    assert A.tile_bytes_from_env() == 64 << 20
 
 
 @pytest.mark.parametrize("B,H_,T,S", [(1, 32, 2048, 1 << 20), (1, 32, 1, 1 << 20), (2, 32, 16384, 1 << 20),

@@ -21,7 +21,7 @@ Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and 
          takes it: SDPA broadcasts the one key head to all H query heads, while the tiled path folds
          the heads into query rows of one matmul (measured 6x faster on an H200, RESULTS.md).
   tiled  queries in chunks and keys in tiles of [B, H, query_chunk, tile_keys] float32 scores
-         (<= TILE_BYTES) with an online softmax. mx.depends orders each tile after the previous one
+         (<= TILE_BYTES, KIMI_MLX_MLA_TILE_MB, default 64) with an online softmax. mx.depends orders each tile after the previous one
          is folded in, so the working set is a few tiles whatever S is (measured: about ten tiles
          on CPU, where MLX allocates outputs a few ops ahead; without the ordering it grows with S).
          One tile spans several cache pages when they fit (decode reads all pages in one tile:
@@ -41,7 +41,18 @@ from ..errors import ConfigError
 
 ENV = "KIMI_MLX_MLA"
 MODES = ("auto", "ref", "fused", "tiled")
-TILE_BYTES = 1 << 26  # one float32 score tile: 256 keys x 2,048 queries x 32 heads at the real shape
+TILE_ENV = "KIMI_MLX_MLA_TILE_MB"
+
+
+def tile_bytes_from_env() -> int:
+    """KIMI_MLX_MLA_TILE_MB (default 64: 256 keys x 2,048 queries x 32 heads at the real shape)."""
+    value = os.environ.get(TILE_ENV, "64").strip() or "64"
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{TILE_ENV}={value!r} is not a whole number of megabytes >= 1; unset it or fix it")
+    return int(value) << 20
+
+
+TILE_BYTES = tile_bytes_from_env()  # one float32 score tile
 MIN_TILE_KEYS = 256  # below this many keys per tile, chunk the queries instead
 
 
