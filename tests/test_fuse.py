@@ -62,3 +62,22 @@ def test_kda_inputs_stay_apart_when_stored_differently(hf_checkpoint):
     attn = model.model.layers[0].self_attn
     assert "gates_in" not in attn and "b_proj" in attn
     assert float(mx.abs(model(toks) - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
+
+
+@pytest.mark.parametrize("path", ["gather", "sorted", "segmented"])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_expert_paths_agree(hf_checkpoint, monkeypatch, path, bits):
+    _, ckpt = hf_checkpoint("kmk", n_shared_experts=1, moe_intermediate_size=32, hidden_size=64)
+    ref_model = load_model(ckpt, fuse=False)
+    model = load_model(ckpt, fuse=False)
+    if bits:
+        quantize(ref_model, bits)
+        quantize(model, bits)
+    from kimi_mlx.model.fuse import EXPERTS_ENV, fuse_model
+
+    fuse_model(model)
+    toks = mx.array(np.random.default_rng(1).integers(0, 211, (2, 40)))
+    ref = ref_model(toks)
+    monkeypatch.setenv(EXPERTS_ENV, path)
+    out = model(toks)
+    assert float(mx.abs(out - ref).max()) <= 1e-5 * float(mx.abs(ref).max())

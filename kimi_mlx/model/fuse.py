@@ -7,9 +7,13 @@ into S SwiGLUs of width I). One gather matmul then serves routed and shared expe
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from ..errors import ConfigError
 from .common import MLP
 from .kda import KimiDeltaAttention
 from .moe import KimiMoE, QuantizedSwitchLinear, SwitchLinear
@@ -82,18 +86,39 @@ class FusedMoE(nn.Module):
             idx = mx.concatenate([idx, shared], axis=1)
             w = mx.concatenate([w, mx.ones((N, self.num_shared), w.dtype)], axis=1)
         k = idx.shape[1]
-        sort = N * k >= 64
-        if sort:
+        path = expert_path(N * k)
+        if path == "segmented":  # prefill on CPU: tokens grouped by expert, one dense matmul each
+            order = mx.argsort(idx.flatten())
+            counts = np.bincount(np.array(idx).reshape(-1), minlength=self.num_routed + self.num_shared).tolist()
+            g, u = mx.split(self.gate_up_proj.segmented(flat[order // k], counts), 2, axis=-1)
+            y = self.down_proj.segmented(nn.silu(g) * u, counts)[mx.argsort(order)]
+        elif path == "sorted":  # prefill: tokens sorted by expert so each expert's rows are contiguous
             order = mx.argsort(idx.flatten())
             xs, ids = flat[order // k][:, None], idx.flatten()[order]
+            g, u = mx.split(self.gate_up_proj(xs, ids, True), 2, axis=-1)
+            y = self.down_proj(nn.silu(g) * u, ids, True)[mx.argsort(order)]
         else:
-            xs, ids = flat[:, None, None], idx
-        g, u = mx.split(self.gate_up_proj(xs, ids, sort), 2, axis=-1)
-        y = self.down_proj(nn.silu(g) * u, ids, sort)
-        if sort:
-            y = y[mx.argsort(order)]
+            g, u = mx.split(self.gate_up_proj(flat[:, None, None], idx), 2, axis=-1)
+            y = self.down_proj(nn.silu(g) * u, idx)
         y = y.reshape(N, k, -1)
         return (y.astype(mx.float32) * w[..., None]).sum(1).astype(x.dtype).reshape(shape)
+
+
+EXPERTS_ENV = "KIMI_MLX_EXPERTS"
+
+
+def expert_path(pairs: int) -> str:
+    """How N*k (token, expert) pairs meet the expert bank: 'gather' (few pairs: decode), 'sorted'
+    (gather_mm over expert-sorted rows) or 'segmented' (one matmul per expert; CPU prefill, where it
+    measured 3.5x faster than gather_mm). KIMI_MLX_EXPERTS=gather|sorted|segmented overrides."""
+    forced = os.environ.get(EXPERTS_ENV, "").strip().lower()
+    if forced in ("gather", "sorted", "segmented"):
+        return forced
+    if forced:
+        raise ConfigError(f"{EXPERTS_ENV}={forced!r} is not one of gather, sorted, segmented; unset it or pick one")
+    if pairs < 64:
+        return "gather"
+    return "segmented" if mx.default_device() == mx.cpu else "sorted"
 
 
 def can_fuse_moe(moe: KimiMoE) -> bool:

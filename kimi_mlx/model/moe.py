@@ -10,6 +10,15 @@ from ..ops.routing import route
 from .common import MLP
 
 
+def _per_expert(x: mx.array, counts, matmul) -> mx.array:
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            outs.append(matmul(e, x[start : start + n]))
+            start += n
+    return mx.concatenate(outs, axis=0)
+
+
 class SwitchLinear(nn.Module):
     """A bank of E linear maps, weight [E, out, in]; applies the ones picked per token."""
 
@@ -19,6 +28,10 @@ class SwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
+
+    def segmented(self, x: mx.array, counts) -> mx.array:
+        """x: [M, in] rows sorted by expert, counts[e] rows each -> [M, out]: one dense matmul per expert."""
+        return _per_expert(x, counts, lambda e, rows: rows @ self.weight[e].T)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **kw):
         return QuantizedSwitchLinear.from_float(self, group_size, bits, mode)
@@ -42,6 +55,13 @@ class QuantizedSwitchLinear(nn.Module):
         if len(sb) > 1:
             q.biases = sb[1]
         return q
+
+    def segmented(self, x: mx.array, counts) -> mx.array:
+        def one(e, rows):
+            return mx.quantized_matmul(rows, self.weight[e], self.scales[e], self["biases"][e] if "biases" in self
+                                       else None, transpose=True, group_size=self.group_size, bits=self.bits,
+                                       mode=self.mode)
+        return _per_expert(x, counts, one)
 
     def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
         return mx.gather_qmm(
