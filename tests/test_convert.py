@@ -19,6 +19,7 @@ from kimi_mlx import load_model
 from kimi_mlx.config import ModelConfig
 from kimi_mlx.demo import write_byte_tokenizer
 from kimi_mlx.errors import KimiError
+from kimi_mlx.model.fuse import FusedMoE
 from kimi_mlx.weights import output
 from kimi_mlx.weights.convert import ConvertOptions, convert, quant_plan
 from kimi_mlx.weights.recipes import make_recipe
@@ -122,6 +123,8 @@ def test_quantized_equals_in_memory_twin(source, tmp_path, args):
     q = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
     for path, spec in plan.items():  # every module quantized as planned, none forgotten
         assert q.get(path, {k: q[k] for k in ("bits", "group_size", "mode")}) == spec.to_dict(), path
+    if args[3] in (None, "uniform") and args[1] != 128:  # one spec for every expert bank: load-time fusion applies
+        assert all(isinstance(layer.mlp, FusedMoE) for layer in converted.model.layers[1:])
     layer = load_model(tmp_path / "q", fuse=False).model.layers[1]
     assert layer.mlp.experts.gate_proj.weight.dtype == mx.uint32  # experts quantized
     if args[1] == 128:  # width 64 is not a multiple of the group size: kept in floating point
@@ -406,3 +409,15 @@ def test_root_convert_script(source, tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
     assert "KL mean" in r.stderr and (tmp_path / "o" / "config.json").exists()
+
+
+def test_sampled_weight_error_matches_exact():
+    from kimi_mlx.weights.quality import SAMPLE, weight_error
+
+    # an expert bank whose experts differ in scale: the sample must cover them all
+    w = mx.random.normal((4, 1024, 4096), key=mx.random.key(0)) * mx.linspace(0.1, 2, 4)[:, None, None]
+    q = nn.Linear(w.shape[-1], 1).to_quantized(group_size=64, bits=4)
+    q.weight, q.scales, q.biases = mx.quantize(w, 64, 4)
+    e, n = weight_error(w, q)
+    d = mx.dequantize(q.weight, q.scales, q.biases, 64, 4) - w
+    assert w.size > 2 * SAMPLE and e / n == pytest.approx(float(mx.sum(d * d) / mx.sum(w * w)), rel=0.02)

@@ -149,7 +149,7 @@ def write_metadata(tmp: Path, src_dir: Path, src: str, cfg: ModelConfig, dtype: 
         raw["torch_dtype"] = dtype
     if recipe is not None:
         q = recipe.base.to_dict()
-        q.update({path: spec.to_dict() for path, spec in plan.items() if spec != recipe.base})
+        q.update({path: spec.to_dict() for path, spec in sorted(plan.items()) if spec != recipe.base})
         raw["quantization"] = q
     lines = [f"# {Path(src).name} for kimi-mlx", "",
              f"- source: `{src}`",

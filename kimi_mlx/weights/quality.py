@@ -71,11 +71,6 @@ class QualityReport:
                        f"relative weight error {c.relative:.4f}")
         return out
 
-    def to_dict(self) -> dict:
-        return {"prompt": self.prompt, "kl_mean": self.kl_mean, "kl_max": self.kl_max, "top1": self.top1,
-                "classes": {k: {"relative_error": c.relative, "params": c.params, "specs": sorted(c.specs)}
-                            for k, c in self.classes.items()}}
-
 
 def _rows(a: mx.array, idx: mx.array) -> mx.array:
     return a.reshape(-1, a.shape[-1])[idx]
