@@ -4,14 +4,14 @@
 """
 
 import argparse
-import datetime
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kimi_mlx import bench  # noqa: E402
+from results import Recorder  # noqa: E402
 
 
 def ints(s):
@@ -31,19 +31,11 @@ def main():
     ap.add_argument("--bandwidth", type=float, default=None, help="device bandwidth in GB/s, for the fraction")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     a = ap.parse_args()
-    lines = []
-
-    def echo(s):
-        print(s, flush=True)
-        lines.append(s)
-
+    echo = Recorder()
     bench.run(a.shape, a.contexts, a.prefill, a.decode_tokens, a.step, a.bits, peer=not a.no_peer,
               peer_prefill_max=a.peer_prefill_max, bandwidth_gbs=a.bandwidth, echo=echo)
     if a.record:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        head = f"\n### e2e {a.shape} — {datetime.date.today()} — commit {commit or '?'}\n\n```\n"
-        with open(Path(__file__).parent / "RESULTS.md", "a") as f:
-            f.write(head + "\n".join(lines) + "\n```\n")
+        echo.append(f"e2e {a.shape}")
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ Three parts, each printed as a table (append to RESULTS.md with --record):
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -32,6 +31,7 @@ from kimi_mlx.model import Model  # noqa: E402
 from kimi_mlx.model.mla import KimiMLA  # noqa: E402
 from kimi_mlx.ops import attention as A  # noqa: E402
 from kimi_mlx.state import MLAState  # noqa: E402
+from results import Recorder  # noqa: E402
 
 MB = 1e6
 SMALL = dict(  # 8 layers, 2 of them MLA; cache row 128 + 64 = 192 values (3 quantization groups)
@@ -192,11 +192,7 @@ def main():
     ap.add_argument("--dtype", default="float32", help="of the real-shape layer part (bfloat16 on a GPU)")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     a = ap.parse_args()
-    lines = []
-
-    def echo(s):
-        print(s, flush=True)
-        lines.append(s)
+    echo = Recorder()
 
     blas = "OpenBLAS (LD_PRELOAD)" if "openblas" in os.environ.get("LD_PRELOAD", "") else "MLX's bundled BLAS"
     echo(f"device: {mx.default_device()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -209,11 +205,7 @@ def main():
     if "quant" in parts:
         part_quant(a.quant_tokens, a.step, echo)
     if a.record:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        path = Path(__file__).parent / "RESULTS.md"
-        with open(path, "a") as f:
-            f.write(f"\n### Long context (MLA working set) — {datetime.date.today()} — commit {commit or '?'}\n\n"
-                    + "\n".join(lines) + "\n")
+        echo.append("Long context (MLA working set)")
 
 
 if __name__ == "__main__":

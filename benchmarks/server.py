@@ -9,11 +9,9 @@ after the other, and see the same conversation (the replies are greedy, so both 
 """
 
 import argparse
-import datetime
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -134,10 +132,9 @@ def main():
     lines.append(f"sum of TTFT: {total_on:.2f} s with the prefix cache, {total_off:.2f} s without")
     print("\n".join(lines), flush=True)
     if a.record:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        head = f"\n### server: TTFT over a growing conversation — {datetime.date.today()} — commit {commit or '?'}\n\n```\n"
-        with open(Path(__file__).parent / "RESULTS.md", "a") as f:
-            f.write(head + "\n".join(lines) + "\n```\n")
+        from results import Recorder
+
+        Recorder().append("server: TTFT over a growing conversation", lines)
 
 
 if __name__ == "__main__":

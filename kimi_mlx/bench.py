@@ -6,7 +6,6 @@ layout and fed through both projects' own loading code, then quantized the same 
 
 from __future__ import annotations
 
-import copy
 import gc
 import time
 from dataclasses import dataclass, field

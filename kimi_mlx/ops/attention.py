@@ -174,7 +174,7 @@ def _absorb(q, k_up):
 def _fused(q, rows, k_up, v_up, scale, absorbed):
     B, H, T, _ = q.shape
     S = rows.shape[1]
-    nope, L = k_up.shape[1], k_up.shape[2]
+    L = k_up.shape[2]
     mask = "causal" if T > 1 else None
     if absorbed:
         cache = rows[:, None]

@@ -1,0 +1,24 @@
+"""Print benchmark lines and, on request, append them to benchmarks/RESULTS.md with date and commit."""
+
+import datetime
+import subprocess
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+class Recorder:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def append(self, title: str, lines: list[str] | None = None) -> None:
+        """Add a '### title — date — commit' section holding the lines (default: all echoed so far)."""
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=RESULTS.parent).stdout.strip()
+        body = "\n".join(self.lines if lines is None else lines)
+        with open(RESULTS, "a") as f:
+            f.write(f"\n### {title} — {datetime.date.today()} — commit {commit or '?'}\n\n```\n{body}\n```\n")
