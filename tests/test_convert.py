@@ -421,3 +421,32 @@ def test_sampled_weight_error_matches_exact():
     e, n = weight_error(w, q)
     d = mx.dequantize(q.weight, q.scales, q.biases, 64, 4) - w
     assert w.size > 2 * SAMPLE and e / n == pytest.approx(float(mx.sum(d * d) / mx.sum(w * w)), rel=0.02)
+
+
+def test_first_mlx_lm_port_layout_loads(source, tmp_path):
+    """The first mlx-lm port's names: kv_a_proj, kv_a_norm, kv_b_proj kept whole (quantized), A_log [H]."""
+    torch_model, src = source
+    path = _mlx_lm_convert(src, tmp_path / "lm")
+    f = path / "model.safetensors"
+    w = mx.load(str(f))
+    hf = mx.load(str(src / "model.safetensors"))
+    a = "model.layers.3.self_attn."
+    del w[a + "embed_q.weight"], w[a + "unembed_out.weight"]
+    w[a + "kv_b_proj.weight"], w[a + "kv_b_proj.scales"], w[a + "kv_b_proj.biases"] = mx.quantize(
+        hf[a + "kv_b_proj.weight"], 64, 8)
+    w = {k.replace("kv_a_proj_with_mqa", "kv_a_proj").replace("kv_a_layernorm", "kv_a_norm"): v for k, v in w.items()}
+    w = {k: v.reshape(-1) if k.endswith("A_log") else v for k, v in w.items()}
+    mx.save_safetensors(str(f), w)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization"] = {"group_size": 64, "bits": 8}
+    (path / "config.json").write_text(json.dumps(cfg))
+    import copy
+
+    import torch
+
+    rounded = copy.deepcopy(torch_model)  # the reference with kv_b_proj as stored: 8-bit round trip
+    kv_b = mx.dequantize(*(w[a + f"kv_b_proj.{k}"] for k in ("weight", "scales", "biases")), 64, 8)
+    with torch.no_grad():
+        rounded.model.layers[3].self_attn.kv_b_proj.weight.copy_(torch.from_numpy(np.array(kv_b)))
+    ref = hf_oracle.logits(rounded, np.array(TOKENS))[0]
+    assert np.abs(logits(load_model(path)) - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -11,6 +11,8 @@ mlx-lm's sanitize writes (per layer, prefix model.layers.i.):
   mlp.switch_mlp.{gate,up,down}_proj -> mlp.experts.*  (quantized banks keep their layout)
   mlp.gate (8-bit in mlx-lm)        -> mlp.gate.weight, dequantized (the router is float here)
   mlp.e_score_correction_bias       -> mlp.gate.e_score_correction_bias
+The first port (mlx-lm PR #577, the earliest mlx-community uploads) also renamed kv_a_proj_with_mqa ->
+kv_a_proj and kv_a_layernorm -> kv_a_norm, kept kv_b_proj whole and stored A_log as [H]; those map too.
 Its `quantization` block (global spec + per-module entries) is translated to the local module paths.
 """
 
@@ -24,7 +26,9 @@ from ..config import KDA, ModelConfig
 from ..errors import WeightsError
 
 GLOBAL_KEYS = ("group_size", "bits", "mode")
-RENAMES = ((".mlp.switch_mlp.", ".mlp.experts."),)
+RENAMES = ((".mlp.switch_mlp.", ".mlp.experts."),
+           (".self_attn.kv_a_proj.", ".self_attn.kv_a_proj_with_mqa."),  # the first port's MLA names
+           (".self_attn.kv_a_norm.", ".self_attn.kv_a_layernorm."))
 
 
 def is_mlx_lm_layout(names) -> bool:
