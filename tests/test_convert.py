@@ -1,5 +1,5 @@
 """`kimi-mlx convert`: tiny HF checkpoints converted in every mode and recipe, loaded and compared with
-the source; mlx-lm-converted checkpoints; bad inputs; interrupted runs; --force."""
+the source; bad inputs; interrupted runs; --force. (mlx-lm-converted layouts: test_mlx_lm_layout.py.)"""
 
 import json
 import os
@@ -15,9 +15,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import hf_oracle
+from convert_helpers import TOKENS, kl, logits, make_source
 from kimi_mlx import load_model
 from kimi_mlx.config import ModelConfig
-from kimi_mlx.demo import write_byte_tokenizer
 from kimi_mlx.errors import KimiError
 from kimi_mlx.model.fuse import FusedMoE
 from kimi_mlx.weights import output
@@ -25,40 +25,16 @@ from kimi_mlx.weights.convert import ConvertOptions, convert, quant_plan
 from kimi_mlx.weights.recipes import make_recipe
 
 REPO = Path(__file__).parent.parent
-# every input width divisible by 64 (so every mode and group size quantizes everything), 3 of 8 experts
-SHAPE = dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=64, num_attention_heads=2,
-             num_key_value_heads=2, kv_lora_rank=64, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-             vocab_size=256)
-TOKENS = mx.array([[(i * 7919 + 13) % 256 for i in range(32)]])
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """(torch model, HF checkpoint dir in Moonshot naming with a byte-level tokenizer)."""
-    torch_model = hf_oracle.make_model(hf_oracle.make_config("kkkm", kda_heads=2, kda_dim=64, **SHAPE), seed=3)
-    path = tmp_path_factory.mktemp("src")
-    hf_oracle.save(torch_model, path)
-    f = path / "model.safetensors"
-    # transformers writes layer 0's dense MLP under block_sparse_moe; the released checkpoint uses mlp
-    w = {k.replace("layers.0.block_sparse_moe.", "layers.0.mlp."): v for k, v in load_file(str(f)).items()}
-    save_file(w, str(f), metadata={"format": "pt"})
-    write_byte_tokenizer(path)
-    return torch_model, path
+    return make_source(tmp_path_factory.mktemp("src"))
 
 
 def run(src, out, *args, report=False, **kw):
     flags = dict(zip(("bits", "group_size", "mode", "recipe"), args))
     return convert(str(src), out, ConvertOptions(**flags, report=report, **kw), log=lambda _: None)
-
-
-def logits(model) -> np.ndarray:
-    return np.array(model(TOKENS).astype(mx.float32))[0]
-
-
-def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    lp = p_logits - np.logaddexp.reduce(p_logits, axis=-1, keepdims=True)
-    lq = q_logits - np.logaddexp.reduce(q_logits, axis=-1, keepdims=True)
-    return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
 def twin(src: Path, *args, overrides=()):
@@ -204,45 +180,6 @@ def test_report_matches_full_models(source, tmp_path):
     e = res.report.classes["experts"]
     assert 0.05 < e.relative < 0.15 and res.report.classes["kda_gates"].relative < 0.01  # 4-bit vs protected 8-bit
     assert "## Quality" in (tmp_path / "q" / "README.md").read_text()
-
-
-def _mlx_lm_convert(src: Path, out: Path, **quant) -> Path:
-    """mlx-lm's own conversion code path (load + sanitize, quantize_model, save), offline."""
-    from mlx_lm.utils import load_model as lm_load, quantize_model, save_config, save_model
-
-    model, config = lm_load(src, lazy=True, model_config={"rope_theta": 10000.0})  # transformers 5 omits it
-    if quant:
-        model, config = quantize_model(model, config, **quant)
-    save_model(out, model)
-    save_config(config, out / "config.json")
-    return out
-
-
-def _affine_embedding(path, module):
-    """mxfp4 with an affine embedding (an fp-mode embedding returns bfloat16 and this test runs float32)."""
-    return {"group_size": 64, "bits": 8, "mode": "affine"} if path.endswith(("mlp.gate", "embed_tokens")) else True
-
-
-@pytest.mark.parametrize("quant", [{}, dict(group_size=64, bits=4),
-                                   dict(group_size=32, bits=4, mode="mxfp4", quant_predicate=_affine_embedding),
-                                   dict(group_size=64, bits=None, quant_predicate="mixed_3_6")],
-                         ids=["float", "affine4", "mxfp4", "mixed_3_6"])
-def test_mlx_lm_layout_loads_and_matches(source, tmp_path, quant):
-    from mlx_lm.convert import mixed_quant_predicate_builder
-    from mlx_lm.utils import load_model as lm_load
-
-    torch_model, src = source
-    if isinstance(quant.get("quant_predicate"), str):
-        model, _ = lm_load(src, lazy=True, model_config={"rope_theta": 10000.0})
-        quant["quant_predicate"] = mixed_quant_predicate_builder(quant["quant_predicate"], model, 64)
-    path = _mlx_lm_convert(src, tmp_path / "lm", **quant)
-    ours = logits(load_model(path))
-    if not quant:
-        ref = hf_oracle.logits(torch_model, np.array(TOKENS))[0]
-    else:
-        theirs, _ = lm_load(path, model_config={"rope_theta": 10000.0})
-        ref = np.array(theirs(TOKENS))[0]
-    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
 def cli(*args, capsys=None):
@@ -421,32 +358,3 @@ def test_sampled_weight_error_matches_exact():
     e, n = weight_error(w, q)
     d = mx.dequantize(q.weight, q.scales, q.biases, 64, 4) - w
     assert w.size > 2 * SAMPLE and e / n == pytest.approx(float(mx.sum(d * d) / mx.sum(w * w)), rel=0.02)
-
-
-def test_first_mlx_lm_port_layout_loads(source, tmp_path):
-    """The first mlx-lm port's names: kv_a_proj, kv_a_norm, kv_b_proj kept whole (quantized), A_log [H]."""
-    torch_model, src = source
-    path = _mlx_lm_convert(src, tmp_path / "lm")
-    f = path / "model.safetensors"
-    w = mx.load(str(f))
-    hf = mx.load(str(src / "model.safetensors"))
-    a = "model.layers.3.self_attn."
-    del w[a + "embed_q.weight"], w[a + "unembed_out.weight"]
-    w[a + "kv_b_proj.weight"], w[a + "kv_b_proj.scales"], w[a + "kv_b_proj.biases"] = mx.quantize(
-        hf[a + "kv_b_proj.weight"], 64, 8)
-    w = {k.replace("kv_a_proj_with_mqa", "kv_a_proj").replace("kv_a_layernorm", "kv_a_norm"): v for k, v in w.items()}
-    w = {k: v.reshape(-1) if k.endswith("A_log") else v for k, v in w.items()}
-    mx.save_safetensors(str(f), w)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization"] = {"group_size": 64, "bits": 8}
-    (path / "config.json").write_text(json.dumps(cfg))
-    import copy
-
-    import torch
-
-    rounded = copy.deepcopy(torch_model)  # the reference with kv_b_proj as stored: 8-bit round trip
-    kv_b = mx.dequantize(*(w[a + f"kv_b_proj.{k}"] for k in ("weight", "scales", "biases")), 64, 8)
-    with torch.no_grad():
-        rounded.model.layers[3].self_attn.kv_b_proj.weight.copy_(torch.from_numpy(np.array(kv_b)))
-    ref = hf_oracle.logits(rounded, np.array(TOKENS))[0]
-    assert np.abs(logits(load_model(path)) - ref).max() <= 1e-4 * np.abs(ref).max()
