@@ -269,12 +269,13 @@ def read_messages(tty: bool, out: Output) -> Iterator[str]:
         yield "\n".join(pending)
 
 
-def run_chat(model_name: str, options: GenerationOptions, system: str | None, session_file: str | None) -> None:
+def run_chat(model_name: str, options: GenerationOptions, system: str | None, session_file: str | None,
+             distributed: bool = False) -> None:
     from .loading import load
 
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     out = Output(tty)
-    model, tokenizer = load(model_name)
+    model, tokenizer = load(model_name, distributed=distributed)  # distributed: only rank 0 returns
 
     def load_session(path: str) -> ChatSession:
         return ChatSession.load(Path(path).expanduser(), model, tokenizer, **_overrides(options))

@@ -16,9 +16,9 @@ def _root():
     """Kimi Linear on MLX: convert, generate, chat, serve, bench, doctor."""
 
 
-from .cli_options import (D, FrequencyPenalty, LogitBias, MaxTokens, MinP, Model, PrefillStepSize,  # noqa: E402
-                          PresencePenalty, RepetitionContext, RepetitionPenalty, Seed, Stop, System, Temperature,
-                          TopK, TopP, generation_options)
+from .cli_options import (D, Distributed, FrequencyPenalty, LogitBias, MaxTokens, MinP, Model,  # noqa: E402
+                          PrefillStepSize, PresencePenalty, RepetitionContext, RepetitionPenalty, Seed, Stop, System,
+                          Temperature, TopK, TopP, generation_options)
 
 
 @app.command()
@@ -41,6 +41,7 @@ def generate(
     stop: Stop = None,
     prefill_step_size: PrefillStepSize = D.prefill_step_size,
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="print token counts and speeds to stderr"),
+    distributed: Distributed = False,
 ):
     """Generate text from a prompt (sent as a user message through the chat template unless --raw)."""
     from .generate import stats_line, stream_generate
@@ -52,8 +53,8 @@ def generate(
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed,
         stop=stop, prefill_step_size=prefill_step_size,
     )
+    m, tok = load(model, distributed=distributed)  # under --distributed, only rank 0 returns
     text = sys.stdin.read() if prompt == "-" else prompt
-    m, tok = load(model)
     if model in ("demo", "demo-random"):
         typer.echo("[demo model: random weights, the text is gibberish]", err=True)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
@@ -85,6 +86,7 @@ def chat(
     seed: Seed = None,
     stop: Stop = None,
     prefill_step_size: PrefillStepSize = D.prefill_step_size,
+    distributed: Distributed = False,
 ):
     """Chat in the terminal; the model state is kept across turns (/help inside lists the commands)."""
     from .chat import run_chat
@@ -95,7 +97,7 @@ def chat(
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed,
         stop=stop, prefill_step_size=prefill_step_size,
     )
-    run_chat(model, opts, system, session)
+    run_chat(model, opts, system, session, distributed)
 
 
 from .server import ServeOptions as S, format_bytes  # noqa: E402
@@ -119,16 +121,18 @@ def serve(
     allowed_origin: list[str] | None = typer.Option(None, "--allowed-origin",
                                                     help="enable CORS for this origin (repeatable; off by default)"),
     log_level: str = typer.Option(S.log_level, "--log-level"),
+    distributed: Distributed = False,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output)."""
+    from .distributed import launch_rank
     from .server import parse_bytes, serve as run_server
 
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key and launch_rank() == 0:
         typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use the model",
                    err=True)
     opts = S(host, port, api_key, max_queue, parse_bytes(prefix_cache_bytes, "--prefix-cache-bytes"),
              snapshot_interval, prefill_step_size, parse_bytes(max_body_bytes, "--max-body-bytes"),
-             tuple(allowed_origin or ()), log_level)
+             tuple(allowed_origin or ()), log_level, distributed)
     run_server(model, opts)
 
 

@@ -28,6 +28,8 @@ LogitBias = Annotated[Optional[list[str]], typer.Option("--logit-bias", help="ID
 Seed = Annotated[Optional[int], typer.Option("--seed", help="random seed (reproducible sampling)")]
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="stop string, repeatable")]
 PrefillStepSize = Annotated[int, typer.Option("--prefill-step-size", help="prompt tokens per prefill chunk")]
+Distributed = Annotated[bool, typer.Option("--distributed", help="split the model over the ranks started by "
+                                           "mlx.launch (see docs/distributed.md)")]
 
 
 def parse_logit_bias(items: list[str] | None) -> dict[int, float] | None:

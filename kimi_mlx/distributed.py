@@ -113,6 +113,14 @@ def launched() -> bool:
     return any(k in os.environ for k in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "MLX_WORLD_SIZE"))
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (0 when not launched), known before init()."""
+    for k in ("MLX_RANK", "OMPI_COMM_WORLD_RANK"):
+        if os.environ.get(k, "").isdigit():
+            return int(os.environ[k])
+    return 0
+
+
 def tensor_bytes(path: Path) -> dict[str, int]:
     """Byte size of every tensor in a checkpoint, from the safetensors headers alone."""
     sizes = {}

@@ -134,7 +134,7 @@ def generate_step(model, state, prompt: list[int], sampler: Sampler, processors=
         return sample(model(y[None], state)[:, -1])
 
     prefill(model, state, prompt[:-1], prefill_step_size, progress, total=len(prompt))
-    y, lp = sample(model.logits(model.hidden(mx.array([prompt[-1:]]), state)[:, -1]))
+    y, lp = sample(model(mx.array([prompt[-1:]]), state)[:, -1])
     mx.async_eval(y, lp)
     for n in range(1, max_tokens + 1):
         m = None

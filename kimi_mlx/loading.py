@@ -27,10 +27,24 @@ def resolve(model: str, revision: str | None = None) -> Path:
         raise KimiError(f"{model}: not a local directory and the hub download failed ({msg})") from None
 
 
-def load(model: str, revision: str | None = None):
-    """(model, tokenizer) from a directory, hub repo id or 'demo'."""
+def load(model: str, revision: str | None = None, distributed: bool = False):
+    """(model, tokenizer) from a directory, hub repo id or 'demo'.
+
+    distributed: split the layers over the ranks started by mlx.launch (docs/distributed.md). Rank 0
+    gets a model that runs every call on all ranks; the other ranks serve rank 0 inside this call and
+    exit when rank 0's program ends, so the code after it runs on rank 0 only.
+    """
+    from .distributed import launched
     from .tokenizer import Tokenizer
     from .weights.load import load_model
 
     path = resolve(model, revision)
+    if distributed:
+        from .distributed_driver import start
+
+        tokenizer = Tokenizer(path)
+        return start(path), tokenizer
+    if launched():
+        raise KimiError("started by a distributed launcher (MLX_RANK is set) without --distributed "
+                        "(distributed=True in Python): every rank would load the whole model; add it")
     return load_model(path), Tokenizer(path)

@@ -35,7 +35,10 @@ class StateMark:
 
 
 def mark(state: ModelState) -> StateMark:
-    return StateMark([replace(s) if isinstance(s, KDAState) else s.length for s in state.layers], state.offset)
+    m = StateMark([replace(s) if isinstance(s, KDAState) else s.length for s in state.layers], state.offset)
+    if hasattr(state, "marked"):  # a distributed driver's state: the other ranks mark their parts too
+        state.marked(m)
+    return m
 
 
 def rewind(state: ModelState, m: StateMark) -> None:
@@ -46,6 +49,8 @@ def rewind(state: ModelState, m: StateMark) -> None:
         else:
             state.layers[i].length = saved
     state.offset = m.offset
+    if hasattr(state, "rewound"):
+        state.rewound(m)
 
 
 def model_identity(model) -> dict:
@@ -82,6 +87,8 @@ def state_layout(state: ModelState) -> dict:
 
 def save_state(path: str | Path, state: ModelState, model, extra: dict) -> None:
     """Write state arrays (safetensors) with JSON metadata (format, version, model identity, extra) atomically."""
+    if hasattr(model, "save_parts"):  # a distributed driver: every rank writes its own part
+        return model.save_parts(path, state, extra)
     path = Path(path)
     arrays = state.arrays()
     mx.eval(list(arrays.values()))
@@ -101,6 +108,8 @@ def save_state(path: str | Path, state: ModelState, model, extra: dict) -> None:
 
 def load_state(path: str | Path, model) -> tuple[ModelState, dict]:
     """(state, metadata) from a file written by save_state for this model; any problem is one KimiError line."""
+    if hasattr(model, "load_parts"):  # a distributed driver: every rank reads its own part
+        return model.load_parts(path)
     path = Path(path)
     if not path.is_file():
         raise KimiError(f"{path}: no such session file")

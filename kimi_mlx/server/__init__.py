@@ -35,6 +35,7 @@ class ServeOptions:
     max_body_bytes: int = 64 << 20
     allowed_origins: tuple[str, ...] = ()
     log_level: str = "info"
+    distributed: bool = False  # split over the ranks of mlx.launch; ranks > 0 serve rank 0's model calls
 
 
 def build_app(model: str, opts: ServeOptions):
@@ -45,7 +46,7 @@ def build_app(model: str, opts: ServeOptions):
     from .app import ServerSettings, create_app
     from .worker import Engine, EngineSettings
 
-    m, tok = load(model)
+    m, tok = load(model, distributed=opts.distributed)
     engine = Engine(m, tok, EngineSettings(opts.max_queue, opts.prefix_cache_bytes, opts.snapshot_interval,
                                            opts.prefill_step_size))
     model_id = model if model.count("/") == 1 and not Path(model).exists() else Path(model).name or model
