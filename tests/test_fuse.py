@@ -81,3 +81,20 @@ def test_expert_paths_agree(hf_checkpoint, monkeypatch, path, bits):
     monkeypatch.setenv(EXPERTS_ENV, path)
     out = model(toks)
     assert float(mx.abs(out - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
+
+
+def test_down_bank_may_differ_from_gate_up(hf_checkpoint):
+    """Mixed recipes give down_proj more bits: the banks still fuse, each with its own precision."""
+    _, path = hf_checkpoint("kmk", moe_intermediate_size=32, hidden_size=64)
+    ref_model, model = load_model(path, fuse=False), load_model(path, fuse=False)
+    for m in (ref_model, model):
+        nn.quantize(m, 32, 4, class_predicate=lambda p, mod: ("experts" in p or "shared" in p) and "down" not in p)
+        nn.quantize(m, 32, 8, class_predicate=lambda p, mod: ("experts" in p or "shared" in p) and p.endswith("down_proj"))
+    toks = mx.array(np.arange(30)[None] % 200)
+    ref = ref_model(toks)
+    from kimi_mlx.model.fuse import fuse_model
+
+    fuse_model(model)
+    assert all(isinstance(l.mlp, FusedMoE) for l in model.model.layers[1:])
+    assert model.model.layers[1].mlp.down_proj.bits == 8 and model.model.layers[1].mlp.gate_up_proj.bits == 4
+    assert float(mx.abs(model(toks) - ref).max()) <= 1e-5 * float(mx.abs(ref).max())

@@ -122,15 +122,18 @@ def expert_path(pairs: int) -> str:
 
 
 def can_fuse_moe(moe: KimiMoE) -> bool:
+    """gate and up must be stored alike (one bank); shared experts like the routed ones, bank by bank.
+    The down bank may differ from gate|up (mixed recipes give it more bits)."""
     ex = moe.experts
-    q = {_qparams(ex.gate_proj), _qparams(ex.up_proj)}
-    if len(q) != 1 or _qparams(ex.down_proj) != _qparams(ex.gate_proj):
+    if _qparams(ex.gate_proj) != _qparams(ex.up_proj):
         return False
     if "shared_experts" in moe:
         sh = moe.shared_experts
-        if {_qparams(sh.gate_proj), _qparams(sh.up_proj), _qparams(sh.down_proj)} != q:
+        if {_qparams(sh.gate_proj), _qparams(sh.up_proj)} != {_qparams(ex.gate_proj)}:
             return False
-        if sh.gate_proj.weight.dtype != ex.gate_proj.weight.dtype:
+        if _qparams(sh.down_proj) != _qparams(ex.down_proj):
+            return False
+        if sh.gate_proj.weight.dtype != ex.gate_proj.weight.dtype or sh.down_proj.weight.dtype != ex.down_proj.weight.dtype:
             return False
     return True
 
