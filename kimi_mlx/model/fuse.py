@@ -86,7 +86,7 @@ class FusedMoE(nn.Module):
             idx = mx.concatenate([idx, shared], axis=1)
             w = mx.concatenate([w, mx.ones((N, self.num_shared), w.dtype)], axis=1)
         k = idx.shape[1]
-        path = expert_path(N * k)
+        path = expert_path(N * k, self.num_routed + self.num_shared)
         if path == "segmented":  # prefill on CPU: tokens grouped by expert, one dense matmul each
             order = mx.argsort(idx.flatten())
             counts = np.bincount(np.array(idx).reshape(-1), minlength=self.num_routed + self.num_shared).tolist()
@@ -107,10 +107,12 @@ class FusedMoE(nn.Module):
 EXPERTS_ENV = "KIMI_MLX_EXPERTS"
 
 
-def expert_path(pairs: int) -> str:
-    """How N*k (token, expert) pairs meet the expert bank: 'gather' (few pairs: decode), 'sorted'
-    (gather_mm over expert-sorted rows) or 'segmented' (one matmul per expert; CPU prefill, where it
-    measured 3.5x faster than gather_mm). KIMI_MLX_EXPERTS=gather|sorted|segmented overrides."""
+def expert_path(pairs: int, experts: int) -> str:
+    """How N*k (token, expert) pairs meet a bank of `experts`: 'gather' (few pairs: decode), 'sorted'
+    (gather_mm over expert-sorted rows) or 'segmented' (one matmul per expert over its rows).
+    Segmented measured 3.5x gather_mm for CPU prefill, and 2x at 2,048 tokens on an H200 at the real
+    shape (RESULTS.md), where it costs ~3 launches per expert, so GPUs take it only once experts average
+    SEGMENTED_MIN_ROWS rows. KIMI_MLX_EXPERTS=gather|sorted|segmented overrides."""
     forced = os.environ.get(EXPERTS_ENV, "").strip().lower()
     if forced in ("gather", "sorted", "segmented"):
         return forced
@@ -118,7 +120,12 @@ def expert_path(pairs: int) -> str:
         raise ConfigError(f"{EXPERTS_ENV}={forced!r} is not one of gather, sorted, segmented; unset it or pick one")
     if pairs < 64:
         return "gather"
-    return "segmented" if mx.default_device() == mx.cpu else "sorted"
+    if mx.default_device() == mx.cpu or pairs >= SEGMENTED_MIN_ROWS * experts:
+        return "segmented"
+    return "sorted"
+
+
+SEGMENTED_MIN_ROWS = 32
 
 
 def can_fuse_moe(moe: KimiMoE) -> bool:
