@@ -47,6 +47,7 @@ OP_INTS = 5  # op, then up to four arguments
 MESSAGE_BYTES = 400  # a worker's error message
 IDLE_AFTER_S = 1.0  # without a command for this long, the ranks meet only every TICK_S
 TICK_S = 0.1
+SILENCE_LIMIT_S = 60.0  # an idle rank that hears nothing for this long stops (a machine asleep, a cable out)
 
 
 class Op(IntEnum):
@@ -75,6 +76,26 @@ class Link:
         self.last_used = time.monotonic()
         self.wanted = False  # the program waits for the link while the idle ticker holds it
         self.closed = False
+        self.deadline: tuple[float, str] | None = None  # (monotonic time, message) for the watchdog
+
+    @contextmanager
+    def bounded(self, message: str | None):
+        """A wait that should end soon: past SILENCE_LIMIT_S the watchdog ends the program with message
+        (None: an unbounded wait)."""
+        self.deadline = (time.monotonic() + SILENCE_LIMIT_S, message) if message else None
+        try:
+            yield
+        finally:
+            self.deadline = None
+
+    def watchdog(self) -> None:
+        """Thread: a collective that blocks in C++ cannot be interrupted, so a lost peer that never
+        closed its connection would hang it; this ends the program instead."""
+        while True:
+            time.sleep(0.5)
+            d = self.deadline
+            if d is not None and time.monotonic() > d[0]:
+                fatal(d[1])
 
     def _sum(self, x: mx.array) -> mx.array:
         x = mx.distributed.all_sum(x, group=self.p.group)
@@ -142,9 +163,13 @@ class Link:
             if time.monotonic() - self.last_used < IDLE_AFTER_S or not self.lock.acquire(blocking=False):
                 continue
             try:
+                silent = None  # the first meeting waits until every rank has finished its last command
                 while not self.closed and not self.wanted:
                     self.queue(Op.IDLE)
-                    self.flush()
+                    with self.bounded(silent):
+                        self.flush()
+                    silent = (f"rank 0: no answer from the other ranks for {SILENCE_LIMIT_S:.0f} s "
+                              "(a machine asleep or the network down); stopping")
                     time.sleep(TICK_S)
             except Exception as e:
                 fatal(str(e) if isinstance(e, KimiError) else f"rank 0: {type(e).__name__}: {e}")
@@ -309,9 +334,14 @@ def work(model) -> None:
     """Ranks > 0: mirror rank 0's commands until it stops (exit 0) or is lost (one line, exit 1)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's (it stops a reply there)
     link, objs = Link(model.pipeline), {}
+    threading.Thread(target=link.watchdog, name="kimi-mlx-watchdog", daemon=True).start()
+    silent = None  # rank 0 may still be loading; once it speaks, it speaks at least once a tick
     try:
         while True:
-            rows = link.receive()
+            with link.bounded(silent):
+                rows = link.receive()
+            silent = (f"rank {link.p.rank}: no word from rank 0 for {SILENCE_LIMIT_S:.0f} s (its machine asleep "
+                      "or the network down); stopping")
             for row in rows:
                 if row[0] == Op.STOP:
                     raise SystemExit(0)
@@ -375,5 +405,6 @@ def start(path: Path):
         work(model)
     driver = DriverModel(model, Link(model.pipeline))
     atexit.register(driver.close)
-    threading.Thread(target=driver.link.idle_ticker, name="kimi-mlx-idle", daemon=True).start()
+    for job in (driver.link.idle_ticker, driver.link.watchdog):
+        threading.Thread(target=job, daemon=True).start()
     return driver
