@@ -284,7 +284,7 @@ def run_chat(model_name: str, options: GenerationOptions, system: str | None, se
         session = load_session(session_file)
     else:
         session = ChatSession(model, tokenizer, system=system, **options.__dict__)
-    if model_name in ("demo", "demo-random"):
+    if model_name == "demo-random":
         out.note("[demo model: random weights, the text is gibberish]")
     if tty:
         out.note(f"kimi-mlx chat: {model_name}. /help lists commands; Ctrl-C stops a reply; Ctrl-D or /quit exits.")

@@ -55,7 +55,7 @@ def generate(
     )
     m, tok = load(model, distributed=distributed)  # under --distributed, only rank 0 returns
     text = sys.stdin.read() if prompt == "-" else prompt
-    if model in ("demo", "demo-random"):
+    if model == "demo-random":
         typer.echo("[demo model: random weights, the text is gibberish]", err=True)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     last = None

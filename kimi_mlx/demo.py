@@ -1,7 +1,10 @@
-"""The built-in demo: a tiny random-weight Kimi Linear written as a real HF-layout checkpoint.
+"""The built-in demo models.
 
-It is made on the fly (seeded, no download) in a cache directory and then loaded through the same
-code as a real checkpoint. Its weights are random: it proves the plumbing, its text is gibberish.
+`demo`: a small trained Kimi Linear shipped inside the package (kimi_mlx/demo_data, 8-bit, see its
+MODEL_CARD.md; trained with tools/train_demo.py). It writes plausible-looking Python.
+`demo-random`: a tiny random-weight Kimi Linear written on the fly (seeded, no download) as a real
+HF-layout checkpoint in a cache directory. It proves the plumbing; its text is gibberish.
+Both load through the same code as a real checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 DEMO_NAMES = ("demo", "demo-random")
+RANDOM_NAMES = ("demo-random",)  # names whose weights are random (the CLI says so)
+PACKAGED = Path(__file__).parent / "demo_data"
 DEMO_VERSION = 2
 N_RANKS = 256  # byte-level vocabulary; Kimi's 256 special ids follow
 
@@ -136,7 +141,18 @@ def write_byte_tokenizer(out: Path) -> None:
 
 
 def demo_dir(name: str = "demo") -> Path:
-    """Path of the demo checkpoint, written on first use (atomically) into the cache."""
+    """Path of a demo checkpoint: the packaged trained one, or the random one (written on first use)."""
+    if name == "demo":
+        if not (PACKAGED / "config.json").exists():
+            from .errors import WeightsError
+
+            raise WeightsError(f"{PACKAGED}: the packaged demo model is missing; reinstall kimi-mlx")
+        return PACKAGED
+    return random_demo_dir(name)
+
+
+def random_demo_dir(name: str = "demo-random") -> Path:
+    """Path of the random-weight demo checkpoint, written on first use (atomically) into the cache."""
     from safetensors.numpy import save_file
 
     root = Path(os.environ.get("KIMI_MLX_CACHE", Path.home() / ".cache" / "kimi-mlx"))
@@ -160,7 +176,7 @@ def demo_dir(name: str = "demo") -> Path:
 
 
 def demo_model(name: str = "demo"):
-    """(model, checkpoint directory) of the random demo."""
+    """(model, checkpoint directory) of a demo model."""
     from .weights.load import load_model
 
     path = demo_dir(name)

@@ -16,12 +16,12 @@ from kimi_mlx import ChatSession
 
 STATS = r"\[prompt: (\d+) tokens[^\]]*\]"
 FIRST = r"first token: id (\d+), logprob (-?[\d.]+)"
-NO_STOP = ["--logit-bias", "258=-100", "--logit-bias", "257=-100"]  # the demo's <|im_end|> and [EOS]
+NO_STOP = ["--logit-bias", "258=-100", "--logit-bias", "257=-100"]  # demo-random's <|im_end|> and [EOS]
 
 
 @pytest.fixture(scope="module")
 def demo():
-    return kimi_mlx.load("demo")
+    return kimi_mlx.load("demo-random")
 
 
 def env():
@@ -29,7 +29,7 @@ def env():
 
 
 def spawn(*args):
-    child = pexpect.spawn(sys.executable, ["-m", "kimi_mlx", "chat", "--model", "demo", *args], env=env(),
+    child = pexpect.spawn(sys.executable, ["-m", "kimi_mlx", "chat", "--model", "demo-random", *args], env=env(),
                           encoding="utf-8", timeout=90, dimensions=(50, 250))
     child.expect(">>> ")
     return child
@@ -134,7 +134,7 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on():
 
 
 def run_piped(stdin: str, *args):
-    return subprocess.run([sys.executable, "-m", "kimi_mlx", "chat", "--model", "demo", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "kimi_mlx", "chat", "--model", "demo-random", *args], input=stdin,
                           capture_output=True, text=True, env=env(), timeout=120)
 
 
@@ -151,7 +151,7 @@ def test_piped_mode_is_plain_with_one_reply_per_line(tmp_path):
     assert len(re.findall(STATS, out.stderr)) == 3
     assert "error: unknown command /nope" in out.stderr
     assert f"error: {bad}: not a kimi-mlx session file" in out.stderr
-    assert re.findall(STATS, out.stderr)[2] == str(len(kimi_mlx.load("demo")[1].apply_chat_template(
+    assert re.findall(STATS, out.stderr)[2] == str(len(kimi_mlx.load("demo-random")[1].apply_chat_template(
         [{"role": "user", "content": "two\nlines"}], tokenize=True)))
 
 

@@ -14,7 +14,7 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def demo():
-    return kimi_mlx.load("demo")
+    return kimi_mlx.load("demo-random")
 
 
 def fresh_logprobs(model, tokens) -> np.ndarray:

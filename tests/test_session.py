@@ -21,7 +21,7 @@ SYSTEM = "You are a test."
 
 @pytest.fixture(scope="module")
 def demo():
-    return kimi_mlx.load("demo")
+    return kimi_mlx.load("demo-random")
 
 
 def fresh_logprobs(model, tokens) -> np.ndarray:
@@ -180,7 +180,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     import kimi_mlx
-    model, tok = kimi_mlx.load("demo")
+    model, tok = kimi_mlx.load("demo-random")
     s = kimi_mlx.ChatSession.load(sys.argv[1], model, tok)
     rs = list(s.send("after load"))
     np.save(sys.argv[2], np.array(rs[0].logprobs))
