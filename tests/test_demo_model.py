@@ -16,8 +16,11 @@ from kimi_mlx.demo import PACKAGED
 from kimi_mlx.generate import stream_generate
 from kimi_mlx.loading import resolve
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tools"))
 import perplexity  # noqa: E402
+from build_corpus import conversations, function_pairs  # noqa: E402
 
 SAMPLE_TOKENS = 2048  # of heldout_sample.txt (CPython's Lib/cmd.py, a held-out file)
 PPL_RECORDED = 48.828  # full context, packaged 8-bit demo, MLX CPU (2026-11-27)
@@ -89,3 +92,14 @@ def test_greedy_output_is_stable(demo):
     else:
         assert len(got) == len(GREEDY)
     assert tok.decode(GREEDY).startswith("    if self.")
+
+
+def test_sessions_after_save_load_and_undo_score_like_a_fresh_state(demo):
+    """Held-out turns from the sample file through ChatSession; the next reference reply scores the same from the
+    session, after save/load, after an undone turn, and from a fresh state fed the same tokens."""
+    model, tok = demo
+    convs = conversations(function_pairs((PACKAGED / "heldout_sample.txt").read_text()), per=5)
+    out = perplexity.session_table(model, tok, convs, n=1, max_tokens=8)
+    assert out.pop("same_tokens")
+    nll = [v["nll"] / v["tokens"] for v in out.values()]
+    assert max(nll) - min(nll) < 1e-4, out
