@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -101,7 +100,8 @@ def heldout(tok: Tokenizer, code_tokens: int, chat_tokens: int, n_long: int, lon
     code = [tok.encode(d["text"]) + [tok.eos_id] for d in docs if d["kind"] == "code"]
     convs = [d["messages"] for d in docs if d["kind"] == "chat"]
     chat = [tok.apply_chat_template(m, add_generation_prompt=False, tokenize=True) + [tok.eos_id] for m in convs]
-    return Heldout(take(code, code_tokens), take(chat, chat_tokens), [d[:long_tokens] for d in sorted(code, key=len)[::-1][:n_long]],
+    longest = [d[:long_tokens] for d in sorted(code, key=len)[::-1][:n_long]]
+    return Heldout(take(code, code_tokens), take(chat, chat_tokens), longest,
                    convs, len(missing))
 
 
@@ -262,9 +262,11 @@ def markdown(args, data: Heldout, quality, state, sessions) -> str:
     lines += [f"| {r['variant']} | {r['MB']:.2f} | {r['code_ppl']:.3f} | {r['code_bpb']:.4f} | {r['chat_ppl']:.3f} |"
               for r in quality]
     lines += ["", f"State across chunks, packaged demo: the {len(data.long)} longest held-out files "
-              f"(first {args.long_tokens} tokens of each, {n(data.long)} scored); the same targets in every row.", "", "| run | ppl |", "|---|---|"]
+              f"(first {args.long_tokens} tokens of each, {n(data.long)} scored); the same targets in every row.", "",
+              "| run | ppl |", "|---|---|"]
     lines += [f"| {r['run']} | {r['ppl']:.4f} |" for r in state]
-    lines += ["", f"Sessions, packaged demo: {args.chains} chains of held-out chat turns; turns 1-3 through ChatSession "
+    lines += ["", f"Sessions, packaged demo: {args.chains} chains of held-out chat turns; turns 1-3 through "
+              "ChatSession "
               "(greedy, 32-token replies); turn 4's reference reply scored from the resulting state "
               f"(session tokens identical in all runs: {sessions['same_tokens']}).", "",
               "| state | ppl | nll (nats) | tokens |", "|---|---|---|---|"]

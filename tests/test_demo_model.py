@@ -47,7 +47,7 @@ def test_packaged_demo_loads_offline(demo):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     assert resolve("demo") == PACKAGED and PACKAGED.parent == Path(kimi_mlx.__file__).parent
     cache = Path(os.environ["KIMI_MLX_CACHE"])
-    assert not any(p.name.startswith("demo-v") for p in cache.glob("*")), "the trained demo is never written to the cache"
+    assert not any(p.name.startswith("demo-v") for p in cache.glob("*")), "the trained demo is never written out"
     size = sum(f.stat().st_size for f in PACKAGED.glob("*.safetensors"))
     assert size <= 8e6
     cfg = model.config
