@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import random
-import signal
 import sys
 import threading
 import time
@@ -332,7 +331,6 @@ def check_part(path, got: dict | None, want: dict) -> None:
 
 def work(model) -> None:
     """Ranks > 0: mirror rank 0's commands until it stops (exit 0) or is lost (one line, exit 1)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's (it stops a reply there)
     link, objs = Link(model.pipeline), {}
     threading.Thread(target=link.watchdog, name="kimi-mlx-watchdog", daemon=True).start()
     silent = None  # rank 0 may still be loading; once it speaks, it speaks at least once a tick
@@ -351,6 +349,9 @@ def work(model) -> None:
     except KimiError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C on this rank's terminal: the others stop too (they lose this rank)
+        print(f"error: rank {link.p.rank}: interrupted; stopping", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except Exception as e:  # a fault here: say it in one line; rank 0 notices the lost rank
         print(f"error: rank {link.p.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
