@@ -13,6 +13,8 @@ import time
 import httpx
 import mlx.core as mx
 import numpy as np
+
+from kimi_mlx.chat_template import TokenIds
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -207,24 +209,30 @@ def reference_logprobs(demo, messages):
     return np.array(logits - mx.logsumexp(logits)), len(ids)
 
 
-@pytest.mark.xfail(strict=True, reason="trained BPE demo (issue 11): turn two re-encodes the reply's text, whose ids "
-                   "differ from the generated ones, so only the snapshot at the last message end is reused (196 of 201)")
 def test_turn_two_reuses_turn_one_and_equals_fresh_prefill(server, demo):
     c = server.client()
     messages = [{"role": "system", "content": "You answer in JSON."}, *user("Is the sky blue? " * 20)]
     r1 = c.chat.completions.create(model="demo", messages=messages, max_tokens=32, response_format=BOOL_SCHEMA,
-                                   seed=0)
+                                   seed=0, logprobs=True)
     assert r1.choices[0].finish_reason == "stop" and r1.usage.prompt_tokens_details.cached_tokens == 0
+    tok = demo[1]
+    by_bytes = {tok.decode_bytes([i]): i for i in range(tok.n_ranks)}
+    content = r1.choices[0].logprobs.content
+    if content and content[-1].token == "<|im_end|>":  # the closing token is not part of the reply's text
+        content = content[:-1]
+    reply_ids = [by_bytes[bytes(e.bytes)] for e in content]  # BPE: a token's bytes name one id
+    assert tok.decode(reply_ids) == r1.choices[0].message.content
     messages += [{"role": "assistant", "content": r1.choices[0].message.content}, *user("Sure?")]
     r2 = c.chat.completions.create(model="demo", messages=messages, max_tokens=1, temperature=0, logprobs=True,
                                    top_logprobs=5)
     cached = r2.usage.prompt_tokens_details.cached_tokens
     assert cached >= r1.usage.prompt_tokens
     assert cached == r1.usage.prompt_tokens + r1.usage.completion_tokens  # the reply's own snapshot
-    want, n_prompt = reference_logprobs(demo, messages)
+    # the server renders its own reply from the ids it generated, so the fresh prefill does the same
+    rendered = [*messages[:2], {"role": "assistant", "content": TokenIds(reply_ids)}, *messages[3:]]
+    want, n_prompt = reference_logprobs(demo, rendered)
     assert r2.usage.prompt_tokens == n_prompt
     top = r2.choices[0].logprobs.content[0].top_logprobs
-    tok = demo[1]
     by_bytes = {bytes(tok.decode_bytes([i])): i for i in range(len(want))}
     got = {by_bytes[bytes(e.bytes)]: e.logprob for e in top}
     assert len(got) == 5 and next(iter(got)) == int(np.argmax(want))

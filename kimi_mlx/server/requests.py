@@ -6,6 +6,7 @@ and never reaches the model.
 
 from __future__ import annotations
 
+from ..chat_template import TokenIds
 from ..errors import KimiError
 from ..generate import GenerationOptions
 from .constrain import JSON_OPTIONS, GrammarError
@@ -54,9 +55,18 @@ def check_model(req: Sampling, names: set[str]) -> None:
                        param="model", code="model_not_found")
 
 
+def with_reply_ids(message: dict, replies) -> dict:
+    """An assistant message this server generated is rendered from its generated ids (see ReplyIds)."""
+    if message.get("role") == "assistant" and not message.get("tool_calls"):
+        ids = replies.ids_for(message.get("content"))
+        if ids is not None:
+            return {**message, "content": TokenIds(ids)}
+    return message
+
+
 def chat_spec(engine, req: ChatRequest) -> TurnSpec:
     tok = engine.tokenizer
-    messages = [m.for_template() for m in req.messages]
+    messages = [with_reply_ids(m.for_template(), engine.replies) for m in req.messages]
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, tools=tools)

@@ -12,11 +12,12 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import KimiError
-from ..generate import Generation, GenerationOptions, prefill
+from ..generate import Generation, GenerationOptions, prefill, stop_ids
 from .constrain import Grammars, ban_tokens
 from .prefix_cache import PrefixCache
 
@@ -30,6 +31,29 @@ class TurnSpec:
     forced: list[int] = field(default_factory=list)  # the reply starts with these ids (fed as input)
     grammar: str | None = None  # llguidance grammar for the generated part
     banned: list[int] = field(default_factory=list)  # ids never drawn
+
+
+class ReplyIds:
+    """The ids behind recent replies' text. A client sends a reply back as text, which may encode to
+    other ids than the model generated (BPE is not unique); rendering it from the generated ids makes
+    the conversation match the cached state exactly, so the reply itself is reused too."""
+
+    def __init__(self, max_entries: int = 1024):
+        self.max_entries = max_entries
+        self._ids: OrderedDict[str, list[int]] = OrderedDict()
+
+    def remember(self, tokenizer, ids: list[int], stops: set[int]) -> None:
+        body = ids[:-1] if ids and ids[-1] in stops else ids
+        text = tokenizer.decode(body)
+        if "\ufffd" in text or not text:
+            return  # not valid text: the client cannot send it back unchanged
+        self._ids[text] = list(body)
+        self._ids.move_to_end(text)
+        while len(self._ids) > self.max_entries:
+            self._ids.popitem(last=False)
+
+    def ids_for(self, text) -> list[int] | None:
+        return self._ids.get(text) if isinstance(text, str) else None
 
 
 @dataclass
@@ -93,6 +117,7 @@ class Engine:
     def __init__(self, model, tokenizer, settings: EngineSettings):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.cache = PrefixCache(settings.prefix_cache_bytes)
+        self.replies = ReplyIds()
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -187,6 +212,7 @@ class Engine:
             prefill_seconds = prefill_seconds or time.perf_counter() - t0
             job.emit(Piece(r.text, r.token, r.logprob, r.top_logprobs))
         self.cache.insert((seq + gen.tokens)[: state.offset], state)
+        self.replies.remember(self.tokenizer, spec.forced + gen.tokens, stop_ids(model, self.tokenizer))
         job.emit(Finished(gen.finish_reason or "stop", len(spec.prompt), min(cached, len(spec.prompt)),
                           len(spec.forced) + len(gen.tokens), prefill_seconds or 0.0))
 
