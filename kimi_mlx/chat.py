@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 from .errors import KimiError
 from .generate import GenerationOptions, Response, stats_line
 from .session import ChatSession
+from .state import context_usage
 
 HELP = """commands:
   /help              this list
@@ -81,7 +82,12 @@ class Output:
         if not self.tty or (self._bar is None and total - done <= 1):
             return
         if self._bar is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+            )
 
             self._bar = Progress(TextColumn("reading prompt"), BarColumn(), MofNCompleteColumn(),
                                  console=self.console, transient=True)
@@ -207,7 +213,8 @@ class Chat:
     def stats(self, arg: str) -> None:
         s = self.session
         opts = ", ".join(f"{k}={getattr(s.options, k)}" for k in SETTABLE if k != "seed")
-        lines = [f"context: {s.state.offset} tokens, {len(s.messages)} messages, state {s.state.nbytes / 1e6:.1f} MB",
+        used = context_usage(s.state, s.model.config.max_position_embeddings)
+        lines = [f"context: {used}, {len(s.messages)} messages, state {s.state.nbytes / 1e6:.1f} MB",
                  f"settings: {opts}, seed={s.seed}"]
         if self.turn:
             lines.append(f"last reply: {stats_line(self.turn.last)}")
