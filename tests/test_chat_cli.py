@@ -125,7 +125,8 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on():
     child.expect(r"Ctrl-D or /quit exits")
     command(child, "/set max_tokens 4")
     n, _ = turn(child, "still there?")
-    context = int(re.search(r"context: (\d+) tokens", command(child, "/stats")).group(1))
+    context = int(re.search(r"context: ([\d,]+) / [\d,]+ tokens \([\d,]+ left\)", command(child, "/stats"))
+                  .group(1).replace(",", ""))
     assert n > 1 and context > 100
     child.sendeof()
     child.expect(pexpect.EOF)
