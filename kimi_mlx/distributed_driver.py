@@ -13,9 +13,11 @@ Driver objects and their worker twins share an id; when the driver's object is g
 twin is dropped with the next batch. Session files: every rank writes its own part (FILE on rank 0,
 FILE.rank<r> on rank r, each on its own machine) and loads it back; a mismatch is one line.
 
-While the driver is idle (a human typing, a server without requests) both sides meet only every TICK_S
-seconds, so no rank spins on its socket, and a lost rank is noticed within a tick. Any failure of a rank
-ends every rank with one line (`error: ...`): the other ranks cannot go on without its layers.
+While the driver is idle (a human typing, a server without requests) the ranks meet once every TICK_S
+seconds and sleep in between, so no rank spins on its socket and a lost rank is noticed within a tick;
+an idle rank that hears nothing for SILENCE_LIMIT_S (a peer asleep or unplugged, its connection still
+open) stops. Any failure of a rank ends every rank with one line (`error: ...`): the others cannot go
+on without its layers.
 """
 
 from __future__ import annotations
@@ -275,6 +277,8 @@ class DriverModel:
 
     # -- session files (state_io.save_state / load_state call these) ----------------------------
     def save_parts(self, path, state: DriverState, extra: dict) -> None:
+        if not Path(path).parent.is_dir():  # before any rank writes its part
+            raise KimiError(f"{path}: directory {Path(path).parent} does not exist")
         token = random.getrandbits(31)
         data = str(path).encode()
         with self.link.command(Op.SAVE, state.remote_id, len(data), token):

@@ -206,3 +206,14 @@ def test_server_two_ranks_equal_one_process_and_a_killed_worker_ends_it(tmp_path
         for p in procs:
             p.kill()
             p.wait(10)
+
+
+def test_launcher_and_flag_must_go_together(ckpt):
+    args = [sys.executable, "-m", "kimi_mlx", "generate", "--model", ckpt, "--max-tokens", "2"]
+    alone = subprocess.run([*args, "--distributed"], capture_output=True, text=True, timeout=60, env=env())
+    assert alone.returncode == 1 and errors(alone.stderr) == [
+        "error: --distributed: no ranks to join (MLX_RANK is not set); start the command through mlx.launch, "
+        "see docs/distributed.md"]
+    launched_plain = subprocess.run(args, capture_output=True, text=True, timeout=60, env={**env(), "MLX_RANK": "1"})
+    assert launched_plain.returncode == 1 and len(errors(launched_plain.stderr)) == 1
+    assert "without --distributed" in launched_plain.stderr
