@@ -85,6 +85,20 @@ def check_decode(path: str, B: int = 2, H: int = 4, Dk: int = 128, Dv: int = 96)
     return Check(f"decode step, {'fused kernel' if path == 'kernel' else 'fused ops'}", err)
 
 
+def check_routing() -> Check:
+    """The fused routing kernel against the ops reference, grouped top-k included."""
+    from .ops import routing
+
+    mx.random.seed(2)
+    logits, bias = 2 * mx.random.normal((64, 256)), 0.2 * mx.random.normal((256,))
+    opts = dict(top_k=8, n_group=8, topk_group=4, renormalize=True, scaling=2.446)
+    (ki, kw), (ri, rw) = routing.route_kernel(logits, bias, **opts), routing.route_ref(logits, bias, **opts)
+    ko, ro = mx.argsort(ki, axis=-1), mx.argsort(ri, axis=-1)
+    same = bool(mx.array_equal(mx.take_along_axis(ki, ko, -1), mx.take_along_axis(ri, ro, -1)))
+    err = _rel_err(mx.take_along_axis(kw, ko, -1), mx.take_along_axis(rw, ro, -1)) if same else math.inf
+    return Check("MoE routing, fused kernel", err, "" if same else "picked other experts")
+
+
 def environment() -> list[tuple[str, str]]:
     from metal_kernels import backend
 
@@ -103,16 +117,30 @@ def environment() -> list[tuple[str, str]]:
          + (f" (from T >= {kda_ops.CHUNKED_MIN_T})" if mode == "auto" else "")),
         ("KDA decode step", {"kernel": f"fused {gpu} kernel", "ops": "fused ops",
                              "ref": "unfused reference"}[decode]),
+        ("MoE routing", {"kernel": f"fused {gpu} kernel", "ref": "ops"}[routing_path()]),
+        ("MoE prefill", f"{expert_path(2048 * 9, 257)} expert matmuls (2,048 tokens, real shape)"),
     ]
+
+
+def routing_path() -> str:
+    from .ops.routing import path
+
+    return path(256, 8, 1)
+
+
+def expert_path(pairs: int, experts: int) -> str:
+    from .model.fuse import expert_path as choose
+
+    return choose(pairs, experts)
 
 
 def run_checks() -> list[Check]:
     checks = [check_chunked(False), check_decode("ops")]
     if kda_ops.gpu_backend():
-        checks += [check_chunked(True), check_decode("kernel")]
+        checks += [check_chunked(True), check_decode("kernel"), check_routing()]
     else:
         checks += [Check(name, None, "no Metal or CUDA backend here")
-                   for name in ("chunked prefill, scan kernel", "decode step, fused kernel")]
+                   for name in ("chunked prefill, scan kernel", "decode step, fused kernel", "MoE routing, fused kernel")]
     return checks
 
 

@@ -130,3 +130,20 @@ def test_route_kernel_on_gpu(case):
     ref_i, ref_w = sorted_pairs(*routing.route_ref(logits, bias, **opts))
     assert np.array_equal(got_i, ref_i)
     np.testing.assert_allclose(got_w, ref_w, rtol=1e-5, atol=1e-6)
+
+
+def test_doctor_reports_routing_and_expert_paths():
+    from kimi_mlx import doctor
+
+    env = dict(doctor.environment())
+    assert env["MoE routing"] in ("ops", "fused metal kernel", "fused cuda kernel")
+    assert "expert matmuls" in env["MoE prefill"]
+    names = [c.name for c in doctor.run_checks()]
+    assert "MoE routing, fused kernel" in names
+
+
+@pytest.mark.gpu
+def test_doctor_routing_check_on_gpu():
+    from kimi_mlx import doctor
+
+    assert doctor.check_routing().ok
