@@ -15,27 +15,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
+from .config import KIMI_LINEAR_48B_A3B, ModelConfig
 from .model import Model
 from .model.fuse import fuse_model
 from .weights.layout import hf_layer_to_local
 
-FULL = {
-    "model_type": "kimi_linear", "vocab_size": 163840, "hidden_size": 2304, "num_hidden_layers": 27,
-    "intermediate_size": 9216, "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 72,
-    "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-    "v_head_dim": 128, "mla_use_nope": True, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-    "linear_attn_config": {
-        "kda_layers": [1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23, 25, 26],
-        "full_attn_layers": [4, 8, 12, 16, 20, 24, 27], "num_heads": 32, "head_dim": 128,
-        "short_conv_kernel_size": 4,
-    },
-    "num_experts": 256, "num_experts_per_token": 8, "num_shared_experts": 1, "moe_intermediate_size": 1024,
-    "first_k_dense_replace": 1, "moe_layer_freq": 1, "moe_renormalize": True, "routed_scaling_factor": 2.446,
-    "use_grouped_topk": True, "num_expert_group": 1, "topk_group": 1, "moe_router_activation_func": "sigmoid",
-    "bos_token_id": 163584, "eos_token_id": 163586, "pad_token_id": 163839, "model_max_length": 1048576,
-    "tie_word_embeddings": False,
-}
+FULL = KIMI_LINEAR_48B_A3B
 SMALL = {**FULL, "vocab_size": 4096, "hidden_size": 512, "num_hidden_layers": 4, "intermediate_size": 1024,
          "num_attention_heads": 8, "num_key_value_heads": 8, "kv_lora_rank": 128, "qk_nope_head_dim": 64,
          "qk_rope_head_dim": 32, "v_head_dim": 64, "num_experts": 16, "num_experts_per_token": 4,
@@ -76,7 +61,8 @@ def build(shape: str, bits: int = 4, group_size: int = 64, dtype=mx.bfloat16, pe
     ours = Model(cfg)
     theirs = None
     if peer:
-        from mlx_lm.models.kimi_linear import Model as PeerModel, ModelArgs
+        from mlx_lm.models.kimi_linear import Model as PeerModel
+        from mlx_lm.models.kimi_linear import ModelArgs
 
         theirs = PeerModel(ModelArgs.from_dict(cfg_d))
     pred = _our_predicate(bits, group_size)

@@ -35,3 +35,20 @@ def hf_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_random():
+    """(model, tokenizer) of the random-weight demo (byte-level vocabulary)."""
+    import kimi_mlx
+
+    return kimi_mlx.load("demo-random")
+
+
+def fresh_logprobs(model, tokens):
+    """Log-probabilities of the next token after a fresh prefill of `tokens` (numpy, float32)."""
+    import mlx.core as mx
+    import numpy as np
+
+    logits = model(mx.array([tokens]))[0, -1].astype(mx.float32)
+    return np.array(logits - mx.logsumexp(logits))

@@ -3,8 +3,8 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import fresh_logprobs
 
-import kimi_mlx
 from kimi_mlx.errors import KimiError
 from kimi_mlx.generate import StopMatcher, generate, stream_generate
 from kimi_mlx.state_io import mark, rewind
@@ -13,13 +13,8 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def demo():
-    return kimi_mlx.load("demo-random")
-
-
-def fresh_logprobs(model, tokens) -> np.ndarray:
-    logits = model(mx.array([tokens]))[0, -1].astype(mx.float32)
-    return np.array(logits - mx.logsumexp(logits))
+def demo(demo_random):
+    return demo_random
 
 
 @pytest.mark.parametrize("prefill_step_size", [2048, 5])

@@ -5,9 +5,9 @@ import subprocess
 import sys
 import textwrap
 
-import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import fresh_logprobs
 
 import kimi_mlx
 import kimi_mlx.session as session_mod
@@ -20,13 +20,8 @@ SYSTEM = "You are a test."
 
 
 @pytest.fixture(scope="module")
-def demo():
-    return kimi_mlx.load("demo-random")
-
-
-def fresh_logprobs(model, tokens) -> np.ndarray:
-    logits = model(mx.array([tokens]))[0, -1].astype(mx.float32)
-    return np.array(logits - mx.logsumexp(logits))
+def demo(demo_random):
+    return demo_random
 
 
 def reply(session, text=None, **kw):
