@@ -145,12 +145,8 @@ class Model(nn.Module):
             shared = p.broadcast_from_last(logits[:, -1:])
             p.eval(shared)
             return logits
-        shared = p.broadcast_from_last(mx.zeros((B, 1, self.config.vocab_size), self.logits_dtype()))
+        shared = p.broadcast_from_last(mx.zeros((B, 1, self.config.vocab_size), self.dtype))
         p.eval(shared)
         if T == 1:
             return shared
         return mx.concatenate([mx.full((B, T - 1, shared.shape[-1]), float("nan"), shared.dtype), shared], axis=1)
-
-    def logits_dtype(self) -> mx.Dtype:
-        """The lm_head's output dtype (the activations' dtype), known on every rank."""
-        return self.dtype

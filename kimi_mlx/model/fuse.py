@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ConfigError
 from .common import MLP
 from .kda import KimiDeltaAttention
-from .moe import KimiMoE, QuantizedSwitchLinear, SwitchLinear
+from .moe import KimiMoE, QuantizedSwitchLinear
 
 
 def _qparams(m: nn.Module):
@@ -44,14 +44,12 @@ def _down_bank(lin: nn.Module, n: int) -> dict:
     return {k: mx.stack(mx.split(v, n, axis=1)) for k, v in _parts(lin).items()}
 
 
-def _make(template: nn.Module, arrays: dict) -> nn.Module:
-    if isinstance(template, QuantizedSwitchLinear):
-        m = QuantizedSwitchLinear.__new__(QuantizedSwitchLinear)
-        nn.Module.__init__(m)
-        m.group_size, m.bits, m.mode = template.group_size, template.bits, template.mode
-    else:
-        m = SwitchLinear.__new__(SwitchLinear)
-        nn.Module.__init__(m)
+def _like(template: nn.Module, arrays: dict) -> nn.Module:
+    """A module of template's class (plain or quantized Linear / SwitchLinear) holding `arrays`."""
+    m = type(template).__new__(type(template))
+    nn.Module.__init__(m)
+    if _qparams(template):
+        m.group_size, m.bits, m.mode = _qparams(template)
     for k, v in arrays.items():
         setattr(m, k, v)
     return m
@@ -72,8 +70,8 @@ class FusedMoE(nn.Module):
             sh: MLP = moe.shared_experts
             gate_up.append(_bank([_as_bank(sh.gate_proj, num_shared), _as_bank(sh.up_proj, num_shared)], axis=1))
             down.append(_down_bank(sh.down_proj, num_shared))
-        self.gate_up_proj = _make(ex.gate_proj, _bank(gate_up, axis=0))
-        self.down_proj = _make(ex.down_proj, _bank(down, axis=0))
+        self.gate_up_proj = _like(ex.gate_proj, _bank(gate_up, axis=0))
+        self.down_proj = _like(ex.down_proj, _bank(down, axis=0))
 
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
@@ -145,32 +143,15 @@ def can_fuse_moe(moe: KimiMoE) -> bool:
     return True
 
 
-def _linear(template: nn.Module, arrays: dict, dims_in: int) -> nn.Module:
-    """A Linear (or QuantizedLinear like `template`) holding the given arrays."""
-    if isinstance(template, nn.QuantizedLinear):
-        m = nn.QuantizedLinear(dims_in, 1, bias=False, group_size=template.group_size, bits=template.bits,
-                               mode=template.mode)
-    else:
-        m = nn.Linear(dims_in, 1, bias=False)
-    for k, v in arrays.items():
-        setattr(m, k, v)
-    m.freeze()
-    return m
-
-
 def fuse_kda_inputs(attn: KimiDeltaAttention) -> bool:
     """f_a_proj | g_a_proj | b_proj read the same x: one matmul `gates_in` when stored alike."""
     parts = [attn.f_a_proj, attn.g_a_proj, attn.b_proj]
     if len({_qparams(p) for p in parts}) != 1 or len({p.weight.dtype for p in parts}) != 1:
         return False
-    attn.gates_in = _linear(parts[0], _bank([_parts(p) for p in parts], axis=0), model_dims(attn))
+    attn.gates_in = _like(parts[0], _bank([_parts(p) for p in parts], axis=0))
     for name in ("f_a_proj", "g_a_proj", "b_proj"):
         delattr(attn, name)
     return True
-
-
-def model_dims(attn: KimiDeltaAttention) -> int:
-    return attn.o_proj.weight.shape[0]
 
 
 def fuse_model(model) -> int:
