@@ -78,22 +78,11 @@ class SwitchGLU(nn.Module):
         self.down_proj = SwitchLinear(num_experts, hidden, dims)
 
     def __call__(self, x: mx.array, idx: mx.array) -> mx.array:
-        """x: [N, D]; idx: [N, k].  Returns [N, k, D]."""
-        N, k = idx.shape
-        flat = idx.flatten()
-        sort = N * k >= 64  # prefill: group tokens by expert so each expert's rows are contiguous
-        if sort:
-            order = mx.argsort(flat)
-            inv = mx.argsort(order)
-            xs = x[order // k][:, None]
-            ids = flat[order]
-        else:
-            xs, ids = x[:, None, None], idx
-        h = nn.silu(self.gate_proj(xs, ids, sort)) * self.up_proj(xs, ids, sort)
-        y = self.down_proj(h, ids, sort)
-        if sort:
-            return y[inv].reshape(N, k, -1)
-        return y.reshape(N, k, -1)
+        """x: [N, D]; idx: [N, k].  Returns [N, k, D]. The plain gather (the reference; the fast
+        prefill paths live in model/fuse.py's FusedMoE)."""
+        xs = x[:, None, None]
+        h = nn.silu(self.gate_proj(xs, idx)) * self.up_proj(xs, idx)
+        return self.down_proj(h, idx).reshape(*idx.shape, -1)
 
 
 class Router(nn.Module):
