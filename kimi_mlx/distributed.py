@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import KimiError
+from .errors import KimiError, first_line
 
 INIT_TIMEOUT_S = 60.0
 _real_stderr: int | None = None  # the terminal's stderr while quiet_backend_noise() filters fd 2
@@ -100,7 +100,7 @@ def init(backend: str = "any", timeout: float | None = None):
     try:
         return mx.distributed.init(strict=True, backend=backend)
     except Exception as e:  # backend missing or misconfigured
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = first_line(e, 1000)
         raise DistributedError(f"distributed backend '{backend}' did not start ({text})") from None
     finally:
         os.write(w, b"1")

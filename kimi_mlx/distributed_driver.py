@@ -38,7 +38,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import KimiError
+from .errors import KimiError, first_line
 from .state import ModelState, check_context
 from .state_io import META_KEY, load_state, mark, rewind, save_state
 from . import distributed
@@ -390,7 +390,7 @@ def _do(model, link: Link, objs: dict, op: int, a: int, b: int, c: int, d: int) 
                     raise KimiError(f"{path}: holds {state.offset} tokens, rank 0's part {d}; save the session again")
                 objs[a] = state
         except Exception as e:
-            link.report(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            link.report(first_line(e, 1000))
         else:
             link.report(None)
 

@@ -11,3 +11,9 @@ class ConfigError(KimiError):
 
 class WeightsError(KimiError):
     pass
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

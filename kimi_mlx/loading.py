@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import KimiError
+from .errors import KimiError, first_line
 
 
 def resolve(model: str, revision: str | None = None) -> Path:
@@ -23,7 +23,7 @@ def resolve(model: str, revision: str | None = None) -> Path:
 
         return Path(snapshot_download(model, revision=revision))
     except Exception as e:  # network, auth, missing repo: all one line for the user
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise KimiError(f"{model}: not a local directory and the hub download failed ({msg})") from None
 
 

@@ -20,7 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..config import ModelConfig
-from ..errors import KimiError, WeightsError
+from ..errors import KimiError, WeightsError, first_line
 from ..model import Model
 from ..model.common import RMSNorm
 from ..model.decoder import DecoderLayer
@@ -196,7 +196,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions | None = None,
             try:
                 conv.group(group, names)
             except (RuntimeError, ValueError) as e:  # MLX's errors while reading or computing a group
-                msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                msg = first_line(e)
                 raise WeightsError(f"{group}: conversion failed ({msg}); is the checkpoint readable?") from None
             mx.clear_cache()
             log(f"[{k + 1}/{len(todo)}] {group}: {time.perf_counter() - t0:.1f}s")

@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..config import ModelConfig
-from ..errors import WeightsError
+from ..errors import WeightsError, first_line
 from ..model import Model
 from ..model.fuse import fuse_model
 from .layout import hf_to_local, is_hf_layout
@@ -41,12 +41,8 @@ def read_checkpoint(path: Path) -> dict[str, mx.array]:
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:  # mlx raises plain RuntimeError/ValueError on bad files
-            raise WeightsError(f"{f}: unreadable safetensors file ({_short(e)}); it is truncated or corrupt") from None
+            raise WeightsError(f"{f}: unreadable safetensors file ({first_line(e, 120)}); it is truncated or corrupt") from None
     return weights
-
-
-def _short(e: Exception) -> str:
-    return str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
 
 
 def _quantize(model: Model, cfg: ModelConfig, weights: dict) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..config import KDA, MOE, ModelConfig
-from ..errors import WeightsError
+from ..errors import WeightsError, first_line
 from .layout import LAYER_RE
 from .load import weight_files
 
@@ -193,6 +193,6 @@ class SourceReader:
                 try:
                     self.files[f] = mx.load(str(f))
                 except Exception as e:  # mlx raises plain RuntimeError/ValueError on bad files
-                    raise _corrupt(f, str(e).strip().splitlines()[0][:100] if str(e).strip() else "unreadable")
+                    raise _corrupt(f, first_line(e, 100))
             out[n] = self.files[f].pop(n)
         return out
