@@ -87,21 +87,9 @@ def build(shape: str, bits: int = 4, group_size: int = 64, dtype=mx.bfloat16, pe
         m.load_weights(list(top.items()), strict=False)
         bits and nn.quantize(m, group_size, bits, class_predicate=lambda p, mod: p in ("model.embed_tokens", "lm_head"))
         mx.eval(m.parameters())
-    ours.update(tree_map_router_f32(ours))
     fuse_model(ours)
     ours.eval()
     return ours, theirs, cfg_d
-
-
-def tree_map_router_f32(model: Model) -> dict:
-    """Router weights in float32 once, so the f32 router matmul casts nothing per token."""
-    out = {"model": {"layers": []}}
-    for layer in model.model.layers:
-        entry = {}
-        if "gate" in layer.mlp:
-            entry = {"mlp": {"gate": {"weight": layer.mlp.gate.weight.astype(mx.float32)}}}
-        out["model"]["layers"].append(entry)
-    return out
 
 
 def weight_bytes(model: nn.Module) -> int:
