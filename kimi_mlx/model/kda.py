@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from ..ops.kda import decode_path, kda, kda_decode_step
+from ..ops.kda import decode_path, kda, kda_decode_step, softplus
 from ..state import KDAState
 
 
@@ -24,11 +24,6 @@ def short_conv(x: mx.array, tail: mx.array, weight: mx.array) -> tuple[mx.array,
     for i in range(1, K):
         acc = acc + xx[:, i : i + T].astype(mx.float32) * w[i]
     return nn.silu(acc).astype(x.dtype), xx[:, T:]
-
-
-def softplus(x: mx.array) -> mx.array:
-    """PyTorch softplus (beta 1, linear above 20)."""
-    return mx.where(x > 20.0, x, mx.logaddexp(x, mx.zeros_like(x)))
 
 
 class KimiDeltaAttention(nn.Module):
