@@ -60,6 +60,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def no_stop_bias() -> dict[str, float]:
+    """logit_bias that keeps the (trained) demo from ending a reply: for turns that must run long."""
+    from kimi_mlx.loading import resolve
+    from kimi_mlx.tokenizer import Tokenizer
+
+    tok = Tokenizer(resolve("demo"))
+    return {str(i): -100 for i in (tok.im_end_id, tok.eos_id)}
+
+
 def start_server(tmp_path, *args, ready_s: float = 60.0) -> Server:
     port = free_port()
     log = open(tmp_path / f"server-{port}.log", "w")
@@ -268,7 +277,8 @@ def test_sixteen_concurrent_streams_all_complete(server):
 
 
 def test_disconnect_mid_stream_leaves_server_healthy(server):
-    body = {"model": "demo", "messages": user("long story"), "max_tokens": 4000, "stream": True}
+    body = {"model": "demo", "messages": user("long story"), "max_tokens": 4000, "stream": True,
+            "logit_bias": no_stop_bias()}
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", server.url + "/v1/chat/completions", json=body) as resp:
             assert resp.status_code == 200

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from test_server import start_server, stop_server, user
+from test_server import no_stop_bias, start_server, stop_server, user
 
 openai = pytest.importorskip("openai")
 KEY = "test-key-123"
@@ -162,7 +162,7 @@ def test_cors_when_configured():
 
 def test_full_queue_answers_503_and_recovers(server, http):
     """--max-queue 1: one turn runs, one waits, the next is refused; dropping both frees the engine."""
-    long = {"messages": user("go on"), "max_tokens": 4000, "stream": True}
+    long = {"messages": user("go on"), "max_tokens": 4000, "stream": True, "logit_bias": no_stop_bias()}
     stop = threading.Event()
     started = []
 
