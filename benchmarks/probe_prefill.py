@@ -1,7 +1,13 @@
-"""Where a 2,048-token prefill step goes at the full shape, per component (GPU profile probe).
+"""Where prefill and decode time goes at the full shape, per component (GPU profile probe).
 
-  python benchmarks/probe_prefill.py
+  python benchmarks/probe_prefill.py [--parts moe,kda,mla,decode]
+
+MoE: one layer, 2,048 tokens, each expert path (KIMI_MLX_EXPERTS). KDA: one layer's attention.
+MLA prefill: one 2,048-token step at a given context, per score-tile size (KIMI_MLX_MLA_TILE_MB).
+MLA decode: one layer's token step at a given context, the eager tiled path against the whole-page
+compiled step (what the decoder uses).
 """
+import argparse
 import os
 import sys
 import time
@@ -10,39 +16,107 @@ sys.path.insert(0, ".")
 import mlx.core as mx  # noqa: E402
 
 from kimi_mlx import bench  # noqa: E402
-from kimi_mlx.state import KDAState  # noqa: E402
+from kimi_mlx.model.fuse import ExpertBlocks  # noqa: E402
+from kimi_mlx.ops import attention as A  # noqa: E402
+from kimi_mlx.state import KDAState, MLAState  # noqa: E402
 
-ours, _, cfg = bench.build("full", peer=False)
+ap = argparse.ArgumentParser()
+ap.add_argument("--parts", default="moe,kda,mla,decode")
+ap.add_argument("--shape", default="full")
+ap.add_argument("--tokens", type=int, default=2048)
+ap.add_argument("--mla-contexts", default="4096,131072")
+ap.add_argument("--tiles-mb", default="64,256,1024")
+ap.add_argument("--decode-contexts", default="1024,32768,131072,1048576")
+a = ap.parse_args()
+parts = a.parts.split(",")
+
+ours, _, cfg = bench.build(a.shape, peer=False, dtype=mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32)
 L = ours.model.layers
-T = 2048
-h = mx.random.normal((1, T, 2304)).astype(mx.bfloat16)
+T = a.tokens
+D, W = cfg["hidden_size"], cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
+DT = ours.dtype
+h = mx.random.normal((1, T, D)).astype(DT)
 
 
-def timeit(name, fn, n=2):
+def timeit(name, fn, n=3):
     mx.eval(fn())
+    mx.synchronize()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
     t0 = time.perf_counter()
     for _ in range(n):
         mx.eval(fn())
-    print(f"{name:48s} {(time.perf_counter() - t0) / n * 1e3:9.2f} ms", flush=True)
+    mx.synchronize()
+    dt = (time.perf_counter() - t0) / n
+    print(f"{name:58s} {dt * 1e3:9.3f} ms   peak +{(mx.get_peak_memory() - base) / 1e9:.2f} GB", flush=True)
+    return dt
 
 
 kda_i = [i for i in range(len(L)) if L[i].is_kda][1]
 mla_i = [i for i in range(len(L)) if not L[i].is_kda][0]
-st = ours.new_state()
-ks = st.layers[kda_i]
-timeit("KDA attention, 1 layer", lambda: L[kda_i].self_attn(h, KDAState(ks.conv, ks.recurrent)))
-for path in ("sorted", "segmented"):
-    os.environ["KIMI_MLX_EXPERTS"] = path
-    timeit(f"MoE, 1 layer, experts path {path}", lambda: L[kda_i].mlp(h))
-os.environ.pop("KIMI_MLX_EXPERTS")
-timeit("dense MLP, layer 0", lambda: L[0].mlp(h))
-for S in (0, 30720):
-    def mla():
-        r = bench.Runner("o", ours, True)
-        r.reset()
-        if S:
-            r.state.layers[mla_i].append(mx.zeros((1, S, 576), mx.bfloat16))
-        return L[mla_i].self_attn(h, r.state.layers[mla_i])
-    timeit(f"MLA attention, 1 layer, cache {S} + {T}", mla)
-timeit("lm_head", lambda: ours.logits(h))
-timeit("whole model, one step from empty", lambda: ours(mx.zeros((1, T), mx.int32), ours.new_state()))
+
+if "moe" in parts:
+    for path in ("sorted", "segmented", "blocked"):
+        os.environ["KIMI_MLX_EXPERTS"] = path
+        timeit(f"MoE, 1 layer, {T} tokens, experts {path}", lambda: L[kda_i].mlp(h))
+    for blk in (32, 128):
+        ExpertBlocks.BLOCK = blk
+        timeit(f"MoE, 1 layer, {T} tokens, experts blocked {blk}", lambda: L[kda_i].mlp(h))
+    ExpertBlocks.BLOCK = 64
+    os.environ.pop("KIMI_MLX_EXPERTS")
+    timeit("dense MLP, layer 0", lambda: L[0].mlp(h))
+
+if "kda" in parts:
+    st = ours.new_state()
+    ks = st.layers[kda_i]
+    timeit(f"KDA attention, 1 layer, {T} tokens", lambda: L[kda_i].self_attn(h, KDAState(ks.conv, ks.recurrent)))
+
+
+def filled(S):
+    s = MLAState()
+    for a0 in range(0, S, 65536):
+        s.append(mx.random.normal((1, min(65536, S - a0), W)).astype(DT))
+        mx.eval([p[0] for p in s.pages])
+    return s
+
+
+if "mla" in parts:
+    attn = L[mla_i].self_attn
+    for S in map(int, a.mla_contexts.split(",")):
+        base = filled(S - T)
+        for mb in map(int, a.tiles_mb.split(",")):
+            A.TILE_BYTES = mb << 20
+            def step():
+                s = MLAState(base.pages, base.length)
+                return attn(h, s)
+            timeit(f"MLA prefill step, 1 layer, context {S}, tile {mb} MB", step, n=2)
+        A.TILE_BYTES = 64 << 20
+        del base
+        mx.clear_cache()
+
+if "decode" in parts:
+    layer = L[mla_i]
+    x = mx.random.normal((1, 1, D)).astype(DT)
+    compiled = layer.compiled_step()
+    for S in map(int, a.decode_contexts.split(",")):
+        base = filled(S)
+
+        def eager():
+            s = MLAState(base.pages, base.length)
+            return layer(x, s)
+
+        def whole_pages():
+            s = MLAState(base.pages, base.length)
+            out, last = compiled(x, *s.decode_slot())
+            return out, last
+
+        timeit(f"MLA layer decode, context {S}, eager tiled", eager, n=10)
+        timeit(f"MLA layer decode, context {S}, compiled whole pages", whole_pages, n=10)
+        for c in (256, 2048):
+            A.SPLIT_ROWS = c
+            compiled = layer.compiled_step()
+            timeit(f"MLA layer decode, context {S}, compiled, split {c}", whole_pages, n=10)
+        A.SPLIT_ROWS = 512
+        compiled = layer.compiled_step()
+        del base
+        mx.clear_cache()

@@ -89,6 +89,33 @@ class MLAState:
         self.pages, self.length = tuple(pages), pos
         return self.view()
 
+    def decode_slot(self) -> tuple[tuple, mx.array, mx.array] | None:
+        """For a one-token step: (every page, in full; where the new row goes in the last page, as
+        mx.slice_update's start [0, row, 0]; rows valid after it). Pages past the one that receives the row
+        (left by a cut) are dropped and a page is added when the last is full, so the row always lands in
+        the last page. None when the cache has no page yet (the caller appends the usual way)."""
+        if not self.pages:
+            return None
+        pages, start = [], 0
+        for p in self.pages:
+            if start > self.length or (start == self.length and pages):
+                break
+            pages.append(p)
+            start += p[0].shape[1]
+        if start == self.length:  # the last kept page is full
+            B, _, *rest = pages[-1][0].shape
+            size = min(self.page_first << len(pages), self.page_max)
+            pages.append(tuple(mx.zeros((B, size, *r.shape[2:]), r.dtype) for r in pages[-1]))
+            start += size
+        self.pages = tuple(pages)
+        row = self.length - (start - pages[-1][0].shape[1])
+        return self.pages, mx.array([0, row, 0], mx.int32), mx.array(self.length + 1, mx.int32)
+
+    def commit_decode(self, last: tuple) -> None:
+        """Take the last page as the step wrote it; the cache is one row longer."""
+        self.pages = self.pages[:-1] + (tuple(last),)
+        self.length += 1
+
     def view(self) -> LatentCache:
         valid, left = [], self.length
         for p in self.pages:

@@ -147,3 +147,41 @@ def test_quantized_cache(bits, tol, absorbed):
     exact = mla_attention_ref(q, rows, k_up, v_up, SCALE)
     assert err(out, exact) / float(mx.abs(exact).max()) < tol
     assert err(out, exact) > 0  # it really is quantized
+
+
+@pytest.mark.parametrize("bits", [0, 8])
+@pytest.mark.parametrize("S", [1, 8, 9, 57, 100])
+def test_decode_over_whole_pages(monkeypatch, S, bits):
+    """mla_decode reads whole pages and masks rows past `valid`: equal to the reference on the valid
+    rows, whatever the rows past them hold; split-K pieces (SPLIT_ROWS) included."""
+    monkeypatch.setattr(A, "SPLIT_ROWS", 4)
+    latent, pe = (58, 6) if bits else (L, PE)
+    rows, q, k_up, v_up = inputs(2, 1, S, seed=S, latent=latent, pe=pe)
+    st = MLAState(bits=bits, page_first=8, page_max=32)
+    st.append(rows)
+    junk = mx.array(np.random.default_rng(1).normal(0, 50, (2, 40, latent + pe)).astype(np.float32))
+    if st.capacity > S:  # fill the unused rows with large junk, then cut back
+        st.append(junk[:, : st.capacity - S])
+        st.length = S
+    pages, valid = st.decode_slot()[0], mx.array(S)
+    cache = A.LatentCache(pages, bits, 64)
+    dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, :S]
+    out = A.mla_decode(q, cache, valid, k_up, v_up, SCALE)
+    assert err(out, mla_attention_ref(q, dq, k_up, v_up, SCALE)) < 2e-5
+
+
+def test_decode_slot_after_a_cut_and_snapshot():
+    """decode_slot drops pages past the write position, adds one when the last is full, and never
+    changes a snapshot's pages."""
+    from dataclasses import replace
+
+    st = MLAState(page_first=4, page_max=8)
+    st.append(mx.ones((1, 12, 3)))  # pages 4 + 8
+    snap = replace(st)
+    st.length = 3  # cut into the first page
+    pages, at, valid = st.decode_slot()
+    assert [p[0].shape[1] for p in pages] == [4] and at.tolist() == [0, 3, 0] and valid.item() == 4
+    st.commit_decode((mx.slice_update(pages[-1][0], mx.full((1, 1, 3), 7.0), at, axes=(0, 1, 2)),))
+    pages, at, valid = st.decode_slot()  # first page full now: a new 8-row page
+    assert [p[0].shape[1] for p in pages] == [4, 8] and at.tolist() == [0, 0, 0] and valid.item() == 5
+    assert [p[0].shape[1] for p in snap.pages] == [4, 8] and float(snap.pages[0][0].min()) == 1.0

@@ -64,7 +64,7 @@ def test_kda_inputs_stay_apart_when_stored_differently(hf_checkpoint):
     assert float(mx.abs(model(toks) - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
 
 
-@pytest.mark.parametrize("path", ["gather", "sorted", "segmented"])
+@pytest.mark.parametrize("path", ["gather", "sorted", "segmented", "blocked"])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_expert_paths_agree(hf_checkpoint, monkeypatch, path, bits):
     _, ckpt = hf_checkpoint("kmk", n_shared_experts=1, moe_intermediate_size=32, hidden_size=64)
@@ -98,3 +98,27 @@ def test_down_bank_may_differ_from_gate_up(hf_checkpoint):
     assert all(isinstance(l.mlp, FusedMoE) for l in model.model.layers[1:])
     assert model.model.layers[1].mlp.down_proj.bits == 8 and model.model.layers[1].mlp.gate_up_proj.bits == 4
     assert float(mx.abs(model(toks) - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
+
+
+@pytest.mark.parametrize("block", [1, 4, 8, 64])
+def test_expert_blocks_round_trip(block):
+    """Ragged counts (empty experts, exactly one block, several blocks): every pair lands in a block of
+    its own expert, padding rows are zero, and pairs() inverts rows()."""
+    from kimi_mlx.model.fuse import ExpertBlocks
+
+    rng = np.random.default_rng(block)
+    E, N, k = 7, 37, 3
+    idx = np.stack([rng.choice([0, 2, 3, 3, 3, 6], size=k, replace=False) for _ in range(N)])
+    blocks = ExpertBlocks(mx.array(idx, dtype=mx.int32), E, block)
+    x = mx.array(rng.standard_normal((N, 5)).astype(np.float32)) + 10
+    rows = blocks.rows(x)
+    counts = np.bincount(idx.reshape(-1), minlength=E)
+    assert blocks.nb == int(sum(-(-c // block) for c in counts))
+    expert = np.array(blocks.expert)
+    r = np.array(rows)
+    for pair, row in enumerate(np.array(blocks.row_of_pair)):
+        assert expert[row // block] == idx.reshape(-1)[pair]
+        assert np.array_equal(r.reshape(-1, 5)[row], np.array(x)[pair // k])
+    assert (r.reshape(-1, 5) != 0).any(-1).sum() == N * k
+    back = blocks.pairs(rows)
+    assert np.array_equal(np.array(back), np.repeat(np.array(x), k, axis=0))

@@ -132,6 +132,31 @@ def test_many_step_prefill_equals_one_step(long_case, monkeypatch):
     assert rel_err(mx.concatenate(steps, axis=1), one) <= TOL
 
 
+@pytest.mark.parametrize("bits", [0, 8])
+def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits):
+    """One token at a time (the compiled whole-page decode step) across several page boundaries, with a
+    snapshot taken mid-page, restored after 30 more tokens, and decoded again: equal to the oracle
+    (unquantized) or to a prefill of the same quantized cache (dense_model: its cache rows quantize)."""
+    model, toks, ref = long_case
+    if bits:
+        model = dense_model
+    state = small_pages(model.new_state(cache_bits=bits), first=16, most=32)
+    outs = [model(mx.array(toks[:, :100]), state)]
+    snap = None
+    for t in range(100, 200):
+        if t == 150:
+            snap = state.snapshot()
+            for u in range(150, 180):
+                model(mx.array(toks[:, u : u + 1]), state)
+            state.restore(snap)
+        outs.append(model(mx.array(toks[:, t : t + 1]), state))
+    got = mx.concatenate(outs, axis=1)
+    if bits:
+        ref = model(mx.array(toks[:, :200]), small_pages(model.new_state(cache_bits=bits), first=16, most=32))
+    assert len(state.layers[3].pages) > 5
+    assert rel_err(got, ref[:, :200]) <= TOL
+
+
 @pytest.fixture(scope="module")
 def dense_model(hf_checkpoint):
     """All-dense FFN (no expert routing to flip) and a 128-wide cache row: the quantization error shows as is."""

@@ -32,8 +32,9 @@ class DecoderLayer(nn.Module):
     def compiled_step(self):
         """This layer's one-token step under mx.compile (fused elementwise work, fewer launches).
 
-        KDA layers compile whole: (h, conv, recurrent) -> (h, conv, recurrent). MLA layers compile the
-        FFN only, since the attention's cache grows every step.
+        KDA layers: (h, conv, recurrent) -> (h, conv, recurrent). MLA layers: (h, pages, at, valid) ->
+        (h, last page) over MLAState.decode_slot(): whole pages and a mask, so the graph changes only
+        when a page is added (MLX then traces it again).
         """
         if self.is_kda:
             def step(h, conv, recurrent):
@@ -41,7 +42,11 @@ class DecoderLayer(nn.Module):
                 h = self(h, s)
                 return h, s.conv, s.recurrent
             return mx.compile(step)
-        return mx.compile(self.ffn)
+
+        def mla_step(h, pages, at, valid):
+            a, last = self.self_attn.decode(self.input_layernorm(h), pages, at, valid)
+            return self.ffn(h + a), last
+        return mx.compile(mla_step)
 
 
 class KimiLinearModel(nn.Module):
@@ -125,8 +130,11 @@ class Model(nn.Module):
             layer, s, step = self.model.layers[i], state.layers[i], self._steps[i]
             if layer.is_kda:
                 h, s.conv, s.recurrent = step(h, s.conv, s.recurrent)
-            else:
-                h = step(h + layer.self_attn(layer.input_layernorm(h), s))
+            elif (slot := s.decode_slot()) is not None:
+                h, last = step(h, *slot)
+                s.commit_decode(last)
+            else:  # an empty cache: the first token appends the usual way
+                h = layer(h, s)
         return h
 
     def logits(self, h: mx.array) -> mx.array:

@@ -85,7 +85,11 @@ class FusedMoE(nn.Module):
             w = mx.concatenate([w, mx.ones((N, self.num_shared), w.dtype)], axis=1)
         k = idx.shape[1]
         path = expert_path(N * k, self.num_routed + self.num_shared)
-        if path == "segmented":  # prefill on CPU: tokens grouped by expert, one dense matmul each
+        if path == "blocked":  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather matmul a bank
+            blocks = ExpertBlocks(idx, self.num_routed + self.num_shared)
+            g, u = mx.split(self.gate_up_proj(blocks.rows(flat), blocks.expert), 2, axis=-1)
+            y = blocks.pairs(self.down_proj(nn.silu(g) * u, blocks.expert))
+        elif path == "segmented":  # prefill on CPU: tokens grouped by expert, one dense matmul each
             order = mx.argsort(idx.flatten())
             counts = np.bincount(np.array(idx).reshape(-1), minlength=self.num_routed + self.num_shared).tolist()
             g, u = mx.split(self.gate_up_proj.segmented(flat[order // k], counts), 2, axis=-1)
@@ -102,28 +106,71 @@ class FusedMoE(nn.Module):
         return (y.astype(mx.float32) * w[..., None]).sum(1).astype(x.dtype).reshape(shape)
 
 
+class ExpertBlocks:
+    """(token, expert) pairs laid out expert by expert in blocks of BLOCK rows, each block one expert's.
+
+    A bank applied to rows [NB, BLOCK, D] with one expert index per block is then one gather matmul whose
+    every batch item is a BLOCK-row tile (MLX's CUDA gather_qmm tiles each batch item's rows, so expert-
+    sorted single rows waste most of every tile). Padding rows are zero and never read back; the index
+    maps are built on the device, and only the block count (one integer) comes back to the host.
+    """
+
+    BLOCK = 64
+
+    def __init__(self, idx: mx.array, experts: int, block: int | None = None):
+        self.block = b = block or self.BLOCK
+        N, k = idx.shape
+        self.num_tokens, self.k = N, k
+        flat = idx.flatten()
+        order = mx.argsort(flat)
+        counts = mx.zeros((experts,), mx.int32).at[flat].add(1)
+        start = mx.cumsum(counts) - counts  # first sorted position of each expert
+        nblk = (counts + b - 1) // b
+        bend = mx.cumsum(nblk)
+        e_sorted = flat[order]
+        row = (bend - nblk)[e_sorted] * b + mx.arange(N * k) - start[e_sorted]  # padded row of each sorted pair
+        self.row_of_pair = mx.zeros((N * k,), mx.int32).at[order].add(row.astype(mx.int32))
+        nb = int(bend[-1].item())
+        # pair feeding each padded row; N * k marks a padding row (reads the zero row appended below)
+        src = mx.full((nb * b,), N * k, mx.int32).at[row].add(order.astype(mx.int32) - N * k)
+        self.token_of_row = src // k
+        self.expert = (mx.arange(nb)[:, None] >= bend[None, :]).sum(-1).astype(mx.uint32)
+        self.nb = nb
+
+    def rows(self, x: mx.array) -> mx.array:
+        """x [N, D] -> [NB, BLOCK, D] (zero rows for padding)."""
+        x = mx.concatenate([x, mx.zeros((1, x.shape[-1]), x.dtype)])
+        return x[self.token_of_row].reshape(self.nb, self.block, -1)
+
+    def pairs(self, y: mx.array) -> mx.array:
+        """[NB, BLOCK, D] -> [N * k, D] in pair order (token-major, as idx.flatten())."""
+        return y.reshape(-1, y.shape[-1])[self.row_of_pair]
+
+
 EXPERTS_ENV = "KIMI_MLX_EXPERTS"
 
 
 def expert_path(pairs: int, experts: int) -> str:
     """How N*k (token, expert) pairs meet a bank of `experts`: 'gather' (few pairs: decode), 'sorted'
-    (gather_mm over expert-sorted rows) or 'segmented' (one matmul per expert over its rows).
-    Segmented measured 3.5x gather_mm for CPU prefill, and 2x at 2,048 tokens on an H200 at the real
-    shape (RESULTS.md), where it costs ~3 launches per expert, so GPUs take it only once experts average
-    SEGMENTED_MIN_ROWS rows. KIMI_MLX_EXPERTS=gather|sorted|segmented overrides."""
+    (gather_mm over expert-sorted rows: Metal's prefill kernel), 'segmented' (one matmul per expert
+    over its rows: CPU, measured 3.5x gather_mm) or 'blocked' (ExpertBlocks: CUDA, where gather_qmm
+    over single sorted rows measured ~60x under the card's matmul rate, RESULTS.md).
+    KIMI_MLX_EXPERTS=gather|sorted|segmented|blocked overrides."""
     forced = os.environ.get(EXPERTS_ENV, "").strip().lower()
-    if forced in ("gather", "sorted", "segmented"):
+    if forced in EXPERT_PATHS:
         return forced
     if forced:
-        raise ConfigError(f"{EXPERTS_ENV}={forced!r} is not one of gather, sorted, segmented; unset it or pick one")
+        raise ConfigError(f"{EXPERTS_ENV}={forced!r} is not one of {', '.join(EXPERT_PATHS)}; unset it or pick one")
     if pairs < 64:
         return "gather"
-    if mx.default_device() == mx.cpu or pairs >= SEGMENTED_MIN_ROWS * experts:
+    if mx.default_device() == mx.cpu:
         return "segmented"
-    return "sorted"
+    if mx.cuda.is_available():
+        return "blocked"
+    return "sorted"  # Metal: MLX's gather_qmm has a kernel for expert-sorted rows
 
 
-SEGMENTED_MIN_ROWS = 32
+EXPERT_PATHS = ("gather", "sorted", "segmented", "blocked")
 
 
 def can_fuse_moe(moe: KimiMoE) -> bool:

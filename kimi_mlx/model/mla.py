@@ -6,8 +6,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from ..ops.attention import mla_attention
-from ..state import MLAState
+from ..ops.attention import LatentCache, mla_attention, mla_decode
+from ..state import CACHE_GROUP_SIZE, MLAState
 from .common import RMSNorm
 
 
@@ -25,12 +25,31 @@ class KimiMLA(nn.Module):
         self.v_up = mx.zeros((H, self.v_dim, L))  # kv_b_proj rows of v, per head
         self.o_proj = nn.Linear(H * self.v_dim, cfg.hidden_size, bias=False)
 
-    def __call__(self, x: mx.array, state: MLAState) -> mx.array:
+    def _project(self, x: mx.array):
+        """(queries [B, H, T, nope + pe], cache rows [B, T, L + pe])."""
         B, T, _ = x.shape
         L = self.latent_rank
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.nope + self.pe).transpose(0, 2, 1, 3)
         ckv = self.kv_a_proj_with_mqa(x)
-        latent = self.kv_a_layernorm(ckv[..., :L])
-        cache = state.append(mx.concatenate([latent, ckv[..., L:]], axis=-1))
-        o = mla_attention(q, cache, self.k_up.astype(x.dtype), self.v_up.astype(x.dtype), self.scale)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.v_dim))
+        return q, mx.concatenate([self.kv_a_layernorm(ckv[..., :L]), ckv[..., L:]], axis=-1)
+
+    def _out(self, o: mx.array) -> mx.array:
+        B, H, T, _ = o.shape
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, H * self.v_dim))
+
+    def __call__(self, x: mx.array, state: MLAState) -> mx.array:
+        q, rows = self._project(x)
+        cache = state.append(rows)
+        return self._out(mla_attention(q, cache, self.k_up.astype(x.dtype), self.v_up.astype(x.dtype), self.scale))
+
+    def decode(self, x: mx.array, pages: tuple, at: mx.array, valid: mx.array):
+        """One token over MLAState.decode_slot()'s pages: (output, the last page with the new row written).
+        Shape-stable while no page is added, so a compiled step keeps one graph (see ops.attention.mla_decode)."""
+        q, rows = self._project(x)
+        *before, last = pages
+        bits = last[0].shape[-1] * 32 // rows.shape[-1] if len(last) > 1 else 0
+        new = tuple(mx.quantize(rows, group_size=CACHE_GROUP_SIZE, bits=bits)) if bits else (rows.astype(last[0].dtype),)
+        last = tuple(mx.slice_update(p, r, at, axes=(0, 1, 2)) for p, r in zip(last, new))
+        cache = LatentCache((*before, last), bits, CACHE_GROUP_SIZE)
+        o = mla_decode(q, cache, valid, self.k_up.astype(x.dtype), self.v_up.astype(x.dtype), self.scale)
+        return self._out(o), last

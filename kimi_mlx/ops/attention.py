@@ -149,6 +149,53 @@ def mla_attention(q, cache: LatentCache, k_up, v_up, scale: float, *, path: str 
     return _tiled(q, cache, k_up, v_up, scale, absorbed, tiling or choose_tiling(B, H, T, S))
 
 
+SPLIT_ROWS = 512  # decode: a page's values matmul runs as a batch of SPLIT_ROWS-row pieces (split-K)
+
+
+def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float) -> mx.array:
+    """One query per sequence over whole cache pages, of which the first `valid` rows count.
+
+    The shape-stable twin of the absorbed tiled path for T = 1: it reads every row of every page (their
+    sizes change only when a page is added) and masks rows >= valid (an int32 array, so a compiled step
+    keeps one graph while the cache grows). Each page's values matmul (32 heads x rows x 576) is split
+    into SPLIT_ROWS-row pieces run as one batched matmul and summed, so a long page spreads over the
+    card instead of a handful of output tiles. q: [B, H, 1, nope + pe] -> [B, H, 1, v].
+    """
+    B, H, _, _ = q.shape
+    L = k_up.shape[2]
+    qa = (_absorb(q, k_up) * scale).reshape(B, H, -1)
+    gs, bits = cache.group_size, cache.bits
+    if bits:
+        parts = [mx.quantized_matmul(qa, *p, transpose=True, group_size=gs, bits=bits) for p in cache.pages]
+    else:
+        parts = [qa @ p[0].swapaxes(-1, -2) for p in cache.pages]
+    s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)  # [B, H, capacity]
+    s = mx.where(mx.arange(s.shape[-1]) < valid, s.astype(mx.float32), -mx.inf)
+    p = mx.exp(s - s.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    o, off = None, 0
+    for page in cache.pages:
+        n = page[0].shape[1]
+        part = _page_values(p[..., off : off + n].astype(q.dtype), page, bits, gs)
+        o = part if o is None else o + part
+        off += n
+    return o[:, :, None, :L].astype(q.dtype) @ v_up.swapaxes(-1, -2)
+
+
+def _page_values(p, page, bits, gs):
+    """p [B, H, n] @ page rows [B, n, W] -> [B, H, W] float32."""
+    B, H, n = p.shape
+    if bits:
+        return mx.quantized_matmul(p, *page, transpose=False, group_size=gs, bits=bits).astype(mx.float32)
+    rows = page[0]
+    c = SPLIT_ROWS
+    if n < 2 * c or n % c:
+        return (p @ rows).astype(mx.float32)
+    k = n // c
+    pieces = p.reshape(B, H, k, c).transpose(0, 2, 1, 3) @ rows.reshape(B, k, c, -1)  # [B, k, H, W]
+    return pieces.astype(mx.float32).sum(1)
+
+
 def mla_attention_ref(q, rows, k_up, v_up, scale: float) -> mx.array:
     """Plain expanded attention over dense cache rows [B, S, W]: the reference twin."""
     B, H, T, _ = q.shape
