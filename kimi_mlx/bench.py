@@ -170,6 +170,29 @@ def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def time_step_at(r: Runner, n: int, step: int, cfg: ModelConfig) -> float:
+    """Seconds for the prefill step that brings the context to n tokens (cache filled to n - step first)."""
+    toks = mx.random.randint(0, cfg.vocab_size, (1, step))
+    r.fill_context(max(n - step, 1), cfg)
+    r.forward(toks[:, :step])  # warm-up: traces this context's tiling
+    r.eval_state()
+    r.fill_context(max(n - step, 1), cfg)
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    r.forward(toks)
+    r.eval_state()
+    return time.perf_counter() - t0
+
+
+def prefill_estimate(points: dict[int, float], n: int, step: int) -> float:
+    """Seconds to prefill n tokens in steps, from measured step times at some contexts: a step's time is
+    affine in its context (the MLA scores grow with it, the rest does not), fitted by least squares."""
+    xs, ys = np.array(list(points), float), np.array(list(points.values()))
+    b, a = np.polyfit(xs, ys, 1) if len(xs) > 1 else (0.0, ys[0])
+    ends = np.arange(step, n + step, step).clip(max=n)
+    return float(np.sum(a + b * ends))
+
+
 def time_decode(r: Runner, n: int) -> float:
     def step(y):
         return mx.argmax(r.forward(y.reshape(1, 1))[:, -1], axis=-1)
@@ -210,8 +233,11 @@ def device_line() -> str:
 def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: int = 32, step: int = 2048,
         bits: int = 4, group_size: int = 64, peer: bool = True, peer_prefill_max: int = 2048,
         bandwidth_gbs: float | None = None, model_path: str | None = None, peer_model: str | None = None,
-        echo=print) -> list[dict]:
+        step_at=(), echo=print) -> list[dict]:
     """Measure and print; returns result rows (one per measurement).
+
+    step_at: contexts at which to time the one prefill step that ends there (cache filled with random
+    rows first), with peak memory; from two or more, the time of a whole prefill is estimated.
 
     model_path: a checkpoint to measure instead of random weights at `shape`; peer_model: an mlx-lm
     checkpoint of the same model to compare against (random weights are shared with mlx-lm directly).
@@ -254,6 +280,30 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
             gc.collect()
             mx.clear_cache()
         echo(_line(f"prefill {n:>7}", got, peak=peak))
+    weights = weight_bytes(ours)
+    steps: dict[int, float] = {}
+    for n in step_at:
+        ours_r = runners[0]
+        dt = time_step_at(ours_r, n, step, cfg)
+        steps[n] = dt
+        peak = mx.get_peak_memory()
+        cache = cache_bytes_per_token(cfg) * n
+        rows.append(dict(what="prefill_step", tokens=n, runner=ours_r.name, tok_s=step / dt, peak_gb=peak / 1e9))
+        peer_note = ""
+        if len(runners) > 1:
+            mask = cfg.num_attention_heads * step * n * 4
+            peer_note = (f" | mlx-lm not run: its MLA step builds a heads x {step} x {n} float32 score mask "
+                         f"({mask / 1e9:.0f} GB a layer)")
+        echo(f"prefill step at {n:>7}: kimi-mlx {step / dt:9.1f} tok/s ({dt:.2f} s for {step} tokens), peak "
+             f"{peak / 1e9:.1f} GB = weights {weights / 1e9:.1f} + cache {cache / 1e9:.2f} + "
+             f"{(peak - weights - cache) / 1e9:.2f} GB{peer_note}")
+        ours_r.state = None
+        gc.collect()
+        mx.clear_cache()
+    if len(steps) > 1:
+        for n in step_at:
+            est = prefill_estimate(steps, n, step)
+            echo(f"whole prefill of {n:>7} tokens, estimated from the steps above: {est:.0f} s ({n / est:.0f} tok/s)")
     for n in contexts:
         got, peak = {}, {}
         for r in runners:

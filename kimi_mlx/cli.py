@@ -198,6 +198,8 @@ def bench(
     peer: bool = typer.Option(True, "--peer/--no-peer", help="also measure mlx-lm on the same weights"),
     peer_model: str = typer.Option(None, "--peer-model", help="with --model: an mlx-lm checkpoint to compare"),
     bandwidth: float = typer.Option(None, "--bandwidth", help="device memory bandwidth in GB/s"),
+    step_at: str = typer.Option("", "--step-at", help="time the prefill step ending at these contexts "
+                                "(long prompts: peak memory, and the whole prefill estimated from them)"),
 ):
     """Prefill and decode speed, peak memory and bandwidth use, against mlx-lm in the same run."""
     from . import bench as b
@@ -210,7 +212,8 @@ def bench(
         except ImportError:
             raise KimiError("mlx-lm is not installed: pip install 'kimi-mlx[bench]', or pass --no-peer") from None
     b.run(shape, _ints(contexts), _ints(prefill), decode_tokens, step, bits, peer=peer and not model,
-          bandwidth_gbs=bandwidth, model_path=model and str(_resolve(model)), peer_model=peer_model)
+          bandwidth_gbs=bandwidth, model_path=model and str(_resolve(model)), peer_model=peer_model,
+          step_at=_ints(step_at) if step_at else ())
 
 
 def _resolve(model: str):

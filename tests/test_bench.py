@@ -32,3 +32,18 @@ def test_cli_bench_on_a_checkpoint():
                         "--prefill", "32", "--decode-tokens", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "decode @" in r.stdout and "prefill" in r.stdout
+
+
+def test_step_at_reports_memory_and_estimates_whole_prefill():
+    lines = []
+    rows = bench.run("small", contexts=(), prefill=(), step=32, bits=4, peer=True, step_at=(64, 128),
+                     echo=lines.append)
+    text = "\n".join(lines)
+    assert [r["tokens"] for r in rows if r["what"] == "prefill_step"] == [64, 128]
+    assert "mlx-lm not run" in text and text.count("estimated from the steps above") == 2
+
+
+def test_prefill_estimate_integrates_an_affine_step_time():
+    # step time 1 + S/100 s at context S (end of the step): steps of 100 end at 100, 200, 300
+    assert abs(bench.prefill_estimate({100: 2.0, 300: 4.0}, 300, 100) - (2 + 3 + 4)) < 1e-9
+    assert abs(bench.prefill_estimate({100: 2.0}, 250, 100) - 6.0) < 1e-9
