@@ -132,11 +132,13 @@ def test_many_step_prefill_equals_one_step(long_case, monkeypatch):
     assert rel_err(mx.concatenate(steps, axis=1), one) <= TOL
 
 
+@pytest.mark.parametrize("mode", ["layer", "model"])
 @pytest.mark.parametrize("bits", [0, 8])
-def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits):
+def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits, mode, monkeypatch):
     """One token at a time (the compiled whole-page decode step) across several page boundaries, with a
     snapshot taken mid-page, restored after 30 more tokens, and decoded again: equal to the oracle
     (unquantized) or to a prefill of the same quantized cache (dense_model: its cache rows quantize)."""
+    monkeypatch.setenv("KIMI_MLX_DECODE", mode)
     model, toks, ref = long_case
     if bits:
         model = dense_model
@@ -154,6 +156,7 @@ def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits):
     if bits:
         ref = model(mx.array(toks[:, :200]), small_pages(model.new_state(cache_bits=bits), first=16, most=32))
     assert len(state.layers[3].pages) > 5
+    assert (model._whole is not None) == (mode == "model")
     assert rel_err(got, ref[:, :200]) <= TOL
 
 

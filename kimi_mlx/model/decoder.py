@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import KDA, MOE, ModelConfig
+from ..errors import ConfigError
 from ..state import KDAState, MLAState, ModelState, check_context, new_state
 from .common import MLP, RMSNorm
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA
 from .moe import KimiMoE
+
+
+DECODE_ENV = "KIMI_MLX_DECODE"
+
+
+def decode_mode() -> str:
+    """How one-token steps compile: 'layer' (each layer its own graph) or 'model' (all layers one graph,
+    traced again whenever an MLA cache adds a page). KIMI_MLX_DECODE overrides."""
+    value = os.environ.get(DECODE_ENV, "layer").strip().lower() or "layer"
+    if value not in ("layer", "model"):
+        raise ConfigError(f"{DECODE_ENV}={value!r} is not one of layer, model; unset it or pick one")
+    return value
 
 
 class DecoderLayer(nn.Module):
@@ -76,6 +91,7 @@ class Model(nn.Module):
         self._pipeline = pipeline
         self.compile_decode = True  # False: run one-token steps eagerly (the reference)
         self._steps = None
+        self._whole = None
         n = cfg.num_hidden_layers
         self.owned = pipeline.layers if pipeline else range(n)
         first, last = (pipeline.first, pipeline.last) if pipeline else (True, True)
@@ -124,6 +140,10 @@ class Model(nn.Module):
         return self.model.norm(h)
 
     def _decode_layers(self, h: mx.array, state: ModelState) -> mx.array:
+        if decode_mode() == "model":
+            slots = [state.layers[i].decode_slot() if not self.model.layers[i].is_kda else None for i in self.owned]
+            if all(s is not None for s, i in zip(slots, self.owned) if not self.model.layers[i].is_kda):
+                return self._decode_whole(h, state, slots)
         if self._steps is None:
             self._steps = {i: self.model.layers[i].compiled_step() for i in self.owned}
         for i in self.owned:
@@ -136,6 +156,35 @@ class Model(nn.Module):
             else:  # an empty cache: the first token appends the usual way
                 h = layer(h, s)
         return h
+
+    def _decode_whole(self, h: mx.array, state: ModelState, slots) -> mx.array:
+        """All owned layers' one-token step as one compiled graph (traced again when a page is added)."""
+        if self._whole is None:
+            self._whole = mx.compile(self._whole_step)
+        kda = [(state.layers[i].conv, state.layers[i].recurrent) for i in self.owned if self.model.layers[i].is_kda]
+        h, kda, lasts = self._whole(h, kda, [s for s in slots if s is not None])
+        for i in self.owned:
+            s = state.layers[i]
+            if self.model.layers[i].is_kda:
+                (s.conv, s.recurrent), kda = kda[0], kda[1:]
+            else:
+                s.commit_decode(lasts[0])
+                lasts = lasts[1:]
+        return h
+
+    def _whole_step(self, h, kda, mla):
+        kda_out, lasts = [], []
+        for i in self.owned:
+            layer = self.model.layers[i]
+            if layer.is_kda:
+                s = KDAState(*kda[len(kda_out)])
+                h = layer(h, s)
+                kda_out.append((s.conv, s.recurrent))
+            else:
+                a, last = layer.self_attn.decode(layer.input_layernorm(h), *mla[len(lasts)])
+                h = layer.ffn(h + a)
+                lasts.append(last)
+        return h, kda_out, lasts
 
     def logits(self, h: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:

@@ -21,11 +21,12 @@ Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and 
          takes it: SDPA broadcasts the one key head to all H query heads, while the tiled path folds
          the heads into query rows of one matmul (measured 6x faster on an H200, RESULTS.md).
   tiled  queries in chunks and keys in tiles of [B, H, query_chunk, tile_keys] float32 scores
-         (<= TILE_BYTES, KIMI_MLX_MLA_TILE_MB, default 64) with an online softmax. mx.depends orders each tile after the previous one
-         is folded in, so the working set is a few tiles whatever S is (measured: about ten tiles
-         on CPU, where MLX allocates outputs a few ops ahead; without the ordering it grows with S).
-         One tile spans several cache pages when they fit (decode reads all pages in one tile:
-         one scores matmul and one values matmul per page, each reading the latent rows once).
+         (<= TILE_BYTES, KIMI_MLX_MLA_TILE_MB, default 64 MB, 256 on a GPU) with an online softmax.
+         mx.depends orders each tile after the previous one is folded in, and each tile is queued
+         with async_eval while the one before is awaited, so the working set is a few tiles whatever
+         S is (without both it grows with S: on CPU MLX allocates outputs ahead, a GPU queues every
+         tile). One tile spans several cache pages when they fit.
+  decode mla_decode: one query over whole pages with a mask (shape-stable, so the decoder compiles it).
 Quantized caches (see LatentCache.bits) always take the tiled path.
 """
 
@@ -45,8 +46,11 @@ TILE_ENV = "KIMI_MLX_MLA_TILE_MB"
 
 
 def tile_bytes_from_env() -> int:
-    """KIMI_MLX_MLA_TILE_MB (default 64: 256 keys x 2,048 queries x 32 heads at the real shape)."""
-    value = os.environ.get(TILE_ENV, "64").strip() or "64"
+    """KIMI_MLX_MLA_TILE_MB. Default 64 (256 keys x 2,048 queries x 32 heads at the real shape) on CPU,
+    256 on a GPU: one 2,048-token step at 131,072 keys took 155 ms with 64 MB tiles, 95 with 256 and 77
+    with 1,024 on an H200 (RESULTS.md); 256 keeps the working set near 1 GB."""
+    default = "256" if mx.default_device() == mx.gpu else "64"
+    value = os.environ.get(TILE_ENV, default).strip() or default
     if not value.isdigit() or int(value) < 1:
         raise ConfigError(f"{TILE_ENV}={value!r} is not a whole number of megabytes >= 1; unset it or fix it")
     return int(value) << 20
@@ -301,7 +305,7 @@ def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling):
     B, H, T, _ = q.shape
     S = cache.length
     form = (_Absorbed if absorbed else _Expanded)(q, cache, k_up, v_up, scale)
-    outs = []
+    outs, pending = [], None
     for t0 in range(0, T, tiling.query_chunk):
         t1 = min(T, t0 + tiling.query_chunk)
         form.queries(t0, t1)
@@ -336,6 +340,12 @@ def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling):
                 l = l * alpha + p.sum(-1, keepdims=True)
                 acc = acc * alpha + pv
             m = m_new
+            # at most two tiles in flight: queue this one, wait for the one before (a GPU queues every
+            # tile of a long context ahead otherwise: measured +15 GB for one 131,072-key step on an H200)
+            mx.async_eval(m, l, acc)
+            if pending is not None:
+                mx.eval(pending)
+            pending = [m, l, acc]
         outs.append(form.finish(acc / l))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
