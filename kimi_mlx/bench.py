@@ -177,6 +177,8 @@ def time_step_at(r: Runner, n: int, step: int, cfg: ModelConfig) -> float:
     r.forward(toks[:, :step])  # warm-up: traces this context's tiling
     r.eval_state()
     r.fill_context(max(n - step, 1), cfg)
+    mx.synchronize()
+    mx.clear_cache()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     r.forward(toks)
@@ -191,6 +193,12 @@ def prefill_estimate(points: dict[int, float], n: int, step: int) -> float:
     b, a = np.polyfit(xs, ys, 1) if len(xs) > 1 else (0.0, ys[0])
     ends = np.arange(step, n + step, step).clip(max=n)
     return float(np.sum(a + b * ends))
+
+
+def state_bytes(state) -> int:
+    """Bytes a ModelState holds, MLA pages at their full (allocated) size."""
+    return sum(sum(a.nbytes for page in s.pages for a in page) if hasattr(s, "pages") else
+               sum(a.nbytes for a in s.arrays().values()) for s in state.layers)
 
 
 def time_decode(r: Runner, n: int) -> float:
@@ -287,6 +295,7 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
         dt = time_step_at(ours_r, n, step, cfg)
         steps[n] = dt
         peak = mx.get_peak_memory()
+        held = mx.get_active_memory()  # every resident model's weights and this state, after the step
         cache = cache_bytes_per_token(cfg) * n
         rows.append(dict(what="prefill_step", tokens=n, runner=ours_r.name, tok_s=step / dt, peak_gb=peak / 1e9))
         peer_note = ""
@@ -294,9 +303,12 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
             mask = cfg.num_attention_heads * step * n * 4
             peer_note = (f" | mlx-lm not run: its MLA step builds a heads x {step} x {n} float32 score mask "
                          f"({mask / 1e9:.0f} GB a layer)")
+        state = state_bytes(ours_r.state)
+        others = held - weights - state  # other resident models (the peer)
         echo(f"prefill step at {n:>7}: kimi-mlx {step / dt:9.1f} tok/s ({dt:.2f} s for {step} tokens), peak "
-             f"{peak / 1e9:.1f} GB = weights {weights / 1e9:.1f} + cache {cache / 1e9:.2f} + "
-             f"{(peak - weights - cache) / 1e9:.2f} GB{peer_note}")
+             f"{peak / 1e9:.1f} GB = weights {weights / 1e9:.1f} + state {state / 1e9:.2f} as allocated (cache "
+             f"{cache / 1e9:.2f} in use) + step working set {(peak - held) / 1e9:.2f}"
+             + (f" + other resident {others / 1e9:.1f}" if others > 1e8 else "") + f" GB{peer_note}")
         ours_r.state = None
         gc.collect()
         mx.clear_cache()
