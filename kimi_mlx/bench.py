@@ -298,12 +298,19 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
         held = mx.get_active_memory()  # every resident model's weights and this state, after the step
         cache = cache_bytes_per_token(cfg) * n
         rows.append(dict(what="prefill_step", tokens=n, runner=ours_r.name, tok_s=step / dt, peak_gb=peak / 1e9))
-        peer_note = ""
-        if len(runners) > 1:
-            mask = cfg.num_attention_heads * step * n * 4
-            peer_note = (f" | mlx-lm not run: its MLA step builds a heads x {step} x {n} float32 score mask "
-                         f"({mask / 1e9:.0f} GB a layer)")
         state = state_bytes(ours_r.state)
+        peer_note = ""
+        for peer_r in runners[1:]:
+            if n > peer_prefill_max:
+                mask = cfg.num_attention_heads * step * n * 4
+                peer_note = (f" | mlx-lm not run: its MLA step builds a heads x {step} x {n} float32 score mask "
+                             f"({mask / 1e9:.0f} GB a layer; raise --peer-prefill-max to try)")
+                continue
+            peer_dt = time_step_at(peer_r, n, step, cfg)
+            rows.append(dict(what="prefill_step", tokens=n, runner=peer_r.name, tok_s=step / peer_dt,
+                             peak_gb=mx.get_peak_memory() / 1e9))
+            peer_note = f" | mlx-lm {step / peer_dt:9.1f} tok/s | ratio {peer_dt / dt:.2f}x"
+            peer_r.state = None
         others = held - weights - state  # other resident models (the peer)
         echo(f"prefill step at {n:>7}: kimi-mlx {step / dt:9.1f} tok/s ({dt:.2f} s for {step} tokens), peak "
              f"{peak / 1e9:.1f} GB = weights {weights / 1e9:.1f} + state {state / 1e9:.2f} as allocated (cache "

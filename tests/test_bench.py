@@ -37,10 +37,13 @@ def test_cli_bench_on_a_checkpoint():
 def test_step_at_reports_memory_and_estimates_whole_prefill():
     lines = []
     rows = bench.run("small", contexts=(), prefill=(), step=32, bits=4, peer=True, step_at=(64, 128),
-                     echo=lines.append)
+                     peer_prefill_max=64, echo=lines.append)
     text = "\n".join(lines)
-    assert [r["tokens"] for r in rows if r["what"] == "prefill_step"] == [64, 128]
-    assert "mlx-lm not run" in text and text.count("estimated from the steps above") == 2
+    assert [(r["tokens"], r["runner"]) for r in rows if r["what"] == "prefill_step"] == [
+        (64, "kimi-mlx"), (64, "mlx-lm"), (128, "kimi-mlx")]
+    step_lines = [l for l in lines if l.startswith("prefill step at")]
+    assert "ratio" in step_lines[0] and "mlx-lm not run" in step_lines[1]
+    assert text.count("estimated from the steps above") == 2
 
 
 def test_prefill_estimate_integrates_an_affine_step_time():
