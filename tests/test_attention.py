@@ -185,3 +185,16 @@ def test_decode_slot_after_a_cut_and_snapshot():
     pages, at, valid = st.decode_slot()  # first page full now: a new 8-row page
     assert [p[0].shape[1] for p in pages] == [4, 8] and at.tolist() == [0, 0, 0] and valid.item() == 5
     assert [p[0].shape[1] for p in snap.pages] == [4, 8] and float(snap.pages[0][0].min()) == 1.0
+
+
+@pytest.mark.parametrize("absorbed", [False, True], ids=["expanded", "absorbed"])
+def test_bf16_tiles_stay_close_to_float32(absorbed):
+    """bf16 inputs: the probabilities are stored in bf16 and their row sums come from the values matmul's
+    float32 accumulator; over 600 keys in 8 tiles the result stays within bf16 rounding of float32."""
+    T, S = 6, 600
+    rows, q, k_up, v_up = inputs(1, T, S, seed=3)
+    ref = mla_attention_ref(q, rows, k_up, v_up, SCALE)
+    bf = [x.astype(mx.bfloat16) for x in (rows, q, k_up, v_up)]
+    out = mla_attention(bf[1], paged(bf[0], T), bf[2], bf[3], SCALE, path="tiled", absorbed=absorbed,
+                        tiling=Tiling(T, 80))
+    assert err(out.astype(mx.float32), ref) / float(mx.abs(ref).max()) < 3e-2

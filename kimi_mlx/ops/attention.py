@@ -153,7 +153,7 @@ def mla_attention(q, cache: LatentCache, k_up, v_up, scale: float, *, path: str 
     return _tiled(q, cache, k_up, v_up, scale, absorbed, tiling or choose_tiling(B, H, T, S))
 
 
-SPLIT_ROWS = 512  # decode: a page's values matmul runs as a batch of SPLIT_ROWS-row pieces (split-K)
+SPLIT_ROWS = 512  # decode: a page's values matmul runs as a batch of SPLIT_ROWS-row pieces (split-K; 0: off)
 
 
 def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float) -> mx.array:
@@ -161,7 +161,8 @@ def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float)
 
     The shape-stable twin of the absorbed tiled path for T = 1: it reads every row of every page (their
     sizes change only when a page is added) and masks rows >= valid (an int32 array, so a compiled step
-    keeps one graph while the cache grows). Each page's values matmul (32 heads x rows x 576) is split
+    keeps one graph while the cache grows). Every page but the last must be wholly valid (as
+    MLAState.decode_slot leaves them), so only the last page's scores are masked. Each page's values matmul (32 heads x rows x 576) is split
     into SPLIT_ROWS-row pieces run as one batched matmul and summed, so a long page spreads over the
     card instead of a handful of output tiles. q: [B, H, 1, nope + pe] -> [B, H, 1, v].
     """
@@ -173,10 +174,10 @@ def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float)
         parts = [mx.quantized_matmul(qa, *p, transpose=True, group_size=gs, bits=bits) for p in cache.pages]
     else:
         parts = [qa @ p[0].swapaxes(-1, -2) for p in cache.pages]
+    start = sum(p[0].shape[1] for p in cache.pages[:-1])  # the pages before the last are wholly valid
+    parts[-1] = mx.where(mx.arange(start, start + parts[-1].shape[-1]) < valid, parts[-1], -mx.inf)
     s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)  # [B, H, capacity]
-    s = mx.where(mx.arange(s.shape[-1]) < valid, s.astype(mx.float32), -mx.inf)
-    p = mx.exp(s - s.max(-1, keepdims=True))
-    p = p / p.sum(-1, keepdims=True)
+    p = mx.softmax(s, axis=-1, precise=True)  # one pass, float32 inside, probabilities in the cache dtype
     o, off = None, 0
     for page in cache.pages:
         n = page[0].shape[1]
@@ -193,7 +194,7 @@ def _page_values(p, page, bits, gs):
         return mx.quantized_matmul(p, *page, transpose=False, group_size=gs, bits=bits).astype(mx.float32)
     rows = page[0]
     c = SPLIT_ROWS
-    if n < 2 * c or n % c:
+    if not c or n < 2 * c or n % c:
         return (p @ rows).astype(mx.float32)
     k = n // c
     pieces = p.reshape(B, H, k, c).transpose(0, 2, 1, 3) @ rows.reshape(B, k, c, -1)  # [B, k, H, W]
@@ -260,12 +261,14 @@ class _Absorbed:
         return s.reshape(*self.shape, -1), span
 
     def values(self, p, span):
+        """(p @ latent rows, p's row sums), float32 [B, H, t, L] and [B, H, t, 1]."""
         p = p.reshape(p.shape[0], -1, p.shape[-1]).astype(self.qa.dtype)
         if self.cache.bits:
             o = mx.quantized_matmul(p, *span, transpose=False, group_size=self.cache.group_size, bits=self.cache.bits)
+            o = mx.concatenate([o[..., : self.L], p.astype(mx.float32).sum(-1, keepdims=True).astype(o.dtype)], -1)
         else:
-            o = p @ span[0]  # full W columns: no strided copy of the latent part; k_pe columns are dropped
-        return o[..., : self.L].reshape(*self.shape, self.L)
+            o = p @ _ones_column(span[0][..., : self.L])
+        return _split_sum(o.astype(mx.float32).reshape(*self.shape, self.L + 1))
 
     def finish(self, o):
         return o.astype(self.qa.dtype) @ self.v_up.swapaxes(-1, -2)
@@ -294,10 +297,20 @@ class _Expanded:
 
     def values(self, p, lat):
         v = lat @ self.v_up.swapaxes(-1, -2)
-        return p.astype(v.dtype) @ v
+        return _split_sum((p.astype(v.dtype) @ _ones_column(v)).astype(mx.float32))
 
     def finish(self, o):
         return o.astype(self.q.dtype)
+
+
+def _ones_column(v):
+    """[..., n, d] -> [..., n, d + 1] with a last column of ones: p @ it also gives p's row sums, summed
+    in the matmul's float32 accumulator (a reduction over bf16 would add up in bf16)."""
+    return mx.concatenate([v, mx.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
+
+
+def _split_sum(o):
+    return o[..., :-1], o[..., -1:]
 
 
 def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling):
@@ -330,14 +343,14 @@ def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling):
             pv, off = None, 0
             for part_s, ctx in zip(parts, ctxs):
                 n = part_s.shape[-1]
-                part = form.values(p[..., off : off + n], ctx).astype(mx.float32)
-                pv = part if pv is None else pv + part
+                part, part_sum = form.values(p[..., off : off + n], ctx)
+                pv, p_sum = (part, part_sum) if pv is None else (pv + part, p_sum + part_sum)
                 off += n
             if m is None:
-                l, acc = p.sum(-1, keepdims=True), pv
+                l, acc = p_sum, pv
             else:
                 alpha = mx.exp(m - m_new)
-                l = l * alpha + p.sum(-1, keepdims=True)
+                l = l * alpha + p_sum
                 acc = acc * alpha + pv
             m = m_new
             # at most two tiles in flight: queue this one, wait for the one before (a GPU queues every
@@ -352,8 +365,9 @@ def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling):
 
 @partial(mx.compile, shapeless=True)
 def _probs(s, m):
-    """exp(s - m) in float32, one fused pass over the score tile."""
-    return mx.exp(s.astype(mx.float32) - m)
+    """exp(s - m) computed in float32 and stored in the scores' dtype (the dtype the values matmul takes;
+    bf16 halves the tile's traffic), one fused pass over the score tile."""
+    return mx.exp(s.astype(mx.float32) - m).astype(s.dtype)
 
 
 def _group(spans, tile_keys):
