@@ -160,6 +160,23 @@ def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits, mode, m
     assert rel_err(got, ref[:, :200]) <= TOL
 
 
+def test_compiled_prefill_steps_equal_eager(long_case):
+    """Steps of a multiple of 1,024 tokens run each KDA layer's attention compiled: the same logits and
+    state as eager steps, and the oracle's."""
+    model, toks, ref = long_case
+    x = mx.array(toks[:, :2048])
+    outs = {}
+    for compiled in (False, True):
+        model.compile_prefill = compiled
+        state = model.new_state()
+        outs[compiled] = mx.concatenate([model(x[:, :1024], state), model(x[:, 1024:], state)], axis=1)
+        outs[compiled, "next"] = model(mx.array(toks[:, 2048:2049]), state)
+    model.compile_prefill = True
+    assert model._prefill is not None
+    assert rel_err(outs[True], outs[False]) <= 1e-5 and rel_err(outs[True, "next"], outs[False, "next"]) <= 1e-5
+    assert rel_err(outs[True], ref[:, :2048]) <= TOL
+
+
 @pytest.fixture(scope="module")
 def dense_model(hf_checkpoint):
     """All-dense FFN (no expert routing to flip) and a 128-wide cache row: the quantization error shows as is."""

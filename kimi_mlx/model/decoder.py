@@ -17,6 +17,7 @@ from .moe import KimiMoE
 
 
 DECODE_ENV = "KIMI_MLX_DECODE"
+COMPILED_PREFILL_MULTIPLE = 1024  # prefill steps of a multiple of this many tokens compile their KDA layers
 
 
 def decode_mode() -> str:
@@ -43,6 +44,16 @@ class DecoderLayer(nn.Module):
 
     def ffn(self, h: mx.array) -> mx.array:
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def compiled_kda_attention(self):
+        """A KDA layer's attention half under mx.compile, for prefill steps of one recurring length:
+        (h, conv, recurrent) -> (h + attention, conv, recurrent). (The FFN half stays eager: the MoE
+        prefill path reads its expert counts back to the host.)"""
+        def step(h, conv, recurrent):
+            s = KDAState(conv, recurrent)
+            h = h + self.self_attn(self.input_layernorm(h), s)
+            return h, s.conv, s.recurrent
+        return mx.compile(step)
 
     def compiled_step(self):
         """This layer's one-token step under mx.compile (fused elementwise work, fewer launches).
@@ -90,8 +101,10 @@ class Model(nn.Module):
         self.config = cfg
         self._pipeline = pipeline
         self.compile_decode = True  # False: run one-token steps eagerly (the reference)
+        self.compile_prefill = True  # False: prefill steps run eagerly (the reference)
         self._steps = None
         self._whole = None
+        self._prefill = None
         n = cfg.num_hidden_layers
         self.owned = pipeline.layers if pipeline else range(n)
         first, last = (pipeline.first, pipeline.last) if pipeline else (True, True)
@@ -128,8 +141,11 @@ class Model(nn.Module):
             h = self.model.embed_tokens(tokens)
         else:
             h = p.recv((*tokens.shape, self.config.hidden_size), self.dtype)
-        if tokens.shape[1] == 1 and self.compile_decode:
+        T = tokens.shape[1]
+        if T == 1 and self.compile_decode:
             h = self._decode_layers(h, state)
+        elif T % COMPILED_PREFILL_MULTIPLE == 0 and self.compile_prefill:
+            h = self._prefill_layers(h, state)
         else:
             for i in self.owned:
                 h = self.model.layers[i](h, state.layers[i])
@@ -154,6 +170,21 @@ class Model(nn.Module):
                 h, last = step(h, *slot)
                 s.commit_decode(last)
             else:  # an empty cache: the first token appends the usual way
+                h = layer(h, s)
+        return h
+
+    def _prefill_layers(self, h: mx.array, state: ModelState) -> mx.array:
+        """Prefill steps of whole multiples of COMPILED_PREFILL_MULTIPLE tokens (the steady steps of a long
+        prompt): each KDA layer's attention runs as one compiled graph, traced once per step length."""
+        if self._prefill is None:
+            self._prefill = {i: self.model.layers[i].compiled_kda_attention() for i in self.owned
+                             if self.model.layers[i].is_kda}
+        for i in self.owned:
+            layer, s = self.model.layers[i], state.layers[i]
+            if layer.is_kda:
+                h, s.conv, s.recurrent = self._prefill[i](h, s.conv, s.recurrent)
+                h = layer.ffn(h)
+            else:
                 h = layer(h, s)
         return h
 

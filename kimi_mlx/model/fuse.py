@@ -214,6 +214,6 @@ def fuse_model(model) -> int:
             layer.mlp.gate.weight = layer.mlp.gate.weight.astype(mx.float32)
         if isinstance(layer.self_attn, KimiDeltaAttention):
             n += fuse_kda_inputs(layer.self_attn)
-    model._steps = model._whole = None  # compiled decode steps close over the old modules
+    model._steps = model._whole = model._prefill = None  # compiled steps close over the old modules
     mx.eval(model.parameters())
     return n
