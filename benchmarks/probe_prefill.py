@@ -107,7 +107,7 @@ if "decode" in parts:
 
         def whole_pages():
             s = MLAState(base.pages, base.length)
-            out, last = compiled(x, *s.decode_slot())
+            out, last = compiled(x, s.decode_slot())
             return out, last
 
         timeit(f"MLA layer decode, context {S}, eager tiled", eager, n=10)

@@ -50,6 +50,23 @@ class KDAState:
         return cls(arrays["conv"], arrays["recurrent"])
 
 
+READ_BUCKETS = 8  # a long last page is read in eighths: up to 1/8 of it read in vain, a new graph per eighth
+READ_BUCKET_MIN_PAGE = 8192  # shorter last pages are read whole (a new graph every few hundred tokens costs more)
+
+
+@dataclass(frozen=True)
+class DecodeSlot:
+    """What a one-token MLA step needs: every page; the new row's place in the last page as
+    mx.slice_update's start [0, row, 0]; the rows valid after the write (int32 arrays, so a compiled step
+    keeps its graph as the cache grows); and how many leading rows of the last page to read (a Python int:
+    a compiled step is traced once per value, see READ_BUCKETS)."""
+
+    pages: tuple
+    at: mx.array
+    valid: mx.array
+    read_rows: int
+
+
 @dataclass
 class MLAState:
     pages: tuple = ()  # tuple of pages; a single dense [B, n, W] array is taken as one full page
@@ -90,11 +107,10 @@ class MLAState:
         self.pages, self.length = tuple(pages), pos
         return self.view()
 
-    def decode_slot(self) -> tuple[tuple, mx.array, mx.array] | None:
-        """For a one-token step: (every page, in full; where the new row goes in the last page, as
-        mx.slice_update's start [0, row, 0]; rows valid after it). Pages past the one that receives the row
-        (left by a cut) are dropped and a page is added when the last is full, so the row always lands in
-        the last page. None when the cache has no page yet (the caller appends the usual way)."""
+    def decode_slot(self) -> DecodeSlot | None:
+        """Where a one-token step writes and what it reads (see DecodeSlot). Pages past the one that
+        receives the row (left by a cut) are dropped and a page is added when the last is full, so the row
+        always lands in the last page. None when the cache has no page yet (the caller appends the usual way)."""
         if not self.pages:
             return None
         pages, start = [], 0
@@ -109,8 +125,13 @@ class MLAState:
             pages.append(tuple(mx.zeros((B, size, *r.shape[2:]), r.dtype) for r in pages[-1]))
             start += size
         self.pages = tuple(pages)
-        row = self.length - (start - pages[-1][0].shape[1])
-        return self.pages, mx.array([0, row, 0], mx.int32), mx.array(self.length + 1, mx.int32)
+        size = pages[-1][0].shape[1]
+        row = self.length - (start - size)
+        read = size
+        if size >= READ_BUCKET_MIN_PAGE:  # read the last page only up to a bucket past the new row
+            bucket = size // READ_BUCKETS
+            read = min(size, -(-(row + 1) // bucket) * bucket)
+        return DecodeSlot(self.pages, mx.array([0, row, 0], mx.int32), mx.array(self.length + 1, mx.int32), read)
 
     def commit_decode(self, last: tuple) -> None:
         """Take the last page as the step wrote it; the cache is one row longer."""

@@ -163,7 +163,7 @@ def test_decode_over_whole_pages(monkeypatch, S, bits):
     if st.capacity > S:  # fill the unused rows with large junk, then cut back
         st.append(junk[:, : st.capacity - S])
         st.length = S
-    pages, valid = st.decode_slot()[0], mx.array(S)
+    pages, valid = st.decode_slot().pages, mx.array(S)
     cache = A.LatentCache(pages, bits, 64)
     dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, :S]
     out = A.mla_decode(q, cache, valid, k_up, v_up, SCALE)
@@ -179,11 +179,13 @@ def test_decode_slot_after_a_cut_and_snapshot():
     st.append(mx.ones((1, 12, 3)))  # pages 4 + 8
     snap = replace(st)
     st.length = 3  # cut into the first page
-    pages, at, valid = st.decode_slot()
+    slot = st.decode_slot()
+    pages, at, valid = slot.pages, slot.at, slot.valid
     assert [p[0].shape[1] for p in pages] == [4] and at.tolist() == [0, 3, 0] and valid.item() == 4
     st.commit_decode((mx.slice_update(pages[-1][0], mx.full((1, 1, 3), 7.0), at, axes=(0, 1, 2)),))
-    pages, at, valid = st.decode_slot()  # first page full now: a new 8-row page
-    assert [p[0].shape[1] for p in pages] == [4, 8] and at.tolist() == [0, 0, 0] and valid.item() == 5
+    slot = st.decode_slot()  # first page full now: a new 8-row page
+    assert [p[0].shape[1] for p in slot.pages] == [4, 8] and slot.at.tolist() == [0, 0, 0] and slot.valid.item() == 5
+    assert slot.read_rows == 8  # short pages are read whole
     assert [p[0].shape[1] for p in snap.pages] == [4, 8] and float(snap.pages[0][0].min()) == 1.0
 
 
@@ -198,3 +200,15 @@ def test_bf16_tiles_stay_close_to_float32(absorbed):
     out = mla_attention(bf[1], paged(bf[0], T), bf[2], bf[3], SCALE, path="tiled", absorbed=absorbed,
                         tiling=Tiling(T, 80))
     assert err(out.astype(mx.float32), ref) / float(mx.abs(ref).max()) < 3e-2
+
+
+def test_long_last_page_is_read_in_eighths(monkeypatch):
+    import kimi_mlx.state as S
+
+    monkeypatch.setattr(S, "READ_BUCKET_MIN_PAGE", 16)
+    st = MLAState(page_first=16, page_max=64)
+    st.append(mx.ones((1, 16 + 32 + 3, 3)))  # pages 16, 32, 64: 3 rows in the last
+    slot = st.decode_slot()
+    assert slot.at.tolist() == [0, 3, 0] and slot.read_rows == 8  # row 3 lies in the first eighth of 64
+    st.length = 16 + 32 + 8
+    assert st.decode_slot().read_rows == 16

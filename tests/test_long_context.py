@@ -135,6 +135,9 @@ def test_many_step_prefill_equals_one_step(long_case, monkeypatch):
 @pytest.mark.parametrize("mode", ["layer", "model"])
 @pytest.mark.parametrize("bits", [0, 8])
 def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits, mode, monkeypatch):
+    import kimi_mlx.state as S
+
+    monkeypatch.setattr(S, "READ_BUCKET_MIN_PAGE", 32)  # the 32-row pages are read in eighths
     """One token at a time (the compiled whole-page decode step) across several page boundaries, with a
     snapshot taken mid-page, restored after 30 more tokens, and decoded again: equal to the oracle
     (unquantized) or to a prefill of the same quantized cache (dense_model: its cache rows quantize)."""

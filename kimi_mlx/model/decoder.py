@@ -58,9 +58,9 @@ class DecoderLayer(nn.Module):
     def compiled_step(self):
         """This layer's one-token step under mx.compile (fused elementwise work, fewer launches).
 
-        KDA layers: (h, conv, recurrent) -> (h, conv, recurrent). MLA layers: (h, pages, at, valid) ->
-        (h, last page) over MLAState.decode_slot(): whole pages and a mask, so the graph changes only
-        when a page is added (MLX then traces it again).
+        KDA layers: (h, conv, recurrent) -> (h, conv, recurrent). MLA layers: (h, DecodeSlot) ->
+        (h, last page): whole pages and a mask, so the graph changes only when a page is added or the
+        read reaches the next eighth of a long last page (one compiled graph per read length).
         """
         if self.is_kda:
             def step(h, conv, recurrent):
@@ -69,10 +69,17 @@ class DecoderLayer(nn.Module):
                 return h, s.conv, s.recurrent
             return mx.compile(step)
 
-        def mla_step(h, pages, at, valid):
-            a, last = self.self_attn.decode(self.input_layernorm(h), pages, at, valid)
-            return self.ffn(h + a), last
-        return mx.compile(mla_step)
+        traced = {}
+
+        def step(h, slot):
+            fn = traced.get(slot.read_rows)
+            if fn is None:
+                def mla_step(h, pages, at, valid, read_rows=slot.read_rows):
+                    a, last = self.self_attn.decode(self.input_layernorm(h), pages, at, valid, read_rows)
+                    return self.ffn(h + a), last
+                fn = traced[slot.read_rows] = mx.compile(mla_step)
+            return fn(h, slot.pages, slot.at, slot.valid)
+        return step
 
 
 class KimiLinearModel(nn.Module):
@@ -167,7 +174,7 @@ class Model(nn.Module):
             if layer.is_kda:
                 h, s.conv, s.recurrent = step(h, s.conv, s.recurrent)
             elif (slot := s.decode_slot()) is not None:
-                h, last = step(h, *slot)
+                h, last = step(h, slot)
                 s.commit_decode(last)
             else:  # an empty cache: the first token appends the usual way
                 h = layer(h, s)
@@ -190,10 +197,14 @@ class Model(nn.Module):
 
     def _decode_whole(self, h: mx.array, state: ModelState, slots) -> mx.array:
         """All owned layers' one-token step as one compiled graph (traced again when a page is added)."""
+        slots = [s for s in slots if s is not None]
+        reads = tuple(s.read_rows for s in slots)
         if self._whole is None:
-            self._whole = mx.compile(self._whole_step)
+            self._whole = {}
+        if reads not in self._whole:
+            self._whole[reads] = mx.compile(lambda h, kda, mla: self._whole_step(h, kda, mla, reads))
         kda = [(state.layers[i].conv, state.layers[i].recurrent) for i in self.owned if self.model.layers[i].is_kda]
-        h, kda, lasts = self._whole(h, kda, [s for s in slots if s is not None])
+        h, kda, lasts = self._whole[reads](h, kda, [(s.pages, s.at, s.valid) for s in slots])
         for i in self.owned:
             s = state.layers[i]
             if self.model.layers[i].is_kda:
@@ -203,7 +214,7 @@ class Model(nn.Module):
                 lasts = lasts[1:]
         return h
 
-    def _whole_step(self, h, kda, mla):
+    def _whole_step(self, h, kda, mla, reads):
         kda_out, lasts = [], []
         for i in self.owned:
             layer = self.model.layers[i]
@@ -212,7 +223,7 @@ class Model(nn.Module):
                 h = layer(h, s)
                 kda_out.append((s.conv, s.recurrent))
             else:
-                a, last = layer.self_attn.decode(layer.input_layernorm(h), *mla[len(lasts)])
+                a, last = layer.self_attn.decode(layer.input_layernorm(h), *mla[len(lasts)], reads[len(lasts)])
                 h = layer.ffn(h + a)
                 lasts.append(last)
         return h, kda_out, lasts

@@ -159,12 +159,12 @@ SPLIT_ROWS = 512  # decode: a page's values matmul runs as a batch of SPLIT_ROWS
 def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float) -> mx.array:
     """One query per sequence over whole cache pages, of which the first `valid` rows count.
 
-    The shape-stable twin of the absorbed tiled path for T = 1: it reads every row of every page (their
-    sizes change only when a page is added) and masks rows >= valid (an int32 array, so a compiled step
-    keeps one graph while the cache grows). Every page but the last must be wholly valid (as
-    MLAState.decode_slot leaves them), so only the last page's scores are masked. Each page's values matmul (32 heads x rows x 576) is split
-    into SPLIT_ROWS-row pieces run as one batched matmul and summed, so a long page spreads over the
-    card instead of a handful of output tiles. q: [B, H, 1, nope + pe] -> [B, H, 1, v].
+    The shape-stable twin of the absorbed tiled path for T = 1: it reads every row of the pages it is
+    given (the caller passes the last page up to a bucket: MLAState.decode_slot) and masks rows >= valid
+    (an int32 array, so a compiled step keeps one graph while the cache grows). Every page but the last
+    must be wholly valid, so only the last page's scores are masked. Each page's values matmul (32 heads
+    x rows x 576) is split into SPLIT_ROWS-row pieces run as one batched matmul and summed, so a long page
+    spreads over the card instead of a handful of output tiles. q: [B, H, 1, nope + pe] -> [B, H, 1, v].
     """
     B, H, _, _ = q.shape
     L = k_up.shape[2]
