@@ -58,6 +58,7 @@ def build(shape: str, bits: int = 4, group_size: int = 64, dtype=mx.bfloat16, pe
     cfg_d = SHAPES[shape]
     cfg = ModelConfig.from_dict(cfg_d)
     rng = np.random.default_rng(seed)
+    mx.random.seed(seed)  # the same weights in every process (resumable runs check the model's identity)
     ours = Model(cfg)
     theirs = None
     if peer:
@@ -193,6 +194,49 @@ def prefill_estimate(points: dict[int, float], n: int, step: int) -> float:
     b, a = np.polyfit(xs, ys, 1) if len(xs) > 1 else (0.0, ys[0])
     ends = np.arange(step, n + step, step).clip(max=n)
     return float(np.sum(a + b * ends))
+
+
+@dataclass
+class PrefillProgress:
+    done: int  # prompt tokens fed so far
+    seconds: float  # sum of the steps' times, over every run
+    peak_gb: float  # the largest peak memory of any run's steps
+
+
+def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: float, echo=print):
+    """Feed tokens [1, N] into model in steps until the prompt is done or budget_s has passed, carrying on
+    from the state saved at `path` if there is one (state_io: its model identity and checksums are checked),
+    and save the state and progress there. Returns (state, PrefillProgress). For prompts longer than one
+    process may run (a 1M-token prompt at the full shape takes ~23 min on an H200)."""
+    from pathlib import Path
+
+    from .state_io import load_state, save_state
+
+    path = Path(path)
+    if path.exists():
+        state, meta = load_state(path, model)
+        prog = PrefillProgress(meta["done"], meta["seconds"], meta["peak_gb"])
+    else:
+        state, prog = model.new_state(1), PrefillProgress(0, 0.0, 0.0)
+    N = tokens.shape[1]
+    start = state.offset
+    t_start = time.perf_counter()
+    mx.synchronize()
+    mx.reset_peak_memory()
+    while prog.done < N:  # at least one step a run, then as many as the budget allows
+        if state.offset > start and time.perf_counter() - t_start >= budget_s:
+            break
+        t0 = time.perf_counter()
+        model.hidden(mx.array(tokens[:, prog.done : prog.done + step]), state)
+        state.eval()
+        prog.seconds += time.perf_counter() - t0
+        prog.done = min(N, prog.done + step)
+        if prog.done % (64 * step) == 0 or prog.done == N:
+            echo(f"  {prog.done:>9} / {N} tokens, {prog.seconds:7.1f} s of steps, {prog.done / prog.seconds:7.1f} tok/s, "
+                 f"peak {mx.get_peak_memory() / 1e9:.1f} GB")
+    prog.peak_gb = max(prog.peak_gb, mx.get_peak_memory() / 1e9)
+    save_state(path, state, model, {"done": prog.done, "seconds": prog.seconds, "peak_gb": prog.peak_gb})
+    return state, prog
 
 
 def state_bytes(state) -> int:

@@ -5,6 +5,7 @@ import sys
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from kimi_mlx import bench
 
@@ -50,3 +51,29 @@ def test_prefill_estimate_integrates_an_affine_step_time():
     # step time 1 + S/100 s at context S (end of the step): steps of 100 end at 100, 200, 300
     assert abs(bench.prefill_estimate({100: 2.0, 300: 4.0}, 300, 100) - (2 + 3 + 4)) < 1e-9
     assert abs(bench.prefill_estimate({100: 2.0}, 250, 100) - 6.0) < 1e-9
+
+
+def test_resumable_prefill_equals_one_go(tmp_path):
+    """A prompt fed over several runs (the state saved and loaded between them) ends in the same state as
+    one run; a state saved with other weights is refused in one line."""
+    import numpy as np
+
+    from kimi_mlx.errors import KimiError
+
+    model, _, cfg = bench.build("small", bits=0, dtype=mx.float32, peer=False)
+    toks = np.random.default_rng(0).integers(0, cfg["vocab_size"], (1, 300))
+    one, prog = bench.resumable_prefill(model, toks, tmp_path / "one.kimi", 64, 1e9, echo=lambda s: None)
+    assert prog.done == 300
+    runs = 0
+    while True:
+        state, prog = bench.resumable_prefill(model, toks, tmp_path / "parts.kimi", 64, 0.0, echo=lambda s: None)
+        runs += 1
+        if prog.done == 300:
+            break
+    assert runs == 5 and state.offset == 300
+    x = mx.array([[5]])
+    a, b = model(x, state), model(x, one)  # the cache pages split differently: float-order noise only
+    assert float(mx.abs(a - b).max()) <= 1e-5 * float(mx.abs(b).max())
+    other, _, _ = bench.build("small", bits=0, dtype=mx.float32, peer=False, seed=1)
+    with pytest.raises(KimiError, match="different model"):
+        bench.resumable_prefill(other, toks, tmp_path / "parts.kimi", 64, 0.0)

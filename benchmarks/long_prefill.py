@@ -1,0 +1,51 @@
+"""A whole long prompt through the model, measured, resumable across processes (one device call is capped
+at 10 minutes; a 1M-token prompt at the full shape takes longer).
+
+  python benchmarks/long_prefill.py --shape full --tokens 1048576 --state /root/long.kimi --budget-s 480
+  (run again until it prints the totals; --record appends them to benchmarks/RESULTS.md)
+
+Each run builds the same random weights (seeded), loads the saved state if any (its model identity and
+checksums are checked), prefills in --step steps until the budget is spent, and saves. The last run decodes
+--decode-tokens tokens at the full context and prints: prefill time (the sum of the step times of all runs),
+tok/s, the largest peak memory against weights + cache, and decode tok/s.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kimi_mlx import bench  # noqa: E402
+from results import Recorder  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--shape", default="full", choices=list(bench.SHAPES))
+ap.add_argument("--tokens", type=int, default=1048576)
+ap.add_argument("--step", type=int, default=2048)
+ap.add_argument("--state", required=True, help="where the state is saved between runs")
+ap.add_argument("--budget-s", type=float, default=480)
+ap.add_argument("--decode-tokens", type=int, default=16)
+ap.add_argument("--record", action="store_true")
+a = ap.parse_args()
+echo = Recorder()
+dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+model, _, cfg = bench.build(a.shape, peer=False, dtype=dtype)
+weights = bench.weight_bytes(model)
+toks = np.random.default_rng(1).integers(0, cfg["vocab_size"], (1, a.tokens))
+echo(f"device: {bench.device_line()}; shape {a.shape}, random 4-bit weights ({weights / 1e9:.2f} GB); "
+     f"prompt {a.tokens} tokens in steps of {a.step}")
+state, prog = bench.resumable_prefill(model, toks, a.state, a.step, a.budget_s, echo)
+if prog.done < a.tokens:
+    echo(f"saved at {prog.done} / {a.tokens} tokens: run again to go on")
+    sys.exit(0)
+cache = bench.cache_bytes_per_token(model.config) * a.tokens
+echo(f"prefill of {a.tokens} tokens: {prog.seconds:.0f} s of steps ({a.tokens / prog.seconds:.0f} tok/s); largest peak "
+     f"{prog.peak_gb:.1f} GB = weights {weights / 1e9:.1f} + cache {cache / 1e9:.2f} + {prog.peak_gb - (weights + cache) / 1e9:.2f} GB")
+r = bench.Runner("kimi-mlx", model, True, state)
+echo(f"decode at {a.tokens} tokens of context: {bench.time_decode(r, a.decode_tokens):.1f} tok/s")
+if a.record:
+    echo.append(f"Whole prefill of {a.tokens} tokens, resumable runs")
