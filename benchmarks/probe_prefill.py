@@ -67,9 +67,43 @@ if "moe" in parts:
     timeit("dense MLP, layer 0", lambda: L[0].mlp(h))
 
 if "kda" in parts:
+    from kimi_mlx.model.kda import short_conv
+    from kimi_mlx.ops import kda_chunked as KC
+    from kimi_mlx.ops.kda import l2_normalize
+
     st = ours.new_state()
     ks = st.layers[kda_i]
-    timeit(f"KDA attention, 1 layer, {T} tokens", lambda: L[kda_i].self_attn(h, KDAState(ks.conv, ks.recurrent)))
+    layer = L[kda_i]
+    attn = layer.self_attn
+    timeit(f"KDA attention, 1 layer, {T} tokens", lambda: attn(h, KDAState(ks.conv, ks.recurrent)))
+    step = layer.compiled_kda_attention()
+    timeit(f"KDA attention, 1 layer, {T} tokens, compiled", lambda: step(h, ks.conv, ks.recurrent))
+    # the pieces, eager, one at a time
+    H, Dh = attn.num_heads, attn.head_dim
+    timeit("  qkv projection", lambda: attn.qkv_proj(h))
+    qkv_raw = attn.qkv_proj(h)
+    timeit("  short conv + SiLU", lambda: short_conv(qkv_raw, ks.conv, attn.conv_weight)[0])
+    f_a, g_a, b_logit = attn.low_rank_inputs(h)
+    timeit("  low-rank gate inputs (one matmul)", lambda: attn.low_rank_inputs(h)[0])
+    timeit("  forget gate (f_b, softplus)", lambda: attn.gate(f_a))
+    qkv = short_conv(qkv_raw, ks.conv, attn.conv_weight)[0].reshape(1, T, 3, H, Dh)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    g, beta = attn.gate(f_a), mx.sigmoid(b_logit.astype(mx.float32))
+    qn, kn = l2_normalize(q) * Dh**-0.5, l2_normalize(k)
+    mx.eval(qn, kn, v, g, beta)
+    gpu = mx.default_device() == mx.gpu
+    timeit(f"  chunked KDA op (scan {'kernel' if gpu else 'ops'})",
+           lambda: KC.kda_chunked(qn, kn, v, g, beta, ks.recurrent, use_kernel=gpu))
+    n = -(-T // KC.CHUNK)
+    cq, ck, cg = (KC._to_chunks(x, n) for x in (qn, kn, g))
+    cb = KC._to_chunks(beta, n)
+    alpha = mx.exp(cg)
+    mx.eval(cq, ck, alpha, cb)
+    timeit("    of which intra-chunk matrices", lambda: KC.intra_chunk(cq, ck, alpha, cb))
+    o = mx.random.normal((1, T, H, Dh))
+    timeit("  output gate, norm, o_proj", lambda: attn.o_proj((mx.fast.rms_norm(o, attn.o_norm_weight, 1e-5)
+                                                              * mx.sigmoid(attn.g_b_proj(g_a).reshape(1, T, H, Dh)))
+                                                             .reshape(1, T, -1).astype(h.dtype)))
 
 
 def filled(S):
