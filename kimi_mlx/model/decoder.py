@@ -196,7 +196,8 @@ class Model(nn.Module):
         return h
 
     def _decode_whole(self, h: mx.array, state: ModelState, slots) -> mx.array:
-        """All owned layers' one-token step as one compiled graph (traced again when a page is added)."""
+        """All owned layers' one-token step as one compiled graph (traced again when a page is added or a
+        long last page's read reaches its next eighth)."""
         slots = [s for s in slots if s is not None]
         reads = tuple(s.read_rows for s in slots)
         if self._whole is None:
