@@ -175,7 +175,7 @@ def time_step_at(r: Runner, n: int, step: int, cfg: ModelConfig) -> float:
     """Seconds for the prefill step that brings the context to n tokens (cache filled to n - step first)."""
     toks = mx.random.randint(0, cfg.vocab_size, (1, step))
     r.fill_context(max(n - step, 1), cfg)
-    r.forward(toks[:, :step])  # warm-up: traces this context's tiling
+    r.forward(toks)  # warm-up: traces this context's tiling
     r.eval_state()
     r.fill_context(max(n - step, 1), cfg)
     mx.synchronize()

@@ -54,6 +54,13 @@ READ_BUCKETS = 8  # a long last page is read in eighths: up to 1/8 of it read in
 READ_BUCKET_MIN_PAGE = 8192  # shorter last pages are read whole (a new graph every few hundred tokens costs more)
 
 
+def encode_rows(rows: mx.array, bits: int, dtype: mx.Dtype) -> tuple[mx.array, ...]:
+    """Cache rows as a page stores them: (rows in dtype,) or, with bits, mx.quantize's (wq, scales, biases)."""
+    if not bits:
+        return (rows.astype(dtype),)
+    return tuple(mx.quantize(rows, group_size=CACHE_GROUP_SIZE, bits=bits))
+
+
 @dataclass(frozen=True)
 class DecodeSlot:
     """What a one-token MLA step needs: every page; the new row's place in the last page as
@@ -173,10 +180,7 @@ class MLAState:
         return state
 
     def _encode(self, new: mx.array) -> tuple[mx.array, ...]:
-        if not self.bits:
-            dtype = self.pages[0][0].dtype if self.pages else new.dtype
-            return (new.astype(dtype),)
-        return tuple(mx.quantize(new, group_size=CACHE_GROUP_SIZE, bits=self.bits))
+        return encode_rows(new, self.bits, self.pages[0][0].dtype if self.pages else new.dtype)
 
     @staticmethod
     def _locate(pages, pos: int) -> tuple[int, int]:

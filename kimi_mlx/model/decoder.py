@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -63,23 +64,27 @@ class DecoderLayer(nn.Module):
         read reaches the next eighth of a long last page (one compiled graph per read length).
         """
         if self.is_kda:
-            def step(h, conv, recurrent):
-                s = KDAState(conv, recurrent)
-                h = self(h, s)
-                return h, s.conv, s.recurrent
-            return mx.compile(step)
+            return mx.compile(self.kda_step)
 
         traced = {}
 
         def step(h, slot):
             fn = traced.get(slot.read_rows)
             if fn is None:
-                def mla_step(h, pages, at, valid, read_rows=slot.read_rows):
-                    a, last = self.self_attn.decode(self.input_layernorm(h), pages, at, valid, read_rows)
-                    return self.ffn(h + a), last
-                fn = traced[slot.read_rows] = mx.compile(mla_step)
+                fn = traced[slot.read_rows] = mx.compile(partial(self.mla_step, read_rows=slot.read_rows))
             return fn(h, slot.pages, slot.at, slot.valid)
         return step
+
+    def kda_step(self, h, conv, recurrent):
+        """A KDA layer's one-token step on bare arrays: (h, conv, recurrent) -> the same, advanced."""
+        s = KDAState(conv, recurrent)
+        h = self(h, s)
+        return h, s.conv, s.recurrent
+
+    def mla_step(self, h, pages, at, valid, read_rows: int):
+        """An MLA layer's one-token step over a DecodeSlot's parts: (h, the last page as written)."""
+        a, last = self.self_attn.decode(self.input_layernorm(h), pages, at, valid, read_rows)
+        return self.ffn(h + a), last
 
 
 class KimiLinearModel(nn.Module):
@@ -163,10 +168,9 @@ class Model(nn.Module):
         return self.model.norm(h)
 
     def _decode_layers(self, h: mx.array, state: ModelState) -> mx.array:
-        if decode_mode() == "model":
-            slots = [state.layers[i].decode_slot() if not self.model.layers[i].is_kda else None for i in self.owned]
-            if all(s is not None for s, i in zip(slots, self.owned) if not self.model.layers[i].is_kda):
-                return self._decode_whole(h, state, slots)
+        if decode_mode() == "model" and all(state.layers[i].pages for i in self.owned
+                                            if not self.model.layers[i].is_kda):
+            return self._decode_whole(h, state)
         if self._steps is None:
             self._steps = {i: self.model.layers[i].compiled_step() for i in self.owned}
         for i in self.owned:
@@ -195,10 +199,10 @@ class Model(nn.Module):
                 h = layer(h, s)
         return h
 
-    def _decode_whole(self, h: mx.array, state: ModelState, slots) -> mx.array:
+    def _decode_whole(self, h: mx.array, state: ModelState) -> mx.array:
         """All owned layers' one-token step as one compiled graph (traced again when a page is added or a
-        long last page's read reaches its next eighth)."""
-        slots = [s for s in slots if s is not None]
+        long last page's read reaches its next eighth). Every MLA cache must hold a page already."""
+        slots = [state.layers[i].decode_slot() for i in self.owned if not self.model.layers[i].is_kda]
         reads = tuple(s.read_rows for s in slots)
         if self._whole is None:
             self._whole = {}
@@ -220,12 +224,10 @@ class Model(nn.Module):
         for i in self.owned:
             layer = self.model.layers[i]
             if layer.is_kda:
-                s = KDAState(*kda[len(kda_out)])
-                h = layer(h, s)
-                kda_out.append((s.conv, s.recurrent))
+                h, *s = layer.kda_step(h, *kda[len(kda_out)])
+                kda_out.append(tuple(s))
             else:
-                a, last = layer.self_attn.decode(layer.input_layernorm(h), *mla[len(lasts)], reads[len(lasts)])
-                h = layer.ffn(h + a)
+                h, last = layer.mla_step(h, *mla[len(lasts)], reads[len(lasts)])
                 lasts.append(last)
         return h, kda_out, lasts
 

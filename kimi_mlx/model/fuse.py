@@ -120,7 +120,6 @@ class ExpertBlocks:
     def __init__(self, idx: mx.array, experts: int, block: int | None = None):
         self.block = b = block or self.BLOCK
         N, k = idx.shape
-        self.num_tokens, self.k = N, k
         flat = idx.flatten()
         order = mx.argsort(flat)
         counts = mx.zeros((experts,), mx.int32).at[flat].add(1)

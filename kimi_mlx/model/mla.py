@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from ..config import ModelConfig
 from ..ops.attention import LatentCache, mla_attention, mla_decode
-from ..state import CACHE_GROUP_SIZE, MLAState
+from ..state import CACHE_GROUP_SIZE, MLAState, encode_rows
 from .common import RMSNorm
 
 
@@ -49,7 +49,7 @@ class KimiMLA(nn.Module):
         q, rows = self._project(x)
         *before, last = pages
         bits = last[0].shape[-1] * 32 // rows.shape[-1] if len(last) > 1 else 0
-        new = tuple(mx.quantize(rows, group_size=CACHE_GROUP_SIZE, bits=bits)) if bits else (rows.astype(last[0].dtype),)
+        new = encode_rows(rows, bits, last[0].dtype)
         last = tuple(mx.slice_update(p, r, at, axes=(0, 1, 2)) for p, r in zip(last, new))
         cache = LatentCache((*before, tuple(a[:, :read_rows] for a in last)), bits, CACHE_GROUP_SIZE)
         o = mla_decode(q, cache, valid, self.k_up.astype(x.dtype), self.v_up.astype(x.dtype), self.scale)

@@ -265,9 +265,9 @@ class _Absorbed:
         p = p.reshape(p.shape[0], -1, p.shape[-1]).astype(self.qa.dtype)
         if self.cache.bits:
             o = mx.quantized_matmul(p, *span, transpose=False, group_size=self.cache.group_size, bits=self.cache.bits)
-            o = mx.concatenate([o[..., : self.L], p.astype(mx.float32).sum(-1, keepdims=True).astype(o.dtype)], -1)
-        else:
-            o = p @ _ones_column(span[0][..., : self.L])
+            row_sums = p.astype(mx.float32).sum(-1, keepdims=True)
+            return o[..., : self.L].astype(mx.float32).reshape(*self.shape, self.L), row_sums.reshape(*self.shape, 1)
+        o = p @ _ones_column(span[0][..., : self.L])
         return _split_sum(o.astype(mx.float32).reshape(*self.shape, self.L + 1))
 
     def finish(self, o):
