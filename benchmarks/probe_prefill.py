@@ -1,6 +1,6 @@
 """Where prefill and decode time goes at the full shape, per component (GPU profile probe).
 
-  python benchmarks/probe_prefill.py [--parts moe,kda,mla,decode]
+  python benchmarks/probe_prefill.py [--parts moe,kda,tile,mla,decode]
 
 MoE: one layer, 2,048 tokens, each expert path (KIMI_MLX_EXPERTS). KDA: one layer's attention.
 MLA prefill: one 2,048-token step at a given context, per score-tile size (KIMI_MLX_MLA_TILE_MB).
@@ -27,6 +27,7 @@ ap.add_argument("--tokens", type=int, default=2048)
 ap.add_argument("--mla-contexts", default="4096,131072")
 ap.add_argument("--tiles-mb", default="64,256,1024")
 ap.add_argument("--decode-contexts", default="1024,32768,131072,1048576")
+ap.add_argument("--scan-rows", default="1,2,4,8", help="KDA scan kernel: state rows per 32-lane group, each timed")
 a = ap.parse_args()
 parts = a.parts.split(",")
 
@@ -71,6 +72,8 @@ if "kda" in parts:
     from kimi_mlx.ops import kda_chunked as KC
     from kimi_mlx.ops.kda import l2_normalize
 
+    SCAN_ROWS = KC.SCAN_ROWS
+
     st = ours.new_state()
     ks = st.layers[kda_i]
     layer = L[kda_i]
@@ -92,8 +95,11 @@ if "kda" in parts:
     qn, kn = l2_normalize(q) * Dh**-0.5, l2_normalize(k)
     mx.eval(qn, kn, v, g, beta)
     gpu = mx.default_device() == mx.gpu
-    timeit(f"  chunked KDA op (scan {'kernel' if gpu else 'ops'})",
-           lambda: KC.kda_chunked(qn, kn, v, g, beta, ks.recurrent, use_kernel=gpu))
+    for rows in map(int, a.scan_rows.split(",")) if gpu else (0,):
+        KC.SCAN_ROWS = rows
+        timeit(f"  chunked KDA op (scan {f'kernel, {rows} rows a group' if gpu else 'ops'})",
+               lambda: KC.kda_chunked(qn, kn, v, g, beta, ks.recurrent, use_kernel=gpu))
+    KC.SCAN_ROWS = SCAN_ROWS
     n = -(-T // KC.CHUNK)
     cq, ck, cg = (KC._to_chunks(x, n) for x in (qn, kn, g))
     cb = KC._to_chunks(beta, n)
@@ -113,6 +119,46 @@ def filled(S):
         mx.eval([p[0] for p in s.pages])
     return s
 
+
+if "tile" in parts:
+    # one score tile of the expanded MLA prefill (ops/attention.py _Expanded), piece by piece
+    attn = L[mla_i].self_attn
+    H, nope, Lr = attn.num_heads, attn.nope, attn.latent_rank
+    keys = A.choose_tiling(1, H, T, 1 << 30).tile_keys
+    k_up, v_up = attn.k_up.astype(DT), attn.v_up.astype(DT)
+    rows = mx.random.normal((1, keys, W)).astype(DT)
+    q = mx.random.normal((1, H, T, nope + attn.pe)).astype(DT)
+    lat = rows[:, None, :, :Lr]
+    k = lat @ k_up.swapaxes(-1, -2)
+    vv = lat @ v_up.swapaxes(-1, -2)
+    q_pe = q[..., nope:].reshape(1, H * T, -1)
+    s_pe = (q_pe @ rows[..., Lr:].swapaxes(-1, -2)).reshape(1, H, T, -1)
+    sc = mx.addmm(s_pe, q[..., :nope], k.swapaxes(-1, -2))
+    m = sc.max(-1, keepdims=True).astype(mx.float32)
+    p = A._probs(sc, m)
+    mx.eval(k, vv, s_pe, sc, m, p)
+    flops = 2 * H * T * keys * (nope + attn.pe + attn.v_dim)
+    print(f"tile: {T} queries x {keys} keys x {H} heads, {flops / 1e9:.1f} GFLOP in its matmuls")
+    timeit("  expand K (latent @ k_up^T)", lambda: lat @ k_up.swapaxes(-1, -2), n=10)
+    timeit("  expand V (latent @ v_up^T)", lambda: lat @ v_up.swapaxes(-1, -2), n=10)
+    timeit("  pe scores (heads folded into rows)", lambda: q_pe @ rows[..., Lr:].swapaxes(-1, -2), n=10)
+    timeit("  nope scores, addmm onto pe", lambda: mx.addmm(s_pe, q[..., :nope], k.swapaxes(-1, -2)), n=10)
+    timeit("  nope scores alone (matmul)", lambda: q[..., :nope] @ k.swapaxes(-1, -2), n=10)
+    timeit("  192-dim scores, one matmul (K concatenated)", lambda: q @ mx.concatenate(
+        [k, mx.broadcast_to(rows[:, None, :, Lr:], (1, H, keys, attn.pe))], axis=-1).swapaxes(-1, -2), n=10)
+    form = A._Expanded(q, None, k_up, v_up, 1.0)
+    timeit("  expand K with k_aug (as _Expanded)", lambda: rows[:, None] @ form.k_aug_t, n=10)
+    kk = rows[:, None] @ form.k_aug_t
+    timeit("  192-dim scores against it", lambda: q @ kk.swapaxes(-1, -2), n=10)
+    timeit("  row max", lambda: sc.max(-1, keepdims=True), n=10)
+    timeit("  probabilities (exp, compiled)", lambda: A._probs(sc, m), n=10)
+    timeit("  values + row sums (one ones column, N = v + 1)",
+           lambda: p @ mx.concatenate([vv, mx.ones((*vv.shape[:-1], 1), vv.dtype)], axis=-1), n=10)
+    timeit(f"  values + row sums ({A.ONES} ones columns, as _Expanded)", lambda: p @ A._ones_column(vv), n=10)
+    timeit("  values alone (N = v)", lambda: p @ vv, n=10)
+    timeit("  row sums alone", lambda: p.astype(mx.float32).sum(-1), n=10)
+    acc = mx.zeros((1, H, T, attn.v_dim), mx.float32)
+    timeit("  rescale accumulator (compiled fold)", lambda: A._fold(m, m, m, m, acc, acc), n=10)
 
 if "mla" in parts:
     attn = L[mla_i].self_attn

@@ -7,10 +7,13 @@ Layouts (B = batch):
                       each (rows [B, P, W],) or, with cache_bits, mx.quantize's (wq, scales, biases)
   MLAState.length     number of valid cached tokens: the first `length` rows across the pages
 
-MLA pages are allocated as the cache grows (PAGE_FIRST rows, doubling up to PAGE_MAX) and never
-copied or resized: a step writes its rows into the last page(s) with mx.slice_update, which MLX
-does in place unless a snapshot still holds that page (then it copies that one page). Setting
-`length` lower cuts the cache; later appends overwrite the rows past it.
+MLA pages: the last page grows as the cache does (PAGE_FIRST rows, doubling up to PAGE_GROW, then
+PAGE_GROW rows at a time up to PAGE_MAX), by copying that one page into a larger one; a full PAGE_MAX
+page stays and the next row opens a new page. So at most one page is ever copied, and the capacity
+past the valid rows is under PAGE_GROW rows (or under half the last page while it is small). A step
+writes its rows with mx.slice_update, which MLX does in place unless a snapshot still holds that page
+(then it copies that one page). Setting `length` lower cuts the cache; later appends overwrite the
+rows past it.
 
 Arrays are immutable values, so a snapshot is a shallow copy: O(1), exact, and later writes
 never change it.
@@ -27,8 +30,8 @@ from .errors import KimiError
 from .ops.attention import LatentCache
 
 PAGE_FIRST = 256
-PAGE_MAX = 131072  # a decode step costs ~0.06 ms a page on an H200 whatever its size (RESULTS.md): at 1M
-# tokens 17 pages, against 39 with 32,768-row pages; the cost is up to one unused page (151 MB) per MLA layer
+PAGE_GROW = 16384  # beyond this the last page grows linearly: <= 16,384 unused rows (19 MB bf16) per MLA layer
+PAGE_MAX = 131072  # a decode step costs ~0.06 ms a page on an H200 whatever its size (RESULTS.md): 9 pages at 1M
 CACHE_GROUP_SIZE = 64  # quantization group along a cache row (576 = 9 groups at the real shape)
 CACHE_BITS = (0, 8, 4)  # 0 = the model dtype, unquantized
 
@@ -50,10 +53,6 @@ class KDAState:
         return cls(arrays["conv"], arrays["recurrent"])
 
 
-READ_BUCKETS = 8  # a long last page is read in eighths: up to 1/8 of it read in vain, a new graph per eighth
-READ_BUCKET_MIN_PAGE = 8192  # shorter last pages are read whole (a new graph every few hundred tokens costs more)
-
-
 def encode_rows(rows: mx.array, bits: int, dtype: mx.Dtype) -> tuple[mx.array, ...]:
     """Cache rows as a page stores them: (rows in dtype,) or, with bits, mx.quantize's (wq, scales, biases)."""
     if not bits:
@@ -63,15 +62,13 @@ def encode_rows(rows: mx.array, bits: int, dtype: mx.Dtype) -> tuple[mx.array, .
 
 @dataclass(frozen=True)
 class DecodeSlot:
-    """What a one-token MLA step needs: every page; the new row's place in the last page as
-    mx.slice_update's start [0, row, 0]; the rows valid after the write (int32 arrays, so a compiled step
-    keeps its graph as the cache grows); and how many leading rows of the last page to read (a Python int:
-    a compiled step is traced once per value, see READ_BUCKETS)."""
+    """What a one-token MLA step needs: every page (read whole, rows past `valid` masked); the new row's
+    place in the last page as mx.slice_update's start [0, row, 0]; and the rows valid after the write.
+    `at` and `valid` are int32 arrays, so a compiled step keeps its graph until a page grows or is added."""
 
     pages: tuple
     at: mx.array
     valid: mx.array
-    read_rows: int
 
 
 @dataclass
@@ -81,6 +78,7 @@ class MLAState:
     bits: int = 0
     page_first: int = PAGE_FIRST
     page_max: int = PAGE_MAX
+    page_grow: int = PAGE_GROW
 
     def __post_init__(self):
         if self.pages is None:
@@ -102,8 +100,7 @@ class MLAState:
         while done < T:
             i, at = self._locate(pages, pos)
             if i == len(pages):
-                size = min(self.page_first << len(pages), self.page_max)
-                pages.append(tuple(mx.zeros((B, size, *r.shape[2:]), r.dtype) for r in rows))
+                i, at = self._extend(pages, B, rows, T - done)
             n = min(pages[i][0].shape[1] - at, T - done)
             # never __setitem__: it would mutate an array a snapshot still shares
             pages[i] = tuple(
@@ -114,10 +111,30 @@ class MLAState:
         self.pages, self.length = tuple(pages), pos
         return self.view()
 
+    def page_size(self, rows: int) -> int:
+        """The smallest size in the growth sequence (see the module docstring) holding rows, <= page_max."""
+        size = self.page_first
+        while size < rows and size < self.page_max:
+            size = size * 2 if size < self.page_grow else size + self.page_grow
+        return min(size, self.page_max)
+
+    def _extend(self, pages: list, B: int, like: tuple, need: int) -> tuple[int, int]:
+        """Room for `need` more rows past the full last page: grow it (one copy) while it is under page_max,
+        else open a new page. Returns (page index, row) where the next row goes."""
+        if pages and pages[-1][0].shape[1] < self.page_max:
+            n = pages[-1][0].shape[1]
+            grow = self.page_size(n + need) - n
+            pages[-1] = tuple(mx.pad(p, [(0, 0), (0, grow)] + [(0, 0)] * (p.ndim - 2)) for p in pages[-1])
+            return len(pages) - 1, n
+        size = self.page_size(need)
+        pages.append(tuple(mx.zeros((B, size, *r.shape[2:]), r.dtype) for r in like))
+        return len(pages) - 1, 0
+
     def decode_slot(self) -> DecodeSlot | None:
         """Where a one-token step writes and what it reads (see DecodeSlot). Pages past the one that
-        receives the row (left by a cut) are dropped and a page is added when the last is full, so the row
-        always lands in the last page. None when the cache has no page yet (the caller appends the usual way)."""
+        receives the row (left by a cut) are dropped and the last page grows (or a page is added) when it is
+        full, so the row always lands in the last page. None when the cache has no page yet (the caller
+        appends the usual way)."""
         if not self.pages:
             return None
         pages, start = [], 0
@@ -127,18 +144,12 @@ class MLAState:
             pages.append(p)
             start += p[0].shape[1]
         if start == self.length:  # the last kept page is full
-            B, _, *rest = pages[-1][0].shape
-            size = min(self.page_first << len(pages), self.page_max)
-            pages.append(tuple(mx.zeros((B, size, *r.shape[2:]), r.dtype) for r in pages[-1]))
-            start += size
+            self._extend(pages, pages[-1][0].shape[0], pages[-1], 1)
+            start = sum(p[0].shape[1] for p in pages)
         self.pages = tuple(pages)
         size = pages[-1][0].shape[1]
         row = self.length - (start - size)
-        read = size
-        if size >= READ_BUCKET_MIN_PAGE:  # read the last page only up to a bucket past the new row
-            bucket = size // READ_BUCKETS
-            read = min(size, -(-(row + 1) // bucket) * bucket)
-        return DecodeSlot(self.pages, mx.array([0, row, 0], mx.int32), mx.array(self.length + 1, mx.int32), read)
+        return DecodeSlot(self.pages, mx.array([0, row, 0], mx.int32), mx.array(self.length + 1, mx.int32))
 
     def commit_decode(self, last: tuple) -> None:
         """Take the last page as the step wrote it; the cache is one row longer."""

@@ -63,7 +63,7 @@ SPECS = {
         name="kda_chunk_scan",
         inputs=("w", "u", "q_in", "k_out", "decay_all", "state_in", "sizes"),
         outputs=("v_new", "q_state", "state_out"),
-        sample_template=(("NH", 32), ("DK", 128), ("DV", 128), ("C", 64)),
+        sample_template=(("NH", 32), ("DK", 128), ("DV", 128), ("C", 64), ("R", 4)),
         sample_inputs=(
             ("float32", 128 * 32 * 64 * 128),
             ("float32", 128 * 32 * 64 * 128),
@@ -74,6 +74,19 @@ SPECS = {
             ("int32", 2),
         ),
         sample_outputs=("float32", "float32", "float32"),
+    ),
+    "kda_intra_chunk": KernelSpec(
+        name="kda_intra_chunk",
+        inputs=("q_in", "k_in", "g", "beta"),
+        outputs=("a_qk", "t_inv"),
+        sample_template=(("DK", 128), ("C", 64)),
+        sample_inputs=(
+            ("float32", 1024 * 64 * 128),
+            ("float32", 1024 * 64 * 128),
+            ("float32", 1024 * 64 * 128),
+            ("float32", 1024 * 64),
+        ),
+        sample_outputs=("float32", "float32"),
     ),
     "moe_route": KernelSpec(
         name="moe_route",

@@ -12,6 +12,10 @@ KDA_FN float kda_simd_sum(float x) { return metal::simd_sum(x); }
 KDA_FN float kda_shfl_xor(float x, int offset) { return metal::simd_shuffle_xor(x, ushort(offset)); }
 KDA_FN float kda_shfl(float x, int lane) { return metal::simd_shuffle(x, ushort(lane)); }
 
+// Threadgroup shared memory and the barrier over the whole group.
+#define KDA_SHARED threadgroup
+KDA_FN void kda_barrier() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }
+
 // Backend-neutral helpers for the KDA kernels. The backend header defines KDA_FN, kda_exp,
 // kda_log, kda_rsqrt, kda_fmax, kda_fabs and kda_simd_sum (a sum over the 32 lanes of a group).
 
@@ -33,8 +37,8 @@ KDA_FN float kda_log1p(float x) {
 KDA_FN float kda_softplus(float x) {
   return x > 20.0f ? x : kda_fmax(x, 0.0f) + kda_log1p(kda_exp(-kda_fabs(x)));
 }
-template <int NH, int DK, int DV, int C>
-[[kernel]] void custom_kernel_kda_chunk_scan__32_128_128_64_float_float_float_float_float_float_int32_tc_float_float_float(
+template <int NH, int DK, int DV, int C, int R>
+[[kernel]] void custom_kernel_kda_chunk_scan__32_128_128_64_4_float_float_float_float_float_float_int32_tc_float_float_float(
   const device float* w [[buffer(0)]],
   const device float* u [[buffer(1)]],
   const device float* q_in [[buffer(2)]],
@@ -49,61 +53,82 @@ template <int NH, int DK, int DV, int C>
 const uint3 kda_gid = thread_position_in_grid;
 // KDA chunked prefill, the scan across chunks: carries the state through N chunks of C rows, from
 // the per-chunk WY factors that the ops compute in parallel (kimi_mlx/ops/kda_chunked.py).
-// Grid (32, DV, B * NH): one 32-lane group per (sequence, head, value row); a lane owns DK / 32
-// consecutive key channels of that state row. Rows of the state never interact, so the groups
-// run independently. Inputs (row-major, float32; n = chunk, r = row in chunk):
+// Grid (32, DV / R, B * NH): one 32-lane group per (sequence, head, R consecutive value rows); a lane
+// owns DK / 32 consecutive key channels of those R state rows, so each load of w, q_in and k_out
+// serves R rows. State rows never interact, so the groups run independently. Inputs (row-major,
+// float32; n = chunk, r = row in chunk):
 //   w, q_in, k_out [N, B, NH, C, DK]   u [N, B, NH, C, DV]   decay_all [N, B, NH, DK]
 //   state_in [B, NH, DV, DK]           sizes [2] int32: N, B
 // Per chunk:  v_new = u - w S^T;  q_state = q_in S^T;  S = S * decay_all + v_new^T k_out.
-// Outputs: v_new, q_state [N, B, NH, C, DV]; state_out like state_in.
+// The update v_new^T k_out is summed row by row into its own registers while the chunk is read, so
+// the chunk's rows are read once. Outputs: v_new, q_state [N, B, NH, C, DV]; state_out like state_in.
 constexpr int PER = DK / 32;
 const int lane = kda_gid.x;
-const int dv = kda_gid.y;
+const int dv0 = kda_gid.y * R;
 const int n = kda_gid.z;
 const int b = n / NH;
 const int h = n % NH;
 const int chunks = sizes[0];
 const int batch = sizes[1];
-const int row = (n * DV + dv) * DK + lane * PER;
 
-float s[PER];
-for (int i = 0; i < PER; ++i) {
-  s[i] = state_in[row + i];
+float s[R][PER];
+float ds[R][PER];
+for (int j = 0; j < R; ++j) {
+  const int row = (n * DV + dv0 + j) * DK + lane * PER;
+  for (int i = 0; i < PER; ++i) {
+    s[j][i] = state_in[row + i];
+  }
 }
-float vp[C];
 for (int chunk = 0; chunk < chunks; ++chunk) {
   const int head = (chunk * batch + b) * NH + h;  // index of (chunk, b, h)
-  for (int r = 0; r < C; ++r) {
-    const int at = (head * C + r) * DK + lane * PER;
-    float pw = 0.0f;
-    float pq = 0.0f;
+  for (int j = 0; j < R; ++j) {
     for (int i = 0; i < PER; ++i) {
-      pw += w[at + i] * s[i];
-      pq += q_in[at + i] * s[i];
-    }
-    pw = kda_simd_sum(pw);
-    pq = kda_simd_sum(pq);
-    const int out_at = (head * C + r) * DV + dv;
-    vp[r] = u[out_at] - pw;
-    if (lane == 0) {
-      v_new[out_at] = vp[r];
-      q_state[out_at] = pq;
+      ds[j][i] = 0.0f;
     }
   }
+  for (int r = 0; r < C; ++r) {
+    const int at = (head * C + r) * DK + lane * PER;
+    float wr[PER];
+    float qr[PER];
+    float kr[PER];
+    for (int i = 0; i < PER; ++i) {
+      wr[i] = w[at + i];
+      qr[i] = q_in[at + i];
+      kr[i] = k_out[at + i];
+    }
+    const int out_at = (head * C + r) * DV + dv0;
+    for (int j = 0; j < R; ++j) {
+      float pw = 0.0f;
+      float pq = 0.0f;
+      for (int i = 0; i < PER; ++i) {
+        pw += wr[i] * s[j][i];
+        pq += qr[i] * s[j][i];
+      }
+      pw = kda_simd_sum(pw);
+      pq = kda_simd_sum(pq);
+      const float vp = u[out_at + j] - pw;
+      if (lane == j % 32) {
+        v_new[out_at + j] = vp;
+        q_state[out_at + j] = pq;
+      }
+      for (int i = 0; i < PER; ++i) {
+        ds[j][i] += vp * kr[i];
+      }
+    }
+  }
+  for (int j = 0; j < R; ++j) {
+    for (int i = 0; i < PER; ++i) {
+      s[j][i] = s[j][i] * decay_all[head * DK + lane * PER + i] + ds[j][i];
+    }
+  }
+}
+for (int j = 0; j < R; ++j) {
+  const int row = (n * DV + dv0 + j) * DK + lane * PER;
   for (int i = 0; i < PER; ++i) {
-    s[i] *= decay_all[head * DK + lane * PER + i];
+    state_out[row + i] = s[j][i];
   }
-  for (int r = 0; r < C; ++r) {
-    const int at = (head * C + r) * DK + lane * PER;
-    for (int i = 0; i < PER; ++i) {
-      s[i] += vp[r] * k_out[at + i];
-    }
-  }
-}
-for (int i = 0; i < PER; ++i) {
-  state_out[row + i] = s[i];
 }
 
 }
 
-template [[host_name("custom_kernel_kda_chunk_scan__32_128_128_64_float_float_float_float_float_float_int32_tc_float_float_float")]] [[kernel]] decltype(custom_kernel_kda_chunk_scan__32_128_128_64_float_float_float_float_float_float_int32_tc_float_float_float<32, 128, 128, 64>) custom_kernel_kda_chunk_scan__32_128_128_64_float_float_float_float_float_float_int32_tc_float_float_float<32, 128, 128, 64>;
+template [[host_name("custom_kernel_kda_chunk_scan__32_128_128_64_4_float_float_float_float_float_float_int32_tc_float_float_float")]] [[kernel]] decltype(custom_kernel_kda_chunk_scan__32_128_128_64_4_float_float_float_float_float_float_int32_tc_float_float_float<32, 128, 128, 64, 4>) custom_kernel_kda_chunk_scan__32_128_128_64_4_float_float_float_float_float_float_int32_tc_float_float_float<32, 128, 128, 64, 4>;

@@ -20,6 +20,10 @@ KDA_FN float kda_simd_sum(float x) {
 KDA_FN float kda_shfl_xor(float x, int offset) { return __shfl_xor_sync(0xffffffffu, x, offset); }
 KDA_FN float kda_shfl(float x, int lane) { return __shfl_sync(0xffffffffu, x, lane); }
 
+// Threadgroup ("block") shared memory and the barrier over the whole group.
+#define KDA_SHARED __shared__
+KDA_FN void kda_barrier() { __syncthreads(); }
+
 // Backend-neutral helpers for the KDA kernels. The backend header defines KDA_FN, kda_exp,
 // kda_log, kda_rsqrt, kda_fmax, kda_fabs and kda_simd_sum (a sum over the 32 lanes of a group).
 

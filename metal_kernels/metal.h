@@ -9,3 +9,7 @@ KDA_FN float kda_fabs(float x) { return metal::fabs(x); }
 KDA_FN float kda_simd_sum(float x) { return metal::simd_sum(x); }
 KDA_FN float kda_shfl_xor(float x, int offset) { return metal::simd_shuffle_xor(x, ushort(offset)); }
 KDA_FN float kda_shfl(float x, int lane) { return metal::simd_shuffle(x, ushort(lane)); }
+
+// Threadgroup shared memory and the barrier over the whole group.
+#define KDA_SHARED threadgroup
+KDA_FN void kda_barrier() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }

@@ -51,11 +51,13 @@ extern "C" void emu_launch(void** bufs, unsigned gx, unsigned gy, unsigned gz,
     for (unsigned by = 0; by < gy / ty; ++by)
       for (unsigned bx = 0; bx < gx / tx; ++bx) {{
         auto groups = std::make_unique<EmuGroup[]>(n / 32);
+        std::barrier<> block(n);
         std::vector<std::thread> threads;
         for (unsigned t = 0; t < n; ++t)
           threads.emplace_back([&, t] {{
             const unsigned x = t % tx, y = (t / tx) % ty, z = t / (tx * ty);
             emu_group = &groups[t / 32];
+            emu_block = &block;
             emu_lane = t % 32;
             {setup}
             {call}

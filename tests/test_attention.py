@@ -171,22 +171,36 @@ def test_decode_over_whole_pages(monkeypatch, S, bits):
 
 
 def test_decode_slot_after_a_cut_and_snapshot():
-    """decode_slot drops pages past the write position, adds one when the last is full, and never
-    changes a snapshot's pages."""
+    """decode_slot drops pages past the write position, grows the last page (or adds one once it is at
+    page_max) when it is full, and never changes a snapshot's pages."""
     from dataclasses import replace
 
     st = MLAState(page_first=4, page_max=8)
-    st.append(mx.ones((1, 12, 3)))  # pages 4 + 8
+    st.append(mx.ones((1, 12, 3)))  # pages 8 + 4
+    assert [p[0].shape[1] for p in st.pages] == [8, 4]
     snap = replace(st)
     st.length = 3  # cut into the first page
     slot = st.decode_slot()
     pages, at, valid = slot.pages, slot.at, slot.valid
-    assert [p[0].shape[1] for p in pages] == [4] and at.tolist() == [0, 3, 0] and valid.item() == 4
+    assert [p[0].shape[1] for p in pages] == [8] and at.tolist() == [0, 3, 0] and valid.item() == 4
     st.commit_decode((mx.slice_update(pages[-1][0], mx.full((1, 1, 3), 7.0), at, axes=(0, 1, 2)),))
-    slot = st.decode_slot()  # first page full now: a new 8-row page
-    assert [p[0].shape[1] for p in slot.pages] == [4, 8] and slot.at.tolist() == [0, 0, 0] and slot.valid.item() == 5
-    assert slot.read_rows == 8  # short pages are read whole
-    assert [p[0].shape[1] for p in snap.pages] == [4, 8] and float(snap.pages[0][0].min()) == 1.0
+    st.length = 8
+    slot = st.decode_slot()  # first page full and at page_max: a new page
+    assert [p[0].shape[1] for p in slot.pages] == [8, 4] and slot.at.tolist() == [0, 0, 0] and slot.valid.item() == 9
+    assert [p[0].shape[1] for p in snap.pages] == [8, 4] and float(snap.pages[0][0].min()) == 1.0
+    assert float(snap.pages[0][0][0, 3, 0]) == 1.0 and float(st.pages[0][0][0, 3, 0]) == 7.0
+
+
+def test_decode_slot_grows_a_small_last_page_by_copying_it():
+    from dataclasses import replace
+
+    st = MLAState(page_first=4, page_max=16)
+    st.append(mx.arange(12, dtype=mx.float32).reshape(1, 4, 3))
+    snap = replace(st)
+    slot = st.decode_slot()
+    assert [p[0].shape[1] for p in slot.pages] == [8] and slot.at.tolist() == [0, 4, 0] and slot.valid.item() == 5
+    assert np.array_equal(np.array(slot.pages[0][0][:, :4]), np.arange(12).reshape(1, 4, 3))
+    assert [p[0].shape[1] for p in snap.pages] == [4]
 
 
 @pytest.mark.parametrize("absorbed", [False, True], ids=["expanded", "absorbed"])
@@ -202,13 +216,6 @@ def test_bf16_tiles_stay_close_to_float32(absorbed):
     assert err(out.astype(mx.float32), ref) / float(mx.abs(ref).max()) < 3e-2
 
 
-def test_long_last_page_is_read_in_eighths(monkeypatch):
-    import kimi_mlx.state as S
-
-    monkeypatch.setattr(S, "READ_BUCKET_MIN_PAGE", 16)
-    st = MLAState(page_first=16, page_max=64)
-    st.append(mx.ones((1, 16 + 32 + 3, 3)))  # pages 16, 32, 64: 3 rows in the last
-    slot = st.decode_slot()
-    assert slot.at.tolist() == [0, 3, 0] and slot.read_rows == 8  # row 3 lies in the first eighth of 64
-    st.length = 16 + 32 + 8
-    assert st.decode_slot().read_rows == 16
+def test_page_sizes_double_then_grow_linearly():
+    st = MLAState(page_first=4, page_grow=16, page_max=64)
+    assert [st.page_size(n) for n in (1, 4, 5, 9, 17, 33, 49, 64, 1000)] == [4, 4, 8, 16, 32, 48, 64, 64, 64]

@@ -192,8 +192,9 @@ def test_decode_kernel_text_runs_right_on_cpu(kind, dtype):
 
 
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("rows", [1, 3, 4])
 @pytest.mark.parametrize("kind", ["metal", "cuda"])
-def test_chunk_scan_kernel_text_runs_right_on_cpu(kind):
+def test_chunk_scan_kernel_text_runs_right_on_cpu(kind, rows):
     """The generated text of the scan-across-chunks kernel, run on the CPU, against `scan_ops`."""
     N, B, H, C, Dk, Dv = 2, 2, 3, 8, 64, 12
     mx.random.seed(14)
@@ -203,8 +204,8 @@ def test_chunk_scan_kernel_text_runs_right_on_cpu(kind):
     state = mx.random.normal((B, H, Dv, Dk))
     got = kernel_emulator.emulate(
         "kda_chunk_scan", kind, [w, u, q_in, k_out, decay_all, state, mx.array([N, B], dtype=mx.int32)],
-        (("NH", H), ("DK", Dk), ("DV", Dv), ("C", C)), grid=(32, Dv, B * H), threadgroup=(32, 4, 1),
-        output_shapes=[u.shape, u.shape, state.shape], output_dtypes=[mx.float32] * 3,
+        (("NH", H), ("DK", Dk), ("DV", Dv), ("C", C), ("R", rows)), grid=(32, Dv // rows, B * H),
+        threadgroup=(32, 1, 1), output_shapes=[u.shape, u.shape, state.shape], output_dtypes=[mx.float32] * 3,
     )
     for g, want in zip(got, kda_chunked.scan_ops(w, u, q_in, k_out, decay_all, state)):
         assert rel_err(g, want) <= TOL
@@ -310,6 +311,20 @@ def test_gpu_chunked_matches_reference(use_kernel, T, extreme, dtype):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("extreme", [False, True], ids=["gates", "extreme-gates"])
+def test_gpu_intra_chunk_kernel_model_shape(extreme):
+    mx.random.seed(22)
+    q, k = (0.1 * mx.random.normal((8, 32, 64, 128)) for _ in range(2))
+    g = -mx.abs(mx.random.normal((8, 32, 64, 128))) * (mx.where(mx.random.uniform(shape=(8, 32, 64, 1)) < 0.1, 500.0, 0.2)
+                                                        if extreme else 0.2)
+    beta = mx.random.uniform(shape=(8, 32, 64))
+    got = kda_chunked.intra_chunk_kernel(q, k, g, beta)
+    for a, b in zip(got, kda_chunked.intra_chunk(q, k, mx.exp(g), beta)):
+        assert rel_err(a, b) <= TOL
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_scan_kernel_model_shape():
     x = normalised(*inputs(300, B=1, H=32, Dk=128, Dv=128, seed=15, extreme=True))
     o_ref, s_ref = chunked(*x)
@@ -331,3 +346,22 @@ def test_gpu_decode_kernel_matches_reference(shape, random_state, dtype):
 @gpu
 def test_gpu_model_paths_agree(monkeypatch):
     paths_agree(tiny_model(), monkeypatch, ["chunked", "kernel", "auto"])
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("extreme", [False, True], ids=["gates", "extreme-gates"])
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+def test_intra_chunk_kernel_text_runs_right_on_cpu(kind, extreme):
+    """The generated text of the per-chunk matrices kernel, run on the CPU, against `intra_chunk`."""
+    M, C, Dk = 3, 16, 32
+    mx.random.seed(21)
+    q, k = (0.3 * mx.random.normal((M, C, Dk)) for _ in range(2))
+    scale = 200.0 if extreme else 1.0  # extreme: single rows with decays of e^-600 beside rows near 1
+    g = -mx.abs(mx.random.normal((M, C, Dk))) * mx.where(mx.random.uniform(shape=(M, C, 1)) < 0.2, scale, 0.3)
+    beta = mx.random.uniform(shape=(M, C))
+    got = kernel_emulator.emulate(
+        "kda_intra_chunk", kind, [q, k, g, beta], (("DK", Dk), ("C", C)), grid=(256, M, 1),
+        threadgroup=(256, 1, 1), output_shapes=[(M, C, C)] * 2, output_dtypes=[mx.float32] * 2,
+    )
+    for g_, want in zip(got, kda_chunked.intra_chunk(q, k, mx.exp(g), beta)):
+        assert rel_err(g_, want) <= TOL

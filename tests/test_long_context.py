@@ -32,21 +32,26 @@ def valid(st: MLAState) -> np.ndarray:
     return np.concatenate([np.array(v.rows(p)) for p in v.pages], axis=1)
 
 
-def small_pages(state: ModelState, first=16, most=64) -> ModelState:
+def small_pages(state: ModelState, first=16, most=64, grow=8) -> ModelState:
+    """Small MLA pages: the last page doubles from `first`, then grows `grow` rows at a time up to `most`."""
     for s in state.layers:
         if isinstance(s, MLAState):
-            s.page_first, s.page_max = first, most
+            s.page_first, s.page_max, s.page_grow = first, most, grow
     return state
 
 
 # --- the paged cache -------------------------------------------------------------------------
 
 
-def test_pages_double_then_stay_at_page_max():
+def test_last_page_grows_then_stays_at_page_max():
     st = MLAState(page_first=4, page_max=32)
     st.append(rows(200))
-    assert [p[0].shape[1] for p in st.pages] == [4, 8, 16, 32, 32, 32, 32, 32, 32]
-    assert st.length == 200 and st.capacity - st.length < 32
+    assert [p[0].shape[1] for p in st.pages] == [32] * 6 + [8]
+    assert st.length == 200 and st.capacity - st.length < 8
+    st = MLAState(page_first=4, page_grow=8, page_max=64)
+    for _ in range(20):
+        st.append(rows(5))  # 100 rows: a full 64-row page, then one grown 4, 8, 16, 24, 32, 40
+    assert [p[0].shape[1] for p in st.pages] == [64, 40] and st.capacity - st.length < 8
 
 
 def test_append_in_pieces_equals_one_append_and_never_copies_full_pages():
@@ -58,10 +63,10 @@ def test_append_in_pieces_equals_one_append_and_never_copies_full_pages():
     for n in (1, 7, 8, 1, 50, 64, 65, 3, 101):
         before = pieces.pages
         pieces.append(x[:, a : a + n])
-        full = [i for i, p in enumerate(before) if sum(q[0].shape[1] for q in before[: i + 1]) <= a]
-        assert all(pieces.pages[i] is before[i] for i in full)  # untouched pages are the same arrays
+        full = [i for i, p in enumerate(before) if p[0].shape[1] == 64 and sum(q[0].shape[1] for q in before[: i + 1]) <= a]
+        assert all(pieces.pages[i] is before[i] for i in full)  # full pages are never copied again
         a += n
-    assert a == 300
+    assert a == 300 and len(pieces.pages) == 5
     assert np.array_equal(valid(pieces), valid(one))
     assert np.array_equal(valid(one), np.array(x))
 
@@ -135,9 +140,6 @@ def test_many_step_prefill_equals_one_step(long_case, monkeypatch):
 @pytest.mark.parametrize("mode", ["layer", "model"])
 @pytest.mark.parametrize("bits", [0, 8])
 def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits, mode, monkeypatch):
-    import kimi_mlx.state as S
-
-    monkeypatch.setattr(S, "READ_BUCKET_MIN_PAGE", 32)  # the 32-row pages are read in eighths
     """One token at a time (the compiled whole-page decode step) across several page boundaries, with a
     snapshot taken mid-page, restored after 30 more tokens, and decoded again: equal to the oracle
     (unquantized) or to a prefill of the same quantized cache (dense_model: its cache rows quantize)."""

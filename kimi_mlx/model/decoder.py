@@ -60,20 +60,13 @@ class DecoderLayer(nn.Module):
         """This layer's one-token step under mx.compile (fused elementwise work, fewer launches).
 
         KDA layers: (h, conv, recurrent) -> (h, conv, recurrent). MLA layers: (h, DecodeSlot) ->
-        (h, last page): whole pages and a mask, so the graph changes only when a page is added or the
-        read reaches the next eighth of a long last page (one compiled graph per read length).
+        (h, last page): whole pages and a mask, so the graph is traced again only when the last page grows
+        or a page is added (every PAGE_GROW tokens at most, see state.py).
         """
         if self.is_kda:
             return mx.compile(self.kda_step)
-
-        traced = {}
-
-        def step(h, slot):
-            fn = traced.get(slot.read_rows)
-            if fn is None:
-                fn = traced[slot.read_rows] = mx.compile(partial(self.mla_step, read_rows=slot.read_rows))
-            return fn(h, slot.pages, slot.at, slot.valid)
-        return step
+        step = mx.compile(self.mla_step)
+        return lambda h, slot: step(h, slot.pages, slot.at, slot.valid)
 
     def kda_step(self, h, conv, recurrent):
         """A KDA layer's one-token step on bare arrays: (h, conv, recurrent) -> the same, advanced."""
@@ -81,9 +74,9 @@ class DecoderLayer(nn.Module):
         h = self(h, s)
         return h, s.conv, s.recurrent
 
-    def mla_step(self, h, pages, at, valid, read_rows: int):
+    def mla_step(self, h, pages, at, valid):
         """An MLA layer's one-token step over a DecodeSlot's parts: (h, the last page as written)."""
-        a, last = self.self_attn.decode(self.input_layernorm(h), pages, at, valid, read_rows)
+        a, last = self.self_attn.decode(self.input_layernorm(h), pages, at, valid)
         return self.ffn(h + a), last
 
 
@@ -200,16 +193,13 @@ class Model(nn.Module):
         return h
 
     def _decode_whole(self, h: mx.array, state: ModelState) -> mx.array:
-        """All owned layers' one-token step as one compiled graph (traced again when a page is added or a
-        long last page's read reaches its next eighth). Every MLA cache must hold a page already."""
+        """All owned layers' one-token step as one compiled graph (traced again when an MLA cache's last page
+        grows or a page is added). Every MLA cache must hold a page already."""
         slots = [state.layers[i].decode_slot() for i in self.owned if not self.model.layers[i].is_kda]
-        reads = tuple(s.read_rows for s in slots)
         if self._whole is None:
-            self._whole = {}
-        if reads not in self._whole:
-            self._whole[reads] = mx.compile(lambda h, kda, mla: self._whole_step(h, kda, mla, reads))
+            self._whole = mx.compile(self._whole_step)
         kda = [(state.layers[i].conv, state.layers[i].recurrent) for i in self.owned if self.model.layers[i].is_kda]
-        h, kda, lasts = self._whole[reads](h, kda, [(s.pages, s.at, s.valid) for s in slots])
+        h, kda, lasts = self._whole(h, kda, [(s.pages, s.at, s.valid) for s in slots])
         for i in self.owned:
             s = state.layers[i]
             if self.model.layers[i].is_kda:
@@ -219,7 +209,7 @@ class Model(nn.Module):
                 lasts = lasts[1:]
         return h
 
-    def _whole_step(self, h, kda, mla, reads):
+    def _whole_step(self, h, kda, mla):
         kda_out, lasts = [], []
         for i in self.owned:
             layer = self.model.layers[i]
@@ -227,7 +217,7 @@ class Model(nn.Module):
                 h, *s = layer.kda_step(h, *kda[len(kda_out)])
                 kda_out.append(tuple(s))
             else:
-                h, last = layer.mla_step(h, *mla[len(lasts)], reads[len(lasts)])
+                h, last = layer.mla_step(h, *mla[len(lasts)])
                 lasts.append(last)
         return h, kda_out, lasts
 

@@ -42,15 +42,15 @@ class KimiMLA(nn.Module):
         cache = state.append(rows)
         return self._out(mla_attention(q, cache, self.k_up.astype(x.dtype), self.v_up.astype(x.dtype), self.scale))
 
-    def decode(self, x: mx.array, pages: tuple, at: mx.array, valid: mx.array, read_rows: int):
+    def decode(self, x: mx.array, pages: tuple, at: mx.array, valid: mx.array):
         """One token over a DecodeSlot (MLAState.decode_slot()): (output, the last page with the new row
-        written). The graph depends only on the page shapes and read_rows, so a compiled step keeps it while
-        the cache grows (see ops.attention.mla_decode)."""
+        written). The graph depends only on the page shapes, so a compiled step keeps it while the cache
+        grows inside its pages (see ops.attention.mla_decode)."""
         q, rows = self._project(x)
         *before, last = pages
         bits = last[0].shape[-1] * 32 // rows.shape[-1] if len(last) > 1 else 0
         new = encode_rows(rows, bits, last[0].dtype)
         last = tuple(mx.slice_update(p, r, at, axes=(0, 1, 2)) for p, r in zip(last, new))
-        cache = LatentCache((*before, tuple(a[:, :read_rows] for a in last)), bits, CACHE_GROUP_SIZE)
+        cache = LatentCache((*before, last), bits, CACHE_GROUP_SIZE)
         o = mla_decode(q, cache, valid, self.k_up.astype(x.dtype), self.v_up.astype(x.dtype), self.scale)
         return self._out(o), last

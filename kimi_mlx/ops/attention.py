@@ -268,32 +268,35 @@ class _Absorbed:
             row_sums = p.astype(mx.float32).sum(-1, keepdims=True)
             return o[..., : self.L].astype(mx.float32).reshape(*self.shape, self.L), row_sums.reshape(*self.shape, 1)
         o = p @ _ones_column(span[0][..., : self.L])
-        return _split_sum(o.astype(mx.float32).reshape(*self.shape, self.L + 1))
+        return _split_sum(o.astype(mx.float32).reshape(*self.shape, self.L + ONES))
 
     def finish(self, o):
         return o.astype(self.qa.dtype) @ self.v_up.swapaxes(-1, -2)
 
 
 class _Expanded:
-    """Scores and values against per-head K and V expanded from each span of the cache."""
+    """Scores and values against per-head K and V expanded from each span of the cache.
+
+    K comes from one matmul of the raw rows with k_aug[h] = [[k_up[h], 0], [0, I_pe]], so it holds
+    [latent k_up[h]^T | k_pe] and the scores are one matmul of the 192-dim queries (a separate pe matmul
+    added onto the nope scores measured 2x slower on an H200, RESULTS.md)."""
 
     def __init__(self, q, cache: LatentCache, k_up, v_up, scale):
-        self.q, self.cache, self.k_up, self.v_up = q * scale, cache, k_up, v_up
-        self.nope, self.L = k_up.shape[1], k_up.shape[2]
+        self.q, self.cache, self.v_up = q * scale, cache, v_up
+        H, nope, L = k_up.shape
+        pe = q.shape[-1] - nope
+        top = mx.concatenate([k_up, mx.zeros((H, nope, pe), k_up.dtype)], axis=-1)
+        bottom = mx.broadcast_to(mx.concatenate([mx.zeros((pe, L), k_up.dtype), mx.eye(pe, dtype=k_up.dtype)], axis=-1),
+                                 (H, pe, L + pe))
+        self.k_aug_t = mx.concatenate([top, bottom], axis=1).swapaxes(-1, -2)  # [H, W, nope + pe]
+        self.L = L
 
     def queries(self, t0, t1):
-        B, H, _, _ = self.q.shape
-        qc = self.q[:, :, t0:t1]
-        self.q_nope = qc[..., : self.nope]
-        self.q_pe = qc[..., self.nope :].reshape(B, H * (t1 - t0), -1)
-        self.shape = (B, H, t1 - t0)
+        self.qc = self.q[:, :, t0:t1]
 
     def scores(self, span):
-        rows = self.cache.rows(span)
-        lat = rows[:, None, :, : self.L]
-        k = lat @ self.k_up.swapaxes(-1, -2)
-        s_pe = (self.q_pe @ rows[..., self.L :].swapaxes(-1, -2)).reshape(*self.shape, -1)
-        return mx.addmm(s_pe, self.q_nope, k.swapaxes(-1, -2)), lat
+        rows = self.cache.rows(span)[:, None]
+        return self.qc @ (rows @ self.k_aug_t).swapaxes(-1, -2), rows[..., : self.L]
 
     def values(self, p, lat):
         v = lat @ self.v_up.swapaxes(-1, -2)
@@ -303,14 +306,18 @@ class _Expanded:
         return o.astype(self.q.dtype)
 
 
+ONES = 16  # columns of ones beside the values: p @ [v | 1...] gives p's row sums; 16 keeps N aligned
+
+
 def _ones_column(v):
-    """[..., n, d] -> [..., n, d + 1] with a last column of ones: p @ it also gives p's row sums, summed
-    in the matmul's float32 accumulator (a reduction over bf16 would add up in bf16)."""
-    return mx.concatenate([v, mx.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
+    """[..., n, d] -> [..., n, d + ONES] with ONES columns of ones: p @ it also gives p's row sums, summed
+    in the matmul's float32 accumulator (a reduction over bf16 would add up in bf16). One column alone
+    (N = d + 1) made the values matmul 3x slower on an H200 (RESULTS.md)."""
+    return mx.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, ONES)], constant_values=1)
 
 
 def _split_sum(o):
-    return o[..., :-1], o[..., -1:]
+    return o[..., :-ONES], o[..., -1:]
 
 
 def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling):
@@ -346,12 +353,7 @@ def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling):
                 part, part_sum = form.values(p[..., off : off + n], ctx)
                 pv, p_sum = (part, part_sum) if pv is None else (pv + part, p_sum + part_sum)
                 off += n
-            if m is None:
-                l, acc = p_sum, pv
-            else:
-                alpha = mx.exp(m - m_new)
-                l = l * alpha + p_sum
-                acc = acc * alpha + pv
+            l, acc = (p_sum, pv) if m is None else _fold(m, m_new, l, p_sum, acc, pv)
             m = m_new
             # at most two tiles in flight: queue this one, wait for the one before (a GPU queues every
             # tile of a long context ahead otherwise: measured +15 GB for one 131,072-key step on an H200)
@@ -368,6 +370,13 @@ def _probs(s, m):
     """exp(s - m) computed in float32 and stored in the scores' dtype (the dtype the values matmul takes;
     bf16 halves the tile's traffic), one fused pass over the score tile."""
     return mx.exp(s.astype(mx.float32) - m).astype(s.dtype)
+
+
+@partial(mx.compile, shapeless=True)
+def _fold(m, m_new, l, p_sum, acc, pv):
+    """The running sum and output rescaled to the new running max, plus this tile's part (one pass)."""
+    alpha = mx.exp(m - m_new)
+    return l * alpha + p_sum, acc * alpha + pv
 
 
 def _group(spans, tile_keys):

@@ -101,31 +101,57 @@ def scan_ops(w, u, q_in, k_out, decay_all, state):
     return mx.stack(v_new), mx.stack(q_state), state
 
 
+SCAN_ROWS = 4  # state rows per 32-lane group in the scan kernel: each chunk row read serves this many
+
+
 def scan_kernel(w, u, q_in, k_out, decay_all, state):
     """`scan_ops` as one Metal/CUDA kernel (metal_kernels/kda_chunk_scan.body); needs Dk % 32 == 0."""
     from metal_kernels import kernel
 
     N, B, H, C, Dk = w.shape
     Dv = u.shape[-1]
-    rows = next(r for r in (4, 2, 1) if Dv % r == 0)
+    per_group = next(r for r in range(SCAN_ROWS, 0, -1) if Dv % r == 0)
+    groups = Dv // per_group
     return kernel("kda_chunk_scan")(
         inputs=[w, u, q_in, k_out, decay_all, state, mx.array([N, B], dtype=mx.int32)],
-        template=[("NH", H), ("DK", Dk), ("DV", Dv), ("C", C)],
-        grid=(32, Dv, B * H),
-        threadgroup=(32, rows, 1),
+        template=[("NH", H), ("DK", Dk), ("DV", Dv), ("C", C), ("R", per_group)],
+        grid=(32, groups, B * H),
+        threadgroup=(32, next(t for t in (4, 2, 1) if groups % t == 0), 1),
         output_shapes=[u.shape, u.shape, state.shape],
         output_dtypes=[mx.float32] * 3,
     )
 
 
-def _segment(q, k, v, g, beta, state, scan):
+def intra_chunk_kernel(q, k, g, beta):
+    """`intra_chunk` as one Metal/CUDA kernel (metal_kernels/kda_intra_chunk.body), from the log-decay g.
+
+    q, k, g: [..., C, Dk] float32; beta [..., C]. Returns (A_qk, Tinv) [..., C, C]."""
+    from metal_kernels import kernel
+
+    *lead, C, Dk = q.shape
+    M = 1
+    for d in lead:
+        M *= d
+    a_qk, t_inv = kernel("kda_intra_chunk")(
+        inputs=[q, k, g, beta],
+        template=[("DK", Dk), ("C", C)],
+        grid=(256, M, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(*lead, C, C)] * 2,
+        output_dtypes=[mx.float32] * 2,
+    )
+    return a_qk, t_inv
+
+
+def _segment(q, k, v, g, beta, state, use_kernel):
     """One pass over T <= SEGMENT tokens; shapes as in `kda_chunked`."""
     B, T, H, _ = q.shape
     n = -(-T // CHUNK)
     q, k, v, g = (_to_chunks(x, n) for x in (q, k, v, g))  # [N, B, H, C, D]
     beta = _to_chunks(beta, n)  # [N, B, H, C]
     alpha = mx.exp(g)
-    a_qk, t_inv = intra_chunk(q, k, alpha, beta)
+    a_qk, t_inv = intra_chunk_kernel(q, k, g, beta) if use_kernel else intra_chunk(q, k, alpha, beta)
+    scan = scan_kernel if use_kernel else scan_ops
     m = t_inv * beta[..., None, :]  # T Diag(beta)
     decay_in = mx.cumprod(alpha, axis=-2)  # chunk start -> row i (inclusive)
     decay_out = mx.cumprod(alpha, axis=-2, reverse=True, inclusive=False)  # row i -> chunk end
@@ -142,13 +168,12 @@ def kda_chunked(q, k, v, g, beta, state, use_kernel=False):
 
     q, k: [B, T, H, Dk] (q already scaled); v: [B, T, H, Dv]; g: [B, T, H, Dk] log-decay <= 0;
     beta: [B, T, H]; state: [B, H, Dv, Dk] f32.  Returns (o [B, T, H, Dv] f32, state).
-    use_kernel: run the scan across chunks as one GPU kernel instead of a loop of ops.
+    use_kernel: the per-chunk matrices and the scan across chunks as GPU kernels instead of ops.
     """
     state = state.astype(mx.float32)
-    scan = scan_kernel if use_kernel else scan_ops
     outs = []
     for s in range(0, q.shape[1], SEGMENT):
         part = slice(s, s + SEGMENT)
-        o, state = _segment(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state, scan)
+        o, state = _segment(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state, use_kernel)
         outs.append(o)
     return (outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)), state

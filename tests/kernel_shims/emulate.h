@@ -14,6 +14,10 @@ struct EmuGroup {
 };
 inline thread_local EmuGroup* emu_group = nullptr;
 inline thread_local int emu_lane = 0;
+// The whole threadgroup's barrier. Groups run one after another, so a static array serves as the
+// group's shared memory (KDA_SHARED: __shared__ / threadgroup -> static).
+inline thread_local std::barrier<>* emu_block = nullptr;
+inline void emu_block_barrier() { emu_block->arrive_and_wait(); }
 
 inline float emu_shfl_xor(float x, int offset) {
   emu_group->v[emu_lane] = x;
@@ -62,11 +66,14 @@ inline thread_local uint3 threadIdx, blockIdx, blockDim;
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __shfl_xor_sync(unsigned int, float x, int offset) { return emu_shfl_xor(x, offset); }
 inline float __shfl_sync(unsigned int, float x, int src) { return emu_shfl(x, src); }
+inline void __syncthreads() { emu_block_barrier(); }
+#define __shared__ static
 namespace cooperative_groups {}
 #else
 #define device
 #define constant
 #define kernel
+#define threadgroup static
 typedef unsigned int uint;
 typedef unsigned short ushort;
 typedef emu_bf16 bfloat16_t;
@@ -79,6 +86,8 @@ inline float simd_sum(float x) {
   for (int offset = 1; offset < 32; offset <<= 1) x += emu_shfl_xor(x, offset);
   return x;
 }
+enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2 };
+inline void threadgroup_barrier(mem_flags) { emu_block_barrier(); }
 namespace precise {
 inline float exp(float x) { return std::exp(x); }
 inline float log(float x) { return std::log(x); }
