@@ -1,11 +1,12 @@
 """Where prefill and decode time goes at the full shape, per component (GPU profile probe).
 
-  python benchmarks/probe_prefill.py [--parts moe,kda,tile,mla,decode]
+  python benchmarks/probe_prefill.py [--parts moe,kda,tile,mla,decode,ops]
 
 MoE: one layer, 2,048 tokens, each expert path (KIMI_MLX_EXPERTS). KDA: one layer's attention.
 MLA prefill: one 2,048-token step at a given context, per score-tile size (KIMI_MLX_MLA_TILE_MB).
 MLA decode: one layer's token step at a given context, the eager tiled path against the whole-page
-compiled step (what the decoder uses).
+compiled step (what the decoder uses). Ops: the primitives one decode step of the whole model runs (from
+its graph), and MLX's cost per primitive on this device (a chain of tiny adds).
 """
 import argparse
 import os
@@ -105,7 +106,13 @@ if "kda" in parts:
     cb = KC._to_chunks(beta, n)
     alpha = mx.exp(cg)
     mx.eval(cq, ck, alpha, cb)
-    timeit("    of which intra-chunk matrices", lambda: KC.intra_chunk(cq, ck, alpha, cb))
+    timeit("    of which intra-chunk matrices (ops)", lambda: KC.intra_chunk(cq, ck, alpha, cb))
+    if gpu:
+        timeit("    of which intra-chunk matrices (kernel)", lambda: KC.intra_chunk_kernel(cq, ck, cg, cb))
+        cv = KC._to_chunks(v, n)
+        s0 = mx.zeros_like(ks.recurrent)
+        mx.eval(cv, s0)
+        timeit("    of which the scan kernel", lambda: KC.scan_kernel(0.1 * ck, cv, cq, ck, alpha[..., -1, :], s0))
     o = mx.random.normal((1, T, H, Dh))
     timeit("  output gate, norm, o_proj", lambda: attn.o_proj((mx.fast.rms_norm(o, attn.o_norm_weight, 1e-5)
                                                               * mx.sigmoid(attn.g_b_proj(g_a).reshape(1, T, H, Dh)))
@@ -200,3 +207,36 @@ if "decode" in parts:
         compiled = layer.compiled_step()
         del base
         mx.clear_cache()
+
+if "ops" in parts:
+    import collections
+    import io
+    import re
+
+    from kimi_mlx.config import ModelConfig
+
+    r = bench.Runner("kimi-mlx", ours, True)
+    r.fill_context(1024, ModelConfig.from_dict(cfg))
+    tok = mx.array([[1]])
+    for _ in range(3):  # warm: traces the compiled steps
+        mx.eval(ours(tok, r.state))
+        r.eval_state()
+    out = ours(tok, r.state)
+    f = io.StringIO()
+    mx.export_to_dot(f, out, *r.state.arrays().values())
+    labels = re.findall(r'label ="([^"]+)", shape=rectangle', f.getvalue())
+    counts = collections.Counter(labels)
+    print(f"decode step at 1024: {len(labels)} primitives in its graph; most common: "
+          + ", ".join(f"{k} {v}" for k, v in counts.most_common(12)), flush=True)
+    mx.eval(out)
+    r.eval_state()
+    timeit("decode step at 1024, whole model", lambda: (ours(tok, r.state), *r.state.arrays().values()), n=20)
+
+    def chain(n=1000):
+        x = mx.zeros((1,))
+        for _ in range(n):
+            x = x + 1.0
+        return x
+
+    t = timeit("chain of 1,000 tiny adds (eager, one eval)", chain, n=5)
+    print(f"  -> {t * 1e3:.1f} us per primitive", flush=True)

@@ -62,10 +62,22 @@ def check_chunked(use_kernel: bool, T: int = 130, B: int = 2, H: int = 3, Dk: in
     o_ref, s_ref = kda_ops.kda_recurrent_ref(q, k, v, g, beta, state)
     o, s = kda_chunked(q, k, v, g, beta, state, use_kernel=use_kernel)
     err = max(_rel_err(o, o_ref), _rel_err(s, s_ref))
-    name = f"chunked prefill, {'scan kernel' if use_kernel else 'ops'} (T={T}"
+    name = f"chunked prefill, {'chunk and scan kernels' if use_kernel else 'ops'} (T={T}"
     if tf32():
         return Check(name + ", TF32 matmuls)", err, tol=TF32_TOL)
     return Check(name + ")", err)
+
+
+def check_intra_chunk(M: int = 6, C: int = 64, Dk: int = 64) -> Check:
+    """The per-chunk matrices kernel against its ops twin, with a few rows of extreme decay (e^-1000)."""
+    from .ops.kda_chunked import intra_chunk, intra_chunk_kernel
+
+    mx.random.seed(1)
+    q, k = (0.2 * mx.random.normal((M, C, Dk)) for _ in range(2))
+    g = -mx.abs(mx.random.normal((M, C, Dk))) * mx.where(mx.random.uniform(shape=(M, C, 1)) < 0.1, 1000.0, 0.3)
+    beta = mx.random.uniform(shape=(M, C))
+    got, want = intra_chunk_kernel(q, k, g, beta), intra_chunk(q, k, mx.exp(g), beta)
+    return Check("KDA per-chunk matrices, kernel", max(_rel_err(a, b) for a, b in zip(got, want)))
 
 
 def check_decode(path: str, B: int = 2, H: int = 4, Dk: int = 128, Dv: int = 96) -> Check:
@@ -113,7 +125,7 @@ def environment() -> list[tuple[str, str]]:
         ("GPU backend", backend() or "none (CPU only)"),
         (kda_ops.ENV, mode),
         ("KDA prefill", {"ref": "sequential reference", "chunked": "chunked, ops",
-                         "kernel": f"chunked, scan across chunks as a {gpu} kernel"}[kda_ops.prefill_path(4096)]
+                         "kernel": f"chunked, per-chunk matrices and scan across chunks as {gpu} kernels"}[kda_ops.prefill_path(4096)]
          + (f" (from T >= {kda_ops.CHUNKED_MIN_T})" if mode == "auto" else "")),
         ("KDA decode step", {"kernel": f"fused {gpu} kernel", "ops": "fused ops",
                              "ref": "unfused reference"}[decode]),
@@ -137,10 +149,11 @@ def expert_path(pairs: int, experts: int) -> str:
 def run_checks() -> list[Check]:
     checks = [check_chunked(False), check_decode("ops")]
     if kda_ops.gpu_backend():
-        checks += [check_chunked(True), check_decode("kernel"), check_routing()]
+        checks += [check_intra_chunk(), check_chunked(True), check_decode("kernel"), check_routing()]
     else:
         checks += [Check(name, None, "no Metal or CUDA backend here")
-                   for name in ("chunked prefill, scan kernel", "decode step, fused kernel", "MoE routing, fused kernel")]
+                   for name in ("KDA per-chunk matrices, kernel", "chunked prefill, chunk and scan kernels",
+                                "decode step, fused kernel", "MoE routing, fused kernel")]
     return checks
 
 

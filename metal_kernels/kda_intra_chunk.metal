@@ -52,93 +52,96 @@ const uint3 kda_gid = thread_position_in_grid;
 // Inputs (row-major, float32): q, k, g [M, C, DK] (g = log-decay <= 0), beta [M, C]. Outputs [M, C, C]:
 //   a_qk[i, j]  = q_i . k_j decayed from row j to row i, for j <= i (0 above the diagonal)
 //   t_inv       = (I + A)^-1 with A[i, j] = beta_i k_i . k_j decayed, j < i (unit lower triangular)
-// A decay prod_{t=j+1..i} exp(g_t) is never a difference of cumulative sums: the pair is split at
-// m = i with its bits below the highest bit where i and j differ cleared (the border of the
-// level-b halves that separate them, b = that bit), so it is R(i) * L(j) with R(i) = prod_{t=m..i}
-// and L(j) = prod_{t=j+1..m-1}, each a direct product of factors <= 1 (as the ops' recursion does).
-// Per level b and per slice of Q key channels, the group writes q_i R(i), k_i R(i) (rows i in upper
-// halves) and k_j L(j) (rows j in lower halves) to shared memory, then each thread adds the slice to
-// the dot products of its pairs. The inverse is forward substitution, one thread per column.
-constexpr int Q = 16;
+// A decay prod_{t=j+1..i} exp(g_t) is never a difference of cumulative sums: the pair is split at the
+// border m of the level-b halves that separate i and j (b = the highest bit where i and j differ,
+// m = i with its bits below b cleared), so it is R(i) * L(j) with R(i) = exp(sum_{t=m..i} g_t) and
+// L(j) = exp(sum_{t=j+1..m-1} g_t): direct sums of terms <= 0 (as the ops' recursion splits them).
+// Key channels go in slices of Q: the group loads a slice of q, k, g to shared memory, every row's
+// factor at every level (R for rows in upper halves, L in lower ones), then each thread adds the slice
+// to the dot products of its pairs, held in registers across slices. The inverse is forward
+// substitution, one thread per column.
+constexpr int Q = 8;
 constexpr int NT = 256;
-constexpr int A0 = 0;          // A [C][C] (shared)
-constexpr int S0 = C * C;      // scratch: the decayed rows [C][Q] x 2, then the inverse [C][C]
+constexpr int LV = (C >= 64) ? 6 : (C >= 32) ? 5 : (C >= 16) ? 4 : (C >= 8) ? 3 : (C >= 4) ? 2 : 1;  // log2(C)
+constexpr int SLOTS = (C * C + NT - 1) / NT;
+constexpr int QS = 0;              // q slice [C][Q]
+constexpr int KS = C * Q;          // k slice [C][Q]
+constexpr int GS = 2 * C * Q;      // g slice [C][Q]
+constexpr int PF = 3 * C * Q;      // factors [LV][C][Q]
+constexpr int A0 = 0;              // afterwards: A [C][C]
+constexpr int T0 = C * C;          //             the inverse [C][C]
 KDA_SHARED float sm[2 * C * C];
 const int tid = kda_gid.x;
 const int blk = kda_gid.y;
 const int rows = blk * C * DK;
 
-// the diagonal of a_qk, and zeros above it in both outputs
-for (int e = tid; e < C * C; e += NT) {
+float acc_qk[SLOTS];
+float acc_kk[SLOTS];
+int level[SLOTS];
+for (int s = 0; s < SLOTS; ++s) {
+  acc_qk[s] = 0.0f;
+  acc_kk[s] = 0.0f;
+  const int e = tid + s * NT;
+  const int x = (e / C) ^ (e % C);
+  int lv = 0;
+  while (lv + 1 < LV && (x >> (lv + 1)) != 0) {
+    ++lv;
+  }
+  level[s] = lv;
+}
+for (int c0 = 0; c0 < DK; c0 += Q) {
+  for (int e = tid; e < C * Q; e += NT) {
+    const int at = rows + (e / Q) * DK + c0 + e % Q;
+    sm[QS + e] = q_in[at];
+    sm[KS + e] = k_in[at];
+    sm[GS + e] = g[at];
+  }
+  kda_barrier();
+  for (int e = tid; e < LV * C * Q; e += NT) {
+    const int b = 1 << (e / (C * Q));
+    const int r = (e / Q) % C;
+    const int c = e % Q;
+    float s = 0.0f;
+    if ((r & b) != 0) {  // upper half: R(r) = exp(sum_{t=m..r} g_t)
+      for (int t = r & ~(b - 1); t <= r; ++t) {
+        s += sm[GS + t * Q + c];
+      }
+    } else {  // lower half: L(r) = exp(sum_{t=r+1..m-1} g_t), m - 1 = the half's last row
+      for (int t = r + 1; t <= (r | (b - 1)); ++t) {
+        s += sm[GS + t * Q + c];
+      }
+    }
+    sm[PF + e] = kda_exp(s);
+  }
+  kda_barrier();
+  for (int s = 0; s < SLOTS; ++s) {
+    const int e = tid + s * NT;
+    const int i = e / C;
+    const int j = e % C;
+    if (e < C * C && j <= i) {
+      const int f = PF + level[s] * C * Q;
+      float dq = 0.0f;
+      float dk = 0.0f;
+      for (int c = 0; c < Q; ++c) {
+        const float kj = sm[KS + j * Q + c] * (i == j ? 1.0f : sm[f + i * Q + c] * sm[f + j * Q + c]);
+        dq += sm[QS + i * Q + c] * kj;
+        dk += sm[KS + i * Q + c] * kj;
+      }
+      acc_qk[s] += dq;
+      acc_kk[s] += dk;
+    }
+  }
+  kda_barrier();
+}
+for (int s = 0; s < SLOTS; ++s) {
+  const int e = tid + s * NT;
   const int i = e / C;
   const int j = e % C;
-  if (j > i) {
-    a_qk[blk * C * C + e] = 0.0f;
-    t_inv[blk * C * C + e] = 0.0f;
-  } else if (j == i) {
-    float d = 0.0f;
-    for (int c = 0; c < DK; ++c) {
-      d += q_in[rows + i * DK + c] * k_in[rows + i * DK + c];
-    }
-    a_qk[blk * C * C + e] = d;
-  }
-}
-for (int b = 1; b < C; b *= 2) {
-  // this level's pairs: i in the upper half of a 2b block, j in its lower half; 32 b of them
-  constexpr int MAXP = (C / 2) * (C / 2) / NT + 1;
-  float acc_qk[MAXP];
-  float acc_kk[MAXP];
-  for (int s = 0; s < MAXP; ++s) {
-    acc_qk[s] = 0.0f;
-    acc_kk[s] = 0.0f;
-  }
-  const int pairs = (C / 2) * b;
-  for (int c0 = 0; c0 < DK; c0 += Q) {
-    // decayed rows of this slice: lane (segment, channel) walks its segment of b rows
-    for (int w = tid; w < (C / b) * Q; w += NT) {
-      const int seg = w / Q;
-      const int c = c0 + w % Q;
-      const int first = seg * b;
-      float p = 1.0f;
-      if (seg % 2 == 1) {  // upper half: R(i) = prod_{t=first..i}
-        for (int i = first; i < first + b; ++i) {
-          p *= kda_exp(g[rows + i * DK + c]);
-          sm[S0 + i * Q + (c - c0)] = q_in[rows + i * DK + c] * p;
-          sm[S0 + C * Q + i * Q + (c - c0)] = k_in[rows + i * DK + c] * p;
-        }
-      } else {  // lower half: L(j) = prod_{t=j+1..first+b-1}
-        for (int j = first + b - 1; j >= first; --j) {
-          sm[S0 + C * Q + j * Q + (c - c0)] = k_in[rows + j * DK + c] * p;
-          p *= kda_exp(g[rows + j * DK + c]);
-        }
-      }
-    }
-    kda_barrier();
-    for (int s = 0; s < MAXP; ++s) {
-      const int pi = tid + s * NT;
-      if (pi < pairs) {
-        const int i = (pi / (b * b)) * 2 * b + b + (pi % (b * b)) / b;
-        const int j = (pi / (b * b)) * 2 * b + pi % b;
-        float dq = 0.0f;
-        float dk = 0.0f;
-        for (int c = 0; c < Q; ++c) {
-          const float kj = sm[S0 + C * Q + j * Q + c];
-          dq += sm[S0 + i * Q + c] * kj;
-          dk += sm[S0 + C * Q + i * Q + c] * kj;
-        }
-        acc_qk[s] += dq;
-        acc_kk[s] += dk;
-      }
-    }
-    kda_barrier();
-  }
-  for (int s = 0; s < MAXP; ++s) {
-    const int pi = tid + s * NT;
-    if (pi < pairs) {
-      const int i = (pi / (b * b)) * 2 * b + b + (pi % (b * b)) / b;
-      const int j = (pi / (b * b)) * 2 * b + pi % b;
-      a_qk[blk * C * C + i * C + j] = acc_qk[s];
-      sm[A0 + i * C + j] = beta[blk * C + i] * acc_kk[s];
+  if (e < C * C) {
+    a_qk[blk * C * C + e] = j <= i ? acc_qk[s] : 0.0f;
+    sm[A0 + e] = j < i ? beta[blk * C + i] * acc_kk[s] : 0.0f;
+    if (j > i) {
+      t_inv[blk * C * C + e] = 0.0f;
     }
   }
 }
@@ -146,14 +149,14 @@ kda_barrier();
 // (I + A)^-1 by forward substitution, column c by thread c: T[i][c] = -sum_{j=c..i-1} A[i][j] T[j][c]
 if (tid < C) {
   const int c = tid;
-  sm[S0 + c * C + c] = 1.0f;
+  sm[T0 + c * C + c] = 1.0f;
   t_inv[blk * C * C + c * C + c] = 1.0f;
   for (int i = c + 1; i < C; ++i) {
     float t = 0.0f;
     for (int j = c; j < i; ++j) {
-      t += sm[A0 + i * C + j] * sm[S0 + j * C + c];
+      t += sm[A0 + i * C + j] * sm[T0 + j * C + c];
     }
-    sm[S0 + i * C + c] = -t;
+    sm[T0 + i * C + c] = -t;
     t_inv[blk * C * C + i * C + c] = -t;
   }
 }

@@ -8,12 +8,12 @@ with q, k L2-normalised (eps 1e-6 on the sum of squares) and q scaled by Dk^-1/2
 Paths: prefill (T > 1) runs `kda_recurrent_ref` or `kda_chunked`; a decode step (T = 1, from the
 pre-conv projections) runs the model's unfused reference, `decode_step_ops` or the fused kernel.
 `KIMI_MLX_KDA` overrides the choice for tests and benchmarks:
-  auto (default)  chunked prefill from CHUNKED_MIN_T tokens; on a GPU its scan across chunks and
-                  the decode step are kernels, on CPU ops
+  auto (default)  chunked prefill from CHUNKED_MIN_T tokens; on a GPU its per-chunk matrices, its
+                  scan across chunks and the decode step are kernels, on CPU ops
   ref             the sequential reference everywhere
   chunked         chunked prefill in ops for every T > 1, fused decode step in ops
-  kernel          chunked prefill with the scan kernel for every T > 1, fused decode kernel
-                  (needs Metal or CUDA)
+  kernel          chunked prefill with its kernels (per-chunk matrices, scan) for every T > 1, fused
+                  decode kernel (needs Metal or CUDA)
 """
 
 from __future__ import annotations
