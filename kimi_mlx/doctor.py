@@ -77,7 +77,10 @@ def check_intra_chunk(M: int = 6, C: int = 64, Dk: int = 64) -> Check:
     g = -mx.abs(mx.random.normal((M, C, Dk))) * mx.where(mx.random.uniform(shape=(M, C, 1)) < 0.1, 1000.0, 0.3)
     beta = mx.random.uniform(shape=(M, C))
     got, want = intra_chunk_kernel(q, k, g, beta), intra_chunk(q, k, mx.exp(g), beta)
-    return Check("KDA per-chunk matrices, kernel", max(_rel_err(a, b) for a, b in zip(got, want)))
+    err = max(_rel_err(a, b) for a, b in zip(got, want))
+    if tf32():  # the ops twin's matmuls run in TF32 there (the kernel does not): measured 1.7e-4 on an H200
+        return Check("KDA per-chunk matrices, kernel (ops twin in TF32)", err, tol=TF32_TOL)
+    return Check("KDA per-chunk matrices, kernel", err)
 
 
 def check_decode(path: str, B: int = 2, H: int = 4, Dk: int = 128, Dv: int = 96) -> Check:
@@ -98,12 +101,12 @@ def check_decode(path: str, B: int = 2, H: int = 4, Dk: int = 128, Dv: int = 96)
 
 
 def check_routing() -> Check:
-    """The fused routing kernel against the ops reference, grouped top-k included."""
+    """The fused routing kernel against the ops reference, grouped top-k and a shared expert included."""
     from .ops import routing
 
     mx.random.seed(2)
     logits, bias = 2 * mx.random.normal((64, 256)), 0.2 * mx.random.normal((256,))
-    opts = dict(top_k=8, n_group=8, topk_group=4, renormalize=True, scaling=2.446)
+    opts = dict(top_k=8, n_group=8, topk_group=4, renormalize=True, scaling=2.446, shared=1)
     (ki, kw), (ri, rw) = routing.route_kernel(logits, bias, **opts), routing.route_ref(logits, bias, **opts)
     ko, ro = mx.argsort(ki, axis=-1), mx.argsort(ri, axis=-1)
     same = bool(mx.array_equal(mx.take_along_axis(ki, ko, -1), mx.take_along_axis(ri, ro, -1)))

@@ -92,7 +92,7 @@ SPECS = {
         name="moe_route",
         inputs=("logits", "bias", "scale"),
         outputs=("idx", "weight"),
-        sample_template=(("E", 256), ("K", 8), ("NG", 1), ("TG", 1), ("RENORM", 1), ("BIAS_W", 0)),
+        sample_template=(("E", 256), ("K", 8), ("NG", 1), ("TG", 1), ("RENORM", 1), ("BIAS_W", 0), ("SH", 1)),
         sample_inputs=(("float32", 256), ("float32", 256), ("float32", 1)),
         sample_outputs=("int32", "float32"),
     ),

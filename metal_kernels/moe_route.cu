@@ -49,7 +49,7 @@ namespace mlx::core::cu {
 
 namespace cg = cooperative_groups;
 
-__global__ void custom_kernel_moe_route_256_8_1_1_1_0(
+__global__ void custom_kernel_moe_route_256_8_1_1_1_0_1(
     const float* logits,
     const float* bias,
     const float* scale,
@@ -61,6 +61,7 @@ __global__ void custom_kernel_moe_route_256_8_1_1_1_0(
   constexpr int TG = 1;
   constexpr int RENORM = 1;
   constexpr int BIAS_W = 0;
+  constexpr int SH = 1;
 
 const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
                                  blockIdx.y * blockDim.y + threadIdx.y,
@@ -70,8 +71,10 @@ const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
 // Grid (32, N, 1), threadgroup (32, 1, 1). Template: E experts (E % 32 == 0, E / 32 <= 16),
 // K picks, NG groups (NG divides E and E / NG is a multiple of E / 32), TG groups kept,
 // RENORM (0/1), BIAS_W (1 = HF remote-code semantics: the bias also enters the weights).
+// SH shared experts follow the K picks in each row: indices E .. E + SH - 1, weight 1 (so the caller
+// needs no concatenation to run routed and shared experts as one bank).
 // Inputs: logits [N, E] float32, bias [E] float32, scale [1] float32.
-// Outputs: idx [N, K] int32 (best first), weight [N, K] float32.
+// Outputs: idx [N, K + SH] int32 (picks best first, then the shared), weight [N, K + SH] float32.
 constexpr float NEG = -3.0e38f;  // below any score; finite on every backend
 constexpr int PER = E / 32;
 constexpr int LPG = (E / NG) / PER;  // lanes per group
@@ -139,8 +142,12 @@ for (int r = 0; r < K; ++r) {
 if (lane == 0) {
   const float norm = RENORM ? 1.0f / (total + 1e-20f) : 1.0f;
   for (int r = 0; r < K; ++r) {
-    idx[n * K + r] = id[r];
-    weight[n * K + r] = w[r] * norm * scale[0];
+    idx[n * (K + SH) + r] = id[r];
+    weight[n * (K + SH) + r] = w[r] * norm * scale[0];
+  }
+  for (int r = 0; r < SH; ++r) {
+    idx[n * (K + SH) + K + r] = E + r;
+    weight[n * (K + SH) + K + r] = 1.0f;
   }
 }
 

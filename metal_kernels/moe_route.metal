@@ -37,8 +37,8 @@ KDA_FN float kda_log1p(float x) {
 KDA_FN float kda_softplus(float x) {
   return x > 20.0f ? x : kda_fmax(x, 0.0f) + kda_log1p(kda_exp(-kda_fabs(x)));
 }
-template <int E, int K, int NG, int TG, int RENORM, int BIAS_W>
-[[kernel]] void custom_kernel_moe_route__256_8_1_1_1_0_float_float_floatc_int32_t_float(
+template <int E, int K, int NG, int TG, int RENORM, int BIAS_W, int SH>
+[[kernel]] void custom_kernel_moe_route__256_8_1_1_1_0_1_float_float_floatc_int32_t_float(
   const device float* logits [[buffer(0)]],
   const device float* bias [[buffer(1)]],
   const constant float* scale [[buffer(2)]],
@@ -51,8 +51,10 @@ const uint3 kda_gid = thread_position_in_grid;
 // Grid (32, N, 1), threadgroup (32, 1, 1). Template: E experts (E % 32 == 0, E / 32 <= 16),
 // K picks, NG groups (NG divides E and E / NG is a multiple of E / 32), TG groups kept,
 // RENORM (0/1), BIAS_W (1 = HF remote-code semantics: the bias also enters the weights).
+// SH shared experts follow the K picks in each row: indices E .. E + SH - 1, weight 1 (so the caller
+// needs no concatenation to run routed and shared experts as one bank).
 // Inputs: logits [N, E] float32, bias [E] float32, scale [1] float32.
-// Outputs: idx [N, K] int32 (best first), weight [N, K] float32.
+// Outputs: idx [N, K + SH] int32 (picks best first, then the shared), weight [N, K + SH] float32.
 constexpr float NEG = -3.0e38f;  // below any score; finite on every backend
 constexpr int PER = E / 32;
 constexpr int LPG = (E / NG) / PER;  // lanes per group
@@ -120,11 +122,15 @@ for (int r = 0; r < K; ++r) {
 if (lane == 0) {
   const float norm = RENORM ? 1.0f / (total + 1e-20f) : 1.0f;
   for (int r = 0; r < K; ++r) {
-    idx[n * K + r] = id[r];
-    weight[n * K + r] = w[r] * norm * scale[0];
+    idx[n * (K + SH) + r] = id[r];
+    weight[n * (K + SH) + r] = w[r] * norm * scale[0];
+  }
+  for (int r = 0; r < SH; ++r) {
+    idx[n * (K + SH) + K + r] = E + r;
+    weight[n * (K + SH) + K + r] = 1.0f;
   }
 }
 
 }
 
-template [[host_name("custom_kernel_moe_route__256_8_1_1_1_0_float_float_floatc_int32_t_float")]] [[kernel]] decltype(custom_kernel_moe_route__256_8_1_1_1_0_float_float_floatc_int32_t_float<256, 8, 1, 1, 1, 0>) custom_kernel_moe_route__256_8_1_1_1_0_float_float_floatc_int32_t_float<256, 8, 1, 1, 1, 0>;
+template [[host_name("custom_kernel_moe_route__256_8_1_1_1_0_1_float_float_floatc_int32_t_float")]] [[kernel]] decltype(custom_kernel_moe_route__256_8_1_1_1_0_1_float_float_floatc_int32_t_float<256, 8, 1, 1, 1, 0, 1>) custom_kernel_moe_route__256_8_1_1_1_0_1_float_float_floatc_int32_t_float<256, 8, 1, 1, 1, 0, 1>;

@@ -87,26 +87,31 @@ def kernel_inputs(E, N=5, seed=0):
 
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
 @pytest.mark.parametrize("kind", ["metal", "cuda"])
+@pytest.mark.parametrize("shared", [0, 2])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"E{c[0]}k{c[1]}g{c[2]}t{c[3]}")
-def test_route_kernel_text_runs_right_on_cpu(kind, case):
+def test_route_kernel_text_runs_right_on_cpu(kind, case, shared):
     E, k, ng, tg, renorm, bias_w = case
     assert routing.kernel_supports(E, k, ng)
     logits, bias = kernel_inputs(E)
-    opts = dict(top_k=k, n_group=ng, topk_group=tg, renormalize=renorm, scaling=2.446, bias_in_weights=bias_w)
+    opts = dict(top_k=k, n_group=ng, topk_group=tg, renormalize=renorm, scaling=2.446, bias_in_weights=bias_w,
+                shared=shared)
     N = logits.shape[0]
     idx, w = kernel_emulator.emulate(
         "moe_route", kind, [logits, bias, mx.array([2.446], mx.float32)],
-        (("E", E), ("K", k), ("NG", ng), ("TG", tg), ("RENORM", int(renorm)), ("BIAS_W", int(bias_w))),
-        grid=(32, N, 1), threadgroup=(32, 1, 1), output_shapes=[(N, k), (N, k)],
+        (("E", E), ("K", k), ("NG", ng), ("TG", tg), ("RENORM", int(renorm)), ("BIAS_W", int(bias_w)),
+         ("SH", shared)),
+        grid=(32, N, 1), threadgroup=(32, 1, 1), output_shapes=[(N, k + shared)] * 2,
         output_dtypes=[mx.int32, mx.float32],
     )
+    assert np.array_equal(np.array(idx[:, k:]), np.broadcast_to(np.arange(E, E + shared), (N, shared)))
+    assert np.all(np.array(w[:, k:]) == 1.0)
     got_i, got_w = sorted_pairs(idx, w)
     ref_i, ref_w = sorted_pairs(*routing.route_ref(logits, bias, **opts))
     assert np.array_equal(got_i, ref_i)
     np.testing.assert_allclose(got_w, ref_w, rtol=1e-5, atol=1e-6)
     # best first: the kernel returns picks in descending selection score
     choice = np.array(mx.sigmoid(logits) + bias)
-    picked = np.take_along_axis(choice, np.array(idx), -1)
+    picked = np.take_along_axis(choice, np.array(idx[:, :k]), -1)
     assert np.all(np.diff(picked, axis=-1) <= 0)
 
 
@@ -121,11 +126,13 @@ def test_route_path_policy(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shared", [0, 1])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"E{c[0]}k{c[1]}g{c[2]}t{c[3]}")
-def test_route_kernel_on_gpu(case):
+def test_route_kernel_on_gpu(case, shared):
     E, k, ng, tg, renorm, bias_w = case
     logits, bias = kernel_inputs(E, N=300, seed=3)
-    opts = dict(top_k=k, n_group=ng, topk_group=tg, renormalize=renorm, scaling=2.446, bias_in_weights=bias_w)
+    opts = dict(top_k=k, n_group=ng, topk_group=tg, renormalize=renorm, scaling=2.446, bias_in_weights=bias_w,
+                shared=shared)
     got_i, got_w = sorted_pairs(*routing.route_kernel(logits, bias, **opts))
     ref_i, ref_w = sorted_pairs(*routing.route_ref(logits, bias, **opts))
     assert np.array_equal(got_i, ref_i)

@@ -77,12 +77,7 @@ class FusedMoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         N = flat.shape[0]
-        idx, w = self.gate(flat)
-        if self.num_shared:
-            shared = mx.broadcast_to(mx.arange(self.num_routed, self.num_routed + self.num_shared, dtype=idx.dtype),
-                                     (N, self.num_shared))
-            idx = mx.concatenate([idx, shared], axis=1)
-            w = mx.concatenate([w, mx.ones((N, self.num_shared), w.dtype)], axis=1)
+        idx, w = self.gate(flat, shared=self.num_shared)  # the shared experts ride along as the last columns
         k = idx.shape[1]
         path = expert_path(N * k, self.num_routed + self.num_shared)
         if path == "blocked":  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather matmul a bank
@@ -99,11 +94,23 @@ class FusedMoE(nn.Module):
             xs, ids = flat[order // k][:, None], idx.flatten()[order]
             g, u = mx.split(self.gate_up_proj(xs, ids, True), 2, axis=-1)
             y = self.down_proj(nn.silu(g) * u, ids, True)[mx.argsort(order)]
-        else:
-            g, u = mx.split(self.gate_up_proj(flat[:, None, None], idx), 2, axis=-1)
-            y = self.down_proj(nn.silu(g) * u, idx)
+        else:  # decode: explicit row indices, so gather_qmm builds no index arrays of its own each call
+            rows_in, rows_mid = self._rows(N, k)
+            idx = idx.astype(mx.uint32)
+            g, u = mx.split(self.gate_up_proj(flat[:, None, None], idx, lhs_indices=rows_in), 2, axis=-1)
+            y = self.down_proj(nn.silu(g) * u, idx, lhs_indices=rows_mid)
         y = y.reshape(N, k, -1)
         return (y.astype(mx.float32) * w[..., None]).sum(1).astype(x.dtype).reshape(shape)
+
+    def _rows(self, N: int, k: int) -> tuple[mx.array, mx.array]:
+        """gather_qmm's row indices for N tokens of k experts: the gate|up bank reads token n, the down bank
+        pair n * k + j. Cached per (N, k): built in a decode step they would be more primitives to run."""
+        cache = self.__dict__.setdefault("_row_cache", {})
+        if (N, k) not in cache:
+            cache[(N, k)] = (mx.broadcast_to(mx.arange(N, dtype=mx.uint32)[:, None], (N, k)) + 0,
+                             mx.arange(N * k, dtype=mx.uint32).reshape(N, k))
+            mx.eval(cache[(N, k)])
+        return cache[(N, k)]
 
 
 class ExpertBlocks:
@@ -211,6 +218,10 @@ def fuse_model(model) -> int:
             n += 1
         if "gate" in layer.mlp:  # the router works in float32 (as upstream): cast once, not per call
             layer.mlp.gate.weight = layer.mlp.gate.weight.astype(mx.float32)
+            layer.mlp.gate.e_score_correction_bias = layer.mlp.gate.e_score_correction_bias.astype(mx.float32)
+        if isinstance(layer.self_attn, KimiDeltaAttention):  # its gated norm and gates work in float32
+            for name in ("o_norm_weight", "A_log", "dt_bias"):
+                setattr(layer.self_attn, name, getattr(layer.self_attn, name).astype(mx.float32))
         if isinstance(layer.self_attn, KimiDeltaAttention):
             n += fuse_kda_inputs(layer.self_attn)
     model._steps = model._whole = model._prefill = None  # compiled steps close over the old modules

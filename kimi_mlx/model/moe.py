@@ -26,8 +26,9 @@ class SwitchLinear(nn.Module):
         super().__init__()
         self.weight = mx.zeros((num_experts, dims_out, dims_in))
 
-    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False, lhs_indices=None) -> mx.array:
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), lhs_indices=lhs_indices, rhs_indices=idx,
+                            sorted_indices=sorted_indices)
 
     def segmented(self, x: mx.array, counts) -> mx.array:
         """x: [M, in] rows sorted by expert, counts[e] rows each -> [M, out]: one dense matmul per expert."""
@@ -63,10 +64,11 @@ class QuantizedSwitchLinear(nn.Module):
                                        mode=self.mode)
         return _per_expert(x, counts, one)
 
-    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False, lhs_indices=None) -> mx.array:
         return mx.gather_qmm(
-            x, self.weight, self.scales, self.get("biases"), rhs_indices=idx, transpose=True,
-            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
+            x, self.weight, self.scales, self.get("biases"), lhs_indices=lhs_indices, rhs_indices=idx,
+            transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
+            sorted_indices=sorted_indices,
         )
 
 
@@ -96,10 +98,11 @@ class Router(nn.Module):
             bias_in_weights=cfg.router_bias_in_weights,
         )
 
-    def __call__(self, x: mx.array):
-        """x: [N, D] -> (indices [N, k] int32, weights [N, k] f32); float32 router matmul as upstream."""
+    def __call__(self, x: mx.array, shared: int = 0):
+        """x: [N, D] -> (indices [N, k + shared] int32, weights [N, k + shared] f32): the k picks, then
+        `shared` always-on experts numbered from num_experts with weight 1. Float32 router matmul as upstream."""
         logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
-        return route(logits, self.e_score_correction_bias, **self.opts)
+        return route(logits, self.e_score_correction_bias, shared=shared, **self.opts)
 
 
 class KimiMoE(nn.Module):

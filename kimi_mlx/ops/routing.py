@@ -4,8 +4,8 @@
   route_kernel  one Metal or CUDA kernel per call (metal_kernels/moe_route.body)
   route         chooses: the kernel on a GPU when the shapes fit, else the reference;
                 KIMI_MLX_ROUTE=ref|kernel overrides for tests and benchmarks.
-Both return (indices [N, k] int32, weights [N, k] float32); the order of the k picks is not part
-of the contract.
+Both return (indices [N, k + shared] int32, weights [N, k + shared] float32): the k picks, whose order
+is not part of the contract, then `shared` always-on experts numbered E, E + 1, ... with weight 1.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ ENV = "KIMI_MLX_ROUTE"
 MODES = ("auto", "ref", "kernel")
 
 
-def route_ref(logits, bias, *, top_k, n_group, topk_group, renormalize, scaling, bias_in_weights=False):
+def route_ref(logits, bias, *, top_k, n_group, topk_group, renormalize, scaling, bias_in_weights=False, shared=0):
     """logits: [N, E] float32 router outputs; bias: [E]."""
     scores = mx.sigmoid(logits.astype(mx.float32))
     choice = scores + bias.astype(mx.float32)
@@ -36,7 +36,12 @@ def route_ref(logits, bias, *, top_k, n_group, topk_group, renormalize, scaling,
     w = mx.take_along_axis(choice if bias_in_weights else scores, idx, axis=-1)
     if renormalize:
         w = w / (w.sum(-1, keepdims=True) + 1e-20)
-    return idx.astype(mx.int32), w * scaling
+    idx, w = idx.astype(mx.int32), w * scaling
+    if shared:
+        N, E = logits.shape
+        idx = mx.concatenate([idx, mx.broadcast_to(mx.arange(E, E + shared, dtype=mx.int32), (N, shared))], axis=1)
+        w = mx.concatenate([w, mx.ones((N, shared), w.dtype)], axis=1)
+    return idx, w
 
 
 def kernel_supports(E: int, top_k: int, n_group: int) -> bool:
@@ -45,16 +50,17 @@ def kernel_supports(E: int, top_k: int, n_group: int) -> bool:
         and ((E // n_group) // per) & ((E // n_group) // per - 1) == 0
 
 
-def route_kernel(logits, bias, *, top_k, n_group, topk_group, renormalize, scaling, bias_in_weights=False):
+def route_kernel(logits, bias, *, top_k, n_group, topk_group, renormalize, scaling, bias_in_weights=False,
+                 shared=0):
     from metal_kernels import kernel
 
     N, E = logits.shape
     idx, w = kernel("moe_route")(
         inputs=[logits.astype(mx.float32), bias.astype(mx.float32), mx.array([scaling], mx.float32)],
         template=[("E", E), ("K", top_k), ("NG", n_group), ("TG", topk_group), ("RENORM", int(renormalize)),
-                  ("BIAS_W", int(bias_in_weights))],
+                  ("BIAS_W", int(bias_in_weights)), ("SH", shared)],
         grid=(32, N, 1), threadgroup=(32, 1, 1),
-        output_shapes=[(N, top_k), (N, top_k)], output_dtypes=[mx.int32, mx.float32],
+        output_shapes=[(N, top_k + shared)] * 2, output_dtypes=[mx.int32, mx.float32],
     )
     return idx, w
 
