@@ -68,6 +68,23 @@ def check_chunked(use_kernel: bool, T: int = 130, B: int = 2, H: int = 3, Dk: in
     return Check(name + ")", err)
 
 
+def check_chunked_tiled() -> Check:
+    """The chunked prefill with the block-tiled scan kernel (KIMI_MLX_KDA_SCAN=tiled), whichever is the default."""
+    from .ops import kda_chunked
+
+    before = os.environ.get(kda_chunked.SCAN_ENV)
+    os.environ[kda_chunked.SCAN_ENV] = "tiled"
+    try:
+        check = check_chunked(True, T=200)
+    finally:
+        if before is None:
+            os.environ.pop(kda_chunked.SCAN_ENV)
+        else:
+            os.environ[kda_chunked.SCAN_ENV] = before
+    check.name = check.name.replace("scan kernels", "scan kernels, tiled scan")
+    return check
+
+
 def check_intra_chunk(M: int = 6, C: int = 64, Dk: int = 64) -> Check:
     """The per-chunk matrices kernel against its ops twin, with a few rows of extreme decay (e^-1000)."""
     from .ops.kda_chunked import intra_chunk, intra_chunk_kernel
@@ -117,6 +134,8 @@ def check_routing() -> Check:
 def environment() -> list[tuple[str, str]]:
     from metal_kernels import backend
 
+    from .ops.kda_chunked import scan_variant
+
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     gpu = kda_ops.gpu_backend()
     mode = kda_ops.mode()
@@ -128,7 +147,8 @@ def environment() -> list[tuple[str, str]]:
         ("GPU backend", backend() or "none (CPU only)"),
         (kda_ops.ENV, mode),
         ("KDA prefill", {"ref": "sequential reference", "chunked": "chunked, ops",
-                         "kernel": f"chunked, per-chunk matrices and scan across chunks as {gpu} kernels"}[kda_ops.prefill_path(4096)]
+                         "kernel": f"chunked, per-chunk matrices and scan across chunks as {gpu} kernels "
+                                   f"({scan_variant()} scan)"}[kda_ops.prefill_path(4096)]
          + (f" (from T >= {kda_ops.CHUNKED_MIN_T})" if mode == "auto" else "")),
         ("KDA decode step", {"kernel": f"fused {gpu} kernel", "ops": "fused ops",
                              "ref": "unfused reference"}[decode]),
@@ -152,11 +172,13 @@ def expert_path(pairs: int, experts: int) -> str:
 def run_checks() -> list[Check]:
     checks = [check_chunked(False), check_decode("ops")]
     if kda_ops.gpu_backend():
-        checks += [check_intra_chunk(), check_chunked(True), check_decode("kernel"), check_routing()]
+        checks += [check_intra_chunk(), check_chunked(True), check_chunked_tiled(), check_decode("kernel"),
+                   check_routing()]
     else:
         checks += [Check(name, None, "no Metal or CUDA backend here")
                    for name in ("KDA per-chunk matrices, kernel", "chunked prefill, chunk and scan kernels",
-                                "decode step, fused kernel", "MoE routing, fused kernel")]
+                                "chunked prefill, chunk and scan kernels, tiled scan", "decode step, fused kernel",
+                                "MoE routing, fused kernel")]
     return checks
 
 

@@ -75,6 +75,22 @@ SPECS = {
         ),
         sample_outputs=("float32", "float32", "float32"),
     ),
+    "kda_chunk_scan_tiled": KernelSpec(
+        name="kda_chunk_scan_tiled",
+        inputs=("w", "u", "q_in", "k_out", "decay_all", "state_in", "sizes"),
+        outputs=("v_new", "q_state", "state_out"),
+        sample_template=(("NH", 32), ("DK", 128), ("DV", 128), ("C", 64)),
+        sample_inputs=(
+            ("float32", 128 * 32 * 64 * 128),
+            ("float32", 128 * 32 * 64 * 128),
+            ("float32", 128 * 32 * 64 * 128),
+            ("float32", 128 * 32 * 64 * 128),
+            ("float32", 128 * 32 * 128),
+            ("float32", 32 * 128 * 128),
+            ("int32", 2),
+        ),
+        sample_outputs=("float32", "float32", "float32"),
+    ),
     "kda_intra_chunk": KernelSpec(
         name="kda_intra_chunk",
         inputs=("q_in", "k_in", "g", "beta"),

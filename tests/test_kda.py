@@ -325,7 +325,9 @@ def test_gpu_intra_chunk_kernel_model_shape(extreme):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_scan_kernel_model_shape():
+@pytest.mark.parametrize("variant", ["warp", "tiled"])
+def test_gpu_scan_kernel_model_shape(variant, monkeypatch):
+    monkeypatch.setenv(kda_chunked.SCAN_ENV, variant)
     x = normalised(*inputs(300, B=1, H=32, Dk=128, Dv=128, seed=15, extreme=True))
     o_ref, s_ref = chunked(*x)
     o, s = chunked(*x, use_kernel=True)
@@ -366,3 +368,32 @@ def test_intra_chunk_kernel_text_runs_right_on_cpu(kind, extreme, C):
     )
     for g_, want in zip(got, kda_chunked.intra_chunk(q, k, mx.exp(g), beta)):
         assert rel_err(g_, want) <= TOL
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("shape", [(2, 2, 3, 16, 64, 12), (2, 1, 2, 32, 32, 40)], ids=["Dv12", "Dv40"])
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+def test_tiled_scan_kernel_text_runs_right_on_cpu(kind, shape):
+    """The block-tiled scan kernel's text, run on the CPU, against `scan_ops` (value rows not filling
+    the last 32-row group included)."""
+    N, B, H, C, Dk, Dv = shape
+    mx.random.seed(15)
+    w, q_in, k_out = (0.1 * mx.random.normal((N, B, H, C, Dk)) for _ in range(3))
+    u = mx.random.normal((N, B, H, C, Dv))
+    decay_all = mx.random.uniform(shape=(N, B, H, Dk))
+    state = mx.random.normal((B, H, Dv, Dk))
+    got = kernel_emulator.emulate(
+        "kda_chunk_scan_tiled", kind, [w, u, q_in, k_out, decay_all, state, mx.array([N, B], dtype=mx.int32)],
+        (("NH", H), ("DK", Dk), ("DV", Dv), ("C", C)), grid=(256, -(-Dv // 32), B * H),
+        threadgroup=(256, 1, 1), output_shapes=[u.shape, u.shape, state.shape], output_dtypes=[mx.float32] * 3,
+    )
+    for g, want in zip(got, kda_chunked.scan_ops(w, u, q_in, k_out, decay_all, state)):
+        assert rel_err(g, want) <= TOL
+
+
+def test_scan_variant_from_environment(monkeypatch):
+    monkeypatch.setenv(kda_chunked.SCAN_ENV, "tiled")
+    assert kda_chunked.scan_variant() == "tiled"
+    monkeypatch.setenv(kda_chunked.SCAN_ENV, "fast")
+    with pytest.raises(ConfigError, match=kda_chunked.SCAN_ENV):
+        kda_chunked.scan_variant()
