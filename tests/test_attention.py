@@ -66,7 +66,7 @@ def test_fused_and_auto_equal_plain(T, S, absorbed):
 
 
 def test_fused_is_taken_only_for_one_dense_page_that_fits_in_expanded_form(monkeypatch):
-    T = 30  # above the absorbed/expanded crossover (24 at these dims)
+    T = 40  # above the absorbed/expanded crossover (38 at these dims)
     rows, q, k_up, v_up = inputs(1, T, 40)
     taken = []
     monkeypatch.setattr(A, "_fused", lambda *a: taken.append("fused"))
@@ -108,8 +108,8 @@ def test_tiling_fits_the_budget(B, H_, T, S):
 def test_absorbed_choice_follows_the_cost_model():
     # real shape: absorbed for decode and short calls, expanded for prefill steps
     assert A.absorbed_is_cheaper(1, 512, 64, 128, 128)
-    assert A.absorbed_is_cheaper(170, 512, 64, 128, 128)
-    assert not A.absorbed_is_cheaper(171, 512, 64, 128, 128)
+    assert A.absorbed_is_cheaper(229, 512, 64, 128, 128)  # 768 T <= 576 * 192 + 512 * 128
+    assert not A.absorbed_is_cheaper(230, 512, 64, 128, 128)
     assert not A.absorbed_is_cheaper(2048, 512, 64, 128, 128)
 
 

@@ -10,8 +10,8 @@ Two forms of the same math:
   expanded  K = [latent k_up^T | k_pe], V = latent v_up^T per head, for the keys being read;
   absorbed  q' = [q_nope k_up | q_pe] against the raw cache rows (one key head for all H heads),
             values are the latent rows and v_up is applied once to the result.
-Absorbed costs H (W + L) per query-key pair, expanded H (nope + pe + v) plus H L (nope + v) per
-key per call to expand it, so absorbed wins for short calls (decode) and expanded for prefill.
+Absorbed costs H (W + L) per query-key pair, expanded H (nope + pe + v) plus H (W (nope + pe) + L v)
+per key per call to expand it, so absorbed wins for short calls (decode) and expanded for prefill.
 
 Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and benchmarks):
   ref    plain attention over the whole cache: one [B, H, T, S] score array (the reference twin)
@@ -113,9 +113,10 @@ def choose_tiling(B: int, H: int, T: int, S: int, tile_bytes: int | None = None)
 
 
 def absorbed_is_cheaper(T: int, latent: int, pe: int, nope: int, v: int) -> bool:
-    """Per call, absorbed costs T S H (W + L); expanded costs T S H (nope + pe + v) + S H L (nope + v)."""
+    """Per call, absorbed costs T S H (W + L); expanded costs T S H (nope + pe + v) + S H (W (nope + pe) + L v)
+    (K from the raw rows with the augmented up-projection, V from the latent)."""
     W = latent + pe
-    return T * (W + latent - nope - pe - v) <= latent * (nope + v)
+    return T * (W + latent - nope - pe - v) <= W * (nope + pe) + latent * v
 
 
 def mode() -> str:
