@@ -169,16 +169,30 @@ def expert_path(pairs: int, experts: int) -> str:
     return choose(pairs, experts)
 
 
+GPU_CHECKS = {  # name -> check, for the kernels
+    "KDA per-chunk matrices, kernel": lambda: check_intra_chunk(),
+    "chunked prefill, chunk and scan kernels": lambda: check_chunked(True),
+    "chunked prefill, chunk and scan kernels, tiled scan": lambda: check_chunked_tiled(),
+    "decode step, fused kernel": lambda: check_decode("kernel"),
+    "MoE routing, fused kernel": lambda: check_routing(),
+}
+
+
+def _guarded(name, check) -> Check:
+    """A check whose kernel fails to build or run is a failed check with MLX's message, not a traceback."""
+    try:
+        return check()
+    except Exception as e:  # noqa: BLE001 - any failure of a kernel is what the doctor reports
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return Check(name, math.inf, f"{type(e).__name__}: {first[:200]}")
+
+
 def run_checks() -> list[Check]:
     checks = [check_chunked(False), check_decode("ops")]
     if kda_ops.gpu_backend():
-        checks += [check_intra_chunk(), check_chunked(True), check_chunked_tiled(), check_decode("kernel"),
-                   check_routing()]
+        checks += [_guarded(name, check) for name, check in GPU_CHECKS.items()]
     else:
-        checks += [Check(name, None, "no Metal or CUDA backend here")
-                   for name in ("KDA per-chunk matrices, kernel", "chunked prefill, chunk and scan kernels",
-                                "chunked prefill, chunk and scan kernels, tiled scan", "decode step, fused kernel",
-                                "MoE routing, fused kernel")]
+        checks += [Check(name, None, "no Metal or CUDA backend here") for name in GPU_CHECKS]
     return checks
 
 
@@ -192,5 +206,6 @@ def main(echo=print) -> bool:
         if c.error is None:
             echo(f"  skip  {c.name}: {c.note}")
         else:
-            echo(f"  {'ok  ' if c.ok else 'FAIL'}  {c.name}: max rel err {c.error:.1e} (tolerance {c.tol:.0e})")
+            echo(f"  {'ok  ' if c.ok else 'FAIL'}  {c.name}: max rel err {c.error:.1e} (tolerance {c.tol:.0e})"
+                 + (f"; {c.note}" if c.note else ""))
     return all(c.ok for c in checks)

@@ -259,6 +259,20 @@ def test_doctor_checks_every_path(monkeypatch):
     assert result.exit_code == 1 and "FAIL  chunked prefill" in result.output
 
 
+def test_doctor_reports_a_kernel_that_fails_to_build_as_a_failed_check(monkeypatch):
+    from kimi_mlx import doctor
+
+    def broken():
+        raise RuntimeError("[custom_kernel] Failed to compile kernel: error: identifier undefined\nmore")
+
+    c = doctor._guarded("KDA per-chunk matrices, kernel", broken)
+    assert not c.ok and "Failed to compile kernel" in c.note and "\n" not in c.note
+    lines = []
+    monkeypatch.setattr(doctor, "run_checks", lambda: [c])
+    assert doctor.main(lines.append) is False
+    assert any(line.startswith("  FAIL  KDA per-chunk matrices") and "Failed to compile" in line for line in lines)
+
+
 # -- a tiny model: every path gives the same logits ---------------------------------------------
 
 def tiny_model(seed=0):
