@@ -11,6 +11,10 @@ which turns each cross block into one matmul. The same recursion builds the
 unit-lower-triangular inverse (I + A_kk)^-1 blockwise:
   [[L1, 0], [X, L2]]^-1 = [[L1^-1, 0], [-L2^-1 X L1^-1, L2^-1]]
 so no triangular solve is needed.
+
+On a GPU (use_kernel) two steps are kernels with the same contracts as their ops twins here:
+`intra_chunk_kernel` (the per-chunk matrices, split at the same borders, inverse by forward
+substitution) and `scan_kernel` (the scan across chunks; `scan_ops` is its twin).
 """
 
 from __future__ import annotations
