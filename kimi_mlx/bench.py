@@ -27,7 +27,10 @@ SMALL = {**FULL, "vocab_size": 4096, "hidden_size": 512, "num_hidden_layers": 4,
          "moe_intermediate_size": 256,
          "linear_attn_config": {"kda_layers": [1, 2, 3], "full_attn_layers": [4], "num_heads": 8, "head_dim": 64,
                                 "short_conv_kernel_size": 4}}
-SHAPES = {"full": FULL, "small": SMALL}
+# the full shape's 27 layers, heads, head dims and 256 experts around a narrow residual stream and FFNs: the
+# same graph and kernels per token with little arithmetic, so its decode rate is the device's dispatch floor
+NARROW = {**FULL, "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 64}
+SHAPES = {"full": FULL, "small": SMALL, "narrow": NARROW}
 PROTECTED = ("f_a_proj", "f_b_proj", "b_proj", "g_a_proj", "g_b_proj")
 
 

@@ -189,7 +189,8 @@ def _ints(text: str) -> tuple[int, ...]:
 @app.command()
 def bench(
     model: str = typer.Option(None, "--model", "-m", help="a checkpoint to measure (default: random weights)"),
-    shape: str = typer.Option("small", "--shape", help="random-weight shape: full (48B-A3B) or small"),
+    shape: str = typer.Option("small", "--shape",
+                              help="random-weight shape: full (48B-A3B), small, or narrow (the full graph, tiny widths)"),
     contexts: str = typer.Option("1024,32768", "--contexts", help="decode at these context lengths"),
     prefill: str = typer.Option("1024,8192", "--prefill", help="prefill these prompt lengths"),
     decode_tokens: int = typer.Option(32, "--decode-tokens"),
