@@ -24,6 +24,7 @@ class Check:
     error: float | None  # max relative error; None when skipped
     note: str = ""
     tol: float = TOL
+    in_use: bool = True  # False: a path this device does not take by default (reported, not in the verdict)
 
     @property
     def ok(self) -> bool:
@@ -169,28 +170,36 @@ def expert_path(pairs: int, experts: int) -> str:
     return choose(pairs, experts)
 
 
-GPU_CHECKS = {  # name -> check, for the kernels
-    "KDA per-chunk matrices, kernel": lambda: check_intra_chunk(),
-    "chunked prefill, chunk and scan kernels": lambda: check_chunked(True),
-    "chunked prefill, chunk and scan kernels, tiled scan": lambda: check_chunked_tiled(),
-    "decode step, fused kernel": lambda: check_decode("kernel"),
-    "MoE routing, fused kernel": lambda: check_routing(),
+def _tiled_scan_in_use() -> bool:
+    from .ops.kda_chunked import scan_variant
+
+    return scan_variant() == "tiled"
+
+
+GPU_CHECKS = {  # name -> (check, whether this device takes the path; None: always)
+    "KDA per-chunk matrices, kernel": (lambda: check_intra_chunk(), None),
+    "chunked prefill, chunk and scan kernels": (lambda: check_chunked(True), None),
+    "chunked prefill, chunk and scan kernels, tiled scan": (lambda: check_chunked_tiled(), _tiled_scan_in_use),
+    "decode step, fused kernel": (lambda: check_decode("kernel"), None),
+    "MoE routing, fused kernel": (lambda: check_routing(), None),
 }
 
 
-def _guarded(name, check) -> Check:
+def _guarded(name, check, in_use=None) -> Check:
     """A check whose kernel fails to build or run is a failed check with MLX's message, not a traceback."""
     try:
-        return check()
+        result = check()
     except Exception as e:  # noqa: BLE001 - any failure of a kernel is what the doctor reports
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return Check(name, math.inf, f"{type(e).__name__}: {first[:200]}")
+        result = Check(name, math.inf, f"{type(e).__name__}: {first[:200]}")
+    result.in_use = in_use() if in_use else True
+    return result
 
 
 def run_checks() -> list[Check]:
     checks = [check_chunked(False), check_decode("ops")]
     if kda_ops.gpu_backend():
-        checks += [_guarded(name, check) for name, check in GPU_CHECKS.items()]
+        checks += [_guarded(name, check, in_use) for name, (check, in_use) in GPU_CHECKS.items()]
     else:
         checks += [Check(name, None, "no Metal or CUDA backend here") for name in GPU_CHECKS]
     return checks
@@ -207,5 +216,5 @@ def main(echo=print) -> bool:
             echo(f"  skip  {c.name}: {c.note}")
         else:
             echo(f"  {'ok  ' if c.ok else 'FAIL'}  {c.name}: max rel err {c.error:.1e} (tolerance {c.tol:.0e})"
-                 + (f"; {c.note}" if c.note else ""))
-    return all(c.ok for c in checks)
+                 + (f"; {c.note}" if c.note else "") + ("" if c.in_use else " [not in use]"))
+    return all(c.ok for c in checks if c.in_use)

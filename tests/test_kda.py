@@ -271,6 +271,11 @@ def test_doctor_reports_a_kernel_that_fails_to_build_as_a_failed_check(monkeypat
     monkeypatch.setattr(doctor, "run_checks", lambda: [c])
     assert doctor.main(lines.append) is False
     assert any(line.startswith("  FAIL  KDA per-chunk matrices") and "Failed to compile" in line for line in lines)
+    unused = doctor._guarded("chunked prefill, chunk and scan kernels, tiled scan", broken, lambda: False)
+    monkeypatch.setattr(doctor, "run_checks", lambda: [unused])
+    lines.clear()
+    assert doctor.main(lines.append) is True  # a failing path not in use is reported, not the verdict
+    assert "[not in use]" in lines[-1] and "FAIL" in lines[-1]
 
 
 # -- a tiny model: every path gives the same logits ---------------------------------------------
