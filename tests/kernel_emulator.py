@@ -12,6 +12,7 @@ import hashlib
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,6 +24,8 @@ from metal_kernels.generate import kernel_name, render_cuda, render_metal
 SHIM = Path(__file__).parent / "kernel_shims" / "emulate.h"
 DTYPES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.int32: "int32"}
 BUILD = Path(tempfile.gettempdir()) / "kimi_mlx_kernel_emulator"
+TIMEOUT_S = 300
+last_run: threading.Thread | None = None  # the latest launch (a test of the watchdog waits for it to end)
 
 
 def available() -> bool:
@@ -102,7 +105,16 @@ def emulate(name, kind, inputs, template, grid, threadgroup, output_shapes, outp
     np_types = {mx.bfloat16: np.uint16, mx.int32: np.int32}
     results = [np.zeros(s, np_types.get(d, np.float32)) for s, d in zip(output_shapes, output_dtypes)]
     bufs = (ctypes.c_void_p * (len(arrays) + len(results)))(*[a.ctypes.data for a in arrays + results])
-    lib.emu_launch(bufs, *[ctypes.c_uint(v) for v in (*grid, *threadgroup)])
+    # on a watchdog thread: a kernel whose threads never meet at a barrier fails the test instead of hanging it
+    run = threading.Thread(target=lib.emu_launch, args=(bufs, *[ctypes.c_uint(v) for v in (*grid, *threadgroup)]),
+                           daemon=True)
+    run.keep = (arrays, results)  # the buffers live as long as the thread that writes them
+    global last_run
+    last_run = run
+    run.start()
+    run.join(TIMEOUT_S)
+    if run.is_alive():
+        raise RuntimeError(f"emulated kernel {name} ({kind}) did not finish in {TIMEOUT_S} s: threads stuck at a barrier?")
     out = []
     for r, d in zip(results, output_dtypes):
         out.append(mx.array(r).view(mx.bfloat16) if d == mx.bfloat16 else mx.array(r))

@@ -377,6 +377,19 @@ def test_gpu_model_paths_agree(monkeypatch):
 
 
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+def test_emulator_fails_a_kernel_that_does_not_finish(monkeypatch):
+    monkeypatch.setattr(kernel_emulator, "TIMEOUT_S", 0)
+    q = mx.zeros((2, 64, 96))  # an instantiation no other test uses: its group memory is its own
+    try:
+        with pytest.raises(RuntimeError, match="did not finish"):
+            kernel_emulator.emulate("kda_intra_chunk", "cuda", [q, q, q, mx.zeros((2, 64))], (("DK", 96), ("C", 64)),
+                                    grid=(256, 2, 1), threadgroup=(256, 1, 1), output_shapes=[(2, 64, 64)] * 2,
+                                    output_dtypes=[mx.float32] * 2)
+    finally:
+        kernel_emulator.last_run.join()
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
 @pytest.mark.parametrize("extreme", [False, True], ids=["gates", "extreme-gates"])
 @pytest.mark.parametrize("C", [16, 64])
 @pytest.mark.parametrize("kind", ["metal", "cuda"])
