@@ -7,9 +7,11 @@ import math
 import os
 import platform
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 
+from .errors import first_line
 from .ops import kda as kda_ops
 
 TOL = 1e-4  # float32, relative to the largest magnitude
@@ -177,11 +179,11 @@ def _tiled_scan_in_use() -> bool:
 
 
 GPU_CHECKS = {  # name -> (check, whether this device takes the path; None: always)
-    "KDA per-chunk matrices, kernel": (lambda: check_intra_chunk(), None),
-    "chunked prefill, chunk and scan kernels": (lambda: check_chunked(True), None),
-    "chunked prefill, chunk and scan kernels, tiled scan": (lambda: check_chunked_tiled(), _tiled_scan_in_use),
-    "decode step, fused kernel": (lambda: check_decode("kernel"), None),
-    "MoE routing, fused kernel": (lambda: check_routing(), None),
+    "KDA per-chunk matrices, kernel": (check_intra_chunk, None),
+    "chunked prefill, chunk and scan kernels": (partial(check_chunked, True), None),
+    "chunked prefill, chunk and scan kernels, tiled scan": (check_chunked_tiled, _tiled_scan_in_use),
+    "decode step, fused kernel": (partial(check_decode, "kernel"), None),
+    "MoE routing, fused kernel": (check_routing, None),
 }
 
 
@@ -190,8 +192,7 @@ def _guarded(name, check, in_use=None) -> Check:
     try:
         result = check()
     except Exception as e:  # noqa: BLE001 - any failure of a kernel is what the doctor reports
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        result = Check(name, math.inf, f"{type(e).__name__}: {first[:200]}")
+        result = Check(name, math.inf, f"{type(e).__name__}: {first_line(e, 200)}")
     result.in_use = in_use() if in_use else True
     return result
 

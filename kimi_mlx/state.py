@@ -93,14 +93,14 @@ class MLAState:
 
     def append(self, new: mx.array) -> LatentCache:
         """Append rows [B, T, W]; returns a view of the valid cache (length rows)."""
-        B, T, W = new.shape
+        T = new.shape[1]
         rows = self._encode(new)
         pages = list(self.pages)
         done, pos = 0, self.length
         while done < T:
             i, at = self._locate(pages, pos)
             if i == len(pages):
-                i, at = self._extend(pages, B, rows, T - done)
+                i, at = self._extend(pages, rows, T - done)
             n = min(pages[i][0].shape[1] - at, T - done)
             # never __setitem__: it would mutate an array a snapshot still shares
             pages[i] = tuple(
@@ -118,16 +118,16 @@ class MLAState:
             size = size * 2 if size < self.page_grow else size + self.page_grow
         return min(size, self.page_max)
 
-    def _extend(self, pages: list, B: int, like: tuple, need: int) -> tuple[int, int]:
+    def _extend(self, pages: list, like: tuple, need: int) -> tuple[int, int]:
         """Room for `need` more rows past the full last page: grow it (one copy) while it is under page_max,
-        else open a new page. Returns (page index, row) where the next row goes."""
+        else open a new page of arrays like `like`'s. Returns (page index, row) where the next row goes."""
         if pages and pages[-1][0].shape[1] < self.page_max:
             n = pages[-1][0].shape[1]
             grow = self.page_size(n + need) - n
             pages[-1] = tuple(mx.pad(p, [(0, 0), (0, grow)] + [(0, 0)] * (p.ndim - 2)) for p in pages[-1])
             return len(pages) - 1, n
         size = self.page_size(need)
-        pages.append(tuple(mx.zeros((B, size, *r.shape[2:]), r.dtype) for r in like))
+        pages.append(tuple(mx.zeros((r.shape[0], size, *r.shape[2:]), r.dtype) for r in like))
         return len(pages) - 1, 0
 
     def decode_slot(self) -> DecodeSlot | None:
@@ -144,7 +144,7 @@ class MLAState:
             pages.append(p)
             start += p[0].shape[1]
         if start == self.length:  # the last kept page is full
-            self._extend(pages, pages[-1][0].shape[0], pages[-1], 1)
+            self._extend(pages, pages[-1], 1)
             start = sum(p[0].shape[1] for p in pages)
         self.pages = tuple(pages)
         size = pages[-1][0].shape[1]

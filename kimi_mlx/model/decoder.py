@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -222,7 +222,6 @@ def fuse_model(model) -> int:
         if isinstance(layer.self_attn, KimiDeltaAttention):  # its gated norm and gates work in float32
             for name in ("o_norm_weight", "A_log", "dt_bias"):
                 setattr(layer.self_attn, name, getattr(layer.self_attn, name).astype(mx.float32))
-        if isinstance(layer.self_attn, KimiDeltaAttention):
             n += fuse_kda_inputs(layer.self_attn)
     model._steps = model._whole = model._prefill = None  # compiled steps close over the old modules
     mx.eval(model.parameters())

@@ -161,7 +161,7 @@ def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float)
     """One query per sequence over whole cache pages, of which the first `valid` rows count.
 
     The shape-stable twin of the absorbed tiled path for T = 1: it reads every row of the pages it is
-    given (the caller passes the last page up to a bucket: MLAState.decode_slot) and masks rows >= valid
+    given (MLAState.decode_slot keeps the last page's unused rows few) and masks rows >= valid
     (an int32 array, so a compiled step keeps one graph while the cache grows). Every page but the last
     must be wholly valid, so only the last page's scores are masked. Each page's values matmul (32 heads
     x rows x 576) is split into SPLIT_ROWS-row pieces run as one batched matmul and summed, so a long page

@@ -19,6 +19,7 @@ substitution) and `scan_kernel` (the scan across chunks; `scan_ops` is its twin)
 
 from __future__ import annotations
 
+import math
 import os
 
 import mlx.core as mx
@@ -131,22 +132,20 @@ def scan_kernel(w, u, q_in, k_out, decay_all, state):
 
     N, B, H, C, Dk = w.shape
     Dv = u.shape[-1]
+    template = [("NH", H), ("DK", Dk), ("DV", Dv), ("C", C)]
     if scan_variant() == "tiled" and C % 16 == 0:
-        return kernel("kda_chunk_scan_tiled")(
-            inputs=[w, u, q_in, k_out, decay_all, state, mx.array([N, B], dtype=mx.int32)],
-            template=[("NH", H), ("DK", Dk), ("DV", Dv), ("C", C)],
-            grid=(256, -(-Dv // 32), B * H),
-            threadgroup=(256, 1, 1),
-            output_shapes=[u.shape, u.shape, state.shape],
-            output_dtypes=[mx.float32] * 3,
-        )
-    per_group = next(r for r in range(SCAN_ROWS, 0, -1) if Dv % r == 0)
-    groups = Dv // per_group
-    return kernel("kda_chunk_scan")(
+        name, grid, group = "kda_chunk_scan_tiled", (256, -(-Dv // 32), B * H), (256, 1, 1)
+    else:
+        per_group = next(r for r in range(SCAN_ROWS, 0, -1) if Dv % r == 0)
+        groups = Dv // per_group
+        name, grid = "kda_chunk_scan", (32, groups, B * H)
+        group = (32, next(t for t in (4, 2, 1) if groups % t == 0), 1)
+        template.append(("R", per_group))
+    return kernel(name)(
         inputs=[w, u, q_in, k_out, decay_all, state, mx.array([N, B], dtype=mx.int32)],
-        template=[("NH", H), ("DK", Dk), ("DV", Dv), ("C", C), ("R", per_group)],
-        grid=(32, groups, B * H),
-        threadgroup=(32, next(t for t in (4, 2, 1) if groups % t == 0), 1),
+        template=template,
+        grid=grid,
+        threadgroup=group,
         output_shapes=[u.shape, u.shape, state.shape],
         output_dtypes=[mx.float32] * 3,
     )
@@ -159,13 +158,10 @@ def intra_chunk_kernel(q, k, g, beta):
     from metal_kernels import kernel
 
     *lead, C, Dk = q.shape
-    M = 1
-    for d in lead:
-        M *= d
     a_qk, t_inv = kernel("kda_intra_chunk")(
         inputs=[q, k, g, beta],
         template=[("DK", Dk), ("C", C)],
-        grid=(256, M, 1),
+        grid=(256, math.prod(lead), 1),
         threadgroup=(256, 1, 1),
         output_shapes=[(*lead, C, C)] * 2,
         output_dtypes=[mx.float32] * 2,
