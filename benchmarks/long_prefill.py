@@ -35,17 +35,19 @@ echo = Recorder()
 dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
 model, _, cfg = bench.build(a.shape, peer=False, dtype=dtype)
 weights = bench.weight_bytes(model)
-toks = np.random.default_rng(1).integers(0, cfg["vocab_size"], (1, a.tokens))
+room = a.decode_tokens + bench.DECODE_WARMUP  # time_decode's timed and warm-up tokens
+n = min(a.tokens, model.config.max_position_embeddings - room)  # the decode must fit in the context limit too
+toks = np.random.default_rng(1).integers(0, cfg["vocab_size"], (1, n))
 echo(f"device: {bench.device_line()}; shape {a.shape}, random 4-bit weights ({weights / 1e9:.2f} GB); "
-     f"prompt {a.tokens} tokens in steps of {a.step}")
+     f"prompt {n} tokens in steps of {a.step}" + (f" (the context limit keeps {room} for the decode)" if n < a.tokens else ""))
 state, prog = bench.resumable_prefill(model, toks, a.state, a.step, a.budget_s, echo)
-if prog.done < a.tokens:
-    echo(f"saved at {prog.done} / {a.tokens} tokens: run again to go on")
+if prog.done < n:
+    echo(f"saved at {prog.done} / {n} tokens: run again to go on")
     sys.exit(0)
-cache = bench.cache_bytes_per_token(model.config) * a.tokens
-echo(f"prefill of {a.tokens} tokens: {prog.seconds:.0f} s of steps ({a.tokens / prog.seconds:.0f} tok/s); largest peak "
+cache = bench.cache_bytes_per_token(model.config) * n
+echo(f"prefill of {n} tokens: {prog.seconds:.0f} s of steps ({n / prog.seconds:.0f} tok/s); largest peak "
      f"{prog.peak_gb:.1f} GB = weights {weights / 1e9:.1f} + cache {cache / 1e9:.2f} + {prog.peak_gb - (weights + cache) / 1e9:.2f} GB")
 r = bench.Runner("kimi-mlx", model, True, state)
-echo(f"decode at {a.tokens} tokens of context: {bench.time_decode(r, a.decode_tokens):.1f} tok/s")
+echo(f"decode from {n} to {n + room} tokens of context: {bench.time_decode(r, a.decode_tokens):.1f} tok/s")
 if a.record:
-    echo.append(f"Whole prefill of {a.tokens} tokens, resumable runs")
+    echo.append(f"Whole prefill of {n} tokens, resumable runs")

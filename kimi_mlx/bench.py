@@ -16,6 +16,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import KIMI_LINEAR_48B_A3B, ModelConfig
+from .generate import prefill_step
 from .model import Model
 from .model.fuse import fuse_model
 from .weights.layout import hf_layer_to_local
@@ -135,6 +136,13 @@ class Runner:
             return self.model(toks, self.state)
         return self.model(toks, cache=self.state)
 
+    def prefill_step(self, toks: mx.array):
+        """One prefill step, evaluated (ours the way generation runs it: its working set bounded)."""
+        if self.is_ours:
+            return prefill_step(self.model, self.state, toks)
+        self.forward(toks)
+        self.eval_state()
+
     def eval_state(self):
         if self.is_ours:
             self.state.eval()
@@ -163,13 +171,11 @@ class Runner:
 def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
     toks = mx.random.randint(0, vocab, (1, n))
     r.reset()  # warm-up: one step builds and caches every kernel the timed run needs
-    r.forward(toks[:, : min(step, n)])
-    r.eval_state()
+    r.prefill_step(toks[:, : min(step, n)])
     r.reset()
     t0 = time.perf_counter()
     for a in range(0, n, step):
-        r.forward(toks[:, a : a + step])
-        r.eval_state()
+        r.prefill_step(toks[:, a : a + step])
         mx.clear_cache()
     return n / (time.perf_counter() - t0)
 
@@ -178,15 +184,13 @@ def time_step_at(r: Runner, n: int, step: int, cfg: ModelConfig) -> float:
     """Seconds for the prefill step that brings the context to n tokens (cache filled to n - step first)."""
     toks = mx.random.randint(0, cfg.vocab_size, (1, step))
     r.fill_context(max(n - step, 1), cfg)
-    r.forward(toks)  # warm-up: traces this context's tiling
-    r.eval_state()
+    r.prefill_step(toks)  # warm-up: traces this context's tiling
     r.fill_context(max(n - step, 1), cfg)
     mx.synchronize()
     mx.clear_cache()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    r.forward(toks)
-    r.eval_state()
+    r.prefill_step(toks)
     return time.perf_counter() - t0
 
 
@@ -230,8 +234,7 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
         if state.offset > start and time.perf_counter() - t_start >= budget_s:
             break
         t0 = time.perf_counter()
-        model.hidden(mx.array(tokens[:, prog.done : prog.done + step]), state)
-        state.eval()
+        prefill_step(model, state, mx.array(tokens[:, prog.done : prog.done + step]))
         prog.seconds += time.perf_counter() - t0
         prog.done = min(N, prog.done + step)
         if prog.done % (64 * step) == 0 or prog.done == N:
@@ -248,13 +251,17 @@ def state_bytes(state) -> int:
                sum(a.nbytes for a in s.arrays().values()) for s in state.layers)
 
 
+DECODE_WARMUP = 4  # tokens time_decode feeds before its timed ones
+
+
 def time_decode(r: Runner, n: int) -> float:
+    """Decode tok/s over n tokens (after DECODE_WARMUP untimed ones), the next step queued while one is read."""
     def step(y):
         return mx.argmax(r.forward(y.reshape(1, 1))[:, -1], axis=-1)
 
     y = step(mx.array([1]))
     mx.async_eval(y)
-    for _ in range(3):  # warm-up
+    for _ in range(DECODE_WARMUP - 1):  # warm-up (the first step above is one)
         nxt = step(y)
         mx.async_eval(nxt)
         y.item()
@@ -373,7 +380,7 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
     for n in contexts:
         got, peak = {}, {}
         for r in runners:
-            r.fill_context(n - decode_tokens - 4, cfg)  # the timed tokens (and 4 warm-up) end at n
+            r.fill_context(n - decode_tokens - DECODE_WARMUP, cfg)  # the timed tokens (and the warm-up) end at n
             mx.reset_peak_memory()
             got[r.name] = time_decode(r, decode_tokens)
             peak[r.name] = mx.get_peak_memory() / 1e9

@@ -26,7 +26,6 @@ class Check:
     error: float | None  # max relative error; None when skipped
     note: str = ""
     tol: float = TOL
-    in_use: bool = True  # False: a path this device does not take by default (reported, not in the verdict)
 
     @property
     def ok(self) -> bool:
@@ -69,23 +68,6 @@ def check_chunked(use_kernel: bool, T: int = 130, B: int = 2, H: int = 3, Dk: in
     if tf32():
         return Check(name + ", TF32 matmuls)", err, tol=TF32_TOL)
     return Check(name + ")", err)
-
-
-def check_chunked_tiled() -> Check:
-    """The chunked prefill with the block-tiled scan kernel (KIMI_MLX_KDA_SCAN=tiled), whichever is the default."""
-    from .ops import kda_chunked
-
-    before = os.environ.get(kda_chunked.SCAN_ENV)
-    os.environ[kda_chunked.SCAN_ENV] = "tiled"
-    try:
-        check = check_chunked(True, T=200)
-    finally:
-        if before is None:
-            os.environ.pop(kda_chunked.SCAN_ENV)
-        else:
-            os.environ[kda_chunked.SCAN_ENV] = before
-    check.name = check.name.replace("scan kernels", "scan kernels, tiled scan")
-    return check
 
 
 def check_intra_chunk(M: int = 6, C: int = 64, Dk: int = 64) -> Check:
@@ -137,7 +119,6 @@ def check_routing() -> Check:
 def environment() -> list[tuple[str, str]]:
     from metal_kernels import backend
 
-    from .ops.kda_chunked import scan_variant
 
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     gpu = kda_ops.gpu_backend()
@@ -150,14 +131,22 @@ def environment() -> list[tuple[str, str]]:
         ("GPU backend", backend() or "none (CPU only)"),
         (kda_ops.ENV, mode),
         ("KDA prefill", {"ref": "sequential reference", "chunked": "chunked, ops",
-                         "kernel": f"chunked, per-chunk matrices and scan across chunks as {gpu} kernels "
-                                   f"({scan_variant()} scan)"}[kda_ops.prefill_path(4096)]
+                         "kernel": f"chunked, per-chunk matrices and scan across chunks as {gpu} kernels"}[kda_ops.prefill_path(4096)]
          + (f" (from T >= {kda_ops.CHUNKED_MIN_T})" if mode == "auto" else "")),
         ("KDA decode step", {"kernel": f"fused {gpu} kernel", "ops": "fused ops",
                              "ref": "unfused reference"}[decode]),
         ("MoE routing", {"kernel": f"fused {gpu} kernel", "ref": "ops"}[routing_path()]),
         ("MoE prefill", f"{expert_path(2048 * 9, 257)} expert matmuls (2,048 tokens, real shape)"),
+        ("prefill memory", _working_set()),
     ]
+
+
+def _working_set() -> str:
+    from . import working_set
+
+    mb = working_set.bound_bytes() >> 20
+    how = f"bounded at {mb} MB past the weights and state" if mb else "unbounded (MLX's own limit)"
+    return f"{how} ({working_set.ENV})"
 
 
 def routing_path() -> str:
@@ -172,35 +161,27 @@ def expert_path(pairs: int, experts: int) -> str:
     return choose(pairs, experts)
 
 
-def _tiled_scan_in_use() -> bool:
-    from .ops.kda_chunked import scan_variant
-
-    return scan_variant() == "tiled"
-
-
-GPU_CHECKS = {  # name -> (check, whether this device takes the path; None: always)
-    "KDA per-chunk matrices, kernel": (check_intra_chunk, None),
-    "chunked prefill, chunk and scan kernels": (partial(check_chunked, True), None),
-    "chunked prefill, chunk and scan kernels, tiled scan": (check_chunked_tiled, _tiled_scan_in_use),
-    "decode step, fused kernel": (partial(check_decode, "kernel"), None),
-    "MoE routing, fused kernel": (check_routing, None),
+GPU_CHECKS = {
+    "KDA per-chunk matrices, kernel": check_intra_chunk,
+    "chunked prefill, chunk and scan kernels": partial(check_chunked, True),
+    "decode step, fused kernel": partial(check_decode, "kernel"),
+    "MoE routing, fused kernel": check_routing,
 }
 
 
-def _guarded(name, check, in_use=None) -> Check:
+def _guarded(name, check) -> Check:
     """A check whose kernel fails to build or run is a failed check with MLX's message, not a traceback."""
     try:
         result = check()
     except Exception as e:  # noqa: BLE001 - any failure of a kernel is what the doctor reports
         result = Check(name, math.inf, f"{type(e).__name__}: {first_line(e, 200)}")
-    result.in_use = in_use() if in_use else True
     return result
 
 
 def run_checks() -> list[Check]:
     checks = [check_chunked(False), check_decode("ops")]
     if kda_ops.gpu_backend():
-        checks += [_guarded(name, check, in_use) for name, (check, in_use) in GPU_CHECKS.items()]
+        checks += [_guarded(name, check) for name, check in GPU_CHECKS.items()]
     else:
         checks += [Check(name, None, "no Metal or CUDA backend here") for name in GPU_CHECKS]
     return checks
@@ -217,5 +198,5 @@ def main(echo=print) -> bool:
             echo(f"  skip  {c.name}: {c.note}")
         else:
             echo(f"  {'ok  ' if c.ok else 'FAIL'}  {c.name}: max rel err {c.error:.1e} (tolerance {c.tol:.0e})"
-                 + (f"; {c.note}" if c.note else "") + ("" if c.in_use else " [not in use]"))
-    return all(c.ok for c in checks if c.in_use)
+                 + (f"; {c.note}" if c.note else ""))
+    return all(c.ok for c in checks)

@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 
+from . import working_set
 from .errors import KimiError
 from .sample import Sampler, make_logits_processors, normalize
 from .state import ContextLimitError
@@ -103,10 +104,17 @@ def prefill(model, state, tokens: list[int], step_size: int, progress: Progress 
     """Feed tokens into state in chunks of step_size, evaluating the state after each."""
     total = len(tokens) if total is None else total
     for i in range(0, len(tokens), step_size):
-        model.hidden(mx.array([tokens[i : i + step_size]]), state)
-        state.eval()
+        prefill_step(model, state, mx.array([tokens[i : i + step_size]]))
         if progress:
             progress(done + min(i + step_size, len(tokens)), total)
+
+
+def prefill_step(model, state, tokens: mx.array) -> None:
+    """Feed tokens [B, T] into state and evaluate it, holding at most the working-set bound beyond the memory
+    in use before (working_set.py)."""
+    with working_set.bounded():
+        model.hidden(tokens, state)
+        state.eval()
 
 
 def generate_step(model, state, prompt: list[int], sampler: Sampler, processors=(), context_tail=(),

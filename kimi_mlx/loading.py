@@ -37,7 +37,9 @@ def load(model: str, revision: str | None = None, distributed: bool = False):
     from .distributed import launched
     from .tokenizer import Tokenizer
     from .weights.load import load_model
+    from .working_set import bound_bytes
 
+    bound_bytes()  # a bad KIMI_MLX_WORKING_SET_MB fails here, in one line, not at the first prompt
     path = resolve(model, revision)
     if distributed:
         from .distributed_driver import start

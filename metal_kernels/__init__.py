@@ -11,7 +11,7 @@ can check it without either GPU. Kernels are built lazily and only for a backend
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -98,10 +98,6 @@ SPECS = {
     ),
 }
 
-
-# the block-tiled scan: the same contract as kda_chunk_scan, without its rows-per-group template
-SPECS["kda_chunk_scan_tiled"] = replace(SPECS["kda_chunk_scan"], name="kda_chunk_scan_tiled",
-                                        sample_template=SPECS["kda_chunk_scan"].sample_template[:4])
 
 
 def backend() -> str | None:

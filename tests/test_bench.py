@@ -77,3 +77,24 @@ def test_resumable_prefill_equals_one_go(tmp_path):
     other, _, _ = bench.build("small", bits=0, dtype=mx.float32, peer=False, seed=1)
     with pytest.raises(KimiError, match="different model"):
         bench.resumable_prefill(other, toks, tmp_path / "parts.kimi", 64, 0.0)
+
+
+def test_long_prefill_script_resumes_and_decodes(tmp_path):
+    """benchmarks/long_prefill.py: a first run stops at its budget and saves, a second one finishes, reports the
+    peak against weights + cache and decodes at the full context."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "long_prefill.py"
+    args = [sys.executable, str(script), "--shape", "small", "--tokens", "192", "--step", "64",
+            "--state", str(tmp_path / "s.kimi"), "--decode-tokens", "2"]
+    first = subprocess.run(args + ["--budget-s", "0"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "saved at 64 / 192 tokens" in first.stdout
+    runs = 1
+    while "decode from" not in (out := subprocess.run(args + ["--budget-s", "0"], capture_output=True, text=True,
+                                                       timeout=300)).stdout:
+        assert out.returncode == 0 and "saved at" in out.stdout, out.stderr
+        runs += 1
+    assert runs == 2 and out.returncode == 0, out.stderr
+    assert "prefill of 192 tokens" in out.stdout and "= weights" in out.stdout
+    assert "decode from 192 to 198 tokens of context" in out.stdout

@@ -271,11 +271,6 @@ def test_doctor_reports_a_kernel_that_fails_to_build_as_a_failed_check(monkeypat
     monkeypatch.setattr(doctor, "run_checks", lambda: [c])
     assert doctor.main(lines.append) is False
     assert any(line.startswith("  FAIL  KDA per-chunk matrices") and "Failed to compile" in line for line in lines)
-    unused = doctor._guarded("chunked prefill, chunk and scan kernels, tiled scan", broken, lambda: False)
-    monkeypatch.setattr(doctor, "run_checks", lambda: [unused])
-    lines.clear()
-    assert doctor.main(lines.append) is True  # a failing path not in use is reported, not the verdict
-    assert "[not in use]" in lines[-1] and "FAIL" in lines[-1]
 
 
 # -- a tiny model: every path gives the same logits ---------------------------------------------
@@ -351,9 +346,7 @@ def test_gpu_intra_chunk_kernel_model_shape(extreme):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("variant", ["warp", "tiled"])
-def test_gpu_scan_kernel_model_shape(variant, monkeypatch):
-    monkeypatch.setenv(kda_chunked.SCAN_ENV, variant)
+def test_gpu_scan_kernel_model_shape():
     x = normalised(*inputs(300, B=1, H=32, Dk=128, Dv=128, seed=15, extreme=True))
     o_ref, s_ref = chunked(*x)
     o, s = chunked(*x, use_kernel=True)
@@ -408,20 +401,3 @@ def test_intra_chunk_kernel_text_runs_right_on_cpu(kind, extreme, C):
     for g_, want in zip(got, kda_chunked.intra_chunk(q, k, mx.exp(g), beta)):
         assert rel_err(g_, want) <= TOL
 
-
-@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
-@pytest.mark.parametrize("shape", [(2, 2, 3, 16, 64, 12), (2, 1, 2, 32, 32, 40)], ids=["Dv12", "Dv40"])
-@pytest.mark.parametrize("kind", ["metal", "cuda"])
-def test_tiled_scan_kernel_text_runs_right_on_cpu(kind, shape):
-    """The block-tiled scan kernel's text, run on the CPU, against `scan_ops` (value rows not filling
-    the last 32-row group included)."""
-    N, B, H, C, Dk, Dv = shape
-    check_scan_kernel_text("kda_chunk_scan_tiled", kind, shape, (), (256, -(-Dv // 32), B * H), (256, 1, 1))
-
-
-def test_scan_variant_from_environment(monkeypatch):
-    monkeypatch.setenv(kda_chunked.SCAN_ENV, "tiled")
-    assert kda_chunked.scan_variant() == "tiled"
-    monkeypatch.setenv(kda_chunked.SCAN_ENV, "fast")
-    with pytest.raises(ConfigError, match=kda_chunked.SCAN_ENV):
-        kda_chunked.scan_variant()

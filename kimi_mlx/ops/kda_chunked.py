@@ -20,11 +20,9 @@ substitution) and `scan_kernel` (the scan across chunks; `scan_ops` is its twin)
 from __future__ import annotations
 
 import math
-import os
 
 import mlx.core as mx
 
-from ..errors import ConfigError
 
 CHUNK = 64
 SEGMENT = 8192  # tokens per pass: bounds the temporaries, the state carries over
@@ -111,41 +109,23 @@ def scan_ops(w, u, q_in, k_out, decay_all, state):
 
 
 SCAN_ROWS = 4  # state rows per 32-lane group in the scan kernel: each chunk row read serves this many
-SCAN_ENV = "KIMI_MLX_KDA_SCAN"  # warp (default) | tiled: which scan kernel (see scan_kernel)
-
-
-def scan_variant() -> str:
-    value = os.environ.get(SCAN_ENV, "warp").strip().lower() or "warp"
-    if value not in ("warp", "tiled"):
-        raise ConfigError(f"{SCAN_ENV}={value!r} is not one of warp, tiled; unset it or pick one")
-    return value
 
 
 def scan_kernel(w, u, q_in, k_out, decay_all, state):
-    """`scan_ops` as one Metal/CUDA kernel; needs Dk % 32 == 0. Two kernels with one contract:
-    warp   metal_kernels/kda_chunk_scan.body: a 32-lane group per SCAN_ROWS state rows (the default; 2.9 ms
-           a layer at 2,048 tokens on an H200, RESULTS.md)
-    tiled  metal_kernels/kda_chunk_scan_tiled.body: 256 threads per 32 state rows, the chunk's rows staged
-           through shared memory once for the group (KIMI_MLX_KDA_SCAN=tiled; needs C % 16 == 0; checked on
-           the CPU emulator only so far, not yet timed on a GPU)."""
+    """`scan_ops` as one Metal/CUDA kernel (metal_kernels/kda_chunk_scan.body); needs Dk % 32 == 0. A 32-lane
+    group per SCAN_ROWS state rows: 3.0 ms a layer at 2,048 tokens on an H200 (RESULTS.md; a block-tiled
+    variant staging the chunk rows through shared memory for 32 state rows measured 2.9 and was dropped)."""
     from metal_kernels import kernel
 
     N, B, H, C, Dk = w.shape
     Dv = u.shape[-1]
-    template = [("NH", H), ("DK", Dk), ("DV", Dv), ("C", C)]
-    if scan_variant() == "tiled" and C % 16 == 0:
-        name, grid, group = "kda_chunk_scan_tiled", (256, -(-Dv // 32), B * H), (256, 1, 1)
-    else:
-        per_group = next(r for r in range(SCAN_ROWS, 0, -1) if Dv % r == 0)
-        groups = Dv // per_group
-        name, grid = "kda_chunk_scan", (32, groups, B * H)
-        group = (32, next(t for t in (4, 2, 1) if groups % t == 0), 1)
-        template.append(("R", per_group))
-    return kernel(name)(
+    per_group = next(r for r in range(SCAN_ROWS, 0, -1) if Dv % r == 0)
+    groups = Dv // per_group
+    return kernel("kda_chunk_scan")(
         inputs=[w, u, q_in, k_out, decay_all, state, mx.array([N, B], dtype=mx.int32)],
-        template=template,
-        grid=grid,
-        threadgroup=group,
+        template=[("NH", H), ("DK", Dk), ("DV", Dv), ("C", C), ("R", per_group)],
+        grid=(32, groups, B * H),
+        threadgroup=(32, next(t for t in (4, 2, 1) if groups % t == 0), 1),
         output_shapes=[u.shape, u.shape, state.shape],
         output_dtypes=[mx.float32] * 3,
     )
