@@ -15,8 +15,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import KIMI_LINEAR_48B_A3B, ModelConfig
 from . import working_set
+from .config import KIMI_LINEAR_48B_A3B, ModelConfig
 from .generate import prefill_step
 from .model import Model
 from .model.fuse import fuse_model

@@ -23,7 +23,6 @@ import math
 
 import mlx.core as mx
 
-
 CHUNK = 64
 SEGMENT = 8192  # tokens per pass: bounds the temporaries, the state carries over
 
