@@ -11,7 +11,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mlx.core as mx  # noqa: E402
 
 from kimi_mlx import bench  # noqa: E402
 from results import Recorder  # noqa: E402
@@ -23,8 +22,7 @@ ap.add_argument("--tokens", type=int, default=32)
 ap.add_argument("--record", action="store_true")
 a = ap.parse_args()
 echo = Recorder()
-dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
-ours, _, cfg = bench.build(a.shape, peer=False, dtype=dtype)
+ours, _, cfg = bench.build(a.shape, peer=False, dtype=bench.activation_dtype())
 echo(f"device: {bench.device_line()}; shape {a.shape}, random 4-bit weights; decode tok/s, {a.tokens} tokens")
 r = bench.Runner("kimi-mlx", ours, True)
 for n in map(int, a.contexts.split(",")):

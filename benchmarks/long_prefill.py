@@ -16,7 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kimi_mlx import bench  # noqa: E402
@@ -32,8 +31,7 @@ ap.add_argument("--decode-tokens", type=int, default=16)
 ap.add_argument("--record", action="store_true")
 a = ap.parse_args()
 echo = Recorder()
-dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
-model, _, cfg = bench.build(a.shape, peer=False, dtype=dtype)
+model, _, cfg = bench.build(a.shape, peer=False, dtype=bench.activation_dtype())
 weights = bench.weight_bytes(model)
 room = a.decode_tokens + bench.DECODE_WARMUP  # time_decode's timed and warm-up tokens
 n = min(a.tokens, model.config.max_position_embeddings - room)  # the decode must fit in the context limit too

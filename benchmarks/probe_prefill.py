@@ -32,7 +32,7 @@ ap.add_argument("--scan-rows", default="1,2,4,8", help="KDA scan kernel: state r
 a = ap.parse_args()
 parts = a.parts.split(",")
 
-ours, _, cfg = bench.build(a.shape, peer=False, dtype=mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32)
+ours, _, cfg = bench.build(a.shape, peer=False, dtype=bench.activation_dtype())
 L = ours.model.layers
 T = a.tokens
 D, W = cfg["hidden_size"], cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]

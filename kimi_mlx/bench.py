@@ -58,6 +58,11 @@ def _our_predicate(bits, group_size):
     return pred
 
 
+def activation_dtype() -> mx.Dtype:
+    """What random-weight benchmarks compute in: bf16 on a GPU, float32 on the CPU (its bf16 is slow)."""
+    return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+
+
 def build(shape: str, bits: int = 4, group_size: int = 64, dtype=mx.bfloat16, peer: bool = True, seed: int = 0):
     """(our model, mlx-lm model or None, config dict) with identical random weights."""
     cfg_d = SHAPES[shape]
@@ -305,7 +310,7 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
     model_path: a checkpoint to measure instead of random weights at `shape`; peer_model: an mlx-lm
     checkpoint of the same model to compare against (random weights are shared with mlx-lm directly).
     """
-    dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    dtype = activation_dtype()
     bandwidth_gbs = bandwidth_gbs or known_bandwidth()
     echo(f"device: {device_line()}")
     if model_path:

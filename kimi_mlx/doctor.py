@@ -119,7 +119,6 @@ def check_routing() -> Check:
 def environment() -> list[tuple[str, str]]:
     from metal_kernels import backend
 
-
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     gpu = kda_ops.gpu_backend()
     mode = kda_ops.mode()
@@ -172,10 +171,9 @@ GPU_CHECKS = {
 def _guarded(name, check) -> Check:
     """A check whose kernel fails to build or run is a failed check with MLX's message, not a traceback."""
     try:
-        result = check()
+        return check()
     except Exception as e:  # noqa: BLE001 - any failure of a kernel is what the doctor reports
-        result = Check(name, math.inf, f"{type(e).__name__}: {first_line(e, 200)}")
-    return result
+        return Check(name, math.inf, f"{type(e).__name__}: {first_line(e, 200)}")
 
 
 def run_checks() -> list[Check]:

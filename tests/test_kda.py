@@ -197,21 +197,15 @@ def test_decode_kernel_text_runs_right_on_cpu(kind, dtype):
 def test_chunk_scan_kernel_text_runs_right_on_cpu(kind, rows):
     """The generated text of the scan-across-chunks kernel, run on the CPU, against `scan_ops`."""
     N, B, H, C, Dk, Dv = 2, 2, 3, 8, 64, 12
-    check_scan_kernel_text("kda_chunk_scan", kind, (N, B, H, C, Dk, Dv), (("R", rows),), (32, Dv // rows, B * H),
-                           (32, 1, 1))
-
-
-def check_scan_kernel_text(name, kind, shape, template, grid, threadgroup):
-    """Run a scan kernel's generated text on the CPU on random inputs of `shape`; compare with `scan_ops`."""
-    N, B, H, C, Dk, Dv = shape
     mx.random.seed(14)
     w, q_in, k_out = (0.1 * mx.random.normal((N, B, H, C, Dk)) for _ in range(3))
     u = mx.random.normal((N, B, H, C, Dv))
     decay_all = mx.random.uniform(shape=(N, B, H, Dk))
     state = mx.random.normal((B, H, Dv, Dk))
     got = kernel_emulator.emulate(
-        name, kind, [w, u, q_in, k_out, decay_all, state, mx.array([N, B], dtype=mx.int32)],
-        (("NH", H), ("DK", Dk), ("DV", Dv), ("C", C), *template), grid=grid, threadgroup=threadgroup,
+        "kda_chunk_scan", kind, [w, u, q_in, k_out, decay_all, state, mx.array([N, B], dtype=mx.int32)],
+        (("NH", H), ("DK", Dk), ("DV", Dv), ("C", C), ("R", rows)), grid=(32, Dv // rows, B * H),
+        threadgroup=(32, 1, 1),
         output_shapes=[u.shape, u.shape, state.shape], output_dtypes=[mx.float32] * 3,
     )
     for g, want in zip(got, kda_chunked.scan_ops(w, u, q_in, k_out, decay_all, state)):
