@@ -7,7 +7,7 @@ faster than the device runs them, so how much memory is held at once depends on 
 a whole 1M-token prefill on an H200 peaked 7.3 GB over weights + cache where one step measured alone held
 1.9 GB (benchmarks/RESULTS.md). MLX's eval loop waits for the device whenever active memory exceeds
 mx.set_memory_limit, so a step run under `bounded()` holds about the memory in use before it plus
-KIMI_MLX_WORKING_SET_MB (default 2048; 0 leaves MLX's own limit). The limit is put back afterwards, also on
+KIMI_MLX_WORKING_SET_MB (default 1536; 0 leaves MLX's own limit). The limit is put back afterwards, also on
 an error; it only throttles the host (MLX still allocates what a kernel needs past it).
 """
 
@@ -21,7 +21,7 @@ import mlx.core as mx
 from .errors import ConfigError
 
 ENV = "KIMI_MLX_WORKING_SET_MB"
-DEFAULT_MB = 2048
+DEFAULT_MB = 1536
 
 
 def bound_bytes() -> int:
