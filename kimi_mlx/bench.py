@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -214,6 +214,8 @@ class PrefillProgress:
     done: int  # prompt tokens fed so far
     seconds: float  # sum of the steps' times, over every run
     peak_gb: float  # the largest peak memory of any run's steps
+    step_gb: float = 0.0  # the largest working set of one step: its peak minus the memory in use before it
+    step_at: int = 0  # the context (tokens fed) after that step
 
 
 def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: float, echo=print):
@@ -228,26 +230,34 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
     path = Path(path)
     if path.exists():
         state, meta = load_state(path, model)
-        prog = PrefillProgress(meta["done"], meta["seconds"], meta["peak_gb"])
+        prog = PrefillProgress(**{k: meta[k] for k in meta if k in PrefillProgress.__dataclass_fields__})
     else:
         state, prog = model.new_state(1), PrefillProgress(0, 0.0, 0.0)
     N = tokens.shape[1]
     start = state.offset
     t_start = time.perf_counter()
-    mx.synchronize()
-    mx.reset_peak_memory()
     while prog.done < N:  # at least one step a run, then as many as the budget allows
         if state.offset > start and time.perf_counter() - t_start >= budget_s:
             break
+        mx.synchronize()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
         t0 = time.perf_counter()
         prefill_step(model, state, mx.array(tokens[:, prog.done : prog.done + step]))
         prog.seconds += time.perf_counter() - t0
         prog.done = min(N, prog.done + step)
+        peak = mx.get_peak_memory()
+        prog.peak_gb = max(prog.peak_gb, peak / 1e9)
+        if (peak - before) / 1e9 > prog.step_gb:
+            if prog.step_gb and prog.done > 8 * step:  # a new largest working set after the first steps: say when
+                echo(f"  step ending at {prog.done}: working set {(peak - before) / 1e9:.2f} GB "
+                     f"(in use before it {before / 1e9:.2f} GB)")
+            prog.step_gb, prog.step_at = (peak - before) / 1e9, prog.done
         if prog.done % (64 * step) == 0 or prog.done == N:
             echo(f"  {prog.done:>9} / {N} tokens, {prog.seconds:7.1f} s of steps, {prog.done / prog.seconds:7.1f} tok/s, "
-                 f"peak {mx.get_peak_memory() / 1e9:.1f} GB")
-    prog.peak_gb = max(prog.peak_gb, mx.get_peak_memory() / 1e9)
-    save_state(path, state, model, {"done": prog.done, "seconds": prog.seconds, "peak_gb": prog.peak_gb})
+                 f"in use {mx.get_active_memory() / 1e9:.1f} GB, peak {prog.peak_gb:.1f} GB, "
+                 f"largest step working set {prog.step_gb:.2f} GB (at {prog.step_at})")
+    save_state(path, state, model, asdict(prog))
     return state, prog
 
 

@@ -71,6 +71,8 @@ def test_resumable_prefill_equals_one_go(tmp_path):
         if prog.done == 300:
             break
     assert runs == 5 and state.offset == 300
+    assert prog.step_gb > 0 and 64 <= prog.step_at <= 300  # the largest step's working set, kept across runs
+    assert prog.peak_gb >= prog.step_gb
     x = mx.array([[5]])
     a, b = model(x, state), model(x, one)  # the cache pages split differently: float-order noise only
     assert float(mx.abs(a - b).max()) <= 1e-5 * float(mx.abs(b).max())
@@ -97,4 +99,5 @@ def test_long_prefill_script_resumes_and_decodes(tmp_path):
         runs += 1
     assert runs == 2 and out.returncode == 0, out.stderr
     assert "prefill of 192 tokens" in out.stdout and "= weights" in out.stdout
+    assert "largest working set of one step" in out.stdout and "bound 1.61 GB" in out.stdout
     assert "decode from 192 to 198 tokens of context" in out.stdout
