@@ -45,8 +45,8 @@ if prog.done < n:
 cache = bench.cache_bytes_per_token(model.config) * n
 echo(f"prefill of {n} tokens: {prog.seconds:.0f} s of steps ({n / prog.seconds:.0f} tok/s); largest peak "
      f"{prog.peak_gb:.1f} GB = weights {weights / 1e9:.1f} + cache {cache / 1e9:.2f} + {prog.peak_gb - (weights + cache) / 1e9:.2f} GB; "
-     f"largest working set of one step {prog.step_gb:.2f} GB (the step ending at {prog.step_at}; bound "
-     f"{working_set.bound_bytes() / 1e9:.2f} GB)")
+     f"largest working set of one step {prog.step_gb:.2f} GB (the step ending at {prog.step_at}; "
+     + (f"{working_set.ENV} {working_set.bound_bytes() >> 20})" if working_set.bound_bytes() else "no cap)"))
 r = bench.Runner("kimi-mlx", model, True, state)
 echo(f"decode from {n} to {n + room} tokens of context: {bench.time_decode(r, a.decode_tokens):.1f} tok/s")
 if a.record:

@@ -143,9 +143,12 @@ def environment() -> list[tuple[str, str]]:
 def _working_set() -> str:
     from . import working_set
 
+    from .model.decoder import PACED_PREFILL
+
     mb = working_set.bound_bytes() >> 20
-    how = f"bounded at {mb} MB past the weights and state" if mb else "unbounded (MLX's own limit)"
-    return f"{how} ({working_set.ENV})"
+    how = f"capped at {mb} MB past the weights and state" if mb else "no cap"
+    return (f"steps of {PACED_PREFILL}+ tokens queue one layer at a time on a GPU; {how} "
+            f"({working_set.ENV})")
 
 
 def routing_path() -> str:

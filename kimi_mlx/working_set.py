@@ -1,14 +1,15 @@
-"""A bound on what a prefill step holds in memory beyond the weights and the state.
+"""An optional bound on what a prefill step holds in memory beyond the weights and the state (off by default).
 
 MLX keeps a kernel's inputs allocated until the device has run it, and lets the host queue work ahead of the
 device (on an H100/H200 up to 10 command batches of up to 100 kernels or 1,000 MB of inputs each) before it
-waits. Between two MLA layers a prefill step has 3 KDA and 4 MoE layers of graph that the host encodes far
-faster than the device runs them, so how much memory is held at once depends on how far ahead the host gets:
-a whole 1M-token prefill on an H200 peaked 7.3 GB over weights + cache where one step measured alone held
-1.9 GB (benchmarks/RESULTS.md). MLX's eval loop waits for the device whenever active memory exceeds
-mx.set_memory_limit, so a step run under `bounded()` holds about the memory in use before it plus
-KIMI_MLX_WORKING_SET_MB (default 1536; 0 leaves MLX's own limit). The limit is put back afterwards, also on
-an error; it only throttles the host (MLX still allocates what a kernel needs past it).
+waits. MLX's eval loop also waits for the device whenever active memory exceeds mx.set_memory_limit, so a step
+run under `bounded()` with KIMI_MLX_WORKING_SET_MB set holds about the memory in use before it plus that many
+MB (one kernel's allocation may pass it). The limit is put back afterwards, also on an error.
+
+Off by default (0): on an H200 it held single 2,048-token steps at 262k and 852k context to 1.9 GB (2.34
+without it), yet a whole 1M-token prefill run with it at 1,536 MB peaked 96.7 GB over weights + cache against
+7.3 GB without it, for reasons not yet found (benchmarks/RESULTS.md). The decoder paces long prefill steps layer
+by layer instead (model/decoder.py, Model._layers), which bounds how far the host gets ahead on its own.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import mlx.core as mx
 from .errors import ConfigError
 
 ENV = "KIMI_MLX_WORKING_SET_MB"
-DEFAULT_MB = 1536
+DEFAULT_MB = 0
 
 
 def bound_bytes() -> int:
-    """KIMI_MLX_WORKING_SET_MB in bytes (0: no bound of ours)."""
+    """KIMI_MLX_WORKING_SET_MB in bytes (0, the default: no bound of ours)."""
     value = os.environ.get(ENV, "").strip() or str(DEFAULT_MB)
     if not value.isdigit():
         raise ConfigError(f"{ENV}={value!r} is not a whole number of megabytes (0 turns the bound off); "

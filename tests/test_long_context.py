@@ -182,6 +182,33 @@ def test_compiled_prefill_steps_equal_eager(long_case):
     assert rel_err(outs[True], ref[:, :2048]) <= TOL
 
 
+@pytest.mark.parametrize("where", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, where, monkeypatch):
+    """Steps of PACED_PREFILL tokens or more queue one layer at a time (on a GPU by default; forced here on
+    the CPU): one async_eval per layer, the same logits and next-token logits as one lazy graph per step."""
+    from kimi_mlx.model import decoder
+
+    model, toks, ref = long_case
+    x = mx.array(toks[:, :1024])
+    if where == "cpu":
+        monkeypatch.setattr(decoder, "PACED_ON", (mx.cpu,))
+    queued = []
+    real = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (queued.append(a), real(*a))[1])
+    outs = {}
+    for paced in (False, True):
+        monkeypatch.setattr(decoder, "PACED_PREFILL", 256 if paced else 1 << 30)
+        queued.clear()
+        state = model.new_state()
+        outs[paced] = mx.concatenate([model(x[:, :800], state), model(x[:, 800:], state)], axis=1)  # paced, not
+        outs[paced, "next"] = model(mx.array(toks[:, 1024:1025]), state)
+        outs[paced, "queued"] = len(queued)
+    layers = len(model.model.layers)
+    assert outs[False, "queued"] == 0 and outs[True, "queued"] == layers  # the 224-token step is not paced
+    assert rel_err(outs[True], outs[False]) <= 1e-6 and rel_err(outs[True, "next"], outs[False, "next"]) <= 1e-6
+    assert rel_err(outs[True], ref[:, :1024]) <= TOL
+
+
 @pytest.fixture(scope="module")
 def dense_model(hf_checkpoint):
     """All-dense FFN (no expert routing to flip) and a 128-wide cache row: the quantization error shows as is."""

@@ -18,6 +18,8 @@ from .moe import KimiMoE
 
 DECODE_ENV = "KIMI_MLX_DECODE"
 COMPILED_PREFILL_MULTIPLE = 1024  # prefill steps of a multiple of this many tokens compile their KDA layers
+PACED_PREFILL = 256  # prefill steps of at least this many tokens queue their layers one at a time (_layers)
+PACED_ON = (mx.gpu,)  # ... on these devices
 
 
 def decode_mode() -> str:
@@ -148,11 +150,8 @@ class Model(nn.Module):
         T = tokens.shape[1]
         if T == 1 and self.compile_decode:
             h = self._decode_layers(h, state)
-        elif T % COMPILED_PREFILL_MULTIPLE == 0 and self.compile_prefill:
-            h = self._prefill_layers(h, state)
         else:
-            for i in self.owned:
-                h = self.model.layers[i](h, state.layers[i])
+            h = self._layers(h, state, compiled=T % COMPILED_PREFILL_MULTIPLE == 0 and self.compile_prefill)
         state.offset += tokens.shape[1]
         if p is not None and not p.last:
             p.send(h)
@@ -176,19 +175,33 @@ class Model(nn.Module):
                 h = layer(h, s)
         return h
 
-    def _prefill_layers(self, h: mx.array, state: ModelState) -> mx.array:
-        """Prefill steps of whole multiples of COMPILED_PREFILL_MULTIPLE tokens (the steady steps of a long
-        prompt): each KDA layer's attention runs as one compiled graph, traced once per step length."""
-        if self._prefill is None:
+    def _layers(self, h: mx.array, state: ModelState, compiled: bool) -> mx.array:
+        """The owned layers over T > 1 tokens (or T = 1 uncompiled). compiled: each KDA layer's attention runs
+        as one compiled graph, traced once per step length (the steady steps of a long prompt).
+
+        Steps of PACED_PREFILL tokens or more are paced: a layer's output and state are queued (async_eval)
+        and the previous layer's awaited, so the host stays one layer ahead of the device. MLX keeps every
+        queued kernel's buffers until the device has run it and would otherwise let the host encode up to 10
+        command batches ahead; a whole 1M-token prefill held 7.3 GB past weights + cache that way on an H200
+        (benchmarks/RESULTS.md). A layer takes milliseconds on the device at these lengths, and encoding the
+        next one well under one, so the device does not wait. Not on the CPU, which runs ahead by little: a
+        small-shape prefill there measured 5% slower paced for 3% less memory."""
+        if compiled and self._prefill is None:
             self._prefill = {i: self.model.layers[i].compiled_kda_attention() for i in self.owned
                              if self.model.layers[i].is_kda}
+        paced, pending = h.shape[1] >= PACED_PREFILL and mx.default_device() in PACED_ON, []
         for i in self.owned:
             layer, s = self.model.layers[i], state.layers[i]
-            if layer.is_kda:
+            if compiled and layer.is_kda:
                 h, s.conv, s.recurrent = self._prefill[i](h, s.conv, s.recurrent)
                 h = layer.ffn(h)
             else:
                 h = layer(h, s)
+            if paced:
+                queued = [h, *s.arrays().values()]
+                mx.async_eval(queued)
+                mx.eval(pending)
+                pending = queued
         return h
 
     def _decode_whole(self, h: mx.array, state: ModelState) -> mx.array:
