@@ -342,8 +342,8 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
     cfg = ours.config
     active = active_bytes_per_token(ours)
     echo(f"weights: {weight_bytes(ours) / 1e9:.2f} GB; read per decoded token: {active / 1e9:.3f} GB; "
-         f"cache per context token: {cache_bytes_per_token(cfg)} B (bf16); kimi-mlx prefill steps capped at "
-         f"{working_set.bound_bytes() >> 20} MB past weights + state ({working_set.ENV}, 0 = no cap)")
+         f"cache per context token: {cache_bytes_per_token(cfg)} B (bf16); kimi-mlx prefill memory: "
+         f"{working_set.describe()}")
     runners = [Runner("kimi-mlx", ours, True)] + ([Runner("mlx-lm", theirs, False)] if theirs is not None else [])
     rows = []
     for n in prefill:

@@ -12,6 +12,7 @@ from functools import partial
 import mlx.core as mx
 
 from .errors import first_line
+from . import working_set
 from .ops import kda as kda_ops
 
 TOL = 1e-4  # float32, relative to the largest magnitude
@@ -136,19 +137,8 @@ def environment() -> list[tuple[str, str]]:
                              "ref": "unfused reference"}[decode]),
         ("MoE routing", {"kernel": f"fused {gpu} kernel", "ref": "ops"}[routing_path()]),
         ("MoE prefill", f"{expert_path(2048 * 9, 257)} expert matmuls (2,048 tokens, real shape)"),
-        ("prefill memory", _working_set()),
+        ("prefill memory", working_set.describe()),
     ]
-
-
-def _working_set() -> str:
-    from . import working_set
-
-    from .model.decoder import PACED_PREFILL
-
-    mb = working_set.bound_bytes() >> 20
-    how = f"capped at {mb} MB past the weights and state" if mb else "no cap"
-    return (f"steps of {PACED_PREFILL}+ tokens queue one layer at a time on a GPU; {how} "
-            f"({working_set.ENV})")
 
 
 def routing_path() -> str:

@@ -49,3 +49,12 @@ def bounded(extra: int | None = None):
         yield
     finally:
         mx.set_memory_limit(old)
+
+
+def describe() -> str:
+    """One line on how prefill steps keep their memory (doctor and bench print it)."""
+    from .model.decoder import PACED_PREFILL
+
+    mb = bound_bytes() >> 20
+    cap = f"capped at {mb} MB past the weights and state" if mb else "no cap"
+    return f"steps of {PACED_PREFILL}+ tokens queue one layer at a time on a GPU; {cap} ({ENV})"
