@@ -9,7 +9,8 @@ MB (one kernel's allocation may pass it). The limit is put back afterwards, also
 Off by default (0): on an H200 it held single 2,048-token steps at 262k and 852k context to 1.9 GB (2.34
 without it), yet a whole 1M-token prefill run with it at 1,536 MB peaked 96.7 GB over weights + cache against
 7.3 GB without it, for reasons not yet found (benchmarks/RESULTS.md). The decoder paces long prefill steps layer
-by layer instead (model/decoder.py, Model._layers), which bounds how far the host gets ahead on its own.
+by layer instead (model/decoder.py, Model._layers), which bounds how far the host gets ahead without touching
+MLX's limit.
 """
 
 from __future__ import annotations

@@ -180,12 +180,13 @@ class Model(nn.Module):
         as one compiled graph, traced once per step length (the steady steps of a long prompt).
 
         Steps of PACED_PREFILL tokens or more are paced: a layer's output and state are queued (async_eval)
-        and the previous layer's awaited, so the host stays one layer ahead of the device. MLX keeps every
-        queued kernel's buffers until the device has run it and would otherwise let the host encode up to 10
-        command batches ahead; a whole 1M-token prefill held 7.3 GB past weights + cache that way on an H200
-        (benchmarks/RESULTS.md). A layer takes milliseconds on the device at these lengths, and encoding the
-        next one well under one, so the device does not wait. Not on the CPU, which runs ahead by little: a
-        small-shape prefill there measured 5% slower paced for 3% less memory."""
+        and the previous layer's awaited, so the host stays at most one layer ahead of the device whatever
+        path each layer takes. MLX allocates a kernel's output when the host encodes it and frees its inputs
+        only once the device has run it, so how far the host gets ahead is memory held. (On CUDA the MoE's
+        blocked path already waits at each layer for its block count; on Metal nothing else would stop the
+        host.) A layer takes milliseconds on the device at these lengths and encoding the next one well
+        under one, so the device does not wait. Not on the CPU, which runs ahead by little: a small-shape
+        prefill there measured 5% slower paced for 3% less memory."""
         if compiled and self._prefill is None:
             self._prefill = {i: self.model.layers[i].compiled_kda_attention() for i in self.owned
                              if self.model.layers[i].is_kda}
