@@ -218,11 +218,15 @@ class PrefillProgress:
     step_at: int = 0  # the context (tokens fed) after that step
 
 
-def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: float, echo=print):
+def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: float, echo=print,
+                      trace_gb: float | None = None):
     """Feed tokens [1, N] into model in steps until the prompt is done or budget_s has passed, carrying on
     from the state saved at `path` if there is one (state_io: its model identity and checksums are checked),
     and save the state and progress there. Returns (state, PrefillProgress). For prompts longer than one
-    process may run (a 1M-token prompt at the full shape takes ~23 min on an H200)."""
+    process may run (a 1M-token prompt at the full shape takes ~23 min on an H200).
+
+    trace_gb: run each step layer by layer (Model.layer_done; paced steps only, a little slower) and, for any
+    step whose working set passes trace_gb, print the layers that held the most."""
     from pathlib import Path
 
     from .state_io import load_state, save_state
@@ -236,17 +240,31 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
     N = tokens.shape[1]
     start = state.offset
     t_start = time.perf_counter()
+    layers: dict[int, int] = {}  # layer -> peak while it ran (tracing)
+
+    def layer_done(i):
+        layers[i] = mx.get_peak_memory()
+        mx.reset_peak_memory()
+
+    model.layer_done = layer_done if trace_gb is not None else None
     while prog.done < N:  # at least one step a run, then as many as the budget allows
         if state.offset > start and time.perf_counter() - t_start >= budget_s:
             break
         mx.synchronize()
         before = mx.get_active_memory()
         mx.reset_peak_memory()
+        layers.clear()
         t0 = time.perf_counter()
         prefill_step(model, state, mx.array(tokens[:, prog.done : prog.done + step]))
         prog.seconds += time.perf_counter() - t0
         prog.done = min(N, prog.done + step)
-        peak = mx.get_peak_memory()
+        peak = max([mx.get_peak_memory(), *layers.values()])
+        if trace_gb is not None and (peak - before) / 1e9 > trace_gb:
+            top = sorted(layers.items(), key=lambda kv: -kv[1])[:3]
+            echo(f"  step ending at {prog.done}: working set {(peak - before) / 1e9:.2f} GB; most held during layers "
+                 + ", ".join(f"{i} ({'KDA' if model.model.layers[i].is_kda else 'MLA'}) {(p - before) / 1e9:.2f} GB"
+                             for i, p in top)
+                 + f"; after the last layer {(mx.get_peak_memory() - before) / 1e9:.2f} GB")
         prog.peak_gb = max(prog.peak_gb, peak / 1e9)
         if (peak - before) / 1e9 > prog.step_gb:
             if prog.step_gb and prog.done > 8 * step:  # a new largest working set after the first steps: say when
@@ -257,6 +275,7 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
             echo(f"  {prog.done:>9} / {N} tokens, {prog.seconds:7.1f} s of steps, {prog.done / prog.seconds:7.1f} tok/s, "
                  f"in use {mx.get_active_memory() / 1e9:.1f} GB, peak {prog.peak_gb:.1f} GB, "
                  f"largest step working set {prog.step_gb:.2f} GB (at {prog.step_at})")
+    model.layer_done = None
     save_state(path, state, model, asdict(prog))
     return state, prog
 

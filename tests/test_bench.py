@@ -101,3 +101,24 @@ def test_long_prefill_script_resumes_and_decodes(tmp_path):
     assert "prefill of 192 tokens" in out.stdout and "= weights" in out.stdout
     assert "largest working set of one step" in out.stdout and "no cap)" in out.stdout
     assert "decode from 192 to 198 tokens of context" in out.stdout
+
+
+def test_resumable_prefill_traces_the_layers_of_a_large_step(tmp_path, monkeypatch):
+    """trace_gb: paced steps run layer by layer and a step past the threshold names the layers that held the
+    most; the state ends as without tracing."""
+    import numpy as np
+
+    from kimi_mlx.model import decoder
+
+    monkeypatch.setattr(decoder, "PACED_ON", (mx.cpu,))
+    monkeypatch.setattr(decoder, "PACED_PREFILL", 32)
+    model, _, cfg = bench.build("small", bits=0, dtype=mx.float32, peer=False)
+    toks = np.random.default_rng(0).integers(0, cfg["vocab_size"], (1, 128))
+    lines = []
+    traced, prog = bench.resumable_prefill(model, toks, tmp_path / "t.kimi", 64, 1e9, echo=lines.append, trace_gb=0.0)
+    plain, _ = bench.resumable_prefill(model, toks, tmp_path / "p.kimi", 64, 1e9, echo=lambda s: None)
+    traces = [s for s in lines if "most held during layers" in s]
+    assert len(traces) == 2 and all("(KDA)" in s or "(MLA)" in s for s in traces), lines
+    assert model.layer_done is None and prog.step_gb > 0
+    x = mx.array([[5]])
+    assert float(mx.abs(model(x, traced) - model(x, plain)).max()) == 0.0

@@ -111,6 +111,7 @@ class Model(nn.Module):
         self._steps = None
         self._whole = None
         self._prefill = None
+        self.layer_done = None  # paced prefill steps call layer_done(i) once layer i has run (memory tracing)
         n = cfg.num_hidden_layers
         self.owned = pipeline.layers if pipeline else range(n)
         first, last = (pipeline.first, pipeline.last) if pipeline else (True, True)
@@ -203,6 +204,9 @@ class Model(nn.Module):
                 mx.async_eval(queued)
                 mx.eval(pending)
                 pending = queued
+                if self.layer_done:  # tracing: this layer alone, then the hook (no overlap with the next one)
+                    mx.eval(queued)
+                    self.layer_done(i)
         return h
 
     def _decode_whole(self, h: mx.array, state: ModelState) -> mx.array:
