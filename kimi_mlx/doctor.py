@@ -11,8 +11,8 @@ from functools import partial
 
 import mlx.core as mx
 
-from .errors import first_line
 from . import working_set
+from .errors import first_line
 from .ops import kda as kda_ops
 
 TOL = 1e-4  # float32, relative to the largest magnitude
