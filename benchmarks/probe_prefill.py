@@ -113,6 +113,7 @@ if "kda" in parts:
         s0 = mx.zeros_like(ks.recurrent)
         mx.eval(cv, s0)
         timeit("    of which the scan kernel", lambda: KC.scan_kernel(0.1 * ck, cv, cq, ck, alpha[..., -1, :], s0))
+        timeit("    the scan as ops (a few matmuls a chunk)", lambda: KC.scan_ops(0.1 * ck, cv, cq, ck, alpha[..., -1, :], s0))
     o = mx.random.normal((1, T, H, Dh))
     timeit("  output gate, norm, o_proj", lambda: attn.o_proj((mx.fast.rms_norm(o, attn.o_norm_weight, 1e-5)
                                                               * mx.sigmoid(attn.g_b_proj(g_a).reshape(1, T, H, Dh)))
