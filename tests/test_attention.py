@@ -105,6 +105,19 @@ def test_tiling_fits_the_budget(B, H_, T, S):
     assert t.tile_keys >= min(S, A.MIN_TILE_KEYS)
 
 
+@pytest.mark.parametrize("T,S", [(1024, 1024), (1100, 2100), (1024, 2049)])
+def test_long_first_steps_chunk_their_queries_and_equal_plain(T, S):
+    """Where the new queries are at least half the keys, the tiling splits them into CAUSAL_CHUNKS chunks
+    (each reads only the keys it sees); otherwise one chunk. Either way the result is plain attention's."""
+    t = choose_tiling(1, H, T, S)
+    assert t.query_chunk == (-(-T // A.CAUSAL_CHUNKS) if 2 * T >= S else T)
+    rows, q, k_up, v_up = inputs(1, T, S, seed=T + S)
+    out = mla_attention(q, paged(rows, T, page_first=256, page_max=1024), k_up, v_up, SCALE, path="tiled",
+                        absorbed=False)
+    ref = mla_attention_ref(q, rows, k_up, v_up, SCALE)
+    assert err(out, ref) < 1e-5 * float(mx.abs(ref).max())  # float32 sums over ~2k keys
+
+
 def test_absorbed_choice_follows_the_cost_model():
     # real shape: absorbed for decode and short calls, expanded for prefill steps
     assert A.absorbed_is_cheaper(1, 512, 64, 128, 128)
