@@ -70,7 +70,7 @@ def test_fused_is_taken_only_for_one_dense_page_that_fits_in_expanded_form(monke
     rows, q, k_up, v_up = inputs(1, T, 40)
     taken = []
     monkeypatch.setattr(A, "_fused", lambda *a: taken.append("fused"))
-    monkeypatch.setattr(A, "_tiled", lambda *a: taken.append("tiled"))
+    monkeypatch.setattr(A, "_tiled", lambda *a, **k: taken.append("tiled"))
     one_page = paged(rows, T, page_first=64, page_max=64)
     mla_attention(q, one_page, k_up, v_up, SCALE)
     mla_attention(q, paged(rows, T), k_up, v_up, SCALE)  # several pages
@@ -108,9 +108,11 @@ def test_tiling_fits_the_budget(B, H_, T, S):
 @pytest.mark.parametrize("T,S", [(1024, 1024), (1100, 2100), (1024, 2049)])
 def test_long_first_steps_chunk_their_queries_and_equal_plain(T, S):
     """Where the new queries are at least half the keys, the tiling splits them into CAUSAL_CHUNKS chunks
-    (each reads only the keys it sees); otherwise one chunk. Either way the result is plain attention's."""
-    t = choose_tiling(1, H, T, S)
+    (each reads only the keys it sees, from one expansion of every key); otherwise one chunk. Either way the
+    result is plain attention's."""
+    t = choose_tiling(1, H, T, S, causal=True)
     assert t.query_chunk == (-(-T // A.CAUSAL_CHUNKS) if 2 * T >= S else T)
+    assert choose_tiling(1, H, T, S).query_chunk == T
     rows, q, k_up, v_up = inputs(1, T, S, seed=T + S)
     out = mla_attention(q, paged(rows, T, page_first=256, page_max=1024), k_up, v_up, SCALE, path="tiled",
                         absorbed=False)
@@ -157,6 +159,8 @@ def test_quantized_cache(bits, tol, absorbed):
     dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)
     out = mla_attention(q, cache, k_up, v_up, SCALE, absorbed=absorbed, tiling=Tiling(T, 16))
     assert err(out, mla_attention_ref(q, dq, k_up, v_up, SCALE)) < 2e-5
+    chunked = mla_attention(q, cache, k_up, v_up, SCALE, absorbed=absorbed, tiling=Tiling(2, 16))  # expanded: once
+    assert err(chunked, out) < 2e-5
     exact = mla_attention_ref(q, rows, k_up, v_up, SCALE)
     assert err(out, exact) / float(mx.abs(exact).max()) < tol
     assert err(out, exact) > 0  # it really is quantized

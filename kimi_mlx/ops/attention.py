@@ -105,16 +105,17 @@ CAUSAL_CHUNKS = 8  # query chunks for a call whose causal triangle is a large pa
 CAUSAL_MIN_T = 1024  # ... of at least this many queries
 
 
-def choose_tiling(B: int, H: int, T: int, S: int, tile_bytes: int | None = None) -> Tiling:
+def choose_tiling(B: int, H: int, T: int, S: int, tile_bytes: int | None = None, causal: bool = False) -> Tiling:
     """The largest tiles whose [B, H, query_chunk, tile_keys] float32 scores fit tile_bytes (TILE_BYTES).
 
-    Where the new queries are at least half the keys (a prompt's first steps), the scores past the causal
-    diagonal are a large part of the block: the queries then go in CAUSAL_CHUNKS chunks, each reading only
-    the keys up to its last query (9/16 of the scores for T = S; the MLA layer of a 2,048-token first step
-    at the small shape on CPU: 590 -> 287 ms, where exp over the scores dominates)."""
+    causal: where the new queries are at least half the keys (a prompt's first steps), the scores past the
+    causal diagonal are a large part of the block, so the queries go in CAUSAL_CHUNKS chunks, each reading
+    only the keys up to its last query (9/16 of the scores for T = S; the MLA layer of a 2,048-token first
+    step at the small shape on CPU: 590 -> 287 ms, where exp over the scores dominates). mla_attention asks
+    for it where every key's expanded K and V fit a tile, so the chunks share one expansion."""
     tile_bytes = tile_bytes or TILE_BYTES
     rows = T
-    if T >= CAUSAL_MIN_T and 2 * T >= S:
+    if causal and T >= CAUSAL_MIN_T and 2 * T >= S:
         rows = -(-T // CAUSAL_CHUNKS)
     per_key = B * H * rows * 4
     keys = tile_bytes // per_key
@@ -163,7 +164,10 @@ def mla_attention(q, cache: LatentCache, k_up, v_up, scale: float, *, path: str 
         return _fused(q, mx.concatenate([p[0] for p in cache.pages], axis=1), k_up, v_up, scale, absorbed)
     if path != "tiled":
         raise ValueError(f"unknown MLA attention path {path!r}")
-    return _tiled(q, cache, k_up, v_up, scale, absorbed, tiling or choose_tiling(B, H, T, S))
+    # expanded K and V of every key, if small enough to build once for chunks of queries to share
+    expandable = not absorbed and B * H * S * (q.shape[-1] + v_up.shape[1] + ONES) * q.itemsize <= TILE_BYTES
+    tiling = tiling or choose_tiling(B, H, T, S, causal=expandable)
+    return _tiled(q, cache, k_up, v_up, scale, absorbed, tiling, expand_all=expandable and tiling.query_chunk < T)
 
 
 SPLIT_ROWS = 512  # decode: a page's values matmul runs as a batch of SPLIT_ROWS-row pieces (split-K; 0: off)
@@ -264,8 +268,8 @@ class _Absorbed:
         self.q2 = self.qa[:, :, t0:t1].reshape(B, H * (t1 - t0), W)
         self.shape = (B, H, t1 - t0)
 
-    def scores(self, span):
-        """(scores [B, H, t, n] in the cache dtype, what values() needs of this span)."""
+    def scores(self, start, span):
+        """(scores [B, H, t, n] in the cache dtype, what values() needs of this span); start: its first key."""
         if self.cache.bits:
             s = mx.quantized_matmul(self.q2, *span, transpose=True, group_size=self.cache.group_size,
                                     bits=self.cache.bits)
@@ -292,9 +296,11 @@ class _Expanded:
 
     K comes from one matmul of the raw rows with k_aug[h] = [[k_up[h], 0], [0, I_pe]], so it holds
     [latent k_up[h]^T | k_pe] and the scores are one matmul of the 192-dim queries (a separate pe matmul
-    added onto the nope scores measured 2x slower on an H200, RESULTS.md)."""
+    added onto the nope scores measured 2x slower on an H200, RESULTS.md). With `expand_all` (a call whose
+    queries go in chunks over a short cache) every key is expanded once up front and the chunks read
+    slices of it; otherwise each span is expanded when read (a long cache never is whole)."""
 
-    def __init__(self, q, cache: LatentCache, k_up, v_up, scale):
+    def __init__(self, q, cache: LatentCache, k_up, v_up, scale, expand_all=False):
         self.q, self.cache, self.v_up = q * scale, cache, v_up
         H, nope, L = k_up.shape
         pe = q.shape[-1] - nope
@@ -303,17 +309,25 @@ class _Expanded:
                                  (H, pe, L + pe))
         self.k_aug_t = mx.concatenate([top, bottom], axis=1).swapaxes(-1, -2)  # [H, W, nope + pe]
         self.L = L
+        self.kv = None
+        if expand_all:
+            rows = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, None]
+            self.kv = self._expand(rows)
+
+    def _expand(self, rows):
+        """Cache rows [B, 1, n, W] -> (K [B, H, n, nope + pe], V with ONES columns of ones [B, H, n, v + ONES])."""
+        return rows @ self.k_aug_t, _ones_column(rows[..., : self.L] @ self.v_up.swapaxes(-1, -2))
 
     def queries(self, t0, t1):
         self.qc = self.q[:, :, t0:t1]
 
-    def scores(self, span):
-        rows = self.cache.rows(span)[:, None]
-        return self.qc @ (rows @ self.k_aug_t).swapaxes(-1, -2), rows[..., : self.L]
+    def scores(self, start, span):
+        n = span[0].shape[1]
+        k, v = (x[:, :, start : start + n] for x in self.kv) if self.kv else self._expand(self.cache.rows(span)[:, None])
+        return self.qc @ k.swapaxes(-1, -2), v
 
-    def values(self, p, lat):
-        v = lat @ self.v_up.swapaxes(-1, -2)
-        return _split_sum((p.astype(v.dtype) @ _ones_column(v)).astype(mx.float32))
+    def values(self, p, v):
+        return _split_sum((p.astype(v.dtype) @ v).astype(mx.float32))
 
     def finish(self, o):
         return o.astype(self.q.dtype)
@@ -333,11 +347,11 @@ def _split_sum(o):
     return o[..., :-ONES], o[..., -1:]
 
 
-def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling):
+def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling, expand_all=False):
     """Online softmax over key tiles, query chunk by query chunk; float32 running max, sum and output."""
     B, H, T, _ = q.shape
     S = cache.length
-    form = (_Absorbed if absorbed else _Expanded)(q, cache, k_up, v_up, scale)
+    form = _Absorbed(q, cache, k_up, v_up, scale) if absorbed else _Expanded(q, cache, k_up, v_up, scale, expand_all)
     outs, pending = [], None
     for t0 in range(0, T, tiling.query_chunk):
         t1 = min(T, t0 + tiling.query_chunk)
@@ -351,7 +365,7 @@ def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling):
             after = [acc, l] if m is not None else outs[-1:]
             if after:
                 tile = [(start, tuple(mx.depends(list(span), after))) for start, span in tile]
-            parts, ctxs = zip(*(form.scores(span) for _, span in tile))
+            parts, ctxs = zip(*(form.scores(start, span) for start, span in tile))
             s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)  # cache dtype
             k0 = tile[0][0]
             k1 = k0 + s.shape[-1]
