@@ -143,7 +143,7 @@ class Runner:
         return self.model(toks, cache=self.state)
 
     def prefill_step(self, toks: mx.array):
-        """One prefill step, evaluated (ours the way generation runs it: its working set bounded)."""
+        """One prefill step, evaluated (ours through generate.prefill_step, the way generation runs it)."""
         if self.is_ours:
             return prefill_step(self.model, self.state, toks)
         self.forward(toks)
@@ -259,18 +259,18 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
         prog.seconds += time.perf_counter() - t0
         prog.done = min(N, prog.done + step)
         peak = max([mx.get_peak_memory(), *layers.values()])
-        if trace_gb is not None and (peak - before) / 1e9 > trace_gb:
+        held = (peak - before) / 1e9  # this step's working set
+        prog.peak_gb = max(prog.peak_gb, peak / 1e9)
+        if trace_gb is not None and held > trace_gb:
             top = sorted(layers.items(), key=lambda kv: -kv[1])[:3]
-            echo(f"  step ending at {prog.done}: working set {(peak - before) / 1e9:.2f} GB; most held during layers "
+            echo(f"  step ending at {prog.done}: working set {held:.2f} GB; most held during layers "
                  + ", ".join(f"{i} ({'KDA' if model.model.layers[i].is_kda else 'MLA'}) {(p - before) / 1e9:.2f} GB"
                              for i, p in top)
                  + f"; after the last layer {(mx.get_peak_memory() - before) / 1e9:.2f} GB")
-        prog.peak_gb = max(prog.peak_gb, peak / 1e9)
-        if (peak - before) / 1e9 > prog.step_gb:
+        if held > prog.step_gb:
             if prog.step_gb and prog.done > 8 * step:  # a new largest working set after the first steps: say when
-                echo(f"  step ending at {prog.done}: working set {(peak - before) / 1e9:.2f} GB "
-                     f"(in use before it {before / 1e9:.2f} GB)")
-            prog.step_gb, prog.step_at = (peak - before) / 1e9, prog.done
+                echo(f"  step ending at {prog.done}: working set {held:.2f} GB (in use before it {before / 1e9:.2f} GB)")
+            prog.step_gb, prog.step_at = held, prog.done
         if prog.done % (64 * step) == 0 or prog.done == N:
             echo(f"  {prog.done:>9} / {N} tokens, {prog.seconds:7.1f} s of steps, {prog.done / prog.seconds:7.1f} tok/s, "
                  f"in use {mx.get_active_memory() / 1e9:.1f} GB, peak {prog.peak_gb:.1f} GB, "

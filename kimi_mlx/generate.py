@@ -110,8 +110,8 @@ def prefill(model, state, tokens: list[int], step_size: int, progress: Progress 
 
 
 def prefill_step(model, state, tokens: mx.array) -> None:
-    """Feed tokens [B, T] into state and evaluate it, holding at most the working-set bound beyond the memory
-    in use before (working_set.py)."""
+    """Feed tokens [B, T] into state and evaluate it, under the optional working-set cap (working_set.py;
+    off by default: long steps on a GPU are paced layer by layer in the model instead)."""
     with working_set.bounded():
         model.hidden(tokens, state)
         state.eval()
