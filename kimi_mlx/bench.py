@@ -209,6 +209,9 @@ def prefill_estimate(points: dict[int, float], n: int, step: int) -> float:
     return float(np.sum(a + b * ends))
 
 
+KEPT_REPORT_GB = 0.5  # resumable_prefill reports memory kept between steps in increments of this
+
+
 @dataclass
 class PrefillProgress:
     done: int  # prompt tokens fed so far
@@ -247,11 +250,18 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
         mx.reset_peak_memory()
 
     model.layer_done = layer_done if trace_gb is not None else None
+    mx.synchronize()
+    base = mx.get_active_memory() - state_bytes(state)  # weights and whatever else stays: not the state
+    kept = 0.0  # the most memory in use between steps beyond base + the state as allocated
     while prog.done < N:  # at least one step a run, then as many as the budget allows
         if state.offset > start and time.perf_counter() - t_start >= budget_s:
             break
         mx.synchronize()
         before = mx.get_active_memory()
+        extra = (before - base - state_bytes(state)) / 1e9
+        if extra > kept + KEPT_REPORT_GB:  # memory kept between steps that the state does not account for: say when
+            echo(f"  before the step from {prog.done}: {extra:.2f} GB in use beyond the weights and the state")
+            kept = extra
         mx.reset_peak_memory()
         layers.clear()
         t0 = time.perf_counter()

@@ -122,3 +122,30 @@ def test_resumable_prefill_traces_the_layers_of_a_large_step(tmp_path, monkeypat
     assert model.layer_done is None and prog.step_gb > 0
     x = mx.array([[5]])
     assert float(mx.abs(model(x, traced) - model(x, plain)).max()) == 0.0
+
+
+def test_resumable_prefill_reports_memory_kept_between_steps(tmp_path, monkeypatch):
+    """Memory that stays in use between steps beyond the weights and the state is reported as it grows."""
+    import numpy as np
+
+    model, _, cfg = bench.build("small", bits=0, dtype=mx.float32, peer=False)
+    toks = np.random.default_rng(0).integers(0, cfg["vocab_size"], (1, 256))
+    monkeypatch.setattr(bench, "KEPT_REPORT_GB", 0.001)
+    lines, leak, step = [], [], bench.prefill_step
+
+    def leaky(model, state, x):  # keeps 4 MB a step alive, as a leak would
+        leak.append(mx.ones((1 << 20,)) + 0)
+        mx.eval(leak[-1])
+        return step(model, state, x)
+
+    monkeypatch.setattr(bench, "prefill_step", leaky)
+    bench.resumable_prefill(model, toks, tmp_path / "k.kimi", 64, 1e9, echo=lines.append)
+    def later(lines):  # reports after the first step (which leaves a few MB of compiled graphs and cached indices)
+        return [s for s in lines if "beyond the weights and the state" in s and "from 64:" not in s]
+
+    assert len(later(lines)) >= 2, lines  # 8 MB by the third step, 12 by the fourth
+    monkeypatch.setattr(bench, "prefill_step", step)
+    leak.clear()
+    lines.clear()
+    bench.resumable_prefill(model, toks, tmp_path / "n.kimi", 64, 1e9, echo=lines.append)
+    assert not later(lines), lines
