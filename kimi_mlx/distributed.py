@@ -188,7 +188,17 @@ def layer_plan(path: Path, num_layers: int, ranks: int) -> list[range]:
     return plan(per_layer, first, last, ranks)
 
 
-NOISE = (b"[ring] Socket", b"[ring] Sending to socket", b"[ring] Receiving from socket", b"[ring] Too many send/recv errors")
+# The words of the ring backend's per-socket messages. It writes each word to the unbuffered std::cerr
+# separately, from several socket threads at once, so a lost peer can print interleaved fragments
+# ("[ring] [ring] Sending to Receiving from socket 5 ...", "104"): a line made only of these words and
+# numbers is noise, whatever their order.
+NOISE_WORDS = frozenset(b"[ring] Socket was closed by the peer Sending Receiving to from socket failed with errno made "
+                        b"no progress Too many send/recv errors. Failing pending tasks...".split())
+
+
+def is_noise(line: bytes) -> bool:
+    words = line.split()
+    return bool(words) and all(w in NOISE_WORDS or w.isdigit() for w in words)
 
 
 def quiet_backend_noise() -> None:
@@ -205,7 +215,7 @@ def quiet_backend_noise() -> None:
     def pump():
         with os.fdopen(r, "rb") as src:
             for line in src:
-                if not line.startswith(NOISE):
+                if not is_noise(line):
                     os.write(real, line)
 
     t = threading.Thread(target=pump, daemon=True)

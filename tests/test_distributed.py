@@ -12,7 +12,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from kimi_mlx import load_model
-from kimi_mlx.distributed import DistributedError, plan
+from kimi_mlx.distributed import DistributedError, is_noise, plan
 
 WORKER = Path(__file__).parent / "dist_worker.py"
 LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
@@ -22,6 +22,17 @@ def launch(ckpt, out, mode="run", timeout=240):
     cmd = [LAUNCH, "--backend", "ring", "-n", "2", "--python", sys.executable,
            "--starting-port", str(40000 + (int(time.time() * 1000) % 20000)), str(WORKER), str(ckpt), str(out), mode]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent)
+
+
+def test_ring_noise_filter_drops_interleaved_fragments_only():
+    """MLX's ring backend writes its per-socket messages word by word from several threads: whole lines and
+    interleaved fragments are dropped; our own one-line errors (which quote '[ring]') and anything else pass."""
+    noise = [b"[ring] Sending to socket 5 failed with errno 32\n", b"[ring] [ring] Sending to Receiving from socket\n",
+             b"5 failed with errno 104\n", b"104\n", b"[ring] Socket 7 was closed by the peer\n",
+             b"[ring] Too many send/recv errors. Failing pending tasks...\n"]
+    kept = [b"error: rank 1: lost contact with another rank ([ring] connection to a peer was lost); stopping\n",
+            b"Traceback (most recent call last):\n", b"\n", b"hello 5\n"]
+    assert all(is_noise(line) for line in noise) and not any(is_noise(line) for line in kept)
 
 
 def test_plan_balances_bytes():
