@@ -58,27 +58,9 @@ kda_i = [i for i in range(len(L)) if L[i].is_kda][1]
 mla_i = [i for i in range(len(L)) if not L[i].is_kda][0]
 
 if "moe" in parts:
-    from kimi_mlx.model import fuse
-
-    for path in ("sorted", "segmented", "blocked", "dequantized"):
+    for path in ("sorted", "segmented", "blocked"):
         os.environ["KIMI_MLX_EXPERTS"] = path
         timeit(f"MoE, 1 layer, {T} tokens, experts {path}", lambda: L[kda_i].mlp(h))
-    for mb in (128, 256, 1024, 4096):
-        fuse.DEQUANT_BYTES = mb << 20
-        timeit(f"MoE, 1 layer, {T} tokens, experts dequantized, {mb} MB chunks", lambda: L[kda_i].mlp(h))
-    fuse.DEQUANT_BYTES = 512 << 20
-    moe = L[kda_i].mlp
-    E = moe.num_routed + moe.num_shared
-    timeit("  dequantize both banks (all experts)", lambda: [moe.gate_up_proj.dense(0, E, DT), moe.down_proj.dense(0, E, DT)])
-    flat = h.reshape(-1, D)
-    idx, _ = moe.gate(flat, shared=moe.num_shared)
-    order = mx.argsort(idx.flatten())
-    ids, xs = idx.flatten()[order].astype(mx.uint32), flat[order // idx.shape[1]][:, None]
-    gu = moe.gate_up_proj.dense(0, E, DT).swapaxes(-1, -2)
-    mx.eval(ids, xs, gu)
-    t = timeit("  grouped GEMM, gate|up bank in bf16 (sorted gather_mm)", lambda: mx.gather_mm(xs, gu, rhs_indices=ids, sorted_indices=True))
-    print(f"  -> {2 * xs.shape[0] * gu.shape[1] * gu.shape[2] / t / 1e12:.0f} TFLOP/s", flush=True)
-    del gu
     for blk in (32, 128):
         ExpertBlocks.BLOCK = blk
         timeit(f"MoE, 1 layer, {T} tokens, experts blocked {blk}", lambda: L[kda_i].mlp(h))

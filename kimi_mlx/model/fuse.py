@@ -84,8 +84,6 @@ class FusedMoE(nn.Module):
             blocks = ExpertBlocks(idx, self.num_routed + self.num_shared)
             g, u = mx.split(self.gate_up_proj(blocks.rows(flat), blocks.expert), 2, axis=-1)
             y = blocks.pairs(self.down_proj(nn.silu(g) * u, blocks.expert))
-        elif path == "dequantized":  # prefill on CUDA: grouped GEMMs over banks dequantized a few experts at a time
-            y = self._dequantized(flat, idx)
         elif path == "segmented":  # prefill on CPU: tokens grouped by expert, one dense matmul each
             order = mx.argsort(idx.flatten())
             counts = np.bincount(np.array(idx).reshape(-1), minlength=self.num_routed + self.num_shared).tolist()
@@ -103,36 +101,6 @@ class FusedMoE(nn.Module):
             y = self.down_proj(nn.silu(g) * u, idx, lhs_indices=rows_mid)
         y = y.reshape(N, k, -1)
         return (y.astype(mx.float32) * w[..., None]).sum(1).astype(x.dtype).reshape(shape)
-
-    def _dequantized(self, flat: mx.array, idx: mx.array) -> mx.array:
-        """Expert-sorted rows through MLX's grouped GEMM (gather_mm over one-row items with sorted expert
-        indices: a CUTLASS grouped GEMM on CUDA) against the banks dequantized to the activations' dtype,
-        DEQUANT_BYTES of experts at a time; a chunk is queued and the one before awaited, so about two chunks'
-        weights are held whatever the bank's size. Returns [N * k, D] in pair order."""
-        N, k = idx.shape
-        E = self.num_routed + self.num_shared
-        order = mx.argsort(idx.flatten())
-        counts = np.bincount(np.array(idx).reshape(-1), minlength=E)
-        ends = np.cumsum(counts)
-        ids, xs = idx.flatten()[order].astype(mx.uint32), flat[order // k][:, None]
-        per_expert = sum(m.dense(0, 1, flat.dtype).nbytes for m in (self.gate_up_proj, self.down_proj))
-        chunk = max(1, DEQUANT_BYTES // per_expert)
-        outs, pending = [], None
-        for e0 in range(0, E, chunk):
-            e1 = min(E, e0 + chunk)
-            a, b = int(ends[e0 - 1]) if e0 else 0, int(ends[e1 - 1])
-            if a == b:
-                continue
-            sel = ids[a:b] - e0
-            gu = self.gate_up_proj.dense(e0, e1, flat.dtype).swapaxes(-1, -2)
-            g, u = mx.split(mx.gather_mm(xs[a:b], gu, rhs_indices=sel, sorted_indices=True), 2, axis=-1)
-            down = self.down_proj.dense(e0, e1, flat.dtype).swapaxes(-1, -2)
-            outs.append(mx.gather_mm(nn.silu(g) * u, down, rhs_indices=sel, sorted_indices=True))
-            mx.async_eval(outs[-1])
-            if pending is not None:
-                mx.eval(pending)
-            pending = outs[-1]
-        return mx.concatenate(outs)[mx.argsort(order)]
 
     def _rows(self, N: int, k: int) -> tuple[mx.array, mx.array]:
         """gather_qmm's row indices for N tokens of k experts: the gate|up bank reads token n, the down bank
@@ -186,16 +154,14 @@ class ExpertBlocks:
 
 
 EXPERTS_ENV = "KIMI_MLX_EXPERTS"
-DEQUANT_BYTES = int(os.environ.get("KIMI_MLX_DEQUANT_MB", "512")) << 20  # 'dequantized': experts per chunk
 
 
 def expert_path(pairs: int, experts: int) -> str:
     """How N*k (token, expert) pairs meet a bank of `experts`: 'gather' (few pairs: decode), 'sorted'
     (gather_mm over expert-sorted rows: Metal's prefill kernel), 'segmented' (one matmul per expert
     over its rows: CPU, measured 3.5x gather_mm) or 'blocked' (ExpertBlocks: CUDA, where gather_qmm
-    over single sorted rows measured ~60x under the card's matmul rate, RESULTS.md) or 'dequantized'
-    (grouped GEMMs over banks dequantized a chunk of experts at a time: a CUDA candidate, not the default).
-    KIMI_MLX_EXPERTS=gather|sorted|segmented|blocked|dequantized overrides."""
+    over single sorted rows measured ~60x under the card's matmul rate, RESULTS.md).
+    KIMI_MLX_EXPERTS=gather|sorted|segmented|blocked overrides."""
     forced = os.environ.get(EXPERTS_ENV, "").strip().lower()
     if forced in EXPERT_PATHS:
         return forced
@@ -210,7 +176,7 @@ def expert_path(pairs: int, experts: int) -> str:
     return "sorted"  # Metal: MLX's gather_qmm has a kernel for expert-sorted rows
 
 
-EXPERT_PATHS = ("gather", "sorted", "segmented", "blocked", "dequantized")
+EXPERT_PATHS = ("gather", "sorted", "segmented", "blocked")
 
 
 def can_fuse_moe(moe: KimiMoE) -> bool:

@@ -34,10 +34,6 @@ class SwitchLinear(nn.Module):
         """x: [M, in] rows sorted by expert, counts[e] rows each -> [M, out]: one dense matmul per expert."""
         return _per_expert(x, counts, lambda e, rows: rows @ self.weight[e].T)
 
-    def dense(self, e0: int, e1: int, dtype: mx.Dtype) -> mx.array:
-        """Experts e0..e1-1 as plain weights [e1 - e0, out, in] in dtype."""
-        return self.weight[e0:e1].astype(dtype)
-
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **kw):
         return QuantizedSwitchLinear.from_float(self, group_size, bits, mode)
 
@@ -67,12 +63,6 @@ class QuantizedSwitchLinear(nn.Module):
                                        else None, transpose=True, group_size=self.group_size, bits=self.bits,
                                        mode=self.mode)
         return _per_expert(x, counts, one)
-
-    def dense(self, e0: int, e1: int, dtype: mx.Dtype) -> mx.array:
-        """Experts e0..e1-1 dequantized: [e1 - e0, out, in] in dtype."""
-        b = self["biases"][e0:e1] if "biases" in self else None
-        return mx.dequantize(self.weight[e0:e1], self.scales[e0:e1], b, group_size=self.group_size, bits=self.bits,
-                             mode=self.mode, dtype=dtype)
 
     def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False, lhs_indices=None) -> mx.array:
         return mx.gather_qmm(
