@@ -1,6 +1,7 @@
 """Print benchmark lines and, on request, append them to benchmarks/RESULTS.md with date and commit."""
 
 import datetime
+import os
 import subprocess
 from pathlib import Path
 
@@ -19,6 +20,7 @@ class Recorder:
         """Add a '### title — date — commit' section holding the lines (default: all echoed so far)."""
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=RESULTS.parent).stdout.strip()
+        commit = commit or os.environ.get("KIMI_MLX_COMMIT", "")  # a copy without .git (the GPU machine's)
         body = "\n".join(self.lines if lines is None else lines)
         with open(RESULTS, "a") as f:
             f.write(f"\n### {title} — {datetime.date.today()} — commit {commit or '?'}\n\n```\n{body}\n```\n")
