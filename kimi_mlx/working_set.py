@@ -55,7 +55,9 @@ def bounded(extra: int | None = None):
 def describe() -> str:
     """One line on how prefill steps keep their memory (doctor and bench print it)."""
     from .model.decoder import PACED_PREFILL
+    from .ops.attention import FREE_SLACK
 
     mb = bound_bytes() >> 20
     cap = f"capped at {mb} MB past the weights and state" if mb else "no cap"
-    return f"steps of {PACED_PREFILL}+ tokens queue one layer at a time on a GPU; {cap} ({ENV})"
+    tiles = f"; attention tiles wait for freed memory past {FREE_SLACK >> 20} MB" if FREE_SLACK is not None else ""
+    return f"steps of {PACED_PREFILL}+ tokens queue one layer at a time on a GPU{tiles}; {cap} ({ENV})"

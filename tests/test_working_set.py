@@ -97,3 +97,15 @@ def test_prefill_steps_run_under_the_bound(monkeypatch):
     prefill(Model(), State(), list(range(10)), 4)
     assert len(seen) == 3 and all(s == pytest.approx(mx.get_active_memory() + 7 * MB, abs=MB) for s in seen)
     assert mx.get_memory_limit() == before
+
+
+def test_describe_names_the_cap_and_the_tile_wait(monkeypatch):
+    from kimi_mlx.ops import attention
+
+    monkeypatch.setattr(attention, "FREE_SLACK", None)
+    monkeypatch.delenv(working_set.ENV, raising=False)
+    assert "no cap" in working_set.describe() and "tiles wait" not in working_set.describe()
+    monkeypatch.setattr(attention, "FREE_SLACK", 2048 << 20)
+    monkeypatch.setenv(working_set.ENV, "1536")
+    line = working_set.describe()
+    assert "tiles wait for freed memory past 2048 MB" in line and "capped at 1536 MB" in line
