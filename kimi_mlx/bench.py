@@ -221,6 +221,46 @@ class PrefillProgress:
     step_at: int = 0  # the context (tokens fed) after that step
 
 
+@dataclass
+class StepMemory:
+    seconds: float
+    before: int  # memory in use before the step
+    peak: int  # the step's peak
+    layers: dict  # layer -> peak while it ran (traced steps only)
+
+    @property
+    def held_gb(self) -> float:
+        """The step's working set: its peak minus the memory in use before it."""
+        return (self.peak - self.before) / 1e9
+
+    def top_layers(self, model, n: int = 3) -> str:
+        top = sorted(self.layers.items(), key=lambda kv: -kv[1])[:n]
+        return ", ".join(f"{i} ({'KDA' if model.model.layers[i].is_kda else 'MLA'}) {(p - self.before) / 1e9:.2f} GB"
+                         for i, p in top)
+
+
+def measured_step(model, state, toks: mx.array, trace: bool = False) -> StepMemory:
+    """One prefill step, timed, with its memory; trace: layer by layer (Model.layer_done; paced steps only,
+    a little slower), keeping each layer's peak."""
+    layers: dict[int, int] = {}
+
+    def layer_done(i):
+        layers[i] = mx.get_peak_memory()
+        mx.reset_peak_memory()
+
+    model.layer_done = layer_done if trace else None
+    try:
+        mx.synchronize()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        prefill_step(model, state, toks)
+        seconds = time.perf_counter() - t0
+    finally:
+        model.layer_done = None
+    return StepMemory(seconds, before, max([mx.get_peak_memory(), *layers.values()]), layers)
+
+
 def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: float, echo=print,
                       trace_gb: float | None = None):
     """Feed tokens [1, N] into model in steps until the prompt is done or budget_s has passed, carrying on
@@ -228,8 +268,8 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
     and save the state and progress there. Returns (state, PrefillProgress). For prompts longer than one
     process may run (a 1M-token prompt at the full shape takes ~23 min on an H200).
 
-    trace_gb: run each step layer by layer (Model.layer_done; paced steps only, a little slower) and, for any
-    step whose working set passes trace_gb, print the layers that held the most."""
+    trace_gb: run each step layer by layer (measured_step) and, for any step whose working set passes
+    trace_gb, print the layers that held the most."""
     from pathlib import Path
 
     from .state_io import load_state, save_state
@@ -243,49 +283,37 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
     N = tokens.shape[1]
     start = state.offset
     t_start = time.perf_counter()
-    layers: dict[int, int] = {}  # layer -> peak while it ran (tracing)
-
-    def layer_done(i):
-        layers[i] = mx.get_peak_memory()
-        mx.reset_peak_memory()
-
-    model.layer_done = layer_done if trace_gb is not None else None
     mx.synchronize()
     base = mx.get_active_memory() - state_bytes(state)  # weights and whatever else stays: not the state
     kept = 0.0  # the most memory in use between steps beyond base + the state as allocated
+    recent: list[float] = []  # working sets since the last progress line
     while prog.done < N:  # at least one step a run, then as many as the budget allows
         if state.offset > start and time.perf_counter() - t_start >= budget_s:
             break
         mx.synchronize()
-        before = mx.get_active_memory()
-        extra = (before - base - state_bytes(state)) / 1e9
+        extra = (mx.get_active_memory() - base - state_bytes(state)) / 1e9
         if extra > kept + KEPT_REPORT_GB:  # memory kept between steps that the state does not account for: say when
             echo(f"  before the step from {prog.done}: {extra:.2f} GB in use beyond the weights and the state")
             kept = extra
-        mx.reset_peak_memory()
-        layers.clear()
-        t0 = time.perf_counter()
-        prefill_step(model, state, mx.array(tokens[:, prog.done : prog.done + step]))
-        prog.seconds += time.perf_counter() - t0
+        m = measured_step(model, state, mx.array(tokens[:, prog.done : prog.done + step]), trace_gb is not None)
+        prog.seconds += m.seconds
         prog.done = min(N, prog.done + step)
-        peak = max([mx.get_peak_memory(), *layers.values()])
-        held = (peak - before) / 1e9  # this step's working set
-        prog.peak_gb = max(prog.peak_gb, peak / 1e9)
+        held = m.held_gb
+        recent.append(held)
+        prog.peak_gb = max(prog.peak_gb, m.peak / 1e9)
         if trace_gb is not None and held > trace_gb:
-            top = sorted(layers.items(), key=lambda kv: -kv[1])[:3]
             echo(f"  step ending at {prog.done}: working set {held:.2f} GB; most held during layers "
-                 + ", ".join(f"{i} ({'KDA' if model.model.layers[i].is_kda else 'MLA'}) {(p - before) / 1e9:.2f} GB"
-                             for i, p in top)
-                 + f"; after the last layer {(mx.get_peak_memory() - before) / 1e9:.2f} GB")
+                 f"{m.top_layers(model)}; after the last layer {(mx.get_peak_memory() - m.before) / 1e9:.2f} GB")
         if held > prog.step_gb:
             if prog.step_gb and prog.done > 8 * step:  # a new largest working set after the first steps: say when
-                echo(f"  step ending at {prog.done}: working set {held:.2f} GB (in use before it {before / 1e9:.2f} GB)")
+                echo(f"  step ending at {prog.done}: working set {held:.2f} GB (in use before it {m.before / 1e9:.2f} GB)")
             prog.step_gb, prog.step_at = held, prog.done
         if prog.done % (64 * step) == 0 or prog.done == N:
             echo(f"  {prog.done:>9} / {N} tokens, {prog.seconds:7.1f} s of steps, {prog.done / prog.seconds:7.1f} tok/s, "
                  f"in use {mx.get_active_memory() / 1e9:.1f} GB, peak {prog.peak_gb:.1f} GB, "
-                 f"largest step working set {prog.step_gb:.2f} GB (at {prog.step_at})")
-    model.layer_done = None
+                 f"largest step working set {prog.step_gb:.2f} GB (at {prog.step_at}); "
+                 f"median of the last {len(recent)} steps {float(np.median(recent)):.2f} GB")
+            recent.clear()
     save_state(path, state, model, asdict(prog))
     return state, prog
 

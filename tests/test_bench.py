@@ -149,3 +149,17 @@ def test_resumable_prefill_reports_memory_kept_between_steps(tmp_path, monkeypat
     lines.clear()
     bench.resumable_prefill(model, toks, tmp_path / "n.kimi", 64, 1e9, echo=lines.append)
     assert not later(lines), lines
+
+
+def test_step_memory_script_runs_each_setting():
+    """benchmarks/step_memory.py: one line per run, its settings named, a working set for each step; the
+    shipped settings are restored (the module constants it sets)."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "step_memory.py"
+    out = subprocess.run([sys.executable, str(script), "--shape", "small", "--context", "384", "--steps", "2",
+                          "--step", "64", "--runs", "default,8:off,off:16"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [s for s in out.stdout.splitlines() if s.startswith("tiles/layers")]
+    assert [s.split("past")[1].split("MB")[0].strip() for s in lines] == ["off/off", "8/off", "off/16"]
+    assert all(len(s.split(": ")[-1].split()) == 2 for s in lines), lines

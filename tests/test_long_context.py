@@ -197,17 +197,22 @@ def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, wher
     # count the decoder's per-layer queues (one list each), not the tiled MLA path's per-tile calls
     monkeypatch.setattr(mx, "async_eval", lambda *a: (len(a) == 1 and isinstance(a[0], list) and queued.append(a),
                                                       real(*a))[1])
+    from kimi_mlx.ops import attention
+
+    monkeypatch.setattr(attention, "FREE_WAIT_S", 0.001)
     outs = {}
-    for paced in (False, True):
+    for paced, slack in ((False, None), (True, None), ("waits", 0)):  # "waits": every layer waits for frees
         monkeypatch.setattr(decoder, "PACED_PREFILL", 256 if paced else 1 << 30)
+        monkeypatch.setattr(decoder, "LAYER_FREE_SLACK", slack)
         queued.clear()
         state = model.new_state()
         outs[paced] = mx.concatenate([model(x[:, :800], state), model(x[:, 800:], state)], axis=1)  # paced, not
         outs[paced, "next"] = model(mx.array(toks[:, 1024:1025]), state)
         outs[paced, "queued"] = len(queued)
     layers = len(model.model.layers)
-    assert outs[False, "queued"] == 0 and outs[True, "queued"] == layers  # the 224-token step is not paced
-    assert rel_err(outs[True], outs[False]) <= 1e-6 and rel_err(outs[True, "next"], outs[False, "next"]) <= 1e-6
+    assert outs[False, "queued"] == 0 and outs[True, "queued"] == outs["waits", "queued"] == layers  # 224: not paced
+    for paced in (True, "waits"):
+        assert rel_err(outs[paced], outs[False]) <= 1e-6 and rel_err(outs[paced, "next"], outs[False, "next"]) <= 1e-6
     assert rel_err(outs[True], ref[:, :1024]) <= TOL
 
 

@@ -9,6 +9,7 @@ import mlx.nn as nn
 
 from ..config import KDA, MOE, ModelConfig
 from ..errors import ConfigError
+from ..ops.attention import await_frees
 from ..state import KDAState, MLAState, ModelState, check_context, new_state
 from .common import MLP, RMSNorm
 from .kda import KimiDeltaAttention
@@ -20,6 +21,9 @@ DECODE_ENV = "KIMI_MLX_DECODE"
 COMPILED_PREFILL_MULTIPLE = 1024  # prefill steps of a multiple of this many tokens compile their KDA layers
 PACED_PREFILL = 256  # prefill steps of at least this many tokens queue their layers one at a time (_layers)
 PACED_ON = (mx.gpu,)  # ... on these devices
+# a paced step waits at each layer for MLX's frees once it holds this many bytes over its start (ops.attention
+# .await_frees; None: off, the default: not yet measured; benchmarks/step_memory.py --layer-slack-mb sets it)
+LAYER_FREE_SLACK: int | None = None
 
 
 def decode_mode() -> str:
@@ -192,6 +196,7 @@ class Model(nn.Module):
             self._prefill = {i: self.model.layers[i].compiled_kda_attention() for i in self.owned
                              if self.model.layers[i].is_kda}
         paced, pending = h.shape[1] >= PACED_PREFILL and mx.default_device() in PACED_ON, []
+        limit = mx.get_active_memory() + LAYER_FREE_SLACK if paced and LAYER_FREE_SLACK is not None else None
         for i in self.owned:
             layer, s = self.model.layers[i], state.layers[i]
             if compiled and layer.is_kda:
@@ -203,6 +208,8 @@ class Model(nn.Module):
                 queued = [h, *s.arrays().values()]
                 mx.async_eval(queued)
                 mx.eval(pending)
+                if limit is not None:
+                    limit = await_frees(limit)
                 pending = queued
                 if self.layer_done:  # tracing: this layer alone, then the hook (no overlap with the next one)
                     mx.eval(queued)

@@ -393,13 +393,13 @@ def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling, e
             if pending is not None:
                 mx.eval(pending)
                 if limit is not None:
-                    limit = _await_frees(limit)
+                    limit = await_frees(limit)
             pending = [m, l, acc]
         outs.append(form.finish(acc / l))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
-def _await_frees(limit: int) -> int:
+def await_frees(limit: int) -> int:
     """Wait until the memory in use is at most limit, or FREE_WAIT_S has passed; returns the limit to use next
     (raised to what is in use if the wait ran out, so memory held for other reasons costs one wait, not one a
     tile). MLX frees the buffers of a finished kernel on a worker thread, on an H200 often milliseconds after
