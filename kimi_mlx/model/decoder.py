@@ -22,7 +22,7 @@ COMPILED_PREFILL_MULTIPLE = 1024  # prefill steps of a multiple of this many tok
 PACED_PREFILL = 256  # prefill steps of at least this many tokens queue their layers one at a time (_layers)
 PACED_ON = (mx.gpu,)  # ... on these devices
 # a paced step waits at each layer for MLX's frees once it holds this many bytes over its start (ops.attention
-# .await_frees; None: off, the default: not yet measured; benchmarks/step_memory.py --layer-slack-mb sets it)
+# .await_frees; None: off, the default: not yet measured; benchmarks/step_memory.py --runs TILES:LAYERS sets it)
 LAYER_FREE_SLACK: int | None = None
 
 

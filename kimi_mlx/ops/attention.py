@@ -405,7 +405,7 @@ def await_frees(limit: int) -> int:
     tile). MLX frees the buffers of a finished kernel on a worker thread, on an H200 often milliseconds after
     the kernel ran, while a tile takes ~0.4 ms at 700k keys: consecutive 2,048-token steps there held 3.7-7.9 GB
     (2.34 GB when each tile was awaited whole, at twice the time; 2.3-2.8 GB with this wait at 2.5 GB over the
-    step's start, 13 waits in 10 steps, no slower; RESULTS.md)."""
+    step's start, 13 waits in 10 steps, at the unthrottled step time; RESULTS.md)."""
     if mx.get_active_memory() <= limit:
         return limit
     t0 = time.perf_counter()
