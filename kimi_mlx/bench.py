@@ -7,6 +7,7 @@ layout and fed through both projects' own loading code, then quantized the same 
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -359,10 +360,16 @@ def known_bandwidth() -> float | None:
     return next((bw for key, bw in BANDWIDTH_GBS.items() if key in name), None)
 
 
+MLX_BATCH_ENV = ("MLX_MAX_OPS_PER_BUFFER", "MLX_MAX_MB_PER_BUFFER")  # MLX's GPU command-batch limits
+
+
 def device_line() -> str:
+    """The device, its name and MLX's version, and MLX's command-batch limits where set (they change both the
+    speed and the memory held: a batch keeps its inputs allocated until the device has run all of it)."""
     info = mx.device_info()
     name = info.get("device_name") or info.get("architecture", "?")
-    return f"{mx.default_device()} {name}, MLX {mx.__version__}"
+    batch = ", ".join(f"{k}={os.environ[k]}" for k in MLX_BATCH_ENV if k in os.environ)
+    return f"{mx.default_device()} {name}, MLX {mx.__version__}" + (f" ({batch})" if batch else "")
 
 
 def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: int = 32, step: int = 2048,

@@ -183,3 +183,11 @@ def test_prefill_keeps_no_activation_buffers_between_steps():
     conv_input = len(kda) * (T + 3) * kda[0].conv_weight.shape[1] * 4  # what slices of it would keep
     kept = mx.get_active_memory() - base - bench.state_bytes(state)
     assert kept < conv_input / 20, (kept, conv_input)
+
+
+def test_device_line_names_mlx_batch_limits_when_set(monkeypatch):
+    for k in bench.MLX_BATCH_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert "MLX_MAX" not in bench.device_line()
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "200")
+    assert bench.device_line().endswith("(MLX_MAX_MB_PER_BUFFER=200)")
