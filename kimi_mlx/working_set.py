@@ -8,14 +8,19 @@ MB (one kernel's allocation may pass it). The limit is put back afterwards, also
 
 Off by default (0): on an H200 it held single 2,048-token steps at 262k and 852k context to 1.9 GB (2.34
 without it), yet a whole 1M-token prefill run with it at 1,536 MB peaked 96.7 GB over weights + cache against
-7.3 GB without it, for reasons not yet found (benchmarks/RESULTS.md). The decoder paces long prefill steps layer
-by layer instead (model/decoder.py, Model._layers), which bounds how far the host gets ahead without touching
-MLX's limit.
+7.3 GB without it (benchmarks/RESULTS.md). The decoder paces long prefill steps layer by layer instead
+(model/decoder.py, Model._layers), which bounds how far the host gets ahead without touching MLX's limit.
+
+What a long step still held beyond that was found later: MLX frees a finished kernel's buffers on a worker
+thread, often milliseconds after the device ran it, so a host queueing short kernels holds many finished ones.
+`await_frees` waits for those frees past a slack (the attention tile loop, ops/attention.py; optionally the
+paced layer loop, model/decoder.py LAYER_FREE_SLACK).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 
 import mlx.core as mx
@@ -24,6 +29,7 @@ from .errors import ConfigError
 
 ENV = "KIMI_MLX_WORKING_SET_MB"
 DEFAULT_MB = 0
+FREE_WAIT_S = 0.02  # the longest one await_frees waits; past it the limit rises to what is in use
 
 
 def bound_bytes() -> int:
@@ -50,6 +56,23 @@ def bounded(extra: int | None = None):
         yield
     finally:
         mx.set_memory_limit(old)
+
+
+def await_frees(limit: int) -> int:
+    """Wait until the memory in use is at most limit, or FREE_WAIT_S has passed; returns the limit to use next
+    (raised to what is in use if the wait ran out, so memory held for other reasons costs one wait, not one
+    per call). MLX frees the buffers of a finished kernel on a worker thread, on an H200 often milliseconds after
+    the kernel ran, while a tile takes ~0.4 ms at 700k keys: consecutive 2,048-token steps there held 3.7-7.9 GB
+    (2.34 GB when each tile was awaited whole, at twice the time; 2.3-2.8 GB with this wait at 2.5 GB over the
+    step's start, 13 waits in 10 steps, at the unthrottled step time; RESULTS.md)."""
+    if mx.get_active_memory() <= limit:
+        return limit
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < FREE_WAIT_S:
+        time.sleep(5e-5)
+        if mx.get_active_memory() <= limit:
+            return limit
+    return max(limit, mx.get_active_memory())
 
 
 def describe() -> str:

@@ -149,37 +149,13 @@ def test_tiled_working_set_does_not_grow_with_the_cache():
     assert peaks[1] < full_scores / 4, peaks
 
 
-def test_await_frees_waits_for_memory_to_be_released_and_gives_up_once():
-    """await_frees returns at once under the limit, waits while memory a worker is about to free is still held
-    (here a thread drops an array 30 ms later), and past FREE_WAIT_S raises the limit to what is in use."""
-    import threading
-    import time
-
-    held = [mx.ones((1 << 22,)) + 0]  # 16 MB
-    mx.eval(held)
-    now = mx.get_active_memory()
-    t0 = time.perf_counter()
-    assert A.await_frees(now) == now and A.await_frees(now + 10) == now + 10
-    assert time.perf_counter() - t0 < A.FREE_WAIT_S  # under the limit: no wait
-    t0 = time.perf_counter()
-    assert A.await_frees(now - 1) == now  # nothing freed: gives up after FREE_WAIT_S, limit raised to the use
-    assert A.FREE_WAIT_S <= time.perf_counter() - t0 < 1.0
-    threading.Timer(0.03, held.clear).start()
-    limit = now - (8 << 20)
-    t0 = time.perf_counter()
-    old, A.FREE_WAIT_S = A.FREE_WAIT_S, 5.0
-    try:
-        assert A.await_frees(limit) == limit  # returned once the array was dropped, not after 5 s
-    finally:
-        A.FREE_WAIT_S = old
-    assert 0.02 < time.perf_counter() - t0 < 2.0 and mx.get_active_memory() <= limit
-
-
 @pytest.mark.parametrize("absorbed", [False, True], ids=["expanded", "absorbed"])
 def test_tiles_waiting_for_frees_equal_plain(monkeypatch, absorbed):
     """With no slack every tile waits (and the limit rises): same result."""
+    from kimi_mlx import working_set
+
     monkeypatch.setattr(A, "FREE_SLACK", 0)
-    monkeypatch.setattr(A, "FREE_WAIT_S", 0.001)
+    monkeypatch.setattr(working_set, "FREE_WAIT_S", 0.001)
     rows, q, k_up, v_up = inputs(2, 9, 57, seed=5)
     out = mla_attention(q, paged(rows, 9), k_up, v_up, SCALE, path="tiled", absorbed=absorbed, tiling=Tiling(9, 8))
     assert err(out, mla_attention_ref(q, rows, k_up, v_up, SCALE)) < 2e-5

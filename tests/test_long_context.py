@@ -197,9 +197,9 @@ def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, wher
     # count the decoder's per-layer queues (one list each), not the tiled MLA path's per-tile calls
     monkeypatch.setattr(mx, "async_eval", lambda *a: (len(a) == 1 and isinstance(a[0], list) and queued.append(a),
                                                       real(*a))[1])
-    from kimi_mlx.ops import attention
+    from kimi_mlx import working_set
 
-    monkeypatch.setattr(attention, "FREE_WAIT_S", 0.001)
+    monkeypatch.setattr(working_set, "FREE_WAIT_S", 0.001)
     outs = {}
     for paced, slack in ((False, None), (True, None), ("waits", 0)):  # "waits": every layer waits for frees
         monkeypatch.setattr(decoder, "PACED_PREFILL", 256 if paced else 1 << 30)

@@ -109,3 +109,29 @@ def test_describe_names_the_cap_and_the_tile_wait(monkeypatch):
     monkeypatch.setenv(working_set.ENV, "1536")
     line = working_set.describe()
     assert "tiles wait for freed memory past 2048 MB" in line and "capped at 1536 MB" in line
+
+
+def test_await_frees_waits_for_memory_to_be_released_and_gives_up_once():
+    """await_frees returns at once under the limit, waits while memory a worker is about to free is still held
+    (here a thread drops an array 30 ms later), and past FREE_WAIT_S raises the limit to what is in use."""
+    import threading
+    import time
+
+    held = [mx.ones((1 << 22,)) + 0]  # 16 MB
+    mx.eval(held)
+    now = mx.get_active_memory()
+    t0 = time.perf_counter()
+    assert working_set.await_frees(now) == now and working_set.await_frees(now + 10) == now + 10
+    assert time.perf_counter() - t0 < working_set.FREE_WAIT_S  # under the limit: no wait
+    t0 = time.perf_counter()
+    assert working_set.await_frees(now - 1) == now  # nothing freed: gives up after FREE_WAIT_S, limit raised to the use
+    assert working_set.FREE_WAIT_S <= time.perf_counter() - t0 < 1.0
+    threading.Timer(0.03, held.clear).start()
+    limit = now - (8 << 20)
+    t0 = time.perf_counter()
+    old, working_set.FREE_WAIT_S = working_set.FREE_WAIT_S, 5.0
+    try:
+        assert working_set.await_frees(limit) == limit  # returned once the array was dropped, not after 5 s
+    finally:
+        working_set.FREE_WAIT_S = old
+    assert 0.02 < time.perf_counter() - t0 < 2.0 and mx.get_active_memory() <= limit

@@ -9,8 +9,8 @@ import mlx.nn as nn
 
 from ..config import KDA, MOE, ModelConfig
 from ..errors import ConfigError
-from ..ops.attention import await_frees
 from ..state import KDAState, MLAState, ModelState, check_context, new_state
+from ..working_set import await_frees
 from .common import MLP, RMSNorm
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA
@@ -21,7 +21,7 @@ DECODE_ENV = "KIMI_MLX_DECODE"
 COMPILED_PREFILL_MULTIPLE = 1024  # prefill steps of a multiple of this many tokens compile their KDA layers
 PACED_PREFILL = 256  # prefill steps of at least this many tokens queue their layers one at a time (_layers)
 PACED_ON = (mx.gpu,)  # ... on these devices
-# a paced step waits at each layer for MLX's frees once it holds this many bytes over its start (ops.attention
+# a paced step waits at each layer for MLX's frees once it holds this many bytes over its start (working_set
 # .await_frees; None: off, the default: not yet measured; benchmarks/step_memory.py --runs TILES:LAYERS sets it)
 LAYER_FREE_SLACK: int | None = None
 

@@ -33,13 +33,13 @@ Quantized caches (see LatentCache.bits) always take the tiled path.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from functools import partial
 
 import mlx.core as mx
 
 from ..errors import ConfigError
+from ..working_set import await_frees
 
 ENV = "KIMI_MLX_MLA"
 MODES = ("auto", "ref", "fused", "tiled")
@@ -60,7 +60,6 @@ def tile_bytes_from_env() -> int:
 TILE_BYTES = tile_bytes_from_env()  # one float32 score tile
 # memory a tiled call may hold above its start before it waits for MLX's frees (GPU only: measured there)
 FREE_SLACK = 8 * TILE_BYTES if mx.default_device() == mx.gpu else None
-FREE_WAIT_S = 0.02  # the longest one wait for frees; past it the limit rises to what is in use
 MIN_TILE_KEYS = 256  # below this many keys per tile, chunk the queries instead
 
 
@@ -397,23 +396,6 @@ def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling, e
             pending = [m, l, acc]
         outs.append(form.finish(acc / l))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
-
-
-def await_frees(limit: int) -> int:
-    """Wait until the memory in use is at most limit, or FREE_WAIT_S has passed; returns the limit to use next
-    (raised to what is in use if the wait ran out, so memory held for other reasons costs one wait, not one a
-    tile). MLX frees the buffers of a finished kernel on a worker thread, on an H200 often milliseconds after
-    the kernel ran, while a tile takes ~0.4 ms at 700k keys: consecutive 2,048-token steps there held 3.7-7.9 GB
-    (2.34 GB when each tile was awaited whole, at twice the time; 2.3-2.8 GB with this wait at 2.5 GB over the
-    step's start, 13 waits in 10 steps, at the unthrottled step time; RESULTS.md)."""
-    if mx.get_active_memory() <= limit:
-        return limit
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < FREE_WAIT_S:
-        time.sleep(5e-5)
-        if mx.get_active_memory() <= limit:
-            return limit
-    return max(limit, mx.get_active_memory())
 
 
 @partial(mx.compile, shapeless=True)
