@@ -11,7 +11,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
 from kimi_mlx import bench  # noqa: E402
 from results import Recorder  # noqa: E402
 

@@ -26,8 +26,22 @@ from kimi_mlx.ops import attention  # noqa: E402
 from results import Recorder  # noqa: E402
 
 
-def slack(text: str) -> int | None:
-    return None if text == "off" else int(text) << 20
+def runs(text: str) -> list:
+    """'default' or TILES:LAYERS (MB or off), comma-separated -> [None (as shipped) or (tiles, layers) bytes]."""
+    def slack(part: str) -> int | None:
+        if part == "off":
+            return None
+        if not part.isdigit():
+            raise argparse.ArgumentTypeError(f"{part!r} is neither a whole number of MB nor 'off'")
+        return int(part) << 20
+
+    out = []
+    for run in text.split(","):
+        parts = run.split(":")
+        if run != "default" and len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"{run!r} is neither 'default' nor TILES:LAYERS")
+        out.append(None if run == "default" else tuple(map(slack, parts)))
+    return out
 
 
 ap = argparse.ArgumentParser()
@@ -35,7 +49,8 @@ ap.add_argument("--shape", default="full", choices=list(bench.SHAPES))
 ap.add_argument("--context", type=int, default=696320, help="the context after the first step")
 ap.add_argument("--steps", type=int, default=10)
 ap.add_argument("--step", type=int, default=2048)
-ap.add_argument("--runs", default="default", help="comma-separated TILES:LAYERS in MB or off; 'default' = as shipped")
+ap.add_argument("--runs", type=runs, default="default",
+                help="comma-separated TILES:LAYERS in MB or off; 'default' = as shipped")
 ap.add_argument("--trace", action="store_true")
 ap.add_argument("--record", action="store_true")
 a = ap.parse_args()
@@ -45,8 +60,8 @@ r = bench.Runner("kimi-mlx", model, True)
 shipped = (attention.FREE_SLACK, decoder.LAYER_FREE_SLACK)
 echo(f"device: {bench.device_line()}; shape {a.shape}; {a.steps} steps of {a.step} tokens from context "
      f"{a.context - a.step} (MLA caches filled with random rows)")
-for run in a.runs.split(","):
-    tiles, layers = shipped if run == "default" else map(slack, run.split(":"))
+for run in a.runs:
+    tiles, layers = run or shipped
     attention.FREE_SLACK, decoder.LAYER_FREE_SLACK = tiles, layers
     r.fill_context(a.context - a.step, model.config)
     steps = [bench.measured_step(model, r.state, mx.random.randint(0, cfg["vocab_size"], (1, a.step)), a.trace)

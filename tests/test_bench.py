@@ -163,6 +163,8 @@ def test_step_memory_script_runs_each_setting():
     lines = [s for s in out.stdout.splitlines() if s.startswith("tiles/layers")]
     assert [s.split("past")[1].split("MB")[0].strip() for s in lines] == ["off/off", "8/off", "off/16"]
     assert all(len(s.split(": ")[-1].split()) == 2 for s in lines), lines
+    bad = subprocess.run([sys.executable, str(script), "--runs", "8:off:1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "neither 'default' nor TILES:LAYERS" in bad.stderr
 
 
 def test_prefill_keeps_no_activation_buffers_between_steps():
