@@ -83,7 +83,7 @@ def test_resumable_prefill_equals_one_go(tmp_path):
 
 def test_long_prefill_script_resumes_and_decodes(tmp_path):
     """benchmarks/long_prefill.py: a first run stops at its budget and saves, a second one finishes, reports the
-    peak against weights + cache and decodes at the full context."""
+    peak against weights + cache and decodes at the full context and at a short one."""
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "long_prefill.py"
@@ -101,6 +101,7 @@ def test_long_prefill_script_resumes_and_decodes(tmp_path):
     assert "prefill of 192 tokens" in out.stdout and "= weights" in out.stdout
     assert "largest working set of one step" in out.stdout and "no cap)" in out.stdout
     assert "decode from 192 to 198 tokens of context" in out.stdout
+    assert "decode from 1024 tokens of context" in out.stdout and "at 192 tokens" in out.stdout
 
 
 def test_resumable_prefill_traces_the_layers_of_a_large_step(tmp_path, monkeypatch):
@@ -158,13 +159,15 @@ def test_step_memory_script_runs_each_setting():
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "step_memory.py"
     out = subprocess.run([sys.executable, str(script), "--shape", "small", "--context", "384", "--steps", "2",
-                          "--step", "64", "--runs", "default,8:off,off:16"], capture_output=True, text=True, timeout=300)
+                          "--step", "64", "--runs", "default,8:1,off:0"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    lines = [s for s in out.stdout.splitlines() if s.startswith("tiles/layers")]
-    assert [s.split("past")[1].split("MB")[0].strip() for s in lines] == ["off/off", "8/off", "off/16"]
+    lines = [s for s in out.stdout.splitlines() if s.startswith("tiles wait")]
+    assert [s.split("ahead")[1].split(": ")[0].strip() for s in lines] == ["off:0", "8:1", "off:0"]
     assert all(len(s.split(": ")[-1].split()) == 2 for s in lines), lines
-    bad = subprocess.run([sys.executable, str(script), "--runs", "8:off:1"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "neither 'default' nor TILES:LAYERS" in bad.stderr
+    for runs, message in (("8:off:1", "neither 'default' nor TILES:AHEAD"), ("8:2", "layers ahead is 0 or 1"),
+                          ("x:0", "neither a whole number of MB nor 'off'")):
+        bad = subprocess.run([sys.executable, str(script), "--runs", runs], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr and message in bad.stderr, bad.stderr
 
 
 def test_prefill_keeps_no_activation_buffers_between_steps():

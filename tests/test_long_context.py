@@ -185,7 +185,8 @@ def test_compiled_prefill_steps_equal_eager(long_case):
 @pytest.mark.parametrize("where", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, where, monkeypatch):
     """Steps of PACED_PREFILL tokens or more queue one layer at a time (on a GPU by default; forced here on
-    the CPU): one async_eval per layer, the same logits and next-token logits as one lazy graph per step."""
+    the CPU), each layer awaited before the next is built or (LAYERS_AHEAD = 1) one layer queued ahead: one
+    async_eval per layer, the same logits and next-token logits as one lazy graph per step."""
     from kimi_mlx.model import decoder
 
     model, toks, ref = long_case
@@ -197,21 +198,18 @@ def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, wher
     # count the decoder's per-layer queues (one list each), not the tiled MLA path's per-tile calls
     monkeypatch.setattr(mx, "async_eval", lambda *a: (len(a) == 1 and isinstance(a[0], list) and queued.append(a),
                                                       real(*a))[1])
-    from kimi_mlx import working_set
-
-    monkeypatch.setattr(working_set, "FREE_WAIT_S", 0.001)
     outs = {}
-    for paced, slack in ((False, None), (True, None), ("waits", 0)):  # "waits": every layer waits for frees
+    for paced, ahead in ((False, 0), (True, 0), ("ahead", 1)):
         monkeypatch.setattr(decoder, "PACED_PREFILL", 256 if paced else 1 << 30)
-        monkeypatch.setattr(decoder, "LAYER_FREE_SLACK", slack)
+        monkeypatch.setattr(decoder, "LAYERS_AHEAD", ahead)
         queued.clear()
         state = model.new_state()
         outs[paced] = mx.concatenate([model(x[:, :800], state), model(x[:, 800:], state)], axis=1)  # paced, not
         outs[paced, "next"] = model(mx.array(toks[:, 1024:1025]), state)
         outs[paced, "queued"] = len(queued)
     layers = len(model.model.layers)
-    assert outs[False, "queued"] == 0 and outs[True, "queued"] == outs["waits", "queued"] == layers  # 224: not paced
-    for paced in (True, "waits"):
+    assert outs[False, "queued"] == 0 and outs[True, "queued"] == outs["ahead", "queued"] == layers  # 224: not paced
+    for paced in (True, "ahead"):
         assert rel_err(outs[paced], outs[False]) <= 1e-6 and rel_err(outs[paced, "next"], outs[False, "next"]) <= 1e-6
     assert rel_err(outs[True], ref[:, :1024]) <= TOL
 

@@ -105,6 +105,7 @@ def test_describe_names_the_cap_and_the_tile_wait(monkeypatch):
     monkeypatch.setattr(attention, "FREE_SLACK", None)
     monkeypatch.delenv(working_set.ENV, raising=False)
     assert "no cap" in working_set.describe() and "tiles wait" not in working_set.describe()
+    assert "run one layer at a time" in working_set.describe()
     monkeypatch.setattr(attention, "FREE_SLACK", 2048 << 20)
     monkeypatch.setenv(working_set.ENV, "1536")
     line = working_set.describe()

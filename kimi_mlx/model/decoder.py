@@ -10,20 +10,19 @@ import mlx.nn as nn
 from ..config import KDA, MOE, ModelConfig
 from ..errors import ConfigError
 from ..state import KDAState, MLAState, ModelState, check_context, new_state
-from ..working_set import await_frees
 from .common import MLP, RMSNorm
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA
 from .moe import KimiMoE
 
-
 DECODE_ENV = "KIMI_MLX_DECODE"
 COMPILED_PREFILL_MULTIPLE = 1024  # prefill steps of a multiple of this many tokens compile their KDA layers
 PACED_PREFILL = 256  # prefill steps of at least this many tokens queue their layers one at a time (_layers)
 PACED_ON = (mx.gpu,)  # ... on these devices
-# a paced step waits at each layer for MLX's frees once it holds this many bytes over its start (working_set
-# .await_frees; None: off, the default: not yet measured; benchmarks/step_memory.py --runs TILES:LAYERS sets it)
-LAYER_FREE_SLACK: int | None = None
+# layers a paced step lets the host queue ahead of the device: 0 awaits each layer before queuing the next (a
+# layer's intermediates stay allocated until its command batch has run, ~1.1 GB for a KDA layer at 2,048 tokens,
+# so 1 held two layers' worth: 2.34 GB a step at 700k context on an H200, RESULTS.md); step_memory.py measures both
+LAYERS_AHEAD = 0
 
 
 def decode_mode() -> str:
@@ -184,19 +183,17 @@ class Model(nn.Module):
         """The owned layers over T > 1 tokens (or T = 1 uncompiled). compiled: each KDA layer's attention runs
         as one compiled graph, traced once per step length (the steady steps of a long prompt).
 
-        Steps of PACED_PREFILL tokens or more are paced: a layer's output and state are queued (async_eval)
-        and the previous layer's awaited, so the host stays at most one layer ahead of the device whatever
-        path each layer takes. MLX allocates a kernel's output when the host encodes it and frees its inputs
-        only once the device has run it, so how far the host gets ahead is memory held. (On CUDA the MoE's
-        blocked path already waits at each layer for its block count; on Metal nothing else would stop the
-        host.) A layer takes milliseconds on the device at these lengths and encoding the next one well
-        under one, so the device does not wait. Not on the CPU, which runs ahead by little: a small-shape
-        prefill there measured 5% slower paced for 3% less memory."""
+        Steps of PACED_PREFILL tokens or more are paced on a GPU: each layer is queued (async_eval) and awaited
+        before the next one is built (LAYERS_AHEAD = 0), or with LAYERS_AHEAD = 1 the host stays one layer
+        ahead. MLX allocates a kernel's output when the host encodes it and frees a command batch's inputs only
+        once the device has run the whole batch, so every layer queued ahead is memory held. (On CUDA the MoE's
+        blocked path also waits at each layer for its block count; on Metal nothing else would stop the host.)
+        Not on the CPU, which runs ahead by little: a small-shape prefill there measured 5% slower paced for 3%
+        less memory."""
         if compiled and self._prefill is None:
             self._prefill = {i: self.model.layers[i].compiled_kda_attention() for i in self.owned
                              if self.model.layers[i].is_kda}
         paced, pending = h.shape[1] >= PACED_PREFILL and mx.default_device() in PACED_ON, []
-        limit = mx.get_active_memory() + LAYER_FREE_SLACK if paced and LAYER_FREE_SLACK is not None else None
         for i in self.owned:
             layer, s = self.model.layers[i], state.layers[i]
             if compiled and layer.is_kda:
@@ -208,11 +205,10 @@ class Model(nn.Module):
                 queued = [h, *s.arrays().values()]
                 mx.async_eval(queued)
                 mx.eval(pending)
-                if limit is not None:
-                    limit = await_frees(limit)
                 pending = queued
-                if self.layer_done:  # tracing: this layer alone, then the hook (no overlap with the next one)
+                if LAYERS_AHEAD == 0 or self.layer_done:
                     mx.eval(queued)
+                if self.layer_done:  # tracing: this layer alone (no overlap with the next one), then the hook
                     self.layer_done(i)
         return h
 
