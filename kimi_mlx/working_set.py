@@ -58,13 +58,15 @@ def bounded(extra: int | None = None):
         mx.set_memory_limit(old)
 
 
-def await_frees(limit: int) -> int:
+def await_frees(limit: int, headroom: int = 0) -> int:
     """Wait until the memory in use is at most limit, or FREE_WAIT_S has passed; returns the limit to use next
-    (raised to what is in use if the wait ran out, so memory held for other reasons costs one wait, not one
-    per call). MLX frees the buffers of a finished kernel on a worker thread, on an H200 often milliseconds after
-    the kernel ran, while a tile takes ~0.4 ms at 700k keys: consecutive 2,048-token steps there held 3.7-7.9 GB
-    (2.34 GB when each tile was awaited whole, at twice the time; 2.3-2.8 GB with this wait at 2.5 GB over the
-    step's start, 13 waits in 10 steps, at the unthrottled step time; RESULTS.md)."""
+    (if the wait ran out: what is in use plus headroom, so memory held for other reasons costs one wait, not
+    one per call, nor one per new high of a usage that merely fluctuates). MLX frees the buffers of a finished
+    kernel on a worker thread, on an H200 often milliseconds after the kernel ran, while a tile takes ~0.4 ms
+    at 700k keys: consecutive 2,048-token steps there held 3.7-7.9 GB (2.34 GB when each tile was awaited whole,
+    at twice the time; 2.3-2.8 GB with this wait at 2.5 GB over the step's start, 13 waits in 10 steps, at the
+    unthrottled step time; RESULTS.md). A limit under what the work legitimately holds times out at every new
+    high instead: 512 MB over an MLA call's start doubled the step time at 262k-393k keys (RESULTS.md)."""
     if mx.get_active_memory() <= limit:
         return limit
     t0 = time.perf_counter()
@@ -72,7 +74,7 @@ def await_frees(limit: int) -> int:
         time.sleep(5e-5)
         if mx.get_active_memory() <= limit:
             return limit
-    return max(limit, mx.get_active_memory())
+    return max(limit, mx.get_active_memory() + headroom)
 
 
 def describe() -> str:

@@ -114,7 +114,7 @@ def test_describe_names_the_cap_and_the_tile_wait(monkeypatch):
 
 def test_await_frees_waits_for_memory_to_be_released_and_gives_up_once():
     """await_frees returns at once under the limit, waits while memory a worker is about to free is still held
-    (here a thread drops an array 30 ms later), and past FREE_WAIT_S raises the limit to what is in use."""
+    (here a thread drops an array 30 ms later), and past FREE_WAIT_S raises the limit to what is in use (plus a headroom)."""
     import threading
     import time
 
@@ -126,6 +126,7 @@ def test_await_frees_waits_for_memory_to_be_released_and_gives_up_once():
     assert time.perf_counter() - t0 < working_set.FREE_WAIT_S  # under the limit: no wait
     t0 = time.perf_counter()
     assert working_set.await_frees(now - 1) == now  # nothing freed: gives up after FREE_WAIT_S, limit raised to the use
+    assert working_set.await_frees(now - 1, 1 << 20) == now + (1 << 20)  # ... plus the headroom asked for
     assert working_set.FREE_WAIT_S <= time.perf_counter() - t0 < 1.0
     threading.Timer(0.03, held.clear).start()
     limit = now - (8 << 20)
