@@ -1,6 +1,6 @@
 """Memory and time of consecutive prefill steps at a long context, under the settings that bound them.
 
-  python benchmarks/step_memory.py --shape full --context 696320 --steps 10 --runs 512:0,512:1,off:1
+  python benchmarks/step_memory.py --shape full --context 696320 --steps 10 --runs 1024:0,1024:1,off:1
 
 The MLA caches are filled with random rows up to the context, then --steps steps of --step tokens run one
 after another, as in a long prompt. Each run names its settings as TILES:AHEAD: TILES the megabytes over the
