@@ -30,11 +30,14 @@ def main():
     ap.add_argument("--peer-prefill-max", type=int, default=2048)
     ap.add_argument("--step-at", type=ints, default=(), help="time the prefill step ending at these contexts")
     ap.add_argument("--bandwidth", type=float, default=None, help="device bandwidth in GB/s, for the fraction")
+    ap.add_argument("--rounds", type=int, default=1, choices=range(1, 101), metavar="1..100",
+                    help="decode each context this many times per runner, alternating them (medians reported)")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     a = ap.parse_args()
     echo = Recorder()
     bench.run(a.shape, a.contexts, a.prefill, a.decode_tokens, a.step, a.bits, peer=not a.no_peer,
-              peer_prefill_max=a.peer_prefill_max, bandwidth_gbs=a.bandwidth, step_at=a.step_at, echo=echo)
+              peer_prefill_max=a.peer_prefill_max, bandwidth_gbs=a.bandwidth, step_at=a.step_at, echo=echo,
+              rounds=a.rounds)
     if a.record:
         echo.append(f"e2e {a.shape}")
 

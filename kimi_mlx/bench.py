@@ -375,8 +375,11 @@ def device_line() -> str:
 def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: int = 32, step: int = 2048,
         bits: int = 4, group_size: int = 64, peer: bool = True, peer_prefill_max: int = 2048,
         bandwidth_gbs: float | None = None, model_path: str | None = None, peer_model: str | None = None,
-        step_at=(), echo=print) -> list[dict]:
+        step_at=(), echo=print, rounds: int = 1) -> list[dict]:
     """Measure and print; returns result rows (one per measurement).
+
+    rounds: decode each context this many times per runner, alternating the runners (and their order) so slow
+    spells of a shared machine fall on both; tok/s is each runner's median, the ratio the median of the rounds'.
 
     step_at: contexts at which to time the one prefill step that ends there (cache filled with random
     rows first), with peak memory; from two or more, the time of a whole prefill is estimated.
@@ -459,27 +462,38 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
             est = prefill_estimate(steps, n, step)
             echo(f"whole prefill of {n:>7} tokens, estimated from the steps above: {est:.0f} s ({n / est:.0f} tok/s)")
     for n in contexts:
-        got, peak = {}, {}
+        each: dict[str, list[float]] = {r.name: [] for r in runners}
+        peak: dict[str, float] = {}
+        for i in range(rounds):
+            for r in runners if i % 2 == 0 else runners[::-1]:
+                r.fill_context(n - decode_tokens - DECODE_WARMUP, cfg)  # the timed tokens (and warm-up) end at n
+                mx.reset_peak_memory()
+                each[r.name].append(time_decode(r, decode_tokens))
+                peak[r.name] = max(peak.get(r.name, 0.0), mx.get_peak_memory() / 1e9)
+                r.state = None
+                gc.collect()
+                mx.clear_cache()
+        got = {name: float(np.median(v)) for name, v in each.items()}
         for r in runners:
-            r.fill_context(n - decode_tokens - DECODE_WARMUP, cfg)  # the timed tokens (and the warm-up) end at n
-            mx.reset_peak_memory()
-            got[r.name] = time_decode(r, decode_tokens)
-            peak[r.name] = mx.get_peak_memory() / 1e9
             row = dict(what="decode", tokens=n, runner=r.name, tok_s=got[r.name], peak_gb=peak[r.name])
+            if rounds > 1:
+                row["rounds"] = each[r.name]
             if r.is_ours and bandwidth_gbs:
                 row["bandwidth_frac"] = got[r.name] * active / (bandwidth_gbs * 1e9)
             rows.append(row)
-            r.state = None
-            gc.collect()
-            mx.clear_cache()
-        echo(_line(f"decode @{n:>7}", got, active, bandwidth_gbs, peak))
+        ratio = None
+        if rounds > 1 and len(each) == 2:
+            ratios = [a / b for a, b in zip(each["kimi-mlx"], each["mlx-lm"])]
+            ratio = f"ratio {np.median(ratios):.2f}x (median of {rounds} rounds, {min(ratios):.2f}-{max(ratios):.2f})"
+        echo(_line(f"decode @{n:>7}", got, active, bandwidth_gbs, peak, ratio))
     return rows
 
 
-def _line(label: str, got: dict, active: int | None = None, bw: float | None = None, peak=None) -> str:
+def _line(label: str, got: dict, active: int | None = None, bw: float | None = None, peak=None,
+          ratio: str | None = None) -> str:
     parts = [f"{k} {v:9.1f} tok/s" + (f" (peak {peak[k]:.1f} GB)" if peak else "") for k, v in got.items()]
     if "mlx-lm" in got and "kimi-mlx" in got:
-        parts.append(f"ratio {got['kimi-mlx'] / got['mlx-lm']:.2f}x")
+        parts.append(ratio or f"ratio {got['kimi-mlx'] / got['mlx-lm']:.2f}x")
     if active and "kimi-mlx" in got:
         parts.append(f"{got['kimi-mlx'] * active / 1e9:.0f} GB/s of weights"
                      + (f" ({100 * got['kimi-mlx'] * active / (bw * 1e9):.0f}% of {bw:.0f})" if bw else ""))

@@ -201,6 +201,8 @@ def bench(
     bandwidth: float = typer.Option(None, "--bandwidth", help="device memory bandwidth in GB/s"),
     step_at: str = typer.Option("", "--step-at", help="time the prefill step ending at these contexts "
                                 "(long prompts: peak memory, and the whole prefill estimated from them)"),
+    rounds: int = typer.Option(1, "--rounds", min=1, help="decode each context this many times per runner, "
+                               "alternating them (medians reported: steadier on a shared machine)"),
 ):
     """Prefill and decode speed, peak memory and bandwidth use, against mlx-lm in the same run."""
     from . import bench as b
@@ -214,7 +216,7 @@ def bench(
             raise KimiError("mlx-lm is not installed: pip install 'kimi-mlx[bench]', or pass --no-peer") from None
     b.run(shape, _ints(contexts), _ints(prefill), decode_tokens, step, bits, peer=peer and not model,
           bandwidth_gbs=bandwidth, model_path=model and str(_resolve(model)), peer_model=peer_model,
-          step_at=_ints(step_at) if step_at else ())
+          step_at=_ints(step_at) if step_at else (), rounds=rounds)
 
 
 def _resolve(model: str):

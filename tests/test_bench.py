@@ -28,6 +28,25 @@ def test_run_prints_ratios_and_memory():
     assert all(r["tok_s"] > 0 for r in rows)
 
 
+def test_decode_rounds_alternate_the_runners_and_report_medians(monkeypatch):
+    """rounds > 1: each runner decodes every context that many times, the runners alternating (and their order
+    too), and the line gives each runner's median and the median of the rounds' ratios with their range."""
+    order = []
+    speeds = {"kimi-mlx": iter([30.0, 10.0, 20.0]), "mlx-lm": iter([10.0, 10.0, 10.0])}
+
+    def fake_decode(r, n):
+        order.append(r.name)
+        return next(speeds[r.name])
+
+    monkeypatch.setattr(bench, "time_decode", fake_decode)
+    lines = []
+    rows = bench.run("small", contexts=(64,), prefill=(), decode_tokens=4, bits=4, echo=lines.append, rounds=3)
+    assert order == ["kimi-mlx", "mlx-lm", "mlx-lm", "kimi-mlx", "kimi-mlx", "mlx-lm"]
+    assert {r["runner"]: r["tok_s"] for r in rows} == {"kimi-mlx": 20.0, "mlx-lm": 10.0}
+    assert [r["rounds"] for r in rows if r["runner"] == "kimi-mlx"] == [[30.0, 10.0, 20.0]]
+    assert "ratio 2.00x (median of 3 rounds, 1.00-3.00)" in lines[-1]
+
+
 def test_cli_bench_on_a_checkpoint():
     r = subprocess.run([sys.executable, "-m", "kimi_mlx", "bench", "--model", "demo", "--contexts", "32",
                         "--prefill", "32", "--decode-tokens", "2"], capture_output=True, text=True, timeout=300)
