@@ -215,3 +215,17 @@ def test_device_line_names_mlx_batch_limits_when_set(monkeypatch):
     assert "MLX_MAX" not in bench.device_line()
     monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "200")
     assert bench.device_line().endswith("(MLX_MAX_MB_PER_BUFFER=200)")
+
+
+def test_layer_profile_script_times_every_sublayer_against_the_peer():
+    """benchmarks/layer_profile.py: one line per attention and FFN half of every layer, ours and mlx-lm's with
+    their ratio, and the total."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "layer_profile.py"
+    out = subprocess.run([sys.executable, str(script), "--shape", "small", "--tokens", "64", "--bits", "0",
+                          "--reps", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [s for s in out.stdout.splitlines() if s.startswith("layer")]
+    assert len(lines) == 2 * 4 and all(s.endswith("x") and len(s.split()) == 7 for s in lines), lines
+    assert out.stdout.splitlines()[-1].startswith("all layers")
