@@ -3,9 +3,10 @@
   python benchmarks/layer_profile.py --shape small --tokens 2048 --bits 0      (CPU: float32, unquantized)
   python benchmarks/layer_profile.py --shape full --tokens 2048                 (GPU: 4-bit, bf16)
 
-Each layer's attention and FFN halves run on their own over the same random hidden states, from an empty
-state (the first step of a prompt), evaluated and timed (median of --reps); ours as a prefill step runs them
-(KDA attention compiled where the step length allows it), mlx-lm's modules called as its model calls them.
+Random tokens go through the model once to give every layer its real input (both models hold the same
+weights, so the same inputs serve both); then each layer's attention and FFN halves run on their own from an
+empty state (the first step of a prompt), evaluated and timed (median of --reps): ours as a prefill step runs
+them (KDA attention compiled where the step length allows it), mlx-lm's modules as its model calls them.
 """
 import argparse
 import sys
@@ -66,18 +67,23 @@ def main():
     a = ap.parse_args()
     echo = Recorder()
     ours, theirs, cfg = bench.build(a.shape, a.bits, dtype=bench.activation_dtype(), peer=not a.no_peer)
-    h = mx.random.normal((1, a.tokens, cfg["hidden_size"])).astype(ours.dtype)
-    mx.eval(h)
+    tokens = mx.random.randint(0, cfg["vocab_size"], (1, a.tokens))
+    inputs, h, state = [], ours.model.embed_tokens(tokens), ours.new_state(1)
+    for i, layer in enumerate(ours.model.layers):  # each layer's input, and its FFN half's
+        mid = h + layer.self_attn(layer.input_layernorm(h), state.layers[i])
+        inputs.append((h, mid))
+        h = layer.ffn(mid)
+        mx.eval(h, mid)
     echo(f"device: {bench.device_line()}; shape {a.shape}, {a.bits or 'unquantized'}"
-         f"{'-bit' if a.bits else ''} random weights, {ours.dtype}; one {a.tokens}-token step from an empty state; "
+         f"{'-bit' if a.bits else ''} random weights, {ours.dtype}; one {a.tokens}-token step of random tokens from an empty state; "
          f"ms, median of {a.reps}")
     echo(f"{'part':34s} {'kimi-mlx':>9s}" + (f" {'mlx-lm':>9s} {'ratio':>6s}" if theirs else ""))
     total = np.zeros(2)
-    for i, layer in enumerate(ours.model.layers):
+    for i, (layer, (h, mid)) in enumerate(zip(ours.model.layers, inputs)):
         parts = [(f"layer {i:2d} {'KDA' if layer.is_kda else 'MLA'} attention", ours_attention(ours, i, h),
                   theirs and peer_attention(theirs, i, h)),
-                 (f"layer {i:2d} {type(layer.mlp).__name__} FFN", lambda layer=layer: layer.ffn(h),
-                  theirs and (lambda p=theirs.model.layers[i]: h + p.mlp(p.post_attention_layernorm(h))))]
+                 (f"layer {i:2d} {type(layer.mlp).__name__} FFN", lambda layer=layer, x=mid: layer.ffn(x),
+                  theirs and (lambda p=theirs.model.layers[i], x=mid: x + p.mlp(p.post_attention_layernorm(x))))]
         for name, f, g in parts:
             t = np.array([timed(f, a.reps), timed(g, a.reps) if g else np.nan])
             total += t
