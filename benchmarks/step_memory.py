@@ -5,8 +5,8 @@
 The MLA caches are filled with random rows up to the context, then --steps steps of --step tokens run one
 after another, as in a long prompt. Each run names its settings as TILES:AHEAD: TILES the megabytes over the
 call's start past which the attention tile loop waits for MLX to free finished work (ops.attention.FREE_SLACK;
-"off": never waits), AHEAD how many layers a paced step queues ahead of the device (model.decoder.LAYERS_AHEAD,
-0 or 1). Working set = a step's peak minus the memory in use before it. --trace runs steps layer by layer and
+"off": never waits), AHEAD how many layers a paced step queues ahead of the device (model.decoder.LAYERS_AHEAD:
+0, 0.5 = one attention or FFN half, or 1). Working set = a step's peak minus the memory in use before it. --trace runs steps layer by layer and
 names the layers that held the most in each step. Pacing and the trace apply where steps are paced (a GPU:
 model.decoder.PACED_ON).
 """
@@ -26,8 +26,11 @@ from kimi_mlx.ops import attention  # noqa: E402
 from results import Recorder  # noqa: E402
 
 
+AHEAD = {str(x): x for x in decoder.AHEAD_CHOICES}
+
+
 def runs(text: str) -> list:
-    """'default' or TILES:AHEAD (MB or off : 0 or 1), comma-separated -> [None (as shipped) or (slack, ahead)]."""
+    """'default' or TILES:AHEAD (MB or off : 0, 0.5 or 1), comma-separated -> [None (as shipped) or (slack, ahead)]."""
     out = []
     for run in text.split(","):
         parts = run.split(":")
@@ -39,9 +42,9 @@ def runs(text: str) -> list:
         tiles, ahead = parts
         if tiles != "off" and not tiles.isdigit():
             raise argparse.ArgumentTypeError(f"{tiles!r} is neither a whole number of MB nor 'off'")
-        if ahead not in ("0", "1"):
-            raise argparse.ArgumentTypeError(f"{ahead!r}: layers ahead is 0 or 1")
-        out.append((None if tiles == "off" else int(tiles) << 20, int(ahead)))
+        if ahead not in AHEAD:
+            raise argparse.ArgumentTypeError(f"{ahead!r}: layers ahead is one of {', '.join(AHEAD)}")
+        out.append((None if tiles == "off" else int(tiles) << 20, AHEAD[ahead]))
     return out
 
 
@@ -51,7 +54,7 @@ ap.add_argument("--context", type=int, default=696320, help="the context after t
 ap.add_argument("--steps", type=int, default=10)
 ap.add_argument("--step", type=int, default=2048)
 ap.add_argument("--runs", type=runs, default="default",
-                help="comma-separated TILES:AHEAD (MB or off : 0 or 1); 'default' = as shipped")
+                help="comma-separated TILES:AHEAD (MB or off : 0, 0.5 or 1); 'default' = as shipped")
 ap.add_argument("--trace", action="store_true")
 ap.add_argument("--record", action="store_true")
 a = ap.parse_args()

@@ -85,5 +85,5 @@ def describe() -> str:
     mb = bound_bytes() >> 20
     cap = f"capped at {mb} MB past the weights and state" if mb else "no cap"
     tiles = f"; attention tiles wait for freed memory past {FREE_SLACK >> 20} MB" if FREE_SLACK is not None else ""
-    ahead = "one layer at a time" if LAYERS_AHEAD == 0 else f"up to {LAYERS_AHEAD} layer(s) ahead"
+    ahead = {0: "one layer at a time", 0.5: "half a layer ahead"}.get(LAYERS_AHEAD, f"{LAYERS_AHEAD} layer(s) ahead")
     return f"steps of {PACED_PREFILL}+ tokens run {ahead} on a GPU{tiles}; {cap} ({ENV})"

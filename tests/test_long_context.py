@@ -185,8 +185,9 @@ def test_compiled_prefill_steps_equal_eager(long_case):
 @pytest.mark.parametrize("where", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, where, monkeypatch):
     """Steps of PACED_PREFILL tokens or more queue one layer at a time (on a GPU by default; forced here on
-    the CPU), each layer awaited before the next is built or (LAYERS_AHEAD = 1) one layer queued ahead: one
-    async_eval per layer, the same logits and next-token logits as one lazy graph per step."""
+    the CPU), each layer awaited before the next is built, or one layer (LAYERS_AHEAD = 1) or one half layer
+    (0.5: attention and FFN halves queued in turn) queued ahead: one async_eval per layer (per half), the same
+    logits and next-token logits as one lazy graph per step."""
     from kimi_mlx.model import decoder
 
     model, toks, ref = long_case
@@ -199,7 +200,7 @@ def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, wher
     monkeypatch.setattr(mx, "async_eval", lambda *a: (len(a) == 1 and isinstance(a[0], list) and queued.append(a),
                                                       real(*a))[1])
     outs = {}
-    for paced, ahead in ((False, 0), (True, 0), ("ahead", 1)):
+    for paced, ahead in ((False, 0), (True, 0), ("ahead", 1), ("half", 0.5)):
         monkeypatch.setattr(decoder, "PACED_PREFILL", 256 if paced else 1 << 30)
         monkeypatch.setattr(decoder, "LAYERS_AHEAD", ahead)
         queued.clear()
@@ -209,7 +210,8 @@ def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, wher
         outs[paced, "queued"] = len(queued)
     layers = len(model.model.layers)
     assert outs[False, "queued"] == 0 and outs[True, "queued"] == outs["ahead", "queued"] == layers  # 224: not paced
-    for paced in (True, "ahead"):
+    assert outs["half", "queued"] == 2 * layers  # attention and FFN halves queued in turn
+    for paced in (True, "ahead", "half"):
         assert rel_err(outs[paced], outs[False]) <= 1e-6 and rel_err(outs[paced, "next"], outs[False, "next"]) <= 1e-6
     assert rel_err(outs[True], ref[:, :1024]) <= TOL
 

@@ -21,8 +21,11 @@ PACED_PREFILL = 256  # prefill steps of at least this many tokens queue their la
 PACED_ON = (mx.gpu,)  # ... on these devices
 # layers a paced step lets the host queue ahead of the device: 0 awaits each layer before queuing the next (a
 # layer's intermediates stay allocated until its command batch has run, ~1.1 GB for a KDA layer at 2,048 tokens,
-# so 1 held two layers' worth: 2.34 GB a step at 700k context on an H200, RESULTS.md); step_memory.py measures both
+# so 1 held two layers' worth: 2.34 GB a step at 700k context on an H200, RESULTS.md; 0 cost 14% a step at short
+# contexts); 0.5 paces half layers (attention, FFN), one half ahead: not yet measured on a GPU. step_memory.py
+# --runs TILES:AHEAD compares them
 LAYERS_AHEAD = 0
+AHEAD_CHOICES = (0, 0.5, 1)
 
 
 def decode_mode() -> str:
@@ -44,8 +47,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def __call__(self, h: mx.array, state) -> mx.array:
-        h = h + self.self_attn(self.input_layernorm(h), state)
-        return self.ffn(h)
+        return self.ffn(self.attend(h, state))
+
+    def attend(self, h: mx.array, state) -> mx.array:
+        return h + self.self_attn(self.input_layernorm(h), state)
 
     def ffn(self, h: mx.array) -> mx.array:
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -95,6 +100,13 @@ class KimiLinearModel(nn.Module):
         self.layers = [DecoderLayer(cfg, i) if i in owned else nn.Module() for i in range(cfg.num_hidden_layers)]
         if last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def _queue(queued: list, pending: list) -> list:
+    """Queue arrays on the device and await the ones queued before (a paced step's one piece ahead)."""
+    mx.async_eval(queued)
+    mx.eval(pending)
+    return queued
 
 
 class Model(nn.Module):
@@ -184,8 +196,8 @@ class Model(nn.Module):
         as one compiled graph, traced once per step length (the steady steps of a long prompt).
 
         Steps of PACED_PREFILL tokens or more are paced on a GPU: each layer is queued (async_eval) and awaited
-        before the next one is built (LAYERS_AHEAD = 0), or with LAYERS_AHEAD = 1 the host stays one layer
-        ahead. MLX allocates a kernel's output when the host encodes it and frees a command batch's inputs only
+        before the next one is built (LAYERS_AHEAD = 0), or the host stays one layer (1) or one half layer (0.5:
+        attention and FFN halves queued in turn) ahead. MLX allocates a kernel's output when the host encodes it and frees a command batch's inputs only
         once the device has run the whole batch, so every layer queued ahead is memory held. (On CUDA the MoE's
         blocked path also waits at each layer for its block count; on Metal nothing else would stop the host.)
         Not on the CPU, which runs ahead by little: a small-shape prefill there measured 5% slower paced for 3%
@@ -194,18 +206,19 @@ class Model(nn.Module):
             self._prefill = {i: self.model.layers[i].compiled_kda_attention() for i in self.owned
                              if self.model.layers[i].is_kda}
         paced, pending = h.shape[1] >= PACED_PREFILL and mx.default_device() in PACED_ON, []
+        halves = paced and LAYERS_AHEAD == 0.5 and not self.layer_done
         for i in self.owned:
             layer, s = self.model.layers[i], state.layers[i]
             if compiled and layer.is_kda:
                 h, s.conv, s.recurrent = self._prefill[i](h, s.conv, s.recurrent)
-                h = layer.ffn(h)
             else:
-                h = layer(h, s)
+                h = layer.attend(h, s)
+            if halves:
+                pending = _queue([h, *s.arrays().values()], pending)
+            h = layer.ffn(h)
             if paced:
                 queued = [h, *s.arrays().values()]
-                mx.async_eval(queued)
-                mx.eval(pending)
-                pending = queued
+                pending = _queue(queued, pending)
                 if LAYERS_AHEAD == 0 or self.layer_done:
                     mx.eval(queued)
                 if self.layer_done:  # tracing: this layer alone (no overlap with the next one), then the hook
