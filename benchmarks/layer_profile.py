@@ -75,8 +75,8 @@ def main():
         h = layer.ffn(mid)
         mx.eval(h, mid)
     echo(f"device: {bench.device_line()}; shape {a.shape}, {a.bits or 'unquantized'}"
-         f"{'-bit' if a.bits else ''} random weights, {ours.dtype}; one {a.tokens}-token step of random tokens from an empty state; "
-         f"ms, median of {a.reps}")
+         f"{'-bit' if a.bits else ''} random weights, {ours.dtype}; one {a.tokens}-token step of random tokens "
+         f"from an empty state; ms, median of {a.reps}")
     echo(f"{'part':34s} {'kimi-mlx':>9s}" + (f" {'mlx-lm':>9s} {'ratio':>6s}" if theirs else ""))
     total = np.zeros(2)
     for i, (layer, (h, mid)) in enumerate(zip(ours.model.layers, inputs)):

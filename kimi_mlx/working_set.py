@@ -29,7 +29,7 @@ from .errors import ConfigError
 
 ENV = "KIMI_MLX_WORKING_SET_MB"
 DEFAULT_MB = 0
-FREE_WAIT_S = 0.02  # the longest one await_frees waits; past it the limit rises to what is in use
+FREE_WAIT_S = 0.02  # the longest one await_frees waits; past it the limit rises to what is in use (+ headroom)
 
 
 def bound_bytes() -> int:

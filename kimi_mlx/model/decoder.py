@@ -61,8 +61,7 @@ class DecoderLayer(nn.Module):
         prefill path reads its expert counts back to the host.)"""
         def step(h, conv, recurrent):
             s = KDAState(conv, recurrent)
-            h = h + self.self_attn(self.input_layernorm(h), s)
-            return h, s.conv, s.recurrent
+            return self.attend(h, s), s.conv, s.recurrent
         return mx.compile(step)
 
     def compiled_step(self):
@@ -197,8 +196,9 @@ class Model(nn.Module):
 
         Steps of PACED_PREFILL tokens or more are paced on a GPU: each layer is queued (async_eval) and awaited
         before the next one is built (LAYERS_AHEAD = 0), or the host stays one layer (1) or one half layer (0.5:
-        attention and FFN halves queued in turn) ahead. MLX allocates a kernel's output when the host encodes it and frees a command batch's inputs only
-        once the device has run the whole batch, so every layer queued ahead is memory held. (On CUDA the MoE's
+        attention and FFN halves queued in turn) ahead. MLX allocates a kernel's output when the host encodes
+        it and frees a command batch's inputs only once the device has run the whole batch, so every layer
+        queued ahead is memory held. (On CUDA the MoE's
         blocked path also waits at each layer for its block count; on Metal nothing else would stop the host.)
         Not on the CPU, which runs ahead by little: a small-shape prefill there measured 5% slower paced for 3%
         less memory."""
