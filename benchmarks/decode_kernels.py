@@ -1,0 +1,98 @@
+"""Where a decoded token's time goes on a GPU: host or device, and which kernels.
+
+  python benchmarks/decode_kernels.py [--shape full] [--context 1024]            # host split of the pipelined loop
+  ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --log-file K.csv \
+      python benchmarks/decode_kernels.py --profile 2                            # the kernels of 3 tokens (NVIDIA)
+  python benchmarks/decode_kernels.py --parse K.csv --tokens 3                   # their sum and the largest
+
+The split times the decode loop bench.time_decode runs (the next token's graph built and queued while the
+current one is read): building the graph in Python, queueing it (MLX encodes every kernel on the calling
+thread), and waiting for the token. A wait near zero means the device idles on the host.
+"""
+import argparse
+import collections
+import csv
+import ctypes
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--shape", default="full")
+ap.add_argument("--context", type=int, default=1024)
+ap.add_argument("--tokens", type=int, default=64)
+ap.add_argument("--profile", type=int, default=0, help="decode this many tokens (plus the one queued first) between cuProfilerStart/Stop")
+ap.add_argument("--parse", help="an ncu --csv log of --profile: per-token kernel time, the largest kernels")
+a = ap.parse_args()
+
+
+def parse(path: str, tokens: int):
+    rows = [r for r in csv.reader(open(path)) if len(r) > 10]
+    head = rows[0]
+    name, unit, value = head.index("Kernel Name"), head.index("Metric Unit"), head.index("Metric Value")
+    scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "ns": 1e-6, "us": 1e-3, "ms": 1.0}
+    by = collections.defaultdict(lambda: [0, 0.0])
+    for r in rows[1:]:
+        ms = float(r[value].replace(",", "")) * scale[r[unit]]
+        k = r[name].split("(")[0].split("<")[0][:60]
+        by[k][0] += 1
+        by[k][1] += ms
+    n = sum(c for c, _ in by.values())
+    total = sum(t for _, t in by.values())
+    print(f"{n / tokens:.0f} kernels a token, {total / tokens:.3f} ms of kernel time a token (serialized by ncu)")
+    for k, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:20]:
+        print(f"  {t / tokens:7.3f} ms  {c / tokens:5.0f}x  {k}")
+
+
+if a.parse:
+    parse(a.parse, a.tokens)
+    sys.exit()
+
+import mlx.core as mx  # noqa: E402
+
+from kimi_mlx import bench  # noqa: E402
+
+ours, _, cfg = bench.build(a.shape, peer=False, dtype=bench.activation_dtype())
+r = bench.Runner("kimi-mlx", ours, True)
+r.fill_context(a.context, ours.config)
+print(f"device: {bench.device_line()}; shape {a.shape}; decode at context {a.context}", flush=True)
+
+
+def step(y):
+    return mx.argmax(r.forward(y.reshape(1, 1))[:, -1], axis=-1)
+
+
+def loop(n):
+    """bench.time_decode's loop, each phase timed: (build, queue, wait) seconds a token."""
+    y = step(mx.array([1]))
+    mx.async_eval(y)
+    t = [0.0, 0.0, 0.0]
+    for _ in range(n):
+        t0 = time.perf_counter()
+        nxt = step(y)
+        t1 = time.perf_counter()
+        mx.async_eval(nxt)
+        t2 = time.perf_counter()
+        y.item()
+        t3 = time.perf_counter()
+        t = [t[0] + t1 - t0, t[1] + t2 - t1, t[2] + t3 - t2]
+        y = nxt
+    y.item()
+    return [x / n for x in t]
+
+
+loop(8)  # warm: traces the compiled steps
+if a.profile:
+    cuda = ctypes.CDLL("libcuda.so.1")
+    mx.synchronize()
+    cuda.cuProfilerStart()
+    loop(a.profile)
+    mx.synchronize()
+    cuda.cuProfilerStop()
+    sys.exit()
+print(f"{'tok/s':>8} {'build ms':>9} {'queue ms':>9} {'wait ms':>9}")
+for _ in range(3):
+    b, q, w = loop(a.tokens)
+    print(f"{1 / (b + q + w):8.1f} {b * 1e3:9.3f} {q * 1e3:9.3f} {w * 1e3:9.3f}", flush=True)
