@@ -29,7 +29,8 @@ a = ap.parse_args()
 
 
 def parse(path: str, tokens: int):
-    rows = [r for r in csv.reader(open(path)) if len(r) > 10]
+    with open(path) as f:
+        rows = [r for r in csv.reader(f) if len(r) > 10]
     head = rows[0]
     name, unit, value = head.index("Kernel Name"), head.index("Metric Unit"), head.index("Metric Value")
     scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "ns": 1e-6, "us": 1e-3, "ms": 1.0}
@@ -50,9 +51,9 @@ if a.parse:
     parse(a.parse, a.tokens)
     sys.exit()
 
-import mlx.core as mx  # noqa: E402
+import mlx.core as mx
 
-from kimi_mlx import bench  # noqa: E402
+from kimi_mlx import bench
 
 ours, _, cfg = bench.build(a.shape, peer=False, dtype=bench.activation_dtype())
 r = bench.Runner("kimi-mlx", ours, True)
