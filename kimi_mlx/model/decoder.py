@@ -21,10 +21,11 @@ PACED_PREFILL = 256  # prefill steps of at least this many tokens queue their la
 PACED_ON = (mx.gpu,)  # ... on these devices
 # layers a paced step lets the host queue ahead of the device: 0 awaits each layer before queuing the next (a
 # layer's intermediates stay allocated until its command batch has run, ~1.1 GB for a KDA layer at 2,048 tokens,
-# so 1 held two layers' worth: 2.34 GB a step at 700k context on an H200); 0.5 paces half layers (attention, FFN),
-# one half ahead: on an H200 0.28-0.29 s a 2,048-token step at 4k context against 0.33-0.35 s for 0, holding
-# 1.86-1.97 GB against 1.21-1.98 (RESULTS.md). step_memory.py --runs TILES:AHEAD compares them
-LAYERS_AHEAD = 0.5
+# so 1 held two layers' worth: 2.34 GB a step at 700k context on an H200). 0.5 paces half layers (attention, FFN),
+# one half ahead: 15% faster a step at 4k context (0.28-0.29 s vs 0.33-0.35) and 5% over a whole 1M prompt, but
+# its steps went past 2 GB at every context length (new highs 2.01-2.90 GB at 51k-944k), so 0 stays (RESULTS.md).
+# step_memory.py --runs TILES:AHEAD compares them
+LAYERS_AHEAD = 0
 AHEAD_CHOICES = (0, 0.5, 1)
 
 
