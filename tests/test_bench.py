@@ -229,3 +229,35 @@ def test_layer_profile_script_times_every_sublayer_against_the_peer():
     lines = [s for s in out.stdout.splitlines() if s.startswith("layer")]
     assert len(lines) == 2 * 4 and all(s.endswith("x") and len(s.split()) == 7 for s in lines), lines
     assert out.stdout.splitlines()[-1].startswith("all layers")
+
+
+def test_decode_kernels_script_splits_a_token_and_sums_an_ncu_log(tmp_path):
+    """benchmarks/decode_kernels.py: build / queue / wait a token, each round's rate their inverse sum; --parse
+    sums an ncu CSV log's kernel times per token (units mixed) and ranks the kernels."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_kernels.py"
+    out = subprocess.run([sys.executable, str(script), "--shape", "small", "--context", "64", "--tokens", "4"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [s.split() for s in out.stdout.splitlines()[2:]]
+    assert len(rows) == 3 and all(len(r) == 4 for r in rows), out.stdout
+    for rate, *ms in ([float(x) for x in r] for r in rows):
+        assert abs(rate - 1e3 / sum(ms)) <= 0.06 * rate + 0.1
+    head = ['"ID"', '"Process ID"', '"Process Name"', '"Host Name"', '"Kernel Name"', '"Context"', '"Stream"',
+            '"Block Size"', '"Grid Size"', '"Device"', '"CC"', '"Section Name"', '"Metric Name"', '"Metric Unit"',
+            '"Metric Value"']
+    def row(i, name, unit, value):
+        return [f'"{i}"', '"1"', '"python3"', '"h"', f'"{name}"', '"1"', '"7"', '"(32, 1, 1)"', '"(1, 1, 1)"', '"0"',
+                '"9.0"', '"Command line profiler metrics"', '"gpu__time_duration.sum"', f'"{unit}"', f'"{value}"']
+    log = [head, row(0, "void mlx::qmv_kernel<bf16, 4>(const T *)", "usecond", "10.5"),
+           row(1, "void mlx::qmv_kernel<bf16, 4>(const T *)", "nsecond", "9,500"),
+           row(2, "mlx::custom_kernel_kda_decode_32", "msecond", "0.002")]
+    (tmp_path / "k.csv").write_text("==PROF== Connected\n" + "\n".join(",".join(r) for r in log) + "\n")
+    out = subprocess.run([sys.executable, str(script), "--parse", str(tmp_path / "k.csv"), "--tokens", "2"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "2 kernels a token, 0.011 ms of kernel time a token (serialized by ncu)", lines
+    assert lines[1].split() == ["0.010", "ms", "1x", "void", "mlx::qmv_kernel"], lines
+    assert lines[2].split() == ["0.001", "ms", "0x", "mlx::custom_kernel_kda_decode_32"], lines
