@@ -6,8 +6,9 @@
   python benchmarks/decode_kernels.py --parse K.csv --tokens 3                   # their sum and the largest
 
 The split times the decode loop bench.time_decode runs (the next token's graph built and queued while the
-current one is read): building the graph in Python, queueing it (MLX encodes every kernel on the calling
-thread), and waiting for the token. A wait near zero means the device idles on the host.
+current one is read): building the graph (our Python and MLX's replay of each compiled layer), queueing
+it (MLX encodes every kernel on the calling thread), and waiting for the token. A wait near zero means the
+device idles on the host.
 """
 import argparse
 import collections
@@ -23,7 +24,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--shape", default="full")
 ap.add_argument("--context", type=int, default=1024)
 ap.add_argument("--tokens", type=int, default=64)
-ap.add_argument("--profile", type=int, default=0, help="decode this many tokens (plus the one queued first) between cuProfilerStart/Stop")
+ap.add_argument("--profile", type=int, default=0,
+                help="decode this many tokens (plus the one queued first) between cuProfilerStart/Stop")
 ap.add_argument("--parse", help="an ncu --csv log of --profile: per-token kernel time, the largest kernels")
 a = ap.parse_args()
 
@@ -44,7 +46,7 @@ def parse(path: str, tokens: int):
     total = sum(t for _, t in by.values())
     print(f"{n / tokens:.0f} kernels a token, {total / tokens:.3f} ms of kernel time a token (serialized by ncu)")
     for k, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:20]:
-        print(f"  {t / tokens:7.3f} ms  {c / tokens:5.0f}x  {k}")
+        print(f"  {t / tokens:7.3f} ms  {c / tokens:6.1f}x  {k}")
 
 
 if a.parse:

@@ -259,5 +259,5 @@ def test_decode_kernels_script_splits_a_token_and_sums_an_ncu_log(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "2 kernels a token, 0.011 ms of kernel time a token (serialized by ncu)", lines
-    assert lines[1].split() == ["0.010", "ms", "1x", "void", "mlx::qmv_kernel"], lines
-    assert lines[2].split() == ["0.001", "ms", "0x", "mlx::custom_kernel_kda_decode_32"], lines
+    assert lines[1].split() == ["0.010", "ms", "1.0x", "void", "mlx::qmv_kernel"], lines
+    assert lines[2].split() == ["0.001", "ms", "0.5x", "mlx::custom_kernel_kda_decode_32"], lines
