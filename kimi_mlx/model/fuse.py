@@ -100,7 +100,7 @@ class FusedMoE(nn.Module):
             g, u = mx.split(self.gate_up_proj(flat[:, None, None], idx, lhs_indices=rows_in), 2, axis=-1)
             y = self.down_proj(nn.silu(g) * u, idx, lhs_indices=rows_mid)
         y = y.reshape(N, k, -1)
-        return (y.astype(mx.float32) * w[..., None]).sum(1).astype(x.dtype).reshape(shape)
+        return (y.astype(mx.float32) * w[..., None]).sum(1).reshape(shape).astype(x.dtype)
 
     def _rows(self, N: int, k: int) -> tuple[mx.array, mx.array]:
         """gather_qmm's row indices for N tokens of k experts: the gate|up bank reads token n, the down bank

@@ -79,4 +79,4 @@ class KimiDeltaAttention(nn.Module):
             o, state.recurrent = kda(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.gate(f_a), beta, state.recurrent)
         gate = self.g_b_proj(g_a).reshape(B, T, H, D).astype(mx.float32)
         y = mx.fast.rms_norm(o, self.o_norm_weight.astype(mx.float32), self.norm_eps) * mx.sigmoid(gate)
-        return self.o_proj(y.reshape(B, T, H * D).astype(x.dtype))
+        return self.o_proj(y.astype(x.dtype).reshape(B, T, H * D))

@@ -27,6 +27,12 @@ def _take(w: dict, name: str) -> mx.array:
         raise WeightsError(f"checkpoint is missing tensor '{name}'; the checkpoint is incomplete") from None
 
 
+def stacked_conv_weight(convs: list[mx.array]) -> mx.array:
+    """The q, k, v depthwise conv weights ([P, 1, K] HF, [P, K, 1] mlx-lm) as one [K, 3P] conv_weight, row-major:
+    kept as a transposed view, every decode step on a GPU would copy it before the KDA kernel."""
+    return mx.contiguous(mx.concatenate([c.reshape(c.shape[0], -1) for c in convs], axis=0).T)
+
+
 def hf_layer_to_local(cfg: ModelConfig, i: int, w: dict) -> dict:
     """Map one layer's HF tensors (names with prefix model.layers.i.) to local names."""
     p = f"model.layers.{i}."
@@ -35,7 +41,7 @@ def hf_layer_to_local(cfg: ModelConfig, i: int, w: dict) -> dict:
     if cfg.layer_types[i] == KDA:
         out[a + "qkv_proj.weight"] = mx.concatenate([_take(w, a + f"{x}_proj.weight") for x in "qkv"], axis=0)
         convs = [_take(w, a + f"{x}_conv1d.weight") for x in "qkv"]
-        out[a + "conv_weight"] = mx.concatenate([c.reshape(c.shape[0], -1) for c in convs], axis=0).T
+        out[a + "conv_weight"] = stacked_conv_weight(convs)
         out[a + "A_log"] = _take(w, a + "A_log").reshape(-1)
         out[a + "dt_bias"] = _take(w, a + "dt_bias").reshape(-1)
         out[a + "o_norm_weight"] = _take(w, a + "o_norm.weight")

@@ -24,6 +24,7 @@ import mlx.core as mx
 
 from ..config import KDA, ModelConfig
 from ..errors import WeightsError
+from .layout import stacked_conv_weight
 
 GLOBAL_KEYS = ("group_size", "bits", "mode")
 RENAMES = ((".mlp.switch_mlp.", ".mlp.experts."),
@@ -77,7 +78,7 @@ def _kda(r: _Reader, a: str, out: dict, quant: dict) -> None:
     else:
         out[a + "qkv_proj.weight"] = mx.concatenate([r.dense(p) for p in paths], axis=0)
     convs = [r.pop(a + f"{x}_conv.conv.weight") for x in "qkv"]  # [P, K, 1]
-    out[a + "conv_weight"] = mx.concatenate([c.reshape(c.shape[0], -1) for c in convs], axis=0).T
+    out[a + "conv_weight"] = stacked_conv_weight(convs)
     out[a + "A_log"] = r.pop(a + "A_log").reshape(-1)
     out[a + "dt_bias"] = r.pop(a + "dt_bias").reshape(-1)
     out[a + "o_norm_weight"] = r.pop(a + "o_norm.weight")
