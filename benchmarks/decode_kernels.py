@@ -5,17 +5,16 @@
       python benchmarks/decode_kernels.py --profile 2                            # the kernels of 3 tokens (NVIDIA)
   python benchmarks/decode_kernels.py --parse K.csv --tokens 3                   # their sum and the largest
 
-The split times the decode loop bench.time_decode runs (the next token's graph built and queued while the
-current one is read): building the graph (our Python and MLX's replay of each compiled layer), queueing
-it (MLX encodes every kernel on the calling thread), and waiting for the token. A wait near zero means the
-device idles on the host.
+The split times the decode loop bench.time_decode runs (bench.decode_phases: the next token's graph built
+and queued while the current one is read): building the graph (our Python and MLX's replay of each compiled
+layer), queueing it (MLX encodes every kernel on the calling thread), and waiting for the token. A wait
+near zero means the device idles on the host.
 """
 import argparse
 import collections
 import csv
 import ctypes
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -63,27 +62,11 @@ r.fill_context(a.context, ours.config)
 print(f"device: {bench.device_line()}; shape {a.shape}; decode at context {a.context}", flush=True)
 
 
-def step(y):
-    return mx.argmax(r.forward(y.reshape(1, 1))[:, -1], axis=-1)
-
-
 def loop(n):
-    """bench.time_decode's loop, each phase timed: (build, queue, wait) seconds a token."""
-    y = step(mx.array([1]))
-    mx.async_eval(y)
-    t = [0.0, 0.0, 0.0]
-    for _ in range(n):
-        t0 = time.perf_counter()
-        nxt = step(y)
-        t1 = time.perf_counter()
-        mx.async_eval(nxt)
-        t2 = time.perf_counter()
-        y.item()
-        t3 = time.perf_counter()
-        t = [t[0] + t1 - t0, t[1] + t2 - t1, t[2] + t3 - t2]
-        y = nxt
+    """bench.time_decode's loop (bench.decode_phases), each phase's seconds a token: (build, queue, wait)."""
+    y, spent = bench.decode_phases(r, n)
     y.item()
-    return [x / n for x in t]
+    return [x / n for x in spent]
 
 
 loop(8)  # warm: traces the compiled steps

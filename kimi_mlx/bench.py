@@ -307,7 +307,8 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
                  f"{m.top_layers(model)}; after the last layer {(mx.get_peak_memory() - m.before) / 1e9:.2f} GB")
         if held > prog.step_gb:
             if prog.step_gb and prog.done > 8 * step:  # a new largest working set after the first steps: say when
-                echo(f"  step ending at {prog.done}: working set {held:.2f} GB (in use before it {m.before / 1e9:.2f} GB)")
+                echo(f"  step ending at {prog.done}: working set {held:.2f} GB "
+                     f"(in use before it {m.before / 1e9:.2f} GB)")
             prog.step_gb, prog.step_at = held, prog.done
         if prog.done % (64 * step) == 0 or prog.done == N:
             echo(f"  {prog.done:>9} / {N} tokens, {prog.seconds:7.1f} s of steps, {prog.done / prog.seconds:7.1f} tok/s, "
@@ -328,24 +329,35 @@ def state_bytes(state) -> int:
 DECODE_WARMUP = 4  # tokens time_decode feeds before its timed ones
 
 
-def time_decode(r: Runner, n: int) -> float:
-    """Decode tok/s over n tokens (after DECODE_WARMUP untimed ones), the next step queued while one is read."""
+def decode_phases(r: Runner, n: int, y: mx.array | None = None) -> tuple[mx.array, list[float]]:
+    """Decode n tokens greedily, the next step built and queued while the current token is read (after y, or
+    after a first token queued here). Returns the last token queued, not yet read, and the seconds spent
+    building the steps' graphs, queueing them (MLX encodes the kernels on this thread) and waiting for tokens."""
     def step(y):
         return mx.argmax(r.forward(y.reshape(1, 1))[:, -1], axis=-1)
 
-    y = step(mx.array([1]))
-    mx.async_eval(y)
-    for _ in range(DECODE_WARMUP - 1):  # warm-up (the first step above is one)
-        nxt = step(y)
-        mx.async_eval(nxt)
-        y.item()
-        y = nxt
-    t0 = time.perf_counter()
+    if y is None:
+        y = step(mx.array([1]))
+        mx.async_eval(y)
+    spent = [0.0, 0.0, 0.0]
     for _ in range(n):
+        t0 = time.perf_counter()
         nxt = step(y)
+        t1 = time.perf_counter()
         mx.async_eval(nxt)
+        t2 = time.perf_counter()
         y.item()
+        t3 = time.perf_counter()
+        spent = [spent[0] + t1 - t0, spent[1] + t2 - t1, spent[2] + t3 - t2]
         y = nxt
+    return y, spent
+
+
+def time_decode(r: Runner, n: int) -> float:
+    """Decode tok/s over n tokens (after DECODE_WARMUP untimed ones), the next step queued while one is read."""
+    y, _ = decode_phases(r, DECODE_WARMUP - 1)  # warm-up (the first token queued is one)
+    t0 = time.perf_counter()
+    y, _ = decode_phases(r, n, y)
     y.item()
     return n / (time.perf_counter() - t0)
 

@@ -199,10 +199,9 @@ class Model(nn.Module):
         before the next one is built (LAYERS_AHEAD = 0), or the host stays one layer (1) or one half layer (0.5:
         attention and FFN halves queued in turn) ahead. MLX allocates a kernel's output when the host encodes
         it and frees a command batch's inputs only once the device has run the whole batch, so every layer
-        queued ahead is memory held. (On CUDA the MoE's
-        blocked path also waits at each layer for its block count; on Metal nothing else would stop the host.)
-        Not on the CPU, which runs ahead by little: a small-shape prefill there measured 5% slower paced for 3%
-        less memory."""
+        queued ahead is memory held. (On CUDA the MoE's blocked path also waits at each layer for its block
+        count; on Metal nothing else would stop the host.) Not on the CPU, which runs ahead by little: a
+        small-shape prefill there measured 5% slower paced for 3% less memory."""
         if compiled and self._prefill is None:
             self._prefill = {i: self.model.layers[i].compiled_kda_attention() for i in self.owned
                              if self.model.layers[i].is_kda}
