@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -191,13 +192,14 @@ def layer_plan(path: Path, num_layers: int, ranks: int) -> list[range]:
 # The words of the ring backend's per-socket messages. It writes each word to the unbuffered std::cerr
 # separately, from several socket threads at once, so a lost peer can print interleaved fragments
 # ("[ring] [ring] Sending to Receiving from socket 5 ...", "104"): a line made only of these words and
-# numbers is noise, whatever their order.
+# numbers is noise, whatever their order. A number can lose the space after it ("socket 7was closed"), so a
+# line is read as runs of digits and runs of other non-space bytes.
 NOISE_WORDS = frozenset(b"[ring] Socket was closed by the peer Sending Receiving to from socket failed with errno made "
                         b"no progress Too many send/recv errors. Failing pending tasks...".split())
 
 
 def is_noise(line: bytes) -> bool:
-    words = line.split()
+    words = re.findall(rb"\d+|[^\s\d]+", line)
     return bool(words) and all(w in NOISE_WORDS or w.isdigit() for w in words)
 
 

@@ -29,7 +29,8 @@ def test_ring_noise_filter_drops_interleaved_fragments_only():
     interleaved fragments are dropped; our own one-line errors (which quote '[ring]') and anything else pass."""
     noise = [b"[ring] Sending to socket 5 failed with errno 32\n", b"[ring] [ring] Sending to Receiving from socket\n",
              b"5 failed with errno 104\n", b"104\n", b"[ring] Socket 7 was closed by the peer\n",
-             b"[ring] Too many send/recv errors. Failing pending tasks...\n"]
+             b"[ring] Too many send/recv errors. Failing pending tasks...\n",
+             b"[ring] Sending to socket 7was closed by the peer\n"]
     kept = [b"error: rank 1: lost contact with another rank ([ring] connection to a peer was lost); stopping\n",
             b"Traceback (most recent call last):\n", b"\n", b"hello 5\n"]
     assert all(is_noise(line) for line in noise) and not any(is_noise(line) for line in kept)
