@@ -19,28 +19,40 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import mlx.core as mx
+
+from kimi_mlx import bench
+
 ap = argparse.ArgumentParser()
-ap.add_argument("--shape", default="full")
+ap.add_argument("--shape", default="full", choices=list(bench.SHAPES))
 ap.add_argument("--context", type=int, default=1024)
 ap.add_argument("--tokens", type=int, default=64)
 ap.add_argument("--profile", type=int, default=0,
                 help="decode this many tokens (plus the one queued first) between cuProfilerStart/Stop")
 ap.add_argument("--parse", help="an ncu --csv log of --profile: per-token kernel time, the largest kernels")
 a = ap.parse_args()
+if a.tokens < 1 or a.context < 1 or a.profile < 0:
+    ap.error("--tokens and --context take a positive number, --profile zero or more")
+
+
+SCALE_MS = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "ns": 1e-6, "us": 1e-3, "ms": 1.0}
 
 
 def parse(path: str, tokens: int):
-    with open(path) as f:
-        rows = [r for r in csv.reader(f) if len(r) > 10]
-    head = rows[0]
-    name, unit, value = head.index("Kernel Name"), head.index("Metric Unit"), head.index("Metric Value")
-    scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "ns": 1e-6, "us": 1e-3, "ms": 1.0}
-    by = collections.defaultdict(lambda: [0, 0.0])
-    for r in rows[1:]:
-        ms = float(r[value].replace(",", "")) * scale[r[unit]]
-        k = r[name].split("(")[0].split("<")[0][:60]
-        by[k][0] += 1
-        by[k][1] += ms
+    try:
+        with open(path) as f:
+            rows = [r for r in csv.reader(f) if len(r) > 10]
+        head = rows[0]
+        name, unit, value = head.index("Kernel Name"), head.index("Metric Unit"), head.index("Metric Value")
+        by = collections.defaultdict(lambda: [0, 0.0])
+        for r in rows[1:]:
+            k = r[name].split("(")[0].split("<")[0][:60]
+            by[k][0] += 1
+            by[k][1] += float(r[value].replace(",", "")) * SCALE_MS[r[unit]]
+    except OSError as e:
+        ap.error(f"--parse {path}: cannot read it ({e.strerror})")
+    except (IndexError, ValueError, KeyError):
+        ap.error(f"--parse {path}: not an ncu --csv log of gpu__time_duration (run ncu as in this script's docstring)")
     n = sum(c for c, _ in by.values())
     total = sum(t for _, t in by.values())
     print(f"{n / tokens:.0f} kernels a token, {total / tokens:.3f} ms of kernel time a token (serialized by ncu)")
@@ -51,10 +63,6 @@ def parse(path: str, tokens: int):
 if a.parse:
     parse(a.parse, a.tokens)
     sys.exit()
-
-import mlx.core as mx
-
-from kimi_mlx import bench
 
 ours, _, cfg = bench.build(a.shape, peer=False, dtype=bench.activation_dtype())
 r = bench.Runner("kimi-mlx", ours, True)

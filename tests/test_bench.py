@@ -261,3 +261,9 @@ def test_decode_kernels_script_splits_a_token_and_sums_an_ncu_log(tmp_path):
     assert lines[0] == "2 kernels a token, 0.011 ms of kernel time a token (serialized by ncu)", lines
     assert lines[1].split() == ["0.010", "ms", "1.0x", "void", "mlx::qmv_kernel"], lines
     assert lines[2].split() == ["0.001", "ms", "0.5x", "mlx::custom_kernel_kda_decode_32"], lines
+    (tmp_path / "bad.csv").write_text("a,b\n")
+    for args in (["--parse", str(tmp_path / "none.csv")], ["--parse", str(tmp_path / "bad.csv")], ["--tokens", "0"],
+                 ["--shape", "huge"]):
+        bad = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith(
+            "decode_kernels.py: error:"), bad.stderr
