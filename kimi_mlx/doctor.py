@@ -117,6 +117,39 @@ def check_routing() -> Check:
     return Check("MoE routing, fused kernel", err, "" if same else "picked other experts")
 
 
+def random_banks(E: int, D: int, I: int, bits: int = 4, group_size: int = 64, dtype=mx.float32, down_bits=None):
+    """A gate|up bank [E, 2I, D] and a down bank [E, D, I] of random experts, affine-quantized."""
+    from .model.moe import QuantizedSwitchLinear, SwitchLinear
+
+    def bank(rows, cols, b):
+        lin = SwitchLinear(E, cols, rows)
+        lin.weight = (mx.random.normal((E, rows, cols)) * cols**-0.5).astype(dtype)
+        return QuantizedSwitchLinear.from_float(lin, group_size, b, "affine")
+
+    return bank(2 * I, D, bits), bank(D, I, down_bits or bits)
+
+
+def expert_inputs(E: int, D: int, N: int, P: int, dtype=mx.float32):
+    """x [N, D], P distinct experts a token (the last one shared by all, as the fused bank runs it) and
+    router weights spanning three orders of magnitude."""
+    x = mx.random.normal((N, D)).astype(dtype)
+    routed = mx.argsort(mx.random.uniform(shape=(N, E - 1)), axis=-1)[:, : P - 1].astype(mx.int32)
+    idx = mx.concatenate([routed, mx.full((N, 1), E - 1, mx.int32)], axis=1)
+    w = mx.exp(mx.random.uniform(-4.0, 3.0, (N, P)))
+    return x, idx, w
+
+
+def check_experts() -> Check:
+    """The two MoE decode kernels against MLX's gather matmuls (4-bit gate|up, 8-bit down)."""
+    from .ops import experts
+
+    mx.random.seed(3)
+    gate_up, down = random_banks(12, 512, 256, bits=4, down_bits=8)
+    x, idx, w = expert_inputs(12, 512, N=3, P=9)
+    err = _rel_err(experts.experts_kernel(x, idx, w, gate_up, down), experts.experts_ref(x, idx, w, gate_up, down))
+    return Check("MoE experts, decode kernels", err)
+
+
 def environment() -> list[tuple[str, str]]:
     from metal_kernels import backend
 
@@ -124,6 +157,7 @@ def environment() -> list[tuple[str, str]]:
     gpu = kda_ops.gpu_backend()
     mode = kda_ops.mode()
     decode = kda_ops.decode_path(mx.zeros((1, 1, 128, 128)), mx.zeros((4, 1)))
+    decode_experts = expert_path(9, 257, kernel_fits=True)
     return [
         ("mlx", mx.__version__),
         ("python", platform.python_version()),
@@ -136,6 +170,8 @@ def environment() -> list[tuple[str, str]]:
         ("KDA decode step", {"kernel": f"fused {gpu} kernel", "ops": "fused ops",
                              "ref": "unfused reference"}[decode]),
         ("MoE routing", {"kernel": f"fused {gpu} kernel", "ref": "ops"}[routing_path()]),
+        ("MoE decode", (f"{gpu} kernels" if decode_experts == "kernel" else f"{decode_experts} expert matmuls")
+         + " (one token, 4-bit banks)"),
         ("MoE prefill", f"{expert_path(2048 * 9, 257)} expert matmuls (2,048 tokens, real shape)"),
         ("prefill memory", working_set.describe()),
     ]
@@ -147,10 +183,10 @@ def routing_path() -> str:
     return path(256, 8, 1)
 
 
-def expert_path(pairs: int, experts: int) -> str:
+def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
     from .model.fuse import expert_path as choose
 
-    return choose(pairs, experts)
+    return choose(pairs, experts, kernel_fits)
 
 
 GPU_CHECKS = {
@@ -158,6 +194,7 @@ GPU_CHECKS = {
     "chunked prefill, chunk and scan kernels": partial(check_chunked, True),
     "decode step, fused kernel": partial(check_decode, "kernel"),
     "MoE routing, fused kernel": check_routing,
+    "MoE experts, decode kernels": check_experts,
 }
 
 

@@ -96,6 +96,35 @@ SPECS = {
         sample_inputs=(("float32", 256), ("float32", 256), ("float32", 1)),
         sample_outputs=("int32", "float32"),
     ),
+    "moe_gate_up": KernelSpec(
+        name="moe_gate_up",
+        inputs=("x", "idx", "wq", "scales", "biases"),
+        outputs=("h",),
+        sample_template=(("D", 2304), ("I", 1024), ("P", 9), ("BITS", 4), ("GS", 64)),
+        sample_inputs=(
+            ("bfloat16", 2304),
+            ("int32", 9),
+            ("uint32", 257 * 2048 * 288),
+            ("bfloat16", 257 * 2048 * 36),
+            ("bfloat16", 257 * 2048 * 36),
+        ),
+        sample_outputs=("float32",),
+    ),
+    "moe_down": KernelSpec(
+        name="moe_down",
+        inputs=("h", "idx", "weight", "wq", "scales", "biases"),
+        outputs=("y",),
+        sample_template=(("D", 2304), ("I", 1024), ("P", 9), ("BITS", 4), ("GS", 64)),
+        sample_inputs=(
+            ("float32", 9 * 1024),
+            ("int32", 9),
+            ("float32", 9),
+            ("uint32", 257 * 2304 * 128),
+            ("bfloat16", 257 * 2304 * 16),
+            ("bfloat16", 257 * 2304 * 16),
+        ),
+        sample_outputs=("float32",),
+    ),
 }
 
 

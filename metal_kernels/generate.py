@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from . import HERE, SPECS, KernelSpec, body, header
 
-METAL_TYPES = {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t", "int32": "int32_t"}
-CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "int32": "int32_t"}
+METAL_TYPES = {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t", "int32": "int32_t", "uint32": "uint32_t"}
+CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "int32": "int32_t", "uint32": "uint32_t"}
 METAL_ATTRIBUTES = {
     "thread_position_in_grid": "uint3",
     "thread_position_in_threadgroup": "uint3",

@@ -22,7 +22,7 @@ from metal_kernels import SPECS
 from metal_kernels.generate import kernel_name, render_cuda, render_metal
 
 SHIM = Path(__file__).parent / "kernel_shims" / "emulate.h"
-DTYPES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.int32: "int32"}
+DTYPES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.int32: "int32", mx.uint32: "uint32"}
 BUILD = Path(tempfile.gettempdir()) / "kimi_mlx_kernel_emulator"
 TIMEOUT_S = 300
 last_run: threading.Thread | None = None  # the latest launch (a test of the watchdog waits for it to end)
@@ -33,7 +33,7 @@ def available() -> bool:
 
 
 def _launcher(spec, kind, template, inputs, outputs) -> str:
-    types = {"float32": "float", "bfloat16": "bfloat16_t" if kind == "metal" else "__nv_bfloat16", "int32": "int32_t"}
+    types = {"float32": "float", "bfloat16": "bfloat16_t" if kind == "metal" else "__nv_bfloat16", "int32": "int32_t", "uint32": "uint32_t"}
     args = [f"(const {types[t]}*)bufs[{i}]" for i, (t, _) in enumerate(inputs)]
     args += [f"({types[t]}*)bufs[{len(inputs) + j}]" for j, t in enumerate(outputs)]
     name = kernel_name(spec, kind, template, inputs, outputs)
@@ -88,7 +88,7 @@ def _build(text: str, kind: str) -> ctypes.CDLL:
 def _to_numpy(x: mx.array) -> np.ndarray:
     if x.dtype == mx.bfloat16:
         return np.ascontiguousarray(np.array(x.view(mx.uint16)))
-    if x.dtype == mx.int32:
+    if x.dtype in (mx.int32, mx.uint32):
         return np.ascontiguousarray(np.array(x))
     return np.ascontiguousarray(np.array(x.astype(mx.float32)))
 

@@ -178,11 +178,13 @@ def test_quantized_cache(bits, tol, absorbed):
     assert err(out, exact) > 0  # it really is quantized
 
 
+@pytest.mark.parametrize("absorb", [False, True])
 @pytest.mark.parametrize("bits", [0, 8])
 @pytest.mark.parametrize("S", [1, 8, 9, 57, 100])
-def test_decode_over_whole_pages(monkeypatch, S, bits):
+def test_decode_over_whole_pages(monkeypatch, S, bits, absorb):
     """mla_decode reads whole pages and masks rows past `valid`: equal to the reference on the valid
-    rows, whatever the rows past them hold; split-K pieces (SPLIT_ROWS) included."""
+    rows, whatever the rows past them hold; split-K pieces (SPLIT_ROWS) included; the absorbed query
+    from k_up or from a kept absorb_matrix."""
     monkeypatch.setattr(A, "SPLIT_ROWS", 4)
     latent, pe = (58, 6) if bits else (L, PE)
     rows, q, k_up, v_up = inputs(2, 1, S, seed=S, latent=latent, pe=pe)
@@ -195,7 +197,7 @@ def test_decode_over_whole_pages(monkeypatch, S, bits):
     pages, valid = st.decode_slot().pages, mx.array(S)
     cache = A.LatentCache(pages, bits, 64)
     dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, :S]
-    out = A.mla_decode(q, cache, valid, k_up, v_up, SCALE)
+    out = A.mla_decode(q, cache, valid, k_up, v_up, SCALE, A.absorb_matrix(k_up, pe, SCALE) if absorb else None)
     assert err(out, mla_attention_ref(q, dq, k_up, v_up, SCALE)) < 2e-5
 
 

@@ -122,3 +122,27 @@ def test_expert_blocks_round_trip(block):
     assert (r.reshape(-1, 5) != 0).any(-1).sum() == N * k
     back = blocks.pairs(rows)
     assert np.array_equal(np.array(back), np.repeat(np.array(x), k, axis=0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_expert_kernel_path_matches_unfused_model(hf_checkpoint, monkeypatch, bits):
+    """The MoE decode kernels in a whole model against the unfused reference model: chosen by default for
+    one token a sequence, and forced for a whole prompt."""
+    _, ckpt = hf_checkpoint("kmk", n_shared_experts=1, moe_intermediate_size=64, hidden_size=128)
+    ref_model, model = load_model(ckpt, fuse=False), load_model(ckpt, fuse=False)
+    quantize(ref_model, bits)
+    quantize(model, bits)
+    from kimi_mlx.model.fuse import EXPERTS_ENV, fuse_model
+
+    fuse_model(model)
+    assert all(l.mlp.kernel_fits for l in model.model.layers[1:])
+    toks = mx.array(np.random.default_rng(2).integers(0, 211, (2, 24)))
+    monkeypatch.delenv(EXPERTS_ENV, raising=False)
+    one = toks[:, :1]
+    ref, out = ref_model(one), model(one)
+    assert float(mx.abs(out - ref).max()) <= 1e-4 * float(mx.abs(ref).max())
+    ref = ref_model(toks)
+    monkeypatch.setenv(EXPERTS_ENV, "kernel")
+    out = model(toks)
+    assert float(mx.abs(out - ref).max()) <= 1e-4 * float(mx.abs(ref).max())

@@ -154,3 +154,110 @@ def test_doctor_routing_check_on_gpu():
     from kimi_mlx import doctor
 
     assert doctor.check_routing().ok
+
+
+# -- the MoE decode expert kernels ---------------------------------------------------------------
+
+from kimi_mlx import doctor  # noqa: E402
+from kimi_mlx.ops import experts  # noqa: E402
+
+EXPERT_CASES = [  # bits (gate|up), bits (down), group size, dtype of x and of the scales
+    (4, 4, 64, mx.float32),
+    (4, 8, 32, mx.bfloat16),
+    (2, 2, 128, mx.float32),
+    (8, 4, 64, mx.bfloat16),
+]
+
+
+def emulate_experts(kind, x, idx, w, gate_up, down):
+    """experts_kernel's two launches, run by the emulator."""
+    N, P = idx.shape
+    D, I = x.shape[-1], gate_up.weight.shape[1] // 2
+    (h,) = kernel_emulator.emulate(
+        "moe_gate_up", kind, [x, idx, gate_up.weight, gate_up.scales, gate_up.biases],
+        tuple(experts._template(D, I, P, gate_up)), grid=(32, I, N * P), threadgroup=(32, experts._group_rows(I), 1),
+        output_shapes=[(N * P, I)], output_dtypes=[mx.float32],
+    )
+    (y,) = kernel_emulator.emulate(
+        "moe_down", kind, [h, idx, w, down.weight, down.scales, down.biases], tuple(experts._template(D, I, P, down)),
+        grid=(32, D, N), threadgroup=(32, experts._group_rows(D), 1), output_shapes=[(N, D)],
+        output_dtypes=[mx.float32],
+    )
+    return y
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+@pytest.mark.parametrize("case", EXPERT_CASES, ids=lambda c: f"b{c[0]}d{c[1]}g{c[2]}{str(c[3]).split('.')[-1]}")
+def test_expert_kernel_text_runs_right_on_cpu(kind, case):
+    """Both kernels' generated text against MLX's gather matmuls: mixed bits, every group size, a token
+    routed to experts another token also uses, router weights over three orders of magnitude."""
+    bits, down_bits, gs, dtype = case
+    mx.random.seed(bits * 10 + down_bits + gs)
+    E, D, I = 7, 256, 128
+    gate_up, down = doctor.random_banks(E, D, I, bits, gs, dtype, down_bits)
+    x, idx, w = doctor.expert_inputs(E, D, N=2, P=4, dtype=dtype)
+    x = x * 30  # activations far from unit size
+    assert experts.kernel_fits(gate_up, down)
+    got = emulate_experts(kind, x, idx, w, gate_up, down)
+    ref = experts.experts_ref(x.astype(mx.float32), idx, w, gate_up, down)
+    tol = 1e-5 if dtype == mx.float32 else 2e-2  # the reference rounds gate, up and down outputs to bf16
+    assert float(mx.abs(got - ref).max()) <= tol * float(mx.abs(ref).max())
+
+
+def test_expert_kernels_take_only_banks_they_read():
+    mx.random.seed(0)
+    gate_up, down = doctor.random_banks(3, 128, 64, bits=4)
+    assert experts.kernel_fits(gate_up, down)
+    _, three_bit = doctor.random_banks(3, 128, 64, bits=3)
+    assert not experts.kernel_fits(gate_up, three_bit)
+    from kimi_mlx.model.moe import SwitchLinear
+
+    assert not experts.kernel_fits(gate_up, SwitchLinear(3, 64, 128))  # unquantized
+
+
+def test_expert_path_policy(monkeypatch):
+    from kimi_mlx.errors import ConfigError
+    from kimi_mlx.model.fuse import EXPERTS_ENV, expert_path
+
+    monkeypatch.delenv(EXPERTS_ENV, raising=False)
+    on_gpu = experts_gpu()
+    assert expert_path(9, 257, True) == ("kernel" if on_gpu else "gather")
+    assert expert_path(9, 257, False) == "gather"
+    monkeypatch.setenv(EXPERTS_ENV, "gather")
+    assert expert_path(9, 257, True) == "gather"
+    monkeypatch.setenv(EXPERTS_ENV, "kernel")
+    with pytest.raises(ConfigError, match="KIMI_MLX_EXPERTS=kernel"):
+        expert_path(9, 257, False)
+    if on_gpu:
+        assert expert_path(4096, 257, True) == "kernel"  # forced: any number of pairs
+    else:
+        with pytest.raises(ConfigError, match="KIMI_MLX_EXPERTS=kernel"):
+            expert_path(9, 257, True)
+
+
+def experts_gpu() -> bool:
+    from kimi_mlx.ops.kda import gpu_backend
+
+    return gpu_backend() is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [1, 5])
+@pytest.mark.parametrize("case", EXPERT_CASES, ids=lambda c: f"b{c[0]}d{c[1]}g{c[2]}{str(c[3]).split('.')[-1]}")
+def test_expert_kernels_on_gpu(case, N):
+    """The kernels at the real widths (D 2,304, I 1,024, 8 routed + 1 shared) against the gather matmuls."""
+    bits, down_bits, gs, dtype = case
+    mx.random.seed(N + bits)
+    E, D, I = 20, 2304, 1024
+    gate_up, down = doctor.random_banks(E, D, I, bits, gs, dtype, down_bits)
+    x, idx, w = doctor.expert_inputs(E, D, N=N, P=9, dtype=dtype)
+    got = experts.experts_kernel(x, idx, w, gate_up, down)
+    ref = experts.experts_ref(x.astype(mx.float32), idx, w, gate_up, down)
+    tol = 1e-5 if dtype == mx.float32 else 2e-2
+    assert float(mx.abs(got - ref).max()) <= tol * float(mx.abs(ref).max())
+
+
+@pytest.mark.gpu
+def test_doctor_experts_check_on_gpu():
+    assert doctor.check_experts().ok

@@ -14,8 +14,12 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import ConfigError
+from ..ops.attention import absorb_matrix
+from ..ops.experts import KERNEL_BITS, experts_kernel, experts_ref, kernel_fits
+from ..ops.kda import gpu_backend
 from .common import MLP
 from .kda import KimiDeltaAttention
+from .mla import KimiMLA
 from .moe import KimiMoE, QuantizedSwitchLinear
 
 
@@ -72,6 +76,7 @@ class FusedMoE(nn.Module):
             down.append(_down_bank(sh.down_proj, num_shared))
         self.gate_up_proj = _like(ex.gate_proj, _bank(gate_up, axis=0))
         self.down_proj = _like(ex.down_proj, _bank(down, axis=0))
+        self.kernel_fits = kernel_fits(self.gate_up_proj, self.down_proj)
 
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
@@ -79,7 +84,11 @@ class FusedMoE(nn.Module):
         N = flat.shape[0]
         idx, w = self.gate(flat, shared=self.num_shared)  # the shared experts ride along as the last columns
         k = idx.shape[1]
-        path = expert_path(N * k, self.num_routed + self.num_shared)
+        path = expert_path(N * k, self.num_routed + self.num_shared, self.kernel_fits)
+        if path == "kernel":  # decode on a GPU: two kernels over the quantized banks (ops/experts.py)
+            return experts_kernel(flat, idx, w, self.gate_up_proj, self.down_proj).reshape(shape).astype(x.dtype)
+        if path == "gather":  # decode otherwise: MLX's gather matmuls (the kernels' reference twin)
+            return experts_ref(flat, idx, w, self.gate_up_proj, self.down_proj).reshape(shape).astype(x.dtype)
         if path == "blocked":  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather matmul a bank
             blocks = ExpertBlocks(idx, self.num_routed + self.num_shared)
             g, u = mx.split(self.gate_up_proj(blocks.rows(flat), blocks.expert), 2, axis=-1)
@@ -89,28 +98,13 @@ class FusedMoE(nn.Module):
             counts = np.bincount(np.array(idx).reshape(-1), minlength=self.num_routed + self.num_shared).tolist()
             g, u = mx.split(self.gate_up_proj.segmented(flat[order // k], counts), 2, axis=-1)
             y = self.down_proj.segmented(nn.silu(g) * u, counts)[mx.argsort(order)]
-        elif path == "sorted":  # prefill: tokens sorted by expert so each expert's rows are contiguous
+        else:  # "sorted", prefill: tokens sorted by expert so each expert's rows are contiguous
             order = mx.argsort(idx.flatten())
             xs, ids = flat[order // k][:, None], idx.flatten()[order]
             g, u = mx.split(self.gate_up_proj(xs, ids, True), 2, axis=-1)
             y = self.down_proj(nn.silu(g) * u, ids, True)[mx.argsort(order)]
-        else:  # decode: explicit row indices, so gather_qmm builds no index arrays of its own each call
-            rows_in, rows_mid = self._rows(N, k)
-            idx = idx.astype(mx.uint32)
-            g, u = mx.split(self.gate_up_proj(flat[:, None, None], idx, lhs_indices=rows_in), 2, axis=-1)
-            y = self.down_proj(nn.silu(g) * u, idx, lhs_indices=rows_mid)
         y = y.reshape(N, k, -1)
         return (y.astype(mx.float32) * w[..., None]).sum(1).reshape(shape).astype(x.dtype)
-
-    def _rows(self, N: int, k: int) -> tuple[mx.array, mx.array]:
-        """gather_qmm's row indices for N tokens of k experts: the gate|up bank reads token n, the down bank
-        pair n * k + j. Cached per (N, k): built in a decode step they would be more primitives to run."""
-        cache = self.__dict__.setdefault("_row_cache", {})
-        if (N, k) not in cache:
-            cache[(N, k)] = (mx.broadcast_to(mx.arange(N, dtype=mx.uint32)[:, None], (N, k)) + 0,
-                             mx.arange(N * k, dtype=mx.uint32).reshape(N, k))
-            mx.eval(cache[(N, k)])
-        return cache[(N, k)]
 
 
 class ExpertBlocks:
@@ -156,19 +150,23 @@ class ExpertBlocks:
 EXPERTS_ENV = "KIMI_MLX_EXPERTS"
 
 
-def expert_path(pairs: int, experts: int) -> str:
-    """How N*k (token, expert) pairs meet a bank of `experts`: 'gather' (few pairs: decode), 'sorted'
-    (gather_mm over expert-sorted rows: Metal's prefill kernel), 'segmented' (one matmul per expert
-    over its rows: CPU, measured 3.5x gather_mm) or 'blocked' (ExpertBlocks: CUDA, where gather_qmm
-    over single sorted rows measured ~60x under the card's matmul rate, RESULTS.md).
-    KIMI_MLX_EXPERTS=gather|sorted|segmented|blocked overrides."""
+def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
+    """How N*k (token, expert) pairs meet a bank of `experts`: 'kernel' (few pairs, decode, on a GPU, where
+    the banks are ones ops/experts.py's kernels read: kernel_fits), 'gather' (few pairs otherwise: MLX's
+    gather matmuls, the kernels' reference), 'sorted' (gather_mm over expert-sorted rows: Metal's prefill
+    kernel), 'segmented' (one matmul per expert over its rows: CPU, measured 3.5x gather_mm) or 'blocked'
+    (ExpertBlocks: CUDA, where gather_qmm over single sorted rows measured ~60x under the card's matmul
+    rate, RESULTS.md). KIMI_MLX_EXPERTS=gather|kernel|sorted|segmented|blocked overrides."""
     forced = os.environ.get(EXPERTS_ENV, "").strip().lower()
+    if forced == "kernel" and not (kernel_fits and gpu_backend()):
+        raise ConfigError(f"{EXPERTS_ENV}=kernel needs a Metal or CUDA device and affine {'/'.join(map(str, KERNEL_BITS))}"
+                          "-bit expert banks; unset it or pick another path")
     if forced in EXPERT_PATHS:
         return forced
     if forced:
         raise ConfigError(f"{EXPERTS_ENV}={forced!r} is not one of {', '.join(EXPERT_PATHS)}; unset it or pick one")
     if pairs < 64:
-        return "gather"
+        return "kernel" if kernel_fits and gpu_backend() else "gather"
     if mx.default_device() == mx.cpu:
         return "segmented"
     if mx.cuda.is_available():
@@ -176,7 +174,7 @@ def expert_path(pairs: int, experts: int) -> str:
     return "sorted"  # Metal: MLX's gather_qmm has a kernel for expert-sorted rows
 
 
-EXPERT_PATHS = ("gather", "sorted", "segmented", "blocked")
+EXPERT_PATHS = ("gather", "kernel", "sorted", "segmented", "blocked")
 
 
 def can_fuse_moe(moe: KimiMoE) -> bool:
@@ -208,7 +206,8 @@ def fuse_kda_inputs(attn: KimiDeltaAttention) -> bool:
 
 
 def fuse_model(model) -> int:
-    """Fuse in place: MoE banks, KDA input projections, float32 router weights. Returns how many blocks."""
+    """Fuse in place: MoE banks, KDA input projections, float32 router weights, MLA decode's absorbed query
+    matrix. Returns how many blocks."""
     n = 0
     shared = model.config.num_shared_experts
     for i in model.owned:
@@ -223,6 +222,9 @@ def fuse_model(model) -> int:
             for name in ("o_norm_weight", "A_log", "dt_bias"):
                 setattr(layer.self_attn, name, getattr(layer.self_attn, name).astype(mx.float32))
             n += fuse_kda_inputs(layer.self_attn)
+        if isinstance(layer.self_attn, KimiMLA):  # decode's absorbed query in one matmul
+            a = layer.self_attn
+            a.q_absorb = absorb_matrix(a.k_up, a.pe, a.scale)
     model._steps = model._whole = model._prefill = None  # compiled steps close over the old modules
     mx.eval(model.parameters())
     return n

@@ -29,13 +29,18 @@ class KimiMLA(nn.Module):
         """(queries [B, H, T, nope + pe], cache rows [B, T, L + pe])."""
         B, T, _ = x.shape
         L = self.latent_rank
-        q = self.q_proj(x).reshape(B, T, self.num_heads, self.nope + self.pe).transpose(0, 2, 1, 3)
+        q = self.q_proj(x)
+        if T == 1:  # the same layout, and no transposed view for the matmuls after it to copy
+            q = q.reshape(B, self.num_heads, 1, self.nope + self.pe)
+        else:
+            q = q.reshape(B, T, self.num_heads, self.nope + self.pe).transpose(0, 2, 1, 3)
         ckv = self.kv_a_proj_with_mqa(x)
         return q, mx.concatenate([self.kv_a_layernorm(ckv[..., :L]), ckv[..., L:]], axis=-1)
 
     def _out(self, o: mx.array) -> mx.array:
         B, H, T, _ = o.shape
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, H * self.v_dim))
+        o = o.reshape(B, 1, H * self.v_dim) if T == 1 else o.transpose(0, 2, 1, 3).reshape(B, T, H * self.v_dim)
+        return self.o_proj(o)
 
     def __call__(self, x: mx.array, state: MLAState) -> mx.array:
         q, rows = self._project(x)
@@ -52,5 +57,6 @@ class KimiMLA(nn.Module):
         new = encode_rows(rows, bits, last[0].dtype)
         last = tuple(mx.slice_update(p, r, at, axes=(0, 1, 2)) for p, r in zip(last, new))
         cache = LatentCache((*before, last), bits, CACHE_GROUP_SIZE)
-        o = mla_decode(q, cache, valid, self.k_up.astype(x.dtype), self.v_up.astype(x.dtype), self.scale)
+        o = mla_decode(q, cache, valid, self.k_up.astype(x.dtype), self.v_up.astype(x.dtype), self.scale,
+                       self.get("q_absorb"))
         return self._out(o), last

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import mlx.core as mx
 
@@ -178,7 +178,7 @@ def mla_attention(q, cache: LatentCache, k_up, v_up, scale: float, *, path: str 
 SPLIT_ROWS = 512  # decode: a page's values matmul runs as a batch of SPLIT_ROWS-row pieces (split-K; 0: off)
 
 
-def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float) -> mx.array:
+def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float, absorb=None) -> mx.array:
     """One query per sequence over whole cache pages, of which the first `valid` rows count.
 
     The shape-stable twin of the absorbed tiled path for T = 1: it reads every row of the pages it is
@@ -187,17 +187,19 @@ def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float)
     must be wholly valid, so only the last page's scores are masked. Each page's values matmul (32 heads
     x rows x 576) is split into SPLIT_ROWS-row pieces run as one batched matmul and summed, so a long page
     spreads over the card instead of a handful of output tiles. q: [B, H, 1, nope + pe] -> [B, H, 1, v].
+    absorb: absorb_matrix(k_up, scale), if the caller keeps one: the absorbed query is then one matmul
+    (no slices, concatenation or scaling of the query).
     """
     B, H, _, _ = q.shape
     L = k_up.shape[2]
-    qa = (_absorb(q, k_up) * scale).reshape(B, H, -1)
+    qa = (q @ absorb if absorb is not None else _absorb(q, k_up) * scale).reshape(B, H, -1)
     gs, bits = cache.group_size, cache.bits
     if bits:
         parts = [mx.quantized_matmul(qa, *p, transpose=True, group_size=gs, bits=bits) for p in cache.pages]
     else:
         parts = [qa @ p[0].swapaxes(-1, -2) for p in cache.pages]
     start = sum(p[0].shape[1] for p in cache.pages[:-1])  # the pages before the last are wholly valid
-    parts[-1] = mx.where(mx.arange(start, start + parts[-1].shape[-1]) < valid, parts[-1], -mx.inf)
+    parts[-1] = mx.where(_positions(parts[-1].shape[-1]) < valid - start, parts[-1], -mx.inf)
     s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)  # [B, H, capacity]
     p = mx.softmax(s, axis=-1, precise=True)  # one pass, float32 inside, probabilities in the cache dtype
     o, off = None, 0
@@ -207,6 +209,25 @@ def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float)
         o = part if o is None else o + part
         off += n
     return o[:, :, None, :L].astype(q.dtype) @ v_up.swapaxes(-1, -2)
+
+
+def absorb_matrix(k_up, pe: int, scale: float) -> mx.array:
+    """[H, nope + pe, L + pe] in k_up's dtype: k_up beside an identity over the pe columns, times scale, so
+    q @ absorb_matrix = [q_nope k_up | q_pe] * scale (the absorbed, pre-scaled query) in one matmul."""
+    H, nope, L = k_up.shape
+    f32 = mx.float32
+    top = mx.concatenate([k_up.astype(f32), mx.zeros((H, nope, pe), f32)], axis=-1)
+    bottom = mx.broadcast_to(mx.concatenate([mx.zeros((pe, L), f32), mx.eye(pe, dtype=f32)], axis=-1), (H, pe, L + pe))
+    return (mx.concatenate([top, bottom], axis=1) * scale).astype(k_up.dtype)
+
+
+@lru_cache(maxsize=4)
+def _positions(n: int) -> mx.array:
+    """arange(n) int32, made once per last-page size (an arange in a compiled step is a kernel every token;
+    the mask's subtraction and comparison fuse into the select)."""
+    pos = mx.arange(n, dtype=mx.int32)
+    mx.eval(pos)
+    return pos
 
 
 def _page_values(p, page, bits, gs):

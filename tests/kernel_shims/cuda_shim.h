@@ -1,6 +1,7 @@
 // Declares the CUDA built-ins our kernels use, so g++ can check CUDA text as C++ (syntax and
 // names only; the GPU run checks behaviour). Used by tests/test_kernels_static.py.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #define __global__
 #define __device__

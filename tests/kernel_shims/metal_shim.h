@@ -1,6 +1,7 @@
 // Declares the Metal built-ins our kernels use, so g++ can check Metal text as C++ (syntax and
 // names only; the CUDA twin on a GPU checks behaviour). Used by tests/test_kernels_static.py.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #define device
 #define constant

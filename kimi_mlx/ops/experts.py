@@ -1,0 +1,82 @@
+"""MoE expert matmuls for a few (token, expert) pairs (decode): gate|up bank, SwiGLU, down bank, weighted sum.
+
+  experts_ref     MLX's gather_qmm (or gather_mm) over the two banks, SwiGLU and the weighted sum in
+                  plain ops (the reference)
+  experts_kernel  two Metal or CUDA kernels (metal_kernels/moe_gate_up.body, moe_down.body): each pair's
+                  gate and up rows and their SwiGLU, then each pair's down rows weighted and summed over
+                  the token's pairs. Two launches where the reference runs seven (the uint32 cast of the
+                  indices, gather_qmm's copy, two gather matmuls, SwiGLU, weighting, sum), and a GEMV
+                  where MLX's gather_qmm runs a tiled GEMM from 8 pairs on (31 us a call on an H200).
+  kernel_fits     whether the kernels read a pair of banks (affine quantization, 2, 4 or 8 bits)
+model/fuse.py's expert_path chooses between them (KIMI_MLX_EXPERTS=gather|kernel overrides).
+Both take x [N, D], idx [N, P] int32, w [N, P] float32 and the banks gate_up [E, 2I, D] (gate rows, then up
+rows) and down [E, D, I] (QuantizedSwitchLinear or SwitchLinear); both return [N, D] float32.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+KERNEL_BITS = (2, 4, 8)
+
+
+def experts_ref(x, idx, w, gate_up, down):
+    N, P = idx.shape
+    rows_in, rows_mid = _rows(N, P)
+    idx = idx.astype(mx.uint32)
+    g, u = mx.split(gate_up(x[:, None, None], idx, lhs_indices=rows_in), 2, axis=-1)
+    y = down(nn.silu(g) * u, idx, lhs_indices=rows_mid).reshape(N, P, -1)
+    return (y.astype(mx.float32) * w[..., None]).sum(1)
+
+
+_ROW_CACHE: dict[tuple[int, int], tuple[mx.array, mx.array]] = {}
+
+
+def _rows(N: int, P: int) -> tuple[mx.array, mx.array]:
+    """gather_qmm's row indices for N tokens of P pairs: the gate|up bank reads token n, the down bank
+    pair n * P + j. Explicit (and cached) so gather_qmm builds no index arrays in every decode step."""
+    if (N, P) not in _ROW_CACHE:
+        _ROW_CACHE[(N, P)] = (mx.broadcast_to(mx.arange(N, dtype=mx.uint32)[:, None], (N, P)) + 0,
+                              mx.arange(N * P, dtype=mx.uint32).reshape(N, P))
+        mx.eval(_ROW_CACHE[(N, P)])
+    return _ROW_CACHE[(N, P)]
+
+
+def _bank_fits(bank) -> bool:
+    return (getattr(bank, "mode", None) == "affine" and getattr(bank, "bits", None) in KERNEL_BITS
+            and "biases" in bank and bank.weight.dtype == mx.uint32)
+
+
+def kernel_fits(gate_up, down) -> bool:
+    """The kernels read affine 2/4/8-bit banks (MLX's groups of 32, 64 or 128 then hold whole words)."""
+    return _bank_fits(gate_up) and _bank_fits(down)
+
+
+def _group_rows(n: int) -> int:
+    """32-lane groups per threadgroup: up to 8 rows of n, dividing n (the grid must hold whole groups)."""
+    return next(t for t in (8, 4, 2, 1) if n % t == 0)
+
+
+def _template(D: int, I: int, P: int, bank) -> list[tuple[str, int]]:
+    return [("D", D), ("I", I), ("P", P), ("BITS", bank.bits), ("GS", bank.group_size)]
+
+
+def experts_kernel(x, idx, w, gate_up, down):
+    from metal_kernels import kernel
+
+    N, P = idx.shape
+    D = x.shape[-1]
+    I = gate_up.weight.shape[1] // 2
+    idx = idx.astype(mx.int32)  # the routing kernel's dtype already: no copy
+    (h,) = kernel("moe_gate_up")(
+        inputs=[x, idx, gate_up.weight, gate_up.scales, gate_up.biases], template=_template(D, I, P, gate_up),
+        grid=(32, I, N * P), threadgroup=(32, _group_rows(I), 1),
+        output_shapes=[(N * P, I)], output_dtypes=[mx.float32],
+    )
+    (y,) = kernel("moe_down")(
+        inputs=[h, idx, w.astype(mx.float32), down.weight, down.scales, down.biases], template=_template(D, I, P, down),
+        grid=(32, D, N), threadgroup=(32, _group_rows(D), 1),
+        output_shapes=[(N, D)], output_dtypes=[mx.float32],
+    )
+    return y
