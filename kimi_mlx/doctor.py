@@ -117,6 +117,15 @@ def check_routing() -> Check:
     return Check("MoE routing, fused kernel", err, "" if same else "picked other experts")
 
 
+def check_router_logits() -> Check:
+    """The router's float32 logits kernel against the cast-and-matmul reference, a bfloat16 token."""
+    from .ops import routing
+
+    mx.random.seed(4)
+    x, weight = (3 * mx.random.normal((16, 2304))).astype(mx.bfloat16), 0.02 * mx.random.normal((256, 2304))
+    return Check("MoE router logits, kernel", _rel_err(routing.logits_kernel(x, weight), routing.logits_ref(x, weight)))
+
+
 def random_banks(E: int, D: int, I: int, bits: int = 4, group_size: int = 64, dtype=mx.float32, down_bits=None):
     """A gate|up bank [E, 2I, D] and a down bank [E, D, I] of random experts, affine-quantized."""
     from .model.moe import QuantizedSwitchLinear, SwitchLinear
@@ -193,6 +202,7 @@ GPU_CHECKS = {
     "KDA per-chunk matrices, kernel": check_intra_chunk,
     "chunked prefill, chunk and scan kernels": partial(check_chunked, True),
     "decode step, fused kernel": partial(check_decode, "kernel"),
+    "MoE router logits, kernel": check_router_logits,
     "MoE routing, fused kernel": check_routing,
     "MoE experts, decode kernels": check_experts,
 }

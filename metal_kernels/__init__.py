@@ -96,6 +96,14 @@ SPECS = {
         sample_inputs=(("float32", 256), ("float32", 256), ("float32", 1)),
         sample_outputs=("int32", "float32"),
     ),
+    "moe_router": KernelSpec(
+        name="moe_router",
+        inputs=("x", "weight"),
+        outputs=("logits",),
+        sample_template=(("D", 2304), ("E", 256)),
+        sample_inputs=(("bfloat16", 2304), ("float32", 256 * 2304)),
+        sample_outputs=("float32",),
+    ),
     "moe_gate_up": KernelSpec(
         name="moe_gate_up",
         inputs=("x", "idx", "wq", "scales", "biases"),
@@ -146,6 +154,15 @@ def header(kind: str) -> str:
 def body(name: str, kind: str) -> str:
     """The kernel body for one backend: its thread-id line, then the shared algorithm."""
     return THREAD_IDS[kind] + (HERE / f"{name}.body").read_text()
+
+
+def group_rows(n: int, most: int = 8) -> int:
+    """32-lane groups per threadgroup for a grid of n groups along y: the largest power of two <= most
+    dividing n (the grid must hold whole threadgroups)."""
+    t = most
+    while n % t:
+        t //= 2
+    return t
 
 
 @cache

@@ -50,26 +50,31 @@ template <int D, int I, int P, int BITS, int GS>
 const uint3 kda_gid = thread_position_in_grid;
 // MoE experts for a few (token, expert) pairs, second half: each pair's down row of an affine-quantized
 // bank against its SwiGLU output, weighted by the router and summed over the token's pairs.
-// Grid (32, D, N), threadgroup (32, TY, 1): one 32-lane group per (token, output unit); the lanes
-// stride the row's packed words.
-// Template: D model width, I expert width, P pairs per token, BITS (2, 4 or 8), GS group size
+// Grid (32 * D, P, N), threadgroup (32, P, 1): a threadgroup per (token, output unit), one 32-lane group
+// per pair (so a group's loads wait on one expert index, not P in turn); the groups' weighted dots meet in
+// threadgroup memory and the first group sums them in pair order. Lanes stride the packed words as in
+// moe_gate_up.
+// Template: D model width, I expert width, P pairs per token (<= 32), BITS (2, 4 or 8), GS group size
 // (a multiple of 32 / BITS dividing I).
 // Inputs: h [N * P, I] float32 (moe_gate_up); idx [N, P] int32; weight [N, P] float32;
 // wq [E, D, I * BITS / 32] uint32; scales, biases [E, D, I / GS] (packed as in moe_gate_up).
 // Output: y [N, D] float32 = sum over p of weight[n, p] * (down[idx[n, p]] row d . h[n * P + p]).
 constexpr int VPW = 32 / BITS;
 constexpr int WPR = I / VPW;
+constexpr int STEPS = (WPR + 31) / 32;
 constexpr int GPR = I / GS;
 constexpr unsigned int MASK = (1u << BITS) - 1u;
-const int lane = kda_gid.x;
-const int d = kda_gid.y;
+KDA_SHARED float part[P];
+const int lane = kda_gid.x % 32;
+const int d = kda_gid.x / 32;
+const int p = kda_gid.y;
 const int n = kda_gid.z;
+const int pair = n * P + p;
+const size_t row = static_cast<size_t>(idx[pair]) * D + d;
 float acc = 0.0f;
-for (int p = 0; p < P; ++p) {
-  const int pair = n * P + p;
-  const size_t row = static_cast<size_t>(idx[pair]) * D + d;
-  float part = 0.0f;
-  for (int w = lane; w < WPR; w += 32) {
+for (int step = 0; step < STEPS; ++step) {
+  const int w = step * 32 + lane;
+  if (w < WPR) {
     const unsigned int word = wq[row * WPR + w];
     float dot = 0.0f;
     float hsum = 0.0f;
@@ -79,13 +84,20 @@ for (int p = 0; p < P; ++p) {
       hsum += hv;
     }
     const size_t g = row * GPR + (w * VPW) / GS;
-    part += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * hsum;
+    acc += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * hsum;
   }
-  acc += weight[pair] * part;
 }
 acc = kda_simd_sum(acc);
 if (lane == 0) {
-  y[static_cast<size_t>(n) * D + d] = acc;
+  part[p] = weight[pair] * acc;
+}
+kda_barrier();
+if (p == 0 && lane == 0) {
+  float total = 0.0f;
+  for (int i = 0; i < P; ++i) {
+    total += part[i];
+  }
+  y[static_cast<size_t>(n) * D + d] = total;
 }
 
 }

@@ -49,8 +49,9 @@ template <int D, int I, int P, int BITS, int GS>
 const uint3 kda_gid = thread_position_in_grid;
 // MoE experts for a few (token, expert) pairs, first half: the gate and up rows of one expert of an
 // affine-quantized bank against the token, then SwiGLU.
-// Grid (32, I, N * P), threadgroup (32, TY, 1): one 32-lane group per (pair, hidden unit); the lanes
-// stride the row's packed words, so each load of a group is 32 consecutive words.
+// Grid (32 * N * P, I, 1), threadgroup (32, TY, 1): one 32-lane group per (pair, hidden unit). The lanes
+// stride the row's packed words, a fixed number of steps each, so the compiler can issue every load of
+// a lane at once (the kernel is bound by memory latency at decode's few rows otherwise).
 // Template: D model width, I expert width, P pairs per token, BITS (2, 4 or 8), GS group size
 // (a multiple of 32 / BITS dividing D).
 // Inputs: x [N, D]; idx [N, P] int32, the expert of each pair; wq [E, 2I, D * BITS / 32] uint32
@@ -59,31 +60,35 @@ const uint3 kda_gid = thread_position_in_grid;
 // Output: h [N * P, I] float32 = silu(gate . x) * (up . x).
 constexpr int VPW = 32 / BITS;  // values per packed word
 constexpr int WPR = D / VPW;  // words per row
+constexpr int STEPS = (WPR + 31) / 32;
 constexpr int GPR = D / GS;  // groups per row
 constexpr unsigned int MASK = (1u << BITS) - 1u;
-const int lane = kda_gid.x;
+const int lane = kda_gid.x % 32;
+const int pair = kda_gid.x / 32;
 const int r = kda_gid.y;
-const int pair = kda_gid.z;
 const int n = pair / P;
 const size_t gate_row = static_cast<size_t>(idx[pair]) * (2 * I) + r;
 const size_t rows[2] = {gate_row, gate_row + I};
 float acc[2] = {0.0f, 0.0f};
-for (int w = lane; w < WPR; w += 32) {
-  float xv[VPW];
-  float xsum = 0.0f;
-  for (int j = 0; j < VPW; ++j) {
-    xv[j] = static_cast<float>(x[n * D + w * VPW + j]);
-    xsum += xv[j];
-  }
-  const int group = (w * VPW) / GS;
-  for (int half = 0; half < 2; ++half) {
-    const unsigned int word = wq[rows[half] * WPR + w];
-    float dot = 0.0f;
+for (int step = 0; step < STEPS; ++step) {
+  const int w = step * 32 + lane;
+  if (w < WPR) {
+    float xv[VPW];
+    float xsum = 0.0f;
     for (int j = 0; j < VPW; ++j) {
-      dot += static_cast<float>((word >> (j * BITS)) & MASK) * xv[j];
+      xv[j] = static_cast<float>(x[n * D + w * VPW + j]);
+      xsum += xv[j];
     }
-    const size_t g = rows[half] * GPR + group;
-    acc[half] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * xsum;
+    const int group = (w * VPW) / GS;
+    for (int half = 0; half < 2; ++half) {
+      const unsigned int word = wq[rows[half] * WPR + w];
+      float dot = 0.0f;
+      for (int j = 0; j < VPW; ++j) {
+        dot += static_cast<float>((word >> (j * BITS)) & MASK) * xv[j];
+      }
+      const size_t g = rows[half] * GPR + group;
+      acc[half] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * xsum;
+    }
   }
 }
 const float gate = kda_simd_sum(acc[0]);

@@ -158,6 +158,8 @@ def test_doctor_routing_check_on_gpu():
 
 # -- the MoE decode expert kernels ---------------------------------------------------------------
 
+from metal_kernels import group_rows  # noqa: E402
+
 from kimi_mlx import doctor  # noqa: E402
 from kimi_mlx.ops import experts  # noqa: E402
 
@@ -175,12 +177,12 @@ def emulate_experts(kind, x, idx, w, gate_up, down):
     D, I = x.shape[-1], gate_up.weight.shape[1] // 2
     (h,) = kernel_emulator.emulate(
         "moe_gate_up", kind, [x, idx, gate_up.weight, gate_up.scales, gate_up.biases],
-        tuple(experts._template(D, I, P, gate_up)), grid=(32, I, N * P), threadgroup=(32, experts._group_rows(I), 1),
+        tuple(experts._template(D, I, P, gate_up)), grid=(32 * N * P, I, 1), threadgroup=(32, group_rows(I), 1),
         output_shapes=[(N * P, I)], output_dtypes=[mx.float32],
     )
     (y,) = kernel_emulator.emulate(
         "moe_down", kind, [h, idx, w, down.weight, down.scales, down.biases], tuple(experts._template(D, I, P, down)),
-        grid=(32, D, N), threadgroup=(32, experts._group_rows(D), 1), output_shapes=[(N, D)],
+        grid=(32 * D, P, N), threadgroup=(32, P, 1), output_shapes=[(N, D)],
         output_dtypes=[mx.float32],
     )
     return y
@@ -198,7 +200,7 @@ def test_expert_kernel_text_runs_right_on_cpu(kind, case):
     gate_up, down = doctor.random_banks(E, D, I, bits, gs, dtype, down_bits)
     x, idx, w = doctor.expert_inputs(E, D, N=2, P=4, dtype=dtype)
     x = x * 30  # activations far from unit size
-    assert experts.kernel_fits(gate_up, down)
+    assert experts.kernel_fits(gate_up, down, 4)
     got = emulate_experts(kind, x, idx, w, gate_up, down)
     ref = experts.experts_ref(x.astype(mx.float32), idx, w, gate_up, down)
     tol = 1e-5 if dtype == mx.float32 else 2e-2  # the reference rounds gate, up and down outputs to bf16
@@ -208,12 +210,13 @@ def test_expert_kernel_text_runs_right_on_cpu(kind, case):
 def test_expert_kernels_take_only_banks_they_read():
     mx.random.seed(0)
     gate_up, down = doctor.random_banks(3, 128, 64, bits=4)
-    assert experts.kernel_fits(gate_up, down)
+    assert experts.kernel_fits(gate_up, down, 9) and experts.kernel_fits(gate_up, down, 32)
+    assert not experts.kernel_fits(gate_up, down, 33)  # more pairs a token than one threadgroup's groups
     _, three_bit = doctor.random_banks(3, 128, 64, bits=3)
-    assert not experts.kernel_fits(gate_up, three_bit)
+    assert not experts.kernel_fits(gate_up, three_bit, 9)
     from kimi_mlx.model.moe import SwitchLinear
 
-    assert not experts.kernel_fits(gate_up, SwitchLinear(3, 64, 128))  # unquantized
+    assert not experts.kernel_fits(gate_up, SwitchLinear(3, 64, 128), 9)  # unquantized
 
 
 def test_expert_path_policy(monkeypatch):
@@ -261,3 +264,33 @@ def test_expert_kernels_on_gpu(case, N):
 @pytest.mark.gpu
 def test_doctor_experts_check_on_gpu():
     assert doctor.check_experts().ok
+
+
+# -- the router's float32 logits ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_router_kernel_text_runs_right_on_cpu(kind, dtype):
+    """D not a multiple of 32 (the lanes' last step is ragged), large activations."""
+    rng = np.random.default_rng(7)
+    N, D, E = 3, 200, 32
+    x = mx.array(rng.standard_normal((N, D)).astype(np.float32) * 40).astype(dtype)
+    weight = mx.array(rng.standard_normal((E, D)).astype(np.float32) * 0.05)
+    (got,) = kernel_emulator.emulate("moe_router", kind, [x, weight], (("D", D), ("E", E)), grid=(32, E, N),
+                                     threadgroup=(32, group_rows(E), 1), output_shapes=[(N, E)],
+                                     output_dtypes=[mx.float32])
+    ref = routing.logits_ref(x, weight)
+    assert float(mx.abs(got - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_router_kernel_on_gpu(dtype):
+    rng = np.random.default_rng(8)
+    x = mx.array(rng.standard_normal((5, 2304)).astype(np.float32) * 3).astype(dtype)
+    weight = mx.array(rng.standard_normal((256, 2304)).astype(np.float32) * 0.02)
+    got, ref = routing.logits_kernel(x, weight), routing.logits_ref(x, weight)
+    assert float(mx.abs(got - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
+    assert routing.router_logits(x, weight.astype(mx.bfloat16)).dtype == mx.float32  # a bf16 weight: the ops

@@ -76,7 +76,7 @@ class FusedMoE(nn.Module):
             down.append(_down_bank(sh.down_proj, num_shared))
         self.gate_up_proj = _like(ex.gate_proj, _bank(gate_up, axis=0))
         self.down_proj = _like(ex.down_proj, _bank(down, axis=0))
-        self.kernel_fits = kernel_fits(self.gate_up_proj, self.down_proj)
+        self.kernel_fits = kernel_fits(self.gate_up_proj, self.down_proj, moe.gate.opts["top_k"] + num_shared)
 
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from ..ops.routing import route
+from ..ops.routing import route, router_logits
 from .common import MLP
 
 
@@ -101,7 +101,7 @@ class Router(nn.Module):
     def __call__(self, x: mx.array, shared: int = 0):
         """x: [N, D] -> (indices [N, k + shared] int32, weights [N, k + shared] f32): the k picks, then
         `shared` always-on experts numbered from num_experts with weight 1. Float32 router matmul as upstream."""
-        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        logits = router_logits(x, self.weight)
         return route(logits, self.e_score_correction_bias, shared=shared, **self.opts)
 
 

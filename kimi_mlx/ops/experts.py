@@ -7,7 +7,7 @@
                   the token's pairs. Two launches where the reference runs seven (the uint32 cast of the
                   indices, gather_qmm's copy, two gather matmuls, SwiGLU, weighting, sum), and a GEMV
                   where MLX's gather_qmm runs a tiled GEMM from 8 pairs on (31 us a call on an H200).
-  kernel_fits     whether the kernels read a pair of banks (affine quantization, 2, 4 or 8 bits)
+  kernel_fits     whether the kernels read a pair of banks (affine quantization, 2, 4 or 8 bits; <= 32 pairs a token)
 model/fuse.py's expert_path chooses between them (KIMI_MLX_EXPERTS=gather|kernel overrides).
 Both take x [N, D], idx [N, P] int32, w [N, P] float32 and the banks gate_up [E, 2I, D] (gate rows, then up
 rows) and down [E, D, I] (QuantizedSwitchLinear or SwitchLinear); both return [N, D] float32.
@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 KERNEL_BITS = (2, 4, 8)
+MAX_PAIRS = 32
 
 
 def experts_ref(x, idx, w, gate_up, down):
@@ -48,14 +49,10 @@ def _bank_fits(bank) -> bool:
             and "biases" in bank and bank.weight.dtype == mx.uint32)
 
 
-def kernel_fits(gate_up, down) -> bool:
-    """The kernels read affine 2/4/8-bit banks (MLX's groups of 32, 64 or 128 then hold whole words)."""
-    return _bank_fits(gate_up) and _bank_fits(down)
-
-
-def _group_rows(n: int) -> int:
-    """32-lane groups per threadgroup: up to 8 rows of n, dividing n (the grid must hold whole groups)."""
-    return next(t for t in (8, 4, 2, 1) if n % t == 0)
+def kernel_fits(gate_up, down, pairs_per_token: int) -> bool:
+    """The kernels read affine 2/4/8-bit banks (MLX's groups of 32, 64 or 128 then hold whole words) and up
+    to MAX_PAIRS pairs a token (moe_down gives each its own 32 lanes of one threadgroup)."""
+    return _bank_fits(gate_up) and _bank_fits(down) and pairs_per_token <= MAX_PAIRS
 
 
 def _template(D: int, I: int, P: int, bank) -> list[tuple[str, int]]:
@@ -63,7 +60,7 @@ def _template(D: int, I: int, P: int, bank) -> list[tuple[str, int]]:
 
 
 def experts_kernel(x, idx, w, gate_up, down):
-    from metal_kernels import kernel
+    from metal_kernels import group_rows, kernel
 
     N, P = idx.shape
     D = x.shape[-1]
@@ -71,12 +68,12 @@ def experts_kernel(x, idx, w, gate_up, down):
     idx = idx.astype(mx.int32)  # the routing kernel's dtype already: no copy
     (h,) = kernel("moe_gate_up")(
         inputs=[x, idx, gate_up.weight, gate_up.scales, gate_up.biases], template=_template(D, I, P, gate_up),
-        grid=(32, I, N * P), threadgroup=(32, _group_rows(I), 1),
+        grid=(32 * N * P, I, 1), threadgroup=(32, group_rows(I), 1),
         output_shapes=[(N * P, I)], output_dtypes=[mx.float32],
     )
     (y,) = kernel("moe_down")(
         inputs=[h, idx, w.astype(mx.float32), down.weight, down.scales, down.biases], template=_template(D, I, P, down),
-        grid=(32, D, N), threadgroup=(32, _group_rows(D), 1),
+        grid=(32 * D, P, N), threadgroup=(32, P, 1),
         output_shapes=[(N, D)], output_dtypes=[mx.float32],
     )
     return y

@@ -114,7 +114,7 @@ def scan_kernel(w, u, q_in, k_out, decay_all, state):
     """`scan_ops` as one Metal/CUDA kernel (metal_kernels/kda_chunk_scan.body); needs Dk % 32 == 0. A 32-lane
     group per SCAN_ROWS state rows: 3.0 ms a layer at 2,048 tokens on an H200 (RESULTS.md; a block-tiled
     variant staging the chunk rows through shared memory for 32 state rows measured 2.9 and was dropped)."""
-    from metal_kernels import kernel
+    from metal_kernels import group_rows, kernel
 
     N, B, H, C, Dk = w.shape
     Dv = u.shape[-1]
@@ -124,7 +124,7 @@ def scan_kernel(w, u, q_in, k_out, decay_all, state):
         inputs=[w, u, q_in, k_out, decay_all, state, mx.array([N, B], dtype=mx.int32)],
         template=[("NH", H), ("DK", Dk), ("DV", Dv), ("C", C), ("R", per_group)],
         grid=(32, groups, B * H),
-        threadgroup=(32, next(t for t in (4, 2, 1) if groups % t == 0), 1),
+        threadgroup=(32, group_rows(groups, 4), 1),
         output_shapes=[u.shape, u.shape, state.shape],
         output_dtypes=[mx.float32] * 3,
     )

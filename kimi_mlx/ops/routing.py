@@ -4,6 +4,10 @@
   route_kernel  one Metal or CUDA kernel per call (metal_kernels/moe_route.body)
   route         chooses: the kernel on a GPU when the shapes fit, else the reference;
                 KIMI_MLX_ROUTE=ref|kernel overrides for tests and benchmarks.
+The router's logits before them, float32 as upstream (x cast to float32 times the float32 weight):
+  logits_ref     plain mx ops: a cast of x, then a matmul
+  logits_kernel  one kernel (metal_kernels/moe_router.body) reading x in its own dtype (no cast launched)
+  router_logits  chooses like route (the kernel on a GPU where the weight is kept in float32).
 Both return (indices [N, k + shared] int32, weights [N, k + shared] float32): the k picks, whose order
 is not part of the contract, then `shared` always-on experts numbered E, E + 1, ... with weight 1.
 """
@@ -65,12 +69,43 @@ def route_kernel(logits, bias, *, top_k, n_group, topk_group, renormalize, scali
     return idx, w
 
 
-def path(E: int, top_k: int, n_group: int) -> str:
+def logits_ref(x, weight):
+    return x.astype(mx.float32) @ weight.astype(mx.float32).T
+
+
+def logits_kernel(x, weight):
+    from metal_kernels import group_rows, kernel
+
+    N, D = x.shape
+    E = weight.shape[0]
+    (logits,) = kernel("moe_router")(
+        inputs=[x, weight.astype(mx.float32)], template=[("D", D), ("E", E)],
+        grid=(32, E, N), threadgroup=(32, group_rows(E), 1),
+        output_shapes=[(N, E)], output_dtypes=[mx.float32],
+    )
+    return logits
+
+
+def router_logits(x, weight):
+    """x [N, D] @ weight [E, D]^T in float32: [N, E]."""
     from .kda import gpu_backend
 
+    if _mode() != "ref" and gpu_backend() and weight.dtype == mx.float32:
+        return logits_kernel(x, weight)
+    return logits_ref(x, weight)
+
+
+def _mode() -> str:
     m = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if m not in MODES:
         raise ConfigError(f"{ENV}={m!r} is not one of {', '.join(MODES)}; unset it or pick one")
+    return m
+
+
+def path(E: int, top_k: int, n_group: int) -> str:
+    from .kda import gpu_backend
+
+    m = _mode()
     fits = kernel_supports(E, top_k, n_group)
     if m == "kernel":
         if gpu_backend() is None or not fits:
