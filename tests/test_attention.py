@@ -183,9 +183,10 @@ def test_quantized_cache(bits, tol, absorbed):
 @pytest.mark.parametrize("S", [1, 8, 9, 57, 100])
 def test_decode_over_whole_pages(monkeypatch, S, bits, absorb):
     """mla_decode reads whole pages and masks rows past `valid`: equal to the reference on the valid
-    rows, whatever the rows past them hold; split-K pieces (SPLIT_ROWS) included; the absorbed query
-    from k_up or from a kept absorb_matrix."""
+    rows, whatever the rows past them hold; split-K pieces (SPLIT_ROWS) included; the absorbed query and
+    values from k_up and v_up or from kept absorb and value matrices."""
     monkeypatch.setattr(A, "SPLIT_ROWS", 4)
+    monkeypatch.setattr(A, "SPLIT_MIN_ROWS", 8)
     latent, pe = (58, 6) if bits else (L, PE)
     rows, q, k_up, v_up = inputs(2, 1, S, seed=S, latent=latent, pe=pe)
     st = MLAState(bits=bits, page_first=8, page_max=32)
@@ -197,7 +198,8 @@ def test_decode_over_whole_pages(monkeypatch, S, bits, absorb):
     pages, valid = st.decode_slot().pages, mx.array(S)
     cache = A.LatentCache(pages, bits, 64)
     dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, :S]
-    out = A.mla_decode(q, cache, valid, k_up, v_up, SCALE, A.absorb_matrix(k_up, pe, SCALE) if absorb else None)
+    kept = (A.absorb_matrix(k_up, pe, SCALE), A.value_matrix(v_up, pe)) if absorb else ()
+    out = A.mla_decode(q, cache, valid, k_up, v_up, SCALE, *kept)
     assert err(out, mla_attention_ref(q, dq, k_up, v_up, SCALE)) < 2e-5
 
 

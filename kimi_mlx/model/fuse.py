@@ -14,7 +14,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import ConfigError
-from ..ops.attention import absorb_matrix
+from ..ops.attention import absorb_matrix, value_matrix
 from ..ops.experts import KERNEL_BITS, experts_kernel, experts_ref, kernel_fits
 from ..ops.kda import gpu_backend
 from .common import MLP
@@ -207,7 +207,7 @@ def fuse_kda_inputs(attn: KimiDeltaAttention) -> bool:
 
 def fuse_model(model) -> int:
     """Fuse in place: MoE banks, KDA input projections, float32 router weights, MLA decode's absorbed query
-    matrix. Returns how many blocks."""
+    and value matrices. Returns how many blocks."""
     n = 0
     shared = model.config.num_shared_experts
     for i in model.owned:
@@ -222,9 +222,10 @@ def fuse_model(model) -> int:
             for name in ("o_norm_weight", "A_log", "dt_bias"):
                 setattr(layer.self_attn, name, getattr(layer.self_attn, name).astype(mx.float32))
             n += fuse_kda_inputs(layer.self_attn)
-        if isinstance(layer.self_attn, KimiMLA):  # decode's absorbed query in one matmul
+        if isinstance(layer.self_attn, KimiMLA):  # decode's absorbed query and values without slices
             a = layer.self_attn
             a.q_absorb = absorb_matrix(a.k_up, a.pe, a.scale)
+            a.v_absorb = value_matrix(a.v_up, a.pe)
     model._steps = model._whole = model._prefill = None  # compiled steps close over the old modules
     mx.eval(model.parameters())
     return n

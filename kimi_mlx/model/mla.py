@@ -58,5 +58,5 @@ class KimiMLA(nn.Module):
         last = tuple(mx.slice_update(p, r, at, axes=(0, 1, 2)) for p, r in zip(last, new))
         cache = LatentCache((*before, last), bits, CACHE_GROUP_SIZE)
         o = mla_decode(q, cache, valid, self.k_up.astype(x.dtype), self.v_up.astype(x.dtype), self.scale,
-                       self.get("q_absorb"))
+                       self.get("q_absorb"), self.get("v_absorb"))
         return self._out(o), last

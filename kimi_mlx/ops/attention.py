@@ -175,20 +175,25 @@ def mla_attention(q, cache: LatentCache, k_up, v_up, scale: float, *, path: str 
     return _tiled(q, cache, k_up, v_up, scale, absorbed, tiling, expand_all=expandable and tiling.query_chunk < T)
 
 
-SPLIT_ROWS = 512  # decode: a page's values matmul runs as a batch of SPLIT_ROWS-row pieces (split-K; 0: off)
+SPLIT_ROWS = 512  # decode: a page's values matmul runs as a batch of SPLIT_ROWS-row pieces (split-K; 0: off) ...
+SPLIT_MIN_ROWS = 4096  # ... from this many rows a page (below, the pieces' transpose, cast and sum cost more
+#                        launches than the matmul they spread, and one page holds a short context)
 
 
-def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float, absorb=None) -> mx.array:
+def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float, absorb=None,
+               values=None) -> mx.array:
     """One query per sequence over whole cache pages, of which the first `valid` rows count.
 
     The shape-stable twin of the absorbed tiled path for T = 1: it reads every row of the pages it is
     given (MLAState.decode_slot keeps the last page's unused rows few) and masks rows >= valid
     (an int32 array, so a compiled step keeps one graph while the cache grows). Every page but the last
-    must be wholly valid, so only the last page's scores are masked. Each page's values matmul (32 heads
-    x rows x 576) is split into SPLIT_ROWS-row pieces run as one batched matmul and summed, so a long page
-    spreads over the card instead of a handful of output tiles. q: [B, H, 1, nope + pe] -> [B, H, 1, v].
-    absorb: absorb_matrix(k_up, scale), if the caller keeps one: the absorbed query is then one matmul
-    (no slices, concatenation or scaling of the query).
+    must be wholly valid, so only the last page's scores are masked. A page of SPLIT_MIN_ROWS or more has
+    its values matmul (32 heads x rows x 576) split into SPLIT_ROWS-row pieces run as one batched matmul and
+    summed, so a long page spreads over the card instead of a handful of output tiles.
+    q: [B, H, 1, nope + pe] -> [B, H, 1, v].
+    absorb, values: absorb_matrix(k_up, pe, scale) and value_matrix(v_up, pe), if the caller keeps them:
+    the absorbed query is then one matmul (no slices, concatenation or scaling of the query) and the values
+    read the whole latent | pe rows (no slice of them copied).
     """
     B, H, _, _ = q.shape
     L = k_up.shape[2]
@@ -203,12 +208,14 @@ def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float,
     s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)  # [B, H, capacity]
     p = mx.softmax(s, axis=-1, precise=True)  # one pass, float32 inside, probabilities in the cache dtype
     o, off = None, 0
+    wide = len(cache.pages) > 1  # several pages' values are summed in float32
     for page in cache.pages:
         n = page[0].shape[1]
-        part = _page_values(p[..., off : off + n].astype(q.dtype), page, bits, gs)
+        part = _page_values(p[..., off : off + n].astype(q.dtype), page, bits, gs, wide)
         o = part if o is None else o + part
         off += n
-    return o[:, :, None, :L].astype(q.dtype) @ v_up.swapaxes(-1, -2)
+    o = o[:, :, None].astype(q.dtype)
+    return o @ values if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
 
 
 def absorb_matrix(k_up, pe: int, scale: float) -> mx.array:
@@ -221,6 +228,13 @@ def absorb_matrix(k_up, pe: int, scale: float) -> mx.array:
     return (mx.concatenate([top, bottom], axis=1) * scale).astype(k_up.dtype)
 
 
+def value_matrix(v_up, pe: int) -> mx.array:
+    """[H, L + pe, v]: v_up transposed over zero rows for the pe columns, so (p @ cache rows) @ value_matrix
+    = (p @ latent rows) v_up^T without slicing the latent out of the rows."""
+    H, v, L = v_up.shape
+    return mx.concatenate([v_up.swapaxes(-1, -2), mx.zeros((H, pe, v), v_up.dtype)], axis=1)
+
+
 @lru_cache(maxsize=4)
 def _positions(n: int) -> mx.array:
     """arange(n) int32, made once per last-page size (an arange in a compiled step is a kernel every token;
@@ -230,15 +244,17 @@ def _positions(n: int) -> mx.array:
     return pos
 
 
-def _page_values(p, page, bits, gs):
-    """p [B, H, n] @ page rows [B, n, W] -> [B, H, W] float32."""
+def _page_values(p, page, bits, gs, wide: bool):
+    """p [B, H, n] @ page rows [B, n, W] -> [B, H, W], float32 if wide or split into pieces, else p's dtype."""
     B, H, n = p.shape
     if bits:
-        return mx.quantized_matmul(p, *page, transpose=False, group_size=gs, bits=bits).astype(mx.float32)
+        o = mx.quantized_matmul(p, *page, transpose=False, group_size=gs, bits=bits)
+        return o.astype(mx.float32) if wide else o
     rows = page[0]
     c = SPLIT_ROWS
-    if not c or n < 2 * c or n % c:
-        return (p @ rows).astype(mx.float32)
+    if not c or n < max(2 * c, SPLIT_MIN_ROWS) or n % c:
+        o = p @ rows
+        return o.astype(mx.float32) if wide else o
     k = n // c
     pieces = p.reshape(B, H, k, c).transpose(0, 2, 1, 3) @ rows.reshape(B, k, c, -1)  # [B, k, H, W]
     return pieces.astype(mx.float32).sum(1)
