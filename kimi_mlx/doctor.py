@@ -123,7 +123,10 @@ def check_router_logits() -> Check:
 
     mx.random.seed(4)
     x, weight = (3 * mx.random.normal((16, 2304))).astype(mx.bfloat16), 0.02 * mx.random.normal((256, 2304))
-    return Check("MoE router logits, kernel", _rel_err(routing.logits_kernel(x, weight), routing.logits_ref(x, weight)))
+    err = _rel_err(routing.logits_kernel(x, weight), routing.logits_ref(x, weight))
+    if tf32():  # the ops twin's matmul runs in TF32 there (the kernel in float32): 1.6e-4 measured on an H200
+        return Check("MoE router logits, kernel (ops twin in TF32)", err, tol=TF32_TOL)
+    return Check("MoE router logits, kernel", err)
 
 
 def random_banks(E: int, D: int, I: int, bits: int = 4, group_size: int = 64, dtype=mx.float32, down_bits=None):
