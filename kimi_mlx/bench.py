@@ -113,7 +113,11 @@ def active_bytes_per_token(model: Model) -> int:
     cfg = model.config
     E, k, S = cfg.num_experts, cfg.num_experts_per_token, cfg.num_shared_experts
     total = 0
-    for name, v in tree_flatten(model.parameters()):
+    params = tree_flatten(model.parameters())
+    absorbed = any(name.endswith(".q_absorb") for name, _ in params)
+    for name, v in params:
+        if absorbed and name.endswith((".k_up", ".v_up")):
+            continue  # decode reads the absorb and value matrices model/fuse.py keeps instead
         if "embed_tokens" in name:
             total += v.nbytes // v.shape[0]
         elif ".mlp." in name and v.ndim == 3 and v.shape[0] in (E, E + S):  # an expert bank
@@ -177,13 +181,20 @@ class Runner:
 
 def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
     toks = mx.random.randint(0, vocab, (1, n))
-    r.reset()  # warm-up: one step builds and caches every kernel the timed run needs
-    r.prefill_step(toks[:, : min(step, n)])
+
+    def whole():
+        for a in range(0, n, step):
+            r.prefill_step(toks[:, a : a + step])
+            mx.clear_cache()
+
+    # warm-up: the whole prompt once, so every step's kernels are built before the timed run (each step's
+    # attention has shapes of its own; building them inside the timed run read 1,324 tok/s at 8k on a fresh
+    # H200, then 5,899 warm: RESULTS.md)
+    r.reset()
+    whole()
     r.reset()
     t0 = time.perf_counter()
-    for a in range(0, n, step):
-        r.prefill_step(toks[:, a : a + step])
-        mx.clear_cache()
+    whole()
     return n / (time.perf_counter() - t0)
 
 
