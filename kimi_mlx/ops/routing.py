@@ -4,12 +4,14 @@
   route_kernel  one Metal or CUDA kernel per call (metal_kernels/moe_route.body)
   route         chooses: the kernel on a GPU when the shapes fit, else the reference;
                 KIMI_MLX_ROUTE=ref|kernel overrides for tests and benchmarks.
+Both return (indices [N, k + shared] int32, weights [N, k + shared] float32): the k picks, whose order
+is not part of the contract, then `shared` always-on experts numbered E, E + 1, ... with weight 1.
+
 The router's logits before them, float32 as upstream (x cast to float32 times the float32 weight):
   logits_ref     plain mx ops: a cast of x, then a matmul
   logits_kernel  one kernel (metal_kernels/moe_router.body) reading x in its own dtype (no cast launched)
-  router_logits  chooses like route (the kernel on a GPU where the weight is kept in float32).
-Both return (indices [N, k + shared] int32, weights [N, k + shared] float32): the k picks, whose order
-is not part of the contract, then `shared` always-on experts numbered E, E + 1, ... with weight 1.
+  router_logits  chooses like route: the kernel on a GPU where the weight is kept in float32, for up to
+                 LOGITS_KERNEL_ROWS tokens (decode; it reads the weight once a token, a matmul serves prefill).
 """
 
 from __future__ import annotations
@@ -86,11 +88,14 @@ def logits_kernel(x, weight):
     return logits
 
 
+LOGITS_KERNEL_ROWS = 16
+
+
 def router_logits(x, weight):
     """x [N, D] @ weight [E, D]^T in float32: [N, E]."""
     from .kda import gpu_backend
 
-    if _mode() != "ref" and gpu_backend() and weight.dtype == mx.float32:
+    if _mode() != "ref" and gpu_backend() and weight.dtype == mx.float32 and x.shape[0] <= LOGITS_KERNEL_ROWS:
         return logits_kernel(x, weight)
     return logits_ref(x, weight)
 
