@@ -53,12 +53,17 @@ def rewind(state: ModelState, m: StateMark) -> None:
         state.rewound(m)
 
 
+# decode's matrices model/fuse.py derives from k_up and v_up at load: not part of a model's identity (states
+# saved before they existed still load)
+DERIVED = (".q_absorb", ".v_absorb")
+
+
 def model_identity(model) -> dict:
     """Config hash plus checksums of a few weights: enough to tell two models apart without reading all."""
     from mlx.utils import tree_flatten
 
     cfg = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
-    params = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
+    params = sorted((kv for kv in tree_flatten(model.parameters()) if not kv[0].endswith(DERIVED)), key=lambda kv: kv[0])
     picks = [params[i] for i in sorted({0, len(params) // 3, 2 * len(params) // 3, len(params) - 1})] if params else []
     h = hashlib.sha256()
     for name, a in picks:
