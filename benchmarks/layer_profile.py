@@ -44,7 +44,7 @@ def ours_attention(model, i: int, h: mx.array):
         s = model.new_state(1).layers[i]
         if step is not None:
             return step(h, s.conv, s.recurrent)[0]
-        return h + layer.self_attn(layer.input_layernorm(h), s)
+        return layer.attend(h, s)
     return run
 
 
@@ -70,7 +70,7 @@ def main():
     tokens = mx.random.randint(0, cfg["vocab_size"], (1, a.tokens))
     inputs, h, state = [], ours.model.embed_tokens(tokens), ours.new_state(1)
     for i, layer in enumerate(ours.model.layers):  # each layer's input, and its FFN half's
-        mid = h + layer.self_attn(layer.input_layernorm(h), state.layers[i])
+        mid = layer.attend(h, state.layers[i])
         inputs.append((h, mid))
         h = layer.ffn(mid)
         mx.eval(h, mid)

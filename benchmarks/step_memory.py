@@ -7,8 +7,8 @@ after another, as in a long prompt. Each run names its settings as TILES:AHEAD: 
 call's start past which the attention tile loop waits for MLX to free finished work (ops.attention.FREE_SLACK;
 "off": never waits), AHEAD how many layers a paced step queues ahead of the device (model.decoder.LAYERS_AHEAD:
 0, 0.5 = one attention or FFN half, or 1). Working set = a step's peak minus the memory in use before it.
---trace runs steps layer by layer and names the layers that held the most in each step. Pacing and the trace apply where steps are paced (a GPU:
-model.decoder.PACED_ON).
+--trace runs steps layer by layer and names the layers that held the most in each step. Pacing and the trace
+apply where steps are paced (a GPU: model.decoder.PACED_ON).
 """
 import argparse
 import sys

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..ops.attention import absorb_matrix, value_matrix
-from ..ops.experts import KERNEL_BITS, experts_kernel, experts_ref, kernel_fits
+from ..ops.experts import KERNEL_BITS, experts_kernel, experts_ref, kernel_fits, weighted_sum
 from ..ops.kda import gpu_backend
 from .common import MLP
 from .kda import KimiDeltaAttention
@@ -86,25 +86,24 @@ class FusedMoE(nn.Module):
         k = idx.shape[1]
         path = expert_path(N * k, self.num_routed + self.num_shared, self.kernel_fits)
         if path == "kernel":  # decode on a GPU: two kernels over the quantized banks (ops/experts.py)
-            return experts_kernel(flat, idx, w, self.gate_up_proj, self.down_proj).reshape(shape).astype(x.dtype)
-        if path == "gather":  # decode otherwise: MLX's gather matmuls (the kernels' reference twin)
-            return experts_ref(flat, idx, w, self.gate_up_proj, self.down_proj).reshape(shape).astype(x.dtype)
-        if path == "blocked":  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather matmul a bank
+            out = experts_kernel(flat, idx, w, self.gate_up_proj, self.down_proj)
+        elif path == "gather":  # decode otherwise: MLX's gather matmuls (the kernels' reference twin)
+            out = experts_ref(flat, idx, w, self.gate_up_proj, self.down_proj)
+        elif path == "blocked":  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather matmul a bank
             blocks = ExpertBlocks(idx, self.num_routed + self.num_shared)
             g, u = mx.split(self.gate_up_proj(blocks.rows(flat), blocks.expert), 2, axis=-1)
-            y = blocks.pairs(self.down_proj(nn.silu(g) * u, blocks.expert))
+            out = weighted_sum(blocks.pairs(self.down_proj(nn.silu(g) * u, blocks.expert)), w)
         elif path == "segmented":  # prefill on CPU: tokens grouped by expert, one dense matmul each
             order = mx.argsort(idx.flatten())
             counts = np.bincount(np.array(idx).reshape(-1), minlength=self.num_routed + self.num_shared).tolist()
             g, u = mx.split(self.gate_up_proj.segmented(flat[order // k], counts), 2, axis=-1)
-            y = self.down_proj.segmented(nn.silu(g) * u, counts)[mx.argsort(order)]
+            out = weighted_sum(self.down_proj.segmented(nn.silu(g) * u, counts)[mx.argsort(order)], w)
         else:  # "sorted", prefill: tokens sorted by expert so each expert's rows are contiguous
             order = mx.argsort(idx.flatten())
             xs, ids = flat[order // k][:, None], idx.flatten()[order]
             g, u = mx.split(self.gate_up_proj(xs, ids, True), 2, axis=-1)
-            y = self.down_proj(nn.silu(g) * u, ids, True)[mx.argsort(order)]
-        y = y.reshape(N, k, -1)
-        return (y.astype(mx.float32) * w[..., None]).sum(1).reshape(shape).astype(x.dtype)
+            out = weighted_sum(self.down_proj(nn.silu(g) * u, ids, True)[mx.argsort(order)], w)
+        return out.reshape(shape).astype(x.dtype)
 
 
 class ExpertBlocks:

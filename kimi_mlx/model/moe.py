@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
+from ..ops.experts import weighted_sum
 from ..ops.routing import route, router_logits
 from .common import MLP
 
@@ -117,8 +118,7 @@ class KimiMoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         idx, w = self.gate(flat)
-        y = (self.experts(flat, idx).astype(mx.float32) * w[..., None]).sum(1).astype(x.dtype)
-        y = y.reshape(shape)
+        y = weighted_sum(self.experts(flat, idx), w).astype(x.dtype).reshape(shape)
         if "shared_experts" in self:
             y = y + self.shared_experts(x)
         return y

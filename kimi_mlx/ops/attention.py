@@ -247,17 +247,16 @@ def _positions(n: int) -> mx.array:
 def _page_values(p, page, bits, gs, wide: bool):
     """p [B, H, n] @ page rows [B, n, W] -> [B, H, W], float32 if wide or split into pieces, else p's dtype."""
     B, H, n = p.shape
+    c = SPLIT_ROWS
     if bits:
         o = mx.quantized_matmul(p, *page, transpose=False, group_size=gs, bits=bits)
-        return o.astype(mx.float32) if wide else o
-    rows = page[0]
-    c = SPLIT_ROWS
-    if not c or n < max(2 * c, SPLIT_MIN_ROWS) or n % c:
-        o = p @ rows
-        return o.astype(mx.float32) if wide else o
-    k = n // c
-    pieces = p.reshape(B, H, k, c).transpose(0, 2, 1, 3) @ rows.reshape(B, k, c, -1)  # [B, k, H, W]
-    return pieces.astype(mx.float32).sum(1)
+    elif not c or n < max(2 * c, SPLIT_MIN_ROWS) or n % c:
+        o = p @ page[0]
+    else:
+        k = n // c
+        pieces = p.reshape(B, H, k, c).transpose(0, 2, 1, 3) @ page[0].reshape(B, k, c, -1)  # [B, k, H, W]
+        return pieces.astype(mx.float32).sum(1)
+    return o.astype(mx.float32) if wide else o
 
 
 def mla_attention_ref(q, rows, k_up, v_up, scale: float) -> mx.array:

@@ -15,6 +15,8 @@ rows) and down [E, D, I] (QuantizedSwitchLinear or SwitchLinear); both return [N
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -27,21 +29,24 @@ def experts_ref(x, idx, w, gate_up, down):
     rows_in, rows_mid = _rows(N, P)
     idx = idx.astype(mx.uint32)
     g, u = mx.split(gate_up(x[:, None, None], idx, lhs_indices=rows_in), 2, axis=-1)
-    y = down(nn.silu(g) * u, idx, lhs_indices=rows_mid).reshape(N, P, -1)
-    return (y.astype(mx.float32) * w[..., None]).sum(1)
+    return weighted_sum(down(nn.silu(g) * u, idx, lhs_indices=rows_mid), w)
 
 
-_ROW_CACHE: dict[tuple[int, int], tuple[mx.array, mx.array]] = {}
+def weighted_sum(y, w):
+    """Each pair's expert output y [N * P, D] (or [N, P, D]) times its router weight w [N, P], summed over a
+    token's pairs in float32: [N, D]."""
+    N, P = w.shape
+    return (y.reshape(N, P, -1).astype(mx.float32) * w[..., None]).sum(1)
 
 
+@lru_cache(maxsize=8)
 def _rows(N: int, P: int) -> tuple[mx.array, mx.array]:
     """gather_qmm's row indices for N tokens of P pairs: the gate|up bank reads token n, the down bank
-    pair n * P + j. Explicit (and cached) so gather_qmm builds no index arrays in every decode step."""
-    if (N, P) not in _ROW_CACHE:
-        _ROW_CACHE[(N, P)] = (mx.broadcast_to(mx.arange(N, dtype=mx.uint32)[:, None], (N, P)) + 0,
-                              mx.arange(N * P, dtype=mx.uint32).reshape(N, P))
-        mx.eval(_ROW_CACHE[(N, P)])
-    return _ROW_CACHE[(N, P)]
+    pair n * P + j. Explicit (and made once) so gather_qmm builds no index arrays in every decode step."""
+    rows = (mx.broadcast_to(mx.arange(N, dtype=mx.uint32)[:, None], (N, P)) + 0,
+            mx.arange(N * P, dtype=mx.uint32).reshape(N, P))
+    mx.eval(rows)
+    return rows
 
 
 def _bank_fits(bank) -> bool:
