@@ -88,6 +88,14 @@ SPECS = {
         ),
         sample_outputs=("float32", "float32"),
     ),
+    "kda_gated_norm": KernelSpec(
+        name="kda_gated_norm",
+        inputs=("o", "gate", "w", "eps"),
+        outputs=("y",),
+        sample_template=(("D", 128),),
+        sample_inputs=(("float32", 4096), ("bfloat16", 4096), ("float32", 128), ("float32", 1)),
+        sample_outputs=("bfloat16",),
+    ),
     "moe_route": KernelSpec(
         name="moe_route",
         inputs=("logits", "bias", "scale"),
