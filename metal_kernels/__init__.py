@@ -96,6 +96,14 @@ SPECS = {
         sample_inputs=(("float32", 4096), ("bfloat16", 4096), ("float32", 128), ("float32", 1)),
         sample_outputs=("bfloat16",),
     ),
+    "mla_cache_row": KernelSpec(
+        name="mla_cache_row",
+        inputs=("ckv", "w", "eps"),
+        outputs=("rows",),
+        sample_template=(("L", 512), ("W", 576)),
+        sample_inputs=(("bfloat16", 576), ("bfloat16", 512), ("float32", 1)),
+        sample_outputs=("bfloat16",),
+    ),
     "moe_route": KernelSpec(
         name="moe_route",
         inputs=("logits", "bias", "scale"),
