@@ -116,7 +116,7 @@ SPECS = {
         name="moe_router",
         inputs=("x", "weight"),
         outputs=("logits",),
-        sample_template=(("D", 2304), ("E", 256)),
+        sample_template=(("D", 2304), ("E", 256), ("S", 8)),
         sample_inputs=(("bfloat16", 2304), ("float32", 256 * 2304)),
         sample_outputs=("float32",),
     ),
@@ -124,7 +124,7 @@ SPECS = {
         name="moe_gate_up",
         inputs=("x", "idx", "wq", "scales", "biases"),
         outputs=("h",),
-        sample_template=(("D", 2304), ("I", 1024), ("P", 9), ("BITS", 4), ("GS", 64)),
+        sample_template=(("D", 2304), ("I", 1024), ("P", 9), ("BITS", 4), ("GS", 64), ("R", 4)),
         sample_inputs=(
             ("bfloat16", 2304),
             ("int32", 9),
@@ -138,7 +138,7 @@ SPECS = {
         name="moe_down",
         inputs=("h", "idx", "weight", "wq", "scales", "biases"),
         outputs=("y",),
-        sample_template=(("D", 2304), ("I", 1024), ("P", 9), ("BITS", 4), ("GS", 64)),
+        sample_template=(("D", 2304), ("I", 1024), ("P", 9), ("BITS", 4), ("GS", 64), ("R", 4)),
         sample_inputs=(
             ("float32", 9 * 1024),
             ("int32", 9),
