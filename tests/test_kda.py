@@ -433,3 +433,10 @@ def test_gated_norm_kernel_on_gpu(T):
     got, ref = K.gated_norm_kernel(o, gate, w, 1e-5, mx.bfloat16), K.gated_norm_ref(o, gate, w, 1e-5, mx.bfloat16)
     assert got.dtype == mx.bfloat16
     assert float(mx.abs(got.astype(mx.float32) - ref.astype(mx.float32)).max()) <= 1e-2 * float(mx.abs(ref.astype(mx.float32)).max())
+
+
+@pytest.mark.gpu
+def test_doctor_gate_and_cache_row_checks_on_gpu():
+    from kimi_mlx import doctor
+
+    assert doctor.check_gated_norm().ok and doctor.check_cache_rows().ok
