@@ -117,6 +117,24 @@ def check_routing() -> Check:
     return Check("MoE routing, fused kernel", err, "" if same else "picked other experts")
 
 
+def check_gated_norm() -> Check:
+    """KDA's output gate kernel against rms_norm x sigmoid(gate) in ops (float32 output)."""
+    mx.random.seed(5)
+    o, gate, w = 5 * mx.random.normal((2, 3, 8, 128)), 6 * mx.random.normal((2, 3, 8, 128)), mx.random.uniform(0.5, 1.5, (128,))
+    err = _rel_err(kda_ops.gated_norm_kernel(o, gate, w, 1e-5, mx.float32), kda_ops.gated_norm_ref(o, gate, w, 1e-5, mx.float32))
+    return Check("KDA output gate, kernel", err)
+
+
+def check_cache_rows() -> Check:
+    """The MLA cache-row kernel (latent norm | pe) against the ops (float32)."""
+    from .ops import attention
+
+    mx.random.seed(6)
+    ckv, w = 4 * mx.random.normal((5, 576)), mx.random.uniform(0.5, 1.5, (512,))
+    err = _rel_err(attention.cache_rows_kernel(ckv, w, 1e-6, 512), attention.cache_rows_ref(ckv, w, 1e-6, 512))
+    return Check("MLA cache rows, kernel", err)
+
+
 def check_router_logits() -> Check:
     """The router's float32 logits kernel against the cast-and-matmul reference, a bfloat16 token."""
     from .ops import routing
@@ -205,6 +223,8 @@ GPU_CHECKS = {
     "KDA per-chunk matrices, kernel": check_intra_chunk,
     "chunked prefill, chunk and scan kernels": partial(check_chunked, True),
     "decode step, fused kernel": partial(check_decode, "kernel"),
+    "KDA output gate, kernel": check_gated_norm,
+    "MLA cache rows, kernel": check_cache_rows,
     "MoE router logits, kernel": check_router_logits,
     "MoE routing, fused kernel": check_routing,
     "MoE experts, decode kernels": check_experts,

@@ -21,3 +21,7 @@ KDA_FN float kda_shfl(float x, int lane) { return __shfl_sync(0xffffffffu, x, la
 // Threadgroup ("block") shared memory and the barrier over the whole group.
 #define KDA_SHARED __shared__
 KDA_FN void kda_barrier() { __syncthreads(); }
+
+// Store a float into a buffer of the kernel's output type (__nv_bfloat16, __half or float).
+template <typename T>
+KDA_FN void kda_store(T* p, size_t i, float v) { p[i] = static_cast<T>(v); }

@@ -24,6 +24,10 @@ KDA_FN float kda_shfl(float x, int lane) { return __shfl_sync(0xffffffffu, x, la
 #define KDA_SHARED __shared__
 KDA_FN void kda_barrier() { __syncthreads(); }
 
+// Store a float into a buffer of the kernel's output type (__nv_bfloat16, __half or float).
+template <typename T>
+KDA_FN void kda_store(T* p, size_t i, float v) { p[i] = static_cast<T>(v); }
+
 // Backend-neutral helpers for the KDA kernels. The backend header defines KDA_FN, kda_exp,
 // kda_log, kda_rsqrt, kda_fmax, kda_fabs and kda_simd_sum (a sum over the 32 lanes of a group).
 

@@ -13,3 +13,7 @@ KDA_FN float kda_shfl(float x, int lane) { return metal::simd_shuffle(x, ushort(
 // Threadgroup shared memory and the barrier over the whole group.
 #define KDA_SHARED threadgroup
 KDA_FN void kda_barrier() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }
+
+// Store a float into a buffer of the kernel's output type (bfloat16_t, half or float).
+template <typename T>
+KDA_FN void kda_store(device T* p, size_t i, float v) { p[i] = static_cast<T>(v); }

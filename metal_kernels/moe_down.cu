@@ -24,6 +24,10 @@ KDA_FN float kda_shfl(float x, int lane) { return __shfl_sync(0xffffffffu, x, la
 #define KDA_SHARED __shared__
 KDA_FN void kda_barrier() { __syncthreads(); }
 
+// Store a float into a buffer of the kernel's output type (__nv_bfloat16, __half or float).
+template <typename T>
+KDA_FN void kda_store(T* p, size_t i, float v) { p[i] = static_cast<T>(v); }
+
 // Backend-neutral helpers for the KDA kernels. The backend header defines KDA_FN, kda_exp,
 // kda_log, kda_rsqrt, kda_fmax, kda_fabs and kda_simd_sum (a sum over the 32 lanes of a group).
 
@@ -49,7 +53,7 @@ namespace mlx::core::cu {
 
 namespace cg = cooperative_groups;
 
-__global__ void custom_kernel_moe_down_2304_1024_9_4_64(
+__global__ void custom_kernel_moe_down_2304_1024_9_4_64_4(
     const float* h,
     const int32_t* idx,
     const float* weight,
@@ -62,18 +66,19 @@ __global__ void custom_kernel_moe_down_2304_1024_9_4_64(
   constexpr int P = 9;
   constexpr int BITS = 4;
   constexpr int GS = 64;
+  constexpr int R = 4;
 
 const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
                                  blockIdx.y * blockDim.y + threadIdx.y,
                                  blockIdx.z * blockDim.z + threadIdx.z);
-// MoE experts for a few (token, expert) pairs, second half: each pair's down row of an affine-quantized
+// MoE experts for a few (token, expert) pairs, second half: each pair's down rows of an affine-quantized
 // bank against its SwiGLU output, weighted by the router and summed over the token's pairs.
-// Grid (32 * D, P, N), threadgroup (32, P, 1): a threadgroup per (token, output unit), one 32-lane group
-// per pair (so a group's loads wait on one expert index, not P in turn); the groups' weighted dots meet in
-// threadgroup memory and the first group sums them in pair order. Lanes stride the packed words as in
-// moe_gate_up.
+// Grid (32 * D / R, P, N), threadgroup (32, P, 1): a threadgroup per (token, R output units), one 32-lane
+// group per pair (so a group's loads wait on one expert index, not P in turn), each value of h a lane reads
+// serving R rows; the groups' weighted dots meet in threadgroup memory and the first group's first R lanes
+// sum them in pair order. Lanes stride the packed words as in moe_gate_up.
 // Template: D model width, I expert width, P pairs per token (<= 32), BITS (2, 4 or 8), GS group size
-// (a multiple of 32 / BITS dividing I).
+// (a multiple of 32 / BITS dividing I), R output units a threadgroup (dividing D, <= 32).
 // Inputs: h [N * P, I] float32 (moe_gate_up); idx [N, P] int32; weight [N, P] float32;
 // wq [E, D, I * BITS / 32] uint32; scales, biases [E, D, I / GS] (packed as in moe_gate_up).
 // Output: y [N, D] float32 = sum over p of weight[n, p] * (down[idx[n, p]] row d . h[n * P + p]).
@@ -82,40 +87,49 @@ constexpr int WPR = I / VPW;
 constexpr int STEPS = (WPR + 31) / 32;
 constexpr int GPR = I / GS;
 constexpr unsigned int MASK = (1u << BITS) - 1u;
-KDA_SHARED float part[P];
+KDA_SHARED float part[P * R];
 const int lane = kda_gid.x % 32;
-const int d = kda_gid.x / 32;
+const int d0 = (kda_gid.x / 32) * R;
 const int p = kda_gid.y;
 const int n = kda_gid.z;
 const int pair = n * P + p;
-const size_t row = static_cast<size_t>(idx[pair]) * D + d;
-float acc = 0.0f;
+const size_t row0 = static_cast<size_t>(idx[pair]) * D + d0;
+float acc[R];
+for (int u = 0; u < R; ++u) acc[u] = 0.0f;
 for (int step = 0; step < STEPS; ++step) {
   const int w = step * 32 + lane;
   if (w < WPR) {
-    const unsigned int word = wq[row * WPR + w];
-    float dot = 0.0f;
+    float hv[VPW];
     float hsum = 0.0f;
     for (int j = 0; j < VPW; ++j) {
-      const float hv = h[static_cast<size_t>(pair) * I + w * VPW + j];
-      dot += static_cast<float>((word >> (j * BITS)) & MASK) * hv;
-      hsum += hv;
+      hv[j] = h[static_cast<size_t>(pair) * I + w * VPW + j];
+      hsum += hv[j];
     }
-    const size_t g = row * GPR + (w * VPW) / GS;
-    acc += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * hsum;
+    const int group = (w * VPW) / GS;
+    for (int u = 0; u < R; ++u) {
+      const unsigned int word = wq[(row0 + u) * WPR + w];
+      float dot = 0.0f;
+      for (int j = 0; j < VPW; ++j) {
+        dot += static_cast<float>((word >> (j * BITS)) & MASK) * hv[j];
+      }
+      const size_t g = (row0 + u) * GPR + group;
+      acc[u] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * hsum;
+    }
   }
 }
-acc = kda_simd_sum(acc);
-if (lane == 0) {
-  part[p] = weight[pair] * acc;
+for (int u = 0; u < R; ++u) {
+  const float total = kda_simd_sum(acc[u]);
+  if (lane == 0) {
+    part[p * R + u] = weight[pair] * total;
+  }
 }
 kda_barrier();
-if (p == 0 && lane == 0) {
+if (p == 0 && lane < R) {
   float total = 0.0f;
   for (int i = 0; i < P; ++i) {
-    total += part[i];
+    total += part[i * R + lane];
   }
-  y[static_cast<size_t>(n) * D + d] = total;
+  y[static_cast<size_t>(n) * D + d0 + lane] = total;
 }
 
 }

@@ -16,6 +16,10 @@ KDA_FN float kda_shfl(float x, int lane) { return metal::simd_shuffle(x, ushort(
 #define KDA_SHARED threadgroup
 KDA_FN void kda_barrier() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }
 
+// Store a float into a buffer of the kernel's output type (bfloat16_t, half or float).
+template <typename T>
+KDA_FN void kda_store(device T* p, size_t i, float v) { p[i] = static_cast<T>(v); }
+
 // Backend-neutral helpers for the KDA kernels. The backend header defines KDA_FN, kda_exp,
 // kda_log, kda_rsqrt, kda_fmax, kda_fabs and kda_simd_sum (a sum over the 32 lanes of a group).
 
@@ -37,8 +41,8 @@ KDA_FN float kda_log1p(float x) {
 KDA_FN float kda_softplus(float x) {
   return x > 20.0f ? x : kda_fmax(x, 0.0f) + kda_log1p(kda_exp(-kda_fabs(x)));
 }
-template <int D, int I, int P, int BITS, int GS>
-[[kernel]] void custom_kernel_moe_down__2304_1024_9_4_64_float_int32_t_float_uint32_t_bfloat16_t_bfloat16_t_float(
+template <int D, int I, int P, int BITS, int GS, int R>
+[[kernel]] void custom_kernel_moe_down__2304_1024_9_4_64_4_float_int32_t_float_uint32_t_bfloat16_t_bfloat16_t_float(
   const device float* h [[buffer(0)]],
   const device int32_t* idx [[buffer(1)]],
   const device float* weight [[buffer(2)]],
@@ -48,14 +52,14 @@ template <int D, int I, int P, int BITS, int GS>
   device float* y [[buffer(6)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const uint3 kda_gid = thread_position_in_grid;
-// MoE experts for a few (token, expert) pairs, second half: each pair's down row of an affine-quantized
+// MoE experts for a few (token, expert) pairs, second half: each pair's down rows of an affine-quantized
 // bank against its SwiGLU output, weighted by the router and summed over the token's pairs.
-// Grid (32 * D, P, N), threadgroup (32, P, 1): a threadgroup per (token, output unit), one 32-lane group
-// per pair (so a group's loads wait on one expert index, not P in turn); the groups' weighted dots meet in
-// threadgroup memory and the first group sums them in pair order. Lanes stride the packed words as in
-// moe_gate_up.
+// Grid (32 * D / R, P, N), threadgroup (32, P, 1): a threadgroup per (token, R output units), one 32-lane
+// group per pair (so a group's loads wait on one expert index, not P in turn), each value of h a lane reads
+// serving R rows; the groups' weighted dots meet in threadgroup memory and the first group's first R lanes
+// sum them in pair order. Lanes stride the packed words as in moe_gate_up.
 // Template: D model width, I expert width, P pairs per token (<= 32), BITS (2, 4 or 8), GS group size
-// (a multiple of 32 / BITS dividing I).
+// (a multiple of 32 / BITS dividing I), R output units a threadgroup (dividing D, <= 32).
 // Inputs: h [N * P, I] float32 (moe_gate_up); idx [N, P] int32; weight [N, P] float32;
 // wq [E, D, I * BITS / 32] uint32; scales, biases [E, D, I / GS] (packed as in moe_gate_up).
 // Output: y [N, D] float32 = sum over p of weight[n, p] * (down[idx[n, p]] row d . h[n * P + p]).
@@ -64,42 +68,51 @@ constexpr int WPR = I / VPW;
 constexpr int STEPS = (WPR + 31) / 32;
 constexpr int GPR = I / GS;
 constexpr unsigned int MASK = (1u << BITS) - 1u;
-KDA_SHARED float part[P];
+KDA_SHARED float part[P * R];
 const int lane = kda_gid.x % 32;
-const int d = kda_gid.x / 32;
+const int d0 = (kda_gid.x / 32) * R;
 const int p = kda_gid.y;
 const int n = kda_gid.z;
 const int pair = n * P + p;
-const size_t row = static_cast<size_t>(idx[pair]) * D + d;
-float acc = 0.0f;
+const size_t row0 = static_cast<size_t>(idx[pair]) * D + d0;
+float acc[R];
+for (int u = 0; u < R; ++u) acc[u] = 0.0f;
 for (int step = 0; step < STEPS; ++step) {
   const int w = step * 32 + lane;
   if (w < WPR) {
-    const unsigned int word = wq[row * WPR + w];
-    float dot = 0.0f;
+    float hv[VPW];
     float hsum = 0.0f;
     for (int j = 0; j < VPW; ++j) {
-      const float hv = h[static_cast<size_t>(pair) * I + w * VPW + j];
-      dot += static_cast<float>((word >> (j * BITS)) & MASK) * hv;
-      hsum += hv;
+      hv[j] = h[static_cast<size_t>(pair) * I + w * VPW + j];
+      hsum += hv[j];
     }
-    const size_t g = row * GPR + (w * VPW) / GS;
-    acc += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * hsum;
+    const int group = (w * VPW) / GS;
+    for (int u = 0; u < R; ++u) {
+      const unsigned int word = wq[(row0 + u) * WPR + w];
+      float dot = 0.0f;
+      for (int j = 0; j < VPW; ++j) {
+        dot += static_cast<float>((word >> (j * BITS)) & MASK) * hv[j];
+      }
+      const size_t g = (row0 + u) * GPR + group;
+      acc[u] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * hsum;
+    }
   }
 }
-acc = kda_simd_sum(acc);
-if (lane == 0) {
-  part[p] = weight[pair] * acc;
+for (int u = 0; u < R; ++u) {
+  const float total = kda_simd_sum(acc[u]);
+  if (lane == 0) {
+    part[p * R + u] = weight[pair] * total;
+  }
 }
 kda_barrier();
-if (p == 0 && lane == 0) {
+if (p == 0 && lane < R) {
   float total = 0.0f;
   for (int i = 0; i < P; ++i) {
-    total += part[i];
+    total += part[i * R + lane];
   }
-  y[static_cast<size_t>(n) * D + d] = total;
+  y[static_cast<size_t>(n) * D + d0 + lane] = total;
 }
 
 }
 
-template [[host_name("custom_kernel_moe_down__2304_1024_9_4_64_float_int32_t_float_uint32_t_bfloat16_t_bfloat16_t_float")]] [[kernel]] decltype(custom_kernel_moe_down__2304_1024_9_4_64_float_int32_t_float_uint32_t_bfloat16_t_bfloat16_t_float<2304, 1024, 9, 4, 64>) custom_kernel_moe_down__2304_1024_9_4_64_float_int32_t_float_uint32_t_bfloat16_t_bfloat16_t_float<2304, 1024, 9, 4, 64>;
+template [[host_name("custom_kernel_moe_down__2304_1024_9_4_64_4_float_int32_t_float_uint32_t_bfloat16_t_bfloat16_t_float")]] [[kernel]] decltype(custom_kernel_moe_down__2304_1024_9_4_64_4_float_int32_t_float_uint32_t_bfloat16_t_bfloat16_t_float<2304, 1024, 9, 4, 64, 4>) custom_kernel_moe_down__2304_1024_9_4_64_4_float_int32_t_float_uint32_t_bfloat16_t_bfloat16_t_float<2304, 1024, 9, 4, 64, 4>;

@@ -24,6 +24,10 @@ KDA_FN float kda_shfl(float x, int lane) { return __shfl_sync(0xffffffffu, x, la
 #define KDA_SHARED __shared__
 KDA_FN void kda_barrier() { __syncthreads(); }
 
+// Store a float into a buffer of the kernel's output type (__nv_bfloat16, __half or float).
+template <typename T>
+KDA_FN void kda_store(T* p, size_t i, float v) { p[i] = static_cast<T>(v); }
+
 // Backend-neutral helpers for the KDA kernels. The backend header defines KDA_FN, kda_exp,
 // kda_log, kda_rsqrt, kda_fmax, kda_fabs and kda_simd_sum (a sum over the 32 lanes of a group).
 
@@ -49,7 +53,7 @@ namespace mlx::core::cu {
 
 namespace cg = cooperative_groups;
 
-__global__ void custom_kernel_moe_gate_up_2304_1024_9_4_64(
+__global__ void custom_kernel_moe_gate_up_2304_1024_9_4_64_4(
     const __nv_bfloat16* x,
     const int32_t* idx,
     const uint32_t* wq,
@@ -61,17 +65,18 @@ __global__ void custom_kernel_moe_gate_up_2304_1024_9_4_64(
   constexpr int P = 9;
   constexpr int BITS = 4;
   constexpr int GS = 64;
+  constexpr int R = 4;
 
 const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
                                  blockIdx.y * blockDim.y + threadIdx.y,
                                  blockIdx.z * blockDim.z + threadIdx.z);
 // MoE experts for a few (token, expert) pairs, first half: the gate and up rows of one expert of an
 // affine-quantized bank against the token, then SwiGLU.
-// Grid (32 * N * P, I, 1), threadgroup (32, TY, 1): one 32-lane group per (pair, hidden unit). The lanes
-// stride the row's packed words, a fixed number of steps each, so the compiler can issue every load of
-// a lane at once (the kernel is bound by memory latency at decode's few rows otherwise).
+// Grid (32 * N * P, I / R, 1), threadgroup (32, TY, 1): one 32-lane group per (pair, R hidden units), so
+// each value of the token a lane reads serves 2R rows (gate and up of each unit). The lanes stride the
+// rows' packed words a fixed number of steps each, so the compiler can issue a lane's loads at once.
 // Template: D model width, I expert width, P pairs per token, BITS (2, 4 or 8), GS group size
-// (a multiple of 32 / BITS dividing D).
+// (a multiple of 32 / BITS dividing D), R hidden units a group (dividing I).
 // Inputs: x [N, D]; idx [N, P] int32, the expert of each pair; wq [E, 2I, D * BITS / 32] uint32
 // (rows 0..I-1 gate, I..2I-1 up; value j of a row in bits (j % VPW) * BITS of word j / VPW);
 // scales, biases [E, 2I, D / GS] (value = scale * q + bias).
@@ -83,11 +88,13 @@ constexpr int GPR = D / GS;  // groups per row
 constexpr unsigned int MASK = (1u << BITS) - 1u;
 const int lane = kda_gid.x % 32;
 const int pair = kda_gid.x / 32;
-const int r = kda_gid.y;
+const int r0 = kda_gid.y * R;
 const int n = pair / P;
-const size_t gate_row = static_cast<size_t>(idx[pair]) * (2 * I) + r;
-const size_t rows[2] = {gate_row, gate_row + I};
-float acc[2] = {0.0f, 0.0f};
+const size_t gate_row = static_cast<size_t>(idx[pair]) * (2 * I) + r0;
+float acc[2][R];
+for (int half = 0; half < 2; ++half) {
+  for (int j = 0; j < R; ++j) acc[half][j] = 0.0f;
+}
 for (int step = 0; step < STEPS; ++step) {
   const int w = step * 32 + lane;
   if (w < WPR) {
@@ -99,20 +106,25 @@ for (int step = 0; step < STEPS; ++step) {
     }
     const int group = (w * VPW) / GS;
     for (int half = 0; half < 2; ++half) {
-      const unsigned int word = wq[rows[half] * WPR + w];
-      float dot = 0.0f;
-      for (int j = 0; j < VPW; ++j) {
-        dot += static_cast<float>((word >> (j * BITS)) & MASK) * xv[j];
+      for (int u = 0; u < R; ++u) {
+        const size_t row = gate_row + half * I + u;
+        const unsigned int word = wq[row * WPR + w];
+        float dot = 0.0f;
+        for (int j = 0; j < VPW; ++j) {
+          dot += static_cast<float>((word >> (j * BITS)) & MASK) * xv[j];
+        }
+        const size_t g = row * GPR + group;
+        acc[half][u] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * xsum;
       }
-      const size_t g = rows[half] * GPR + group;
-      acc[half] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * xsum;
     }
   }
 }
-const float gate = kda_simd_sum(acc[0]);
-const float up = kda_simd_sum(acc[1]);
-if (lane == 0) {
-  h[static_cast<size_t>(pair) * I + r] = kda_silu(gate) * up;
+for (int u = 0; u < R; ++u) {
+  const float gate = kda_simd_sum(acc[0][u]);
+  const float up = kda_simd_sum(acc[1][u]);
+  if (lane == 0) {
+    h[static_cast<size_t>(pair) * I + r0 + u] = kda_silu(gate) * up;
+  }
 }
 
 }

@@ -24,6 +24,10 @@ KDA_FN float kda_shfl(float x, int lane) { return __shfl_sync(0xffffffffu, x, la
 #define KDA_SHARED __shared__
 KDA_FN void kda_barrier() { __syncthreads(); }
 
+// Store a float into a buffer of the kernel's output type (__nv_bfloat16, __half or float).
+template <typename T>
+KDA_FN void kda_store(T* p, size_t i, float v) { p[i] = static_cast<T>(v); }
+
 // Backend-neutral helpers for the KDA kernels. The backend header defines KDA_FN, kda_exp,
 // kda_log, kda_rsqrt, kda_fmax, kda_fabs and kda_simd_sum (a sum over the 32 lanes of a group).
 
@@ -49,35 +53,50 @@ namespace mlx::core::cu {
 
 namespace cg = cooperative_groups;
 
-__global__ void custom_kernel_moe_router_2304_256(
+__global__ void custom_kernel_moe_router_2304_256_8(
     const __nv_bfloat16* x,
     const float* weight,
     float* logits) {
   constexpr int D = 2304;
   constexpr int E = 256;
+  constexpr int S = 8;
 
 const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
                                  blockIdx.y * blockDim.y + threadIdx.y,
                                  blockIdx.z * blockDim.z + threadIdx.z);
 // MoE router logits in float32 (as upstream: the token cast to float32, times the float32 router weight),
 // reading the token in its own dtype so no cast of it runs first.
-// Grid (32, E, N), threadgroup (32, TY, 1): one 32-lane group per (token, expert); the lanes stride D.
-// Template: D model width, E experts.
+// Grid (32 * S, E, N), threadgroup (32 * S, 1, 1): a threadgroup per (token, expert) whose S 32-lane groups
+// each take D / S of the row (a single group a row left 256 groups for the whole card: latency-bound), and
+// meet in threadgroup memory.
+// Template: D model width, E experts, S groups a row (dividing D).
 // Inputs: x [N, D]; weight [E, D] float32.  Output: logits [N, E] float32.
-constexpr int STEPS = (D + 31) / 32;
-const int lane = kda_gid.x;
+constexpr int SPAN = D / S;
+constexpr int STEPS = (SPAN + 31) / 32;
+KDA_SHARED float part[S];
+const int lane = kda_gid.x % 32;
+const int s = kda_gid.x / 32;
 const int e = kda_gid.y;
 const int n = kda_gid.z;
 float acc = 0.0f;
 for (int step = 0; step < STEPS; ++step) {
   const int i = step * 32 + lane;
-  if (i < D) {
-    acc += static_cast<float>(x[static_cast<size_t>(n) * D + i]) * weight[static_cast<size_t>(e) * D + i];
+  if (i < SPAN) {
+    const int c = s * SPAN + i;
+    acc += static_cast<float>(x[static_cast<size_t>(n) * D + c]) * weight[static_cast<size_t>(e) * D + c];
   }
 }
 acc = kda_simd_sum(acc);
 if (lane == 0) {
-  logits[static_cast<size_t>(n) * E + e] = acc;
+  part[s] = acc;
+}
+kda_barrier();
+if (s == 0 && lane == 0) {
+  float total = 0.0f;
+  for (int i = 0; i < S; ++i) {
+    total += part[i];
+  }
+  logits[static_cast<size_t>(n) * E + e] = total;
 }
 
 }

@@ -16,6 +16,10 @@ KDA_FN float kda_shfl(float x, int lane) { return metal::simd_shuffle(x, ushort(
 #define KDA_SHARED threadgroup
 KDA_FN void kda_barrier() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }
 
+// Store a float into a buffer of the kernel's output type (bfloat16_t, half or float).
+template <typename T>
+KDA_FN void kda_store(device T* p, size_t i, float v) { p[i] = static_cast<T>(v); }
+
 // Backend-neutral helpers for the KDA kernels. The backend header defines KDA_FN, kda_exp,
 // kda_log, kda_rsqrt, kda_fmax, kda_fabs and kda_simd_sum (a sum over the 32 lanes of a group).
 
@@ -37,8 +41,8 @@ KDA_FN float kda_log1p(float x) {
 KDA_FN float kda_softplus(float x) {
   return x > 20.0f ? x : kda_fmax(x, 0.0f) + kda_log1p(kda_exp(-kda_fabs(x)));
 }
-template <int D, int E>
-[[kernel]] void custom_kernel_moe_router__2304_256_bfloat16_t_float_float(
+template <int D, int E, int S>
+[[kernel]] void custom_kernel_moe_router__2304_256_8_bfloat16_t_float_float(
   const device bfloat16_t* x [[buffer(0)]],
   const device float* weight [[buffer(1)]],
   device float* logits [[buffer(2)]],
@@ -46,25 +50,39 @@ template <int D, int E>
 const uint3 kda_gid = thread_position_in_grid;
 // MoE router logits in float32 (as upstream: the token cast to float32, times the float32 router weight),
 // reading the token in its own dtype so no cast of it runs first.
-// Grid (32, E, N), threadgroup (32, TY, 1): one 32-lane group per (token, expert); the lanes stride D.
-// Template: D model width, E experts.
+// Grid (32 * S, E, N), threadgroup (32 * S, 1, 1): a threadgroup per (token, expert) whose S 32-lane groups
+// each take D / S of the row (a single group a row left 256 groups for the whole card: latency-bound), and
+// meet in threadgroup memory.
+// Template: D model width, E experts, S groups a row (dividing D).
 // Inputs: x [N, D]; weight [E, D] float32.  Output: logits [N, E] float32.
-constexpr int STEPS = (D + 31) / 32;
-const int lane = kda_gid.x;
+constexpr int SPAN = D / S;
+constexpr int STEPS = (SPAN + 31) / 32;
+KDA_SHARED float part[S];
+const int lane = kda_gid.x % 32;
+const int s = kda_gid.x / 32;
 const int e = kda_gid.y;
 const int n = kda_gid.z;
 float acc = 0.0f;
 for (int step = 0; step < STEPS; ++step) {
   const int i = step * 32 + lane;
-  if (i < D) {
-    acc += static_cast<float>(x[static_cast<size_t>(n) * D + i]) * weight[static_cast<size_t>(e) * D + i];
+  if (i < SPAN) {
+    const int c = s * SPAN + i;
+    acc += static_cast<float>(x[static_cast<size_t>(n) * D + c]) * weight[static_cast<size_t>(e) * D + c];
   }
 }
 acc = kda_simd_sum(acc);
 if (lane == 0) {
-  logits[static_cast<size_t>(n) * E + e] = acc;
+  part[s] = acc;
+}
+kda_barrier();
+if (s == 0 && lane == 0) {
+  float total = 0.0f;
+  for (int i = 0; i < S; ++i) {
+    total += part[i];
+  }
+  logits[static_cast<size_t>(n) * E + e] = total;
 }
 
 }
 
-template [[host_name("custom_kernel_moe_router__2304_256_bfloat16_t_float_float")]] [[kernel]] decltype(custom_kernel_moe_router__2304_256_bfloat16_t_float_float<2304, 256>) custom_kernel_moe_router__2304_256_bfloat16_t_float_float<2304, 256>;
+template [[host_name("custom_kernel_moe_router__2304_256_8_bfloat16_t_float_float")]] [[kernel]] decltype(custom_kernel_moe_router__2304_256_8_bfloat16_t_float_float<2304, 256, 8>) custom_kernel_moe_router__2304_256_8_bfloat16_t_float_float<2304, 256, 8>;

@@ -252,3 +252,43 @@ def test_bf16_tiles_stay_close_to_float32(absorbed):
 def test_page_sizes_double_then_grow_linearly():
     st = MLAState(page_first=4, page_grow=16, page_max=64)
     assert [st.page_size(n) for n in (1, 4, 5, 9, 17, 33, 49, 64, 1000)] == [4, 4, 8, 16, 32, 48, 64, 64, 64]
+
+
+# -- the cache rows kernel (latent norm | pe) ------------------------------------------------------
+
+import kernel_emulator  # noqa: E402
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_cache_rows_kernel_text_runs_right_on_cpu(kind, dtype):
+    """pe narrower than a lane group's stride (48 columns over 32 lanes), rows of very different scale."""
+    from metal_kernels import group_rows
+
+    rng = np.random.default_rng(9)
+    rows, Lw, W = 5, 64, 112
+    ckv = mx.array((rng.standard_normal((rows, W)) * np.array([1e-3, 1, 30, 1e3, 5])[:, None]).astype(np.float32))
+    ckv = ckv.astype(dtype)
+    w = mx.array(rng.uniform(0.5, 1.5, Lw).astype(np.float32)).astype(dtype)
+    (got,) = kernel_emulator.emulate("mla_cache_row", kind, [ckv, w, mx.array([1e-6], mx.float32)],
+                                     (("L", Lw), ("W", W)), grid=(32 * rows, 1, 1),
+                                     threadgroup=(32 * group_rows(rows, 4), 1, 1), output_shapes=[ckv.shape],
+                                     output_dtypes=[dtype])
+    ref = A.cache_rows_ref(ckv, w, 1e-6, Lw)
+    f32 = mx.float32
+    assert mx.array_equal(got[:, Lw:], ckv[:, Lw:])  # pe as it is
+    scale = mx.abs(ref.astype(f32)[:, :Lw]).max(axis=-1, keepdims=True)
+    tol = 1e-5 if dtype == f32 else 1e-2
+    assert float((mx.abs(got.astype(f32)[:, :Lw] - ref.astype(f32)[:, :Lw]) / scale).max()) <= tol
+
+
+@pytest.mark.gpu
+def test_cache_rows_kernel_on_gpu():
+    mx.random.seed(11)
+    ckv = (mx.random.normal((3, 7, 576)) * 4).astype(mx.bfloat16)
+    w = mx.random.uniform(0.5, 1.5, (512,)).astype(mx.bfloat16)
+    got, ref = A.cache_rows_kernel(ckv, w, 1e-6, 512), A.cache_rows_ref(ckv, w, 1e-6, 512)
+    assert mx.array_equal(got[..., 512:], ckv[..., 512:])
+    f32 = mx.float32
+    assert float(mx.abs(got.astype(f32) - ref.astype(f32)).max()) <= 1e-2 * float(mx.abs(ref.astype(f32)).max())

@@ -395,3 +395,48 @@ def test_intra_chunk_kernel_text_runs_right_on_cpu(kind, extreme, C):
     for g_, want in zip(got, kda_chunked.intra_chunk(q, k, mx.exp(g), beta)):
         assert rel_err(g_, want) <= TOL
 
+
+
+# -- the output gate (rms_norm x sigmoid gate, cast) ----------------------------------------------
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_gated_norm_kernel_text_runs_right_on_cpu(kind, dtype):
+    """Rows of tiny and huge scale, gates far into both tails of the sigmoid."""
+    from kimi_mlx.ops import kda as K
+    from metal_kernels import group_rows
+
+    rng = np.random.default_rng(5)
+    rows, D = 6, 64
+    o = mx.array(rng.standard_normal((2, 3, D)).astype(np.float32) * np.array([1e-3, 1, 1e3])[None, :, None])
+    gate = mx.array(rng.standard_normal((2, 3, D)).astype(np.float32) * 12).astype(dtype)
+    w = mx.array(rng.uniform(0.5, 1.5, D).astype(np.float32))
+    (got,) = kernel_emulator.emulate("kda_gated_norm", kind, [o, gate, w, mx.array([1e-5], mx.float32)],
+                                     (("D", D),), grid=(32 * rows, 1, 1), threadgroup=(32 * group_rows(rows, 4), 1, 1),
+                                     output_shapes=[o.shape], output_dtypes=[dtype])
+    ref = K.gated_norm_ref(o, gate, w, 1e-5, dtype)
+    tol = 1e-5 if dtype == mx.float32 else 1e-2
+    assert float(mx.abs(got.astype(mx.float32) - ref.astype(mx.float32)).max()) <= tol * float(mx.abs(ref.astype(mx.float32)).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 300])
+def test_gated_norm_kernel_on_gpu(T):
+    from kimi_mlx.ops import kda as K
+
+    mx.random.seed(T)
+    o = mx.random.normal((2, T, 32, 128)) * 5
+    gate = (mx.random.normal((2, T, 32, 128)) * 6).astype(mx.bfloat16)
+    w = mx.random.uniform(0.5, 1.5, (128,))
+    got, ref = K.gated_norm_kernel(o, gate, w, 1e-5, mx.bfloat16), K.gated_norm_ref(o, gate, w, 1e-5, mx.bfloat16)
+    assert got.dtype == mx.bfloat16
+    assert float(mx.abs(got.astype(mx.float32) - ref.astype(mx.float32)).max()) <= 1e-2 * float(mx.abs(ref.astype(mx.float32)).max())
+
+
+@pytest.mark.gpu
+def test_doctor_gate_and_cache_row_checks_on_gpu():
+    from kimi_mlx import doctor
+
+    assert doctor.check_gated_norm().ok and doctor.check_cache_rows().ok

@@ -175,15 +175,15 @@ def emulate_experts(kind, x, idx, w, gate_up, down):
     """experts_kernel's two launches, run by the emulator."""
     N, P = idx.shape
     D, I = x.shape[-1], gate_up.weight.shape[1] // 2
+    Ru, Rd = experts.units(I), experts.units(D)
     (h,) = kernel_emulator.emulate(
         "moe_gate_up", kind, [x, idx, gate_up.weight, gate_up.scales, gate_up.biases],
-        tuple(experts._template(D, I, P, gate_up)), grid=(32 * N * P, I, 1), threadgroup=(32, group_rows(I), 1),
-        output_shapes=[(N * P, I)], output_dtypes=[mx.float32],
+        tuple(experts._template(D, I, P, gate_up, Ru)), grid=(32 * N * P, I // Ru, 1),
+        threadgroup=(32, group_rows(I // Ru), 1), output_shapes=[(N * P, I)], output_dtypes=[mx.float32],
     )
     (y,) = kernel_emulator.emulate(
-        "moe_down", kind, [h, idx, w, down.weight, down.scales, down.biases], tuple(experts._template(D, I, P, down)),
-        grid=(32 * D, P, N), threadgroup=(32, P, 1), output_shapes=[(N, D)],
-        output_dtypes=[mx.float32],
+        "moe_down", kind, [h, idx, w, down.weight, down.scales, down.biases], tuple(experts._template(D, I, P, down, Rd)),
+        grid=(32 * D // Rd, P, N), threadgroup=(32, P, 1), output_shapes=[(N, D)], output_dtypes=[mx.float32],
     )
     return y
 
@@ -273,13 +273,14 @@ def test_doctor_experts_check_on_gpu():
 @pytest.mark.parametrize("kind", ["metal", "cuda"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_router_kernel_text_runs_right_on_cpu(kind, dtype):
-    """D not a multiple of 32 (the lanes' last step is ragged), large activations."""
+    """A row span not a multiple of 32 (200 over 8 groups: the lanes' last step is ragged), large activations."""
     rng = np.random.default_rng(7)
     N, D, E = 3, 200, 32
     x = mx.array(rng.standard_normal((N, D)).astype(np.float32) * 40).astype(dtype)
     weight = mx.array(rng.standard_normal((E, D)).astype(np.float32) * 0.05)
-    (got,) = kernel_emulator.emulate("moe_router", kind, [x, weight], (("D", D), ("E", E)), grid=(32, E, N),
-                                     threadgroup=(32, group_rows(E), 1), output_shapes=[(N, E)],
+    S = group_rows(D, 8)
+    (got,) = kernel_emulator.emulate("moe_router", kind, [x, weight], (("D", D), ("E", E), ("S", S)),
+                                     grid=(32 * S, E, N), threadgroup=(32 * S, 1, 1), output_shapes=[(N, E)],
                                      output_dtypes=[mx.float32])
     ref = routing.logits_ref(x, weight)
     assert float(mx.abs(got - ref).max()) <= 1e-5 * float(mx.abs(ref).max())

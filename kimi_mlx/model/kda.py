@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from ..ops.kda import decode_path, kda, kda_decode_step, softplus
+from ..ops.kda import decode_path, gated_norm, kda, kda_decode_step, softplus
 from ..state import KDAState
 
 
@@ -77,6 +77,5 @@ class KimiDeltaAttention(nn.Module):
             q, k, v = mx.split(qkv.reshape(B, T, 3, H, D), 3, axis=2)
             beta = mx.sigmoid(b_logit.astype(mx.float32))
             o, state.recurrent = kda(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.gate(f_a), beta, state.recurrent)
-        gate = self.g_b_proj(g_a).reshape(B, T, H, D).astype(mx.float32)
-        y = mx.fast.rms_norm(o, self.o_norm_weight.astype(mx.float32), self.norm_eps) * mx.sigmoid(gate)
-        return self.o_proj(y.astype(x.dtype).reshape(B, T, H * D))
+        y = gated_norm(o, self.g_b_proj(g_a).reshape(B, T, H, D), self.o_norm_weight, self.norm_eps, x.dtype)
+        return self.o_proj(y.reshape(B, T, H * D))

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from ..ops.attention import LatentCache, mla_attention, mla_decode
+from ..ops.attention import LatentCache, cache_rows, mla_attention, mla_decode
 from ..state import CACHE_GROUP_SIZE, MLAState, encode_rows
 from .common import RMSNorm
 
@@ -35,7 +35,7 @@ class KimiMLA(nn.Module):
         else:
             q = q.reshape(B, T, self.num_heads, self.nope + self.pe).transpose(0, 2, 1, 3)
         ckv = self.kv_a_proj_with_mqa(x)
-        return q, mx.concatenate([self.kv_a_layernorm(ckv[..., :L]), ckv[..., L:]], axis=-1)
+        return q, cache_rows(ckv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, L)
 
     def _out(self, o: mx.array) -> mx.array:
         B, H, T, _ = o.shape

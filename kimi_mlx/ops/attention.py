@@ -259,6 +259,34 @@ def _page_values(p, page, bits, gs, wide: bool):
     return o.astype(mx.float32) if wide else o
 
 
+def cache_rows_ref(ckv, weight, eps: float, L: int) -> mx.array:
+    """The latent cache's rows from the kv_a projection [..., L + pe]: rms_norm(latent) | pe, in ckv's dtype."""
+    return mx.concatenate([mx.fast.rms_norm(ckv[..., :L], weight.astype(ckv.dtype), eps), ckv[..., L:]], axis=-1)
+
+
+def cache_rows_kernel(ckv, weight, eps: float, L: int) -> mx.array:
+    """cache_rows_ref as one kernel (metal_kernels/mla_cache_row.body); L a multiple of 32."""
+    from metal_kernels import group_rows, kernel
+
+    W = ckv.shape[-1]
+    rows = ckv.size // W
+    (out,) = kernel("mla_cache_row")(
+        inputs=[ckv, weight.astype(ckv.dtype), mx.array([eps], mx.float32)], template=[("L", L), ("W", W)],
+        grid=(32 * rows, 1, 1), threadgroup=(32 * group_rows(rows, 4), 1, 1),
+        output_shapes=[ckv.shape], output_dtypes=[ckv.dtype],
+    )
+    return out
+
+
+def cache_rows(ckv, weight, eps: float, L: int) -> mx.array:
+    """The kernel on a GPU (unless KIMI_MLX_MLA=ref), else the ops."""
+    from .kda import gpu_backend
+
+    if mode() != "ref" and gpu_backend() and L % 32 == 0:
+        return cache_rows_kernel(ckv, weight, eps, L)
+    return cache_rows_ref(ckv, weight, eps, L)
+
+
 def mla_attention_ref(q, rows, k_up, v_up, scale: float) -> mx.array:
     """Plain expanded attention over dense cache rows [B, S, W]: the reference twin."""
     B, H, T, _ = q.shape

@@ -60,8 +60,18 @@ def kernel_fits(gate_up, down, pairs_per_token: int) -> bool:
     return _bank_fits(gate_up) and _bank_fits(down) and pairs_per_token <= MAX_PAIRS
 
 
-def _template(D: int, I: int, P: int, bank) -> list[tuple[str, int]]:
-    return [("D", D), ("I", I), ("P", P), ("BITS", bank.bits), ("GS", bank.group_size)]
+UNITS = 4  # rows a 32-lane group computes (each token value a lane reads serves them all), at most
+
+
+def units(n: int) -> int:
+    """Rows a group for n rows: the largest power of two <= UNITS dividing n."""
+    from metal_kernels import group_rows
+
+    return group_rows(n, UNITS)
+
+
+def _template(D: int, I: int, P: int, bank, R: int) -> list[tuple[str, int]]:
+    return [("D", D), ("I", I), ("P", P), ("BITS", bank.bits), ("GS", bank.group_size), ("R", R)]
 
 
 def experts_kernel(x, idx, w, gate_up, down):
@@ -71,14 +81,15 @@ def experts_kernel(x, idx, w, gate_up, down):
     D = x.shape[-1]
     I = gate_up.weight.shape[1] // 2
     idx = idx.astype(mx.int32)  # the routing kernel's dtype already: no copy
+    Ru, Rd = units(I), units(D)
     (h,) = kernel("moe_gate_up")(
-        inputs=[x, idx, gate_up.weight, gate_up.scales, gate_up.biases], template=_template(D, I, P, gate_up),
-        grid=(32 * N * P, I, 1), threadgroup=(32, group_rows(I), 1),
+        inputs=[x, idx, gate_up.weight, gate_up.scales, gate_up.biases], template=_template(D, I, P, gate_up, Ru),
+        grid=(32 * N * P, I // Ru, 1), threadgroup=(32, group_rows(I // Ru), 1),
         output_shapes=[(N * P, I)], output_dtypes=[mx.float32],
     )
     (y,) = kernel("moe_down")(
-        inputs=[h, idx, w.astype(mx.float32), down.weight, down.scales, down.biases], template=_template(D, I, P, down),
-        grid=(32 * D, P, N), threadgroup=(32, P, 1),
+        inputs=[h, idx, w.astype(mx.float32), down.weight, down.scales, down.biases],
+        template=_template(D, I, P, down, Rd), grid=(32 * D // Rd, P, N), threadgroup=(32, P, 1),
         output_shapes=[(N, D)], output_dtypes=[mx.float32],
     )
     return y

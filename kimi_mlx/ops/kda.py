@@ -144,3 +144,31 @@ def kda_decode_step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, 
         "kernel": kda_decode.decode_step_kernel,
     }[decode_path(state, conv_w)]
     return step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state)
+
+
+def gated_norm_ref(o, gate, weight, eps: float, dtype) -> mx.array:
+    """KDA's output gate: rms_norm(o) over the head dim (float32) times sigmoid(gate), cast to dtype."""
+    f32 = mx.float32
+    return (mx.fast.rms_norm(o.astype(f32), weight.astype(f32), eps) * mx.sigmoid(gate.astype(f32))).astype(dtype)
+
+
+def gated_norm_kernel(o, gate, weight, eps: float, dtype) -> mx.array:
+    """gated_norm_ref as one kernel (metal_kernels/kda_gated_norm.body); the head dim a multiple of 32."""
+    from metal_kernels import group_rows, kernel
+
+    D = o.shape[-1]
+    rows = o.size // D
+    (y,) = kernel("kda_gated_norm")(
+        inputs=[o.astype(mx.float32), gate, weight.astype(mx.float32), mx.array([eps], mx.float32)],
+        template=[("D", D)], grid=(32 * rows, 1, 1), threadgroup=(32 * group_rows(rows, 4), 1, 1),
+        output_shapes=[o.shape], output_dtypes=[dtype],
+    )
+    return y
+
+
+def gated_norm(o, gate, weight, eps: float, dtype) -> mx.array:
+    """o [..., D] float32, gate [..., D] -> [..., D] in dtype: the kernel on a GPU (unless KIMI_MLX_KDA=ref
+    or =chunked, the ops paths), else the ops."""
+    if mode() in ("auto", "kernel") and gpu_backend() and o.shape[-1] % 32 == 0:
+        return gated_norm_kernel(o, gate, weight, eps, dtype)
+    return gated_norm_ref(o, gate, weight, eps, dtype)

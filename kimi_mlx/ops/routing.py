@@ -80,9 +80,10 @@ def logits_kernel(x, weight):
 
     N, D = x.shape
     E = weight.shape[0]
+    S = group_rows(D, 8)  # 32-lane groups sharing a row
     (logits,) = kernel("moe_router")(
-        inputs=[x, weight.astype(mx.float32)], template=[("D", D), ("E", E)],
-        grid=(32, E, N), threadgroup=(32, group_rows(E), 1),
+        inputs=[x, weight.astype(mx.float32)], template=[("D", D), ("E", E), ("S", S)],
+        grid=(32 * S, E, N), threadgroup=(32 * S, 1, 1),
         output_shapes=[(N, E)], output_dtypes=[mx.float32],
     )
     return logits
