@@ -195,8 +195,8 @@ if "decode" in parts:
 
         def whole_pages():
             s = MLAState(base.pages, base.length)
-            out, last = compiled(x, s.decode_slot())
-            return out, last
+            h, r, last = compiled(x, None, s.decode_slot())
+            return h, r, last
 
         timeit(f"MLA layer decode, context {S}, eager tiled", eager, n=10)
         timeit(f"MLA layer decode, context {S}, compiled whole pages", whole_pages, n=10)

@@ -125,6 +125,16 @@ def check_gated_norm() -> Check:
     return Check("KDA output gate, kernel", err)
 
 
+def check_add_norm() -> Check:
+    """The residual add + RMS norm kernel against the ops (float32)."""
+    from .ops import norm
+
+    mx.random.seed(7)
+    h, a, w = 3 * mx.random.normal((5, 2304)), 3 * mx.random.normal((5, 2304)), mx.random.uniform(0.5, 1.5, (2304,))
+    (s, y), (rs, ry) = norm.add_norm_kernel(h, a, w, 1e-6), norm.add_norm_ref(h, a, w, 1e-6)
+    return Check("residual add + norm, kernel", max(_rel_err(s, rs), _rel_err(y, ry)))
+
+
 def check_cache_rows() -> Check:
     """The MLA cache-row kernel (latent norm | pe) against the ops (float32)."""
     from .ops import attention
@@ -183,6 +193,8 @@ def check_experts() -> Check:
 def environment() -> list[tuple[str, str]]:
     from metal_kernels import backend
 
+    from .ops import norm
+
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     gpu = kda_ops.gpu_backend()
     mode = kda_ops.mode()
@@ -203,6 +215,7 @@ def environment() -> list[tuple[str, str]]:
         ("MoE decode", (f"{gpu} kernels" if decode_experts == "kernel" else f"{decode_experts} expert matmuls")
          + " (one token, 4-bit banks)"),
         ("MoE prefill", f"{expert_path(2048 * 9, 257)} expert matmuls (2,048 tokens, real shape)"),
+        ("add + norm", f"one {gpu} kernel a seam (decode)" if gpu and norm.mode() != "ref" else "ops"),
         ("prefill memory", working_set.describe()),
     ]
 
@@ -225,6 +238,7 @@ GPU_CHECKS = {
     "decode step, fused kernel": partial(check_decode, "kernel"),
     "KDA output gate, kernel": check_gated_norm,
     "MLA cache rows, kernel": check_cache_rows,
+    "residual add + norm, kernel": check_add_norm,
     "MoE router logits, kernel": check_router_logits,
     "MoE routing, fused kernel": check_routing,
     "MoE experts, decode kernels": check_experts,

@@ -11,8 +11,8 @@ MLA pages: the last page grows as the cache does (PAGE_FIRST rows, doubling up t
 PAGE_GROW rows at a time up to PAGE_MAX), by copying that one page into a larger one; a full PAGE_MAX
 page stays and the next row opens a new page. So at most one page is ever copied, and the capacity
 past the valid rows is under PAGE_GROW rows (or under half the last page while it is small). A step
-writes its rows with mx.slice_update, which MLX does in place unless a snapshot still holds that page
-(then it copies that one page). Setting `length` lower cuts the cache; later appends overwrite the
+writes its rows with mx.slice_update (a one-token step: mx.put_along_axis), which MLX does in place unless
+a snapshot still holds that page (then it copies that one page). Setting `length` lower cuts the cache; later appends overwrite the
 rows past it.
 
 Arrays are immutable values, so a snapshot is a shallow copy: O(1), exact, and later writes
@@ -27,7 +27,7 @@ import mlx.core as mx
 
 from .config import KDA, ModelConfig
 from .errors import KimiError
-from .ops.attention import LatentCache
+from .ops.attention import LatentCache, positions
 
 PAGE_FIRST = 256
 PAGE_GROW = 16384  # beyond this the last page grows linearly: <= 16,384 unused rows (19 MB bf16) per MLA layer
@@ -62,13 +62,14 @@ def encode_rows(rows: mx.array, bits: int, dtype: mx.Dtype) -> tuple[mx.array, .
 
 @dataclass(frozen=True)
 class DecodeSlot:
-    """What a one-token MLA step needs: every page (read whole, rows past `valid` masked); the new row's
-    place in the last page as mx.slice_update's start [0, row, 0]; and the rows valid after the write.
-    `at` and `valid` are int32 arrays, so a compiled step keeps its graph until a page grows or is added."""
+    """What a one-token MLA step needs: every page (read whole, the last page's rows past `row` masked) and
+    the new row's index in the last page, an int32 [1, 1, 1] array, so a compiled step keeps its graph until
+    a page grows or is added. The index is a view into a cached arange on the device (ops.attention.positions):
+    nothing is made on the host a token (on CUDA a host-made array lives in managed memory, and the first
+    kernel to read it each token waits for its page to move)."""
 
     pages: tuple
-    at: mx.array
-    valid: mx.array
+    row: mx.array
 
 
 @dataclass
@@ -149,7 +150,7 @@ class MLAState:
         self.pages = tuple(pages)
         size = pages[-1][0].shape[1]
         row = self.length - (start - size)
-        return DecodeSlot(self.pages, mx.array([0, row, 0], mx.int32), mx.array(self.length + 1, mx.int32))
+        return DecodeSlot(self.pages, positions(size)[row : row + 1].reshape(1, 1, 1))
 
     def commit_decode(self, last: tuple) -> None:
         """Take the last page as the step wrote it; the cache is one row longer."""

@@ -88,6 +88,14 @@ SPECS = {
         ),
         sample_outputs=("float32", "float32"),
     ),
+    "add_norm": KernelSpec(
+        name="add_norm",
+        inputs=("h", "a", "w", "eps"),
+        outputs=("s", "y"),
+        sample_template=(("D", 2304), ("S", 8)),
+        sample_inputs=(("bfloat16", 2304), ("float32", 2304), ("bfloat16", 2304), ("float32", 1)),
+        sample_outputs=("bfloat16", "bfloat16"),
+    ),
     "kda_gated_norm": KernelSpec(
         name="kda_gated_norm",
         inputs=("o", "gate", "w", "eps"),

@@ -17,3 +17,6 @@ KDA_FN void kda_barrier() { metal::threadgroup_barrier(metal::mem_flags::mem_thr
 // Store a float into a buffer of the kernel's output type (bfloat16_t, half or float).
 template <typename T>
 KDA_FN void kda_store(device T* p, size_t i, float v) { p[i] = static_cast<T>(v); }
+// v rounded to the element type of buffer p (and back to float).
+template <typename T>
+KDA_FN float kda_round_as(device T* p, float v) { return static_cast<float>(static_cast<T>(v)); }

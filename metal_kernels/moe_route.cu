@@ -27,6 +27,9 @@ KDA_FN void kda_barrier() { __syncthreads(); }
 // Store a float into a buffer of the kernel's output type (__nv_bfloat16, __half or float).
 template <typename T>
 KDA_FN void kda_store(T* p, size_t i, float v) { p[i] = static_cast<T>(v); }
+// v rounded to the element type of buffer p (and back to float).
+template <typename T>
+KDA_FN float kda_round_as(T* p, float v) { return static_cast<float>(static_cast<T>(v)); }
 
 // Backend-neutral helpers for the KDA kernels. The backend header defines KDA_FN, kda_exp,
 // kda_log, kda_rsqrt, kda_fmax, kda_fabs and kda_simd_sum (a sum over the 32 lanes of a group).

@@ -6,7 +6,7 @@ import pytest
 
 from kimi_mlx.ops import attention as A
 from kimi_mlx.ops.attention import Tiling, choose_tiling, mla_attention, mla_attention_ref
-from kimi_mlx.state import MLAState
+from kimi_mlx.state import MLAState, encode_rows
 
 H, NOPE, PE, L, V = 3, 12, 6, 20, 10
 SCALE = (NOPE + PE) ** -0.5
@@ -182,24 +182,27 @@ def test_quantized_cache(bits, tol, absorbed):
 @pytest.mark.parametrize("bits", [0, 8])
 @pytest.mark.parametrize("S", [1, 8, 9, 57, 100])
 def test_decode_over_whole_pages(monkeypatch, S, bits, absorb):
-    """mla_decode reads whole pages and masks rows past `valid`: equal to the reference on the valid
-    rows, whatever the rows past them hold; split-K pieces (SPLIT_ROWS) included; the absorbed query and
-    values from k_up and v_up or from kept absorb and value matrices."""
+    """A one-token step as the decoder runs it: the new row scattered into decode_slot's last page at its
+    `row`, then mla_decode over whole pages, masking the last page's rows past `row`: equal to the reference
+    on the S + 1 valid rows, whatever the rows past them hold; split-K pieces (SPLIT_ROWS) included; the
+    absorbed query and values from k_up and v_up or from kept absorb and value matrices."""
     monkeypatch.setattr(A, "SPLIT_ROWS", 4)
     monkeypatch.setattr(A, "SPLIT_MIN_ROWS", 8)
     latent, pe = (58, 6) if bits else (L, PE)
-    rows, q, k_up, v_up = inputs(2, 1, S, seed=S, latent=latent, pe=pe)
+    rows, q, k_up, v_up = inputs(2, 1, S + 1, seed=S, latent=latent, pe=pe)
     st = MLAState(bits=bits, page_first=8, page_max=32)
-    st.append(rows)
+    st.append(rows[:, :S])
     junk = mx.array(np.random.default_rng(1).normal(0, 50, (2, 40, latent + pe)).astype(np.float32))
     if st.capacity > S:  # fill the unused rows with large junk, then cut back
         st.append(junk[:, : st.capacity - S])
         st.length = S
-    pages, valid = st.decode_slot().pages, mx.array(S)
-    cache = A.LatentCache(pages, bits, 64)
-    dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, :S]
+    slot = st.decode_slot()
+    written = encode_rows(rows[:, S:], bits, slot.pages[-1][0].dtype)
+    last = tuple(mx.put_along_axis(p, slot.row, r, axis=1) for p, r in zip(slot.pages[-1], written))
+    cache = A.LatentCache(slot.pages[:-1] + (last,), bits, 64)
+    dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, : S + 1]
     kept = (A.absorb_matrix(k_up, pe, SCALE), A.value_matrix(v_up, pe)) if absorb else ()
-    out = A.mla_decode(q, cache, valid, k_up, v_up, SCALE, *kept)
+    out = A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
     assert err(out, mla_attention_ref(q, dq, k_up, v_up, SCALE)) < 2e-5
 
 
@@ -214,12 +217,12 @@ def test_decode_slot_after_a_cut_and_snapshot():
     snap = replace(st)
     st.length = 3  # cut into the first page
     slot = st.decode_slot()
-    pages, at, valid = slot.pages, slot.at, slot.valid
-    assert [p[0].shape[1] for p in pages] == [8] and at.tolist() == [0, 3, 0] and valid.item() == 4
-    st.commit_decode((mx.slice_update(pages[-1][0], mx.full((1, 1, 3), 7.0), at, axes=(0, 1, 2)),))
+    pages, row = slot.pages, slot.row
+    assert [p[0].shape[1] for p in pages] == [8] and row.tolist() == [[[3]]]
+    st.commit_decode((mx.put_along_axis(pages[-1][0], row, mx.full((1, 1, 3), 7.0), axis=1),))
     st.length = 8
     slot = st.decode_slot()  # first page full and at page_max: a new page
-    assert [p[0].shape[1] for p in slot.pages] == [8, 4] and slot.at.tolist() == [0, 0, 0] and slot.valid.item() == 9
+    assert [p[0].shape[1] for p in slot.pages] == [8, 4] and slot.row.item() == 0
     assert [p[0].shape[1] for p in snap.pages] == [8, 4] and float(snap.pages[0][0].min()) == 1.0
     assert float(snap.pages[0][0][0, 3, 0]) == 1.0 and float(st.pages[0][0][0, 3, 0]) == 7.0
 
@@ -231,7 +234,7 @@ def test_decode_slot_grows_a_small_last_page_by_copying_it():
     st.append(mx.arange(12, dtype=mx.float32).reshape(1, 4, 3))
     snap = replace(st)
     slot = st.decode_slot()
-    assert [p[0].shape[1] for p in slot.pages] == [8] and slot.at.tolist() == [0, 4, 0] and slot.valid.item() == 5
+    assert [p[0].shape[1] for p in slot.pages] == [8] and slot.row.item() == 4
     assert np.array_equal(np.array(slot.pages[0][0][:, :4]), np.arange(12).reshape(1, 4, 3))
     assert [p[0].shape[1] for p in snap.pages] == [4]
 

@@ -9,6 +9,7 @@ import mlx.nn as nn
 
 from ..config import KDA, MOE, ModelConfig
 from ..errors import ConfigError
+from ..ops.norm import add_norm
 from ..state import KDAState, MLAState, ModelState, check_context, new_state
 from .common import MLP, RMSNorm
 from .kda import KimiDeltaAttention
@@ -68,25 +69,38 @@ class DecoderLayer(nn.Module):
     def compiled_step(self):
         """This layer's one-token step under mx.compile (fused elementwise work, fewer launches).
 
-        KDA layers: (h, conv, recurrent) -> (h, conv, recurrent). MLA layers: (h, DecodeSlot) ->
-        (h, last page): whole pages and a mask, so the graph is traced again only when the last page grows
-        or a page is added (every PAGE_GROW tokens at most, see state.py).
+        KDA layers: (h, r, conv, recurrent) -> (h, r, conv, recurrent). MLA layers: (h, r, DecodeSlot) ->
+        (h, r, last page): whole pages and a mask, so the graph is traced again only when the last page grows
+        or a page is added (every PAGE_GROW tokens at most, see state.py). See kda_step for h and r.
         """
         if self.is_kda:
             return mx.compile(self.kda_step)
         step = mx.compile(self.mla_step)
-        return lambda h, slot: step(h, slot.pages, slot.at, slot.valid)
+        return lambda h, r, slot: step(h, r, slot.pages, slot.row)
 
-    def kda_step(self, h, conv, recurrent):
-        """A KDA layer's one-token step on bare arrays: (h, conv, recurrent) -> the same, advanced."""
+    def kda_step(self, h, r, conv, recurrent):
+        """A KDA layer's one-token step on bare arrays. The layer's input is h + r, r the FFN output of the
+        layer before, not yet added (None: h alone), so each residual add runs in one op with the norm after
+        it (ops.norm.add_norm); returns (h, r, conv, recurrent) of its output likewise."""
         s = KDAState(conv, recurrent)
-        h = self(h, s)
-        return h, s.conv, s.recurrent
+        h, x = self._seam(h, r, self.input_layernorm)
+        h, x = self._seam(h, self.self_attn(x, s), self.post_attention_layernorm)
+        return h, self.mlp(x), s.conv, s.recurrent
 
-    def mla_step(self, h, pages, at, valid):
-        """An MLA layer's one-token step over a DecodeSlot's parts: (h, the last page as written)."""
-        a, last = self.self_attn.decode(self.input_layernorm(h), pages, at, valid)
-        return self.ffn(h + a), last
+    def mla_step(self, h, r, pages, row):
+        """An MLA layer's one-token step over a DecodeSlot's parts: (h, r as in kda_step, the last page as
+        written)."""
+        h, x = self._seam(h, r, self.input_layernorm)
+        a, last = self.self_attn.decode(x, pages, row)
+        h, x = self._seam(h, a, self.post_attention_layernorm)
+        return h, self.mlp(x), last
+
+    @staticmethod
+    def _seam(h, r, norm: RMSNorm):
+        """(h + r, norm(h + r)); r None: (h, norm(h))."""
+        if r is None:
+            return h, norm(h)
+        return add_norm(h, r, norm.weight, norm.eps)
 
 
 class KimiLinearModel(nn.Module):
@@ -164,32 +178,35 @@ class Model(nn.Module):
         else:
             h = p.recv((*tokens.shape, self.config.hidden_size), self.dtype)
         T = tokens.shape[1]
+        r = None  # the last FFN output, not yet added to h (a one-token step adds it in the final norm)
         if T == 1 and self.compile_decode:
-            h = self._decode_layers(h, state)
+            h, r = self._decode_layers(h, state)
         else:
             h = self._layers(h, state, compiled=T % COMPILED_PREFILL_MULTIPLE == 0 and self.compile_prefill)
         state.offset += tokens.shape[1]
         if p is not None and not p.last:
-            p.send(h)
+            p.send(h if r is None else h + r)
             return None
-        return self.model.norm(h)
+        return DecoderLayer._seam(h, r, self.model.norm)[1]
 
-    def _decode_layers(self, h: mx.array, state: ModelState) -> mx.array:
+    def _decode_layers(self, h: mx.array, state: ModelState) -> tuple[mx.array, mx.array | None]:
+        """The owned layers' one-token steps: (h, r), their output h + r (see DecoderLayer.kda_step)."""
         if decode_mode() == "model" and all(state.layers[i].pages for i in self.owned
                                             if not self.model.layers[i].is_kda):
             return self._decode_whole(h, state)
         if self._steps is None:
             self._steps = {i: self.model.layers[i].compiled_step() for i in self.owned}
+        r = None
         for i in self.owned:
             layer, s, step = self.model.layers[i], state.layers[i], self._steps[i]
             if layer.is_kda:
-                h, s.conv, s.recurrent = step(h, s.conv, s.recurrent)
+                h, r, s.conv, s.recurrent = step(h, r, s.conv, s.recurrent)
             elif (slot := s.decode_slot()) is not None:
-                h, last = step(h, slot)
+                h, r, last = step(h, r, slot)
                 s.commit_decode(last)
             else:  # an empty cache: the first token appends the usual way
-                h = layer(h, s)
-        return h
+                h, r = layer(h if r is None else h + r, s), None
+        return h, r
 
     def _layers(self, h: mx.array, state: ModelState, compiled: bool) -> mx.array:
         """The owned layers over T > 1 tokens (or T = 1 uncompiled). compiled: each KDA layer's attention runs
@@ -225,14 +242,14 @@ class Model(nn.Module):
                     self.layer_done(i)
         return h
 
-    def _decode_whole(self, h: mx.array, state: ModelState) -> mx.array:
+    def _decode_whole(self, h: mx.array, state: ModelState) -> tuple[mx.array, mx.array]:
         """All owned layers' one-token step as one compiled graph (traced again when an MLA cache's last page
         grows or a page is added). Every MLA cache must hold a page already."""
         slots = [state.layers[i].decode_slot() for i in self.owned if not self.model.layers[i].is_kda]
         if self._whole is None:
             self._whole = mx.compile(self._whole_step)
         kda = [(state.layers[i].conv, state.layers[i].recurrent) for i in self.owned if self.model.layers[i].is_kda]
-        h, kda, lasts = self._whole(h, kda, [(s.pages, s.at, s.valid) for s in slots])
+        h, r, kda, lasts = self._whole(h, kda, [(s.pages, s.row) for s in slots])
         for i in self.owned:
             s = state.layers[i]
             if self.model.layers[i].is_kda:
@@ -240,19 +257,19 @@ class Model(nn.Module):
             else:
                 s.commit_decode(lasts[0])
                 lasts = lasts[1:]
-        return h
+        return h, r
 
     def _whole_step(self, h, kda, mla):
-        kda_out, lasts = [], []
+        kda_out, lasts, r = [], [], None
         for i in self.owned:
             layer = self.model.layers[i]
             if layer.is_kda:
-                h, *s = layer.kda_step(h, *kda[len(kda_out)])
+                h, r, *s = layer.kda_step(h, r, *kda[len(kda_out)])
                 kda_out.append(tuple(s))
             else:
-                h, last = layer.mla_step(h, *mla[len(lasts)])
+                h, r, last = layer.mla_step(h, r, *mla[len(lasts)])
                 lasts.append(last)
-        return h, kda_out, lasts
+        return h, r, kda_out, lasts
 
     def logits(self, h: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:

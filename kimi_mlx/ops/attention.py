@@ -180,14 +180,14 @@ SPLIT_MIN_ROWS = 4096  # ... from this many rows a page (below, the pieces' tran
 #                        launches than the matmul they spread, and one page holds a short context)
 
 
-def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float, absorb=None,
+def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, absorb=None,
                values=None) -> mx.array:
-    """One query per sequence over whole cache pages, of which the first `valid` rows count.
+    """One query per sequence over whole cache pages: every row of the pages but the last, and the last
+    page's rows up to `row` (an int32 array of one element: the new token's row in the last page).
 
     The shape-stable twin of the absorbed tiled path for T = 1: it reads every row of the pages it is
-    given (MLAState.decode_slot keeps the last page's unused rows few) and masks rows >= valid
-    (an int32 array, so a compiled step keeps one graph while the cache grows). Every page but the last
-    must be wholly valid, so only the last page's scores are masked. A page of SPLIT_MIN_ROWS or more has
+    given (MLAState.decode_slot keeps the last page's unused rows few) and masks the last page's rows past
+    `row` (an array, so a compiled step keeps one graph while the cache grows). A page of SPLIT_MIN_ROWS or more has
     its values matmul (32 heads x rows x 576) split into SPLIT_ROWS-row pieces run as one batched matmul and
     summed, so a long page spreads over the card instead of a handful of output tiles.
     q: [B, H, 1, nope + pe] -> [B, H, 1, v].
@@ -203,8 +203,7 @@ def mla_decode(q, cache: LatentCache, valid: mx.array, k_up, v_up, scale: float,
         parts = [mx.quantized_matmul(qa, *p, transpose=True, group_size=gs, bits=bits) for p in cache.pages]
     else:
         parts = [qa @ p[0].swapaxes(-1, -2) for p in cache.pages]
-    start = sum(p[0].shape[1] for p in cache.pages[:-1])  # the pages before the last are wholly valid
-    parts[-1] = mx.where(_positions(parts[-1].shape[-1]) < valid - start, parts[-1], -mx.inf)
+    parts[-1] = mx.where(positions(parts[-1].shape[-1]) <= row.reshape(1, 1, 1), parts[-1], -mx.inf)
     s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)  # [B, H, capacity]
     p = mx.softmax(s, axis=-1, precise=True)  # one pass, float32 inside, probabilities in the cache dtype
     o, off = None, 0
@@ -236,9 +235,9 @@ def value_matrix(v_up, pe: int) -> mx.array:
 
 
 @lru_cache(maxsize=4)
-def _positions(n: int) -> mx.array:
-    """arange(n) int32, made once per last-page size (an arange in a compiled step is a kernel every token;
-    the mask's subtraction and comparison fuse into the select)."""
+def positions(n: int) -> mx.array:
+    """arange(n) int32 on the device, made once per last-page size: the decode mask's positions (an arange in
+    a compiled step is a kernel every token) and, sliced, the new row's index (MLAState.decode_slot)."""
     pos = mx.arange(n, dtype=mx.int32)
     mx.eval(pos)
     return pos
