@@ -11,9 +11,9 @@ MLA pages: the last page grows as the cache does (PAGE_FIRST rows, doubling up t
 PAGE_GROW rows at a time up to PAGE_MAX), by copying that one page into a larger one; a full PAGE_MAX
 page stays and the next row opens a new page. So at most one page is ever copied, and the capacity
 past the valid rows is under PAGE_GROW rows (or under half the last page while it is small). A step
-writes its rows with mx.slice_update (a one-token step: mx.put_along_axis), which MLX does in place unless
-a snapshot still holds that page (then it copies that one page). Setting `length` lower cuts the cache; later appends overwrite the
-rows past it.
+writes its rows with mx.slice_update (a one-token step: mx.put_along_axis), which MLX does in place
+unless a snapshot still holds that page (then it copies that one page). Setting `length` lower cuts the
+cache; later appends overwrite the rows past it.
 
 Arrays are immutable values, so a snapshot is a shallow copy: O(1), exact, and later writes
 never change it.

@@ -182,14 +182,15 @@ SPLIT_MIN_ROWS = 4096  # ... from this many rows a page (below, the pieces' tran
 
 def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, absorb=None,
                values=None) -> mx.array:
-    """One query per sequence over whole cache pages: every row of the pages but the last, and the last
-    page's rows up to `row` (an int32 array of one element: the new token's row in the last page).
+    """One query per sequence over whole cache pages: every row of the pages but the last (which must be
+    wholly valid), and the last page's rows up to `row` (an int32 array of one element: the new token's row
+    in the last page).
 
     The shape-stable twin of the absorbed tiled path for T = 1: it reads every row of the pages it is
     given (MLAState.decode_slot keeps the last page's unused rows few) and masks the last page's rows past
-    `row` (an array, so a compiled step keeps one graph while the cache grows). A page of SPLIT_MIN_ROWS or more has
-    its values matmul (32 heads x rows x 576) split into SPLIT_ROWS-row pieces run as one batched matmul and
-    summed, so a long page spreads over the card instead of a handful of output tiles.
+    `row` (an array, so a compiled step keeps one graph while the cache grows). A page of SPLIT_MIN_ROWS or
+    more has its values matmul (32 heads x rows x 576) split into SPLIT_ROWS-row pieces run as one batched
+    matmul and summed, so a long page spreads over the card instead of a handful of output tiles.
     q: [B, H, 1, nope + pe] -> [B, H, 1, v].
     absorb, values: absorb_matrix(k_up, pe, scale) and value_matrix(v_up, pe), if the caller keeps them:
     the absorbed query is then one matmul (no slices, concatenation or scaling of the query) and the values
