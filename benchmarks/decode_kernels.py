@@ -4,6 +4,8 @@
   ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --log-file K.csv \
       python benchmarks/decode_kernels.py --profile 2                            # the kernels of 3 tokens (NVIDIA)
   python benchmarks/decode_kernels.py --parse K.csv --tokens 3                   # their sum and the largest
+  ncu ... python benchmarks/decode_kernels.py --context 0 --prefill 2048 --profile 1   # one prefill step's kernels
+  python benchmarks/decode_kernels.py --parse K.csv --tokens 1                   # (--tokens: steps profiled)
 
 The split times the decode loop bench.time_decode runs (bench.decode_phases: the next token's graph built
 and queued while the current one is read): building the graph (our Python and MLX's replay of each compiled
@@ -29,10 +31,18 @@ ap.add_argument("--context", type=int, default=1024)
 ap.add_argument("--tokens", type=int, default=64)
 ap.add_argument("--profile", type=int, default=0,
                 help="decode this many tokens (plus the one queued first) between cuProfilerStart/Stop")
+ap.add_argument("--prefill", type=int, default=0,
+                help="with --profile: profile that many prefill steps of this many tokens instead of decode tokens")
 ap.add_argument("--parse", help="an ncu --csv log of --profile: per-token kernel time, the largest kernels")
 a = ap.parse_args()
-if a.tokens < 1 or a.context < 1 or a.profile < 0:
-    ap.error("--tokens and --context take a positive number, --profile zero or more")
+if a.tokens < 1 or a.context < 0 or a.profile < 0 or a.prefill < 0:
+    ap.error("--tokens takes a positive number, --context, --profile and --prefill zero or more")
+if a.prefill and not a.profile:
+    ap.error("--prefill profiles prefill steps: give --profile STEPS too")
+if not a.prefill and a.context < 1:
+    ap.error("decode needs a --context of at least 1")
+if a.profile and not a.parse and not mx.cuda.is_available():
+    ap.error("--profile marks the steps for NVIDIA's ncu: it needs MLX's CUDA backend")
 
 
 SCALE_MS = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "ns": 1e-6, "us": 1e-3, "ms": 1.0}
@@ -66,7 +76,7 @@ if a.parse:
 
 ours, _, cfg = bench.build(a.shape, peer=False, dtype=bench.activation_dtype())
 r = bench.Runner("kimi-mlx", ours, True)
-r.fill_context(a.context, ours.config)
+r.fill_context(a.context, ours.config) if a.context else r.reset()
 print(f"device: {bench.device_line()}; shape {a.shape}; decode at context {a.context}", flush=True)
 
 
@@ -77,6 +87,17 @@ def loop(n):
     return [x / n for x in spent]
 
 
+if a.prefill:
+    toks = mx.random.randint(0, ours.config.vocab_size, (1, a.prefill))
+    r.prefill_step(toks)  # warm: builds this step's kernels
+    cuda = ctypes.CDLL("libcuda.so.1")
+    mx.synchronize()
+    cuda.cuProfilerStart()
+    for _ in range(a.profile):
+        r.prefill_step(toks)
+    mx.synchronize()
+    cuda.cuProfilerStop()
+    sys.exit()
 loop(8)  # warm: traces the compiled steps
 if a.profile:
     cuda = ctypes.CDLL("libcuda.so.1")

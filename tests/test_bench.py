@@ -263,7 +263,8 @@ def test_decode_kernels_script_splits_a_token_and_sums_an_ncu_log(tmp_path):
     assert lines[2].split() == ["0.001", "ms", "0.5x", "mlx::custom_kernel_kda_decode_32"], lines
     (tmp_path / "bad.csv").write_text("a,b\n")
     for args in (["--parse", str(tmp_path / "none.csv")], ["--parse", str(tmp_path / "bad.csv")], ["--tokens", "0"],
-                 ["--shape", "huge"]):
+                 ["--shape", "huge"], ["--prefill", "64"], ["--context", "0"], ["--prefill", "-1", "--profile", "1"],
+                 *([["--profile", "1"]] if not mx.cuda.is_available() else [])):
         bad = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith(
             "decode_kernels.py: error:"), bad.stderr
