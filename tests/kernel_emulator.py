@@ -119,3 +119,14 @@ def emulate(name, kind, inputs, template, grid, threadgroup, output_shapes, outp
     for r, d in zip(results, output_dtypes):
         out.append(mx.array(r).view(mx.bfloat16) if d == mx.bfloat16 else mx.array(r))
     return out
+
+
+def kernel_factory(kind: str):
+    """A stand-in for metal_kernels.kernel: kernel objects whose calls run the generated text here, so the ops
+    wrappers (argument order, templates, grids, output shapes) are checked on the CPU too."""
+    def make(name: str):
+        def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+            return emulate(name, kind, inputs, tuple(template), grid=grid, threadgroup=threadgroup,
+                           output_shapes=output_shapes, output_dtypes=output_dtypes)
+        return call
+    return make
