@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import KDA, MOE, ModelConfig
-from ..errors import ConfigError
+from ..config import KDA, MOE, ModelConfig, env_choice
 from ..ops.norm import add_norm
 from ..state import KDAState, MLAState, ModelState, check_context, new_state
 from .common import MLP, RMSNorm
@@ -33,10 +31,7 @@ AHEAD_CHOICES = (0, 0.5, 1)
 def decode_mode() -> str:
     """How one-token steps compile: 'layer' (each layer its own graph) or 'model' (all layers one graph,
     traced again whenever an MLA cache adds a page). KIMI_MLX_DECODE overrides."""
-    value = os.environ.get(DECODE_ENV, "layer").strip().lower() or "layer"
-    if value not in ("layer", "model"):
-        raise ConfigError(f"{DECODE_ENV}={value!r} is not one of layer, model; unset it or pick one")
-    return value
+    return env_choice(DECODE_ENV, ("layer", "model"), "layer")
 
 
 class DecoderLayer(nn.Module):

@@ -38,6 +38,7 @@ from functools import lru_cache, partial
 
 import mlx.core as mx
 
+from ..config import env_choice
 from ..errors import ConfigError
 from ..working_set import await_frees
 
@@ -138,10 +139,7 @@ def absorbed_is_cheaper(T: int, latent: int, pe: int, nope: int, v: int) -> bool
 
 
 def mode() -> str:
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ConfigError(f"{ENV}={value!r} is not one of {', '.join(MODES)}; unset it or pick one")
-    return value
+    return env_choice(ENV, MODES, "auto")
 
 
 def mla_attention(q, cache: LatentCache, k_up, v_up, scale: float, *, path: str | None = None,

@@ -18,10 +18,9 @@ pre-conv projections) runs the model's unfused reference, `decode_step_ops` or t
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 
+from ..config import env_choice
 from ..errors import ConfigError
 
 L2_EPS = 1e-6
@@ -63,10 +62,7 @@ def kda_recurrent_ref(q, k, v, g, beta, state):
 
 def mode() -> str:
     """The path policy: KIMI_MLX_KDA if set, else 'auto'."""
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ConfigError(f"{ENV}={value!r} is not one of {', '.join(MODES)}; unset it or pick one")
-    return value
+    return env_choice(ENV, MODES, "auto")
 
 
 def gpu_backend() -> str | None:

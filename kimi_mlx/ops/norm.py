@@ -8,11 +8,9 @@ KIMI_MLX_NORM=ref.
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 
-from ..errors import ConfigError
+from ..config import env_choice
 
 ENV = "KIMI_MLX_NORM"
 MODES = ("auto", "ref")
@@ -41,10 +39,7 @@ def add_norm_kernel(h, a, weight, eps: float) -> tuple[mx.array, mx.array]:
 
 
 def mode() -> str:
-    m = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if m not in MODES:
-        raise ConfigError(f"{ENV}={m!r} is not one of {', '.join(MODES)}; unset it or pick one")
-    return m
+    return env_choice(ENV, MODES, "auto")
 
 
 def add_norm(h, a, weight, eps: float) -> tuple[mx.array, mx.array]:

@@ -17,10 +17,9 @@ The router's logits before them, float32 as upstream (x cast to float32 times th
 from __future__ import annotations
 
 import math
-import os
-
 import mlx.core as mx
 
+from ..config import env_choice
 from ..errors import ConfigError
 
 ENV = "KIMI_MLX_ROUTE"
@@ -102,10 +101,7 @@ def router_logits(x, weight):
 
 
 def _mode() -> str:
-    m = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if m not in MODES:
-        raise ConfigError(f"{ENV}={m!r} is not one of {', '.join(MODES)}; unset it or pick one")
-    return m
+    return env_choice(ENV, MODES, "auto")
 
 
 def path(E: int, top_k: int, n_group: int) -> str:
