@@ -32,7 +32,7 @@ ap.add_argument("--tokens", type=int, default=64)
 ap.add_argument("--profile", type=int, default=0,
                 help="decode this many tokens (plus the one queued first) between cuProfilerStart/Stop")
 ap.add_argument("--prefill", type=int, default=0,
-                help="with --profile: profile that many prefill steps of this many tokens instead of decode tokens")
+                help="with --profile S: mark S prefill steps of this many tokens each instead of decode tokens")
 ap.add_argument("--parse", help="an ncu --csv log of --profile: per-token kernel time, the largest kernels")
 a = ap.parse_args()
 if a.tokens < 1 or a.context < 0 or a.profile < 0 or a.prefill < 0:
