@@ -101,6 +101,8 @@ if "kda" in parts:
         timeit(f"  chunked KDA op (scan {f'kernel, {rows} rows a group' if gpu else 'ops'})",
                lambda: KC.kda_chunked(qn, kn, v, g, beta, ks.recurrent, use_kernel=gpu))
     KC.SCAN_ROWS = SCAN_ROWS
+    timeit("  chunked KDA op (scan affine: one addmm a chunk in order)",
+           lambda: KC.kda_chunked(qn, kn, v, g, beta, ks.recurrent, use_kernel=gpu, scan="affine"))
     n = -(-T // KC.CHUNK)
     cq, ck, cg = (KC._to_chunks(x, n) for x in (qn, kn, g))
     cb = KC._to_chunks(beta, n)
@@ -114,6 +116,7 @@ if "kda" in parts:
         mx.eval(cv, s0)
         timeit("    of which the scan kernel", lambda: KC.scan_kernel(0.1 * ck, cv, cq, ck, alpha[..., -1, :], s0))
         timeit("    the scan as ops (a few matmuls a chunk)", lambda: KC.scan_ops(0.1 * ck, cv, cq, ck, alpha[..., -1, :], s0))
+        timeit("    the scan affine (one addmm a chunk)", lambda: KC.scan_affine(0.1 * ck, cv, cq, ck, alpha[..., -1, :], s0))
     o = mx.random.normal((1, T, H, Dh))
     timeit("  output gate, norm, o_proj", lambda: attn.o_proj((mx.fast.rms_norm(o, attn.o_norm_weight, 1e-5)
                                                               * mx.sigmoid(attn.g_b_proj(g_a).reshape(1, T, H, Dh)))

@@ -90,6 +90,28 @@ def test_chunked_long_sequence_small_heads():
     assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
 
 
+@pytest.mark.parametrize("extreme", [False, True], ids=["gates", "extreme-gates"])
+@pytest.mark.parametrize("T,shape", [(65, SHAPE), (130, SHAPE), (1100, dict(B=1, H=2, Dk=16, Dv=12))], ids=["65", "130", "1100"])
+def test_affine_scan_matches_reference(T, shape, extreme):
+    """The scan across chunks as one addmm a chunk in order (scan_affine) against the recurrence."""
+    x = normalised(*inputs(T, **shape, seed=T + 3, extreme=extreme))
+    o_ref, s_ref = kda_recurrent_ref(*x)
+    o, s = chunked(*x, scan="affine")
+    assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
+
+
+def test_scan_choice_from_environment(monkeypatch):
+    assert kda_ops.scan_path("chunked") == "ops" and kda_ops.scan_path("kernel") == "kernel"
+    monkeypatch.setenv(kda_ops.SCAN_ENV, "affine")
+    assert kda_ops.scan_path("chunked") == kda_ops.scan_path("kernel") == "affine"
+    monkeypatch.setenv(kda_ops.SCAN_ENV, "kernel")
+    with pytest.raises(ConfigError, match="KIMI_MLX_KDA_SCAN=kernel needs"):
+        kda_ops.scan_path("chunked")
+    monkeypatch.setenv(kda_ops.SCAN_ENV, "fast")
+    with pytest.raises(ConfigError, match="KIMI_MLX_KDA_SCAN"):
+        kda_ops.scan_path("kernel")
+
+
 def test_chunked_segments_carry_state(monkeypatch):
     monkeypatch.setattr(kda_chunked, "SEGMENT", 128)
     x = normalised(*inputs(300, B=1, H=2, Dk=24, Dv=8, seed=6))
@@ -315,12 +337,13 @@ gpu = pytest.mark.skipif(kda_ops.gpu_backend() is None, reason="needs MLX's Meta
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("extreme", [False, True], ids=["gates", "extreme-gates"])
 @pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 1100])
-@pytest.mark.parametrize("use_kernel", [False, True], ids=["ops", "scan-kernel"])
-def test_gpu_chunked_matches_reference(use_kernel, T, extreme, dtype):
+@pytest.mark.parametrize("use_kernel,scan", [(False, None), (True, None), (True, "affine")],
+                         ids=["ops", "scan-kernel", "scan-affine"])
+def test_gpu_chunked_matches_reference(use_kernel, scan, T, extreme, dtype):
     shape = dict(SHAPE, Dk=64)  # the scan kernel needs Dk % 32 == 0
     x = normalised(*inputs(T, **shape, seed=T, extreme=extreme, dtype=dtype, random_state=T % 2 == 0))
     o_ref, s_ref = kda_recurrent_ref(*x)
-    o, s = chunked(*x, use_kernel=use_kernel)
+    o, s = chunked(*x, use_kernel=use_kernel, scan=scan)
     assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
 
 
@@ -340,10 +363,11 @@ def test_gpu_intra_chunk_kernel_model_shape(extreme):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_scan_kernel_model_shape():
+@pytest.mark.parametrize("scan", ["kernel", "affine"])
+def test_gpu_scan_model_shape(scan):
     x = normalised(*inputs(300, B=1, H=32, Dk=128, Dv=128, seed=15, extreme=True))
     o_ref, s_ref = chunked(*x)
-    o, s = chunked(*x, use_kernel=True)
+    o, s = chunked(*x, use_kernel=True, scan=scan)
     assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
 
 

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 L2_EPS = 1e-6
 ENV = "KIMI_MLX_KDA"
 MODES = ("auto", "ref", "chunked", "kernel")
+SCAN_ENV = "KIMI_MLX_KDA_SCAN"
 CHUNKED_MIN_T = 16  # below this the per-token loop is cheaper than one padded chunk
 
 
@@ -89,6 +90,17 @@ def prefill_path(T: int, dk: int = 128) -> str:
     return "kernel" if gpu_backend() and dk % 32 == 0 else "chunked"
 
 
+def scan_path(path: str) -> str:
+    """The chunked prefill's scan across chunks (kda_chunked.SCANS): KIMI_MLX_KDA_SCAN if set, else the
+    kernel on the 'kernel' path and ops on the 'chunked' one."""
+    from .kda_chunked import SCANS
+
+    choice = env_choice(SCAN_ENV, ("auto",) + SCANS, "auto")
+    if choice == "kernel" and path != "kernel":
+        raise ConfigError(f"{SCAN_ENV}=kernel needs the KDA kernels ({ENV}=auto or kernel on a GPU)")
+    return ("kernel" if path == "kernel" else "ops") if choice == "auto" else choice
+
+
 def _require_kernels(dk: int) -> None:
     if gpu_backend() is None:
         raise ConfigError(f"{ENV}=kernel needs MLX's Metal or CUDA backend as the default device")
@@ -127,7 +139,7 @@ def kda(q, k, v, g, beta, state):
         return kda_recurrent_ref(qn, kn, v, g, beta, state)
     from .kda_chunked import kda_chunked
 
-    return kda_chunked(qn, kn, v, g, beta, state, use_kernel=path == "kernel")
+    return kda_chunked(qn, kn, v, g, beta, state, use_kernel=path == "kernel", scan=scan_path(path))
 
 
 def kda_decode_step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):

@@ -107,6 +107,22 @@ def scan_ops(w, u, q_in, k_out, decay_all, state):
     return mx.stack(v_new), mx.stack(q_state), state
 
 
+def scan_affine(w, u, q_in, k_out, decay_all, state):
+    """`scan_ops` with one matmul a chunk on the critical path: with v_new = u - w S^T the update is affine,
+    S <- S A + B with A = Diag(decay_all) - w^T k_out [Dk, Dk] and B = u^T k_out [Dv, Dk], so every chunk's
+    A and B, and afterwards every chunk's v_new and q_state from the state it starts with, are batched
+    matmuls over all chunks at once; only the N steps S <- S A + B (one addmm each) run in order."""
+    eye = mx.eye(w.shape[-1], dtype=w.dtype)
+    a = eye * decay_all[..., None, :] - w.swapaxes(-1, -2) @ k_out  # [N, B, H, Dk, Dk]
+    b = u.swapaxes(-1, -2) @ k_out  # [N, B, H, Dv, Dk]
+    starts = []
+    for i in range(w.shape[0]):
+        starts.append(state)
+        state = mx.addmm(b[i], state, a[i])
+    s_t = mx.stack(starts).swapaxes(-1, -2)  # [N, B, H, Dk, Dv]: each chunk's starting state, transposed
+    return u - w @ s_t, q_in @ s_t, state
+
+
 SCAN_ROWS = 4  # state rows per 32-lane group in the scan kernel: each chunk row read serves this many
 
 
@@ -148,7 +164,10 @@ def intra_chunk_kernel(q, k, g, beta):
     return a_qk, t_inv
 
 
-def _segment(q, k, v, g, beta, state, use_kernel):
+SCANS = ("ops", "affine", "kernel")  # scan_ops, scan_affine, scan_kernel
+
+
+def _segment(q, k, v, g, beta, state, use_kernel, scan):
     """One pass over T <= SEGMENT tokens; shapes as in `kda_chunked`."""
     B, T, H, _ = q.shape
     n = -(-T // CHUNK)
@@ -156,7 +175,7 @@ def _segment(q, k, v, g, beta, state, use_kernel):
     beta = _to_chunks(beta, n)  # [N, B, H, C]
     alpha = mx.exp(g)
     a_qk, t_inv = intra_chunk_kernel(q, k, g, beta) if use_kernel else intra_chunk(q, k, alpha, beta)
-    scan = scan_kernel if use_kernel else scan_ops
+    scan = {"ops": scan_ops, "affine": scan_affine, "kernel": scan_kernel}[scan]
     m = t_inv * beta[..., None, :]  # T Diag(beta)
     decay_in = mx.cumprod(alpha, axis=-2)  # chunk start -> row i (inclusive)
     decay_out = mx.cumprod(alpha, axis=-2, reverse=True, inclusive=False)  # row i -> chunk end
@@ -168,17 +187,19 @@ def _segment(q, k, v, g, beta, state, use_kernel):
     return o, state
 
 
-def kda_chunked(q, k, v, g, beta, state, use_kernel=False):
+def kda_chunked(q, k, v, g, beta, state, use_kernel=False, scan=None):
     """Chunked KDA on normalised inputs; same contract as `kda_recurrent_ref`.
 
     q, k: [B, T, H, Dk] (q already scaled); v: [B, T, H, Dv]; g: [B, T, H, Dk] log-decay <= 0;
     beta: [B, T, H]; state: [B, H, Dv, Dk] f32.  Returns (o [B, T, H, Dv] f32, state).
-    use_kernel: the per-chunk matrices and the scan across chunks as GPU kernels instead of ops.
+    use_kernel: the per-chunk matrices (and by default the scan across chunks) as GPU kernels instead of ops.
+    scan: one of SCANS for the scan across chunks ('kernel' with use_kernel, else 'ops', by default).
     """
+    scan = scan or ("kernel" if use_kernel else "ops")
     state = state.astype(mx.float32)
     outs = []
     for s in range(0, q.shape[1], SEGMENT):
         part = slice(s, s + SEGMENT)
-        o, state = _segment(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state, use_kernel)
+        o, state = _segment(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state, use_kernel, scan)
         outs.append(o)
     return (outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)), state
