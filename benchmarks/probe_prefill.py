@@ -66,6 +66,25 @@ if "moe" in parts:
         timeit(f"MoE, 1 layer, {T} tokens, experts blocked {blk}", lambda: L[kda_i].mlp(h))
     ExpertBlocks.BLOCK = 64
     os.environ.pop("KIMI_MLX_EXPERTS")
+    # the banks dequantized (what a dense grouped matmul would need) and MLX's gather_mm over expert-sorted
+    # single rows (on CUDA a grouped GEMM): is dequantize + grouped GEMM worth building?
+    moe = L[kda_i].mlp
+    gu, dn = moe.gate_up_proj, moe.down_proj
+    if hasattr(gu, "scales"):
+        def deq(b):
+            return mx.dequantize(b.weight, b.scales, b.get("biases"), group_size=b.group_size, bits=b.bits)
+        timeit("MoE banks dequantized (gate_up + down)", lambda: [deq(gu), deq(dn)])
+        W1, W2 = deq(gu), deq(dn)
+        x2 = h.reshape(-1, D)
+        idx, _ = moe.gate(x2, shared=moe.num_shared)
+        order = mx.argsort(idx.flatten())
+        k = idx.shape[1]
+        xs, ids = x2[order // k][:, None], idx.flatten()[order].astype(mx.uint32)
+        mx.eval(W1, W2, xs, ids)
+        timeit("  gather_mm sorted rows, dense gate_up bank", lambda: mx.gather_mm(xs, W1.swapaxes(-1, -2), rhs_indices=ids, sorted_indices=True))
+        hmid = mx.random.normal((xs.shape[0], 1, W2.shape[-1])).astype(DT)
+        timeit("  gather_mm sorted rows, dense down bank", lambda: mx.gather_mm(hmid, W2.swapaxes(-1, -2), rhs_indices=ids, sorted_indices=True))
+        del W1, W2
     timeit("dense MLP, layer 0", lambda: L[0].mlp(h))
 
 if "kda" in parts:

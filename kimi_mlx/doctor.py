@@ -51,7 +51,8 @@ def _gate(shape) -> tuple[mx.array, mx.array]:
     return a, mx.random.uniform(math.log(4.0), math.log(16.0), (shape[-2],))
 
 
-def check_chunked(use_kernel: bool, T: int = 130, B: int = 2, H: int = 3, Dk: int = 64, Dv: int = 48) -> Check:
+def check_chunked(use_kernel: bool, T: int = 130, B: int = 2, H: int = 3, Dk: int = 64, Dv: int = 48,
+                  scan: str | None = None) -> Check:
     from .ops.kda_chunked import kda_chunked
 
     mx.random.seed(0)
@@ -63,9 +64,10 @@ def check_chunked(use_kernel: bool, T: int = 130, B: int = 2, H: int = 3, Dk: in
     beta = mx.sigmoid(mx.random.normal((B, T, H)))
     state = mx.random.normal((B, H, Dv, Dk))
     o_ref, s_ref = kda_ops.kda_recurrent_ref(q, k, v, g, beta, state)
-    o, s = kda_chunked(q, k, v, g, beta, state, use_kernel=use_kernel)
+    o, s = kda_chunked(q, k, v, g, beta, state, use_kernel=use_kernel, scan=scan)
     err = max(_rel_err(o, o_ref), _rel_err(s, s_ref))
-    name = f"chunked prefill, {'chunk and scan kernels' if use_kernel else 'ops'} (T={T}"
+    parts = ("chunk kernel, scan affine" if scan == "affine" else "chunk and scan kernels") if use_kernel else "ops"
+    name = f"chunked prefill, {parts} (T={T}"
     if tf32():
         return Check(name + ", TF32 matmuls)", err, tol=TF32_TOL)
     return Check(name + ")", err)
@@ -193,7 +195,7 @@ def check_experts() -> Check:
 def environment() -> list[tuple[str, str]]:
     from metal_kernels import backend
 
-    from .ops import norm
+    from .ops import linear, norm
 
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     gpu = kda_ops.gpu_backend()
@@ -207,7 +209,9 @@ def environment() -> list[tuple[str, str]]:
         ("GPU backend", backend() or "none (CPU only)"),
         (kda_ops.ENV, mode),
         ("KDA prefill", {"ref": "sequential reference", "chunked": "chunked, ops",
-                         "kernel": f"chunked, per-chunk matrices and scan across chunks as {gpu} kernels"}[kda_ops.prefill_path(4096)]
+                         "kernel": f"chunked, per-chunk matrices as a {gpu} kernel, scan across chunks "
+                         + {"kernel": f"as a {gpu} kernel", "affine": "affine (a matmul a chunk)",
+                            "ops": "in ops"}[kda_ops.scan_path("kernel")]}[kda_ops.prefill_path(4096)]
          + (f" (from T >= {kda_ops.CHUNKED_MIN_T})" if mode == "auto" else "")),
         ("KDA decode step", {"kernel": f"fused {gpu} kernel", "ops": "fused ops",
                              "ref": "unfused reference"}[decode]),
@@ -216,6 +220,8 @@ def environment() -> list[tuple[str, str]]:
          + " (one token, 4-bit banks)"),
         ("MoE prefill", f"{expert_path(2048 * 9, 257)} expert matmuls (2,048 tokens, real shape)"),
         ("add + norm", f"one {gpu} kernel a seam (decode)" if gpu and norm.mode() != "ref" else "ops"),
+        ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
+         if linear.dequant_chosen(linear.MIN_ROWS) else "quantized matmul"),
         ("prefill memory", working_set.describe()),
     ]
 
@@ -235,6 +241,7 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
 GPU_CHECKS = {
     "KDA per-chunk matrices, kernel": check_intra_chunk,
     "chunked prefill, chunk and scan kernels": partial(check_chunked, True),
+    "chunked prefill, chunk kernel, scan affine": partial(check_chunked, True, scan="affine"),
     "decode step, fused kernel": partial(check_decode, "kernel"),
     "KDA output gate, kernel": check_gated_norm,
     "MLA cache rows, kernel": check_cache_rows,

@@ -11,7 +11,7 @@ MLA pages: the last page grows as the cache does (PAGE_FIRST rows, doubling up t
 PAGE_GROW rows at a time up to PAGE_MAX), by copying that one page into a larger one; a full PAGE_MAX
 page stays and the next row opens a new page. So at most one page is ever copied, and the capacity
 past the valid rows is under PAGE_GROW rows (or under half the last page while it is small). A step
-writes its rows with mx.slice_update (a one-token step: mx.put_along_axis), which MLX does in place
+writes its rows with mx.put_along_axis at rows of a cached arange, which MLX does in place
 unless a snapshot still holds that page (then it copies that one page). Setting `length` lower cuts the
 cache; later appends overwrite the rows past it.
 
@@ -102,12 +102,15 @@ class MLAState:
             i, at = self._locate(pages, pos)
             if i == len(pages):
                 i, at = self._extend(pages, rows, T - done)
-            n = min(pages[i][0].shape[1] - at, T - done)
-            # never __setitem__: it would mutate an array a snapshot still shares
-            pages[i] = tuple(
-                mx.slice_update(p, r[:, done : done + n], mx.array([0, at, 0]), axes=(0, 1, 2))
-                for p, r in zip(pages[i], rows)
-            )
+            size = pages[i][0].shape[1]
+            n = min(size - at, T - done)
+            # never __setitem__: it would mutate an array a snapshot still shares. A scatter at rows that are
+            # a view of the cached arange, not a slice update at a host-made offset: on CUDA that offset is a
+            # managed buffer its first reader waits for (~0.2 ms a layer) and the update's kernel runs a
+            # thread per element of the whole page
+            at_rows = positions(size)[at : at + n].reshape(1, n, 1)
+            pages[i] = tuple(mx.put_along_axis(p, at_rows, r[:, done : done + n], axis=1)
+                             for p, r in zip(pages[i], rows))
             done, pos = done + n, pos + n
         self.pages, self.length = tuple(pages), pos
         return self.view()

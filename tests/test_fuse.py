@@ -100,6 +100,18 @@ def test_down_bank_may_differ_from_gate_up(hf_checkpoint):
     assert float(mx.abs(model(toks) - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
 
 
+@pytest.mark.parametrize("dtype,D", [(mx.bfloat16, 12), (mx.bfloat16, 2304), (mx.float32, 6), (mx.float32, 5),
+                                     (mx.bfloat16, 3), (mx.int32, 4)])
+def test_take_rows_is_a_row_gather(dtype, D):
+    from kimi_mlx.model.fuse import take_rows
+
+    rng = np.random.default_rng(D)
+    x = mx.array(rng.standard_normal((9, D)) * 100).astype(dtype)
+    idx = mx.array(rng.integers(0, 9, 20), dtype=mx.int32)
+    got = take_rows(x, idx)
+    assert got.dtype == dtype and got.shape == (20, D) and mx.array_equal(got, x[idx]).item()
+
+
 @pytest.mark.parametrize("block", [1, 4, 8, 64])
 def test_expert_blocks_round_trip(block):
     """Ragged counts (empty experts, exactly one block, several blocks): every pair lands in a block of
@@ -146,3 +158,28 @@ def test_expert_kernel_path_matches_unfused_model(hf_checkpoint, monkeypatch, bi
     monkeypatch.setenv(EXPERTS_ENV, "kernel")
     out = model(toks)
     assert float(mx.abs(out - ref).max()) <= 1e-4 * float(mx.abs(ref).max())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantized_projections_match_the_quantized_model(hf_checkpoint, monkeypatch, bits):
+    """Prefill with every layer's quantized linears dequantized + dense matmul (ops/linear.py) against the
+    unfused quantized model; decode (fewer rows than MIN_ROWS) keeps the quantized matmul."""
+    from kimi_mlx.model.fuse import fuse_model
+    from kimi_mlx.ops import linear
+
+    _, ckpt = hf_checkpoint("kmk", n_shared_experts=1, moe_intermediate_size=32, hidden_size=64)
+    ref_model, model = load_model(ckpt, fuse=False), load_model(ckpt, fuse=False)
+    quantize(ref_model, bits)
+    quantize(model, bits)
+    fuse_model(model)
+    kinds = {type(m) for layer in model.model.layers for _, m in layer.named_modules()}
+    assert linear.DequantLinear in kinds and nn.QuantizedLinear not in kinds
+    monkeypatch.setenv(linear.ENV, "on")
+    monkeypatch.setattr(linear, "MIN_ROWS", 16)
+    toks = mx.array(np.random.default_rng(3).integers(0, 211, (2, 40)))
+    ref = ref_model(toks)
+    scale = float(mx.abs(ref).max())
+    assert float(mx.abs(model(toks) - ref).max()) <= 1e-5 * scale
+    state = model.new_state(2)
+    steps = mx.concatenate([model(toks[:, t : t + 1], state) for t in range(4)], axis=1)
+    assert float(mx.abs(steps - ref[:, :4]).max()) <= 1e-5 * scale

@@ -101,7 +101,9 @@ def test_affine_scan_matches_reference(T, shape, extreme):
 
 
 def test_scan_choice_from_environment(monkeypatch):
-    assert kda_ops.scan_path("chunked") == "ops" and kda_ops.scan_path("kernel") == "kernel"
+    monkeypatch.delenv(kda_ops.SCAN_ENV, raising=False)
+    gpu_scan = "affine" if kda_ops.gpu_backend() == "cuda" else "kernel"
+    assert kda_ops.scan_path("chunked") == "ops" and kda_ops.scan_path("kernel") == gpu_scan
     monkeypatch.setenv(kda_ops.SCAN_ENV, "affine")
     assert kda_ops.scan_path("chunked") == kda_ops.scan_path("kernel") == "affine"
     monkeypatch.setenv(kda_ops.SCAN_ENV, "kernel")

