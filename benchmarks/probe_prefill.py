@@ -84,6 +84,13 @@ if "moe" in parts:
         timeit("  gather_mm sorted rows, dense gate_up bank", lambda: mx.gather_mm(xs, W1.swapaxes(-1, -2), rhs_indices=ids, sorted_indices=True))
         hmid = mx.random.normal((xs.shape[0], 1, W2.shape[-1])).astype(DT)
         timeit("  gather_mm sorted rows, dense down bank", lambda: mx.gather_mm(hmid, W2.swapaxes(-1, -2), rhs_indices=ids, sorted_indices=True))
+        blocks = ExpertBlocks(idx, moe.num_routed + moe.num_shared)
+        xb = blocks.rows(x2)
+        mx.eval(xb)
+        timeit("  gather_mm 64-row expert blocks, dense gate_up bank",
+               lambda: mx.gather_mm(xb, W1.swapaxes(-1, -2), rhs_indices=blocks.expert))
+        timeit("  gather_qmm 64-row expert blocks, quantized gate_up bank (the blocked path's)",
+               lambda: gu(xb, blocks.expert))
         del W1, W2
     timeit("dense MLP, layer 0", lambda: L[0].mlp(h))
 
