@@ -67,6 +67,11 @@ def test_kda_inputs_stay_apart_when_stored_differently(hf_checkpoint):
 @pytest.mark.parametrize("path", ["gather", "sorted", "segmented", "blocked"])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_expert_paths_agree(hf_checkpoint, monkeypatch, path, bits):
+    from kimi_mlx.ops.kda import gpu_backend
+
+    if path == "sorted" and bits is None and gpu_backend() == "cuda":
+        pytest.xfail("MLX 0.32.4 CUDA: gather_mm over expert-sorted float32 rows (its grouped GEMM) gave wrong "
+                     "outputs on an H200 (RESULTS.md); this path is never chosen on CUDA")
     _, ckpt = hf_checkpoint("kmk", n_shared_experts=1, moe_intermediate_size=32, hidden_size=64)
     ref_model = load_model(ckpt, fuse=False)
     model = load_model(ckpt, fuse=False)
