@@ -66,9 +66,10 @@ def test_add_norm_runs_the_ops_on_the_cpu_and_rejects_a_bad_mode(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("a_dtype", [mx.bfloat16, mx.float32], ids=["bf16", "f32-branch"])  # f32: the fused MoE's sum
 @pytest.mark.parametrize("rows", [1, 16])
-def test_add_norm_kernel_on_gpu(rows):
-    h, a, w = inputs(min(rows, 6), 2304, mx.bfloat16, mx.bfloat16, seed=rows)
+def test_add_norm_kernel_on_gpu(rows, a_dtype):
+    h, a, w = inputs(min(rows, 6), 2304, mx.bfloat16, a_dtype, seed=rows)
     h, a = mx.tile(h, (rows // h.shape[0] + 1, 1))[:rows], mx.tile(a, (rows // a.shape[0] + 1, 1))[:rows]
     (s, y), (rs, ry) = N.add_norm_kernel(h, a, w, 1e-6), N.add_norm_ref(h, a, w, 1e-6)
     assert mx.array_equal(s, rs) and close(y, ry, mx.bfloat16)

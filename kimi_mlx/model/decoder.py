@@ -28,6 +28,11 @@ LAYERS_AHEAD = 0
 AHEAD_CHOICES = (0, 0.5, 1)
 
 
+def residual(h: mx.array, r: mx.array | None) -> mx.array:
+    """h + r in h's dtype, r (a sublayer's output, e.g. the fused MoE's float32 sum) rounded to it first."""
+    return h if r is None else h + r.astype(h.dtype)
+
+
 def decode_mode() -> str:
     """How one-token steps compile: 'layer' (each layer its own graph) or 'model' (all layers one graph,
     traced again whenever an MLA cache adds a page). KIMI_MLX_DECODE overrides."""
@@ -50,7 +55,7 @@ class DecoderLayer(nn.Module):
         return h + self.self_attn(self.input_layernorm(h), state)
 
     def ffn(self, h: mx.array) -> mx.array:
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return residual(h, self.mlp(self.post_attention_layernorm(h)))
 
     def compiled_kda_attention(self):
         """A KDA layer's attention half under mx.compile, for prefill steps of one recurring length:
@@ -180,7 +185,7 @@ class Model(nn.Module):
             h = self._layers(h, state, compiled=T % COMPILED_PREFILL_MULTIPLE == 0 and self.compile_prefill)
         state.offset += tokens.shape[1]
         if p is not None and not p.last:
-            p.send(h if r is None else h + r)
+            p.send(residual(h, r))
             return None
         return DecoderLayer._seam(h, r, self.model.norm)[1]
 
@@ -200,7 +205,7 @@ class Model(nn.Module):
                 h, r, last = step(h, r, slot)
                 s.commit_decode(last)
             else:  # an empty cache: the first token appends the usual way
-                h, r = layer(h if r is None else h + r, s), None
+                h, r = layer(residual(h, r), s), None
         return h, r
 
     def _layers(self, h: mx.array, state: ModelState, compiled: bool) -> mx.array:

@@ -104,7 +104,9 @@ class FusedMoE(nn.Module):
             xs, ids = flat[order // k][:, None], idx.flatten()[order]
             g, u = mx.split(self.gate_up_proj(xs, ids, True), 2, axis=-1)
             out = weighted_sum(self.down_proj(nn.silu(g) * u, ids, True)[mx.argsort(order)], w)
-        return out.reshape(shape).astype(x.dtype)
+        # the float32 sum, unrounded: the residual seam rounds it to the residual's dtype (as
+        # h + r.astype(h.dtype)), in decode inside the add + norm kernel, so no cast launch a MoE layer
+        return out.reshape(shape)
 
 
 class ExpertBlocks:
