@@ -58,12 +58,16 @@ kda_i = [i for i in range(len(L)) if L[i].is_kda][1]
 mla_i = [i for i in range(len(L)) if not L[i].is_kda][0]
 
 if "moe" in parts:
-    for path in ("sorted", "segmented", "blocked"):
+    for path in ("sorted", "segmented", "blocked", "bounded"):
         os.environ["KIMI_MLX_EXPERTS"] = path
         timeit(f"MoE, 1 layer, {T} tokens, experts {path}", lambda: L[kda_i].mlp(h))
-    for blk in (32, 128):
-        ExpertBlocks.BLOCK = blk
-        timeit(f"MoE, 1 layer, {T} tokens, experts blocked {blk}", lambda: L[kda_i].mlp(h))
+    ffn = mx.compile(L[kda_i].ffn)
+    timeit(f"MoE FFN half, 1 layer, {T} tokens, experts bounded, compiled", lambda: ffn(h))
+    for path in ("blocked", "bounded"):
+        os.environ["KIMI_MLX_EXPERTS"] = path
+        for blk in (32, 128):
+            ExpertBlocks.BLOCK = blk
+            timeit(f"MoE, 1 layer, {T} tokens, experts {path} {blk}", lambda: L[kda_i].mlp(h))
     ExpertBlocks.BLOCK = 64
     os.environ.pop("KIMI_MLX_EXPERTS")
     # the banks dequantized (what a dense grouped matmul would need) and MLX's gather_mm over expert-sorted

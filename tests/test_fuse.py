@@ -64,7 +64,7 @@ def test_kda_inputs_stay_apart_when_stored_differently(hf_checkpoint):
     assert float(mx.abs(model(toks) - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
 
 
-@pytest.mark.parametrize("path", ["gather", "sorted", "segmented", "blocked"])
+@pytest.mark.parametrize("path", ["gather", "sorted", "segmented", "blocked", "bounded"])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_expert_paths_agree(hf_checkpoint, monkeypatch, path, bits):
     from kimi_mlx.ops.kda import gpu_backend
@@ -117,20 +117,24 @@ def test_take_rows_is_a_row_gather(dtype, D):
     assert got.dtype == dtype and got.shape == (20, D) and mx.array_equal(got, x[idx]).item()
 
 
+@pytest.mark.parametrize("bounded", [False, True], ids=["counted", "bounded"])
 @pytest.mark.parametrize("block", [1, 4, 8, 64])
-def test_expert_blocks_round_trip(block):
+def test_expert_blocks_round_trip(block, bounded):
     """Ragged counts (empty experts, exactly one block, several blocks): every pair lands in a block of
-    its own expert, padding rows are zero, and pairs() inverts rows()."""
+    its own expert, padding rows are zero, and pairs() inverts rows(). Bounded: the block count comes from
+    the shapes alone, never fewer than the routing needs; the blocks past those are all padding."""
     from kimi_mlx.model.fuse import ExpertBlocks
 
     rng = np.random.default_rng(block)
     E, N, k = 7, 37, 3
     idx = np.stack([rng.choice([0, 2, 3, 3, 3, 6], size=k, replace=False) for _ in range(N)])
-    blocks = ExpertBlocks(mx.array(idx, dtype=mx.int32), E, block)
+    blocks = ExpertBlocks(mx.array(idx, dtype=mx.int32), E, block, bounded=bounded)
     x = mx.array(rng.standard_normal((N, 5)).astype(np.float32)) + 10
     rows = blocks.rows(x)
     counts = np.bincount(idx.reshape(-1), minlength=E)
-    assert blocks.nb == int(sum(-(-c // block) for c in counts))
+    used = int(sum(-(-c // block) for c in counts))
+    assert blocks.nb == (min(N * k // block + E, N * k) if bounded else used) and blocks.nb >= used
+    assert (np.array(blocks.expert) < E).all()
     expert = np.array(blocks.expert)
     r = np.array(rows)
     for pair, row in enumerate(np.array(blocks.row_of_pair)):

@@ -165,10 +165,14 @@ def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits, mode, m
     assert rel_err(got, ref[:, :200]) <= TOL
 
 
-def test_compiled_prefill_steps_equal_eager(long_case):
-    """Steps of a multiple of 1,024 tokens run each KDA layer's attention compiled: the same logits and
-    state as eager steps, and the oracle's."""
+@pytest.mark.parametrize("experts", [None, "bounded"], ids=["default-experts", "bounded-experts"])
+def test_compiled_prefill_steps_equal_eager(long_case, experts, monkeypatch):
+    """Steps of a multiple of 1,024 tokens run each KDA layer's attention compiled, and each FFN half that
+    reads nothing back to the host (the dense MLP; the fused MoE on its 'bounded' expert path): the same logits
+    and state as eager steps, and the oracle's."""
     model, toks, ref = long_case
+    if experts:
+        monkeypatch.setenv("KIMI_MLX_EXPERTS", experts)
     x = mx.array(toks[:, :2048])
     outs = {}
     for compiled in (False, True):
@@ -178,6 +182,8 @@ def test_compiled_prefill_steps_equal_eager(long_case):
         outs[compiled, "next"] = model(mx.array(toks[:, 2048:2049]), state)
     model.compile_prefill = True
     assert model._prefill is not None
+    ffn = {key[2]: step is not None for key, step in model._prefill_ffn.items() if key[1] == 1024}
+    assert ffn.get("dense", True) and (ffn["bounded"] if experts else not any(v for k, v in ffn.items() if k != "dense"))
     assert rel_err(outs[True], outs[False]) <= 1e-5 and rel_err(outs[True, "next"], outs[False, "next"]) <= 1e-5
     assert rel_err(outs[True], ref[:, :2048]) <= TOL
 

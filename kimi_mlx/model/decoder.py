@@ -59,12 +59,24 @@ class DecoderLayer(nn.Module):
 
     def compiled_kda_attention(self):
         """A KDA layer's attention half under mx.compile, for prefill steps of one recurring length:
-        (h, conv, recurrent) -> (h + attention, conv, recurrent). (The FFN half stays eager: the MoE
-        prefill path reads its expert counts back to the host.)"""
+        (h, conv, recurrent) -> (h + attention, conv, recurrent). (The FFN half: compiled_ffn.)"""
         def step(h, conv, recurrent):
             s = KDAState(conv, recurrent)
             return self.attend(h, s), s.conv, s.recurrent
         return mx.compile(step)
+
+    def ffn_path(self, tokens: int) -> str:
+        """'dense', a fused MoE's expert path for this many tokens (model/fuse.py), or 'moe' (unfused)."""
+        from .fuse import FusedMoE
+
+        if isinstance(self.mlp, MLP):
+            return "dense"
+        return self.mlp.path(tokens) if isinstance(self.mlp, FusedMoE) else "moe"
+
+    def compiled_ffn(self, tokens: int):
+        """This layer's FFN half under mx.compile for prefill steps of `tokens` tokens, or None where it reads
+        something back to the host (the fused MoE's 'blocked' and 'segmented' expert paths) or is unfused."""
+        return mx.compile(self.ffn) if self.ffn_path(tokens) in ("dense", "bounded") else None
 
     def compiled_step(self):
         """This layer's one-token step under mx.compile (fused elementwise work, fewer launches).
@@ -140,6 +152,7 @@ class Model(nn.Module):
         self._steps = None
         self._whole = None
         self._prefill = None
+        self._prefill_ffn = None  # {(layer, tokens): compiled FFN half or None}
         self.layer_done = None  # paced prefill steps call layer_done(i) once layer i has run (memory tracing)
         n = cfg.num_hidden_layers
         self.owned = pipeline.layers if pipeline else range(n)
@@ -232,7 +245,7 @@ class Model(nn.Module):
                 h = layer.attend(h, s)
             if halves:
                 pending = _queue([h, *s.arrays().values()], pending)
-            h = layer.ffn(h)
+            h = self._ffn(i, h) if compiled else layer.ffn(h)
             if paced:
                 queued = [h, *s.arrays().values()]
                 pending = _queue(queued, pending)
@@ -241,6 +254,17 @@ class Model(nn.Module):
                 if self.layer_done:  # tracing: this layer alone (no overlap with the next one), then the hook
                     self.layer_done(i)
         return h
+
+    def _ffn(self, i: int, h: mx.array) -> mx.array:
+        """Layer i's FFN half in a compiled prefill step: compiled where it reads nothing back to the host."""
+        if self._prefill_ffn is None:
+            self._prefill_ffn = {}
+        layer, tokens = self.model.layers[i], h.shape[0] * h.shape[1]
+        key = (i, tokens, layer.ffn_path(tokens))  # a changed KIMI_MLX_EXPERTS traces again
+        if key not in self._prefill_ffn:
+            self._prefill_ffn[key] = layer.compiled_ffn(tokens)
+        step = self._prefill_ffn[key]
+        return step(h) if step else layer.ffn(h)
 
     def _decode_whole(self, h: mx.array, state: ModelState) -> tuple[mx.array, mx.array]:
         """All owned layers' one-token step as one compiled graph (traced again when an MLA cache's last page

@@ -79,19 +79,25 @@ class FusedMoE(nn.Module):
         self.down_proj = _like(ex.down_proj, _bank(down, axis=0))
         self.kernel_fits = kernel_fits(self.gate_up_proj, self.down_proj, moe.gate.opts["top_k"] + num_shared)
 
+    def path(self, tokens: int) -> str:
+        """The expert path (expert_path) for a call over this many tokens."""
+        pairs = tokens * (self.gate.opts["top_k"] + self.num_shared)
+        return expert_path(pairs, self.num_routed + self.num_shared, self.kernel_fits)
+
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         N = flat.shape[0]
         idx, w = self.gate(flat, shared=self.num_shared)  # the shared experts ride along as the last columns
         k = idx.shape[1]
-        path = expert_path(N * k, self.num_routed + self.num_shared, self.kernel_fits)
+        path = self.path(N)
         if path == "kernel":  # decode on a GPU: two kernels over the quantized banks (ops/experts.py)
             out = experts_kernel(flat, idx, w, self.gate_up_proj, self.down_proj)
         elif path == "gather":  # decode otherwise: MLX's gather matmuls (the kernels' reference twin)
             out = experts_ref(flat, idx, w, self.gate_up_proj, self.down_proj)
-        elif path == "blocked":  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather matmul a bank
-            blocks = ExpertBlocks(idx, self.num_routed + self.num_shared)
+        elif path in ("blocked", "bounded"):  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather
+            # matmul a bank ('bounded': as many blocks as any routing could need, so no count read back)
+            blocks = ExpertBlocks(idx, self.num_routed + self.num_shared, bounded=path == "bounded")
             g, u = mx.split(self.gate_up_proj(blocks.rows(flat), blocks.expert), 2, axis=-1)
             out = weighted_sum(blocks.pairs(self.down_proj(nn.silu(g) * u, blocks.expert)), w)
         elif path == "segmented":  # prefill on CPU: tokens grouped by expert, one dense matmul each
@@ -115,12 +121,15 @@ class ExpertBlocks:
     A bank applied to rows [NB, BLOCK, D] with one expert index per block is then one gather matmul whose
     every batch item is a BLOCK-row tile (MLX's CUDA gather_qmm tiles each batch item's rows, so expert-
     sorted single rows waste most of every tile). Padding rows are zero and never read back; the index
-    maps are built on the device, and only the block count (one integer) comes back to the host.
+    maps are built on the device, and only the block count (one integer) comes back to the host; bounded: not
+    even that, the block count is the most any routing of these pairs could need (every pair's full blocks plus
+    one partial block an expert), the blocks past the used ones zero rows of the last expert, which the gather
+    matmul computes and nothing reads (no host sync inside the layer, at the price of those blocks' matmuls).
     """
 
     BLOCK = 64
 
-    def __init__(self, idx: mx.array, experts: int, block: int | None = None):
+    def __init__(self, idx: mx.array, experts: int, block: int | None = None, bounded: bool = False):
         self.block = b = block or self.BLOCK
         N, k = idx.shape
         flat = idx.flatten()
@@ -132,11 +141,11 @@ class ExpertBlocks:
         e_sorted = flat[order]
         row = (bend - nblk)[e_sorted] * b + mx.arange(N * k) - start[e_sorted]  # padded row of each sorted pair
         self.row_of_pair = mx.zeros((N * k,), mx.int32).at[order].add(row.astype(mx.int32))
-        nb = int(bend[-1].item())
+        nb = min(N * k // b + experts, N * k) if bounded else int(bend[-1].item())
         # pair feeding each padded row; N * k marks a padding row (reads the zero row appended below)
         src = mx.full((nb * b,), N * k, mx.int32).at[row].add(order.astype(mx.int32) - N * k)
         self.token_of_row = src // k
-        self.expert = (mx.arange(nb)[:, None] >= bend[None, :]).sum(-1).astype(mx.uint32)
+        self.expert = mx.minimum((mx.arange(nb)[:, None] >= bend[None, :]).sum(-1), experts - 1).astype(mx.uint32)
         self.nb = nb
 
     def rows(self, x: mx.array) -> mx.array:
@@ -167,7 +176,8 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
     gather matmuls, the kernels' reference), 'sorted' (gather_mm over expert-sorted rows: Metal's prefill
     kernel), 'segmented' (one matmul per expert over its rows: CPU, measured 3.5x gather_mm) or 'blocked'
     (ExpertBlocks: CUDA, where gather_qmm over single sorted rows measured ~60x under the card's matmul
-    rate, RESULTS.md). KIMI_MLX_EXPERTS=gather|kernel|sorted|segmented|blocked overrides."""
+    rate, RESULTS.md; 'bounded': the same with a block count fixed by the shapes, no host sync, not yet
+    measured). KIMI_MLX_EXPERTS=gather|kernel|sorted|segmented|blocked|bounded overrides."""
     forced = os.environ.get(EXPERTS_ENV, "").strip().lower()
     if forced == "kernel" and not (kernel_fits and gpu_backend()):
         raise ConfigError(f"{EXPERTS_ENV}=kernel needs a Metal or CUDA device and affine {'/'.join(map(str, KERNEL_BITS))}"
@@ -185,7 +195,7 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
     return "sorted"  # Metal: MLX's gather_qmm has a kernel for expert-sorted rows
 
 
-EXPERT_PATHS = ("gather", "kernel", "sorted", "segmented", "blocked")
+EXPERT_PATHS = ("gather", "kernel", "sorted", "segmented", "blocked", "bounded")
 
 
 def can_fuse_moe(moe: KimiMoE) -> bool:
@@ -238,6 +248,6 @@ def fuse_model(model) -> int:
             a.q_absorb = absorb_matrix(a.k_up, a.pe, a.scale)
             a.v_absorb = value_matrix(a.v_up, a.pe)
         dequant_linears(layer)  # prefill's projections: dequantize + dense matmul where chosen (ops/linear.py)
-    model._steps = model._whole = model._prefill = None  # compiled steps close over the old modules
+    model._steps = model._whole = model._prefill = model._prefill_ffn = None  # compiled steps close over the old modules
     mx.eval(model.parameters())
     return n

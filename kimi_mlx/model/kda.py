@@ -20,9 +20,9 @@ def short_conv(x: mx.array, tail: mx.array, weight: mx.array) -> tuple[mx.array,
     T = x.shape[1]
     xx = mx.concatenate([tail.astype(x.dtype), x], axis=1)
     w = weight.astype(mx.float32)
-    acc = xx[:, 0:T].astype(mx.float32) * w[0]
+    acc = xx[:, 0:T].astype(mx.float32) * w[0:1]  # w[i : i + 1], a view: w[i] would be a gather
     for i in range(1, K):
-        acc = acc + xx[:, i : i + T].astype(mx.float32) * w[i]
+        acc = acc + xx[:, i : i + T].astype(mx.float32) * w[i : i + 1]
     # the tail as its own array: a slice would keep all T + K - 1 rows of xx alive as the state (50 MB a KDA
     # layer at the real shape and a 2,048-token step, 1 GB over 20 layers, held between steps)
     return nn.silu(acc).astype(x.dtype), mx.contiguous(xx[:, T:])

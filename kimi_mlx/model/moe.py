@@ -11,6 +11,11 @@ from ..ops.routing import route, router_logits
 from .common import MLP
 
 
+def _expert(a: mx.array, e: int) -> mx.array:
+    """a[e] as a view (a[e:e+1] squeezed): a bare integer index is a gather, a copy of the expert's weights."""
+    return a[e : e + 1].squeeze(0)
+
+
 def _per_expert(x: mx.array, counts, matmul) -> mx.array:
     outs, start = [], 0
     for e, n in enumerate(counts):
@@ -33,7 +38,7 @@ class SwitchLinear(nn.Module):
 
     def segmented(self, x: mx.array, counts) -> mx.array:
         """x: [M, in] rows sorted by expert, counts[e] rows each -> [M, out]: one dense matmul per expert."""
-        return _per_expert(x, counts, lambda e, rows: rows @ self.weight[e].T)
+        return _per_expert(x, counts, lambda e, rows: rows @ _expert(self.weight, e).T)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **kw):
         return QuantizedSwitchLinear.from_float(self, group_size, bits, mode)
@@ -60,9 +65,9 @@ class QuantizedSwitchLinear(nn.Module):
 
     def segmented(self, x: mx.array, counts) -> mx.array:
         def one(e, rows):
-            return mx.quantized_matmul(rows, self.weight[e], self.scales[e], self["biases"][e] if "biases" in self
-                                       else None, transpose=True, group_size=self.group_size, bits=self.bits,
-                                       mode=self.mode)
+            return mx.quantized_matmul(rows, _expert(self.weight, e), _expert(self.scales, e),
+                                       _expert(self["biases"], e) if "biases" in self else None, transpose=True,
+                                       group_size=self.group_size, bits=self.bits, mode=self.mode)
         return _per_expert(x, counts, one)
 
     def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False, lhs_indices=None) -> mx.array:
