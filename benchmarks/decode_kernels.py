@@ -6,17 +6,25 @@
   python benchmarks/decode_kernels.py --parse K.csv --tokens 3                   # their sum and the largest
   ncu ... python benchmarks/decode_kernels.py --context 0 --prefill 2048 --profile 1   # one prefill step's kernels
   python benchmarks/decode_kernels.py --parse K.csv --tokens 1                   # (--tokens: steps profiled)
+  python benchmarks/decode_kernels.py --context 0 --prefill 2048 [--steps 4]     # host split of prefill steps
 
 The split times the decode loop bench.time_decode runs (bench.decode_phases: the next token's graph built
 and queued while the current one is read): building the graph (our Python and MLX's replay of each compiled
 layer), queueing it (MLX encodes every kernel on the calling thread), and waiting for the token. A wait
 near zero means the device idles on the host.
+
+The prefill split times a paced prefill step (model/decoder.py `_layers`: each layer queued, then awaited):
+queueing (the decoder's async_eval calls), waiting (its eval calls), the MoE layers' block counts read back
+(ExpertBlocks, blocked path: a sync inside the layer) and building (the rest: our Python, MLX's graph
+building, and any other wait inside a layer, such as the long-context attention's). The device runs only
+while the host queues or waits, so building and the block-count reads are time it may idle.
 """
 import argparse
 import collections
 import csv
 import ctypes
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,12 +41,11 @@ ap.add_argument("--profile", type=int, default=0,
                 help="decode this many tokens (plus the one queued first) between cuProfilerStart/Stop")
 ap.add_argument("--prefill", type=int, default=0,
                 help="with --profile S: mark S prefill steps of this many tokens each instead of decode tokens")
+ap.add_argument("--steps", type=int, default=4, help="--prefill without --profile: prefill steps timed a window")
 ap.add_argument("--parse", help="an ncu --csv log of --profile: per-token kernel time, the largest kernels")
 a = ap.parse_args()
-if a.tokens < 1 or a.context < 0 or a.profile < 0 or a.prefill < 0:
-    ap.error("--tokens takes a positive number, --context, --profile and --prefill zero or more")
-if a.prefill and not a.profile:
-    ap.error("--prefill profiles prefill steps: give --profile STEPS too")
+if a.tokens < 1 or a.steps < 1 or a.context < 0 or a.profile < 0 or a.prefill < 0:
+    ap.error("--tokens and --steps take a positive number, --context, --profile and --prefill zero or more")
 if not a.prefill and a.context < 1:
     ap.error("decode needs a --context of at least 1")
 if a.profile and not a.parse and not mx.cuda.is_available():
@@ -87,6 +94,64 @@ def loop(n):
     return [x / n for x in spent]
 
 
+class Timed:
+    """Stands in for mlx.core inside a module, timing its eval and async_eval calls (seconds, summed)."""
+
+    def __init__(self):
+        self.spent = {"queue": 0.0, "wait": 0.0}
+
+    def __getattr__(self, name):
+        return getattr(mx, name)
+
+    def _timed(self, key, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.spent[key] += time.perf_counter() - t0
+        return out
+
+    def async_eval(self, *args):
+        return self._timed("queue", mx.async_eval, *args)
+
+    def eval(self, *args):
+        return self._timed("wait", mx.eval, *args)
+
+
+def prefill_split(toks, steps: int):
+    """Seconds a prefill step: (total, building, queueing, waiting, MoE block counts read back)."""
+    from kimi_mlx.model import decoder, fuse
+
+    timed, blocks_init, moe = Timed(), fuse.ExpertBlocks.__init__, [0.0]
+
+    def counted(self, *args, **kw):
+        t0 = time.perf_counter()
+        blocks_init(self, *args, **kw)
+        moe[0] += time.perf_counter() - t0
+
+    decoder.mx, fuse.ExpertBlocks.__init__ = timed, counted
+    try:
+        mx.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            r.prefill_step(toks)
+        mx.synchronize()
+        total = time.perf_counter() - t0
+    finally:
+        decoder.mx, fuse.ExpertBlocks.__init__ = mx, blocks_init
+    q, w = timed.spent["queue"], timed.spent["wait"]
+    return [x / steps for x in (total, total - q - w - moe[0], q, w, moe[0])]
+
+
+if a.prefill and not a.profile:
+    toks = mx.random.randint(0, ours.config.vocab_size, (1, a.prefill))
+    r.prefill_step(toks)  # warm: traces and builds this step's kernels
+    print(f"prefill steps of {a.prefill} tokens from context {a.context} (each window {a.steps} steps; the context "
+          "grows)")
+    print(f"{'tok/s':>8} {'step ms':>8} {'build ms':>9} {'queue ms':>9} {'wait ms':>8} {'MoE sync ms':>12}")
+    for _ in range(3):
+        total, b, q, w, m = prefill_split(toks, a.steps)
+        print(f"{a.prefill / total:8.0f} {total * 1e3:8.1f} {b * 1e3:9.1f} {q * 1e3:9.1f} {w * 1e3:8.1f} {m * 1e3:12.1f}",
+              flush=True)
+    sys.exit()
 if a.prefill:
     toks = mx.random.randint(0, ours.config.vocab_size, (1, a.prefill))
     r.prefill_step(toks)  # warm: builds this step's kernels

@@ -263,8 +263,23 @@ def test_decode_kernels_script_splits_a_token_and_sums_an_ncu_log(tmp_path):
     assert lines[2].split() == ["0.001", "ms", "0.5x", "mlx::custom_kernel_kda_decode_32"], lines
     (tmp_path / "bad.csv").write_text("a,b\n")
     for args in (["--parse", str(tmp_path / "none.csv")], ["--parse", str(tmp_path / "bad.csv")], ["--tokens", "0"],
-                 ["--shape", "huge"], ["--prefill", "64"], ["--context", "0"], ["--prefill", "-1", "--profile", "1"],
+                 ["--shape", "huge"], ["--steps", "0"], ["--context", "0"], ["--prefill", "-1", "--profile", "1"],
                  *([["--profile", "1"]] if not mx.cuda.is_available() else [])):
         bad = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith(
             "decode_kernels.py: error:"), bad.stderr
+
+
+def test_decode_kernels_script_splits_prefill_steps():
+    """decode_kernels.py --prefill N (no --profile): each window's step time is its building, queueing, waiting
+    and MoE block-count reads summed, and its rate the step's tokens over that."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_kernels.py"
+    out = subprocess.run([sys.executable, str(script), "--shape", "small", "--context", "0", "--prefill", "64",
+                          "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [[float(x) for x in s.split()] for s in out.stdout.splitlines()[3:]]
+    assert len(rows) == 3 and all(len(r) == 6 for r in rows), out.stdout
+    for rate, step, *parts in rows:
+        assert abs(step - sum(parts)) <= 0.02 * step + 0.2 and abs(rate - 64e3 / step) <= 0.02 * rate + 1
