@@ -5,18 +5,27 @@
       python benchmarks/decode_kernels.py --profile 2                            # the kernels of 3 tokens (NVIDIA)
   python benchmarks/decode_kernels.py --parse K.csv --tokens 3                   # their sum and the largest
   ncu ... python benchmarks/decode_kernels.py --context 0 --prefill 2048 --profile 1   # one prefill step's kernels
-  python benchmarks/decode_kernels.py --parse K.csv --tokens 1                   # (--tokens: steps profiled)
+  python benchmarks/decode_kernels.py --parse K.csv --tokens 1 [--by-seam]       # (--tokens: steps profiled;
+                                                                                 # --by-seam: per half layer)
+  python benchmarks/decode_kernels.py --context 0 --prefill 2048 [--steps 4]     # host split of prefill steps
 
 The split times the decode loop bench.time_decode runs (bench.decode_phases: the next token's graph built
 and queued while the current one is read): building the graph (our Python and MLX's replay of each compiled
 layer), queueing it (MLX encodes every kernel on the calling thread), and waiting for the token. A wait
 near zero means the device idles on the host.
+
+The prefill split times a paced prefill step (model/decoder.py `_layers`: each layer queued, then awaited):
+queueing (the decoder's async_eval calls), waiting (its eval calls), the MoE layers' block counts read back
+(ExpertBlocks, blocked path: a sync inside the layer) and building (the rest: our Python, MLX's graph
+building, and any other wait inside a layer, such as the long-context attention's). The device runs only
+while the host queues or waits, so building and the block-count reads are time it may idle.
 """
 import argparse
 import collections
 import csv
 import ctypes
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,12 +42,13 @@ ap.add_argument("--profile", type=int, default=0,
                 help="decode this many tokens (plus the one queued first) between cuProfilerStart/Stop")
 ap.add_argument("--prefill", type=int, default=0,
                 help="with --profile S: mark S prefill steps of this many tokens each instead of decode tokens")
+ap.add_argument("--steps", type=int, default=4, help="--prefill without --profile: prefill steps timed a window")
 ap.add_argument("--parse", help="an ncu --csv log of --profile: per-token kernel time, the largest kernels")
+ap.add_argument("--by-seam", action="store_true",
+                help="with --parse: also the first token's (step's) kernels cut at each norm, by kind")
 a = ap.parse_args()
-if a.tokens < 1 or a.context < 0 or a.profile < 0 or a.prefill < 0:
-    ap.error("--tokens takes a positive number, --context, --profile and --prefill zero or more")
-if a.prefill and not a.profile:
-    ap.error("--prefill profiles prefill steps: give --profile STEPS too")
+if a.tokens < 1 or a.steps < 1 or a.context < 0 or a.profile < 0 or a.prefill < 0:
+    ap.error("--tokens and --steps take a positive number, --context, --profile and --prefill zero or more")
 if not a.prefill and a.context < 1:
     ap.error("decode needs a --context of at least 1")
 if a.profile and not a.parse and not mx.cuda.is_available():
@@ -48,17 +58,49 @@ if a.profile and not a.parse and not mx.cuda.is_available():
 SCALE_MS = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "ns": 1e-6, "us": 1e-3, "ms": 1.0}
 
 
-def parse(path: str, tokens: int):
+KINDS = (("qmm", ("qmm", "qmv")), ("matmul", ("gemm", "nvjet", "cutlass", "xmma")), ("gather", ("gather",)),
+         ("custom", ("custom_kernel",)))
+
+
+def kind(kernel: str) -> str:
+    """A kernel's kind for the by-seam table: MLX's quantized matmuls, dense matmuls, gathers, our kernels."""
+    return next((k for k, keys in KINDS if any(key in kernel for key in keys)), "other")
+
+
+def by_seam(order, tokens: int):
+    """The first token's (step's) kernels in launch order, cut at every norm (the seams between half layers)."""
+    parts, cur = [], []
+    for k, ms in order:
+        if ("rms_norm" in k or "add_norm" in k) and cur:
+            parts.append(cur)
+            cur = []
+        cur.append((k, ms))
+    parts.append(cur)
+    parts = parts[: max(1, round(len(parts) / tokens))]
+    print(f"the first {'token' if tokens == 1 else 'of ' + str(tokens)}'s kernels cut at each norm (half layers):")
+    print(f"{'part':>5} {'kernels':>8} {'ms':>8}  " + "  ".join(f"{k:>7}" for k, _ in KINDS) + "    other")
+    for i, part in enumerate(parts):
+        sums = collections.Counter()
+        for k, ms in part:
+            sums[kind(k)] += ms
+        print(f"{i:5d} {len(part):8d} {sum(ms for _, ms in part):8.3f}  "
+              + "  ".join(f"{sums[k]:7.3f}" for k, _ in KINDS) + f"  {sums['other']:7.3f}")
+
+
+def parse(path: str, tokens: int, seams: bool = False):
     try:
         with open(path) as f:
             rows = [r for r in csv.reader(f) if len(r) > 10]
         head = rows[0]
         name, unit, value = head.index("Kernel Name"), head.index("Metric Unit"), head.index("Metric Value")
         by = collections.defaultdict(lambda: [0, 0.0])
+        order = []
         for r in rows[1:]:
             k = r[name].split("(")[0].split("<")[0][:60]
+            ms = float(r[value].replace(",", "")) * SCALE_MS[r[unit]]
             by[k][0] += 1
-            by[k][1] += float(r[value].replace(",", "")) * SCALE_MS[r[unit]]
+            by[k][1] += ms
+            order.append((k, ms))
     except OSError as e:
         ap.error(f"--parse {path}: cannot read it ({e.strerror})")
     except (IndexError, ValueError, KeyError):
@@ -68,10 +110,12 @@ def parse(path: str, tokens: int):
     print(f"{n / tokens:.0f} kernels a token, {total / tokens:.3f} ms of kernel time a token (serialized by ncu)")
     for k, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:20]:
         print(f"  {t / tokens:7.3f} ms  {c / tokens:6.1f}x  {k}")
+    if seams:
+        by_seam(order, tokens)
 
 
 if a.parse:
-    parse(a.parse, a.tokens)
+    parse(a.parse, a.tokens, a.by_seam)
     sys.exit()
 
 ours, _, cfg = bench.build(a.shape, peer=False, dtype=bench.activation_dtype())
@@ -87,6 +131,64 @@ def loop(n):
     return [x / n for x in spent]
 
 
+class Timed:
+    """Stands in for mlx.core inside a module, timing its eval and async_eval calls (seconds, summed)."""
+
+    def __init__(self):
+        self.spent = {"queue": 0.0, "wait": 0.0}
+
+    def __getattr__(self, name):
+        return getattr(mx, name)
+
+    def _timed(self, key, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.spent[key] += time.perf_counter() - t0
+        return out
+
+    def async_eval(self, *args):
+        return self._timed("queue", mx.async_eval, *args)
+
+    def eval(self, *args):
+        return self._timed("wait", mx.eval, *args)
+
+
+def prefill_split(toks, steps: int):
+    """Seconds a prefill step: (total, building, queueing, waiting, MoE block counts read back)."""
+    from kimi_mlx.model import decoder, fuse
+
+    timed, blocks_init, moe = Timed(), fuse.ExpertBlocks.__init__, [0.0]
+
+    def counted(self, *args, **kw):
+        t0 = time.perf_counter()
+        blocks_init(self, *args, **kw)
+        moe[0] += time.perf_counter() - t0
+
+    decoder.mx, fuse.ExpertBlocks.__init__ = timed, counted
+    try:
+        mx.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            r.prefill_step(toks)
+        mx.synchronize()
+        total = time.perf_counter() - t0
+    finally:
+        decoder.mx, fuse.ExpertBlocks.__init__ = mx, blocks_init
+    q, w = timed.spent["queue"], timed.spent["wait"]
+    return [x / steps for x in (total, total - q - w - moe[0], q, w, moe[0])]
+
+
+if a.prefill and not a.profile:
+    toks = mx.random.randint(0, ours.config.vocab_size, (1, a.prefill))
+    r.prefill_step(toks)  # warm: traces and builds this step's kernels
+    print(f"prefill steps of {a.prefill} tokens from context {a.context} (each window {a.steps} steps; the context "
+          "grows)")
+    print(f"{'tok/s':>8} {'step ms':>8} {'build ms':>9} {'queue ms':>9} {'wait ms':>8} {'MoE sync ms':>12}")
+    for _ in range(3):
+        total, b, q, w, m = prefill_split(toks, a.steps)
+        print(f"{a.prefill / total:8.0f} {total * 1e3:8.1f} {b * 1e3:9.1f} {q * 1e3:9.1f} {w * 1e3:8.1f} {m * 1e3:12.1f}",
+              flush=True)
+    sys.exit()
 if a.prefill:
     toks = mx.random.randint(0, ours.config.vocab_size, (1, a.prefill))
     r.prefill_step(toks)  # warm: builds this step's kernels

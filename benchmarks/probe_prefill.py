@@ -203,15 +203,23 @@ if "tile" in parts:
 
 if "mla" in parts:
     attn = L[mla_i].self_attn
+    tile_bytes, chunks = A.TILE_BYTES, A.CAUSAL_CHUNKS
     for S in map(int, a.mla_contexts.split(",")):
         base = filled(S - T)
+
+        def step():
+            s = MLAState(base.pages, base.length)
+            return attn(h, s)
+
         for mb in map(int, a.tiles_mb.split(",")):
             A.TILE_BYTES = mb << 20
-            def step():
-                s = MLAState(base.pages, base.length)
-                return attn(h, s)
             timeit(f"MLA prefill step, 1 layer, context {S}, tile {mb} MB", step, n=2)
-        A.TILE_BYTES = 64 << 20
+        A.TILE_BYTES = tile_bytes
+        if 2 * T >= S:  # a prompt's first steps: the causal query chunks (fewer, larger: fewer launches)
+            for c in (1, 2, 4):
+                A.CAUSAL_CHUNKS = c
+                timeit(f"MLA prefill step, 1 layer, context {S}, {c} causal query chunks (default {chunks})", step, n=2)
+            A.CAUSAL_CHUNKS = chunks
         del base
         mx.clear_cache()
 

@@ -261,10 +261,37 @@ def test_decode_kernels_script_splits_a_token_and_sums_an_ncu_log(tmp_path):
     assert lines[0] == "2 kernels a token, 0.011 ms of kernel time a token (serialized by ncu)", lines
     assert lines[1].split() == ["0.010", "ms", "1.0x", "void", "mlx::qmv_kernel"], lines
     assert lines[2].split() == ["0.001", "ms", "0.5x", "mlx::custom_kernel_kda_decode_32"], lines
+    seams = [head, row(0, "void mlx::rms_norm_small<bf16>(const T *)", "usecond", "2"),
+             row(1, "void mlx::qmm_sm80_kernel<64>(const T *)", "usecond", "30"),
+             row(2, "void mlx::gather<float>(const T *)", "usecond", "5"),
+             row(3, "mlx::custom_kernel_add_norm_2304_8", "usecond", "4"),
+             row(4, "void cutlass::Kernel2<x>(const T *)", "usecond", "7")]
+    (tmp_path / "s.csv").write_text("\n".join(",".join(r) for r in seams) + "\n")
+    out = subprocess.run([sys.executable, str(script), "--parse", str(tmp_path / "s.csv"), "--tokens", "1",
+                          "--by-seam"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    table = [line.split() for line in out.stdout.splitlines()[-2:]]
+    assert table == [["0", "3", "0.037", "0.030", "0.000", "0.005", "0.000", "0.002"],
+                     ["1", "2", "0.011", "0.000", "0.007", "0.000", "0.004", "0.000"]], out.stdout
     (tmp_path / "bad.csv").write_text("a,b\n")
     for args in (["--parse", str(tmp_path / "none.csv")], ["--parse", str(tmp_path / "bad.csv")], ["--tokens", "0"],
-                 ["--shape", "huge"], ["--prefill", "64"], ["--context", "0"], ["--prefill", "-1", "--profile", "1"],
+                 ["--shape", "huge"], ["--steps", "0"], ["--context", "0"], ["--prefill", "-1", "--profile", "1"],
                  *([["--profile", "1"]] if not mx.cuda.is_available() else [])):
         bad = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith(
             "decode_kernels.py: error:"), bad.stderr
+
+
+def test_decode_kernels_script_splits_prefill_steps():
+    """decode_kernels.py --prefill N (no --profile): each window's step time is its building, queueing, waiting
+    and MoE block-count reads summed, and its rate the step's tokens over that."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_kernels.py"
+    out = subprocess.run([sys.executable, str(script), "--shape", "small", "--context", "0", "--prefill", "64",
+                          "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [[float(x) for x in s.split()] for s in out.stdout.splitlines()[3:]]
+    assert len(rows) == 3 and all(len(r) == 6 for r in rows), out.stdout
+    for rate, step, *parts in rows:
+        assert abs(step - sum(parts)) <= 0.02 * step + 0.2 and abs(rate - 64e3 / step) <= 0.02 * rate + 1
