@@ -53,9 +53,9 @@ def rewind(state: ModelState, m: StateMark) -> None:
         state.rewound(m)
 
 
-# decode's matrices model/fuse.py derives from k_up and v_up at load: not part of a model's identity (states
+# decode's matrices model/fuse.py derives at load (from k_up and v_up; f_b|g_b): not part of a model's identity (states
 # saved before they existed still load)
-DERIVED = (".q_absorb", ".v_absorb")
+DERIVED = (".q_absorb", ".v_absorb", ".gates_out.weight", ".gates_out.scales", ".gates_out.biases")
 
 
 def model_identity(model) -> dict:

@@ -31,7 +31,7 @@ def test_fused_equals_reference(hf_checkpoint, shared, bits):
     fuse_model(fused)
     assert all(isinstance(l.mlp, FusedMoE) for l in fused.model.layers[1:])
     kda_layers = [l.self_attn for l in fused.model.layers if l.is_kda]
-    assert all("gates_in" in a and "f_a_proj" not in a for a in kda_layers)
+    assert all("gates_in" in a and "f_a_proj" not in a and "gates_out" in a for a in kda_layers)
     assert all(l.mlp.gate.weight.dtype == mx.float32 for l in fused.model.layers[1:])
     scale = float(mx.abs(ref).max())
     assert float(mx.abs(fused(toks) - ref).max()) <= 1e-5 * scale  # prefill: tokens sorted by expert

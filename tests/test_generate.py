@@ -143,8 +143,8 @@ def test_context_limit_caps_the_reply(demo, monkeypatch):
 
 
 def test_model_identity_ignores_decode_matrices_derived_at_load(demo_random):
-    """States saved before the MLA absorb/value matrices existed still load: those matrices (derived from
-    k_up and v_up by model/fuse.py) are not part of a model's identity."""
+    """States saved before the MLA absorb/value matrices and the KDA f_b|g_b bank existed still load: those
+    (derived by model/fuse.py from k_up, v_up, f_b_proj and g_b_proj) are not part of a model's identity."""
     from kimi_mlx.state_io import model_identity
 
     model, _ = demo_random
@@ -154,8 +154,15 @@ def test_model_identity_ignores_decode_matrices_derived_at_load(demo_random):
     kept = [(a, a.q_absorb, a.v_absorb) for a in mla]
     for a in mla:
         del a["q_absorb"], a["v_absorb"]
+    kda = [l.self_attn for l in model.model.layers if "gates_out" in l.self_attn]
+    assert kda
+    kept_gates = [(a, a.gates_out) for a in kda]
+    for a in kda:
+        del a["gates_out"]
     try:
         assert model_identity(model) == before
     finally:
         for a, q, v in kept:
             a.q_absorb, a.v_absorb = q, v
+        for a, g in kept_gates:
+            a.gates_out = g

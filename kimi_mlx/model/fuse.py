@@ -226,6 +226,23 @@ def fuse_kda_inputs(attn: KimiDeltaAttention) -> bool:
     return True
 
 
+def fuse_gate_outputs(attn: KimiDeltaAttention) -> bool:
+    """f_b_proj and g_b_proj as one block-diagonal matmul for decode (`gates_out`): [f_a | g_a], the first 2D
+    columns of gates_in's output, -> [f_b(f_a) | g_b(g_a)], one launch where there were two. The zero blocks are
+    zero words, scales and biases (exact zeros); derived at load like q_absorb (not in the model's identity), the
+    two projections stay for prefill. Needs gates_in and both projections stored alike."""
+    f, g = attn.f_b_proj, attn.g_b_proj
+    if "gates_in" not in attn or _qparams(f) != _qparams(g) or f.weight.dtype != g.weight.dtype:
+        return False
+    pf, pg = _parts(f), _parts(g)
+    if pf.keys() != pg.keys() or any(pf[k].shape != pg[k].shape for k in pf):
+        return False
+    attn.gates_out = _like(f, {k: mx.concatenate([mx.concatenate([pf[k], mx.zeros_like(pg[k])], axis=1),
+                                                  mx.concatenate([mx.zeros_like(pf[k]), pg[k]], axis=1)], axis=0)
+                               for k in pf})
+    return True
+
+
 def fuse_model(model) -> int:
     """Fuse in place: MoE banks, KDA input projections, float32 router weights, MLA decode's absorbed query
     and value matrices; the layers' quantized linears become DequantLinear. Returns how many blocks."""
@@ -243,6 +260,7 @@ def fuse_model(model) -> int:
             for name in ("o_norm_weight", "A_log", "dt_bias"):
                 setattr(layer.self_attn, name, getattr(layer.self_attn, name).astype(mx.float32))
             n += fuse_kda_inputs(layer.self_attn)
+            fuse_gate_outputs(layer.self_attn)
         if isinstance(layer.self_attn, KimiMLA):  # decode's absorbed query and values without slices
             a = layer.self_attn
             a.q_absorb = absorb_matrix(a.k_up, a.pe, a.scale)

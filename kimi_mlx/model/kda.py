@@ -61,21 +61,34 @@ class KimiDeltaAttention(nn.Module):
         a = a.reshape(B, T, self.num_heads, self.head_dim)
         return -mx.exp(self.A_log.astype(mx.float32))[:, None] * softplus(a)
 
+    def decode_gates(self, x: mx.array):
+        """(f_b(f_a(x)), g_b(g_a(x)), b_proj(x)) for a decode step: f_b and g_b as one block-diagonal matmul
+        over gates_in's [f_a | g_a] columns where model/fuse.py built `gates_out`."""
+        if "gates_out" in self:
+            D, HD = self.head_dim, self.num_heads * self.head_dim
+            y = self.gates_in(x)
+            fg = self.gates_out(y[..., : 2 * D])
+            return fg[..., :HD], fg[..., HD:], y[..., 2 * D :]
+        f_a, g_a, b_logit = self.low_rank_inputs(x)
+        return self.f_b_proj(f_a), self.g_b_proj(g_a), b_logit
+
     def __call__(self, x: mx.array, state: KDAState) -> mx.array:
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        f_a, g_a, b_logit = self.low_rank_inputs(x)
         if T == 1 and decode_path(state.recurrent, self.conv_weight) != "ref":
+            f_b, g_b, b_logit = self.decode_gates(x)
             # one fused op: conv update, norms, gates, state update, readout (ops/kda_decode.py)
             o, state.recurrent, state.conv = kda_decode_step(
-                self.qkv_proj(x)[:, 0], self.f_b_proj(f_a)[:, 0], b_logit[:, 0],
+                self.qkv_proj(x)[:, 0], f_b[:, 0], b_logit[:, 0],
                 state.conv, self.conv_weight, self.A_log, self.dt_bias, state.recurrent,
             )
             o = o[:, None]
         else:
+            f_a, g_a, b_logit = self.low_rank_inputs(x)
             qkv, state.conv = short_conv(self.qkv_proj(x), state.conv, self.conv_weight)
             q, k, v = mx.split(qkv.reshape(B, T, 3, H, D), 3, axis=2)
             beta = mx.sigmoid(b_logit.astype(mx.float32))
             o, state.recurrent = kda(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.gate(f_a), beta, state.recurrent)
-        y = gated_norm(o, self.g_b_proj(g_a).reshape(B, T, H, D), self.o_norm_weight, self.norm_eps, x.dtype)
+            g_b = self.g_b_proj(g_a)
+        y = gated_norm(o, g_b.reshape(B, T, H, D), self.o_norm_weight, self.norm_eps, x.dtype)
         return self.o_proj(y.reshape(B, T, H * D))
