@@ -73,10 +73,10 @@ class DecoderLayer(nn.Module):
             return "dense"
         return self.mlp.path(tokens) if isinstance(self.mlp, FusedMoE) else "moe"
 
-    def compiled_ffn(self, tokens: int):
-        """This layer's FFN half under mx.compile for prefill steps of `tokens` tokens, or None where it reads
-        something back to the host (the fused MoE's 'blocked' and 'segmented' expert paths) or is unfused."""
-        return mx.compile(self.ffn) if self.ffn_path(tokens) in ("dense", "bounded") else None
+    def compiled_ffn(self, path: str):
+        """This layer's FFN half under mx.compile on FFN path `path` (ffn_path), or None where it reads something
+        back to the host (the fused MoE's 'blocked' and 'segmented' expert paths) or is unfused."""
+        return mx.compile(self.ffn) if path in ("dense", "bounded") else None
 
     def compiled_step(self):
         """This layer's one-token step under mx.compile (fused elementwise work, fewer launches).
@@ -262,7 +262,7 @@ class Model(nn.Module):
         layer, tokens = self.model.layers[i], h.shape[0] * h.shape[1]
         key = (i, tokens, layer.ffn_path(tokens))  # a changed KIMI_MLX_EXPERTS traces again
         if key not in self._prefill_ffn:
-            self._prefill_ffn[key] = layer.compiled_ffn(tokens)
+            self._prefill_ffn[key] = layer.compiled_ffn(key[2])
         step = self._prefill_ffn[key]
         return step(h) if step else layer.ffn(h)
 
