@@ -275,7 +275,7 @@ def test_decode_kernels_script_splits_a_token_and_sums_an_ncu_log(tmp_path):
                      ["1", "2", "0.011", "0.000", "0.007", "0.000", "0.004", "0.000"]], out.stdout
     (tmp_path / "bad.csv").write_text("a,b\n")
     for args in (["--parse", str(tmp_path / "none.csv")], ["--parse", str(tmp_path / "bad.csv")], ["--tokens", "0"],
-                 ["--shape", "huge"], ["--steps", "0"], ["--context", "0"], ["--prefill", "-1", "--profile", "1"],
+                 ["--shape", "huge"], ["--steps", "0"], ["--by-seam"], ["--context", "0"], ["--prefill", "-1", "--profile", "1"],
                  *([["--profile", "1"]] if not mx.cuda.is_available() else [])):
         bad = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith(
