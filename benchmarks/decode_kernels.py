@@ -41,7 +41,8 @@ ap.add_argument("--tokens", type=int, default=64)
 ap.add_argument("--profile", type=int, default=0,
                 help="decode this many tokens (plus the one queued first) between cuProfilerStart/Stop")
 ap.add_argument("--prefill", type=int, default=0,
-                help="with --profile S: mark S prefill steps of this many tokens each instead of decode tokens")
+                help="prefill steps of this many tokens instead of decode tokens: with --profile S, S of them "
+                     "marked for ncu; alone, their host split (--steps a window)")
 ap.add_argument("--steps", type=int, default=4, help="--prefill without --profile: prefill steps timed a window")
 ap.add_argument("--parse", help="an ncu --csv log of --profile: per-token kernel time, the largest kernels")
 ap.add_argument("--by-seam", action="store_true",
@@ -49,6 +50,8 @@ ap.add_argument("--by-seam", action="store_true",
 a = ap.parse_args()
 if a.tokens < 1 or a.steps < 1 or a.context < 0 or a.profile < 0 or a.prefill < 0:
     ap.error("--tokens and --steps take a positive number, --context, --profile and --prefill zero or more")
+if a.by_seam and not a.parse:
+    ap.error("--by-seam cuts an ncu log's kernels: give --parse LOG too")
 if not a.prefill and a.context < 1:
     ap.error("decode needs a --context of at least 1")
 if a.profile and not a.parse and not mx.cuda.is_available():

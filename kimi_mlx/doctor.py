@@ -223,6 +223,8 @@ def environment() -> list[tuple[str, str]]:
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
          if linear.dequant_chosen(linear.MIN_ROWS) else "quantized matmul"),
         ("prefill memory", working_set.describe()),
+        *([("CUDA graph size", f"{os.environ.get('MLX_MAX_OPS_PER_BUFFER', 'MLX default')} ops (MLX_MAX_OPS_PER_BUFFER)")]
+          if gpu == "cuda" else []),
     ]
 
 

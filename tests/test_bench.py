@@ -275,7 +275,7 @@ def test_decode_kernels_script_splits_a_token_and_sums_an_ncu_log(tmp_path):
                      ["1", "2", "0.011", "0.000", "0.007", "0.000", "0.004", "0.000"]], out.stdout
     (tmp_path / "bad.csv").write_text("a,b\n")
     for args in (["--parse", str(tmp_path / "none.csv")], ["--parse", str(tmp_path / "bad.csv")], ["--tokens", "0"],
-                 ["--shape", "huge"], ["--steps", "0"], ["--context", "0"], ["--prefill", "-1", "--profile", "1"],
+                 ["--shape", "huge"], ["--steps", "0"], ["--by-seam"], ["--context", "0"], ["--prefill", "-1", "--profile", "1"],
                  *([["--profile", "1"]] if not mx.cuda.is_available() else [])):
         bad = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith(
@@ -295,3 +295,18 @@ def test_decode_kernels_script_splits_prefill_steps():
     assert len(rows) == 3 and all(len(r) == 6 for r in rows), out.stdout
     for rate, step, *parts in rows:
         assert abs(step - sum(parts)) <= 0.02 * step + 0.2 and abs(rate - 64e3 / step) <= 0.02 * rate + 1
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="Metal keeps MLX's per-chip command-buffer sizes")
+@pytest.mark.parametrize("given", [None, "7"])
+def test_importing_sets_the_cuda_graph_size_unless_the_user_did(given):
+    """kimi_mlx sets MLX_MAX_OPS_PER_BUFFER=20 before MLX reads it (at the device's first use), not over a value
+    the user set."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MLX_MAX_OPS_PER_BUFFER"}
+    if given:
+        env["MLX_MAX_OPS_PER_BUFFER"] = given
+    code = "import os, kimi_mlx; print(os.environ['MLX_MAX_OPS_PER_BUFFER'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == (given or "20")

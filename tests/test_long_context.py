@@ -183,7 +183,7 @@ def test_compiled_prefill_steps_equal_eager(long_case, experts, monkeypatch):
     model.compile_prefill = True
     assert model._prefill is not None
     ffn = {key[2]: step is not None for key, step in model._prefill_ffn.items() if key[1] == 1024}
-    assert ffn.get("dense", True) and (ffn["bounded"] if experts else not any(v for k, v in ffn.items() if k != "dense"))
+    assert all(step == (path in ("dense", "bounded")) for path, step in ffn.items()) and (not experts or ffn["bounded"])
     assert rel_err(outs[True], outs[False]) <= 1e-5 and rel_err(outs[True, "next"], outs[False, "next"]) <= 1e-5
     assert rel_err(outs[True], ref[:, :2048]) <= TOL
 
@@ -198,25 +198,40 @@ def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, wher
 
     model, toks, ref = long_case
     x = mx.array(toks[:, :1024])
-    if where == "cpu":
-        monkeypatch.setattr(decoder, "PACED_ON", (mx.cpu,))
-    queued = []
-    real = mx.async_eval
-    # count the decoder's per-layer queues (one list each), not the tiled MLA path's per-tile calls
-    monkeypatch.setattr(mx, "async_eval", lambda *a: (len(a) == 1 and isinstance(a[0], list) and queued.append(a),
-                                                      real(*a))[1])
+    if where == "cpu":  # paced on whatever device runs the test (the CPU in CI)
+        monkeypatch.setattr(decoder, "PACED_ON", (mx.default_device(),))
+    queued, awaited, in_flight = [], set(), []
+    real, real_eval = mx.async_eval, mx.eval
+
+    def queue(*a):  # the decoder's per-layer queues (one list each), not the tiled MLA path's per-tile calls
+        if len(a) == 1 and isinstance(a[0], list):
+            in_flight.append(sum(id(q) not in awaited for q in queued))  # pieces of this step queued, not awaited
+            queued.append(a[0])
+        return real(*a)
+
+    def wait(*a):
+        awaited.update(id(x) for x in a if isinstance(x, list))
+        return real_eval(*a)
+
+    monkeypatch.setattr(mx, "async_eval", queue)
+    monkeypatch.setattr(mx, "eval", wait)
     outs = {}
     for paced, ahead in ((False, 0), (True, 0), ("ahead", 1), ("half", 0.5)):
         monkeypatch.setattr(decoder, "PACED_PREFILL", 256 if paced else 1 << 30)
         monkeypatch.setattr(decoder, "LAYERS_AHEAD", ahead)
-        queued.clear()
-        state = model.new_state()
-        outs[paced] = mx.concatenate([model(x[:, :800], state), model(x[:, 800:], state)], axis=1)  # paced, not
+        state, logits, count, most = model.new_state(), [], 0, 0
+        for part in (x[:, :800], x[:, 800:]):  # paced, not paced (224 tokens: under PACED_PREFILL)
+            queued.clear(), in_flight.clear()
+            logits.append(model(part, state))
+            count, most = count + len(queued), max([most, *in_flight])
+        outs[paced] = mx.concatenate(logits, axis=1)
         outs[paced, "next"] = model(mx.array(toks[:, 1024:1025]), state)
-        outs[paced, "queued"] = len(queued)
+        outs[paced, "queued"], outs[paced, "ahead"] = count, most
     layers = len(model.model.layers)
-    assert outs[False, "queued"] == 0 and outs[True, "queued"] == outs["ahead", "queued"] == layers  # 224: not paced
+    assert outs[False, "queued"] == 0 and outs[True, "queued"] == outs["ahead", "queued"] == layers
     assert outs["half", "queued"] == 2 * layers  # attention and FFN halves queued in turn
+    # a layer is queued only once the one before has run (0), or with one piece still in flight (1, 0.5)
+    assert outs[True, "ahead"] == 0 and outs["ahead", "ahead"] == outs["half", "ahead"] == 1
     for paced in (True, "ahead", "half"):
         assert rel_err(outs[paced], outs[False]) <= 1e-6 and rel_err(outs[paced, "next"], outs[False, "next"]) <= 1e-6
     assert rel_err(outs[True], ref[:, :1024]) <= TOL

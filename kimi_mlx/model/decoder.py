@@ -225,13 +225,14 @@ class Model(nn.Module):
         """The owned layers over T > 1 tokens (or T = 1 uncompiled). compiled: each KDA layer's attention runs
         as one compiled graph, traced once per step length (the steady steps of a long prompt).
 
-        Steps of PACED_PREFILL tokens or more are paced on a GPU: each layer is queued (async_eval) and awaited
-        before the next one is built (LAYERS_AHEAD = 0), or the host stays one layer (1) or one half layer (0.5:
-        attention and FFN halves queued in turn) ahead. MLX allocates a kernel's output when the host encodes
-        it and frees a command batch's inputs only once the device has run the whole batch, so every layer
-        queued ahead is memory held. (On CUDA the MoE's blocked path also waits at each layer for its block
-        count; on Metal nothing else would stop the host.) Not on the CPU, which runs ahead by little: a
-        small-shape prefill there measured 5% slower paced for 3% less memory."""
+        Steps of PACED_PREFILL tokens or more are paced on a GPU: each layer is queued (async_eval) only once the
+        one before has run (LAYERS_AHEAD = 0; the host builds the next layer's graph meanwhile), or the host
+        stays one layer (1) or one half layer (0.5: attention and FFN halves queued in turn) ahead. MLX
+        allocates a kernel's output when the host encodes it and frees a command batch's inputs only once the
+        device has run the whole batch, so every layer queued ahead is memory held; building a graph holds
+        nothing. (The MoE's opt-in 'blocked' path reads its block count back while being built, which queues
+        that layer's attention half early; the default paths read nothing.) Not on the CPU, which runs ahead
+        by little: a small-shape prefill there measured 5% slower paced for 3% less memory."""
         if compiled and self._prefill is None:
             self._prefill = {i: self.model.layers[i].compiled_kda_attention() for i in self.owned
                              if self.model.layers[i].is_kda}
@@ -248,10 +249,14 @@ class Model(nn.Module):
             h = self._ffn(i, h) if compiled else layer.ffn(h)
             if paced:
                 queued = [h, *s.arrays().values()]
+                if LAYERS_AHEAD == 0 and not self.layer_done:  # await the layer before, then queue this one: its
+                    mx.eval(pending)  # graph was built while the device ran the one before (building allocates
+                    mx.async_eval(queued)  # nothing; queuing does), so the host's build time overlaps the device
+                    pending = queued
+                    continue
                 pending = _queue(queued, pending)
-                if LAYERS_AHEAD == 0 or self.layer_done:
-                    mx.eval(queued)
                 if self.layer_done:  # tracing: this layer alone (no overlap with the next one), then the hook
+                    mx.eval(queued)
                     self.layer_done(i)
         return h
 

@@ -174,24 +174,29 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
     """How N*k (token, expert) pairs meet a bank of `experts`: 'kernel' (few pairs, decode, on a GPU, where
     the banks are ones ops/experts.py's kernels read: kernel_fits), 'gather' (few pairs otherwise: MLX's
     gather matmuls, the kernels' reference), 'sorted' (gather_mm over expert-sorted rows: Metal's prefill
-    kernel), 'segmented' (one matmul per expert over its rows: CPU, measured 3.5x gather_mm) or 'blocked'
+    kernel), 'segmented' (one matmul per expert over its rows: CPU, measured 3.5x gather_mm) or 'bounded'
     (ExpertBlocks: CUDA, where gather_qmm over single sorted rows measured ~60x under the card's matmul
-    rate, RESULTS.md; 'bounded': the same with a block count fixed by the shapes, no host sync, not yet
-    measured). KIMI_MLX_EXPERTS=gather|kernel|sorted|segmented|blocked|bounded overrides."""
+    rate; as many blocks as any routing could need, so nothing is read back to the host and a prefill step
+    queues without a stop: 8k prefill 8.3-9.0k tok/s vs 7.8-8.0k for 'blocked', RESULTS.md). 'blocked' reads
+    the block count back instead (fewer, fuller blocks: 4.3 vs 5.1 ms a layer alone).
+    KIMI_MLX_EXPERTS=gather|kernel|sorted|segmented|blocked|bounded overrides; the four prefill paths only for
+    calls of 64+ pairs (a one-token step on them would be slow, and on 'blocked'/'segmented' would read the
+    host inside a compiled decode step)."""
     forced = os.environ.get(EXPERTS_ENV, "").strip().lower()
     if forced == "kernel" and not (kernel_fits and gpu_backend()):
         raise ConfigError(f"{EXPERTS_ENV}=kernel needs a Metal or CUDA device and affine {'/'.join(map(str, KERNEL_BITS))}"
                           "-bit expert banks; unset it or pick another path")
     if forced in EXPERT_PATHS:
-        return forced
-    if forced:
+        if pairs >= 64 or forced in ("gather", "kernel"):
+            return forced
+    elif forced:
         raise ConfigError(f"{EXPERTS_ENV}={forced!r} is not one of {', '.join(EXPERT_PATHS)}; unset it or pick one")
     if pairs < 64:
         return "kernel" if kernel_fits and gpu_backend() else "gather"
     if mx.default_device() == mx.cpu:
         return "segmented"
     if mx.cuda.is_available():
-        return "blocked"
+        return "bounded"
     return "sorted"  # Metal: MLX's gather_qmm has a kernel for expert-sorted rows
 
 
