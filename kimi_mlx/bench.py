@@ -387,11 +387,13 @@ MLX_BATCH_ENV = ("MLX_MAX_OPS_PER_BUFFER", "MLX_MAX_MB_PER_BUFFER")  # MLX's GPU
 
 
 def device_line() -> str:
-    """The device, its name and MLX's version, and MLX's command-batch limits where set (they change both the
-    speed and the memory held: a batch keeps its inputs allocated until the device has run all of it)."""
+    """The device, its name and MLX's version, and on a GPU MLX's command-batch limits where set (they change
+    both the speed and the memory held: a batch keeps its inputs allocated until the device has run all of it;
+    kimi_mlx sets MLX_MAX_OPS_PER_BUFFER on Linux, kimi_mlx/__init__.py; the CPU reads neither)."""
     info = mx.device_info()
     name = info.get("device_name") or info.get("architecture", "?")
-    batch = ", ".join(f"{k}={os.environ[k]}" for k in MLX_BATCH_ENV if k in os.environ)
+    gpu = mx.default_device() == mx.gpu
+    batch = ", ".join(f"{k}={os.environ[k]}" for k in MLX_BATCH_ENV if k in os.environ and gpu)
     return f"{mx.default_device()} {name}, MLX {mx.__version__}" + (f" ({batch})" if batch else "")
 
 

@@ -214,6 +214,9 @@ def test_device_line_names_mlx_batch_limits_when_set(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     assert "MLX_MAX" not in bench.device_line()
     monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "200")
+    on_gpu = mx.default_device() == mx.gpu
+    assert bench.device_line().endswith("(MLX_MAX_MB_PER_BUFFER=200)") == on_gpu  # the CPU reads neither limit
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     assert bench.device_line().endswith("(MLX_MAX_MB_PER_BUFFER=200)")
 
 

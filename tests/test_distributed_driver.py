@@ -200,8 +200,11 @@ def test_server_two_ranks_equal_one_process_and_a_killed_worker_ends_it(tmp_path
         procs[1].send_signal(signal.SIGKILL)  # mid-generation
         _, err = procs[0].communicate(timeout=60)
         assert time.monotonic() - t0 < 15 and procs[0].returncode == 1
-        assert [line for line in err.splitlines() if line.strip()] == [
-            "error: rank 0: lost contact with another rank ([ring] connection to a peer was lost); stopping"]
+        ours = "error: rank 0: lost contact with another rank ([ring] connection to a peer was lost); stopping"
+        # MLX's ring backend may also write its own socket errors to stderr from its threads (lines starting
+        # "[ring]", at times interleaved mid-line): ours must be the one line of any other kind, no traceback
+        assert err.count(ours) == 1 and "Traceback" not in err
+        assert all(line.startswith("[ring]") or ours in line for line in err.splitlines() if line.strip())
     finally:
         for p in procs:
             p.kill()

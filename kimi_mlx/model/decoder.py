@@ -252,12 +252,12 @@ class Model(nn.Module):
                 if LAYERS_AHEAD == 0 and not self.layer_done:  # await the layer before, then queue this one: its
                     mx.eval(pending)  # graph was built while the device ran the one before (building allocates
                     mx.async_eval(queued)  # nothing; queuing does), so the host's build time overlaps the device
-                    pending = queued
-                    continue
-                pending = _queue(queued, pending)
+                else:
+                    _queue(queued, pending)
                 if self.layer_done:  # tracing: this layer alone (no overlap with the next one), then the hook
                     mx.eval(queued)
                     self.layer_done(i)
+                pending = queued
         return h
 
     def _ffn(self, i: int, h: mx.array) -> mx.array:
