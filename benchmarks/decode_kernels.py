@@ -14,9 +14,9 @@ and queued while the current one is read): building the graph (our Python and ML
 layer), queueing it (MLX encodes every kernel on the calling thread), and waiting for the token. A wait
 near zero means the device idles on the host.
 
-The prefill split times a paced prefill step (model/decoder.py `_layers`: each layer queued, then awaited):
-queueing (the decoder's async_eval calls), waiting (its eval calls), the MoE layers' block counts read back
-(ExpertBlocks, blocked path: a sync inside the layer) and building (the rest: our Python, MLX's graph
+The prefill split times a paced prefill step (model/decoder.py `_layers`: each layer queued once the one before
+has run): queueing (the decoder's async_eval calls), waiting (its eval calls), the MoE layers' block counts read
+back (ExpertBlocks, blocked path: a sync inside the layer) and building (the rest: our Python, MLX's graph
 building, and any other wait inside a layer, such as the long-context attention's). The device runs only
 while the host queues or waits, so building and the block-count reads are time it may idle.
 """
