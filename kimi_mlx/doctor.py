@@ -98,6 +98,7 @@ def check_decode(path: str, B: int = 2, H: int = 4, Dk: int = 128, Dv: int = 96)
         qkv=mx.random.normal((B, C3)), gate_a=a.reshape(B, H * Dk), beta_logit=mx.random.normal((B, H)),
         conv_tail=mx.random.normal((B, 3, C3)), conv_w=0.5 * mx.random.normal((4, C3)), a_log=a_log,
         dt_bias=mx.random.normal((H * Dk,)), state=mx.random.normal((B, H, Dv, Dk)),
+        gate_b=6 * mx.random.normal((B, H * Dv)), norm_w=mx.random.uniform(0.5, 1.5, (Dv,)), eps=1e-5,
     )
     step = kda_decode.decode_step_kernel if path == "kernel" else kda_decode.decode_step_ops
     got, want = step(**x), kda_decode.decode_step_ref(**x)

@@ -44,9 +44,10 @@ class KernelSpec:
 SPECS = {
     "kda_decode": KernelSpec(
         name="kda_decode",
-        inputs=("qkv", "conv_tail", "conv_w", "gate_a", "dt_bias", "a_log", "beta_logit", "state_in"),
+        inputs=("qkv", "conv_tail", "conv_w", "gate_a", "dt_bias", "a_log", "beta_logit", "state_in", "gate_b",
+                "norm_w", "eps"),
         outputs=("out", "state_out", "tail_out"),
-        sample_template=(("NH", 32), ("DK", 128), ("DV", 128), ("KW", 4)),
+        sample_template=(("NH", 32), ("DK", 128), ("DV", 128), ("KW", 4), ("G", 16)),
         sample_inputs=(
             ("bfloat16", 12288),
             ("bfloat16", 3 * 12288),
@@ -56,8 +57,11 @@ SPECS = {
             ("float32", 32),
             ("bfloat16", 32),
             ("float32", 32 * 128 * 128),
+            ("bfloat16", 4096),
+            ("float32", 128),
+            ("float32", 1),
         ),
-        sample_outputs=("float32", "float32", "bfloat16"),
+        sample_outputs=("bfloat16", "float32", "bfloat16"),
     ),
     "kda_chunk_scan": KernelSpec(
         name="kda_chunk_scan",

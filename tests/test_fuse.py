@@ -32,6 +32,7 @@ def test_fused_equals_reference(hf_checkpoint, shared, bits):
     assert all(isinstance(l.mlp, FusedMoE) for l in fused.model.layers[1:])
     kda_layers = [l.self_attn for l in fused.model.layers if l.is_kda]
     assert all("gates_in" in a and "f_a_proj" not in a and "gates_out" in a for a in kda_layers)
+    assert all("q_kv" in l.self_attn for l in fused.model.layers if not l.is_kda)
     assert all(l.mlp.gate.weight.dtype == mx.float32 for l in fused.model.layers[1:])
     scale = float(mx.abs(ref).max())
     assert float(mx.abs(fused(toks) - ref).max()) <= 1e-5 * scale  # prefill: tokens sorted by expert
@@ -62,6 +63,22 @@ def test_kda_inputs_stay_apart_when_stored_differently(hf_checkpoint):
     attn = model.model.layers[0].self_attn
     assert "gates_in" not in attn and "b_proj" in attn
     assert float(mx.abs(model(toks) - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
+
+
+def test_mla_inputs_stay_apart_when_stored_differently(hf_checkpoint):
+    _, path = hf_checkpoint("kmk", moe_intermediate_size=32, hidden_size=64)
+    model = load_model(path, fuse=False)
+    nn.quantize(model, 32, 8, class_predicate=lambda p, m: p.endswith(".kv_a_proj_with_mqa"))
+    toks = mx.array(np.arange(20)[None] % 200)
+    ref = model(toks)
+    from kimi_mlx.model.fuse import fuse_model
+
+    fuse_model(model)
+    mla = [l.self_attn for l in model.model.layers if not l.is_kda]
+    assert mla and not any("q_kv" in a for a in mla)
+    state = model.new_state(1)
+    steps = mx.concatenate([model(toks[:, t : t + 1], state) for t in range(4)], axis=1)
+    assert float(mx.abs(steps - ref[:, :4]).max()) <= 1e-5 * float(mx.abs(ref).max())
 
 
 @pytest.mark.parametrize("path", ["gather", "sorted", "segmented", "blocked", "bounded"])

@@ -166,13 +166,18 @@ def step_inputs(B, H, Dk, Dv, seed, dtype=mx.float32, extreme=True, random_state
         a_log=a_log,
         dt_bias=mx.random.normal((H * Dk,)),
         state=mx.random.normal((B, H, Dv, Dk)) if random_state else mx.zeros((B, H, Dv, Dk)),
+        gate_b=(12 * mx.random.normal((B, H * Dv))).astype(dtype),  # far into both tails of the sigmoid
+        norm_w=mx.random.uniform(0.5, 1.5, (Dv,)),
+        eps=1e-5,
     )
 
 
 def assert_step_close(got, want, tol=TOL):
-    o, s, tail = got
-    o_ref, s_ref, tail_ref = want
-    assert rel_err(o, o_ref) <= tol
+    """The gated output in its dtype (bfloat16: within its rounding), the state in float32, the tail exact."""
+    y, s, tail = got
+    y_ref, s_ref, tail_ref = want
+    assert y.dtype == y_ref.dtype
+    assert rel_err(y, y_ref) <= (tol if y.dtype == mx.float32 else 1e-2)
     assert rel_err(s, s_ref) <= tol
     assert tail.dtype == tail_ref.dtype and rel_err(tail, tail_ref) == 0.0
 
@@ -195,22 +200,29 @@ def test_decode_reference_matches_model_pieces():
     g = -mx.exp(x["a_log"])[:, None] * kda_ops.softplus((x["gate_a"] + x["dt_bias"]).reshape(2, 1, H, Dk))
     beta = mx.sigmoid(x["beta_logit"])[:, None]
     o, s = kda_ops.kda(q.reshape(2, 1, H, Dk), k.reshape(2, 1, H, Dk), v.reshape(2, 1, H, Dv), g, beta, x["state"])
-    assert_step_close(decode_step_ref(**x), (o[:, 0], s, tail))
+    y = kda_ops.gated_norm_ref(o[:, 0], x["gate_b"].reshape(2, H, Dv), x["norm_w"], x["eps"], mx.float32)
+    assert_step_close(decode_step_ref(**x), (y, s, tail))
 
 
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("Dv", [16, 96])
 @pytest.mark.parametrize("kind", ["metal", "cuda"])
-def test_decode_kernel_text_runs_right_on_cpu(kind, dtype):
-    """The generated Metal and CUDA text of the decode kernel, run on the CPU by an emulator."""
-    B, H, Dk, Dv, K = 2, 3, 64, 24, 4
+def test_decode_kernel_text_runs_right_on_cpu(kind, dtype, Dv):
+    """The generated Metal and CUDA text of the decode kernel, run on the CPU by an emulator: one value row a
+    32-lane group (Dv 16) and six (Dv 96); 16 groups meet in threadgroup memory for the norm."""
+    from kimi_mlx.ops.kda_decode import groups
+
+    B, H, Dk, K = 2, 3, 64, 4
     x = step_inputs(B, H, Dk, Dv, seed=12, dtype=dtype)
-    names = ["qkv", "conv_tail", "conv_w", "gate_a", "dt_bias", "a_log", "beta_logit", "state"]
+    names = ["qkv", "conv_tail", "conv_w", "gate_a", "dt_bias", "a_log", "beta_logit", "state", "gate_b", "norm_w"]
+    G = groups(Dv)
     got = kernel_emulator.emulate(
-        "kda_decode", kind, [x[n] for n in names], (("NH", H), ("DK", Dk), ("DV", Dv), ("KW", K)),
-        grid=(32, Dv, B * H), threadgroup=(32, 4, 1),
+        "kda_decode", kind, [x[n] for n in names] + [mx.array([x["eps"]], mx.float32)],
+        (("NH", H), ("DK", Dk), ("DV", Dv), ("KW", K), ("G", G)),
+        grid=(32 * G, 1, B * H), threadgroup=(32 * G, 1, 1),
         output_shapes=[(B, H, Dv), (B, H, Dv, Dk), (B, K - 1, x["qkv"].shape[1])],
-        output_dtypes=[mx.float32, mx.float32, dtype],
+        output_dtypes=[dtype, mx.float32, dtype],
     )
     assert_step_close(got, decode_step_ref(**x))
 

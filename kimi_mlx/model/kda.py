@@ -77,18 +77,17 @@ class KimiDeltaAttention(nn.Module):
         H, D = self.num_heads, self.head_dim
         if T == 1 and decode_path(state.recurrent, self.conv_weight) != "ref":
             f_b, g_b, b_logit = self.decode_gates(x)
-            # one fused op: conv update, norms, gates, state update, readout (ops/kda_decode.py)
-            o, state.recurrent, state.conv = kda_decode_step(
+            # one fused op: conv update, norms, gates, state update, readout, output gate (ops/kda_decode.py)
+            y, state.recurrent, state.conv = kda_decode_step(
                 self.qkv_proj(x)[:, 0], f_b[:, 0], b_logit[:, 0],
                 state.conv, self.conv_weight, self.A_log, self.dt_bias, state.recurrent,
+                g_b[:, 0], self.o_norm_weight, self.norm_eps,
             )
-            o = o[:, None]
         else:
             f_a, g_a, b_logit = self.low_rank_inputs(x)
             qkv, state.conv = short_conv(self.qkv_proj(x), state.conv, self.conv_weight)
             q, k, v = mx.split(qkv.reshape(B, T, 3, H, D), 3, axis=2)
             beta = mx.sigmoid(b_logit.astype(mx.float32))
             o, state.recurrent = kda(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.gate(f_a), beta, state.recurrent)
-            g_b = self.g_b_proj(g_a)
-        y = gated_norm(o, g_b.reshape(B, T, H, D), self.o_norm_weight, self.norm_eps, x.dtype)
+            y = gated_norm(o, self.g_b_proj(g_a).reshape(B, T, H, D), self.o_norm_weight, self.norm_eps, x.dtype)
         return self.o_proj(y.reshape(B, T, H * D))
