@@ -108,7 +108,9 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-# an attention parameter decode does not read where model/fuse.py derived the one it reads instead
+# an attention parameter decode does not read where model/fuse.py derived the one it reads instead (where the KDA
+# decode kernel applies f_b and g_b itself, ops/kda_decode.py, it reads those and not gates_out: ~1% fewer bytes
+# than counted at the real shape)
 DECODE_READS_INSTEAD = {"k_up": "q_absorb", "v_up": "v_absorb", "f_b_proj": "gates_out.weight",
                         "g_b_proj": "gates_out.weight", "q_proj": "q_kv.weight", "kv_a_proj_with_mqa": "q_kv.weight"}
 

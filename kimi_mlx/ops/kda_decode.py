@@ -13,6 +13,12 @@ Arguments (C3 = 2*H*Dk + H*Dv channels, q|k|v):
   gate_b [B, H*Dv] g_b(g_a(x)); norm_w [Dv] the output norm's weight; eps its epsilon.
 Returns (y [B, H, Dv] in qkv's dtype: ops.kda.gated_norm of the readout, new state [B, H, Dv, Dk] f32,
 new conv_tail [B, K-1, C3] in qkv's dtype).
+
+From the fused low-rank row instead (gates [B, 2*Dk + H] = f_a | g_a | beta logits, and the f_b_proj and
+g_b_proj modules), two twins:
+  decode_step_gates_ref     f_b and g_b as the modules' matmuls, then decode_step_ref
+  decode_step_gates_kernel  one kernel that also applies f_b and g_b (affine-quantized at 2, 4 or 8 bits:
+                            gates_kernel_supports), each threadgroup for its own head
 """
 
 from __future__ import annotations
@@ -91,7 +97,8 @@ def groups(dv: int) -> int:
     return next(g for g in range(min(MAX_GROUPS, dv), 0, -1) if dv % g == 0)
 
 
-def decode_step_kernel(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):
+def _launch(name, qkv, gate_inputs, conv_tail, conv_w, a_log, dt_bias, state, norm_w, eps, template=()):
+    """Run decode kernel `name` (kda_decode or kda_decode_gates): one threadgroup a (sequence, head)."""
     from metal_kernels import kernel
 
     B, C3 = qkv.shape
@@ -99,13 +106,42 @@ def decode_step_kernel(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bia
     Dv, Dk = state.shape[-2:]
     K = conv_w.shape[0]
     G = groups(Dv)
-    out, state, tail = kernel("kda_decode")(
-        inputs=[qkv, _as(conv_tail, qkv.dtype), conv_w, gate_a, dt_bias, a_log, beta_logit, _as(state, mx.float32),
-                gate_b, _as(norm_w, mx.float32), mx.array([eps], mx.float32)],
-        template=[("NH", H), ("DK", Dk), ("DV", Dv), ("KW", K), ("G", G)],
+    first, rest = gate_inputs
+    return kernel(name)(
+        inputs=[qkv, _as(conv_tail, qkv.dtype), conv_w, *first, dt_bias, a_log, _as(state, mx.float32), *rest,
+                _as(norm_w, mx.float32), mx.array([eps], mx.float32)],
+        template=[("NH", H), ("DK", Dk), ("DV", Dv), ("KW", K), ("G", G), *template],
         grid=(32 * G, 1, B * H),
         threadgroup=(32 * G, 1, 1),
         output_shapes=[(B, H, Dv), (B, H, Dv, Dk), (B, K - 1, C3)],
         output_dtypes=[qkv.dtype, mx.float32, qkv.dtype],
     )
-    return out, state, tail
+
+
+def decode_step_kernel(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):
+    return _launch("kda_decode", qkv, ([gate_a], [beta_logit, gate_b]), conv_tail, conv_w, a_log, dt_bias, state,
+                   norm_w, eps)
+
+
+def decode_step_gates_ref(qkv, gates, conv_tail, conv_w, a_log, dt_bias, state, f_b, g_b, norm_w, eps):
+    D = state.shape[-1]
+    return decode_step_ref(qkv, f_b(gates[:, :D]), gates[:, 2 * D :], conv_tail, conv_w, a_log, dt_bias, state,
+                           g_b(gates[:, D : 2 * D]), norm_w, eps)
+
+
+def gates_kernel_supports(f_b, g_b, state: mx.array) -> bool:
+    """f_b and g_b affine-quantized alike at 2, 4 or 8 bits (MLX packs those whole in 32-bit words), groups
+    splitting a row of Dk values, and a value dim the norm's groups split."""
+    Dk = state.shape[-1]
+    mods = (f_b, g_b)
+    if not all(isinstance(m, nn.QuantizedLinear) and getattr(m, "mode", "affine") == "affine" for m in mods):
+        return False
+    bits, gs = f_b.bits, f_b.group_size
+    return (g_b.bits, g_b.group_size) == (bits, gs) and bits in (2, 4, 8) and Dk % gs == 0 and "biases" in f_b \
+        and "biases" in g_b
+
+
+def decode_step_gates_kernel(qkv, gates, conv_tail, conv_w, a_log, dt_bias, state, f_b, g_b, norm_w, eps):
+    quantized = [m[k] for m in (f_b, g_b) for k in ("weight", "scales", "biases")]
+    return _launch("kda_decode_gates", qkv, ([gates], quantized), conv_tail, conv_w, a_log, dt_bias, state,
+                   norm_w, eps, template=[("BITS", f_b.bits), ("GS", f_b.group_size)])
