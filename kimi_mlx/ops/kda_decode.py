@@ -130,8 +130,8 @@ def decode_step_gates_ref(qkv, gates, conv_tail, conv_w, a_log, dt_bias, state, 
 
 
 def gates_kernel_supports(f_b, g_b, state: mx.array) -> bool:
-    """f_b and g_b affine-quantized alike at 2, 4 or 8 bits (MLX packs those whole in 32-bit words), groups
-    splitting a row of Dk values, and a value dim the norm's groups split."""
+    """f_b and g_b affine-quantized alike at 2, 4 or 8 bits (MLX packs those whole in 32-bit words), with
+    groups splitting a row of Dk values (the kernel path's own conditions: kernel_supports)."""
     Dk = state.shape[-1]
     mods = (f_b, g_b)
     if not all(isinstance(m, nn.QuantizedLinear) and getattr(m, "mode", "affine") == "affine" for m in mods):
