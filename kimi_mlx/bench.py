@@ -108,16 +108,25 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
+# an attention parameter decode does not read where model/fuse.py derived the one it reads instead (where the KDA
+# decode kernel applies f_b and g_b itself, ops/kda_decode.py, it reads those and not gates_out: ~1% fewer bytes
+# than counted at the real shape)
+DECODE_READS_INSTEAD = {"k_up": "q_absorb", "v_up": "v_absorb", "f_b_proj": "gates_out.weight",
+                        "g_b_proj": "gates_out.weight", "q_proj": "q_kv.weight", "kv_a_proj_with_mqa": "q_kv.weight"}
+
+
 def active_bytes_per_token(model: Model) -> int:
     """Bytes of weights read per decoded token: all but the unused experts and the embedding table."""
     cfg = model.config
     E, k, S = cfg.num_experts, cfg.num_experts_per_token, cfg.num_shared_experts
     total = 0
     params = tree_flatten(model.parameters())
-    absorbed = any(name.endswith(".q_absorb") for name, _ in params)
+    names = {name for name, _ in params}
     for name, v in params:
-        if absorbed and name.endswith((".k_up", ".v_up")):
-            continue  # decode reads the absorb and value matrices model/fuse.py keeps instead
+        layer, _, rest = name.partition(".self_attn.")
+        derived = DECODE_READS_INSTEAD.get(rest.split(".")[0])
+        if derived and f"{layer}.self_attn.{derived}" in names:
+            continue
         if "embed_tokens" in name:
             total += v.nbytes // v.shape[0]
         elif ".mlp." in name and v.ndim == 3 and v.shape[0] in (E, E + S):  # an expert bank

@@ -98,11 +98,35 @@ def check_decode(path: str, B: int = 2, H: int = 4, Dk: int = 128, Dv: int = 96)
         qkv=mx.random.normal((B, C3)), gate_a=a.reshape(B, H * Dk), beta_logit=mx.random.normal((B, H)),
         conv_tail=mx.random.normal((B, 3, C3)), conv_w=0.5 * mx.random.normal((4, C3)), a_log=a_log,
         dt_bias=mx.random.normal((H * Dk,)), state=mx.random.normal((B, H, Dv, Dk)),
+        gate_b=6 * mx.random.normal((B, H * Dv)), norm_w=mx.random.uniform(0.5, 1.5, (Dv,)), eps=1e-5,
     )
     step = kda_decode.decode_step_kernel if path == "kernel" else kda_decode.decode_step_ops
     got, want = step(**x), kda_decode.decode_step_ref(**x)
     err = max(_rel_err(g, w) for g, w in zip(got, want))
     return Check(f"decode step, {'fused kernel' if path == 'kernel' else 'fused ops'}", err)
+
+
+def check_decode_gates(bits: int = 8, B: int = 2, H: int = 4, Dk: int = 128, Dv: int = 96) -> Check:
+    """The decode kernel that also applies the quantized f_b and g_b projections, against their matmuls + the
+    reference step."""
+    import mlx.nn as nn
+
+    from .ops import kda_decode
+
+    mx.random.seed(6)
+    C3 = 2 * H * Dk + H * Dv
+    _, a_log = _gate((B, H, Dk))
+    f_b = nn.QuantizedLinear(Dk, H * Dk, bias=False, group_size=64, bits=bits)
+    g_b = nn.QuantizedLinear(Dk, H * Dv, bias=False, group_size=64, bits=bits)
+    x = dict(
+        qkv=mx.random.normal((B, C3)), gates=4 * mx.random.normal((B, 2 * Dk + H)),
+        conv_tail=mx.random.normal((B, 3, C3)), conv_w=0.5 * mx.random.normal((4, C3)), a_log=a_log,
+        dt_bias=mx.random.normal((H * Dk,)), state=mx.random.normal((B, H, Dv, Dk)), f_b=f_b, g_b=g_b,
+        norm_w=mx.random.uniform(0.5, 1.5, (Dv,)), eps=1e-5,
+    )
+    got, want = kda_decode.decode_step_gates_kernel(**x), kda_decode.decode_step_gates_ref(**x)
+    err = max(_rel_err(g, w) for g, w in zip(got, want))
+    return Check(f"decode step, fused kernel with {bits}-bit f_b and g_b", err)
 
 
 def check_routing() -> Check:
@@ -213,7 +237,8 @@ def environment() -> list[tuple[str, str]]:
                          + {"kernel": f"as a {gpu} kernel", "affine": "affine (a matmul a chunk)",
                             "ops": "in ops"}[kda_ops.scan_path("kernel")]}[kda_ops.prefill_path(4096)]
          + (f" (from T >= {kda_ops.CHUNKED_MIN_T})" if mode == "auto" else "")),
-        ("KDA decode step", {"kernel": f"fused {gpu} kernel", "ops": "fused ops",
+        ("KDA decode step", {"kernel": f"fused {gpu} kernel (f_b and g_b inside where affine 2/4/8-bit)",
+                             "ops": "fused ops",
                              "ref": "unfused reference"}[decode]),
         ("MoE routing", {"kernel": f"fused {gpu} kernel", "ref": "ops"}[routing_path()]),
         ("MoE decode", (f"{gpu} kernels" if decode_experts == "kernel" else f"{decode_experts} expert matmuls")
@@ -245,6 +270,8 @@ GPU_CHECKS = {
     "chunked prefill, chunk and scan kernels": partial(check_chunked, True),
     "chunked prefill, chunk kernel, scan affine": partial(check_chunked, True, scan="affine"),
     "decode step, fused kernel": partial(check_decode, "kernel"),
+    "decode step, fused kernel with 8-bit f_b and g_b": check_decode_gates,
+    "decode step, fused kernel with 4-bit f_b and g_b": partial(check_decode_gates, 4),
     "KDA output gate, kernel": check_gated_norm,
     "MLA cache rows, kernel": check_cache_rows,
     "residual add + norm, kernel": check_add_norm,

@@ -53,9 +53,10 @@ def rewind(state: ModelState, m: StateMark) -> None:
         state.rewound(m)
 
 
-# decode's matrices model/fuse.py derives at load (from k_up and v_up; f_b|g_b): not part of a model's identity (states
-# saved before they existed still load)
-DERIVED = (".q_absorb", ".v_absorb", ".gates_out.weight", ".gates_out.scales", ".gates_out.biases")
+# decode's matrices model/fuse.py derives at load (from k_up and v_up; f_b|g_b; q_proj|kv_a_proj_with_mqa): not part
+# of a model's identity (states saved before they existed still load)
+DERIVED = (".q_absorb", ".v_absorb") + tuple(f".{m}.{p}" for m in ("gates_out", "q_kv")
+                                              for p in ("weight", "scales", "biases"))
 
 
 def model_identity(model) -> dict:

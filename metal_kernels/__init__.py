@@ -39,14 +39,17 @@ class KernelSpec:
     sample_template: tuple[tuple[str, int], ...] = ()
     sample_inputs: tuple[tuple[str, int], ...] = ()  # (dtype name, element count) per input
     sample_outputs: tuple[str, ...] = ()  # dtype name per output
+    source: str = ""  # the body file's stem when it is another kernel's (default: name)
+    defines: tuple[tuple[str, int], ...] = ()  # macros set before the body (variants of one source)
 
 
 SPECS = {
     "kda_decode": KernelSpec(
         name="kda_decode",
-        inputs=("qkv", "conv_tail", "conv_w", "gate_a", "dt_bias", "a_log", "beta_logit", "state_in"),
+        inputs=("qkv", "conv_tail", "conv_w", "gate_a", "dt_bias", "a_log", "state_in", "beta_logit", "gate_b",
+                "norm_w", "eps"),
         outputs=("out", "state_out", "tail_out"),
-        sample_template=(("NH", 32), ("DK", 128), ("DV", 128), ("KW", 4)),
+        sample_template=(("NH", 32), ("DK", 128), ("DV", 128), ("KW", 4), ("G", 16)),
         sample_inputs=(
             ("bfloat16", 12288),
             ("bfloat16", 3 * 12288),
@@ -54,10 +57,41 @@ SPECS = {
             ("bfloat16", 4096),
             ("float32", 4096),
             ("float32", 32),
-            ("bfloat16", 32),
             ("float32", 32 * 128 * 128),
+            ("bfloat16", 32),
+            ("bfloat16", 4096),
+            ("float32", 128),
+            ("float32", 1),
         ),
-        sample_outputs=("float32", "float32", "bfloat16"),
+        sample_outputs=("bfloat16", "float32", "bfloat16"),
+        defines=(("KDA_GATES", 0),),
+    ),
+    "kda_decode_gates": KernelSpec(  # kda_decode with the f_b and g_b projections applied inside
+        name="kda_decode_gates",
+        inputs=("qkv", "conv_tail", "conv_w", "gates", "dt_bias", "a_log", "state_in", "f_wq", "f_scales", "f_biases",
+                "g_wq", "g_scales", "g_biases", "norm_w", "eps"),
+        outputs=("out", "state_out", "tail_out"),
+        sample_template=(("NH", 32), ("DK", 128), ("DV", 128), ("KW", 4), ("G", 16), ("BITS", 8), ("GS", 64)),
+        sample_inputs=(
+            ("bfloat16", 12288),
+            ("bfloat16", 3 * 12288),
+            ("bfloat16", 4 * 12288),
+            ("bfloat16", 288),
+            ("float32", 4096),
+            ("float32", 32),
+            ("float32", 32 * 128 * 128),
+            ("uint32", 4096 * 32),
+            ("bfloat16", 4096 * 2),
+            ("bfloat16", 4096 * 2),
+            ("uint32", 4096 * 32),
+            ("bfloat16", 4096 * 2),
+            ("bfloat16", 4096 * 2),
+            ("float32", 128),
+            ("float32", 1),
+        ),
+        sample_outputs=("bfloat16", "float32", "bfloat16"),
+        source="kda_decode",
+        defines=(("KDA_GATES", 1),),
     ),
     "kda_chunk_scan": KernelSpec(
         name="kda_chunk_scan",
@@ -176,8 +210,10 @@ def header(kind: str) -> str:
 
 
 def body(name: str, kind: str) -> str:
-    """The kernel body for one backend: its thread-id line, then the shared algorithm."""
-    return THREAD_IDS[kind] + (HERE / f"{name}.body").read_text()
+    """The kernel body for one backend: its thread-id line, the spec's macros, then the shared algorithm."""
+    spec = SPECS[name]
+    macros = "".join(f"#define {k} {v}\n" for k, v in spec.defines)
+    return THREAD_IDS[kind] + macros + (HERE / f"{spec.source or name}.body").read_text()
 
 
 def group_rows(n: int, most: int = 8) -> int:

@@ -44,40 +44,98 @@ KDA_FN float kda_log1p(float x) {
 KDA_FN float kda_softplus(float x) {
   return x > 20.0f ? x : kda_fmax(x, 0.0f) + kda_log1p(kda_exp(-kda_fabs(x)));
 }
-template <int NH, int DK, int DV, int KW>
-[[kernel]] void custom_kernel_kda_decode__32_128_128_4_bfloat16_t_bfloat16_t_bfloat16_t_bfloat16_t_float_float_bfloat16_t_float_float_float_bfloat16_t(
+template <int NH, int DK, int DV, int KW, int G>
+[[kernel]] void custom_kernel_kda_decode__32_128_128_4_16_bfloat16_t_bfloat16_t_bfloat16_t_bfloat16_t_float_float_float_bfloat16_t_bfloat16_t_float_floatc_bfloat16_t_float_bfloat16_t(
   const device bfloat16_t* qkv [[buffer(0)]],
   const device bfloat16_t* conv_tail [[buffer(1)]],
   const device bfloat16_t* conv_w [[buffer(2)]],
   const device bfloat16_t* gate_a [[buffer(3)]],
   const device float* dt_bias [[buffer(4)]],
   const device float* a_log [[buffer(5)]],
-  const device bfloat16_t* beta_logit [[buffer(6)]],
-  const device float* state_in [[buffer(7)]],
-  device float* out [[buffer(8)]],
-  device float* state_out [[buffer(9)]],
-  device bfloat16_t* tail_out [[buffer(10)]],
+  const device float* state_in [[buffer(6)]],
+  const device bfloat16_t* beta_logit [[buffer(7)]],
+  const device bfloat16_t* gate_b [[buffer(8)]],
+  const device float* norm_w [[buffer(9)]],
+  const constant float* eps [[buffer(10)]],
+  device bfloat16_t* out [[buffer(11)]],
+  device float* state_out [[buffer(12)]],
+  device bfloat16_t* tail_out [[buffer(13)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const uint3 kda_gid = thread_position_in_grid;
-// KDA decode step, fused: causal conv update + SiLU, q/k L2 norms, forget gate, beta,
-// delta-rule state update and readout, for one token of B sequences.
-// Grid (32, DV, B * NH): one 32-lane group per (sequence, head, value row); a lane owns DK / 32
-// consecutive key channels. Inputs (row-major):
+#define KDA_GATES 0
+// KDA decode step, fused: causal conv update + SiLU, q/k L2 norms, forget gate, beta, delta-rule state update
+// and readout, then the output gate (rms_norm over the head's DV values x norm_w x sigmoid(gate_b)), for one
+// token of B sequences.
+// Grid (32 * G, 1, B * NH), threadgroup (32 * G, 1, 1): one threadgroup per (sequence, head), whose G 32-lane
+// groups each take RPG = DV / G consecutive value rows and meet in threadgroup memory for the norm; a lane owns
+// DK / 32 consecutive key channels. Inputs (row-major):
 //   qkv [B, C3] pre-conv q|k|v of this token    conv_tail [B, KW-1, C3] previous pre-conv inputs
-//   conv_w [KW, C3] (row KW-1 = this token)     gate_a [B, NH*DK] gate before dt_bias/softplus
-//   dt_bias [NH*DK], a_log [NH], beta_logit [B, NH], state_in [B, NH, DV, DK] float32
-// Outputs: out [B, NH, DV] float32, state_out like state_in, tail_out like conv_tail.
+//   conv_w [KW, C3] (row KW-1 = this token)     dt_bias [NH*DK], a_log [NH], state_in [B, NH, DV, DK] float32
+//   norm_w [DV] float32, eps [1] float32
+// and the gates, KDA_GATES 0 (kda_decode): gate_a [B, NH*DK] forget gate before dt_bias/softplus, beta_logit
+// [B, NH], gate_b [B, NH*DV] output gate before sigmoid; KDA_GATES 1 (kda_decode_gates): gates [B, 2*DK + NH]
+// (f_a | g_a | beta logits: the fused low-rank projection's row) and the affine-quantized f_b and g_b
+// projections f_wq, f_scales, f_biases [NH*DK, DK*BITS/32 | DK/GS] and g_wq, g_scales, g_biases [NH*DV, ...],
+// which each threadgroup applies for its own head (template BITS 2, 4 or 8 and GS, as MLX packs them), rounding
+// each result to the gates' dtype as the matmul it replaces does.
+// Outputs: out [B, NH, DV] (the gated norm, in out's dtype), state_out like state_in, tail_out like conv_tail.
 constexpr int PER = DK / 32;
+constexpr int RPG = DV / G;
 constexpr int CQ = NH * DK;  // q channels, then k channels, then NH * DV v channels
 constexpr int C3 = 2 * CQ + NH * DV;
-const int lane = kda_gid.x;
-const int dv = kda_gid.y;
+KDA_SHARED float part[G];
+const int lane = kda_gid.x % 32;
+const int g = kda_gid.x / 32;
 const int n = kda_gid.z;
 const int b = n / NH;
 const int h = n % NH;
 const int c0 = h * DK + lane * PER;
 const int new_at = b * C3;
 const int old_at = b * (KW - 1) * C3;
+
+#if KDA_GATES
+// This head's f_b (DK values) and g_b (DV values): a 32-lane group a row, the lanes striding its packed words.
+KDA_SHARED float gate_s[DK + DV];
+{
+  constexpr int VPW = 32 / BITS;  // values per packed word
+  constexpr int WPR = DK / VPW;  // words per row (f_a and g_a are DK long)
+  constexpr int GPR = DK / GS;  // quantization groups per row
+  constexpr unsigned int MASK = (1u << BITS) - 1u;
+  const int gin = b * (2 * DK + NH);
+  for (int rr = g; rr < DK + DV; rr += G) {
+    const bool is_f = rr < DK;
+    const size_t row = is_f ? static_cast<size_t>(h * DK + rr) : static_cast<size_t>(h * DV + rr - DK);
+    const int x0 = gin + (is_f ? 0 : DK);
+    float acc = 0.0f;
+    for (int w = lane; w < WPR; w += 32) {
+      const unsigned int word = is_f ? f_wq[row * WPR + w] : g_wq[row * WPR + w];
+      float dot = 0.0f;
+      float xsum = 0.0f;
+      for (int j = 0; j < VPW; ++j) {
+        const float xv = static_cast<float>(gates[x0 + w * VPW + j]);
+        dot += static_cast<float>((word >> (j * BITS)) & MASK) * xv;
+        xsum += xv;
+      }
+      const size_t at = row * GPR + (w * VPW) / GS;
+      const float scale = static_cast<float>(is_f ? f_scales[at] : g_scales[at]);
+      const float bias = static_cast<float>(is_f ? f_biases[at] : g_biases[at]);
+      acc += scale * dot + bias * xsum;
+    }
+    acc = kda_simd_sum(acc);
+    if (lane == 0) {
+      gate_s[rr] = kda_round_as(gates, acc);
+    }
+  }
+}
+kda_barrier();
+#define KDA_GATE_A(i) gate_s[lane * PER + (i)]
+#define KDA_BETA_LOGIT static_cast<float>(gates[b * (2 * DK + NH) + 2 * DK + h])
+#define KDA_GATE_B(dv) gate_s[DK + (dv)]
+#else
+#define KDA_GATE_A(i) static_cast<float>(gate_a[b * CQ + c0 + (i)])
+#define KDA_BETA_LOGIT static_cast<float>(beta_logit[b * NH + h])
+#define KDA_GATE_B(dv) static_cast<float>(gate_b[b * NH * DV + h * DV + (dv)])
+#endif
 
 // q and k of this lane's channels: conv over the KW taps, SiLU, sums of squares.
 float qk[2][PER];
@@ -96,43 +154,66 @@ for (int w = 0; w < 2; ++w) {
 const float q_scale = kda_rsqrt(kda_simd_sum(sq[0]) + 1e-6f) * kda_rsqrt(static_cast<float>(DK));
 const float k_scale = kda_rsqrt(kda_simd_sum(sq[1]) + 1e-6f);
 
-// v for this value row.
-const int cv = 2 * CQ + h * DV + dv;
-float acc_v = static_cast<float>(conv_w[(KW - 1) * C3 + cv]) * static_cast<float>(qkv[new_at + cv]);
-for (int j = 0; j < KW - 1; ++j) {
-  acc_v += static_cast<float>(conv_w[j * C3 + cv]) * static_cast<float>(conv_tail[old_at + j * C3 + cv]);
-}
-const float v = kda_silu(acc_v);
-
 // Gates: per-channel decay exp(-exp(A_log) softplus(a + dt_bias)), per-head beta.
 const float rate = kda_exp(static_cast<float>(a_log[h]));
-const float beta = kda_sigmoid(static_cast<float>(beta_logit[b * NH + h]));
+const float beta = kda_sigmoid(KDA_BETA_LOGIT);
+float decay[PER];
+for (int i = 0; i < PER; ++i) {
+  const float a = KDA_GATE_A(i) + static_cast<float>(dt_bias[c0 + i]);
+  decay[i] = kda_exp(-rate * kda_softplus(a));
+}
 
-// State row: decay, predict, correct, read out.
-const int row = (n * DV + dv) * DK + lane * PER;
-float s[PER];
-float pred = 0.0f;
-for (int i = 0; i < PER; ++i) {
-  const float a = static_cast<float>(gate_a[b * CQ + c0 + i]) + static_cast<float>(dt_bias[c0 + i]);
-  s[i] = state_in[row + i] * kda_exp(-rate * kda_softplus(a));
-  pred += s[i] * qk[1][i];
+// This group's value rows: v, then the state row's decay, predict, correct, read out.
+float o[RPG];
+float o_sq = 0.0f;
+for (int r = 0; r < RPG; ++r) {
+  const int dv = g * RPG + r;
+  const int cv = 2 * CQ + h * DV + dv;
+  float acc_v = static_cast<float>(conv_w[(KW - 1) * C3 + cv]) * static_cast<float>(qkv[new_at + cv]);
+  for (int j = 0; j < KW - 1; ++j) {
+    acc_v += static_cast<float>(conv_w[j * C3 + cv]) * static_cast<float>(conv_tail[old_at + j * C3 + cv]);
+  }
+  const float v = kda_silu(acc_v);
+  const int row = (n * DV + dv) * DK + lane * PER;
+  float s[PER];
+  float pred = 0.0f;
+  for (int i = 0; i < PER; ++i) {
+    s[i] = state_in[row + i] * decay[i];
+    pred += s[i] * qk[1][i];
+  }
+  const float u = beta * (v - kda_simd_sum(pred) * k_scale);
+  float dot = 0.0f;
+  for (int i = 0; i < PER; ++i) {
+    s[i] += u * k_scale * qk[1][i];
+    dot += s[i] * qk[0][i];
+    state_out[row + i] = s[i];
+  }
+  o[r] = kda_simd_sum(dot) * q_scale;
+  o_sq += o[r] * o[r];
 }
-const float u = beta * (v - kda_simd_sum(pred) * k_scale);
-float o = 0.0f;
-for (int i = 0; i < PER; ++i) {
-  s[i] += u * k_scale * qk[1][i];
-  o += s[i] * qk[0][i];
-  state_out[row + i] = s[i];
-}
-o = kda_simd_sum(o) * q_scale;
+
+// Output gate over the head's DV readouts (float32), stored in out's dtype.
 if (lane == 0) {
-  out[n * DV + dv] = o;
+  part[g] = o_sq;
+}
+kda_barrier();
+float total = 0.0f;
+for (int i = 0; i < G; ++i) {
+  total += part[i];
+}
+const float rn = kda_rsqrt(total / static_cast<float>(DV) + eps[0]);
+if (lane == 0) {
+  for (int r = 0; r < RPG; ++r) {
+    const int dv = g * RPG + r;
+    const float gate = kda_sigmoid(KDA_GATE_B(dv));
+    kda_store(out, n * DV + dv, o[r] * rn * norm_w[dv] * gate);
+  }
 }
 
-// Conv tail: drop the oldest input, append this token (q/k by row 0's group, v by lane 0).
-for (int w = 0; w < 3; ++w) {
-  const int c = w < 2 ? w * CQ + c0 : cv;
-  const int count = w < 2 ? (dv == 0 ? PER : 0) : (lane == 0 ? 1 : 0);
+// Conv tail: drop the oldest input, append this token (q/k by group 0's lanes, each group's v rows by its lane 0).
+for (int w = 0; w < 2 + RPG; ++w) {
+  const int c = w < 2 ? w * CQ + c0 : 2 * CQ + h * DV + g * RPG + (w - 2);
+  const int count = w < 2 ? (g == 0 ? PER : 0) : (lane == 0 ? 1 : 0);
   for (int i = 0; i < count; ++i) {
     for (int j = 0; j < KW - 2; ++j) {
       tail_out[old_at + j * C3 + c + i] = conv_tail[old_at + (j + 1) * C3 + c + i];
@@ -143,4 +224,4 @@ for (int w = 0; w < 3; ++w) {
 
 }
 
-template [[host_name("custom_kernel_kda_decode__32_128_128_4_bfloat16_t_bfloat16_t_bfloat16_t_bfloat16_t_float_float_bfloat16_t_float_float_float_bfloat16_t")]] [[kernel]] decltype(custom_kernel_kda_decode__32_128_128_4_bfloat16_t_bfloat16_t_bfloat16_t_bfloat16_t_float_float_bfloat16_t_float_float_float_bfloat16_t<32, 128, 128, 4>) custom_kernel_kda_decode__32_128_128_4_bfloat16_t_bfloat16_t_bfloat16_t_bfloat16_t_float_float_bfloat16_t_float_float_float_bfloat16_t<32, 128, 128, 4>;
+template [[host_name("custom_kernel_kda_decode__32_128_128_4_16_bfloat16_t_bfloat16_t_bfloat16_t_bfloat16_t_float_float_float_bfloat16_t_bfloat16_t_float_floatc_bfloat16_t_float_bfloat16_t")]] [[kernel]] decltype(custom_kernel_kda_decode__32_128_128_4_16_bfloat16_t_bfloat16_t_bfloat16_t_bfloat16_t_float_float_float_bfloat16_t_bfloat16_t_float_floatc_bfloat16_t_float_bfloat16_t<32, 128, 128, 4, 16>) custom_kernel_kda_decode__32_128_128_4_16_bfloat16_t_bfloat16_t_bfloat16_t_bfloat16_t_float_float_float_bfloat16_t_bfloat16_t_float_floatc_bfloat16_t_float_bfloat16_t<32, 128, 128, 4, 16>;

@@ -6,6 +6,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from kimi_mlx import bench
 
@@ -17,6 +18,35 @@ def test_identical_weights_give_matching_logits():
     a = ours(toks)
     b = theirs(toks)
     assert float(mx.abs(a - b).max()) <= 1e-3 * float(mx.abs(b).max())
+
+
+def test_bytes_read_a_token_count_what_decode_reads(demo_random):
+    """Where model/fuse.py derived a matrix decode reads instead (q_kv for q_proj | kv_a_proj_with_mqa; gates_out
+    for f_b_proj | g_b_proj; q_absorb, v_absorb for k_up, v_up), only the derived one counts."""
+    model, _ = demo_random
+    attns = [l.self_attn for l in model.model.layers]
+    fused = bench.active_bytes_per_token(model)
+    mla = [a for a in attns if "q_kv" in a]
+    kept = [(a, a.q_kv) for a in mla]
+    for a in mla:
+        del a["q_kv"]  # the same rows as q_proj and kv_a_proj_with_mqa: the same bytes either way
+    try:
+        assert bench.active_bytes_per_token(model) == fused
+    finally:
+        for a, m in kept:
+            a.q_kv = m
+    kda = [a for a in attns if "gates_out" in a]
+    out_bytes = sum(sum(v.nbytes for _, v in tree_flatten(a.gates_out.parameters())) for a in kda)
+    parts_bytes = sum(sum(v.nbytes for _, v in tree_flatten(m.parameters())) for a in kda for m in (a.f_b_proj, a.g_b_proj))
+    assert mla and kda and out_bytes == 2 * parts_bytes  # zero blocks beside f_b and g_b
+    kept = [(a, a.gates_out) for a in kda]
+    for a in kda:
+        del a["gates_out"]
+    try:
+        assert bench.active_bytes_per_token(model) == fused - out_bytes + parts_bytes
+    finally:
+        for a, m in kept:
+            a.gates_out = m
 
 
 def test_run_prints_ratios_and_memory():

@@ -5,8 +5,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+import kernel_emulator
 from kimi_mlx import load_model
 from kimi_mlx.model.fuse import FusedMoE
+from kimi_mlx.ops.kda import gpu_backend
 
 
 def quantize(model, bits):
@@ -32,6 +34,7 @@ def test_fused_equals_reference(hf_checkpoint, shared, bits):
     assert all(isinstance(l.mlp, FusedMoE) for l in fused.model.layers[1:])
     kda_layers = [l.self_attn for l in fused.model.layers if l.is_kda]
     assert all("gates_in" in a and "f_a_proj" not in a and "gates_out" in a for a in kda_layers)
+    assert all("q_kv" in l.self_attn for l in fused.model.layers if not l.is_kda)
     assert all(l.mlp.gate.weight.dtype == mx.float32 for l in fused.model.layers[1:])
     scale = float(mx.abs(ref).max())
     assert float(mx.abs(fused(toks) - ref).max()) <= 1e-5 * scale  # prefill: tokens sorted by expert
@@ -50,24 +53,74 @@ def test_mixed_precision_experts_stay_unfused(hf_checkpoint):
     assert not any(isinstance(l.mlp, FusedMoE) for l in model.model.layers)
 
 
-def test_kda_inputs_stay_apart_when_stored_differently(hf_checkpoint):
+@pytest.mark.parametrize("odd,fused,kept", [(".b_proj", "gates_in", "b_proj"),
+                                           (".kv_a_proj_with_mqa", "q_kv", "kv_a_proj_with_mqa")])
+def test_inputs_stay_apart_when_stored_differently(hf_checkpoint, odd, fused, kept):
+    """A KDA (MLA) layer whose input projections are stored unlike each other keeps them apart, prefill and decode."""
     _, path = hf_checkpoint("kmk", moe_intermediate_size=32, hidden_size=64)
     model = load_model(path, fuse=False)
-    nn.quantize(model, 32, 8, class_predicate=lambda p, m: p.endswith(".b_proj"))
+    nn.quantize(model, 32, 8, class_predicate=lambda p, m: p.endswith(odd))
     toks = mx.array(np.arange(20)[None] % 200)
     ref = model(toks)
     from kimi_mlx.model.fuse import fuse_model
 
     fuse_model(model)
-    attn = model.model.layers[0].self_attn
-    assert "gates_in" not in attn and "b_proj" in attn
-    assert float(mx.abs(model(toks) - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
+    attns = [l.self_attn for l in model.model.layers if kept in l.self_attn]
+    assert attns and not any(fused in a for a in attns)
+    scale = float(mx.abs(ref).max())
+    assert float(mx.abs(model(toks) - ref).max()) <= 1e-5 * scale
+    state = model.new_state(1)
+    steps = mx.concatenate([model(toks[:, t : t + 1], state) for t in range(4)], axis=1)
+    assert float(mx.abs(steps - ref[:, :4]).max()) <= 1e-5 * scale
+
+
+def decode_with_gates_inside(hf_checkpoint, monkeypatch, bits, emulated: bool):
+    """The model's decode steps on the kernel path, where the KDA kernel applies the quantized f_b and g_b itself,
+    against the unfused model's logits. emulated: its CUDA text on the CPU (eager steps: the emulator evaluates
+    its inputs), else the device's kernel in the compiled steps."""
+    from kimi_mlx.model import kda as kda_layer
+    from kimi_mlx.model.fuse import fuse_model
+    from kimi_mlx.ops import kda_decode
+
+    _, path = hf_checkpoint("kmk", kda_dim=32, moe_intermediate_size=32, hidden_size=64)
+    ref_model = load_model(path, fuse=False)
+    quantize(ref_model, bits)
+    toks = mx.array(np.random.default_rng(3).integers(0, 211, (2, 5)))
+    ref = ref_model(toks)
+    model = load_model(path, fuse=False)
+    quantize(model, bits)
+    fuse_model(model)
+    if emulated:
+        import metal_kernels
+
+        model.compile_decode = False
+        monkeypatch.setattr(metal_kernels, "kernel", kernel_emulator.kernel_factory("cuda"))
+        monkeypatch.setattr(kda_layer, "decode_path", lambda *a: "kernel")
+    calls = []
+    monkeypatch.setattr(kda_layer, "decode_step_gates_kernel",
+                        lambda *a, **k: calls.append(1) or kda_decode.decode_step_gates_kernel(*a, **k))
+    state = model.new_state(2)
+    steps = mx.concatenate([model(toks[:, t : t + 1], state) for t in range(5)], axis=1)
+    assert len(calls) == 5 * 2 if emulated else calls  # every token of both KDA layers (compiled: when traced)
+    assert float(mx.abs(steps - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_decode_with_gates_inside_the_kernel_equals_reference(hf_checkpoint, monkeypatch, bits):
+    decode_with_gates_inside(hf_checkpoint, monkeypatch, bits, emulated=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_backend() is None, reason="needs MLX's Metal or CUDA backend")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_decode_with_gates_inside_the_kernel_equals_reference(hf_checkpoint, monkeypatch, bits):
+    decode_with_gates_inside(hf_checkpoint, monkeypatch, bits, emulated=False)
 
 
 @pytest.mark.parametrize("path", ["gather", "sorted", "segmented", "blocked", "bounded"])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_expert_paths_agree(hf_checkpoint, monkeypatch, path, bits):
-    from kimi_mlx.ops.kda import gpu_backend
 
     if path == "sorted" and bits is None and gpu_backend() == "cuda":
         pytest.xfail("MLX 0.32.4 CUDA: gather_mm over expert-sorted float32 rows (its grouped GEMM) gave wrong "

@@ -143,26 +143,21 @@ def test_context_limit_caps_the_reply(demo, monkeypatch):
 
 
 def test_model_identity_ignores_decode_matrices_derived_at_load(demo_random):
-    """States saved before the MLA absorb/value matrices and the KDA f_b|g_b bank existed still load: those
-    (derived by model/fuse.py from k_up, v_up, f_b_proj and g_b_proj) are not part of a model's identity."""
+    """States saved before decode's derived matrices existed still load: the MLA absorb/value matrices and input
+    bank and the KDA f_b|g_b bank (made by model/fuse.py from k_up, v_up, q_proj, kv_a_proj_with_mqa, f_b_proj and
+    g_b_proj) are not part of a model's identity."""
     from kimi_mlx.state_io import model_identity
 
     model, _ = demo_random
-    mla = [l.self_attn for l in model.model.layers if "q_absorb" in l.self_attn]
-    assert mla
+    derived = ("q_absorb", "v_absorb", "q_kv", "gates_out")
+    attns = [l.self_attn for l in model.model.layers]
+    assert all(any(n in a for a in attns) for n in derived)
     before = model_identity(model)
-    kept = [(a, a.q_absorb, a.v_absorb) for a in mla]
-    for a in mla:
-        del a["q_absorb"], a["v_absorb"]
-    kda = [l.self_attn for l in model.model.layers if "gates_out" in l.self_attn]
-    assert kda
-    kept_gates = [(a, a.gates_out) for a in kda]
-    for a in kda:
-        del a["gates_out"]
+    kept = [(a, n, a[n]) for a in attns for n in derived if n in a]
+    for a, n, _ in kept:
+        del a[n]
     try:
         assert model_identity(model) == before
     finally:
-        for a, q, v in kept:
-            a.q_absorb, a.v_absorb = q, v
-        for a, g in kept_gates:
-            a.gates_out = g
+        for a, n, v in kept:
+            setattr(a, n, v)

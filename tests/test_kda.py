@@ -166,13 +166,18 @@ def step_inputs(B, H, Dk, Dv, seed, dtype=mx.float32, extreme=True, random_state
         a_log=a_log,
         dt_bias=mx.random.normal((H * Dk,)),
         state=mx.random.normal((B, H, Dv, Dk)) if random_state else mx.zeros((B, H, Dv, Dk)),
+        gate_b=(12 * mx.random.normal((B, H * Dv))).astype(dtype),  # far into both tails of the sigmoid
+        norm_w=mx.random.uniform(0.5, 1.5, (Dv,)),
+        eps=1e-5,
     )
 
 
 def assert_step_close(got, want, tol=TOL):
-    o, s, tail = got
-    o_ref, s_ref, tail_ref = want
-    assert rel_err(o, o_ref) <= tol
+    """The gated output in its dtype (bfloat16: within its rounding), the state in float32, the tail exact."""
+    y, s, tail = got
+    y_ref, s_ref, tail_ref = want
+    assert y.dtype == y_ref.dtype
+    assert rel_err(y, y_ref) <= (tol if y.dtype == mx.float32 else 1e-2)
     assert rel_err(s, s_ref) <= tol
     assert tail.dtype == tail_ref.dtype and rel_err(tail, tail_ref) == 0.0
 
@@ -195,24 +200,77 @@ def test_decode_reference_matches_model_pieces():
     g = -mx.exp(x["a_log"])[:, None] * kda_ops.softplus((x["gate_a"] + x["dt_bias"]).reshape(2, 1, H, Dk))
     beta = mx.sigmoid(x["beta_logit"])[:, None]
     o, s = kda_ops.kda(q.reshape(2, 1, H, Dk), k.reshape(2, 1, H, Dk), v.reshape(2, 1, H, Dv), g, beta, x["state"])
-    assert_step_close(decode_step_ref(**x), (o[:, 0], s, tail))
+    y = kda_ops.gated_norm_ref(o[:, 0], x["gate_b"].reshape(2, H, Dv), x["norm_w"], x["eps"], mx.float32)
+    assert_step_close(decode_step_ref(**x), (y, s, tail))
 
 
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("Dv", [16, 96])
 @pytest.mark.parametrize("kind", ["metal", "cuda"])
-def test_decode_kernel_text_runs_right_on_cpu(kind, dtype):
-    """The generated Metal and CUDA text of the decode kernel, run on the CPU by an emulator."""
-    B, H, Dk, Dv, K = 2, 3, 64, 24, 4
+def test_decode_kernel_text_runs_right_on_cpu(kind, dtype, Dv):
+    """The generated Metal and CUDA text of the decode kernel, run on the CPU by an emulator: one value row a
+    32-lane group (Dv 16) and six (Dv 96); 16 groups meet in threadgroup memory for the norm."""
+    from kimi_mlx.ops.kda_decode import groups
+
+    B, H, Dk, K = 2, 3, 64, 4
     x = step_inputs(B, H, Dk, Dv, seed=12, dtype=dtype)
-    names = ["qkv", "conv_tail", "conv_w", "gate_a", "dt_bias", "a_log", "beta_logit", "state"]
+    names = ["qkv", "conv_tail", "conv_w", "gate_a", "dt_bias", "a_log", "state", "beta_logit", "gate_b", "norm_w"]
+    G = groups(Dv)
     got = kernel_emulator.emulate(
-        "kda_decode", kind, [x[n] for n in names], (("NH", H), ("DK", Dk), ("DV", Dv), ("KW", K)),
-        grid=(32, Dv, B * H), threadgroup=(32, 4, 1),
+        "kda_decode", kind, [x[n] for n in names] + [mx.array([x["eps"]], mx.float32)],
+        (("NH", H), ("DK", Dk), ("DV", Dv), ("KW", K), ("G", G)),
+        grid=(32 * G, 1, B * H), threadgroup=(32 * G, 1, 1),
         output_shapes=[(B, H, Dv), (B, H, Dv, Dk), (B, K - 1, x["qkv"].shape[1])],
-        output_dtypes=[mx.float32, mx.float32, dtype],
+        output_dtypes=[dtype, mx.float32, dtype],
     )
     assert_step_close(got, decode_step_ref(**x))
+
+
+def gates_step_inputs(B, H, Dk, Dv, bits, seed, dtype=mx.float32):
+    """decode_step_gates_* arguments: step_inputs with the fused low-rank row and quantized f_b, g_b."""
+    import mlx.nn as nn
+
+    x = step_inputs(B, H, Dk, Dv, seed, dtype=dtype)
+    f_b = nn.QuantizedLinear(Dk, H * Dk, bias=False, group_size=64, bits=bits)
+    g_b = nn.QuantizedLinear(Dk, H * Dv, bias=False, group_size=64, bits=bits)
+    for m in (f_b, g_b):
+        m.set_dtype(dtype)
+    gates = mx.concatenate([4 * mx.random.normal((B, 2 * Dk)), 3 * mx.random.normal((B, H))], axis=1).astype(dtype)
+    keep = ("qkv", "conv_tail", "conv_w", "a_log", "dt_bias", "state", "norm_w", "eps")
+    return dict({k: x[k] for k in keep}, gates=gates, f_b=f_b, g_b=g_b)
+
+
+def exact(m):
+    """A quantized projection applied in float32 and rounded once to its input's dtype (what the kernel does;
+    MLX's bfloat16 quantized matmul on the CPU is ~1% off it). v: [B, in]."""
+    w = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits).astype(mx.float32)
+    return lambda v: (v.astype(mx.float32)[:, None, :] * w).sum(-1).astype(v.dtype)  # no matmul: no TF32 on CUDA
+
+
+def gates_reference(x):
+    from kimi_mlx.ops import kda_decode
+
+    return kda_decode.decode_step_gates_ref(**dict(x, f_b=exact(x["f_b"]), g_b=exact(x["g_b"])))
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("bits,Dv", [(8, 16), (4, 96)])
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+def test_decode_gates_kernel_text_runs_right_on_cpu(kind, bits, Dv, dtype, monkeypatch):
+    """The decode kernel that applies f_b and g_b itself (generated text, emulated; through its ops wrapper)
+    against the projections in float32, each rounded once to the gates' dtype, and the reference step."""
+    import metal_kernels
+    from kimi_mlx.ops import kda_decode
+
+    monkeypatch.setattr(metal_kernels, "kernel", kernel_emulator.kernel_factory(kind))
+    x = gates_step_inputs(2, 3, 64, Dv, bits, seed=16, dtype=dtype)
+    assert kda_decode.gates_kernel_supports(x["f_b"], x["g_b"], x["state"])
+    # bfloat16: a projection's sum in another order can round to the neighbouring bfloat16 value, and a forget
+    # gate one unit off moves its state row (the float32 cases hold the kernel to TOL)
+    tol = TOL if dtype == mx.float32 else 2e-2
+    assert_step_close(kda_decode.decode_step_gates_kernel(**x), gates_reference(x), tol)
 
 
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
@@ -381,6 +439,18 @@ def test_gpu_scan_model_shape(scan):
 def test_gpu_decode_kernel_matches_reference(shape, random_state, dtype):
     x = step_inputs(*shape, seed=13, dtype=dtype, random_state=random_state)
     assert_step_close(decode_step_kernel(**x), decode_step_ref(**x))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_decode_gates_kernel_matches_reference(bits):
+    from kimi_mlx.ops import kda_decode
+
+    x = gates_step_inputs(1, 32, 128, 128, bits, seed=17, dtype=mx.bfloat16)
+    assert_step_close(kda_decode.decode_step_gates_kernel(**x), gates_reference(x), 2e-2)  # as the CPU test's
+    x = gates_step_inputs(1, 32, 128, 128, bits, seed=18)
+    assert_step_close(kda_decode.decode_step_gates_kernel(**x), gates_reference(x))
 
 
 @pytest.mark.gpu

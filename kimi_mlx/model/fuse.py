@@ -248,9 +248,20 @@ def fuse_gate_outputs(attn: KimiDeltaAttention) -> bool:
     return True
 
 
+def fuse_mla_inputs(attn: KimiMLA) -> bool:
+    """q_proj and kv_a_proj_with_mqa read the same x: for decode one matmul `q_kv` ([q | latent | pe] rows), one
+    launch where there were two. Derived at load like gates_out (not in the model's identity); the two stay for
+    prefill. Needs both stored alike."""
+    parts = [attn.q_proj, attn.kv_a_proj_with_mqa]
+    if len({_qparams(p) for p in parts}) != 1 or len({p.weight.dtype for p in parts}) != 1:
+        return False
+    attn.q_kv = _like(parts[0], _bank([_parts(p) for p in parts], axis=0))
+    return True
+
+
 def fuse_model(model) -> int:
-    """Fuse in place: MoE banks, KDA input projections, float32 router weights, MLA decode's absorbed query
-    and value matrices; the layers' quantized linears become DequantLinear. Returns how many blocks."""
+    """Fuse in place: MoE banks, KDA input projections, float32 router weights, MLA decode's input projection,
+    absorbed query and value matrices; the layers' quantized linears become DequantLinear. Returns how many blocks."""
     n = 0
     shared = model.config.num_shared_experts
     for i in model.owned:
@@ -270,6 +281,7 @@ def fuse_model(model) -> int:
             a = layer.self_attn
             a.q_absorb = absorb_matrix(a.k_up, a.pe, a.scale)
             a.v_absorb = value_matrix(a.v_up, a.pe)
+            fuse_mla_inputs(a)
         dequant_linears(layer)  # prefill's projections: dequantize + dense matmul where chosen (ops/linear.py)
     model._steps = model._whole = model._prefill = model._prefill_ffn = None  # compiled steps close over the old modules
     mx.eval(model.parameters())

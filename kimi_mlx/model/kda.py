@@ -7,6 +7,7 @@ import mlx.nn as nn
 
 from ..config import ModelConfig
 from ..ops.kda import decode_path, gated_norm, kda, kda_decode_step, softplus
+from ..ops.kda_decode import decode_step_gates_kernel, gates_kernel_supports
 from ..state import KDAState
 
 
@@ -72,23 +73,28 @@ class KimiDeltaAttention(nn.Module):
         f_a, g_a, b_logit = self.low_rank_inputs(x)
         return self.f_b_proj(f_a), self.g_b_proj(g_a), b_logit
 
+    def decode_step(self, x: mx.array, state: KDAState, path: str):
+        """(y [B, H, D], recurrent, conv): one fused op for conv update, norms, gates, state update, readout and
+        output gate (ops/kda_decode.py); on the kernel path it also applies f_b and g_b where it can."""
+        qkv = self.qkv_proj(x)[:, 0]
+        rest = (state.conv, self.conv_weight, self.A_log, self.dt_bias, state.recurrent)
+        if path == "kernel" and "gates_in" in self and gates_kernel_supports(self.f_b_proj, self.g_b_proj,
+                                                                             state.recurrent):
+            return decode_step_gates_kernel(qkv, self.gates_in(x)[:, 0], *rest, self.f_b_proj, self.g_b_proj,
+                                            self.o_norm_weight, self.norm_eps)
+        f_b, g_b, b_logit = self.decode_gates(x)
+        return kda_decode_step(qkv, f_b[:, 0], b_logit[:, 0], *rest, g_b[:, 0], self.o_norm_weight, self.norm_eps)
+
     def __call__(self, x: mx.array, state: KDAState) -> mx.array:
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        if T == 1 and decode_path(state.recurrent, self.conv_weight) != "ref":
-            f_b, g_b, b_logit = self.decode_gates(x)
-            # one fused op: conv update, norms, gates, state update, readout (ops/kda_decode.py)
-            o, state.recurrent, state.conv = kda_decode_step(
-                self.qkv_proj(x)[:, 0], f_b[:, 0], b_logit[:, 0],
-                state.conv, self.conv_weight, self.A_log, self.dt_bias, state.recurrent,
-            )
-            o = o[:, None]
+        if T == 1 and (path := decode_path(state.recurrent, self.conv_weight)) != "ref":
+            y, state.recurrent, state.conv = self.decode_step(x, state, path)
         else:
             f_a, g_a, b_logit = self.low_rank_inputs(x)
             qkv, state.conv = short_conv(self.qkv_proj(x), state.conv, self.conv_weight)
             q, k, v = mx.split(qkv.reshape(B, T, 3, H, D), 3, axis=2)
             beta = mx.sigmoid(b_logit.astype(mx.float32))
             o, state.recurrent = kda(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.gate(f_a), beta, state.recurrent)
-            g_b = self.g_b_proj(g_a)
-        y = gated_norm(o, g_b.reshape(B, T, H, D), self.o_norm_weight, self.norm_eps, x.dtype)
+            y = gated_norm(o, self.g_b_proj(g_a).reshape(B, T, H, D), self.o_norm_weight, self.norm_eps, x.dtype)
         return self.o_proj(y.reshape(B, T, H * D))

@@ -29,12 +29,16 @@ class KimiMLA(nn.Module):
         """(queries [B, H, T, nope + pe], cache rows [B, T, L + pe])."""
         B, T, _ = x.shape
         L = self.latent_rank
-        q = self.q_proj(x)
+        if T == 1 and "q_kv" in self:  # decode: both projections in one matmul (model/fuse.py)
+            y = self.q_kv(x)
+            n = self.num_heads * (self.nope + self.pe)
+            q, ckv = y[..., :n], y[..., n:]
+        else:
+            q, ckv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         if T == 1:  # the same layout, and no transposed view for the matmuls after it to copy
             q = q.reshape(B, self.num_heads, 1, self.nope + self.pe)
         else:
             q = q.reshape(B, T, self.num_heads, self.nope + self.pe).transpose(0, 2, 1, 3)
-        ckv = self.kv_a_proj_with_mqa(x)
         return q, cache_rows(ckv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, L)
 
     def _out(self, o: mx.array) -> mx.array:

@@ -148,7 +148,7 @@ def kda(q, k, v, g, beta, state):
     return kda_chunked(qn, kn, v, g, beta, state, use_kernel=path == "kernel", scan=scan_path(path))
 
 
-def kda_decode_step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
+def kda_decode_step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):
     """One fused decode step on the chosen path (see kda_decode.py for the contract)."""
     from . import kda_decode
 
@@ -157,7 +157,7 @@ def kda_decode_step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, 
         "ops": kda_decode.decode_step_ops,
         "kernel": kda_decode.decode_step_kernel,
     }[decode_path(state, conv_w)]
-    return step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state)
+    return step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps)
 
 
 def gated_norm_ref(o, gate, weight, eps: float, dtype) -> mx.array:

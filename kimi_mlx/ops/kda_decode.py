@@ -1,5 +1,5 @@
 """One KDA decode step (T = 1), fused: conv-state update + SiLU, q/k L2 norms, forget gate, beta,
-delta-rule state update and readout.
+delta-rule state update, readout and the output gate (rms_norm x sigmoid gate).
 
 Three twins with one contract:
   decode_step_ref     plain mx ops, float32, built from the sequential pieces (the reference)
@@ -9,8 +9,16 @@ Three twins with one contract:
 Arguments (C3 = 2*H*Dk + H*Dv channels, q|k|v):
   qkv [B, C3] pre-conv projections of the token; gate_a [B, H*Dk] f_b(f_a(x)) before dt_bias;
   beta_logit [B, H] b_proj(x); conv_tail [B, K-1, C3] previous pre-conv inputs; conv_w [K, C3]
-  (row K-1 multiplies the current token); a_log [H]; dt_bias [H*Dk]; state [B, H, Dv, Dk] f32.
-Returns (o [B, H, Dv] f32, new state [B, H, Dv, Dk] f32, new conv_tail [B, K-1, C3] in qkv's dtype).
+  (row K-1 multiplies the current token); a_log [H]; dt_bias [H*Dk]; state [B, H, Dv, Dk] f32;
+  gate_b [B, H*Dv] g_b(g_a(x)); norm_w [Dv] the output norm's weight; eps its epsilon.
+Returns (y [B, H, Dv] in qkv's dtype: ops.kda.gated_norm of the readout, new state [B, H, Dv, Dk] f32,
+new conv_tail [B, K-1, C3] in qkv's dtype).
+
+From the fused low-rank row instead (gates [B, 2*Dk + H] = f_a | g_a | beta logits, and the f_b_proj and
+g_b_proj modules), two twins:
+  decode_step_gates_ref     f_b and g_b as the modules' matmuls, then decode_step_ref
+  decode_step_gates_kernel  one kernel that also applies f_b and g_b (affine-quantized at 2, 4 or 8 bits:
+                            gates_kernel_supports), each threadgroup for its own head
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .kda import kda_recurrent_ref, l2_normalize, softplus
+from .kda import gated_norm_ref, kda_recurrent_ref, l2_normalize, softplus
 
 
 def _prepare(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
@@ -40,10 +48,15 @@ def _prepare(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
     return q, k, v.reshape(B, 1, H, Dv), g, beta, tail
 
 
-def decode_step_ref(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
+def _gate_out(o, gate_b, norm_w, eps, dtype):
+    """The readout o [B, H, Dv] f32 through the output gate, in dtype."""
+    return gated_norm_ref(o, gate_b.reshape(o.shape), norm_w, eps, dtype)
+
+
+def decode_step_ref(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):
     q, k, v, g, beta, tail = _prepare(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state)
     o, state = kda_recurrent_ref(q, k, v, g, beta, state)
-    return o[:, 0], state, tail
+    return _gate_out(o[:, 0], gate_b, norm_w, eps, qkv.dtype), state, tail
 
 
 def _update(q, k, v, g, beta, state):
@@ -60,10 +73,10 @@ def _update(q, k, v, g, beta, state):
 _prepare_compiled = mx.compile(_prepare)  # small arrays only: the state never enters a compiled graph
 
 
-def decode_step_ops(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
+def decode_step_ops(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):
     q, k, v, g, beta, tail = _prepare_compiled(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state)
     o, state = _update(q, k, v, g, beta, state)
-    return o, state, tail
+    return _gate_out(o, gate_b, norm_w, eps, qkv.dtype), state, tail
 
 
 def kernel_supports(state: mx.array, conv_w: mx.array) -> bool:
@@ -75,20 +88,60 @@ def _as(x: mx.array, dtype: mx.Dtype) -> mx.array:
     return x if x.dtype == dtype else x.astype(dtype)  # a same-dtype astype would still copy
 
 
-def decode_step_kernel(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
+MAX_GROUPS = 16  # 512 threads a threadgroup: CUDA launches that many at up to 128 registers a thread, and Metal
+#                 pipelines allow at least that many for a kernel this small (1,024 would need <= 64 registers)
+
+
+def groups(dv: int) -> int:
+    """32-lane groups in the kernel's threadgroup (one per head): the most, up to MAX_GROUPS, splitting Dv evenly."""
+    return next(g for g in range(min(MAX_GROUPS, dv), 0, -1) if dv % g == 0)
+
+
+def _launch(name, qkv, gate_inputs, conv_tail, conv_w, a_log, dt_bias, state, norm_w, eps, template=()):
+    """Run decode kernel `name` (kda_decode or kda_decode_gates): one threadgroup a (sequence, head)."""
     from metal_kernels import kernel
 
     B, C3 = qkv.shape
     H = a_log.shape[0]
     Dv, Dk = state.shape[-2:]
     K = conv_w.shape[0]
-    rows = next(r for r in (4, 2, 1) if Dv % r == 0)
-    out, state, tail = kernel("kda_decode")(
-        inputs=[qkv, _as(conv_tail, qkv.dtype), conv_w, gate_a, dt_bias, a_log, beta_logit, _as(state, mx.float32)],
-        template=[("NH", H), ("DK", Dk), ("DV", Dv), ("KW", K)],
-        grid=(32, Dv, B * H),
-        threadgroup=(32, rows, 1),
+    G = groups(Dv)
+    first, rest = gate_inputs
+    return kernel(name)(
+        inputs=[qkv, _as(conv_tail, qkv.dtype), conv_w, *first, dt_bias, a_log, _as(state, mx.float32), *rest,
+                _as(norm_w, mx.float32), mx.array([eps], mx.float32)],
+        template=[("NH", H), ("DK", Dk), ("DV", Dv), ("KW", K), ("G", G), *template],
+        grid=(32 * G, 1, B * H),
+        threadgroup=(32 * G, 1, 1),
         output_shapes=[(B, H, Dv), (B, H, Dv, Dk), (B, K - 1, C3)],
-        output_dtypes=[mx.float32, mx.float32, qkv.dtype],
+        output_dtypes=[qkv.dtype, mx.float32, qkv.dtype],
     )
-    return out, state, tail
+
+
+def decode_step_kernel(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):
+    return _launch("kda_decode", qkv, ([gate_a], [beta_logit, gate_b]), conv_tail, conv_w, a_log, dt_bias, state,
+                   norm_w, eps)
+
+
+def decode_step_gates_ref(qkv, gates, conv_tail, conv_w, a_log, dt_bias, state, f_b, g_b, norm_w, eps):
+    D = state.shape[-1]
+    return decode_step_ref(qkv, f_b(gates[:, :D]), gates[:, 2 * D :], conv_tail, conv_w, a_log, dt_bias, state,
+                           g_b(gates[:, D : 2 * D]), norm_w, eps)
+
+
+def gates_kernel_supports(f_b, g_b, state: mx.array) -> bool:
+    """f_b and g_b affine-quantized alike at 2, 4 or 8 bits (MLX packs those whole in 32-bit words), with
+    groups splitting a row of Dk values (the kernel path's own conditions: kernel_supports)."""
+    Dk = state.shape[-1]
+    mods = (f_b, g_b)
+    if not all(isinstance(m, nn.QuantizedLinear) and getattr(m, "mode", "affine") == "affine" for m in mods):
+        return False
+    bits, gs = f_b.bits, f_b.group_size
+    return (g_b.bits, g_b.group_size) == (bits, gs) and bits in (2, 4, 8) and Dk % gs == 0 and "biases" in f_b \
+        and "biases" in g_b
+
+
+def decode_step_gates_kernel(qkv, gates, conv_tail, conv_w, a_log, dt_bias, state, f_b, g_b, norm_w, eps):
+    quantized = [m[k] for m in (f_b, g_b) for k in ("weight", "scales", "biases")]
+    return _launch("kda_decode_gates", qkv, ([gates], quantized), conv_tail, conv_w, a_log, dt_bias, state,
+                   norm_w, eps, template=[("BITS", f_b.bits), ("GS", f_b.group_size)])
