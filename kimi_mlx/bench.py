@@ -22,6 +22,7 @@ from .generate import prefill_step
 from .model import Model
 from .model.fuse import fuse_model
 from .weights.layout import hf_layer_to_local
+from .weights.load import check_kernels
 
 FULL = KIMI_LINEAR_48B_A3B
 SMALL = {**FULL, "vocab_size": 4096, "hidden_size": 512, "num_hidden_layers": 4, "intermediate_size": 1024,
@@ -101,6 +102,7 @@ def build(shape: str, bits: int = 4, group_size: int = 64, dtype=mx.bfloat16, pe
         mx.eval(m.parameters())
     fuse_model(ours)
     ours.eval()
+    check_kernels(ours)  # as loading does: a decode kernel the GPU refuses stays off
     return ours, theirs, cfg_d
 
 

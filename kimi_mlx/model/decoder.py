@@ -169,6 +169,19 @@ class Model(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.model.layers[self.owned[0]].input_layernorm.weight.dtype
 
+    def check_decode_kernels(self) -> list[str]:
+        """Each KDA layer's decode kernels run once on zeros; those this GPU refuses stay off (the layer decodes
+        through the next path down: model/kda.py). Call outside compiled steps (load does). Messages, [] if none."""
+        state = self.new_state(1)
+        found = []
+        for i in self.owned:
+            layer = self.model.layers[i]
+            if layer.is_kda:
+                messages = layer.self_attn.check_decode_kernels(state.layers[i], self.dtype)
+                found += [m for m in messages if m not in found]
+        self._steps = self._whole = None  # compiled steps traced before a refusal would still launch the kernel
+        return found
+
     def new_state(self, batch_size: int = 1, cache_bits: int = 0) -> ModelState:
         """A fresh state; cache_bits 8 or 4 quantizes the MLA latent caches (see state.py)."""
         state = new_state(self.config, batch_size, self.dtype, cache_bits)

@@ -148,15 +148,15 @@ def kda(q, k, v, g, beta, state):
     return kda_chunked(qn, kn, v, g, beta, state, use_kernel=path == "kernel", scan=scan_path(path))
 
 
-def kda_decode_step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):
-    """One fused decode step on the chosen path (see kda_decode.py for the contract)."""
+def kda_decode_step(path, qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):
+    """One fused decode step on `path` ('ref', 'ops' or 'kernel': decode_path; see kda_decode.py for the contract)."""
     from . import kda_decode
 
     step = {
         "ref": kda_decode.decode_step_ref,
         "ops": kda_decode.decode_step_ops,
         "kernel": kda_decode.decode_step_kernel,
-    }[decode_path(state, conv_w)]
+    }[path]
     return step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -133,7 +134,15 @@ def build_model(cfg: ModelConfig, weights: dict, dtype: mx.Dtype | None = None, 
         fuse_model(model)
     mx.eval(model.parameters())
     model.eval()
+    check_kernels(model)
     return model
+
+
+def check_kernels(model: Model) -> None:
+    """On a GPU: the model's decode kernels run once; one that the GPU refuses stays off, said on stderr."""
+    for message in model.check_decode_kernels():
+        print(f"kimi-mlx: this GPU refused a decode kernel, decoding through the next path down "
+              f"(slower; `kimi-mlx doctor` checks every kernel): {message}", file=sys.stderr)
 
 
 FP32_SUFFIXES = ("A_log", "dt_bias", "e_score_correction_bias", "conv_weight")
