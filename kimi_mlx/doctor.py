@@ -13,6 +13,7 @@ import mlx.core as mx
 
 from . import working_set
 from .errors import first_line
+from .ops import fast_math
 from .ops import kda as kda_ops
 
 TOL = 1e-4  # float32, relative to the largest magnitude
@@ -248,6 +249,8 @@ def environment() -> list[tuple[str, str]]:
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
          if linear.dequant_chosen(linear.MIN_ROWS) else "quantized matmul"),
         ("prefill memory", working_set.describe()),
+        ("exp, SiLU, softmax", "range reduction + polynomial (the CPU's own exp runs an element at a time)"
+         if fast_math.active() else "MLX's"),
         *([("CUDA graph size", f"{os.environ.get('MLX_MAX_OPS_PER_BUFFER', 'MLX default')} ops (MLX_MAX_OPS_PER_BUFFER)")]
           if gpu == "cuda" else []),
     ]

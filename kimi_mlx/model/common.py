@@ -5,6 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..ops.fast_math import silu
+
 
 class RMSNorm(nn.Module):
     """weight * x * rsqrt(mean(x^2) + eps), in float32 inside one fused op, rounded once to x's dtype.
@@ -32,4 +34,4 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dims, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))

@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..ops.attention import absorb_matrix, value_matrix
 from ..ops.experts import KERNEL_BITS, experts_kernel, experts_ref, kernel_fits, weighted_sum
+from ..ops.fast_math import silu
 from ..ops.kda import gpu_backend
 from ..ops.linear import dequant_linears
 from .common import MLP
@@ -99,17 +100,17 @@ class FusedMoE(nn.Module):
             # matmul a bank ('bounded': as many blocks as any routing could need, so no count read back)
             blocks = ExpertBlocks(idx, self.num_routed + self.num_shared, bounded=path == "bounded")
             g, u = mx.split(self.gate_up_proj(blocks.rows(flat), blocks.expert), 2, axis=-1)
-            out = weighted_sum(blocks.pairs(self.down_proj(nn.silu(g) * u, blocks.expert)), w)
+            out = weighted_sum(blocks.pairs(self.down_proj(silu(g) * u, blocks.expert)), w)
         elif path == "segmented":  # prefill on CPU: tokens grouped by expert, one dense matmul each
             order = mx.argsort(idx.flatten())
             counts = np.bincount(np.array(idx).reshape(-1), minlength=self.num_routed + self.num_shared).tolist()
             g, u = mx.split(self.gate_up_proj.segmented(flat[order // k], counts), 2, axis=-1)
-            out = weighted_sum(self.down_proj.segmented(nn.silu(g) * u, counts)[mx.argsort(order)], w)
+            out = weighted_sum(self.down_proj.segmented(silu(g) * u, counts)[mx.argsort(order)], w)
         else:  # "sorted", prefill: tokens sorted by expert so each expert's rows are contiguous
             order = mx.argsort(idx.flatten())
             xs, ids = flat[order // k][:, None], idx.flatten()[order]
             g, u = mx.split(self.gate_up_proj(xs, ids, True), 2, axis=-1)
-            out = weighted_sum(self.down_proj(nn.silu(g) * u, ids, True)[mx.argsort(order)], w)
+            out = weighted_sum(self.down_proj(silu(g) * u, ids, True)[mx.argsort(order)], w)
         # the float32 sum, unrounded: the residual seam rounds it to the residual's dtype (as
         # h + r.astype(h.dtype)), in decode inside the add + norm kernel, so no cast launch a MoE layer
         return out.reshape(shape)

@@ -7,6 +7,7 @@ import mlx.nn as nn
 
 from ..config import ModelConfig
 from ..ops.kda import decode_path, gated_norm, kda, kda_decode_step, softplus
+from ..ops.fast_math import silu
 from ..ops.kda_decode import decode_step_gates_kernel, gates_kernel_supports, refusal
 from ..state import KDAState
 
@@ -26,7 +27,7 @@ def short_conv(x: mx.array, tail: mx.array, weight: mx.array) -> tuple[mx.array,
         acc = acc + xx[:, i : i + T].astype(mx.float32) * w[i : i + 1]
     # the tail as its own array: a slice would keep all T + K - 1 rows of xx alive as the state (50 MB a KDA
     # layer at the real shape and a 2,048-token step, 1 GB over 20 layers, held between steps)
-    return nn.silu(acc).astype(x.dtype), mx.contiguous(xx[:, T:])
+    return silu(acc).astype(x.dtype), mx.contiguous(xx[:, T:])
 
 
 class KimiDeltaAttention(nn.Module):

@@ -41,6 +41,7 @@ import mlx.core as mx
 from ..config import env_choice
 from ..errors import ConfigError
 from ..working_set import await_frees
+from . import fast_math
 
 ENV = "KIMI_MLX_MLA"
 MODES = ("auto", "ref", "fused", "tiled")
@@ -204,7 +205,7 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
         parts = [qa @ p[0].swapaxes(-1, -2) for p in cache.pages]
     parts[-1] = mx.where(positions(parts[-1].shape[-1]) <= row.reshape(1, 1, 1), parts[-1], -mx.inf)
     s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)  # [B, H, capacity]
-    p = mx.softmax(s, axis=-1, precise=True)  # one pass, float32 inside, probabilities in the cache dtype
+    p = fast_math.softmax(s)  # float32 inside, probabilities in the cache dtype
     o, off = None, 0
     wide = len(cache.pages) > 1  # several pages' values are summed in float32
     for page in cache.pages:
@@ -462,10 +463,14 @@ def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling, e
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
-@partial(mx.compile, shapeless=True)
 def _probs(s, m):
     """exp(s - m) computed in float32 and stored in the scores' dtype (the dtype the values matmul takes;
-    bf16 halves the tile's traffic), one fused pass over the score tile."""
+    bf16 halves the tile's traffic): one fused pass over the score tile, or on the CPU fast_math's exp."""
+    return fast_math.exp_poly(s, m, s.dtype) if fast_math.active() else _probs_mlx(s, m)
+
+
+@partial(mx.compile, shapeless=True)
+def _probs_mlx(s, m):
     return mx.exp(s.astype(mx.float32) - m).astype(s.dtype)
 
 

@@ -23,6 +23,8 @@ import math
 
 import mlx.core as mx
 
+from . import fast_math
+
 CHUNK = 64
 SEGMENT = 8192  # tokens per pass: bounds the temporaries, the state carries over
 
@@ -176,7 +178,7 @@ def _segment(q, k, v, g, beta, state, use_kernel, scan):
     n = -(-T // CHUNK)
     q, k, v, g = (_to_chunks(x, n) for x in (q, k, v, g))  # [N, B, H, C, D]
     beta = _to_chunks(beta, n)  # [N, B, H, C]
-    alpha = mx.exp(g)
+    alpha = fast_math.exp(g)  # on the CPU the polynomial (MLX's exp runs an element at a time there)
     a_qk, t_inv = intra_chunk_kernel(q, k, g, beta) if use_kernel else intra_chunk(q, k, alpha, beta)
     scan = {"ops": scan_ops, "affine": scan_affine, "kernel": scan_kernel}[scan]
     m = t_inv * beta[..., None, :]  # T Diag(beta)
