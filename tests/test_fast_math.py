@@ -32,13 +32,14 @@ def test_exp_edges_and_the_shift():
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_silu_is_within_a_rounding_of_float64(dtype):
-    """(MLX's own nn.silu is ~26 ulp off at x ~ -48 on this CPU; this one within 2.)"""
+@pytest.mark.parametrize("fn", ["silu", "sigmoid"])
+def test_silu_and_sigmoid_are_within_a_rounding_of_float64(fn, dtype):
+    """(MLX's own nn.silu is ~26 ulp off at x ~ -48 on this CPU; these within 2.)"""
     x = (mx.random.normal((64, 1000), key=mx.random.key(1)) * 12).astype(dtype)
-    got = F._silu(x)
+    got = {"silu": F._silu, "sigmoid": F._sigmoid}[fn](x)
     assert got.dtype == dtype
     xn = np.array(x.astype(mx.float32)).astype(np.float64)
-    want = xn / (1 + np.exp(-xn))
+    want = (xn if fn == "silu" else 1.0) / (1 + np.exp(-xn))
     err = np.abs(np.array(got.astype(mx.float32)) - want) / np.maximum(np.abs(want), 1e-30)
     tol = 2 * ULP if dtype == mx.float32 else 2 ** -8  # bf16: one rounding of the result
     assert err[np.abs(xn) < 80].max() <= tol
@@ -59,7 +60,7 @@ def test_the_switch(monkeypatch):
     x = mx.random.normal((5, 300), key=mx.random.key(3)) * 10
     assert F.active() == (mx.default_device() == mx.cpu)
     monkeypatch.setenv(F.ENV, "off")
-    assert not F.active() and mx.array_equal(F.silu(x), nn.silu(x))
+    assert not F.active() and mx.array_equal(F.silu(x), nn.silu(x)) and mx.array_equal(F.sigmoid(x), mx.sigmoid(x))
     assert mx.array_equal(F.softmax(x), mx.softmax(x, axis=-1, precise=True))
     monkeypatch.setenv(F.ENV, "fast")
     with pytest.raises(ConfigError, match="KIMI_MLX_FAST_MATH"):

@@ -1,4 +1,4 @@
-"""exp for MLX's CPU backend, and the SiLU and softmax built on it.
+"""exp for MLX's CPU backend, and the sigmoid, SiLU and softmax built on it.
 
 MLX's CPU backend on x86 evaluates exp one element at a time (~11 ns an element on the test machine, about 20x
 numpy's; compiling it does not change that: RESULTS.md), so the exp over attention scores and the SiLU of the MoE
@@ -8,7 +8,7 @@ Here exp is a range reduction (x = n ln2 + f, ln2 in two parts) and a degree-7 T
 within a few float32 ulp of mx.exp. Below -87.34 (under float32's smallest normal) it gives 0, above 88.37 inf
 (mx.exp reaches inf at 88.72: nothing here takes e^x of anything near that), NaN stays NaN.
 
-The reference twins are MLX's own (mx.exp, nn.silu, mx.softmax precise), which every GPU path keeps.
+The reference twins are MLX's own (mx.exp, mx.sigmoid, nn.silu, mx.softmax precise), which every GPU path keeps.
 KIMI_MLX_FAST_MATH: auto (the polynomial on the CPU), off (MLX's everywhere).
 """
 
@@ -52,6 +52,10 @@ def exp_poly(x: mx.array, minus: mx.array | float = 0.0, dtype: mx.Dtype | None 
     return _scale(p, bits.view(mx.float32), mx.zeros((), dtype or x.dtype))
 
 
+def _sigmoid(x):
+    return (1.0 / (1.0 + exp_poly(-x.astype(mx.float32)))).astype(x.dtype)
+
+
 def _silu(x):
     xf = x.astype(mx.float32)
     return (xf / (1.0 + exp_poly(-xf))).astype(x.dtype)
@@ -69,6 +73,10 @@ def active() -> bool:
 
 def exp(x: mx.array) -> mx.array:
     return exp_poly(x) if active() else mx.exp(x)
+
+
+def sigmoid(x: mx.array) -> mx.array:
+    return _sigmoid(x) if active() else mx.sigmoid(x)
 
 
 def silu(x: mx.array) -> mx.array:

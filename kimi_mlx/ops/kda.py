@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from ..config import env_choice
 from ..errors import ConfigError
+from . import fast_math
 
 L2_EPS = 1e-6
 ENV = "KIMI_MLX_KDA"
@@ -160,10 +161,10 @@ def kda_decode_step(path, qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_
     return step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps)
 
 
-def gated_norm_ref(o, gate, weight, eps: float, dtype) -> mx.array:
+def gated_norm_ref(o, gate, weight, eps: float, dtype, sigmoid=mx.sigmoid) -> mx.array:
     """KDA's output gate: rms_norm(o) over the head dim (float32) times sigmoid(gate), cast to dtype."""
     f32 = mx.float32
-    return (mx.fast.rms_norm(o.astype(f32), weight.astype(f32), eps) * mx.sigmoid(gate.astype(f32))).astype(dtype)
+    return (mx.fast.rms_norm(o.astype(f32), weight.astype(f32), eps) * sigmoid(gate.astype(f32))).astype(dtype)
 
 
 def gated_norm_kernel(o, gate, weight, eps: float, dtype) -> mx.array:
@@ -185,4 +186,4 @@ def gated_norm(o, gate, weight, eps: float, dtype) -> mx.array:
     or =chunked, the ops paths), else the ops."""
     if mode() in ("auto", "kernel") and gpu_backend() and o.shape[-1] % 32 == 0:
         return gated_norm_kernel(o, gate, weight, eps, dtype)
-    return gated_norm_ref(o, gate, weight, eps, dtype)
+    return gated_norm_ref(o, gate, weight, eps, dtype, fast_math.sigmoid)  # on the CPU the polynomial's
