@@ -74,22 +74,30 @@ def test_inputs_stay_apart_when_stored_differently(hf_checkpoint, odd, fused, ke
     assert float(mx.abs(steps - ref[:, :4]).max()) <= 1e-5 * scale
 
 
+def fused_with_reference(hf_checkpoint, bits, seed, tokens):
+    """A tiny checkpoint (KDA heads of 32) quantized at `bits`: the fused model, two sequences of `tokens`
+    tokens, and the unfused model's logits on them."""
+    from kimi_mlx.model.fuse import fuse_model
+
+    _, path = hf_checkpoint("kmk", kda_dim=32, moe_intermediate_size=32, hidden_size=64)
+    ref_model = load_model(path, fuse=False)
+    quantize(ref_model, bits)
+    toks = mx.array(np.random.default_rng(seed).integers(0, 211, (2, tokens)))
+    ref = ref_model(toks)
+    model = load_model(path, fuse=False)
+    quantize(model, bits)
+    fuse_model(model)
+    return model, toks, ref
+
+
 def decode_with_gates_inside(hf_checkpoint, monkeypatch, bits, emulated: bool):
     """The model's decode steps on the kernel path, where the KDA kernel applies the quantized f_b and g_b itself,
     against the unfused model's logits. emulated: its CUDA text on the CPU (eager steps: the emulator evaluates
     its inputs), else the device's kernel in the compiled steps."""
     from kimi_mlx.model import kda as kda_layer
-    from kimi_mlx.model.fuse import fuse_model
     from kimi_mlx.ops import kda_decode
 
-    _, path = hf_checkpoint("kmk", kda_dim=32, moe_intermediate_size=32, hidden_size=64)
-    ref_model = load_model(path, fuse=False)
-    quantize(ref_model, bits)
-    toks = mx.array(np.random.default_rng(3).integers(0, 211, (2, 5)))
-    ref = ref_model(toks)
-    model = load_model(path, fuse=False)
-    quantize(model, bits)
-    fuse_model(model)
+    model, toks, ref = fused_with_reference(hf_checkpoint, bits, seed=3, tokens=5)
     if emulated:
         import metal_kernels
 
@@ -129,17 +137,9 @@ def test_a_decode_kernel_the_gpu_refuses_stays_off(hf_checkpoint, monkeypatch, r
     the next path down (the kernel without the gate projections, then the fused ops)."""
     import metal_kernels
     from kimi_mlx.model import kda as kda_layer
-    from kimi_mlx.model.fuse import fuse_model
     from kimi_mlx.ops import kda_decode
 
-    _, path = hf_checkpoint("kmk", kda_dim=32, moe_intermediate_size=32, hidden_size=64)
-    ref_model = load_model(path, fuse=False)
-    quantize(ref_model, 8)
-    toks = mx.array(np.random.default_rng(4).integers(0, 211, (2, 4)))
-    ref = ref_model(toks)
-    model = load_model(path, fuse=False)
-    quantize(model, 8)
-    fuse_model(model)
+    model, toks, ref = fused_with_reference(hf_checkpoint, 8, seed=4, tokens=4)
     model.compile_decode = False
     emulated, launched = kernel_emulator.kernel_factory("cuda"), []
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..errors import first_line
 from .kda import gated_norm_ref, kda_recurrent_ref, l2_normalize, softplus
 
 
@@ -131,7 +132,7 @@ def refusal(name: str, key: tuple, run) -> str | None:
             mx.eval(run())
             _refusals[(name, key)] = None
         except (ValueError, RuntimeError) as e:
-            _refusals[(name, key)] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            _refusals[(name, key)] = first_line(e)
     return _refusals[(name, key)]
 
 
