@@ -68,13 +68,20 @@ const int lane = kda_gid.x % 32;
 const int g = kda_gid.x / 32;
 const size_t at = static_cast<size_t>(kda_gid.y) * D;
 float v[PER];
+float wv[PER];
 float sq = 0.0f;
+// Every load before the first store: the compiler cannot move a load above a store to a buffer it may alias,
+// so a load-store loop would wait a memory round trip per iteration.
 for (int i = 0; i < PER; ++i) {
   const size_t c = at + (i * S + g) * 32 + lane;
   const float b = kda_round_as(s, static_cast<float>(a[c]));
   v[i] = kda_round_as(s, static_cast<float>(h[c]) + b);
-  kda_store(s, c, v[i]);
+  wv[i] = static_cast<float>(w[(i * S + g) * 32 + lane]);
   sq += v[i] * v[i];
+}
+const float e = eps[0];
+for (int i = 0; i < PER; ++i) {
+  kda_store(s, at + (i * S + g) * 32 + lane, v[i]);
 }
 sq = kda_simd_sum(sq);
 if (lane == 0) {
@@ -85,10 +92,9 @@ float total = 0.0f;
 for (int i = 0; i < S; ++i) {
   total += part[i];
 }
-const float r = kda_rsqrt(total / static_cast<float>(D) + eps[0]);
+const float r = kda_rsqrt(total / static_cast<float>(D) + e);
 for (int i = 0; i < PER; ++i) {
-  const int col = (i * S + g) * 32 + lane;
-  kda_store(y, at + col, static_cast<float>(w[col]) * kda_round_as(y, v[i] * r));
+  kda_store(y, at + (i * S + g) * 32 + lane, wv[i] * kda_round_as(y, v[i] * r));
 }
 
 }

@@ -97,6 +97,20 @@ const int c0 = h * DK + lane * PER;
 const int new_at = b * C3;
 const int old_at = b * (KW - 1) * C3;
 
+// The conv tail's update, loaded first (stored last): the threadgroup's threads stride the head's 2 * DK + DV
+// channels (q, then k, then v), each loading its channels' KW - 2 newest old inputs and this token's input.
+constexpr int TC = (2 * DK + DV + 32 * G - 1) / (32 * G);  // channels a thread takes
+int tail_c[TC];
+float tail_v[TC][KW - 1];
+for (int m = 0; m < TC; ++m) {
+  const int t = g * 32 + lane + m * 32 * G;
+  tail_c[m] = t < DK ? h * DK + t : t < 2 * DK ? CQ + h * DK + (t - DK) : t < 2 * DK + DV ? 2 * CQ + h * DV + (t - 2 * DK) : -1;
+  for (int j = 0; j < KW - 2; ++j) {
+    tail_v[m][j] = tail_c[m] >= 0 ? static_cast<float>(conv_tail[old_at + (j + 1) * C3 + tail_c[m]]) : 0.0f;
+  }
+  tail_v[m][KW - 2] = tail_c[m] >= 0 ? static_cast<float>(qkv[new_at + tail_c[m]]) : 0.0f;
+}
+
 #if KDA_GATES
 // This head's f_b (DK values) and g_b (DV values): a 32-lane group a row, the lanes striding its packed words.
 KDA_SHARED float gate_s[DK + DV];
@@ -105,28 +119,46 @@ KDA_SHARED float gate_s[DK + DV];
   constexpr int WPR = DK / VPW;  // words per row (f_a and g_a are DK long)
   constexpr int GPR = DK / GS;  // quantization groups per row
   constexpr unsigned int MASK = (1u << BITS) - 1u;
+  constexpr int WPL = (WPR + 31) / 32;  // words a lane takes of a row
+  constexpr int RPL = (DK + DV + G - 1) / G;  // rows a group takes
   const int gin = b * (2 * DK + NH);
-  for (int rr = g; rr < DK + DV; rr += G) {
+  // This lane's slices of f_a and of g_a, with their sums (loaded once, used by every row of its group).
+  float xf[WPL][VPW];
+  float xg[WPL][VPW];
+  float sf[WPL];
+  float sg[WPL];
+  for (int q = 0; q < WPL; ++q) {
+    const int w = lane + 32 * q;
+    sf[q] = 0.0f;
+    sg[q] = 0.0f;
+    for (int j = 0; j < VPW; ++j) {
+      xf[q][j] = w < WPR ? static_cast<float>(gates[gin + w * VPW + j]) : 0.0f;
+      xg[q][j] = w < WPR ? static_cast<float>(gates[gin + DK + w * VPW + j]) : 0.0f;
+      sf[q] += xf[q][j];
+      sg[q] += xg[q][j];
+    }
+  }
+  for (int k = 0; k < RPL; ++k) {  // fixed trip counts: the rows' loads can be issued together
+    const int rr = g + k * G;
     const bool is_f = rr < DK;
     const size_t row = is_f ? static_cast<size_t>(h * DK + rr) : static_cast<size_t>(h * DV + rr - DK);
-    const int x0 = gin + (is_f ? 0 : DK);
     float acc = 0.0f;
-    for (int w = lane; w < WPR; w += 32) {
-      const unsigned int word = is_f ? f_wq[row * WPR + w] : g_wq[row * WPR + w];
-      float dot = 0.0f;
-      float xsum = 0.0f;
-      for (int j = 0; j < VPW; ++j) {
-        const float xv = static_cast<float>(gates[x0 + w * VPW + j]);
-        dot += static_cast<float>((word >> (j * BITS)) & MASK) * xv;
-        xsum += xv;
+    for (int q = 0; q < WPL; ++q) {
+      const int w = lane + 32 * q;
+      if (rr < DK + DV && w < WPR) {
+        const unsigned int word = is_f ? f_wq[row * WPR + w] : g_wq[row * WPR + w];
+        const size_t at = row * GPR + (w * VPW) / GS;
+        const float scale = static_cast<float>(is_f ? f_scales[at] : g_scales[at]);
+        const float bias = static_cast<float>(is_f ? f_biases[at] : g_biases[at]);
+        float dot = 0.0f;
+        for (int j = 0; j < VPW; ++j) {
+          dot += static_cast<float>((word >> (j * BITS)) & MASK) * (is_f ? xf[q][j] : xg[q][j]);
+        }
+        acc += scale * dot + bias * (is_f ? sf[q] : sg[q]);
       }
-      const size_t at = row * GPR + (w * VPW) / GS;
-      const float scale = static_cast<float>(is_f ? f_scales[at] : g_scales[at]);
-      const float bias = static_cast<float>(is_f ? f_biases[at] : g_biases[at]);
-      acc += scale * dot + bias * xsum;
     }
     acc = kda_simd_sum(acc);
-    if (lane == 0) {
+    if (lane == 0 && rr < DK + DV) {
       gate_s[rr] = kda_round_as(gates, acc);
     }
   }
@@ -167,9 +199,12 @@ for (int i = 0; i < PER; ++i) {
   decay[i] = kda_exp(-rate * kda_softplus(a));
 }
 
-// This group's value rows: v, then the state row's decay, predict, correct, read out.
-float o[RPG];
-float o_sq = 0.0f;
+// This group's value rows: v and the state rows, all loaded before the first store (the compiler cannot move a
+// load above a store to a buffer it may alias, so a load-store loop would wait a memory round trip a row).
+float v[RPG];
+float s[RPG][PER];
+float norm_o = 0.0f;  // lane r < RPG: norm_w and sigmoid(gate_b) of the group's row r
+float gate_o = 0.0f;
 for (int r = 0; r < RPG; ++r) {
   const int dv = g * RPG + r;
   const int cv = 2 * CQ + h * DV + dv;
@@ -177,26 +212,45 @@ for (int r = 0; r < RPG; ++r) {
   for (int j = 0; j < KW - 1; ++j) {
     acc_v += static_cast<float>(conv_w[j * C3 + cv]) * static_cast<float>(conv_tail[old_at + j * C3 + cv]);
   }
-  const float v = kda_silu(acc_v);
+  v[r] = kda_silu(acc_v);
   const int row = (n * DV + dv) * DK + lane * PER;
-  float s[PER];
+  for (int i = 0; i < PER; ++i) {
+    s[r][i] = state_in[row + i];
+  }
+}
+if (lane < RPG) {
+  const int dv = g * RPG + lane;
+  norm_o = norm_w[dv];
+  gate_o = kda_sigmoid(KDA_GATE_B(dv));
+}
+const float e = eps[0];
+
+// Decay, predict, correct, read out; then the new state rows stored.
+float o[RPG];
+float o_sq = 0.0f;
+for (int r = 0; r < RPG; ++r) {
   float pred = 0.0f;
   for (int i = 0; i < PER; ++i) {
-    s[i] = state_in[row + i] * decay[i];
-    pred += s[i] * qk[1][i];
+    s[r][i] *= decay[i];
+    pred += s[r][i] * qk[1][i];
   }
-  const float u = beta * (v - kda_simd_sum(pred) * k_scale);
+  const float u = beta * (v[r] - kda_simd_sum(pred) * k_scale);
   float dot = 0.0f;
   for (int i = 0; i < PER; ++i) {
-    s[i] += u * k_scale * qk[1][i];
-    dot += s[i] * qk[0][i];
-    state_out[row + i] = s[i];
+    s[r][i] += u * k_scale * qk[1][i];
+    dot += s[r][i] * qk[0][i];
   }
   o[r] = kda_simd_sum(dot) * q_scale;
   o_sq += o[r] * o[r];
 }
+for (int r = 0; r < RPG; ++r) {
+  const int row = (n * DV + g * RPG + r) * DK + lane * PER;
+  for (int i = 0; i < PER; ++i) {
+    state_out[row + i] = s[r][i];
+  }
+}
 
-// Output gate over the head's DV readouts (float32), stored in out's dtype.
+// Output gate over the head's DV readouts (float32), stored in out's dtype: lane r stores the group's row r.
 if (lane == 0) {
   part[g] = o_sq;
 }
@@ -205,24 +259,21 @@ float total = 0.0f;
 for (int i = 0; i < G; ++i) {
   total += part[i];
 }
-const float rn = kda_rsqrt(total / static_cast<float>(DV) + eps[0]);
-if (lane == 0) {
-  for (int r = 0; r < RPG; ++r) {
-    const int dv = g * RPG + r;
-    const float gate = kda_sigmoid(KDA_GATE_B(dv));
-    kda_store(out, n * DV + dv, o[r] * rn * norm_w[dv] * gate);
-  }
+const float rn = kda_rsqrt(total / static_cast<float>(DV) + e);
+float mine = 0.0f;
+for (int r = 0; r < RPG; ++r) {
+  mine = lane == r ? o[r] : mine;
+}
+if (lane < RPG) {
+  kda_store(out, n * DV + g * RPG + lane, mine * rn * norm_o * gate_o);
 }
 
-// Conv tail: drop the oldest input, append this token (q/k by group 0's lanes, each group's v rows by its lane 0).
-for (int w = 0; w < 2 + RPG; ++w) {
-  const int c = w < 2 ? w * CQ + c0 : 2 * CQ + h * DV + g * RPG + (w - 2);
-  const int count = w < 2 ? (g == 0 ? PER : 0) : (lane == 0 ? 1 : 0);
-  for (int i = 0; i < count; ++i) {
-    for (int j = 0; j < KW - 2; ++j) {
-      tail_out[old_at + j * C3 + c + i] = conv_tail[old_at + (j + 1) * C3 + c + i];
+// Conv tail: drop the oldest input, append this token.
+for (int m = 0; m < TC; ++m) {
+  if (tail_c[m] >= 0) {
+    for (int j = 0; j < KW - 1; ++j) {
+      kda_store(tail_out, old_at + j * C3 + tail_c[m], tail_v[m][j]);
     }
-    tail_out[old_at + (KW - 2) * C3 + c + i] = qkv[new_at + c + i];
   }
 }
 

@@ -61,19 +61,29 @@ const uint3 kda_gid = thread_position_in_grid;
 constexpr int PER = L / 32;
 const int lane = kda_gid.x % 32;
 const size_t at = (kda_gid.x / 32) * W;
+constexpr int PE = (W - L + 31) / 32;  // pe columns a lane copies (at most)
 float v[PER];
+float pe[PE];
 float sq = 0.0f;
+// Every load before the first store: the compiler cannot move a load above a store to a buffer it may alias.
 for (int i = 0; i < PER; ++i) {
   v[i] = static_cast<float>(ckv[at + lane * PER + i]);
   sq += v[i] * v[i];
+}
+for (int i = 0; i < PE; ++i) {
+  const int c = L + i * 32 + lane;
+  pe[i] = c < W ? static_cast<float>(ckv[at + c]) : 0.0f;
 }
 const float r = kda_rsqrt(kda_simd_sum(sq) / static_cast<float>(L) + eps[0]);
 for (int i = 0; i < PER; ++i) {
   const int c = lane * PER + i;
   kda_store(rows, at + c, v[i] * r * static_cast<float>(w[c]));
 }
-for (int c = L + lane; c < W; c += 32) {
-  kda_store(rows, at + c, static_cast<float>(ckv[at + c]));
+for (int i = 0; i < PE; ++i) {
+  const int c = L + i * 32 + lane;
+  if (c < W) {
+    kda_store(rows, at + c, pe[i]);
+  }
 }
 
 }

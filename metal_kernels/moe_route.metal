@@ -67,6 +67,7 @@ constexpr int PER = E / 32;
 constexpr int LPG = (E / NG) / PER;  // lanes per group
 const int lane = kda_gid.x;
 const int n = kda_gid.y;
+const float routed_scale = scale[0];
 float s[PER];
 float c[PER];
 for (int i = 0; i < PER; ++i) {
@@ -130,7 +131,7 @@ if (lane == 0) {
   const float norm = RENORM ? 1.0f / (total + 1e-20f) : 1.0f;
   for (int r = 0; r < K; ++r) {
     idx[n * (K + SH) + r] = id[r];
-    weight[n * (K + SH) + r] = w[r] * norm * scale[0];
+    weight[n * (K + SH) + r] = w[r] * norm * routed_scale;
   }
   for (int r = 0; r < SH; ++r) {
     idx[n * (K + SH) + K + r] = E + r;

@@ -81,8 +81,10 @@ def decode_step_ops(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, 
 
 
 def kernel_supports(state: mx.array, conv_w: mx.array) -> bool:
-    """Shapes the kernel handles: whole 32-lane groups over Dk, and at least one conv tail row."""
-    return state.shape[-1] % 32 == 0 and conv_w.shape[0] >= 2
+    """Shapes the kernel handles: whole 32-lane groups over Dk, at most 32 value rows a group (a lane stores
+    each), and at least one conv tail row."""
+    Dv, Dk = state.shape[-2:]
+    return Dk % 32 == 0 and Dv <= 32 * groups(Dv) and conv_w.shape[0] >= 2
 
 
 def _as(x: mx.array, dtype: mx.Dtype) -> mx.array:
