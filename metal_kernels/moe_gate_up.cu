@@ -73,6 +73,7 @@ __global__ void custom_kernel_moe_gate_up_2304_1024_9_4_64_4(
 const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
                                  blockIdx.y * blockDim.y + threadIdx.y,
                                  blockIdx.z * blockDim.z + threadIdx.z);
+#define MOE_NORM 0
 // MoE experts for a few (token, expert) pairs, first half: the gate and up rows of one expert of an
 // affine-quantized bank against the token, then SwiGLU.
 // Grid (32 * N * P, I / R, 1), threadgroup (32, TY, 1): one 32-lane group per (pair, R hidden units), so
@@ -84,6 +85,9 @@ const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
 // (rows 0..I-1 gate, I..2I-1 up; value j of a row in bits (j % VPW) * BITS of word j / VPW);
 // scales, biases [E, 2I, D / GS] (value = scale * q + bias).
 // Output: h [N * P, I] float32 = silu(gate . x) * (up . x).
+// MOE_NORM 1 (moe_gate_up_norm): x is the residual s (moe_router_norm's output) and x's rms_norm is applied on the
+// way: inputs norm_w [D] and eps [1] besides; each row's dot taken with s * norm_w and scaled by
+// rsqrt(mean(s^2) + eps) at the end (the group's lanes read all of s, so the sum of squares costs no extra load).
 constexpr int VPW = 32 / BITS;  // values per packed word
 constexpr int WPR = D / VPW;  // words per row
 constexpr int STEPS = (WPR + 31) / 32;
@@ -95,6 +99,9 @@ const int r0 = kda_gid.y * R;
 const int n = pair / P;
 const size_t gate_row = static_cast<size_t>(idx[pair]) * (2 * I) + r0;
 float acc[2][R];
+#if MOE_NORM
+float sq = 0.0f;
+#endif
 for (int half = 0; half < 2; ++half) {
   for (int j = 0; j < R; ++j) acc[half][j] = 0.0f;
 }
@@ -105,6 +112,10 @@ for (int step = 0; step < STEPS; ++step) {
     float xsum = 0.0f;
     for (int j = 0; j < VPW; ++j) {
       xv[j] = static_cast<float>(x[n * D + w * VPW + j]);
+#if MOE_NORM
+      sq += xv[j] * xv[j];
+      xv[j] *= static_cast<float>(norm_w[w * VPW + j]);
+#endif
       xsum += xv[j];
     }
     const int group = (w * VPW) / GS;
@@ -122,9 +133,14 @@ for (int step = 0; step < STEPS; ++step) {
     }
   }
 }
+#if MOE_NORM
+const float rn = kda_rsqrt(kda_simd_sum(sq) / static_cast<float>(D) + eps[0]);
+#else
+const float rn = 1.0f;
+#endif
 for (int u = 0; u < R; ++u) {
-  const float gate = kda_simd_sum(acc[0][u]);
-  const float up = kda_simd_sum(acc[1][u]);
+  const float gate = kda_simd_sum(acc[0][u]) * rn;
+  const float up = kda_simd_sum(acc[1][u]) * rn;
   if (lane == 0) {
     h[static_cast<size_t>(pair) * I + r0 + u] = kda_silu(gate) * up;
   }

@@ -78,16 +78,17 @@ class DecoderLayer(nn.Module):
         back to the host (the fused MoE's 'blocked' and 'segmented' expert paths) or is unfused."""
         return mx.compile(self.ffn) if path in ("dense", "bounded") else None
 
-    def compiled_step(self):
-        """This layer's one-token step under mx.compile (fused elementwise work, fewer launches).
+    def compiled_step(self, compile=mx.compile):
+        """This layer's one-token step under mx.compile (fused elementwise work, fewer launches; tests pass
+        compile=lambda f: f to run the same step eagerly).
 
         KDA layers: (h, r, conv, recurrent) -> (h, r, conv, recurrent). MLA layers: (h, r, DecodeSlot) ->
         (h, r, last page): whole pages and a mask, so the graph is traced again only when the last page grows
         or a page is added (every PAGE_GROW tokens at most, see state.py). See kda_step for h and r.
         """
         if self.is_kda:
-            return mx.compile(self.kda_step)
-        step = mx.compile(self.mla_step)
+            return compile(self.kda_step)
+        step = compile(self.mla_step)
         return lambda h, r, slot: step(h, r, slot.pages, slot.row)
 
     def kda_step(self, h, r, conv, recurrent):
@@ -96,16 +97,24 @@ class DecoderLayer(nn.Module):
         it (ops.norm.add_norm); returns (h, r, conv, recurrent) of its output likewise."""
         s = KDAState(conv, recurrent)
         h, x = self._seam(h, r, self.input_layernorm)
-        h, x = self._seam(h, self.self_attn(x, s), self.post_attention_layernorm)
-        return h, self.mlp(x), s.conv, s.recurrent
+        h, r = self._ffn_seam(h, self.self_attn(x, s))
+        return h, r, s.conv, s.recurrent
 
     def mla_step(self, h, r, pages, row):
         """An MLA layer's one-token step over a DecodeSlot's parts: (h, r as in kda_step, the last page as
         written)."""
         h, x = self._seam(h, r, self.input_layernorm)
         a, last = self.self_attn.decode(x, pages, row)
+        h, r = self._ffn_seam(h, a)
+        return h, r, last
+
+    def _ffn_seam(self, h, a):
+        """(h + a, the FFN of its norm): a fused MoE folds the seam into its kernels where it can
+        (model/fuse.py FusedMoE.after_seam)."""
+        if hasattr(self.mlp, "after_seam"):
+            return self.mlp.after_seam(h, a, self.post_attention_layernorm)
         h, x = self._seam(h, a, self.post_attention_layernorm)
-        return h, self.mlp(x), last
+        return h, self.mlp(x)
 
     @staticmethod
     def _seam(h, r, norm: RMSNorm):

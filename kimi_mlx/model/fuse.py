@@ -13,12 +13,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..config import env_choice
 from ..errors import ConfigError
 from ..ops.attention import absorb_matrix, value_matrix
 from ..ops.experts import KERNEL_BITS, experts_kernel, experts_ref, kernel_fits, weighted_sum
 from ..ops.fast_math import silu
 from ..ops.kda import gpu_backend
 from ..ops.linear import dequant_linears
+from ..ops.norm import add_norm
+from ..ops.norm import mode as norm_mode
+from ..ops.routing import LOGITS_KERNEL_ROWS, logits_norm_kernel, route
+from ..ops.routing import _mode as route_mode
 from .common import MLP
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA
@@ -84,6 +89,31 @@ class FusedMoE(nn.Module):
         """The expert path (expert_path) for a call over this many tokens."""
         pairs = tokens * (self.gate.opts["top_k"] + self.num_shared)
         return expert_path(pairs, self.num_routed + self.num_shared, self.kernel_fits)
+
+    def seam_fits(self, h: mx.array, a: mx.array) -> bool:
+        """Whether after_seam folds the seam into the router and gate|up kernels for this call: decode on a GPU
+        with the router, add_norm and expert kernels all on their kernel paths (KIMI_MLX_MOE_SEAM=ref: never)."""
+        D = h.shape[-1]
+        N = h.size // D
+        return (env_choice(SEAM_ENV, SEAM_MODES, SEAM_DEFAULT) == "auto" and gpu_backend() is not None
+                and norm_mode() != "ref" and route_mode() != "ref" and a.shape == h.shape and D % 32 == 0
+                and N <= LOGITS_KERNEL_ROWS and self.gate.weight.dtype == mx.float32 and self.path(N) == "kernel")
+
+    def after_seam(self, h: mx.array, a: mx.array, norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
+        """(h + a, self(rms_norm(h + a))): the decoder's seam before the MoE (h the residual, a the attention's
+        output) and the MoE after it. Where seam_fits, the router kernel adds and normalises (moe_router_norm)
+        and the gate|up kernel normalises again on the way (moe_gate_up_norm), so the seam runs no launch of
+        its own; else add_norm, then the MoE (the reference)."""
+        if not self.seam_fits(h, a):
+            s, x = add_norm(h, a, norm.weight, norm.eps)
+            return s, self(x)
+        shape = h.shape
+        s, logits = logits_norm_kernel(h.reshape(-1, shape[-1]), a.reshape(-1, shape[-1]), norm.weight, norm.eps,
+                                       self.gate.weight)
+        gate = self.gate
+        idx, w = route(logits, gate.e_score_correction_bias, shared=self.num_shared, **gate.opts)
+        out = experts_kernel(s, idx, w, self.gate_up_proj, self.down_proj, norm=(norm.weight, norm.eps))
+        return s.reshape(shape), out.reshape(shape)
 
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
@@ -202,6 +232,9 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
 
 
 EXPERT_PATHS = ("gather", "kernel", "sorted", "segmented", "blocked", "bounded")
+SEAM_ENV = "KIMI_MLX_MOE_SEAM"
+SEAM_MODES = ("auto", "ref")
+SEAM_DEFAULT = "ref"  # "auto" once its kernels have run on a GPU (FusedMoE.after_seam)
 
 
 def can_fuse_moe(moe: KimiMoE) -> bool:

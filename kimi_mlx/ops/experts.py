@@ -8,6 +8,9 @@
                   indices, gather_qmm's copy, two gather matmuls, SwiGLU, weighting, sum), and a GEMV
                   where MLX's gather_qmm runs a tiled GEMM from 8 pairs on (31 us a call on an H200).
   kernel_fits     whether the kernels read a pair of banks (affine quantization, 2, 4 or 8 bits; <= 32 pairs a token)
+experts_kernel(..., norm=(norm_w, eps)) takes the residual s for x and applies its rms_norm on the way
+(moe_gate_up_norm: each dot with s * norm_w, scaled by rsqrt(mean(s^2) + eps)); its reference is experts_ref
+of mx.fast.rms_norm(s, norm_w, eps).
 model/fuse.py's expert_path chooses between them (KIMI_MLX_EXPERTS=gather|kernel overrides).
 Both take x [N, D], idx [N, P] int32, w [N, P] float32 and the banks gate_up [E, 2I, D] (gate rows, then up
 rows) and down [E, D, I] (QuantizedSwitchLinear or SwitchLinear); both return [N, D] float32.
@@ -84,7 +87,7 @@ def _template(D: int, I: int, P: int, bank, R: int) -> list[tuple[str, int]]:
     return [("D", D), ("I", I), ("P", P), ("BITS", bank.bits), ("GS", bank.group_size), ("R", R)]
 
 
-def experts_kernel(x, idx, w, gate_up, down):
+def experts_kernel(x, idx, w, gate_up, down, norm=None):
     from metal_kernels import group_rows, kernel
 
     N, P = idx.shape
@@ -92,8 +95,10 @@ def experts_kernel(x, idx, w, gate_up, down):
     I = gate_up.weight.shape[1] // 2
     idx = idx.astype(mx.int32)  # the routing kernel's dtype already: no copy
     Ru, Rd = units(I), units(D)
-    (h,) = kernel("moe_gate_up")(
-        inputs=[x, idx, gate_up.weight, gate_up.scales, gate_up.biases], template=_template(D, I, P, gate_up, Ru),
+    extra = [] if norm is None else [norm[0].astype(x.dtype), mx.array([norm[1]], mx.float32)]
+    (h,) = kernel("moe_gate_up" if norm is None else "moe_gate_up_norm")(
+        inputs=[x, idx, gate_up.weight, gate_up.scales, gate_up.biases, *extra],
+        template=_template(D, I, P, gate_up, Ru),
         grid=(32 * N * P, I // Ru, 1), threadgroup=(32, group_rows(I // Ru), 1),
         output_shapes=[(N * P, I)], output_dtypes=[mx.float32],
     )
