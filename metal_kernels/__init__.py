@@ -11,6 +11,7 @@ can check it without either GPU. Kernels are built lazily and only for a backend
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -187,25 +188,28 @@ SPECS = {
             ("bfloat16", 257 * 2048 * 36),
         ),
         sample_outputs=("float32",),
-        defines=(("MOE_NORM", 0),),
+        defines=(("MOE_SEAM", 0),),
     ),
-    "moe_gate_up_norm": KernelSpec(  # moe_gate_up applying the token's rms_norm on the way
-        name="moe_gate_up_norm",
-        inputs=("x", "idx", "wq", "scales", "biases", "norm_w", "eps"),
-        outputs=("h",),
-        sample_template=(("D", 2304), ("I", 1024), ("P", 9), ("BITS", 4), ("GS", 64), ("R", 4)),
+    "moe_gate_up_seam": KernelSpec(  # moe_gate_up routing its token and applying its rms_norm on the way
+        name="moe_gate_up_seam",
+        inputs=("x", "logits", "bias", "scale", "wq", "scales", "biases", "norm_w", "eps"),
+        outputs=("h", "idx_out", "weight_out"),
+        sample_template=(("D", 2304), ("I", 1024), ("P", 9), ("BITS", 4), ("GS", 64), ("R", 4), ("E", 256),
+                         ("K", 8), ("NG", 1), ("TG", 1), ("RENORM", 1), ("BIAS_W", 0), ("SH", 1)),
         sample_inputs=(
             ("bfloat16", 2304),
-            ("int32", 9),
+            ("float32", 256),
+            ("float32", 256),
+            ("float32", 1),
             ("uint32", 257 * 2048 * 288),
             ("bfloat16", 257 * 2048 * 36),
             ("bfloat16", 257 * 2048 * 36),
             ("bfloat16", 2304),
             ("float32", 1),
         ),
-        sample_outputs=("float32",),
+        sample_outputs=("float32", "int32", "float32"),
         source="moe_gate_up",
-        defines=(("MOE_NORM", 1),),
+        defines=(("MOE_SEAM", 1),),
     ),
     "moe_down": KernelSpec(
         name="moe_down",
@@ -241,10 +245,13 @@ def header(kind: str) -> str:
 
 
 def body(name: str, kind: str) -> str:
-    """The kernel body for one backend: its thread-id line, the spec's macros, then the shared algorithm."""
+    """The kernel body for one backend: its thread-id line, the spec's macros, then the shared algorithm, each
+    `KDA_PART(x)` line replaced by the text of x.part (code shared by several bodies)."""
     spec = SPECS[name]
     macros = "".join(f"#define {k} {v}\n" for k, v in spec.defines)
-    return THREAD_IDS[kind] + macros + (HERE / f"{spec.source or name}.body").read_text()
+    text = (HERE / f"{spec.source or name}.body").read_text()
+    text = re.sub(r"^KDA_PART\((\w+)\)\n", lambda m: (HERE / f"{m.group(1)}.part").read_text(), text, flags=re.M)
+    return THREAD_IDS[kind] + macros + text
 
 
 def group_rows(n: int, most: int = 8) -> int:

@@ -82,76 +82,83 @@ const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
 // needs no concatenation to run routed and shared experts as one bank).
 // Inputs: logits [N, E] float32, bias [E] float32, scale [1] float32.
 // Outputs: idx [N, K + SH] int32 (picks best first, then the shared), weight [N, K + SH] float32.
-constexpr float NEG = -3.0e38f;  // below any score; finite on every backend
-constexpr int PER = E / 32;
-constexpr int LPG = (E / NG) / PER;  // lanes per group
 const int lane = kda_gid.x;
 const int n = kda_gid.y;
 const float routed_scale = scale[0];
-float s[PER];
-float c[PER];
-for (int i = 0; i < PER; ++i) {
-  const int e = lane * PER + i;
-  s[i] = kda_sigmoid(logits[n * E + e]);
-  c[i] = s[i] + bias[e];
-}
-if (NG > 1 && TG < NG) {
-  // this lane's best two, then merged over the lanes of its group
-  float t1 = NEG, t2 = NEG;
+// One token's routing by a 32-lane group (pasted into moe_route and moe_gate_up_seam by the loader, at their
+// KDA_PART(moe_pick) line): sigmoid, selection bias, group-limited top-k (group score = sum of its two best),
+// top-k. Expects lane (0..31), n (the token), buffers logits [N, E] float32 and bias [E] float32, and the template
+// E (E % 32 == 0, E / 32 <= 16), K, NG (NG divides E, E / NG a multiple of E / 32), TG, BIAS_W. Leaves
+// pick_id[K] (best first) and pick_w[K] (before renormalising and scaling) in every lane, pick_total their sum.
+int pick_id[K];
+float pick_w[K];
+float pick_total = 0.0f;
+{
+  constexpr float NEG = -3.0e38f;  // below any score; finite on every backend
+  constexpr int PER = E / 32;
+  constexpr int LPG = (E / NG) / PER;  // lanes per group
+  float s[PER];
+  float c[PER];
   for (int i = 0; i < PER; ++i) {
-    if (c[i] > t1) { t2 = t1; t1 = c[i]; } else if (c[i] > t2) { t2 = c[i]; }
+    const int e = lane * PER + i;
+    s[i] = kda_sigmoid(logits[n * E + e]);
+    c[i] = s[i] + bias[e];
   }
-  for (int off = 1; off < LPG; off <<= 1) {
-    const float o1 = kda_shfl_xor(t1, off), o2 = kda_shfl_xor(t2, off);
-    const float hi = kda_fmax(t1, o1);
-    const float lo = kda_fmax(t1 < o1 ? t1 : o1, kda_fmax(t2, o2));
-    t1 = hi;
-    t2 = lo;
-  }
-  const float mine = t1 + t2;
-  const int group = lane / LPG;
-  int better = 0;  // groups that beat this one (ties: the lower group index wins)
-  for (int g = 0; g < NG; ++g) {
-    const float other = kda_shfl(mine, g * LPG);
-    better += (other > mine || (other == mine && g < group)) ? 1 : 0;
-  }
-  if (better >= TG) {
-    for (int i = 0; i < PER; ++i) c[i] = NEG;
-  }
-}
-float w[K];
-int id[K];
-float total = 0.0f;
-for (int r = 0; r < K; ++r) {
-  float best = NEG;
-  float where = 0.0f;
-  for (int i = 0; i < PER; ++i) {
-    if (c[i] > best) { best = c[i]; where = static_cast<float>(lane * PER + i); }
-  }
-  if (best == NEG) where = static_cast<float>(E);  // nothing left here; never the winner
-  for (int off = 16; off > 0; off >>= 1) {  // argmax over the group; ties: the lower expert id
-    const float ob = kda_shfl_xor(best, off), ow = kda_shfl_xor(where, off);
-    if (ob > best || (ob == best && ow < where)) { best = ob; where = ow; }
-  }
-  const int e = static_cast<int>(where);
-  const int owner = e / PER;
-  float picked = 0.0f;
-  for (int i = 0; i < PER; ++i) {
-    if (lane == owner && lane * PER + i == e) {
-      picked = BIAS_W ? c[i] : s[i];
-      c[i] = NEG;
+  if (NG > 1 && TG < NG) {
+    // this lane's best two, then merged over the lanes of its group
+    float t1 = NEG, t2 = NEG;
+    for (int i = 0; i < PER; ++i) {
+      if (c[i] > t1) { t2 = t1; t1 = c[i]; } else if (c[i] > t2) { t2 = c[i]; }
+    }
+    for (int off = 1; off < LPG; off <<= 1) {
+      const float o1 = kda_shfl_xor(t1, off), o2 = kda_shfl_xor(t2, off);
+      const float hi = kda_fmax(t1, o1);
+      const float lo = kda_fmax(t1 < o1 ? t1 : o1, kda_fmax(t2, o2));
+      t1 = hi;
+      t2 = lo;
+    }
+    const float mine = t1 + t2;
+    const int group = lane / LPG;
+    int better = 0;  // groups that beat this one (ties: the lower group index wins)
+    for (int g = 0; g < NG; ++g) {
+      const float other = kda_shfl(mine, g * LPG);
+      better += (other > mine || (other == mine && g < group)) ? 1 : 0;
+    }
+    if (better >= TG) {
+      for (int i = 0; i < PER; ++i) c[i] = NEG;
     }
   }
-  picked = kda_shfl(picked, owner);
-  w[r] = picked;
-  id[r] = e;
-  total += picked;
+  for (int r = 0; r < K; ++r) {
+    float best = NEG;
+    float where = 0.0f;
+    for (int i = 0; i < PER; ++i) {
+      if (c[i] > best) { best = c[i]; where = static_cast<float>(lane * PER + i); }
+    }
+    if (best == NEG) where = static_cast<float>(E);  // nothing left here; never the winner
+    for (int off = 16; off > 0; off >>= 1) {  // argmax over the group; ties: the lower expert id
+      const float ob = kda_shfl_xor(best, off), ow = kda_shfl_xor(where, off);
+      if (ob > best || (ob == best && ow < where)) { best = ob; where = ow; }
+    }
+    const int e = static_cast<int>(where);
+    const int owner = e / PER;
+    float picked = 0.0f;
+    for (int i = 0; i < PER; ++i) {
+      if (lane == owner && lane * PER + i == e) {
+        picked = BIAS_W ? c[i] : s[i];
+        c[i] = NEG;
+      }
+    }
+    picked = kda_shfl(picked, owner);
+    pick_w[r] = picked;
+    pick_id[r] = e;
+    pick_total += picked;
+  }
 }
 if (lane == 0) {
-  const float norm = RENORM ? 1.0f / (total + 1e-20f) : 1.0f;
+  const float norm = RENORM ? 1.0f / (pick_total + 1e-20f) : 1.0f;
   for (int r = 0; r < K; ++r) {
-    idx[n * (K + SH) + r] = id[r];
-    weight[n * (K + SH) + r] = w[r] * norm * routed_scale;
+    idx[n * (K + SH) + r] = pick_id[r];
+    weight[n * (K + SH) + r] = pick_w[r] * norm * routed_scale;
   }
   for (int r = 0; r < SH; ++r) {
     idx[n * (K + SH) + K + r] = E + r;

@@ -74,12 +74,12 @@ def test_inputs_stay_apart_when_stored_differently(hf_checkpoint, odd, fused, ke
     assert float(mx.abs(steps - ref[:, :4]).max()) <= 1e-5 * scale
 
 
-def fused_with_reference(hf_checkpoint, bits, seed, tokens):
-    """A tiny checkpoint (KDA heads of 32) quantized at `bits`: the fused model, two sequences of `tokens`
-    tokens, and the unfused model's logits on them."""
+def fused_with_reference(hf_checkpoint, bits, seed, tokens, **config):
+    """A tiny checkpoint (KDA heads of 32; config: other HF config fields) quantized at `bits`: the fused model,
+    two sequences of `tokens` tokens, and the unfused model's logits on them."""
     from kimi_mlx.model.fuse import fuse_model
 
-    _, path = hf_checkpoint("kmk", kda_dim=32, moe_intermediate_size=32, hidden_size=64)
+    _, path = hf_checkpoint("kmk", kda_dim=32, moe_intermediate_size=32, hidden_size=64, **config)
     ref_model = load_model(path, fuse=False)
     quantize(ref_model, bits)
     toks = mx.array(np.random.default_rng(seed).integers(0, 211, (2, tokens)))
@@ -128,11 +128,13 @@ def test_gpu_decode_with_gates_inside_the_kernel_equals_reference(hf_checkpoint,
 
 def decode_with_seam_inside(hf_checkpoint, monkeypatch, bits, emulated: bool):
     """The model's decode steps with each MoE layer's seam folded into its router and gate|up kernels
-    (FusedMoE.after_seam, KIMI_MLX_MOE_SEAM=auto) against the unfused model's logits; emulated as above."""
+    (FusedMoE.after_seam, KIMI_MLX_MOE_SEAM=auto) against the unfused model's logits; emulated as above.
+    32 experts (the routing kernel's smallest bank), 4 picks from the best 2 of 4 groups."""
     from kimi_mlx.model import fuse
     from kimi_mlx.ops import routing
 
-    model, toks, ref = fused_with_reference(hf_checkpoint, bits, seed=5, tokens=5)
+    model, toks, ref = fused_with_reference(hf_checkpoint, bits, seed=5, tokens=5, num_local_experts=32,
+                                            num_experts_per_tok=4, n_group=4, topk_group=2)
     monkeypatch.setenv("KIMI_MLX_MOE_SEAM", "auto")
     if emulated:  # the decode steps run eagerly (the emulator evaluates its inputs, which a trace cannot)
         import functools

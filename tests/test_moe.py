@@ -320,39 +320,45 @@ def seam_inputs(N, D, dtype, seed):
     return h, a, norm_w
 
 
-def check_seam_kernels(dtype, N, D, E, I, P, bits, gs, seed):
-    """moe_router_norm and moe_gate_up_norm through their ops wrappers against add_norm_ref and the plain
-    references. The kernels never round the normalised token to the dtype, the references do: bfloat16 gets
-    the reference's own rounding as tolerance."""
+SEAM_ROUTING = dict(top_k=6, n_group=4, topk_group=2, renormalize=True, scaling=2.446, shared=1)
+
+
+def check_seam_kernels(dtype, N, D, E, I, bits, gs, seed, routing_opts=SEAM_ROUTING):
+    """moe_router_norm and moe_gate_up_seam (+ moe_down) through their ops wrappers against add_norm_ref, the
+    router's matmul, route_ref and MLX's gather matmuls. The kernels never round the normalised token to the
+    dtype, the references do: bfloat16 gets the reference's own rounding as tolerance (and the experts are
+    routed from the kernel's logits on both sides, so a near tie the rounding flips picks alike)."""
     h, a, norm_w = seam_inputs(N, D, dtype, seed)
     weight = mx.array(np.random.default_rng(seed + 1).standard_normal((E, D)).astype(np.float32) * 0.05)
+    bias = mx.array(np.random.default_rng(seed + 2).standard_normal(E).astype(np.float32) * 0.05)
     s, logits = routing.logits_norm_kernel(h, a, norm_w, 1e-5, weight)
     s_ref, logits_ref = routing.logits_norm_ref(h, a, norm_w, 1e-5, weight)
     assert s.dtype == h.dtype and mx.array_equal(s, s_ref)  # the residual exactly as add_norm rounds it
     tol = 1e-5 if dtype == mx.float32 else 2e-2
     assert float(mx.abs(logits - logits_ref).max()) <= tol * float(mx.abs(logits_ref).max())
-    gate_up, down = doctor.random_banks(E, D, I, bits, gs, dtype, bits)
-    _, idx, w = doctor.expert_inputs(E, D, N=N, P=P, dtype=dtype)
-    got = experts.experts_kernel(s, idx, w, gate_up, down, norm=(norm_w, 1e-5))
+    gate_up, down = doctor.random_banks(E + routing_opts["shared"], D, I, bits, gs, dtype, bits)
+    got = experts.experts_seam_kernel(s, logits, bias, routing_opts, gate_up, down, norm_w, 1e-5)
     x = mx.fast.rms_norm(s, norm_w, 1e-5)
+    assert mx.array_equal(x, add_norm_ref(h, a, norm_w, 1e-5)[1])  # the seam's own norm
+    idx, w = routing.route_ref(logits, bias, **routing_opts)
     ref = experts.experts_ref(x.astype(mx.float32), idx, w, gate_up, down)
     assert float(mx.abs(got - ref).max()) <= tol * float(mx.abs(ref).max())
-    _, x_ops = add_norm_ref(h, a, norm_w, 1e-5)
-    assert mx.array_equal(x, x_ops)  # the reference above is the seam's own norm
 
 
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
 @pytest.mark.parametrize("kind", ["metal", "cuda"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_seam_kernels_text_runs_right_on_cpu(kind, dtype, monkeypatch):
-    """Generated text, emulated: a width whose router span is ragged (320 over 8 groups: 40 a group), 4-bit banks."""
+    """Generated text, emulated: a width whose router span is ragged (320 over 8 groups: 40 a group), 4-bit banks,
+    6 picks from the best 2 of 4 groups of 32 experts and a shared expert."""
     monkeypatch.setattr(metal_kernels, "kernel", kernel_emulator.kernel_factory(kind))
-    check_seam_kernels(dtype, N=2, D=320, E=32, I=64, P=3, bits=4, gs=32, seed=21)
+    check_seam_kernels(dtype, N=2, D=320, E=32, I=64, bits=4, gs=32, seed=21)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("N", [1, 3])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_seam_kernels_on_gpu(dtype, N):
-    """The real widths: D 2,304, 256 experts, I 1,024, 8 routed + 1 shared, 4-bit gs64 banks."""
-    check_seam_kernels(dtype, N=N, D=2304, E=256, I=1024, P=9, bits=4, gs=64, seed=22 + N)
+    """The real widths and routing: D 2,304, 256 experts, I 1,024, 8 routed + 1 shared, 4-bit gs64 banks."""
+    check_seam_kernels(dtype, N=N, D=2304, E=256, I=1024, bits=4, gs=64, seed=22 + N,
+                       routing_opts=dict(top_k=8, n_group=1, topk_group=1, renormalize=True, scaling=2.446, shared=1))

@@ -16,13 +16,14 @@ import numpy as np
 from ..config import env_choice
 from ..errors import ConfigError
 from ..ops.attention import absorb_matrix, value_matrix
-from ..ops.experts import KERNEL_BITS, experts_kernel, experts_ref, kernel_fits, weighted_sum
+from ..ops.experts import KERNEL_BITS, experts_kernel, experts_ref, experts_seam_kernel, kernel_fits, weighted_sum
 from ..ops.fast_math import silu
 from ..ops.kda import gpu_backend
 from ..ops.linear import dequant_linears
 from ..ops.norm import add_norm
 from ..ops.norm import mode as norm_mode
-from ..ops.routing import LOGITS_KERNEL_ROWS, logits_norm_kernel, route
+from ..ops.routing import LOGITS_KERNEL_ROWS, logits_norm_kernel
+from ..ops.routing import kernel_supports as route_supports
 from ..ops.routing import _mode as route_mode
 from .common import MLP
 from .kda import KimiDeltaAttention
@@ -95,24 +96,26 @@ class FusedMoE(nn.Module):
         with the router, add_norm and expert kernels all on their kernel paths (KIMI_MLX_MOE_SEAM=ref: never)."""
         D = h.shape[-1]
         N = h.size // D
+        opts = self.gate.opts
         return (env_choice(SEAM_ENV, SEAM_MODES, SEAM_DEFAULT) == "auto" and gpu_backend() is not None
                 and norm_mode() != "ref" and route_mode() != "ref" and a.shape == h.shape and D % 32 == 0
-                and N <= LOGITS_KERNEL_ROWS and self.gate.weight.dtype == mx.float32 and self.path(N) == "kernel")
+                and N <= LOGITS_KERNEL_ROWS and self.gate.weight.dtype == mx.float32 and self.path(N) == "kernel"
+                and route_supports(self.num_routed, opts["top_k"], opts["n_group"]))
 
     def after_seam(self, h: mx.array, a: mx.array, norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
         """(h + a, self(rms_norm(h + a))): the decoder's seam before the MoE (h the residual, a the attention's
-        output) and the MoE after it. Where seam_fits, the router kernel adds and normalises (moe_router_norm)
-        and the gate|up kernel normalises again on the way (moe_gate_up_norm), so the seam runs no launch of
-        its own; else add_norm, then the MoE (the reference)."""
+        output) and the MoE after it. Where seam_fits, three launches where the reference runs five (add_norm,
+        router, routing, gate|up, down): the router kernel adds and normalises (moe_router_norm), the gate|up
+        kernel routes its token and normalises it again on the way (moe_gate_up_seam), then moe_down."""
         if not self.seam_fits(h, a):
             s, x = add_norm(h, a, norm.weight, norm.eps)
             return s, self(x)
         shape = h.shape
         s, logits = logits_norm_kernel(h.reshape(-1, shape[-1]), a.reshape(-1, shape[-1]), norm.weight, norm.eps,
                                        self.gate.weight)
-        gate = self.gate
-        idx, w = route(logits, gate.e_score_correction_bias, shared=self.num_shared, **gate.opts)
-        out = experts_kernel(s, idx, w, self.gate_up_proj, self.down_proj, norm=(norm.weight, norm.eps))
+        out = experts_seam_kernel(s, logits, self.gate.e_score_correction_bias,
+                                  {**self.gate.opts, "shared": self.num_shared}, self.gate_up_proj, self.down_proj,
+                                  norm.weight, norm.eps)
         return s.reshape(shape), out.reshape(shape)
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -8,9 +8,10 @@
                   indices, gather_qmm's copy, two gather matmuls, SwiGLU, weighting, sum), and a GEMV
                   where MLX's gather_qmm runs a tiled GEMM from 8 pairs on (31 us a call on an H200).
   kernel_fits     whether the kernels read a pair of banks (affine quantization, 2, 4 or 8 bits; <= 32 pairs a token)
-experts_kernel(..., norm=(norm_w, eps)) takes the residual s for x and applies its rms_norm on the way
-(moe_gate_up_norm: each dot with s * norm_w, scaled by rsqrt(mean(s^2) + eps)); its reference is experts_ref
-of mx.fast.rms_norm(s, norm_w, eps).
+  experts_seam_kernel  the same two launches with the routing and the decoder seam's norm inside the first
+                  (moe_gate_up_seam: from the residual s and the router's logits; each dot taken with
+                  s * norm_w and scaled by rsqrt(mean(s^2) + eps)); its reference: experts_ref of
+                  mx.fast.rms_norm(s, norm_w, eps) and ops/routing.py's route_ref of the logits.
 model/fuse.py's expert_path chooses between them (KIMI_MLX_EXPERTS=gather|kernel overrides).
 Both take x [N, D], idx [N, P] int32, w [N, P] float32 and the banks gate_up [E, 2I, D] (gate rows, then up
 rows) and down [E, D, I] (QuantizedSwitchLinear or SwitchLinear); both return [N, D] float32.
@@ -87,21 +88,50 @@ def _template(D: int, I: int, P: int, bank, R: int) -> list[tuple[str, int]]:
     return [("D", D), ("I", I), ("P", P), ("BITS", bank.bits), ("GS", bank.group_size), ("R", R)]
 
 
-def experts_kernel(x, idx, w, gate_up, down, norm=None):
-    from metal_kernels import group_rows, kernel
+def _gate_up_grid(N: int, P: int, I: int) -> dict:
+    from metal_kernels import group_rows
+
+    return dict(grid=(32 * N * P, I // units(I), 1), threadgroup=(32, group_rows(I // units(I)), 1))
+
+
+def experts_kernel(x, idx, w, gate_up, down):
+    from metal_kernels import kernel
 
     N, P = idx.shape
     D = x.shape[-1]
     I = gate_up.weight.shape[1] // 2
     idx = idx.astype(mx.int32)  # the routing kernel's dtype already: no copy
-    Ru, Rd = units(I), units(D)
-    extra = [] if norm is None else [norm[0].astype(x.dtype), mx.array([norm[1]], mx.float32)]
-    (h,) = kernel("moe_gate_up" if norm is None else "moe_gate_up_norm")(
-        inputs=[x, idx, gate_up.weight, gate_up.scales, gate_up.biases, *extra],
-        template=_template(D, I, P, gate_up, Ru),
-        grid=(32 * N * P, I // Ru, 1), threadgroup=(32, group_rows(I // Ru), 1),
-        output_shapes=[(N * P, I)], output_dtypes=[mx.float32],
+    (h,) = kernel("moe_gate_up")(
+        inputs=[x, idx, gate_up.weight, gate_up.scales, gate_up.biases], template=_template(D, I, P, gate_up, units(I)),
+        output_shapes=[(N * P, I)], output_dtypes=[mx.float32], **_gate_up_grid(N, P, I),
     )
+    return _down(h, idx, w, down, D, I)
+
+
+def experts_seam_kernel(s, logits, bias, route_opts: dict, gate_up, down, norm_w, eps: float):
+    """s [N, D] the residual, logits [N, E] the router's, route_opts Router.opts plus `shared`: [N, D] float32."""
+    from metal_kernels import kernel
+
+    from .routing import template as route_template
+
+    N, D = s.shape
+    I = gate_up.weight.shape[1] // 2
+    P = route_opts["top_k"] + route_opts.get("shared", 0)
+    h, idx, w = kernel("moe_gate_up_seam")(
+        inputs=[s, logits, bias.astype(mx.float32), mx.array([route_opts["scaling"]], mx.float32), gate_up.weight,
+                gate_up.scales, gate_up.biases, norm_w.astype(s.dtype), mx.array([eps], mx.float32)],
+        template=_template(D, I, P, gate_up, units(I)) + route_template(logits.shape[1], **route_opts),
+        output_shapes=[(N * P, I), (N, P), (N, P)], output_dtypes=[mx.float32, mx.int32, mx.float32],
+        **_gate_up_grid(N, P, I),
+    )
+    return _down(h, idx, w, down, D, I)
+
+
+def _down(h, idx, w, down, D: int, I: int):
+    from metal_kernels import kernel
+
+    N, P = idx.shape
+    Rd = units(D)
     (y,) = kernel("moe_down")(
         inputs=[h, idx, w.astype(mx.float32), down.weight, down.scales, down.biases],
         template=_template(D, I, P, down, Rd), grid=(32 * D // Rd, P, N), threadgroup=(32, P, 1),

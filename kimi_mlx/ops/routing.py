@@ -59,6 +59,12 @@ def kernel_supports(E: int, top_k: int, n_group: int) -> bool:
         and ((E // n_group) // per) & ((E // n_group) // per - 1) == 0
 
 
+def template(E, *, top_k, n_group, topk_group, renormalize, scaling, bias_in_weights=False, shared=0):
+    """The routing kernels' template arguments (moe_route, and moe_gate_up_seam's routing part)."""
+    return [("E", E), ("K", top_k), ("NG", n_group), ("TG", topk_group), ("RENORM", int(renormalize)),
+            ("BIAS_W", int(bias_in_weights)), ("SH", shared)]
+
+
 def route_kernel(logits, bias, *, top_k, n_group, topk_group, renormalize, scaling, bias_in_weights=False,
                  shared=0):
     from metal_kernels import kernel
@@ -66,8 +72,8 @@ def route_kernel(logits, bias, *, top_k, n_group, topk_group, renormalize, scali
     N, E = logits.shape
     idx, w = kernel("moe_route")(
         inputs=[logits.astype(mx.float32), bias.astype(mx.float32), mx.array([scaling], mx.float32)],
-        template=[("E", E), ("K", top_k), ("NG", n_group), ("TG", topk_group), ("RENORM", int(renormalize)),
-                  ("BIAS_W", int(bias_in_weights)), ("SH", shared)],
+        template=template(E, top_k=top_k, n_group=n_group, topk_group=topk_group, renormalize=renormalize,
+                          scaling=scaling, bias_in_weights=bias_in_weights, shared=shared),
         grid=(32, N, 1), threadgroup=(32, 1, 1),
         output_shapes=[(N, top_k + shared)] * 2, output_dtypes=[mx.int32, mx.float32],
     )
