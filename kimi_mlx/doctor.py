@@ -269,8 +269,9 @@ def environment() -> list[tuple[str, str]]:
          + " (one token, 4-bit banks)"),
         ("MoE prefill", f"{expert_path(2048 * 9, 257)} expert matmuls (2,048 tokens, real shape)"),
         ("add + norm", f"one {gpu} kernel a seam (decode)" if gpu and norm.mode() != "ref" else "ops"),
-        ("MoE seam", f"add + norm and routing inside the MoE's {gpu} router and gate|up kernels (decode)" if gpu and moe_seam() == "auto"
-         and norm.mode() != "ref" else f"add + norm before the MoE ({fuse.SEAM_ENV}={moe_seam()})"),
+        ("MoE seam", f"add + norm and routing inside the MoE's {gpu} router and gate|up kernels (decode)"
+         if gpu and moe_seam() == "auto" and norm.mode() != "ref"
+         else f"add + norm before the MoE ({fuse.SEAM_ENV}={moe_seam()})"),
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
          if linear.dequant_chosen(linear.MIN_ROWS) else "quantized matmul"),
         ("prefill memory", working_set.describe()),

@@ -4,7 +4,9 @@ Each kernel body (`<name>.body`) is written once in a small vocabulary: `kda_gid
 uint3 position in the grid), `KDA_FN` helpers from common.h, and the primitives that metal.h and
 cuda.h define per backend (`kda_exp`, `kda_simd_sum`, ...). MLX writes the function signature from
 the input/output names and the template arguments, so the same body compiles as
-`mx.fast.metal_kernel` on Apple GPUs and as `mx.fast.cuda_kernel` on NVIDIA GPUs. `generate.py`
+`mx.fast.metal_kernel` on Apple GPUs and as `mx.fast.cuda_kernel` on NVIDIA GPUs. Code two bodies share
+lives in `<part>.part` and is pasted at a body's `KDA_PART(<part>)` line (moe_pick: one token's routing, in
+moe_route and moe_gate_up_seam); a spec's `defines` select a body's variants (`#if`). `generate.py`
 writes the full text MLX compiles for a sample instantiation (`<name>.metal`, `<name>.cu`) so CI
 can check it without either GPU. Kernels are built lazily and only for a backend that exists.
 """

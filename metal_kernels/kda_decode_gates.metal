@@ -104,7 +104,10 @@ int tail_c[TC];
 float tail_v[TC][KW - 1];
 for (int m = 0; m < TC; ++m) {
   const int t = g * 32 + lane + m * 32 * G;
-  tail_c[m] = t < DK ? h * DK + t : t < 2 * DK ? CQ + h * DK + (t - DK) : t < 2 * DK + DV ? 2 * CQ + h * DV + (t - 2 * DK) : -1;
+  tail_c[m] = t < DK ? h * DK + t                               // q
+            : t < 2 * DK ? CQ + h * DK + (t - DK)                // k
+            : t < 2 * DK + DV ? 2 * CQ + h * DV + (t - 2 * DK)   // v
+            : -1;                                                // past the head's channels
   for (int j = 0; j < KW - 2; ++j) {
     tail_v[m][j] = tail_c[m] >= 0 ? static_cast<float>(conv_tail[old_at + (j + 1) * C3 + tail_c[m]]) : 0.0f;
   }

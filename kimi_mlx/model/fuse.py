@@ -24,7 +24,7 @@ from ..ops.norm import add_norm
 from ..ops.norm import mode as norm_mode
 from ..ops.routing import LOGITS_KERNEL_ROWS, logits_norm_kernel
 from ..ops.routing import kernel_supports as route_supports
-from ..ops.routing import _mode as route_mode
+from ..ops.routing import mode as route_mode
 from .common import MLP
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA

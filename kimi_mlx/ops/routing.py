@@ -126,19 +126,19 @@ def router_logits(x, weight):
     """x [N, D] @ weight [E, D]^T in float32: [N, E]."""
     from .kda import gpu_backend
 
-    if _mode() != "ref" and gpu_backend() and weight.dtype == mx.float32 and x.shape[0] <= LOGITS_KERNEL_ROWS:
+    if mode() != "ref" and gpu_backend() and weight.dtype == mx.float32 and x.shape[0] <= LOGITS_KERNEL_ROWS:
         return logits_kernel(x, weight)
     return logits_ref(x, weight)
 
 
-def _mode() -> str:
+def mode() -> str:
     return env_choice(ENV, MODES, "auto")
 
 
 def path(E: int, top_k: int, n_group: int) -> str:
     from .kda import gpu_backend
 
-    m = _mode()
+    m = mode()
     fits = kernel_supports(E, top_k, n_group)
     if m == "kernel":
         if gpu_backend() is None or not fits:
