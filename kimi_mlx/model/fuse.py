@@ -20,7 +20,6 @@ from ..ops.experts import KERNEL_BITS, experts_kernel, experts_ref, experts_seam
 from ..ops.fast_math import silu
 from ..ops.kda import gpu_backend
 from ..ops.linear import dequant_linears
-from ..ops.norm import add_norm
 from ..ops.norm import mode as norm_mode
 from ..ops.routing import LOGITS_KERNEL_ROWS, logits_norm_kernel
 from ..ops.routing import kernel_supports as route_supports
@@ -103,13 +102,11 @@ class FusedMoE(nn.Module):
                 and route_supports(self.num_routed, opts["top_k"], opts["n_group"]))
 
     def after_seam(self, h: mx.array, a: mx.array, norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
-        """(h + a, self(rms_norm(h + a))): the decoder's seam before the MoE (h the residual, a the attention's
-        output) and the MoE after it. Where seam_fits, three launches where the reference runs five (add_norm,
-        router, routing, gate|up, down): the router kernel adds and normalises (moe_router_norm), the gate|up
-        kernel routes its token and normalises it again on the way (moe_gate_up_seam), then moe_down."""
-        if not self.seam_fits(h, a):
-            s, x = add_norm(h, a, norm.weight, norm.eps)
-            return s, self(x)
+        """(h + a, self(rms_norm(h + a))) where seam_fits: the decoder's seam before the MoE (h the residual, a the
+        attention's output) and the MoE after it in three launches where the reference (the decoder's add_norm,
+        then self) runs five (add_norm, router, routing, gate|up, down): the router kernel adds and normalises
+        (moe_router_norm), the gate|up kernel routes its token and normalises it again on the way
+        (moe_gate_up_seam), then moe_down."""
         shape = h.shape
         s, logits = logits_norm_kernel(h.reshape(-1, shape[-1]), a.reshape(-1, shape[-1]), norm.weight, norm.eps,
                                        self.gate.weight)

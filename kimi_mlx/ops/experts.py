@@ -105,7 +105,7 @@ def experts_kernel(x, idx, w, gate_up, down):
         inputs=[x, idx, gate_up.weight, gate_up.scales, gate_up.biases], template=_template(D, I, P, gate_up, units(I)),
         output_shapes=[(N * P, I)], output_dtypes=[mx.float32], **_gate_up_grid(N, P, I),
     )
-    return _down(h, idx, w, down, D, I)
+    return _down(h, idx, w, down)
 
 
 def experts_seam_kernel(s, logits, bias, route_opts: dict, gate_up, down, norm_w, eps: float):
@@ -124,13 +124,15 @@ def experts_seam_kernel(s, logits, bias, route_opts: dict, gate_up, down, norm_w
         output_shapes=[(N * P, I), (N, P), (N, P)], output_dtypes=[mx.float32, mx.int32, mx.float32],
         **_gate_up_grid(N, P, I),
     )
-    return _down(h, idx, w, down, D, I)
+    return _down(h, idx, w, down)
 
 
-def _down(h, idx, w, down, D: int, I: int):
+def _down(h, idx, w, down):
+    """moe_down: each pair's down rows of h [N * P, I], weighted by w and summed over a token's pairs."""
     from metal_kernels import kernel
 
     N, P = idx.shape
+    D, I = down.weight.shape[1], h.shape[-1]
     Rd = units(D)
     (y,) = kernel("moe_down")(
         inputs=[h, idx, w.astype(mx.float32), down.weight, down.scales, down.biases],
