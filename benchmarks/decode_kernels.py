@@ -1,6 +1,7 @@
 """Where a decoded token's time goes on a GPU: host or device, and which kernels.
 
   python benchmarks/decode_kernels.py [--shape full] [--context 1024]            # host split of the pipelined loop
+  python benchmarks/decode_kernels.py --nap 1,2,4                                # the same with the host asleep
   ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --log-file K.csv \
       python benchmarks/decode_kernels.py --profile 2                            # the kernels of 3 tokens (NVIDIA)
   python benchmarks/decode_kernels.py --parse K.csv --tokens 3                   # their sum and the largest
@@ -12,7 +13,10 @@
 The split times the decode loop bench.time_decode runs (bench.decode_phases: the next token's graph built
 and queued while the current one is read): building the graph (our Python and MLX's replay of each compiled
 layer), queueing it (MLX encodes every kernel on the calling thread), and waiting for the token. A wait
-near zero means the device idles on the host.
+near zero does not by itself mean the device idles on the host: MLX's eval holds the caller once more than 10
+command batches (MLX_MAX_OPS_PER_BUFFER kernels each) are in flight, so the queue phase also holds any wait
+for the device. --nap tells them apart: the host sleeps that long after queueing each token; a token that
+slows by the whole nap was bound by the host, one that slows by less had that much device time to spare.
 
 The prefill split times a paced prefill step (model/decoder.py `_layers`: each layer queued once the one before
 has run): queueing (the decoder's async_eval calls), waiting (its eval calls), the MoE layers' block counts read
@@ -45,11 +49,19 @@ ap.add_argument("--prefill", type=int, default=0,
                      "marked for ncu; alone, their host split (--steps a window)")
 ap.add_argument("--steps", type=int, default=4, help="--prefill without --profile: prefill steps timed a window")
 ap.add_argument("--parse", help="an ncu --csv log of --profile: per-token kernel time, the largest kernels")
+ap.add_argument("--nap", default="", help="comma-separated milliseconds: also time the decode loop with the host "
+                                          "asleep this long a token (see above)")
 ap.add_argument("--by-seam", action="store_true",
                 help="with --parse: also the first token's (step's) kernels cut at each norm, by kind")
 a = ap.parse_args()
 if a.tokens < 1 or a.steps < 1 or a.context < 0 or a.profile < 0 or a.prefill < 0:
     ap.error("--tokens and --steps take a positive number, --context, --profile and --prefill zero or more")
+try:
+    naps = [float(x) / 1e3 for x in a.nap.split(",") if x.strip()]
+except ValueError:
+    ap.error(f"--nap takes comma-separated milliseconds, e.g. 1,2,4 (got {a.nap!r})")
+if any(x < 0 for x in naps):
+    ap.error("--nap takes milliseconds of zero or more")
 if a.by_seam and not a.parse:
     ap.error("--by-seam cuts an ncu log's kernels: give --parse LOG too")
 if not a.prefill and a.context < 1:
@@ -127,9 +139,9 @@ r.fill_context(a.context, ours.config) if a.context else r.reset()
 print(f"device: {bench.device_line()}; shape {a.shape}; decode at context {a.context}", flush=True)
 
 
-def loop(n):
+def loop(n, nap=0.0):
     """bench.time_decode's loop (bench.decode_phases), each phase's seconds a token: (build, queue, wait)."""
-    y, spent = bench.decode_phases(r, n)
+    y, spent = bench.decode_phases(r, n, nap=nap)
     y.item()
     return [x / n for x in spent]
 
@@ -212,7 +224,9 @@ if a.profile:
     mx.synchronize()
     cuda.cuProfilerStop()
     sys.exit()
-print(f"{'tok/s':>8} {'build ms':>9} {'queue ms':>9} {'wait ms':>9}")
+print(f"{'tok/s':>8} {'build ms':>9} {'queue ms':>9} {'wait ms':>9}" + (f" {'nap ms':>7}" if naps else ""))
 for _ in range(3):
-    b, q, w = loop(a.tokens)
-    print(f"{1 / (b + q + w):8.1f} {b * 1e3:9.3f} {q * 1e3:9.3f} {w * 1e3:9.3f}", flush=True)
+    for nap in [0.0, *naps]:
+        b, q, w = loop(a.tokens, nap)
+        print(f"{1 / (b + q + w):8.1f} {b * 1e3:9.3f} {q * 1e3:9.3f} {w * 1e3:9.3f}"
+              + (f" {nap * 1e3:7.1f}" if naps else ""), flush=True)

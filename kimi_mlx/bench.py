@@ -351,10 +351,12 @@ def state_bytes(state) -> int:
 DECODE_WARMUP = 4  # tokens time_decode feeds before its timed ones
 
 
-def decode_phases(r: Runner, n: int, y: mx.array | None = None) -> tuple[mx.array, list[float]]:
+def decode_phases(r: Runner, n: int, y: mx.array | None = None, nap: float = 0.0) -> tuple[mx.array, list[float]]:
     """Decode n tokens greedily, the next step built and queued while the current token is read (after y, or
     after a first token queued here). Returns the last token queued, not yet read, and the seconds spent
-    building the steps' graphs, queueing them (MLX encodes the kernels on this thread) and waiting for tokens."""
+    building the steps' graphs, queueing them (MLX encodes the kernels on this thread) and waiting for tokens.
+    nap: seconds the host sleeps after queueing each step (benchmarks/decode_kernels.py --nap), counted as
+    waiting."""
     def step(y):
         return mx.argmax(r.forward(y.reshape(1, 1))[:, -1], axis=-1)
 
@@ -368,6 +370,8 @@ def decode_phases(r: Runner, n: int, y: mx.array | None = None) -> tuple[mx.arra
         t1 = time.perf_counter()
         mx.async_eval(nxt)
         t2 = time.perf_counter()
+        if nap:
+            time.sleep(nap)
         y.item()
         t3 = time.perf_counter()
         spent = [spent[0] + t1 - t0, spent[1] + t2 - t1, spent[2] + t3 - t2]

@@ -265,18 +265,20 @@ def test_layer_profile_script_times_every_sublayer_against_the_peer():
 
 
 def test_decode_kernels_script_splits_a_token_and_sums_an_ncu_log(tmp_path):
-    """benchmarks/decode_kernels.py: build / queue / wait a token, each round's rate their inverse sum; --parse
-    sums an ncu CSV log's kernel times per token (units mixed) and ranks the kernels."""
+    """benchmarks/decode_kernels.py: build / queue / wait a token, each round's rate their inverse sum (with
+    --nap, each round again with the host asleep that long a token, counted in the wait); --parse sums an ncu CSV
+    log's kernel times per token (units mixed) and ranks the kernels."""
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_kernels.py"
-    out = subprocess.run([sys.executable, str(script), "--shape", "small", "--context", "64", "--tokens", "4"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(script), "--shape", "small", "--context", "64", "--tokens", "4",
+                          "--nap", "6"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     rows = [s.split() for s in out.stdout.splitlines()[2:]]
-    assert len(rows) == 3 and all(len(r) == 4 for r in rows), out.stdout
-    for rate, *ms in ([float(x) for x in r] for r in rows):
+    assert len(rows) == 6 and all(len(r) == 5 for r in rows), out.stdout
+    for i, (rate, *ms, nap) in enumerate([float(x) for x in r] for r in rows):
         assert abs(rate - 1e3 / sum(ms)) <= 0.06 * rate + 0.1
+        assert nap == (6.0 if i % 2 else 0.0) and (ms[2] >= 6.0 if i % 2 else ms[2] < 6.0), out.stdout
     head = ['"ID"', '"Process ID"', '"Process Name"', '"Host Name"', '"Kernel Name"', '"Context"', '"Stream"',
             '"Block Size"', '"Grid Size"', '"Device"', '"CC"', '"Section Name"', '"Metric Name"', '"Metric Unit"',
             '"Metric Value"']
@@ -309,6 +311,7 @@ def test_decode_kernels_script_splits_a_token_and_sums_an_ncu_log(tmp_path):
     (tmp_path / "bad.csv").write_text("a,b\n")
     for args in (["--parse", str(tmp_path / "none.csv")], ["--parse", str(tmp_path / "bad.csv")], ["--tokens", "0"],
                  ["--shape", "huge"], ["--steps", "0"], ["--by-seam"], ["--context", "0"], ["--prefill", "-1", "--profile", "1"],
+                 ["--nap", "x"], ["--nap", "-1"],
                  *([["--profile", "1"]] if not mx.cuda.is_available() else [])):
         bad = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith(

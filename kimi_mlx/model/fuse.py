@@ -234,7 +234,7 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
 EXPERT_PATHS = ("gather", "kernel", "sorted", "segmented", "blocked", "bounded")
 SEAM_ENV = "KIMI_MLX_MOE_SEAM"
 SEAM_MODES = ("auto", "ref")
-SEAM_DEFAULT = "ref"  # "auto" once its kernels have run on a GPU (FusedMoE.after_seam)
+SEAM_DEFAULT = "ref"  # tested on an H200, not faster there (RESULTS.md, sixteenth session): opt-in
 
 
 def can_fuse_moe(moe: KimiMoE) -> bool:
