@@ -172,22 +172,29 @@ class Runner:
             mx.eval([c.state for c in self.state])
 
     def fill_context(self, n: int, cfg: ModelConfig):
-        """Give every MLA layer a cache of n random latent rows (decode cost depends on length only)."""
+        """Give every MLA layer a cache of n random latent rows (decode cost depends on length only), in the
+        dtype the model's own prefill writes them: its activations' (float32 models on a CPU keep a float32
+        cache; rows of another dtype would make every decode matmul over the cache convert it first)."""
         self.reset()
         L, pe = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        dtype = self.row_dtype()
         if self.is_ours:
             for s in self.state.layers:
                 if hasattr(s, "append"):
-                    s.append(mx.random.normal((1, n, L + pe)).astype(mx.bfloat16))
+                    s.append(mx.random.normal((1, n, L + pe)).astype(dtype))
             self.state.offset = n
         else:
             from mlx_lm.models.cache import KVCache
 
             for c in self.state:
                 if isinstance(c, KVCache):
-                    c.update_and_fetch(mx.random.normal((1, 1, n, L)).astype(mx.bfloat16),
-                                       mx.random.normal((1, 1, n, pe)).astype(mx.bfloat16))
+                    c.update_and_fetch(mx.random.normal((1, 1, n, L)).astype(dtype),
+                                       mx.random.normal((1, 1, n, pe)).astype(dtype))
         self.eval_state()
+
+    def row_dtype(self) -> mx.Dtype:
+        """The dtype of the model's activations: its token embedding's output."""
+        return self.model.model.embed_tokens(mx.array([[0]])).dtype
 
 
 def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
@@ -448,10 +455,11 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
         echo(f"shape: {shape}, random weights, {quant}, activations {dtype}")
     cfg = ours.config
     active = active_bytes_per_token(ours)
-    echo(f"weights: {weight_bytes(ours) / 1e9:.2f} GB; read per decoded token: {active / 1e9:.3f} GB; "
-         f"cache per context token: {cache_bytes_per_token(cfg)} B (bf16); kimi-mlx prefill memory: "
-         f"{working_set.describe()}")
     runners = [Runner("kimi-mlx", ours, True)] + ([Runner("mlx-lm", theirs, False)] if theirs is not None else [])
+    rows_in = runners[0].row_dtype()
+    echo(f"weights: {weight_bytes(ours) / 1e9:.2f} GB; read per decoded token: {active / 1e9:.3f} GB; "
+         f"cache per context token: {cache_bytes_per_token(cfg, rows_in.size)} B ({str(rows_in).split('.')[-1]}); "
+         f"kimi-mlx prefill memory: {working_set.describe()}")
     rows = []
     for n in prefill:
         got, peak = {}, {}

@@ -20,6 +20,21 @@ def test_identical_weights_give_matching_logits():
     assert float(mx.abs(a - b).max()) <= 1e-3 * float(mx.abs(b).max())
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_filled_context_rows_take_the_models_activation_dtype(dtype):
+    """fill_context writes the rows a prefill would: in the activations' dtype, for both runners (float32 rows
+    under a bfloat16 model, or the reverse, would make each decode step convert the cache)."""
+    ours, theirs, _ = bench.build("small", bits=4, dtype=dtype, peer=True)
+    cfg = ours.config
+    mine, peer = bench.Runner("kimi-mlx", ours, True), bench.Runner("mlx-lm", theirs, False)
+    for r in (mine, peer):
+        r.fill_context(40, cfg)
+    pages = [p for s in mine.state.layers if hasattr(s, "pages") for page in s.pages for p in page]
+    kv = [x for c in peer.state if hasattr(c, "keys") and c.keys is not None for x in (c.keys, c.values)]
+    assert pages and kv and {a.dtype for a in pages + kv} == {dtype}
+    assert mine.state.offset == 40 and all(c.offset == 40 for c in peer.state if hasattr(c, "keys") and c.keys is not None)
+
+
 def test_bytes_read_a_token_count_what_decode_reads(demo_random):
     """Where model/fuse.py derived a matrix decode reads instead (q_kv for q_proj | kv_a_proj_with_mqa; gates_out
     for f_b_proj | g_b_proj; q_absorb, v_absorb for k_up, v_up), only the derived one counts."""
