@@ -270,8 +270,8 @@ def environment() -> list[tuple[str, str]]:
         ("MoE prefill", f"{expert_path(2048 * 9, 257)} expert matmuls (2,048 tokens, real shape)"),
         ("add + norm", f"one {gpu} kernel a seam (decode)" if gpu and norm.mode() != "ref" else "ops"),
         ("MoE seam", f"add + norm and routing inside the MoE's {gpu} router and gate|up kernels (decode)"
-         if gpu and moe_seam() == "auto" and norm.mode() != "ref"
-         else f"add + norm before the MoE ({fuse.SEAM_ENV}={moe_seam()})"),
+         if gpu and fuse.seam_mode() == "auto" and norm.mode() != "ref"
+         else f"add + norm before the MoE ({fuse.SEAM_ENV}={fuse.seam_mode()})"),
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
          if linear.dequant_chosen(linear.MIN_ROWS) else "quantized matmul"),
         ("prefill memory", working_set.describe()),
@@ -280,13 +280,6 @@ def environment() -> list[tuple[str, str]]:
         *([("CUDA graph size", f"{os.environ.get('MLX_MAX_OPS_PER_BUFFER', 'MLX default')} ops (MLX_MAX_OPS_PER_BUFFER)")]
           if gpu == "cuda" else []),
     ]
-
-
-def moe_seam() -> str:
-    from .config import env_choice
-    from .model import fuse
-
-    return env_choice(fuse.SEAM_ENV, fuse.SEAM_MODES, fuse.SEAM_DEFAULT)
 
 
 def routing_path() -> str:

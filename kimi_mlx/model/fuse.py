@@ -96,7 +96,7 @@ class FusedMoE(nn.Module):
         D = h.shape[-1]
         N = h.size // D
         opts = self.gate.opts
-        return (env_choice(SEAM_ENV, SEAM_MODES, SEAM_DEFAULT) == "auto" and gpu_backend() is not None
+        return (seam_mode() == "auto" and gpu_backend() is not None
                 and norm_mode() != "ref" and route_mode() != "ref" and a.shape == h.shape and D % 32 == 0
                 and N <= LOGITS_KERNEL_ROWS and self.gate.weight.dtype == mx.float32 and self.path(N) == "kernel"
                 and route_supports(self.num_routed, opts["top_k"], opts["n_group"]))
@@ -235,6 +235,11 @@ EXPERT_PATHS = ("gather", "kernel", "sorted", "segmented", "blocked", "bounded")
 SEAM_ENV = "KIMI_MLX_MOE_SEAM"
 SEAM_MODES = ("auto", "ref")
 SEAM_DEFAULT = "ref"  # tested on an H200, not faster there (RESULTS.md, sixteenth session): opt-in
+
+
+def seam_mode() -> str:
+    """KIMI_MLX_MOE_SEAM: 'auto' (FusedMoE.after_seam where seam_fits) or 'ref' (the decoder's add_norm)."""
+    return env_choice(SEAM_ENV, SEAM_MODES, SEAM_DEFAULT)
 
 
 def can_fuse_moe(moe: KimiMoE) -> bool:
