@@ -270,7 +270,8 @@ def environment() -> list[tuple[str, str]]:
         ("MoE prefill", f"{expert_path(2048 * 9, 257)} expert matmuls (2,048 tokens, real shape)"),
         ("add + norm", f"one {gpu} kernel a seam (decode)" if gpu and norm.mode() != "ref" else "ops"),
         ("MoE seam", f"add + norm and routing inside the MoE's {gpu} router and gate|up kernels (decode)"
-         if gpu and fuse.seam_mode() == "auto" and norm.mode() != "ref"
+         if gpu and fuse.seam_mode() == "auto" and norm.mode() != "ref" and routing_path() == "kernel"
+         and decode_experts == "kernel"  # FusedMoE.seam_fits's conditions
          else f"add + norm before the MoE ({fuse.SEAM_ENV}={fuse.seam_mode()})"),
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
          if linear.dequant_chosen(linear.MIN_ROWS) else "quantized matmul"),
