@@ -25,7 +25,8 @@ from results import Recorder  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("--shape", default="full", choices=list(bench.SHAPES))
 ap.add_argument("--tokens", type=int, default=1048576)
-ap.add_argument("--step", type=int, default=2048)
+ap.add_argument("--step", type=int, default=0, help="prefill step tokens (0: generation's own plan, "
+                                                   "kimi_mlx.generate.step_length)")
 ap.add_argument("--state", required=True, help="where the state is saved between runs")
 ap.add_argument("--budget-s", type=float, default=480)
 ap.add_argument("--decode-tokens", type=int, default=16)
@@ -41,7 +42,7 @@ room = a.decode_tokens + bench.DECODE_WARMUP  # time_decode's timed and warm-up 
 n = min(a.tokens, model.config.max_position_embeddings - room)  # the decode must fit in the context limit too
 toks = np.random.default_rng(1).integers(0, cfg["vocab_size"], (1, n))
 echo(f"device: {bench.device_line()}; shape {a.shape}, random 4-bit weights ({weights / 1e9:.2f} GB); "
-     f"prompt {n} tokens in steps of {a.step}" + (f" (the context limit keeps {room} for the decode)" if n < a.tokens else ""))
+     f"prompt {n} tokens in steps of {bench.describe_steps(a.step)}" + (f" (the context limit keeps {room} for the decode)" if n < a.tokens else ""))
 state, prog = bench.resumable_prefill(model, toks, a.state, a.step, a.budget_s, echo, trace_gb=a.trace_gb)
 if prog.done < n:
     echo(f"saved at {prog.done} / {n} tokens: run again to go on")

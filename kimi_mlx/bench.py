@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 from . import working_set
 from .config import KIMI_LINEAR_48B_A3B, ModelConfig
-from .generate import prefill_step
+from .generate import PREFILL_STEP, describe_steps, prefill_step, step_length, step_lengths
 from .model import Model
 from .model.fuse import fuse_model
 from .weights.layout import hf_layer_to_local
@@ -197,12 +197,20 @@ class Runner:
         return self.model.model.embed_tokens(mx.array([[0]])).dtype
 
 
+def steps_of(r: Runner, context: int, n: int, step: int) -> list[int]:
+    """The prefill step lengths r takes for n tokens from `context`: ours generation's own plan
+    (generate.step_lengths; step 0 = auto), mlx-lm's `step` or its default prefill_step_size (2,048)."""
+    return step_lengths(context, n, step) if r.is_ours else step_lengths(context, n, step or PREFILL_STEP)
+
+
 def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
     toks = mx.random.randint(0, vocab, (1, n))
 
     def whole():
-        for a in range(0, n, step):
-            r.prefill_step(toks[:, a : a + step])
+        a = 0
+        for length in steps_of(r, 0, n, step):
+            r.prefill_step(toks[:, a : a + length])
+            a += length
             mx.clear_cache()
 
     # warm-up: the whole prompt once, so every step's kernels are built before the timed run (each step's
@@ -216,8 +224,14 @@ def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def step_at_length(n: int, step: int) -> int:
+    """The length of the timed step ending at context n: step, or with 0 (auto) the length our plan takes for a
+    step starting just short of n (generate.step_length); both runners time a step of this length."""
+    return step or step_length(n - 1)
+
+
 def time_step_at(r: Runner, n: int, step: int, cfg: ModelConfig) -> float:
-    """Seconds for the prefill step that brings the context to n tokens (cache filled to n - step first)."""
+    """Seconds for the prefill step of `step` tokens that brings the context to n (cache filled to n - step first)."""
     toks = mx.random.randint(0, cfg.vocab_size, (1, step))
     r.fill_context(max(n - step, 1), cfg)
     r.prefill_step(toks)  # warm-up: traces this context's tiling
@@ -325,9 +339,10 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
         if extra > kept + KEPT_REPORT_GB:  # memory kept between steps that the state does not account for: say when
             echo(f"  before the step from {prog.done}: {extra:.2f} GB in use beyond the weights and the state")
             kept = extra
-        m = measured_step(model, state, mx.array(tokens[:, prog.done : prog.done + step]), trace_gb is not None)
+        length = step_length(prog.done, step)  # step 0: generation's own plan
+        m = measured_step(model, state, mx.array(tokens[:, prog.done : prog.done + length]), trace_gb is not None)
         prog.seconds += m.seconds
-        prog.done = min(N, prog.done + step)
+        prog.done = min(N, prog.done + length)
         held = m.held_gb
         recent.append(held)
         prog.peak_gb = max(prog.peak_gb, m.peak / 1e9)
@@ -335,11 +350,11 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
             echo(f"  step ending at {prog.done}: working set {held:.2f} GB; most held during layers "
                  f"{m.top_layers(model)}; after the last layer {(mx.get_peak_memory() - m.before) / 1e9:.2f} GB")
         if held > prog.step_gb:
-            if prog.step_gb and prog.done > 8 * step:  # a new largest working set after the first steps: say when
+            if prog.step_gb and prog.done > 8 * (step or PREFILL_STEP):  # a new largest working set after the first steps: say when
                 echo(f"  step ending at {prog.done}: working set {held:.2f} GB "
                      f"(in use before it {m.before / 1e9:.2f} GB)")
             prog.step_gb, prog.step_at = held, prog.done
-        if prog.done % (64 * step) == 0 or prog.done == N:
+        if prog.done % (64 * (step or PREFILL_STEP)) == 0 or prog.done == N:
             echo(f"  {prog.done:>9} / {N} tokens, {prog.seconds:7.1f} s of steps, {prog.done / prog.seconds:7.1f} tok/s, "
                  f"in use {mx.get_active_memory() / 1e9:.1f} GB, peak {prog.peak_gb:.1f} GB, "
                  f"largest step working set {prog.step_gb:.2f} GB (at {prog.step_at}); "
@@ -419,7 +434,7 @@ def device_line() -> str:
     return f"{mx.default_device()} {name}, MLX {mx.__version__}" + (f" ({batch})" if batch else "")
 
 
-def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: int = 32, step: int = 2048,
+def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: int = 32, step: int = 0,
         bits: int = 4, group_size: int = 64, peer: bool = True, peer_prefill_max: int = 2048,
         bandwidth_gbs: float | None = None, model_path: str | None = None, peer_model: str | None = None,
         step_at=(), echo=print, rounds: int = 1) -> list[dict]:
@@ -460,6 +475,9 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
     echo(f"weights: {weight_bytes(ours) / 1e9:.2f} GB; read per decoded token: {active / 1e9:.3f} GB; "
          f"cache per context token: {cache_bytes_per_token(cfg, rows_in.size)} B ({str(rows_in).split('.')[-1]}); "
          f"kimi-mlx prefill memory: {working_set.describe()}")
+    if prefill or step_at:
+        echo(f"prefill steps: kimi-mlx {describe_steps(step)}"
+             + (f"; mlx-lm {step or PREFILL_STEP} tokens" if len(runners) > 1 else ""))
     rows = []
     for n in prefill:
         got, peak = {}, {}
@@ -476,38 +494,41 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
         echo(_line(f"prefill {n:>7}", got, peak=peak))
     weights = weight_bytes(ours)
     steps: dict[int, float] = {}
+    lengths: dict[int, int] = {}  # the timed step's length at each context
     for n in step_at:
         ours_r = runners[0]
-        dt = time_step_at(ours_r, n, step, cfg)
+        step_n = step_at_length(n, step)
+        lengths[n] = step_n
+        dt = time_step_at(ours_r, n, step_n, cfg)
         steps[n] = dt
         peak = mx.get_peak_memory()
         held = mx.get_active_memory()  # every resident model's weights and this state, after the step
         cache = cache_bytes_per_token(cfg) * n
-        rows.append(dict(what="prefill_step", tokens=n, runner=ours_r.name, tok_s=step / dt, peak_gb=peak / 1e9))
+        rows.append(dict(what="prefill_step", tokens=n, runner=ours_r.name, tok_s=step_n / dt, peak_gb=peak / 1e9))
         state = state_bytes(ours_r.state)
         peer_note = ""
         for peer_r in runners[1:]:
             if n > peer_prefill_max:
-                mask = cfg.num_attention_heads * step * n * 4
-                peer_note = (f" | mlx-lm not run: its MLA step builds a heads x {step} x {n} float32 score mask "
+                mask = cfg.num_attention_heads * step_n * n * 4
+                peer_note = (f" | mlx-lm not run: its MLA step builds a heads x {step_n} x {n} float32 score mask "
                              f"({mask / 1e9:.0f} GB a layer; raise --peer-prefill-max to try)")
                 continue
-            peer_dt = time_step_at(peer_r, n, step, cfg)
-            rows.append(dict(what="prefill_step", tokens=n, runner=peer_r.name, tok_s=step / peer_dt,
+            peer_dt = time_step_at(peer_r, n, step_n, cfg)
+            rows.append(dict(what="prefill_step", tokens=n, runner=peer_r.name, tok_s=step_n / peer_dt,
                              peak_gb=mx.get_peak_memory() / 1e9))
-            peer_note = f" | mlx-lm {step / peer_dt:9.1f} tok/s | ratio {peer_dt / dt:.2f}x"
+            peer_note = f" | mlx-lm {step_n / peer_dt:9.1f} tok/s | ratio {peer_dt / dt:.2f}x"
             peer_r.state = None
         others = held - weights - state  # other resident models (the peer)
-        echo(f"prefill step at {n:>7}: kimi-mlx {step / dt:9.1f} tok/s ({dt:.2f} s for {step} tokens), peak "
+        echo(f"prefill step at {n:>7}: kimi-mlx {step_n / dt:9.1f} tok/s ({dt:.2f} s for {step_n} tokens), peak "
              f"{peak / 1e9:.1f} GB = weights {weights / 1e9:.1f} + state {state / 1e9:.2f} as allocated (cache "
              f"{cache / 1e9:.2f} in use) + step working set {(peak - held) / 1e9:.2f}"
              + (f" + other resident {others / 1e9:.1f}" if others > 1e8 else "") + f" GB{peer_note}")
         ours_r.state = None
         gc.collect()
         mx.clear_cache()
-    if len(steps) > 1:
+    if len(steps) > 1 and len(set(lengths.values())) == 1:  # (an auto plan's steps at different lengths: no fit)
         for n in step_at:
-            est = prefill_estimate(steps, n, step)
+            est = prefill_estimate(steps, n, lengths[n])
             echo(f"whole prefill of {n:>7} tokens, estimated from the steps above: {est:.0f} s ({n / est:.0f} tok/s)")
     for n in contexts:
         each: dict[str, list[float]] = {r.name: [] for r in runners}

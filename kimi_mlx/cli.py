@@ -194,7 +194,7 @@ def bench(
     contexts: str = typer.Option("1024,32768", "--contexts", help="decode at these context lengths"),
     prefill: str = typer.Option("1024,8192", "--prefill", help="prefill these prompt lengths"),
     decode_tokens: int = typer.Option(32, "--decode-tokens"),
-    step: int = typer.Option(2048, "--step", help="prefill step size"),
+    step: int = typer.Option(0, "--step", help="prefill step tokens for both models (0: each its own default)"),
     bits: int = typer.Option(4, "--bits", help="random weights: quantization bits (0 = unquantized)"),
     peer: bool = typer.Option(True, "--peer/--no-peer", help="also measure mlx-lm on the same weights"),
     peer_model: str = typer.Option(None, "--peer-model", help="with --model: an mlx-lm checkpoint to compare"),

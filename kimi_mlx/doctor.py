@@ -278,7 +278,8 @@ def environment() -> list[tuple[str, str]]:
         ("prefill memory", working_set.describe()),
         ("exp, SiLU, softmax", "range reduction + polynomial (the CPU's own exp runs an element at a time)"
          if fast_math.active() else "MLX's"),
-        *([("CUDA graph size", f"{os.environ.get('MLX_MAX_OPS_PER_BUFFER', 'MLX default')} ops (MLX_MAX_OPS_PER_BUFFER)")]
+        *([("CUDA graph size", f"{os.environ.get('MLX_MAX_OPS_PER_BUFFER', 'MLX default')} ops (MLX_MAX_OPS_PER_BUFFER), "
+                                  f"{os.environ.get('MLX_MAX_MB_PER_BUFFER', 'MLX default')} MB (MLX_MAX_MB_PER_BUFFER)")]
           if gpu == "cuda" else []),
     ]
 

@@ -17,6 +17,38 @@ from .state_io import StateMark, mark
 
 Progress = Callable[[int, int], None]  # (prompt tokens processed, prompt tokens in all)
 
+PREFILL_STEP = 2048  # prompt tokens a prefill step (mlx-lm's default too) ...
+WIDE_STEP = 4096  # ... but this many on a GPU while the context is under WIDE_UNTIL tokens: a step's fixed costs
+#   (27 paced layers, the MoE's bounded blocks) spread over twice the tokens. On an H200 the step ending at 8,192
+#   tokens ran 11.9k vs 9.1k tok/s, at 32,768 8.4k vs 7.3k, for a working set of 1.6 GB instead of 1.2; at 131,072
+#   the attention over the cache dominates (3.9k vs 3.7k), so longer contexts keep the smaller step and a long
+#   prompt's peak stays at weights + cache + 2 GB (RESULTS.md, seventeenth session). The CPU keeps PREFILL_STEP.
+WIDE_UNTIL = 32768
+
+
+def step_length(context: int, step_size: int = 0) -> int:
+    """Tokens in the prefill step that starts at `context` tokens: step_size if given (> 0), else (auto)
+    WIDE_STEP on a GPU while the context is under WIDE_UNTIL, PREFILL_STEP otherwise."""
+    if step_size:
+        return step_size
+    return WIDE_STEP if context < WIDE_UNTIL and mx.default_device() == mx.gpu else PREFILL_STEP
+
+
+def describe_steps(step_size: int = 0) -> str:
+    """The step plan in words, for benchmark headers."""
+    if step_size or mx.default_device() != mx.gpu:
+        return f"{step_size or PREFILL_STEP} tokens"
+    return f"{WIDE_STEP} tokens while the context is under {WIDE_UNTIL}, then {PREFILL_STEP}"
+
+
+def step_lengths(context: int, n: int, step_size: int = 0) -> list[int]:
+    """The lengths of the steps feeding n tokens to a state holding `context` (step_length at each)."""
+    out, done = [], 0
+    while done < n:
+        out.append(min(step_length(context + done, step_size), n - done))
+        done += out[-1]
+    return out
+
 
 @dataclass
 class GenerationOptions:
@@ -36,7 +68,7 @@ class GenerationOptions:
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
-    prefill_step_size: int = 2048
+    prefill_step_size: int = 0  # tokens a prefill step; 0: auto (step_length)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "GenerationOptions":
@@ -64,7 +96,7 @@ class GenerationOptions:
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.repetition_context_size >= 1, "repetition_context_size must be >= 1"),
             (self.top_logprobs >= 0, "top_logprobs must be >= 0"),
-            (self.prefill_step_size >= 1, "prefill_step_size must be >= 1"),
+            (self.prefill_step_size >= 0, "prefill_step_size must be >= 0 (0 = auto)"),
         ]
         for ok, msg in rules:
             if not ok:
@@ -99,14 +131,16 @@ def stop_ids(model, tokenizer) -> set[int]:
     return {tokenizer.im_end_id, tokenizer.eos_id, *model.config.eos_token_ids}
 
 
-def prefill(model, state, tokens: list[int], step_size: int, progress: Progress | None = None,
+def prefill(model, state, tokens: list[int], step_size: int = 0, progress: Progress | None = None,
             done: int = 0, total: int | None = None) -> None:
-    """Feed tokens into state in chunks of step_size, evaluating the state after each."""
+    """Feed tokens into state in steps of step_size (0: auto, see step_length), evaluating the state after each."""
     total = len(tokens) if total is None else total
-    for i in range(0, len(tokens), step_size):
-        prefill_step(model, state, mx.array([tokens[i : i + step_size]]))
+    i = 0
+    for n in step_lengths(state.offset, len(tokens), step_size):
+        prefill_step(model, state, mx.array([tokens[i : i + n]]))
+        i += n
         if progress:
-            progress(done + min(i + step_size, len(tokens)), total)
+            progress(done + i, total)
 
 
 def prefill_step(model, state, tokens: mx.array) -> None:
@@ -118,7 +152,7 @@ def prefill_step(model, state, tokens: mx.array) -> None:
 
 
 def generate_step(model, state, prompt: list[int], sampler: Sampler, processors=(), context_tail=(),
-                  max_tokens: int = 512, prefill_step_size: int = 2048,
+                  max_tokens: int = 512, prefill_step_size: int = 0,
                   progress: Progress | None = None) -> Iterator[Step]:
     """Feed prompt (chunked) into state, then yield sampled Steps; the state already holds each yielded
     token except the last one allowed by max_tokens (the next step is computed ahead, asynchronously)."""

@@ -350,14 +350,18 @@ def test_decode_kernels_script_splits_prefill_steps():
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="Metal keeps MLX's per-chip command-buffer sizes")
 @pytest.mark.parametrize("given", [None, "7"])
-def test_importing_sets_the_cuda_graph_size_unless_the_user_did(given):
-    """kimi_mlx sets MLX_MAX_OPS_PER_BUFFER=20 before MLX reads it (at the device's first use), not over a value
-    the user set."""
+@pytest.mark.parametrize("name", ["MLX_MAX_OPS_PER_BUFFER", "MLX_MAX_MB_PER_BUFFER"])
+def test_importing_sets_the_cuda_graph_limits_unless_the_user_did(name, given):
+    """kimi_mlx sets MLX's CUDA graph limits (20 ops, no practical MB limit) before MLX reads them (at the
+    device's first use), not over a value the user set."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if k != "MLX_MAX_OPS_PER_BUFFER"}
+    import kimi_mlx
+
+    env = {k: v for k, v in os.environ.items() if k != name}
     if given:
-        env["MLX_MAX_OPS_PER_BUFFER"] = given
-    code = "import os, kimi_mlx; print(os.environ['MLX_MAX_OPS_PER_BUFFER'])"
+        env[name] = given
+    code = f"import os, kimi_mlx; print(os.environ['{name}'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == (given or "20")
+    assert out.strip() == (given or kimi_mlx.CUDA_GRAPH_LIMITS[name])
+    assert int(kimi_mlx.CUDA_GRAPH_LIMITS["MLX_MAX_MB_PER_BUFFER"]) >= 100000  # a 1M-token decode stays one cut

@@ -1,5 +1,7 @@
 """Generation on the demo model against fresh full forwards; stop strings, stop tokens, seeds, options."""
 
+import importlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -40,6 +42,40 @@ def test_prefill_progress_is_reported_in_chunks(demo):
     list(stream_generate(model, tok, prompt, max_tokens=1, temperature=0, prefill_step_size=5,
                          progress=lambda done, total: seen.append((done, total))))
     assert seen == [(5, 23), (10, 23), (15, 23), (20, 23), (22, 23), (23, 23)]
+
+
+def test_auto_prefill_steps_are_wide_on_a_gpu_only_while_the_context_is_short(monkeypatch):
+    """prefill_step_size 0 (the default): WIDE_STEP-token steps on a GPU until the context reaches WIDE_UNTIL,
+    PREFILL_STEP after (and always on the CPU); a step size given is taken as is; the lengths cover the tokens."""
+    g = importlib.import_module("kimi_mlx.generate")  # (kimi_mlx.generate is also the function)
+
+    assert g.GenerationOptions().prefill_step_size == 0
+    cpu = g.step_lengths(0, 40000)
+    assert set(cpu[:-1]) == {g.PREFILL_STEP} and sum(cpu) == 40000
+    assert g.step_lengths(100, 12, 5) == [5, 5, 2]
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    plan = g.step_lengths(0, 40000)
+    wide = g.WIDE_UNTIL // g.WIDE_STEP  # steps starting under WIDE_UNTIL
+    assert plan[:wide] == [g.WIDE_STEP] * wide and set(plan[wide:-1]) == {g.PREFILL_STEP} and sum(plan) == 40000
+    resumed = g.step_lengths(g.WIDE_UNTIL - 1, 5000)  # the context counts: a step starting under the limit is wide
+    assert resumed == [g.WIDE_STEP, 5000 - g.WIDE_STEP]
+    assert g.step_lengths(g.WIDE_UNTIL, 5000)[0] == g.PREFILL_STEP
+    assert "then" in g.describe_steps() and g.describe_steps(512) == "512 tokens"
+    assert g.WIDE_STEP > g.PREFILL_STEP
+
+
+def test_prefill_steps_start_from_the_states_context(demo, monkeypatch):
+    """generate.prefill plans its steps from the tokens the state already holds (state.offset)."""
+    g = importlib.import_module("kimi_mlx.generate")  # (kimi_mlx.generate is also the function)
+
+    model, tok = demo
+    monkeypatch.setattr(g, "step_length", lambda context, step_size=0: step_size or (8 if context < 10 else 4))
+    seen = []
+    state = model.new_state(1)
+    g.prefill(model, state, list(range(1, 13)), 0, progress=lambda done, total: seen.append(done))
+    assert seen == [8, 12] and state.offset == 12
+    g.prefill(model, state, list(range(1, 11)), 0, progress=lambda done, total: seen.append(done))
+    assert seen[2:] == [4, 8, 10] and state.offset == 22
 
 
 def test_messages_go_through_the_chat_template(demo):
@@ -114,6 +150,8 @@ def test_bad_options_are_one_line_errors(demo):
         generate(model, tok, "a", temp=0.5)
     with pytest.raises(KimiError, match="top_p"):
         generate(model, tok, "a", top_p=0)
+    with pytest.raises(KimiError, match="prefill_step_size must be >= 0"):
+        generate(model, tok, "a", prefill_step_size=-1)
     with pytest.raises(KimiError, match="empty prompt"):
         generate(model, tok, "")
 

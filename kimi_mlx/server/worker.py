@@ -110,7 +110,7 @@ class EngineSettings:
     max_queue: int = 64  # requests waiting (besides the running one)
     prefix_cache_bytes: int = 4 << 30
     snapshot_interval: int = 2048  # also snapshot every this many prompt tokens
-    prefill_step_size: int = 2048
+    prefill_step_size: int = 0  # 0: auto (generate.step_length), within the snapshot_interval cuts
 
 
 class Engine:
@@ -218,13 +218,14 @@ class Engine:
 
     def prefill_plan(self, seq: list[int], start: int) -> list[tuple[int, bool]]:
         """(end, snapshot?) chunks covering seq[start:-1]: cut at every message end (after <|im_end|>),
-        every snapshot_interval tokens (both snapshotted) and every prefill_step_size tokens."""
+        every snapshot_interval tokens (both snapshotted) and every prefill_step_size tokens (if set)."""
         last = len(seq) - 1
         s = self.settings
         keep = {i + 1 for i in range(start, last) if seq[i] == self.tokenizer.im_end_id}
         keep |= set(range(s.snapshot_interval, last + 1, s.snapshot_interval))
         cuts = {p for p in keep if start < p <= last}
-        cuts |= set(range(start + s.prefill_step_size, last, s.prefill_step_size))
+        if s.prefill_step_size:  # (auto steps are cut inside each chunk, by generate.prefill)
+            cuts |= set(range(start + s.prefill_step_size, last, s.prefill_step_size))
         if start < last:
             cuts.add(last)
         return [(p, p in keep) for p in sorted(cuts)]
