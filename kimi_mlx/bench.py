@@ -226,8 +226,8 @@ def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
 
 def step_at_length(n: int, step: int) -> int:
     """The length of the timed step ending at context n: step, or with 0 (auto) the length our plan takes for a
-    step starting just short of n (generate.step_length); both runners time a step of this length."""
-    return step or step_length(n - 1)
+    prompt of n tokens (generate.step_length); both runners time a step of this length."""
+    return step or step_length(0, n)
 
 
 def time_step_at(r: Runner, n: int, step: int, cfg: ModelConfig) -> float:
@@ -339,7 +339,7 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
         if extra > kept + KEPT_REPORT_GB:  # memory kept between steps that the state does not account for: say when
             echo(f"  before the step from {prog.done}: {extra:.2f} GB in use beyond the weights and the state")
             kept = extra
-        length = step_length(prog.done, step)  # step 0: generation's own plan
+        length = step_length(0, N, step)  # step 0: generation's own plan for the whole prompt
         m = measured_step(model, state, mx.array(tokens[:, prog.done : prog.done + length]), trace_gb is not None)
         prog.seconds += m.seconds
         prog.done = min(N, prog.done + length)

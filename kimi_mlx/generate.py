@@ -18,36 +18,34 @@ from .state_io import StateMark, mark
 Progress = Callable[[int, int], None]  # (prompt tokens processed, prompt tokens in all)
 
 PREFILL_STEP = 2048  # prompt tokens a prefill step (mlx-lm's default too) ...
-WIDE_STEP = 4096  # ... but this many on a GPU while the context is under WIDE_UNTIL tokens: a step's fixed costs
-#   (27 paced layers, the MoE's bounded blocks) spread over twice the tokens. On an H200 the step ending at 8,192
-#   tokens ran 11.9k vs 9.1k tok/s, at 32,768 8.4k vs 7.3k, for a working set of 1.6 GB instead of 1.2; at 131,072
-#   the attention over the cache dominates (3.9k vs 3.7k), so longer contexts keep the smaller step and a long
-#   prompt's peak stays at weights + cache + 2 GB (RESULTS.md, seventeenth session). The CPU keeps PREFILL_STEP.
+WIDE_STEP = 4096  # ... but this many on a GPU where the prompt ends under WIDE_UNTIL tokens of context: a step's
+#   fixed costs (27 paced layers, the MoE's bounded blocks) spread over twice the tokens. On an H200 the step
+#   ending at 8,192 tokens ran 11.9k vs 9.1k tok/s, at 32,768 8.4k vs 7.3k, for a larger working set (1.6 GB
+#   instead of 1.2 after the step, up to 2.9 GB in a whole prompt's run); at 131,072 the attention over the cache
+#   dominates (3.9k vs 3.7k). Longer prompts keep the smaller step throughout, so their peak stays at weights +
+#   cache + 2 GB (RESULTS.md, seventeenth session). The CPU keeps PREFILL_STEP.
 WIDE_UNTIL = 32768
 
 
-def step_length(context: int, step_size: int = 0) -> int:
-    """Tokens in the prefill step that starts at `context` tokens: step_size if given (> 0), else (auto)
-    WIDE_STEP on a GPU while the context is under WIDE_UNTIL, PREFILL_STEP otherwise."""
+def step_length(context: int, n: int, step_size: int = 0) -> int:
+    """Tokens a prefill step takes when n prompt tokens are fed to a state holding `context`: step_size if
+    given (> 0), else (auto) WIDE_STEP on a GPU where the prompt ends under WIDE_UNTIL, PREFILL_STEP otherwise."""
     if step_size:
         return step_size
-    return WIDE_STEP if context < WIDE_UNTIL and mx.default_device() == mx.gpu else PREFILL_STEP
+    return WIDE_STEP if context + n <= WIDE_UNTIL and mx.default_device() == mx.gpu else PREFILL_STEP
 
 
 def describe_steps(step_size: int = 0) -> str:
     """The step plan in words, for benchmark headers."""
     if step_size or mx.default_device() != mx.gpu:
         return f"{step_size or PREFILL_STEP} tokens"
-    return f"{WIDE_STEP} tokens while the context is under {WIDE_UNTIL}, then {PREFILL_STEP}"
+    return f"{WIDE_STEP} tokens for prompts ending under {WIDE_UNTIL} tokens of context, else {PREFILL_STEP}"
 
 
 def step_lengths(context: int, n: int, step_size: int = 0) -> list[int]:
-    """The lengths of the steps feeding n tokens to a state holding `context` (step_length at each)."""
-    out, done = [], 0
-    while done < n:
-        out.append(min(step_length(context + done, step_size), n - done))
-        done += out[-1]
-    return out
+    """The lengths of the steps feeding n tokens to a state holding `context` (step_length, then the rest)."""
+    step = step_length(context, n, step_size)
+    return [min(step, n - a) for a in range(0, n, step)]
 
 
 @dataclass

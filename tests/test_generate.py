@@ -44,38 +44,34 @@ def test_prefill_progress_is_reported_in_chunks(demo):
     assert seen == [(5, 23), (10, 23), (15, 23), (20, 23), (22, 23), (23, 23)]
 
 
-def test_auto_prefill_steps_are_wide_on_a_gpu_only_while_the_context_is_short(monkeypatch):
-    """prefill_step_size 0 (the default): WIDE_STEP-token steps on a GPU until the context reaches WIDE_UNTIL,
-    PREFILL_STEP after (and always on the CPU); a step size given is taken as is; the lengths cover the tokens."""
+def test_auto_prefill_steps_are_wide_on_a_gpu_only_for_prompts_ending_short(monkeypatch):
+    """prefill_step_size 0 (the default): WIDE_STEP-token steps on a GPU where the prompt ends within WIDE_UNTIL
+    tokens of context, else PREFILL_STEP throughout (and always on the CPU); a step size given is taken as is;
+    the lengths cover the tokens."""
     g = importlib.import_module("kimi_mlx.generate")  # (kimi_mlx.generate is also the function)
-
-    assert g.GenerationOptions().prefill_step_size == 0
-    cpu = g.step_lengths(0, 40000)
-    assert set(cpu[:-1]) == {g.PREFILL_STEP} and sum(cpu) == 40000
+    assert g.GenerationOptions().prefill_step_size == 0 and g.WIDE_STEP > g.PREFILL_STEP
+    cpu = g.step_lengths(0, 9000)
+    assert cpu == [g.PREFILL_STEP] * 4 + [9000 - 4 * g.PREFILL_STEP]
     assert g.step_lengths(100, 12, 5) == [5, 5, 2]
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
-    plan = g.step_lengths(0, 40000)
-    wide = g.WIDE_UNTIL // g.WIDE_STEP  # steps starting under WIDE_UNTIL
-    assert plan[:wide] == [g.WIDE_STEP] * wide and set(plan[wide:-1]) == {g.PREFILL_STEP} and sum(plan) == 40000
-    resumed = g.step_lengths(g.WIDE_UNTIL - 1, 5000)  # the context counts: a step starting under the limit is wide
-    assert resumed == [g.WIDE_STEP, 5000 - g.WIDE_STEP]
-    assert g.step_lengths(g.WIDE_UNTIL, 5000)[0] == g.PREFILL_STEP
-    assert "then" in g.describe_steps() and g.describe_steps(512) == "512 tokens"
-    assert g.WIDE_STEP > g.PREFILL_STEP
+    assert g.step_lengths(0, 9000) == [g.WIDE_STEP, g.WIDE_STEP, 9000 - 2 * g.WIDE_STEP]
+    assert g.step_lengths(0, g.WIDE_UNTIL) == [g.WIDE_STEP] * (g.WIDE_UNTIL // g.WIDE_STEP)
+    assert set(g.step_lengths(0, g.WIDE_UNTIL + 1)[:-1]) == {g.PREFILL_STEP}  # a long prompt: small steps throughout
+    assert set(g.step_lengths(g.WIDE_UNTIL - 100, 5000)[:-1]) == {g.PREFILL_STEP}  # the context counts
+    assert "else" in g.describe_steps() and g.describe_steps(512) == "512 tokens"
 
 
-def test_prefill_steps_start_from_the_states_context(demo, monkeypatch):
-    """generate.prefill plans its steps from the tokens the state already holds (state.offset)."""
-    g = importlib.import_module("kimi_mlx.generate")  # (kimi_mlx.generate is also the function)
-
+def test_prefill_steps_follow_the_plan_for_the_states_context(demo, monkeypatch):
+    """generate.prefill steps as step_length says for the tokens the state already holds (state.offset)."""
+    g = importlib.import_module("kimi_mlx.generate")
     model, tok = demo
-    monkeypatch.setattr(g, "step_length", lambda context, step_size=0: step_size or (8 if context < 10 else 4))
+    asked = []
+    monkeypatch.setattr(g, "step_length", lambda context, n, step_size=0: asked.append((context, n)) or 8)
     seen = []
     state = model.new_state(1)
     g.prefill(model, state, list(range(1, 13)), 0, progress=lambda done, total: seen.append(done))
-    assert seen == [8, 12] and state.offset == 12
     g.prefill(model, state, list(range(1, 11)), 0, progress=lambda done, total: seen.append(done))
-    assert seen[2:] == [4, 8, 10] and state.offset == 22
+    assert asked == [(0, 12), (12, 10)] and seen == [8, 12, 8, 10] and state.offset == 22
 
 
 def test_messages_go_through_the_chat_template(demo):
