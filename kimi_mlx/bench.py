@@ -350,7 +350,7 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
             echo(f"  step ending at {prog.done}: working set {held:.2f} GB; most held during layers "
                  f"{m.top_layers(model)}; after the last layer {(mx.get_peak_memory() - m.before) / 1e9:.2f} GB")
         if held > prog.step_gb:
-            if prog.step_gb and prog.done > 8 * (step or PREFILL_STEP):  # a new largest working set after the first steps: say when
+            if prog.step_gb and prog.done > 8 * (step or PREFILL_STEP):  # a new largest after the first steps: say when
                 echo(f"  step ending at {prog.done}: working set {held:.2f} GB "
                      f"(in use before it {m.before / 1e9:.2f} GB)")
             prog.step_gb, prog.step_at = held, prog.done

@@ -18,7 +18,7 @@ from .state_io import StateMark, mark
 Progress = Callable[[int, int], None]  # (prompt tokens processed, prompt tokens in all)
 
 PREFILL_STEP = 2048  # prompt tokens a prefill step (mlx-lm's default too) ...
-WIDE_STEP = 4096  # ... but this many on a GPU where the prompt ends under WIDE_UNTIL tokens of context: a step's
+WIDE_STEP = 4096  # ... but this many on a GPU where the prompt ends within WIDE_UNTIL tokens of context: a step's
 #   fixed costs (27 paced layers, the MoE's bounded blocks) spread over twice the tokens. On an H200 the step
 #   ending at 8,192 tokens ran 11.9k vs 9.1k tok/s, at 32,768 8.4k vs 7.3k, for a larger working set (1.6 GB
 #   instead of 1.2 after the step, up to 2.9 GB in a whole prompt's run); at 131,072 the attention over the cache
@@ -29,7 +29,7 @@ WIDE_UNTIL = 32768
 
 def step_length(context: int, n: int, step_size: int = 0) -> int:
     """Tokens a prefill step takes when n prompt tokens are fed to a state holding `context`: step_size if
-    given (> 0), else (auto) WIDE_STEP on a GPU where the prompt ends under WIDE_UNTIL, PREFILL_STEP otherwise."""
+    given (> 0), else (auto) WIDE_STEP on a GPU where the prompt ends within WIDE_UNTIL, PREFILL_STEP otherwise."""
     if step_size:
         return step_size
     return WIDE_STEP if context + n <= WIDE_UNTIL and mx.default_device() == mx.gpu else PREFILL_STEP
@@ -39,7 +39,7 @@ def describe_steps(step_size: int = 0) -> str:
     """The step plan in words, for benchmark headers."""
     if step_size or mx.default_device() != mx.gpu:
         return f"{step_size or PREFILL_STEP} tokens"
-    return f"{WIDE_STEP} tokens for prompts ending under {WIDE_UNTIL} tokens of context, else {PREFILL_STEP}"
+    return f"{WIDE_STEP} tokens for prompts ending within {WIDE_UNTIL} tokens of context, else {PREFILL_STEP}"
 
 
 def step_lengths(context: int, n: int, step_size: int = 0) -> list[int]:

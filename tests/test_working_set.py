@@ -89,6 +89,8 @@ def test_prefill_steps_run_under_the_bound(monkeypatch):
             seen.append(mx.get_memory_limit())
 
     class State:
+        offset = 0  # tokens held (generate.prefill plans its steps from it)
+
         def eval(self):
             pass
 
