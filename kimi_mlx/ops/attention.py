@@ -177,6 +177,17 @@ def mla_attention(q, cache: LatentCache, k_up, v_up, scale: float, *, path: str 
 SPLIT_ROWS = 512  # decode: a page's values matmul runs as a batch of SPLIT_ROWS-row pieces (split-K; 0: off) ...
 SPLIT_MIN_ROWS = 4096  # ... from this many rows a page (below, the pieces' transpose, cast and sum cost more
 #                        launches than the matmul they spread, and one page holds a short context)
+DECODE_ENV = "KIMI_MLX_MLA_DECODE"  # flat (default) | pieces: how mla_decode takes the softmax of split pages
+
+
+def decode_mode() -> str:
+    return env_choice(DECODE_ENV, ("flat", "pieces"), "flat")
+
+
+def _splits(n: int, bits: int) -> bool:
+    """Whether a page of n rows runs its values as SPLIT_ROWS-row pieces (dense caches only)."""
+    c = SPLIT_ROWS
+    return bool(c) and not bits and n >= max(2 * c, SPLIT_MIN_ROWS) and n % c == 0
 
 
 def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, absorb=None,
@@ -190,6 +201,7 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
     `row` (an array, so a compiled step keeps one graph while the cache grows). A page of SPLIT_MIN_ROWS or
     more has its values matmul (32 heads x rows x 576) split into SPLIT_ROWS-row pieces run as one batched
     matmul and summed, so a long page spreads over the card instead of a handful of output tiles.
+    KIMI_MLX_MLA_DECODE=pieces (opt-in) takes the softmax piece by piece instead (_decode_pieces).
     q: [B, H, 1, nope + pe] -> [B, H, 1, v].
     absorb, values: absorb_matrix(k_up, pe, scale) and value_matrix(v_up, pe), if the caller keeps them:
     the absorbed query is then one matmul (no slices, concatenation or scaling of the query) and the values
@@ -199,6 +211,9 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
     L = k_up.shape[2]
     qa = (q @ absorb if absorb is not None else _absorb(q, k_up) * scale).reshape(B, H, -1)
     gs, bits = cache.group_size, cache.bits
+    if decode_mode() == "pieces" and any(_splits(p[0].shape[1], bits) for p in cache.pages):
+        o = _decode_pieces(qa, cache, row)[:, :, None].astype(q.dtype)
+        return o @ values if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
     if bits:
         parts = [mx.quantized_matmul(qa, *p, transpose=True, group_size=gs, bits=bits) for p in cache.pages]
     else:
@@ -243,13 +258,43 @@ def positions(n: int) -> mx.array:
     return pos
 
 
+def _decode_pieces(qa, cache: LatentCache, row: mx.array) -> mx.array:
+    """KIMI_MLX_MLA_DECODE=pieces (opt-in, dense caches with a split page): mla_decode's p @ rows as float32
+    [B, H, W], its scores made piece by piece. Each page's rows are viewed as [B, k, c, W] (k = 1 for a page that
+    does not split), its scores come as [B, k, H, c] from one batched matmul, and the softmax is one max over every
+    piece of every page, exp(s - max) in the cache dtype and sums: no concatenation of the pages' scores, no slice
+    of them per page, no transpose of a page's probabilities into pieces, and no softmax over H rows of the whole
+    context (on a GPU one thread block a row: 32 blocks at the real shape). Not yet measured on a GPU."""
+    B, H, W = qa.shape
+    parts, last = [], len(cache.pages) - 1
+    for i, page in enumerate(cache.pages):
+        n = page[0].shape[1]
+        c = SPLIT_ROWS if _splits(n, cache.bits) else n
+        rows = page[0].reshape(B, n // c, c, W)
+        s = qa[:, None] @ rows.swapaxes(-1, -2)  # [B, k, H, c]
+        if i == last:
+            s = mx.where(positions(n).reshape(n // c, 1, c) <= row.reshape(1, 1, 1), s, -mx.inf)
+        parts.append((s, rows))
+    m = None
+    for s, _ in parts:  # row 0 of the first page is always visible: m is finite
+        top = s.max(axis=(1, 3), keepdims=True)
+        m = top if m is None else mx.maximum(m, top)
+    m = m.astype(mx.float32)
+    o = total = None
+    for s, rows in parts:
+        p = _probs(s, m)  # exp(s - m) in the cache dtype, 0 where masked
+        part, part_sum = (p @ rows).astype(mx.float32).sum(1), p.astype(mx.float32).sum(axis=(1, 3))
+        o, total = (part, part_sum) if o is None else (o + part, total + part_sum)
+    return o / total[..., None]
+
+
 def _page_values(p, page, bits, gs, wide: bool):
     """p [B, H, n] @ page rows [B, n, W] -> [B, H, W], float32 if wide or split into pieces, else p's dtype."""
     B, H, n = p.shape
     c = SPLIT_ROWS
     if bits:
         o = mx.quantized_matmul(p, *page, transpose=False, group_size=gs, bits=bits)
-    elif not c or n < max(2 * c, SPLIT_MIN_ROWS) or n % c:
+    elif not _splits(n, bits):
         o = p @ page[0]
     else:
         k = n // c
