@@ -153,8 +153,14 @@ def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits, mode, m
     model, toks, ref = long_case
     if bits:
         model = dense_model
-    monkeypatch.setattr(model, "_steps", None)  # trace the steps again under this test's settings (and give
-    monkeypatch.setattr(model, "_whole", None)  # the shared model its own traces back afterwards)
+    model._steps = model._whole = None  # trace the steps again under this test's settings
+    try:
+        _decode_with_a_rewind(model, toks, ref, bits, mode, mla, traced)
+    finally:
+        model._steps = model._whole = None  # and let the next test trace its own
+
+
+def _decode_with_a_rewind(model, toks, ref, bits, mode, mla, traced):
     state = small_pages(model.new_state(cache_bits=bits), first=16, most=32)
     outs = [model(mx.array(toks[:, :100]), state)]
     snap = None
