@@ -197,10 +197,10 @@ class Runner:
         return self.model.model.embed_tokens(mx.array([[0]])).dtype
 
 
-def steps_of(r: Runner, context: int, n: int, step: int) -> list[int]:
-    """The prefill step lengths r takes for n tokens from `context`: ours generation's own plan
-    (generate.step_lengths; step 0 = auto), mlx-lm's `step` or its default prefill_step_size (2,048)."""
-    return step_lengths(context, n, step) if r.is_ours else step_lengths(context, n, step or PREFILL_STEP)
+def steps_of(r: Runner, n: int, step: int) -> list[int]:
+    """The prefill step lengths r takes for an n-token prompt: ours generation's own plan (generate.step_lengths;
+    step 0 = auto), mlx-lm's `step` or its default prefill_step_size (2,048)."""
+    return step_lengths(0, n, step if r.is_ours else step or PREFILL_STEP)
 
 
 def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
@@ -208,7 +208,7 @@ def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
 
     def whole():
         a = 0
-        for length in steps_of(r, 0, n, step):
+        for length in steps_of(r, n, step):
             r.prefill_step(toks[:, a : a + length])
             a += length
             mx.clear_cache()
@@ -222,12 +222,6 @@ def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
     t0 = time.perf_counter()
     whole()
     return n / (time.perf_counter() - t0)
-
-
-def step_at_length(n: int, step: int) -> int:
-    """The length of the timed step ending at context n: step, or with 0 (auto) the length our plan takes for a
-    prompt of n tokens (generate.step_length); both runners time a step of this length."""
-    return step or step_length(0, n)
 
 
 def time_step_at(r: Runner, n: int, step: int, cfg: ModelConfig) -> float:
@@ -331,6 +325,7 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
     base = mx.get_active_memory() - state_bytes(state)  # weights and whatever else stays: not the state
     kept = 0.0  # the most memory in use between steps beyond base + the state as allocated
     recent: list[float] = []  # working sets since the last progress line
+    length = step_length(0, N, step)  # step 0: generation's own plan for the whole prompt
     while prog.done < N:  # at least one step a run, then as many as the budget allows
         if state.offset > start and time.perf_counter() - t_start >= budget_s:
             break
@@ -339,7 +334,6 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
         if extra > kept + KEPT_REPORT_GB:  # memory kept between steps that the state does not account for: say when
             echo(f"  before the step from {prog.done}: {extra:.2f} GB in use beyond the weights and the state")
             kept = extra
-        length = step_length(0, N, step)  # step 0: generation's own plan for the whole prompt
         m = measured_step(model, state, mx.array(tokens[:, prog.done : prog.done + length]), trace_gb is not None)
         prog.seconds += m.seconds
         prog.done = min(N, prog.done + length)
@@ -350,11 +344,11 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
             echo(f"  step ending at {prog.done}: working set {held:.2f} GB; most held during layers "
                  f"{m.top_layers(model)}; after the last layer {(mx.get_peak_memory() - m.before) / 1e9:.2f} GB")
         if held > prog.step_gb:
-            if prog.step_gb and prog.done > 8 * (step or PREFILL_STEP):  # a new largest after the first steps: say when
+            if prog.step_gb and prog.done > 8 * length:  # a new largest working set after the first steps: say when
                 echo(f"  step ending at {prog.done}: working set {held:.2f} GB "
                      f"(in use before it {m.before / 1e9:.2f} GB)")
             prog.step_gb, prog.step_at = held, prog.done
-        if prog.done % (64 * (step or PREFILL_STEP)) == 0 or prog.done == N:
+        if prog.done % (64 * length) == 0 or prog.done == N:
             echo(f"  {prog.done:>9} / {N} tokens, {prog.seconds:7.1f} s of steps, {prog.done / prog.seconds:7.1f} tok/s, "
                  f"in use {mx.get_active_memory() / 1e9:.1f} GB, peak {prog.peak_gb:.1f} GB, "
                  f"largest step working set {prog.step_gb:.2f} GB (at {prog.step_at}); "
@@ -497,7 +491,7 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
     lengths: dict[int, int] = {}  # the timed step's length at each context
     for n in step_at:
         ours_r = runners[0]
-        step_n = step_at_length(n, step)
+        step_n = step_length(0, n, step)  # (auto: our plan's step for an n-token prompt; both runners time it)
         lengths[n] = step_n
         dt = time_step_at(ours_r, n, step_n, cfg)
         steps[n] = dt

@@ -201,7 +201,8 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
     `row` (an array, so a compiled step keeps one graph while the cache grows). A page of SPLIT_MIN_ROWS or
     more has its values matmul (32 heads x rows x 576) split into SPLIT_ROWS-row pieces run as one batched
     matmul and summed, so a long page spreads over the card instead of a handful of output tiles.
-    KIMI_MLX_MLA_DECODE=pieces (opt-in) takes the softmax piece by piece instead (_decode_pieces).
+    KIMI_MLX_MLA_DECODE=pieces (opt-in) takes the softmax piece by piece instead (_decode_pieces; else
+    _decode_flat).
     q: [B, H, 1, nope + pe] -> [B, H, 1, v].
     absorb, values: absorb_matrix(k_up, pe, scale) and value_matrix(v_up, pe), if the caller keeps them:
     the absorbed query is then one matmul (no slices, concatenation or scaling of the query) and the values
@@ -210,10 +211,18 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
     B, H, _, _ = q.shape
     L = k_up.shape[2]
     qa = (q @ absorb if absorb is not None else _absorb(q, k_up) * scale).reshape(B, H, -1)
+    if decode_mode() == "pieces" and any(_splits(p[0].shape[1], cache.bits) for p in cache.pages):
+        o = _decode_pieces(qa, cache, row)
+    else:
+        o = _decode_flat(qa, cache, row, q.dtype)
+    o = o[:, :, None].astype(q.dtype)
+    return o @ values if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
+
+
+def _decode_flat(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
+    """mla_decode's p @ rows [B, H, W] (float32 where summed over pages or pieces): the pages' scores joined into
+    one [B, H, capacity] array, its softmax, then each page's values (split-K on long pages, _page_values)."""
     gs, bits = cache.group_size, cache.bits
-    if decode_mode() == "pieces" and any(_splits(p[0].shape[1], bits) for p in cache.pages):
-        o = _decode_pieces(qa, cache, row)[:, :, None].astype(q.dtype)
-        return o @ values if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
     if bits:
         parts = [mx.quantized_matmul(qa, *p, transpose=True, group_size=gs, bits=bits) for p in cache.pages]
     else:
@@ -225,11 +234,10 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
     wide = len(cache.pages) > 1  # several pages' values are summed in float32
     for page in cache.pages:
         n = page[0].shape[1]
-        part = _page_values(p[..., off : off + n].astype(q.dtype), page, bits, gs, wide)
+        part = _page_values(p[..., off : off + n].astype(dtype), page, bits, gs, wide)
         o = part if o is None else o + part
         off += n
-    o = o[:, :, None].astype(q.dtype)
-    return o @ values if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
+    return o
 
 
 def absorb_matrix(k_up, pe: int, scale: float) -> mx.array:
