@@ -35,6 +35,8 @@ def main():
                     help="decode each context this many times per runner, alternating them (medians reported)")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     a = ap.parse_args()
+    if a.step < 0:
+        ap.error("--step takes 1 or more tokens, or 0 for each model's own default")
     echo = Recorder()
     bench.run(a.shape, a.contexts, a.prefill, a.decode_tokens, a.step, a.bits, peer=not a.no_peer,
               peer_prefill_max=a.peer_prefill_max, bandwidth_gbs=a.bandwidth, step_at=a.step_at, echo=echo,

@@ -34,6 +34,8 @@ ap.add_argument("--record", action="store_true")
 ap.add_argument("--trace-gb", type=float, default=None,
                 help="run steps layer by layer and name the layers of any step holding more than this")
 a = ap.parse_args()
+if a.step < 0:
+    ap.error("--step takes 1 or more tokens, or 0 for generation's own plan")
 NEAR = 1024  # the short context the decode at the full one is compared with
 echo = Recorder()
 model, _, cfg = bench.build(a.shape, peer=False, dtype=bench.activation_dtype())

@@ -443,6 +443,7 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
     model_path: a checkpoint to measure instead of random weights at `shape`; peer_model: an mlx-lm
     checkpoint of the same model to compare against (random weights are shared with mlx-lm directly).
     """
+    step_length(0, 1, step)  # a negative step is a one-line error here, before any output
     dtype = activation_dtype()
     bandwidth_gbs = bandwidth_gbs or known_bandwidth()
     echo(f"device: {device_line()}")

@@ -30,6 +30,8 @@ WIDE_UNTIL = 32768
 def step_length(context: int, n: int, step_size: int = 0) -> int:
     """Tokens a prefill step takes when n prompt tokens are fed to a state holding `context`: step_size if
     given (> 0), else (auto) WIDE_STEP on a GPU where the prompt ends within WIDE_UNTIL, PREFILL_STEP otherwise."""
+    if step_size < 0:
+        raise KimiError(f"a prefill step of {step_size} tokens: give 1 or more, or 0 for the automatic plan")
     if step_size:
         return step_size
     return WIDE_STEP if context + n <= WIDE_UNTIL and mx.default_device() == mx.gpu else PREFILL_STEP

@@ -92,6 +92,24 @@ def test_decode_rounds_alternate_the_runners_and_report_medians(monkeypatch):
     assert "ratio 2.00x (median of 3 rounds, 1.00-3.00)" in lines[-1]
 
 
+def test_a_negative_prefill_step_is_a_one_line_error_before_any_output(tmp_path):
+    """kimi-mlx bench --step, benchmarks/e2e.py --step and long_prefill.py --step: a negative step is refused in
+    one line (0 is the automatic plan), before anything is measured or saved."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent / "benchmarks"
+    runs = {"error: a prefill step of -1 tokens": [sys.executable, "-m", "kimi_mlx", "bench", "--shape", "small",
+                                                    "--no-peer", "--step", "-1"],
+            "e2e.py: error: --step": [sys.executable, str(here / "e2e.py"), "--step", "-1"],
+            "long_prefill.py: error: --step": [sys.executable, str(here / "long_prefill.py"), "--step", "-1",
+                                               "--state", str(tmp_path / "s.kimi")]}
+    for says, args in runs.items():
+        r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert says in r.stderr + r.stdout and "prefill " not in r.stdout, (r.stdout, r.stderr)
+    assert not (tmp_path / "s.kimi").exists()
+
+
 def test_cli_bench_on_a_checkpoint():
     r = subprocess.run([sys.executable, "-m", "kimi_mlx", "bench", "--model", "demo", "--contexts", "32",
                         "--prefill", "32", "--decode-tokens", "2"], capture_output=True, text=True, timeout=300)

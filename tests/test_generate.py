@@ -53,6 +53,8 @@ def test_auto_prefill_steps_are_wide_on_a_gpu_only_for_prompts_ending_short(monk
     cpu = g.step_lengths(0, 9000)
     assert cpu == [g.PREFILL_STEP] * 4 + [9000 - 4 * g.PREFILL_STEP]
     assert g.step_lengths(100, 12, 5) == [5, 5, 2]
+    with pytest.raises(KimiError, match="prefill step of -1 tokens"):
+        g.step_lengths(0, 12, -1)
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     assert g.step_lengths(0, 9000) == [g.WIDE_STEP, g.WIDE_STEP, 9000 - 2 * g.WIDE_STEP]
     assert g.step_lengths(0, g.WIDE_UNTIL) == [g.WIDE_STEP] * (g.WIDE_UNTIL // g.WIDE_STEP)
