@@ -1,5 +1,13 @@
 // Backend-neutral helpers for the KDA kernels. The backend header defines KDA_FN, kda_exp,
-// kda_log, kda_rsqrt, kda_fmax, kda_fabs and kda_simd_sum (a sum over the 32 lanes of a group).
+// kda_log, kda_rsqrt, kda_fmax, kda_fabs, kda_as_float (a word's bits as a float) and kda_simd_sum (a sum
+// over the 32 lanes of a group).
+
+// The value (word >> shift) & mask (< 2^23) as a float, exactly, without an integer-to-float conversion (a
+// quarter-rate instruction on NVIDIA GPUs, where it bounded the quantized matmuls of decode): the bits go under
+// the exponent of 2^23, whose float then holds 2^23 + value, and 2^23 is subtracted.
+KDA_FN float kda_qval(unsigned int word, int shift, unsigned int mask) {
+  return kda_as_float(0x4B000000u | ((word >> shift) & mask)) - 8388608.0f;
+}
 
 KDA_FN float kda_silu(float x) {
   return x / (1.0f + kda_exp(-x));

@@ -6,6 +6,7 @@ KDA_FN float kda_log(float x) { return logf(x); }
 KDA_FN float kda_rsqrt(float x) { return rsqrtf(x); }
 KDA_FN float kda_fmax(float a, float b) { return fmaxf(a, b); }
 KDA_FN float kda_fabs(float x) { return fabsf(x); }
+KDA_FN float kda_as_float(unsigned int u) { return __uint_as_float(u); }
 
 // Sum over the 32 lanes of a warp (the kernels run whole warps along x).
 KDA_FN float kda_simd_sum(float x) {

@@ -6,6 +6,7 @@ KDA_FN float kda_log(float x) { return metal::precise::log(x); }
 KDA_FN float kda_rsqrt(float x) { return metal::precise::rsqrt(x); }
 KDA_FN float kda_fmax(float a, float b) { return metal::fmax(a, b); }
 KDA_FN float kda_fabs(float x) { return metal::fabs(x); }
+KDA_FN float kda_as_float(uint u) { return as_type<float>(u); }  // MLX's headers use namespace metal
 KDA_FN float kda_simd_sum(float x) { return metal::simd_sum(x); }
 KDA_FN float kda_shfl_xor(float x, int offset) { return metal::simd_shuffle_xor(x, ushort(offset)); }
 KDA_FN float kda_shfl(float x, int lane) { return metal::simd_shuffle(x, ushort(lane)); }

@@ -8,6 +8,7 @@ KDA_FN float kda_log(float x) { return logf(x); }
 KDA_FN float kda_rsqrt(float x) { return rsqrtf(x); }
 KDA_FN float kda_fmax(float a, float b) { return fmaxf(a, b); }
 KDA_FN float kda_fabs(float x) { return fabsf(x); }
+KDA_FN float kda_as_float(unsigned int u) { return __uint_as_float(u); }
 
 // Sum over the 32 lanes of a warp (the kernels run whole warps along x).
 KDA_FN float kda_simd_sum(float x) {
@@ -32,7 +33,15 @@ template <typename T>
 KDA_FN float kda_round_as(T* p, float v) { return static_cast<float>(static_cast<T>(v)); }
 
 // Backend-neutral helpers for the KDA kernels. The backend header defines KDA_FN, kda_exp,
-// kda_log, kda_rsqrt, kda_fmax, kda_fabs and kda_simd_sum (a sum over the 32 lanes of a group).
+// kda_log, kda_rsqrt, kda_fmax, kda_fabs, kda_as_float (a word's bits as a float) and kda_simd_sum (a sum
+// over the 32 lanes of a group).
+
+// The value (word >> shift) & mask (< 2^23) as a float, exactly, without an integer-to-float conversion (a
+// quarter-rate instruction on NVIDIA GPUs, where it bounded the quantized matmuls of decode): the bits go under
+// the exponent of 2^23, whose float then holds 2^23 + value, and 2^23 is subtracted.
+KDA_FN float kda_qval(unsigned int word, int shift, unsigned int mask) {
+  return kda_as_float(0x4B000000u | ((word >> shift) & mask)) - 8388608.0f;
+}
 
 KDA_FN float kda_silu(float x) {
   return x / (1.0f + kda_exp(-x));
@@ -113,7 +122,7 @@ for (int step = 0; step < STEPS; ++step) {
       const unsigned int word = wq[(row0 + u) * WPR + w];
       float dot = 0.0f;
       for (int j = 0; j < VPW; ++j) {
-        dot += static_cast<float>((word >> (j * BITS)) & MASK) * hv[j];
+        dot += kda_qval(word, j * BITS, MASK) * hv[j];
       }
       const size_t g = (row0 + u) * GPR + group;
       acc[u] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * hsum;

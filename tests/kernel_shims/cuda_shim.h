@@ -29,6 +29,7 @@ float logf(float);
 float rsqrtf(float);
 float fmaxf(float, float);
 float fabsf(float);
+float __uint_as_float(unsigned int);
 float __shfl_xor_sync(unsigned int, float, int);
 float __shfl_sync(unsigned int, float, int);
 void __syncthreads();

@@ -64,6 +64,11 @@ typedef emu_bf16 __nv_bfloat16;
 inline uint3 make_uint3(unsigned int x, unsigned int y, unsigned int z) { return {x, y, z}; }
 inline thread_local uint3 threadIdx, blockIdx, blockDim;
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __uint_as_float(unsigned int u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 inline float __shfl_xor_sync(unsigned int, float x, int offset) { return emu_shfl_xor(x, offset); }
 inline float __shfl_sync(unsigned int, float x, int src) { return emu_shfl(x, src); }
 inline void __syncthreads() { emu_block_barrier(); }
@@ -77,6 +82,13 @@ namespace cooperative_groups {}
 typedef unsigned int uint;
 typedef unsigned short ushort;
 typedef emu_bf16 bfloat16_t;
+template <typename T, typename U>
+inline T as_type(U u) {
+  static_assert(sizeof(T) == sizeof(U));
+  T t;
+  std::memcpy(&t, &u, sizeof t);
+  return t;
+}
 namespace metal {
 inline float fmax(float a, float b) { return std::fmax(a, b); }
 inline float fabs(float x) { return std::fabs(x); }

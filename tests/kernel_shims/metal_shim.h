@@ -18,6 +18,8 @@ struct bfloat16_t {
   bfloat16_t(float);
   operator float() const;
 };
+template <typename T, typename U>
+T as_type(U);
 namespace metal {
 float exp(float);
 float log(float);
