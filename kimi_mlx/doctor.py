@@ -172,6 +172,18 @@ def check_cache_rows() -> Check:
     return Check("MLA cache rows, kernel", err)
 
 
+def check_qmv(bits: int = 4) -> Check:
+    """The decode matrix-vector kernel against MLX's quantized matmul (float32; 3 rows, a width of 2,304)."""
+    import mlx.nn as nn
+
+    from .ops import linear
+
+    mx.random.seed(bits)
+    lin = nn.QuantizedLinear.from_linear(nn.Linear(2304, 520, bias=False), group_size=64, bits=bits)
+    x = 3 * mx.random.normal((3, 2304))
+    return Check(f"quantized matrix-vector, {bits}-bit, kernel", _rel_err(linear.qmv(x, lin), lin(x)))
+
+
 def check_router_logits() -> Check:
     """The router's float32 logits kernel against the cast-and-matmul reference, a bfloat16 token."""
     from .ops import routing
@@ -278,6 +290,8 @@ def environment() -> list[tuple[str, str]]:
          else f"add + norm before the MoE ({fuse.SEAM_ENV}={fuse.seam_mode()})"),
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
          if linear.dequant_chosen(linear.MIN_ROWS) else "quantized matmul"),
+        ("decode matmuls", f"qmv {gpu} kernel (up to {linear.QMV_MAX_ROWS} rows, affine 2/4/8-bit)"
+         if linear.qmv_chosen(_probe_linear(), 1) else f"MLX's quantized matmul ({linear.QMV_ENV}={linear.qmv_mode()})"),
         ("prefill memory", working_set.describe()),
         ("exp, SiLU, softmax", "range reduction + polynomial (the CPU's own exp runs an element at a time)"
          if fast_math.active() else "MLX's"),
@@ -285,6 +299,12 @@ def environment() -> list[tuple[str, str]]:
                                   f"{os.environ.get('MLX_MAX_MB_PER_BUFFER', 'MLX default')} MB (MLX_MAX_MB_PER_BUFFER)")]
           if gpu == "cuda" else []),
     ]
+
+
+def _probe_linear():
+    import mlx.nn as nn
+
+    return nn.QuantizedLinear(2304, 64, bias=False, group_size=64, bits=4)
 
 
 def routing_path() -> str:
@@ -309,6 +329,8 @@ GPU_CHECKS = {
     "KDA output gate, kernel": check_gated_norm,
     "MLA cache rows, kernel": check_cache_rows,
     "residual add + norm, kernel": check_add_norm,
+    "quantized matrix-vector, 4-bit, kernel": check_qmv,
+    "quantized matrix-vector, 8-bit, kernel": partial(check_qmv, 8),
     "MoE router logits, kernel": check_router_logits,
     "MoE routing, fused kernel": check_routing,
     "MoE experts, decode kernels": check_experts,

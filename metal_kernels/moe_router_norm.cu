@@ -21,6 +21,9 @@ KDA_FN float kda_simd_sum(float x) {
 KDA_FN float kda_shfl_xor(float x, int offset) { return __shfl_xor_sync(0xffffffffu, x, offset); }
 KDA_FN float kda_shfl(float x, int lane) { return __shfl_sync(0xffffffffu, x, lane); }
 
+// Four consecutive words of p from word i in one 16-byte load (p + i 16-byte aligned).
+KDA_FN uint4 kda_load4(const uint32_t* p, size_t i) { return *reinterpret_cast<const uint4*>(p + i); }
+
 // Threadgroup ("block") shared memory and the barrier over the whole group.
 #define KDA_SHARED __shared__
 KDA_FN void kda_barrier() { __syncthreads(); }

@@ -1,14 +1,22 @@
-"""Quantized linear layers over many rows (prefill): MLX's quantized matmul, or the weight dequantized and one
-dense matmul.
+"""Quantized linear layers: MLX's quantized matmul (the reference), and two fast paths.
+
+Many rows (prefill): the weight dequantized and one dense matmul.
 
 On CUDA MLX 0.32 runs a quantized matmul of many rows with its sm80 tiled kernel at ~140 TFLOPS on an H200
 (a 2,048-token step's q|k|v projection: 0.8 ms, RESULTS.md), where dequantizing the weight to the activations'
 dtype (one pass over it, ~20 us for 12288 x 2304) and a cuBLAS matmul runs at several times that rate. The
 dense weight is a temporary of one projection (at most ~42 MB at the real shape).
 
-  DequantLinear  nn.QuantizedLinear whose call takes that path from MIN_ROWS rows where chosen; the parent's
-                 quantized matmul (the reference) otherwise
+Few rows (decode): the qmv kernel (metal_kernels/qmv.body). MLX 0.32's CUDA quantized matrix-vector kernel
+reads the weights of a decoded token's projections at 0.5-0.8 TB/s on an H200 (ncu: 1.2 ms of a token's ~3.5 ms
+of kernel time at the full shape, RESULTS.md); qmv issues each lane's 16-byte weight loads before using any,
+keeps x in threadgroup memory and dequantizes without integer-to-float conversions.
+
+  DequantLinear  nn.QuantizedLinear whose call takes the dequantized path from MIN_ROWS rows and the qmv
+                 kernel up to QMV_MAX_ROWS rows where chosen; the parent's quantized matmul otherwise
 KIMI_MLX_DEQUANT: auto (default: on CUDA only), on (every backend; tests), off (never).
+KIMI_MLX_QMV: auto (default: on CUDA only, where it is tested), on (any GPU: Metal on a Mac once `kimi-mlx doctor`
+passes it), off (never).
 """
 
 from __future__ import annotations
@@ -23,6 +31,54 @@ MODES = ("auto", "on", "off")
 MIN_ROWS = 256  # below this the quantized matmul reads less than the dense weight's write and read
 
 
+QMV_ENV = "KIMI_MLX_QMV"
+QMV_MAX_ROWS = 4  # a decode step's rows (one per sequence); more rows read each weight once per row
+QMV_MAX_K = 8192  # x's row as float in threadgroup memory (32 KB: Metal's limit)
+QMV_BITS = (2, 4, 8)
+QMV_GROUPS = (32, 64, 128)
+
+
+def qmv_fits(layer: nn.Module, rows: int) -> bool:
+    """Whether the qmv kernel computes this call: a few rows of an affine 2/4/8-bit weight MLX packed into uint32
+    words with biases (groups of 32, 64 or 128), of a width whose row fits in threadgroup memory."""
+    K = layer.weight.shape[-1] * 32 // layer.bits if layer.bits in QMV_BITS else 0
+    return (0 < rows <= QMV_MAX_ROWS and layer.mode == "affine" and layer.bits in QMV_BITS
+            and layer.group_size in QMV_GROUPS and "biases" in layer and layer.weight.dtype == mx.uint32
+            and layer.weight.ndim == 2 and 0 < K <= QMV_MAX_K and K % layer.group_size == 0)
+
+
+def qmv_mode() -> str:
+    return env_choice(QMV_ENV, MODES, "auto")
+
+
+def qmv_chosen(layer: nn.Module, rows: int) -> bool:
+    from .kda import gpu_backend
+
+    m = qmv_mode()
+    if m == "off" or not qmv_fits(layer, rows):
+        return False
+    backend = gpu_backend()
+    return backend is not None and (m == "on" or backend == "cuda")
+
+
+def qmv(x: mx.array, layer: nn.Module) -> mx.array:
+    """x [M, K] times the layer's quantized weight [N, K] transposed by the qmv kernel: [M, N] in the reference's
+    dtype (x's and the scales' promoted), without the layer's bias."""
+    from metal_kernels import group_rows, kernel
+
+    M, K = x.shape
+    N = layer.weight.shape[0]
+    R = group_rows(N, 4)
+    TY = group_rows(N // R, 8)
+    (y,) = kernel("qmv")(
+        inputs=[x, layer["weight"], layer["scales"], layer["biases"]],
+        template=[("N", N), ("K", K), ("BITS", layer.bits), ("GS", layer.group_size), ("R", R), ("TY", TY)],
+        grid=(32, N // R, M), threadgroup=(32, TY, 1),
+        output_shapes=[(M, N)], output_dtypes=[mx.result_type(x, layer["scales"])],
+    )
+    return y
+
+
 def dequant_chosen(rows: int) -> bool:
     from .kda import gpu_backend
 
@@ -33,10 +89,15 @@ def dequant_chosen(rows: int) -> bool:
 
 
 class DequantLinear(nn.QuantizedLinear):
-    """A quantized linear layer whose calls of MIN_ROWS+ rows may run as dequantize + dense matmul."""
+    """A quantized linear layer whose calls of MIN_ROWS+ rows may run as dequantize + dense matmul, and of up to
+    QMV_MAX_ROWS rows as the qmv kernel."""
 
     def __call__(self, x):
-        if not dequant_chosen(x.size // x.shape[-1]):
+        rows = x.size // x.shape[-1]
+        if qmv_chosen(self, rows):
+            y = qmv(x.reshape(rows, x.shape[-1]), self).reshape(*x.shape[:-1], -1)
+            return y + self["bias"] if "bias" in self else y
+        if not dequant_chosen(rows):
             return super().__call__(x)
         w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
                           bits=self.bits, mode=self.mode)  # in the scales' dtype

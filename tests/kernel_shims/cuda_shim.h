@@ -10,6 +10,7 @@
 #define __grid_constant__
 struct uint3 { unsigned int x, y, z; };
 struct dim3 { unsigned int x, y, z; };
+struct uint4 { unsigned int x, y, z, w; };
 uint3 make_uint3(unsigned int, unsigned int, unsigned int);
 extern const uint3 threadIdx;
 extern const uint3 blockIdx;

@@ -55,6 +55,9 @@ struct emu_bf16 {
 struct uint3 {
   unsigned int x, y, z;
 };
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
 
 #ifdef EMU_CUDA
 #define __global__

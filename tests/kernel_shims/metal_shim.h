@@ -12,6 +12,7 @@ typedef unsigned short ushort;
 typedef _Float16 half;
 typedef _Float16 float16_t;
 struct uint3 { uint x, y, z; };
+struct uint4 { uint x, y, z, w; };
 struct float4 { float x, y, z, w; };
 struct bfloat16_t {
   bfloat16_t() = default;
