@@ -31,6 +31,7 @@ ap.add_argument("--state", required=True, help="where the state is saved between
 ap.add_argument("--budget-s", type=float, default=480)
 ap.add_argument("--decode-tokens", type=int, default=16)
 ap.add_argument("--record", action="store_true")
+ap.add_argument("--each", action="store_true", help="print every step's time and working set")
 ap.add_argument("--trace-gb", type=float, default=None,
                 help="run steps layer by layer and name the layers of any step holding more than this")
 a = ap.parse_args()
@@ -45,7 +46,8 @@ n = min(a.tokens, model.config.max_position_embeddings - room)  # the decode mus
 toks = np.random.default_rng(1).integers(0, cfg["vocab_size"], (1, n))
 echo(f"device: {bench.device_line()}; shape {a.shape}, random 4-bit weights ({weights / 1e9:.2f} GB); "
      f"prompt {n} tokens in steps of {bench.describe_steps(a.step)}" + (f" (the context limit keeps {room} for the decode)" if n < a.tokens else ""))
-state, prog = bench.resumable_prefill(model, toks, a.state, a.step, a.budget_s, echo, trace_gb=a.trace_gb)
+state, prog = bench.resumable_prefill(model, toks, a.state, a.step, a.budget_s, echo, trace_gb=a.trace_gb,
+                                 each=a.each)
 if prog.done < n:
     echo(f"saved at {prog.done} / {n} tokens: run again to go on")
     sys.exit(0)

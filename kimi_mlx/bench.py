@@ -300,14 +300,14 @@ def measured_step(model, state, toks: mx.array, trace: bool = False) -> StepMemo
 
 
 def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: float, echo=print,
-                      trace_gb: float | None = None):
+                      trace_gb: float | None = None, each: bool = False):
     """Feed tokens [1, N] into model in steps until the prompt is done or budget_s has passed, carrying on
     from the state saved at `path` if there is one (state_io: its model identity and checksums are checked),
     and save the state and progress there. Returns (state, PrefillProgress). For prompts longer than one
     process may run (a 1M-token prompt at the full shape takes ~23 min on an H200).
 
     trace_gb: run each step layer by layer (measured_step) and, for any step whose working set passes
-    trace_gb, print the layers that held the most."""
+    trace_gb, print the layers that held the most. each: print every step's time and working set."""
     from pathlib import Path
 
     from .state_io import load_state, save_state
@@ -339,6 +339,9 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
         prog.done = min(N, prog.done + length)
         held = m.held_gb
         recent.append(held)
+        if each:
+            echo(f"  step ending at {prog.done}: {m.seconds * 1e3:.0f} ms ({length / m.seconds:.0f} tok/s), "
+                 f"working set {held:.2f} GB")
         prog.peak_gb = max(prog.peak_gb, m.peak / 1e9)
         if trace_gb is not None and held > trace_gb:
             echo(f"  step ending at {prog.done}: working set {held:.2f} GB; most held during layers "

@@ -280,9 +280,6 @@ def environment() -> list[tuple[str, str]]:
         ("MoE decode", (f"{gpu} kernels" if decode_experts == "kernel" else f"{decode_experts} expert matmuls")
          + " (one token, 4-bit banks)"),
         ("MoE prefill", f"{expert_path(2048 * 9, 257)} expert matmuls (2,048 tokens, real shape)"),
-        ("MLA decode softmax", {"flat": "over each head's whole scores (split-K values on long pages)",
-                                "pieces": f"piece by piece on long pages ({attention.DECODE_ENV}=pieces)"}
-         [attention.decode_mode()]),
         ("add + norm", f"one {gpu} kernel a seam (decode)" if gpu and norm.mode() != "ref" else "ops"),
         ("MoE seam", f"add + norm and routing inside the MoE's {gpu} router and gate|up kernels (decode)"
          if gpu and fuse.seam_mode() == "auto" and norm.mode() != "ref" and routing_path() == "kernel"

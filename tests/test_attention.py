@@ -178,17 +178,14 @@ def test_quantized_cache(bits, tol, absorbed):
     assert err(out, exact) > 0  # it really is quantized
 
 
-@pytest.mark.parametrize("mode", ["flat", "pieces"])
 @pytest.mark.parametrize("absorb", [False, True])
 @pytest.mark.parametrize("bits", [0, 8])
 @pytest.mark.parametrize("S", [1, 8, 9, 57, 100])
-def test_decode_over_whole_pages(monkeypatch, S, bits, absorb, mode):
+def test_decode_over_whole_pages(monkeypatch, S, bits, absorb):
     """A one-token step as the decoder runs it: the new row scattered into decode_slot's last page at its
     `row`, then mla_decode over whole pages, masking the last page's rows past `row`: equal to the reference
     on the S + 1 valid rows, whatever the rows past them hold; split-K pieces (SPLIT_ROWS) included; the
-    absorbed query and values from k_up and v_up or from kept absorb and value matrices; the softmax over the
-    whole scores (flat) or piece by piece (KIMI_MLX_MLA_DECODE=pieces)."""
-    monkeypatch.setenv(A.DECODE_ENV, mode)
+    absorbed query and values from k_up and v_up or from kept absorb and value matrices."""
     monkeypatch.setattr(A, "SPLIT_ROWS", 4)
     monkeypatch.setattr(A, "SPLIT_MIN_ROWS", 8)
     latent, pe = (58, 6) if bits else (L, PE)
@@ -207,33 +204,6 @@ def test_decode_over_whole_pages(monkeypatch, S, bits, absorb, mode):
     kept = (A.absorb_matrix(k_up, pe, SCALE), A.value_matrix(v_up, pe)) if absorb else ()
     out = A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
     assert err(out, mla_attention_ref(q, dq, k_up, v_up, SCALE)) < 2e-5
-
-
-@pytest.mark.parametrize("spread", [1.0, 400.0])
-def test_decode_pieces_equal_flat_on_fresh_long_pages(monkeypatch, spread):
-    """KIMI_MLX_MLA_DECODE=pieces against the flat softmax on fresh random pages (a split full page, a split
-    page cut short at a ragged row, and pages that do not split), with ordinary and extreme score spreads
-    (one piece's max far above the rest: its weight must still come out right), and against the reference."""
-    monkeypatch.setattr(A, "SPLIT_ROWS", 8)
-    monkeypatch.setattr(A, "SPLIT_MIN_ROWS", 16)
-    rng = np.random.default_rng(int(spread))
-    sizes = [64, 12, 48]  # split, unsplit, split (the last, valid up to `row`)
-    pages = [(mx.array(rng.normal(0, 1, (2, n, L + PE)).astype(np.float32)),) for n in sizes]
-    row = 29
-    q = mx.array(rng.normal(0, spread, (2, 4, 1, NOPE + PE)).astype(np.float32))
-    k_up = mx.array(rng.normal(0, 0.2, (4, NOPE, L)).astype(np.float32))
-    v_up = mx.array(rng.normal(0, 0.2, (4, V, L)).astype(np.float32))
-    cache = A.LatentCache(tuple(pages))
-    r = mx.array([row], mx.int32)
-    outs = {}
-    for mode in ("flat", "pieces"):
-        monkeypatch.setenv(A.DECODE_ENV, mode)
-        outs[mode] = A.mla_decode(q, cache, r, k_up, v_up, SCALE)
-    valid = mx.concatenate([p[0] for p in pages], axis=1)[:, : 64 + 12 + row + 1]
-    ref = mla_attention_ref(q, valid, k_up, v_up, SCALE)
-    scale = float(mx.abs(ref).max())
-    assert err(outs["pieces"], ref) / scale < 1e-5
-    assert err(outs["pieces"], outs["flat"]) / scale < 1e-5
 
 
 def test_decode_slot_after_a_cut_and_snapshot():
@@ -325,26 +295,3 @@ def test_cache_rows_kernel_on_gpu():
     assert mx.array_equal(got[..., 512:], ckv[..., 512:])
     f32 = mx.float32
     assert float(mx.abs(got.astype(f32) - ref.astype(f32)).max()) <= 1e-2 * float(mx.abs(ref.astype(f32)).max())
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("pages", [(8192,), (131072, 256)], ids=["one-page", "full-page-and-new"])
-def test_decode_pieces_on_gpu_at_the_model_shape(monkeypatch, pages):
-    """KIMI_MLX_MLA_DECODE=pieces against the flat path in bfloat16 at the real head shape (32 heads, 512 + 64
-    columns), the last page cut at a ragged row, and both against the float32 reference."""
-    mx.random.seed(5)
-    bf16, f32 = mx.bfloat16, mx.float32
-    cache = A.LatentCache(tuple((mx.random.normal((1, n, 576)).astype(bf16),) for n in pages))
-    row = mx.array([pages[-1] // 3 + 7], mx.int32)
-    q = (mx.random.normal((1, 32, 1, 192)) * 3).astype(bf16)
-    k_up = (mx.random.normal((32, 128, 512)) * 0.05).astype(bf16)
-    v_up = (mx.random.normal((32, 128, 512)) * 0.05).astype(bf16)
-    outs = {}
-    for mode in ("flat", "pieces"):
-        monkeypatch.setenv(A.DECODE_ENV, mode)
-        outs[mode] = A.mla_decode(q, cache, row, k_up, v_up, 192**-0.5).astype(f32)
-    valid = mx.concatenate([p[0] for p in cache.pages], axis=1)[:, : sum(pages[:-1]) + int(row.item()) + 1]
-    ref = mla_attention_ref(q.astype(f32), valid.astype(f32), k_up.astype(f32), v_up.astype(f32), 192**-0.5)
-    scale = float(mx.abs(ref).max())
-    assert err(outs["pieces"], ref) / scale < 2e-2
-    assert err(outs["pieces"], outs["flat"]) / scale < 2e-2

@@ -177,11 +177,6 @@ def mla_attention(q, cache: LatentCache, k_up, v_up, scale: float, *, path: str 
 SPLIT_ROWS = 512  # decode: a page's values matmul runs as a batch of SPLIT_ROWS-row pieces (split-K; 0: off) ...
 SPLIT_MIN_ROWS = 4096  # ... from this many rows a page (below, the pieces' transpose, cast and sum cost more
 #                        launches than the matmul they spread, and one page holds a short context)
-DECODE_ENV = "KIMI_MLX_MLA_DECODE"  # flat (default) | pieces: how mla_decode takes the softmax of split pages
-
-
-def decode_mode() -> str:
-    return env_choice(DECODE_ENV, ("flat", "pieces"), "flat")
 
 
 def _splits(n: int, bits: int) -> bool:
@@ -201,8 +196,6 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
     `row` (an array, so a compiled step keeps one graph while the cache grows). A page of SPLIT_MIN_ROWS or
     more has its values matmul (32 heads x rows x 576) split into SPLIT_ROWS-row pieces run as one batched
     matmul and summed, so a long page spreads over the card instead of a handful of output tiles.
-    KIMI_MLX_MLA_DECODE=pieces (opt-in) takes the softmax piece by piece instead (_decode_pieces; else
-    _decode_flat).
     q: [B, H, 1, nope + pe] -> [B, H, 1, v].
     absorb, values: absorb_matrix(k_up, pe, scale) and value_matrix(v_up, pe), if the caller keeps them:
     the absorbed query is then one matmul (no slices, concatenation or scaling of the query) and the values
@@ -211,17 +204,6 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
     B, H, _, _ = q.shape
     L = k_up.shape[2]
     qa = (q @ absorb if absorb is not None else _absorb(q, k_up) * scale).reshape(B, H, -1)
-    if decode_mode() == "pieces" and any(_splits(p[0].shape[1], cache.bits) for p in cache.pages):
-        o = _decode_pieces(qa, cache, row)
-    else:
-        o = _decode_flat(qa, cache, row, q.dtype)
-    o = o[:, :, None].astype(q.dtype)
-    return o @ values if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
-
-
-def _decode_flat(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
-    """mla_decode's p @ rows [B, H, W] (float32 where summed over pages or pieces): the pages' scores joined into
-    one [B, H, capacity] array, its softmax, then each page's values (split-K on long pages, _page_values)."""
     gs, bits = cache.group_size, cache.bits
     if bits:
         parts = [mx.quantized_matmul(qa, *p, transpose=True, group_size=gs, bits=bits) for p in cache.pages]
@@ -234,10 +216,11 @@ def _decode_flat(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
     wide = len(cache.pages) > 1  # several pages' values are summed in float32
     for page in cache.pages:
         n = page[0].shape[1]
-        part = _page_values(p[..., off : off + n].astype(dtype), page, bits, gs, wide)
+        part = _page_values(p[..., off : off + n].astype(q.dtype), page, bits, gs, wide)
         o = part if o is None else o + part
         off += n
-    return o
+    o = o[:, :, None].astype(q.dtype)
+    return o @ values if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
 
 
 def absorb_matrix(k_up, pe: int, scale: float) -> mx.array:
@@ -264,36 +247,6 @@ def positions(n: int) -> mx.array:
     pos = mx.arange(n, dtype=mx.int32)
     mx.eval(pos)
     return pos
-
-
-def _decode_pieces(qa, cache: LatentCache, row: mx.array) -> mx.array:
-    """KIMI_MLX_MLA_DECODE=pieces (opt-in, dense caches with a split page): mla_decode's p @ rows as float32
-    [B, H, W], its scores made piece by piece. Each page's rows are viewed as [B, k, c, W] (k = 1 for a page that
-    does not split), its scores come as [B, k, H, c] from one batched matmul, and the softmax is one max over every
-    piece of every page, exp(s - max) in the cache dtype and sums: no concatenation of the pages' scores, no slice
-    of them per page, no transpose of a page's probabilities into pieces, and no softmax over H rows of the whole
-    context (on a GPU one thread block a row: 32 blocks at the real shape). Not yet measured on a GPU."""
-    B, H, W = qa.shape
-    parts, last = [], len(cache.pages) - 1
-    for i, page in enumerate(cache.pages):
-        n = page[0].shape[1]
-        c = SPLIT_ROWS if _splits(n, cache.bits) else n
-        rows = page[0].reshape(B, n // c, c, W)
-        s = qa[:, None] @ rows.swapaxes(-1, -2)  # [B, k, H, c]
-        if i == last:
-            s = mx.where(positions(n).reshape(n // c, 1, c) <= row.reshape(1, 1, 1), s, -mx.inf)
-        parts.append((s, rows))
-    m = None
-    for s, _ in parts:  # row 0 of the first page is always visible: m is finite
-        top = s.max(axis=(1, 3), keepdims=True)
-        m = top if m is None else mx.maximum(m, top)
-    m = m.astype(mx.float32)
-    o = total = None
-    for s, rows in parts:
-        p = _probs(s, m)  # exp(s - m) in the cache dtype, 0 where masked
-        part, part_sum = (p @ rows).astype(mx.float32).sum(1), p.astype(mx.float32).sum(axis=(1, 3))
-        o, total = (part, part_sum) if o is None else (o + part, total + part_sum)
-    return o / total[..., None]
 
 
 def _page_values(p, page, bits, gs, wide: bool):
