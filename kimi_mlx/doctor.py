@@ -287,7 +287,7 @@ def environment() -> list[tuple[str, str]]:
          else f"add + norm before the MoE ({fuse.SEAM_ENV}={fuse.seam_mode()})"),
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
          if linear.dequant_chosen(linear.MIN_ROWS) else "quantized matmul"),
-        ("decode matmuls", f"qmv {gpu} kernel (up to {linear.QMV_MAX_ROWS} rows, affine 2/4/8-bit)"
+        ("decode matmuls", f"qmv {gpu} kernel (up to {linear.QMV_MAX_ROWS} rows, affine 2/4/8-bit; opt-in)"
          if linear.qmv_chosen(_probe_linear(), 1) else f"MLX's quantized matmul ({linear.QMV_ENV}={linear.qmv_mode()})"),
         ("prefill memory", working_set.describe()),
         ("exp, SiLU, softmax", "range reduction + polynomial (the CPU's own exp runs an element at a time)"

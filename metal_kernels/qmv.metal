@@ -41,8 +41,9 @@ KDA_FN float kda_round_as(device T* p, float v) { return static_cast<float>(stat
 // over the 32 lanes of a group).
 
 // The value (word >> shift) & mask (< 2^23) as a float, exactly, without an integer-to-float conversion (a
-// quarter-rate instruction on NVIDIA GPUs, where it bounded the quantized matmuls of decode): the bits go under
-// the exponent of 2^23, whose float then holds 2^23 + value, and 2^23 is subtracted.
+// quarter-rate instruction on NVIDIA GPUs; on an H200 the MoE and KDA decode kernels ran no faster without it,
+// so it is not what bounds them): the bits go under the exponent of 2^23, whose float then holds 2^23 + value,
+// and 2^23 is subtracted.
 KDA_FN float kda_qval(unsigned int word, int shift, unsigned int mask) {
   return kda_as_float(0x4B000000u | ((word >> shift) & mask)) - 8388608.0f;
 }
@@ -107,7 +108,9 @@ kda_barrier();
 
 // This lane's words of the group's rows, loaded before any is used.
 unsigned int words[R][STEPS][VEC];
+#pragma unroll
 for (int u = 0; u < R; ++u) {
+  #pragma unroll
   for (int s = 0; s < STEPS; ++s) {
     const int c = s * 32 + lane;
     const size_t at = (row0 + u) * WPR + static_cast<size_t>(c < CPR ? c : 0) * VEC;
@@ -118,25 +121,32 @@ for (int u = 0; u < R; ++u) {
       words[u][s][VEC > 2 ? 2 : 0] = q.z;
       words[u][s][VEC > 3 ? 3 : 0] = q.w;
     } else {
+      #pragma unroll
       for (int k = 0; k < VEC; ++k) words[u][s][k] = wq[at + k];
     }
   }
 }
 float acc[R];
+#pragma unroll
 for (int u = 0; u < R; ++u) acc[u] = 0.0f;
+#pragma unroll
 for (int s = 0; s < STEPS; ++s) {
   const int c = s * 32 + lane;
   if (c < CPR) {
     float xv[CV];
     float xsum = 0.0f;
+    #pragma unroll
     for (int j = 0; j < CV; ++j) {
       xv[j] = xs[c * CV + (j ^ (c % CV))];
       xsum += xv[j];
     }
     const int group = (c * CV) / GS;
+    #pragma unroll
     for (int u = 0; u < R; ++u) {
       float dot = 0.0f;
+      #pragma unroll
       for (int k = 0; k < VEC; ++k) {
+        #pragma unroll
         for (int j = 0; j < VPW; ++j) {
           dot += kda_qval(words[u][s][k], j * BITS, MASK) * xv[k * VPW + j];
         }
@@ -146,6 +156,7 @@ for (int s = 0; s < STEPS; ++s) {
     }
   }
 }
+#pragma unroll
 for (int u = 0; u < R; ++u) {
   const float total = kda_simd_sum(acc[u]);
   if (lane == 0) {

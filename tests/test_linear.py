@@ -115,11 +115,12 @@ def test_qmv_kernel_text_runs_right_on_cpu(monkeypatch, kind, case):
 
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
 def test_few_rows_take_the_qmv_kernel_where_chosen(monkeypatch):
-    """DequantLinear: 1-4 rows (any leading shape) through qmv with the bias added, 5 rows through the parent."""
+    """DequantLinear with KIMI_MLX_QMV=on: 1-4 rows (any leading shape) through qmv with the bias added, 5 rows
+    through the parent."""
     from kimi_mlx.ops import kda
 
     monkeypatch.setattr(kda, "gpu_backend", lambda: "cuda")
-    monkeypatch.delenv(linear.QMV_ENV, raising=False)
+    monkeypatch.setenv(linear.QMV_ENV, "on")
     launched = []
     emulated = kernel_emulator.kernel_factory("cuda")
     monkeypatch.setattr(metal_kernels, "kernel", lambda name: launched.append(name) or emulated(name))
@@ -141,20 +142,17 @@ def test_qmv_choice(monkeypatch):
     q4, q3 = quantized(256, 40, 4, False), quantized(256, 40, 3, False)
     wide = quantized(linear.QMV_MAX_K + 64, 8, 4, False)
     monkeypatch.delenv(linear.QMV_ENV, raising=False)
-    assert linear.qmv_chosen(q4, 1) == (kda.gpu_backend() == "cuda")
-    for backend, on in (("cuda", True), ("metal", False), (None, False)):
+    for backend in ("cuda", "metal", None):
         monkeypatch.setattr(kda, "gpu_backend", lambda b=backend: b)
-        assert linear.qmv_chosen(q4, 1) is on  # auto: CUDA only (the Metal twin: `kimi-mlx doctor` on a Mac)
+        assert not linear.qmv_chosen(q4, 1)  # off by default (no faster than MLX's on an H200)
     monkeypatch.setenv(linear.QMV_ENV, "on")
-    monkeypatch.setattr(kda, "gpu_backend", lambda: "metal")
-    assert linear.qmv_chosen(q4, linear.QMV_MAX_ROWS) and not linear.qmv_chosen(q4, linear.QMV_MAX_ROWS + 1)
-    assert not linear.qmv_chosen(q3, 1) and not linear.qmv_chosen(wide, 1)
+    for backend in ("cuda", "metal"):
+        monkeypatch.setattr(kda, "gpu_backend", lambda b=backend: b)
+        assert linear.qmv_chosen(q4, linear.QMV_MAX_ROWS) and not linear.qmv_chosen(q4, linear.QMV_MAX_ROWS + 1)
+        assert not linear.qmv_chosen(q3, 1) and not linear.qmv_chosen(wide, 1)
     monkeypatch.setattr(kda, "gpu_backend", lambda: None)
     assert not linear.qmv_chosen(q4, 1)  # no GPU: never
-    monkeypatch.setenv(linear.QMV_ENV, "off")
-    monkeypatch.setattr(kda, "gpu_backend", lambda: "cuda")
-    assert not linear.qmv_chosen(q4, 1)
-    monkeypatch.setenv(linear.QMV_ENV, "always")
+    monkeypatch.setenv(linear.QMV_ENV, "auto")
     with pytest.raises(ConfigError, match="KIMI_MLX_QMV"):
         linear.qmv_chosen(q4, 1)
 

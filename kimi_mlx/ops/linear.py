@@ -7,16 +7,16 @@ On CUDA MLX 0.32 runs a quantized matmul of many rows with its sm80 tiled kernel
 dtype (one pass over it, ~20 us for 12288 x 2304) and a cuBLAS matmul runs at several times that rate. The
 dense weight is a temporary of one projection (at most ~42 MB at the real shape).
 
-Few rows (decode): the qmv kernel (metal_kernels/qmv.body). MLX 0.32's CUDA quantized matrix-vector kernel
-reads the weights of a decoded token's projections at 0.5-0.8 TB/s on an H200 (ncu: 1.2 ms of a token's ~3.5 ms
-of kernel time at the full shape, RESULTS.md); qmv issues each lane's 16-byte weight loads before using any,
-keeps x in threadgroup memory and dequantizes without integer-to-float conversions.
+Few rows (decode), opt-in: the qmv kernel (metal_kernels/qmv.body: each lane's 16-byte weight loads issued before
+any is used, x in threadgroup memory, no integer-to-float conversions). Written because MLX 0.32's CUDA
+quantized matrix-vector kernel reads a decoded token's projections at only 0.5-0.8 TB/s on an H200 (ncu: 1.2 ms of
+the token's ~3.5 ms of kernel time at the full shape); qmv measured no faster there (1.20 ms: faster on lm_head,
+slower on the 8-bit gate inputs; RESULTS.md, eighteenth session), so it stays off by default.
 
-  DequantLinear  nn.QuantizedLinear whose call takes the dequantized path from MIN_ROWS rows and the qmv
-                 kernel up to QMV_MAX_ROWS rows where chosen; the parent's quantized matmul otherwise
+  DequantLinear  nn.QuantizedLinear whose call takes the dequantized path from MIN_ROWS rows where chosen, and
+                 the qmv kernel up to QMV_MAX_ROWS rows where switched on; the parent's quantized matmul otherwise
 KIMI_MLX_DEQUANT: auto (default: on CUDA only), on (every backend; tests), off (never).
-KIMI_MLX_QMV: auto (default: on CUDA only, where it is tested), on (any GPU: Metal on a Mac once `kimi-mlx doctor`
-passes it), off (never).
+KIMI_MLX_QMV: off (default), on (any GPU; `kimi-mlx doctor` checks it against the quantized matmul).
 """
 
 from __future__ import annotations
@@ -48,17 +48,13 @@ def qmv_fits(layer: nn.Module, rows: int) -> bool:
 
 
 def qmv_mode() -> str:
-    return env_choice(QMV_ENV, MODES, "auto")
+    return env_choice(QMV_ENV, ("off", "on"), "off")
 
 
 def qmv_chosen(layer: nn.Module, rows: int) -> bool:
     from .kda import gpu_backend
 
-    m = qmv_mode()
-    if m == "off" or not qmv_fits(layer, rows):
-        return False
-    backend = gpu_backend()
-    return backend is not None and (m == "on" or backend == "cuda")
+    return qmv_mode() == "on" and qmv_fits(layer, rows) and gpu_backend() is not None
 
 
 def qmv(x: mx.array, layer: nn.Module) -> mx.array:
@@ -90,7 +86,7 @@ def dequant_chosen(rows: int) -> bool:
 
 class DequantLinear(nn.QuantizedLinear):
     """A quantized linear layer whose calls of MIN_ROWS+ rows may run as dequantize + dense matmul, and of up to
-    QMV_MAX_ROWS rows as the qmv kernel."""
+    QMV_MAX_ROWS rows as the qmv kernel (opt-in)."""
 
     def __call__(self, x):
         rows = x.size // x.shape[-1]
