@@ -300,8 +300,7 @@ def fuse_mla_inputs(attn: KimiMLA) -> bool:
 
 def fuse_model(model) -> int:
     """Fuse in place: MoE banks, KDA input projections, float32 router weights, MLA decode's input projection,
-    absorbed query and value matrices; the layers' and lm_head's quantized linears become DequantLinear. Returns how
-    many blocks."""
+    absorbed query and value matrices; the layers' quantized linears become DequantLinear. Returns how many blocks."""
     n = 0
     shared = model.config.num_shared_experts
     for i in model.owned:
@@ -322,9 +321,7 @@ def fuse_model(model) -> int:
             a.q_absorb = absorb_matrix(a.k_up, a.pe, a.scale)
             a.v_absorb = value_matrix(a.v_up, a.pe)
             fuse_mla_inputs(a)
-        dequant_linears(layer)  # dequantize + dense matmul, or the qmv kernel, where chosen (ops/linear.py)
-    if "lm_head" in model:
-        dequant_linears(model.lm_head)
+        dequant_linears(layer)  # prefill's projections: dequantize + dense matmul where chosen (ops/linear.py)
     model._steps = model._whole = model._prefill = model._prefill_ffn = None  # compiled steps close over the old modules
     mx.eval(model.parameters())
     return n

@@ -16,7 +16,8 @@ slower on the 8-bit gate inputs; RESULTS.md, eighteenth session), so it stays of
   DequantLinear  nn.QuantizedLinear whose call takes the dequantized path from MIN_ROWS rows where chosen, and
                  the qmv kernel up to QMV_MAX_ROWS rows where switched on; the parent's quantized matmul otherwise
 KIMI_MLX_DEQUANT: auto (default: on CUDA only), on (every backend; tests), off (never).
-KIMI_MLX_QMV: off (default), on (any GPU; `kimi-mlx doctor` checks it against the quantized matmul).
+KIMI_MLX_QMV: off (default), on (any GPU; `kimi-mlx doctor` checks it against the quantized matmul). The decoder
+layers' quantized linears are DequantLinear (model/fuse.py), lm_head is not.
 """
 
 from __future__ import annotations
