@@ -91,7 +91,8 @@ const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
 // first copy x's row into threadgroup memory as float; then each 32-lane group takes R rows of W, a lane reading
 // VEC words of a row at a time (one 16-byte load where VEC is 4: a warp's loads of a row are 512 contiguous
 // bytes) for every chunk of VEC words it owns, all of them issued before the first is used.
-// Template: N rows of W, K x's width, BITS (2, 4 or 8), GS group size (32, 64 or 128), R rows a group (dividing N), TY.
+// Template: N rows of W, K x's width, BITS (2, 4 or 8), GS group size (32, 64 or 128), R rows a group (dividing
+// N), TY groups a threadgroup.
 // Inputs: x [M, K]; wq [N, K * BITS / 32] uint32 (16-byte aligned rows: K * BITS / 32 a multiple of VEC);
 // scales, biases [N, K / GS]. Output: y [M, N] in its own dtype (float32 sums, rounded once).
 constexpr int VPW = 32 / BITS;  // values per packed word
