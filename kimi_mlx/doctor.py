@@ -288,7 +288,8 @@ def environment() -> list[tuple[str, str]]:
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
          if linear.dequant_chosen(linear.MIN_ROWS) else "quantized matmul"),
         ("decode matmuls", f"qmv {gpu} kernel (up to {linear.QMV_MAX_ROWS} rows, affine 2/4/8-bit; opt-in)"
-         if linear.qmv_chosen(_probe_linear(), 1) else f"MLX's quantized matmul ({linear.QMV_ENV}={linear.qmv_mode()})"),
+         if linear.qmv_chosen(_probe_linear(), 1)
+         else f"MLX's quantized matmul ({linear.QMV_ENV}={linear.qmv_mode()})"),
         ("prefill memory", working_set.describe()),
         ("exp, SiLU, softmax", "range reduction + polynomial (the CPU's own exp runs an element at a time)"
          if fast_math.active() else "MLX's"),
