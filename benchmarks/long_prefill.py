@@ -4,8 +4,9 @@ at 10 minutes; a 1M-token prompt at the full shape takes longer).
   python benchmarks/long_prefill.py --shape full --tokens 1048576 --state /root/long.kimi --budget-s 480
   (run again until it prints the totals; --record appends them to benchmarks/RESULTS.md)
 
-Each run builds the same random weights (seeded), loads the saved state if any (its model identity and
-checksums are checked), prefills in --step steps until the budget is spent, and saves. The last run decodes
+Each run builds the same random weights (seeded), prefills one untimed step into a scratch state (its kernels
+compile at first use; --no-warmup skips it), loads the saved state if any (its model identity and checksums are
+checked), prefills in --step steps until the budget is spent, and saves. The last run decodes
 --decode-tokens tokens at the full context and prints: prefill time (the sum of the step times of all runs),
 tok/s, the largest peak memory against weights + cache, and decode tok/s there and at a 1,024-token context.
 """
@@ -32,6 +33,9 @@ ap.add_argument("--budget-s", type=float, default=480)
 ap.add_argument("--decode-tokens", type=int, default=16)
 ap.add_argument("--record", action="store_true")
 ap.add_argument("--each", action="store_true", help="print every step's time and working set")
+ap.add_argument("--no-warmup", action="store_true",
+                help="skip the untimed first step into a scratch state (it compiles the process's kernels: MLX's "
+                     "CUDA backend compiles custom kernels again in every process)")
 ap.add_argument("--trace-gb", type=float, default=None,
                 help="run steps layer by layer and name the layers of any step holding more than this")
 a = ap.parse_args()
@@ -46,6 +50,12 @@ n = min(a.tokens, model.config.max_position_embeddings - room)  # the decode mus
 toks = np.random.default_rng(1).integers(0, cfg["vocab_size"], (1, n))
 echo(f"device: {bench.device_line()}; shape {a.shape}, random 4-bit weights ({weights / 1e9:.2f} GB); "
      f"prompt {n} tokens in steps of {bench.describe_steps(a.step)}" + (f" (the context limit keeps {room} for the decode)" if n < a.tokens else ""))
+if not a.no_warmup:  # kernels compile at their first use: a cost of the process, not of the prompt's length
+    first = bench.step_length(0, n, a.step)
+    m = bench.measured_step(model, model.new_state(1), mx.array(toks[:, :first]))
+    mx.clear_cache()
+    echo(f"warm-up step of {first} tokens into a scratch state (not timed below; compiles this process's kernels): "
+         f"{m.seconds:.1f} s")
 state, prog = bench.resumable_prefill(model, toks, a.state, a.step, a.budget_s, echo, trace_gb=a.trace_gb,
                                  each=a.each)
 if prog.done < n:

@@ -164,16 +164,18 @@ def test_resumable_prefill_equals_one_go(tmp_path):
 
 
 def test_long_prefill_script_resumes_and_decodes(tmp_path):
-    """benchmarks/long_prefill.py: a first run stops at its budget and saves, a second one finishes, reports the
-    peak against weights + cache and decodes at the full context and at a short one."""
+    """benchmarks/long_prefill.py: a first run (after its untimed warm-up step) stops at its budget and saves, a
+    second one finishes, reports the peak against weights + cache and decodes at the full context and at a short
+    one; --each prints every step."""
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "long_prefill.py"
     args = [sys.executable, str(script), "--shape", "small", "--tokens", "192", "--step", "64",
-            "--state", str(tmp_path / "s.kimi"), "--decode-tokens", "2"]
+            "--state", str(tmp_path / "s.kimi"), "--decode-tokens", "2", "--each"]
     first = subprocess.run(args + ["--budget-s", "0"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
-    assert "saved at 64 / 192 tokens" in first.stdout
+    assert "warm-up step of 64 tokens into a scratch state" in first.stdout
+    assert "step ending at 64: " in first.stdout and "saved at 64 / 192 tokens" in first.stdout
     runs = 1
     while "decode from" not in (out := subprocess.run(args + ["--budget-s", "0"], capture_output=True, text=True,
                                                        timeout=300)).stdout:
