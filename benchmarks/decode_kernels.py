@@ -5,6 +5,8 @@
   ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --log-file K.csv \
       python benchmarks/decode_kernels.py --profile 2                            # the kernels of 3 tokens (NVIDIA)
   python benchmarks/decode_kernels.py --parse K.csv --tokens 3                   # their sum and the largest
+                                                                                 # (a kernel run at several grid
+                                                                                 # sizes: each size apart)
   ncu ... python benchmarks/decode_kernels.py --context 0 --prefill 2048 --profile 1   # one prefill step's kernels
   python benchmarks/decode_kernels.py --parse K.csv --tokens 1 [--by-seam]       # (--tokens: steps profiled;
                                                                                  # --by-seam: per half layer)
@@ -108,10 +110,18 @@ def parse(path: str, tokens: int, seams: bool = False):
             rows = [r for r in csv.reader(f) if len(r) > 10]
         head = rows[0]
         name, unit, value = head.index("Kernel Name"), head.index("Metric Unit"), head.index("Metric Value")
+        metric, grid = head.index("Metric Name"), head.index("Grid Size")
+        rows = [r for r in rows[1:] if r[metric] == "gpu__time_duration.sum"]  # other metrics ncu was asked for
+        if not rows:
+            raise ValueError("no kernel times")
+        short = [r[name].split("(")[0].split("<")[0][:60] for r in rows]
+        grids = collections.defaultdict(set)
+        for k, r in zip(short, rows):
+            grids[k].add(r[grid])
         by = collections.defaultdict(lambda: [0, 0.0])
         order = []
-        for r in rows[1:]:
-            k = r[name].split("(")[0].split("<")[0][:60]
+        for k, r in zip(short, rows):
+            k += f" grid {r[grid]}" if len(grids[k]) > 1 else ""  # one kernel at several shapes: each apart
             ms = float(r[value].replace(",", "")) * SCALE_MS[r[unit]]
             by[k][0] += 1
             by[k][1] += ms

@@ -317,10 +317,11 @@ def test_decode_kernels_script_splits_a_token_and_sums_an_ncu_log(tmp_path):
     head = ['"ID"', '"Process ID"', '"Process Name"', '"Host Name"', '"Kernel Name"', '"Context"', '"Stream"',
             '"Block Size"', '"Grid Size"', '"Device"', '"CC"', '"Section Name"', '"Metric Name"', '"Metric Unit"',
             '"Metric Value"']
-    def row(i, name, unit, value):
-        return [f'"{i}"', '"1"', '"python3"', '"h"', f'"{name}"', '"1"', '"7"', '"(32, 1, 1)"', '"(1, 1, 1)"', '"0"',
-                '"9.0"', '"Command line profiler metrics"', '"gpu__time_duration.sum"', f'"{unit}"', f'"{value}"']
+    def row(i, name, unit, value, grid="(1, 1, 1)", metric="gpu__time_duration.sum"):
+        return [f'"{i}"', '"1"', '"python3"', '"h"', f'"{name}"', '"1"', '"7"', '"(32, 1, 1)"', f'"{grid}"', '"0"',
+                '"9.0"', '"Command line profiler metrics"', f'"{metric}"', f'"{unit}"', f'"{value}"']
     log = [head, row(0, "void mlx::qmv_kernel<bf16, 4>(const T *)", "usecond", "10.5"),
+           row(0, "void mlx::qmv_kernel<bf16, 4>(const T *)", "", "1", metric="launch__grid_size"),  # ignored
            row(1, "void mlx::qmv_kernel<bf16, 4>(const T *)", "nsecond", "9,500"),
            row(2, "mlx::custom_kernel_kda_decode_32", "msecond", "0.002")]
     (tmp_path / "k.csv").write_text("==PROF== Connected\n" + "\n".join(",".join(r) for r in log) + "\n")
@@ -331,6 +332,14 @@ def test_decode_kernels_script_splits_a_token_and_sums_an_ncu_log(tmp_path):
     assert lines[0] == "2 kernels a token, 0.011 ms of kernel time a token (serialized by ncu)", lines
     assert lines[1].split() == ["0.010", "ms", "1.0x", "void", "mlx::qmv_kernel"], lines
     assert lines[2].split() == ["0.001", "ms", "0.5x", "mlx::custom_kernel_kda_decode_32"], lines
+    log[3] = row(1, "void mlx::qmv_kernel<bf16, 4>(const T *)", "nsecond", "9,500", grid="(288, 1, 1)")
+    (tmp_path / "g.csv").write_text("\n".join(",".join(r) for r in log) + "\n")
+    out = subprocess.run([sys.executable, str(script), "--parse", str(tmp_path / "g.csv"), "--tokens", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    kernels = out.stdout.splitlines()[1:]
+    assert len(kernels) == 3 and kernels[0].endswith("mlx::qmv_kernel grid (1, 1, 1)"), out.stdout
+    assert kernels[1].split()[:2] == ["0.009", "ms"] and kernels[1].endswith("mlx::qmv_kernel grid (288, 1, 1)")
     seams = [head, row(0, "void mlx::rms_norm_small<bf16>(const T *)", "usecond", "2"),
              row(1, "void mlx::qmm_sm80_kernel<64>(const T *)", "usecond", "30"),
              row(2, "void mlx::gather<float>(const T *)", "usecond", "5"),
