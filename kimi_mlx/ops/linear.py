@@ -11,7 +11,9 @@ Few rows (decode), opt-in: the qmv kernel (metal_kernels/qmv.body: each lane's 1
 any is used, x in threadgroup memory, no integer-to-float conversions). Written because MLX 0.32's CUDA
 quantized matrix-vector kernel reads a decoded token's projections at only 0.5-0.8 TB/s on an H200 (ncu: 1.2 ms of
 the token's ~3.5 ms of kernel time at the full shape); qmv measured no faster there (1.20 ms: faster on lm_head,
-slower on the 8-bit gate inputs; RESULTS.md, eighteenth session), so it stays off by default.
+slower on the 8-bit gate inputs; RESULTS.md, eighteenth session), but that version kept its word array in local
+memory (ptxas: 192 bytes of stack); the current one, every loop unrolled, has none and has not been timed yet. Off
+by default until it is.
 
   DequantLinear  nn.QuantizedLinear whose call takes the dequantized path from MIN_ROWS rows where chosen, and
                  the qmv kernel up to QMV_MAX_ROWS rows where switched on; the parent's quantized matmul otherwise
