@@ -255,7 +255,7 @@ def environment() -> list[tuple[str, str]]:
     from metal_kernels import backend
 
     from .model import fuse
-    from .ops import attention, linear, norm
+    from .ops import linear, norm
 
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     gpu = kda_ops.gpu_backend()

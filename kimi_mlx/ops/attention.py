@@ -179,12 +179,6 @@ SPLIT_MIN_ROWS = 4096  # ... from this many rows a page (below, the pieces' tran
 #                        launches than the matmul they spread, and one page holds a short context)
 
 
-def _splits(n: int, bits: int) -> bool:
-    """Whether a page of n rows runs its values as SPLIT_ROWS-row pieces (dense caches only)."""
-    c = SPLIT_ROWS
-    return bool(c) and not bits and n >= max(2 * c, SPLIT_MIN_ROWS) and n % c == 0
-
-
 def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, absorb=None,
                values=None) -> mx.array:
     """One query per sequence over whole cache pages: every row of the pages but the last (which must be
@@ -255,7 +249,7 @@ def _page_values(p, page, bits, gs, wide: bool):
     c = SPLIT_ROWS
     if bits:
         o = mx.quantized_matmul(p, *page, transpose=False, group_size=gs, bits=bits)
-    elif not _splits(n, bits):
+    elif not c or n < max(2 * c, SPLIT_MIN_ROWS) or n % c:
         o = p @ page[0]
     else:
         k = n // c
