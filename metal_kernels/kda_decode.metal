@@ -141,7 +141,8 @@ KDA_SHARED float gate_s[DK + DV];
   constexpr int GPR = DK / GS;  // quantization groups per row
   constexpr unsigned int MASK = (1u << BITS) - 1u;
   constexpr int WPL = (WPR + 31) / 32;  // words a lane takes of a row
-  constexpr int RPL = (DK + DV + G - 1) / G;  // rows a group takes
+  static_assert(DK % G == 0 && DV % G == 0, "kda_decode_gates: the groups split f_b's and g_b's rows evenly");
+  constexpr int RPL = (DK + DV) / G;  // rows a group takes: row g + k * G, of f_b while k < DK / G
   const int gin = b * (2 * DK + NH);
   // This lane's slices of f_a and of g_a, with their sums (loaded once, used by every row of its group).
   float xf[WPL][VPW];
@@ -159,27 +160,42 @@ KDA_SHARED float gate_s[DK + DV];
       sg[q] += xg[q][j];
     }
   }
-  for (int k = 0; k < RPL; ++k) {  // fixed trip counts: the rows' loads can be issued together
+  // Every row's words, scales and biases loaded before the first dot product: one memory round trip for the
+  // group's rows (a load-then-use loop waits one a row; ptxas showed it kept as a loop).
+  unsigned int word[RPL][WPL];
+  float scale[RPL][WPL];
+  float bias[RPL][WPL];
+#pragma unroll
+  for (int k = 0; k < RPL; ++k) {
     const int rr = g + k * G;
-    const bool is_f = rr < DK;
+    const bool is_f = k < DK / G;  // known once unrolled: no branch per load
     const size_t row = is_f ? static_cast<size_t>(h * DK + rr) : static_cast<size_t>(h * DV + rr - DK);
-    float acc = 0.0f;
+#pragma unroll
     for (int q = 0; q < WPL; ++q) {
       const int w = lane + 32 * q;
-      if (rr < DK + DV && w < WPR) {
-        const unsigned int word = is_f ? f_wq[row * WPR + w] : g_wq[row * WPR + w];
-        const size_t at = row * GPR + (w * VPW) / GS;
-        const float scale = static_cast<float>(is_f ? f_scales[at] : g_scales[at]);
-        const float bias = static_cast<float>(is_f ? f_biases[at] : g_biases[at]);
-        float dot = 0.0f;
-        for (int j = 0; j < VPW; ++j) {
-          dot += kda_qval(word, j * BITS, MASK) * (is_f ? xf[q][j] : xg[q][j]);
-        }
-        acc += scale * dot + bias * (is_f ? sf[q] : sg[q]);
+      const bool live = w < WPR;
+      const size_t at = row * GPR + (w * VPW) / GS;
+      word[k][q] = live ? (is_f ? f_wq[row * WPR + w] : g_wq[row * WPR + w]) : 0u;
+      scale[k][q] = live ? static_cast<float>(is_f ? f_scales[at] : g_scales[at]) : 0.0f;
+      bias[k][q] = live ? static_cast<float>(is_f ? f_biases[at] : g_biases[at]) : 0.0f;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < RPL; ++k) {
+    const int rr = g + k * G;
+    const bool is_f = k < DK / G;
+    float acc = 0.0f;
+#pragma unroll
+    for (int q = 0; q < WPL; ++q) {
+      float dot = 0.0f;
+#pragma unroll
+      for (int j = 0; j < VPW; ++j) {
+        dot += kda_qval(word[k][q], j * BITS, MASK) * (is_f ? xf[q][j] : xg[q][j]);
       }
+      acc += scale[k][q] * dot + bias[k][q] * (is_f ? sf[q] : sg[q]);
     }
     acc = kda_simd_sum(acc);
-    if (lane == 0 && rr < DK + DV) {
+    if (lane == 0) {
       gate_s[rr] = kda_round_as(gates, acc);
     }
   }
@@ -215,9 +231,11 @@ const float k_scale = kda_rsqrt(kda_simd_sum(sq[1]) + 1e-6f);
 const float rate = kda_exp(static_cast<float>(a_log[h]));
 const float beta = kda_sigmoid(KDA_BETA_LOGIT);
 float decay[PER];
+for (int i = 0; i < PER; ++i) {  // the loads first: softplus's branch kept each behind the previous one's use
+  decay[i] = static_cast<float>(dt_bias[c0 + i]);
+}
 for (int i = 0; i < PER; ++i) {
-  const float a = KDA_GATE_A(i) + static_cast<float>(dt_bias[c0 + i]);
-  decay[i] = kda_exp(-rate * kda_softplus(a));
+  decay[i] = kda_exp(-rate * kda_softplus(KDA_GATE_A(i) + decay[i]));
 }
 
 // This group's value rows: v and the state rows, all loaded before the first store (the compiler cannot move a

@@ -254,6 +254,18 @@ def gates_reference(x):
     return kda_decode.decode_step_gates_ref(**dict(x, f_b=exact(x["f_b"]), g_b=exact(x["g_b"])))
 
 
+def test_decode_gates_kernel_refuses_groups_that_do_not_split_dk():
+    """Dv = 24 takes 12 lane groups (kda_decode.groups), which split Dv's rows but not Dk = 64 of f_b's: the
+    kernel's rows-per-group split needs both (a static_assert in its text), so the layer takes another path."""
+    from kimi_mlx.ops import kda_decode
+
+    assert kda_decode.groups(24) == 12
+    x = gates_step_inputs(1, 2, 64, 24, 8, seed=3)
+    assert not kda_decode.gates_kernel_supports(x["f_b"], x["g_b"], x["state"])
+    y = gates_step_inputs(1, 2, 64, 32, 8, seed=3)
+    assert kda_decode.gates_kernel_supports(y["f_b"], y["g_b"], y["state"])
+
+
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("bits,Dv", [(8, 16), (4, 96)])

@@ -151,14 +151,15 @@ def decode_step_gates_ref(qkv, gates, conv_tail, conv_w, a_log, dt_bias, state, 
 
 def gates_kernel_supports(f_b, g_b, state: mx.array) -> bool:
     """f_b and g_b affine-quantized alike at 2, 4 or 8 bits (MLX packs those whole in 32-bit words), with
-    groups splitting a row of Dk values (the kernel path's own conditions: kernel_supports)."""
-    Dk = state.shape[-1]
+    groups splitting a row of Dk values, and the threadgroup's 32-lane groups splitting f_b's Dk rows as they
+    split g_b's Dv (the kernel path's own conditions: kernel_supports)."""
+    Dv, Dk = state.shape[-2:]
     mods = (f_b, g_b)
     if not all(isinstance(m, nn.QuantizedLinear) and getattr(m, "mode", "affine") == "affine" for m in mods):
         return False
     bits, gs = f_b.bits, f_b.group_size
     return (g_b.bits, g_b.group_size) == (bits, gs) and bits in (2, 4, 8) and Dk % gs == 0 and "biases" in f_b \
-        and "biases" in g_b
+        and "biases" in g_b and Dk % groups(Dv) == 0
 
 
 def decode_step_gates_kernel(qkv, gates, conv_tail, conv_w, a_log, dt_bias, state, f_b, g_b, norm_w, eps):
