@@ -61,9 +61,12 @@ state, prog = bench.resumable_prefill(model, toks, a.state, a.step, a.budget_s, 
 if prog.done < n:
     echo(f"saved at {prog.done} / {n} tokens: run again to go on")
     sys.exit(0)
-cache = bench.cache_bytes_per_token(model.config) * n
+# the issue's bound: weights + state (the MLA cache as allocated and the KDA layers' recurrent and conv state) + 2 GB
+cache, kda = bench.state_parts(state)
+held = cache + kda
 echo(f"prefill of {n} tokens: {prog.seconds:.0f} s of steps ({n / prog.seconds:.0f} tok/s); largest peak "
-     f"{prog.peak_gb:.1f} GB = weights {weights / 1e9:.1f} + cache {cache / 1e9:.2f} + {prog.peak_gb - (weights + cache) / 1e9:.2f} GB; "
+     f"{prog.peak_gb:.2f} GB = weights {weights / 1e9:.2f} + state {held / 1e9:.3f} (MLA cache {cache / 1e9:.3f}, "
+     f"KDA {kda / 1e9:.3f}) + {prog.peak_gb - (weights + held) / 1e9:.2f} GB; "
      f"largest working set of one step {prog.step_gb:.2f} GB (the step ending at {prog.step_at}; "
      + (f"{working_set.ENV} {working_set.bound_bytes() >> 20})" if working_set.bound_bytes() else "no cap)"))
 r = bench.Runner("kimi-mlx", model, True, state)

@@ -18,9 +18,9 @@ class Recorder:
 
     def append(self, title: str, lines: list[str] | None = None) -> None:
         """Add a '### title — date — commit' section holding the lines (default: all echoed so far)."""
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=RESULTS.parent).stdout.strip()
-        commit = commit or os.environ.get("KIMI_MLX_COMMIT", "")  # a copy without .git (the GPU machine's)
+        # KIMI_MLX_COMMIT first: the GPU machine's copy of the tree may carry a .git older than its files
+        commit = os.environ.get("KIMI_MLX_COMMIT", "") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
         body = "\n".join(self.lines if lines is None else lines)
         with open(RESULTS, "a") as f:
             f.write(f"\n### {title} — {datetime.date.today()} — commit {commit or '?'}\n\n```\n{body}\n```\n")

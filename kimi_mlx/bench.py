@@ -367,6 +367,12 @@ def state_bytes(state) -> int:
                sum(a.nbytes for a in s.arrays().values()) for s in state.layers)
 
 
+def state_parts(state) -> tuple[int, int]:
+    """(MLA cache bytes as allocated, bytes of the rest: the KDA layers' recurrent and conv state)."""
+    cache = sum(a.nbytes for s in state.layers if hasattr(s, "pages") for page in s.pages for a in page)
+    return cache, state_bytes(state) - cache
+
+
 DECODE_WARMUP = 4  # tokens time_decode feeds before its timed ones
 
 

@@ -183,9 +183,31 @@ def test_long_prefill_script_resumes_and_decodes(tmp_path):
         runs += 1
     assert runs == 2 and out.returncode == 0, out.stderr
     assert "prefill of 192 tokens" in out.stdout and "= weights" in out.stdout
+    assert "+ state " in out.stdout and "(MLA cache " in out.stdout
     assert "largest working set of one step" in out.stdout and "no cap)" in out.stdout
     assert "decode from 192 to 198 tokens of context" in out.stdout
     assert "decode from 1024 tokens of context" in out.stdout and "at 192 tokens" in out.stdout
+
+
+def test_state_parts_splits_the_state_into_the_mla_cache_as_allocated_and_the_kda_state():
+    """long_prefill's memory bound counts the whole state: the MLA pages as allocated (256 rows for 192 tokens)
+    and every KDA layer's recurrent state and conv tail."""
+    import numpy as np
+
+    model, _, cfg = bench.build("small", bits=0, dtype=mx.float32, peer=False)
+    state = model.new_state(1)
+    bench.prefill_step(model, state, mx.array(np.arange(192).reshape(1, 192)))
+    cache, kda = bench.state_parts(state)
+    lin = cfg["linear_attn_config"]
+    mla_layers, kda_layers = len(lin["full_attn_layers"]), len(lin["kda_layers"])
+    width = cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
+    item = next(s for s in state.layers if hasattr(s, "pages")).pages[0][0].itemsize
+    assert cache == mla_layers * 256 * width * item
+    heads, d = lin["num_heads"], lin["head_dim"]
+    recurrent = kda_layers * heads * d * d * 4
+    tails = kda_layers * (lin["short_conv_kernel_size"] - 1) * 3 * heads * d
+    assert kda in (recurrent + tails * 4, recurrent + tails * 2)  # conv tails in float32 or bfloat16
+    assert cache + kda == bench.state_bytes(state)
 
 
 def test_resumable_prefill_traces_the_layers_of_a_large_step(tmp_path, monkeypatch):
@@ -394,3 +416,24 @@ def test_importing_sets_the_cuda_graph_limits_unless_the_user_did(name, given):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == (given or kimi_mlx.CUDA_GRAPH_LIMITS[name])
     assert int(kimi_mlx.CUDA_GRAPH_LIMITS["MLX_MAX_MB_PER_BUFFER"]) >= 100000  # a 1M-token decode stays one cut
+
+
+def test_recorder_labels_a_section_with_the_commit_given_before_git(tmp_path, monkeypatch):
+    """The GPU machine's copy of the tree may carry a stale .git: KIMI_MLX_COMMIT, where set, names the commit."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import results
+
+    out = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(results, "RESULTS", out)
+    monkeypatch.setenv("KIMI_MLX_COMMIT", "abc1234")
+    rec = results.Recorder()
+    rec("a line")
+    rec.append("probe")
+    monkeypatch.delenv("KIMI_MLX_COMMIT")
+    rec.append("probe")
+    here = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent).stdout.strip()
+    titles = [line for line in out.read_text().splitlines() if line.startswith("### ")]
+    assert titles[0].endswith("commit abc1234") and titles[1].endswith(f"commit {here or '?'}")
