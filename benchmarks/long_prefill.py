@@ -8,7 +8,8 @@ Each run builds the same random weights (seeded), prefills one untimed step into
 compile at first use; --no-warmup skips it), loads the saved state if any (its model identity and checksums are
 checked), prefills in --step steps until the budget is spent, and saves. The last run decodes
 --decode-tokens tokens at the full context and prints: prefill time (the sum of the step times of all runs),
-tok/s, the largest peak memory against weights + cache, and decode tok/s there and at a 1,024-token context.
+tok/s, the largest peak memory against weights + state (MLA cache and KDA state), and decode tok/s there and at a
+1,024-token context.
 """
 import argparse
 import sys

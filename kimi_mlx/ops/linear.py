@@ -10,10 +10,11 @@ dense weight is a temporary of one projection (at most ~42 MB at the real shape)
 Few rows (decode), opt-in: the qmv kernel (metal_kernels/qmv.body: each lane's 16-byte weight loads issued before
 any is used, x in threadgroup memory, no integer-to-float conversions). Written because MLX 0.32's CUDA
 quantized matrix-vector kernel reads a decoded token's projections at only 0.5-0.8 TB/s on an H200 (ncu: 1.2 ms of
-the token's ~3.5 ms of kernel time at the full shape); qmv measured no faster there (1.20 ms: faster on lm_head,
-slower on the 8-bit gate inputs; RESULTS.md, eighteenth session), but that version kept its word array in local
-memory (ptxas: 192 bytes of stack); the current one, every loop unrolled, has none and has not been timed yet. Off
-by default until it is.
+the token's ~3.5 ms of kernel time at the full shape). The first version kept its word array in local memory
+(ptxas: 192 bytes of stack) and measured no faster; the current one, every loop unrolled, has none and takes
+0.92 ms a token on the GEMVs it replaces where MLX's take 0.98 (ncu, RESULTS.md, nineteenth session; slower only
+on the 8-bit gate inputs). Off by default: a few percent of a token, and its model-level GPU tests and doctor
+check have not yet run on a device.
 
   DequantLinear  nn.QuantizedLinear whose call takes the dequantized path from MIN_ROWS rows where chosen, and
                  the qmv kernel up to QMV_MAX_ROWS rows where switched on; the parent's quantized matmul otherwise
