@@ -172,6 +172,16 @@ def check_cache_rows() -> Check:
     return Check("MLA cache rows, kernel", err)
 
 
+def check_decode_page() -> Check:
+    """The one-page MLA decode kernel against the ops (float32; 32 heads, rows of 576, 300 of 512 rows valid)."""
+    from .ops import attention
+
+    mx.random.seed(8)
+    qa, page, last = 0.2 * mx.random.normal((1, 32, 576)), mx.random.normal((1, 512, 576)), mx.array([299], mx.int32)
+    err = _rel_err(attention.decode_page_kernel(qa, page, last), attention.decode_page_ref(qa, page, last))
+    return Check("MLA decode over one page, kernel", err)
+
+
 def check_qmv(bits: int = 4) -> Check:
     """The decode matrix-vector kernel against MLX's quantized matmul (float32; 3 rows, a width of 2,304)."""
     import mlx.nn as nn
@@ -326,6 +336,7 @@ GPU_CHECKS = {
     "decode step, fused kernel with 4-bit f_b and g_b": partial(check_decode_gates, 4),
     "KDA output gate, kernel": check_gated_norm,
     "MLA cache rows, kernel": check_cache_rows,
+    "MLA decode over one page, kernel": check_decode_page,
     "residual add + norm, kernel": check_add_norm,
     "quantized matrix-vector, 4-bit, kernel": check_qmv,
     "quantized matrix-vector, 8-bit, kernel": partial(check_qmv, 8),

@@ -295,3 +295,101 @@ def test_cache_rows_kernel_on_gpu():
     assert mx.array_equal(got[..., 512:], ckv[..., 512:])
     f32 = mx.float32
     assert float(mx.abs(got.astype(f32) - ref.astype(f32)).max()) <= 1e-2 * float(mx.abs(ref.astype(f32)).max())
+
+
+# -- the one-page decode kernel (scores, softmax and values in one pass) ------------------------------------
+
+
+def page_inputs(B, H, N, W, seed, dtype=mx.float32):
+    """Queries with one peaky head (scores in the hundreds), rows whose unused tail holds large junk."""
+    r = np.random.default_rng(seed)
+    qa = r.normal(size=(B, H, W)).astype(np.float32) * 0.3
+    qa[:, 0] *= 40.0
+    page = r.normal(size=(B, N, W)).astype(np.float32)
+    return mx.array(qa).astype(dtype), mx.array(page).astype(dtype)
+
+
+def _emulated_page_kernel(kind):
+    def run(qa, page, last, heads=2, groups=4, block=2):
+        B, H, W = qa.shape
+        (o,) = kernel_emulator.emulate(
+            "mla_decode_page", kind, [qa, page, last.reshape(1).astype(mx.int32)],
+            (("H", H), ("W", W), ("HG", heads), ("NW", groups), ("RB", block), ("N", page.shape[1])),
+            grid=(32 * groups, H // heads, B), threadgroup=(32 * groups, 1, 1), output_shapes=[qa.shape],
+            output_dtypes=[qa.dtype])
+        return o
+    return run
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_decode_page_kernel_text_runs_right_on_cpu(kind, dtype):
+    """Ragged valid lengths (one row; fewer rows than lane groups; all but one; all), a peaky head, junk past
+    the last valid row, two sequences."""
+    qa, page = page_inputs(2, 4, 24, 64, seed=3, dtype=dtype)
+    page = mx.concatenate([page[:, :14], 1e3 * mx.ones_like(page[:, 14:])], axis=1)
+    f32 = mx.float32
+    for last in (0, 2, 13, 23):
+        lst = mx.array([last], mx.int32)
+        got = _emulated_page_kernel(kind)(qa, page, lst)
+        ref = A.decode_page_ref(qa, page, lst)
+        tol = 2e-5 if dtype == f32 else 1e-2
+        scale = float(mx.abs(ref.astype(f32)).max())
+        assert float(mx.abs(got.astype(f32) - ref.astype(f32)).max()) <= tol * scale, last
+
+
+def test_decode_page_ref_is_attention_over_the_valid_rows():
+    qa, page = page_inputs(1, 2, 9, 8, seed=4)
+    got = A.decode_page_ref(qa, page, mx.array([4], mx.int32))
+    p = mx.softmax(qa @ page[:, :5].swapaxes(-1, -2), axis=-1)
+    assert float(mx.abs(got - p @ page[:, :5]).max()) < 1e-5
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("absorb", [False, True])
+@pytest.mark.parametrize("S", [1, 8, 9, 20])
+def test_decode_takes_the_page_kernel_where_it_fits(monkeypatch, S, absorb):
+    """mla_decode on a 'GPU' (the kernel's CUDA text emulated): one short unquantized page goes through the
+    page kernel, and the step equals the reference; two pages or a quantized page do not take it."""
+    import kimi_mlx.ops.kda as kda_ops
+
+    calls = []
+    emulated = _emulated_page_kernel("cuda")
+
+    def counted(qa, page, last):
+        calls.append(page.shape)
+        return emulated(qa, page, last, heads=1)
+
+    monkeypatch.setattr(kda_ops, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(A, "decode_page_kernel", counted)
+    monkeypatch.setattr(A, "PAGE_KERNEL_HEADS", 1)
+    latent, pe = 58, 6
+    rows, q, k_up, v_up = inputs(2, 1, S + 1, seed=S, latent=latent, pe=pe)
+    st = MLAState(page_first=8, page_max=16)
+    st.append(rows[:, :S])
+    slot = st.decode_slot()
+    last = tuple(mx.put_along_axis(p, slot.row, r, axis=1) for p, r in zip(slot.pages[-1], (rows[:, S:],)))
+    cache = A.LatentCache(slot.pages[:-1] + (last,), 0, 64)
+    kept = (A.absorb_matrix(k_up, pe, SCALE), A.value_matrix(v_up, pe)) if absorb else ()
+    out = A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
+    dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, : S + 1]
+    assert err(out, mla_attention_ref(q, dq, k_up, v_up, SCALE)) < 2e-5
+    assert len(calls) == (1 if len(cache.pages) == 1 else 0)
+    monkeypatch.setattr(A, "PAGE_KERNEL_ROWS", 4)
+    calls.clear()
+    A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
+    assert calls == [] or cache.pages[0][0].shape[1] <= 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_decode_page_kernel_on_gpu(dtype):
+    """The model's shape (32 heads, rows of 576, a 2,048-row page) at ragged valid lengths."""
+    qa, page = page_inputs(2, 32, 2048, 576, seed=5, dtype=dtype)
+    f32 = mx.float32
+    for last in (0, 37, 1500, 2047):
+        lst = mx.array([last], mx.int32)
+        got, ref = A.decode_page_kernel(qa, page, lst), A.decode_page_ref(qa, page, lst)
+        tol = 2e-5 if dtype == f32 else 1e-2
+        assert float(mx.abs(got.astype(f32) - ref.astype(f32)).max()) <= tol * float(mx.abs(ref.astype(f32)).max())

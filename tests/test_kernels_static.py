@@ -54,3 +54,31 @@ def test_a_typo_is_caught(kind, good, typo, tmp_path):
     assert good in text
     result = syntax_check(text.replace(good, typo, 1), kind, tmp_path)
     assert result.returncode != 0
+
+
+def _tokens(text: str, tmp_path: Path) -> list[str]:
+    """text's tokens after g++'s own comment removal (no macro expansion, no includes), whitespace dropped."""
+    src = tmp_path / "t.cc"
+    src.write_text(text)
+    out = subprocess.run(["g++", "-fpreprocessed", "-dD", "-E", "-P", "-x", "c++", str(src)],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_compacted_text_keeps_every_token(name, kind, tmp_path):
+    """What MLX is given (compact: comments, indentation and blank lines dropped) is the same program."""
+    from metal_kernels import body, compact, header
+
+    for text in (body(name, kind), header(kind)):
+        short = compact(text)
+        assert len(short) < 0.8 * len(text)
+        assert _tokens(short, tmp_path) == _tokens(text, tmp_path)
+
+
+def test_compact_keeps_string_literals_and_drops_block_comments():
+    from metal_kernels import compact
+
+    text = 'int a; /* gone\n still gone */ int b; // gone\n  static_assert(1, "kept // and /* kept */");\n\n'
+    assert compact(text) == 'int a;  int b;\nstatic_assert(1, "kept // and /* kept */");\n'

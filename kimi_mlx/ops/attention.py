@@ -26,7 +26,8 @@ Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and 
          with async_eval while the one before is awaited, so the working set is a few tiles whatever
          S is (without both it grows with S: on CPU MLX allocates outputs ahead, a GPU queues every
          tile). One tile spans several cache pages when they fit.
-  decode mla_decode: one query over whole pages with a mask (shape-stable, so the decoder compiles it).
+  decode mla_decode: one query over whole pages with a mask (shape-stable, so the decoder compiles it);
+         on a GPU one short page runs as one kernel (decode_page_kernel, twin decode_page_ref).
 Quantized caches (see LatentCache.bits) always take the tiled path.
 """
 
@@ -193,11 +194,16 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
     q: [B, H, 1, nope + pe] -> [B, H, 1, v].
     absorb, values: absorb_matrix(k_up, pe, scale) and value_matrix(v_up, pe), if the caller keeps them:
     the absorbed query is then one matmul (no slices, concatenation or scaling of the query) and the values
-    read the whole latent | pe rows (no slice of them copied).
+    read the whole latent | pe rows (no slice of them copied). Both are kept with their output rows first, so
+    each of those matmuls is a batched matrix-vector product, which MLX's CUDA backend runs with its own gemv
+    kernel rather than through cuBLAS (~19 us of host time a call, the most of any launch in a decoded token).
     """
     B, H, _, _ = q.shape
     L = k_up.shape[2]
-    qa = (q @ absorb if absorb is not None else _absorb(q, k_up) * scale).reshape(B, H, -1)
+    qa = (q @ absorb.swapaxes(-1, -2) if absorb is not None else _absorb(q, k_up) * scale).reshape(B, H, -1)
+    if page_kernel_fits(qa, cache):
+        o = decode_page_kernel(qa, cache.pages[0][0], row)[:, :, None]
+        return o @ values.swapaxes(-1, -2) if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
     gs, bits = cache.group_size, cache.bits
     if bits:
         parts = [mx.quantized_matmul(qa, *p, transpose=True, group_size=gs, bits=bits) for p in cache.pages]
@@ -214,24 +220,70 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
         o = part if o is None else o + part
         off += n
     o = o[:, :, None].astype(q.dtype)
-    return o @ values if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
+    return o @ values.swapaxes(-1, -2) if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
+
+
+PAGE_KERNEL_ROWS = 2048  # decode takes the one-page kernel up to this many cache rows (each threadgroup reads
+#                         every valid row: its time grows with the context, the matmuls' does not)
+PAGE_KERNEL_HEADS = 2  # heads a threadgroup of the page kernel serves (HG)
+PAGE_KERNEL_GROUPS = 8  # 32-lane groups a threadgroup (NW): W * NW floats of threadgroup memory
+PAGE_KERNEL_BLOCK = 4  # rows a lane group loads at a time (RB)
+
+
+def page_kernel_fits(qa, cache: LatentCache) -> bool:
+    """Whether mla_decode runs as decode_page_kernel: on a GPU (unless KIMI_MLX_MLA=ref), one unquantized page
+    of at most PAGE_KERNEL_ROWS rows in the query's dtype, the row width a multiple of 32 whose merge buffer
+    fits Metal's 32 KB of threadgroup memory."""
+    from .kda import gpu_backend
+
+    B, H, W = qa.shape
+    page = cache.pages[0] if len(cache.pages) == 1 else None
+    return (page is not None and not cache.bits and mode() != "ref" and gpu_backend() is not None
+            and page[0].shape[1] <= PAGE_KERNEL_ROWS and page[0].dtype == qa.dtype and W % 32 == 0
+            and H % PAGE_KERNEL_HEADS == 0 and W * PAGE_KERNEL_GROUPS * 4 <= 24 * 1024)  # 24 KB: room left
+
+
+def decode_page_ref(qa, page, last) -> mx.array:
+    """softmax(qa . rows[:last + 1]) @ rows[:last + 1] per head, float32 inside, in qa's dtype: the twin of
+    decode_page_kernel. qa [B, H, W] (absorbed, pre-scaled), page [B, N, W], last int32 [1] -> [B, H, W]."""
+    f32 = mx.float32
+    rows = page.astype(f32)
+    s = qa.astype(f32) @ rows.swapaxes(-1, -2)  # [B, H, N]
+    s = mx.where(mx.arange(page.shape[1]) <= last.reshape(()), s, -mx.inf)
+    return (mx.softmax(s, axis=-1, precise=True) @ rows).astype(qa.dtype)
+
+
+def decode_page_kernel(qa, page, last, heads: int = PAGE_KERNEL_HEADS, groups: int = PAGE_KERNEL_GROUPS,
+                       block: int = PAGE_KERNEL_BLOCK):
+    """decode_page_ref as one kernel (metal_kernels/mla_decode_page.body): one pass over the valid rows."""
+    from metal_kernels import kernel
+
+    B, H, W = qa.shape
+    (o,) = kernel("mla_decode_page")(
+        inputs=[qa, page, last.reshape(1).astype(mx.int32)],
+        template=[("H", H), ("W", W), ("HG", heads), ("NW", groups), ("RB", block), ("N", page.shape[1])],
+        grid=(32 * groups, H // heads, B), threadgroup=(32 * groups, 1, 1),
+        output_shapes=[qa.shape], output_dtypes=[qa.dtype],
+    )
+    return o
 
 
 def absorb_matrix(k_up, pe: int, scale: float) -> mx.array:
-    """[H, nope + pe, L + pe] in k_up's dtype: k_up beside an identity over the pe columns, times scale, so
-    q @ absorb_matrix = [q_nope k_up | q_pe] * scale (the absorbed, pre-scaled query) in one matmul."""
+    """[H, L + pe, nope + pe] in k_up's dtype: k_up^T beside an identity over the pe columns, times scale, so
+    q @ absorb_matrix^T = [q_nope k_up | q_pe] * scale (the absorbed, pre-scaled query) in one matmul."""
     H, nope, L = k_up.shape
     f32 = mx.float32
-    top = mx.concatenate([k_up.astype(f32), mx.zeros((H, nope, pe), f32)], axis=-1)
-    bottom = mx.broadcast_to(mx.concatenate([mx.zeros((pe, L), f32), mx.eye(pe, dtype=f32)], axis=-1), (H, pe, L + pe))
-    return (mx.concatenate([top, bottom], axis=1) * scale).astype(k_up.dtype)
+    top = mx.concatenate([k_up.astype(f32).swapaxes(-1, -2), mx.zeros((H, L, pe), f32)], axis=-1)
+    bottom = mx.broadcast_to(mx.concatenate([mx.zeros((pe, nope), f32), mx.eye(pe, dtype=f32)], axis=-1),
+                             (H, pe, nope + pe))
+    return mx.contiguous((mx.concatenate([top, bottom], axis=1) * scale).astype(k_up.dtype))
 
 
 def value_matrix(v_up, pe: int) -> mx.array:
-    """[H, L + pe, v]: v_up transposed over zero rows for the pe columns, so (p @ cache rows) @ value_matrix
+    """[H, v, L + pe]: v_up beside zero columns for the pe part, so (p @ cache rows) @ value_matrix^T
     = (p @ latent rows) v_up^T without slicing the latent out of the rows."""
     H, v, L = v_up.shape
-    return mx.concatenate([v_up.swapaxes(-1, -2), mx.zeros((H, pe, v), v_up.dtype)], axis=1)
+    return mx.concatenate([v_up, mx.zeros((H, v, pe), v_up.dtype)], axis=-1)
 
 
 @lru_cache(maxsize=4)
