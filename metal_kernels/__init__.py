@@ -153,7 +153,7 @@ SPECS = {
         name="mla_decode_page",
         inputs=("qa", "page", "last"),
         outputs=("o",),
-        sample_template=(("H", 32), ("W", 576), ("HG", 2), ("NW", 8), ("RB", 4), ("N", 2048)),
+        sample_template=(("H", 32), ("W", 576), ("HG", 1), ("NW", 8), ("N", 2048)),
         sample_inputs=(("bfloat16", 32 * 576), ("bfloat16", 2048 * 576), ("int32", 1)),
         sample_outputs=("bfloat16",),
     ),

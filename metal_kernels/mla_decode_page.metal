@@ -66,8 +66,8 @@ KDA_FN float kda_log1p(float x) {
 KDA_FN float kda_softplus(float x) {
   return x > 20.0f ? x : kda_fmax(x, 0.0f) + kda_log1p(kda_exp(-kda_fabs(x)));
 }
-template <int H, int W, int HG, int NW, int RB, int N>
-[[kernel]] void custom_kernel_mla_decode_page__32_576_2_8_4_2048_bfloat16_t_bfloat16_t_int32_tc_bfloat16_t(
+template <int H, int W, int HG, int NW, int N>
+[[kernel]] void custom_kernel_mla_decode_page__32_576_1_8_2048_bfloat16_t_bfloat16_t_int32_tc_bfloat16_t(
   const device bfloat16_t* qa [[buffer(0)]],
   const device bfloat16_t* page [[buffer(1)]],
   const constant int32_t* last [[buffer(2)]],
@@ -77,97 +77,122 @@ const uint3 kda_gid = thread_position_in_grid;
 // MLA decode over one cache page: for each head, softmax over the valid rows of the absorbed query's scores,
 // then those probabilities times the rows, in one launch where the ops run six (the scores matmul, the mask,
 // the softmax, two casts, the values matmul; both matmuls through cuBLAS on CUDA). float32 inside.
-// One pass over the rows with an online softmax: each 32-lane group (warp) takes every NW-th block of RB rows
-// (loaded together, for more loads in flight) and keeps a running maximum, sum and weighted row per head; the
-// groups are merged through threadgroup memory at the end.
+// Two passes over the valid rows, both without cross-lane sums in their loops: scores with one thread a row
+// (the HG queries read from threadgroup memory, the same word by every lane), kept in threadgroup memory; then
+// the softmax's maximum and sum over the threadgroup; then the values with one thread a column (consecutive
+// threads read consecutive columns of a row).
 // Grid (32 * NW, H / HG, B), threadgroup (32 * NW, 1, 1): one threadgroup per HG heads of a sequence.
-// Template: H heads, W row width (a multiple of 32), HG heads per threadgroup, NW lane groups, RB rows a
-// group loads at a time, N page rows.
+// Template: H heads, W row width, HG heads per threadgroup, NW lane groups, N page rows (the rows' scores
+// are kept: HG * N floats of threadgroup memory).
 // Inputs: qa [B, H, W] (absorbed, pre-scaled query); page [B, N, W]; last [1] int32 (the last valid row,
 // < N). Output: o [B, H, W] in qa's dtype.
-constexpr int PER = W / 32;
-constexpr float LOW = -3.0e38f;  // "no score yet": exp(LOW - m) is 0 for any real m
-KDA_SHARED float top[NW * HG];
-KDA_SHARED float sums[NW * HG];
-KDA_SHARED float part[NW * W];
-const int lane = kda_gid.x % 32;
-const int grp = kda_gid.x / 32;
+constexpr int T = 32 * NW;
+constexpr int COLS = (W + T - 1) / T;  // columns a thread sums in the values pass (at most)
+constexpr float LOW = -3.0e38f;
+KDA_SHARED float qs[HG * W];
+KDA_SHARED float score[HG * N];
+KDA_SHARED float red[HG * NW];
+const int t = kda_gid.x % T;
+const int lane = t % 32;
+const int grp = t / 32;
 const int h0 = kda_gid.y * HG;
 const size_t b = kda_gid.z;
 const int stop = last[0];
-float q[HG][PER];
-float m[HG];
-float l[HG];
-float acc[HG][PER];
+for (int i = t; i < HG * W; i += T) {
+  qs[i] = static_cast<float>(qa[(b * H + h0) * W + i]);
+}
+kda_barrier();
+// scores: thread t takes rows t, t + T, ...
+float most[HG];
 for (int h = 0; h < HG; ++h) {
-  for (int j = 0; j < PER; ++j) {
-    q[h][j] = static_cast<float>(qa[(b * H + h0 + h) * W + lane + 32 * j]);
-    acc[h][j] = 0.0f;
-  }
-  m[h] = LOW;
-  l[h] = 0.0f;
+  most[h] = LOW;
 }
-for (int r0 = grp * RB; r0 <= stop; r0 += NW * RB) {
-  // RB rows' loads first (a row past the last valid one reads the last valid one again, and is skipped)
-  float x[RB][PER];
-  for (int i = 0; i < RB; ++i) {
-    const size_t r = r0 + i <= stop ? r0 + i : stop;
-    for (int j = 0; j < PER; ++j) {
-      x[i][j] = static_cast<float>(page[(b * N + r) * W + lane + 32 * j]);
-    }
-  }
-  for (int i = 0; i < RB; ++i) {
-    if (r0 + i > stop) {
-      break;
-    }
-    for (int h = 0; h < HG; ++h) {
-      float s = 0.0f;
-      for (int j = 0; j < PER; ++j) {
-        s += q[h][j] * x[i][j];
-      }
-      s = kda_simd_sum(s);
-      const float mn = kda_fmax(m[h], s);
-      const float keep = kda_exp(m[h] - mn);
-      const float p = kda_exp(s - mn);
-      l[h] = l[h] * keep + p;
-      for (int j = 0; j < PER; ++j) {
-        acc[h][j] = acc[h][j] * keep + p * x[i][j];
-      }
-      m[h] = mn;
-    }
-  }
-}
-if (lane == 0) {
+for (int r = t; r <= stop; r += T) {
+  float s[HG];
   for (int h = 0; h < HG; ++h) {
-    top[grp * HG + h] = m[h];
-    sums[grp * HG + h] = l[h];
+    s[h] = 0.0f;
+  }
+  const size_t at = (b * N + r) * W;
+  for (int c = 0; c < W; ++c) {
+    const float x = static_cast<float>(page[at + c]);
+    for (int h = 0; h < HG; ++h) {
+      s[h] += qs[h * W + c] * x;
+    }
+  }
+  for (int h = 0; h < HG; ++h) {
+    score[h * N + r] = s[h];
+    most[h] = kda_fmax(most[h], s[h]);
   }
 }
-const int t = grp * 32 + lane;
-#pragma unroll
+// the maximum over the threadgroup, then exp(score - maximum) in place and its sum
 for (int h = 0; h < HG; ++h) {
-  for (int j = 0; j < PER; ++j) {
-    part[grp * W + lane + 32 * j] = acc[h][j];
+  for (int off = 16; off > 0; off /= 2) {
+    most[h] = kda_fmax(most[h], kda_shfl_xor(most[h], off));
   }
-  kda_barrier();
-  float most = LOW;
+  if (lane == 0) {
+    red[h * NW + grp] = most[h];
+  }
+}
+kda_barrier();
+float top[HG];
+float sum[HG];
+for (int h = 0; h < HG; ++h) {
+  top[h] = LOW;
   for (int g = 0; g < NW; ++g) {
-    most = kda_fmax(most, top[g * HG + h]);
+    top[h] = kda_fmax(top[h], red[h * NW + g]);
   }
+  sum[h] = 0.0f;
+}
+kda_barrier();
+for (int r = t; r <= stop; r += T) {
+  for (int h = 0; h < HG; ++h) {
+    const float p = kda_exp(score[h * N + r] - top[h]);
+    score[h * N + r] = p;
+    sum[h] += p;
+  }
+}
+for (int h = 0; h < HG; ++h) {
+  sum[h] = kda_simd_sum(sum[h]);
+  if (lane == 0) {
+    red[h * NW + grp] = sum[h];
+  }
+}
+kda_barrier();
+// values: thread t sums columns t, t + T, ... over the valid rows
+for (int h = 0; h < HG; ++h) {
   float total = 0.0f;
   for (int g = 0; g < NW; ++g) {
-    total += sums[g * HG + h] * kda_exp(top[g * HG + h] - most);
+    total += red[h * NW + g];
   }
-  for (int c = t; c < W; c += 32 * NW) {
-    float v = 0.0f;
-    for (int g = 0; g < NW; ++g) {
-      v += part[g * W + c] * kda_exp(top[g * HG + h] - most);
+  sum[h] = total;
+}
+float acc[HG][COLS];
+for (int h = 0; h < HG; ++h) {
+  for (int k = 0; k < COLS; ++k) {
+    acc[h][k] = 0.0f;
+  }
+}
+for (int r = 0; r <= stop; ++r) {
+  const size_t at = (b * N + r) * W;
+  for (int k = 0; k < COLS; ++k) {
+    const int c = t + k * T;
+    if (c < W) {
+      const float x = static_cast<float>(page[at + c]);
+      for (int h = 0; h < HG; ++h) {
+        acc[h][k] += score[h * N + r] * x;
+      }
     }
-    kda_store(o, (b * H + h0 + h) * W + c, v / total);
   }
-  kda_barrier();
+}
+for (int h = 0; h < HG; ++h) {
+  for (int k = 0; k < COLS; ++k) {
+    const int c = t + k * T;
+    if (c < W) {
+      kda_store(o, (b * H + h0 + h) * W + c, acc[h][k] / sum[h]);
+    }
+  }
 }
 
 }
 
-template [[host_name("custom_kernel_mla_decode_page__32_576_2_8_4_2048_bfloat16_t_bfloat16_t_int32_tc_bfloat16_t")]] [[kernel]] decltype(custom_kernel_mla_decode_page__32_576_2_8_4_2048_bfloat16_t_bfloat16_t_int32_tc_bfloat16_t<32, 576, 2, 8, 4, 2048>) custom_kernel_mla_decode_page__32_576_2_8_4_2048_bfloat16_t_bfloat16_t_int32_tc_bfloat16_t<32, 576, 2, 8, 4, 2048>;
+template [[host_name("custom_kernel_mla_decode_page__32_576_1_8_2048_bfloat16_t_bfloat16_t_int32_tc_bfloat16_t")]] [[kernel]] decltype(custom_kernel_mla_decode_page__32_576_1_8_2048_bfloat16_t_bfloat16_t_int32_tc_bfloat16_t<32, 576, 1, 8, 2048>) custom_kernel_mla_decode_page__32_576_1_8_2048_bfloat16_t_bfloat16_t_int32_tc_bfloat16_t<32, 576, 1, 8, 2048>;

@@ -310,11 +310,11 @@ def page_inputs(B, H, N, W, seed, dtype=mx.float32):
 
 
 def _emulated_page_kernel(kind):
-    def run(qa, page, last, heads=2, groups=4, block=2):
+    def run(qa, page, last, heads=2, groups=2):
         B, H, W = qa.shape
         (o,) = kernel_emulator.emulate(
             "mla_decode_page", kind, [qa, page, last.reshape(1).astype(mx.int32)],
-            (("H", H), ("W", W), ("HG", heads), ("NW", groups), ("RB", block), ("N", page.shape[1])),
+            (("H", H), ("W", W), ("HG", heads), ("NW", groups), ("N", page.shape[1])),
             grid=(32 * groups, H // heads, B), threadgroup=(32 * groups, 1, 1), output_shapes=[qa.shape],
             output_dtypes=[qa.dtype])
         return o
@@ -324,15 +324,16 @@ def _emulated_page_kernel(kind):
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
 @pytest.mark.parametrize("kind", ["metal", "cuda"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_decode_page_kernel_text_runs_right_on_cpu(kind, dtype):
-    """Ragged valid lengths (one row; fewer rows than lane groups; all but one; all), a peaky head, junk past
-    the last valid row, two sequences."""
-    qa, page = page_inputs(2, 4, 24, 64, seed=3, dtype=dtype)
+@pytest.mark.parametrize("W,N,groups", [(64, 24, 2), (72, 80, 1)], ids=["rows<threads", "rows>threads,ragged-cols"])
+def test_decode_page_kernel_text_runs_right_on_cpu(kind, dtype, W, N, groups):
+    """Ragged valid lengths (one row; a few; all but one; all), more rows than threads and a row width the
+    threads do not divide, a peaky head, junk past row 13 (large rows), two heads a threadgroup, two sequences."""
+    qa, page = page_inputs(2, 4, N, W, seed=3, dtype=dtype)
     page = mx.concatenate([page[:, :14], 1e3 * mx.ones_like(page[:, 14:])], axis=1)
     f32 = mx.float32
-    for last in (0, 2, 13, 23):
+    for last in (0, 2, 13, N - 2, N - 1):
         lst = mx.array([last], mx.int32)
-        got = _emulated_page_kernel(kind)(qa, page, lst)
+        got = _emulated_page_kernel(kind)(qa, page, lst, groups=groups)
         ref = A.decode_page_ref(qa, page, lst)
         tol = 2e-5 if dtype == f32 else 1e-2
         scale = float(mx.abs(ref.astype(f32)).max())

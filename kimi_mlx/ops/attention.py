@@ -224,23 +224,22 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
 
 
 PAGE_KERNEL_ROWS = 2048  # decode takes the one-page kernel up to this many cache rows (each threadgroup reads
-#                         every valid row: its time grows with the context, the matmuls' does not)
-PAGE_KERNEL_HEADS = 2  # heads a threadgroup of the page kernel serves (HG)
-PAGE_KERNEL_GROUPS = 8  # 32-lane groups a threadgroup (NW): W * NW floats of threadgroup memory
-PAGE_KERNEL_BLOCK = 4  # rows a lane group loads at a time (RB)
+#                         every valid row twice: its time grows with the context, the matmuls' much less)
+PAGE_KERNEL_HEADS = 1  # heads a threadgroup of the page kernel serves (HG): 32 threadgroups a sequence
+PAGE_KERNEL_GROUPS = 8  # 32-lane groups a threadgroup (NW)
 
 
 def page_kernel_fits(qa, cache: LatentCache) -> bool:
     """Whether mla_decode runs as decode_page_kernel: on a GPU (unless KIMI_MLX_MLA=ref), one unquantized page
-    of at most PAGE_KERNEL_ROWS rows in the query's dtype, the row width a multiple of 32 whose merge buffer
-    fits Metal's 32 KB of threadgroup memory."""
+    of at most PAGE_KERNEL_ROWS rows in the query's dtype, whose scores and query fit in 24 KB of threadgroup
+    memory (Metal allows 32)."""
     from .kda import gpu_backend
 
     B, H, W = qa.shape
     page = cache.pages[0] if len(cache.pages) == 1 else None
     return (page is not None and not cache.bits and mode() != "ref" and gpu_backend() is not None
-            and page[0].shape[1] <= PAGE_KERNEL_ROWS and page[0].dtype == qa.dtype and W % 32 == 0
-            and H % PAGE_KERNEL_HEADS == 0 and W * PAGE_KERNEL_GROUPS * 4 <= 24 * 1024)  # 24 KB: room left
+            and page[0].shape[1] <= PAGE_KERNEL_ROWS and page[0].dtype == qa.dtype and H % PAGE_KERNEL_HEADS == 0
+            and (W + page[0].shape[1]) * PAGE_KERNEL_HEADS * 4 <= 24 * 1024)
 
 
 def decode_page_ref(qa, page, last) -> mx.array:
@@ -253,15 +252,14 @@ def decode_page_ref(qa, page, last) -> mx.array:
     return (mx.softmax(s, axis=-1, precise=True) @ rows).astype(qa.dtype)
 
 
-def decode_page_kernel(qa, page, last, heads: int = PAGE_KERNEL_HEADS, groups: int = PAGE_KERNEL_GROUPS,
-                       block: int = PAGE_KERNEL_BLOCK):
-    """decode_page_ref as one kernel (metal_kernels/mla_decode_page.body): one pass over the valid rows."""
+def decode_page_kernel(qa, page, last, heads: int = PAGE_KERNEL_HEADS, groups: int = PAGE_KERNEL_GROUPS):
+    """decode_page_ref as one kernel (metal_kernels/mla_decode_page.body)."""
     from metal_kernels import kernel
 
     B, H, W = qa.shape
     (o,) = kernel("mla_decode_page")(
         inputs=[qa, page, last.reshape(1).astype(mx.int32)],
-        template=[("H", H), ("W", W), ("HG", heads), ("NW", groups), ("RB", block), ("N", page.shape[1])],
+        template=[("H", H), ("W", W), ("HG", heads), ("NW", groups), ("N", page.shape[1])],
         grid=(32 * groups, H // heads, B), threadgroup=(32 * groups, 1, 1),
         output_shapes=[qa.shape], output_dtypes=[qa.dtype],
     )
