@@ -1,5 +1,7 @@
 """MLA attention paths (tiled online softmax, fused, quantized cache) against the plain reference twin."""
 
+from functools import partial
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -309,23 +311,19 @@ def page_inputs(B, H, N, W, seed, dtype=mx.float32):
     return mx.array(qa).astype(dtype), mx.array(page).astype(dtype)
 
 
-def _emulated_page_kernel(kind):
-    def run(qa, page, last, heads=2, groups=2):
-        B, H, W = qa.shape
-        (o,) = kernel_emulator.emulate(
-            "mla_decode_page", kind, [qa, page, last.reshape(1).astype(mx.int32)],
-            (("H", H), ("W", W), ("HG", heads), ("NW", groups), ("N", page.shape[1])),
-            grid=(32 * groups, H // heads, B), threadgroup=(32 * groups, 1, 1), output_shapes=[qa.shape],
-            output_dtypes=[qa.dtype])
-        return o
-    return run
+def _emulated_page_kernel(kind, monkeypatch, heads=2):
+    """A.decode_page_kernel (the real wrapper: template, grid, threadgroup) with its launch run by the emulator."""
+    import metal_kernels
+
+    monkeypatch.setattr(metal_kernels, "kernel", kernel_emulator.kernel_factory(kind))
+    return partial(A.decode_page_kernel, heads=heads)
 
 
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
 @pytest.mark.parametrize("kind", ["metal", "cuda"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("W,N,groups", [(64, 24, 2), (72, 80, 1)], ids=["rows<threads", "rows>threads,ragged-cols"])
-def test_decode_page_kernel_text_runs_right_on_cpu(kind, dtype, W, N, groups):
+def test_decode_page_kernel_text_runs_right_on_cpu(kind, dtype, W, N, groups, monkeypatch):
     """Ragged valid lengths (one row; a few; all but one; all), more rows than threads and a row width the
     threads do not divide, a peaky head, junk past row 13 (large rows), two heads a threadgroup, two sequences."""
     qa, page = page_inputs(2, 4, N, W, seed=3, dtype=dtype)
@@ -333,7 +331,7 @@ def test_decode_page_kernel_text_runs_right_on_cpu(kind, dtype, W, N, groups):
     f32 = mx.float32
     for last in (0, 2, 13, N - 2, N - 1):
         lst = mx.array([last], mx.int32)
-        got = _emulated_page_kernel(kind)(qa, page, lst, groups=groups)
+        got = _emulated_page_kernel(kind, monkeypatch)(qa, page, lst, groups=groups)
         ref = A.decode_page_ref(qa, page, lst)
         tol = 2e-5 if dtype == f32 else 1e-2
         scale = float(mx.abs(ref.astype(f32)).max())
@@ -356,11 +354,11 @@ def test_decode_takes_the_page_kernel_where_it_fits(monkeypatch, S, absorb):
     import kimi_mlx.ops.kda as kda_ops
 
     calls = []
-    emulated = _emulated_page_kernel("cuda")
+    emulated = _emulated_page_kernel("cuda", monkeypatch, heads=1)
 
     def counted(qa, page, last):
         calls.append(page.shape)
-        return emulated(qa, page, last, heads=1)
+        return emulated(qa, page, last)
 
     monkeypatch.setattr(kda_ops, "gpu_backend", lambda: "cuda")
     monkeypatch.setattr(A, "decode_page_kernel", counted)

@@ -202,8 +202,16 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
     L = k_up.shape[2]
     qa = (q @ absorb.swapaxes(-1, -2) if absorb is not None else _absorb(q, k_up) * scale).reshape(B, H, -1)
     if page_kernel_fits(qa, cache):
-        o = decode_page_kernel(qa, cache.pages[0][0], row)[:, :, None]
-        return o @ values.swapaxes(-1, -2) if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
+        o = decode_page_kernel(qa, cache.pages[0][0], row)
+    else:
+        o = _decode_pages(qa, cache, row, q.dtype).astype(q.dtype)
+    o = o[:, :, None]
+    return o @ values.swapaxes(-1, -2) if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
+
+
+def _decode_pages(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
+    """mla_decode's attention over whole pages as matmuls, probabilities in dtype: qa [B, H, W] -> [B, H, W]
+    (float32 when several pages are summed)."""
     gs, bits = cache.group_size, cache.bits
     if bits:
         parts = [mx.quantized_matmul(qa, *p, transpose=True, group_size=gs, bits=bits) for p in cache.pages]
@@ -216,11 +224,10 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
     wide = len(cache.pages) > 1  # several pages' values are summed in float32
     for page in cache.pages:
         n = page[0].shape[1]
-        part = _page_values(p[..., off : off + n].astype(q.dtype), page, bits, gs, wide)
+        part = _page_values(p[..., off : off + n].astype(dtype), page, bits, gs, wide)
         o = part if o is None else o + part
         off += n
-    o = o[:, :, None].astype(q.dtype)
-    return o @ values.swapaxes(-1, -2) if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
+    return o
 
 
 PAGE_KERNEL_ROWS = 2048  # decode takes the one-page kernel up to this many cache rows (each threadgroup reads
@@ -244,7 +251,7 @@ def page_kernel_fits(qa, cache: LatentCache) -> bool:
 
 def decode_page_ref(qa, page, last) -> mx.array:
     """softmax(qa . rows[:last + 1]) @ rows[:last + 1] per head, float32 inside, in qa's dtype: the twin of
-    decode_page_kernel. qa [B, H, W] (absorbed, pre-scaled), page [B, N, W], last int32 [1] -> [B, H, W]."""
+    decode_page_kernel. qa [B, H, W] (absorbed, pre-scaled), page [B, N, W], last int32 (one element) -> [B, H, W]."""
     f32 = mx.float32
     rows = page.astype(f32)
     s = qa.astype(f32) @ rows.swapaxes(-1, -2)  # [B, H, N]
@@ -258,7 +265,7 @@ def decode_page_kernel(qa, page, last, heads: int = PAGE_KERNEL_HEADS, groups: i
 
     B, H, W = qa.shape
     (o,) = kernel("mla_decode_page")(
-        inputs=[qa, page, last.reshape(1).astype(mx.int32)],
+        inputs=[qa, page, last.astype(mx.int32)],  # read as last[0]: any shape of one element
         template=[("H", H), ("W", W), ("HG", heads), ("NW", groups), ("N", page.shape[1])],
         grid=(32 * groups, H // heads, B), threadgroup=(32 * groups, 1, 1),
         output_shapes=[qa.shape], output_dtypes=[qa.dtype],
