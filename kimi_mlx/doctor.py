@@ -295,8 +295,9 @@ def environment() -> list[tuple[str, str]]:
          if gpu and fuse.seam_mode() == "auto" and norm.mode() != "ref" and routing_path() == "kernel"
          and decode_experts == "kernel"  # FusedMoE.seam_fits's conditions
          else f"add + norm before the MoE ({fuse.SEAM_ENV}={fuse.seam_mode()})"),
-        ("MLA decode", f"one {gpu} kernel over a page of <= {attention.PAGE_KERNEL_ROWS:,} rows, else matmuls"
-         if gpu and attention.mode() != "ref" else f"matmuls ({attention.ENV}={attention.mode()})"),
+        ("MLA decode", f"one {gpu} kernel over a page of <= {attention.PAGE_KERNEL_ROWS:,} rows, else matmuls (opt-in)"
+         if gpu and attention.mode() != "ref" and attention.page_mode() == "on"
+         else f"matmuls ({attention.ENV}={attention.mode()}, {attention.PAGE_ENV}={attention.page_mode()})"),
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
          if linear.dequant_chosen(linear.MIN_ROWS) else "quantized matmul"),
         ("decode matmuls", f"qmv {gpu} kernel (up to {linear.QMV_MAX_ROWS} rows, affine 2/4/8-bit; opt-in)"

@@ -27,7 +27,8 @@ Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and 
          S is (without both it grows with S: on CPU MLX allocates outputs ahead, a GPU queues every
          tile). One tile spans several cache pages when they fit.
   decode mla_decode: one query over whole pages with a mask (shape-stable, so the decoder compiles it);
-         on a GPU one short page runs as one kernel (decode_page_kernel, twin decode_page_ref).
+         on a GPU one short page may run as one kernel (decode_page_kernel, twin decode_page_ref;
+         opt-in, KIMI_MLX_MLA_PAGE=on: slower than the matmuls on an H200, RESULTS.md).
 Quantized caches (see LatentCache.bits) always take the tiled path.
 """
 
@@ -47,6 +48,7 @@ from . import fast_math
 ENV = "KIMI_MLX_MLA"
 MODES = ("auto", "ref", "fused", "tiled")
 TILE_ENV = "KIMI_MLX_MLA_TILE_MB"
+PAGE_ENV = "KIMI_MLX_MLA_PAGE"  # off (default) | on: decode_page_kernel for one short page (page_kernel_fits)
 
 
 def tile_bytes_from_env() -> int:
@@ -230,21 +232,29 @@ def _decode_pages(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
     return o
 
 
-PAGE_KERNEL_ROWS = 2048  # decode takes the one-page kernel up to this many cache rows (each threadgroup reads
-#                         every valid row twice: its time grows with the context, the matmuls' much less)
+PAGE_KERNEL_ROWS = 2048  # decode may take the one-page kernel up to this many cache rows (each threadgroup
+#                         reads every valid row twice: its time grows with the context, the matmuls' much less).
+#                         Opt-in (PAGE_ENV): on an H200 it ran 415 us a launch at 1,024 rows under ncu, the
+#                         matmul path's whole token 4.2-4.4 ms (RESULTS.md, twenty-first session).
 PAGE_KERNEL_HEADS = 1  # heads a threadgroup of the page kernel serves (HG): 32 threadgroups a sequence
 PAGE_KERNEL_GROUPS = 8  # 32-lane groups a threadgroup (NW)
 
 
+def page_mode() -> str:
+    return env_choice(PAGE_ENV, ("off", "on"), "off")
+
+
 def page_kernel_fits(qa, cache: LatentCache) -> bool:
-    """Whether mla_decode runs as decode_page_kernel: on a GPU (unless KIMI_MLX_MLA=ref), one unquantized page
+    """Whether mla_decode runs as decode_page_kernel: where KIMI_MLX_MLA_PAGE=on, on a GPU (unless
+    KIMI_MLX_MLA=ref), one unquantized page
     of at most PAGE_KERNEL_ROWS rows in the query's dtype, whose scores and query fit in 24 KB of threadgroup
     memory (Metal allows 32)."""
     from .kda import gpu_backend
 
     B, H, W = qa.shape
     page = cache.pages[0] if len(cache.pages) == 1 else None
-    return (page is not None and not cache.bits and mode() != "ref" and gpu_backend() is not None
+    return (page is not None and not cache.bits and page_mode() == "on" and mode() != "ref"
+            and gpu_backend() is not None
             and page[0].shape[1] <= PAGE_KERNEL_ROWS and page[0].dtype == qa.dtype and H % PAGE_KERNEL_HEADS == 0
             and (W + page[0].shape[1]) * PAGE_KERNEL_HEADS * 4 <= 24 * 1024)
 
