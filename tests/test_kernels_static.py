@@ -82,3 +82,43 @@ def test_compact_keeps_string_literals_and_drops_block_comments():
 
     text = 'int a; /* gone\n still gone */ int b; // gone\n  static_assert(1, "kept // and /* kept */");\n\n'
     assert compact(text) == 'int a;  int b;\nstatic_assert(1, "kept // and /* kept */");\n'
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_included_text_compiles_as_the_same_kernel(name, tmp_path, monkeypatch):
+    """On CUDA MLX is given one-line #include sources (metal_kernels.included): the generated kernel with its
+    header and body swapped for those lines still compiles, and the files hold exactly the compacted text."""
+    import metal_kernels as mk
+
+    monkeypatch.setenv("KIMI_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(mk.TEXT_ENV, raising=False)
+    full = rendered()[f"{name}.cu"]
+    text = full
+    for part in (mk.header("cuda"), mk.body(name, "cuda")):
+        given = mk.given_text(part, "cuda")
+        assert given.startswith('#include "/') and given.count("\n") == 1
+        assert Path(given.split('"')[1]).read_text() == mk.compact(part)
+        assert mk.given_text(part, "cuda") == given  # written once, the same name again
+        assert part in text
+        text = text.replace(part, given)
+        last = given.split('"')[1]
+    assert len(text) < len(full) / 3
+    result = syntax_check(text, "cuda", tmp_path)
+    assert result.returncode == 0, result.stderr
+    broken = syntax_check(text.replace(last, last + ".missing"), "cuda", tmp_path)
+    assert broken.returncode != 0  # (the includes are really read)
+
+
+def test_given_text_inline_where_asked_or_unwritable(tmp_path, monkeypatch):
+    import metal_kernels as mk
+
+    text = "int a; // note\n"
+    assert mk.given_text(text, "metal") == mk.compact(text)
+    monkeypatch.setenv(mk.TEXT_ENV, "inline")
+    monkeypatch.setenv("KIMI_MLX_CACHE", str(tmp_path))
+    assert mk.given_text(text, "cuda") == mk.compact(text)
+    monkeypatch.delenv(mk.TEXT_ENV)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("KIMI_MLX_CACHE", str(blocker))  # a file where the folder would go: cannot write
+    assert mk.given_text(text, "cuda") == mk.compact(text)
