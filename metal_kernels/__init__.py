@@ -13,10 +13,7 @@ can check it without either GPU; MLX itself is given that text without comments 
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -296,43 +293,6 @@ def group_rows(n: int, most: int = 8) -> int:
     return t
 
 
-TEXT_ENV = "KIMI_MLX_KERNEL_TEXT"  # CUDA only: include (default) | inline (the kernel's text handed to MLX)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KIMI_MLX_CACHE", Path.home() / ".cache" / "kimi-mlx"))
-
-
-def included(text: str) -> str:
-    """An `#include` of a file holding text, named by its content's hash (written once), or text itself where
-    that file cannot be written. MLX's CUDA backend hashes a kernel's whole source at every launch (compact's
-    docstring); a one-line source costs next to nothing to hash, and NVRTC reads the file by its absolute path
-    when it first builds the kernel (MLX keys its own PTX cache by the source, so a changed text, a new file
-    name, builds again)."""
-    folder = cache_root() / "cuda-kernels"
-    path = folder / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.cuh"
-    try:
-        if not path.is_file() or path.read_text() != text:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
-                f.write(text)
-            os.replace(f.name, path)
-    except OSError:
-        return text
-    return f'#include "{path.resolve()}"\n'
-
-
-def given_text(text: str, kind: str) -> str:
-    """What MLX is given for a kernel's body or header on this backend: compacted, and on CUDA (unless
-    KIMI_MLX_KERNEL_TEXT=inline) as an include of that compacted text."""
-    from kimi_mlx.config import env_choice
-
-    text = compact(text)
-    if kind == "cuda" and env_choice(TEXT_ENV, ("include", "inline"), "include") == "include":
-        return included(text)
-    return text
-
-
 @cache
 def kernel(name: str):
     """The MLX kernel object for `name` on this machine's GPU backend (built once)."""
@@ -345,6 +305,6 @@ def kernel(name: str):
         name=name,
         input_names=list(spec.inputs),
         output_names=list(spec.outputs),
-        source=given_text(body(name, kind), kind),
-        header=given_text(header(kind), kind),
+        source=compact(body(name, kind)),
+        header=compact(header(kind)),
     )
