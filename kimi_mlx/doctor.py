@@ -179,7 +179,9 @@ def check_decode_page() -> Check:
     mx.random.seed(8)
     qa, page, last = 0.2 * mx.random.normal((1, 32, 576)), mx.random.normal((1, 512, 576)), mx.array([299], mx.int32)
     err = _rel_err(attention.decode_page_kernel(qa, page, last), attention.decode_page_ref(qa, page, last))
-    return Check("MLA decode over one page, kernel", err)
+    if tf32():  # the ops twin's matmuls run in TF32 there (the kernel in float32): 1.2e-3 measured on an H200
+        return Check("MLA decode over one page, kernel (opt-in; ops twin in TF32)", err, tol=TF32_TOL)
+    return Check("MLA decode over one page, kernel (opt-in)", err)
 
 
 def check_qmv(bits: int = 4) -> Check:
