@@ -152,9 +152,17 @@ SPECS = {
     "mla_decode_page": KernelSpec(
         name="mla_decode_page",
         inputs=("qa", "page", "last"),
-        outputs=("o",),
-        sample_template=(("H", 32), ("W", 576), ("HG", 1), ("NW", 8), ("N", 2048)),
+        outputs=("part", "most", "total"),
+        sample_template=(("H", 32), ("W", 576), ("HG", 8), ("NW", 4), ("R", 64), ("N", 2048), ("K", 32)),
         sample_inputs=(("bfloat16", 32 * 576), ("bfloat16", 2048 * 576), ("int32", 1)),
+        sample_outputs=("float32", "float32", "float32"),
+    ),
+    "mla_decode_merge": KernelSpec(
+        name="mla_decode_merge",
+        inputs=("part", "most", "total"),
+        outputs=("o",),
+        sample_template=(("H", 32), ("W", 576), ("K", 32), ("NW", 6)),
+        sample_inputs=(("float32", 32 * 32 * 576), ("float32", 32 * 32), ("float32", 32 * 32)),
         sample_outputs=("bfloat16",),
     ),
     "moe_route": KernelSpec(

@@ -66,120 +66,106 @@ KDA_FN float kda_log1p(float x) {
 KDA_FN float kda_softplus(float x) {
   return x > 20.0f ? x : kda_fmax(x, 0.0f) + kda_log1p(kda_exp(-kda_fabs(x)));
 }
-template <int H, int W, int HG, int NW, int N>
-[[kernel]] void custom_kernel_mla_decode_page__32_576_1_8_2048_bfloat16_t_bfloat16_t_int32_tc_bfloat16_t(
+template <int H, int W, int HG, int NW, int R, int N, int K>
+[[kernel]] void custom_kernel_mla_decode_page__32_576_8_4_64_2048_32_bfloat16_t_bfloat16_t_int32_tc_float_float_float(
   const device bfloat16_t* qa [[buffer(0)]],
   const device bfloat16_t* page [[buffer(1)]],
   const constant int32_t* last [[buffer(2)]],
-  device bfloat16_t* o [[buffer(3)]],
+  device float* part [[buffer(3)]],
+  device float* most [[buffer(4)]],
+  device float* total [[buffer(5)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const uint3 kda_gid = thread_position_in_grid;
-// MLA decode over one cache page: for each head, softmax over the valid rows of the absorbed query's scores,
-// then those probabilities times the rows, in one launch where the ops run six (the scores matmul, the mask,
-// the softmax, two casts, the values matmul; both matmuls through cuBLAS on CUDA). float32 inside.
-// Two passes over the valid rows, both without cross-lane sums in their loops: scores with one thread a row
-// (the HG queries read from threadgroup memory, the same word by every lane), kept in threadgroup memory; then
-// the softmax's maximum and sum over the threadgroup; then the values with one thread a column (consecutive
-// threads read consecutive columns of a row).
-// Grid (32 * NW, H / HG, B), threadgroup (32 * NW, 1, 1): one threadgroup per HG heads of a sequence.
-// Template: H heads, W row width, HG heads per threadgroup, NW lane groups, N page rows (the rows' scores
-// are kept: HG * N floats of threadgroup memory).
-// Inputs: qa [B, H, W] (absorbed, pre-scaled query); page [B, N, W]; last [1] int32 (the last valid row,
-// < N). Output: o [B, H, W] in qa's dtype.
+// MLA decode over one cache page, split over chunks of rows (flash decoding), first of two launches: a
+// threadgroup takes R rows of the page for HG heads and writes, per head, its chunk's maximum score, the sum of
+// exp(score - maximum) and those weights times the rows (unnormalized); mla_decode_merge combines the chunks.
+// Every row is read with consecutive lanes on consecutive columns (both passes), and the scores pass keeps each
+// lane group on its own rows, so no loop waits on a long chain of one row's loads. float32 inside.
+// Grid (32 * NW, K * (H / HG), B), threadgroup (32 * NW, 1, 1): y = head group * K + chunk.
+// Template: H heads, W row width, HG heads a threadgroup, NW lane groups, R rows a chunk, N page rows,
+// K = ceil(N / R) chunks.
+// Inputs: qa [B, H, W] (absorbed, pre-scaled query); page [B, N, W]; last [1] int32 (the last valid row, < N).
+// Outputs (float32): part [B, K, H, W]; most [B, K, H] (LOW where the chunk holds no valid row); total [B, K, H].
 constexpr int T = 32 * NW;
 constexpr int COLS = (W + T - 1) / T;  // columns a thread sums in the values pass (at most)
+constexpr int LANE_COLS = (W + 31) / 32;  // columns a lane reads of a row in the scores pass (at most)
 constexpr float LOW = -3.0e38f;
 KDA_SHARED float qs[HG * W];
-KDA_SHARED float score[HG * N];
-KDA_SHARED float red[HG * NW];
+KDA_SHARED float ps[HG * R];
 const int t = kda_gid.x % T;
 const int lane = t % 32;
 const int grp = t / 32;
-const int h0 = kda_gid.y * HG;
+const int chunk = kda_gid.y % K;
+const int h0 = (kda_gid.y / K) * HG;
 const size_t b = kda_gid.z;
-const int stop = last[0];
+const int r0 = chunk * R;
+const int left = last[0] + 1 - r0;
+const int rows = left < R ? left : R;  // valid rows in this chunk (none where <= 0)
 for (int i = t; i < HG * W; i += T) {
   qs[i] = static_cast<float>(qa[(b * H + h0) * W + i]);
 }
 kda_barrier();
-// scores: thread t takes rows t, t + T, ...
-float most[HG];
-for (int h = 0; h < HG; ++h) {
-  most[h] = LOW;
-}
-for (int r = t; r <= stop; r += T) {
+// scores: lane group g takes the chunk's rows g, g + NW, ...; lane l reads columns l, l + 32, ...
+for (int j = grp; j < rows; j += NW) {
+  const size_t at = (b * N + r0 + j) * W;
   float s[HG];
   for (int h = 0; h < HG; ++h) {
     s[h] = 0.0f;
   }
-  const size_t at = (b * N + r) * W;
-  for (int c = 0; c < W; ++c) {
-    const float x = static_cast<float>(page[at + c]);
-    for (int h = 0; h < HG; ++h) {
-      s[h] += qs[h * W + c] * x;
+  for (int k = 0; k < LANE_COLS; ++k) {
+    const int c = lane + 32 * k;
+    if (c < W) {
+      const float x = static_cast<float>(page[at + c]);
+      for (int h = 0; h < HG; ++h) {
+        s[h] += qs[h * W + c] * x;
+      }
     }
   }
   for (int h = 0; h < HG; ++h) {
-    score[h * N + r] = s[h];
-    most[h] = kda_fmax(most[h], s[h]);
+    s[h] = kda_simd_sum(s[h]);
+    if (lane == 0) {
+      ps[h * R + j] = s[h];
+    }
   }
 }
-// the maximum over the threadgroup, then exp(score - maximum) in place and its sum
-for (int h = 0; h < HG; ++h) {
+kda_barrier();
+// per head (lane group g takes heads g, g + NW, ...): the chunk's maximum, exp(score - maximum) in place, its sum
+for (int h = grp; h < HG; h += NW) {
+  float m = LOW;
+  for (int j = lane; j < rows; j += 32) {
+    m = kda_fmax(m, ps[h * R + j]);
+  }
   for (int off = 16; off > 0; off /= 2) {
-    most[h] = kda_fmax(most[h], kda_shfl_xor(most[h], off));
+    m = kda_fmax(m, kda_shfl_xor(m, off));
   }
+  float sum = 0.0f;
+  for (int j = lane; j < rows; j += 32) {
+    const float p = kda_exp(ps[h * R + j] - m);
+    ps[h * R + j] = p;
+    sum += p;
+  }
+  sum = kda_simd_sum(sum);
   if (lane == 0) {
-    red[h * NW + grp] = most[h];
+    most[(b * K + chunk) * H + h0 + h] = m;
+    total[(b * K + chunk) * H + h0 + h] = sum;
   }
 }
 kda_barrier();
-float top[HG];
-float sum[HG];
-for (int h = 0; h < HG; ++h) {
-  top[h] = LOW;
-  for (int g = 0; g < NW; ++g) {
-    top[h] = kda_fmax(top[h], red[h * NW + g]);
-  }
-  sum[h] = 0.0f;
-}
-kda_barrier();
-for (int r = t; r <= stop; r += T) {
-  for (int h = 0; h < HG; ++h) {
-    const float p = kda_exp(score[h * N + r] - top[h]);
-    score[h * N + r] = p;
-    sum[h] += p;
-  }
-}
-for (int h = 0; h < HG; ++h) {
-  sum[h] = kda_simd_sum(sum[h]);
-  if (lane == 0) {
-    red[h * NW + grp] = sum[h];
-  }
-}
-kda_barrier();
-// values: thread t sums columns t, t + T, ... over the valid rows
-for (int h = 0; h < HG; ++h) {
-  float total = 0.0f;
-  for (int g = 0; g < NW; ++g) {
-    total += red[h * NW + g];
-  }
-  sum[h] = total;
-}
+// values: thread t sums columns t, t + T, ... over the chunk's valid rows
 float acc[HG][COLS];
 for (int h = 0; h < HG; ++h) {
   for (int k = 0; k < COLS; ++k) {
     acc[h][k] = 0.0f;
   }
 }
-for (int r = 0; r <= stop; ++r) {
-  const size_t at = (b * N + r) * W;
+for (int j = 0; j < rows; ++j) {
+  const size_t at = (b * N + r0 + j) * W;
   for (int k = 0; k < COLS; ++k) {
     const int c = t + k * T;
     if (c < W) {
       const float x = static_cast<float>(page[at + c]);
       for (int h = 0; h < HG; ++h) {
-        acc[h][k] += score[h * N + r] * x;
+        acc[h][k] += ps[h * R + j] * x;
       }
     }
   }
@@ -188,11 +174,11 @@ for (int h = 0; h < HG; ++h) {
   for (int k = 0; k < COLS; ++k) {
     const int c = t + k * T;
     if (c < W) {
-      kda_store(o, (b * H + h0 + h) * W + c, acc[h][k] / sum[h]);
+      part[((b * K + chunk) * H + h0 + h) * W + c] = acc[h][k];
     }
   }
 }
 
 }
 
-template [[host_name("custom_kernel_mla_decode_page__32_576_1_8_2048_bfloat16_t_bfloat16_t_int32_tc_bfloat16_t")]] [[kernel]] decltype(custom_kernel_mla_decode_page__32_576_1_8_2048_bfloat16_t_bfloat16_t_int32_tc_bfloat16_t<32, 576, 1, 8, 2048>) custom_kernel_mla_decode_page__32_576_1_8_2048_bfloat16_t_bfloat16_t_int32_tc_bfloat16_t<32, 576, 1, 8, 2048>;
+template [[host_name("custom_kernel_mla_decode_page__32_576_8_4_64_2048_32_bfloat16_t_bfloat16_t_int32_tc_float_float_float")]] [[kernel]] decltype(custom_kernel_mla_decode_page__32_576_8_4_64_2048_32_bfloat16_t_bfloat16_t_int32_tc_float_float_float<32, 576, 8, 4, 64, 2048, 32>) custom_kernel_mla_decode_page__32_576_8_4_64_2048_32_bfloat16_t_bfloat16_t_int32_tc_float_float_float<32, 576, 8, 4, 64, 2048, 32>;

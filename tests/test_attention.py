@@ -299,7 +299,7 @@ def test_cache_rows_kernel_on_gpu():
     assert float(mx.abs(got.astype(f32) - ref.astype(f32)).max()) <= 1e-2 * float(mx.abs(ref.astype(f32)).max())
 
 
-# -- the one-page decode kernel (scores, softmax and values in one pass) ------------------------------------
+# -- the one-page decode kernels (chunks of rows, then their merge) ------------------------------------------
 
 
 def page_inputs(B, H, N, W, seed, dtype=mx.float32):
@@ -322,16 +322,18 @@ def _emulated_page_kernel(kind, monkeypatch, heads=2):
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
 @pytest.mark.parametrize("kind", ["metal", "cuda"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("W,N,groups", [(64, 24, 2), (72, 80, 1)], ids=["rows<threads", "rows>threads,ragged-cols"])
-def test_decode_page_kernel_text_runs_right_on_cpu(kind, dtype, W, N, groups, monkeypatch):
-    """Ragged valid lengths (one row; a few; all but one; all), more rows than threads and a row width the
-    threads do not divide, a peaky head, junk past row 13 (large rows), two heads a threadgroup, two sequences."""
+@pytest.mark.parametrize("W,N,groups,chunk", [(64, 24, 2, 8), (72, 80, 1, 16), (72, 80, 2, 12)],
+                         ids=["rows<threads", "rows>threads,ragged-cols", "ragged-last-chunk"])
+def test_decode_page_kernel_text_runs_right_on_cpu(kind, dtype, W, N, groups, chunk, monkeypatch):
+    """Ragged valid lengths (one row; a few; all but one; all: chunks without a valid row, chunks cut short), more
+    rows than threads and a row width the threads do not divide, a last chunk past the page's end, a peaky head,
+    junk past row 13 (large rows), two heads a threadgroup, two sequences."""
     qa, page = page_inputs(2, 4, N, W, seed=3, dtype=dtype)
     page = mx.concatenate([page[:, :14], 1e3 * mx.ones_like(page[:, 14:])], axis=1)
     f32 = mx.float32
     for last in (0, 2, 13, N - 2, N - 1):
         lst = mx.array([last], mx.int32)
-        got = _emulated_page_kernel(kind, monkeypatch)(qa, page, lst, groups=groups)
+        got = _emulated_page_kernel(kind, monkeypatch)(qa, page, lst, groups=groups, chunk=chunk)
         ref = A.decode_page_ref(qa, page, lst)
         tol = 2e-5 if dtype == f32 else 1e-2
         scale = float(mx.abs(ref.astype(f32)).max())

@@ -27,8 +27,8 @@ Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and 
          S is (without both it grows with S: on CPU MLX allocates outputs ahead, a GPU queues every
          tile). One tile spans several cache pages when they fit.
   decode mla_decode: one query over whole pages with a mask (shape-stable, so the decoder compiles it);
-         on a GPU one short page may run as one kernel (decode_page_kernel, twin decode_page_ref;
-         opt-in, KIMI_MLX_MLA_PAGE=on: slower than the matmuls on an H200, RESULTS.md).
+         on a GPU one short page may run as two kernels (decode_page_kernel, twin decode_page_ref;
+         opt-in, KIMI_MLX_MLA_PAGE=on, its speed not yet measured: RESULTS.md).
 Quantized caches (see LatentCache.bits) always take the tiled path.
 """
 
@@ -232,12 +232,14 @@ def _decode_pages(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
     return o
 
 
-PAGE_KERNEL_ROWS = 2048  # decode may take the one-page kernel up to this many cache rows (each threadgroup
-#                         reads every valid row twice: its time grows with the context, the matmuls' much less).
-#                         Opt-in (PAGE_ENV): on an H200 it ran 415 us a launch at 1,024 rows under ncu, the
-#                         matmul path's whole token 4.2-4.4 ms (RESULTS.md, twenty-first session).
-PAGE_KERNEL_HEADS = 1  # heads a threadgroup of the page kernel serves (HG): 32 threadgroups a sequence
-PAGE_KERNEL_GROUPS = 8  # 32-lane groups a threadgroup (NW)
+PAGE_KERNEL_ROWS = 8192  # decode may take the page kernels up to this many cache rows (where they beat the
+#                         matmuls is not measured yet: at long pages their arithmetic on CUDA cores outgrows the
+#                         matmuls' tensor cores). Opt-in (PAGE_ENV). The one-launch kernels before them ran 88 us
+#                         (one pass) and 415 us (two passes, a thread a row) a launch at 1,024 rows on an H200.
+PAGE_KERNEL_HEADS = 8  # heads a threadgroup of mla_decode_page serves (HG; their queries in threadgroup memory)
+PAGE_KERNEL_GROUPS = 4  # 32-lane groups a threadgroup of mla_decode_page (NW)
+PAGE_CHUNK_ROWS = 64  # rows a threadgroup of mla_decode_page takes (R): 16 chunks x 4 head groups at 1,024 rows
+MERGE_GROUPS = 6  # 32-lane groups a threadgroup of mla_decode_merge (192 threads: 3 of the 576 columns each)
 
 
 def page_mode() -> str:
@@ -246,9 +248,8 @@ def page_mode() -> str:
 
 def page_kernel_fits(qa, cache: LatentCache) -> bool:
     """Whether mla_decode runs as decode_page_kernel: where KIMI_MLX_MLA_PAGE=on, on a GPU (unless
-    KIMI_MLX_MLA=ref), one unquantized page
-    of at most PAGE_KERNEL_ROWS rows in the query's dtype, whose scores and query fit in 24 KB of threadgroup
-    memory (Metal allows 32)."""
+    KIMI_MLX_MLA=ref), one unquantized page of at most PAGE_KERNEL_ROWS rows in the query's dtype, whose head
+    groups' queries and chunk scores fit in 24 KB of threadgroup memory (Metal allows 32)."""
     from .kda import gpu_backend
 
     B, H, W = qa.shape
@@ -256,7 +257,7 @@ def page_kernel_fits(qa, cache: LatentCache) -> bool:
     return (page is not None and not cache.bits and page_mode() == "on" and mode() != "ref"
             and gpu_backend() is not None
             and page[0].shape[1] <= PAGE_KERNEL_ROWS and page[0].dtype == qa.dtype and H % PAGE_KERNEL_HEADS == 0
-            and (W + page[0].shape[1]) * PAGE_KERNEL_HEADS * 4 <= 24 * 1024)
+            and (W + PAGE_CHUNK_ROWS) * PAGE_KERNEL_HEADS * 4 <= 24 * 1024)
 
 
 def decode_page_ref(qa, page, last) -> mx.array:
@@ -269,15 +270,26 @@ def decode_page_ref(qa, page, last) -> mx.array:
     return (mx.softmax(s, axis=-1, precise=True) @ rows).astype(qa.dtype)
 
 
-def decode_page_kernel(qa, page, last, heads: int = PAGE_KERNEL_HEADS, groups: int = PAGE_KERNEL_GROUPS):
-    """decode_page_ref as one kernel (metal_kernels/mla_decode_page.body)."""
+def decode_page_kernel(qa, page, last, heads: int = PAGE_KERNEL_HEADS, groups: int = PAGE_KERNEL_GROUPS,
+                       chunk: int = PAGE_CHUNK_ROWS) -> mx.array:
+    """decode_page_ref as two kernels (metal_kernels/mla_decode_page.body and mla_decode_merge.body): chunks of
+    `chunk` rows for `heads` heads a threadgroup, then their softmax pieces combined per head."""
     from metal_kernels import kernel
 
     B, H, W = qa.shape
-    (o,) = kernel("mla_decode_page")(
+    N = page.shape[1]
+    K = -(-N // chunk)
+    f32 = mx.float32
+    part, most, total = kernel("mla_decode_page")(
         inputs=[qa, page, last.astype(mx.int32)],  # read as last[0]: any shape of one element
-        template=[("H", H), ("W", W), ("HG", heads), ("NW", groups), ("N", page.shape[1])],
-        grid=(32 * groups, H // heads, B), threadgroup=(32 * groups, 1, 1),
+        template=[("H", H), ("W", W), ("HG", heads), ("NW", groups), ("R", chunk), ("N", N), ("K", K)],
+        grid=(32 * groups, K * (H // heads), B), threadgroup=(32 * groups, 1, 1),
+        output_shapes=[(B, K, H, W), (B, K, H), (B, K, H)], output_dtypes=[f32, f32, f32],
+    )
+    (o,) = kernel("mla_decode_merge")(
+        inputs=[part, most, total],
+        template=[("H", H), ("W", W), ("K", K), ("NW", MERGE_GROUPS)],
+        grid=(32 * MERGE_GROUPS, H, B), threadgroup=(32 * MERGE_GROUPS, 1, 1),
         output_shapes=[qa.shape], output_dtypes=[qa.dtype],
     )
     return o
