@@ -173,15 +173,15 @@ def check_cache_rows() -> Check:
 
 
 def check_decode_page() -> Check:
-    """The one-page MLA decode kernel against the ops (float32; 32 heads, rows of 576, 300 of 512 rows valid)."""
+    """The one-page MLA decode kernels against the ops (float32; 32 heads, rows of 576, 300 of 512 rows valid)."""
     from .ops import attention
 
     mx.random.seed(8)
     qa, page, last = 0.2 * mx.random.normal((1, 32, 576)), mx.random.normal((1, 512, 576)), mx.array([299], mx.int32)
     err = _rel_err(attention.decode_page_kernel(qa, page, last), attention.decode_page_ref(qa, page, last))
     if tf32():  # the ops twin's matmuls run in TF32 there (the kernel in float32): 1.2e-3 measured on an H200
-        return Check("MLA decode over one page, kernel (opt-in; ops twin in TF32)", err, tol=TF32_TOL)
-    return Check("MLA decode over one page, kernel (opt-in)", err)
+        return Check("MLA decode over one page, kernels (opt-in; ops twin in TF32)", err, tol=TF32_TOL)
+    return Check("MLA decode over one page, kernels (opt-in)", err)
 
 
 def check_qmv(bits: int = 4) -> Check:
@@ -297,7 +297,7 @@ def environment() -> list[tuple[str, str]]:
          if gpu and fuse.seam_mode() == "auto" and norm.mode() != "ref" and routing_path() == "kernel"
          and decode_experts == "kernel"  # FusedMoE.seam_fits's conditions
          else f"add + norm before the MoE ({fuse.SEAM_ENV}={fuse.seam_mode()})"),
-        ("MLA decode", f"one {gpu} kernel over a page of <= {attention.PAGE_KERNEL_ROWS:,} rows, else matmuls (opt-in)"
+        ("MLA decode", f"two {gpu} kernels over a page of <= {attention.PAGE_KERNEL_ROWS:,} rows, else matmuls (opt-in)"
          if gpu and attention.mode() != "ref" and attention.page_mode() == "on"
          else f"matmuls ({attention.ENV}={attention.mode()}, {attention.PAGE_ENV}={attention.page_mode()})"),
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
@@ -341,7 +341,7 @@ GPU_CHECKS = {
     "decode step, fused kernel with 4-bit f_b and g_b": partial(check_decode_gates, 4),
     "KDA output gate, kernel": check_gated_norm,
     "MLA cache rows, kernel": check_cache_rows,
-    "MLA decode over one page, kernel": check_decode_page,
+    "MLA decode over one page, kernels": check_decode_page,
     "residual add + norm, kernel": check_add_norm,
     "quantized matrix-vector, 4-bit, kernel": check_qmv,
     "quantized matrix-vector, 8-bit, kernel": partial(check_qmv, 8),

@@ -390,11 +390,13 @@ def test_decode_takes_the_page_kernel_where_it_fits(monkeypatch, S, absorb):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-def test_decode_page_kernel_on_gpu(dtype):
-    """The model's shape (32 heads, rows of 576, a 2,048-row page) at ragged valid lengths."""
-    qa, page = page_inputs(2, 32, 2048, 576, seed=5, dtype=dtype)
+@pytest.mark.parametrize("N", [2048, A.PAGE_KERNEL_ROWS])
+def test_decode_page_kernel_on_gpu(dtype, N):
+    """The model's shape (32 heads, rows of 576, pages of 2,048 and of the most rows the kernels take) at ragged
+    valid lengths."""
+    qa, page = page_inputs(2, 32, N, 576, seed=5, dtype=dtype)
     f32 = mx.float32
-    for last in (0, 37, 1500, 2047):
+    for last in (0, 37, 3 * N // 4 - 5, N - 1):
         lst = mx.array([last], mx.int32)
         got, ref = A.decode_page_kernel(qa, page, lst), A.decode_page_ref(qa, page, lst)
         tol = 2e-5 if dtype == f32 else 1e-2
