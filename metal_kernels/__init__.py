@@ -8,7 +8,8 @@ the input/output names and the template arguments, so the same body compiles as
 lives in `<part>.part` and is pasted at a body's `KDA_PART(<part>)` line (moe_pick: one token's routing, in
 moe_route and moe_gate_up_seam); a spec's `defines` select a body's variants (`#if`). `generate.py`
 writes the full text MLX compiles for a sample instantiation (`<name>.metal`, `<name>.cu`) so CI
-can check it without either GPU; MLX itself is given that text without comments or indentation (`compact`). Kernels are built lazily and only for a backend that exists.
+can check it without either GPU; MLX itself is given that text without comments or indentation
+(`compact`). Kernels are built lazily and only for a backend that exists.
 """
 
 from __future__ import annotations

@@ -103,9 +103,9 @@ def emulate(name, kind, inputs, template, grid, threadgroup, output_shapes, outp
     lib = _build(text, kind)
     arrays = [_to_numpy(x) for x in inputs]
     # outputs start as junk (NaN; int -7), as MLX leaves them: an element a kernel fails to write fails its test
-    junk = {mx.bfloat16: (np.uint16, 0x7FC0), mx.int32: (np.int32, -7), mx.uint32: (np.uint32, 0xDEADBEEF)}
-    results = [np.full(s, junk.get(d, (np.float32, np.nan))[1], junk.get(d, (np.float32, np.nan))[0])
-               for s, d in zip(output_shapes, output_dtypes)]
+    junk = {mx.float32: (np.nan, np.float32), mx.bfloat16: (0x7FC0, np.uint16), mx.int32: (-7, np.int32),
+            mx.uint32: (0xDEADBEEF, np.uint32)}
+    results = [np.full(s, *junk[d]) for s, d in zip(output_shapes, output_dtypes)]
     bufs = (ctypes.c_void_p * (len(arrays) + len(results)))(*[a.ctypes.data for a in arrays + results])
     # on a watchdog thread: a kernel whose threads never meet at a barrier fails the test instead of hanging it
     run = threading.Thread(target=lib.emu_launch, args=(bufs, *[ctypes.c_uint(v) for v in (*grid, *threadgroup)]),
