@@ -297,7 +297,7 @@ def environment() -> list[tuple[str, str]]:
          if gpu and fuse.seam_mode() == "auto" and norm.mode() != "ref" and routing_path() == "kernel"
          and decode_experts == "kernel"  # FusedMoE.seam_fits's conditions
          else f"add + norm before the MoE ({fuse.SEAM_ENV}={fuse.seam_mode()})"),
-        ("MLA decode", f"two {gpu} kernels over a page of <= {attention.PAGE_KERNEL_ROWS:,} rows, else matmuls (opt-in)"
+        ("MLA decode", f"two {gpu} kernels over a page of <= {attention.PAGE_KERNEL_ROWS:,} rows, else matmuls"
          if gpu and attention.mode() != "ref" and attention.page_mode() == "on"
          else f"matmuls ({attention.ENV}={attention.mode()}, {attention.PAGE_ENV}={attention.page_mode()})"),
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"

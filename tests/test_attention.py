@@ -352,7 +352,7 @@ def test_decode_page_ref_is_attention_over_the_valid_rows():
 @pytest.mark.parametrize("S", [1, 8, 9, 20])
 def test_decode_takes_the_page_kernel_where_it_fits(monkeypatch, S, absorb):
     """mla_decode on a 'GPU' (the kernel's CUDA text emulated): one short unquantized page goes through the
-    page kernel where KIMI_MLX_MLA_PAGE=on (never by default), and the step equals the reference; two pages or a
+    page kernel unless KIMI_MLX_MLA_PAGE=off, and the step equals the reference; two pages or a
     quantized page do not take it."""
     import kimi_mlx.ops.kda as kda_ops
 
@@ -375,10 +375,10 @@ def test_decode_takes_the_page_kernel_where_it_fits(monkeypatch, S, absorb):
     cache = A.LatentCache(slot.pages[:-1] + (last,), 0, 64)
     kept = (A.absorb_matrix(k_up, pe, SCALE), A.value_matrix(v_up, pe)) if absorb else ()
     dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, : S + 1]
-    monkeypatch.delenv(A.PAGE_ENV, raising=False)  # opt-in: off by default
+    monkeypatch.setenv(A.PAGE_ENV, "off")
     A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
     assert calls == []
-    monkeypatch.setenv(A.PAGE_ENV, "on")
+    monkeypatch.delenv(A.PAGE_ENV)  # on by default
     out = A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
     assert err(out, mla_attention_ref(q, dq, k_up, v_up, SCALE)) < 2e-5
     assert len(calls) == (1 if len(cache.pages) == 1 else 0)

@@ -27,8 +27,8 @@ Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and 
          S is (without both it grows with S: on CPU MLX allocates outputs ahead, a GPU queues every
          tile). One tile spans several cache pages when they fit.
   decode mla_decode: one query over whole pages with a mask (shape-stable, so the decoder compiles it);
-         on a GPU one short page may run as two kernels (decode_page_kernel, twin decode_page_ref;
-         opt-in, KIMI_MLX_MLA_PAGE=on, its speed not yet measured: RESULTS.md).
+         on a GPU one page of <= PAGE_KERNEL_ROWS rows runs as two kernels (decode_page_kernel, twin
+         decode_page_ref; KIMI_MLX_MLA_PAGE=off turns them off: 280-300 vs 190-220 tok/s on an H200).
 Quantized caches (see LatentCache.bits) always take the tiled path.
 """
 
@@ -48,7 +48,7 @@ from . import fast_math
 ENV = "KIMI_MLX_MLA"
 MODES = ("auto", "ref", "fused", "tiled")
 TILE_ENV = "KIMI_MLX_MLA_TILE_MB"
-PAGE_ENV = "KIMI_MLX_MLA_PAGE"  # off (default) | on: decode_page_kernel for one short page (page_kernel_fits)
+PAGE_ENV = "KIMI_MLX_MLA_PAGE"  # on (default) | off: decode_page_kernel for one short page (page_kernel_fits)
 
 
 def tile_bytes_from_env() -> int:
@@ -232,10 +232,11 @@ def _decode_pages(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
     return o
 
 
-PAGE_KERNEL_ROWS = 8192  # decode may take the page kernels up to this many cache rows (where they beat the
-#                         matmuls is not measured yet: at long pages their arithmetic on CUDA cores outgrows the
-#                         matmuls' tensor cores). Opt-in (PAGE_ENV). The one-launch kernels before them ran 88 us
-#                         (one pass) and 415 us (two passes, a thread a row) a launch at 1,024 rows on an H200.
+PAGE_KERNEL_ROWS = 8192  # decode takes the page kernels up to this many cache rows: on an H200 (bfd7d64) they
+#                         decoded 240-300 tok/s at 1k, 4k and 8k rows against the matmuls' 130-250 in alternating
+#                         processes; at long pages their arithmetic on CUDA cores outgrows the matmuls' tensor
+#                         cores (ncu at 8k: 65 + 79 us a layer). The one-launch kernels before them ran 88 us (one
+#                         pass) and 415 us (two passes, a thread a row) a launch at 1,024 rows.
 PAGE_KERNEL_HEADS = 8  # heads a threadgroup of mla_decode_page serves (HG; their queries in threadgroup memory)
 PAGE_KERNEL_GROUPS = 4  # 32-lane groups a threadgroup of mla_decode_page (NW)
 PAGE_CHUNK_ROWS = 64  # rows a threadgroup of mla_decode_page takes (R): 16 chunks x 4 head groups at 1,024 rows
@@ -243,11 +244,11 @@ MERGE_GROUPS = 6  # 32-lane groups a threadgroup of mla_decode_merge (192 thread
 
 
 def page_mode() -> str:
-    return env_choice(PAGE_ENV, ("off", "on"), "off")
+    return env_choice(PAGE_ENV, ("on", "off"), "on")
 
 
 def page_kernel_fits(qa, cache: LatentCache) -> bool:
-    """Whether mla_decode runs as decode_page_kernel: where KIMI_MLX_MLA_PAGE=on, on a GPU (unless
+    """Whether mla_decode runs as decode_page_kernel: on a GPU (unless KIMI_MLX_MLA_PAGE=off or
     KIMI_MLX_MLA=ref), one unquantized page of at most PAGE_KERNEL_ROWS rows in the query's dtype, whose head
     groups' queries and chunk scores fit in 24 KB of threadgroup memory (Metal allows 32)."""
     from .kda import gpu_backend
