@@ -180,8 +180,24 @@ def check_decode_page() -> Check:
     qa, page, last = 0.2 * mx.random.normal((1, 32, 576)), mx.random.normal((1, 512, 576)), mx.array([299], mx.int32)
     err = _rel_err(attention.decode_page_kernel(qa, page, last), attention.decode_page_ref(qa, page, last))
     if tf32():  # the ops twin's matmuls run in TF32 there (the kernel in float32): 1.2e-3 measured on an H200
-        return Check("MLA decode over one page, kernels (opt-in; ops twin in TF32)", err, tol=TF32_TOL)
-    return Check("MLA decode over one page, kernels (opt-in)", err)
+        return Check("MLA decode over one page, kernels (ops twin in TF32)", err, tol=TF32_TOL)
+    return Check("MLA decode over one page, kernels", err)
+
+
+def check_decode_split() -> Check:
+    """The long-page MLA decode (matmuls around the chunk and merge kernels) against the page reference
+    (float32; 32 heads, rows of 576, two pages of 1,024 rows in 512-row chunks, 1,300 rows valid)."""
+    from .ops import attention
+
+    mx.random.seed(9)
+    qa, page = 0.2 * mx.random.normal((1, 32, 576)), mx.random.normal((1, 2048, 576))
+    last = mx.array([1299], mx.int32)
+    pages = ((page[:, :1024],), (page[:, 1024:],))
+    got = attention._decode_split(qa, attention.LatentCache(pages, 0, 64), last - 1024)
+    err = _rel_err(got, attention.decode_page_ref(qa, page, last))
+    if tf32():  # both sides' matmuls run in TF32 there
+        return Check("MLA decode over long pages, kernels (matmuls in TF32)", err, tol=TF32_TOL)
+    return Check("MLA decode over long pages, kernels", err)
 
 
 def check_qmv(bits: int = 4) -> Check:
@@ -298,6 +314,7 @@ def environment() -> list[tuple[str, str]]:
          and decode_experts == "kernel"  # FusedMoE.seam_fits's conditions
          else f"add + norm before the MoE ({fuse.SEAM_ENV}={fuse.seam_mode()})"),
         ("MLA decode", f"two {gpu} kernels over a page of <= {attention.PAGE_KERNEL_ROWS:,} rows, else matmuls"
+         f" around two {gpu} kernels (flash decoding)"
          if gpu and attention.mode() != "ref" and attention.page_mode() == "on"
          else f"matmuls ({attention.ENV}={attention.mode()}, {attention.PAGE_ENV}={attention.page_mode()})"),
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
@@ -342,6 +359,7 @@ GPU_CHECKS = {
     "KDA output gate, kernel": check_gated_norm,
     "MLA cache rows, kernel": check_cache_rows,
     "MLA decode over one page, kernels": check_decode_page,
+    "MLA decode over long pages, kernels": check_decode_split,
     "residual add + norm, kernel": check_add_norm,
     "quantized matrix-vector, 4-bit, kernel": check_qmv,
     "quantized matrix-vector, 8-bit, kernel": partial(check_qmv, 8),

@@ -162,9 +162,17 @@ SPECS = {
         name="mla_decode_merge",
         inputs=("part", "most", "total"),
         outputs=("o",),
-        sample_template=(("H", 32), ("W", 576), ("K", 32), ("NW", 6)),
+        sample_template=(("H", 32), ("W", 576), ("K", 32), ("NW", 2)),
         sample_inputs=(("float32", 32 * 32 * 576), ("float32", 32 * 32), ("float32", 32 * 32)),
         sample_outputs=("bfloat16",),
+    ),
+    "mla_decode_chunks": KernelSpec(
+        name="mla_decode_chunks",
+        inputs=("s", "last"),
+        outputs=("e", "most", "total"),
+        sample_template=(("H", 32), ("N", 131072), ("C", 512), ("K", 256), ("NW", 4)),
+        sample_inputs=(("bfloat16", 32 * 131072), ("int32", 1)),
+        sample_outputs=("bfloat16", "float32", "float32"),
     ),
     "moe_route": KernelSpec(
         name="moe_route",

@@ -67,41 +67,47 @@ KDA_FN float kda_softplus(float x) {
   return x > 20.0f ? x : kda_fmax(x, 0.0f) + kda_log1p(kda_exp(-kda_fabs(x)));
 }
 template <int H, int W, int K, int NW>
-[[kernel]] void custom_kernel_mla_decode_merge__32_576_32_6_float_float_float_bfloat16_t(
+[[kernel]] void custom_kernel_mla_decode_merge__32_576_32_2_float_float_float_bfloat16_t(
   const device float* part [[buffer(0)]],
   const device float* most [[buffer(1)]],
   const device float* total [[buffer(2)]],
   device bfloat16_t* o [[buffer(3)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const uint3 kda_gid = thread_position_in_grid;
-// MLA decode over one cache page, second of two launches: combines mla_decode_page's chunks per head,
+// MLA decode, the last launch: combines a page's (or pages') chunks per head (flash decoding),
 // o = sum_k exp(most_k - top) part_k / sum_k exp(most_k - top) total_k with top the largest most_k (chunks
 // without a valid row hold LOW and weigh nothing; the first chunk always holds row 0).
-// Grid (32 * NW, H, B), threadgroup (32 * NW, 1, 1): one threadgroup a head of a sequence; thread t writes
-// columns t, t + 32 * NW, ...
+// Grid (T, H * CB, B), threadgroup (T, 1, 1) with T = 32 * NW and CB = ceil(W / T) column blocks:
+// y = head * CB + block; thread t writes column block * T + t of that head, reading the chunks' parts of that
+// column with consecutive lanes on consecutive columns.
 // Template: H heads, W row width, K chunks, NW lane groups.
-// Inputs (float32): part [B, K, H, W]; most [B, K, H]; total [B, K, H]. Output: o [B, H, W] (the query's dtype).
+// Inputs: part [B, K, H, W] (float32, or the query's dtype from the matmul path); most, total [B, K, H] float32.
+// Output: o [B, H, W] (the query's dtype).
 constexpr int T = 32 * NW;
+constexpr int CB = (W + T - 1) / T;
 constexpr float LOW = -3.0e38f;
 const int t = kda_gid.x % T;
-const int h = kda_gid.y;
+const int h = kda_gid.y / CB;
+const int c = (kda_gid.y % CB) * T + t;
 const size_t b = kda_gid.z;
 float top = LOW;
 for (int k = 0; k < K; ++k) {
   top = kda_fmax(top, most[(b * K + k) * H + h]);
 }
 float sum = 0.0f;
+float acc = 0.0f;
 for (int k = 0; k < K; ++k) {
-  sum += kda_exp(most[(b * K + k) * H + h] - top) * total[(b * K + k) * H + h];
-}
-for (int c = t; c < W; c += T) {
-  float acc = 0.0f;
-  for (int k = 0; k < K; ++k) {
-    acc += kda_exp(most[(b * K + k) * H + h] - top) * part[((b * K + k) * H + h) * W + c];
+  const size_t at = (b * K + k) * H + h;
+  const float w = kda_exp(most[at] - top);
+  sum += w * total[at];
+  if (c < W) {
+    acc += w * static_cast<float>(part[at * W + c]);
   }
+}
+if (c < W) {
   kda_store(o, (b * H + h) * W + c, acc / sum);
 }
 
 }
 
-template [[host_name("custom_kernel_mla_decode_merge__32_576_32_6_float_float_float_bfloat16_t")]] [[kernel]] decltype(custom_kernel_mla_decode_merge__32_576_32_6_float_float_float_bfloat16_t<32, 576, 32, 6>) custom_kernel_mla_decode_merge__32_576_32_6_float_float_float_bfloat16_t<32, 576, 32, 6>;
+template [[host_name("custom_kernel_mla_decode_merge__32_576_32_2_float_float_float_bfloat16_t")]] [[kernel]] decltype(custom_kernel_mla_decode_merge__32_576_32_2_float_float_float_bfloat16_t<32, 576, 32, 2>) custom_kernel_mla_decode_merge__32_576_32_2_float_float_float_bfloat16_t<32, 576, 32, 2>;

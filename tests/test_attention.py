@@ -401,3 +401,136 @@ def test_decode_page_kernel_on_gpu(dtype, N):
         got, ref = A.decode_page_kernel(qa, page, lst), A.decode_page_ref(qa, page, lst)
         tol = 2e-5 if dtype == f32 else 1e-2
         assert float(mx.abs(got.astype(f32) - ref.astype(f32)).max()) <= tol * float(mx.abs(ref.astype(f32)).max())
+
+
+def chunk_scores(B, H, N, seed, dtype=mx.float32):
+    """Scores with a peaky head (in the hundreds), a head of extreme spread, and junk-sized values."""
+    r = np.random.default_rng(seed)
+    s = r.normal(size=(B, H, N)).astype(np.float32) * 3.0
+    s[:, 0] *= 100.0
+    s[:, -1] = r.uniform(-3e4, 3e4, size=(B, N))
+    return mx.array(s).astype(dtype)
+
+
+def _emulated(kind, monkeypatch):
+    import metal_kernels
+
+    monkeypatch.setattr(metal_kernels, "kernel", kernel_emulator.kernel_factory(kind))
+
+
+def _close(got, ref, tol):
+    f32 = mx.float32
+    scale = max(float(mx.abs(ref.astype(f32)).max()), 1e-30)
+    return float(mx.abs(got.astype(f32) - ref.astype(f32)).max()) <= tol * scale
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("N,chunk,groups", [(96, 32, 1), (80, 40, 2), (64, 16, 1)],
+                         ids=["rows=threads", "rows<threads", "rows>threads-not"])
+def test_decode_chunks_kernel_text_runs_right_on_cpu(kind, dtype, N, chunk, groups, monkeypatch):
+    """Ragged valid lengths (row 0 only; mid-chunk; a chunk's last row; all): chunks with no valid row, cut
+    chunks; extreme scores; two sequences; one and two lane groups."""
+    _emulated(kind, monkeypatch)
+    monkeypatch.setattr(A, "CHUNK_GROUPS", groups)
+    s = chunk_scores(2, 3, N, seed=N, dtype=dtype)
+    for last in (0, chunk // 2 + 1, chunk - 1, N - 1):
+        lst = mx.array([last], mx.int32)
+        got, ref = A.decode_chunks_kernel(s, lst, chunk), A.decode_chunks_ref(s, lst, chunk)
+        assert got[0].dtype == dtype and got[0].shape == ref[0].shape == (2, N // chunk, 3, chunk)
+        tol = 1e-6 if dtype == mx.float32 else 8e-3  # bf16: e rounded on either side of a rounding boundary
+        assert _close(got[0], ref[0], tol), last
+        assert mx.array_equal(got[1], ref[1]).item(), last  # the maxima: exactly the scores'
+        assert _close(got[2], ref[2], 1e-5 if dtype == mx.float32 else 8e-3), last
+        empty = (mx.arange(N // chunk) * chunk > last).reshape(1, -1, 1)
+        assert mx.all(mx.where(empty, got[1] == A.LOW, got[1] > A.LOW)).item()
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+@pytest.mark.parametrize("pdt", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("W,groups", [(72, 1), (40, 2)], ids=["cols>threads,ragged", "cols<threads"])
+def test_decode_merge_kernel_text_runs_right_on_cpu(kind, pdt, W, groups, monkeypatch):
+    """Chunks with no valid row (LOW, total 0, junk parts), maxima far apart, parts in float32 or bf16."""
+    _emulated(kind, monkeypatch)
+    monkeypatch.setattr(A, "MERGE_GROUPS", groups)
+    r = np.random.default_rng(W)
+    B, K, H = 2, 5, 3
+    most = r.normal(size=(B, K, H)).astype(np.float32) * 30.0
+    most[:, 3:] = A.LOW  # two empty chunks at the end
+    total = r.uniform(1.0, 50.0, size=(B, K, H)).astype(np.float32)
+    total[:, 3:] = 0.0
+    part = r.normal(size=(B, K, H, W)).astype(np.float32)
+    part[:, 3:] = 1e30
+    part = mx.array(part).astype(pdt)
+    args = (part, mx.array(most), mx.array(total))
+    for dtype in (mx.float32, mx.bfloat16):
+        got, ref = A.decode_merge_kernel(*args, dtype), A.decode_merge_ref(*args, dtype)
+        assert got.dtype == dtype and got.shape == (B, H, W)
+        assert _close(got, ref, 1e-5 if dtype == mx.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("chunk", [4, 8, 24])
+def test_chunk_refs_compose_to_attention(chunk):
+    """decode_chunks_ref, the chunks' values and decode_merge_ref equal decode_page_ref at every valid length."""
+    qa, page = page_inputs(2, 3, 24, 16, seed=chunk)
+    B, N, W = page.shape
+    s = qa @ page.swapaxes(-1, -2)
+    for last in (0, 3, 5, 23):
+        lst = mx.array([last], mx.int32)
+        e, m, t = A.decode_chunks_ref(s, lst, chunk)
+        got = A.decode_merge_ref(e @ page.reshape(B, N // chunk, chunk, W), m, t, mx.float32)
+        assert err(got, A.decode_page_ref(qa, page, lst)) < 2e-5, last
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("S", [3, 15, 16, 17, 40])
+def test_decode_takes_the_split_kernels_for_long_or_several_pages(monkeypatch, S):
+    """mla_decode on a 'GPU' (kernels' CUDA text emulated) with the page kernel's limit below the cache: one
+    long page or several pages (a full earlier page unmasked, the last one cut at the new row) go through
+    _decode_split and equal the reference; a quantized cache or KIMI_MLX_MLA_PAGE=off does not take it."""
+    import kimi_mlx.ops.kda as kda_ops
+
+    _emulated("cuda", monkeypatch)
+    monkeypatch.setattr(kda_ops, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(A, "PAGE_KERNEL_ROWS", 2)
+    monkeypatch.setattr(A, "SPLIT_ROWS", 8)
+    calls = []
+    split = A._decode_split
+    monkeypatch.setattr(A, "_decode_split", lambda *a: calls.append(len(a[1].pages)) or split(*a))
+    latent, pe = 58, 6
+    rows, q, k_up, v_up = inputs(2, 1, S + 1, seed=S, latent=latent, pe=pe)
+    st = MLAState(page_first=4, page_max=16)
+    st.append(rows[:, :S])
+    slot = st.decode_slot()
+    last = tuple(mx.put_along_axis(p, slot.row, r, axis=1) for p, r in zip(slot.pages[-1], (rows[:, S:],)))
+    cache = A.LatentCache(slot.pages[:-1] + (last,), 0, 64)
+    dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, : S + 1]
+    kept = (A.absorb_matrix(k_up, pe, SCALE), A.value_matrix(v_up, pe))
+    out = A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
+    assert calls == [len(cache.pages)] and (S < 16 or len(cache.pages) > 1)
+    assert err(out, mla_attention_ref(q, dq, k_up, v_up, SCALE)) < 2e-5
+    monkeypatch.setenv(A.PAGE_ENV, "off")
+    assert err(A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept), out) < 2e-5
+    assert calls == [len(cache.pages)]
+    assert not A.split_kernels_fit(q[:, :, 0], A.LatentCache(cache.pages, 4, 64))  # quantized: the matmul path
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [16384, 131072])
+def test_decode_chunks_and_merge_kernels_on_gpu(N):
+    """The model's shape (32 heads, rows of 576, 512-row chunks) in bf16 at ragged valid lengths: each kernel
+    against its twin, and the whole split decode against the page reference."""
+    qa, page = page_inputs(1, 32, N, 576, seed=6, dtype=mx.bfloat16)
+    s = qa @ page.swapaxes(-1, -2)
+    for last in (0, 700, N // 2 + 3, N - 1):
+        lst = mx.array([last], mx.int32)
+        got, ref = A.decode_chunks_kernel(s, lst, 512), A.decode_chunks_ref(s, lst, 512)
+        assert _close(got[0], ref[0], 8e-3) and _close(got[2], ref[2], 8e-3), last
+        assert mx.array_equal(got[1], ref[1]).item(), last
+        part = got[0] @ page.reshape(1, N // 512, 512, 576)
+        assert _close(A.decode_merge_kernel(part, got[1], got[2], mx.bfloat16),
+                      A.decode_merge_ref(part, got[1], got[2], mx.bfloat16), 1e-2), last
+        whole = A._decode_split(qa, A.LatentCache(((page,),), 0, 64), lst)
+        assert _close(whole, A.decode_page_ref(qa, page, lst), 2e-2), last

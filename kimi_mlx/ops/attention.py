@@ -28,7 +28,9 @@ Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and 
          tile). One tile spans several cache pages when they fit.
   decode mla_decode: one query over whole pages with a mask (shape-stable, so the decoder compiles it);
          on a GPU one page of <= PAGE_KERNEL_ROWS rows runs as two kernels (decode_page_kernel, twin
-         decode_page_ref; KIMI_MLX_MLA_PAGE=off turns them off: 280-300 vs 190-220 tok/s on an H200).
+         decode_page_ref: 280-300 vs 190-220 tok/s on an H200), and longer or several pages as flash decoding
+         with the two matmuls between kernels (_decode_split: decode_chunks_kernel and decode_merge_kernel,
+         twins decode_chunks_ref and decode_merge_ref). KIMI_MLX_MLA_PAGE=off turns both off.
 Quantized caches (see LatentCache.bits) always take the tiled path.
 """
 
@@ -48,7 +50,7 @@ from . import fast_math
 ENV = "KIMI_MLX_MLA"
 MODES = ("auto", "ref", "fused", "tiled")
 TILE_ENV = "KIMI_MLX_MLA_TILE_MB"
-PAGE_ENV = "KIMI_MLX_MLA_PAGE"  # on (default) | off: decode_page_kernel for one short page (page_kernel_fits)
+PAGE_ENV = "KIMI_MLX_MLA_PAGE"  # on (default) | off: decode kernels on a GPU (page_kernel_fits, split_kernels_fit)
 
 
 def tile_bytes_from_env() -> int:
@@ -205,6 +207,8 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
     qa = (q @ absorb.swapaxes(-1, -2) if absorb is not None else _absorb(q, k_up) * scale).reshape(B, H, -1)
     if page_kernel_fits(qa, cache):
         o = decode_page_kernel(qa, cache.pages[0][0], row)
+    elif split_kernels_fit(qa, cache):
+        o = _decode_split(qa, cache, row)
     else:
         o = _decode_pages(qa, cache, row, q.dtype).astype(q.dtype)
     o = o[:, :, None]
@@ -232,6 +236,40 @@ def _decode_pages(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
     return o
 
 
+def split_kernels_fit(qa, cache: LatentCache) -> bool:
+    """Whether mla_decode runs as _decode_split: on a GPU (unless KIMI_MLX_MLA_PAGE=off or KIMI_MLX_MLA=ref),
+    unquantized pages in the query's dtype, each a whole number of chunks of min(SPLIT_ROWS, its rows)."""
+    from .kda import gpu_backend
+
+    return (SPLIT_ROWS > 0 and not cache.bits and page_mode() == "on" and mode() != "ref"
+            and gpu_backend() is not None
+            and all(p[0].dtype == qa.dtype and p[0].shape[1] % min(SPLIT_ROWS, p[0].shape[1]) == 0
+                    for p in cache.pages))
+
+
+def _decode_split(qa, cache: LatentCache, row: mx.array) -> mx.array:
+    """mla_decode's attention over pages as flash decoding with the matmuls on the tensor cores: per page, the
+    scores matmul, decode_chunks_kernel (each chunk's masked softmax weights, unnormalized), the chunks' values
+    as one batched matmul; then decode_merge_kernel over every page's chunks. qa [B, H, W] -> [B, H, W] in
+    qa's dtype. Four launches a page (plus a concatenation of the chunk results where there are several pages)
+    against the matmul path's eight, and no pass over [B, H, rows] scores but the chunk kernel's."""
+    B, H, W = qa.shape
+    parts, most, total = [], [], []
+    for i, (rows,) in enumerate(cache.pages):
+        n = rows.shape[1]
+        c = min(SPLIT_ROWS, n)
+        last = row if i == len(cache.pages) - 1 else positions(n)[n - 1 :]  # earlier pages are wholly valid
+        e, m, t = decode_chunks_kernel(qa @ rows.swapaxes(-1, -2), last, c)
+        parts.append(e @ rows.reshape(B, n // c, c, W))  # [B, chunks, H, W]
+        most.append(m)
+        total.append(t)
+
+    def join(xs):
+        return xs[0] if len(xs) == 1 else mx.concatenate(xs, axis=1)
+
+    return decode_merge_kernel(join(parts), join(most), join(total), qa.dtype)
+
+
 PAGE_KERNEL_ROWS = 8192  # decode takes the page kernels up to this many cache rows: on an H200 (bfd7d64) they
 #                         decoded 240-300 tok/s at 1k, 4k and 8k rows against the matmuls' 130-250 in alternating
 #                         processes; at long pages their arithmetic on CUDA cores outgrows the matmuls' tensor
@@ -240,7 +278,9 @@ PAGE_KERNEL_ROWS = 8192  # decode takes the page kernels up to this many cache r
 PAGE_KERNEL_HEADS = 8  # heads a threadgroup of mla_decode_page serves (HG; their queries in threadgroup memory)
 PAGE_KERNEL_GROUPS = 4  # 32-lane groups a threadgroup of mla_decode_page (NW)
 PAGE_CHUNK_ROWS = 64  # rows a threadgroup of mla_decode_page takes (R): 16 chunks x 4 head groups at 1,024 rows
-MERGE_GROUPS = 6  # 32-lane groups a threadgroup of mla_decode_merge (192 threads: 3 of the 576 columns each)
+MERGE_GROUPS = 2  # 32-lane groups a threadgroup of mla_decode_merge (a thread a column: 9 x 32 of them at 576 x 32)
+CHUNK_GROUPS = 4  # 32-lane groups a threadgroup of mla_decode_chunks (4 of a 512-row chunk's scores a thread)
+LOW = -3.0e38  # the kernels' "no valid row" maximum
 
 
 def page_mode() -> str:
@@ -287,13 +327,62 @@ def decode_page_kernel(qa, page, last, heads: int = PAGE_KERNEL_HEADS, groups: i
         grid=(32 * groups, K * (H // heads), B), threadgroup=(32 * groups, 1, 1),
         output_shapes=[(B, K, H, W), (B, K, H), (B, K, H)], output_dtypes=[f32, f32, f32],
     )
+    return decode_merge_kernel(part, most, total, qa.dtype)
+
+
+def decode_merge_ref(part, most, total, dtype) -> mx.array:
+    """Chunks of a softmax combined per head: sum_k w_k part_k / sum_k w_k total_k, w_k = exp(most_k - max_k
+    most_k), float32 inside, in dtype (the twin of decode_merge_kernel). part [B, K, H, W], most and total
+    [B, K, H] -> [B, H, W]."""
+    f32 = mx.float32
+    w = mx.exp(most - most.max(axis=1, keepdims=True))  # [B, K, H]
+    o = (w[..., None] * part.astype(f32)).sum(axis=1) / (w * total).sum(axis=1)[..., None]
+    return o.astype(dtype)
+
+
+def decode_merge_kernel(part, most, total, dtype) -> mx.array:
+    """decode_merge_ref as one kernel (metal_kernels/mla_decode_merge.body): a thread a column of a head."""
+    from metal_kernels import kernel
+
+    B, K, H, W = part.shape
+    T = 32 * MERGE_GROUPS
     (o,) = kernel("mla_decode_merge")(
         inputs=[part, most, total],
         template=[("H", H), ("W", W), ("K", K), ("NW", MERGE_GROUPS)],
-        grid=(32 * MERGE_GROUPS, H, B), threadgroup=(32 * MERGE_GROUPS, 1, 1),
-        output_shapes=[qa.shape], output_dtypes=[qa.dtype],
+        grid=(T, H * -(-W // T), B), threadgroup=(T, 1, 1),
+        output_shapes=[(B, H, W)], output_dtypes=[dtype],
     )
     return o
+
+
+def decode_chunks_ref(s, last, chunk: int):
+    """Per chunk of `chunk` rows and head of scores s [B, H, N] (rows past `last` masked): e = exp(s - m) in s's
+    dtype [B, K, H, chunk] with m the chunk's largest valid score (LOW where it has none, e 0), m and the sum of
+    the rounded e, float32 [B, K, H]. The twin of decode_chunks_kernel."""
+    B, H, N = s.shape
+    K = N // chunk
+    f32 = mx.float32
+    x = s.astype(f32).reshape(B, H, K, chunk).transpose(0, 2, 1, 3)
+    valid = (mx.arange(N, dtype=mx.int32) <= last.reshape(())).reshape(K, 1, chunk)
+    m = mx.where(valid, x, LOW).max(axis=-1)
+    e = mx.where(valid, mx.exp(x - m[..., None]), 0.0).astype(s.dtype)
+    return e, m, e.astype(f32).sum(axis=-1)
+
+
+def decode_chunks_kernel(s, last, chunk: int):
+    """decode_chunks_ref as one kernel (metal_kernels/mla_decode_chunks.body): a threadgroup a chunk of a head."""
+    from metal_kernels import kernel
+
+    B, H, N = s.shape
+    K = N // chunk
+    f32 = mx.float32
+    T = 32 * CHUNK_GROUPS
+    return kernel("mla_decode_chunks")(
+        inputs=[s, last.astype(mx.int32)],
+        template=[("H", H), ("N", N), ("C", chunk), ("K", K), ("NW", CHUNK_GROUPS)],
+        grid=(T, K * H, B), threadgroup=(T, 1, 1),
+        output_shapes=[(B, K, H, chunk), (B, K, H), (B, K, H)], output_dtypes=[s.dtype, f32, f32],
+    )
 
 
 def absorb_matrix(k_up, pe: int, scale: float) -> mx.array:
