@@ -162,7 +162,7 @@ SPECS = {
         name="mla_decode_merge",
         inputs=("part", "most", "total"),
         outputs=("o",),
-        sample_template=(("H", 32), ("W", 576), ("K", 32), ("NW", 2)),
+        sample_template=(("H", 32), ("W", 576), ("K", 32), ("NW", 8)),
         sample_inputs=(("float32", 32 * 32 * 576), ("float32", 32 * 32), ("float32", 32 * 32)),
         sample_outputs=("bfloat16",),
     ),

@@ -69,7 +69,7 @@ namespace mlx::core::cu {
 
 namespace cg = cooperative_groups;
 
-__global__ void custom_kernel_mla_decode_merge_32_576_32_2(
+__global__ void custom_kernel_mla_decode_merge_32_576_32_8(
     const float* part,
     const float* most,
     const float* total,
@@ -77,7 +77,7 @@ __global__ void custom_kernel_mla_decode_merge_32_576_32_2(
   constexpr int H = 32;
   constexpr int W = 576;
   constexpr int K = 32;
-  constexpr int NW = 2;
+  constexpr int NW = 8;
 
 const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
                                  blockIdx.y * blockDim.y + threadIdx.y,
@@ -85,34 +85,48 @@ const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
 // MLA decode, the last launch: combines a page's (or pages') chunks per head (flash decoding),
 // o = sum_k exp(most_k - top) part_k / sum_k exp(most_k - top) total_k with top the largest most_k (chunks
 // without a valid row hold LOW and weigh nothing; the first chunk always holds row 0).
-// Grid (T, H * CB, B), threadgroup (T, 1, 1) with T = 32 * NW and CB = ceil(W / T) column blocks:
-// y = head * CB + block; thread t writes column block * T + t of that head, reading the chunks' parts of that
-// column with consecutive lanes on consecutive columns.
+// Grid (32 * NW, H * CB, B), threadgroup (32 * NW, 1, 1) with CB = ceil(W / 32) blocks of 32 columns:
+// y = head * CB + block. Every lane group finds top and the denominator itself (its lanes over the chunks),
+// then group g sums chunks g, g + NW, ... of the block's columns (lane l: column block * 32 + l, so a group
+// reads 32 consecutive columns of a chunk) and the groups' sums are added in threadgroup memory. Many chunks
+// (4,096 at 1M rows) thus spread over the lane groups instead of one long loop a thread.
 // Template: H heads, W row width, K chunks, NW lane groups.
 // Inputs: part [B, K, H, W] (float32, or the query's dtype from the matmul path); most, total [B, K, H] float32.
 // Output: o [B, H, W] (the query's dtype).
-constexpr int T = 32 * NW;
-constexpr int CB = (W + T - 1) / T;
+constexpr int CB = (W + 31) / 32;
 constexpr float LOW = -3.0e38f;
-const int t = kda_gid.x % T;
+KDA_SHARED float red[NW * 32];
+const int t = kda_gid.x % (32 * NW);
+const int lane = t % 32;
+const int grp = t / 32;
 const int h = kda_gid.y / CB;
-const int c = (kda_gid.y % CB) * T + t;
+const int c = (kda_gid.y % CB) * 32 + lane;
 const size_t b = kda_gid.z;
 float top = LOW;
-for (int k = 0; k < K; ++k) {
+for (int k = lane; k < K; k += 32) {
   top = kda_fmax(top, most[(b * K + k) * H + h]);
 }
+for (int off = 16; off > 0; off /= 2) {
+  top = kda_fmax(top, kda_shfl_xor(top, off));
+}
 float sum = 0.0f;
+for (int k = lane; k < K; k += 32) {
+  sum += kda_exp(most[(b * K + k) * H + h] - top) * total[(b * K + k) * H + h];
+}
+sum = kda_simd_sum(sum);
 float acc = 0.0f;
-for (int k = 0; k < K; ++k) {
-  const size_t at = (b * K + k) * H + h;
-  const float w = kda_exp(most[at] - top);
-  sum += w * total[at];
-  if (c < W) {
-    acc += w * static_cast<float>(part[at * W + c]);
+if (c < W) {
+  for (int k = grp; k < K; k += NW) {
+    const size_t at = (b * K + k) * H + h;
+    acc += kda_exp(most[at] - top) * static_cast<float>(part[at * W + c]);
   }
 }
-if (c < W) {
+red[t] = acc;
+kda_barrier();
+if (grp == 0 && c < W) {
+  for (int g = 1; g < NW; ++g) {
+    acc += red[g * 32 + lane];
+  }
   kda_store(o, (b * H + h) * W + c, acc / sum);
 }
 

@@ -67,7 +67,7 @@ KDA_FN float kda_softplus(float x) {
   return x > 20.0f ? x : kda_fmax(x, 0.0f) + kda_log1p(kda_exp(-kda_fabs(x)));
 }
 template <int H, int W, int K, int NW>
-[[kernel]] void custom_kernel_mla_decode_merge__32_576_32_2_float_float_float_bfloat16_t(
+[[kernel]] void custom_kernel_mla_decode_merge__32_576_32_8_float_float_float_bfloat16_t(
   const device float* part [[buffer(0)]],
   const device float* most [[buffer(1)]],
   const device float* total [[buffer(2)]],
@@ -77,37 +77,51 @@ const uint3 kda_gid = thread_position_in_grid;
 // MLA decode, the last launch: combines a page's (or pages') chunks per head (flash decoding),
 // o = sum_k exp(most_k - top) part_k / sum_k exp(most_k - top) total_k with top the largest most_k (chunks
 // without a valid row hold LOW and weigh nothing; the first chunk always holds row 0).
-// Grid (T, H * CB, B), threadgroup (T, 1, 1) with T = 32 * NW and CB = ceil(W / T) column blocks:
-// y = head * CB + block; thread t writes column block * T + t of that head, reading the chunks' parts of that
-// column with consecutive lanes on consecutive columns.
+// Grid (32 * NW, H * CB, B), threadgroup (32 * NW, 1, 1) with CB = ceil(W / 32) blocks of 32 columns:
+// y = head * CB + block. Every lane group finds top and the denominator itself (its lanes over the chunks),
+// then group g sums chunks g, g + NW, ... of the block's columns (lane l: column block * 32 + l, so a group
+// reads 32 consecutive columns of a chunk) and the groups' sums are added in threadgroup memory. Many chunks
+// (4,096 at 1M rows) thus spread over the lane groups instead of one long loop a thread.
 // Template: H heads, W row width, K chunks, NW lane groups.
 // Inputs: part [B, K, H, W] (float32, or the query's dtype from the matmul path); most, total [B, K, H] float32.
 // Output: o [B, H, W] (the query's dtype).
-constexpr int T = 32 * NW;
-constexpr int CB = (W + T - 1) / T;
+constexpr int CB = (W + 31) / 32;
 constexpr float LOW = -3.0e38f;
-const int t = kda_gid.x % T;
+KDA_SHARED float red[NW * 32];
+const int t = kda_gid.x % (32 * NW);
+const int lane = t % 32;
+const int grp = t / 32;
 const int h = kda_gid.y / CB;
-const int c = (kda_gid.y % CB) * T + t;
+const int c = (kda_gid.y % CB) * 32 + lane;
 const size_t b = kda_gid.z;
 float top = LOW;
-for (int k = 0; k < K; ++k) {
+for (int k = lane; k < K; k += 32) {
   top = kda_fmax(top, most[(b * K + k) * H + h]);
 }
+for (int off = 16; off > 0; off /= 2) {
+  top = kda_fmax(top, kda_shfl_xor(top, off));
+}
 float sum = 0.0f;
+for (int k = lane; k < K; k += 32) {
+  sum += kda_exp(most[(b * K + k) * H + h] - top) * total[(b * K + k) * H + h];
+}
+sum = kda_simd_sum(sum);
 float acc = 0.0f;
-for (int k = 0; k < K; ++k) {
-  const size_t at = (b * K + k) * H + h;
-  const float w = kda_exp(most[at] - top);
-  sum += w * total[at];
-  if (c < W) {
-    acc += w * static_cast<float>(part[at * W + c]);
+if (c < W) {
+  for (int k = grp; k < K; k += NW) {
+    const size_t at = (b * K + k) * H + h;
+    acc += kda_exp(most[at] - top) * static_cast<float>(part[at * W + c]);
   }
 }
-if (c < W) {
+red[t] = acc;
+kda_barrier();
+if (grp == 0 && c < W) {
+  for (int g = 1; g < NW; ++g) {
+    acc += red[g * 32 + lane];
+  }
   kda_store(o, (b * H + h) * W + c, acc / sum);
 }
 
 }
 
-template [[host_name("custom_kernel_mla_decode_merge__32_576_32_2_float_float_float_bfloat16_t")]] [[kernel]] decltype(custom_kernel_mla_decode_merge__32_576_32_2_float_float_float_bfloat16_t<32, 576, 32, 2>) custom_kernel_mla_decode_merge__32_576_32_2_float_float_float_bfloat16_t<32, 576, 32, 2>;
+template [[host_name("custom_kernel_mla_decode_merge__32_576_32_8_float_float_float_bfloat16_t")]] [[kernel]] decltype(custom_kernel_mla_decode_merge__32_576_32_8_float_float_float_bfloat16_t<32, 576, 32, 8>) custom_kernel_mla_decode_merge__32_576_32_8_float_float_float_bfloat16_t<32, 576, 32, 8>;

@@ -278,7 +278,7 @@ PAGE_KERNEL_ROWS = 8192  # decode takes the page kernels up to this many cache r
 PAGE_KERNEL_HEADS = 8  # heads a threadgroup of mla_decode_page serves (HG; their queries in threadgroup memory)
 PAGE_KERNEL_GROUPS = 4  # 32-lane groups a threadgroup of mla_decode_page (NW)
 PAGE_CHUNK_ROWS = 64  # rows a threadgroup of mla_decode_page takes (R): 16 chunks x 4 head groups at 1,024 rows
-MERGE_GROUPS = 2  # 32-lane groups a threadgroup of mla_decode_merge (a thread a column: 9 x 32 of them at 576 x 32)
+MERGE_GROUPS = 8  # 32-lane groups a threadgroup of mla_decode_merge (each over every 8th chunk of 32 columns)
 CHUNK_GROUPS = 4  # 32-lane groups a threadgroup of mla_decode_chunks (4 of a 512-row chunk's scores a thread)
 LOW = -3.0e38  # the kernels' "no valid row" maximum
 
@@ -341,7 +341,7 @@ def decode_merge_ref(part, most, total, dtype) -> mx.array:
 
 
 def decode_merge_kernel(part, most, total, dtype) -> mx.array:
-    """decode_merge_ref as one kernel (metal_kernels/mla_decode_merge.body): a thread a column of a head."""
+    """decode_merge_ref as one kernel (metal_kernels/mla_decode_merge.body): a threadgroup 32 columns of a head."""
     from metal_kernels import kernel
 
     B, K, H, W = part.shape
@@ -349,7 +349,7 @@ def decode_merge_kernel(part, most, total, dtype) -> mx.array:
     (o,) = kernel("mla_decode_merge")(
         inputs=[part, most, total],
         template=[("H", H), ("W", W), ("K", K), ("NW", MERGE_GROUPS)],
-        grid=(T, H * -(-W // T), B), threadgroup=(T, 1, 1),
+        grid=(T, H * -(-W // 32), B), threadgroup=(T, 1, 1),
         output_shapes=[(B, H, W)], output_dtypes=[dtype],
     )
     return o
