@@ -515,9 +515,6 @@ def test_decode_takes_the_split_kernels_for_long_or_several_pages(monkeypatch, S
     assert err(A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept), out) < 2e-5
     assert calls == [len(cache.pages)]
     assert not A.split_kernels_fit(q[:, :, 0], A.LatentCache(cache.pages, 4, 64))  # quantized: the matmul path
-    monkeypatch.delenv(A.PAGE_ENV)
-    monkeypatch.setattr(A, "SPLIT_KERNEL_ROWS", 8)
-    assert A.split_kernels_fit(q[:, :, 0], cache) == all(p[0].shape[1] <= 8 for p in cache.pages)
 
 
 @pytest.mark.gpu

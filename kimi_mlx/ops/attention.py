@@ -28,8 +28,8 @@ Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and 
          tile). One tile spans several cache pages when they fit.
   decode mla_decode: one query over whole pages with a mask (shape-stable, so the decoder compiles it);
          on a GPU one page of <= PAGE_KERNEL_ROWS rows runs as two kernels (decode_page_kernel, twin
-         decode_page_ref: 280-300 vs 190-220 tok/s on an H200), and longer or several pages of up to
-         SPLIT_KERNEL_ROWS rows as flash decoding with the two matmuls between kernels (_decode_split: decode_chunks_kernel and decode_merge_kernel,
+         decode_page_ref: 280-300 vs 190-220 tok/s on an H200), and longer or several pages as flash decoding
+         with the two matmuls between kernels (_decode_split: decode_chunks_kernel and decode_merge_kernel,
          twins decode_chunks_ref and decode_merge_ref). KIMI_MLX_MLA_PAGE=off turns both off.
 Quantized caches (see LatentCache.bits) always take the tiled path.
 """
@@ -236,22 +236,18 @@ def _decode_pages(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
     return o
 
 
-SPLIT_KERNEL_ROWS = 65536  # decode takes _decode_split for pages up to this many rows: on an H200 (017be3b, one
-#                            layer alone) it ran 62 / 65 / 176 us at 16k / 32k / 131k rows against the matmul
-#                            path's 82 / 80 / 149 (where its chunk and merge kernels lose at long pages is not
-#                            profiled yet)
-
-
 def split_kernels_fit(qa, cache: LatentCache) -> bool:
     """Whether mla_decode runs as _decode_split: on a GPU (unless KIMI_MLX_MLA_PAGE=off or KIMI_MLX_MLA=ref),
-    unquantized pages of at most SPLIT_KERNEL_ROWS rows in the query's dtype, each a whole number of chunks of
-    min(SPLIT_ROWS, its rows)."""
+    unquantized pages in the query's dtype, each a whole number of chunks of min(SPLIT_ROWS, its rows).
+    On an H200 one layer's split decode took 69 / 116 / 172 us at 32k / 64k / 131k rows against the matmul
+    path's 86 / 133 / 206 when each call's query came from the one before (as layers do); under ncu at 131k
+    its four kernels ran 131 us against the matmul path's eight 157."""
     from .kda import gpu_backend
 
     return (SPLIT_ROWS > 0 and not cache.bits and page_mode() == "on" and mode() != "ref"
             and gpu_backend() is not None
-            and all(p[0].dtype == qa.dtype and p[0].shape[1] <= SPLIT_KERNEL_ROWS
-                    and p[0].shape[1] % min(SPLIT_ROWS, p[0].shape[1]) == 0 for p in cache.pages))
+            and all(p[0].dtype == qa.dtype and p[0].shape[1] % min(SPLIT_ROWS, p[0].shape[1]) == 0
+                    for p in cache.pages))
 
 
 def _decode_split(qa, cache: LatentCache, row: mx.array) -> mx.array:
