@@ -241,7 +241,7 @@ def split_kernels_fit(qa, cache: LatentCache) -> bool:
     unquantized pages in the query's dtype, each a whole number of chunks of min(SPLIT_ROWS, its rows).
     On an H200 one layer's split decode took 69 / 116 / 172 us at 32k / 64k / 131k rows against the matmul
     path's 86 / 133 / 206 when each call's query came from the one before (as layers do); under ncu at 131k
-    its four kernels ran 131 us against the matmul path's eight 157."""
+    its four kernels ran 131 us against the matmul path's eight 164."""
     from .kda import gpu_backend
 
     return (SPLIT_ROWS > 0 and not cache.bits and page_mode() == "on" and mode() != "ref"
