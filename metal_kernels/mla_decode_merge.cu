@@ -89,7 +89,7 @@ const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
 // y = head * CB + block. Every lane group finds top and the denominator itself (its lanes over the chunks),
 // then group g sums chunks g, g + NW, ... of the block's columns (lane l: column block * 32 + l, so a group
 // reads 32 consecutive columns of a chunk) and the groups' sums are added in threadgroup memory. Many chunks
-// (4,096 at 1M rows) thus spread over the lane groups instead of one long loop a thread.
+// (2,048 at 1M rows) thus spread over the lane groups instead of one long loop a thread.
 // Template: H heads, W row width, K chunks, NW lane groups.
 // Inputs: part [B, K, H, W] (float32, or the query's dtype from the matmul path); most, total [B, K, H] float32.
 // Output: o [B, H, W] (the query's dtype).

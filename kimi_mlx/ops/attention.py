@@ -276,8 +276,9 @@ def _decode_split(qa, cache: LatentCache, row: mx.array) -> mx.array:
 PAGE_KERNEL_ROWS = 8192  # decode takes the page kernels up to this many cache rows: on an H200 (bfd7d64) they
 #                         decoded 240-300 tok/s at 1k, 4k and 8k rows against the matmuls' 130-250 in alternating
 #                         processes; at long pages their arithmetic on CUDA cores outgrows the matmuls' tensor
-#                         cores (ncu at 8k: 65 + 79 us a layer). The one-launch kernels before them ran 88 us (one
-#                         pass) and 415 us (two passes, a thread a row) a launch at 1,024 rows.
+#                         cores (ncu at 8k, bfd7d64: 65 us a layer, and 79 for the merge 017be3b rewrote). The
+#                         one-launch kernels before them ran 88 us (one pass) and 415 us (two passes, a thread a
+#                         row) a launch at 1,024 rows.
 PAGE_KERNEL_HEADS = 8  # heads a threadgroup of mla_decode_page serves (HG; their queries in threadgroup memory)
 PAGE_KERNEL_GROUPS = 4  # 32-lane groups a threadgroup of mla_decode_page (NW)
 PAGE_CHUNK_ROWS = 64  # rows a threadgroup of mla_decode_page takes (R): 16 chunks x 4 head groups at 1,024 rows
