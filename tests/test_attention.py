@@ -347,6 +347,22 @@ def test_decode_page_ref_is_attention_over_the_valid_rows():
     assert float(mx.abs(got - p @ page[:, :5]).max()) < 1e-5
 
 
+PE_SMALL = 6  # the decode routing tests' pe width (latent 58: rows of 64)
+
+
+def decode_case(S, page_first):
+    """A one-token decode after S cached rows in pages of page_first rows growing to 16 (two sequences): the
+    query, up-projections, the decode slot, the cache with the new row written, and the S + 1 rows dense."""
+    rows, q, k_up, v_up = inputs(2, 1, S + 1, seed=S, latent=58, pe=PE_SMALL)
+    st = MLAState(page_first=page_first, page_max=16)
+    st.append(rows[:, :S])
+    slot = st.decode_slot()
+    last = tuple(mx.put_along_axis(p, slot.row, r, axis=1) for p, r in zip(slot.pages[-1], (rows[:, S:],)))
+    cache = A.LatentCache(slot.pages[:-1] + (last,), 0, 64)
+    dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, : S + 1]
+    return q, k_up, v_up, slot, cache, dq
+
+
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
 @pytest.mark.parametrize("absorb", [False, True])
 @pytest.mark.parametrize("S", [1, 8, 9, 20])
@@ -366,15 +382,8 @@ def test_decode_takes_the_page_kernel_where_it_fits(monkeypatch, S, absorb):
     monkeypatch.setattr(kda_ops, "gpu_backend", lambda: "cuda")
     monkeypatch.setattr(A, "decode_page_kernel", counted)
     monkeypatch.setattr(A, "PAGE_KERNEL_HEADS", 1)
-    latent, pe = 58, 6
-    rows, q, k_up, v_up = inputs(2, 1, S + 1, seed=S, latent=latent, pe=pe)
-    st = MLAState(page_first=8, page_max=16)
-    st.append(rows[:, :S])
-    slot = st.decode_slot()
-    last = tuple(mx.put_along_axis(p, slot.row, r, axis=1) for p, r in zip(slot.pages[-1], (rows[:, S:],)))
-    cache = A.LatentCache(slot.pages[:-1] + (last,), 0, 64)
-    kept = (A.absorb_matrix(k_up, pe, SCALE), A.value_matrix(v_up, pe)) if absorb else ()
-    dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, : S + 1]
+    q, k_up, v_up, slot, cache, dq = decode_case(S, page_first=8)
+    kept = (A.absorb_matrix(k_up, PE_SMALL, SCALE), A.value_matrix(v_up, PE_SMALL)) if absorb else ()
     monkeypatch.setenv(A.PAGE_ENV, "off")
     A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
     assert calls == []
@@ -499,15 +508,8 @@ def test_decode_takes_the_split_kernels_for_long_or_several_pages(monkeypatch, S
     calls = []
     split = A._decode_split
     monkeypatch.setattr(A, "_decode_split", lambda *a: calls.append(len(a[1].pages)) or split(*a))
-    latent, pe = 58, 6
-    rows, q, k_up, v_up = inputs(2, 1, S + 1, seed=S, latent=latent, pe=pe)
-    st = MLAState(page_first=4, page_max=16)
-    st.append(rows[:, :S])
-    slot = st.decode_slot()
-    last = tuple(mx.put_along_axis(p, slot.row, r, axis=1) for p, r in zip(slot.pages[-1], (rows[:, S:],)))
-    cache = A.LatentCache(slot.pages[:-1] + (last,), 0, 64)
-    dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, : S + 1]
-    kept = (A.absorb_matrix(k_up, pe, SCALE), A.value_matrix(v_up, pe))
+    q, k_up, v_up, slot, cache, dq = decode_case(S, page_first=4)
+    kept = (A.absorb_matrix(k_up, PE_SMALL, SCALE), A.value_matrix(v_up, PE_SMALL))
     out = A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
     assert calls == [len(cache.pages)] and (S < 16 or len(cache.pages) > 1)
     assert err(out, mla_attention_ref(q, dq, k_up, v_up, SCALE)) < 2e-5
