@@ -311,11 +311,23 @@ def page_inputs(B, H, N, W, seed, dtype=mx.float32):
     return mx.array(qa).astype(dtype), mx.array(page).astype(dtype)
 
 
-def _emulated_page_kernel(kind, monkeypatch, heads=2):
-    """A.decode_page_kernel (the real wrapper: template, grid, threadgroup) with its launch run by the emulator."""
+def _emulated(kind, monkeypatch):
+    """Kernel launches run by the emulator on the generated `kind` text."""
     import metal_kernels
 
     monkeypatch.setattr(metal_kernels, "kernel", kernel_emulator.kernel_factory(kind))
+
+
+def _close(got, ref, tol):
+    """Largest difference within tol times the reference's largest magnitude (float32)."""
+    f32 = mx.float32
+    scale = float(mx.abs(ref.astype(f32)).max())
+    return float(mx.abs(got.astype(f32) - ref.astype(f32)).max()) <= tol * scale
+
+
+def _emulated_page_kernel(kind, monkeypatch, heads=2):
+    """A.decode_page_kernel (the real wrapper: template, grid, threadgroup) with its launch run by the emulator."""
+    _emulated(kind, monkeypatch)
     return partial(A.decode_page_kernel, heads=heads)
 
 
@@ -330,14 +342,11 @@ def test_decode_page_kernel_text_runs_right_on_cpu(kind, dtype, W, N, groups, ch
     junk past row 13 (large rows), two heads a threadgroup, two sequences."""
     qa, page = page_inputs(2, 4, N, W, seed=3, dtype=dtype)
     page = mx.concatenate([page[:, :14], 1e3 * mx.ones_like(page[:, 14:])], axis=1)
-    f32 = mx.float32
     for last in (0, 2, 13, N - 2, N - 1):
         lst = mx.array([last], mx.int32)
         got = _emulated_page_kernel(kind, monkeypatch)(qa, page, lst, groups=groups, chunk=chunk)
         ref = A.decode_page_ref(qa, page, lst)
-        tol = 2e-5 if dtype == f32 else 1e-2
-        scale = float(mx.abs(ref.astype(f32)).max())
-        assert float(mx.abs(got.astype(f32) - ref.astype(f32)).max()) <= tol * scale, last
+        assert _close(got, ref, 2e-5 if dtype == mx.float32 else 1e-2), last
 
 
 def test_decode_page_ref_is_attention_over_the_valid_rows():
@@ -404,12 +413,10 @@ def test_decode_page_kernel_on_gpu(dtype, N):
     """The model's shape (32 heads, rows of 576, pages of 2,048 and of the most rows the kernels take) at ragged
     valid lengths."""
     qa, page = page_inputs(2, 32, N, 576, seed=5, dtype=dtype)
-    f32 = mx.float32
     for last in (0, 37, 3 * N // 4 - 5, N - 1):
         lst = mx.array([last], mx.int32)
         got, ref = A.decode_page_kernel(qa, page, lst), A.decode_page_ref(qa, page, lst)
-        tol = 2e-5 if dtype == f32 else 1e-2
-        assert float(mx.abs(got.astype(f32) - ref.astype(f32)).max()) <= tol * float(mx.abs(ref.astype(f32)).max())
+        assert _close(got, ref, 2e-5 if dtype == mx.float32 else 1e-2), last
 
 
 def chunk_scores(B, H, N, seed, dtype=mx.float32):
@@ -419,18 +426,6 @@ def chunk_scores(B, H, N, seed, dtype=mx.float32):
     s[:, 0] *= 100.0
     s[:, -1] = r.uniform(-3e4, 3e4, size=(B, N))
     return mx.array(s).astype(dtype)
-
-
-def _emulated(kind, monkeypatch):
-    import metal_kernels
-
-    monkeypatch.setattr(metal_kernels, "kernel", kernel_emulator.kernel_factory(kind))
-
-
-def _close(got, ref, tol):
-    f32 = mx.float32
-    scale = max(float(mx.abs(ref.astype(f32)).max()), 1e-30)
-    return float(mx.abs(got.astype(f32) - ref.astype(f32)).max()) <= tol * scale
 
 
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")

@@ -242,12 +242,17 @@ def split_kernels_fit(qa, cache: LatentCache) -> bool:
     On an H200 one layer's split decode took 69 / 116 / 172 us at 32k / 64k / 131k rows against the matmul
     path's 86 / 133 / 206 when each call's query came from the one before (as layers do); under ncu at 131k
     its four kernels ran 131 us against the matmul path's eight 164."""
+    return (SPLIT_ROWS > 0 and _decode_kernels_allowed(qa, cache)
+            and all(p[0].shape[1] % min(SPLIT_ROWS, p[0].shape[1]) == 0 for p in cache.pages))
+
+
+def _decode_kernels_allowed(qa, cache: LatentCache) -> bool:
+    """What both decode kernel paths need: a GPU, KIMI_MLX_MLA_PAGE=on and KIMI_MLX_MLA not ref, an unquantized
+    cache whose pages hold the query's dtype."""
     from .kda import gpu_backend
 
-    return (SPLIT_ROWS > 0 and not cache.bits and page_mode() == "on" and mode() != "ref"
-            and gpu_backend() is not None
-            and all(p[0].dtype == qa.dtype and p[0].shape[1] % min(SPLIT_ROWS, p[0].shape[1]) == 0
-                    for p in cache.pages))
+    return (not cache.bits and page_mode() == "on" and mode() != "ref" and gpu_backend() is not None
+            and all(p[0].dtype == qa.dtype for p in cache.pages))
 
 
 def _decode_split(qa, cache: LatentCache, row: mx.array) -> mx.array:
@@ -295,13 +300,9 @@ def page_kernel_fits(qa, cache: LatentCache) -> bool:
     """Whether mla_decode runs as decode_page_kernel: on a GPU (unless KIMI_MLX_MLA_PAGE=off or
     KIMI_MLX_MLA=ref), one unquantized page of at most PAGE_KERNEL_ROWS rows in the query's dtype, whose head
     groups' queries and chunk scores fit in 24 KB of threadgroup memory (Metal allows 32)."""
-    from .kda import gpu_backend
-
     B, H, W = qa.shape
-    page = cache.pages[0] if len(cache.pages) == 1 else None
-    return (page is not None and not cache.bits and page_mode() == "on" and mode() != "ref"
-            and gpu_backend() is not None
-            and page[0].shape[1] <= PAGE_KERNEL_ROWS and page[0].dtype == qa.dtype and H % PAGE_KERNEL_HEADS == 0
+    return (len(cache.pages) == 1 and _decode_kernels_allowed(qa, cache)
+            and cache.pages[0][0].shape[1] <= PAGE_KERNEL_ROWS and H % PAGE_KERNEL_HEADS == 0
             and (W + PAGE_CHUNK_ROWS) * PAGE_KERNEL_HEADS * 4 <= 24 * 1024)
 
 
