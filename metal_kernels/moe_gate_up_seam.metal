@@ -190,12 +190,12 @@ const size_t gate_row = static_cast<size_t>(expert) * (2 * I) + r0;
 #else
 const size_t gate_row = static_cast<size_t>(idx[pair]) * (2 * I) + r0;
 #endif
-float acc[2][R];
+float acc[2][R];  // [0] the gate rows, [1] the up rows
 #if MOE_SEAM
 float sq = 0.0f;
 #endif
-for (int half = 0; half < 2; ++half) {
-  for (int j = 0; j < R; ++j) acc[half][j] = 0.0f;
+for (int gu = 0; gu < 2; ++gu) {
+  for (int j = 0; j < R; ++j) acc[gu][j] = 0.0f;
 }
 for (int step = 0; step < STEPS; ++step) {
   const int w = step * 32 + lane;
@@ -211,16 +211,16 @@ for (int step = 0; step < STEPS; ++step) {
       xsum += xv[j];
     }
     const int group = (w * VPW) / GS;
-    for (int half = 0; half < 2; ++half) {
+    for (int gu = 0; gu < 2; ++gu) {
       for (int u = 0; u < R; ++u) {
-        const size_t row = gate_row + half * I + u;
+        const size_t row = gate_row + gu * I + u;
         const unsigned int word = wq[row * WPR + w];
         float dot = 0.0f;
         for (int j = 0; j < VPW; ++j) {
           dot += kda_qval(word, j * BITS, MASK) * xv[j];
         }
         const size_t g = row * GPR + group;
-        acc[half][u] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * xsum;
+        acc[gu][u] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * xsum;
       }
     }
   }
