@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cache
+from contextlib import contextmanager
+from functools import cache, partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -310,8 +311,56 @@ def group_rows(n: int, most: int = 8) -> int:
     return t
 
 
+class KernelFailed(RuntimeError):
+    """A kernel failed to build or to run while `probing` (name: the kernel, why: MLX's first line)."""
+
+    def __init__(self, name: str, why: str):
+        super().__init__(f"{name}: {why}")
+        self.name, self.why = name, why
+
+
+_off: dict[str, str] = {}  # kernel -> why it failed to build or run here (probe_kernels at load): its paths fall back
+_probing = False  # every launch evaluated where it is made, a failure raised as KernelFailed naming the kernel
+
+
+def usable(name: str) -> bool:
+    """Whether the paths that launch kernel `name` may take it: not switched off on this machine."""
+    return name not in _off
+
+
+def switched_off() -> dict[str, str]:
+    """Kernels switched off on this machine, each with the first line of why."""
+    return dict(_off)
+
+
+def switch_off(name: str, why: str) -> None:
+    _off[name] = why
+
+
+@contextmanager
+def probing():
+    """Within: each launch is evaluated at once, so a kernel that fails to build or run raises KernelFailed
+    naming it (outside, MLX builds a kernel when the graph that holds it is evaluated, and the error names
+    none). Used outside compiled functions only."""
+    global _probing
+    before, _probing = _probing, True
+    try:
+        yield
+    finally:
+        _probing = before
+
+
+def check_inputs(name: str, inputs) -> None:
+    """MLX passes a 0-d input to a Metal kernel by reference (`const constant T& x`), where the bodies index
+    every input (`x[0]`): such a launch would not compile on a Mac. Inputs are arrays of one element or more."""
+    for arg, x in zip(SPECS[name].inputs, inputs):
+        if x.ndim == 0:
+            raise ValueError(f"kernel {name}: input {arg!r} is 0-d; pass it with shape (1,) (Metal would take it "
+                             "by reference, which the kernel's x[0] cannot index)")
+
+
 @cache
-def kernel(name: str):
+def _built(name: str):
     """The MLX kernel object for `name` on this machine's GPU backend (built once)."""
     kind = backend()
     if kind is None:
@@ -325,3 +374,24 @@ def kernel(name: str):
         source=compact(body(name, kind)),
         header=compact(header(kind)),
     )
+
+
+def launch(name: str, run, inputs, **kw):
+    """run(inputs=..., **kw): the launch of kernel `name` by `run` (the MLX kernel, or a test's stand-in), its
+    inputs checked, and while probing evaluated at once."""
+    check_inputs(name, inputs)
+    if not _probing:
+        return run(inputs=inputs, **kw)
+    try:
+        out = run(inputs=inputs, **kw)
+        mx.eval(out)
+    except (RuntimeError, ValueError) as e:
+        text = str(e).strip()
+        raise KernelFailed(name, text.splitlines()[0] if text else type(e).__name__) from e
+    return out
+
+
+def kernel(name: str):
+    """A launcher of kernel `name` on this machine's GPU backend: called as MLX's kernel objects are
+    (inputs=, template=, grid=, threadgroup=, output_shapes=, output_dtypes=)."""
+    return partial(launch, name, _built(name))

@@ -31,13 +31,21 @@ def kernel_name(spec: KernelSpec, kind: str, template=None, inputs=None, outputs
     inputs = spec.sample_inputs if inputs is None else inputs
     outputs = spec.sample_outputs if outputs is None else outputs
     name = f"custom_kernel_{spec.name}__" + "_".join(str(v) for _, v in template)
-    name += "".join(f"_{METAL_TYPES[t]}" + ("c" if n < CONSTANT_BELOW else "") for t, n in inputs)
+    name += "".join(f"_{METAL_TYPES[t]}" + ("s" if nd == 0 else "c" if n < CONSTANT_BELOW else "")
+                    for t, n, nd in map(_passing, inputs))
     return name + "".join(f"_{METAL_TYPES[t]}" for t in outputs)
 
 
+def _passing(inp) -> tuple[str, int, int]:
+    """(dtype, elements, ndim) of an input given as (dtype, elements) or (dtype, elements, ndim); ndim 1 unless
+    given."""
+    return (*inp, 1) if len(inp) == 2 else tuple(inp)
+
+
 def render_metal(spec: KernelSpec, template=None, inputs=None, outputs=None) -> str:
-    """Full Metal text for an instantiation: template (name, int) pairs, inputs (dtype, size)
-    pairs and output dtypes, each defaulting to the spec's sample."""
+    """Full Metal text for an instantiation: template (name, int) pairs, inputs (dtype, elements[, ndim]) and
+    output dtypes, each defaulting to the spec's sample. As MLX writes it, an input of fewer than 8 elements is in
+    the constant address space and a 0-d one is passed by reference."""
     template = spec.sample_template if template is None else template
     inputs = spec.sample_inputs if inputs is None else inputs
     outputs = spec.sample_outputs if outputs is None else outputs
@@ -45,9 +53,9 @@ def render_metal(spec: KernelSpec, template=None, inputs=None, outputs=None) -> 
     tmpl = ", ".join(str(v) for _, v in template)
     name = kernel_name(spec, "metal", template, inputs, outputs)
     params = []
-    for i, (arg, (dtype, size)) in enumerate(zip(spec.inputs, inputs)):
+    for i, (arg, (dtype, size, ndim)) in enumerate(zip(spec.inputs, map(_passing, inputs))):
         space = "constant" if size < CONSTANT_BELOW else "device"
-        params.append(f"  const {space} {METAL_TYPES[dtype]}* {arg} [[buffer({i})]]")
+        params.append(f"  const {space} {METAL_TYPES[dtype]}{'&' if ndim == 0 else '*'} {arg} [[buffer({i})]]")
     for j, (arg, dtype) in enumerate(zip(spec.outputs, outputs)):
         params.append(f"  device {METAL_TYPES[dtype]}* {arg} [[buffer({len(spec.inputs) + j})]]")
     params += [f"  {t} {a} [[{a}]]" for a, t in METAL_ATTRIBUTES.items() if a in src]
@@ -71,7 +79,7 @@ def render_cuda(spec: KernelSpec, template=None, inputs=None, outputs=None) -> s
     inputs = spec.sample_inputs if inputs is None else inputs
     outputs = spec.sample_outputs if outputs is None else outputs
     name = kernel_name(spec, "cuda", template)
-    params = [f"    const {CUDA_TYPES[t]}* {a}" for a, (t, _) in zip(spec.inputs, inputs)]
+    params = [f"    const {CUDA_TYPES[t]}* {a}" for a, (t, *_) in zip(spec.inputs, inputs)]
     params += [f"    {CUDA_TYPES[t]}* {a}" for a, t in zip(spec.outputs, outputs)]
     consts = "".join(f"  constexpr int {k} = {v};\n" for k, v in template)
     return (

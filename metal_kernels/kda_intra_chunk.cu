@@ -103,9 +103,9 @@ constexpr int QS = 0;              // q slice [C][Q]
 constexpr int KS = C * Q;          // k slice [C][Q]
 constexpr int GS = 2 * C * Q;      // g slice [C][Q]
 constexpr int PF = 3 * C * Q;      // factors [LV][C][Q]
-constexpr int A0 = 0;              // afterwards: A [C][C]
-constexpr int T0 = C * C;          //             the inverse [C][C]
-KDA_SHARED float sm[2 * C * C];
+constexpr int A0 = 0;              // afterwards: A [C][C] below its diagonal, the inverse's columns above it
+constexpr int SM = (PF + LV * C * Q > C * C) ? PF + LV * C * Q : C * C;
+KDA_SHARED float sm[SM];  // 18 KB at C = 64: Metal gives a threadgroup 32 KB
 const int tid = kda_gid.x;
 const int blk = kda_gid.y;
 const int rows = blk * C * DK;
@@ -181,17 +181,19 @@ for (int s = 0; s < SLOTS; ++s) {
   }
 }
 kda_barrier();
-// (I + A)^-1 by forward substitution, column c by thread c: T[i][c] = -sum_{j=c..i-1} A[i][j] T[j][c]
+// (I + A)^-1 by forward substitution, column c by thread c: T[i][c] = -sum_{j=c..i-1} A[i][j] T[j][c], with
+// T[c][c] = 1. A is strictly lower triangular, so thread c keeps its column's T[j][c] (j > c) in A's unused
+// upper triangle, transposed at [c][j]: only thread c reads or writes row c there, and at each step j = c + r
+// the threads read [c][c + r] and [i][c + r] at a stride of C + 1 words (no shared bank twice).
 if (tid < C) {
   const int c = tid;
-  sm[T0 + c * C + c] = 1.0f;
   t_inv[blk * C * C + c * C + c] = 1.0f;
   for (int i = c + 1; i < C; ++i) {
-    float t = 0.0f;
-    for (int j = c; j < i; ++j) {
-      t += sm[A0 + i * C + j] * sm[T0 + j * C + c];
+    float t = sm[A0 + i * C + c];
+    for (int j = c + 1; j < i; ++j) {
+      t += sm[A0 + i * C + j] * sm[A0 + c * C + j];
     }
-    sm[T0 + i * C + c] = -t;
+    sm[A0 + c * C + i] = -t;
     t_inv[blk * C * C + i * C + c] = -t;
   }
 }

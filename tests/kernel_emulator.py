@@ -13,11 +13,13 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+import metal_kernels
 from metal_kernels import SPECS
 from metal_kernels.generate import kernel_name, render_cuda, render_metal
 
@@ -123,12 +125,18 @@ def emulate(name, kind, inputs, template, grid, threadgroup, output_shapes, outp
     return out
 
 
+def emulated_kernel(kind: str, name: str):
+    """A call of kernel `name`'s `kind` text here, with MLX's kernel-call arguments."""
+    def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+        return emulate(name, kind, inputs, tuple(template), grid=grid, threadgroup=threadgroup,
+                       output_shapes=output_shapes, output_dtypes=output_dtypes)
+    return call
+
+
 def kernel_factory(kind: str):
-    """A stand-in for metal_kernels.kernel: kernel objects whose calls run the generated text here, so the ops
-    wrappers (argument order, templates, grids, output shapes) are checked on the CPU too."""
+    """A stand-in for metal_kernels.kernel: launchers (metal_kernels.launch: inputs checked, evaluated at once
+    while probing) whose calls run the generated text here, so the ops wrappers (argument order, templates, grids,
+    output shapes) are checked on the CPU too."""
     def make(name: str):
-        def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
-            return emulate(name, kind, inputs, tuple(template), grid=grid, threadgroup=threadgroup,
-                           output_shapes=output_shapes, output_dtypes=output_dtypes)
-        return call
+        return partial(metal_kernels.launch, name, emulated_kernel(kind, name))
     return make

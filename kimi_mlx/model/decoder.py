@@ -26,6 +26,7 @@ PACED_ON = (mx.gpu,)  # ... on these devices
 # step_memory.py --runs TILES:AHEAD compares them
 LAYERS_AHEAD = 0
 AHEAD_CHOICES = (0, 0.5, 1)
+PROBE_TOKENS = 64  # Model.probe_kernels' prefill: one whole KDA chunk, past ops/kda.CHUNKED_MIN_T
 
 
 def residual(h: mx.array, r: mx.array | None) -> mx.array:
@@ -158,6 +159,7 @@ class Model(nn.Module):
         self._pipeline = pipeline
         self.compile_decode = True  # False: run one-token steps eagerly (the reference)
         self.compile_prefill = True  # False: prefill steps run eagerly (the reference)
+        self.eager_steps = False  # True: one-token steps take the decode path's functions uncompiled (tests)
         self._steps = None
         self._whole = None
         self._prefill = None
@@ -178,18 +180,44 @@ class Model(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.model.layers[self.owned[0]].input_layernorm.weight.dtype
 
-    def check_decode_kernels(self) -> list[str]:
-        """Each KDA layer's decode kernels run once on zeros; those this GPU refuses stay off (the layer decodes
-        through the next path down: model/kda.py). Call outside compiled steps (load does). Messages, [] if none."""
-        state = self.new_state(1)
+    def probe_kernels(self) -> list[str]:
+        """Build and run once every GPU kernel this model's owned layers launch, on zeros, outside compiled steps:
+        a prefill of PROBE_TOKENS tokens, then one decode step through the layers' steps run eagerly (the same
+        functions decode compiles), then the MLA decode kernels for long pages. A kernel that fails to build or
+        run (metal_kernels.KernelFailed: a compile error, a threadgroup the GPU refuses, ...) is switched off for
+        this process and its paths take the next one down; the pass runs again until none fails. Returns one
+        line per kernel switched off ("name: why"); [] on the CPU. Load calls it (weights/load.check_kernels)."""
+        import metal_kernels
+
+        from ..ops.attention import probe_split_kernels
+        from ..ops.kda import gpu_backend
+
+        if gpu_backend() is None:
+            return []
         found = []
-        for i in self.owned:
-            layer = self.model.layers[i]
-            if layer.is_kda:
-                messages = layer.self_attn.check_decode_kernels(state.layers[i], self.dtype)
-                found += [m for m in messages if m not in found]
-        self._steps = self._whole = None  # compiled steps traced before a refusal would still launch the kernel
-        return found
+        for _ in range(len(metal_kernels.SPECS) + 1):  # each pass switches off one more kernel, or ends
+            try:
+                with metal_kernels.probing():
+                    self._probe_pass()
+                    probe_split_kernels(self.config, self.dtype)
+                break
+            except metal_kernels.KernelFailed as e:
+                metal_kernels.switch_off(e.name, e.why)
+                found.append(f"{e.name}: {e.why}")
+        self._steps = self._whole = self._prefill = self._prefill_ffn = None  # graphs traced before a switch-off
+        return found  # would still launch the kernel
+
+    def _probe_pass(self) -> None:
+        """A prefill and a decode step of zeros through the owned layers, every step eager."""
+        state = self.new_state(1)
+        D = self.config.hidden_size
+        mx.eval(self._layers(mx.zeros((1, PROBE_TOKENS, D), self.dtype), state, compiled=False))
+        state.offset += PROBE_TOKENS
+        self._steps = {i: self.model.layers[i].compiled_step(lambda f: f) for i in self.owned}
+        try:
+            mx.eval(self._decode_each(mx.zeros((1, 1, D), self.dtype), state))
+        finally:
+            self._steps = None
 
     def new_state(self, batch_size: int = 1, cache_bits: int = 0) -> ModelState:
         """A fresh state; cache_bits 8 or 4 quantizes the MLA latent caches (see state.py)."""
@@ -229,8 +257,14 @@ class Model(nn.Module):
         if decode_mode() == "model" and all(state.layers[i].pages for i in self.owned
                                             if not self.model.layers[i].is_kda):
             return self._decode_whole(h, state)
+        return self._decode_each(h, state)
+
+    def _decode_each(self, h: mx.array, state: ModelState) -> tuple[mx.array, mx.array | None]:
+        """The owned layers' one-token steps one layer at a time (self._steps: compiled unless a caller set
+        them)."""
         if self._steps is None:
-            self._steps = {i: self.model.layers[i].compiled_step() for i in self.owned}
+            compile = (lambda f: f) if self.eager_steps else mx.compile
+            self._steps = {i: self.model.layers[i].compiled_step(compile) for i in self.owned}
         r = None
         for i in self.owned:
             layer, s, step = self.model.layers[i], state.layers[i], self._steps[i]

@@ -12,6 +12,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from metal_kernels import usable
 
 from ..config import env_choice
 from ..errors import ConfigError
@@ -88,7 +89,8 @@ class FusedMoE(nn.Module):
     def path(self, tokens: int) -> str:
         """The expert path (expert_path) for a call over this many tokens."""
         pairs = tokens * (self.gate.opts["top_k"] + self.num_shared)
-        return expert_path(pairs, self.num_routed + self.num_shared, self.kernel_fits)
+        return expert_path(pairs, self.num_routed + self.num_shared,
+                           self.kernel_fits and usable("moe_gate_up") and usable("moe_down"))
 
     def seam_fits(self, h: mx.array, a: mx.array) -> bool:
         """Whether after_seam folds the seam into the router and gate|up kernels for this call: decode on a GPU
@@ -99,7 +101,8 @@ class FusedMoE(nn.Module):
         return (seam_mode() == "auto" and gpu_backend() is not None
                 and norm_mode() != "ref" and route_mode() != "ref" and a.shape == h.shape and D % 32 == 0
                 and N <= LOGITS_KERNEL_ROWS and self.gate.weight.dtype == mx.float32 and self.path(N) == "kernel"
-                and route_supports(self.num_routed, opts["top_k"], opts["n_group"]))
+                and route_supports(self.num_routed, opts["top_k"], opts["n_group"])
+                and usable("moe_router_norm") and usable("moe_gate_up_seam"))
 
     def after_seam(self, h: mx.array, a: mx.array, norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
         """(h + a, self(rms_norm(h + a))) where seam_fits: the decoder's seam before the MoE (h the residual, a the

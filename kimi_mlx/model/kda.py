@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from metal_kernels import usable
 
 from ..config import ModelConfig
 from ..ops.kda import decode_path, gated_norm, kda, kda_decode_step, softplus
 from ..ops.fast_math import silu
-from ..ops.kda_decode import decode_step_gates_kernel, gates_kernel_supports, refusal
+from ..ops.kda_decode import decode_step_gates_kernel, gates_kernel_supports
 from ..state import KDAState
 
 
@@ -74,15 +75,16 @@ class KimiDeltaAttention(nn.Module):
         f_a, g_a, b_logit = self.low_rank_inputs(x)
         return self.f_b_proj(f_a), self.g_b_proj(g_a), b_logit
 
-    refused_kernels: frozenset = frozenset()  # decode kernels this GPU would not run (check_decode_kernels)
-
     def decode_step(self, x: mx.array, state: KDAState, path: str):
         """(y [B, H, D], recurrent, conv): one fused op for conv update, norms, gates, state update, readout and
-        output gate (ops/kda_decode.py); on the kernel path it also applies f_b and g_b where it can."""
+        output gate (ops/kda_decode.py); on the kernel path it also applies f_b and g_b where it can. A kernel
+        switched off on this machine (metal_kernels.usable) gives way to the next path down: the kernel without
+        the gate projections, then the fused ops."""
         if path == "kernel" and self.gates_kernel_applies(state):
             return decode_step_gates_kernel(self.qkv_proj(x)[:, 0], self.gates_in(x)[:, 0], *self._step_rest(state),
                                             self.f_b_proj, self.g_b_proj, self.o_norm_weight, self.norm_eps)
-        return self._decode_step_after_gates(x, state, "ops" if "kda_decode" in self.refused_kernels else path)
+        return self._decode_step_after_gates(x, state, "ops" if path == "kernel" and not usable("kda_decode")
+                                             else path)
 
     def _step_rest(self, state: KDAState) -> tuple:
         return state.conv, self.conv_weight, self.A_log, self.dt_bias, state.recurrent
@@ -94,30 +96,8 @@ class KimiDeltaAttention(nn.Module):
                                g_b[:, 0], self.o_norm_weight, self.norm_eps)
 
     def gates_kernel_applies(self, state: KDAState) -> bool:
-        return "gates_in" in self and "kda_decode_gates" not in self.refused_kernels and \
+        return "gates_in" in self and usable("kda_decode_gates") and \
             gates_kernel_supports(self.f_b_proj, self.g_b_proj, state.recurrent)
-
-    def check_decode_kernels(self, state: KDAState, dtype: mx.Dtype) -> list[str]:
-        """Run this layer's decode kernels once on a token of zeros (at load, outside any compiled step), and keep
-        off those the GPU refuses (ops/kda_decode.refusal): the layer then decodes through the next path down
-        (the kernel without the gate projections, then the fused ops). The refusals' messages; [] on the CPU."""
-        if decode_path(state.recurrent, self.conv_weight) != "kernel":
-            return []
-        x = mx.zeros((state.recurrent.shape[0], 1, self.hidden_size), dtype)
-        key = (self.num_heads, self.head_dim, tuple(self.conv_weight.shape), str(dtype))
-        found = []
-        if self.gates_kernel_applies(state):
-            why = refusal("kda_decode_gates", key + (self.f_b_proj.bits, self.f_b_proj.group_size),
-                          lambda: self.decode_step(x, state, "kernel"))
-            if not why:
-                return []
-            self.refused_kernels = self.refused_kernels | {"kda_decode_gates"}
-            found.append(f"kda_decode_gates: {why}")
-        why = refusal("kda_decode", key, lambda: self._decode_step_after_gates(x, state, "kernel"))
-        if why:
-            self.refused_kernels = self.refused_kernels | {"kda_decode"}
-            found.append(f"kda_decode: {why}")
-        return found
 
     def __call__(self, x: mx.array, state: KDAState) -> mx.array:
         B, T, _ = x.shape

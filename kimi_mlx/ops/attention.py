@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 
 import mlx.core as mx
+from metal_kernels import usable
 
 from ..config import env_choice
 from ..errors import ConfigError
@@ -242,8 +243,20 @@ def split_kernels_fit(qa, cache: LatentCache) -> bool:
     On an H200 one layer's split decode took 69 / 116 / 172 us at 32k / 64k / 131k rows against the matmul
     path's 86 / 133 / 206 when each call's query came from the one before (as layers do); under ncu at 131k
     its four kernels ran 131 us against the matmul path's eight 164."""
-    return (SPLIT_ROWS > 0 and _decode_kernels_allowed(qa, cache)
+    return (SPLIT_ROWS > 0 and _decode_kernels_allowed(qa, cache) and usable("mla_decode_chunks")
             and all(p[0].shape[1] % min(SPLIT_ROWS, p[0].shape[1]) == 0 for p in cache.pages))
+
+
+def probe_split_kernels(cfg, dtype) -> None:
+    """Run the long-page decode kernels (mla_decode_chunks, mla_decode_merge) once at the model's shapes, over two
+    pages of SPLIT_ROWS rows of zeros, where split_kernels_fit takes them (Model.probe_kernels: a short probe
+    never reaches a long page)."""
+    W = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    qa = mx.zeros((1, cfg.num_attention_heads, W), dtype)
+    page = (mx.zeros((1, SPLIT_ROWS, W), dtype),)
+    cache = LatentCache((page, page))
+    if split_kernels_fit(qa, cache):
+        mx.eval(_decode_split(qa, cache, mx.zeros((1,), mx.int32)))
 
 
 def _decode_kernels_allowed(qa, cache: LatentCache) -> bool:
@@ -252,6 +265,7 @@ def _decode_kernels_allowed(qa, cache: LatentCache) -> bool:
     from .kda import gpu_backend
 
     return (not cache.bits and page_mode() == "on" and mode() != "ref" and gpu_backend() is not None
+            and usable("mla_decode_merge")
             and all(p[0].dtype == qa.dtype for p in cache.pages))
 
 
@@ -301,7 +315,7 @@ def page_kernel_fits(qa, cache: LatentCache) -> bool:
     KIMI_MLX_MLA=ref), one unquantized page of at most PAGE_KERNEL_ROWS rows in the query's dtype, whose head
     groups' queries and chunk scores fit in 24 KB of threadgroup memory (Metal allows 32)."""
     B, H, W = qa.shape
-    return (len(cache.pages) == 1 and _decode_kernels_allowed(qa, cache)
+    return (len(cache.pages) == 1 and _decode_kernels_allowed(qa, cache) and usable("mla_decode_page")
             and cache.pages[0][0].shape[1] <= PAGE_KERNEL_ROWS and H % PAGE_KERNEL_HEADS == 0
             and (W + PAGE_CHUNK_ROWS) * PAGE_KERNEL_HEADS * 4 <= 24 * 1024)
 
@@ -455,7 +469,7 @@ def cache_rows(ckv, weight, eps: float, L: int) -> mx.array:
     """The kernel on a GPU (unless KIMI_MLX_MLA=ref), else the ops."""
     from .kda import gpu_backend
 
-    if mode() != "ref" and gpu_backend() and L % 32 == 0:
+    if mode() != "ref" and gpu_backend() and L % 32 == 0 and usable("mla_cache_row"):
         return cache_rows_kernel(ckv, weight, eps, L)
     return cache_rows_ref(ckv, weight, eps, L)
 

@@ -19,6 +19,7 @@ pre-conv projections) runs the model's unfused reference, `decode_step_ops` or t
 from __future__ import annotations
 
 import mlx.core as mx
+from metal_kernels import usable
 
 from ..config import env_choice
 from ..errors import ConfigError
@@ -88,7 +89,7 @@ def prefill_path(T: int, dk: int = 128) -> str:
         return "kernel"
     if T < CHUNKED_MIN_T:
         return "ref"
-    return "kernel" if gpu_backend() and dk % 32 == 0 else "chunked"
+    return "kernel" if gpu_backend() and dk % 32 == 0 and usable("kda_intra_chunk") else "chunked"
 
 
 def scan_path(path: str) -> str:
@@ -105,7 +106,7 @@ def scan_path(path: str) -> str:
         return choice
     if path != "kernel":
         return "ops"
-    return "affine" if gpu_backend() == "cuda" else "kernel"
+    return "affine" if gpu_backend() == "cuda" or not usable("kda_chunk_scan") else "kernel"
 
 
 def _require_kernels(dk: int) -> None:
@@ -184,6 +185,6 @@ def gated_norm_kernel(o, gate, weight, eps: float, dtype) -> mx.array:
 def gated_norm(o, gate, weight, eps: float, dtype) -> mx.array:
     """o [..., D] float32, gate [..., D] -> [..., D] in dtype: the kernel on a GPU (unless KIMI_MLX_KDA=ref
     or =chunked, the ops paths), else the ops."""
-    if mode() in ("auto", "kernel") and gpu_backend() and o.shape[-1] % 32 == 0:
+    if mode() in ("auto", "kernel") and gpu_backend() and o.shape[-1] % 32 == 0 and usable("kda_gated_norm"):
         return gated_norm_kernel(o, gate, weight, eps, dtype)
     return gated_norm_ref(o, gate, weight, eps, dtype, fast_math.sigmoid)  # on the CPU the polynomial's

@@ -26,7 +26,6 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import first_line
 from .kda import gated_norm_ref, kda_recurrent_ref, l2_normalize, softplus
 
 
@@ -92,7 +91,7 @@ def _as(x: mx.array, dtype: mx.Dtype) -> mx.array:
 
 
 MAX_GROUPS = 16  # 512 threads a threadgroup: CUDA launches that many at up to 128 registers a thread; a Metal
-#                 pipeline's limit depends on its registers (unmeasured here): load checks it (refusal, below)
+#                 pipeline's limit depends on its registers (unmeasured here): load runs it once (Model.probe_kernels)
 
 
 def groups(dv: int) -> int:
@@ -119,23 +118,6 @@ def _launch(name, qkv, gate_inputs, conv_tail, conv_w, a_log, dt_bias, state, no
         output_shapes=[(B, H, Dv), (B, H, Dv, Dk), (B, K - 1, C3)],
         output_dtypes=[qkv.dtype, mx.float32, qkv.dtype],
     )
-
-
-_refusals: dict[tuple, str | None] = {}  # (kernel, shapes and dtypes) -> None if this GPU ran it, else why not
-
-
-def refusal(name: str, key: tuple, run) -> str | None:
-    """None if this GPU dispatches decode kernel `name` at `key` (its shapes and dtypes), else MLX's message.
-    `run()` launches it once (on zeros, outside any compiled step: KimiDeltaAttention.check_decode_kernels at
-    load). A Metal pipeline may allow fewer threads a threadgroup than the 32 x groups(Dv) the kernel asks for
-    (MLX then raises), a CUDA launch may ask for more registers than a multiprocessor holds."""
-    if (name, key) not in _refusals:
-        try:
-            mx.eval(run())
-            _refusals[(name, key)] = None
-        except (ValueError, RuntimeError) as e:
-            _refusals[(name, key)] = first_line(e)
-    return _refusals[(name, key)]
 
 
 def decode_step_kernel(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):

@@ -37,7 +37,8 @@ MIN_ROWS = 256  # below this the quantized matmul reads less than the dense weig
 
 QMV_ENV = "KIMI_MLX_QMV"
 QMV_MAX_ROWS = 4  # a decode step's rows (one per sequence); more rows read each weight once per row
-QMV_MAX_K = 8192  # x's row as float in threadgroup memory (32 KB: Metal's limit)
+QMV_MAX_K = 4096  # x's row as float in threadgroup memory: 16 KB of the 32 Metal gives a threadgroup (the model's widest
+#                   decode input, the KDA and MLA heads' 32 x 128 values into o_proj)
 QMV_BITS = (2, 4, 8)
 QMV_GROUPS = (32, 64, 128)
 
@@ -58,7 +59,7 @@ def qmv_mode() -> str:
 def qmv_chosen(layer: nn.Module, rows: int) -> bool:
     from .kda import gpu_backend
 
-    return qmv_mode() == "on" and qmv_fits(layer, rows) and gpu_backend() is not None
+    return qmv_mode() == "on" and qmv_fits(layer, rows) and gpu_backend() is not None and usable("qmv")
 
 
 def qmv(x: mx.array, layer: nn.Module) -> mx.array:

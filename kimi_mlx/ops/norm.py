@@ -9,6 +9,7 @@ KIMI_MLX_NORM=ref.
 from __future__ import annotations
 
 import mlx.core as mx
+from metal_kernels import usable
 
 from ..config import env_choice
 
@@ -47,6 +48,7 @@ def add_norm(h, a, weight, eps: float) -> tuple[mx.array, mx.array]:
     from .kda import gpu_backend
 
     D = h.shape[-1]
-    if mode() != "ref" and gpu_backend() and D % 32 == 0 and h.size // D <= KERNEL_ROWS and a.shape == h.shape:
+    if mode() != "ref" and gpu_backend() and D % 32 == 0 and h.size // D <= KERNEL_ROWS and a.shape == h.shape \
+            and usable("add_norm"):
         return add_norm_kernel(h, a, weight, eps)
     return add_norm_ref(h, a, weight, eps)

@@ -21,7 +21,9 @@ With the decoder's seam before the MoE folded in (model/fuse.py FusedMoE.after_s
 from __future__ import annotations
 
 import math
+
 import mlx.core as mx
+from metal_kernels import usable
 
 from ..config import env_choice
 from ..errors import ConfigError
@@ -126,7 +128,8 @@ def router_logits(x, weight):
     """x [N, D] @ weight [E, D]^T in float32: [N, E]."""
     from .kda import gpu_backend
 
-    if mode() != "ref" and gpu_backend() and weight.dtype == mx.float32 and x.shape[0] <= LOGITS_KERNEL_ROWS:
+    if (mode() != "ref" and gpu_backend() and weight.dtype == mx.float32 and x.shape[0] <= LOGITS_KERNEL_ROWS
+            and usable("moe_router")):
         return logits_kernel(x, weight)
     return logits_ref(x, weight)
 
@@ -144,7 +147,7 @@ def path(E: int, top_k: int, n_group: int) -> str:
         if gpu_backend() is None or not fits:
             raise ConfigError(f"{ENV}=kernel needs a Metal or CUDA device and E % 32 == 0 with E / 32 <= 16")
         return "kernel"
-    return "kernel" if m == "auto" and fits and gpu_backend() else "ref"
+    return "kernel" if m == "auto" and fits and gpu_backend() and usable("moe_route") else "ref"
 
 
 def route(logits, bias, **opts):

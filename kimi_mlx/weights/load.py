@@ -139,10 +139,11 @@ def build_model(cfg: ModelConfig, weights: dict, dtype: mx.Dtype | None = None, 
 
 
 def check_kernels(model: Model) -> None:
-    """On a GPU: the model's decode kernels run once; one that the GPU refuses stays off, said on stderr."""
-    for message in model.check_decode_kernels():
-        print(f"kimi-mlx: this GPU refused a decode kernel, decoding through the next path down "
-              f"(slower; `kimi-mlx doctor` checks every kernel): {message}", file=sys.stderr)
+    """On a GPU: every kernel the model launches is built and run once (Model.probe_kernels); one that fails is
+    switched off and its paths fall back to the next one down, said in one line on stderr."""
+    for message in model.probe_kernels():
+        print(f"kimi-mlx: a GPU kernel failed to build or run here and is off, its path falling back to the next "
+              f"one down (slower; `kimi-mlx doctor` checks every kernel): {message}", file=sys.stderr)
 
 
 FP32_SUFFIXES = ("A_log", "dt_bias", "e_score_correction_bias", "conv_weight")
