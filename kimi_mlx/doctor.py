@@ -487,8 +487,8 @@ def _proc_field(path: str, key: str) -> str:
 
 def total_ram() -> int | None:
     """Bytes of RAM: sysctl hw.memsize on macOS, /proc/meminfo on Linux, else sysconf."""
-    if sys.platform == "darwin" and _run("sysctl", "-n", "hw.memsize").isdigit():
-        return int(_run("sysctl", "-n", "hw.memsize"))
+    if sys.platform == "darwin" and (size := _run("sysctl", "-n", "hw.memsize")).isdigit():
+        return int(size)
     kb = _proc_field("/proc/meminfo", "MemTotal").split()
     if kb and kb[0].isdigit():
         return int(kb[0]) * 1024

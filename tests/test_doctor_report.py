@@ -212,3 +212,47 @@ def test_decode_kernels_refused_at_load_are_listed(monkeypatch):
     assert doctor.refused_at_load() == ("- decode kernels refused at load (kept off, decode took the next path down): "
                                         "kda_decode_gates: [metal::Device] threadgroup of 1024 threads is above this "
                                         "pipeline's 896")
+
+
+def test_the_full_shape_sample_where_the_memory_allows(monkeypatch):
+    # the branch a GPU with room for the full shape takes, here at a tiny shape put in the full one's place
+    from kimi_mlx import bench
+
+    tiny = {**bench.SMALL, "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "kv_lora_rank": 64, "qk_nope_head_dim": 32,
+            "qk_rope_head_dim": 16, "v_head_dim": 32, "num_experts": 8, "num_experts_per_token": 2,
+            "moe_intermediate_size": 64,
+            "linear_attn_config": {"kda_layers": [1], "full_attn_layers": [2], "num_heads": 2, "head_dim": 64,
+                                   "short_conv_kernel_size": 4}}
+    monkeypatch.setitem(bench.SHAPES, "full", tiny)
+    monkeypatch.setattr(doctor, "full_shape_skip", lambda weights: None)
+    lines = doctor.speed_sample(0.2, say=lambda line: None)
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("- demo decode: ") and lines[2].startswith("- decode kernels refused at load")
+    full = re.fullmatch(r"- full-shape decode: ([\d.]+) tok/s \((\d+) greedy tokens after a 64-token prompt; random "
+                        r"48B-A3B weights, 4-bit affine, as `kimi-mlx bench --shape full`; built in [\d.]+ s; peak "
+                        r"memory ([\d.]+) GiB\)", lines[1])
+    assert full, lines[1]
+    assert float(full.group(1)) > 0 and int(full.group(2)) >= 4  # (the tiny shape's peak rounds to 0.0 GiB)
+
+
+def test_machine_facts_on_a_mac(monkeypatch):
+    # what macOS answers (sysctl) and what MLX's Metal backend reports, on a 32 GB M2 Max
+    answers = {("sysctl", "-n", "machdep.cpu.brand_string"): "Apple M2 Max",
+               ("sysctl", "-n", "hw.memsize"): "34359738368"}
+    monkeypatch.setattr(doctor.sys, "platform", "darwin")
+    monkeypatch.setattr(doctor.platform, "mac_ver", lambda: ("14.5", ("", "", ""), "arm64"))
+    monkeypatch.setattr(doctor, "_run", lambda *cmd: answers.get(cmd, ""))
+    monkeypatch.setattr(doctor, "_device_info", lambda: {
+        "device_name": "Apple M2 Max", "architecture": "applegpu_g14s", "memory_size": 34359738368,
+        "max_recommended_working_set_size": 22906503168})
+    rows = dict(doctor.machine())
+    assert rows["OS"].startswith("macOS 14.5 (") and rows["chip"] == "Apple M2 Max" and rows["memory"] == "32.0 GiB"
+    assert rows["MLX device architecture"] == "applegpu_g14s"
+    assert rows["MLX device max_recommended_working_set_size"] == "21.3 GiB"
+    monkeypatch.undo()  # the fixture's stand-in device_memory too: the real one runs below
+    monkeypatch.setattr(doctor, "_device_info", lambda: {"memory_size": 34359738368,
+                                                         "max_recommended_working_set_size": 22906503168})
+    assert doctor.device_memory() == (22906503168, "the GPU's recommended working set")
+    monkeypatch.setattr(doctor, "_device_info", lambda: {"memory_size": 80 * 2**30})
+    assert doctor.device_memory() == (80 * 2**30, "device memory")
