@@ -513,6 +513,12 @@ def device_memory() -> tuple[int | None, str]:
     return total_ram(), "RAM"
 
 
+def _home(text: str) -> str:
+    """text with the home directory written ~ (a report is attached to public issues: no user name in it)."""
+    home = str(Path.home())
+    return text.replace(home, "~") if len(home) > 1 else text
+
+
 def _gib(n: int | None) -> str:
     return "unknown" if n is None else f"{n / GiB:.1f} GiB"
 
@@ -554,7 +560,8 @@ def versions() -> list[tuple[str, str]]:
     rows.append(("MLX", mx.__version__))
     rows += [(dist, v) for dist in ("mlx-metal", "mlx-cuda", "mlx-cuda-12", "mlx-cuda-13", "mlx-cpu", "mlx-lm")
              if (v := _version(dist))]
-    rows.append(("Python", f"{platform.python_version()} ({platform.python_implementation()}, {sys.executable})"))
+    python = f"{platform.python_version()} ({platform.python_implementation()}, {_home(sys.executable)})"
+    rows.append(("Python", python))
     return rows
 
 
@@ -577,7 +584,7 @@ def settings() -> list[str]:
     from . import CUDA_GRAPH_LIMITS
 
     ours = {k: v for k, v in CUDA_GRAPH_LIMITS.items() if sys.platform != "darwin"}
-    return [f"`{k}={v}`" + (" (kimi-mlx's default here)" if ours.get(k) == v else "")
+    return [f"`{k}={_home(v)}`" + (" (kimi-mlx's default here)" if ours.get(k) == v else "")
             for k, v in sorted(os.environ.items()) if k.startswith(("KIMI_MLX_", "MLX_"))]
 
 

@@ -115,6 +115,17 @@ def test_a_failing_check_keeps_its_whole_error_in_the_report(tmp_path, capsys, m
     assert f"```text\nRuntimeError: {message}\n```" in block
 
 
+def test_the_home_directory_is_written_as_a_tilde(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "alice"))
+    monkeypatch.setattr(doctor.sys, "executable", str(tmp_path / "alice" / ".venv" / "bin" / "python3"))
+    monkeypatch.setenv("KIMI_MLX_CACHE", str(tmp_path / "alice" / "cache"))
+    path = tmp_path / "r.md"
+    assert cli("--report", path, "--no-speed", capsys=capsys)[0] == 0
+    text = path.read_text()
+    assert f"({platform.python_implementation()}, ~/.venv/bin/python3)" in text and "`KIMI_MLX_CACHE=~/cache`" in text
+    assert "alice" not in text
+
+
 def test_switched_off_kernels_are_listed(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(metal_kernels, "switched_off", lambda: {"qmv": "slower than MLX's on this chip"},
                         raising=False)
