@@ -137,11 +137,17 @@ def serve(
 
 
 @app.command()
-def doctor():
+def doctor(
+    report: str = typer.Option(None, "--report", metavar="FILE", help="also write a Markdown report to attach to "
+                               "a bug report: machine, versions, every check with its error, active paths, a speed "
+                               "sample"),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="with --report: measure decode speed, 10 s on the "
+                               "demo model and 10 s at the full shape where the memory allows"),
+):
     """Print the device and active fast paths; check each fast path against its reference here."""
     from .doctor import main as run_doctor
 
-    if not run_doctor(typer.echo):
+    if not run_doctor(typer.echo, report=report, speed=speed):
         typer.echo("error: a fast path disagrees with its reference on this device; "
                    "set KIMI_MLX_KDA=ref to run without it and report the output above", err=True)
         raise typer.Exit(1)

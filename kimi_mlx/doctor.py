@@ -6,13 +6,18 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import mlx.core as mx
 
 from . import working_set
-from .errors import first_line
+from .errors import KimiError, first_line
 from .ops import fast_math
 from .ops import kda as kda_ops
 
@@ -28,6 +33,7 @@ class Check:
     error: float | None  # max relative error; None when skipped
     note: str = ""
     tol: float = TOL
+    detail: str = ""  # a check that raised: the exception's type and whole message (note holds its first line)
 
     @property
     def ok(self) -> bool:
@@ -375,11 +381,13 @@ def _guarded(name, check) -> Check:
     try:
         return check()
     except Exception as e:  # noqa: BLE001 - any failure of a kernel is what the doctor reports
-        return Check(name, math.inf, f"{type(e).__name__}: {first_line(e, 200)}")
+        return Check(name, math.inf, f"{type(e).__name__}: {first_line(e, 200)}",
+                     detail=f"{type(e).__name__}: {str(e).strip()}")
 
 
 def run_checks() -> list[Check]:
-    checks = [check_chunked(False), check_decode("ops")]
+    checks = [_guarded("chunked prefill, ops", partial(check_chunked, False)),
+              _guarded("decode step, fused ops", partial(check_decode, "ops"))]
     if kda_ops.gpu_backend():
         checks += [_guarded(name, check) for name, check in GPU_CHECKS.items()]
     else:
@@ -387,9 +395,12 @@ def run_checks() -> list[Check]:
     return checks
 
 
-def main(echo=print) -> bool:
-    """Print the report; True when every check passed."""
-    for key, value in environment():
+def main(echo=print, report: str | None = None, speed: bool = True) -> bool:
+    """Print the device, the active paths and every check; True when every check passed. report: also write
+    them, the machine, the versions and (speed) a speed sample to that Markdown file."""
+    target = report_target(report) if report else None  # a bad path fails here, before anything runs
+    env = environment()
+    for key, value in env:
         echo(f"{key:>16}: {value}")
     echo("")
     checks = run_checks()
@@ -399,4 +410,327 @@ def main(echo=print) -> bool:
         else:
             echo(f"  {'ok  ' if c.ok else 'FAIL'}  {c.name}: max rel err {c.error:.1e} (tolerance {c.tol:.0e})"
                  + (f"; {c.note}" if c.note else ""))
+    if target is not None:
+        sample = speed_sample(SPEED_SECONDS) if speed else None
+        write_atomically(target, render_report(env, checks, sample))
+        echo(f"\nreport written to {target}")
     return all(c.ok for c in checks)
+
+
+# -- the report (`kimi-mlx doctor --report FILE`) ------------------------------------------------------------
+
+SPEED_SECONDS = 10.0  # decode time of each speed sample (the demo's, then the full shape's)
+SAMPLE_PROMPT = 64  # tokens prefilled before a sample decodes
+HEADROOM = 4 * 2**30  # memory the full-shape sample leaves beyond its weights: its state, a layer being built, the OS
+GiB = 2**30
+
+
+def report_target(path: str) -> Path:
+    """The report's path, refused in one line where it cannot be written (nothing has run or been written yet)."""
+    target = Path(path).expanduser().absolute()
+    where = target.parent
+    if target.is_dir():
+        raise KimiError(f"--report {path}: is a directory; give a file name, e.g. {Path(path) / 'kimi-mlx-report.md'}")
+    if not where.is_dir():
+        raise KimiError(f"--report {path}: the directory {where} does not exist; create it or give a path in an "
+                        "existing directory")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise KimiError(f"--report {path}: the directory {where} is not writable by you; give a path in one that is, "
+                        "e.g. --report ~/kimi-mlx-report.md")
+    return target
+
+
+def write_atomically(target: Path, text: str) -> None:
+    """Write text to a temporary file beside target, then rename it over target: a reader sees the whole report
+    or none (the rename is atomic within a directory), never a half-written one."""
+    import tempfile
+
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; a report gets the usual permissions
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise KimiError(f"--report {target}: could not write it ({e.strerror or first_line(e)}); "
+                        "give a path on a disk with space that you can write to") from None
+
+
+def _run(*cmd: str) -> str:
+    """A command's stripped stdout, or "" where it is missing, fails or hangs."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def _proc_field(path: str, key: str) -> str:
+    """The value after `key:` on the first matching line of a /proc file ("" where absent)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def total_ram() -> int | None:
+    """Bytes of RAM: sysctl hw.memsize on macOS, /proc/meminfo on Linux, else sysconf."""
+    if sys.platform == "darwin" and (size := _run("sysctl", "-n", "hw.memsize")).isdigit():
+        return int(size)
+    kb = _proc_field("/proc/meminfo", "MemTotal").split()
+    if kb and kb[0].isdigit():
+        return int(kb[0]) * 1024
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _device_info() -> dict:
+    return mx.device_info() if hasattr(mx, "device_info") else {}
+
+
+def device_memory() -> tuple[int | None, str]:
+    """(bytes a model may hold on this device, what that figure is): Metal's recommended working set (what the
+    GPU keeps resident without paging), else the device's memory, else the RAM."""
+    info = _device_info()
+    if info.get("max_recommended_working_set_size"):
+        return int(info["max_recommended_working_set_size"]), "the GPU's recommended working set"
+    if info.get("memory_size"):
+        return int(info["memory_size"]), "device memory"
+    return total_ram(), "RAM"
+
+
+def _home(text: str) -> str:
+    """text with the home directory written ~ (a report is attached to public issues: no user name in it)."""
+    home = str(Path.home())
+    return text.replace(home, "~") if len(home) > 1 else text
+
+
+def _gib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / GiB:.1f} GiB"
+
+
+def machine() -> list[tuple[str, str]]:
+    info = _device_info()
+    if sys.platform == "darwin":
+        os_name = f"macOS {platform.mac_ver()[0]} ({platform.platform()})"
+        chip = _run("sysctl", "-n", "machdep.cpu.brand_string")
+    else:
+        os_name = platform.platform()
+        chip = _proc_field("/proc/cpuinfo", "model name")
+    rows = [("OS", os_name), ("machine", platform.machine()),
+            ("chip", chip or platform.processor() or "unknown"), ("CPU cores", str(os.cpu_count())),
+            ("memory", _gib(total_ram()))]
+    rows += [(f"MLX device {key}", _gib(info[key]) if key.endswith("size") else str(info[key]))
+             for key in ("device_name", "architecture", "memory_size", "max_recommended_working_set_size")
+             if info.get(key)]
+    return rows
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def versions() -> list[tuple[str, str]]:
+    rows = [("kimi-mlx", _version("kimi-mlx") or "not installed as a package (run from a source tree)")]
+    root = Path(__file__).resolve().parent.parent
+    if (root / ".git").exists():  # a source checkout (pip install -e): the commit says more than the version
+        commit = _run("git", "-C", str(root), "rev-parse", "--short", "HEAD")
+        dirty = _run("git", "-C", str(root), "status", "--porcelain", "--untracked-files=no")
+        if commit:
+            rows.append(("kimi-mlx commit", commit + (" (with uncommitted changes)" if dirty else "")))
+    rows.append(("MLX", mx.__version__))
+    rows += [(dist, v) for dist in ("mlx-metal", "mlx-cuda", "mlx-cuda-12", "mlx-cuda-13", "mlx-cpu", "mlx-lm")
+             if (v := _version(dist))]
+    python = f"{platform.python_version()} ({platform.python_implementation()}, {_home(sys.executable)})"
+    rows.append(("Python", python))
+    return rows
+
+
+def switched_off() -> dict[str, str]:
+    """Kernels switched off on this machine (metal_kernels.switched_off, where this version has it): name -> why."""
+    import metal_kernels
+
+    ask = getattr(metal_kernels, "switched_off", None)
+    if ask is None:
+        return {}
+    try:
+        return dict(ask())
+    except Exception as e:  # noqa: BLE001 - the report says what it could not ask, and goes on
+        return {"(could not ask metal_kernels.switched_off)": f"{type(e).__name__}: {first_line(e)}"}
+
+
+def settings() -> list[str]:
+    """The KIMI_MLX_* and MLX_* variables this process runs with; those kimi-mlx set itself (kimi_mlx/__init__.py:
+    MLX's CUDA graph limits, off macOS, where the user left them unset) said so."""
+    from . import CUDA_GRAPH_LIMITS
+
+    ours = {k: v for k, v in CUDA_GRAPH_LIMITS.items() if sys.platform != "darwin"}
+    return [f"`{k}={_home(v)}`" + (" (kimi-mlx's default here)" if ours.get(k) == v else "")
+            for k, v in sorted(os.environ.items()) if k.startswith(("KIMI_MLX_", "MLX_"))]
+
+
+def _decode_rate(model, seconds: float) -> tuple[float, int]:
+    """(decode tok/s, tokens timed): a prompt of SAMPLE_PROMPT random tokens prefilled, a few untimed tokens
+    (they build the decode kernels), then greedy tokens for `seconds`, each step queued while the last is read
+    (bench.decode_phases, as `kimi-mlx bench` times decode)."""
+    from .bench import DECODE_WARMUP, Runner, decode_phases
+
+    mx.random.seed(0)
+    r = Runner("kimi-mlx", model, True)
+    r.reset()
+    r.prefill_step(mx.random.randint(0, model.config.vocab_size, (1, SAMPLE_PROMPT)))
+    y, _ = decode_phases(r, DECODE_WARMUP - 1)
+    n, t0 = 0, time.perf_counter()
+    while n == 0 or time.perf_counter() - t0 < seconds:
+        y, _ = decode_phases(r, 4, y)
+        n += 4
+    y.item()
+    return n / (time.perf_counter() - t0), n
+
+
+def full_shape_bytes(bits: int = 4) -> int:
+    """Bytes of `kimi-mlx bench --shape full`'s weights on a GPU: `bits`-bit affine with bfloat16 scales and
+    biases, counted on a model that is never evaluated (MLX arrays are lazy: shapes without memory)."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from . import bench
+    from .config import ModelConfig
+    from .model import Model
+
+    model = Model(ModelConfig.from_dict(bench.FULL))
+    for layer in model.model.layers:
+        nn.quantize(layer, class_predicate=bench._our_predicate(bits, 64))
+    nn.quantize(model, 64, bits, class_predicate=lambda p, m: p in ("model.embed_tokens", "lm_head"))
+    return sum(v.size * 2 if name.endswith((".scales", ".biases")) else v.nbytes
+               for name, v in tree_flatten(model.parameters()))
+
+
+def full_shape_skip(weights: int) -> str | None:
+    """Why the full-shape sample (`weights` bytes) does not run here, or None when it does."""
+    if not kda_ops.gpu_backend():
+        return "skipped: no Metal or CUDA backend here (the full-shape sample is for GPUs)"
+    have, what = device_memory()
+    need = weights + HEADROOM
+    if have is None or have < need:
+        return (f"skipped: {_gib(have)} of memory ({what}), the full shape needs ~{need / GiB:.0f} GiB "
+                f"({weights / GiB:.1f} GiB of 4-bit weights + {HEADROOM / GiB:.0f} GiB headroom)")
+    return None
+
+
+def speed_sample(seconds: float, say=lambda line: print(line, file=sys.stderr)) -> list[str]:
+    """Markdown lines: the demo model's decode tok/s, then the full shape's where the memory allows; each decodes
+    for `seconds`. A failure or Ctrl-C ends the sample with a line saying so (the report is still written)."""
+    import gc
+
+    from .bench import activation_dtype, build
+    from .demo import demo_model
+
+    lines: list[str] = []
+    say(f"speed sample: demo decode for {seconds:g} s (--no-speed skips it)")
+    step = "the demo model"
+    try:
+        t0 = time.perf_counter()
+        model, _ = demo_model("demo")
+        rate, n = _decode_rate(model, seconds)
+        lines.append(f"- demo decode: {rate:.1f} tok/s ({n} greedy tokens after a {SAMPLE_PROMPT}-token prompt, "
+                     f"the packaged 8-bit demo model; {time.perf_counter() - t0:.1f} s with loading)")
+        say(lines[-1][2:])
+        del model
+        gc.collect()
+        mx.clear_cache()
+        step = "the full shape"
+        weights = full_shape_bytes()
+        skip = full_shape_skip(weights)
+        if skip:
+            lines.append(f"- full-shape decode: {skip}")
+            say(lines[-1][2:])
+            return lines + [refused_at_load()]
+        say(f"speed sample: building the full shape ({weights / GiB:.0f} GiB of random 4-bit weights), "
+            f"then decoding for {seconds:g} s")
+        t0 = time.perf_counter()
+        mx.reset_peak_memory()
+        model, _, _ = build("full", 4, dtype=activation_dtype(), peer=False)
+        built = time.perf_counter() - t0
+        rate, n = _decode_rate(model, seconds)
+        lines.append(f"- full-shape decode: {rate:.1f} tok/s ({n} greedy tokens after a {SAMPLE_PROMPT}-token "
+                     f"prompt; random 48B-A3B weights, 4-bit affine, as `kimi-mlx bench --shape full`; built in "
+                     f"{built:.1f} s; peak memory {_gib(mx.get_peak_memory())})")
+        say(lines[-1][2:])
+        del model
+        gc.collect()
+        mx.clear_cache()
+    except KeyboardInterrupt:
+        lines.append(f"- interrupted (Ctrl-C) during {step}")
+        say(lines[-1][2:])
+    except Exception as e:  # noqa: BLE001 - a failing sample is what the report is for
+        lines.append(f"- {step} failed:\n\n{_fenced(f'{type(e).__name__}: {str(e).strip()}')}")
+        say(f"speed sample: {step} failed: {type(e).__name__}: {first_line(e, 200)}")
+    return lines + [refused_at_load()]
+
+
+def refused_at_load() -> str:
+    """The KDA decode kernels the GPU refused when the sample's models loaded (check_kernels ran each once and
+    kept it off; ops/kda_decode.refusal keeps every answer of this process)."""
+    from .ops.kda_decode import _refusals
+
+    why = sorted({f"{name}: {message}" for (name, _), message in _refusals.items() if message})
+    return "- decode kernels refused at load (kept off, decode took the next path down): " + ("; ".join(why) or "none")
+
+
+def _cell(text: str) -> str:
+    """text inside a Markdown table cell (a | would end the cell)."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _fenced(text: str) -> str:
+    """text in a code block whose fence is longer than any run of backticks in it."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def render_report(env: list[tuple[str, str]], checks: list[Check], sample: list[str] | None) -> str:
+    failed = [c for c in checks if not c.ok]
+    ran = [c for c in checks if c.error is not None]
+    out = ["# kimi-mlx doctor report", "",
+           f"Written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} by `kimi-mlx doctor --report`. "
+           + (f"**{len(failed)} of {len(ran)} checks FAILED.**" if failed else f"All {len(ran)} checks that ran passed"
+              + f" ({len(checks) - len(ran)} skipped)."), ""]
+    out += ["## Machine", "", *(f"- {k}: {v}" for k, v in machine()), ""]
+    out += ["## Versions", "", *(f"- {k}: {v}" for k, v in versions()), ""]
+    out += ["## Kernel checks", "", "| check | max rel err | tolerance | result | note |", "|---|---|---|---|---|"]
+    for c in checks:
+        err = "-" if c.error is None else f"{c.error:.1e}"
+        result = "skip" if c.error is None else "ok" if c.ok else "FAIL"
+        out.append(f"| {_cell(c.name)} | {err} | {c.tol:.0e} | {result} | {_cell(c.note)} |")
+    for c in failed:
+        out += ["", f"### FAIL: {c.name}", "",
+                _fenced(c.detail) if c.detail else f"max rel err {c.error:.3e} > tolerance {c.tol:.0e}"
+                + (f"; {c.note}" if c.note else "")]
+    out += ["", "## Active paths", "", *(f"- {k}: {v}" for k, v in env)]
+    out.append("- environment: " + (", ".join(settings()) or "no KIMI_MLX_* or MLX_* variable set"))
+    off = switched_off()
+    out.append("- kernels switched off on this machine: "
+               + ("; ".join(f"{k} ({v})" for k, v in off.items()) if off else "none"))
+    out += ["", "## Speed", ""]
+    out += sample if sample is not None else ["- not measured (--no-speed)"]
+    return "\n".join(out) + "\n"
