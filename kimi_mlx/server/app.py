@@ -174,8 +174,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
         def finished(done: Finished) -> dict:
             body, events = out.finish(done)
-            for item in out.parser.calls:
-                engine.call_ids.remember(item.id, item.header)
+            remember_calls(out.parser, done)
             if req.store and done.state_tokens is not None:
                 kept = out.stored(history, calls, done, stops)
                 kept.body = body
@@ -187,9 +186,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         if req.stream:
             return StreamingResponse(stream_responses(engine, job, events, out, finished),
                                      media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        checked = [time.monotonic()]
         try:
             while True:
-                ev = await next_event(request, events)
+                ev = await next_event(request, events, checked)
                 if ev is None:
                     return Response(status_code=499)
                 if isinstance(ev, Piece):
@@ -208,6 +208,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise not_found(response_id)
         return kept.body
 
+    def remember_calls(parser, done: Finished) -> None:
+        """A reply's tool calls, for rendering them as generated when the client sends them back."""
+        if parser.calls:
+            for call in parser.calls:
+                engine.call_ids.remember(call.id, call.header)
+            engine.replies.remember_calls(parser.calls, parser.content, done.generated, stops)
+
     def submit(spec: TurnSpec):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -222,16 +229,16 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         headers = warning_headers(spec)
 
         def finished(done: Finished) -> None:
-            for call in out.parser.calls:
-                engine.call_ids.remember(call.id, call.header)
+            remember_calls(out.parser, done)
 
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream(engine, job, events, out, usage, finished), media_type="text/event-stream",
                                      headers={**SSE_HEADERS, **headers})
+        checked = [time.monotonic()]
         try:
             while True:
-                ev = await next_event(request, events)
+                ev = await next_event(request, events, checked)
                 if ev is None:
                     return Response(status_code=499)  # nobody reads it; the finally cancels the turn
                 if isinstance(ev, Scored):
@@ -260,15 +267,20 @@ def _failure(ev: Failed) -> ApiError:
     return ApiError(400 if ev.client_error else 500, ev.message, code=None if ev.client_error else "internal_error")
 
 
-async def next_event(request: Request, events: asyncio.Queue):
-    """The next engine event, or None once the client has gone (checked every DISCONNECT_POLL_S while the
-    engine is silent, e.g. in a long prefill step or between tokens)."""
+async def next_event(request: Request, events: asyncio.Queue, checked: list[float]):
+    """The next engine event, or None once the client has gone. The connection is checked at least every
+    DISCONNECT_POLL_S: while the engine is silent (a long prefill step) and while tokens keep coming
+    (`checked` holds the time of the last check, so a steady stream of events cannot starve it)."""
     while True:
+        now = time.monotonic()
+        if now - checked[0] >= DISCONNECT_POLL_S:
+            checked[0] = now
+            if await request.is_disconnected():
+                return None
         try:
             return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                return None
+            continue
 
 
 def _data(obj: dict) -> str:

@@ -66,12 +66,17 @@ def check_model(req: Sampling, names: list[str], strict: bool, accepted: set[str
 
 
 def with_reply_ids(message: dict, replies) -> dict:
-    """An assistant message this server generated is rendered from its generated ids (see ReplyIds)."""
-    if message.get("role") == "assistant" and not message.get("tool_calls"):
-        ids = replies.ids_for(message.get("content"))
+    """An assistant message this server generated is rendered from its generated ids (see ReplyIds); one
+    with tool calls keeps their count (n_calls) for the calls' numbering."""
+    if message.get("role") != "assistant":
+        return message
+    if message.get("tool_calls"):
+        ids = replies.ids_for_calls(message)
         if ids is not None:
-            return {**message, "content": TokenIds(ids)}
-    return message
+            return {"role": "assistant", "content": TokenIds(ids), "n_calls": len(message["tool_calls"])}
+        return message
+    ids = replies.ids_for(message.get("content"))
+    return {**message, "content": TokenIds(ids)} if ids is not None else message
 
 
 def with_kimi_call_ids(messages: list[dict], known) -> list[dict]:
@@ -134,9 +139,10 @@ def chat_turn(req: ChatRequest) -> ChatTurn:
             raise ApiError(400, f"messages.{i}.content: a {kind!r} part; {TEXT_ONLY}", param=f"messages.{i}.content",
                            code="unsupported_content")
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    choice = req.tool_choice
-    if tools is None and req.functions:  # the legacy functions API: same calls, other field names
+    choice, parallel = req.tool_choice, req.parallel_tool_calls is not False
+    if tools is None and req.functions:  # the legacy functions API: one call a reply, other field names
         tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in req.functions]
+        parallel = False
         if choice is None and req.function_call is not None:
             choice = req.function_call if isinstance(req.function_call, str) else req.function_call.name
     if choice is not None and not isinstance(choice, str):
@@ -157,8 +163,8 @@ def chat_turn(req: ChatRequest) -> ChatTurn:
     top = req.top_logprobs or 0
     if top and not req.logprobs:
         raise ApiError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs", code="invalid_value")
-    return ChatTurn([m.for_template() for m in req.messages], tools, choice,
-                    req.parallel_tool_calls is not False, output, req, max_tokens, req.logprobs, top, PARAMS)
+    return ChatTurn([m.for_template() for m in req.messages], tools, choice, parallel, output, req, max_tokens,
+                    req.logprobs, top, PARAMS)
 
 
 def chat_spec(engine, req: ChatRequest) -> TurnSpec:
@@ -167,7 +173,7 @@ def chat_spec(engine, req: ChatRequest) -> TurnSpec:
 
 def turn_spec(engine, turn: ChatTurn) -> TurnSpec:
     tok, p = engine.tokenizer, turn.params
-    messages = [with_reply_ids(m, engine.replies) for m in with_kimi_call_ids(turn.messages, engine.call_ids)]
+    messages = with_kimi_call_ids([with_reply_ids(m, engine.replies) for m in turn.messages], engine.call_ids)
     tools = turn.tools
     try:
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, tools=tools)

@@ -41,26 +41,51 @@ class TurnSpec:
 
 
 class ReplyIds:
-    """The ids behind recent replies' text. A client sends a reply back as text, which may encode to
-    other ids than the model generated (BPE is not unique); rendering it from the generated ids makes
-    the conversation match the cached state exactly, so the reply itself is reused too."""
+    """The ids behind recent replies. A client sends a reply back as text (and tool calls as JSON), which
+    may encode to other ids than the model generated (BPE is not unique, and a forced call's name was drawn
+    token by token); rendering it from the generated ids makes the conversation match the cached state
+    exactly, so the reply itself is reused too. Replies with tool calls are found by their call ids (which
+    are unique), and used only if the resent content, names and arguments are the ones generated."""
 
     def __init__(self, max_entries: int = 1024):
         self.max_entries = max_entries
         self._ids: OrderedDict[str, list[int]] = OrderedDict()
+        self._calls: OrderedDict[tuple, tuple[str, list, list[int]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _put(self, table: OrderedDict, key, value) -> None:
+        with self._lock:
+            table[key] = value
+            table.move_to_end(key)
+            while len(table) > self.max_entries:
+                table.popitem(last=False)
 
     def remember(self, tokenizer, ids: list[int], stops: set[int]) -> None:
         body = ids[:-1] if ids and ids[-1] in stops else ids
         text = tokenizer.decode(body)
         if "\ufffd" in text or not text:
             return  # not valid text: the client cannot send it back unchanged
-        self._ids[text] = list(body)
-        self._ids.move_to_end(text)
-        while len(self._ids) > self.max_entries:
-            self._ids.popitem(last=False)
+        self._put(self._ids, text, list(body))
+
+    def remember_calls(self, calls, content: str, ids: list[int], stops: set[int]) -> None:
+        """A reply with tool calls (objects with id, name, arguments), by its call ids."""
+        body = ids[:-1] if ids and ids[-1] in stops else ids
+        self._put(self._calls, tuple(c.id for c in calls), (content, [(c.name, c.arguments) for c in calls],
+                                                            list(body)))
 
     def ids_for(self, text) -> list[int] | None:
-        return self._ids.get(text) if isinstance(text, str) else None
+        with self._lock:
+            return self._ids.get(text) if isinstance(text, str) else None
+
+    def ids_for_calls(self, message: dict) -> list[int] | None:
+        calls = message.get("tool_calls") or []
+        with self._lock:
+            hit = self._calls.get(tuple(c.get("id") for c in calls))
+        if hit is None:
+            return None
+        content, made, ids = hit
+        sent = [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+        return ids if (message.get("content") or "") == content and sent == made else None
 
 
 class CallIds:
