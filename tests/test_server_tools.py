@@ -145,3 +145,46 @@ def test_ban_tokens_masks_only_those_ids():
     logits = mx.zeros((1, 8))
     out = np.array(ban_tokens([2, 5])(mx.array([0]), logits)[0])
     assert np.isneginf(out[[2, 5]]).all() and np.isfinite(np.delete(out, [2, 5])).all()
+
+
+def test_strict_schemas_take_no_unlisted_properties(grammars):
+    from kimi_mlx.server.tools import strict_schema
+
+    g, tok = grammars
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"$ref": "#/$defs/B"}},
+              "required": ["a", "b"], "$defs": {"B": {"type": "object", "properties": {"c": {"type": "boolean"}},
+                                                      "required": ["c"]}}}
+    strict = strict_schema(schema)
+    assert strict["additionalProperties"] is False and strict["$defs"]["B"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # a copy
+    extra = tok.encode('{"a": 1, "b": {"c": true}, "z": 2}')
+    fits = tok.encode('{"a": 1, "b": {"c": true}}')
+
+    def accepts(grammar, ids):
+        from llguidance import LLMatcher
+
+        return LLMatcher(g.ll_tokenizer(), grammar).validate_tokens(ids) == len(ids)
+
+    assert accepts(g.json_schema(schema), extra)  # JSON Schema's default: more keys are allowed
+    assert accepts(g.json_schema(strict), fits) and not accepts(g.json_schema(strict), extra)
+    for seed in range(3):
+        x = json.loads(draw(grammars, g.json_schema(strict), seed))
+        assert set(x) == {"a", "b"} and set(x["b"]) == {"c"}
+    # a strict tool's forced call likewise
+    end = "<|tool_call_end|><|tool_calls_section_end|>"
+    for flag, ok in ((None, True), (True, False)):
+        tool = {"type": "function", "function": {"name": "f", "parameters": schema, "strict": flag}}
+        grammar = g.lark(call_grammar([tool], "f", 0, JSON_OPTIONS))
+        assert accepts(grammar, tok.encode('{"a": 1, "b": {"c": true}, "z": 2}' + end, allow_special=True)) == ok
+
+
+def test_relaxable_keywords_are_dropped_with_a_warning(grammars):
+    g, _ = grammars
+    warnings = []
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"},
+                                                        "uniqueItems": True}}, "required": ["tags"],
+              "additionalProperties": False}
+    out = json.loads(draw(grammars, g.json_schema(schema, warnings), 0))
+    assert isinstance(out["tags"], list) and warnings == ["not enforced: uniqueItems (unsupported by the grammar engine)"]
+    with pytest.raises(GrammarError):
+        g.json_schema({"type": "object", "not": {"type": "string"}}, [])
