@@ -305,6 +305,11 @@ def test_completions_sdk_streaming_with_echo(server):
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(
         model="demo", prompt="import os", max_tokens=5, temperature=0, echo=True, stream=True) if ch.choices)
     assert streamed == whole.choices[0].text and whole.choices[0].text.startswith("import os")
+    # scoring streamed: the prompt and its scores come first, in one chunk
+    scored = c.completions.create(model="demo", prompt="import os", max_tokens=0, echo=True, logprobs=1)
+    first = next(iter(c.completions.create(model="demo", prompt="import os", max_tokens=0, echo=True, logprobs=1,
+                                           stream=True))).choices[0]
+    assert first.text == "import os" and first.logprobs.token_logprobs == scored.choices[0].logprobs.token_logprobs
 
 
 # -- the Responses API ----------------------------------------------------------------------------------

@@ -233,8 +233,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(engine, job, events, out, usage, finished), media_type="text/event-stream",
-                                     headers={**SSE_HEADERS, **headers})
+            return StreamingResponse(stream(engine, job, events, out, usage, finished, spec.score),
+                                     media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         checked = [time.monotonic()]
         try:
             while True:
@@ -287,12 +287,13 @@ def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def stream(engine: Engine, job, events: asyncio.Queue, out: Output, include_usage: bool, finished):
+async def stream(engine: Engine, job, events: asyncio.Queue, out: Output, include_usage: bool, finished,
+                 scoring: bool = False):
     """SSE: chunks as tokens come, `: prefill done/total` comments while the prompt is fed, then [DONE]."""
     try:
         if out.kind == "chat":
             yield _data(out.chunk(role=True))
-        elif out.prefix:  # completions with echo: the prompt first
+        elif out.prefix and not scoring:  # completions with echo: the prompt first (with its scores, if asked)
             yield _data({**out.chunk(), "choices": [{"index": 0, "text": out.prefix, "finish_reason": None,
                                                      "logprobs": None}]})
         while True:
@@ -302,7 +303,7 @@ async def stream(engine: Engine, job, events: asyncio.Queue, out: Output, includ
             elif isinstance(ev, Scored):
                 out.scored(ev)
                 chunk = out.chunk()
-                chunk["choices"][0]["logprobs"] = out._completion_logprobs(out.logprobs)
+                chunk["choices"][0].update(text=out.prefix, logprobs=out.completion_logprobs(out.logprobs))
                 yield _data(chunk)
             elif isinstance(ev, Piece):
                 deltas, entries = out.add(ev)

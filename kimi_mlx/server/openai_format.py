@@ -119,10 +119,10 @@ class Output:
                       "logprobs": {"content": self.logprobs} if want_logprobs else None}
         else:
             choice = {"index": 0, "text": self.prefix + self.text, "finish_reason": done.finish_reason,
-                      "logprobs": self._completion_logprobs(self.logprobs) if want_logprobs else None}
+                      "logprobs": self.completion_logprobs(self.logprobs) if want_logprobs else None}
         return {**self._head(), "choices": [choice], "usage": usage(done)}
 
-    def _completion_logprobs(self, items) -> dict:
+    def completion_logprobs(self, items) -> dict:
         tokens = [self.tokenizer.decode_bytes([t]).decode("utf-8", errors="replace") for t, *_ in items]
         top = [None if alts is None else {self.tokenizer.decode([t]): lp for t, lp in alts} for _, _, alts, _ in items]
         return {"tokens": tokens, "token_logprobs": [lp for _, lp, _, _ in items], "top_logprobs": top,
@@ -154,7 +154,7 @@ class Output:
             return {**head, "object": "chat.completion.chunk", "choices": [choice]}
         text = "".join(d.content for d in deltas)
         choice = {"index": 0, "text": text, "finish_reason": finish,
-                  "logprobs": self._completion_logprobs(entries) if entries else None}
+                  "logprobs": self.completion_logprobs(entries) if entries else None}
         return {**head, "choices": [choice]}
 
     def usage_chunk(self, done: Finished) -> dict:
