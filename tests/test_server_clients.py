@@ -190,6 +190,13 @@ def test_logprobs_spell_the_content(server, demo):
             assert ch.choices[0].delta.content
             streamed += ch.choices[0].logprobs.content
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    # a forced call: the forced start has no entries; the generated rest (arguments, closing markers) has
+    r3 = c.chat.completions.create(model="demo", messages=user("weather?"), tools=TOOLS, max_tokens=64, logprobs=True,
+                                   tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                   parallel_tool_calls=False)
+    (call,) = r3.choices[0].message.tool_calls
+    closing = "<|tool_call_end|><|tool_calls_section_end|>"
+    assert spelled(r3.choices[0].logprobs.content) == (call.function.arguments + closing).encode()
 
 
 # -- tool calls -------------------------------------------------------------------------------------

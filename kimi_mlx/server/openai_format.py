@@ -52,10 +52,13 @@ class Output:
 
     def add(self, piece: Piece) -> tuple[list[Delta], list]:
         """Record a piece; returns its deltas and its logprob entries (for a stream chunk)."""
-        if piece.token is not None and piece.logprob is not None:
+        size = len(piece.text.encode())
+        if piece.token is None:  # forced text (a forced call's start) has no entries: count it as covered
+            self.covered_bytes += size
+        elif piece.logprob is not None:
             self.pending.append((piece.token, piece.logprob, piece.top_logprobs))
         self.text += piece.text
-        self.sent_bytes += len(piece.text.encode())
+        self.sent_bytes += size
         entries = self._release(final=False)
         if not self.parse_tools:
             return ([Delta(content=piece.text)] if piece.text else []), entries
