@@ -409,3 +409,16 @@ def test_stored_responses_expire_least_recently_used_first():
         r = c.post("/v1/responses", json={"input": "x", "previous_response_id": first})
         assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
         assert 0 < c.get("/health").json()["stored_responses"] < 13
+
+
+def test_responses_logprobs_spell_the_text(server):
+    c = server.client()
+    kw = dict(model="demo", input="def f():", max_output_tokens=200, temperature=0, top_logprobs=2,
+              include=["message.output_text.logprobs"])
+    r = c.responses.create(**kw)
+    (part,) = r.output[0].content
+    assert b"".join(bytes(e.bytes) for e in part.logprobs) == r.output_text.encode()
+    assert all(len(e.top_logprobs) == 2 for e in part.logprobs)
+    streamed = [e for ev in c.responses.create(stream=True, **kw) if ev.type == "response.output_text.delta"
+                for e in ev.logprobs]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in part.logprobs]

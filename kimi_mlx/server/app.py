@@ -26,7 +26,7 @@ from . import errors
 from .errors import ApiError, BodyLimit
 from .openai_format import Output
 from .requests import chat_spec, check_model, completion_spec, turn_spec
-from .responses import ResponseOutput, ResponseStore, not_found, request_echo, responses_turn
+from .responses import ResponseOutput, ResponseStore, not_found, request_echo, responses_turn, wants_logprobs
 from .schemas import ChatRequest, CompletionRequest, ResponsesRequest
 from .worker import Engine, Failed, Finished, Piece, Progress, QueueFull, Scored, TurnSpec
 
@@ -170,7 +170,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             return turn_spec(engine, turn), history, calls, bool(turn.tools)
 
         spec, history, calls, parse_tools = await run_in_threadpool(build)
-        out = ResponseOutput(settings.model_id, request_echo(req), parse_tools)
+        out = ResponseOutput(settings.model_id, request_echo(req), parse_tools,
+                             Output(engine.tokenizer, settings.model_id, "chat") if wants_logprobs(req) else None)
 
         def finished(done: Finished) -> dict:
             body, events = out.finish(done)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from ..chat_template import TokenIds
 from .errors import ApiError
+from .openai_format import Output
 from .requests import TEXT_ONLY, ChatTurn, OutputFormat
 from .schemas import ResponsesRequest, non_text_part, part_text
 from .tools import Delta, ToolCallParser
@@ -161,9 +162,15 @@ def responses_turn(req: ResponsesRequest, store: ResponseStore) -> tuple[ChatTur
         choice = choice.name
     fmt = req.text.format if req.text else None
     output = None if fmt is None else OutputFormat(fmt.type, fmt.schema_, bool(fmt.strict))
+    top = req.top_logprobs or 0
     turn = ChatTurn(messages, tools, choice, req.parallel_tool_calls is not False, output, req,
-                    req.max_output_tokens or req.max_tokens, params=PARAMS)
+                    req.max_output_tokens or req.max_tokens, wants_logprobs(req), top, params=PARAMS)
     return turn, history, calls
+
+
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    """OpenAI returns output text logprobs when `include` names them; top_logprobs alone asks for them too."""
+    return "message.output_text.logprobs" in (req.include or ()) or req.top_logprobs is not None
 
 
 def request_echo(req: ResponsesRequest) -> dict:
@@ -181,6 +188,7 @@ def request_echo(req: ResponsesRequest) -> dict:
     return {"instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
             "metadata": req.metadata or {}, "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id, "temperature": req.temperature, "top_p": req.top_p,
+            "top_logprobs": req.top_logprobs,
             "tool_choice": choice,
             "tools": tools, "text": {"format": fmt}, "store": req.store, "truncation": "disabled",
             "user": req.user, "reasoning": None, "error": None}
@@ -193,6 +201,7 @@ class ResponseOutput:
     model: str
     echo: dict
     parse_tools: bool
+    logprobs: Output | None = None  # set when logprobs were asked for: their bookkeeping (see openai_format)
     id: str = field(default_factory=lambda: new_id("resp"))
     created: int = field(default_factory=lambda: int(time.time()))
     parser: ToolCallParser = field(default_factory=ToolCallParser)
@@ -225,7 +234,18 @@ class ResponseOutput:
     def add(self, piece: Piece) -> list[dict]:
         deltas = self.parser.feed(piece.text) if self.parse_tools else (
             [Delta(content=piece.text)] if piece.text else [])
-        return self._apply(deltas)
+        entries = self.logprobs.add(piece)[1] if self.logprobs else []
+        return self._with_logprobs(self._apply(deltas), entries)
+
+    def _with_logprobs(self, events: list[dict], entries: list) -> list[dict]:
+        """Entries go with this step's text delta and into the message's text part (a tool call's tokens
+        have none, as OpenAI gives logprobs for output text only)."""
+        deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+        if entries and deltas:
+            deltas[-1]["logprobs"] = entries
+            item = next(i for i in self.items if i["id"] == deltas[-1]["item_id"])
+            item["content"][0]["logprobs"] += entries
+        return events
 
     def _apply(self, deltas: list[Delta]) -> list[dict]:
         events: list[dict] = []
@@ -241,7 +261,7 @@ class ResponseOutput:
                     self.open_item["content"].append(part)
                     events.append(self.event("response.content_part.added", item_id=self.open_item["id"],
                                              output_index=len(self.items) - 1, content_index=0,
-                                             part={**part}))
+                                             part={**part, "logprobs": []}))
                 self.open_item["content"][0]["text"] += d.content
                 events.append(self.event("response.output_text.delta", item_id=self.open_item["id"],
                                          output_index=len(self.items) - 1, content_index=0, delta=d.content,
@@ -278,7 +298,7 @@ class ResponseOutput:
         if item["type"] == "message":
             part = item["content"][0]
             events.append(self.event("response.output_text.done", item_id=item["id"], output_index=index,
-                                     content_index=0, text=part["text"], logprobs=[]))
+                                     content_index=0, text=part["text"], logprobs=part["logprobs"]))
             events.append(self.event("response.content_part.done", item_id=item["id"], output_index=index,
                                      content_index=0, part=part))
         else:
@@ -290,6 +310,7 @@ class ResponseOutput:
     def finish(self, done: Finished) -> tuple[dict, list[dict]]:
         """(the whole response, the closing events)."""
         events = self._apply(self.parser.finish() if self.parse_tools else [])
+        events = self._with_logprobs(events, self.logprobs.flush()[1] if self.logprobs else [])
         events += self._close()
         status = "incomplete" if done.finish_reason == "length" else "completed"
         body = self.response(status, done)

@@ -229,3 +229,4 @@ class ResponsesRequest(Sampling):
     store: bool = True
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
+    include: list[str] | None = None
