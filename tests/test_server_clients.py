@@ -361,6 +361,9 @@ def test_responses_previous_response_id_restores_the_state(server):
     assert again.output_text == follow.output_text
     with pytest.raises(openai.NotFoundError):
         c.responses.retrieve(again.id)  # store: false
+    c.responses.delete(follow.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(follow.id)
     with pytest.raises(openai.NotFoundError):
         c.responses.create(model="demo", input="x", previous_response_id="resp_unknown")
 

@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI-style endpoints over one Engine.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, GET /v1/responses/{id},
-GET /v1/models, GET /health, GET /version. Paths also answer without the /v1 prefix and with a trailing
+Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, GET and DELETE
+/v1/responses/{id}, GET /v1/models, GET /health, GET /version. Paths also answer without the /v1 prefix and with a trailing
 slash, and a POST body is read as JSON whatever its Content-Type says (curl -d sends form encoding).
 Requests are validated and templated off the event loop, queued on the engine, and answered whole or as
 SSE. A client that goes away (stream closed, or connection dropped while waiting) cancels its turn.
@@ -108,7 +108,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
-                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"], allow_headers=["*"])
     app.add_middleware(Lenient)
     created = int(time.time())
     store = ResponseStore(engine.cache)
@@ -208,6 +208,12 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         if kept is None:
             raise not_found(response_id)
         return kept.body
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        if not store.delete(response_id):
+            raise not_found(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     def remember_calls(parser, done: Finished) -> None:
         """A reply's tool calls, for rendering them as generated when the client sends them back."""

@@ -1,4 +1,4 @@
-"""POST /v1/responses and GET /v1/responses/{id}: OpenAI's Responses API over the same engine.
+"""POST /v1/responses, GET and DELETE /v1/responses/{id}: OpenAI's Responses API over the same engine.
 
 A request becomes a ChatTurn (requests.py): `instructions` as the system message, `input` items as
 messages (function_call items as the assistant's tool calls, function_call_output items as tool results),
@@ -70,6 +70,11 @@ class ResponseStore:
         if item is not None:
             self.cache.touch(item.state_tokens)
         return item
+
+    def delete(self, rid: str) -> bool:
+        """Forget a stored response (its state stays in the prefix cache as any other snapshot)."""
+        with self._lock:
+            return self._items.pop(rid, None) is not None
 
     def __len__(self) -> int:
         return len(self._items)
