@@ -206,13 +206,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def get_response(response_id: str):
         kept = store.get(response_id)
         if kept is None:
-            raise not_found(response_id)
+            raise not_found(response_id, store)
         return kept.body
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str):
         if not store.delete(response_id):
-            raise not_found(response_id)
+            raise not_found(response_id, store)
         return {"id": response_id, "object": "response", "deleted": True}
 
     def remember_calls(parser, done: Finished) -> None:

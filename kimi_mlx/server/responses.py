@@ -80,11 +80,12 @@ class ResponseStore:
         return len(self._items)
 
 
-def not_found(rid: str) -> ApiError:
-    return ApiError(404, f"response {rid!r} not found: it was not stored (store: false), or it expired (stored "
-                         "responses live within the server's --prefix-cache-bytes, least recently used first out); "
-                         "send the whole conversation as input instead", param="previous_response_id",
-                    code="response_not_found")
+def not_found(rid: str, store: ResponseStore) -> ApiError:
+    why = ("this server keeps no responses (--prefix-cache-bytes 0)" if store.cache.max_bytes <= 0 else
+           "it was not stored (store: false), or it expired (stored responses live within the server's "
+           "--prefix-cache-bytes, least recently used first out)")
+    return ApiError(404, f"response {rid!r} not found: {why}; send the whole conversation as input instead",
+                    param="previous_response_id", code="response_not_found")
 
 
 def input_messages(req: ResponsesRequest, calls: dict[str, str]) -> list[dict]:
@@ -143,7 +144,7 @@ def responses_turn(req: ResponsesRequest, store: ResponseStore) -> tuple[ChatTur
     if req.previous_response_id:
         prev = store.get(req.previous_response_id)
         if prev is None:
-            raise not_found(req.previous_response_id)
+            raise not_found(req.previous_response_id, store)
         history, calls = list(prev.history), dict(prev.calls)
     history += input_messages(req, calls)
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + history

@@ -50,7 +50,7 @@ def non_text_part(content) -> str | None:
     """The type of the first part of `content` this text-only model cannot read, if any."""
     if isinstance(content, list):
         for p in content:
-            if p.type not in TEXT_PARTS or p.text is None:
+            if p.type not in TEXT_PARTS:
                 return p.type
     return None
 
