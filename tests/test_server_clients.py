@@ -222,6 +222,16 @@ def test_parallel_forced_calls_are_numbered_and_resend_exactly(server, demo):
     assert r2.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
+def test_parallel_tool_calls_false_allows_one_call_in_auto_mode(server, demo):
+    begin = demo[1].special["<|tool_call_begin|>"]
+    kw = dict(model="demo", messages=user("ping"), tools=TOOLS, max_tokens=6, temperature=0, logprobs=True,
+              logit_bias={str(begin): 30})  # the model would open call after call
+    marker = list(b"<|tool_call_begin|>")
+    many = server.client().chat.completions.create(**kw).choices[0].logprobs.content
+    one = server.client().chat.completions.create(parallel_tool_calls=False, **kw).choices[0].logprobs.content
+    assert [e.bytes for e in many].count(marker) == 6 and [e.bytes for e in one].count(marker) == 1
+
+
 def test_legacy_functions(server):
     functions = [t["function"] for t in TOOLS]
     r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={

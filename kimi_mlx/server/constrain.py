@@ -153,3 +153,21 @@ def ban_tokens(ids: list[int]):
         return logits.at[:, idx].add(mx.array(-mx.inf, logits.dtype))
 
     return apply
+
+
+def once(token: int):
+    """A logits processor that lets `token` be drawn once in a reply (parallel_tool_calls false in auto mode:
+    one <|tool_call_begin|>, so one call). `tokens` starts with context from before the reply, whose length
+    the first call records, so calls in earlier turns do not count; each call reads only the new tokens."""
+    seen = {"upto": None, "drawn": False}
+
+    def apply(tokens: mx.array, logits: mx.array) -> mx.array:
+        n = tokens.size
+        if seen["upto"] is not None and not seen["drawn"] and n > seen["upto"]:
+            seen["drawn"] = token in tokens[seen["upto"]:].tolist()
+        seen["upto"] = n
+        if seen["drawn"]:
+            return logits.at[:, token].add(mx.array(-mx.inf, logits.dtype))
+        return logits
+
+    return apply

@@ -15,7 +15,7 @@ from ..generate import GenerationOptions
 from .constrain import JSON_OPTIONS, GrammarError
 from .errors import ApiError
 from .schemas import ChatRequest, CompletionRequest, Sampling, non_text_part
-from .tools import SECTION_BEGIN, call_grammar, calls_from_messages, forced_prefix, strict_schema
+from .tools import CALL_BEGIN, SECTION_BEGIN, call_grammar, calls_from_messages, forced_prefix, strict_schema
 from .worker import TurnSpec
 
 TEXT_ONLY = "this model reads text only; send the content as text parts ({'type': 'text', 'text': ...})"
@@ -179,7 +179,7 @@ def turn_spec(engine, turn: ChatTurn) -> TurnSpec:
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, tools=tools)
     except KimiError as e:
         raise ApiError(400, f"{p['messages']}: {e}", param=p["messages"], code="invalid_value") from None
-    forced, grammar, banned, warnings = [], None, [], []
+    forced, grammar, banned, single, warnings = [], None, [], [], []
     choice = turn.tool_choice or ("auto" if tools else "none")
     if choice not in ("auto", "none"):
         if not tools:
@@ -198,6 +198,8 @@ def turn_spec(engine, turn: ChatTurn) -> TurnSpec:
         grammar = _grammar(lambda: engine.grammars.lark(text, warnings, schemas=tools), p["tools"])
     elif choice == "none" and tools:
         banned = [tok.special[SECTION_BEGIN]]
+    elif tools and not turn.parallel_tool_calls:
+        single = [tok.special[CALL_BEGIN]]
     fmt = turn.output
     if fmt is not None and fmt.type == "json_object":
         grammar = _grammar(lambda: engine.grammars.json_schema({"type": "object"}, warnings), p["format"])
@@ -206,7 +208,7 @@ def turn_spec(engine, turn: ChatTurn) -> TurnSpec:
         grammar = _grammar(lambda: engine.grammars.json_schema(schema, warnings), p["format"])
     opts = options(engine, turn.sampling, turn.max_tokens, len(prompt) + len(forced), param=p["messages"],
                    max_param=p["max_tokens"], logprobs=turn.logprobs, top_logprobs=turn.top_logprobs)
-    return TurnSpec(prompt, opts, forced, grammar, banned, warnings=warnings)
+    return TurnSpec(prompt, opts, forced, grammar, banned, once=single, warnings=warnings)
 
 
 def completion_spec(engine, req: CompletionRequest) -> TurnSpec:

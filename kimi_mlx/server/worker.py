@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from ..errors import KimiError
 from ..generate import Generation, GenerationOptions, prefill, stop_ids
-from .constrain import Grammars, ban_tokens
+from .constrain import Grammars, ban_tokens, once
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger("kimi_mlx.server")
@@ -35,6 +35,7 @@ class TurnSpec:
     forced: list[int] = field(default_factory=list)  # the reply starts with these ids (fed as input)
     grammar: str | None = None  # llguidance grammar for the generated part
     banned: list[int] = field(default_factory=list)  # ids never drawn
+    once: list[int] = field(default_factory=list)  # ids drawn at most once
     score: bool = False  # report the prompt tokens' log-probabilities (a Scored event) before generating
     generate: bool = True  # False: score only (max_tokens 0)
     warnings: list[str] = field(default_factory=list)  # parts of the request served relaxed (a response header)
@@ -276,6 +277,7 @@ class Engine:
         gen = Generation(model, self.tokenizer, state, seq[-1:], spec.options, context=seq[:-1])
         if spec.banned:
             gen.processors.append(ban_tokens(spec.banned))
+        gen.processors += [once(t) for t in spec.once]
         if spec.grammar is not None:
             gen.processors.append(self.grammars.processor(spec.grammar))
         prefill_seconds = None
