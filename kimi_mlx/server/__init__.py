@@ -9,9 +9,10 @@
 Any `model` name is answered by the one model (--strict-model-name makes others a 404); replies report the
 first --served-model-name (default: the checkpoint's directory name or repo id). Clients resend the whole
 conversation each turn (or, on /v1/responses, name the previous response); the server restores the state
-snapshot of the longest prefix it has seen (snapshots are taken at every message end, every --snapshot-interval prompt tokens and
-after every reply) and feeds only the rest; usage.prompt_tokens_details.cached_tokens says how many tokens
-were reused. Requests run one at a time on one engine thread; up to --max-queue wait, more get a 503.
+snapshot of the longest prefix it has seen (snapshots are taken at every message end, every
+--snapshot-interval prompt tokens and after every reply) and feeds only the rest;
+usage.prompt_tokens_details.cached_tokens says how many tokens were reused. Requests run one at a time on one
+engine thread; up to --max-queue wait, more get a 503.
 
 Modules: app (routes, auth, SSE), schemas (request bodies), requests (request -> TurnSpec),
 openai_format (chat and completion objects), responses (the Responses API and its store), worker (the

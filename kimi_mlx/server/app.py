@@ -1,10 +1,11 @@
 """The FastAPI app: OpenAI-style endpoints over one Engine.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, GET and DELETE
-/v1/responses/{id}, GET /v1/models, GET /health, GET /version. Paths also answer without the /v1 prefix and with a trailing
-slash, and a POST body is read as JSON whatever its Content-Type says (curl -d sends form encoding).
-Requests are validated and templated off the event loop, queued on the engine, and answered whole or as
-SSE. A client that goes away (stream closed, or connection dropped while waiting) cancels its turn.
+/v1/responses/{id}, GET /v1/models, GET /health, GET /version. Paths also answer without the /v1 prefix
+and with a trailing slash, and a POST body is read as JSON whatever its Content-Type says (curl -d sends
+form encoding). Requests are validated and templated off the event loop, queued on the engine, and
+answered whole or as SSE. A client that goes away (stream closed, or connection dropped, streaming or not)
+cancels its turn.
 """
 
 from __future__ import annotations
