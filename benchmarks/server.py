@@ -1,9 +1,16 @@
-"""Time to first token over a growing conversation, through the HTTP server, with and without the prefix cache.
+"""Time to first token over a growing conversation, through the HTTP server.
 
-A client resends the whole conversation every turn (as OpenAI clients do): turn k holds k user messages of
-about --user-tokens tokens each and the k-1 replies. Both servers run in this process on 127.0.0.1 over the
-same model (default: the random-weight demo, whose byte tokenizer makes one token per ASCII character), one
-after the other, and see the same conversation (the replies are greedy, so both generate the same ones).
+Chat completions (--api chat): a client resends the whole conversation every turn (as OpenAI clients do):
+turn k holds k user messages of about --user-tokens tokens each and the k-1 replies, against a server with
+the prefix cache and one without.
+
+Responses API (--api responses): the same conversation as a chain, each turn sending only its new user
+message with previous_response_id (the server restores the stored response's state), against resending the
+whole conversation as input items, to a server with the prefix cache and to one without.
+
+Every server runs in this process on 127.0.0.1 over the same model (default: the demo), turn by turn in
+lockstep (so that load from other processes hits them alike), and sees the same conversation (the replies
+are greedy, so all generate the same ones; checked). --api both (the default) runs both in one run.
 
   python benchmarks/server.py --turns 10 --user-tokens 1000 --record
 """
@@ -89,6 +96,50 @@ def one_turn(http: httpx.Client, url: str, messages: list, max_tokens: int) -> d
             "cached": usage["prompt_tokens_details"]["cached_tokens"]}
 
 
+def one_response(http: httpx.Client, url: str, body: dict) -> dict:
+    """A streamed /v1/responses call: TTFT is the time to the first response.output_text.delta event."""
+    t0 = time.perf_counter()
+    ttft, done = None, None
+    with http.stream("POST", url + "/v1/responses", json={**body, "stream": True, "temperature": 0}) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            if event["type"] == "response.output_text.delta" and ttft is None:
+                ttft = time.perf_counter() - t0
+            if event["type"] in ("response.completed", "response.incomplete"):
+                done = event["response"]
+    text = "".join(c["text"] for item in done["output"] if item["type"] == "message" for c in item["content"])
+    usage = done["usage"]
+    return {"ttft": ttft or time.perf_counter() - t0, "total": time.perf_counter() - t0, "reply": text,
+            "id": done["id"], "prompt": usage["input_tokens"], "cached": usage["input_tokens_details"]["cached_tokens"]}
+
+
+def responses_chain(model, tok, turns: int, user_tokens: int, max_tokens: int) -> tuple[list, list, list]:
+    """Rows for: the chain (previous_response_id), the whole conversation resent to a server with the prefix
+    cache, and resent to one without."""
+    engines = [Engine(model, tok, EngineSettings(prefix_cache_bytes=b)) for b in (4 << 30, 4 << 30, 0)]
+    rows: tuple[list, list, list] = ([], [], [])
+    instructions = "You are a helpful assistant."
+    with LocalServer(create_app(engines[0], ServerSettings("bench"))) as chain, \
+            LocalServer(create_app(engines[1], ServerSettings("bench"))) as resend, \
+            LocalServer(create_app(engines[2], ServerSettings("bench"))) as cold, httpx.Client(timeout=600) as http:
+        for url in (chain, resend, cold):
+            one_response(http, url, {"input": "warm up", "max_output_tokens": 4, "store": False})
+        history, previous = [], None
+        for k in range(1, turns + 1):
+            message = user_message(k, user_tokens)
+            history.append({"role": "user", "content": message})
+            base = {"instructions": instructions, "max_output_tokens": max_tokens}
+            rows[0].append(one_response(http, chain, {**base, "input": message, "previous_response_id": previous}))
+            previous = rows[0][-1]["id"]
+            for url, out in ((resend, rows[1]), (cold, rows[2])):
+                out.append(one_response(http, url, {**base, "input": history, "store": False}))
+            history.append({"role": "assistant", "content": rows[0][-1]["reply"]})
+    return rows
+
+
 def conversations(model, tok, turns: int, user_tokens: int, max_tokens: int) -> tuple[list, list]:
     """The same conversation against a server with the prefix cache and one without, turn by turn in lockstep
     (so that load from other processes hits both alike)."""
@@ -113,28 +164,50 @@ def main():
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--user-tokens", type=int, default=1000)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--api", choices=("chat", "responses", "both"), default="both")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     a = ap.parse_args()
     model, tok = load(a.model)
     cfg = model.config
-    with_cache, without = conversations(model, tok, a.turns, a.user_tokens, a.max_tokens)
-    lines = [(f"device: {bench.device_line()} | "
-              f"model: {a.model} (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {model.dtype}) | "
-              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"),
-             f"{a.turns} turns, {a.user_tokens}-token user messages, {a.max_tokens}-token greedy replies, streamed",
-             " turn | prompt tok | cached tok | TTFT cache on | TTFT cache off | speed-up",
-             ]
-    for k, (on, off) in enumerate(zip(with_cache, without), 1):
-        assert on["reply"] == off["reply"], f"turn {k}: the replies differ with and without the cache"
-        lines.append(f" {k:4d} | {on['prompt']:10,d} | {on['cached']:10,d} | {on['ttft'] * 1e3:10.0f} ms "
-                     f"| {off['ttft'] * 1e3:11.0f} ms | {off['ttft'] / on['ttft']:7.1f}x")
-    total_on, total_off = sum(r["ttft"] for r in with_cache), sum(r["ttft"] for r in without)
-    lines.append(f"sum of TTFT: {total_on:.2f} s with the prefix cache, {total_off:.2f} s without")
-    print("\n".join(lines), flush=True)
+    head = (f"device: {bench.device_line()} | "
+            f"model: {a.model} (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {model.dtype}) | "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    shape = (f"{a.turns} turns, user messages of {a.user_tokens} characters, {a.max_tokens}-token greedy replies, "
+             "streamed")
+    sections = []
+    if a.api in ("chat", "both"):
+        with_cache, without = conversations(model, tok, a.turns, a.user_tokens, a.max_tokens)
+        lines = [head, "chat completions, the whole conversation resent each turn: " + shape,
+                 " turn | prompt tok | cached tok | TTFT cache on | TTFT cache off | speed-up"]
+        for k, (on, off) in enumerate(zip(with_cache, without), 1):
+            assert on["reply"] == off["reply"], f"turn {k}: the replies differ with and without the cache"
+            lines.append(f" {k:4d} | {on['prompt']:10,d} | {on['cached']:10,d} | {on['ttft'] * 1e3:10.0f} ms "
+                         f"| {off['ttft'] * 1e3:11.0f} ms | {off['ttft'] / on['ttft']:7.1f}x")
+        total_on, total_off = sum(r["ttft"] for r in with_cache), sum(r["ttft"] for r in without)
+        lines.append(f"sum of TTFT: {total_on:.2f} s with the prefix cache, {total_off:.2f} s without")
+        print("\n".join(lines), flush=True)
+        sections.append(("server: TTFT over a growing conversation", lines))
+    if a.api in ("responses", "both"):
+        chain, resend, cold = responses_chain(model, tok, a.turns, a.user_tokens, a.max_tokens)
+        lines = [head, "Responses API: " + shape,
+                 " turn | input tok | chain: cached |  TTFT | resent: cached |  TTFT | resent, no cache: TTFT "
+                 "| chain vs no cache"]
+        for k, (c, r, o) in enumerate(zip(chain, resend, cold), 1):
+            assert c["reply"] == r["reply"] == o["reply"], f"turn {k}: the replies differ"
+            assert c["prompt"] == r["prompt"] == o["prompt"], f"turn {k}: the prompts differ"
+            lines.append(f" {k:4d} | {c['prompt']:9,d} | {c['cached']:13,d} | {c['ttft'] * 1e3:4.0f} ms "
+                         f"| {r['cached']:14,d} | {r['ttft'] * 1e3:4.0f} ms | {o['ttft'] * 1e3:19.0f} ms "
+                         f"| {o['ttft'] / c['ttft']:16.1f}x")
+        sums = [sum(x["ttft"] for x in rows) for rows in (chain, resend, cold)]
+        lines.append(f"sum of TTFT: {sums[0]:.2f} s chained with previous_response_id, {sums[1]:.2f} s resent "
+                     f"with the prefix cache, {sums[2]:.2f} s resent without")
+        print("\n".join(lines), flush=True)
+        sections.append(("server: Responses API chain (previous_response_id) vs resending the conversation", lines))
     if a.record:
         from results import Recorder
 
-        Recorder().append("server: TTFT over a growing conversation", lines)
+        for title, lines in sections:
+            Recorder().append(title, lines)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,17 @@ from .errors import KimiError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"kimi-mlx {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root():
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print the version and exit")):
     """Kimi Linear on MLX: convert, generate, chat, serve, bench, doctor."""
 
 
@@ -121,9 +130,19 @@ def serve(
     allowed_origin: list[str] | None = typer.Option(None, "--allowed-origin",
                                                     help="enable CORS for this origin (repeatable; off by default)"),
     log_level: str = typer.Option(S.log_level, "--log-level"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1,
+                                          help="reply cap for requests that set none (default: up to the context "
+                                               "limit, as OpenAI's API does)"),
+    served_model_name: list[str] | None = typer.Option(None, "--served-model-name",
+                                                       help="id /v1/models lists and replies report (repeatable; "
+                                                            "default: the checkpoint's name)"),
+    strict_model_name: bool = typer.Option(False, "--strict-model-name",
+                                           help="answer only the served names (others: 404); by default any "
+                                                "'model' in a request means this model"),
     distributed: Distributed = False,
 ):
-    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output)."""
+    """Serve the model over an OpenAI-compatible HTTP API: chat completions, completions (with prompt scoring),
+    the Responses API (with previous_response_id), tools, JSON output."""
     from .distributed import launch_rank
     from .server import parse_bytes, serve as run_server
 
@@ -132,7 +151,8 @@ def serve(
                    err=True)
     opts = S(host, port, api_key, max_queue, parse_bytes(prefix_cache_bytes, "--prefix-cache-bytes"),
              snapshot_interval, prefill_step_size, parse_bytes(max_body_bytes, "--max-body-bytes"),
-             tuple(allowed_origin or ()), log_level, distributed)
+             tuple(allowed_origin or ()), log_level, distributed, max_tokens, tuple(served_model_name or ()),
+             strict_model_name)
     run_server(model, opts)
 
 

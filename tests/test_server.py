@@ -5,6 +5,7 @@ reuse across turns (with logits equal to a fresh prefill), 16 concurrent streams
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -155,14 +156,16 @@ def test_forced_named_tool_call_and_its_result_turn(server):
     c = server.client()
     messages = user("What is the weather in Paris?")
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    r = c.chat.completions.create(model="demo", messages=messages, tools=TOOLS, tool_choice=choice, max_tokens=64)
+    r = c.chat.completions.create(model="demo", messages=messages, tools=TOOLS, tool_choice=choice, max_tokens=64,
+                                  parallel_tool_calls=False)
     msg = r.choices[0].message
     assert r.choices[0].finish_reason == "tool_calls" and msg.content is None
     (call,) = msg.tool_calls
-    assert call.function.name == "get_weather" and call.id == "functions.get_weather:0"
+    assert call.function.name == "get_weather" and re.fullmatch(r"call_[A-Za-z0-9]{24}", call.id)
     args = json.loads(call.function.arguments)
     assert args["unit"] in ("c", "f") and 1 <= args["days"] <= 7
-    # the tool's result goes back through the chat template; turn 1's state (reply included) is reused
+    # the tool's result goes back through the chat template, the call under the header the model wrote
+    # (functions.get_weather:0); turn 1's state (reply included) is reused
     messages += [msg.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
     r2 = c.chat.completions.create(model="demo", messages=messages, tools=TOOLS, max_tokens=4, temperature=0)
@@ -183,9 +186,12 @@ def test_forced_tool_call_streams_as_deltas(server):
             entry["name"] += d.function.name or ""
             entry["arguments"] += d.function.arguments or ""
     assert finish == "tool_calls"
-    want = [{"id": t.id, "name": t.function.name, "arguments": t.function.arguments} for t in whole.message.tool_calls]
-    assert [calls[i] for i in sorted(calls)] == want
+    want = [{"name": t.function.name, "arguments": t.function.arguments} for t in whole.message.tool_calls]
+    streamed = [calls[i] for i in sorted(calls)]
+    assert [{k: v for k, v in c.items() if k != "id"} for c in streamed] == want
     assert want[0]["name"] in ("get_weather", "ping")
+    ids = [c["id"] for c in streamed] + [t.id for t in whole.message.tool_calls]
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"call_[A-Za-z0-9]{24}", i) for i in ids)
 
 
 def test_tool_choice_none_never_calls(server, demo):

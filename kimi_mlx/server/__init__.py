@@ -6,14 +6,18 @@
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything")
     client.chat.completions.create(model="Kimi-Linear-48B-A3B-Instruct", messages=[...], stream=True)
 
-Clients resend the whole conversation each turn; the server restores the state snapshot of the longest
-prefix it has seen (snapshots are taken at every message end, every --snapshot-interval prompt tokens and
-after every reply) and feeds only the rest; usage.prompt_tokens_details.cached_tokens says how many tokens
-were reused. Requests run one at a time on one engine thread; up to --max-queue wait, more get a 503.
+Any `model` name is answered by the one model (--strict-model-name makes others a 404); replies report the
+first --served-model-name (default: the checkpoint's directory name or repo id). Clients resend the whole
+conversation each turn (or, on /v1/responses, name the previous response); the server restores the state
+snapshot of the longest prefix it has seen (snapshots are taken at every message end, every
+--snapshot-interval prompt tokens and after every reply) and feeds only the rest;
+usage.prompt_tokens_details.cached_tokens says how many tokens were reused. Requests run one at a time on one
+engine thread; up to --max-queue wait, more get a 503.
 
 Modules: app (routes, auth, SSE), schemas (request bodies), requests (request -> TurnSpec),
-openai_format (response objects), worker (the model's one owner), prefix_cache (state snapshots by
-token prefix), tools (Kimi tool-call parsing), constrain (llguidance grammars), errors (error objects).
+openai_format (chat and completion objects), responses (the Responses API and its store), worker (the
+model's one owner), prefix_cache (state snapshots by token prefix), tools (Kimi tool-call parsing),
+constrain (llguidance grammars), errors (error objects).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ class ServeOptions:
     allowed_origins: tuple[str, ...] = ()
     log_level: str = "info"
     distributed: bool = False  # split over the ranks of mlx.launch; ranks > 0 serve rank 0's model calls
+    max_tokens: int | None = None  # reply cap for requests without max_tokens (None: the context limit)
+    served_model_names: tuple[str, ...] = ()  # ids /v1/models lists (first: the id replies report)
+    strict_model_name: bool = False  # a request naming another model gets a 404
 
 
 def build_app(model: str, opts: ServeOptions):
@@ -48,9 +55,11 @@ def build_app(model: str, opts: ServeOptions):
 
     m, tok = load(model, distributed=opts.distributed)
     engine = Engine(m, tok, EngineSettings(opts.max_queue, opts.prefix_cache_bytes, opts.snapshot_interval,
-                                           opts.prefill_step_size))
+                                           opts.prefill_step_size, opts.max_tokens))
     model_id = model if model.count("/") == 1 and not Path(model).exists() else Path(model).name or model
-    settings = ServerSettings(model_id, {model}, opts.api_key, list(opts.allowed_origins), opts.max_body_bytes)
+    names = list(dict.fromkeys(opts.served_model_names)) or [model_id]
+    settings = ServerSettings(names[0], names[1:], opts.api_key, list(opts.allowed_origins), opts.max_body_bytes,
+                              opts.strict_model_name, {model} - set(names))
     return create_app(engine, settings)
 
 

@@ -100,6 +100,23 @@ class PrefixCache:
             self.misses += 1
             return 0, None
 
+    def has(self, tokens) -> bool:
+        """Whether the state after exactly `tokens` is stored (no effect on LRU order or the counts)."""
+        arr = np.asarray(tokens, dtype=np.int32)
+        if len(arr) == 0:
+            return False
+        with self._lock:
+            entry = self._entries.get((len(arr), int(prefix_hashes(arr)[-1])))
+            return entry is not None and np.array_equal(entry.tokens, arr)
+
+    def touch(self, tokens) -> None:
+        """Mark the state after exactly `tokens` as used now (it is evicted last)."""
+        arr = np.asarray(tokens, dtype=np.int32)
+        key = (len(arr), int(prefix_hashes(arr)[-1])) if len(arr) else None
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+
     def insert(self, tokens, state: ModelState) -> bool:
         """Store a snapshot of `state`, which has consumed exactly `tokens`. False if it cannot fit."""
         if self.max_bytes <= 0 or len(tokens) == 0:

@@ -4,14 +4,25 @@ The model writes calls as
   <|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{json}
   <|tool_call_end|>...<|tool_calls_section_end|>
 `ToolCallParser` reads generated text as it streams and splits it into content and calls, emitting
-OpenAI-style deltas; a marker split across chunks is held back until it is complete. The call id is
-the model's own `functions.NAME:IDX`, so a resent conversation renders back to the same tokens.
+OpenAI-style deltas; a marker split across chunks is held back until it is complete. Clients get a
+plain id unique to each call (call_ + 24 random characters); the model's own header `functions.NAME:IDX`
+stays with the call, and the engine maps the id back to it when the conversation is resent, so the
+prompt renders back to the same tokens.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
+import string
 from dataclasses import dataclass, field
+
+_ID_CHARS = string.ascii_letters + string.digits
+MAX_PARALLEL_CALLS = 16  # calls one forced section may hold (the grammar unrolls one rule per call)
+
+
+def new_call_id() -> str:
+    return "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(24))
 
 SECTION_BEGIN = "<|tool_calls_section_begin|>"
 SECTION_END = "<|tool_calls_section_end|>"
@@ -26,6 +37,7 @@ class ToolCall:
     id: str
     name: str
     arguments: str = ""
+    header: str = ""  # as the model wrote it: functions.NAME:IDX
 
     def to_openai(self) -> dict:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
@@ -52,10 +64,10 @@ class Delta:
 
 
 def parse_header(header: str, index: int) -> ToolCall:
-    """`functions.NAME:IDX` -> ToolCall(id=header, name=NAME); any other header is taken as the name."""
+    """`functions.NAME:IDX` -> a call of NAME with a fresh id; any other header is taken as the name."""
     header = header.strip()
     name = header.removeprefix("functions.").rsplit(":", 1)[0]
-    return ToolCall(id=header if header.startswith("functions.") else f"functions.{name}:{index}", name=name)
+    return ToolCall(new_call_id(), name, header=header if header.startswith("functions.") else "")
 
 
 @dataclass
@@ -127,8 +139,9 @@ def _partial_marker_len(text: str) -> int:
 
 
 def calls_from_messages(messages: list[dict]) -> int:
-    """Number of tool calls already made in a conversation (Kimi numbers calls across it)."""
-    return sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
+    """Number of tool calls already made in a conversation (Kimi numbers calls across it). A reply kept as
+    its generated ids (/v1/responses history) carries its call count as `n_calls`."""
+    return sum(len(m.get("tool_calls") or []) + m.get("n_calls", 0) for m in messages if m.get("role") == "assistant")
 
 
 def function_parameters(tool: dict) -> dict:
@@ -142,14 +155,45 @@ def forced_prefix(name: str | None, index: int) -> str:
     return head + f"{name}:{index}" + ARG_BEGIN if name else head
 
 
-def call_grammar(tools: list[dict], name: str | None, index: int, json_options: dict) -> str:
-    """Lark grammar (llguidance) for the rest of a forced call after forced_prefix(name, index)."""
+def call_grammar(tools: list[dict], name: str | None, index: int, json_options: dict,
+                 parallel: bool = False) -> str:
+    """Lark grammar (llguidance) for the rest of a forced section after forced_prefix(name, index): one call
+    (of `name`, or of any tool when name is None), or with `parallel` up to MAX_PARALLEL_CALLS, each
+    numbered on from `index` as the model numbers them. A function's arguments rule is written once and
+    shared by every call position."""
     chosen = [t for t in tools if name is None or t["function"]["name"] == name]
-    alternatives = []
+    lines = []
     for i, t in enumerate(chosen):
-        schema = {**function_parameters(t)}
+        params = function_parameters(t)
+        schema = {**(strict_schema(params) if t["function"].get("strict") else params)}
         schema.setdefault("x-guidance", json_options)
-        head = "" if name else json.dumps(f"{t['function']['name']}:{index}") + f" {ARG_BEGIN} "
-        alternatives.append(f"call{i}: {head}args{i} {CALL_END}\nargs{i}: %json {json.dumps(schema)}")
-    start = "start: (" + " | ".join(f"call{i}" for i in range(len(chosen))) + f") {SECTION_END}"
-    return "\n".join([start, *alternatives])
+        lines.append(f"args{i}: %json {json.dumps(schema)}")
+
+    def calls_at(k: int, with_header: bool) -> str:
+        alts = []
+        for i, t in enumerate(chosen):
+            head = json.dumps(f"{t['function']['name']}:{index + k}") + f" {ARG_BEGIN} " if with_header else ""
+            alts.append(f"{head}args{i} {CALL_END}")
+        return "(" + " | ".join(alts) + ")"
+
+    n = MAX_PARALLEL_CALLS if parallel else 1
+    first = calls_at(0, with_header=name is None)
+    lines.insert(0, f"start: {first} more1" if n > 1 else f"start: {first} {SECTION_END}")
+    for k in range(1, n):  # more{k}: the section ends, or call k follows
+        tail = f"more{k + 1}" if k + 1 < n else SECTION_END
+        lines.append(f'more{k}: {SECTION_END} | {CALL_BEGIN} "functions." {calls_at(k, True)} {tail}')
+    return "\n".join(lines)
+
+
+def strict_schema(schema):
+    """`strict: true` as OpenAI enforces it: every object schema that does not say otherwise takes no
+    properties besides those it lists (additionalProperties: false). A copy; nested schemas too."""
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict_schema(v) if k != "properties" else {p: strict_schema(s) for p, s in v.items()}
+           for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
