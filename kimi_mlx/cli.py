@@ -121,9 +121,11 @@ def serve(
     allowed_origin: list[str] | None = typer.Option(None, "--allowed-origin",
                                                     help="enable CORS for this origin (repeatable; off by default)"),
     log_level: str = typer.Option(S.log_level, "--log-level"),
+    no_web: bool = typer.Option(False, "--no-web", help="don't serve the chat page at / (the API only)"),
     distributed: Distributed = False,
 ):
-    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output)."""
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output) and a chat
+    page at http://HOST:PORT/."""
     from .distributed import launch_rank
     from .server import parse_bytes, serve as run_server
 
@@ -132,7 +134,7 @@ def serve(
                    err=True)
     opts = S(host, port, api_key, max_queue, parse_bytes(prefix_cache_bytes, "--prefix-cache-bytes"),
              snapshot_interval, prefill_step_size, parse_bytes(max_body_bytes, "--max-body-bytes"),
-             tuple(allowed_origin or ()), log_level, distributed)
+             tuple(allowed_origin or ()), log_level, distributed, web=not no_web)
     run_server(model, opts)
 
 

@@ -12,7 +12,7 @@ after every reply) and feeds only the rest; usage.prompt_tokens_details.cached_t
 were reused. Requests run one at a time on one engine thread; up to --max-queue wait, more get a 503.
 
 Modules: app (routes, auth, SSE), schemas (request bodies), requests (request -> TurnSpec),
-openai_format (response objects), worker (the model's one owner), prefix_cache (state snapshots by
+openai_format (response objects), web (the chat page at /, files in static/), worker (the model's one owner), prefix_cache (state snapshots by
 token prefix), tools (Kimi tool-call parsing), constrain (llguidance grammars), errors (error objects).
 """
 
@@ -36,6 +36,7 @@ class ServeOptions:
     allowed_origins: tuple[str, ...] = ()
     log_level: str = "info"
     distributed: bool = False  # split over the ranks of mlx.launch; ranks > 0 serve rank 0's model calls
+    web: bool = True  # the chat page at / (--no-web: off)
 
 
 def build_app(model: str, opts: ServeOptions):
@@ -50,7 +51,8 @@ def build_app(model: str, opts: ServeOptions):
     engine = Engine(m, tok, EngineSettings(opts.max_queue, opts.prefix_cache_bytes, opts.snapshot_interval,
                                            opts.prefill_step_size))
     model_id = model if model.count("/") == 1 and not Path(model).exists() else Path(model).name or model
-    settings = ServerSettings(model_id, {model}, opts.api_key, list(opts.allowed_origins), opts.max_body_bytes)
+    settings = ServerSettings(model_id, {model}, opts.api_key, list(opts.allowed_origins), opts.max_body_bytes,
+                              web=opts.web)
     return create_app(engine, settings)
 
 

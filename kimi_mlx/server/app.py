@@ -1,6 +1,7 @@
 """The FastAPI app: OpenAI-style endpoints over one Engine.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health. Requests are
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, and the chat page at
+/ (web.py) unless settings.web is off. Requests are
 validated and templated off the event loop, queued on the engine, and answered whole or as SSE.
 A client that goes away (stream closed, or connection dropped while waiting) cancels its turn.
 """
@@ -18,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from . import errors
+from . import errors, web
 from .errors import ApiError, BodyLimit
 from .openai_format import Output
 from .requests import chat_spec, check_model, completion_spec
@@ -35,6 +36,7 @@ class ServerSettings:
     api_key: str | None = None
     allowed_origins: list[str] = field(default_factory=list)  # CORS is off when empty
     max_body_bytes: int = 64 << 20
+    web: bool = True  # the chat page at /
 
     @property
     def names(self) -> set[str]:
@@ -42,14 +44,16 @@ class ServerSettings:
 
 
 class BearerAuth:
-    """ASGI middleware: every path but /health needs `Authorization: Bearer <api key>` (CORS preflights too
-    are left to the CORS layer, which sits outside this one)."""
+    """ASGI middleware: every path but /health and the chat page's files (`public`) needs
+    `Authorization: Bearer <api key>` (CORS preflights too are left to the CORS layer, which sits outside
+    this one)."""
 
-    def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+    def __init__(self, app, api_key: str, public=lambda path: False):
+        self.app, self.expected, self.public = app, f"Bearer {api_key}".encode(), public
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+        if (scope["type"] == "http" and scope["path"] != "/health" and scope["method"] != "OPTIONS"
+                and not self.public(scope["path"])):
             given = dict(scope.get("headers", [])).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 err = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' "
@@ -69,13 +73,16 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     errors.install(app, errors.schema_fields(ChatRequest, CompletionRequest))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_key:
-        app.add_middleware(BearerAuth, api_key=settings.api_key)
+        app.add_middleware(BearerAuth, api_key=settings.api_key,
+                           **({"public": web.is_public} if settings.web else {}))
     if settings.allowed_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
     created = int(time.time())
+    if settings.web:
+        web.install(app, settings.model_id, needs_key=bool(settings.api_key))
 
     @app.get("/health")
     async def health():
