@@ -38,7 +38,7 @@ def _missing() -> str | None:
 def driver(tmp_path_factory):
     missing = _missing()
     if missing:
-        if os.environ.get("CI", "").lower() == "true":
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
             pytest.fail(f"browser tests need Chromium under CI: {missing}", pytrace=False)
         pytest.skip(missing)
     from selenium import webdriver
@@ -314,6 +314,9 @@ def test_model_output_is_never_html(page):
     page.find("copy-code", body).click()
     page.wait(lambda: page.d.execute_script("return window.__copied.length"), what="the copy")
     assert page.d.execute_script("return window.__copied") == ['<img src=y onerror="window.__xss=5">']
+    page.find("copy-reply", reply).click()  # and the reply's button, the reply as the model wrote it
+    page.wait(lambda: page.d.execute_script("return window.__copied.length") == 2, what="the second copy")
+    assert page.d.execute_script("return window.__copied")[1] == MALICIOUS
 
 
 def test_api_key_asked_once_per_session(driver, server):
@@ -344,8 +347,26 @@ def test_console_has_no_errors(page):
     page.wait(lambda: page.find("model").text == "demo", what="the page")
     page.send("def read_lines(path):")
     page.wait_reply()
-    page.send("more")
-    page.wait_reply()
+    page.set_setting("max_tokens", 4000)
+    page.send(LONG_PROMPT)
+    page.wait(lambda: len(page.messages()[-1][1]) > 40, what="the reply to start")
+    page.find("stop").click()
+    page.wait(lambda: not page.busy(), what="the stop")
     page.d.refresh()
     page.wait(lambda: len(page.all("message")) == 4, what="the conversation after a reload")
     assert page.console_errors() == []
+
+
+def test_reply_cut_by_a_reload_is_marked_not_blank(page):
+    page.set_setting("max_tokens", 4000)
+    page.send(LONG_PROMPT)
+    page.wait(lambda: len(page.stored().popitem()[1]["messages"][-1]["content"]) > 40, what="the reply saved mid-stream")
+    page.d.refresh()
+    page.wait(lambda: len(page.all("message")) == 2, what="the conversation after a reload")
+    last = page.all("message")[-1]
+    assert last.find_element("css selector", ".body code").text  # what had come before the reload
+    assert page.find("error", last).text == "the page was closed before this reply ended"
+    page.find("regenerate", last).click()  # and it can be asked again
+    page.wait(lambda: page.busy(), what="the new reply")
+    page.find("stop").click()
+    page.wait(lambda: not page.busy(), what="the stop")

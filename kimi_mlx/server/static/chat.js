@@ -429,7 +429,14 @@ async function reply(conv) {
     const box = $("messages");
     if (box.scrollHeight - box.scrollTop - box.clientHeight < 120) box.scrollTop = box.scrollHeight;
   };
-  const schedule = () => (frame = frame || requestAnimationFrame(redraw));
+  let saved = performance.now();
+  const schedule = () => {
+    frame = frame || requestAnimationFrame(redraw);
+    if (performance.now() - saved > 1000) { // a reload mid-reply keeps what has come so far
+      saved = performance.now();
+      persist();
+    }
+  };
   let first = 0, end = 0, chunks = 0, usage = null, finish = null, done = false;
   try {
     const resp = await fetch("/v1/chat/completions", {
@@ -550,6 +557,11 @@ function enterSends(e, action) {
 
 async function start() {
   state.conversations = load(STORE.conversations, {});
+  for (const c of Object.values(state.conversations)) {
+    for (const m of c.messages) {
+      if (m.role === "assistant" && !m.stats && !m.error) m.error = "the page was closed before this reply ended";
+    }
+  }
   state.settings = load(STORE.settings, {});
   renderSettings();
   $("composer").addEventListener("submit", (e) => {
