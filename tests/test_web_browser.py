@@ -319,6 +319,37 @@ def test_model_output_is_never_html(page):
     assert page.d.execute_script("return window.__copied")[1] == MALICIOUS
 
 
+def _code(lang, text):
+    return (f'<div class="code"><div class="code-head"><span>{lang}</span><button type="button" class="copy" '
+            f'data-testid="copy-code">Copy</button></div><pre><code>{text}</code></pre></div>')
+
+
+def _a(href, text):
+    return f'<a href="{href}" target="_blank" rel="noopener noreferrer">{text}</a>'
+
+
+MARKDOWN = [
+    ("**b** *i* `a*b` snake_case_name __init__ 2 * 3", "<p><strong>b</strong> <em>i</em> <code>a*b</code> "
+     "snake_case_name <strong>init</strong> 2 * 3</p>"),
+    ("# One\n## Two ##\ntext\nnext line", "<h1>One</h1><h2>Two</h2><p>text<br>next line</p>"),
+    ("- a\n- b\n  - c\n\n3. x\n4. y", "<ul><li>a</li><li><p>b</p><ul><li>c</li></ul></li></ul>"
+     '<ol start="3"><li>x</li><li>y</li></ol>'),
+    ("> quote **b**\n\n---", "<blockquote><p>quote <strong>b</strong></p></blockquote><hr>"),
+    ("~~~py\nx = 1\n~~~\n    indented\n\n```\nstill streaming", _code("py", "x = 1") + _code("", "indented")
+     + _code("", "still streaming")),
+    ("[t](https://a.b/c) <https://d.e> see https://f.g/h. [x](javascript:alert(1)) [y](data:text/html,z) [m](mailto:a@b.c)",
+     f'<p>{_a("https://a.b/c", "t")} {_a("https://d.e/", "https://d.e")} see {_a("https://f.g/h", "https://f.g/h")}. '
+     f'[x](javascript:alert(1)) [y](data:text/html,z) {_a("mailto:a@b.c", "m")}</p>'),
+    ("[https://a.b **c**](https://a.b/)", f'<p>{_a("https://a.b/", "https://a.b <strong>c</strong>")}</p>'),
+]
+
+
+def test_markdown_renders_as_expected(page):
+    got = page.d.execute_script("return arguments[0].map((text) => { const box = document.createElement('div');"
+                                "box.append(markdown(text)); return box.innerHTML; })", [t for t, _ in MARKDOWN])
+    assert [(t, g) for (t, _), g in zip(MARKDOWN, got)] == MARKDOWN
+
+
 def test_api_key_asked_once_per_session(driver, server):
     p = Page(driver, server)
     driver.get(server.url + "/")

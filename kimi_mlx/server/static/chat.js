@@ -31,14 +31,15 @@ const markdown = (() => {
   const ITEM = /^( {0,3})([-*+]|\d{1,9}[.)])\s+/;
   const INDENTED = /^(?: {4}|\t)/;
   const INLINE = new RegExp([
-    /(`+)([^\n]+?)\1(?!`)/.source, // 1, 2: code span
-    /\*\*([^\s*](?:[^*\n]*[^\s*])?)\*\*/.source, // 3: bold
-    /(?<!\w)__([^\s_](?:[^_\n]*[^\s_])?)__(?!\w)/.source, // 4: bold
-    /\*([^\s*](?:[^*\n]*[^\s*])?)\*/.source, // 5: italic
-    /(?<!\w)_([^\s_](?:[^_\n]*[^\s_])?)_(?!\w)/.source, // 6: italic
-    /\[([^\]\n]+)\]\(\s*([^()\s]+)\s*\)/.source, // 7, 8: link
-    /(https?:\/\/[^\s<>()]*[^\s<>().,;:!?'"])/.source, // 9: bare URL
-    /(\n)/.source, // 10: line break
+    /(?<tick>`+)(?<code>[^\n]+?)\k<tick>(?!`)/.source,
+    /\*\*(?<strong>[^\s*](?:[^*\n]*[^\s*])?)\*\*/.source,
+    /(?<!\w)__(?<strong2>[^\s_](?:[^_\n]*[^\s_])?)__(?!\w)/.source,
+    /\*(?<em>[^\s*](?:[^*\n]*[^\s*])?)\*/.source,
+    /(?<!\w)_(?<em2>[^\s_](?:[^_\n]*[^\s_])?)_(?!\w)/.source,
+    /\[(?<label>[^\]\n]+)\]\(\s*(?<href>[^()\s]+)\s*\)/.source,
+    /<(?<auto>https?:\/\/[^\s<>]+)>/.source,
+    /(?<url>https?:\/\/[^\s<>()]*[^\s<>().,;:!?'"])/.source,
+    /(?<br>\n)/.source,
   ].join("|"), "g");
   const MAX_DEPTH = 8; // nested quotes and lists deeper than this stay plain text
 
@@ -51,35 +52,37 @@ const markdown = (() => {
     }
   }
 
-  function inline(text, parent, depth = 0) {
+  // links = false inside a link's label: no anchor inside an anchor
+  function inline(text, parent, depth = 0, links = true) {
     let last = 0;
     for (const m of text.matchAll(INLINE)) {
+      const g = m.groups;
       if (m.index > last) parent.append(text.slice(last, m.index));
       last = m.index + m[0].length;
-      if (m[1]) parent.append(el("code", { textContent: m[2] }));
-      else if (m[3] || m[4]) parent.append(nest("strong", m[3] || m[4], depth));
-      else if (m[5] || m[6]) parent.append(nest("em", m[5] || m[6], depth));
-      else if (m[7]) {
-        const href = safeUrl(m[8]);
-        if (href) parent.append(link(href, m[7], depth));
-        else parent.append(m[0]);
-      } else if (m[9]) {
-        const href = safeUrl(m[9]);
-        parent.append(href ? link(href, m[9], depth) : m[9]);
-      } else if (m[10]) parent.append(el("br"));
+      if (g.code) parent.append(el("code", { textContent: g.code }));
+      else if (g.strong || g.strong2) parent.append(nest("strong", g.strong || g.strong2, depth, links));
+      else if (g.em || g.em2) parent.append(nest("em", g.em || g.em2, depth, links));
+      else if (g.br) parent.append(el("br"));
+      else if (!links) parent.append(m[0]);
+      else if (g.label) {
+        const href = safeUrl(g.href);
+        parent.append(href ? link(href, nest("a", g.label, depth, false)) : m[0]);
+      } else {
+        const href = safeUrl(g.auto || g.url);
+        parent.append(href ? link(href, el("a", { textContent: g.auto || g.url })) : m[0]);
+      }
     }
     if (last < text.length) parent.append(text.slice(last));
   }
 
-  function nest(tag, text, depth) {
+  function nest(tag, text, depth, links) {
     const node = el(tag);
-    if (depth < MAX_DEPTH) inline(text, node, depth + 1);
+    if (depth < MAX_DEPTH) inline(text, node, depth + 1, links);
     else node.textContent = text;
     return node;
   }
 
-  function link(href, text, depth) {
-    const a = nest("a", text, depth);
+  function link(href, a) {
     a.href = href;
     a.target = "_blank";
     a.rel = "noopener noreferrer";
