@@ -10,7 +10,7 @@ const KEY_STORE = "kimi-mlx.api-key"; // sessionStorage: gone when the tab close
 // `param` is the request field; an empty field sends nothing (the server's default).
 const SETTINGS = [
   { key: "temperature", label: "Temperature", param: "temperature", min: 0, max: 2, step: 0.05, value: 0.7 },
-  { key: "max_tokens", label: "Max tokens", param: "max_tokens", min: 1, step: 1, value: 1024, integer: true },
+  { key: "max_tokens", label: "Max tokens", param: "max_tokens", min: 1, step: 1, value: 1024 },
 ];
 
 const $ = (id) => document.getElementById(id);
@@ -230,7 +230,7 @@ function renderSidebar() {
   sorted.sort((a, b) => b.updated - a.updated);
   for (const c of sorted) {
     const pick = el("button", { type: "button", className: "pick", textContent: c.title, title: c.title });
-    pick.addEventListener("click", () => open(c));
+    pick.addEventListener("click", () => c !== state.current && open(c));
     const del = el("button", { type: "button", className: "delete", textContent: "×", title: "Delete this conversation" });
     del.dataset.testid = "delete-chat";
     del.addEventListener("click", () => remove(c));
@@ -268,7 +268,7 @@ function messageView(m, index) {
     }
     const tools = el("div", { className: "tools" }, stats);
     if (m !== state.busy?.message) {
-      tools.append(button("Copy", "copy-reply", (e) => copyText(m.content, e.currentTarget)));
+      if (m.content) tools.append(button("Copy", "copy-reply", (e) => copyText(m.content, e.currentTarget)));
       if (index === conv.messages.length - 1) tools.append(button("Regenerate", "regenerate", regenerate));
     }
     view.append(tools);
@@ -286,7 +286,8 @@ function fillReply(body, m) {
     err.dataset.testid = "error";
     body.append(err);
   } else if (!m.content && m.stats) {
-    body.append(el("div", { className: "note", textContent: "(the model returned an empty reply)" }));
+    const note = m.stats.stopped ? "(stopped before any text)" : "(the model returned an empty reply)";
+    body.append(el("div", { className: "note", textContent: note }));
   } else if (!m.content && m.progress) {
     body.append(el("div", { className: "note", textContent: `reading the prompt: ${m.progress}` }));
   }
@@ -351,6 +352,7 @@ function edit(view, index) {
   const resend = () => {
     if (state.busy || !area.value.trim()) return;
     conv.messages.splice(index);
+    if (index === 0) conv.title = "New chat"; // send() titles it after the new first message
     send(area.value);
   };
   area.addEventListener("keydown", (e) => enterSends(e, resend));
