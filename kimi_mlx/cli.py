@@ -124,8 +124,7 @@ def serve(
     no_web: bool = typer.Option(False, "--no-web", help="don't serve the chat page at / (the API only)"),
     distributed: Distributed = False,
 ):
-    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output) and a chat
-    page at http://HOST:PORT/."""
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output)."""
     from .distributed import launch_rank
     from .server import parse_bytes, serve as run_server
 

@@ -12,8 +12,9 @@ after every reply) and feeds only the rest; usage.prompt_tokens_details.cached_t
 were reused. Requests run one at a time on one engine thread; up to --max-queue wait, more get a 503.
 
 Modules: app (routes, auth, SSE), schemas (request bodies), requests (request -> TurnSpec),
-openai_format (response objects), web (the chat page at /, files in static/), worker (the model's one owner), prefix_cache (state snapshots by
-token prefix), tools (Kimi tool-call parsing), constrain (llguidance grammars), errors (error objects).
+openai_format (response objects), worker (the model's one owner), prefix_cache (state snapshots by
+token prefix), tools (Kimi tool-call parsing), constrain (llguidance grammars), errors (error objects),
+web (the chat page at /; its files in static/).
 """
 
 from __future__ import annotations
