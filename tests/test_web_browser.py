@@ -1,7 +1,8 @@
 """The chat page at / in a real browser: Debian's headless Chromium driven by Selenium (through the system's
 chromedriver; nothing is downloaded), against one `kimi-mlx serve --model demo --api-key KEY` for the module.
 
-Without Chromium these tests skip on a developer machine and fail under CI (CI=true), where .ci/run installs it.
+Without Chromium these tests skip on a developer machine and fail under CI (CI=true), where .ci/run installs it;
+KIMI_MLX_CHROMIUM and KIMI_MLX_CHROMEDRIVER point them at a browser and driver elsewhere than /usr/bin.
 The screenshot of the page lands in tests/artifacts/web-chat.png (ignored by git).
 """
 

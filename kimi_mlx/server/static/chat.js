@@ -493,7 +493,8 @@ async function reply(conv) {
     if (!done && !m.error) m.error = "the connection closed before the reply ended";
   } catch (e) {
     if (e.name === "AbortError") m.stats = { stopped: true, chunks };
-    else m.error = `no reply from the server: ${e.message}`;
+    else if (e instanceof TypeError) m.error = `no reply from the server: ${e.message}`; // fetch's network failure
+    else m.error = `the reply could not be read: ${e.message}`;
   } finally {
     if (frame) cancelAnimationFrame(frame);
     delete m.progress;
