@@ -139,6 +139,7 @@ def serve(
     strict_model_name: bool = typer.Option(False, "--strict-model-name",
                                            help="answer only the served names (others: 404); by default any "
                                                 "'model' in a request means this model"),
+    no_web: bool = typer.Option(False, "--no-web", help="don't serve the chat page at / (the API only)"),
     distributed: Distributed = False,
 ):
     """Serve the model over an OpenAI-compatible HTTP API: chat completions, completions (with prompt scoring),
@@ -152,7 +153,7 @@ def serve(
     opts = S(host, port, api_key, max_queue, parse_bytes(prefix_cache_bytes, "--prefix-cache-bytes"),
              snapshot_interval, prefill_step_size, parse_bytes(max_body_bytes, "--max-body-bytes"),
              tuple(allowed_origin or ()), log_level, distributed, max_tokens, tuple(served_model_name or ()),
-             strict_model_name)
+             strict_model_name, web=not no_web)
     run_server(model, opts)
 
 

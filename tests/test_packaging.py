@@ -1,5 +1,5 @@
-"""The wheel a user installs (`pip install kimi-mlx`, not the editable checkout) holds every file the kernels and
-the demo read at run time."""
+"""The wheel a user installs (`pip install kimi-mlx`, not the editable checkout) holds every file the kernels,
+the demo and the chat page read at run time."""
 
 import shutil
 import subprocess
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_the_wheel_holds_every_kernel_source_and_the_demo(tmp_path):
+def test_the_wheel_holds_every_kernel_source_the_demo_and_the_chat_page(tmp_path):
     import metal_kernels
 
     # from a clean copy: a checkout's build/ and *.egg-info from earlier builds can add files the package data misses
@@ -32,4 +32,5 @@ def test_the_wheel_holds_every_kernel_source_and_the_demo(tmp_path):
         needed |= {f"metal_kernels/{line[len('KDA_PART('):-1]}.part" for line in body.read_text().splitlines()
                    if line.startswith("KDA_PART(")}
     needed |= {f"kimi_mlx/demo_data/{p.name}" for p in (ROOT / "kimi_mlx" / "demo_data").iterdir() if p.is_file()}
+    needed |= {f"kimi_mlx/server/static/{p.name}" for p in (ROOT / "kimi_mlx" / "server" / "static").iterdir()}
     assert needed <= names, sorted(needed - names)

@@ -17,7 +17,7 @@ engine thread; up to --max-queue wait, more get a 503.
 Modules: app (routes, auth, SSE), schemas (request bodies), requests (request -> TurnSpec),
 openai_format (chat and completion objects), responses (the Responses API and its store), worker (the
 model's one owner), prefix_cache (state snapshots by token prefix), tools (Kimi tool-call parsing),
-constrain (llguidance grammars), errors (error objects).
+constrain (llguidance grammars), errors (error objects), web (the chat page at /; its files in static/).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class ServeOptions:
     max_tokens: int | None = None  # reply cap for requests without max_tokens (None: the context limit)
     served_model_names: tuple[str, ...] = ()  # ids /v1/models lists (first: the id replies report)
     strict_model_name: bool = False  # a request naming another model gets a 404
+    web: bool = True  # the chat page at / (--no-web: off)
 
 
 def build_app(model: str, opts: ServeOptions):
@@ -59,7 +60,8 @@ def build_app(model: str, opts: ServeOptions):
     model_id = model if model.count("/") == 1 and not Path(model).exists() else Path(model).name or model
     names = list(dict.fromkeys(opts.served_model_names)) or [model_id]
     settings = ServerSettings(names[0], names[1:], opts.api_key, list(opts.allowed_origins), opts.max_body_bytes,
-                              opts.strict_model_name, {model} - set(names))
+                              opts.strict_model_name, {model} - set(names),
+                              web=opts.web)
     return create_app(engine, settings)
 
 

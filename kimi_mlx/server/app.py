@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI-style endpoints over one Engine.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, GET and DELETE
-/v1/responses/{id}, GET /v1/models, GET /health, GET /version. Paths also answer without the /v1 prefix
+/v1/responses/{id}, GET /v1/models, GET /health, GET /version, and the chat page at / (web.py)
+unless settings.web is off. Paths also answer without the /v1 prefix
 and with a trailing slash, and a POST body is read as JSON whatever its Content-Type says (curl -d sends
 form encoding). Requests are validated and templated off the event loop, queued on the engine, and
 answered whole or as SSE. A client that goes away (stream closed, or connection dropped, streaming or not)
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__
 from ..generate import stop_ids
-from . import errors
+from . import errors, web
 from .errors import ApiError, BodyLimit
 from .openai_format import Output
 from .requests import chat_spec, check_model, completion_spec, turn_spec
@@ -45,6 +46,7 @@ class ServerSettings:
     max_body_bytes: int = 64 << 20
     strict_model_name: bool = False  # True: a request naming a model not listed (or in `accepted`) is a 404
     accepted: set[str] = field(default_factory=set)  # names taken without being listed (the --model path)
+    web: bool = True  # the chat page at /
 
     @property
     def names(self) -> list[str]:
@@ -63,7 +65,8 @@ class Lenient:
         if scope["type"] == "http":
             path = scope["path"]
             path = path.rstrip("/") or "/"
-            if path != "/" and path != "/v1" and not path.startswith("/v1/") and path not in UNVERSIONED:
+            if (path != "/" and path != "/v1" and not path.startswith(("/v1/", web.PREFIX))
+                    and path not in UNVERSIONED):
                 path = "/v1" + path
             if path != scope["path"]:
                 scope = {**scope, "path": path, "raw_path": path.encode()}
@@ -77,14 +80,16 @@ class Lenient:
 
 
 class BearerAuth:
-    """ASGI middleware: every path but /health and /version needs `Authorization: Bearer <api key>` (CORS preflights too
-    are left to the CORS layer, which sits outside this one)."""
+    """ASGI middleware: every path but /health, /version and the chat page's files (`public`) needs
+    `Authorization: Bearer <api key>` (CORS preflights too are left to the CORS layer, which sits outside
+    this one)."""
 
-    def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+    def __init__(self, app, api_key: str, public=lambda path: False):
+        self.app, self.expected, self.public = app, f"Bearer {api_key}".encode(), public
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in UNVERSIONED and scope["method"] != "OPTIONS":
+        if (scope["type"] == "http" and scope["path"] not in UNVERSIONED and scope["method"] != "OPTIONS"
+                and not self.public(scope["path"])):
             given = dict(scope.get("headers", [])).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 err = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' "
@@ -104,7 +109,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     errors.install(app, errors.schema_fields(ChatRequest, CompletionRequest, ResponsesRequest))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_key:
-        app.add_middleware(BearerAuth, api_key=settings.api_key)
+        app.add_middleware(BearerAuth, api_key=settings.api_key,
+                           **({"public": web.is_public} if settings.web else {}))
     if settings.allowed_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -115,6 +121,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     store = ResponseStore(engine.cache)
     stops = stop_ids(engine.model, engine.tokenizer)
     names = settings.names
+    if settings.web:
+        web.install(app, settings.model_id, needs_key=bool(settings.api_key))
 
     @app.get("/health")
     async def health():
