@@ -159,7 +159,8 @@ def convert(
                                       help="kimi (default) | uniform | mixed_2_6 | mixed_3_4 | mixed_3_6 | mixed_4_6"),
     override: list[str] | None = typer.Option(None, "--override",
                                               help="PATTERN=SPEC, e.g. '*.experts.down_proj=6', 'lm_head=none'"),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float16 | float32 for unquantized weights"),
+    dtype: str | None = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 for unquantized weights "
+                                     "and quantization scales (default: the source's)"),
     revision: str | None = typer.Option(None, "--revision", help="hub revision (branch, tag or commit)"),
     force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
     no_report: bool = typer.Option(False, "--no-report", help="skip the quality report of a quantized conversion"),
