@@ -46,7 +46,7 @@ def write_checkpoint(path: Path, cfg: dict) -> tuple[int, int]:
     import mlx.core as mx
     import numpy as np
 
-    from kimi_mlx.demo import layer_tensors
+    from kimi_mlx.demo import layer_tensors, write_byte_tokenizer
 
     rng = np.random.default_rng(0)
 
@@ -64,6 +64,7 @@ def write_checkpoint(path: Path, cfg: dict) -> tuple[int, int]:
     for i in range(cfg["num_hidden_layers"]):
         sizes.append(save(f"layer{i}.safetensors", layer_tensors(cfg, i, rng, normal)))
     sizes.append(save("head.safetensors", {"model.norm.weight": mx.ones((D,)), "lm_head.weight": normal((V, D), 0.02)}))
+    write_byte_tokenizer(path)  # convert refuses a source it could not write a loadable model from
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
     return sum(sizes), max(sizes)
 

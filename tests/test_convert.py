@@ -240,6 +240,10 @@ def _edit(src: Path, dst: Path, how: str) -> Path:
         f.write_bytes(f.read_bytes()[: f.stat().st_size - 1000])
     elif how == "garbage":
         f.write_bytes(b"\x00garbage" * 100)
+    elif how == "no-tokenizer":
+        (dst / "tiktoken.model").unlink()
+    elif how == "bad-tokenizer":
+        (dst / "tokenizer_config.json").write_text("{oops")
     else:
         w = load_file(str(f))
         if how == "missing":
@@ -256,7 +260,9 @@ def _edit(src: Path, dst: Path, how: str) -> Path:
     ("no-config", "config.json not found"), ("bad-json", "not valid JSON"), ("llama", "not 'kimi_linear'"),
     ("truncated", "truncated or corrupt"), ("garbage", "truncated or corrupt"),
     ("missing", "missing tensor 'model.layers.2.self_attn.q_proj.weight'"),
-    ("shape", "'model.layers.3.self_attn.kv_b_proj.weight' has shape \\[7, 64\\]"), ("int", "dtype I32")])
+    ("shape", "'model.layers.3.self_attn.kv_b_proj.weight' has shape \\[7, 64\\]"), ("int", "dtype I32"),
+    ("no-tokenizer", "has no tiktoken.model, so the converted model would not load; copy the tokenizer files"),
+    ("bad-tokenizer", "tokenizer_config.json: not valid JSON")])
 def test_bad_source_is_one_line(source, tmp_path, capsys, how, match):
     bad = _edit(source[1], tmp_path / "bad", how)
     code, err = cli(bad, tmp_path / "out", "--bits", 4, capsys=capsys)

@@ -175,6 +175,18 @@ class Converter:
             p.layer(int(group.split()[1]), ref, conv)
 
 
+def check_tokenizer(src_dir: Path) -> None:
+    """The output loads only with Kimi's tokenizer files beside the weights (write_metadata copies them from
+    SRC): refuse a source without them, or with ones that do not read, before anything is written."""
+    from ..tokenizer import Tokenizer
+
+    if not (src_dir / "tiktoken.model").is_file():
+        raise KimiError(f"{src_dir} has no tiktoken.model, so the converted model would not load; copy the "
+                        "tokenizer files (tiktoken.model, tokenizer_config.json) from the model's hub repo into "
+                        "it, then convert again")
+    Tokenizer(src_dir)  # a corrupt rank file or tokenizer_config.json: its own one-line error
+
+
 def convert(src: str, out: str | Path, opts: ConvertOptions | None = None,
             log: Callable[[str], None] = print) -> ConvertResult:
     """Convert checkpoint `src` (directory or hub repo id) into directory `out`. Raises KimiError (one line)."""
@@ -189,6 +201,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions | None = None,
     target.check_not_inside(src_dir)
     cfg = ModelConfig.from_file(src_dir)
     tensors = check_source(cfg, scan(src_dir))
+    check_tokenizer(src_dir)
     dtype_name = opts.dtype or source_dtype(tensors)
     dtype = DTYPES[dtype_name]
     plan, skipped = quant_plan(cfg, recipe) if recipe else ({}, [])
