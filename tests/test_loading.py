@@ -127,3 +127,42 @@ def test_cli_demo_prints_tokens():
                         "--max-tokens", "8", "--seed", "0"], capture_output=True, text=True)  # unseeded: EOS can come first
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and "random weights" in r.stderr
+
+
+def test_first_run_says_it_compiles_before_the_wait(tmp_path):
+    """With MLX's CPU kernel cache empty (a fresh TMPDIR) the CLI says so on stderr before the first compile
+    (which takes half a minute or more); the process is stopped once it has said it."""
+    import os
+    import time
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    t0 = time.monotonic()
+    p = subprocess.Popen([sys.executable, "-m", "kimi_mlx", "generate", "--model", "demo", "--max-tokens", "2"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = p.stderr.readline()
+        took = time.monotonic() - t0
+    finally:
+        p.kill()
+        p.wait()
+    assert line.startswith(f"first run of MLX {mx.__version__} here: compiling its CPU kernels into "
+                           f"{tmp_path / 'mlx' / mx.__version__ / 'cpu'}"), line
+    assert took < 5, took  # ~0.5 s on an idle 2-core machine: imports only, nothing compiled or loaded yet
+
+
+def test_cold_cache_is_told_once_and_a_warm_one_never(tmp_path, monkeypatch, capsys):
+    from kimi_mlx import loading
+
+    for k in ("TMP", "TEMP", "TEMPDIR"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(loading, "_told_cold", False)
+    cache = loading.mlx_cpu_kernel_dir()
+    assert cache == tmp_path / "mlx" / mx.__version__ / "cpu"
+    cache.mkdir(parents=True)
+    (cache / "kernel.cpp").write_text("")  # sources are written before the build: still cold
+    assert loading.tell_if_cold_cache() and not loading.tell_if_cold_cache()
+    assert capsys.readouterr().err.count("compiling its CPU kernels") == 1
+    monkeypatch.setattr(loading, "_told_cold", False)
+    (cache / "libkernel.so").write_text("")
+    assert not loading.tell_if_cold_cache() and capsys.readouterr().err == ""
