@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 from .errors import KimiError
 from .generate import GenerationOptions, Response, stats_line
 from .session import ChatSession
-from .state import context_usage
+from .state import ContextUsage
 
 HELP = """commands:
   /help              this list
@@ -213,7 +213,7 @@ class Chat:
     def stats(self, arg: str) -> None:
         s = self.session
         opts = ", ".join(f"{k}={getattr(s.options, k)}" for k in SETTABLE if k != "seed")
-        used = context_usage(s.state, s.model.config.max_position_embeddings)
+        used = ContextUsage(s.context_tokens, s.model.config.max_position_embeddings)
         lines = [f"context: {used}, {len(s.messages)} messages, state {s.state.nbytes / 1e6:.1f} MB",
                  f"settings: {opts}, seed={s.seed}"]
         if self.turn:

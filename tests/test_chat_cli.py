@@ -157,6 +157,13 @@ def test_piped_mode_is_plain_with_one_reply_per_line(tmp_path):
         [{"role": "user", "content": "two\nlines"}], tokenize=True)))
 
 
+def test_stats_after_undo_shows_the_context_without_the_undone_exchange():
+    out = run_piped("hello\n/stats\nsay more\n/stats\n/undo\n/stats\n", "--max-tokens", "4", "--temp", "0")
+    assert out.returncode == 0, out.stderr
+    one, two, undone = (int(n.replace(",", "")) for n in re.findall(r"context: ([\d,]+) / ", out.stderr))
+    assert two > one and undone == one
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "/no/such/dir"], "no such directory"),
     (["--session", "/no/such/file"], "no such session file"),
