@@ -375,7 +375,7 @@ def _guarded(name, check) -> Check:
     try:
         return check()
     except Exception as e:  # noqa: BLE001 - any failure of a kernel is what the doctor reports
-        return Check(name, math.inf, f"{type(e).__name__}: {first_line(e, 200)}")
+        return Check(name, math.inf, f"{type(e).__name__}: {first_line(e)}")
 
 
 def run_checks() -> list[Check]:

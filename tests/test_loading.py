@@ -166,3 +166,22 @@ def test_cold_cache_is_told_once_and_a_warm_one_never(tmp_path, monkeypatch, cap
     monkeypatch.setattr(loading, "_told_cold", False)
     (cache / "libkernel.so").write_text("")
     assert not loading.tell_if_cold_cache() and capsys.readouterr().err == ""
+
+
+def test_a_library_error_is_passed_on_whole(monkeypatch):
+    """A wrapped library error keeps its whole first line (its advice often ends it), never a fixed cut."""
+    import huggingface_hub
+
+    from kimi_mlx.loading import resolve
+
+    advice = ("Cannot find an appropriate cached snapshot folder for the specified revision on the local disk and "
+              "outgoing traffic has been disabled. To enable repo look-ups and downloads online, set "
+              "'HF_HUB_OFFLINE=0' as environment variable.")
+
+    def fail(*a, **k):
+        raise RuntimeError(advice + "\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(KimiError) as e:
+        resolve("someone/no-such-repo")
+    assert str(e.value).endswith(f"({advice})")
