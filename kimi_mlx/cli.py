@@ -5,10 +5,37 @@ from __future__ import annotations
 import sys
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from .errors import KimiError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+class _FlagsTakeNoValue:
+    """typer's --help prints every option's type, a flag's too (`--raw <bool>`), as if the flag took a value;
+    an empty metavar is printed as nothing, so flags (--help among them) get one."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class _Command(_FlagsTakeNoValue, TyperCommand):
+    pass
+
+
+class _Group(_FlagsTakeNoValue, TyperGroup):
+    pass
+
+
+class _Typer(typer.Typer):
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
 @app.callback()
@@ -107,7 +134,7 @@ from .server import ServeOptions as S, format_bytes  # noqa: E402
 def serve(
     model: Model = "demo",
     host: str = typer.Option(S.host, "--host", help="address to listen on (loopback by default)"),
-    port: int = typer.Option(S.port, "--port"),
+    port: int = typer.Option(S.port, "--port", help="TCP port to listen on"),
     api_key: str | None = typer.Option(None, "--api-key", envvar="KIMI_MLX_API_KEY",
                                        help="require 'Authorization: Bearer KEY' on /v1/*"),
     max_queue: int = typer.Option(S.max_queue, "--max-queue", help="requests that may wait; more get 503"),
@@ -120,7 +147,8 @@ def serve(
                                        help="largest request body accepted"),
     allowed_origin: list[str] | None = typer.Option(None, "--allowed-origin",
                                                     help="enable CORS for this origin (repeatable; off by default)"),
-    log_level: str = typer.Option(S.log_level, "--log-level"),
+    log_level: str = typer.Option(S.log_level, "--log-level", help="uvicorn's log level: critical | error | "
+                                  "warning | info | debug | trace"),
     distributed: Distributed = False,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output)."""
@@ -149,8 +177,8 @@ def doctor():
 
 @app.command()
 def convert(
-    src: str = typer.Argument(..., help="HF checkpoint directory or hub repo id"),
-    out: str = typer.Argument(..., help="output directory (refused if it exists, unless --force)"),
+    src: str = typer.Argument(..., metavar="SRC", help="HF checkpoint directory or hub repo id"),
+    out: str = typer.Argument(..., metavar="OUT", help="output directory (refused if it exists, unless --force)"),
     bits: int | None = typer.Option(None, "--bits", "-b", help="quantize: affine 2/3/4/5/6/8, mxfp4/nvfp4 4, mxfp8 8"),
     group_size: int | None = typer.Option(None, "--group-size", "-g",
                                           help="affine 32/64/128 (64), mxfp4/mxfp8 32, nvfp4 16"),
@@ -194,7 +222,7 @@ def bench(
                               help="random-weight shape: full (48B-A3B), small, or narrow (the full graph, tiny widths)"),
     contexts: str = typer.Option("1024,32768", "--contexts", help="decode at these context lengths"),
     prefill: str = typer.Option("1024,8192", "--prefill", help="prefill these prompt lengths"),
-    decode_tokens: int = typer.Option(32, "--decode-tokens"),
+    decode_tokens: int = typer.Option(32, "--decode-tokens", help="tokens decoded (timed) at each context"),
     step: int = typer.Option(0, "--step", help="prefill step tokens for both models (0: each its own default)"),
     bits: int = typer.Option(4, "--bits", help="random weights: quantization bits (0 = unquantized)"),
     peer: bool = typer.Option(True, "--peer/--no-peer", help="also measure mlx-lm on the same weights"),
@@ -226,9 +254,14 @@ def _resolve(model: str):
     return resolve(model)
 
 
-def main() -> None:
+def main(command: str | None = None, prog_name: str | None = None) -> None:
+    """`kimi-mlx`; given a command, that command alone under prog_name (convert.py and chat.py, whose --help
+    then shows how they are called)."""
     try:
-        app()
+        if command:
+            typer.main.get_command(app).commands[command].main(prog_name=prog_name)
+        else:
+            app()
     except KimiError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)

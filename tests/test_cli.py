@@ -1,0 +1,43 @@
+"""What the command line shows: --help of every command, the script wrappers' usage, serve's port check, counts."""
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from kimi_mlx.cli import app
+from kimi_mlx.errors import KimiError
+
+REPO = Path(__file__).parent.parent
+COMMANDS = sorted(typer.main.get_command(app).commands)
+
+
+def test_every_option_has_help_text():
+    group = typer.main.get_command(app)
+    ctx = typer.main.get_command(app).make_context("kimi-mlx", [], resilient_parsing=True)
+    missing = [f"{name} {p.opts[0]}" for name, cmd in group.commands.items()
+               for p in cmd.get_params(cmd.make_context(name, [], parent=ctx, resilient_parsing=True))
+               if not (p.help or "").strip()]
+    assert missing == []
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_shows_no_value_type_after_a_flag(command):
+    out = CliRunner().invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+    assert out.exit_code == 0, out.output
+    assert "<bool>" not in out.output
+    assert re.search(r"--help\s+Show this message and exit", out.output)
+
+
+@pytest.mark.parametrize("script, usage", [("convert.py", "python convert.py [OPTIONS] {SRC} {OUT}"),
+                                           ("chat.py", "python chat.py [OPTIONS]")])
+def test_script_wrappers_show_their_own_usage(script, usage):
+    out = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True,
+                         env={"COLUMNS": "200", "PATH": ""}, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert f"Usage: {usage}" in out.stdout, out.stdout
