@@ -41,3 +41,22 @@ def test_script_wrappers_show_their_own_usage(script, usage):
                          env={"COLUMNS": "200", "PATH": ""}, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert f"Usage: {usage}" in out.stdout, out.stdout
+
+
+def test_serve_reports_a_port_in_use_before_loading(monkeypatch):
+    from kimi_mlx import loading
+    from kimi_mlx.server import ServeOptions, serve
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(loading, "load", never)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(KimiError, match=f"port {port} on 127.0.0.1 is in use .*--port"):
+            serve("demo", ServeOptions(port=port))
+        out = subprocess.run([sys.executable, "-m", "kimi_mlx", "serve", "--model", "demo", "--port", str(port)],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: port"), out.stderr
