@@ -41,6 +41,7 @@ import mlx.core as mx
 from .errors import KimiError, first_line
 from .state import ModelState, check_context
 from .state_io import META_KEY, load_state, mark, rewind, save_state
+from .words import count
 from . import distributed
 
 HEADER = 64  # ints per header: a count, then up to 12 command rows
@@ -387,7 +388,7 @@ def _do(model, link: Link, objs: dict, op: int, a: int, b: int, c: int, d: int) 
                 check_part(path, peek_pipeline(path), part_info(model, c))
                 state, _ = load_state(path, model)
                 if state.offset != d:
-                    raise KimiError(f"{path}: holds {state.offset} tokens, rank 0's part {d}; save the session again")
+                    raise KimiError(f"{path}: holds {count(state.offset, 'token')}, rank 0's part {d}; save the session again")
                 objs[a] = state
         except Exception as e:
             link.report(first_line(e))

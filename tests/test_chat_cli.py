@@ -15,7 +15,7 @@ pexpect = pytest.importorskip("pexpect")  # in the test extra; the GPU image lac
 import kimi_mlx
 from kimi_mlx import ChatSession
 
-STATS = r"\[prompt: (\d+) tokens[^\]]*\]"
+STATS = r"\[prompt: (\d+) tokens?[^\]]*\]"
 FIRST = r"first token: id (\d+), logprob (-?[\d.]+)"
 NO_STOP = ["--logit-bias", "258=-100", "--logit-bias", "257=-100"]  # demo-random's <|im_end|> and [EOS]
 

@@ -60,3 +60,18 @@ def test_serve_reports_a_port_in_use_before_loading(monkeypatch):
         out = subprocess.run([sys.executable, "-m", "kimi_mlx", "serve", "--model", "demo", "--port", str(port)],
                              capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: port"), out.stderr
+
+
+def test_counts_are_singular_for_one():
+    from types import SimpleNamespace
+
+    from kimi_mlx.generate import stats_line
+    from kimi_mlx.state import ContextUsage
+    from kimi_mlx.words import count
+
+    r = SimpleNamespace(prompt_tokens=1, prompt_tps=1.0, generation_tokens=1, generation_tps=0.0, peak_memory=0.0)
+    assert stats_line(r).startswith("prompt: 1 token, 1.0 tok/s | generation: 1 token, ")
+    r.prompt_tokens = r.generation_tokens = 2
+    assert "prompt: 2 tokens" in stats_line(r) and "generation: 2 tokens" in stats_line(r)
+    assert str(ContextUsage(0, 1)) == "0 / 1 token (1 left)"
+    assert count(12288, "token", ",") == "12,288 tokens" and count(1, "message") == "1 message"
