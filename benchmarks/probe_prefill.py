@@ -29,6 +29,7 @@ ap.add_argument("--mla-contexts", default="4096,131072")
 ap.add_argument("--tiles-mb", default="64,256,1024")
 ap.add_argument("--decode-contexts", default="1024,32768,131072,1048576")
 ap.add_argument("--scan-rows", default="1,2,4,8", help="KDA scan kernel: state rows per 32-lane group, each timed")
+ap.add_argument("--reps", type=int, default=3, help="timed calls of each item (after one untimed)")
 a = ap.parse_args()
 parts = a.parts.split(",")
 
@@ -40,7 +41,7 @@ DT = ours.dtype
 h = mx.random.normal((1, T, D)).astype(DT)
 
 
-def timeit(name, fn, n=3):
+def timeit(name, fn, n=a.reps):
     mx.eval(fn())
     mx.synchronize()
     mx.reset_peak_memory()
