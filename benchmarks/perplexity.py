@@ -2,7 +2,7 @@
 
     python benchmarks/perplexity.py [--hf .demo_build/hf] [--code-tokens N] [--chat-tokens N] [--append]
     python benchmarks/perplexity.py --hf SRC --variants 3 --doc-tokens 64 --code-tokens 1 --chat-tokens 1 \
-        --long-files 1 --long-tokens 64 --chains 1                   (a smoke run: seconds)
+        --long-files 1 --long-tokens 64 --chains 1 --reply-tokens 4  (a smoke run: seconds)
 
 1. Quality table: held-out perplexity (code files and chat conversations, full context) of the torch
    source checkpoint (transformers, float32), of `kimi-mlx convert` outputs unquantized (f32, bf16) and
@@ -273,7 +273,7 @@ def markdown(args, data: Heldout, quality, state, sessions) -> str:
     lines += [f"| {r['run']} | {r['ppl']:.4f} |" for r in state]
     lines += ["", f"Sessions, packaged demo: {args.chains} chains of held-out chat turns; turns 1-3 through "
               "ChatSession "
-              "(greedy, 32-token replies); turn 4's reference reply scored from the resulting state "
+              f"(greedy, {args.reply_tokens}-token replies); turn 4's reference reply scored from the resulting state "
               f"(session tokens identical in all runs: {sessions['same_tokens']}).", "",
               "| state | ppl | nll (nats) | tokens |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['ppl']:.6f} | {v['nll']:.4f} | {v['tokens']} |" for k, v in sessions.items()
@@ -289,6 +289,7 @@ def main() -> None:
     ap.add_argument("--long-files", type=int, default=2, help="how many of the longest files the state table uses")
     ap.add_argument("--long-tokens", type=int, default=8192, help="of each, the first N tokens")
     ap.add_argument("--chains", type=int, default=8)
+    ap.add_argument("--reply-tokens", type=int, default=32, help="the session table's greedy replies, at most")
     ap.add_argument("--variants", type=int, default=0, help="only the first N converter variants (0: all)")
     ap.add_argument("--doc-tokens", type=int, default=0,
                     help="score only the first N tokens of each quality-table document (0: whole documents)")
@@ -303,7 +304,7 @@ def main() -> None:
     quality = quality_table(args.hf, tok, data.code, data.chat, VARIANTS[: args.variants or None])
     demo = load_model(PACKAGED)
     state = state_table(demo, tok, data.long)
-    sessions = session_table(demo, tok, data.convs, args.chains)
+    sessions = session_table(demo, tok, data.convs, args.chains, args.reply_tokens)
     md = markdown(args, data, quality, state, sessions)
     print(md)
     if args.append:
