@@ -388,7 +388,8 @@ def _do(model, link: Link, objs: dict, op: int, a: int, b: int, c: int, d: int) 
                 check_part(path, peek_pipeline(path), part_info(model, c))
                 state, _ = load_state(path, model)
                 if state.offset != d:
-                    raise KimiError(f"{path}: holds {count(state.offset, 'token')}, rank 0's part {d}; save the session again")
+                    raise KimiError(f"{path}: holds {count(state.offset, 'token')}, rank 0's part {d}; "
+                                    "save the session again")
                 objs[a] = state
         except Exception as e:
             link.report(first_line(e))

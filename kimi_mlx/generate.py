@@ -230,8 +230,8 @@ class Generation:
         room = model.config.max_position_embeddings - (state.offset + len(self.prompt)) + 1 - reserve
         if room < 1:
             raise ContextLimitError(
-                f"context full: {count(state.offset + len(self.prompt), 'token', ',')} leave no room to reply within the "
-                f"model's limit of {model.config.max_position_embeddings:,}; start a new conversation")
+                f"context full: {count(state.offset + len(self.prompt), 'token', ',')} leave no room to reply within "
+                f"the model's limit of {model.config.max_position_embeddings:,}; start a new conversation")
         self.max_tokens = min(opts.max_tokens, room)
         tail = (list(context) + self.prompt)[-opts.repetition_context_size :]
         self.processors = make_logits_processors(opts, len(tail))

@@ -261,8 +261,8 @@ def check_context(state: ModelState, new_tokens: int, limit: int) -> None:
     """Raise ContextLimitError (one line) if feeding new_tokens would pass the context limit."""
     if state.offset + new_tokens > limit:
         raise ContextLimitError(
-            f"context full: {count(state.offset, 'token', ',')} used + {new_tokens:,} new would exceed the model's limit "
-            f"of {count(limit, 'token', ',')} (model_max_length); start a new conversation or shorten the input"
+            f"context full: {count(state.offset, 'token', ',')} used + {new_tokens:,} new would exceed the model's "
+            f"limit of {count(limit, 'token', ',')} (model_max_length); start a new conversation or shorten the input"
         )
 
 

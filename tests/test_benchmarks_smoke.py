@@ -29,7 +29,8 @@ RUNS = [
                          "--decode-contexts", "64", "--layer-step", "16", "--quant-tokens", "32"],
      r"^\| 4-bit \| 120 \(f32 run\) \|"),
     ("perplexity.py", ["--hf", "{hf}", "--variants", "3", "--doc-tokens", "64", "--code-tokens", "1",
-                       "--chat-tokens", "1", "--long-files", "1", "--long-tokens", "64", "--chains", "1", "--reply-tokens", "4"],
+                       "--chat-tokens", "1", "--long-files", "1", "--long-tokens", "64", "--chains", "1",
+                       "--reply-tokens", "4"],
      r"^\| fresh state, same tokens \| [\d.]+ \|"),
     ("probe_prefill.py", ["--parts", "moe,kda,tile,mla,decode,ops", "--shape", "small", "--tokens", "16",
                           "--mla-contexts", "32", "--tiles-mb", "1", "--decode-contexts", "32", "--scan-rows", "1",
@@ -55,7 +56,8 @@ def test_every_script_is_run():
     scripts = {p.name for p in BENCH.glob("*.py")}
     assert scripts == {s for s, _, _ in RUNS} | set(NOT_RUN) | set(RUN_IN_TEST_BENCH)
     source = (REPO / "tests" / "test_bench.py").read_text()
-    tests = {f.name: ast.get_source_segment(source, f) for f in ast.parse(source).body if isinstance(f, ast.FunctionDef)}
+    tests = {f.name: ast.get_source_segment(source, f) for f in ast.parse(source).body
+             if isinstance(f, ast.FunctionDef)}
     for script, names in RUN_IN_TEST_BENCH.items():
         for name in names:
             assert f'"{script}"' in tests.get(name, ""), f"tests/test_bench.py::{name} does not run {script}"
