@@ -168,7 +168,9 @@ def serve(
 def doctor():
     """Print the device and active fast paths; check each fast path against its reference here."""
     from .doctor import main as run_doctor
+    from .loading import tell_if_cold_cache
 
+    tell_if_cold_cache()  # its checks run compiled steps too
     if not run_doctor(typer.echo):
         typer.echo("error: a fast path disagrees with its reference on this device; "
                    "set KIMI_MLX_KDA=ref to run without it and report the output above", err=True)
@@ -235,6 +237,7 @@ def bench(
 ):
     """Prefill and decode speed, peak memory and bandwidth use, against mlx-lm in the same run."""
     from . import bench as b
+    from .loading import tell_if_cold_cache
 
     if shape not in b.SHAPES:
         raise KimiError(f"--shape {shape}: choose one of {', '.join(b.SHAPES)}")
@@ -243,6 +246,7 @@ def bench(
             import mlx_lm  # noqa: F401
         except ImportError:
             raise KimiError("mlx-lm is not installed: pip install 'kimi-mlx[bench]', or pass --no-peer") from None
+    tell_if_cold_cache()
     b.run(shape, _ints(contexts), _ints(prefill), decode_tokens, step, bits, peer=peer and not model,
           bandwidth_gbs=bandwidth, model_path=model and str(_resolve(model)), peer_model=peer_model,
           step_at=_ints(step_at) if step_at else (), rounds=rounds)

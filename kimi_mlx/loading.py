@@ -75,8 +75,8 @@ def load(model: str, revision: str | None = None, distributed: bool = False):
     from .working_set import bound_bytes
 
     bound_bytes()  # a bad KIMI_MLX_WORKING_SET_MB fails here, in one line, not at the first prompt
-    tell_if_cold_cache()
     path = resolve(model, revision)
+    tell_if_cold_cache()  # after the path checks: a mistyped model is one line, with nothing to compile
     if distributed:
         from .distributed_driver import start
 

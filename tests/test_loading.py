@@ -116,8 +116,11 @@ def test_demo_loads_and_is_deterministic():
 
 
 def test_cli_errors_are_one_line(tmp_path):
+    import os
+
+    # a fresh TMPDIR: MLX's kernel cache empty, and still no note before the error (nothing will be compiled)
     r = subprocess.run([sys.executable, "-m", "kimi_mlx", "generate", "--model", str(tmp_path / "nope")],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert r.returncode != 0
     lines = [l for l in r.stderr.strip().splitlines() if l]
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr
@@ -130,7 +133,9 @@ def test_cli_demo_prints_tokens():
     assert r.stdout.strip() and "random weights" in r.stderr
 
 
-def test_first_run_says_it_compiles_before_the_wait(tmp_path):
+@pytest.mark.parametrize("command", [["generate", "--model", "demo", "--max-tokens", "2"], ["doctor"],
+                                     ["bench", "--no-peer", "--contexts", "64", "--prefill", "32"]])
+def test_first_run_says_it_compiles_before_the_wait(tmp_path, command):
     """With MLX's CPU kernel cache empty (a fresh TMPDIR) the CLI says so on stderr before the first compile
     (which takes half a minute or more); the process is stopped once it has said it."""
     import os
@@ -138,7 +143,7 @@ def test_first_run_says_it_compiles_before_the_wait(tmp_path):
 
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     t0 = time.monotonic()
-    p = subprocess.Popen([sys.executable, "-m", "kimi_mlx", "generate", "--model", "demo", "--max-tokens", "2"],
+    p = subprocess.Popen([sys.executable, "-m", "kimi_mlx", *command],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = p.stderr.readline()
