@@ -1,7 +1,4 @@
 """python chat.py [...]  ==  kimi-mlx chat [...]"""
-import sys
-
 from kimi_mlx.cli import main
 
-sys.argv.insert(1, "chat")
-main()
+main("chat", "python chat.py")

@@ -6,6 +6,7 @@ The checkpoint has the real Kimi Linear widths (hidden 2304, KDA 32x128, MLA 32 
 written under a temporary directory and deleted afterwards.
 
   python benchmarks/convert_memory.py --experts 128 --layers kkkm --record
+  python benchmarks/convert_memory.py --tiny --experts 8 --layers km        (test widths: a smoke run, seconds)
 """
 
 import argparse
@@ -26,17 +27,24 @@ CASES = [("bf16, no quantization", []), ("4-bit kimi recipe, no report", ["--bit
          ("4-bit kimi recipe + quality report", ["--bits", "4"])]
 
 
-def make_config(layers: str, experts: int) -> dict:
+REAL = dict(vocab_size=163840, hidden_size=2304, intermediate_size=9216, num_attention_heads=32, kv_lora_rank=512,
+            qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, moe_intermediate_size=1024, kda_heads=32,
+            kda_dim=128)
+TINY = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_attention_heads=4, kv_lora_rank=64,
+            qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, moe_intermediate_size=128, kda_heads=4, kda_dim=64)
+
+
+def make_config(layers: str, experts: int, tiny: bool = False) -> dict:
     from kimi_mlx.demo import DEMO_CONFIG
 
+    w = dict(TINY if tiny else REAL)
+    kda_heads, kda_dim = w.pop("kda_heads"), w.pop("kda_dim")
     cfg = dict(DEMO_CONFIG)
-    cfg.update(vocab_size=163840, hidden_size=2304, num_hidden_layers=len(layers), intermediate_size=9216,
-               num_attention_heads=32, num_key_value_heads=32, kv_lora_rank=512, qk_nope_head_dim=128,
-               qk_rope_head_dim=64, v_head_dim=128, num_experts=experts, num_experts_per_token=8,
-               moe_intermediate_size=1024, torch_dtype="bfloat16")
+    cfg.update(w, num_hidden_layers=len(layers), num_key_value_heads=w["num_attention_heads"], num_experts=experts,
+               num_experts_per_token=min(8, experts), torch_dtype="bfloat16")
     cfg["linear_attn_config"] = {"kda_layers": [i + 1 for i, c in enumerate(layers) if c == "k"],
                                  "full_attn_layers": [i + 1 for i, c in enumerate(layers) if c == "m"],
-                                 "num_heads": 32, "head_dim": 128, "short_conv_kernel_size": 4}
+                                 "num_heads": kda_heads, "head_dim": kda_dim, "short_conv_kernel_size": 4}
     cfg.pop("kimi_mlx_note")
     return cfg
 
@@ -46,7 +54,7 @@ def write_checkpoint(path: Path, cfg: dict) -> tuple[int, int]:
     import mlx.core as mx
     import numpy as np
 
-    from kimi_mlx.demo import layer_tensors
+    from kimi_mlx.demo import layer_tensors, write_byte_tokenizer
 
     rng = np.random.default_rng(0)
 
@@ -64,6 +72,7 @@ def write_checkpoint(path: Path, cfg: dict) -> tuple[int, int]:
     for i in range(cfg["num_hidden_layers"]):
         sizes.append(save(f"layer{i}.safetensors", layer_tensors(cfg, i, rng, normal)))
     sizes.append(save("head.safetensors", {"model.norm.weight": mx.ones((D,)), "lm_head.weight": normal((V, D), 0.02)}))
+    write_byte_tokenizer(path)  # convert refuses a source it could not write a loadable model from
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
     return sum(sizes), max(sizes)
 
@@ -83,11 +92,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--layers", default="kkkm", help="one letter per layer: k = KDA, m = MLA")
+    ap.add_argument("--tiny", action="store_true", help="the tests' widths instead of the real ones (a smoke run)")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     ap.add_argument("--generate", help=argparse.SUPPRESS)  # internal: write the checkpoint into this directory
     a = ap.parse_args()
     if a.generate:  # in a child, so the measuring parent stays small (a child's peak RSS counts its fork)
-        print(json.dumps(write_checkpoint(Path(a.generate), make_config(a.layers, a.experts))))
+        print(json.dumps(write_checkpoint(Path(a.generate), make_config(a.layers, a.experts, a.tiny))))
         return
     root = Path(tempfile.mkdtemp(prefix="kimi-convert-bench-"))
     lines = []
@@ -100,9 +110,12 @@ def main():
         src = root / "src"
         src.mkdir()
         t0 = time.perf_counter()
-        gen = [sys.executable, __file__, "--generate", str(src), "--experts", str(a.experts), "--layers", a.layers]
+        gen = [sys.executable, __file__, "--generate", str(src), "--experts", str(a.experts), "--layers", a.layers,
+               *(["--tiny"] if a.tiny else [])]
+        cfg = make_config(a.layers, a.experts, a.tiny)
         total, largest = json.loads(subprocess.run(gen, capture_output=True, text=True, check=True).stdout)
-        echo(f"source: layers {a.layers}, {a.experts} experts of 1024 x 2304, hidden 2304, vocab 163840, bf16: "
+        echo(f"source: layers {a.layers}, {a.experts} experts of {cfg['moe_intermediate_size']} x "
+             f"{cfg['hidden_size']}, hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}, bf16: "
              f"{total / 1e9:.2f} GB, largest group (one MoE layer) {largest / 1e9:.2f} GB "
              f"(written in {time.perf_counter() - t0:.0f}s)")
         base, _ = peak_rss([sys.executable, "-c", "import kimi_mlx.weights.convert"])

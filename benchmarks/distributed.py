@@ -8,6 +8,7 @@ rank writes its peak memory when it exits. Runs alternate (1, 2, 1, 2 ranks) so 
 machine hits both alike; the best of all timed runs (REPEATS per run, after one warm-up) is shown.
 
   python benchmarks/distributed.py [--record]
+  python benchmarks/distributed.py --prompt 16 --decode 2 --repeats 1 --runs 1,2      (a smoke run: seconds)
 """
 
 from __future__ import annotations
@@ -60,23 +61,23 @@ def write_checkpoint(out: Path) -> Path:
     return out
 
 
-def measure(model) -> tuple[float, float]:
+def measure(model, n_prompt: int, n_decode: int) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) of one generation through the runtime."""
     from kimi_mlx.generate import generate_step
     from kimi_mlx.sample import Sampler
 
-    prompt = np.random.default_rng(1).integers(3, SHAPE["vocab_size"], PROMPT).tolist()
-    steps = generate_step(model, model.new_state(1), prompt, Sampler(0.0), max_tokens=DECODE + 1,
-                          prefill_step_size=PROMPT)
+    prompt = np.random.default_rng(1).integers(3, SHAPE["vocab_size"], n_prompt).tolist()
+    steps = generate_step(model, model.new_state(1), prompt, Sampler(0.0), max_tokens=n_decode + 1,
+                          prefill_step_size=n_prompt)
     t0 = time.perf_counter()
     next(steps)
     t1 = time.perf_counter()
     for _ in steps:
         pass
-    return PROMPT / (t1 - t0), DECODE / (time.perf_counter() - t1)
+    return n_prompt / (t1 - t0), n_decode / (time.perf_counter() - t1)
 
 
-def rank_run(ckpt: str, out: str) -> None:
+def rank_run(ckpt: str, out: str, n_prompt: int, n_decode: int, repeats: int) -> None:
     """The program of every rank: rank 0 measures; each rank writes its peak memory at exit."""
     from kimi_mlx.distributed import launch_rank, launched
     from kimi_mlx.distributed_driver import start
@@ -85,7 +86,7 @@ def rank_run(ckpt: str, out: str) -> None:
     rank, out = launch_rank(), Path(out)
     atexit.register(lambda: (out / f"rank{rank}.json").write_text(json.dumps({"peak": mx.get_peak_memory()})))
     model = start(Path(ckpt)) if launched() else load_model(ckpt)  # ranks > 0 serve rank 0 inside start()
-    runs = [measure(model) for _ in range(REPEATS + 1)][1:]
+    runs = [measure(model, n_prompt, n_decode) for _ in range(repeats + 1)][1:]
     (out / "timing.json").write_text(json.dumps({"prefill": max(r[0] for r in runs),
                                                  "decode": max(r[1] for r in runs)}))
 
@@ -105,11 +106,12 @@ def free_port(n: int) -> int:
     raise SystemExit("no free local ports")
 
 
-def run(ranks: int, ckpt: Path, out: Path) -> dict:
+def run(ranks: int, ckpt: Path, out: Path, args) -> dict:
     from kimi_mlx.distributed import layer_plan, tensor_bytes
 
     out.mkdir()
-    me = [str(Path(__file__).resolve()), "--rank-run", str(ckpt), str(out)]
+    me = [str(Path(__file__).resolve()), "--rank-run", str(ckpt), str(out), "--prompt", str(args.prompt),
+          "--decode", str(args.decode), "--repeats", str(args.repeats)]
     if ranks == 1:
         cmd = [sys.executable, *me]
     else:
@@ -135,21 +137,26 @@ def run(ranks: int, ckpt: Path, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    ap.add_argument("--prompt", type=int, default=PROMPT, help="prompt tokens, prefilled in one step")
+    ap.add_argument("--decode", type=int, default=DECODE, help="greedy tokens decoded after the prompt")
+    ap.add_argument("--repeats", type=int, default=REPEATS, help="timed generations a run (after one warm-up)")
+    ap.add_argument("--runs", default="1,2,1,2", help="rank counts of the runs, in order (alternating: "
+                    "other load on the machine hits both alike)")
     ap.add_argument("--rank-run", nargs=2, metavar=("CKPT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank_run:
-        return rank_run(*args.rank_run)
+        return rank_run(*args.rank_run, args.prompt, args.decode, args.repeats)
     echo = Recorder()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_checkpoint(Path(tmp))
         results = {}
-        for i, n in enumerate((1, 2, 1, 2)):
-            r = run(n, ckpt, Path(tmp) / f"run{i}")
+        for i, n in enumerate(int(x) for x in args.runs.split(",")):
+            r = run(n, ckpt, Path(tmp) / f"run{i}", args)
             best = results.setdefault(n, r)
             best["prefill"], best["decode"] = max(best["prefill"], r["prefill"]), max(best["decode"], r["decode"])
     echo(f"device: {platform.machine()} {mx.default_device()} | mlx {mx.__version__} | ring backend over loopback")
     echo(f"model: random weights, 8 layers (6 KDA, 2 MLA, MoE 16 experts top-4), hidden 512, float32; "
-         f"prompt {PROMPT} tokens in one step, then {DECODE} greedy tokens; best of {REPEATS}")
+         f"prompt {args.prompt} tokens in one step, then {args.decode} greedy tokens; best of {args.repeats}")
     echo("ranks | layers per rank  | prefill tok/s | decode tok/s | weights per rank (MB) | peak per rank (MB)")
     for n, r in results.items():
         layers = " ".join(f"{p.start}-{p.stop - 1}" for p in r["plan"])

@@ -37,6 +37,7 @@ from kimi_mlx.ops import kda as kda_ops  # noqa: E402
 from kimi_mlx.ops.kda_decode import decode_step_kernel, decode_step_ops  # noqa: E402
 
 H, D = 32, 128
+EPS = 1e-5  # the output norm's epsilon (the model's rms_norm_eps)
 
 
 def inputs(T, seed=0):
@@ -77,7 +78,7 @@ def step_inputs(seed=0):
     C3 = 3 * H * D
     x = dict(qkv=r((1, C3)), gate_a=r((1, H * D)), beta_logit=r((1, H)), conv_tail=r((1, 3, C3)),
              conv_w=0.5 * r((4, C3)), a_log=mx.random.uniform(0.0, 2.0, (H,)), dt_bias=r((H * D,)),
-             state=mx.zeros((1, H, D, D)))
+             state=mx.zeros((1, H, D, D)), gate_b=r((1, H * D)), norm_w=mx.ones((D,)))
     mx.eval(x)
     return x
 
@@ -114,15 +115,15 @@ def time_decode(step, x, steps):
     return (t2 - t0) / steps, (t2 - t1) / steps
 
 
-STEP_ARGS = ("qkv", "gate_a", "beta_logit", "conv_tail", "conv_w", "a_log", "dt_bias", "state")
+STEP_ARGS = ("qkv", "gate_a", "beta_logit", "conv_tail", "conv_w", "a_log", "dt_bias", "state", "gate_b", "norm_w")
 
 
 def decode_kernel(x):
-    return decode_step_kernel(**{k: x[k] for k in STEP_ARGS})
+    return decode_step_kernel(**{k: x[k] for k in STEP_ARGS}, eps=EPS)
 
 
 def decode_ops(x):
-    return decode_step_ops(**{k: x[k] for k in STEP_ARGS})
+    return decode_step_ops(**{k: x[k] for k in STEP_ARGS}, eps=EPS)
 
 
 def with_mode(fn, mode):

@@ -5,7 +5,7 @@ Three parts, each printed as a table (append to RESULTS.md with --record):
           the state (MLA caches + KDA state) is the working set, for kimi-mlx's paths and for one SDPA
           over the whole cache (KIMI_MLX_MLA=fused, what an untiled implementation does)
   layer   one MLA layer at the real shape (H 32, latent 512 + 64, nope 128, v 128): the working set of
-          one prefill step of 2,048 tokens and of one decode token, against caches up to 1,048,576 rows
+          one prefill step of 2,048 tokens (--layer-step) and of one decode token, against caches up to 1,048,576 rows
   quant   logit error of an 8-bit and a 4-bit latent cache against the unquantized one (small model)
 
   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python benchmarks/long_context.py --record
@@ -128,13 +128,13 @@ def filled(S, dtype):
     return st
 
 
-def part_layer(prefill_contexts, decode_contexts, dtype, echo):
+def part_layer(prefill_contexts, decode_contexts, dtype, echo, step=2048):
     layer = real_layer(dtype)
     echo(f"layer: one MLA layer at the real shape, {dtype}, TILE_BYTES {A.TILE_BYTES >> 20} MB; working set = "
          "peak above (weights + cache before the call); decode: mean of 4 tokens after one warm-up")
     echo("| call | context S | tiling | seconds per call | working set MB |")
     echo("|---|---|---|---|---|")
-    for T, contexts in ((2048, prefill_contexts), (1, decode_contexts)):
+    for T, contexts in ((step, prefill_contexts), (1, decode_contexts)):
         for S in contexts:
             st = filled(S - T, dtype)
             x = mx.random.normal((1, T, 2304)).astype(dtype)
@@ -188,6 +188,7 @@ def main():
     ap.add_argument("--fused-max", type=int, default=16384)
     ap.add_argument("--prefill-contexts", type=ints, default=[4096, 16384])
     ap.add_argument("--decode-contexts", type=ints, default=[65536, 262144, 1048576])
+    ap.add_argument("--layer-step", type=int, default=2048, help="tokens of the real-shape layer's prefill call")
     ap.add_argument("--quant-tokens", type=int, default=2048)
     ap.add_argument("--dtype", default="float32", help="of the real-shape layer part (bfloat16 on a GPU)")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
@@ -201,7 +202,7 @@ def main():
     if "model" in parts:
         part_model(a.lengths, a.step, a.fused_max, echo)
     if "layer" in parts:
-        part_layer(a.prefill_contexts, a.decode_contexts, getattr(mx, a.dtype), echo)
+        part_layer(a.prefill_contexts, a.decode_contexts, getattr(mx, a.dtype), echo, a.layer_step)
     if "quant" in parts:
         part_quant(a.quant_tokens, a.step, echo)
     if a.record:

@@ -1,6 +1,8 @@
 """Held-out perplexity of the demo model: the converter's quality table, and state that is really carried.
 
     python benchmarks/perplexity.py [--hf .demo_build/hf] [--code-tokens N] [--chat-tokens N] [--append]
+    python benchmarks/perplexity.py --hf SRC --variants 3 --doc-tokens 64 --code-tokens 1 --chat-tokens 1 \
+        --long-files 1 --long-tokens 64 --chains 1 --reply-tokens 4  (a smoke run: seconds)
 
 1. Quality table: held-out perplexity (code files and chat conversations, full context) of the torch
    source checkpoint (transformers, float32), of `kimi-mlx convert` outputs unquantized (f32, bf16) and
@@ -39,10 +41,10 @@ from kimi_mlx.demo import PACKAGED  # noqa: E402
 from kimi_mlx.tokenizer import Tokenizer  # noqa: E402
 from kimi_mlx.weights.load import load_model  # noqa: E402
 
-# (label, ConvertOptions keywords); dtype bfloat16 unless said (what users get by default)
+# (label, ConvertOptions keywords); without a dtype the source's (float32 here), as users get by default
 VARIANTS = [
-    ("f32 (no quantization)", dict(dtype="float32")),
-    ("bf16 (no quantization)", dict()),
+    ("f32 (no quantization)", dict()),
+    ("bf16 (no quantization)", dict(dtype="bfloat16")),
     *[(f"affine {b}-bit gs64, kimi", dict(bits=b)) for b in (8, 6, 5, 4, 3, 2)],
     ("affine 4-bit gs32, kimi", dict(bits=4, group_size=32)),
     ("affine 4-bit gs64, uniform", dict(bits=4, recipe="uniform")),
@@ -92,7 +94,8 @@ def take(docs: list[list[int]], budget: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def heldout(tok: Tokenizer, code_tokens: int, chat_tokens: int, n_long: int, long_tokens: int) -> Heldout:
+def heldout(tok: Tokenizer, code_tokens: int, chat_tokens: int, n_long: int, long_tokens: int,
+            doc_tokens: int = 0) -> Heldout:
     sys.path.insert(0, str(ROOT / "tools"))
     from build_corpus import heldout_documents
 
@@ -101,6 +104,8 @@ def heldout(tok: Tokenizer, code_tokens: int, chat_tokens: int, n_long: int, lon
     convs = [d["messages"] for d in docs if d["kind"] == "chat"]
     chat = [tok.apply_chat_template(m, add_generation_prompt=False, tokenize=True) + [tok.eos_id] for m in convs]
     longest = [d[:long_tokens] for d in sorted(code, key=len)[::-1][:n_long]]
+    if doc_tokens:
+        code, chat = [d[:doc_tokens] for d in code], [d[:doc_tokens] for d in chat]
     return Heldout(take(code, code_tokens), take(chat, chat_tokens), longest,
                    convs, len(missing))
 
@@ -156,7 +161,7 @@ def score_torch(hf: Path, tok: Tokenizer, docs: list[list[int]], chunk: int = 20
     return out
 
 
-def quality_table(hf: Path, tok, code, chat) -> list[dict]:
+def quality_table(hf: Path, tok, code, chat, variants=VARIANTS) -> list[dict]:
     from kimi_mlx.weights.convert import ConvertOptions, convert
 
     rows = []
@@ -171,11 +176,11 @@ def quality_table(hf: Path, tok, code, chat) -> list[dict]:
     row("torch source (f32)", src_bytes, score_torch(hf, tok, code), score_torch(hf, tok, chat),
         time.perf_counter() - t0)
     with tempfile.TemporaryDirectory() as tmp:
-        for label, kw in VARIANTS:
+        for label, kw in variants:
             t0 = time.perf_counter()
             out = Path(tmp) / "v"
             res = convert(str(hf), out, ConvertOptions(force=True, report=False, **kw), log=lambda s: None)
-            model = load_model(out, dtype=mx.float32)  # stored values exactly; MLX's CPU gather_mm is f32-only
+            model = load_model(out, dtype=mx.float32)  # stored values exactly, computed in float32
             row(label, res.nbytes, score_all(model, tok, code), score_all(model, tok, chat), time.perf_counter() - t0)
     t0 = time.perf_counter()
     model = load_model(PACKAGED)
@@ -252,11 +257,12 @@ def markdown(args, data: Heldout, quality, state, sessions) -> str:
     lines = [f"### Demo model held-out perplexity — {time.strftime('%Y-%m-%d')} — commit {commit()} — "
              f"{platform.machine()} CPU (2 cores, shared), MLX {mx.__version__}", "",
              f"Source checkpoint `{args.hf.relative_to(ROOT) if args.hf.is_relative_to(ROOT) else args.hf}` "
-             f"(tools/package_demo.py) and its conversions. Held-out sample: {len(data.code)} whole files "
+             f"(tools/package_demo.py) and its conversions. Held-out sample: {len(data.code)} "
+             f"{f'files (the first {args.doc_tokens} tokens of each)' if args.doc_tokens else 'whole files'} "
              f"({n(data.code)} tokens scored) and {len(data.chat)} chat conversations ({n(data.chat)} tokens) "
              f"({data.missing} listed files missing here). Full context: MLX fed 512-token chunks with the state "
              "carried; torch 2048-token chunks through its cache. MLX computes in f32 here on the stored values "
-             "(its CPU gather_mm has no bf16), so rows measure storage and quantization error. "
+             "so rows measure storage and quantization error alone. "
              "`python benchmarks/perplexity.py`", "",
              "| variant | MB | code ppl | code bits/byte | chat ppl |", "|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['MB']:.2f} | {r['code_ppl']:.3f} | {r['code_bpb']:.4f} | {r['chat_ppl']:.3f} |"
@@ -267,7 +273,7 @@ def markdown(args, data: Heldout, quality, state, sessions) -> str:
     lines += [f"| {r['run']} | {r['ppl']:.4f} |" for r in state]
     lines += ["", f"Sessions, packaged demo: {args.chains} chains of held-out chat turns; turns 1-3 through "
               "ChatSession "
-              "(greedy, 32-token replies); turn 4's reference reply scored from the resulting state "
+              f"(greedy, {args.reply_tokens}-token replies); turn 4's reference reply scored from the resulting state "
               f"(session tokens identical in all runs: {sessions['same_tokens']}).", "",
               "| state | ppl | nll (nats) | tokens |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['ppl']:.6f} | {v['nll']:.4f} | {v['tokens']} |" for k, v in sessions.items()
@@ -283,15 +289,22 @@ def main() -> None:
     ap.add_argument("--long-files", type=int, default=2, help="how many of the longest files the state table uses")
     ap.add_argument("--long-tokens", type=int, default=8192, help="of each, the first N tokens")
     ap.add_argument("--chains", type=int, default=8)
+    ap.add_argument("--reply-tokens", type=int, default=32, help="the session table's greedy replies, at most")
+    ap.add_argument("--variants", type=int, default=0, help="only the first N converter variants (0: all)")
+    ap.add_argument("--doc-tokens", type=int, default=0,
+                    help="score only the first N tokens of each quality-table document (0: whole documents)")
     ap.add_argument("--append", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     args = ap.parse_args()
     args.hf = args.hf.resolve()
     tok = Tokenizer(PACKAGED)
-    data = heldout(tok, args.code_tokens, args.chat_tokens, args.long_files, args.long_tokens)
-    quality = quality_table(args.hf, tok, data.code, data.chat)
+    if not (args.hf / "config.json").is_file():
+        raise SystemExit(f"{args.hf}: no HF checkpoint there; make the demo's source with tools/package_demo.py "
+                         "or pass --hf")
+    data = heldout(tok, args.code_tokens, args.chat_tokens, args.long_files, args.long_tokens, args.doc_tokens)
+    quality = quality_table(args.hf, tok, data.code, data.chat, VARIANTS[: args.variants or None])
     demo = load_model(PACKAGED)
     state = state_table(demo, tok, data.long)
-    sessions = session_table(demo, tok, data.convs, args.chains)
+    sessions = session_table(demo, tok, data.convs, args.chains, args.reply_tokens)
     md = markdown(args, data, quality, state, sessions)
     print(md)
     if args.append:

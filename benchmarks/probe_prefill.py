@@ -29,6 +29,8 @@ ap.add_argument("--mla-contexts", default="4096,131072")
 ap.add_argument("--tiles-mb", default="64,256,1024")
 ap.add_argument("--decode-contexts", default="1024,32768,131072,1048576")
 ap.add_argument("--scan-rows", default="1,2,4,8", help="KDA scan kernel: state rows per 32-lane group, each timed")
+ap.add_argument("--reps", type=int, default=0, help="timed calls of every item after an untimed one (0: each "
+                "item's own count, 2 to 10)")
 a = ap.parse_args()
 parts = a.parts.split(",")
 
@@ -41,6 +43,7 @@ h = mx.random.normal((1, T, D)).astype(DT)
 
 
 def timeit(name, fn, n=3):
+    n = a.reps or n
     mx.eval(fn())
     mx.synchronize()
     mx.reset_peak_memory()
@@ -162,10 +165,13 @@ def filled(S):
 
 
 if "tile" in parts:
-    # one score tile of the expanded MLA prefill (ops/attention.py _Expanded), piece by piece
+    # one score tile of the expanded MLA prefill (ops/attention.py _Expanded), piece by piece, of --tiles-mb's
+    # first size (64 MB by default: TILE_BYTES)
     attn = L[mla_i].self_attn
     H, nope, Lr = attn.num_heads, attn.nope, attn.latent_rank
+    tile_bytes, A.TILE_BYTES = A.TILE_BYTES, int(a.tiles_mb.split(",")[0]) << 20
     keys = A.choose_tiling(1, H, T, 1 << 30).tile_keys
+    A.TILE_BYTES = tile_bytes
     k_up, v_up = attn.k_up.astype(DT), attn.v_up.astype(DT)
     rows = mx.random.normal((1, keys, W)).astype(DT)
     q = mx.random.normal((1, H, T, nope + attn.pe)).astype(DT)

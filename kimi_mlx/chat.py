@@ -17,7 +17,8 @@ from typing import Callable, Iterator
 from .errors import KimiError
 from .generate import GenerationOptions, Response, stats_line
 from .session import ChatSession
-from .state import context_usage
+from .state import ContextUsage
+from .words import count
 
 HELP = """commands:
   /help              this list
@@ -202,19 +203,20 @@ class Chat:
         if not arg:
             raise KimiError("usage: /save FILE")
         self.session.save(Path(arg).expanduser())
-        self.out.note(f"[saved {len(self.session.tokens)} tokens to {arg}]")
+        self.out.note(f"[saved {count(len(self.session.tokens), 'token')} to {arg}]")
 
     def load(self, arg: str) -> None:
         if not arg:
             raise KimiError("usage: /load FILE")
         self.session = self.load_session(arg)
-        self.out.note(f"[loaded {arg}: {len(self.session.messages)} messages, {len(self.session.tokens)} tokens]")
+        self.out.note(f"[loaded {arg}: {count(len(self.session.messages), 'message')}, "
+                      f"{count(len(self.session.tokens), 'token')}]")
 
     def stats(self, arg: str) -> None:
         s = self.session
         opts = ", ".join(f"{k}={getattr(s.options, k)}" for k in SETTABLE if k != "seed")
-        used = context_usage(s.state, s.model.config.max_position_embeddings)
-        lines = [f"context: {used}, {len(s.messages)} messages, state {s.state.nbytes / 1e6:.1f} MB",
+        used = ContextUsage(s.context_tokens, s.model.config.max_position_embeddings)
+        lines = [f"context: {used}, {count(len(s.messages), 'message')}, state {s.state.nbytes / 1e6:.1f} MB",
                  f"settings: {opts}, seed={s.seed}"]
         if self.turn:
             lines.append(f"last reply: {stats_line(self.turn.last)}")
@@ -296,7 +298,8 @@ def run_chat(model_name: str, options: GenerationOptions, system: str | None, se
     if tty:
         out.note(f"kimi-mlx chat: {model_name}. /help lists commands; Ctrl-C stops a reply; Ctrl-D or /quit exits.")
     if session_file:
-        out.note(f"[resumed {session_file}: {len(session.messages)} messages, {len(session.tokens)} tokens]")
+        out.note(f"[resumed {session_file}: {count(len(session.messages), 'message')}, "
+                 f"{count(len(session.tokens), 'token')}]")
     Chat(session, out, load_session).run(read_messages(tty, out))
 
 

@@ -5,10 +5,37 @@ from __future__ import annotations
 import sys
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from .errors import KimiError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+class _FlagsTakeNoValue:
+    """typer's --help prints every option's type, a flag's too (`--raw <bool>`), as if the flag took a value;
+    an empty metavar is printed as nothing, so flags (--help among them) get one."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class _Command(_FlagsTakeNoValue, TyperCommand):
+    pass
+
+
+class _Group(_FlagsTakeNoValue, TyperGroup):
+    pass
+
+
+class _Typer(typer.Typer):
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
 def _print_version(value: bool) -> None:
@@ -116,7 +143,7 @@ from .server import ServeOptions as S, format_bytes  # noqa: E402
 def serve(
     model: Model = "demo",
     host: str = typer.Option(S.host, "--host", help="address to listen on (loopback by default)"),
-    port: int = typer.Option(S.port, "--port"),
+    port: int = typer.Option(S.port, "--port", help="TCP port to listen on"),
     api_key: str | None = typer.Option(None, "--api-key", envvar="KIMI_MLX_API_KEY",
                                        help="require 'Authorization: Bearer KEY' on /v1/*"),
     max_queue: int = typer.Option(S.max_queue, "--max-queue", help="requests that may wait; more get 503"),
@@ -129,7 +156,8 @@ def serve(
                                        help="largest request body accepted"),
     allowed_origin: list[str] | None = typer.Option(None, "--allowed-origin",
                                                     help="enable CORS for this origin (repeatable; off by default)"),
-    log_level: str = typer.Option(S.log_level, "--log-level"),
+    log_level: str = typer.Option(S.log_level, "--log-level", help="uvicorn's log level: critical | error | "
+                                  "warning | info | debug | trace"),
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1,
                                           help="reply cap for requests that set none (default: up to the context "
                                                "limit, as OpenAI's API does)"),
@@ -167,7 +195,9 @@ def doctor(
 ):
     """Print the device and active fast paths; check each fast path against its reference here."""
     from .doctor import main as run_doctor
+    from .loading import tell_if_cold_cache
 
+    tell_if_cold_cache()  # its checks run compiled steps too
     if not run_doctor(typer.echo, report=report, speed=speed):
         typer.echo("error: a fast path disagrees with its reference on this device; "
                    "set KIMI_MLX_KDA=ref to run without it and report the output above", err=True)
@@ -176,8 +206,8 @@ def doctor(
 
 @app.command()
 def convert(
-    src: str = typer.Argument(..., help="HF checkpoint directory or hub repo id"),
-    out: str = typer.Argument(..., help="output directory (refused if it exists, unless --force)"),
+    src: str = typer.Argument(..., metavar="SRC", help="HF checkpoint directory or hub repo id"),
+    out: str = typer.Argument(..., metavar="OUT", help="output directory (refused if it exists, unless --force)"),
     bits: int | None = typer.Option(None, "--bits", "-b", help="quantize: affine 2/3/4/5/6/8, mxfp4/nvfp4 4, mxfp8 8"),
     group_size: int | None = typer.Option(None, "--group-size", "-g",
                                           help="affine 32/64/128 (64), mxfp4/mxfp8 32, nvfp4 16"),
@@ -186,7 +216,8 @@ def convert(
                                       help="kimi (default) | uniform | mixed_2_6 | mixed_3_4 | mixed_3_6 | mixed_4_6"),
     override: list[str] | None = typer.Option(None, "--override",
                                               help="PATTERN=SPEC, e.g. '*.experts.down_proj=6', 'lm_head=none'"),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float16 | float32 for unquantized weights"),
+    dtype: str | None = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 for unquantized weights "
+                                     "and quantization scales (default: the source's)"),
     revision: str | None = typer.Option(None, "--revision", help="hub revision (branch, tag or commit)"),
     force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
     no_report: bool = typer.Option(False, "--no-report", help="skip the quality report of a quantized conversion"),
@@ -220,7 +251,7 @@ def bench(
                               help="random-weight shape: full (48B-A3B), small, or narrow (the full graph, tiny widths)"),
     contexts: str = typer.Option("1024,32768", "--contexts", help="decode at these context lengths"),
     prefill: str = typer.Option("1024,8192", "--prefill", help="prefill these prompt lengths"),
-    decode_tokens: int = typer.Option(32, "--decode-tokens"),
+    decode_tokens: int = typer.Option(32, "--decode-tokens", help="tokens decoded (timed) at each context"),
     step: int = typer.Option(0, "--step", help="prefill step tokens for both models (0: each its own default)"),
     bits: int = typer.Option(4, "--bits", help="random weights: quantization bits (0 = unquantized)"),
     peer: bool = typer.Option(True, "--peer/--no-peer", help="also measure mlx-lm on the same weights"),
@@ -233,6 +264,7 @@ def bench(
 ):
     """Prefill and decode speed, peak memory and bandwidth use, against mlx-lm in the same run."""
     from . import bench as b
+    from .loading import tell_if_cold_cache
 
     if shape not in b.SHAPES:
         raise KimiError(f"--shape {shape}: choose one of {', '.join(b.SHAPES)}")
@@ -241,6 +273,7 @@ def bench(
             import mlx_lm  # noqa: F401
         except ImportError:
             raise KimiError("mlx-lm is not installed: pip install 'kimi-mlx[bench]', or pass --no-peer") from None
+    tell_if_cold_cache()
     b.run(shape, _ints(contexts), _ints(prefill), decode_tokens, step, bits, peer=peer and not model,
           bandwidth_gbs=bandwidth, model_path=model and str(_resolve(model)), peer_model=peer_model,
           step_at=_ints(step_at) if step_at else (), rounds=rounds)
@@ -252,9 +285,14 @@ def _resolve(model: str):
     return resolve(model)
 
 
-def main() -> None:
+def main(command: str | None = None, prog_name: str | None = None) -> None:
+    """`kimi-mlx`; given a command, that command alone under prog_name (convert.py and chat.py, whose --help
+    then shows how they are called)."""
     try:
-        app()
+        if command:
+            typer.main.get_command(app).commands[command].main(prog_name=prog_name)
+        else:
+            app()
     except KimiError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)

@@ -101,7 +101,7 @@ def init(backend: str = "any", timeout: float | None = None):
     try:
         return mx.distributed.init(strict=True, backend=backend)
     except Exception as e:  # backend missing or misconfigured
-        text = first_line(e, 1000)
+        text = first_line(e)
         raise DistributedError(f"distributed backend '{backend}' did not start ({text})") from None
     finally:
         os.write(w, b"1")

@@ -41,11 +41,12 @@ import mlx.core as mx
 from .errors import KimiError, first_line
 from .state import ModelState, check_context
 from .state_io import META_KEY, load_state, mark, rewind, save_state
+from .words import count
 from . import distributed
 
 HEADER = 64  # ints per header: a count, then up to 12 command rows
 OP_INTS = 5  # op, then up to four arguments
-MESSAGE_BYTES = 400  # a worker's error message
+MESSAGE_BYTES = 4096  # a worker's error message (one line; a longer one is cut)
 IDLE_AFTER_S = 1.0  # without a command for this long, the ranks meet only every TICK_S
 TICK_S = 0.1
 SILENCE_LIMIT_S = 60.0  # an idle rank that hears nothing for this long stops (a machine asleep, a cable out)
@@ -387,10 +388,11 @@ def _do(model, link: Link, objs: dict, op: int, a: int, b: int, c: int, d: int) 
                 check_part(path, peek_pipeline(path), part_info(model, c))
                 state, _ = load_state(path, model)
                 if state.offset != d:
-                    raise KimiError(f"{path}: holds {state.offset} tokens, rank 0's part {d}; save the session again")
+                    raise KimiError(f"{path}: holds {count(state.offset, 'token')}, rank 0's part {d}; "
+                                    "save the session again")
                 objs[a] = state
         except Exception as e:
-            link.report(first_line(e, 1000))
+            link.report(first_line(e))
         else:
             link.report(None)
 

@@ -381,7 +381,7 @@ def _guarded(name, check) -> Check:
     try:
         return check()
     except Exception as e:  # noqa: BLE001 - any failure of a kernel is what the doctor reports
-        return Check(name, math.inf, f"{type(e).__name__}: {first_line(e, 200)}",
+        return Check(name, math.inf, f"{type(e).__name__}: {first_line(e)}",
                      detail=f"{type(e).__name__}: {str(e).strip()}")
 
 

@@ -13,7 +13,8 @@ class WeightsError(KimiError):
     pass
 
 
-def first_line(e: BaseException, limit: int = 160) -> str:
-    """The first line of an exception's message (its type name when empty), for one-line errors."""
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, whole (its type name when empty), for one-line errors: a
+    library's first line is its sentence, and the advice often comes at the end of it."""
     text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else type(e).__name__
+    return text.splitlines()[0] if text else type(e).__name__

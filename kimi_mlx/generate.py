@@ -14,6 +14,7 @@ from .errors import KimiError
 from .sample import Sampler, make_logits_processors, normalize
 from .state import ContextLimitError
 from .state_io import StateMark, mark
+from .words import count
 
 Progress = Callable[[int, int], None]  # (prompt tokens processed, prompt tokens in all)
 
@@ -229,8 +230,8 @@ class Generation:
         room = model.config.max_position_embeddings - (state.offset + len(self.prompt)) + 1 - reserve
         if room < 1:
             raise ContextLimitError(
-                f"context full: {state.offset + len(self.prompt):,} tokens leave no room to reply within the "
-                f"model's limit of {model.config.max_position_embeddings:,}; start a new conversation")
+                f"context full: {count(state.offset + len(self.prompt), 'token', ',')} leave no room to reply within "
+                f"the model's limit of {model.config.max_position_embeddings:,}; start a new conversation")
         self.max_tokens = min(opts.max_tokens, room)
         tail = (list(context) + self.prompt)[-opts.repetition_context_size :]
         self.processors = make_logits_processors(opts, len(tail))
@@ -317,5 +318,5 @@ def generate(model, tokenizer, prompt, **kwargs) -> str:
 
 def stats_line(r: Response) -> str:
     """One line of a finished reply's numbers, as the CLI prints it."""
-    return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} "
-            f"tokens, {r.generation_tps:.1f} tok/s | peak memory {r.peak_memory:.2f} GB")
+    return (f"prompt: {count(r.prompt_tokens, 'token')}, {r.prompt_tps:.1f} tok/s | generation: "
+            f"{count(r.generation_tokens, 'token')}, {r.generation_tps:.1f} tok/s | peak memory {r.peak_memory:.2f} GB")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from .errors import KimiError, first_line
@@ -27,6 +29,39 @@ def resolve(model: str, revision: str | None = None) -> Path:
         raise KimiError(f"{model}: not a local directory and the hub download failed ({msg})") from None
 
 
+def mlx_cpu_kernel_dir() -> Path:
+    """Where MLX's CPU backend keeps the kernels it compiles: std::filesystem::temp_directory_path() / "mlx" /
+    <MLX version> / "cpu", and temp_directory_path is the first of $TMPDIR, $TMP, $TEMP, $TEMPDIR that is set,
+    else /tmp. MLX builds each fused (mx.compile) CPU kernel there with the system C++ compiler the first time
+    it meets it and loads the built library from there ever after, across processes."""
+    import mlx.core as mx
+
+    tmp = next((os.environ[k] for k in ("TMPDIR", "TMP", "TEMP", "TEMPDIR") if os.environ.get(k)), "/tmp")
+    return Path(tmp) / "mlx" / mx.__version__ / "cpu"
+
+
+_told_cold = False
+
+
+def tell_if_cold_cache() -> bool:
+    """On the CPU, say once on stderr (before the wait, not after) that this run compiles MLX's kernels when
+    their cache holds none yet: a first run otherwise sits silent for half a minute or more. True if it told."""
+    global _told_cold
+    import mlx.core as mx
+
+    from .distributed import launch_rank
+
+    if _told_cold or mx.default_device() != mx.cpu or launch_rank() != 0:
+        return False
+    cache = mlx_cpu_kernel_dir()
+    if cache.is_dir() and any(f.suffix in (".so", ".dylib", ".dll") for f in cache.iterdir()):
+        return False
+    _told_cold = True
+    print(f"first run of MLX {mx.__version__} here: compiling its CPU kernels into {cache} "
+          "(about half a minute, once; later runs reuse them)", file=sys.stderr, flush=True)
+    return True
+
+
 def load(model: str, revision: str | None = None, distributed: bool = False):
     """(model, tokenizer) from a directory, hub repo id or 'demo'.
 
@@ -41,6 +76,7 @@ def load(model: str, revision: str | None = None, distributed: bool = False):
 
     bound_bytes()  # a bad KIMI_MLX_WORKING_SET_MB fails here, in one line, not at the first prompt
     path = resolve(model, revision)
+    tell_if_cold_cache()  # after the path checks: a mistyped model is one line, with nothing to compile
     if distributed:
         from .distributed_driver import start
 

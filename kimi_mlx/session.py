@@ -70,6 +70,13 @@ class ChatSession:
     def messages(self) -> list[dict]:
         return [{"role": m.role, "content": m.content} for m in self._messages]
 
+    @property
+    def context_tokens(self) -> int:
+        """Tokens the conversation holds: its messages through the chat template. Right after undo the state
+        still holds the undone exchange (the next turn rewinds only as far as it must), so this, not the
+        state's offset, is the conversation's size."""
+        return len(self._target(add_generation_prompt=False))
+
     # -- turns ---------------------------------------------------------------------------------
     def send(self, text: str, role: str = "user", progress: Progress | None = None, **options) -> Iterator[Response]:
         """Add a message (user, or tool for a tool result) and stream the reply.

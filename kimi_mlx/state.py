@@ -28,6 +28,7 @@ import mlx.core as mx
 from .config import KDA, ModelConfig
 from .errors import KimiError
 from .ops.attention import LatentCache, positions
+from .words import count
 
 PAGE_FIRST = 256
 PAGE_GROW = 16384  # beyond this the last page grows linearly: <= 16,384 unused rows (19 MB bf16) per MLA layer
@@ -218,7 +219,7 @@ class ContextUsage:
         return max(0, self.limit - self.used)
 
     def __str__(self) -> str:
-        return f"{self.used:,} / {self.limit:,} tokens ({self.left:,} left)"
+        return f"{self.used:,} / {count(self.limit, 'token', ',')} ({self.left:,} left)"
 
 
 @dataclass
@@ -260,8 +261,8 @@ def check_context(state: ModelState, new_tokens: int, limit: int) -> None:
     """Raise ContextLimitError (one line) if feeding new_tokens would pass the context limit."""
     if state.offset + new_tokens > limit:
         raise ContextLimitError(
-            f"context full: {state.offset:,} tokens used + {new_tokens:,} new would exceed the model's limit of "
-            f"{limit:,} tokens (model_max_length); start a new conversation or shorten the input"
+            f"context full: {count(state.offset, 'token', ',')} used + {new_tokens:,} new would exceed the model's "
+            f"limit of {count(limit, 'token', ',')} (model_max_length); start a new conversation or shorten the input"
         )
 
 

@@ -15,7 +15,7 @@ pexpect = pytest.importorskip("pexpect")  # in the test extra; the GPU image lac
 import kimi_mlx
 from kimi_mlx import ChatSession
 
-STATS = r"\[prompt: (\d+) tokens[^\]]*\]"
+STATS = r"\[prompt: (\d+) tokens?[^\]]*\]"
 FIRST = r"first token: id (\d+), logprob (-?[\d.]+)"
 NO_STOP = ["--logit-bias", "258=-100", "--logit-bias", "257=-100"]  # demo-random's <|im_end|> and [EOS]
 
@@ -155,6 +155,13 @@ def test_piped_mode_is_plain_with_one_reply_per_line(tmp_path):
     assert f"error: {bad}: not a kimi-mlx session file" in out.stderr
     assert re.findall(STATS, out.stderr)[2] == str(len(kimi_mlx.load("demo-random")[1].apply_chat_template(
         [{"role": "user", "content": "two\nlines"}], tokenize=True)))
+
+
+def test_stats_after_undo_shows_the_context_without_the_undone_exchange():
+    out = run_piped("hello\n/stats\nsay more\n/stats\n/undo\n/stats\n", "--max-tokens", "4", "--temp", "0")
+    assert out.returncode == 0, out.stderr
+    one, two, undone = (int(n.replace(",", "")) for n in re.findall(r"context: ([\d,]+) / ", out.stderr))
+    assert two > one and undone == one
 
 
 @pytest.mark.parametrize("args, message", [

@@ -65,9 +65,9 @@ def test_unquantized_float32_matches_source(source, tmp_path):
     assert str(src) in (out / "README.md").read_text()
 
 
-def test_bf16_default_keeps_sensitive_tensors_fp32(source, tmp_path):
+def test_bf16_keeps_sensitive_tensors_fp32(source, tmp_path):
     _, src = source
-    run(src, tmp_path / "bf16")
+    run(src, tmp_path / "bf16", dtype="bfloat16")
     w = mx.load(str(next((tmp_path / "bf16").glob("model-00002-*.safetensors"))))  # layer 0 (KDA)
     a = "model.layers.0.self_attn."
     for name in ("A_log", "dt_bias", "conv_weight", "o_norm_weight"):
@@ -77,9 +77,37 @@ def test_bf16_default_keeps_sensitive_tensors_fp32(source, tmp_path):
     assert w["model.layers.1.mlp.gate.weight"].dtype == mx.float32  # the router is never down-cast
     assert w["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == mx.float32
     ref = logits(load_model(src))
-    got = logits(load_model(tmp_path / "bf16", dtype=mx.float32))  # CPU gather_mm runs float32 only
+    got = logits(load_model(tmp_path / "bf16", dtype=mx.float32))  # float32 compute: the weights' rounding alone
     # bf16 rounding is RMS 0.11% of a weight, 1/5 of 8-bit gs64's 0.54%; KL grows as the square: ~2e-4
     assert kl(ref, got).mean() <= 1e-3
+
+
+def test_dtype_defaults_to_the_sources(source, tmp_path):
+    """Without --dtype, unquantized weights and quantization scales keep the dtype the source is stored in
+    (as mlx-lm does): a float32 source converts exactly as with --dtype float32 (no bfloat16 rounding before
+    quantizing), a bfloat16 one stays bfloat16; an explicit --dtype wins."""
+    import shutil
+
+    _, src = source
+    run(src, tmp_path / "default", 8)
+    run(src, tmp_path / "f32", 8, dtype="float32")
+    def layer0(out):
+        return mx.load(str(next((tmp_path / out).glob("model-00002-*.safetensors"))))
+
+    got, want = layer0("default"), layer0("f32")
+    assert got.keys() == want.keys() and all(mx.array_equal(got[k], want[k]) for k in want)
+    assert got["model.layers.0.self_attn.qkv_proj.scales"].dtype == mx.float32
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["dtype"] == "float32"
+
+    half = tmp_path / "bf16src"
+    shutil.copytree(src, half)
+    w = mx.load(str(half / "model.safetensors"))
+    mx.save_safetensors(str(half / "model.safetensors"), {k: v.astype(mx.bfloat16) for k, v in w.items()},
+                        metadata={"format": "pt"})
+    run(half, tmp_path / "from_bf16")
+    run(half, tmp_path / "forced", dtype="float16")
+    for out, dtype in (("from_bf16", mx.bfloat16), ("forced", mx.float16)):
+        assert layer0(out)["model.layers.0.self_attn.qkv_proj.weight"].dtype == dtype, out
 
 
 MODES = [(8, None, None, None), (6, None, None, None), (5, 128, None, None), (4, None, None, None),
@@ -212,6 +240,10 @@ def _edit(src: Path, dst: Path, how: str) -> Path:
         f.write_bytes(f.read_bytes()[: f.stat().st_size - 1000])
     elif how == "garbage":
         f.write_bytes(b"\x00garbage" * 100)
+    elif how == "no-tokenizer":
+        (dst / "tiktoken.model").unlink()
+    elif how == "bad-tokenizer":
+        (dst / "tokenizer_config.json").write_text("{oops")
     else:
         w = load_file(str(f))
         if how == "missing":
@@ -228,7 +260,9 @@ def _edit(src: Path, dst: Path, how: str) -> Path:
     ("no-config", "config.json not found"), ("bad-json", "not valid JSON"), ("llama", "not 'kimi_linear'"),
     ("truncated", "truncated or corrupt"), ("garbage", "truncated or corrupt"),
     ("missing", "missing tensor 'model.layers.2.self_attn.q_proj.weight'"),
-    ("shape", "'model.layers.3.self_attn.kv_b_proj.weight' has shape \\[7, 64\\]"), ("int", "dtype I32")])
+    ("shape", "'model.layers.3.self_attn.kv_b_proj.weight' has shape \\[7, 64\\]"), ("int", "dtype I32"),
+    ("no-tokenizer", "has no tiktoken.model, so the converted model would not load; copy the tokenizer files"),
+    ("bad-tokenizer", "tokenizer_config.json: not valid JSON")])
 def test_bad_source_is_one_line(source, tmp_path, capsys, how, match):
     bad = _edit(source[1], tmp_path / "bad", how)
     code, err = cli(bad, tmp_path / "out", "--bits", 4, capsys=capsys)

@@ -42,7 +42,8 @@ def ckpt_copy(tmp_path, hf_checkpoint):
 
 
 def one_line(exc):
-    return "\n" not in str(exc.value) and len(str(exc.value)) < 300
+    """One line, not a dump: the path, our sentence and the library's whole first line (~300 characters)."""
+    return "\n" not in str(exc.value) and len(str(exc.value)) < 400
 
 
 def test_missing_directory():
@@ -115,8 +116,11 @@ def test_demo_loads_and_is_deterministic():
 
 
 def test_cli_errors_are_one_line(tmp_path):
+    import os
+
+    # a fresh TMPDIR: MLX's kernel cache empty, and still no note before the error (nothing will be compiled)
     r = subprocess.run([sys.executable, "-m", "kimi_mlx", "generate", "--model", str(tmp_path / "nope")],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert r.returncode != 0
     lines = [l for l in r.stderr.strip().splitlines() if l]
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr
@@ -127,3 +131,63 @@ def test_cli_demo_prints_tokens():
                         "--max-tokens", "8", "--seed", "0"], capture_output=True, text=True)  # unseeded: EOS can come first
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and "random weights" in r.stderr
+
+
+@pytest.mark.parametrize("command", [["generate", "--model", "demo", "--max-tokens", "2"], ["doctor"],
+                                     ["bench", "--no-peer", "--contexts", "64", "--prefill", "32"]])
+def test_first_run_says_it_compiles_before_the_wait(tmp_path, command):
+    """With MLX's CPU kernel cache empty (a fresh TMPDIR) the CLI says so on stderr before the first compile
+    (which takes half a minute or more); the process is stopped once it has said it."""
+    import os
+    import time
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    t0 = time.monotonic()
+    p = subprocess.Popen([sys.executable, "-m", "kimi_mlx", *command],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = p.stderr.readline()
+        took = time.monotonic() - t0
+    finally:
+        p.kill()
+        p.wait()
+    assert line.startswith(f"first run of MLX {mx.__version__} here: compiling its CPU kernels into "
+                           f"{tmp_path / 'mlx' / mx.__version__ / 'cpu'}"), line
+    assert took < 5, took  # ~0.5 s on an idle 2-core machine: imports only, nothing compiled or loaded yet
+
+
+def test_cold_cache_is_told_once_and_a_warm_one_never(tmp_path, monkeypatch, capsys):
+    from kimi_mlx import loading
+
+    for k in ("TMP", "TEMP", "TEMPDIR"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(loading, "_told_cold", False)
+    cache = loading.mlx_cpu_kernel_dir()
+    assert cache == tmp_path / "mlx" / mx.__version__ / "cpu"
+    cache.mkdir(parents=True)
+    (cache / "kernel.cpp").write_text("")  # sources are written before the build: still cold
+    assert loading.tell_if_cold_cache() and not loading.tell_if_cold_cache()
+    assert capsys.readouterr().err.count("compiling its CPU kernels") == 1
+    monkeypatch.setattr(loading, "_told_cold", False)
+    (cache / "libkernel.so").write_text("")
+    assert not loading.tell_if_cold_cache() and capsys.readouterr().err == ""
+
+
+def test_a_library_error_is_passed_on_whole(monkeypatch):
+    """A wrapped library error keeps its whole first line (its advice often ends it), never a fixed cut."""
+    import huggingface_hub
+
+    from kimi_mlx.loading import resolve
+
+    advice = ("Cannot find an appropriate cached snapshot folder for the specified revision on the local disk and "
+              "outgoing traffic has been disabled. To enable repo look-ups and downloads online, set "
+              "'HF_HUB_OFFLINE=0' as environment variable.")
+
+    def fail(*a, **k):
+        raise RuntimeError(advice + "\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(KimiError) as e:
+        resolve("someone/no-such-repo")
+    assert str(e.value).endswith(f"({advice})")

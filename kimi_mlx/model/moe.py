@@ -25,6 +25,18 @@ def _per_expert(x: mx.array, counts, matmul) -> mx.array:
     return mx.concatenate(outs, axis=0)
 
 
+def _gather_mm_cpu(x: mx.array, weight: mx.array, idx: mx.array, sorted_indices: bool, lhs_indices) -> mx.array:
+    """gather_mm of a bfloat16 / float16 bank on the CPU, whose GatherMM takes float32 only: the experts idx
+    picks are gathered first (only they are cast, not the whole bank), renumbered 0..n-1 in idx's order (so
+    sorted indices stay sorted), multiplied in float32 and rounded back to the dtype gather_mm would return."""
+    out_dtype = mx.result_type(x, weight)
+    picked = weight[idx.flatten()].astype(mx.float32).swapaxes(-1, -2)
+    local = mx.arange(idx.size, dtype=mx.uint32).reshape(idx.shape)
+    y = mx.gather_mm(x.astype(mx.float32), picked, lhs_indices=lhs_indices, rhs_indices=local,
+                     sorted_indices=sorted_indices)
+    return y.astype(out_dtype)
+
+
 class SwitchLinear(nn.Module):
     """A bank of E linear maps, weight [E, out, in]; applies the ones picked per token."""
 
@@ -33,6 +45,8 @@ class SwitchLinear(nn.Module):
         self.weight = mx.zeros((num_experts, dims_out, dims_in))
 
     def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False, lhs_indices=None) -> mx.array:
+        if mx.default_device() == mx.cpu and (x.dtype != mx.float32 or self.weight.dtype != mx.float32):
+            return _gather_mm_cpu(x, self.weight, idx, sorted_indices, lhs_indices)
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), lhs_indices=lhs_indices, rhs_indices=idx,
                             sorted_indices=sorted_indices)
 

@@ -68,8 +68,40 @@ def build_app(model: str, opts: ServeOptions):
 def serve(model: str, opts: ServeOptions) -> None:
     import uvicorn
 
-    app = build_app(model, opts)
-    uvicorn.run(app, host=opts.host, port=opts.port, log_level=opts.log_level, timeout_graceful_shutdown=5)
+    from ..distributed import launch_rank
+
+    # rank 0 serves; under --distributed the other ranks never return from build_app's load
+    sock = listen_socket(opts.host, opts.port) if launch_rank() == 0 else None
+    try:
+        app = build_app(model, opts)
+        config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level,
+                                timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def listen_socket(host: str, port: int):
+    """The server's socket, bound before the model loads: a port in use is said at once, not after a load of
+    minutes, and no other process can take the port meanwhile (uvicorn listens on this socket)."""
+    import errno
+    import socket
+
+    from ..errors import KimiError
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a just-closed server's port rebinds
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise KimiError(f"port {port} on {host} is in use (another server?); stop it or pick a free one "
+                            "with --port") from None
+        raise KimiError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host and --port") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def parse_bytes(text: str, flag: str) -> int:

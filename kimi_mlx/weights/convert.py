@@ -29,9 +29,10 @@ from .load import keep_fp32
 from .output import OutputDir, ShardWriter, write_metadata
 from .quality import QualityProbe, QualityReport, prompt_tokens
 from .recipes import QuantSpec, Recipe, check_overrides, make_recipe
-from .source import SourceReader, check_source, groups, scan
+from .source import SourceReader, TensorInfo, check_source, groups, scan
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 MAX_SHARD_BYTES = 5 * 10**9
 
 
@@ -42,7 +43,7 @@ class ConvertOptions:
     mode: str | None = None
     recipe: str | None = None
     overrides: list[str] = field(default_factory=list)
-    dtype: str = "bfloat16"
+    dtype: str | None = None  # None: the source's (source_dtype)
     force: bool = False
     report: bool = True
     revision: str | None = None
@@ -86,6 +87,15 @@ def estimate_bytes(cfg: ModelConfig, plan: dict[str, QuantSpec], dtype: mx.Dtype
             per_group = 2 * dtype.size if spec.mode == "affine" else 1
             total += arr.size * spec.bits // 8 + arr.size // spec.group_size * per_group
     return total
+
+
+def source_dtype(tensors: dict[str, TensorInfo]) -> str:
+    """The dtype most of the source's bytes are stored in: what unquantized weights keep by default, so a
+    float32 checkpoint is not rounded to bfloat16 before quantization (its scales and biases stay float32)."""
+    nbytes: dict[str, int] = {}
+    for t in tensors.values():
+        nbytes[t.dtype] = nbytes.get(t.dtype, 0) + t.nbytes
+    return SAFETENSORS_DTYPES[max(nbytes, key=nbytes.get)]
 
 
 def stored_dtype(name: str, src: mx.Dtype, dtype: mx.Dtype) -> mx.Dtype:
@@ -165,6 +175,18 @@ class Converter:
             p.layer(int(group.split()[1]), ref, conv)
 
 
+def check_tokenizer(src_dir: Path) -> None:
+    """The output loads only with Kimi's tokenizer files beside the weights (write_metadata copies them from
+    SRC): refuse a source without them, or with ones that do not read, before anything is written."""
+    from ..tokenizer import Tokenizer
+
+    if not (src_dir / "tiktoken.model").is_file():
+        raise KimiError(f"{src_dir} has no tiktoken.model, so the converted model would not load; copy the "
+                        "tokenizer files (tiktoken.model, tokenizer_config.json) from the model's hub repo into "
+                        "it, then convert again")
+    Tokenizer(src_dir)  # a corrupt rank file or tokenizer_config.json: its own one-line error
+
+
 def convert(src: str, out: str | Path, opts: ConvertOptions | None = None,
             log: Callable[[str], None] = print) -> ConvertResult:
     """Convert checkpoint `src` (directory or hub repo id) into directory `out`. Raises KimiError (one line)."""
@@ -172,21 +194,25 @@ def convert(src: str, out: str | Path, opts: ConvertOptions | None = None,
 
     opts = opts or ConvertOptions()
     recipe = make_recipe(opts.bits, opts.group_size, opts.mode, opts.recipe, opts.overrides)
-    if opts.dtype not in DTYPES:
+    if opts.dtype is not None and opts.dtype not in DTYPES:
         raise KimiError(f"--dtype {opts.dtype} is not supported; use {', '.join(DTYPES)}")
-    dtype = DTYPES[opts.dtype]
     target = OutputDir(Path(out), opts.force)
     src_dir = resolve(src, opts.revision)
     target.check_not_inside(src_dir)
     cfg = ModelConfig.from_file(src_dir)
     tensors = check_source(cfg, scan(src_dir))
+    check_tokenizer(src_dir)
+    dtype_name = opts.dtype or source_dtype(tensors)
+    dtype = DTYPES[dtype_name]
     plan, skipped = quant_plan(cfg, recipe) if recipe else ({}, [])
     target.check_space(estimate_bytes(cfg, plan, dtype))
     probe = None
     if recipe and opts.report:
         ids, prompt = prompt_tokens(src_dir, cfg.vocab_size)
         probe = QualityProbe(cfg, ids, prompt)
-    log(f"converting {src} -> {out}: {recipe.describe() if recipe else 'no quantization'}, dtype {opts.dtype}")
+    how = recipe.describe() if recipe else "no quantization"
+    dtype_note = "" if opts.dtype else " (the source's)"
+    log(f"converting {src} -> {out}: {how}, dtype {dtype_name}{dtype_note}")
     with target.staging() as tmp:
         writer = ShardWriter(tmp, opts.max_shard_bytes)
         conv = Converter(cfg, SourceReader(tensors), dtype, plan, writer, probe)
@@ -202,7 +228,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions | None = None,
             log(f"[{k + 1}/{len(todo)}] {group}: {time.perf_counter() - t0:.1f}s")
         shards, nbytes = writer.finish()
         report = probe.report() if probe else None
-        write_metadata(tmp, src_dir, src, cfg, opts.dtype, recipe, plan, report)
+        write_metadata(tmp, src_dir, src, cfg, dtype_name, recipe, plan, report)
     for line in report.lines() if report else []:
         log(line)
     if skipped:

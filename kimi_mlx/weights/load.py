@@ -42,7 +42,8 @@ def read_checkpoint(path: Path) -> dict[str, mx.array]:
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:  # mlx raises plain RuntimeError/ValueError on bad files
-            raise WeightsError(f"{f}: unreadable safetensors file ({first_line(e, 120)}); it is truncated or corrupt") from None
+            raise WeightsError(f"{f}: unreadable safetensors file ({first_line(e)}); it is truncated or "
+                               "corrupt") from None
     return weights
 
 

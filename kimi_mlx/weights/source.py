@@ -193,6 +193,6 @@ class SourceReader:
                 try:
                     self.files[f] = mx.load(str(f))
                 except Exception as e:  # mlx raises plain RuntimeError/ValueError on bad files
-                    raise _corrupt(f, first_line(e, 100))
+                    raise _corrupt(f, first_line(e))
             out[n] = self.files[f].pop(n)
         return out
