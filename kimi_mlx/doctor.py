@@ -565,19 +565,6 @@ def versions() -> list[tuple[str, str]]:
     return rows
 
 
-def switched_off() -> dict[str, str]:
-    """Kernels switched off on this machine (metal_kernels.switched_off, where this version has it): name -> why."""
-    import metal_kernels
-
-    ask = getattr(metal_kernels, "switched_off", None)
-    if ask is None:
-        return {}
-    try:
-        return dict(ask())
-    except Exception as e:  # noqa: BLE001 - the report says what it could not ask, and goes on
-        return {"(could not ask metal_kernels.switched_off)": f"{type(e).__name__}: {first_line(e)}"}
-
-
 def settings() -> list[str]:
     """The KIMI_MLX_* and MLX_* variables this process runs with; those kimi-mlx set itself (kimi_mlx/__init__.py:
     MLX's CUDA graph limits, off macOS, where the user left them unset) said so."""
@@ -664,7 +651,7 @@ def speed_sample(seconds: float, say=lambda line: print(line, file=sys.stderr)) 
         if skip:
             lines.append(f"- full-shape decode: {skip}")
             say(lines[-1][2:])
-            return lines + [refused_at_load()]
+            return lines
         say(f"speed sample: building the full shape ({weights / GiB:.0f} GiB of random 4-bit weights), "
             f"then decoding for {seconds:g} s")
         t0 = time.perf_counter()
@@ -684,17 +671,8 @@ def speed_sample(seconds: float, say=lambda line: print(line, file=sys.stderr)) 
         say(lines[-1][2:])
     except Exception as e:  # noqa: BLE001 - a failing sample is what the report is for
         lines.append(f"- {step} failed:\n\n{_fenced(f'{type(e).__name__}: {str(e).strip()}')}")
-        say(f"speed sample: {step} failed: {type(e).__name__}: {first_line(e, 200)}")
-    return lines + [refused_at_load()]
-
-
-def refused_at_load() -> str:
-    """The KDA decode kernels the GPU refused when the sample's models loaded (check_kernels ran each once and
-    kept it off; ops/kda_decode.refusal keeps every answer of this process)."""
-    from .ops.kda_decode import _refusals
-
-    why = sorted({f"{name}: {message}" for (name, _), message in _refusals.items() if message})
-    return "- decode kernels refused at load (kept off, decode took the next path down): " + ("; ".join(why) or "none")
+        say(f"speed sample: {step} failed: {type(e).__name__}: {first_line(e)}")
+    return lines
 
 
 def _cell(text: str) -> str:
@@ -728,7 +706,9 @@ def render_report(env: list[tuple[str, str]], checks: list[Check], sample: list[
                 + (f"; {c.note}" if c.note else "")]
     out += ["", "## Active paths", "", *(f"- {k}: {v}" for k, v in env)]
     out.append("- environment: " + (", ".join(settings()) or "no KIMI_MLX_* or MLX_* variable set"))
-    off = switched_off()
+    import metal_kernels
+
+    off = metal_kernels.switched_off()  # the probe at load: a kernel that failed to build or run here
     out.append("- kernels switched off on this machine: "
                + ("; ".join(f"{k} ({v})" for k, v in off.items()) if off else "none"))
     out += ["", "## Speed", ""]
