@@ -1,6 +1,7 @@
 """Pipeline parallelism on two local ranks over MLX's ring backend (mlx.launch), against one process."""
 
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -84,20 +85,32 @@ def test_each_rank_holds_about_half_the_weights(two_rank_run):
     assert ranks[0]["layers"].tolist() + ranks[1]["layers"].tolist() == list(range(6))
 
 
+def free_ports(n: int) -> list[int]:
+    """n ports nothing listens on now (the system's picks for port 0), so the ranks' ring never meets a port in
+    use by another program."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 def test_killed_rank_makes_the_other_exit_with_one_line(hf_checkpoint, tmp_path):
     """Ranks started by hand (no launcher to kill the survivors): rank 1 dies mid-generation."""
     _, ckpt = hf_checkpoint("kkmkkm")
-    port = 41000 + int(time.time() * 1000) % 20000
+    ports = free_ports(2)
     hostfile = tmp_path / "ring.json"
-    hostfile.write_text(f'[["127.0.0.1:{port}"], ["127.0.0.1:{port + 1}"]]')
+    hostfile.write_text(f'[["127.0.0.1:{ports[0]}"], ["127.0.0.1:{ports[1]}"]]')
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(ckpt), str(tmp_path), "die"],
                               env={"MLX_RANK": str(i), "MLX_HOSTFILE": str(hostfile), "PATH": "/usr/bin:/bin"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     t0 = time.time()
     out0, err0 = procs[0].communicate(timeout=120)
-    procs[1].communicate(timeout=30)
+    _, err1 = procs[1].communicate(timeout=30)
     assert time.time() - t0 < 100
-    assert procs[1].returncode == 7
+    assert procs[1].returncode == 7, err1
     assert procs[0].returncode == 1
     lines = [l for l in err0.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "lost contact with another rank" in lines[0], err0

@@ -263,8 +263,9 @@ class Model(nn.Module):
         """The owned layers' one-token steps one layer at a time (self._steps: compiled unless a caller set
         them)."""
         if self._steps is None:
-            compile = (lambda f: f) if self.eager_steps else mx.compile
-            self._steps = {i: self.model.layers[i].compiled_step(compile) for i in self.owned}
+            layers = {i: self.model.layers[i] for i in self.owned}
+            self._steps = {i: layer.compiled_step(lambda f: f) if self.eager_steps else layer.compiled_step()
+                           for i, layer in layers.items()}
         r = None
         for i in self.owned:
             layer, s, step = self.model.layers[i], state.layers[i], self._steps[i]

@@ -28,6 +28,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from metal_kernels import usable
+
 from ..config import env_choice
 
 ENV = "KIMI_MLX_DEQUANT"
