@@ -173,11 +173,3 @@ def random_demo_dir(name: str = "demo-random") -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def demo_model(name: str = "demo"):
-    """(model, checkpoint directory) of a demo model."""
-    from .weights.load import load_model
-
-    path = demo_dir(name)
-    return load_model(path), path

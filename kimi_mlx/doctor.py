@@ -294,7 +294,9 @@ def environment() -> list[tuple[str, str]]:
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     gpu = kda_ops.gpu_backend()
     mode = kda_ops.mode()
-    decode = kda_ops.decode_path(mx.zeros((1, 1, 128, 128)), mx.zeros((4, 1)))
+    from .ops.kda_decode import decode_path
+
+    decode = decode_path(mx.zeros((1, 1, 128, 128)), mx.zeros((4, 1)))
     decode_experts = expert_path(9, 257, kernel_fits=True)
     return [
         ("mlx", mx.__version__),
@@ -630,14 +632,14 @@ def speed_sample(seconds: float, say=lambda line: print(line, file=sys.stderr)) 
     import gc
 
     from .bench import activation_dtype, build
-    from .demo import demo_model
+    from .weights.load import load_model
 
     lines: list[str] = []
     say(f"speed sample: demo decode for {seconds:g} s (--no-speed skips it)")
     step = "the demo model"
     try:
         t0 = time.perf_counter()
-        model, _ = demo_model("demo")
+        model = load_model("demo")
         rate, n = _decode_rate(model, seconds)
         lines.append(f"- demo decode: {rate:.1f} tok/s ({n} greedy tokens after a {SAMPLE_PROMPT}-token prompt, "
                      f"the packaged 8-bit demo model; {time.perf_counter() - t0:.1f} s with loading)")

@@ -12,7 +12,7 @@ from kimi_mlx.config import ModelConfig
 from kimi_mlx.errors import ConfigError
 from kimi_mlx.model.decoder import Model
 from kimi_mlx.ops import kda as kda_ops
-from kimi_mlx.ops import kda_chunked
+from kimi_mlx.ops import kda_chunked, kda_decode
 from kimi_mlx.ops.kda import kda_recurrent_ref, l2_normalize
 from kimi_mlx.ops.kda_chunked import kda_chunked as chunked
 from kimi_mlx.ops.kda_decode import decode_step_kernel, decode_step_ops, decode_step_ref
@@ -327,7 +327,7 @@ def test_mode_from_environment(monkeypatch):
 def test_kernel_mode_without_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(kda_ops.ENV, "kernel")
     with pytest.raises(ConfigError, match="Metal or CUDA"):
-        kda_ops.decode_path(mx.zeros((1, 2, 32, 32)), mx.zeros((4, 8)))
+        kda_decode.decode_path(mx.zeros((1, 2, 32, 32)), mx.zeros((4, 8)))
     with pytest.raises(ConfigError, match="Metal or CUDA"):
         kda_ops.prefill_path(100)
 

@@ -7,9 +7,9 @@ import mlx.nn as nn
 from metal_kernels import usable
 
 from ..config import ModelConfig
-from ..ops.kda import decode_path, gated_norm, kda, kda_decode_step, softplus
+from ..ops.kda import gated_norm, kda, softplus
 from ..ops.fast_math import silu
-from ..ops.kda_decode import decode_step_gates_kernel, gates_kernel_supports
+from ..ops.kda_decode import decode_path, decode_step_gates_kernel, gates_kernel_supports, kda_decode_step
 from ..state import KDAState
 
 

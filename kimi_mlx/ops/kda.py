@@ -6,7 +6,8 @@ Math (per head, state S [Dv, Dk] float32):
 with q, k L2-normalised (eps 1e-6 on the sum of squares) and q scaled by Dk^-1/2.
 
 Paths: prefill (T > 1) runs `kda_recurrent_ref` or `kda_chunked`; a decode step (T = 1, from the
-pre-conv projections) runs the model's unfused reference, `decode_step_ops` or the fused kernel.
+pre-conv projections) runs the model's unfused reference, `decode_step_ops` or the fused kernel
+(ops/kda_decode.py: decode_path chooses).
 `KIMI_MLX_KDA` overrides the choice for tests and benchmarks:
   auto (default)  chunked prefill from CHUNKED_MIN_T tokens; on a GPU its per-chunk matrices, its
                   scan across chunks and the decode step are kernels, on CPU ops
@@ -116,23 +117,6 @@ def _require_kernels(dk: int) -> None:
         raise ConfigError(f"{ENV}=kernel: the KDA kernels need a head dim divisible by 32 (got {dk})")
 
 
-def decode_path(state: mx.array, conv_w: mx.array) -> str:
-    """'ref' (the model's unfused layer), 'ops' or 'kernel' for one fused decode step."""
-    from .kda_decode import kernel_supports
-
-    m = mode()
-    if m == "ref":
-        return "ref"
-    if m == "kernel":
-        _require_kernels(state.shape[-1])
-        if not kernel_supports(state, conv_w):
-            raise ConfigError(f"{ENV}=kernel: the decode kernel needs a short conv of 2+ taps")
-        return "kernel"
-    if m == "auto" and gpu_backend() and kernel_supports(state, conv_w):
-        return "kernel"
-    return "ops"
-
-
 def kda(q, k, v, g, beta, state):
     """KDA attention on raw (post-conv) q, k, v; normalises q and k, then runs the recurrence.
 
@@ -148,18 +132,6 @@ def kda(q, k, v, g, beta, state):
     from .kda_chunked import kda_chunked
 
     return kda_chunked(qn, kn, v, g, beta, state, use_kernel=path == "kernel", scan=scan_path(path))
-
-
-def kda_decode_step(path, qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):
-    """One fused decode step on `path` ('ref', 'ops' or 'kernel': decode_path; see kda_decode.py for the contract)."""
-    from . import kda_decode
-
-    step = {
-        "ref": kda_decode.decode_step_ref,
-        "ops": kda_decode.decode_step_ops,
-        "kernel": kda_decode.decode_step_kernel,
-    }[path]
-    return step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps)
 
 
 def gated_norm_ref(o, gate, weight, eps: float, dtype, sigmoid=mx.sigmoid) -> mx.array:

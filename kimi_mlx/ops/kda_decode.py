@@ -26,7 +26,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .kda import gated_norm_ref, kda_recurrent_ref, l2_normalize, softplus
+from ..errors import ConfigError
+from .kda import (ENV, _require_kernels, gated_norm_ref, gpu_backend, kda_recurrent_ref, l2_normalize, mode,
+                  softplus)
 
 
 def _prepare(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
@@ -148,3 +150,28 @@ def decode_step_gates_kernel(qkv, gates, conv_tail, conv_w, a_log, dt_bias, stat
     quantized = [m[k] for m in (f_b, g_b) for k in ("weight", "scales", "biases")]
     return _launch("kda_decode_gates", qkv, ([gates], quantized), conv_tail, conv_w, a_log, dt_bias, state,
                    norm_w, eps, template=[("BITS", f_b.bits), ("GS", f_b.group_size)])
+
+
+def decode_path(state: mx.array, conv_w: mx.array) -> str:
+    """'ref' (the model's unfused layer), 'ops' or 'kernel' for one fused decode step."""
+    m = mode()
+    if m == "ref":
+        return "ref"
+    if m == "kernel":
+        _require_kernels(state.shape[-1])
+        if not kernel_supports(state, conv_w):
+            raise ConfigError(f"{ENV}=kernel: the decode kernel needs a short conv of 2+ taps")
+        return "kernel"
+    if m == "auto" and gpu_backend() and kernel_supports(state, conv_w):
+        return "kernel"
+    return "ops"
+
+
+def kda_decode_step(path, qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):
+    """One fused decode step on `path` ('ref', 'ops' or 'kernel': decode_path; see kda_decode.py for the contract)."""
+    step = {
+        "ref": decode_step_ref,
+        "ops": decode_step_ops,
+        "kernel": decode_step_kernel,
+    }[path]
+    return step(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps)
