@@ -192,13 +192,20 @@ def doctor(
                                "sample"),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="with --report: measure decode speed, 10 s on the "
                                "demo model and 10 s at the full shape where the memory allows"),
+    model: str = typer.Option(None, "--model", "-m", help="also list the paths this checkpoint's layers take here "
+                              "(directory, hub repo id or 'demo'), and why a kernel does not take one"),
 ):
     """Print the device and active fast paths; check each fast path against its reference here."""
     from .doctor import main as run_doctor
     from .loading import tell_if_cold_cache
 
     tell_if_cold_cache()  # its checks run compiled steps too
-    if not run_doctor(typer.echo, report=report, speed=speed):
+    loaded = None
+    if model is not None:
+        from .loading import load
+
+        loaded = load(model)[0]
+    if not run_doctor(typer.echo, report=report, speed=speed, model=loaded):
         typer.echo("error: a fast path disagrees with its reference on this device; "
                    "set KIMI_MLX_KDA=ref to run without it and report the output above", err=True)
         raise typer.Exit(1)

@@ -339,6 +339,107 @@ def environment() -> list[tuple[str, str]]:
     ]
 
 
+def _quant(m) -> str:
+    """A module's weight format: 'bf16', '4-bit affine gs64', ..."""
+    if "scales" in m:
+        return f"{m.bits}-bit {getattr(m, 'mode', 'affine')} gs{m.group_size}"
+    return {mx.bfloat16: "bf16", mx.float16: "f16", mx.float32: "f32"}.get(m.weight.dtype, str(m.weight.dtype))
+
+
+def _kda_paths(attn, s) -> str:
+    from .ops.kda_decode import decode_path, gates_kernel_misfit
+
+    import metal_kernels
+
+    gpu = kda_ops.gpu_backend()
+    decode = decode_path(s.recurrent, attn.conv_weight)
+    if decode == "kernel":
+        why = "gates_in" not in attn and "f_a/g_a not fused" or gates_kernel_misfit(attn.f_b_proj, attn.g_b_proj,
+                                                                                   s.recurrent)
+        if why is None and metal_kernels.usable("kda_decode_gates"):
+            decode = f"one {gpu} kernel, f_b and g_b inside"
+        elif metal_kernels.usable("kda_decode"):
+            decode = f"{gpu} kernel, f_b and g_b as matmuls before it ({why or 'its gates kernel is switched off'})"
+        else:
+            decode = "fused ops (the decode kernels are switched off)"
+    else:
+        decode = {"ops": "fused ops", "ref": "unfused reference"}[decode]
+    prefill = kda_ops.prefill_path(4096, attn.head_dim)
+    prefill = {"ref": "sequential reference", "chunked": "chunked, ops",
+               "kernel": f"chunked: per-chunk matrices as a {gpu} kernel, scan across chunks "
+               + {"kernel": "as a kernel", "affine": "a matmul a chunk", "ops": "in ops"}[kda_ops.scan_path("kernel")]
+               }[prefill]
+    return f"decode: {decode}; prefill: {prefill}; projections {_quant(attn.qkv_proj)}"
+
+
+def _mla_paths(attn, dtype) -> str:
+    from .ops import attention
+
+    W = attn.latent_rank + attn.pe
+    qa = mx.zeros((1, attn.num_heads, W), dtype)
+    one = attention.LatentCache(((mx.zeros((1, 256, W), dtype),),))
+    two = attention.LatentCache(((mx.zeros((1, 512, W), dtype),),) * 2)
+    gpu = kda_ops.gpu_backend()
+    short = f"two {gpu} kernels" if attention.page_kernel_fits(qa, one) else "matmuls"
+    long = f"matmuls around two {gpu} kernels (flash decoding)" if attention.split_kernels_fit(qa, two) else "matmuls"
+    return (f"decode: {short} over a page of <= {attention.PAGE_KERNEL_ROWS:,} rows, {long} beyond; "
+            f"projections {_quant(attn.q_proj)}")
+
+
+def _ffn_paths(layer) -> str:
+    from .model.common import MLP
+    from .model.fuse import FusedMoE
+    from .ops.experts import kernel_misfit
+
+    mlp = layer.mlp
+    if isinstance(mlp, MLP):
+        return f"dense FFN, {_quant(mlp.gate_proj)}"
+    if not isinstance(mlp, FusedMoE):
+        return "MoE, unfused (the reference modules)"
+    decode = mlp.path(1)
+    if decode != "kernel" and kda_ops.gpu_backend():
+        pairs = mlp.gate.opts["top_k"] + mlp.num_shared
+        why = kernel_misfit(mlp.gate_up_proj, mlp.down_proj, pairs) or "its kernels are switched off"
+        decode = f"{decode} expert matmuls ({why})"
+    elif decode == "kernel":
+        decode = f"{kda_ops.gpu_backend()} kernels"
+    else:
+        decode = f"{decode} expert matmuls"
+    return (f"MoE decode: {decode}; prefill: {mlp.path(4096)} expert matmuls; banks gate|up "
+            f"{_quant(mlp.gate_up_proj)}, down {_quant(mlp.down_proj)}")
+
+
+def _spans(idx: list[int]) -> str:
+    """[0, 1, 2, 4] -> '0-2, 4'."""
+    out, start = [], idx[0]
+    for a, b in zip(idx, idx[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(out)
+
+
+def model_paths(model) -> list[tuple[str, str]]:
+    """The paths a loaded model's layers take here, per layer kind, layers with the same paths on one row
+    (`kimi-mlx doctor --model M`): what each op's path choice answers for this model's shapes and weights, and
+    why a kernel does not take a layer (a quantization it does not read, a kernel switched off at load)."""
+    import metal_kernels
+
+    state = model.new_state(1)
+    rows: dict[tuple[str, str], list[int]] = {}
+    for i in model.owned:
+        layer, s = model.model.layers[i], state.layers[i]
+        kind = "KDA" if layer.is_kda else "MLA"
+        attn = _kda_paths(layer.self_attn, s) if layer.is_kda else _mla_paths(layer.self_attn, model.dtype)
+        rows.setdefault((f"{kind} attention", attn), []).append(i)
+        rows.setdefault(("FFN", _ffn_paths(layer)), []).append(i)
+    order = sorted(rows.items(), key=lambda r: (r[0][0] == "FFN", r[1][0]))  # attention rows, then FFN rows
+    out = [(f"{kind}, layer{'s' if len(idx) > 1 else ''} {_spans(idx)}", desc) for (kind, desc), idx in order]
+    off = metal_kernels.switched_off()
+    out.append(("switched off", "; ".join(f"{k} ({v})" for k, v in off.items()) if off else "none"))
+    return out
+
+
 def _probe_linear():
     import mlx.nn as nn
 
@@ -397,11 +498,14 @@ def run_checks() -> list[Check]:
     return checks
 
 
-def main(echo=print, report: str | None = None, speed: bool = True) -> bool:
+def main(echo=print, report: str | None = None, speed: bool = True, model=None) -> bool:
     """Print the device, the active paths and every check; True when every check passed. report: also write
-    them, the machine, the versions and (speed) a speed sample to that Markdown file."""
+    them, the machine, the versions and (speed) a speed sample to that Markdown file. model: a loaded model,
+    whose layers' paths are listed too (model_paths)."""
     target = report_target(report) if report else None  # a bad path fails here, before anything runs
     env = environment()
+    if model is not None:
+        env += [(f"model {k}", v) for k, v in model_paths(model)]
     for key, value in env:
         echo(f"{key:>16}: {value}")
     echo("")

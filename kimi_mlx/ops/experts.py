@@ -63,15 +63,27 @@ def _rows(N: int, P: int) -> tuple[mx.array, mx.array]:
     return rows
 
 
-def _bank_fits(bank) -> bool:
-    return (getattr(bank, "mode", None) == "affine" and getattr(bank, "bits", None) in KERNEL_BITS
-            and "biases" in bank and bank.weight.dtype == mx.uint32)
+def _bank_misfit(bank, name: str) -> str | None:
+    """Why the kernels cannot read this bank, or None."""
+    mode, bits = getattr(bank, "mode", None), getattr(bank, "bits", None)
+    if mode is None or "scales" not in bank:
+        return f"the {name} bank is unquantized"
+    if mode != "affine" or bits not in KERNEL_BITS or "biases" not in bank or bank.weight.dtype != mx.uint32:
+        return f"the {name} bank is {bits}-bit {mode} (the kernels read affine {'/'.join(map(str, KERNEL_BITS))}-bit)"
+    return None
+
+
+def kernel_misfit(gate_up, down, pairs_per_token: int) -> str | None:
+    """Why the kernels cannot compute these banks, or None: they read affine 2/4/8-bit banks (MLX's groups of 32,
+    64 or 128 then hold whole words) and up to MAX_PAIRS pairs a token (moe_down gives each its own 32 lanes of
+    one threadgroup)."""
+    if pairs_per_token > MAX_PAIRS:
+        return f"{pairs_per_token} experts a token (the kernels take up to {MAX_PAIRS})"
+    return _bank_misfit(gate_up, "gate|up") or _bank_misfit(down, "down")
 
 
 def kernel_fits(gate_up, down, pairs_per_token: int) -> bool:
-    """The kernels read affine 2/4/8-bit banks (MLX's groups of 32, 64 or 128 then hold whole words) and up
-    to MAX_PAIRS pairs a token (moe_down gives each its own 32 lanes of one threadgroup)."""
-    return _bank_fits(gate_up) and _bank_fits(down) and pairs_per_token <= MAX_PAIRS
+    return kernel_misfit(gate_up, down, pairs_per_token) is None
 
 
 UNITS = 4  # rows a 32-lane group computes (each token value a lane reads serves them all), at most

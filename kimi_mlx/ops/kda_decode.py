@@ -27,8 +27,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ConfigError
-from .kda import (ENV, _require_kernels, gated_norm_ref, gpu_backend, kda_recurrent_ref, l2_normalize, mode,
-                  softplus)
+from . import kda as kda_ops
+from .kda import gated_norm_ref, kda_recurrent_ref, l2_normalize, softplus
 
 
 def _prepare(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
@@ -133,6 +133,16 @@ def decode_step_gates_ref(qkv, gates, conv_tail, conv_w, a_log, dt_bias, state, 
                            g_b(gates[:, D : 2 * D]), norm_w, eps)
 
 
+def gates_kernel_misfit(f_b, g_b, state: mx.array) -> str | None:
+    """Why decode_step_gates_kernel cannot apply these f_b and g_b, or None (gates_kernel_supports's conditions)."""
+    if gates_kernel_supports(f_b, g_b, state):
+        return None
+    if not all(isinstance(m, nn.QuantizedLinear) for m in (f_b, g_b)):
+        return "f_b / g_b are unquantized"
+    return (f"f_b {f_b.bits}-bit {getattr(f_b, 'mode', 'affine')} gs{f_b.group_size}, g_b {g_b.bits}-bit "
+            f"{getattr(g_b, 'mode', 'affine')} gs{g_b.group_size} (the kernel reads both affine 2/4/8-bit alike)")
+
+
 def gates_kernel_supports(f_b, g_b, state: mx.array) -> bool:
     """f_b and g_b affine-quantized alike at 2, 4 or 8 bits (MLX packs those whole in 32-bit words), with
     groups splitting a row of Dk values, and the threadgroup's 32-lane groups splitting f_b's Dk rows as they
@@ -154,15 +164,15 @@ def decode_step_gates_kernel(qkv, gates, conv_tail, conv_w, a_log, dt_bias, stat
 
 def decode_path(state: mx.array, conv_w: mx.array) -> str:
     """'ref' (the model's unfused layer), 'ops' or 'kernel' for one fused decode step."""
-    m = mode()
+    m = kda_ops.mode()
     if m == "ref":
         return "ref"
     if m == "kernel":
-        _require_kernels(state.shape[-1])
+        kda_ops._require_kernels(state.shape[-1])
         if not kernel_supports(state, conv_w):
-            raise ConfigError(f"{ENV}=kernel: the decode kernel needs a short conv of 2+ taps")
+            raise ConfigError(f"{kda_ops.ENV}=kernel: the decode kernel needs a short conv of 2+ taps")
         return "kernel"
-    if m == "auto" and gpu_backend() and kernel_supports(state, conv_w):
+    if m == "auto" and kda_ops.gpu_backend() and kernel_supports(state, conv_w):
         return "kernel"
     return "ops"
 
