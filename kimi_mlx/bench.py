@@ -35,7 +35,6 @@ SMALL = {**FULL, "vocab_size": 4096, "hidden_size": 512, "num_hidden_layers": 4,
 # same graph and kernels per token with little arithmetic, so its decode rate is the device's dispatch floor
 NARROW = {**FULL, "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 64}
 SHAPES = {"full": FULL, "small": SMALL, "narrow": NARROW}
-PROTECTED = ("f_a_proj", "f_b_proj", "b_proj", "g_a_proj", "g_b_proj")
 
 
 def hf_layer(cfg: dict, i: int, rng: np.random.Generator, dtype) -> dict[str, mx.array]:
@@ -50,14 +49,21 @@ def hf_layer(cfg: dict, i: int, rng: np.random.Generator, dtype) -> dict[str, mx
             else v for k, v in t.items()}
 
 
-def _our_predicate(bits, group_size):
-    def pred(path, m):
-        if not hasattr(m, "to_quantized") or m.weight.shape[-1] % group_size:
-            return False
-        if path.endswith(PROTECTED):
-            return {"group_size": group_size, "bits": 8, "mode": "affine"}
-        return {"group_size": group_size, "bits": bits, "mode": "affine"}
-    return pred
+def recipe_predicate(cfg: ModelConfig, bits: int, group_size: int):
+    """prefix -> nn.quantize's class_predicate for the modules under `prefix`, quantizing them as `kimi-mlx convert
+    --bits B --group-size G` does (the converter's default recipe: the KDA gate and beta projections at 8 bits, the
+    router kept float)."""
+    from .weights.convert import quant_plan
+    from .weights.recipes import make_recipe
+
+    plan, _ = quant_plan(cfg, make_recipe(bits, group_size, "affine", None))
+
+    def under(prefix: str):
+        def pred(path, m):
+            spec = plan.get(prefix + path)
+            return spec.to_dict() if spec is not None else False
+        return pred
+    return under
 
 
 def activation_dtype() -> mx.Dtype:
@@ -78,7 +84,7 @@ def build(shape: str, bits: int = 4, group_size: int = 64, dtype=mx.bfloat16, pe
         from mlx_lm.models.kimi_linear import ModelArgs
 
         theirs = PeerModel(ModelArgs.from_dict(cfg_d))
-    pred = _our_predicate(bits, group_size)
+    quantized = recipe_predicate(cfg, bits, group_size) if bits else None
     for i in range(cfg.num_hidden_layers):
         hf = hf_layer(cfg_d, i, rng, dtype)
         if theirs is not None:
@@ -89,7 +95,7 @@ def build(shape: str, bits: int = 4, group_size: int = 64, dtype=mx.bfloat16, pe
                         and ({"group_size": 64, "bits": 8} if p.endswith("mlp.gate") else True))
             mx.eval(theirs.model.layers[i].parameters())
         ours.load_weights(list(hf_layer_to_local(cfg, i, dict(hf)).items()), strict=False)
-        bits and nn.quantize(ours.model.layers[i], class_predicate=pred)
+        bits and nn.quantize(ours.model.layers[i], class_predicate=quantized(f"model.layers.{i}."))
         mx.eval(ours.model.layers[i].parameters())
         del hf
         gc.collect()
@@ -98,7 +104,11 @@ def build(shape: str, bits: int = 4, group_size: int = 64, dtype=mx.bfloat16, pe
            "lm_head.weight": (0.02 * mx.random.normal((cfg.vocab_size, cfg.hidden_size))).astype(dtype)}
     for m in filter(None, (ours, theirs)):
         m.load_weights(list(top.items()), strict=False)
-        bits and nn.quantize(m, group_size, bits, class_predicate=lambda p, mod: p in ("model.embed_tokens", "lm_head"))
+    if bits:
+        nn.quantize(ours, class_predicate=lambda p, mod: p in ("model.embed_tokens", "lm_head") and quantized("")(p, mod))
+        if theirs is not None:
+            nn.quantize(theirs, group_size, bits, class_predicate=lambda p, mod: p in ("model.embed_tokens", "lm_head"))
+    for m in filter(None, (ours, theirs)):
         mx.eval(m.parameters())
     fuse_model(ours)
     ours.eval()

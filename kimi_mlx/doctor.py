@@ -710,10 +710,9 @@ def full_shape_bytes(bits: int = 4) -> int:
     from .config import ModelConfig
     from .model import Model
 
-    model = Model(ModelConfig.from_dict(bench.FULL))
-    for layer in model.model.layers:
-        nn.quantize(layer, class_predicate=bench._our_predicate(bits, 64))
-    nn.quantize(model, 64, bits, class_predicate=lambda p, m: p in ("model.embed_tokens", "lm_head"))
+    cfg = ModelConfig.from_dict(bench.FULL)
+    model = Model(cfg)
+    nn.quantize(model, class_predicate=bench.recipe_predicate(cfg, bits, 64)(""))
     return sum(v.size * 2 if name.endswith((".scales", ".biases")) else v.nbytes
                for name, v in tree_flatten(model.parameters()))
 
