@@ -16,6 +16,8 @@ BENCH = REPO / "benchmarks"
 # (script, arguments, a line of its result that must be printed); {tmp} is a fresh directory, {hf} a tiny HF
 # checkpoint with the packaged demo's tokenizer
 RUNS = [
+    ("chart.py", ["--contexts", "1k,32k", "--ours", "300,250", "--peer", "80,70", "--title", "t", "--out",
+                  "{tmp}/c.svg"], r"^wrote .*c\.svg$"),
     ("convert_memory.py", ["--tiny", "--experts", "8", "--layers", "km"],
      r"^4-bit kimi recipe \+ quality report +[\d.]+GB"),
     ("decode_modes.py", ["--shape", "small", "--contexts", "64", "--tokens", "2"],
