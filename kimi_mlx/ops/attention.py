@@ -19,7 +19,7 @@ Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and 
          cache is one page and one [B, H, T, S] float32 score tile fits TILE_BYTES (MLX falls back
          to exactly that tile where no fused kernel takes these head dims). The absorbed form never
          takes it: SDPA broadcasts the one key head to all H query heads, while the tiled path folds
-         the heads into query rows of one matmul (measured 6x faster on an H200, RESULTS.md).
+         the heads into query rows of one matmul (the cache rows read once for all heads).
   tiled  queries in chunks and keys in tiles of [B, H, query_chunk, tile_keys] float32 scores
          (<= TILE_BYTES, KIMI_MLX_MLA_TILE_MB, default 64 MB, 256 on a GPU) with an online softmax.
          mx.depends orders each tile after the previous one is folded in, and each tile is queued
@@ -28,7 +28,7 @@ Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and 
          tile). One tile spans several cache pages when they fit.
   decode mla_decode: one query over whole pages with a mask (shape-stable, so the decoder compiles it);
          on a GPU one page of <= PAGE_KERNEL_ROWS rows runs as two kernels (decode_page_kernel, twin
-         decode_page_ref: 280-300 vs 190-220 tok/s on an H200), and longer or several pages as flash decoding
+         decode_page_ref: two launches where the matmul path runs eight), and longer or several pages as flash decoding
          with the two matmuls between kernels (_decode_split: decode_chunks_kernel and decode_merge_kernel,
          twins decode_chunks_ref and decode_merge_ref). KIMI_MLX_MLA_PAGE=off turns both off.
 Quantized caches (see LatentCache.bits) always take the tiled path.
@@ -56,8 +56,8 @@ PAGE_ENV = "KIMI_MLX_MLA_PAGE"  # on (default) | off: decode kernels on a GPU (p
 
 def tile_bytes_from_env() -> int:
     """KIMI_MLX_MLA_TILE_MB. Default 64 (256 keys x 2,048 queries x 32 heads at the real shape) on CPU,
-    256 on a GPU: one 2,048-token step at 131,072 keys took 155 ms with 64 MB tiles, 95 with 256 and 77
-    with 1,024 on an H200 (RESULTS.md); 256 keeps the working set near 1 GB."""
+    256 on a GPU, where fewer, larger tiles launch less per key and 256 keeps a step's working set near 1 GB
+    (RESULTS.md times 64 to 1,024)."""
     default = "256" if mx.default_device() == mx.gpu else "64"
     value = os.environ.get(TILE_ENV, default).strip() or default
     if not value.isdigit() or int(value) < 1:
@@ -66,9 +66,9 @@ def tile_bytes_from_env() -> int:
 
 
 TILE_BYTES = tile_bytes_from_env()  # one float32 score tile
-# memory a tiled call may hold above its start before it waits for MLX's frees (GPU only: measured there). Two
-# tiles in flight legitimately hold ~2.6 TILE_BYTES (bf16 scores and probabilities, values, expanded K and V):
-# a slack of 2 timed out at every new high once layers were awaited one by one (RESULTS.md)
+# memory a tiled call may hold above its start before it waits for MLX's frees (GPU only: MLX frees there on a
+# worker thread, late). Two tiles in flight legitimately hold ~2.6 TILE_BYTES (bf16 scores and probabilities,
+# values, expanded K and V), so the slack must stay above that
 FREE_SLACK = 4 * TILE_BYTES if mx.default_device() == mx.gpu else None
 MIN_TILE_KEYS = 256  # below this many keys per tile, chunk the queries instead
 
@@ -240,9 +240,8 @@ def _decode_pages(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
 def split_kernels_fit(qa, cache: LatentCache) -> bool:
     """Whether mla_decode runs as _decode_split: on a GPU (unless KIMI_MLX_MLA_PAGE=off or KIMI_MLX_MLA=ref),
     unquantized pages in the query's dtype, each a whole number of chunks of min(SPLIT_ROWS, its rows).
-    On an H200 one layer's split decode took 69 / 116 / 172 us at 32k / 64k / 131k rows against the matmul
-    path's 86 / 133 / 206 when each call's query came from the one before (as layers do); under ncu at 131k
-    its four kernels ran 131 us against the matmul path's eight 164."""
+    Four launches a page against the matmul path's eight, the scores read once by the chunk kernel (RESULTS.md
+    times both from 16k to 131k rows)."""
     return (SPLIT_ROWS > 0 and _decode_kernels_allowed(qa, cache) and usable("mla_decode_chunks")
             and all(p[0].shape[1] % min(SPLIT_ROWS, p[0].shape[1]) == 0 for p in cache.pages))
 
@@ -292,12 +291,9 @@ def _decode_split(qa, cache: LatentCache, row: mx.array) -> mx.array:
     return decode_merge_kernel(join(parts), join(most), join(total), qa.dtype)
 
 
-PAGE_KERNEL_ROWS = 8192  # decode takes the page kernels up to this many cache rows: on an H200 (bfd7d64) they
-#                         decoded 240-300 tok/s at 1k, 4k and 8k rows against the matmuls' 130-250 in alternating
-#                         processes; at long pages their arithmetic on CUDA cores outgrows the matmuls' tensor
-#                         cores (ncu at 8k, bfd7d64: 65 us a layer, and 79 for the merge 017be3b rewrote). The
-#                         one-launch kernels before them ran 88 us (one pass) and 415 us (two passes, a thread a
-#                         row) a launch at 1,024 rows.
+PAGE_KERNEL_ROWS = 8192  # decode takes the page kernels up to this many cache rows: below it their two launches
+#                         beat the matmul path's eight; above it their arithmetic on CUDA cores outgrows the
+#                         split path's matmuls on the tensor cores (RESULTS.md: both timed at 1k-8k rows)
 PAGE_KERNEL_HEADS = 8  # heads a threadgroup of mla_decode_page serves (HG; their queries in threadgroup memory)
 PAGE_KERNEL_GROUPS = 4  # 32-lane groups a threadgroup of mla_decode_page (NW)
 PAGE_CHUNK_ROWS = 64  # rows a threadgroup of mla_decode_page takes (R): 16 chunks x 4 head groups at 1,024 rows
@@ -551,8 +547,8 @@ class _Expanded:
     """Scores and values against per-head K and V expanded from each span of the cache.
 
     K comes from one matmul of the raw rows with k_aug[h] = [[k_up[h], 0], [0, I_pe]], so it holds
-    [latent k_up[h]^T | k_pe] and the scores are one matmul of the 192-dim queries (a separate pe matmul
-    added onto the nope scores measured 2x slower on an H200, RESULTS.md). With `expand_all` (a call whose
+    [latent k_up[h]^T | k_pe] and the scores are one matmul of the 192-dim queries (not a separate pe matmul
+    added onto the nope scores: one more pass over the scores, slower, RESULTS.md). With `expand_all` (a call whose
     queries go in chunks over a short cache) every key is expanded once up front and the chunks read
     slices of it; otherwise each span is expanded when read (a long cache never is whole)."""
 
@@ -594,8 +590,8 @@ ONES = 16  # columns of ones beside the values: p @ [v | 1...] gives p's row sum
 
 def _ones_column(v):
     """[..., n, d] -> [..., n, d + ONES] with ONES columns of ones: p @ it also gives p's row sums, summed
-    in the matmul's float32 accumulator (a reduction over bf16 would add up in bf16). One column alone
-    (N = d + 1) made the values matmul 3x slower on an H200 (RESULTS.md)."""
+    in the matmul's float32 accumulator (a reduction over bf16 would add up in bf16). ONES pads the width to a
+    size the matmul kernels tile well: one column alone (N = d + 1) fell off them (RESULTS.md)."""
     return mx.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, ONES)], constant_values=1)
 
 
@@ -640,7 +636,7 @@ def _tiled(q, cache: LatentCache, k_up, v_up, scale, absorbed, tiling: Tiling, e
             l, acc = (p_sum, pv) if m is None else _fold(m, m_new, l, p_sum, acc, pv)
             m = m_new
             # at most two tiles in flight: queue this one, wait for the one before (a GPU queues every
-            # tile of a long context ahead otherwise: measured +15 GB for one 131,072-key step on an H200)
+            # tile of a long context ahead otherwise, each tile's memory held until it runs)
             mx.async_eval(m, l, acc)
             if pending is not None:
                 mx.eval(pending)

@@ -95,9 +95,9 @@ def prefill_path(T: int, dk: int = 128) -> str:
 
 def scan_path(path: str) -> str:
     """The chunked prefill's scan across chunks (kda_chunked.SCANS) on prefill path `path`: KIMI_MLX_KDA_SCAN
-    if set, else on the 'kernel' path 'affine' on CUDA (one matmul a chunk in order: the chunked op 3.2 ms a
-    layer at 2,048 tokens on an H200 against 4.5 with the scan kernel, prefill 8k +15-20%, RESULTS.md) and the
-    scan kernel on Metal (unmeasured there), and ops on the 'chunked' path."""
+    if set, else on the 'kernel' path 'affine' on CUDA (one matmul a chunk in order, on the tensor cores, where
+    the scan kernel's state rows run on CUDA cores: RESULTS.md times both) and the scan kernel on Metal (not yet
+    timed there), and ops on the 'chunked' path."""
     from .kda_chunked import SCANS
 
     choice = env_choice(SCAN_ENV, ("auto",) + SCANS, "auto")

@@ -133,8 +133,8 @@ SCAN_ROWS = 4  # state rows per 32-lane group in the scan kernel: each chunk row
 
 def scan_kernel(w, u, q_in, k_out, decay_all, state):
     """`scan_ops` as one Metal/CUDA kernel (metal_kernels/kda_chunk_scan.body); needs Dk % 32 == 0. A 32-lane
-    group per SCAN_ROWS state rows: 3.0 ms a layer at 2,048 tokens on an H200 (RESULTS.md; a block-tiled
-    variant staging the chunk rows through shared memory for 32 state rows measured 2.9 and was dropped)."""
+    group per SCAN_ROWS state rows, each chunk row a lane reads serving all of them (RESULTS.md times it and a
+    block-tiled variant that gained nothing)."""
     from metal_kernels import group_rows, kernel
 
     N, B, H, C, Dk = w.shape
