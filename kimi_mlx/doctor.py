@@ -180,11 +180,11 @@ def check_cache_rows() -> Check:
 
 def check_decode_page() -> Check:
     """The one-page MLA decode kernels against the ops (float32; 32 heads, rows of 576, 300 of 512 rows valid)."""
-    from .ops import attention
+    from .ops import mla_decode
 
     mx.random.seed(8)
     qa, page, last = 0.2 * mx.random.normal((1, 32, 576)), mx.random.normal((1, 512, 576)), mx.array([299], mx.int32)
-    err = _rel_err(attention.decode_page_kernel(qa, page, last), attention.decode_page_ref(qa, page, last))
+    err = _rel_err(mla_decode.decode_page_kernel(qa, page, last), mla_decode.decode_page_ref(qa, page, last))
     if tf32():  # the ops twin's matmuls run in TF32 there (the kernel in float32): 1.2e-3 measured on an H200
         return Check("MLA decode over one page, kernels (ops twin in TF32)", err, tol=TF32_TOL)
     return Check("MLA decode over one page, kernels", err)
@@ -193,14 +193,15 @@ def check_decode_page() -> Check:
 def check_decode_split() -> Check:
     """The long-page MLA decode (matmuls around the chunk and merge kernels) against the page reference
     (float32; 32 heads, rows of 576, two pages of 1,024 rows in 512-row chunks, 1,300 rows valid)."""
-    from .ops import attention
+    from .ops import mla_decode
+    from .state import LatentCache
 
     mx.random.seed(9)
     qa, page = 0.2 * mx.random.normal((1, 32, 576)), mx.random.normal((1, 2048, 576))
     last = mx.array([1299], mx.int32)
     pages = ((page[:, :1024],), (page[:, 1024:],))
-    got = attention._decode_split(qa, attention.LatentCache(pages, 0, 64), last - 1024)
-    err = _rel_err(got, attention.decode_page_ref(qa, page, last))
+    got = mla_decode._decode_split(qa, LatentCache(pages, 0, 64), last - 1024)
+    err = _rel_err(got, mla_decode.decode_page_ref(qa, page, last))
     if tf32():  # both sides' matmuls run in TF32 there
         return Check("MLA decode over long pages, kernels (matmuls in TF32)", err, tol=TF32_TOL)
     return Check("MLA decode over long pages, kernels", err)
@@ -290,6 +291,7 @@ def environment() -> list[tuple[str, str]]:
 
     from .model import fuse
     from .ops import attention, linear, norm
+    from .ops import mla_decode
 
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     gpu = kda_ops.gpu_backend()
@@ -321,10 +323,10 @@ def environment() -> list[tuple[str, str]]:
          if gpu and fuse.seam_mode() == "auto" and norm.mode() != "ref" and routing_path() == "kernel"
          and decode_experts == "kernel"  # FusedMoE.seam_fits's conditions
          else f"add + norm before the MoE ({fuse.SEAM_ENV}={fuse.seam_mode()})"),
-        ("MLA decode", f"two {gpu} kernels over a page of <= {attention.PAGE_KERNEL_ROWS:,} rows, else matmuls"
+        ("MLA decode", f"two {gpu} kernels over a page of <= {mla_decode.PAGE_KERNEL_ROWS:,} rows, else matmuls"
          f" around two {gpu} kernels (flash decoding)"
-         if gpu and attention.mode() != "ref" and attention.page_mode() == "on"
-         else f"matmuls ({attention.ENV}={attention.mode()}, {attention.PAGE_ENV}={attention.page_mode()})"),
+         if gpu and attention.mode() != "ref" and mla_decode.page_mode() == "on"
+         else f"matmuls ({attention.ENV}={attention.mode()}, {mla_decode.PAGE_ENV}={mla_decode.page_mode()})"),
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
          if linear.dequant_chosen(linear.MIN_ROWS) else "quantized matmul"),
         ("decode matmuls", f"qmv {gpu} kernel (up to {linear.QMV_MAX_ROWS} rows, affine 2/4/8-bit; opt-in)"
@@ -373,16 +375,17 @@ def _kda_paths(attn, s) -> str:
 
 
 def _mla_paths(attn, dtype) -> str:
-    from .ops import attention
+    from .ops import mla_decode
+    from .state import LatentCache
 
     W = attn.latent_rank + attn.pe
     qa = mx.zeros((1, attn.num_heads, W), dtype)
-    one = attention.LatentCache(((mx.zeros((1, 256, W), dtype),),))
-    two = attention.LatentCache(((mx.zeros((1, 512, W), dtype),),) * 2)
+    one = LatentCache(((mx.zeros((1, 256, W), dtype),),))
+    two = LatentCache(((mx.zeros((1, 512, W), dtype),),) * 2)
     gpu = kda_ops.gpu_backend()
-    short = f"two {gpu} kernels" if attention.page_kernel_fits(qa, one) else "matmuls"
-    long = f"matmuls around two {gpu} kernels (flash decoding)" if attention.split_kernels_fit(qa, two) else "matmuls"
-    return (f"decode: {short} over a page of <= {attention.PAGE_KERNEL_ROWS:,} rows, {long} beyond; "
+    short = f"two {gpu} kernels" if mla_decode.page_kernel_fits(qa, one) else "matmuls"
+    long = f"matmuls around two {gpu} kernels (flash decoding)" if mla_decode.split_kernels_fit(qa, two) else "matmuls"
+    return (f"decode: {short} over a page of <= {mla_decode.PAGE_KERNEL_ROWS:,} rows, {long} beyond; "
             f"projections {_quant(attn.q_proj)}")
 
 

@@ -22,13 +22,59 @@ never change it.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import mlx.core as mx
 
 from .config import KDA, ModelConfig
 from .errors import KimiError
-from .ops.attention import LatentCache, positions
 from .words import count
+
+@dataclass(frozen=True)
+class LatentCache:
+    """Read-only view of the valid cache rows, as consecutive pages.
+
+    Each page is (rows [B, n, W],) or, quantized, (wq, scales, biases) from mx.quantize of the rows
+    with `bits` and `group_size` (groups run along W, so each token is quantized on its own).
+    """
+
+    pages: tuple[tuple[mx.array, ...], ...]
+    bits: int = 0
+    group_size: int = 64
+
+    @property
+    def length(self) -> int:
+        return sum(p[0].shape[1] for p in self.pages)
+
+    def rows(self, page: tuple[mx.array, ...]) -> mx.array:
+        """A page's rows as a dense [B, n, W] array (dequantized if need be)."""
+        if not self.bits:
+            return page[0]
+        return mx.dequantize(*page, group_size=self.group_size, bits=self.bits)
+
+    def spans(self, stop: int, max_rows: int):
+        """(start, page-slice) pieces of at most max_rows rows covering cache rows [0, stop)."""
+        start = 0
+        for page in self.pages:
+            n = page[0].shape[1]
+            for a in range(0, min(n, stop - start), max_rows):
+                b = min(a + max_rows, n, stop - start)
+                yield start + a, tuple(x[:, a:b] for x in page)
+            start += n
+            if start >= stop:
+                return
+
+
+
+@lru_cache(maxsize=4)
+def positions(n: int) -> mx.array:
+    """arange(n) int32 on the device, made once per last-page size: the decode mask's positions (an arange in
+    a compiled step is a kernel every token) and, sliced, the new row's index (MLAState.decode_slot)."""
+    pos = mx.arange(n, dtype=mx.int32)
+    mx.eval(pos)
+    return pos
+
+
 
 PAGE_FIRST = 256
 PAGE_GROW = 16384  # beyond this the last page grows linearly: <= 16,384 unused rows (19 MB bf16) per MLA layer
@@ -65,7 +111,7 @@ def encode_rows(rows: mx.array, bits: int, dtype: mx.Dtype) -> tuple[mx.array, .
 class DecodeSlot:
     """What a one-token MLA step needs: every page (read whole, the last page's rows past `row` masked) and
     the new row's index in the last page, an int32 [1, 1, 1] array, so a compiled step keeps its graph until
-    a page grows or is added. The index is a view into a cached arange on the device (ops.attention.positions):
+    a page grows or is added. The index is a view into a cached arange on the device (positions, above):
     nothing is made on the host a token (on CUDA a host-made array lives in managed memory, and the first
     kernel to read it each token waits for its page to move)."""
 

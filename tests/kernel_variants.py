@@ -72,7 +72,7 @@ def _bank(experts, rows, cols, bits, gs):
 
 def _calls():
     """Each wrapper at the real shapes (what decode and prefill launch), as thunks."""
-    from kimi_mlx.ops import attention, experts, kda, kda_chunked, kda_decode, linear, norm, routing
+    from kimi_mlx.ops import attention, experts, kda, kda_chunked, kda_decode, linear, mla_decode, norm, routing
 
     z, bf, f32, i32 = mx.zeros, mx.bfloat16, mx.float32, mx.int32
     C3, W = 3 * H * DK, L + PE
@@ -107,11 +107,11 @@ def _calls():
                                                                _qlinear(linear.QMV_MAX_K, D, bits, gs))
         for n in PAGES:
             qa, last = z((B, MLA_H, W), bf), z((1,), i32)
-            if n <= attention.PAGE_KERNEL_ROWS:
-                yield lambda qa=qa, n=n, last=last, B=B: attention.decode_page_kernel(qa, z((B, n, W), bf), last)
-            c = min(attention.SPLIT_ROWS, n)
-            yield lambda n=n, c=c, last=last, B=B: attention.decode_chunks_kernel(z((B, MLA_H, n), bf), last, c)
-            yield lambda n=n, c=c, B=B: attention.decode_merge_kernel(
+            if n <= mla_decode.PAGE_KERNEL_ROWS:
+                yield lambda qa=qa, n=n, last=last, B=B: mla_decode.decode_page_kernel(qa, z((B, n, W), bf), last)
+            c = min(mla_decode.SPLIT_ROWS, n)
+            yield lambda n=n, c=c, last=last, B=B: mla_decode.decode_chunks_kernel(z((B, MLA_H, n), bf), last, c)
+            yield lambda n=n, c=c, B=B: mla_decode.decode_merge_kernel(
                 z((B, n // c, MLA_H, W), f32), z((B, n // c, MLA_H), f32), z((B, n // c, MLA_H), f32), bf)
     for T in PREFILL_TOKENS:
         n = T // kda_chunked.CHUNK

@@ -6,7 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from kimi_mlx import state as kstate
 from kimi_mlx.ops import attention as A
+from kimi_mlx.ops import mla_decode as D
 from kimi_mlx.ops.attention import Tiling, choose_tiling, mla_attention, mla_attention_ref
 from kimi_mlx.state import MLAState, encode_rows
 
@@ -188,8 +190,8 @@ def test_decode_over_whole_pages(monkeypatch, S, bits, absorb):
     `row`, then mla_decode over whole pages, masking the last page's rows past `row`: equal to the reference
     on the S + 1 valid rows, whatever the rows past them hold; split-K pieces (SPLIT_ROWS) included; the
     absorbed query and values from k_up and v_up or from kept absorb and value matrices."""
-    monkeypatch.setattr(A, "SPLIT_ROWS", 4)
-    monkeypatch.setattr(A, "SPLIT_MIN_ROWS", 8)
+    monkeypatch.setattr(D, "SPLIT_ROWS", 4)
+    monkeypatch.setattr(D, "SPLIT_MIN_ROWS", 8)
     latent, pe = (58, 6) if bits else (L, PE)
     rows, q, k_up, v_up = inputs(2, 1, S + 1, seed=S, latent=latent, pe=pe)
     st = MLAState(bits=bits, page_first=8, page_max=32)
@@ -201,10 +203,10 @@ def test_decode_over_whole_pages(monkeypatch, S, bits, absorb):
     slot = st.decode_slot()
     written = encode_rows(rows[:, S:], bits, slot.pages[-1][0].dtype)
     last = tuple(mx.put_along_axis(p, slot.row, r, axis=1) for p, r in zip(slot.pages[-1], written))
-    cache = A.LatentCache(slot.pages[:-1] + (last,), bits, 64)
+    cache = kstate.LatentCache(slot.pages[:-1] + (last,), bits, 64)
     dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, : S + 1]
     kept = (A.absorb_matrix(k_up, pe, SCALE), A.value_matrix(v_up, pe)) if absorb else ()
-    out = A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
+    out = D.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
     assert err(out, mla_attention_ref(q, dq, k_up, v_up, SCALE)) < 2e-5
 
 
@@ -326,9 +328,9 @@ def _close(got, ref, tol):
 
 
 def _emulated_page_kernel(kind, monkeypatch, heads=2):
-    """A.decode_page_kernel (the real wrapper: template, grid, threadgroup) with its launch run by the emulator."""
+    """D.decode_page_kernel (the real wrapper: template, grid, threadgroup) with its launch run by the emulator."""
     _emulated(kind, monkeypatch)
-    return partial(A.decode_page_kernel, heads=heads)
+    return partial(D.decode_page_kernel, heads=heads)
 
 
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
@@ -345,13 +347,13 @@ def test_decode_page_kernel_text_runs_right_on_cpu(kind, dtype, W, N, groups, ch
     for last in (0, 2, 13, N - 2, N - 1):
         lst = mx.array([last], mx.int32)
         got = _emulated_page_kernel(kind, monkeypatch)(qa, page, lst, groups=groups, chunk=chunk)
-        ref = A.decode_page_ref(qa, page, lst)
+        ref = D.decode_page_ref(qa, page, lst)
         assert _close(got, ref, 2e-5 if dtype == mx.float32 else 1e-2), last
 
 
 def test_decode_page_ref_is_attention_over_the_valid_rows():
     qa, page = page_inputs(1, 2, 9, 8, seed=4)
-    got = A.decode_page_ref(qa, page, mx.array([4], mx.int32))
+    got = D.decode_page_ref(qa, page, mx.array([4], mx.int32))
     p = mx.softmax(qa @ page[:, :5].swapaxes(-1, -2), axis=-1)
     assert float(mx.abs(got - p @ page[:, :5]).max()) < 1e-5
 
@@ -367,7 +369,7 @@ def decode_case(S, page_first):
     st.append(rows[:, :S])
     slot = st.decode_slot()
     last = tuple(mx.put_along_axis(p, slot.row, r, axis=1) for p, r in zip(slot.pages[-1], (rows[:, S:],)))
-    cache = A.LatentCache(slot.pages[:-1] + (last,), 0, 64)
+    cache = kstate.LatentCache(slot.pages[:-1] + (last,), 0, 64)
     dq = mx.concatenate([cache.rows(p) for p in cache.pages], axis=1)[:, : S + 1]
     return q, k_up, v_up, slot, cache, dq
 
@@ -389,33 +391,33 @@ def test_decode_takes_the_page_kernel_where_it_fits(monkeypatch, S, absorb):
         return emulated(qa, page, last)
 
     monkeypatch.setattr(kda_ops, "gpu_backend", lambda: "cuda")
-    monkeypatch.setattr(A, "decode_page_kernel", counted)
-    monkeypatch.setattr(A, "PAGE_KERNEL_HEADS", 1)
+    monkeypatch.setattr(D, "decode_page_kernel", counted)
+    monkeypatch.setattr(D, "PAGE_KERNEL_HEADS", 1)
     q, k_up, v_up, slot, cache, dq = decode_case(S, page_first=8)
     kept = (A.absorb_matrix(k_up, PE_SMALL, SCALE), A.value_matrix(v_up, PE_SMALL)) if absorb else ()
-    monkeypatch.setenv(A.PAGE_ENV, "off")
-    A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
+    monkeypatch.setenv(D.PAGE_ENV, "off")
+    D.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
     assert calls == []
-    monkeypatch.delenv(A.PAGE_ENV)  # on by default
-    out = A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
+    monkeypatch.delenv(D.PAGE_ENV)  # on by default
+    out = D.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
     assert err(out, mla_attention_ref(q, dq, k_up, v_up, SCALE)) < 2e-5
     assert len(calls) == (1 if len(cache.pages) == 1 else 0)
-    monkeypatch.setattr(A, "PAGE_KERNEL_ROWS", 4)
+    monkeypatch.setattr(D, "PAGE_KERNEL_ROWS", 4)
     calls.clear()
-    A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
+    D.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
     assert calls == [] or cache.pages[0][0].shape[1] <= 4
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-@pytest.mark.parametrize("N", [2048, A.PAGE_KERNEL_ROWS])
+@pytest.mark.parametrize("N", [2048, D.PAGE_KERNEL_ROWS])
 def test_decode_page_kernel_on_gpu(dtype, N):
     """The model's shape (32 heads, rows of 576, pages of 2,048 and of the most rows the kernels take) at ragged
     valid lengths."""
     qa, page = page_inputs(2, 32, N, 576, seed=5, dtype=dtype)
     for last in (0, 37, 3 * N // 4 - 5, N - 1):
         lst = mx.array([last], mx.int32)
-        got, ref = A.decode_page_kernel(qa, page, lst), A.decode_page_ref(qa, page, lst)
+        got, ref = D.decode_page_kernel(qa, page, lst), D.decode_page_ref(qa, page, lst)
         assert _close(got, ref, 2e-5 if dtype == mx.float32 else 1e-2), last
 
 
@@ -437,18 +439,18 @@ def test_decode_chunks_kernel_text_runs_right_on_cpu(kind, dtype, N, chunk, grou
     """Ragged valid lengths (row 0 only; mid-chunk; a chunk's last row; all): chunks with no valid row, cut
     chunks; extreme scores; two sequences; one and two lane groups."""
     _emulated(kind, monkeypatch)
-    monkeypatch.setattr(A, "CHUNK_GROUPS", groups)
+    monkeypatch.setattr(D, "CHUNK_GROUPS", groups)
     s = chunk_scores(2, 3, N, seed=N, dtype=dtype)
     for last in (0, chunk // 2 + 1, chunk - 1, N - 1):
         lst = mx.array([last], mx.int32)
-        got, ref = A.decode_chunks_kernel(s, lst, chunk), A.decode_chunks_ref(s, lst, chunk)
+        got, ref = D.decode_chunks_kernel(s, lst, chunk), D.decode_chunks_ref(s, lst, chunk)
         assert got[0].dtype == dtype and got[0].shape == ref[0].shape == (2, N // chunk, 3, chunk)
         tol = 1e-6 if dtype == mx.float32 else 8e-3  # bf16: e rounded on either side of a rounding boundary
         assert _close(got[0], ref[0], tol), last
         assert mx.array_equal(got[1], ref[1]).item(), last  # the maxima: exactly the scores'
         assert _close(got[2], ref[2], 1e-5 if dtype == mx.float32 else 8e-3), last
         empty = (mx.arange(N // chunk) * chunk > last).reshape(1, -1, 1)
-        assert mx.all(mx.where(empty, got[1] == A.LOW, got[1] > A.LOW)).item()
+        assert mx.all(mx.where(empty, got[1] == D.LOW, got[1] > D.LOW)).item()
 
 
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
@@ -458,11 +460,11 @@ def test_decode_chunks_kernel_text_runs_right_on_cpu(kind, dtype, N, chunk, grou
 def test_decode_merge_kernel_text_runs_right_on_cpu(kind, pdt, W, groups, monkeypatch):
     """Chunks with no valid row (LOW, total 0, junk parts), maxima far apart, parts in float32 or bf16."""
     _emulated(kind, monkeypatch)
-    monkeypatch.setattr(A, "MERGE_GROUPS", groups)
+    monkeypatch.setattr(D, "MERGE_GROUPS", groups)
     r = np.random.default_rng(W)
     B, K, H = 2, 5, 3
     most = r.normal(size=(B, K, H)).astype(np.float32) * 30.0
-    most[:, 3:] = A.LOW  # two empty chunks at the end
+    most[:, 3:] = D.LOW  # two empty chunks at the end
     total = r.uniform(1.0, 50.0, size=(B, K, H)).astype(np.float32)
     total[:, 3:] = 0.0
     part = r.normal(size=(B, K, H, W)).astype(np.float32)
@@ -470,7 +472,7 @@ def test_decode_merge_kernel_text_runs_right_on_cpu(kind, pdt, W, groups, monkey
     part = mx.array(part).astype(pdt)
     args = (part, mx.array(most), mx.array(total))
     for dtype in (mx.float32, mx.bfloat16):
-        got, ref = A.decode_merge_kernel(*args, dtype), A.decode_merge_ref(*args, dtype)
+        got, ref = D.decode_merge_kernel(*args, dtype), D.decode_merge_ref(*args, dtype)
         assert got.dtype == dtype and got.shape == (B, H, W)
         assert _close(got, ref, 1e-5 if dtype == mx.float32 else 1e-2)
 
@@ -483,9 +485,9 @@ def test_chunk_refs_compose_to_attention(chunk):
     s = qa @ page.swapaxes(-1, -2)
     for last in (0, 3, 5, 23):
         lst = mx.array([last], mx.int32)
-        e, m, t = A.decode_chunks_ref(s, lst, chunk)
-        got = A.decode_merge_ref(e @ page.reshape(B, N // chunk, chunk, W), m, t, mx.float32)
-        assert err(got, A.decode_page_ref(qa, page, lst)) < 2e-5, last
+        e, m, t = D.decode_chunks_ref(s, lst, chunk)
+        got = D.decode_merge_ref(e @ page.reshape(B, N // chunk, chunk, W), m, t, mx.float32)
+        assert err(got, D.decode_page_ref(qa, page, lst)) < 2e-5, last
 
 
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
@@ -498,20 +500,20 @@ def test_decode_takes_the_split_kernels_for_long_or_several_pages(monkeypatch, S
 
     _emulated("cuda", monkeypatch)
     monkeypatch.setattr(kda_ops, "gpu_backend", lambda: "cuda")
-    monkeypatch.setattr(A, "PAGE_KERNEL_ROWS", 2)
-    monkeypatch.setattr(A, "SPLIT_ROWS", 8)
+    monkeypatch.setattr(D, "PAGE_KERNEL_ROWS", 2)
+    monkeypatch.setattr(D, "SPLIT_ROWS", 8)
     calls = []
-    split = A._decode_split
-    monkeypatch.setattr(A, "_decode_split", lambda *a: calls.append(len(a[1].pages)) or split(*a))
+    split = D._decode_split
+    monkeypatch.setattr(D, "_decode_split", lambda *a: calls.append(len(a[1].pages)) or split(*a))
     q, k_up, v_up, slot, cache, dq = decode_case(S, page_first=4)
     kept = (A.absorb_matrix(k_up, PE_SMALL, SCALE), A.value_matrix(v_up, PE_SMALL))
-    out = A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
+    out = D.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept)
     assert calls == [len(cache.pages)] and (S < 16 or len(cache.pages) > 1)
     assert err(out, mla_attention_ref(q, dq, k_up, v_up, SCALE)) < 2e-5
-    monkeypatch.setenv(A.PAGE_ENV, "off")
-    assert err(A.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept), out) < 2e-5
+    monkeypatch.setenv(D.PAGE_ENV, "off")
+    assert err(D.mla_decode(q, cache, slot.row, k_up, v_up, SCALE, *kept), out) < 2e-5
     assert calls == [len(cache.pages)]
-    assert not A.split_kernels_fit(q[:, :, 0], A.LatentCache(cache.pages, 4, 64))  # quantized: the matmul path
+    assert not D.split_kernels_fit(q[:, :, 0], kstate.LatentCache(cache.pages, 4, 64))  # quantized: the matmul path
 
 
 @pytest.mark.gpu
@@ -523,13 +525,13 @@ def test_decode_chunks_and_merge_kernels_on_gpu(N):
     s = qa @ page.swapaxes(-1, -2)
     for last in (0, 700, N // 2 + 3, N - 1):
         lst = mx.array([last], mx.int32)
-        got, ref = A.decode_chunks_kernel(s, lst, 512), A.decode_chunks_ref(s, lst, 512)
+        got, ref = D.decode_chunks_kernel(s, lst, 512), D.decode_chunks_ref(s, lst, 512)
         assert _close(got[0], ref[0], 8e-3) and _close(got[2], ref[2], 8e-3), last
         assert mx.array_equal(got[1], ref[1]).item(), last
         part = got[0] @ page.reshape(1, N // 512, 512, 576)
-        assert _close(A.decode_merge_kernel(part, got[1], got[2], mx.bfloat16),
-                      A.decode_merge_ref(part, got[1], got[2], mx.bfloat16), 1e-2), last
-        whole = A._decode_split(qa, A.LatentCache(((page,),), 0, 64), lst)
+        assert _close(D.decode_merge_kernel(part, got[1], got[2], mx.bfloat16),
+                      D.decode_merge_ref(part, got[1], got[2], mx.bfloat16), 1e-2), last
+        whole = D._decode_split(qa, kstate.LatentCache(((page,),), 0, 64), lst)
         f32 = mx.float32  # the reference with the scores rounded to bf16 as the scores matmul leaves them
         p = mx.softmax(mx.where(mx.arange(N) <= last, s.astype(f32), -mx.inf), axis=-1, precise=True)
         assert _close(whole, (p @ page.astype(f32)).astype(mx.bfloat16), 2e-2), last

@@ -9,6 +9,7 @@ import hf_oracle
 from kimi_mlx import load_model
 from kimi_mlx.errors import KimiError
 from kimi_mlx.ops import attention as A
+from kimi_mlx.ops import mla_decode as D
 from kimi_mlx.state import ContextLimitError, MLAState, ModelState, context_usage, new_state
 
 TOL = 1e-4
@@ -145,8 +146,8 @@ def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits, mode, m
     (unquantized) or to a prefill of the same quantized cache (dense_model: its cache rows quantize). Pages of
     16+ rows run their values in 8-row pieces (split-K)."""
     monkeypatch.setenv("KIMI_MLX_DECODE", mode)
-    monkeypatch.setattr(A, "SPLIT_ROWS", 8)
-    monkeypatch.setattr(A, "SPLIT_MIN_ROWS", 16)
+    monkeypatch.setattr(D, "SPLIT_ROWS", 8)
+    monkeypatch.setattr(D, "SPLIT_MIN_ROWS", 16)
     model, toks, ref = long_case
     if bits:
         model = dense_model

@@ -189,7 +189,7 @@ class Model(nn.Module):
         line per kernel switched off ("name: why"); [] on the CPU. Load calls it (weights/load.check_kernels)."""
         import metal_kernels
 
-        from ..ops.attention import probe_split_kernels
+        from ..ops.mla_decode import probe_split_kernels
         from ..ops.kda import gpu_backend
 
         if gpu_backend() is None:

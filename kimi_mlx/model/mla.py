@@ -6,7 +6,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from ..ops.attention import LatentCache, cache_rows, mla_attention, mla_decode
+from ..ops.attention import cache_rows, mla_attention
+from ..ops.mla_decode import mla_decode
+from ..state import LatentCache
 from ..state import CACHE_GROUP_SIZE, MLAState, encode_rows
 from .common import RMSNorm
 
@@ -54,7 +56,7 @@ class KimiMLA(nn.Module):
     def decode(self, x: mx.array, pages: tuple, row: mx.array):
         """One token over a DecodeSlot (MLAState.decode_slot()): (output, the last page with the new row
         written). The graph depends only on the page shapes, so a compiled step keeps it while the cache
-        grows inside its pages (see ops.attention.mla_decode)."""
+        grows inside its pages (see ops.mla_decode.mla_decode)."""
         q, rows = self._project(x)
         *before, last = pages
         bits = last[0].shape[-1] * 32 // rows.shape[-1] if len(last) > 1 else 0

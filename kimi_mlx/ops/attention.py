@@ -26,11 +26,7 @@ Three paths, chosen in `mla_attention` (KIMI_MLX_MLA overrides it for tests and 
          with async_eval while the one before is awaited, so the working set is a few tiles whatever
          S is (without both it grows with S: on CPU MLX allocates outputs ahead, a GPU queues every
          tile). One tile spans several cache pages when they fit.
-  decode mla_decode: one query over whole pages with a mask (shape-stable, so the decoder compiles it);
-         on a GPU one page of <= PAGE_KERNEL_ROWS rows runs as two kernels (decode_page_kernel, twin
-         decode_page_ref: two launches where the matmul path runs eight), and longer or several pages as flash decoding
-         with the two matmuls between kernels (_decode_split: decode_chunks_kernel and decode_merge_kernel,
-         twins decode_chunks_ref and decode_merge_ref). KIMI_MLX_MLA_PAGE=off turns both off.
+One new token over the cache (decode) is ops/mla_decode.py's.
 Quantized caches (see LatentCache.bits) always take the tiled path.
 """
 
@@ -38,20 +34,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 
 import mlx.core as mx
 from metal_kernels import usable
 
 from ..config import env_choice
 from ..errors import ConfigError
+from ..state import LatentCache
 from ..working_set import await_frees
 from . import fast_math
 
 ENV = "KIMI_MLX_MLA"
 MODES = ("auto", "ref", "fused", "tiled")
 TILE_ENV = "KIMI_MLX_MLA_TILE_MB"
-PAGE_ENV = "KIMI_MLX_MLA_PAGE"  # on (default) | off: decode kernels on a GPU (page_kernel_fits, split_kernels_fit)
 
 
 def tile_bytes_from_env() -> int:
@@ -71,41 +67,6 @@ TILE_BYTES = tile_bytes_from_env()  # one float32 score tile
 # values, expanded K and V), so the slack must stay above that
 FREE_SLACK = 4 * TILE_BYTES if mx.default_device() == mx.gpu else None
 MIN_TILE_KEYS = 256  # below this many keys per tile, chunk the queries instead
-
-
-@dataclass(frozen=True)
-class LatentCache:
-    """Read-only view of the valid cache rows, as consecutive pages.
-
-    Each page is (rows [B, n, W],) or, quantized, (wq, scales, biases) from mx.quantize of the rows
-    with `bits` and `group_size` (groups run along W, so each token is quantized on its own).
-    """
-
-    pages: tuple[tuple[mx.array, ...], ...]
-    bits: int = 0
-    group_size: int = 64
-
-    @property
-    def length(self) -> int:
-        return sum(p[0].shape[1] for p in self.pages)
-
-    def rows(self, page: tuple[mx.array, ...]) -> mx.array:
-        """A page's rows as a dense [B, n, W] array (dequantized if need be)."""
-        if not self.bits:
-            return page[0]
-        return mx.dequantize(*page, group_size=self.group_size, bits=self.bits)
-
-    def spans(self, stop: int, max_rows: int):
-        """(start, page-slice) pieces of at most max_rows rows covering cache rows [0, stop)."""
-        start = 0
-        for page in self.pages:
-            n = page[0].shape[1]
-            for a in range(0, min(n, stop - start), max_rows):
-                b = min(a + max_rows, n, stop - start)
-                yield start + a, tuple(x[:, a:b] for x in page)
-            start += n
-            if start >= stop:
-                return
 
 
 @dataclass(frozen=True)
@@ -180,226 +141,6 @@ def mla_attention(q, cache: LatentCache, k_up, v_up, scale: float, *, path: str 
     return _tiled(q, cache, k_up, v_up, scale, absorbed, tiling, expand_all=expandable and tiling.query_chunk < T)
 
 
-SPLIT_ROWS = 512  # decode: a page's values matmul runs as a batch of SPLIT_ROWS-row pieces (split-K; 0: off) ...
-SPLIT_MIN_ROWS = 4096  # ... from this many rows a page (below, the pieces' transpose, cast and sum cost more
-#                        launches than the matmul they spread, and one page holds a short context)
-
-
-def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, absorb=None,
-               values=None) -> mx.array:
-    """One query per sequence over whole cache pages: every row of the pages but the last (which must be
-    wholly valid), and the last page's rows up to `row` (an int32 array of one element: the new token's row
-    in the last page).
-
-    The shape-stable twin of the absorbed tiled path for T = 1: it reads every row of the pages it is
-    given (MLAState.decode_slot keeps the last page's unused rows few) and masks the last page's rows past
-    `row` (an array, so a compiled step keeps one graph while the cache grows). A page of SPLIT_MIN_ROWS or
-    more has its values matmul (32 heads x rows x 576) split into SPLIT_ROWS-row pieces run as one batched
-    matmul and summed, so a long page spreads over the card instead of a handful of output tiles.
-    q: [B, H, 1, nope + pe] -> [B, H, 1, v].
-    absorb, values: absorb_matrix(k_up, pe, scale) and value_matrix(v_up, pe), if the caller keeps them:
-    the absorbed query is then one matmul (no slices, concatenation or scaling of the query) and the values
-    read the whole latent | pe rows (no slice of them copied). Both are kept with their output rows first, so
-    each of those matmuls is a batched matrix-vector product, which MLX's CUDA backend runs with its own gemv
-    kernel rather than through cuBLAS (~19 us of host time a call, the most of any launch in a decoded token).
-    """
-    B, H, _, _ = q.shape
-    L = k_up.shape[2]
-    qa = (q @ absorb.swapaxes(-1, -2) if absorb is not None else _absorb(q, k_up) * scale).reshape(B, H, -1)
-    if page_kernel_fits(qa, cache):
-        o = decode_page_kernel(qa, cache.pages[0][0], row)
-    elif split_kernels_fit(qa, cache):
-        o = _decode_split(qa, cache, row)
-    else:
-        o = _decode_pages(qa, cache, row, q.dtype).astype(q.dtype)
-    o = o[:, :, None]
-    return o @ values.swapaxes(-1, -2) if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
-
-
-def _decode_pages(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
-    """mla_decode's attention over whole pages as matmuls, probabilities in dtype: qa [B, H, W] -> [B, H, W]
-    (float32 when several pages are summed)."""
-    gs, bits = cache.group_size, cache.bits
-    if bits:
-        parts = [mx.quantized_matmul(qa, *p, transpose=True, group_size=gs, bits=bits) for p in cache.pages]
-    else:
-        parts = [qa @ p[0].swapaxes(-1, -2) for p in cache.pages]
-    parts[-1] = mx.where(positions(parts[-1].shape[-1]) <= row.reshape(1, 1, 1), parts[-1], -mx.inf)
-    s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)  # [B, H, capacity]
-    p = fast_math.softmax(s)  # float32 inside, probabilities in the cache dtype
-    o, off = None, 0
-    wide = len(cache.pages) > 1  # several pages' values are summed in float32
-    for page in cache.pages:
-        n = page[0].shape[1]
-        part = _page_values(p[..., off : off + n].astype(dtype), page, bits, gs, wide)
-        o = part if o is None else o + part
-        off += n
-    return o
-
-
-def split_kernels_fit(qa, cache: LatentCache) -> bool:
-    """Whether mla_decode runs as _decode_split: on a GPU (unless KIMI_MLX_MLA_PAGE=off or KIMI_MLX_MLA=ref),
-    unquantized pages in the query's dtype, each a whole number of chunks of min(SPLIT_ROWS, its rows).
-    Four launches a page against the matmul path's eight, the scores read once by the chunk kernel (RESULTS.md
-    times both from 16k to 131k rows)."""
-    return (SPLIT_ROWS > 0 and _decode_kernels_allowed(qa, cache) and usable("mla_decode_chunks")
-            and all(p[0].shape[1] % min(SPLIT_ROWS, p[0].shape[1]) == 0 for p in cache.pages))
-
-
-def probe_split_kernels(cfg, dtype) -> None:
-    """Run the long-page decode kernels (mla_decode_chunks, mla_decode_merge) once at the model's shapes, over two
-    pages of SPLIT_ROWS rows of zeros, where split_kernels_fit takes them (Model.probe_kernels: a short probe
-    never reaches a long page)."""
-    W = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    qa = mx.zeros((1, cfg.num_attention_heads, W), dtype)
-    page = (mx.zeros((1, SPLIT_ROWS, W), dtype),)
-    cache = LatentCache((page, page))
-    if split_kernels_fit(qa, cache):
-        mx.eval(_decode_split(qa, cache, mx.zeros((1,), mx.int32)))
-
-
-def _decode_kernels_allowed(qa, cache: LatentCache) -> bool:
-    """What both decode kernel paths need: a GPU, KIMI_MLX_MLA_PAGE=on and KIMI_MLX_MLA not ref, an unquantized
-    cache whose pages hold the query's dtype."""
-    from .kda import gpu_backend
-
-    return (not cache.bits and page_mode() == "on" and mode() != "ref" and gpu_backend() is not None
-            and usable("mla_decode_merge")
-            and all(p[0].dtype == qa.dtype for p in cache.pages))
-
-
-def _decode_split(qa, cache: LatentCache, row: mx.array) -> mx.array:
-    """mla_decode's attention over pages as flash decoding with the matmuls on the tensor cores: per page, the
-    scores matmul, decode_chunks_kernel (each chunk's masked softmax weights, unnormalized), the chunks' values
-    as one batched matmul; then decode_merge_kernel over every page's chunks. qa [B, H, W] -> [B, H, W] in
-    qa's dtype. Four launches a page (plus a concatenation of the chunk results where there are several pages)
-    against the matmul path's eight, and no pass over [B, H, rows] scores but the chunk kernel's."""
-    B, H, W = qa.shape
-    parts, most, total = [], [], []
-    for i, (rows,) in enumerate(cache.pages):
-        n = rows.shape[1]
-        c = min(SPLIT_ROWS, n)
-        last = row if i == len(cache.pages) - 1 else positions(n)[n - 1 :]  # earlier pages are wholly valid
-        e, m, t = decode_chunks_kernel(qa @ rows.swapaxes(-1, -2), last, c)
-        parts.append(e @ rows.reshape(B, n // c, c, W))  # [B, chunks, H, W]
-        most.append(m)
-        total.append(t)
-
-    def join(xs):
-        return xs[0] if len(xs) == 1 else mx.concatenate(xs, axis=1)
-
-    return decode_merge_kernel(join(parts), join(most), join(total), qa.dtype)
-
-
-PAGE_KERNEL_ROWS = 8192  # decode takes the page kernels up to this many cache rows: below it their two launches
-#                         beat the matmul path's eight; above it their arithmetic on CUDA cores outgrows the
-#                         split path's matmuls on the tensor cores (RESULTS.md: both timed at 1k-8k rows)
-PAGE_KERNEL_HEADS = 8  # heads a threadgroup of mla_decode_page serves (HG; their queries in threadgroup memory)
-PAGE_KERNEL_GROUPS = 4  # 32-lane groups a threadgroup of mla_decode_page (NW)
-PAGE_CHUNK_ROWS = 64  # rows a threadgroup of mla_decode_page takes (R): 16 chunks x 4 head groups at 1,024 rows
-MERGE_GROUPS = 8  # 32-lane groups a threadgroup of mla_decode_merge (each over every 8th chunk of 32 columns)
-CHUNK_GROUPS = 4  # 32-lane groups a threadgroup of mla_decode_chunks (4 of a 512-row chunk's scores a thread)
-LOW = -3.0e38  # the kernels' "no valid row" maximum
-
-
-def page_mode() -> str:
-    return env_choice(PAGE_ENV, ("on", "off"), "on")
-
-
-def page_kernel_fits(qa, cache: LatentCache) -> bool:
-    """Whether mla_decode runs as decode_page_kernel: on a GPU (unless KIMI_MLX_MLA_PAGE=off or
-    KIMI_MLX_MLA=ref), one unquantized page of at most PAGE_KERNEL_ROWS rows in the query's dtype, whose head
-    groups' queries and chunk scores fit in 24 KB of threadgroup memory (Metal allows 32)."""
-    B, H, W = qa.shape
-    return (len(cache.pages) == 1 and _decode_kernels_allowed(qa, cache) and usable("mla_decode_page")
-            and cache.pages[0][0].shape[1] <= PAGE_KERNEL_ROWS and H % PAGE_KERNEL_HEADS == 0
-            and (W + PAGE_CHUNK_ROWS) * PAGE_KERNEL_HEADS * 4 <= 24 * 1024)
-
-
-def decode_page_ref(qa, page, last) -> mx.array:
-    """softmax(qa . rows[:last + 1]) @ rows[:last + 1] per head, float32 inside, in qa's dtype: the twin of
-    decode_page_kernel. qa [B, H, W] (absorbed, pre-scaled), page [B, N, W], last int32 (one element) -> [B, H, W]."""
-    f32 = mx.float32
-    rows = page.astype(f32)
-    s = qa.astype(f32) @ rows.swapaxes(-1, -2)  # [B, H, N]
-    s = mx.where(mx.arange(page.shape[1]) <= last.reshape(()), s, -mx.inf)
-    return (mx.softmax(s, axis=-1, precise=True) @ rows).astype(qa.dtype)
-
-
-def decode_page_kernel(qa, page, last, heads: int = PAGE_KERNEL_HEADS, groups: int = PAGE_KERNEL_GROUPS,
-                       chunk: int = PAGE_CHUNK_ROWS) -> mx.array:
-    """decode_page_ref as two kernels (metal_kernels/mla_decode_page.body and mla_decode_merge.body): chunks of
-    `chunk` rows for `heads` heads a threadgroup, then their softmax pieces combined per head."""
-    from metal_kernels import kernel
-
-    B, H, W = qa.shape
-    N = page.shape[1]
-    K = -(-N // chunk)
-    f32 = mx.float32
-    part, most, total = kernel("mla_decode_page")(
-        inputs=[qa, page, last.astype(mx.int32)],  # read as last[0]: any shape of one element
-        template=[("H", H), ("W", W), ("HG", heads), ("NW", groups), ("R", chunk), ("N", N), ("K", K)],
-        grid=(32 * groups, K * (H // heads), B), threadgroup=(32 * groups, 1, 1),
-        output_shapes=[(B, K, H, W), (B, K, H), (B, K, H)], output_dtypes=[f32, f32, f32],
-    )
-    return decode_merge_kernel(part, most, total, qa.dtype)
-
-
-def decode_merge_ref(part, most, total, dtype) -> mx.array:
-    """Chunks of a softmax combined per head: sum_k w_k part_k / sum_k w_k total_k, w_k = exp(most_k - max_k
-    most_k), float32 inside, in dtype (the twin of decode_merge_kernel). part [B, K, H, W], most and total
-    [B, K, H] -> [B, H, W]."""
-    f32 = mx.float32
-    w = mx.exp(most - most.max(axis=1, keepdims=True))  # [B, K, H]
-    o = (w[..., None] * part.astype(f32)).sum(axis=1) / (w * total).sum(axis=1)[..., None]
-    return o.astype(dtype)
-
-
-def decode_merge_kernel(part, most, total, dtype) -> mx.array:
-    """decode_merge_ref as one kernel (metal_kernels/mla_decode_merge.body): a threadgroup 32 columns of a head."""
-    from metal_kernels import kernel
-
-    B, K, H, W = part.shape
-    T = 32 * MERGE_GROUPS
-    (o,) = kernel("mla_decode_merge")(
-        inputs=[part, most, total],
-        template=[("H", H), ("W", W), ("K", K), ("NW", MERGE_GROUPS)],
-        grid=(T, H * -(-W // 32), B), threadgroup=(T, 1, 1),
-        output_shapes=[(B, H, W)], output_dtypes=[dtype],
-    )
-    return o
-
-
-def decode_chunks_ref(s, last, chunk: int):
-    """Per chunk of `chunk` rows and head of scores s [B, H, N] (rows past `last` masked): e = exp(s - m) in s's
-    dtype [B, K, H, chunk] with m the chunk's largest valid score (LOW where it has none, e 0), m and the sum of
-    the rounded e, float32 [B, K, H]. The twin of decode_chunks_kernel."""
-    B, H, N = s.shape
-    K = N // chunk
-    f32 = mx.float32
-    x = s.astype(f32).reshape(B, H, K, chunk).transpose(0, 2, 1, 3)
-    valid = (mx.arange(N, dtype=mx.int32) <= last.reshape(())).reshape(K, 1, chunk)
-    m = mx.where(valid, x, LOW).max(axis=-1)
-    e = mx.where(valid, mx.exp(x - m[..., None]), 0.0).astype(s.dtype)
-    return e, m, e.astype(f32).sum(axis=-1)
-
-
-def decode_chunks_kernel(s, last, chunk: int):
-    """decode_chunks_ref as one kernel (metal_kernels/mla_decode_chunks.body): a threadgroup a chunk of a head."""
-    from metal_kernels import kernel
-
-    B, H, N = s.shape
-    K = N // chunk
-    f32 = mx.float32
-    T = 32 * CHUNK_GROUPS
-    return kernel("mla_decode_chunks")(
-        inputs=[s, last.astype(mx.int32)],
-        template=[("H", H), ("N", N), ("C", chunk), ("K", K), ("NW", CHUNK_GROUPS)],
-        grid=(T, K * H, B), threadgroup=(T, 1, 1),
-        output_shapes=[(B, K, H, chunk), (B, K, H), (B, K, H)], output_dtypes=[s.dtype, f32, f32],
-    )
-
-
 def absorb_matrix(k_up, pe: int, scale: float) -> mx.array:
     """[H, L + pe, nope + pe] in k_up's dtype: k_up^T beside an identity over the pe columns, times scale, so
     q @ absorb_matrix^T = [q_nope k_up | q_pe] * scale (the absorbed, pre-scaled query) in one matmul."""
@@ -416,30 +157,6 @@ def value_matrix(v_up, pe: int) -> mx.array:
     = (p @ latent rows) v_up^T without slicing the latent out of the rows."""
     H, v, L = v_up.shape
     return mx.concatenate([v_up, mx.zeros((H, v, pe), v_up.dtype)], axis=-1)
-
-
-@lru_cache(maxsize=4)
-def positions(n: int) -> mx.array:
-    """arange(n) int32 on the device, made once per last-page size: the decode mask's positions (an arange in
-    a compiled step is a kernel every token) and, sliced, the new row's index (MLAState.decode_slot)."""
-    pos = mx.arange(n, dtype=mx.int32)
-    mx.eval(pos)
-    return pos
-
-
-def _page_values(p, page, bits, gs, wide: bool):
-    """p [B, H, n] @ page rows [B, n, W] -> [B, H, W], float32 if wide or split into pieces, else p's dtype."""
-    B, H, n = p.shape
-    c = SPLIT_ROWS
-    if bits:
-        o = mx.quantized_matmul(p, *page, transpose=False, group_size=gs, bits=bits)
-    elif not c or n < max(2 * c, SPLIT_MIN_ROWS) or n % c:
-        o = p @ page[0]
-    else:
-        k = n // c
-        pieces = p.reshape(B, H, k, c).transpose(0, 2, 1, 3) @ page[0].reshape(B, k, c, -1)  # [B, k, H, W]
-        return pieces.astype(mx.float32).sum(1)
-    return o.astype(mx.float32) if wide else o
 
 
 def cache_rows_ref(ckv, weight, eps: float, L: int) -> mx.array:
