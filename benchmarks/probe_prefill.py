@@ -19,7 +19,7 @@ import mlx.core as mx  # noqa: E402
 from kimi_mlx import bench  # noqa: E402
 from kimi_mlx.model.fuse import ExpertBlocks  # noqa: E402
 from kimi_mlx.ops import attention as A  # noqa: E402
-from kimi_mlx.ops import mla_decode as D  # noqa: E402
+from kimi_mlx.ops import mla_decode as MD  # noqa: E402
 from kimi_mlx.state import KDAState, MLAState  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -249,10 +249,10 @@ if "decode" in parts:
         timeit(f"MLA layer decode, context {S}, eager tiled", eager, n=10)
         timeit(f"MLA layer decode, context {S}, compiled whole pages", whole_pages, n=10)
         for c in (0, 2048):
-            D.SPLIT_ROWS = c
+            MD.SPLIT_ROWS = c
             compiled = layer.compiled_step()
             timeit(f"MLA layer decode, context {S}, compiled, split {c}", whole_pages, n=10)
-        D.SPLIT_ROWS = 512
+        MD.SPLIT_ROWS = 512
         compiled = layer.compiled_step()
         del base
         mx.clear_cache()
