@@ -110,10 +110,7 @@ class DecoderLayer(nn.Module):
         return h, r, last
 
     def _ffn_seam(self, h, a):
-        """(h + a, the FFN of its norm): a fused MoE folds the seam into its kernels where it can
-        (model/fuse.py FusedMoE.after_seam)."""
-        if hasattr(self.mlp, "after_seam") and self.mlp.seam_fits(h, a):
-            return self.mlp.after_seam(h, a, self.post_attention_layernorm)
+        """(h + a, the FFN of its norm)."""
         h, x = self._seam(h, a, self.post_attention_layernorm)
         return h, self.mlp(x)
 

@@ -14,17 +14,12 @@ import mlx.nn as nn
 import numpy as np
 from metal_kernels import usable
 
-from ..config import env_choice
 from ..errors import ConfigError
 from ..ops.attention import absorb_matrix, value_matrix
-from ..ops.experts import KERNEL_BITS, experts_kernel, experts_ref, experts_seam_kernel, kernel_fits, weighted_sum
+from ..ops.experts import KERNEL_BITS, experts_kernel, experts_ref, kernel_fits, weighted_sum
 from ..ops.fast_math import silu
 from ..ops.kda import gpu_backend
 from ..ops.linear import dequant_linears
-from ..ops.norm import mode as norm_mode
-from ..ops.routing import LOGITS_KERNEL_ROWS, logits_norm_kernel
-from ..ops.routing import kernel_supports as route_supports
-from ..ops.routing import mode as route_mode
 from .common import MLP
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA
@@ -91,32 +86,6 @@ class FusedMoE(nn.Module):
         pairs = tokens * (self.gate.opts["top_k"] + self.num_shared)
         return expert_path(pairs, self.num_routed + self.num_shared,
                            self.kernel_fits and usable("moe_gate_up") and usable("moe_down"))
-
-    def seam_fits(self, h: mx.array, a: mx.array) -> bool:
-        """Whether after_seam folds the seam into the router and gate|up kernels for this call: decode on a GPU
-        with the router, add_norm and expert kernels all on their kernel paths (KIMI_MLX_MOE_SEAM=ref: never)."""
-        D = h.shape[-1]
-        N = h.size // D
-        opts = self.gate.opts
-        return (seam_mode() == "auto" and gpu_backend() is not None
-                and norm_mode() != "ref" and route_mode() != "ref" and a.shape == h.shape and D % 32 == 0
-                and N <= LOGITS_KERNEL_ROWS and self.gate.weight.dtype == mx.float32 and self.path(N) == "kernel"
-                and route_supports(self.num_routed, opts["top_k"], opts["n_group"])
-                and usable("moe_router_norm") and usable("moe_gate_up_seam"))
-
-    def after_seam(self, h: mx.array, a: mx.array, norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
-        """(h + a, self(rms_norm(h + a))) where seam_fits: the decoder's seam before the MoE (h the residual, a the
-        attention's output) and the MoE after it in three launches where the reference (the decoder's add_norm,
-        then self) runs five (add_norm, router, routing, gate|up, down): the router kernel adds and normalises
-        (moe_router_norm), the gate|up kernel routes its token and normalises it again on the way
-        (moe_gate_up_seam), then moe_down."""
-        shape = h.shape
-        s, logits = logits_norm_kernel(h.reshape(-1, shape[-1]), a.reshape(-1, shape[-1]), norm.weight, norm.eps,
-                                       self.gate.weight)
-        out = experts_seam_kernel(s, logits, self.gate.e_score_correction_bias,
-                                  {**self.gate.opts, "shared": self.num_shared}, self.gate_up_proj, self.down_proj,
-                                  norm.weight, norm.eps)
-        return s.reshape(shape), out.reshape(shape)
 
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
@@ -235,14 +204,6 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
 
 
 EXPERT_PATHS = ("gather", "kernel", "sorted", "segmented", "blocked", "bounded")
-SEAM_ENV = "KIMI_MLX_MOE_SEAM"
-SEAM_MODES = ("auto", "ref")
-SEAM_DEFAULT = "ref"  # tested on an H200, not faster there (RESULTS.md, sixteenth session): opt-in
-
-
-def seam_mode() -> str:
-    """KIMI_MLX_MOE_SEAM: 'auto' (FusedMoE.after_seam where seam_fits) or 'ref' (the decoder's add_norm)."""
-    return env_choice(SEAM_ENV, SEAM_MODES, SEAM_DEFAULT)
 
 
 def can_fuse_moe(moe: KimiMoE) -> bool:
