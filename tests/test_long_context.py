@@ -137,27 +137,25 @@ def test_many_step_prefill_equals_one_step(long_case, monkeypatch):
     assert rel_err(mx.concatenate(steps, axis=1), one) <= TOL
 
 
-@pytest.mark.parametrize("mode", ["layer", "model"])
 @pytest.mark.parametrize("bits", [0, 8])
-def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits, mode, monkeypatch):
+def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits, monkeypatch):
     """One token at a time (the compiled whole-page decode step) across several page boundaries, with a
     snapshot taken mid-page, restored after 30 more tokens, and decoded again: equal to the oracle
     (unquantized) or to a prefill of the same quantized cache (dense_model: its cache rows quantize). Pages of
     16+ rows run their values in 8-row pieces (split-K)."""
-    monkeypatch.setenv("KIMI_MLX_DECODE", mode)
     monkeypatch.setattr(A, "SPLIT_ROWS", 8)
     monkeypatch.setattr(A, "SPLIT_MIN_ROWS", 16)
     model, toks, ref = long_case
     if bits:
         model = dense_model
-    model._steps = model._whole = None  # trace the steps again under this test's settings
+    model._steps = None  # trace the steps again under this test's settings
     try:
-        _decode_with_a_rewind(model, toks, ref, bits, mode)
+        _decode_with_a_rewind(model, toks, ref, bits)
     finally:
-        model._steps = model._whole = None  # and let the next test trace its own
+        model._steps = None  # and let the next test trace its own
 
 
-def _decode_with_a_rewind(model, toks, ref, bits, mode):
+def _decode_with_a_rewind(model, toks, ref, bits):
     state = small_pages(model.new_state(cache_bits=bits), first=16, most=32)
     outs = [model(mx.array(toks[:, :100]), state)]
     snap = None
@@ -172,7 +170,6 @@ def _decode_with_a_rewind(model, toks, ref, bits, mode):
     if bits:
         ref = model(mx.array(toks[:, :200]), small_pages(model.new_state(cache_bits=bits), first=16, most=32))
     assert len(state.layers[3].pages) > 5
-    assert (model._whole is not None) == (mode == "model")
     assert rel_err(got, ref[:, :200]) <= TOL
 
 

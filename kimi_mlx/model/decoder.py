@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import KDA, MOE, ModelConfig, env_choice
+from ..config import KDA, MOE, ModelConfig
 from ..ops.norm import add_norm
 from ..state import KDAState, MLAState, ModelState, check_context, new_state
 from .common import MLP, RMSNorm
@@ -14,7 +14,6 @@ from .kda import KimiDeltaAttention
 from .mla import KimiMLA
 from .moe import KimiMoE
 
-DECODE_ENV = "KIMI_MLX_DECODE"
 COMPILED_PREFILL_MULTIPLE = 1024  # prefill steps of a multiple of this many tokens compile their KDA layers
 PACED_PREFILL = 256  # prefill steps of at least this many tokens queue their layers one at a time (_layers)
 PACED_ON = (mx.gpu,)  # ... on these devices
@@ -32,12 +31,6 @@ PROBE_TOKENS = 64  # Model.probe_kernels' prefill: one whole KDA chunk, past ops
 def residual(h: mx.array, r: mx.array | None) -> mx.array:
     """h + r in h's dtype, r (a sublayer's output, e.g. the fused MoE's float32 sum) rounded to it first."""
     return h if r is None else h + r.astype(h.dtype)
-
-
-def decode_mode() -> str:
-    """How one-token steps compile: 'layer' (each layer its own graph) or 'model' (all layers one graph,
-    traced again whenever an MLA cache adds a page). KIMI_MLX_DECODE overrides."""
-    return env_choice(DECODE_ENV, ("layer", "model"), "layer")
 
 
 class DecoderLayer(nn.Module):
@@ -158,7 +151,6 @@ class Model(nn.Module):
         self.compile_prefill = True  # False: prefill steps run eagerly (the reference)
         self.eager_steps = False  # True: one-token steps take the decode path's functions uncompiled (tests)
         self._steps = None
-        self._whole = None
         self._prefill = None
         self._prefill_ffn = None  # {(layer, tokens): compiled FFN half or None}
         self.layer_done = None  # paced prefill steps call layer_done(i) once layer i has run (memory tracing)
@@ -201,7 +193,7 @@ class Model(nn.Module):
             except metal_kernels.KernelFailed as e:
                 metal_kernels.switch_off(e.name, e.why)
                 found.append(f"{e.name}: {e.why}")
-        self._steps = self._whole = self._prefill = self._prefill_ffn = None  # graphs traced before a switch-off
+        self._steps = self._prefill = self._prefill_ffn = None  # graphs traced before a switch-off
         return found  # would still launch the kernel
 
     def _probe_pass(self) -> None:
@@ -240,7 +232,7 @@ class Model(nn.Module):
         T = tokens.shape[1]
         r = None  # the last FFN output, not yet added to h (a one-token step adds it in the final norm)
         if T == 1 and self.compile_decode:
-            h, r = self._decode_layers(h, state)
+            h, r = self._decode_each(h, state)
         else:
             h = self._layers(h, state, compiled=T % COMPILED_PREFILL_MULTIPLE == 0 and self.compile_prefill)
         state.offset += tokens.shape[1]
@@ -249,16 +241,9 @@ class Model(nn.Module):
             return None
         return DecoderLayer._seam(h, r, self.model.norm)[1]
 
-    def _decode_layers(self, h: mx.array, state: ModelState) -> tuple[mx.array, mx.array | None]:
-        """The owned layers' one-token steps: (h, r), their output h + r (see DecoderLayer.kda_step)."""
-        if decode_mode() == "model" and all(state.layers[i].pages for i in self.owned
-                                            if not self.model.layers[i].is_kda):
-            return self._decode_whole(h, state)
-        return self._decode_each(h, state)
-
     def _decode_each(self, h: mx.array, state: ModelState) -> tuple[mx.array, mx.array | None]:
-        """The owned layers' one-token steps one layer at a time (self._steps: compiled unless a caller set
-        them)."""
+        """The owned layers' one-token steps, each layer its own graph (self._steps: compiled unless a caller set
+        them): (h, r), their output h + r (see DecoderLayer.kda_step)."""
         if self._steps is None:
             compile = (lambda f: f) if self.eager_steps else mx.compile
             self._steps = {i: self.model.layers[i].compiled_step(compile) for i in self.owned}
@@ -323,35 +308,6 @@ class Model(nn.Module):
             self._prefill_ffn[key] = layer.compiled_ffn(key[2])
         step = self._prefill_ffn[key]
         return step(h) if step else layer.ffn(h)
-
-    def _decode_whole(self, h: mx.array, state: ModelState) -> tuple[mx.array, mx.array]:
-        """All owned layers' one-token step as one compiled graph (traced again when an MLA cache's last page
-        grows or a page is added). Every MLA cache must hold a page already."""
-        slots = [state.layers[i].decode_slot() for i in self.owned if not self.model.layers[i].is_kda]
-        if self._whole is None:
-            self._whole = mx.compile(self._whole_step)
-        kda = [(state.layers[i].conv, state.layers[i].recurrent) for i in self.owned if self.model.layers[i].is_kda]
-        h, r, kda, lasts = self._whole(h, kda, [(s.pages, s.row) for s in slots])
-        for i in self.owned:
-            s = state.layers[i]
-            if self.model.layers[i].is_kda:
-                (s.conv, s.recurrent), kda = kda[0], kda[1:]
-            else:
-                s.commit_decode(lasts[0])
-                lasts = lasts[1:]
-        return h, r
-
-    def _whole_step(self, h, kda, mla):
-        kda_out, lasts, r = [], [], None
-        for i in self.owned:
-            layer = self.model.layers[i]
-            if layer.is_kda:
-                h, r, *s = layer.kda_step(h, r, *kda[len(kda_out)])
-                kda_out.append(tuple(s))
-            else:
-                h, r, last = layer.mla_step(h, r, *mla[len(lasts)])
-                lasts.append(last)
-        return h, r, kda_out, lasts
 
     def logits(self, h: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:
