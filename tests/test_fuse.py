@@ -126,7 +126,7 @@ def test_gpu_decode_with_gates_inside_the_kernel_equals_reference(hf_checkpoint,
     decode_with_gates_inside(hf_checkpoint, monkeypatch, bits, emulated=False)
 
 
-@pytest.mark.parametrize("path", ["gather", "sorted", "segmented", "blocked", "bounded"])
+@pytest.mark.parametrize("path", ["gather", "sorted", "segmented", "bounded"])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_expert_paths_agree(hf_checkpoint, monkeypatch, path, bits):
 
@@ -178,23 +178,22 @@ def test_take_rows_is_a_row_gather(dtype, D):
     assert got.dtype == dtype and got.shape == (20, D) and mx.array_equal(got, x[idx]).item()
 
 
-@pytest.mark.parametrize("bounded", [False, True], ids=["counted", "bounded"])
 @pytest.mark.parametrize("block", [1, 4, 8, 64])
-def test_expert_blocks_round_trip(block, bounded):
+def test_expert_blocks_round_trip(block):
     """Ragged counts (empty experts, exactly one block, several blocks): every pair lands in a block of
-    its own expert, padding rows are zero, and pairs() inverts rows(). Bounded: the block count comes from
+    its own expert, padding rows are zero, and pairs() inverts rows(). The block count comes from
     the shapes alone, never fewer than the routing needs; the blocks past those are all padding."""
     from kimi_mlx.model.fuse import ExpertBlocks
 
     rng = np.random.default_rng(block)
     E, N, k = 7, 37, 3
     idx = np.stack([rng.choice([0, 2, 3, 3, 3, 6], size=k, replace=False) for _ in range(N)])
-    blocks = ExpertBlocks(mx.array(idx, dtype=mx.int32), E, block, bounded=bounded)
+    blocks = ExpertBlocks(mx.array(idx, dtype=mx.int32), E, block)
     x = mx.array(rng.standard_normal((N, 5)).astype(np.float32)) + 10
     rows = blocks.rows(x)
     counts = np.bincount(idx.reshape(-1), minlength=E)
     used = int(sum(-(-c // block) for c in counts))
-    assert blocks.nb == (min(N * k // block + E, N * k) if bounded else used) and blocks.nb >= used
+    assert blocks.nb == min(N * k // block + E, N * k) and blocks.nb >= used
     assert (np.array(blocks.expert) < E).all()
     expert = np.array(blocks.expert)
     r = np.array(rows)

@@ -239,7 +239,7 @@ def test_expert_path_policy(monkeypatch):
             expert_path(9, 257, True)
     monkeypatch.delenv(EXPERTS_ENV)
     default_prefill = expert_path(4096, 257, True)
-    for path in ("sorted", "segmented", "blocked", "bounded"):  # prefill paths: calls of 64+ pairs only
+    for path in ("sorted", "segmented", "bounded"):  # prefill paths: calls of 64+ pairs only
         monkeypatch.setenv(EXPERTS_ENV, path)
         assert expert_path(64, 257, False) == path and expert_path(63, 257, False) == "gather"
     assert default_prefill == ("bounded" if mx.cuda.is_available() else "segmented" if mx.default_device() == mx.cpu

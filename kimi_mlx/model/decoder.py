@@ -69,7 +69,7 @@ class DecoderLayer(nn.Module):
 
     def compiled_ffn(self, path: str):
         """This layer's FFN half under mx.compile on FFN path `path` (ffn_path), or None where it reads something
-        back to the host (the fused MoE's 'blocked' and 'segmented' expert paths) or is unfused."""
+        back to the host (the fused MoE's 'segmented' expert path) or is unfused."""
         return mx.compile(self.ffn) if path in ("dense", "bounded") else None
 
     def compiled_step(self, compile=mx.compile):
@@ -268,9 +268,8 @@ class Model(nn.Module):
         stays one layer (1) or one half layer (0.5: attention and FFN halves queued in turn) ahead. MLX
         allocates a kernel's output when the host encodes it and frees a command batch's inputs only once the
         device has run the whole batch, so every layer queued ahead is memory held; building a graph holds
-        nothing. (The MoE's opt-in 'blocked' path reads its block count back while being built, which queues
-        that layer's attention half early; the default paths read nothing.) Not on the CPU, which runs ahead
-        by little: a small-shape prefill there measured 5% slower paced for 3% less memory."""
+        nothing. Not on the CPU, which runs ahead by little: a small-shape prefill there measured 5% slower
+        paced for 3% less memory."""
         if compiled and self._prefill is None:
             self._prefill = {i: self.model.layers[i].compiled_kda_attention() for i in self.owned
                              if self.model.layers[i].is_kda}

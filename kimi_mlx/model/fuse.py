@@ -98,9 +98,9 @@ class FusedMoE(nn.Module):
             out = experts_kernel(flat, idx, w, self.gate_up_proj, self.down_proj)
         elif path == "gather":  # decode otherwise: MLX's gather matmuls (the kernels' reference twin)
             out = experts_ref(flat, idx, w, self.gate_up_proj, self.down_proj)
-        elif path in ("blocked", "bounded"):  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather
-            # matmul a bank ('bounded': as many blocks as any routing could need, so no count read back)
-            blocks = ExpertBlocks(idx, self.num_routed + self.num_shared, bounded=path == "bounded")
+        elif path == "bounded":  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather matmul a bank
+            # (as many blocks as any routing could need, so no count read back)
+            blocks = ExpertBlocks(idx, self.num_routed + self.num_shared)
             g, u = mx.split(self.gate_up_proj(blocks.rows(flat), blocks.expert), 2, axis=-1)
             out = weighted_sum(blocks.pairs(self.down_proj(silu(g) * u, blocks.expert)), w)
         elif path == "segmented":  # prefill on CPU: tokens grouped by expert, one dense matmul each
@@ -124,15 +124,15 @@ class ExpertBlocks:
     A bank applied to rows [NB, BLOCK, D] with one expert index per block is then one gather matmul whose
     every batch item is a BLOCK-row tile (MLX's CUDA gather_qmm tiles each batch item's rows, so expert-
     sorted single rows waste most of every tile). Padding rows are zero and never read back; the index
-    maps are built on the device, and only the block count (one integer) comes back to the host; bounded: not
-    even that, the block count is the most any routing of these pairs could need (every pair's full blocks plus
-    one partial block an expert), the blocks past the used ones zero rows of the last expert, which the gather
-    matmul computes and nothing reads (no host sync inside the layer, at the price of those blocks' matmuls).
+    maps are built on the device, and nothing comes back to the host: the block count is the most any routing
+    of these pairs could need (every pair's full blocks plus one partial block an expert), the blocks past the
+    used ones zero rows of the last expert, which the gather matmul computes and nothing reads (no host sync
+    inside the layer, at the price of those blocks' matmuls).
     """
 
     BLOCK = 64
 
-    def __init__(self, idx: mx.array, experts: int, block: int | None = None, bounded: bool = False):
+    def __init__(self, idx: mx.array, experts: int, block: int | None = None):
         self.block = b = block or self.BLOCK
         N, k = idx.shape
         flat = idx.flatten()
@@ -144,7 +144,7 @@ class ExpertBlocks:
         e_sorted = flat[order]
         row = (bend - nblk)[e_sorted] * b + mx.arange(N * k) - start[e_sorted]  # padded row of each sorted pair
         self.row_of_pair = mx.zeros((N * k,), mx.int32).at[order].add(row.astype(mx.int32))
-        nb = min(N * k // b + experts, N * k) if bounded else int(bend[-1].item())
+        nb = min(N * k // b + experts, N * k)
         # pair feeding each padded row; N * k marks a padding row (reads the zero row appended below)
         src = mx.full((nb * b,), N * k, mx.int32).at[row].add(order.astype(mx.int32) - N * k)
         self.token_of_row = src // k
@@ -180,11 +180,9 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
     kernel), 'segmented' (one matmul per expert over its rows: CPU, measured 3.5x gather_mm) or 'bounded'
     (ExpertBlocks: CUDA, where gather_qmm over single sorted rows measured ~60x under the card's matmul
     rate; as many blocks as any routing could need, so nothing is read back to the host and a prefill step
-    queues without a stop: 8k prefill 8.3-9.0k tok/s vs 7.8-8.0k for 'blocked', RESULTS.md). 'blocked' reads
-    the block count back instead (fewer, fuller blocks: 4.3 vs 5.1 ms a layer alone).
-    KIMI_MLX_EXPERTS=gather|kernel|sorted|segmented|blocked|bounded overrides; the four prefill paths only for
-    calls of 64+ pairs (a one-token step on them would be slow, and on 'blocked'/'segmented' would read the
-    host inside a compiled decode step)."""
+    queues without a stop). KIMI_MLX_EXPERTS=gather|kernel|sorted|segmented|bounded overrides; the three
+    prefill paths only for calls of 64+ pairs (a one-token step on them would be slow, and on 'segmented' would
+    read the host inside a compiled decode step)."""
     forced = os.environ.get(EXPERTS_ENV, "").strip().lower()
     if forced == "kernel" and not (kernel_fits and gpu_backend()):
         raise ConfigError(f"{EXPERTS_ENV}=kernel needs a Metal or CUDA device and affine {'/'.join(map(str, KERNEL_BITS))}"
@@ -203,7 +201,7 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
     return "sorted"  # Metal: MLX's gather_qmm has a kernel for expert-sorted rows
 
 
-EXPERT_PATHS = ("gather", "kernel", "sorted", "segmented", "blocked", "bounded")
+EXPERT_PATHS = ("gather", "kernel", "sorted", "segmented", "bounded")
 
 
 def can_fuse_moe(moe: KimiMoE) -> bool:
