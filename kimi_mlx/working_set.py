@@ -14,7 +14,7 @@ without it), yet a whole 1M-token prefill run with it at 1,536 MB peaked 96.7 GB
 What a long step still held beyond that was found later: MLX frees a finished kernel's buffers on a worker
 thread, often milliseconds after the device ran it, so a host queueing short kernels holds many finished ones.
 `await_frees` waits for those frees past a slack (the attention tile loop, ops/attention.py), and paced steps
-await each layer before queuing the next (model/decoder.py LAYERS_AHEAD).
+await each layer before queuing the next (model/decoder.py, Model._layers).
 """
 
 from __future__ import annotations
@@ -79,11 +79,10 @@ def await_frees(limit: int, headroom: int = 0) -> int:
 
 def describe() -> str:
     """One line on how prefill steps keep their memory (doctor and bench print it)."""
-    from .model.decoder import LAYERS_AHEAD, PACED_PREFILL
+    from .model.decoder import PACED_PREFILL
     from .ops.attention import FREE_SLACK
 
     mb = bound_bytes() >> 20
     cap = f"capped at {mb} MB past the weights and state" if mb else "no cap"
     tiles = f"; attention tiles wait for freed memory past {FREE_SLACK >> 20} MB" if FREE_SLACK is not None else ""
-    ahead = {0: "one layer at a time", 0.5: "half a layer ahead"}.get(LAYERS_AHEAD, f"{LAYERS_AHEAD} layer(s) ahead")
-    return f"steps of {PACED_PREFILL}+ tokens run {ahead} on a GPU{tiles}; {cap} ({ENV})"
+    return f"steps of {PACED_PREFILL}+ tokens run one layer at a time on a GPU{tiles}; {cap} ({ENV})"

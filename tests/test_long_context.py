@@ -199,9 +199,8 @@ def test_compiled_prefill_steps_equal_eager(long_case, experts, monkeypatch):
 @pytest.mark.parametrize("where", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, where, monkeypatch):
     """Steps of PACED_PREFILL tokens or more queue one layer at a time (on a GPU by default; forced here on
-    the CPU), each layer awaited before the next is built, or one layer (LAYERS_AHEAD = 1) or one half layer
-    (0.5: attention and FFN halves queued in turn) queued ahead: one async_eval per layer (per half), the same
-    logits and next-token logits as one lazy graph per step."""
+    the CPU), each layer awaited before the next is built: one async_eval per layer, the same logits and
+    next-token logits as one lazy graph per step."""
     from kimi_mlx.model import decoder
 
     model, toks, ref = long_case
@@ -224,9 +223,8 @@ def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, wher
     monkeypatch.setattr(mx, "async_eval", queue)
     monkeypatch.setattr(mx, "eval", wait)
     outs = {}
-    for paced, ahead in ((False, 0), (True, 0), ("ahead", 1), ("half", 0.5)):
+    for paced in (False, True):
         monkeypatch.setattr(decoder, "PACED_PREFILL", 256 if paced else 1 << 30)
-        monkeypatch.setattr(decoder, "LAYERS_AHEAD", ahead)
         state, logits, count, most = model.new_state(), [], 0, 0
         for part in (x[:, :800], x[:, 800:]):  # paced, not paced (224 tokens: under PACED_PREFILL)
             queued.clear(), in_flight.clear()
@@ -236,12 +234,9 @@ def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, wher
         outs[paced, "next"] = model(mx.array(toks[:, 1024:1025]), state)
         outs[paced, "queued"], outs[paced, "ahead"] = count, most
     layers = len(model.model.layers)
-    assert outs[False, "queued"] == 0 and outs[True, "queued"] == outs["ahead", "queued"] == layers
-    assert outs["half", "queued"] == 2 * layers  # attention and FFN halves queued in turn
-    # a layer is queued only once the one before has run (0), or with one piece still in flight (1, 0.5)
-    assert outs[True, "ahead"] == 0 and outs["ahead", "ahead"] == outs["half", "ahead"] == 1
-    for paced in (True, "ahead", "half"):
-        assert rel_err(outs[paced], outs[False]) <= 1e-6 and rel_err(outs[paced, "next"], outs[False, "next"]) <= 1e-6
+    assert outs[False, "queued"] == 0 and outs[True, "queued"] == layers
+    assert outs[True, "ahead"] == 0  # a layer is queued only once the one before has run
+    assert rel_err(outs[True], outs[False]) <= 1e-6 and rel_err(outs[True, "next"], outs[False, "next"]) <= 1e-6
     assert rel_err(outs[True], ref[:, :1024]) <= TOL
 
 

@@ -107,12 +107,7 @@ def test_describe_names_the_cap_and_the_tile_wait(monkeypatch):
     monkeypatch.setattr(attention, "FREE_SLACK", None)
     monkeypatch.delenv(working_set.ENV, raising=False)
     assert "no cap" in working_set.describe() and "tiles wait" not in working_set.describe()
-    from kimi_mlx.model import decoder
-
-    monkeypatch.setattr(decoder, "LAYERS_AHEAD", 0)
     assert "run one layer at a time" in working_set.describe()
-    monkeypatch.setattr(decoder, "LAYERS_AHEAD", 0.5)
-    assert "run half a layer ahead" in working_set.describe()
     monkeypatch.setattr(attention, "FREE_SLACK", 2048 << 20)
     monkeypatch.setenv(working_set.ENV, "1536")
     line = working_set.describe()

@@ -17,14 +17,6 @@ from .moe import KimiMoE
 COMPILED_PREFILL_MULTIPLE = 1024  # prefill steps of a multiple of this many tokens compile their KDA layers
 PACED_PREFILL = 256  # prefill steps of at least this many tokens queue their layers one at a time (_layers)
 PACED_ON = (mx.gpu,)  # ... on these devices
-# layers a paced step lets the host queue ahead of the device: 0 awaits each layer before queuing the next (a
-# layer's intermediates stay allocated until its command batch has run, ~1.1 GB for a KDA layer at 2,048 tokens,
-# so 1 held two layers' worth: 2.34 GB a step at 700k context on an H200). 0.5 paces half layers (attention, FFN),
-# one half ahead: 15% faster a step at 4k context (0.28-0.29 s vs 0.33-0.35) and 5% over a whole 1M prompt, but
-# its steps went past 2 GB at every context length (new highs 2.01-2.90 GB at 51k-944k), so 0 stays (RESULTS.md).
-# step_memory.py --runs TILES:AHEAD compares them
-LAYERS_AHEAD = 0
-AHEAD_CHOICES = (0, 0.5, 1)
 PROBE_TOKENS = 64  # Model.probe_kernels' prefill: one whole KDA chunk, past ops/kda.CHUNKED_MIN_T
 
 
@@ -126,13 +118,6 @@ class KimiLinearModel(nn.Module):
         self.layers = [DecoderLayer(cfg, i) if i in owned else nn.Module() for i in range(cfg.num_hidden_layers)]
         if last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-def _queue(queued: list, pending: list) -> list:
-    """Queue arrays on the device and await the ones queued before (a paced step's one piece ahead)."""
-    mx.async_eval(queued)
-    mx.eval(pending)
-    return queued
 
 
 class Model(nn.Module):
@@ -264,33 +249,27 @@ class Model(nn.Module):
         as one compiled graph, traced once per step length (the steady steps of a long prompt).
 
         Steps of PACED_PREFILL tokens or more are paced on a GPU: each layer is queued (async_eval) only once the
-        one before has run (LAYERS_AHEAD = 0; the host builds the next layer's graph meanwhile), or the host
-        stays one layer (1) or one half layer (0.5: attention and FFN halves queued in turn) ahead. MLX
-        allocates a kernel's output when the host encodes it and frees a command batch's inputs only once the
-        device has run the whole batch, so every layer queued ahead is memory held; building a graph holds
-        nothing. Not on the CPU, which runs ahead by little: a small-shape prefill there measured 5% slower
-        paced for 3% less memory."""
+        one before has run (the host builds the next layer's graph meanwhile). MLX allocates a kernel's output
+        when the host encodes it and frees a command batch's inputs only once the device has run the whole
+        batch, so every layer queued ahead is memory held (its intermediates); building a graph holds nothing.
+        Not on the CPU, which runs ahead by little: a small-shape prefill there measured 5% slower paced for 3%
+        less memory."""
         if compiled and self._prefill is None:
             self._prefill = {i: self.model.layers[i].compiled_kda_attention() for i in self.owned
                              if self.model.layers[i].is_kda}
         paced, pending = h.shape[1] >= PACED_PREFILL and mx.default_device() in PACED_ON, []
-        halves = paced and LAYERS_AHEAD == 0.5 and not self.layer_done
         for i in self.owned:
             layer, s = self.model.layers[i], state.layers[i]
             if compiled and layer.is_kda:
                 h, s.conv, s.recurrent = self._prefill[i](h, s.conv, s.recurrent)
             else:
                 h = layer.attend(h, s)
-            if halves:
-                pending = _queue([h, *s.arrays().values()], pending)
             h = self._ffn(i, h) if compiled else layer.ffn(h)
             if paced:
                 queued = [h, *s.arrays().values()]
-                if LAYERS_AHEAD == 0 and not self.layer_done:  # await the layer before, then queue this one: its
-                    mx.eval(pending)  # graph was built while the device ran the one before (building allocates
-                    mx.async_eval(queued)  # nothing; queuing does), so the host's build time overlaps the device
-                else:
-                    _queue(queued, pending)
+                # await the layer before, then queue this one: its graph was built while the device ran the one
+                mx.eval(pending)  # before (building allocates nothing; queuing does), so the host's build time
+                mx.async_eval(queued)  # overlaps the device
                 if self.layer_done:  # tracing: this layer alone (no overlap with the next one), then the hook
                     mx.eval(queued)
                     self.layer_done(i)
