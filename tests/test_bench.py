@@ -184,7 +184,7 @@ def test_long_prefill_script_resumes_and_decodes(tmp_path):
     assert runs == 2 and out.returncode == 0, out.stderr
     assert "prefill of 192 tokens" in out.stdout and "= weights" in out.stdout
     assert "+ state " in out.stdout and "(MLA cache " in out.stdout
-    assert "largest working set of one step" in out.stdout and "no cap)" in out.stdout
+    assert "largest working set of one step" in out.stdout and "(the step ending at " in out.stdout
     assert "decode from 192 to 198 tokens of context" in out.stdout
     assert "decode from 1024 tokens of context" in out.stdout and "at 192 tokens" in out.stdout
 
