@@ -21,10 +21,9 @@ for the device. --nap tells them apart: the host sleeps that long after queueing
 slows by the whole nap was bound by the host, one that slows by less had that much device time to spare.
 
 The prefill split times a paced prefill step (model/decoder.py `_layers`: each layer queued once the one before
-has run): queueing (the decoder's async_eval calls), waiting (its eval calls), the MoE layers' block counts read
-back (ExpertBlocks, blocked path: a sync inside the layer) and building (the rest: our Python, MLX's graph
-building, and any other wait inside a layer, such as the long-context attention's). The device runs only
-while the host queues or waits, so building and the block-count reads are time it may idle.
+has run): queueing (the decoder's async_eval calls), waiting (its eval calls) and building (the rest: our
+Python, MLX's graph building, and any wait inside a layer, such as the long-context attention's). The device
+runs only while the host queues or waits, so building is time it may idle.
 """
 import argparse
 import collections
@@ -179,17 +178,11 @@ class Timed:
 
 
 def prefill_split(toks, steps: int):
-    """Seconds a prefill step: (total, building, queueing, waiting, MoE block counts read back)."""
-    from kimi_mlx.model import decoder, fuse
+    """Seconds a prefill step: (total, building, queueing, waiting)."""
+    from kimi_mlx.model import decoder
 
-    timed, blocks_init, moe = Timed(), fuse.ExpertBlocks.__init__, [0.0]
-
-    def counted(self, *args, **kw):
-        t0 = time.perf_counter()
-        blocks_init(self, *args, **kw)
-        moe[0] += time.perf_counter() - t0
-
-    decoder.mx, fuse.ExpertBlocks.__init__ = timed, counted
+    timed = Timed()
+    decoder.mx = timed
     try:
         mx.synchronize()
         t0 = time.perf_counter()
@@ -198,9 +191,9 @@ def prefill_split(toks, steps: int):
         mx.synchronize()
         total = time.perf_counter() - t0
     finally:
-        decoder.mx, fuse.ExpertBlocks.__init__ = mx, blocks_init
+        decoder.mx = mx
     q, w = timed.spent["queue"], timed.spent["wait"]
-    return [x / steps for x in (total, total - q - w - moe[0], q, w, moe[0])]
+    return [x / steps for x in (total, total - q - w, q, w)]
 
 
 if a.prefill and not a.profile:
@@ -208,11 +201,10 @@ if a.prefill and not a.profile:
     r.prefill_step(toks)  # warm: traces and builds this step's kernels
     print(f"prefill steps of {a.prefill} tokens from context {a.context} (each window {a.steps} steps; the context "
           "grows)")
-    print(f"{'tok/s':>8} {'step ms':>8} {'build ms':>9} {'queue ms':>9} {'wait ms':>8} {'MoE sync ms':>12}")
+    print(f"{'tok/s':>8} {'step ms':>8} {'build ms':>9} {'queue ms':>9} {'wait ms':>8}")
     for _ in range(3):
-        total, b, q, w, m = prefill_split(toks, a.steps)
-        print(f"{a.prefill / total:8.0f} {total * 1e3:8.1f} {b * 1e3:9.1f} {q * 1e3:9.1f} {w * 1e3:8.1f} {m * 1e3:12.1f}",
-              flush=True)
+        total, b, q, w = prefill_split(toks, a.steps)
+        print(f"{a.prefill / total:8.0f} {total * 1e3:8.1f} {b * 1e3:9.1f} {q * 1e3:9.1f} {w * 1e3:8.1f}", flush=True)
     sys.exit()
 if a.prefill:
     toks = mx.random.randint(0, ours.config.vocab_size, (1, a.prefill))

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kimi_mlx import bench, working_set  # noqa: E402
+from kimi_mlx import bench  # noqa: E402
 from results import Recorder  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -68,8 +68,7 @@ held = cache + kda
 echo(f"prefill of {n} tokens: {prog.seconds:.0f} s of steps ({n / prog.seconds:.0f} tok/s); largest peak "
      f"{prog.peak_gb:.2f} GB = weights {weights / 1e9:.2f} + state {held / 1e9:.3f} (MLA cache {cache / 1e9:.3f}, "
      f"KDA {kda / 1e9:.3f}) + {prog.peak_gb - (weights + held) / 1e9:.2f} GB; "
-     f"largest working set of one step {prog.step_gb:.2f} GB (the step ending at {prog.step_at}; "
-     + (f"{working_set.ENV} {working_set.bound_bytes() >> 20})" if working_set.bound_bytes() else "no cap)"))
+     f"largest working set of one step {prog.step_gb:.2f} GB (the step ending at {prog.step_at})")
 r = bench.Runner("kimi-mlx", model, True, state)
 far = bench.time_decode(r, a.decode_tokens)
 echo(f"decode from {n} to {n + room} tokens of context: {far:.1f} tok/s")

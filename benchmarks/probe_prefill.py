@@ -62,16 +62,15 @@ kda_i = [i for i in range(len(L)) if L[i].is_kda][1]
 mla_i = [i for i in range(len(L)) if not L[i].is_kda][0]
 
 if "moe" in parts:
-    for path in ("sorted", "segmented", "blocked", "bounded"):
+    for path in ("sorted", "segmented", "bounded"):
         os.environ["KIMI_MLX_EXPERTS"] = path
         timeit(f"MoE, 1 layer, {T} tokens, experts {path}", lambda: L[kda_i].mlp(h))
     ffn = mx.compile(L[kda_i].ffn)
     timeit(f"MoE FFN half, 1 layer, {T} tokens, experts bounded, compiled", lambda: ffn(h))
-    for path in ("blocked", "bounded"):
-        os.environ["KIMI_MLX_EXPERTS"] = path
-        for blk in (32, 128):
-            ExpertBlocks.BLOCK = blk
-            timeit(f"MoE, 1 layer, {T} tokens, experts {path} {blk}", lambda: L[kda_i].mlp(h))
+    os.environ["KIMI_MLX_EXPERTS"] = "bounded"
+    for blk in (32, 128):
+        ExpertBlocks.BLOCK = blk
+        timeit(f"MoE, 1 layer, {T} tokens, experts bounded {blk}", lambda: L[kda_i].mlp(h))
     ExpertBlocks.BLOCK = 64
     os.environ.pop("KIMI_MLX_EXPERTS")
     # the banks dequantized (what a dense grouped matmul would need) and MLX's gather_mm over expert-sorted
@@ -97,7 +96,7 @@ if "moe" in parts:
         mx.eval(xb)
         timeit("  gather_mm 64-row expert blocks, dense gate_up bank",
                lambda: mx.gather_mm(xb, W1.swapaxes(-1, -2), rhs_indices=blocks.expert))
-        timeit("  gather_qmm 64-row expert blocks, quantized gate_up bank (the blocked path's)",
+        timeit("  gather_qmm 64-row expert blocks, quantized gate_up bank (the bounded path's)",
                lambda: gu(xb, blocks.expert))
         del W1, W2
     timeit("dense MLP, layer 0", lambda: L[0].mlp(h))

@@ -1,12 +1,11 @@
 """Memory and time of consecutive prefill steps at a long context, under the settings that bound them.
 
-  python benchmarks/step_memory.py --shape full --context 696320 --steps 10 --runs 1024:0,1024:1,off:1
+  python benchmarks/step_memory.py --shape full --context 696320 --steps 10 --runs 1024,512,off
 
 The MLA caches are filled with random rows up to the context, then --steps steps of --step tokens run one
-after another, as in a long prompt. Each run names its settings as TILES:AHEAD: TILES the megabytes over the
-call's start past which the attention tile loop waits for MLX to free finished work (ops.attention.FREE_SLACK;
-"off": never waits), AHEAD how many layers a paced step queues ahead of the device (model.decoder.LAYERS_AHEAD:
-0, 0.5 = one attention or FFN half, or 1). Working set = a step's peak minus the memory in use before it.
+after another, as in a long prompt. Each run names its TILES setting: the megabytes over the call's start past
+which the attention tile loop waits for MLX to free finished work (ops.attention.FREE_SLACK; "off": never
+waits). Working set = a step's peak minus the memory in use before it.
 --trace runs steps layer by layer and names the layers that held the most in each step. Pacing and the trace
 apply where steps are paced (a GPU: model.decoder.PACED_ON).
 """
@@ -21,30 +20,20 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kimi_mlx import bench  # noqa: E402
-from kimi_mlx.model import decoder  # noqa: E402
 from kimi_mlx.ops import attention  # noqa: E402
 from results import Recorder  # noqa: E402
 
 
-AHEAD = {str(x): x for x in decoder.AHEAD_CHOICES}
-
-
 def runs(text: str) -> list:
-    """'default' or TILES:AHEAD (MB or off : 0, 0.5 or 1), comma-separated -> [None (as shipped) or (slack, ahead)]."""
+    """'default' or TILES (MB or off), comma-separated -> [None (as shipped) or (slack,)]."""
     out = []
-    for run in text.split(","):
-        parts = run.split(":")
-        if run == "default":
+    for tiles in text.split(","):
+        if tiles == "default":
             out.append(None)
             continue
-        if len(parts) != 2:
-            raise argparse.ArgumentTypeError(f"{run!r} is neither 'default' nor TILES:AHEAD")
-        tiles, ahead = parts
         if tiles != "off" and not tiles.isdigit():
-            raise argparse.ArgumentTypeError(f"{tiles!r} is neither a whole number of MB nor 'off'")
-        if ahead not in AHEAD:
-            raise argparse.ArgumentTypeError(f"{ahead!r}: layers ahead is one of {', '.join(AHEAD)}")
-        out.append((None if tiles == "off" else int(tiles) << 20, AHEAD[ahead]))
+            raise argparse.ArgumentTypeError(f"{tiles!r} is neither 'default', a whole number of MB nor 'off'")
+        out.append((None if tiles == "off" else int(tiles) << 20,))
     return out
 
 
@@ -54,31 +43,31 @@ ap.add_argument("--context", type=int, default=696320, help="the context after t
 ap.add_argument("--steps", type=int, default=10)
 ap.add_argument("--step", type=int, default=2048)
 ap.add_argument("--runs", type=runs, default="default",
-                help="comma-separated TILES:AHEAD (MB or off : 0, 0.5 or 1); 'default' = as shipped")
+                help="comma-separated TILES (MB or off); 'default' = as shipped")
 ap.add_argument("--trace", action="store_true")
 ap.add_argument("--record", action="store_true")
 a = ap.parse_args()
 echo = Recorder()
 model, _, cfg = bench.build(a.shape, peer=False, dtype=bench.activation_dtype())
 r = bench.Runner("kimi-mlx", model, True)
-shipped = (attention.FREE_SLACK, decoder.LAYERS_AHEAD)
+shipped = (attention.FREE_SLACK,)
 echo(f"device: {bench.device_line()}; shape {a.shape}; {a.steps} steps of {a.step} tokens from context "
      f"{a.context - a.step} (MLA caches filled with random rows)")
 for run in a.runs:
-    tiles, ahead = run or shipped
-    attention.FREE_SLACK, decoder.LAYERS_AHEAD = tiles, ahead
+    (tiles,) = run or shipped
+    attention.FREE_SLACK = tiles
     r.fill_context(a.context - a.step, model.config)
     steps = [bench.measured_step(model, r.state, mx.random.randint(0, cfg["vocab_size"], (1, a.step)), a.trace)
              for _ in range(a.steps)]
     held = [m.held_gb for m in steps]
-    name = f"{'off' if tiles is None else tiles >> 20}:{ahead}"
-    echo(f"tiles wait past MB : layers ahead {name:>7}: {np.mean([m.seconds for m in steps]):.2f} s a step; working set "
+    name = "off" if tiles is None else str(tiles >> 20)
+    echo(f"tiles wait past MB {name:>5}: {np.mean([m.seconds for m in steps]):.2f} s a step; working set "
          f"median {np.median(held):.2f}, max {max(held):.2f} GB: " + " ".join(f"{x:.2f}" for x in held))
     if a.trace and any(m.layers for m in steps):  # traced layers exist where steps are paced (a GPU)
         for i, m in enumerate(steps):
             echo(f"  step {i}: {m.held_gb:.2f} GB; most held during layers {m.top_layers(model)}")
     r.state = None
     mx.clear_cache()
-attention.FREE_SLACK, decoder.LAYERS_AHEAD = shipped
+(attention.FREE_SLACK,) = shipped
 if a.record:
     echo.append("Consecutive prefill steps at a long context (benchmarks/step_memory.py)")

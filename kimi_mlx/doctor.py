@@ -264,32 +264,9 @@ def check_experts() -> Check:
     return Check("MoE experts, decode kernels", err)
 
 
-def check_moe_seam() -> Check:
-    """The seam before the MoE and its routing inside the router and gate|up kernels (moe_router_norm,
-    moe_gate_up_seam, then moe_down) against add + norm, the router's matmul, the routing ops and MLX's gather
-    matmuls (float32: the kernels skip only the rounding of the normalised token to the dtype)."""
-    from .ops import experts, routing
-
-    mx.random.seed(5)
-    h, a, norm_w = 20 * mx.random.normal((3, 512)), 4 * mx.random.normal((3, 512)), mx.random.uniform(0.5, 1.5, (512,))
-    weight, bias = 0.05 * mx.random.normal((64, 512)), 0.05 * mx.random.normal((64,))
-    s, logits = routing.logits_norm_kernel(h, a, norm_w, 1e-5, weight)
-    s_ref, logits_ref = routing.logits_norm_ref(h, a, norm_w, 1e-5, weight)
-    opts = dict(top_k=8, n_group=4, topk_group=2, renormalize=True, scaling=2.446, shared=1)
-    gate_up, down = random_banks(65, 512, 256, bits=4, down_bits=8)
-    got = experts.experts_seam_kernel(s_ref, logits_ref, bias, opts, gate_up, down, norm_w, 1e-5)
-    ref = experts.experts_ref(mx.fast.rms_norm(s_ref, norm_w, 1e-5), *routing.route_ref(logits_ref, bias, **opts),
-                              gate_up, down)
-    err = max(_rel_err(s, s_ref), _rel_err(logits, logits_ref), _rel_err(got, ref))
-    if tf32():  # the router twin's matmul runs in TF32 there
-        return Check("MoE seam inside the router and gate|up kernels (ops twin in TF32)", err, tol=TF32_TOL)
-    return Check("MoE seam inside the router and gate|up kernels", err)
-
-
 def environment() -> list[tuple[str, str]]:
     from metal_kernels import backend
 
-    from .model import fuse
     from .ops import attention, linear, norm
     from .ops import mla_decode
 
@@ -319,10 +296,6 @@ def environment() -> list[tuple[str, str]]:
          + " (one token, 4-bit banks)"),
         ("MoE prefill", f"{expert_path(2048 * 9, 257)} expert matmuls (2,048 tokens, real shape)"),
         ("add + norm", f"one {gpu} kernel a seam (decode)" if gpu and norm.mode() != "ref" else "ops"),
-        ("MoE seam", f"add + norm and routing inside the MoE's {gpu} router and gate|up kernels (decode)"
-         if gpu and fuse.seam_mode() == "auto" and norm.mode() != "ref" and routing_path() == "kernel"
-         and decode_experts == "kernel"  # FusedMoE.seam_fits's conditions
-         else f"add + norm before the MoE ({fuse.SEAM_ENV}={fuse.seam_mode()})"),
         ("MLA decode", f"two {gpu} kernels over a page of <= {mla_decode.PAGE_KERNEL_ROWS:,} rows, else matmuls"
          f" around two {gpu} kernels (flash decoding)"
          if gpu and attention.mode() != "ref" and mla_decode.page_mode() == "on"
@@ -478,7 +451,6 @@ GPU_CHECKS = {
     "MoE router logits, kernel": check_router_logits,
     "MoE routing, fused kernel": check_routing,
     "MoE experts, decode kernels": check_experts,
-    "MoE seam inside the router and gate|up kernels": check_moe_seam,
 }
 
 

@@ -9,7 +9,6 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 
-from . import working_set
 from .errors import KimiError
 from .sample import Sampler, make_logits_processors, normalize
 from .state import ContextLimitError
@@ -145,11 +144,10 @@ def prefill(model, state, tokens: list[int], step_size: int = 0, progress: Progr
 
 
 def prefill_step(model, state, tokens: mx.array) -> None:
-    """Feed tokens [B, T] into state and evaluate it, under the optional working-set cap (working_set.py;
-    off by default: long steps on a GPU are paced layer by layer in the model instead)."""
-    with working_set.bounded():
-        model.hidden(tokens, state)
-        state.eval()
+    """Feed tokens [B, T] into state and evaluate it (long steps on a GPU are paced layer by layer in the
+    model)."""
+    model.hidden(tokens, state)
+    state.eval()
 
 
 def generate_step(model, state, prompt: list[int], sampler: Sampler, processors=(), context_tail=(),

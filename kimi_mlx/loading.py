@@ -72,9 +72,6 @@ def load(model: str, revision: str | None = None, distributed: bool = False):
     from .distributed import launched
     from .tokenizer import Tokenizer
     from .weights.load import load_model
-    from .working_set import bound_bytes
-
-    bound_bytes()  # a bad KIMI_MLX_WORKING_SET_MB fails here, in one line, not at the first prompt
     path = resolve(model, revision)
     tell_if_cold_cache()  # after the path checks: a mistyped model is one line, with nothing to compile
     if distributed:

@@ -4,9 +4,9 @@ Each kernel body (`<name>.body`) is written once in a small vocabulary: `kda_gid
 uint3 position in the grid), `KDA_FN` helpers from common.h, and the primitives that metal.h and
 cuda.h define per backend (`kda_exp`, `kda_simd_sum`, ...). MLX writes the function signature from
 the input/output names and the template arguments, so the same body compiles as
-`mx.fast.metal_kernel` on Apple GPUs and as `mx.fast.cuda_kernel` on NVIDIA GPUs. Code two bodies share
-lives in `<part>.part` and is pasted at a body's `KDA_PART(<part>)` line (moe_pick: one token's routing, in
-moe_route and moe_gate_up_seam); a spec's `defines` select a body's variants (`#if`). `generate.py`
+`mx.fast.metal_kernel` on Apple GPUs and as `mx.fast.cuda_kernel` on NVIDIA GPUs. Code kept apart
+from a body lives in `<part>.part` and is pasted at a body's `KDA_PART(<part>)` line (moe_pick: one token's
+routing, in moe_route); a spec's `defines` select a body's variants (`#if`). `generate.py`
 writes the full text MLX compiles for a sample instantiation (`<name>.metal`, `<name>.cu`) so CI
 can check it without either GPU; MLX itself is given that text without comments or indentation
 (`compact`). Kernels are built lazily and only for a backend that exists.
@@ -190,18 +190,6 @@ SPECS = {
         sample_template=(("D", 2304), ("E", 256), ("S", 8)),
         sample_inputs=(("bfloat16", 2304), ("float32", 256 * 2304)),
         sample_outputs=("float32",),
-        defines=(("MOE_NORM", 0),),
-    ),
-    "moe_router_norm": KernelSpec(  # moe_router with the seam before it (residual add + rms_norm) folded in
-        name="moe_router_norm",
-        inputs=("h", "a", "norm_w", "eps", "weight"),
-        outputs=("s_out", "logits"),
-        sample_template=(("D", 2304), ("E", 256), ("S", 8)),
-        sample_inputs=(("bfloat16", 2304), ("float32", 2304), ("bfloat16", 2304), ("float32", 1),
-                       ("float32", 256 * 2304)),
-        sample_outputs=("bfloat16", "float32"),
-        source="moe_router",
-        defines=(("MOE_NORM", 1),),
     ),
     "moe_gate_up": KernelSpec(
         name="moe_gate_up",
@@ -216,28 +204,6 @@ SPECS = {
             ("bfloat16", 257 * 2048 * 36),
         ),
         sample_outputs=("float32",),
-        defines=(("MOE_SEAM", 0),),
-    ),
-    "moe_gate_up_seam": KernelSpec(  # moe_gate_up routing its token and applying its rms_norm on the way
-        name="moe_gate_up_seam",
-        inputs=("x", "logits", "bias", "scale", "wq", "scales", "biases", "norm_w", "eps"),
-        outputs=("h", "idx_out", "weight_out"),
-        sample_template=(("D", 2304), ("I", 1024), ("P", 9), ("BITS", 4), ("GS", 64), ("R", 4), ("E", 256),
-                         ("K", 8), ("NG", 1), ("TG", 1), ("RENORM", 1), ("BIAS_W", 0), ("SH", 1)),
-        sample_inputs=(
-            ("bfloat16", 2304),
-            ("float32", 256),
-            ("float32", 256),
-            ("float32", 1),
-            ("uint32", 257 * 2048 * 288),
-            ("bfloat16", 257 * 2048 * 36),
-            ("bfloat16", 257 * 2048 * 36),
-            ("bfloat16", 2304),
-            ("float32", 1),
-        ),
-        sample_outputs=("float32", "int32", "float32"),
-        source="moe_gate_up",
-        defines=(("MOE_SEAM", 1),),
     ),
     "moe_down": KernelSpec(
         name="moe_down",

@@ -76,7 +76,6 @@ template <int D, int I, int P, int BITS, int GS, int R>
   device float* h [[buffer(5)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const uint3 kda_gid = thread_position_in_grid;
-#define MOE_SEAM 0
 // MoE experts for a few (token, expert) pairs, first half: the gate and up rows of one expert of an
 // affine-quantized bank against the token, then SwiGLU.
 // Grid (32 * N * P, I / R, 1), threadgroup (32, TY, 1): one 32-lane group per (pair, R hidden units), so
@@ -88,13 +87,6 @@ const uint3 kda_gid = thread_position_in_grid;
 // (rows 0..I-1 gate, I..2I-1 up; value j of a row in bits (j % VPW) * BITS of word j / VPW);
 // scales, biases [E, 2I, D / GS] (value = scale * q + bias).
 // Output: h [N * P, I] float32 = silu(gate . x) * (up . x).
-// MOE_SEAM 1 (moe_gate_up_seam): the routing and the seam's norm done here too. x is the residual s
-// (moe_router_norm's output), its rms_norm applied on the way (inputs norm_w [D], eps [1]: each row's dot taken
-// with s * norm_w and scaled by rsqrt(mean(s^2) + eps) at the end; the group's lanes read all of s, so the sum of
-// squares costs no extra load), and each group picks its pair's expert from the router's logits itself (inputs
-// logits [N, E] float32, bias [E], scale [1] in place of idx; moe_route's algorithm and template E, K, NG, TG,
-// RENORM, BIAS_W, SH with P = K + SH), the group of a token's first pair and first units also writing the
-// token's idx_out [N, P] int32 and weight_out [N, P] float32 for moe_down, as moe_route would.
 constexpr int VPW = 32 / BITS;  // values per packed word
 constexpr int WPR = D / VPW;  // words per row
 constexpr int STEPS = (WPR + 31) / 32;
@@ -104,90 +96,8 @@ const int lane = kda_gid.x % 32;
 const int pair = kda_gid.x / 32;
 const int r0 = kda_gid.y * R;
 const int n = pair / P;
-#if MOE_SEAM
-static_assert(P == K + SH, "moe_gate_up_seam: a token's pairs are its K picks and SH shared experts");
-// One token's routing by a 32-lane group (pasted into moe_route and moe_gate_up_seam by the loader, at their
-// KDA_PART(moe_pick) line): sigmoid, selection bias, group-limited top-k (group score = sum of its two best),
-// top-k. Expects lane (0..31), n (the token), buffers logits [N, E] float32 and bias [E] float32, and the template
-// E (E % 32 == 0, E / 32 <= 16), K, NG (NG divides E, E / NG a multiple of E / 32), TG, BIAS_W. Leaves
-// pick_id[K] (best first) and pick_w[K] (before renormalising and scaling) in every lane, pick_total their sum.
-int pick_id[K];
-float pick_w[K];
-float pick_total = 0.0f;
-{
-  constexpr float NEG = -3.0e38f;  // below any score; finite on every backend
-  constexpr int PER = E / 32;
-  constexpr int LPG = (E / NG) / PER;  // lanes per group
-  float s[PER];
-  float c[PER];
-  for (int i = 0; i < PER; ++i) {
-    const int e = lane * PER + i;
-    s[i] = kda_sigmoid(logits[n * E + e]);
-    c[i] = s[i] + bias[e];
-  }
-  if (NG > 1 && TG < NG) {
-    // this lane's best two, then merged over the lanes of its group
-    float t1 = NEG, t2 = NEG;
-    for (int i = 0; i < PER; ++i) {
-      if (c[i] > t1) { t2 = t1; t1 = c[i]; } else if (c[i] > t2) { t2 = c[i]; }
-    }
-    for (int off = 1; off < LPG; off <<= 1) {
-      const float o1 = kda_shfl_xor(t1, off), o2 = kda_shfl_xor(t2, off);
-      const float hi = kda_fmax(t1, o1);
-      const float lo = kda_fmax(t1 < o1 ? t1 : o1, kda_fmax(t2, o2));
-      t1 = hi;
-      t2 = lo;
-    }
-    const float mine = t1 + t2;
-    const int group = lane / LPG;
-    int better = 0;  // groups that beat this one (ties: the lower group index wins)
-    for (int g = 0; g < NG; ++g) {
-      const float other = kda_shfl(mine, g * LPG);
-      better += (other > mine || (other == mine && g < group)) ? 1 : 0;
-    }
-    if (better >= TG) {
-      for (int i = 0; i < PER; ++i) c[i] = NEG;
-    }
-  }
-  for (int r = 0; r < K; ++r) {
-    float best = NEG;
-    float where = 0.0f;
-    for (int i = 0; i < PER; ++i) {
-      if (c[i] > best) { best = c[i]; where = static_cast<float>(lane * PER + i); }
-    }
-    if (best == NEG) where = static_cast<float>(E);  // nothing left here; never the winner
-    for (int off = 16; off > 0; off >>= 1) {  // argmax over the group; ties: the lower expert id
-      const float ob = kda_shfl_xor(best, off), ow = kda_shfl_xor(where, off);
-      if (ob > best || (ob == best && ow < where)) { best = ob; where = ow; }
-    }
-    const int e = static_cast<int>(where);
-    const int owner = e / PER;
-    float picked = 0.0f;
-    for (int i = 0; i < PER; ++i) {
-      if (lane == owner && lane * PER + i == e) {
-        picked = BIAS_W ? c[i] : s[i];
-        c[i] = NEG;
-      }
-    }
-    picked = kda_shfl(picked, owner);
-    pick_w[r] = picked;
-    pick_id[r] = e;
-    pick_total += picked;
-  }
-}
-const int slot = pair % P;  // the K picks, then the shared experts
-int expert = E + (slot - K);
-for (int r = 0; r < K; ++r) {
-  expert = r == slot ? pick_id[r] : expert;
-}
-const size_t gate_row = static_cast<size_t>(expert) * (2 * I) + r0;
-#else
 const size_t gate_row = static_cast<size_t>(idx[pair]) * (2 * I) + r0;
-#endif
 float acc[2][R];  // [0] the gate rows, [1] the up rows
-#if MOE_SEAM
-float sq = 0.0f;
-#endif
 for (int gu = 0; gu < 2; ++gu) {
   for (int j = 0; j < R; ++j) acc[gu][j] = 0.0f;
 }
@@ -198,10 +108,6 @@ for (int step = 0; step < STEPS; ++step) {
     float xsum = 0.0f;
     for (int j = 0; j < VPW; ++j) {
       xv[j] = static_cast<float>(x[n * D + w * VPW + j]);
-#if MOE_SEAM
-      sq += xv[j] * xv[j];
-      xv[j] *= static_cast<float>(norm_w[w * VPW + j]);
-#endif
       xsum += xv[j];
     }
     const int group = (w * VPW) / GS;
@@ -219,32 +125,13 @@ for (int step = 0; step < STEPS; ++step) {
     }
   }
 }
-#if MOE_SEAM
-const float rn = kda_rsqrt(kda_simd_sum(sq) / static_cast<float>(D) + eps[0]);
-#else
-const float rn = 1.0f;
-#endif
 for (int u = 0; u < R; ++u) {
-  const float gate = kda_simd_sum(acc[0][u]) * rn;
-  const float up = kda_simd_sum(acc[1][u]) * rn;
+  const float gate = kda_simd_sum(acc[0][u]);
+  const float up = kda_simd_sum(acc[1][u]);
   if (lane == 0) {
     h[static_cast<size_t>(pair) * I + r0 + u] = kda_silu(gate) * up;
   }
 }
-#if MOE_SEAM
-if (kda_gid.y == 0 && slot == 0 && lane == 0) {
-  const float norm = RENORM ? 1.0f / (pick_total + 1e-20f) : 1.0f;
-  const float routed_scale = scale[0];
-  for (int r = 0; r < K; ++r) {
-    idx_out[n * P + r] = pick_id[r];
-    weight_out[n * P + r] = pick_w[r] * norm * routed_scale;
-  }
-  for (int r = 0; r < SH; ++r) {
-    idx_out[n * P + K + r] = E + r;
-    weight_out[n * P + K + r] = 1.0f;
-  }
-}
-#endif
 
 }
 

@@ -98,7 +98,7 @@ const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
 const int lane = kda_gid.x;
 const int n = kda_gid.y;
 const float routed_scale = scale[0];
-// One token's routing by a 32-lane group (pasted into moe_route and moe_gate_up_seam by the loader, at their
+// One token's routing by a 32-lane group (pasted into moe_route by the loader, at its
 // KDA_PART(moe_pick) line): sigmoid, selection bias, group-limited top-k (group score = sum of its two best),
 // top-k. Expects lane (0..31), n (the token), buffers logits [N, E] float32 and bias [E] float32, and the template
 // E (E % 32 == 0, E / 32 <= 16), K, NG (NG divides E, E / NG a multiple of E / 32), TG, BIAS_W. Leaves

@@ -80,7 +80,6 @@ __global__ void custom_kernel_moe_router_2304_256_8(
 const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
                                  blockIdx.y * blockDim.y + threadIdx.y,
                                  blockIdx.z * blockDim.z + threadIdx.z);
-#define MOE_NORM 0
 // MoE router logits in float32 (as upstream: the token cast to float32, times the float32 router weight),
 // reading the token in its own dtype so no cast of it runs first.
 // Grid (32 * S, E, N), threadgroup (32 * S, 1, 1): a threadgroup per (token, expert) whose S 32-lane groups
@@ -88,11 +87,6 @@ const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
 // meet in threadgroup memory.
 // Template: D model width, E experts, S groups a row (dividing D).
 // Inputs: x [N, D]; weight [E, D] float32.  Output: logits [N, E] float32.
-// MOE_NORM 1 (moe_router_norm): the decoder seam before the MoE folded in: inputs h, a [N, D] (the residual and
-// the branch's output) and norm_w [D], eps [1] instead of x; x = rms_norm(s) * norm_w with s = h + a rounded as
-// add_norm rounds it, applied as logits = rsqrt(mean(s^2) + eps) * (s * norm_w) . weight (the norm's scalar
-// taken out of the dot, in float32: x is not rounded to the dtype first). Extra output s [N, D] (h's dtype),
-// written by expert 0's threadgroup.
 constexpr int SPAN = D / S;
 constexpr int STEPS = (SPAN + 31) / 32;
 KDA_SHARED float part[S];
@@ -101,31 +95,6 @@ const int s = kda_gid.x / 32;
 const int e = kda_gid.y;
 const int n = kda_gid.z;
 float acc = 0.0f;
-#if MOE_NORM
-KDA_SHARED float part_sq[S];
-float sq = 0.0f;
-float sv[STEPS];
-for (int step = 0; step < STEPS; ++step) {
-  const int i = step * 32 + lane;
-  sv[step] = 0.0f;
-  if (i < SPAN) {
-    const size_t c = static_cast<size_t>(n) * D + s * SPAN + i;
-    sv[step] = kda_round_as(s_out, static_cast<float>(h[c]) + kda_round_as(s_out, static_cast<float>(a[c])));
-    sq += sv[step] * sv[step];
-    acc += sv[step] * static_cast<float>(norm_w[s * SPAN + i]) * weight[static_cast<size_t>(e) * D + s * SPAN + i];
-  }
-}
-const float e_ps = eps[0];
-if (e == 0) {
-  for (int step = 0; step < STEPS; ++step) {
-    const int i = step * 32 + lane;
-    if (i < SPAN) {
-      kda_store(s_out, static_cast<size_t>(n) * D + s * SPAN + i, sv[step]);
-    }
-  }
-}
-sq = kda_simd_sum(sq);
-#else
 for (int step = 0; step < STEPS; ++step) {
   const int i = step * 32 + lane;
   if (i < SPAN) {
@@ -133,13 +102,9 @@ for (int step = 0; step < STEPS; ++step) {
     acc += static_cast<float>(x[static_cast<size_t>(n) * D + c]) * weight[static_cast<size_t>(e) * D + c];
   }
 }
-#endif
 acc = kda_simd_sum(acc);
 if (lane == 0) {
   part[s] = acc;
-#if MOE_NORM
-  part_sq[s] = sq;
-#endif
 }
 kda_barrier();
 if (s == 0 && lane == 0) {
@@ -147,13 +112,6 @@ if (s == 0 && lane == 0) {
   for (int i = 0; i < S; ++i) {
     total += part[i];
   }
-#if MOE_NORM
-  float total_sq = 0.0f;
-  for (int i = 0; i < S; ++i) {
-    total_sq += part_sq[i];
-  }
-  total *= kda_rsqrt(total_sq / static_cast<float>(D) + e_ps);
-#endif
   logits[static_cast<size_t>(n) * E + e] = total;
 }
 

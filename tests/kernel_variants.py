@@ -90,7 +90,6 @@ def _calls():
                     g_b=_qlinear(DK, H * DK, bits, gs))
         yield lambda B=B: norm.add_norm_kernel(z((B, 1, D), bf), z((B, 1, D), f32), z((D,), bf), 1e-5)
         yield lambda B=B: routing.logits_kernel(z((B, D), bf), z((E, D), f32))
-        yield lambda B=B: routing.logits_norm_kernel(z((B, D), bf), z((B, D), f32), z((D,), bf), 1e-5, z((E, D), f32))
         yield lambda B=B: routing.route_kernel(z((B, E), f32), z((E,), f32), **opts)
         yield lambda B=B: attention.cache_rows_kernel(z((B, 1, W), bf), z((L,), bf), 1e-6, L)
         for bits in BITS:
@@ -98,8 +97,6 @@ def _calls():
                 gate_up, down = _bank(E + 1, 2 * I, D, bits, gs), _bank(E + 1, D, I, bits, gs)
                 idx, w = z((B, K + 1), i32), z((B, K + 1), f32)
                 yield lambda B=B, g=gate_up, d=down, idx=idx, w=w: experts.experts_kernel(z((B, D), bf), idx, w, g, d)
-                yield lambda B=B, g=gate_up, d=down: experts.experts_seam_kernel(
-                    z((B, D), bf), z((B, E), f32), z((E,), f32), opts, g, d, z((D,), bf), 1e-5)
                 yield lambda B=B, bits=bits, gs=gs: linear.qmv(z((B, D), bf), _qlinear(D, 3 * H * DK, bits, gs))
                 yield lambda B=B, bits=bits, gs=gs: linear.qmv(z((B, H * DK), bf), _qlinear(H * DK, D, bits, gs))
                 # the widest row qmv_fits takes (x's row is in threadgroup memory)

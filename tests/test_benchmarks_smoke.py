@@ -20,8 +20,6 @@ RUNS = [
                   "{tmp}/c.svg"], r"^wrote .*c\.svg$"),
     ("convert_memory.py", ["--tiny", "--experts", "8", "--layers", "km"],
      r"^4-bit kimi recipe \+ quality report +[\d.]+GB"),
-    ("decode_modes.py", ["--shape", "small", "--contexts", "64", "--tokens", "2"],
-     r"^context +64: per-layer graphs +[\d.]+ \| one graph +[\d.]+ \| ratio"),
     ("distributed.py", ["--prompt", "16", "--decode", "2", "--repeats", "1", "--runs", "1,2"],
      r"^ +2 \| 0-3 4-7 +\| +[\d.]+ \| +[\d.]+ \|"),
     ("e2e.py", ["--shape", "small", "--contexts", "64", "--prefill", "32", "--decode-tokens", "2"],

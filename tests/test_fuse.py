@@ -126,51 +126,7 @@ def test_gpu_decode_with_gates_inside_the_kernel_equals_reference(hf_checkpoint,
     decode_with_gates_inside(hf_checkpoint, monkeypatch, bits, emulated=False)
 
 
-def decode_with_seam_inside(hf_checkpoint, monkeypatch, bits, emulated: bool):
-    """The model's decode steps with each MoE layer's seam folded into its router and gate|up kernels
-    (FusedMoE.after_seam, KIMI_MLX_MOE_SEAM=auto) against the unfused model's logits; emulated as above.
-    32 experts (the routing kernel's smallest bank), 4 picks from the best 2 of 4 groups."""
-    from kimi_mlx.model import fuse
-    from kimi_mlx.ops import routing
-
-    model, toks, ref = fused_with_reference(hf_checkpoint, bits, seed=5, tokens=5, num_local_experts=32,
-                                            num_experts_per_tok=4, n_group=4, topk_group=2)
-    monkeypatch.setenv("KIMI_MLX_MOE_SEAM", "auto")
-    if emulated:  # the decode steps run eagerly (the emulator evaluates its inputs, which a trace cannot)
-        import functools
-
-        import metal_kernels
-        from kimi_mlx.model.decoder import DecoderLayer
-
-        monkeypatch.setattr(DecoderLayer, "compiled_step",
-                            functools.partialmethod(DecoderLayer.compiled_step, compile=lambda f: f))
-        monkeypatch.setattr(metal_kernels, "kernel", kernel_emulator.kernel_factory("cuda"))
-        monkeypatch.setattr(fuse, "gpu_backend", lambda: "cuda")
-    calls = []
-    monkeypatch.setattr(fuse, "logits_norm_kernel",
-                        lambda *a, **k: calls.append(1) or routing.logits_norm_kernel(*a, **k))
-    state = model.new_state(2)
-    steps = mx.concatenate([model(toks[:, t : t + 1], state) for t in range(5)], axis=1)
-    moe = [l for l in model.model.layers if isinstance(l.mlp, FusedMoE)]
-    # every token of each MoE layer, but an MLA layer's first (an empty cache appends the usual way)
-    assert moe and (len(calls) == 5 * len(moe) - sum(not l.is_kda for l in moe) if emulated else calls)
-    assert float(mx.abs(steps - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
-
-
-@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
-@pytest.mark.parametrize("bits", [4, 8])
-def test_decode_with_the_seam_inside_the_moe_kernels_equals_reference(hf_checkpoint, monkeypatch, bits):
-    decode_with_seam_inside(hf_checkpoint, monkeypatch, bits, emulated=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(gpu_backend() is None, reason="needs MLX's Metal or CUDA backend")
-@pytest.mark.parametrize("bits", [4, 8])
-def test_gpu_decode_with_the_seam_inside_the_moe_kernels_equals_reference(hf_checkpoint, monkeypatch, bits):
-    decode_with_seam_inside(hf_checkpoint, monkeypatch, bits, emulated=False)
-
-
-@pytest.mark.parametrize("path", ["gather", "sorted", "segmented", "blocked", "bounded"])
+@pytest.mark.parametrize("path", ["gather", "sorted", "segmented", "bounded"])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_expert_paths_agree(hf_checkpoint, monkeypatch, path, bits):
 
@@ -222,23 +178,22 @@ def test_take_rows_is_a_row_gather(dtype, D):
     assert got.dtype == dtype and got.shape == (20, D) and mx.array_equal(got, x[idx]).item()
 
 
-@pytest.mark.parametrize("bounded", [False, True], ids=["counted", "bounded"])
 @pytest.mark.parametrize("block", [1, 4, 8, 64])
-def test_expert_blocks_round_trip(block, bounded):
+def test_expert_blocks_round_trip(block):
     """Ragged counts (empty experts, exactly one block, several blocks): every pair lands in a block of
-    its own expert, padding rows are zero, and pairs() inverts rows(). Bounded: the block count comes from
+    its own expert, padding rows are zero, and pairs() inverts rows(). The block count comes from
     the shapes alone, never fewer than the routing needs; the blocks past those are all padding."""
     from kimi_mlx.model.fuse import ExpertBlocks
 
     rng = np.random.default_rng(block)
     E, N, k = 7, 37, 3
     idx = np.stack([rng.choice([0, 2, 3, 3, 3, 6], size=k, replace=False) for _ in range(N)])
-    blocks = ExpertBlocks(mx.array(idx, dtype=mx.int32), E, block, bounded=bounded)
+    blocks = ExpertBlocks(mx.array(idx, dtype=mx.int32), E, block)
     x = mx.array(rng.standard_normal((N, 5)).astype(np.float32)) + 10
     rows = blocks.rows(x)
     counts = np.bincount(idx.reshape(-1), minlength=E)
     used = int(sum(-(-c // block) for c in counts))
-    assert blocks.nb == (min(N * k // block + E, N * k) if bounded else used) and blocks.nb >= used
+    assert blocks.nb == min(N * k // block + E, N * k) and blocks.nb >= used
     assert (np.array(blocks.expert) < E).all()
     expert = np.array(blocks.expert)
     r = np.array(rows)

@@ -138,27 +138,25 @@ def test_many_step_prefill_equals_one_step(long_case, monkeypatch):
     assert rel_err(mx.concatenate(steps, axis=1), one) <= TOL
 
 
-@pytest.mark.parametrize("mode", ["layer", "model"])
 @pytest.mark.parametrize("bits", [0, 8])
-def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits, mode, monkeypatch):
+def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits, monkeypatch):
     """One token at a time (the compiled whole-page decode step) across several page boundaries, with a
     snapshot taken mid-page, restored after 30 more tokens, and decoded again: equal to the oracle
     (unquantized) or to a prefill of the same quantized cache (dense_model: its cache rows quantize). Pages of
     16+ rows run their values in 8-row pieces (split-K)."""
-    monkeypatch.setenv("KIMI_MLX_DECODE", mode)
     monkeypatch.setattr(D, "SPLIT_ROWS", 8)
     monkeypatch.setattr(D, "SPLIT_MIN_ROWS", 16)
     model, toks, ref = long_case
     if bits:
         model = dense_model
-    model._steps = model._whole = None  # trace the steps again under this test's settings
+    model._steps = None  # trace the steps again under this test's settings
     try:
-        _decode_with_a_rewind(model, toks, ref, bits, mode)
+        _decode_with_a_rewind(model, toks, ref, bits)
     finally:
-        model._steps = model._whole = None  # and let the next test trace its own
+        model._steps = None  # and let the next test trace its own
 
 
-def _decode_with_a_rewind(model, toks, ref, bits, mode):
+def _decode_with_a_rewind(model, toks, ref, bits):
     state = small_pages(model.new_state(cache_bits=bits), first=16, most=32)
     outs = [model(mx.array(toks[:, :100]), state)]
     snap = None
@@ -173,7 +171,6 @@ def _decode_with_a_rewind(model, toks, ref, bits, mode):
     if bits:
         ref = model(mx.array(toks[:, :200]), small_pages(model.new_state(cache_bits=bits), first=16, most=32))
     assert len(state.layers[3].pages) > 5
-    assert (model._whole is not None) == (mode == "model")
     assert rel_err(got, ref[:, :200]) <= TOL
 
 
@@ -203,9 +200,8 @@ def test_compiled_prefill_steps_equal_eager(long_case, experts, monkeypatch):
 @pytest.mark.parametrize("where", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, where, monkeypatch):
     """Steps of PACED_PREFILL tokens or more queue one layer at a time (on a GPU by default; forced here on
-    the CPU), each layer awaited before the next is built, or one layer (LAYERS_AHEAD = 1) or one half layer
-    (0.5: attention and FFN halves queued in turn) queued ahead: one async_eval per layer (per half), the same
-    logits and next-token logits as one lazy graph per step."""
+    the CPU), each layer awaited before the next is built: one async_eval per layer, the same logits and
+    next-token logits as one lazy graph per step."""
     from kimi_mlx.model import decoder
 
     model, toks, ref = long_case
@@ -228,9 +224,8 @@ def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, wher
     monkeypatch.setattr(mx, "async_eval", queue)
     monkeypatch.setattr(mx, "eval", wait)
     outs = {}
-    for paced, ahead in ((False, 0), (True, 0), ("ahead", 1), ("half", 0.5)):
+    for paced in (False, True):
         monkeypatch.setattr(decoder, "PACED_PREFILL", 256 if paced else 1 << 30)
-        monkeypatch.setattr(decoder, "LAYERS_AHEAD", ahead)
         state, logits, count, most = model.new_state(), [], 0, 0
         for part in (x[:, :800], x[:, 800:]):  # paced, not paced (224 tokens: under PACED_PREFILL)
             queued.clear(), in_flight.clear()
@@ -240,12 +235,9 @@ def test_paced_prefill_queues_layer_by_layer_and_changes_nothing(long_case, wher
         outs[paced, "next"] = model(mx.array(toks[:, 1024:1025]), state)
         outs[paced, "queued"], outs[paced, "ahead"] = count, most
     layers = len(model.model.layers)
-    assert outs[False, "queued"] == 0 and outs[True, "queued"] == outs["ahead", "queued"] == layers
-    assert outs["half", "queued"] == 2 * layers  # attention and FFN halves queued in turn
-    # a layer is queued only once the one before has run (0), or with one piece still in flight (1, 0.5)
-    assert outs[True, "ahead"] == 0 and outs["ahead", "ahead"] == outs["half", "ahead"] == 1
-    for paced in (True, "ahead", "half"):
-        assert rel_err(outs[paced], outs[False]) <= 1e-6 and rel_err(outs[paced, "next"], outs[False, "next"]) <= 1e-6
+    assert outs[False, "queued"] == 0 and outs[True, "queued"] == layers
+    assert outs[True, "ahead"] == 0  # a layer is queued only once the one before has run
+    assert rel_err(outs[True], outs[False]) <= 1e-6 and rel_err(outs[True, "next"], outs[False, "next"]) <= 1e-6
     assert rel_err(outs[True], ref[:, :1024]) <= TOL
 
 

@@ -239,7 +239,7 @@ def test_expert_path_policy(monkeypatch):
             expert_path(9, 257, True)
     monkeypatch.delenv(EXPERTS_ENV)
     default_prefill = expert_path(4096, 257, True)
-    for path in ("sorted", "segmented", "blocked", "bounded"):  # prefill paths: calls of 64+ pairs only
+    for path in ("sorted", "segmented", "bounded"):  # prefill paths: calls of 64+ pairs only
         monkeypatch.setenv(EXPERTS_ENV, path)
         assert expert_path(64, 257, False) == path and expert_path(63, 257, False) == "gather"
     assert default_prefill == ("bounded" if mx.cuda.is_available() else "segmented" if mx.default_device() == mx.cpu
@@ -303,62 +303,3 @@ def test_router_kernel_on_gpu(dtype):
     assert float(mx.abs(got - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
     assert routing.router_logits(x, weight.astype(mx.bfloat16)).dtype == mx.float32  # a bf16 weight: the ops
 
-
-# -- the decoder's seam before the MoE folded into the router and gate|up kernels -------------------------------
-
-import metal_kernels  # noqa: E402
-
-from kimi_mlx.ops.norm import add_norm_ref  # noqa: E402
-
-
-def seam_inputs(N, D, dtype, seed):
-    """A residual far from unit size in the model's dtype, a float32 branch output, a norm weight around 1."""
-    rng = np.random.default_rng(seed)
-    h = mx.array(rng.standard_normal((N, D)).astype(np.float32) * 30).astype(dtype)
-    a = mx.array(rng.standard_normal((N, D)).astype(np.float32) * 5)
-    norm_w = mx.array(rng.uniform(0.5, 1.5, D).astype(np.float32)).astype(dtype)
-    return h, a, norm_w
-
-
-SEAM_ROUTING = dict(top_k=6, n_group=4, topk_group=2, renormalize=True, scaling=2.446, shared=1)
-
-
-def check_seam_kernels(dtype, N, D, E, I, bits, gs, seed, routing_opts=SEAM_ROUTING):
-    """moe_router_norm and moe_gate_up_seam (+ moe_down) through their ops wrappers against add_norm_ref, the
-    router's matmul, route_ref and MLX's gather matmuls. The kernels never round the normalised token to the
-    dtype, the references do: bfloat16 gets the reference's own rounding as tolerance (and the experts are
-    routed from the kernel's logits on both sides, so a near tie the rounding flips picks alike)."""
-    h, a, norm_w = seam_inputs(N, D, dtype, seed)
-    weight = mx.array(np.random.default_rng(seed + 1).standard_normal((E, D)).astype(np.float32) * 0.05)
-    bias = mx.array(np.random.default_rng(seed + 2).standard_normal(E).astype(np.float32) * 0.05)
-    s, logits = routing.logits_norm_kernel(h, a, norm_w, 1e-5, weight)
-    s_ref, logits_ref = routing.logits_norm_ref(h, a, norm_w, 1e-5, weight)
-    assert s.dtype == h.dtype and mx.array_equal(s, s_ref)  # the residual exactly as add_norm rounds it
-    tol = 1e-5 if dtype == mx.float32 else 2e-2
-    assert float(mx.abs(logits - logits_ref).max()) <= tol * float(mx.abs(logits_ref).max())
-    gate_up, down = doctor.random_banks(E + routing_opts["shared"], D, I, bits, gs, dtype, bits)
-    got = experts.experts_seam_kernel(s, logits, bias, routing_opts, gate_up, down, norm_w, 1e-5)
-    x = mx.fast.rms_norm(s, norm_w, 1e-5)
-    assert mx.array_equal(x, add_norm_ref(h, a, norm_w, 1e-5)[1])  # the seam's own norm
-    idx, w = routing.route_ref(logits, bias, **routing_opts)
-    ref = experts.experts_ref(x.astype(mx.float32), idx, w, gate_up, down)
-    assert float(mx.abs(got - ref).max()) <= tol * float(mx.abs(ref).max())
-
-
-@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
-@pytest.mark.parametrize("kind", ["metal", "cuda"])
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_seam_kernels_text_runs_right_on_cpu(kind, dtype, monkeypatch):
-    """Generated text, emulated: a width whose router span is ragged (320 over 8 groups: 40 a group), 4-bit banks,
-    6 picks from the best 2 of 4 groups of 32 experts and a shared expert."""
-    monkeypatch.setattr(metal_kernels, "kernel", kernel_emulator.kernel_factory(kind))
-    check_seam_kernels(dtype, N=2, D=320, E=32, I=64, bits=4, gs=32, seed=21)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("N", [1, 3])
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_seam_kernels_on_gpu(dtype, N):
-    """The real widths and routing: D 2,304, 256 experts, I 1,024, 8 routed + 1 shared, 4-bit gs64 banks."""
-    check_seam_kernels(dtype, N=N, D=2304, E=256, I=1024, bits=4, gs=64, seed=22 + N,
-                       routing_opts=dict(top_k=8, n_group=1, topk_group=1, renormalize=True, scaling=2.446, shared=1))

@@ -1,122 +1,18 @@
-"""The working-set bound on prefill steps (kimi_mlx/working_set.py)."""
+"""How prefill steps keep their memory (kimi_mlx/working_set.py): the wait for late frees, the line describing it."""
 
 import mlx.core as mx
-import pytest
 
 from kimi_mlx import working_set
-from kimi_mlx.errors import ConfigError
-
-MB = 1 << 20
 
 
-N_OPS = 120
-SCALES = [mx.array(i / N_OPS) for i in range(N_OPS)]
-mx.eval(SCALES)  # made before any measurement: their 8-byte buffers are not the graph's working set
-
-
-def run_ahead_graph(a):
-    """N_OPS expensive ops on 4 MB arrays, cheap to queue: the host gets far ahead of the device (here the CPU
-    stream's worker thread), and each queued op holds its inputs and output until it has run."""
-    acc = a
-    for c in SCALES:
-        acc = acc + mx.exp(a * c)
-    return acc
-
-
-def peak_of(fn):
-    mx.synchronize()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    fn()
-    mx.synchronize()
-    return mx.get_peak_memory() - base
-
-
-def test_bound_holds_a_running_ahead_graph_near_the_bound():
-    a = mx.random.normal((1 << 20,))
-    mx.eval(a)
-    free = peak_of(lambda: mx.eval(run_ahead_graph(a)))
-
-    def bounded():
-        with working_set.bounded(12 * MB):
-            mx.eval(run_ahead_graph(a))
-
-    held = peak_of(bounded)
-    assert held <= 12 * MB + 3 * a.nbytes  # the bound plus what one op allocates past it
-    assert free > 2 * held, (free, held)  # the graph does run ahead without the bound
-
-
-def test_limit_is_set_inside_and_restored_after_also_on_error():
-    before = mx.get_memory_limit()
-    with working_set.bounded(5 * MB):
-        assert mx.get_memory_limit() == pytest.approx(mx.get_active_memory() + 5 * MB, abs=MB)
-    assert mx.get_memory_limit() == before
-    with pytest.raises(RuntimeError):
-        with working_set.bounded(5 * MB):
-            raise RuntimeError("boom")
-    assert mx.get_memory_limit() == before
-
-
-def test_zero_or_a_bound_above_the_limit_leaves_the_limit(monkeypatch):
-    before = mx.get_memory_limit()
-    for extra in (0, before + 1):
-        with working_set.bounded(extra):
-            assert mx.get_memory_limit() == before
-    monkeypatch.setenv(working_set.ENV, "0")
-    with working_set.bounded():
-        assert mx.get_memory_limit() == before
-
-
-def test_env_sets_the_bound_and_a_bad_value_is_one_line(monkeypatch):
-    monkeypatch.setenv(working_set.ENV, "64")
-    assert working_set.bound_bytes() == 64 * MB
-    monkeypatch.delenv(working_set.ENV)
-    assert working_set.bound_bytes() == working_set.DEFAULT_MB * MB
-    monkeypatch.setenv(working_set.ENV, "2GB")
-    with pytest.raises(ConfigError, match=f"{working_set.ENV}='2GB' is not a whole number") as e:
-        working_set.bound_bytes()
-    assert "\n" not in str(e.value)
-
-
-def test_prefill_steps_run_under_the_bound(monkeypatch):
-    """generate.prefill takes its steps through prefill_step, which lowers MLX's limit while a step runs."""
-    from kimi_mlx.generate import prefill
-
-    seen = []
-
-    class Model:
-        def hidden(self, tokens, state):
-            seen.append(mx.get_memory_limit())
-
-    class State:
-        offset = 0  # tokens held (generate.prefill plans its steps from it)
-
-        def eval(self):
-            pass
-
-    before = mx.get_memory_limit()
-    monkeypatch.setenv(working_set.ENV, "7")
-    prefill(Model(), State(), list(range(10)), 4)
-    assert len(seen) == 3 and all(s == pytest.approx(mx.get_active_memory() + 7 * MB, abs=MB) for s in seen)
-    assert mx.get_memory_limit() == before
-
-
-def test_describe_names_the_cap_and_the_tile_wait(monkeypatch):
+def test_describe_names_the_pacing_and_the_tile_wait(monkeypatch):
     from kimi_mlx.ops import attention
 
     monkeypatch.setattr(attention, "FREE_SLACK", None)
-    monkeypatch.delenv(working_set.ENV, raising=False)
-    assert "no cap" in working_set.describe() and "tiles wait" not in working_set.describe()
-    from kimi_mlx.model import decoder
-
-    monkeypatch.setattr(decoder, "LAYERS_AHEAD", 0)
+    assert "tiles wait" not in working_set.describe()
     assert "run one layer at a time" in working_set.describe()
-    monkeypatch.setattr(decoder, "LAYERS_AHEAD", 0.5)
-    assert "run half a layer ahead" in working_set.describe()
     monkeypatch.setattr(attention, "FREE_SLACK", 2048 << 20)
-    monkeypatch.setenv(working_set.ENV, "1536")
-    line = working_set.describe()
-    assert "tiles wait for freed memory past 2048 MB" in line and "capped at 1536 MB" in line
+    assert "tiles wait for freed memory past 2048 MB" in working_set.describe()
 
 
 def test_await_frees_waits_for_memory_to_be_released_and_gives_up_once():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import KDA, MOE, ModelConfig, env_choice
+from ..config import KDA, MOE, ModelConfig
 from ..ops.norm import add_norm
 from ..state import KDAState, MLAState, ModelState, check_context, new_state
 from .common import MLP, RMSNorm
@@ -14,30 +14,15 @@ from .kda import KimiDeltaAttention
 from .mla import KimiMLA
 from .moe import KimiMoE
 
-DECODE_ENV = "KIMI_MLX_DECODE"
 COMPILED_PREFILL_MULTIPLE = 1024  # prefill steps of a multiple of this many tokens compile their KDA layers
 PACED_PREFILL = 256  # prefill steps of at least this many tokens queue their layers one at a time (_layers)
 PACED_ON = (mx.gpu,)  # ... on these devices
-# layers a paced step lets the host queue ahead of the device: 0 awaits each layer before queuing the next (a
-# layer's intermediates stay allocated until its command batch has run, ~1.1 GB for a KDA layer at 2,048 tokens,
-# so 1 held two layers' worth: 2.34 GB a step at 700k context on an H200). 0.5 paces half layers (attention, FFN),
-# one half ahead: 15% faster a step at 4k context (0.28-0.29 s vs 0.33-0.35) and 5% over a whole 1M prompt, but
-# its steps went past 2 GB at every context length (new highs 2.01-2.90 GB at 51k-944k), so 0 stays (RESULTS.md).
-# step_memory.py --runs TILES:AHEAD compares them
-LAYERS_AHEAD = 0
-AHEAD_CHOICES = (0, 0.5, 1)
 PROBE_TOKENS = 64  # Model.probe_kernels' prefill: one whole KDA chunk, past ops/kda.CHUNKED_MIN_T
 
 
 def residual(h: mx.array, r: mx.array | None) -> mx.array:
     """h + r in h's dtype, r (a sublayer's output, e.g. the fused MoE's float32 sum) rounded to it first."""
     return h if r is None else h + r.astype(h.dtype)
-
-
-def decode_mode() -> str:
-    """How one-token steps compile: 'layer' (each layer its own graph) or 'model' (all layers one graph,
-    traced again whenever an MLA cache adds a page). KIMI_MLX_DECODE overrides."""
-    return env_choice(DECODE_ENV, ("layer", "model"), "layer")
 
 
 class DecoderLayer(nn.Module):
@@ -76,7 +61,7 @@ class DecoderLayer(nn.Module):
 
     def compiled_ffn(self, path: str):
         """This layer's FFN half under mx.compile on FFN path `path` (ffn_path), or None where it reads something
-        back to the host (the fused MoE's 'blocked' and 'segmented' expert paths) or is unfused."""
+        back to the host (the fused MoE's 'segmented' expert path) or is unfused."""
         return mx.compile(self.ffn) if path in ("dense", "bounded") else None
 
     def compiled_step(self, compile=mx.compile):
@@ -110,10 +95,7 @@ class DecoderLayer(nn.Module):
         return h, r, last
 
     def _ffn_seam(self, h, a):
-        """(h + a, the FFN of its norm): a fused MoE folds the seam into its kernels where it can
-        (model/fuse.py FusedMoE.after_seam)."""
-        if hasattr(self.mlp, "after_seam") and self.mlp.seam_fits(h, a):
-            return self.mlp.after_seam(h, a, self.post_attention_layernorm)
+        """(h + a, the FFN of its norm)."""
         h, x = self._seam(h, a, self.post_attention_layernorm)
         return h, self.mlp(x)
 
@@ -138,13 +120,6 @@ class KimiLinearModel(nn.Module):
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def _queue(queued: list, pending: list) -> list:
-    """Queue arrays on the device and await the ones queued before (a paced step's one piece ahead)."""
-    mx.async_eval(queued)
-    mx.eval(pending)
-    return queued
-
-
 class Model(nn.Module):
     """Kimi Linear causal LM.  model(tokens [B, T], state) -> logits [B, T, vocab]; advances state.
 
@@ -161,7 +136,6 @@ class Model(nn.Module):
         self.compile_prefill = True  # False: prefill steps run eagerly (the reference)
         self.eager_steps = False  # True: one-token steps take the decode path's functions uncompiled (tests)
         self._steps = None
-        self._whole = None
         self._prefill = None
         self._prefill_ffn = None  # {(layer, tokens): compiled FFN half or None}
         self.layer_done = None  # paced prefill steps call layer_done(i) once layer i has run (memory tracing)
@@ -204,7 +178,7 @@ class Model(nn.Module):
             except metal_kernels.KernelFailed as e:
                 metal_kernels.switch_off(e.name, e.why)
                 found.append(f"{e.name}: {e.why}")
-        self._steps = self._whole = self._prefill = self._prefill_ffn = None  # graphs traced before a switch-off
+        self._steps = self._prefill = self._prefill_ffn = None  # graphs traced before a switch-off
         return found  # would still launch the kernel
 
     def _probe_pass(self) -> None:
@@ -243,7 +217,7 @@ class Model(nn.Module):
         T = tokens.shape[1]
         r = None  # the last FFN output, not yet added to h (a one-token step adds it in the final norm)
         if T == 1 and self.compile_decode:
-            h, r = self._decode_layers(h, state)
+            h, r = self._decode_each(h, state)
         else:
             h = self._layers(h, state, compiled=T % COMPILED_PREFILL_MULTIPLE == 0 and self.compile_prefill)
         state.offset += tokens.shape[1]
@@ -252,16 +226,9 @@ class Model(nn.Module):
             return None
         return DecoderLayer._seam(h, r, self.model.norm)[1]
 
-    def _decode_layers(self, h: mx.array, state: ModelState) -> tuple[mx.array, mx.array | None]:
-        """The owned layers' one-token steps: (h, r), their output h + r (see DecoderLayer.kda_step)."""
-        if decode_mode() == "model" and all(state.layers[i].pages for i in self.owned
-                                            if not self.model.layers[i].is_kda):
-            return self._decode_whole(h, state)
-        return self._decode_each(h, state)
-
     def _decode_each(self, h: mx.array, state: ModelState) -> tuple[mx.array, mx.array | None]:
-        """The owned layers' one-token steps one layer at a time (self._steps: compiled unless a caller set
-        them)."""
+        """The owned layers' one-token steps, each layer its own graph (self._steps: compiled unless a caller set
+        them): (h, r), their output h + r (see DecoderLayer.kda_step)."""
         if self._steps is None:
             layers = {i: self.model.layers[i] for i in self.owned}
             self._steps = {i: layer.compiled_step(lambda f: f) if self.eager_steps else layer.compiled_step()
@@ -283,34 +250,27 @@ class Model(nn.Module):
         as one compiled graph, traced once per step length (the steady steps of a long prompt).
 
         Steps of PACED_PREFILL tokens or more are paced on a GPU: each layer is queued (async_eval) only once the
-        one before has run (LAYERS_AHEAD = 0; the host builds the next layer's graph meanwhile), or the host
-        stays one layer (1) or one half layer (0.5: attention and FFN halves queued in turn) ahead. MLX
-        allocates a kernel's output when the host encodes it and frees a command batch's inputs only once the
-        device has run the whole batch, so every layer queued ahead is memory held; building a graph holds
-        nothing. (The MoE's opt-in 'blocked' path reads its block count back while being built, which queues
-        that layer's attention half early; the default paths read nothing.) Not on the CPU, which runs ahead
-        by little: a small-shape prefill there measured 5% slower paced for 3% less memory."""
+        one before has run (the host builds the next layer's graph meanwhile). MLX allocates a kernel's output
+        when the host encodes it and frees a command batch's inputs only once the device has run the whole
+        batch, so every layer queued ahead is memory held (its intermediates); building a graph holds nothing.
+        Not on the CPU, which runs ahead by little: a small-shape prefill there measured 5% slower paced for 3%
+        less memory."""
         if compiled and self._prefill is None:
             self._prefill = {i: self.model.layers[i].compiled_kda_attention() for i in self.owned
                              if self.model.layers[i].is_kda}
         paced, pending = h.shape[1] >= PACED_PREFILL and mx.default_device() in PACED_ON, []
-        halves = paced and LAYERS_AHEAD == 0.5 and not self.layer_done
         for i in self.owned:
             layer, s = self.model.layers[i], state.layers[i]
             if compiled and layer.is_kda:
                 h, s.conv, s.recurrent = self._prefill[i](h, s.conv, s.recurrent)
             else:
                 h = layer.attend(h, s)
-            if halves:
-                pending = _queue([h, *s.arrays().values()], pending)
             h = self._ffn(i, h) if compiled else layer.ffn(h)
             if paced:
                 queued = [h, *s.arrays().values()]
-                if LAYERS_AHEAD == 0 and not self.layer_done:  # await the layer before, then queue this one: its
-                    mx.eval(pending)  # graph was built while the device ran the one before (building allocates
-                    mx.async_eval(queued)  # nothing; queuing does), so the host's build time overlaps the device
-                else:
-                    _queue(queued, pending)
+                # await the layer before, then queue this one: its graph was built while the device ran the one
+                mx.eval(pending)  # before (building allocates nothing; queuing does), so the host's build time
+                mx.async_eval(queued)  # overlaps the device
                 if self.layer_done:  # tracing: this layer alone (no overlap with the next one), then the hook
                     mx.eval(queued)
                     self.layer_done(i)
@@ -327,35 +287,6 @@ class Model(nn.Module):
             self._prefill_ffn[key] = layer.compiled_ffn(key[2])
         step = self._prefill_ffn[key]
         return step(h) if step else layer.ffn(h)
-
-    def _decode_whole(self, h: mx.array, state: ModelState) -> tuple[mx.array, mx.array]:
-        """All owned layers' one-token step as one compiled graph (traced again when an MLA cache's last page
-        grows or a page is added). Every MLA cache must hold a page already."""
-        slots = [state.layers[i].decode_slot() for i in self.owned if not self.model.layers[i].is_kda]
-        if self._whole is None:
-            self._whole = mx.compile(self._whole_step)
-        kda = [(state.layers[i].conv, state.layers[i].recurrent) for i in self.owned if self.model.layers[i].is_kda]
-        h, r, kda, lasts = self._whole(h, kda, [(s.pages, s.row) for s in slots])
-        for i in self.owned:
-            s = state.layers[i]
-            if self.model.layers[i].is_kda:
-                (s.conv, s.recurrent), kda = kda[0], kda[1:]
-            else:
-                s.commit_decode(lasts[0])
-                lasts = lasts[1:]
-        return h, r
-
-    def _whole_step(self, h, kda, mla):
-        kda_out, lasts, r = [], [], None
-        for i in self.owned:
-            layer = self.model.layers[i]
-            if layer.is_kda:
-                h, r, *s = layer.kda_step(h, r, *kda[len(kda_out)])
-                kda_out.append(tuple(s))
-            else:
-                h, r, last = layer.mla_step(h, r, *mla[len(lasts)])
-                lasts.append(last)
-        return h, r, kda_out, lasts
 
     def logits(self, h: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:

@@ -14,17 +14,12 @@ import mlx.nn as nn
 import numpy as np
 from metal_kernels import usable
 
-from ..config import env_choice
 from ..errors import ConfigError
 from ..ops.attention import absorb_matrix, value_matrix
-from ..ops.experts import KERNEL_BITS, experts_kernel, experts_ref, experts_seam_kernel, kernel_fits, weighted_sum
+from ..ops.experts import KERNEL_BITS, experts_kernel, experts_ref, kernel_fits, weighted_sum
 from ..ops.fast_math import silu
 from ..ops.kda import gpu_backend
 from ..ops.linear import dequant_linears
-from ..ops.norm import mode as norm_mode
-from ..ops.routing import LOGITS_KERNEL_ROWS, logits_norm_kernel
-from ..ops.routing import kernel_supports as route_supports
-from ..ops.routing import mode as route_mode
 from .common import MLP
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA
@@ -92,32 +87,6 @@ class FusedMoE(nn.Module):
         return expert_path(pairs, self.num_routed + self.num_shared,
                            self.kernel_fits and usable("moe_gate_up") and usable("moe_down"))
 
-    def seam_fits(self, h: mx.array, a: mx.array) -> bool:
-        """Whether after_seam folds the seam into the router and gate|up kernels for this call: decode on a GPU
-        with the router, add_norm and expert kernels all on their kernel paths (KIMI_MLX_MOE_SEAM=ref: never)."""
-        D = h.shape[-1]
-        N = h.size // D
-        opts = self.gate.opts
-        return (seam_mode() == "auto" and gpu_backend() is not None
-                and norm_mode() != "ref" and route_mode() != "ref" and a.shape == h.shape and D % 32 == 0
-                and N <= LOGITS_KERNEL_ROWS and self.gate.weight.dtype == mx.float32 and self.path(N) == "kernel"
-                and route_supports(self.num_routed, opts["top_k"], opts["n_group"])
-                and usable("moe_router_norm") and usable("moe_gate_up_seam"))
-
-    def after_seam(self, h: mx.array, a: mx.array, norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
-        """(h + a, self(rms_norm(h + a))) where seam_fits: the decoder's seam before the MoE (h the residual, a the
-        attention's output) and the MoE after it in three launches where the reference (the decoder's add_norm,
-        then self) runs five (add_norm, router, routing, gate|up, down): the router kernel adds and normalises
-        (moe_router_norm), the gate|up kernel routes its token and normalises it again on the way
-        (moe_gate_up_seam), then moe_down."""
-        shape = h.shape
-        s, logits = logits_norm_kernel(h.reshape(-1, shape[-1]), a.reshape(-1, shape[-1]), norm.weight, norm.eps,
-                                       self.gate.weight)
-        out = experts_seam_kernel(s, logits, self.gate.e_score_correction_bias,
-                                  {**self.gate.opts, "shared": self.num_shared}, self.gate_up_proj, self.down_proj,
-                                  norm.weight, norm.eps)
-        return s.reshape(shape), out.reshape(shape)
-
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
@@ -129,9 +98,9 @@ class FusedMoE(nn.Module):
             out = experts_kernel(flat, idx, w, self.gate_up_proj, self.down_proj)
         elif path == "gather":  # decode otherwise: MLX's gather matmuls (the kernels' reference twin)
             out = experts_ref(flat, idx, w, self.gate_up_proj, self.down_proj)
-        elif path in ("blocked", "bounded"):  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather
-            # matmul a bank ('bounded': as many blocks as any routing could need, so no count read back)
-            blocks = ExpertBlocks(idx, self.num_routed + self.num_shared, bounded=path == "bounded")
+        elif path == "bounded":  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather matmul a bank
+            # (as many blocks as any routing could need, so no count read back)
+            blocks = ExpertBlocks(idx, self.num_routed + self.num_shared)
             g, u = mx.split(self.gate_up_proj(blocks.rows(flat), blocks.expert), 2, axis=-1)
             out = weighted_sum(blocks.pairs(self.down_proj(silu(g) * u, blocks.expert)), w)
         elif path == "segmented":  # prefill on CPU: tokens grouped by expert, one dense matmul each
@@ -155,15 +124,15 @@ class ExpertBlocks:
     A bank applied to rows [NB, BLOCK, D] with one expert index per block is then one gather matmul whose
     every batch item is a BLOCK-row tile (MLX's CUDA gather_qmm tiles each batch item's rows, so expert-
     sorted single rows waste most of every tile). Padding rows are zero and never read back; the index
-    maps are built on the device, and only the block count (one integer) comes back to the host; bounded: not
-    even that, the block count is the most any routing of these pairs could need (every pair's full blocks plus
-    one partial block an expert), the blocks past the used ones zero rows of the last expert, which the gather
-    matmul computes and nothing reads (no host sync inside the layer, at the price of those blocks' matmuls).
+    maps are built on the device, and nothing comes back to the host: the block count is the most any routing
+    of these pairs could need (every pair's full blocks plus one partial block an expert), the blocks past the
+    used ones zero rows of the last expert, which the gather matmul computes and nothing reads (no host sync
+    inside the layer, at the price of those blocks' matmuls).
     """
 
     BLOCK = 64
 
-    def __init__(self, idx: mx.array, experts: int, block: int | None = None, bounded: bool = False):
+    def __init__(self, idx: mx.array, experts: int, block: int | None = None):
         self.block = b = block or self.BLOCK
         N, k = idx.shape
         flat = idx.flatten()
@@ -175,7 +144,7 @@ class ExpertBlocks:
         e_sorted = flat[order]
         row = (bend - nblk)[e_sorted] * b + mx.arange(N * k) - start[e_sorted]  # padded row of each sorted pair
         self.row_of_pair = mx.zeros((N * k,), mx.int32).at[order].add(row.astype(mx.int32))
-        nb = min(N * k // b + experts, N * k) if bounded else int(bend[-1].item())
+        nb = min(N * k // b + experts, N * k)
         # pair feeding each padded row; N * k marks a padding row (reads the zero row appended below)
         src = mx.full((nb * b,), N * k, mx.int32).at[row].add(order.astype(mx.int32) - N * k)
         self.token_of_row = src // k
@@ -211,11 +180,9 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
     kernel), 'segmented' (one matmul per expert over its rows: CPU, measured 3.5x gather_mm) or 'bounded'
     (ExpertBlocks: CUDA, where gather_qmm over single sorted rows measured ~60x under the card's matmul
     rate; as many blocks as any routing could need, so nothing is read back to the host and a prefill step
-    queues without a stop: 8k prefill 8.3-9.0k tok/s vs 7.8-8.0k for 'blocked', RESULTS.md). 'blocked' reads
-    the block count back instead (fewer, fuller blocks: 4.3 vs 5.1 ms a layer alone).
-    KIMI_MLX_EXPERTS=gather|kernel|sorted|segmented|blocked|bounded overrides; the four prefill paths only for
-    calls of 64+ pairs (a one-token step on them would be slow, and on 'blocked'/'segmented' would read the
-    host inside a compiled decode step)."""
+    queues without a stop). KIMI_MLX_EXPERTS=gather|kernel|sorted|segmented|bounded overrides; the three
+    prefill paths only for calls of 64+ pairs (a one-token step on them would be slow, and on 'segmented' would
+    read the host inside a compiled decode step)."""
     forced = os.environ.get(EXPERTS_ENV, "").strip().lower()
     if forced == "kernel" and not (kernel_fits and gpu_backend()):
         raise ConfigError(f"{EXPERTS_ENV}=kernel needs a Metal or CUDA device and affine {'/'.join(map(str, KERNEL_BITS))}"
@@ -234,15 +201,7 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
     return "sorted"  # Metal: MLX's gather_qmm has a kernel for expert-sorted rows
 
 
-EXPERT_PATHS = ("gather", "kernel", "sorted", "segmented", "blocked", "bounded")
-SEAM_ENV = "KIMI_MLX_MOE_SEAM"
-SEAM_MODES = ("auto", "ref")
-SEAM_DEFAULT = "ref"  # tested on an H200, not faster there (RESULTS.md, sixteenth session): opt-in
-
-
-def seam_mode() -> str:
-    """KIMI_MLX_MOE_SEAM: 'auto' (FusedMoE.after_seam where seam_fits) or 'ref' (the decoder's add_norm)."""
-    return env_choice(SEAM_ENV, SEAM_MODES, SEAM_DEFAULT)
+EXPERT_PATHS = ("gather", "kernel", "sorted", "segmented", "bounded")
 
 
 def can_fuse_moe(moe: KimiMoE) -> bool:
@@ -325,6 +284,6 @@ def fuse_model(model) -> int:
             a.v_absorb = value_matrix(a.v_up, a.pe)
             fuse_mla_inputs(a)
         dequant_linears(layer)  # prefill's projections: dequantize + dense matmul where chosen (ops/linear.py)
-    model._steps = model._whole = model._prefill = model._prefill_ffn = None  # compiled steps close over the old modules
+    model._steps = model._prefill = model._prefill_ffn = None  # compiled steps close over the old modules
     mx.eval(model.parameters())
     return n

@@ -8,10 +8,6 @@
                   indices, gather_qmm's copy, two gather matmuls, SwiGLU, weighting, sum), and a GEMV
                   where MLX's gather_qmm runs a tiled GEMM from 8 pairs on (31 us a call on an H200).
   kernel_fits     whether the kernels read a pair of banks (affine quantization, 2, 4 or 8 bits; <= 32 pairs a token)
-  experts_seam_kernel  the same two launches with the routing and the decoder seam's norm inside the first
-                  (moe_gate_up_seam: from the residual s and the router's logits; each dot taken with
-                  s * norm_w and scaled by rsqrt(mean(s^2) + eps)); its reference: experts_ref of
-                  mx.fast.rms_norm(s, norm_w, eps) and ops/routing.py's route_ref of the logits.
 model/fuse.py's expert_path chooses between them (KIMI_MLX_EXPERTS=gather|kernel overrides).
 Both take x [N, D], idx [N, P] int32, w [N, P] float32 and the banks gate_up [E, 2I, D] (gate rows, then up
 rows) and down [E, D, I] (QuantizedSwitchLinear or SwitchLinear); both return [N, D] float32.
@@ -116,25 +112,6 @@ def experts_kernel(x, idx, w, gate_up, down):
     (h,) = kernel("moe_gate_up")(
         inputs=[x, idx, gate_up.weight, gate_up.scales, gate_up.biases], template=_template(D, I, P, gate_up, units(I)),
         output_shapes=[(N * P, I)], output_dtypes=[mx.float32], **_gate_up_grid(N, P, I),
-    )
-    return _down(h, idx, w, down)
-
-
-def experts_seam_kernel(s, logits, bias, route_opts: dict, gate_up, down, norm_w, eps: float):
-    """s [N, D] the residual, logits [N, E] the router's, route_opts Router.opts plus `shared`: [N, D] float32."""
-    from metal_kernels import kernel
-
-    from .routing import template as route_template
-
-    N, D = s.shape
-    I = gate_up.weight.shape[1] // 2
-    P = route_opts["top_k"] + route_opts.get("shared", 0)
-    h, idx, w = kernel("moe_gate_up_seam")(
-        inputs=[s, logits, bias.astype(mx.float32), mx.array([route_opts["scaling"]], mx.float32), gate_up.weight,
-                gate_up.scales, gate_up.biases, norm_w.astype(s.dtype), mx.array([eps], mx.float32)],
-        template=_template(D, I, P, gate_up, units(I)) + route_template(logits.shape[1], **route_opts),
-        output_shapes=[(N * P, I), (N, P), (N, P)], output_dtypes=[mx.float32, mx.int32, mx.float32],
-        **_gate_up_grid(N, P, I),
     )
     return _down(h, idx, w, down)
 

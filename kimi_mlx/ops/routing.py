@@ -12,10 +12,6 @@ The router's logits before them, float32 as upstream (x cast to float32 times th
   logits_kernel  one kernel (metal_kernels/moe_router.body) reading x in its own dtype (no cast launched)
   router_logits  chooses like route: the kernel on a GPU where the weight is kept in float32, for up to
                  LOGITS_KERNEL_ROWS tokens (decode; it reads the weight once a token, a matmul serves prefill).
-With the decoder's seam before the MoE folded in (model/fuse.py FusedMoE.after_seam):
-  logits_norm_ref     ops.norm.add_norm_ref, then logits_ref: (s = h + a, logits of rms_norm(s) * norm_w)
-  logits_norm_kernel  one kernel (moe_router_norm) for both: rsqrt(mean(s^2) + eps) * ((s * norm_w) . weight),
-                      the normalised token never rounded to the dtype (the reference rounds it)
 """
 
 from __future__ import annotations
@@ -62,7 +58,7 @@ def kernel_supports(E: int, top_k: int, n_group: int) -> bool:
 
 
 def template(E, *, top_k, n_group, topk_group, renormalize, scaling, bias_in_weights=False, shared=0):
-    """The routing kernels' template arguments (moe_route, and moe_gate_up_seam's routing part)."""
+    """The routing kernels' template arguments (moe_route)."""
     return [("E", E), ("K", top_k), ("NG", n_group), ("TG", topk_group), ("RENORM", int(renormalize)),
             ("BIAS_W", int(bias_in_weights)), ("SH", shared)]
 
@@ -98,27 +94,6 @@ def logits_kernel(x, weight):
         output_shapes=[(N, E)], output_dtypes=[mx.float32],
     )
     return logits
-
-
-def logits_norm_ref(h, a, norm_w, eps: float, weight):
-    from .norm import add_norm_ref
-
-    s, x = add_norm_ref(h, a, norm_w, eps)
-    return s, logits_ref(x, weight)
-
-
-def logits_norm_kernel(h, a, norm_w, eps: float, weight):
-    from metal_kernels import group_rows, kernel
-
-    N, D = h.shape
-    E = weight.shape[0]
-    S = group_rows(D, 8)
-    s, logits = kernel("moe_router_norm")(
-        inputs=[h, a, norm_w.astype(h.dtype), mx.array([eps], mx.float32), weight.astype(mx.float32)],
-        template=[("D", D), ("E", E), ("S", S)], grid=(32 * S, E, N), threadgroup=(32 * S, 1, 1),
-        output_shapes=[(N, D), (N, E)], output_dtypes=[h.dtype, mx.float32],
-    )
-    return s, logits
 
 
 LOGITS_KERNEL_ROWS = 16
