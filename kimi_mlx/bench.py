@@ -16,10 +16,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import working_set
 from .config import KIMI_LINEAR_48B_A3B, ModelConfig
 from .generate import PREFILL_STEP, describe_steps, prefill_step, step_length, step_lengths
 from .model import Model
+from .model.decoder import prefill_memory
 from .model.fuse import fuse_model
 from .weights.layout import hf_layer_to_local
 from .weights.load import check_kernels
@@ -488,7 +488,7 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
     rows_in = runners[0].row_dtype()
     echo(f"weights: {weight_bytes(ours) / 1e9:.2f} GB; read per decoded token: {active / 1e9:.3f} GB; "
          f"cache per context token: {cache_bytes_per_token(cfg, rows_in.size)} B ({str(rows_in).split('.')[-1]}); "
-         f"kimi-mlx prefill memory: {working_set.describe()}")
+         f"kimi-mlx prefill memory: {prefill_memory()}")
     if prefill or step_at:
         echo(f"prefill steps: kimi-mlx {describe_steps(step)}"
              + (f"; mlx-lm {step or PREFILL_STEP} tokens" if len(runners) > 1 else ""))

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import working_set
 from .errors import KimiError, first_line
 from .ops import fast_math
 from .ops import kda as kda_ops
@@ -267,8 +266,8 @@ def check_experts() -> Check:
 def environment() -> list[tuple[str, str]]:
     from metal_kernels import backend
 
-    from .ops import attention, linear, norm
-    from .ops import mla_decode
+    from .model.decoder import prefill_memory
+    from .ops import attention, linear, mla_decode, norm
 
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     gpu = kda_ops.gpu_backend()
@@ -305,7 +304,7 @@ def environment() -> list[tuple[str, str]]:
         ("decode matmuls", f"qmv {gpu} kernel (up to {linear.QMV_MAX_ROWS} rows, affine 2/4/8-bit; opt-in)"
          if linear.qmv_chosen(_probe_linear(), 1)
          else f"MLX's quantized matmul ({linear.QMV_ENV}={linear.qmv_mode()})"),
-        ("prefill memory", working_set.describe()),
+        ("prefill memory", prefill_memory()),
         ("exp, SiLU, softmax", "range reduction + polynomial (the CPU's own exp runs an element at a time)"
          if fast_math.active() else "MLX's"),
         *([("CUDA graph size", f"{os.environ.get('MLX_MAX_OPS_PER_BUFFER', 'MLX default')} ops (MLX_MAX_OPS_PER_BUFFER), "

@@ -34,12 +34,3 @@ def await_frees(limit: int, headroom: int = 0) -> int:
         if mx.get_active_memory() <= limit:
             return limit
     return max(limit, mx.get_active_memory() + headroom)
-
-
-def describe() -> str:
-    """One line on how prefill steps keep their memory (doctor and bench print it)."""
-    from .model.decoder import PACED_PREFILL
-    from .ops.attention import FREE_SLACK
-
-    tiles = f"; attention tiles wait for freed memory past {FREE_SLACK >> 20} MB" if FREE_SLACK is not None else ""
-    return f"steps of {PACED_PREFILL}+ tokens run one layer at a time on a GPU{tiles}"

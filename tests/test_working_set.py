@@ -1,18 +1,20 @@
-"""How prefill steps keep their memory (kimi_mlx/working_set.py): the wait for late frees, the line describing it."""
+"""How prefill steps keep their memory: the wait for late frees (kimi_mlx/working_set.py), the line describing
+it (model/decoder.prefill_memory)."""
 
 import mlx.core as mx
 
 from kimi_mlx import working_set
+from kimi_mlx.model.decoder import prefill_memory
 
 
 def test_describe_names_the_pacing_and_the_tile_wait(monkeypatch):
     from kimi_mlx.ops import attention
 
     monkeypatch.setattr(attention, "FREE_SLACK", None)
-    assert "tiles wait" not in working_set.describe()
-    assert "run one layer at a time" in working_set.describe()
+    assert "tiles wait" not in prefill_memory()
+    assert "run one layer at a time" in prefill_memory()
     monkeypatch.setattr(attention, "FREE_SLACK", 2048 << 20)
-    assert "tiles wait for freed memory past 2048 MB" in working_set.describe()
+    assert "tiles wait for freed memory past 2048 MB" in prefill_memory()
 
 
 def test_await_frees_waits_for_memory_to_be_released_and_gives_up_once():

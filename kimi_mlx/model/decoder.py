@@ -20,6 +20,14 @@ PACED_ON = (mx.gpu,)  # ... on these devices
 PROBE_TOKENS = 64  # Model.probe_kernels' prefill: one whole KDA chunk, past ops/kda.CHUNKED_MIN_T
 
 
+def prefill_memory() -> str:
+    """One line on how prefill steps keep their memory (doctor and bench print it)."""
+    from ..ops.attention import FREE_SLACK
+
+    tiles = f"; attention tiles wait for freed memory past {FREE_SLACK >> 20} MB" if FREE_SLACK is not None else ""
+    return f"steps of {PACED_PREFILL}+ tokens run one layer at a time on a GPU{tiles}"
+
+
 def residual(h: mx.array, r: mx.array | None) -> mx.array:
     """h + r in h's dtype, r (a sublayer's output, e.g. the fused MoE's float32 sum) rounded to it first."""
     return h if r is None else h + r.astype(h.dtype)
