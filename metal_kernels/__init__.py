@@ -1,11 +1,11 @@
 """Custom kernels: one algorithm source per kernel, built for Metal or CUDA by MLX.
 
-Each kernel body (`<name>.body`) is written once in a small vocabulary: `kda_gid` (the thread's
-uint3 position in the grid), `KDA_FN` helpers from common.h, and the primitives that metal.h and
-cuda.h define per backend (`kda_exp`, `kda_simd_sum`, ...). MLX writes the function signature from
+Each kernel body (`<name>.body`) is written once in a small vocabulary: `gpu_gid` (the thread's
+uint3 position in the grid), `GPU_FN` helpers from common.h, and the primitives that metal.h and
+cuda.h define per backend (`gpu_exp`, `gpu_simd_sum`, ...). MLX writes the function signature from
 the input/output names and the template arguments, so the same body compiles as
 `mx.fast.metal_kernel` on Apple GPUs and as `mx.fast.cuda_kernel` on NVIDIA GPUs. Code kept apart
-from a body lives in `<part>.part` and is pasted at a body's `KDA_PART(<part>)` line (moe_pick: one token's
+from a body lives in `<part>.part` and is pasted at a body's `GPU_PART(<part>)` line (moe_pick: one token's
 routing, in moe_route); a spec's `defines` select a body's variants (`#if`). `generate.py`
 writes the full text MLX compiles for a sample instantiation (`<name>.metal`, `<name>.cu`) so CI
 can check it without either GPU; MLX itself is given that text without comments or indentation
@@ -25,9 +25,9 @@ import mlx.core as mx
 HERE = Path(__file__).parent
 
 THREAD_IDS = {
-    "metal": "const uint3 kda_gid = thread_position_in_grid;\n",
+    "metal": "const uint3 gpu_gid = thread_position_in_grid;\n",
     "cuda": (
-        "const uint3 kda_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,\n"
+        "const uint3 gpu_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,\n"
         "                                 blockIdx.y * blockDim.y + threadIdx.y,\n"
         "                                 blockIdx.z * blockDim.z + threadIdx.z);\n"
     ),
@@ -249,11 +249,11 @@ def header(kind: str) -> str:
 
 def body(name: str, kind: str) -> str:
     """The kernel body for one backend: its thread-id line, the spec's macros, then the shared algorithm, each
-    `KDA_PART(x)` line replaced by the text of x.part (code shared by several bodies)."""
+    `GPU_PART(x)` line replaced by the text of x.part (code shared by several bodies)."""
     spec = SPECS[name]
     macros = "".join(f"#define {k} {v}\n" for k, v in spec.defines)
     text = (HERE / f"{spec.source or name}.body").read_text()
-    text = re.sub(r"^KDA_PART\((\w+)\)\n", lambda m: (HERE / f"{m.group(1)}.part").read_text(), text, flags=re.M)
+    text = re.sub(r"^GPU_PART\((\w+)\)\n", lambda m: (HERE / f"{m.group(1)}.part").read_text(), text, flags=re.M)
     return THREAD_IDS[kind] + macros + text
 
 

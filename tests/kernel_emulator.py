@@ -89,7 +89,7 @@ def _build(text: str, kind: str) -> ctypes.CDLL:
 @functools.cache
 def _shared_arrays(lib: str, kernel: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(offset from emu_launch, bytes) of each threadgroup array of `kernel` in library `lib`: the function-local
-    statics of the kernel (KDA_SHARED declares them static; a kernel has no other static variables), found by
+    statics of the kernel (GPU_SHARED declares them static; a kernel has no other static variables), found by
     their mangled names (_ZZ<function>E<name>) among the library's writable data symbols."""
     out = subprocess.run(["nm", "-S", "--defined-only", lib], check=True, capture_output=True, text=True).stdout
     launch, arrays = None, []

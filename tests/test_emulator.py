@@ -70,7 +70,7 @@ def test_a_read_of_threadgroup_memory_no_thread_wrote_fails(monkeypatch, kind):
 def test_a_missing_barrier_between_a_write_and_another_threads_read_fails(monkeypatch, kind):
     """Without the barrier, a thread may add up the lane groups' partial sums before another group's lane 0
     has written its own: under the shuffled order some rows come out wrong (with each seed tried)."""
-    plant(monkeypatch, "add_norm", "kda_barrier();\n", "")
+    plant(monkeypatch, "add_norm", "gpu_barrier();\n", "")
     for seed in (1, 2, 3):
         (s, y), (rs, ry) = add_norm(kind, seed=seed)
         assert mx.array_equal(s, rs)
@@ -99,7 +99,7 @@ def test_a_missing_barrier_after_loading_a_slice_fails(monkeypatch, kind):
     """kda_intra_chunk's group loads a slice of q, k, g (a value a thread) and then every thread reads the whole
     slice: without the barrier between, threads read slots others have not written yet (junk)."""
     assert intra_chunk(kind) <= 1e-4  # the kernel as it is
-    plant(monkeypatch, "kda_intra_chunk", "  kda_barrier();\n  for (int e = tid; e < LV * C * Q;",
+    plant(monkeypatch, "kda_intra_chunk", "  gpu_barrier();\n  for (int e = tid; e < LV * C * Q;",
           "  for (int e = tid; e < LV * C * Q;")
     for seed in (1, 2, 3):
         assert not intra_chunk(kind, seed) <= 1e-4  # NaN compares false
@@ -157,7 +157,7 @@ def test_a_partial_threadgroups_barrier_counts_only_its_threads_on_metal():
 def test_threads_at_different_barriers_report_a_deadlock_quickly(monkeypatch, kind):
     """Lane 0 skips the simd_sum and goes on to the threadgroup barrier while lanes 1..31 wait for it in the
     sum's first shuffle: no barrier can release."""
-    plant(monkeypatch, "add_norm", "sq = kda_simd_sum(sq);", "if (lane != 0) sq = kda_simd_sum(sq);")
+    plant(monkeypatch, "add_norm", "sq = gpu_simd_sum(sq);", "if (lane != 0) sq = gpu_simd_sum(sq);")
     for rows in (1, 5):  # the first launch builds the text; the second is timed
         start = time.monotonic()
         with pytest.raises(RuntimeError, match="deadlock: threads wait at different barriers"):

@@ -47,7 +47,7 @@ def test_cuda_text_compiles(fname, tmp_path):
 
 @pytest.mark.parametrize("kind, good, typo", [
     ("metal", "metal::simd_sum", "metal::simd_summ"),
-    ("metal", "const uint3 kda_gid", "const uint3 kda_gdi"),
+    ("metal", "const uint3 gpu_gid", "const uint3 kda_gdi"),
     ("cuda", "__shfl_xor_sync", "__shfl_xor_synk"),
     ("cuda", "blockIdx.x", "blockIdz.x"),
 ])
@@ -159,8 +159,8 @@ def test_a_metal_keyword_or_type_as_a_name_is_caught(word):
 
 
 @pytest.mark.parametrize("name, call", [
-    ("add_norm", "kda_round_as(eps, 1.0f);"),  # a constant buffer where a device pointer is taken
-    ("add_norm", "kda_round_as(part, 1.0f);"),  # threadgroup memory where a device pointer is taken
+    ("add_norm", "gpu_round_as(eps, 1.0f);"),  # a constant buffer where a device pointer is taken
+    ("add_norm", "gpu_round_as(part, 1.0f);"),  # threadgroup memory where a device pointer is taken
     ("moe_down", "{ device float* p = part; p[0] = 0.0f; }"),
     ("kda_decode", "{ const constant float* p = a_log; (void)p; }"),  # a device buffer as a constant one
 ])

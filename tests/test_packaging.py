@@ -29,8 +29,8 @@ def test_the_wheel_holds_every_kernel_source_the_demo_and_the_chat_page(tmp_path
     for spec in metal_kernels.SPECS.values():
         body = ROOT / "metal_kernels" / f"{spec.source or spec.name}.body"
         needed.add(f"metal_kernels/{body.name}")
-        needed |= {f"metal_kernels/{line[len('KDA_PART('):-1]}.part" for line in body.read_text().splitlines()
-                   if line.startswith("KDA_PART(")}
+        needed |= {f"metal_kernels/{line[len('GPU_PART('):-1]}.part" for line in body.read_text().splitlines()
+                   if line.startswith("GPU_PART(")}
     needed |= {f"kimi_mlx/demo_data/{p.name}" for p in (ROOT / "kimi_mlx" / "demo_data").iterdir() if p.is_file()}
     needed |= {f"kimi_mlx/server/static/{p.name}" for p in (ROOT / "kimi_mlx" / "server" / "static").iterdir()}
     assert needed <= names, sorted(needed - names)

@@ -8,7 +8,7 @@
 // threads of a group thus run in a shuffled order: a read of shared memory that no barrier orders after its
 // write sees the write or not depending on the order, and its test fails.
 //
-// Threadgroup memory is the kernel's function-local statics (KDA_SHARED: threadgroup / __shared__ ->
+// Threadgroup memory is the kernel's function-local statics (GPU_SHARED: threadgroup / __shared__ ->
 // static): groups run one after another, and before each group starts the launcher fills every such static
 // with junk (all bytes 0xFF: float NaN, int -1), as a GPU leaves it; the launcher is told where they are
 // (tests/kernel_emulator.py reads their addresses from the library's symbol table, because GCC ignores a
