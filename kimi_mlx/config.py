@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
 
-
-def env_choice(name: str, choices, default: str) -> str:
-    """An environment setting that takes one of `choices` (case and spaces ignored; unset or empty: default);
-    anything else is a one-line ConfigError naming the setting and its choices."""
-    value = os.environ.get(name, default).strip().lower() or default
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}; unset it or pick one")
-    return value
 
 KDA, MLA = "kda", "mla"
 DENSE, MOE = "dense", "moe"

@@ -268,6 +268,7 @@ def environment() -> list[tuple[str, str]]:
 
     from .model.decoder import prefill_memory
     from .ops import attention, linear, mla_decode, norm
+    from .settings import rows as switch_rows
 
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     gpu = kda_ops.gpu_backend()
@@ -305,6 +306,8 @@ def environment() -> list[tuple[str, str]]:
          if linear.qmv_chosen(_probe_linear(), 1)
          else f"MLX's quantized matmul ({linear.QMV_ENV}={linear.qmv_mode()})"),
         ("prefill memory", prefill_memory()),
+        ("switches", ", ".join(f"{env}={v}" for env, v, changed in switch_rows() if changed)
+         or "every one at its default (docs/switches.md lists them)"),
         ("exp, SiLU, softmax", "range reduction + polynomial (the CPU's own exp runs an element at a time)"
          if fast_math.active() else "MLX's"),
         *([("CUDA graph size", f"{os.environ.get('MLX_MAX_OPS_PER_BUFFER', 'MLX default')} ops (MLX_MAX_OPS_PER_BUFFER), "

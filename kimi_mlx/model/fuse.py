@@ -7,13 +7,13 @@ into S SwiGLUs of width I). One gather matmul then serves routed and shared expe
 
 from __future__ import annotations
 
-import os
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from metal_kernels import usable
 
+from .. import settings
 from ..errors import ConfigError
 from ..ops.attention import absorb_matrix, value_matrix
 from ..ops.experts import KERNEL_BITS, experts_kernel, experts_ref, kernel_fits, weighted_sum
@@ -183,15 +183,12 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
     queues without a stop). KIMI_MLX_EXPERTS=gather|kernel|sorted|segmented|bounded overrides; the three
     prefill paths only for calls of 64+ pairs (a one-token step on them would be slow, and on 'segmented' would
     read the host inside a compiled decode step)."""
-    forced = os.environ.get(EXPERTS_ENV, "").strip().lower()
+    forced = settings.value(EXPERTS_ENV)
     if forced == "kernel" and not (kernel_fits and gpu_backend()):
         raise ConfigError(f"{EXPERTS_ENV}=kernel needs a Metal or CUDA device and affine {'/'.join(map(str, KERNEL_BITS))}"
                           "-bit expert banks; unset it or pick another path")
-    if forced in EXPERT_PATHS:
-        if pairs >= 64 or forced in ("gather", "kernel"):
-            return forced
-    elif forced:
-        raise ConfigError(f"{EXPERTS_ENV}={forced!r} is not one of {', '.join(EXPERT_PATHS)}; unset it or pick one")
+    if forced != "auto" and (pairs >= 64 or forced in ("gather", "kernel")):
+        return forced
     if pairs < 64:
         return "kernel" if kernel_fits and gpu_backend() else "gather"
     if mx.default_device() == mx.cpu:
@@ -201,7 +198,6 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
     return "sorted"  # Metal: MLX's gather_qmm has a kernel for expert-sorted rows
 
 
-EXPERT_PATHS = ("gather", "kernel", "sorted", "segmented", "bounded")
 
 
 def can_fuse_moe(moe: KimiMoE) -> bool:

@@ -32,15 +32,13 @@ Quantized caches (see LatentCache.bits) always take the tiled path.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import partial
 
 import mlx.core as mx
 from metal_kernels import usable
 
-from ..config import env_choice
-from ..errors import ConfigError
+from .. import settings
 from ..state import LatentCache
 from ..working_set import await_frees
 from . import fast_math
@@ -54,11 +52,7 @@ def tile_bytes_from_env() -> int:
     """KIMI_MLX_MLA_TILE_MB. Default 64 (256 keys x 2,048 queries x 32 heads at the real shape) on CPU,
     256 on a GPU, where fewer, larger tiles launch less per key and 256 keeps a step's working set near 1 GB
     (RESULTS.md times 64 to 1,024)."""
-    default = "256" if mx.default_device() == mx.gpu else "64"
-    value = os.environ.get(TILE_ENV, default).strip() or default
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f"{TILE_ENV}={value!r} is not a whole number of megabytes >= 1; unset it or fix it")
-    return int(value) << 20
+    return int(settings.value(TILE_ENV)) << 20
 
 
 TILE_BYTES = tile_bytes_from_env()  # one float32 score tile
@@ -107,7 +101,7 @@ def absorbed_is_cheaper(T: int, latent: int, pe: int, nope: int, v: int) -> bool
 
 
 def mode() -> str:
-    return env_choice(ENV, MODES, "auto")
+    return settings.value(ENV)
 
 
 def mla_attention(q, cache: LatentCache, k_up, v_up, scale: float, *, path: str | None = None,

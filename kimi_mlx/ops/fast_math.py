@@ -19,7 +19,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import env_choice
+from .. import settings
 
 ENV = "KIMI_MLX_FAST_MATH"
 LOG2E = 1.4426950408889634
@@ -68,7 +68,7 @@ def _softmax(s):
 
 def active() -> bool:
     """Whether the polynomial runs here: on the CPU, unless KIMI_MLX_FAST_MATH=off."""
-    return env_choice(ENV, ("auto", "off"), "auto") == "auto" and mx.default_device() == mx.cpu
+    return settings.value(ENV) == "auto" and mx.default_device() == mx.cpu
 
 
 def exp(x: mx.array) -> mx.array:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import mlx.core as mx
 from metal_kernels import usable
 
-from ..config import env_choice
+from .. import settings
 from ..errors import ConfigError
 from . import fast_math
 
@@ -66,7 +66,7 @@ def kda_recurrent_ref(q, k, v, g, beta, state):
 
 def mode() -> str:
     """The path policy: KIMI_MLX_KDA if set, else 'auto'."""
-    return env_choice(ENV, MODES, "auto")
+    return settings.value(ENV)
 
 
 def gpu_backend() -> str | None:
@@ -100,7 +100,7 @@ def scan_path(path: str) -> str:
     timed there), and ops on the 'chunked' path."""
     from .kda_chunked import SCANS
 
-    choice = env_choice(SCAN_ENV, ("auto",) + SCANS, "auto")
+    choice = settings.value(SCAN_ENV)
     if choice == "kernel" and path != "kernel":
         raise ConfigError(f"{SCAN_ENV}=kernel needs the KDA kernels ({ENV}=auto or kernel on a GPU)")
     if choice != "auto":

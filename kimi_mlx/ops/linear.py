@@ -30,7 +30,7 @@ import mlx.nn as nn
 
 from metal_kernels import usable
 
-from ..config import env_choice
+from .. import settings
 
 ENV = "KIMI_MLX_DEQUANT"
 MODES = ("auto", "on", "off")
@@ -55,7 +55,7 @@ def qmv_fits(layer: nn.Module, rows: int) -> bool:
 
 
 def qmv_mode() -> str:
-    return env_choice(QMV_ENV, ("off", "on"), "off")
+    return settings.value(QMV_ENV)
 
 
 def qmv_chosen(layer: nn.Module, rows: int) -> bool:
@@ -85,7 +85,7 @@ def qmv(x: mx.array, layer: nn.Module) -> mx.array:
 def dequant_chosen(rows: int) -> bool:
     from .kda import gpu_backend
 
-    m = env_choice(ENV, MODES, "auto")
+    m = settings.value(ENV)
     if m == "off" or rows < MIN_ROWS:
         return False
     return m == "on" or gpu_backend() == "cuda"

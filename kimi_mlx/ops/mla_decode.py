@@ -19,7 +19,7 @@ from __future__ import annotations
 import mlx.core as mx
 from metal_kernels import usable
 
-from ..config import env_choice
+from .. import settings
 from ..state import LatentCache, positions
 from . import fast_math
 from .attention import _absorb, mode
@@ -150,7 +150,7 @@ LOW = -3.0e38  # the kernels' "no valid row" maximum
 
 
 def page_mode() -> str:
-    return env_choice(PAGE_ENV, ("on", "off"), "on")
+    return settings.value(PAGE_ENV)
 
 
 def page_kernel_fits(qa, cache: LatentCache) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 from metal_kernels import usable
 
-from ..config import env_choice
+from .. import settings
 
 ENV = "KIMI_MLX_NORM"
 MODES = ("auto", "ref")
@@ -40,7 +40,7 @@ def add_norm_kernel(h, a, weight, eps: float) -> tuple[mx.array, mx.array]:
 
 
 def mode() -> str:
-    return env_choice(ENV, MODES, "auto")
+    return settings.value(ENV)
 
 
 def add_norm(h, a, weight, eps: float) -> tuple[mx.array, mx.array]:

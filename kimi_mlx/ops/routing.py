@@ -21,7 +21,7 @@ import math
 import mlx.core as mx
 from metal_kernels import usable
 
-from ..config import env_choice
+from .. import settings
 from ..errors import ConfigError
 
 ENV = "KIMI_MLX_ROUTE"
@@ -110,7 +110,7 @@ def router_logits(x, weight):
 
 
 def mode() -> str:
-    return env_choice(ENV, MODES, "auto")
+    return settings.value(ENV)
 
 
 def path(E: int, top_k: int, n_group: int) -> str:

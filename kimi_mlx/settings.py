@@ -1,0 +1,128 @@
+"""Every fast-path switch in one list: its environment variable, choices, default and what it does.
+
+The default of each is what runs unless a user sets it: the path choices (ops/*.py, model/fuse.py) take the
+fast path where the shapes, the backend and the kernels allow it and the switch says 'auto'. A switch forces a
+path for a comparison, a benchmark or a workaround; `kimi-mlx doctor` prints the value each has, and
+docs/switches.md is this list as a page (tests/test_settings.py keeps the two the same).
+
+A switch is read when a path is chosen (at trace time for compiled steps), so a test or benchmark may change it
+within a process: `override(KIMI_MLX_KDA="ref")` for a block, or the environment. A value outside its choices is
+a one-line ConfigError naming the switch and its choices.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+NUMBER = ()  # the choices of a switch that takes a whole number >= 1
+
+
+@dataclass(frozen=True)
+class Switch:
+    env: str
+    choices: tuple[str, ...]  # NUMBER: a whole number >= 1
+    default: str  # "device": a default that depends on the device (default_of)
+    doc: str
+
+
+SWITCHES = {s.env: s for s in (
+    Switch("KIMI_MLX_KDA", ("auto", "ref", "chunked", "kernel"), "auto",
+           "KDA: auto (chunked prefill from 16 tokens; on a GPU its per-chunk matrices, scan and the decode step "
+           "as kernels), ref (the sequential reference everywhere), chunked (all ops), kernel (the kernels always)"),
+    Switch("KIMI_MLX_KDA_SCAN", ("auto", "ops", "affine", "kernel"), "auto",
+           "the chunked prefill's scan across chunks: auto (a matmul a chunk on CUDA, the scan kernel on Metal, ops "
+           "on the CPU), or one of them"),
+    Switch("KIMI_MLX_MLA", ("auto", "ref", "fused", "tiled"), "auto",
+           "MLA prefill attention: auto (fused SDPA where one score tile holds the cache, else tiled), ref (one "
+           "score array), fused, tiled"),
+    Switch("KIMI_MLX_MLA_TILE_MB", NUMBER, "device",
+           "MLA tiled attention: megabytes of float32 scores a tile (default 64 on the CPU, 256 on a GPU)"),
+    Switch("KIMI_MLX_MLA_PAGE", ("on", "off"), "on",
+           "MLA decode on a GPU: on (two kernels over a page of up to 8,192 rows, flash decoding beyond), off (the "
+           "matmuls)"),
+    Switch("KIMI_MLX_ROUTE", ("auto", "ref", "kernel"), "auto",
+           "MoE routing: auto (one kernel on a GPU where the expert count fits it), ref (ops), kernel (always)"),
+    Switch("KIMI_MLX_NORM", ("auto", "ref"), "auto",
+           "residual add + RMS norm in decode: auto (one kernel on a GPU), ref (ops)"),
+    Switch("KIMI_MLX_EXPERTS", ("auto", "kernel", "gather", "sorted", "segmented", "bounded"), "auto",
+           "MoE expert matmuls: auto (decode: two kernels on a GPU for affine 2/4/8-bit banks, else MLX's gather "
+           "matmuls; prefill: bounded on CUDA, sorted on Metal, segmented on the CPU), or one of them (the prefill "
+           "paths only for calls of 64+ token-expert pairs)"),
+    Switch("KIMI_MLX_DEQUANT", ("auto", "on", "off"), "auto",
+           "quantized projections of 256+ rows (prefill): auto (dequantized, then one dense matmul, on CUDA), on "
+           "(every backend), off (MLX's quantized matmul)"),
+    Switch("KIMI_MLX_QMV", ("off", "on"), "off",
+           "decode's quantized matrix-vector products: off (MLX's), on (the qmv kernel on a GPU; opt-in, within "
+           "the noise of decode tok/s where measured)"),
+    Switch("KIMI_MLX_FAST_MATH", ("auto", "off"), "auto",
+           "exp, SiLU and softmax on the CPU: auto (range reduction + polynomial: MLX's CPU exp runs an element "
+           "at a time), off (MLX's)"),
+)}
+
+_overrides: dict[str, str] = {}
+
+
+def default_of(switch: Switch) -> str:
+    if switch.default != "device":
+        return switch.default
+    import mlx.core as mx
+
+    return "256" if mx.default_device() == mx.gpu else "64"
+
+
+def value(env: str) -> str:
+    """The switch's value now: an override, else the environment (case and spaces ignored; unset or empty: the
+    default), checked against its choices."""
+    switch = SWITCHES[env]
+    default = default_of(switch)
+    raw = _overrides[env] if env in _overrides else os.environ.get(env, default)
+    v = str(raw).strip().lower() or default
+    if switch.choices is NUMBER:
+        if not v.isdigit() or int(v) < 1:
+            raise ConfigError(f"{env}={v!r} is not a whole number >= 1; unset it or fix it")
+    elif v not in switch.choices:
+        raise ConfigError(f"{env}={v!r} is not one of {', '.join(switch.choices)}; unset it or pick one")
+    return v
+
+
+@contextmanager
+def override(**values: str):
+    """Within: these switches take these values whatever the environment says (tests, benchmarks)."""
+    unknown = set(values) - set(SWITCHES)
+    if unknown:
+        raise ConfigError(f"no such switch: {', '.join(sorted(unknown))} (kimi_mlx/settings.py lists them)")
+    before = dict(_overrides)
+    _overrides.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(before)
+
+
+def rows() -> list[tuple[str, str, bool]]:
+    """(switch, value now, set by the user) for each switch, for the doctor."""
+    out = []
+    for env, switch in SWITCHES.items():
+        out.append((env, value(env), value(env) != default_of(switch)))
+    return out
+
+
+def markdown() -> str:
+    """docs/switches.md: every switch with its choices, default and what it does."""
+    lines = ["# Fast-path switches", "",
+             "Each is an environment variable, read when a path is chosen; unset, the default runs. `kimi-mlx doctor`",
+             "prints the value each has on your machine. The list lives in `kimi_mlx/settings.py`; this page is made",
+             "from it (`python -c 'from kimi_mlx import settings; print(settings.markdown(), end=\"\")' >",
+             "docs/switches.md`). Paths that measured no gain were removed",
+             "with their switches: [removed.md](removed.md).", "",
+             "| switch | choices | default | what it does |", "|---|---|---|---|"]
+    for s in SWITCHES.values():
+        choices = "a whole number >= 1" if s.choices is NUMBER else " \\| ".join(s.choices)
+        default = "64 on the CPU, 256 on a GPU" if s.default == "device" else s.default
+        lines.append(f"| `{s.env}` | {choices} | {default} | {s.doc} |")
+    return "\n".join(lines) + "\n"
