@@ -40,9 +40,8 @@ GPU_FN float gpu_round_as(T* p, float v) { return static_cast<float>(static_cast
 // over the 32 lanes of a group).
 
 // The value (word >> shift) & mask (< 2^23) as a float, exactly, without an integer-to-float conversion (a
-// quarter-rate instruction on NVIDIA GPUs; on an H200 the MoE and KDA decode kernels ran no faster without it,
-// so it is not what bounds them): the bits go under the exponent of 2^23, whose float then holds 2^23 + value,
-// and 2^23 is subtracted.
+// quarter-rate instruction on NVIDIA GPUs): the bits go under the exponent of 2^23, whose float then holds
+// 2^23 + value, and 2^23 is subtracted.
 GPU_FN float gpu_qval(unsigned int word, int shift, unsigned int mask) {
   return gpu_as_float(0x4B000000u | ((word >> shift) & mask)) - 8388608.0f;
 }

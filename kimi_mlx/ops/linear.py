@@ -1,26 +1,19 @@
 """Quantized linear layers: MLX's quantized matmul (the reference), and two fast paths.
 
-Many rows (prefill): the weight dequantized and one dense matmul.
-
-On CUDA MLX 0.32 runs a quantized matmul of many rows with its sm80 tiled kernel at ~140 TFLOPS on an H200
-(a 2,048-token step's q|k|v projection: 0.8 ms, RESULTS.md), where dequantizing the weight to the activations'
-dtype (one pass over it, ~20 us for 12288 x 2304) and a cuBLAS matmul runs at several times that rate. The
-dense weight is a temporary of one projection (at most ~42 MB at the real shape).
+Many rows (prefill): the weight dequantized and one dense matmul. MLX's CUDA quantized matmul of many rows runs a
+tiled kernel well below the card's dense rate, where dequantizing the weight to the activations' dtype (one pass
+over it) and a cuBLAS matmul run at several times that rate (RESULTS.md). The dense weight is a temporary of one
+projection (at most ~42 MB at the real shape).
 
 Few rows (decode), opt-in: the qmv kernel (metal_kernels/qmv.body: each lane's 16-byte weight loads issued before
-any is used, x in threadgroup memory, no integer-to-float conversions). Written because MLX 0.32's CUDA
-quantized matrix-vector kernel reads a decoded token's projections at only 0.5-0.8 TB/s on an H200 (ncu: 1.2 ms of
-the token's ~3.5 ms of kernel time at the full shape). The first version kept its word array in local memory
-(ptxas: 192 bytes of stack) and measured no faster; the current one, every loop unrolled, has none and takes
-0.92 ms a token on the GEMVs it replaces where MLX's take 0.98 (ncu, RESULTS.md, nineteenth session; slower only
-on the 8-bit gate inputs). Off by default: a few percent of a token, and its model-level GPU tests and doctor
-check have not yet run on a device.
+any is used, x in threadgroup memory, no integer-to-float conversions), for MLX's CUDA quantized matrix-vector
+kernel, which reads a decoded token's projections well under the card's bandwidth. Off by default: where measured
+it was within the noise of decode tok/s (RESULTS.md).
 
   DequantLinear  nn.QuantizedLinear whose call takes the dequantized path from MIN_ROWS rows where chosen, and
                  the qmv kernel up to QMV_MAX_ROWS rows where switched on; the parent's quantized matmul otherwise
-KIMI_MLX_DEQUANT: auto (default: on CUDA only), on (every backend; tests), off (never).
-KIMI_MLX_QMV: off (default), on (any GPU; `kimi-mlx doctor` checks it against the quantized matmul). The decoder
-layers' quantized linears are DequantLinear (model/fuse.py), lm_head is not.
+KIMI_MLX_DEQUANT and KIMI_MLX_QMV (kimi_mlx/settings.py) choose. The decoder layers' quantized linears are
+DequantLinear (model/fuse.py), lm_head is not.
 """
 
 from __future__ import annotations
