@@ -224,8 +224,7 @@ def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
             mx.clear_cache()
 
     # warm-up: the whole prompt once, so every step's kernels are built before the timed run (each step's
-    # attention has shapes of its own; building them inside the timed run read 1,324 tok/s at 8k on a fresh
-    # H200, then 5,899 warm: RESULTS.md)
+    # attention has shapes of its own; building them inside the timed run would time the compiler)
     r.reset()
     whole()
     r.reset()
@@ -314,7 +313,7 @@ def resumable_prefill(model, tokens: np.ndarray, path, step: int, budget_s: floa
     """Feed tokens [1, N] into model in steps until the prompt is done or budget_s has passed, carrying on
     from the state saved at `path` if there is one (state_io: its model identity and checksums are checked),
     and save the state and progress there. Returns (state, PrefillProgress). For prompts longer than one
-    process may run (a 1M-token prompt at the full shape takes ~23 min on an H200).
+    process may run (a 1M-token prompt at the full shape takes tens of minutes on a data-center GPU).
 
     trace_gb: run each step layer by layer (measured_step) and, for any step whose working set passes
     trace_gb, print the layers that held the most. each: print every step's time and working set."""

@@ -19,11 +19,10 @@ Progress = Callable[[int, int], None]  # (prompt tokens processed, prompt tokens
 
 PREFILL_STEP = 2048  # prompt tokens a prefill step (mlx-lm's default too) ...
 WIDE_STEP = 4096  # ... but this many on a GPU where the prompt ends within WIDE_UNTIL tokens of context: a step's
-#   fixed costs (27 paced layers, the MoE's bounded blocks) spread over twice the tokens. On an H200 the step
-#   ending at 8,192 tokens ran 11.9k vs 9.1k tok/s, at 32,768 8.4k vs 7.3k, for a larger working set (1.6 GB
-#   instead of 1.2 after the step, up to 2.9 GB in a whole prompt's run); at 131,072 the attention over the cache
-#   dominates (3.9k vs 3.7k). Longer prompts keep the smaller step throughout, so their peak stays at weights +
-#   cache + 2 GB (RESULTS.md, seventeenth session). The CPU keeps PREFILL_STEP.
+#   fixed costs (27 paced layers, the MoE's bounded blocks) spread over twice the tokens, for a larger working
+#   set; deep in a long prompt the attention over the cache dominates and the wider step gains little, so
+#   longer prompts keep the smaller step throughout and their peak stays at weights + cache + 2 GB (RESULTS.md
+#   measures both step sizes). The CPU keeps PREFILL_STEP.
 WIDE_UNTIL = 32768
 
 

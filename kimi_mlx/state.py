@@ -78,7 +78,7 @@ def positions(n: int) -> mx.array:
 
 PAGE_FIRST = 256
 PAGE_GROW = 16384  # beyond this the last page grows linearly: <= 16,384 unused rows (19 MB bf16) per MLA layer
-PAGE_MAX = 131072  # a decode step costs ~0.06 ms a page on an H200 whatever its size (RESULTS.md): 9 pages at 1M
+PAGE_MAX = 131072  # a decode step pays a fixed launch cost a page whatever its size (RESULTS.md): 9 pages at 1M
 CACHE_GROUP_SIZE = 64  # quantization group along a cache row (576 = 9 groups at the real shape)
 CACHE_BITS = (0, 8, 4)  # 0 = the model dtype, unquantized
 

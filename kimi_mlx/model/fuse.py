@@ -163,8 +163,8 @@ class ExpertBlocks:
 
 def take_rows(x: mx.array, idx: mx.array) -> mx.array:
     """x[idx] for a row-contiguous x [M, D], bit for bit, moving 8 bytes an element where a row's bytes allow:
-    MLX's gather runs a thread per element, so bfloat16 rows move 4x faster as uint64 (a 2,048-token MoE
-    step's row gathers on an H200: 0.4 and 0.28 ms as bfloat16, RESULTS.md)."""
+    MLX's gather runs a thread per element, so bfloat16 rows move in a quarter of the threads as uint64
+    (RESULTS.md times a prefill step's row gathers both ways)."""
     if (x.shape[-1] * x.itemsize) % 8 or x.itemsize >= 8:
         return x[idx]
     return x.view(mx.uint64)[idx].view(x.dtype)

@@ -62,8 +62,8 @@ class KimiMLA(nn.Module):
         bits = last[0].shape[-1] * 32 // rows.shape[-1] if len(last) > 1 else 0
         new = encode_rows(rows, bits, last[0].dtype)
         # a scatter, not a slice update at an array offset: MLX's CUDA kernel for that runs a thread per
-        # element of the whole page (~160 us a layer at a 49k-row page on an H200), a scatter one per element
-        # written; both write in place when the page is not shared
+        # element of the whole page, so its time grows with the page; a scatter runs one per element written;
+        # both write in place when the page is not shared
         last = tuple(mx.put_along_axis(p, row, r, axis=1) for p, r in zip(last, new))
         cache = LatentCache((*before, last), bits, CACHE_GROUP_SIZE)
         o = mla_decode(q, cache, row, self.k_up.astype(x.dtype), self.v_up.astype(x.dtype), self.scale,

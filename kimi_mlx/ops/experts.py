@@ -6,7 +6,8 @@
                   gate and up rows and their SwiGLU, then each pair's down rows weighted and summed over
                   the token's pairs. Two launches where the reference runs seven (the uint32 cast of the
                   indices, gather_qmm's copy, two gather matmuls, SwiGLU, weighting, sum), and a GEMV
-                  where MLX's gather_qmm runs a tiled GEMM from 8 pairs on (31 us a call on an H200).
+                  where MLX's gather_qmm runs a tiled GEMM from 8 pairs on (a matrix-vector product's work
+                  at a GEMM's launch cost).
   kernel_fits     whether the kernels read a pair of banks (affine quantization, 2, 4 or 8 bits; <= 32 pairs a token)
 model/fuse.py's expert_path chooses between them (KIMI_MLX_EXPERTS=gather|kernel overrides).
 Both take x [N, D], idx [N, P] int32, w [N, P] float32 and the banks gate_up [E, 2I, D] (gate rows, then up
@@ -42,7 +43,7 @@ def weighted_sum(y, w):
 @mx.compile
 def _weighted_sum(y, w):
     """As one fused elementwise pass that reads y once (a cast, multiply and reduction over [N, P, D] run three
-    passes and write two float32 copies of it: 0.2 ms a 2,048-token MoE step on an H200)."""
+    passes and write two float32 copies of it)."""
     out = y[:, 0].astype(mx.float32) * w[:, 0:1]
     for j in range(1, y.shape[1]):
         out = out + y[:, j].astype(mx.float32) * w[:, j : j + 1]
