@@ -206,18 +206,6 @@ def check_decode_split() -> Check:
     return Check("MLA decode over long pages, kernels", err)
 
 
-def check_qmv(bits: int = 4) -> Check:
-    """The decode matrix-vector kernel against MLX's quantized matmul (float32; 3 rows, a width of 2,304)."""
-    import mlx.nn as nn
-
-    from .ops import linear
-
-    mx.random.seed(bits)
-    lin = nn.QuantizedLinear.from_linear(nn.Linear(2304, 520, bias=False), group_size=64, bits=bits)
-    x = 3 * mx.random.normal((3, 2304))
-    return Check(f"quantized matrix-vector, {bits}-bit, kernel", _rel_err(linear.qmv(x, lin), lin(x)))
-
-
 def check_router_logits() -> Check:
     """The router's float32 logits kernel against the cast-and-matmul reference, a bfloat16 token."""
     from .ops import routing
@@ -302,9 +290,6 @@ def environment() -> list[tuple[str, str]]:
          else f"matmuls ({attention.ENV}={attention.mode()}, {mla_decode.PAGE_ENV}={mla_decode.page_mode()})"),
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
          if linear.dequant_chosen(linear.MIN_ROWS) else "quantized matmul"),
-        ("decode matmuls", f"qmv {gpu} kernel (up to {linear.QMV_MAX_ROWS} rows, affine 2/4/8-bit; opt-in)"
-         if linear.qmv_chosen(_probe_linear(), 1)
-         else f"MLX's quantized matmul ({linear.QMV_ENV}={linear.qmv_mode()})"),
         ("prefill memory", prefill_memory()),
         ("switches", ", ".join(f"{env}={v}" for env, v, changed in switch_rows() if changed)
          or "every one at its default (docs/switches.md lists them)"),
@@ -418,12 +403,6 @@ def model_paths(model) -> list[tuple[str, str]]:
     return out
 
 
-def _probe_linear():
-    import mlx.nn as nn
-
-    return nn.QuantizedLinear(2304, 64, bias=False, group_size=64, bits=4)
-
-
 def routing_path() -> str:
     from .ops.routing import path
 
@@ -448,8 +427,6 @@ GPU_CHECKS = {
     "MLA decode over one page, kernels": check_decode_page,
     "MLA decode over long pages, kernels": check_decode_split,
     "residual add + norm, kernel": check_add_norm,
-    "quantized matrix-vector, 4-bit, kernel": check_qmv,
-    "quantized matrix-vector, 8-bit, kernel": partial(check_qmv, 8),
     "MoE router logits, kernel": check_router_logits,
     "MoE routing, fused kernel": check_routing,
     "MoE experts, decode kernels": check_experts,

@@ -55,9 +55,6 @@ SWITCHES = {s.env: s for s in (
     Switch("KIMI_MLX_DEQUANT", ("auto", "on", "off"), "auto",
            "quantized projections of 256+ rows (prefill): auto (dequantized, then one dense matmul, on CUDA), on "
            "(every backend), off (MLX's quantized matmul)"),
-    Switch("KIMI_MLX_QMV", ("off", "on"), "off",
-           "decode's quantized matrix-vector products: off (MLX's), on (the qmv kernel on a GPU; opt-in, within "
-           "the noise of decode tok/s where measured)"),
     Switch("KIMI_MLX_FAST_MATH", ("auto", "off"), "auto",
            "exp, SiLU and softmax on the CPU: auto (range reduction + polynomial: MLX's CPU exp runs an element "
            "at a time), off (MLX's)"),

@@ -220,15 +220,6 @@ SPECS = {
         ),
         sample_outputs=("float32",),
     ),
-    "qmv": KernelSpec(
-        name="qmv",
-        inputs=("x", "wq", "scales", "biases"),
-        outputs=("y",),
-        sample_template=(("N", 12288), ("K", 2304), ("BITS", 4), ("GS", 64), ("R", 4), ("TY", 8)),
-        sample_inputs=(("bfloat16", 2304), ("uint32", 12288 * 288), ("bfloat16", 12288 * 36),
-                       ("bfloat16", 12288 * 36)),
-        sample_outputs=("bfloat16",),
-    ),
 }
 
 

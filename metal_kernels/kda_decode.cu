@@ -21,9 +21,6 @@ GPU_FN float gpu_simd_sum(float x) {
 GPU_FN float gpu_shfl_xor(float x, int offset) { return __shfl_xor_sync(0xffffffffu, x, offset); }
 GPU_FN float gpu_shfl(float x, int lane) { return __shfl_sync(0xffffffffu, x, lane); }
 
-// Four consecutive words of p from word i in one 16-byte load (p + i 16-byte aligned).
-GPU_FN uint4 gpu_load4(const uint32_t* p, size_t i) { return *reinterpret_cast<const uint4*>(p + i); }
-
 // Threadgroup ("block") shared memory and the barrier over the whole group.
 #define GPU_SHARED __shared__
 GPU_FN void gpu_barrier() { __syncthreads(); }

@@ -13,18 +13,6 @@ GPU_FN float gpu_simd_sum(float x) { return metal::simd_sum(x); }
 GPU_FN float gpu_shfl_xor(float x, int offset) { return metal::simd_shuffle_xor(x, ushort(offset)); }
 GPU_FN float gpu_shfl(float x, int lane) { return metal::simd_shuffle(x, ushort(lane)); }
 
-// Four consecutive words of p from word i (p a device or constant buffer: MLX passes inputs of fewer than 8
-// elements in the constant address space), as four adjacent loads for the compiler to merge.
-template <typename P>
-GPU_FN uint4 gpu_load4(P p, size_t i) {
-  uint4 q;
-  q.x = p[i];
-  q.y = p[i + 1];
-  q.z = p[i + 2];
-  q.w = p[i + 3];
-  return q;
-}
-
 // Threadgroup shared memory and the barrier over the whole group.
 #define GPU_SHARED threadgroup
 GPU_FN void gpu_barrier() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }

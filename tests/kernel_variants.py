@@ -72,7 +72,7 @@ def _bank(experts, rows, cols, bits, gs):
 
 def _calls():
     """Each wrapper at the real shapes (what decode and prefill launch), as thunks."""
-    from kimi_mlx.ops import attention, experts, kda, kda_chunked, kda_decode, linear, mla_decode, norm, routing
+    from kimi_mlx.ops import attention, experts, kda, kda_chunked, kda_decode, mla_decode, norm, routing
 
     z, bf, f32, i32 = mx.zeros, mx.bfloat16, mx.float32, mx.int32
     C3, W = 3 * H * DK, L + PE
@@ -97,11 +97,6 @@ def _calls():
                 gate_up, down = _bank(E + 1, 2 * I, D, bits, gs), _bank(E + 1, D, I, bits, gs)
                 idx, w = z((B, K + 1), i32), z((B, K + 1), f32)
                 yield lambda B=B, g=gate_up, d=down, idx=idx, w=w: experts.experts_kernel(z((B, D), bf), idx, w, g, d)
-                yield lambda B=B, bits=bits, gs=gs: linear.qmv(z((B, D), bf), _qlinear(D, 3 * H * DK, bits, gs))
-                yield lambda B=B, bits=bits, gs=gs: linear.qmv(z((B, H * DK), bf), _qlinear(H * DK, D, bits, gs))
-                # the widest row qmv_fits takes (x's row is in threadgroup memory)
-                yield lambda B=B, bits=bits, gs=gs: linear.qmv(z((B, linear.QMV_MAX_K), bf),
-                                                               _qlinear(linear.QMV_MAX_K, D, bits, gs))
         for n in PAGES:
             qa, last = z((B, MLA_H, W), bf), z((1,), i32)
             if n <= mla_decode.PAGE_KERNEL_ROWS:

@@ -126,10 +126,10 @@ def test_the_home_directory_is_written_as_a_tilde(tmp_path, capsys, monkeypatch)
 
 
 def test_switched_off_kernels_are_listed(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(metal_kernels, "_off", {"qmv": "Unable to build metal library from source"})
+    monkeypatch.setattr(metal_kernels, "_off", {"moe_down": "Unable to build metal library from source"})
     path = tmp_path / "r.md"
     assert cli("--report", path, "--no-speed", capsys=capsys)[0] == 0
-    assert "- kernels switched off on this machine: qmv (Unable to build metal library from source)\n" in path.read_text()
+    assert "- kernels switched off on this machine: moe_down (Unable to build metal library from source)\n" in path.read_text()
 
 
 def test_no_speed_omits_the_sample(tmp_path, capsys):

@@ -101,7 +101,7 @@ def probed_kernels(checkpoint, reference):
 
 def test_the_probe_runs_every_kernel_the_model_launches(checkpoint, probed_kernels, reference, monkeypatch,
                                                         capsys):
-    """The probes launch every kernel a decode and a prefill take (the opt-in qmv kernel aside; kda_decode
+    """The probes launch every kernel a decode and a prefill take (kda_decode
     at load_model's probe, before the test quantizes the f_b and g_b projections the gates kernel reads); a
     generation after them launches no kernel they did not build."""
     assert set(probed_kernels) == {"kda_decode", "kda_decode_gates", "kda_intra_chunk", "kda_chunk_scan", "kda_gated_norm",

@@ -1,7 +1,6 @@
 """Every kernel's CUDA text through NVIDIA's real compilers on this machine (tests/nvrtc_check.py): NVRTC accepts
-it for an H100/H200 (sm_90), nothing spills, and the decode GEMV keeps its word arrays in registers (a stack frame
-there meant every weight word went through local memory: the qmv measured on an H200 at e949e85's parent had
-192 bytes of stack)."""
+it for an H100/H200 (sm_90), nothing spills, and no kernel but those listed keeps arrays on the stack (a stack frame
+puts them in local memory, read through the caches at every use)."""
 
 import pytest
 
@@ -13,7 +12,7 @@ pytestmark = pytest.mark.skipif(not nvrtc_check.available(), reason="NVIDIA's nv
                                                                     "(the test extra installs them on Linux x86_64)")
 
 # Kernels whose arrays live on the stack today (measured here; none of them spills registers): the list can only
-# shrink. qmv must not be in it.
+# shrink.
 STACK_NOW = {"kda_intra_chunk": 192}
 
 
