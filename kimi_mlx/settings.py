@@ -8,13 +8,19 @@ docs/switches.md is this list as a page (tests/test_settings.py keeps the two th
 A switch is read when a path is chosen (at trace time for compiled steps), so a test or benchmark may change it
 within a process: `override(KIMI_MLX_KDA="ref")` for a block, or the environment. A value outside its choices is
 a one-line ConfigError naming the switch and its choices.
+
+Each op's path choice is a pure function of `Facts` (the switches' values, the backend, the kernels switched off
+here) and the call's shapes, `choose` or `choose_*` beside the op (ops/kda.py, kda_decode.py, attention.py,
+mla_decode.py, routing.py, norm.py, linear.py, model/fuse.py); the op calls it with `now(gpu)`, the facts of
+this moment (tests/test_choose.py runs them on tables of facts).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
@@ -123,3 +129,31 @@ def markdown() -> str:
         default = "64 on the CPU, 256 on a GPU" if s.default == "device" else s.default
         lines.append(f"| `{s.env}` | {choices} | {default} | {s.doc} |")
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a path choice depends on besides the call's shapes."""
+
+    switches: Mapping[str, str] = field(default_factory=dict)  # switch -> value (missing: its default)
+    gpu: str | None = None  # 'metal' or 'cuda' when the default device is that GPU, else None
+    off: frozenset = frozenset()  # kernels switched off here (metal_kernels.switched_off)
+    cpu: bool = True  # the default device is the CPU
+    cuda: bool = False  # MLX's CUDA backend is present (the prefill expert path differs from Metal's)
+
+    def __getitem__(self, env: str) -> str:
+        return self.switches.get(env) or default_of(SWITCHES[env])
+
+    def usable(self, kernel: str) -> bool:
+        return kernel not in self.off
+
+
+def now(gpu: str | None) -> Facts:
+    """The facts of this moment: every switch's value, the given GPU backend (the caller's gpu_backend()), the
+    kernels switched off."""
+    import mlx.core as mx
+
+    import metal_kernels
+
+    return Facts({env: value(env) for env in SWITCHES}, gpu, frozenset(metal_kernels.switched_off()),
+                 mx.default_device() == mx.cpu, mx.cuda.is_available())

@@ -173,8 +173,8 @@ def take_rows(x: mx.array, idx: mx.array) -> mx.array:
 EXPERTS_ENV = "KIMI_MLX_EXPERTS"
 
 
-def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
-    """How N*k (token, expert) pairs meet a bank of `experts`: 'kernel' (few pairs, decode, on a GPU, where
+def choose_experts(f: settings.Facts, pairs: int, kernel_fits: bool = False) -> str:
+    """How N*k (token, expert) pairs meet an expert bank: 'kernel' (few pairs, decode, on a GPU, where
     the banks are ones ops/experts.py's kernels read: kernel_fits), 'gather' (few pairs otherwise: MLX's
     gather matmuls, the kernels' reference), 'sorted' (gather_mm over expert-sorted rows: Metal's prefill
     kernel), 'segmented' (one matmul per expert over its rows: CPU, measured 3.5x gather_mm) or 'bounded'
@@ -183,19 +183,23 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
     queues without a stop). KIMI_MLX_EXPERTS=gather|kernel|sorted|segmented|bounded overrides; the three
     prefill paths only for calls of 64+ pairs (a one-token step on them would be slow, and on 'segmented' would
     read the host inside a compiled decode step)."""
-    forced = settings.value(EXPERTS_ENV)
-    if forced == "kernel" and not (kernel_fits and gpu_backend()):
+    forced = f[EXPERTS_ENV]
+    if forced == "kernel" and not (kernel_fits and f.gpu):
         raise ConfigError(f"{EXPERTS_ENV}=kernel needs a Metal or CUDA device and affine {'/'.join(map(str, KERNEL_BITS))}"
                           "-bit expert banks; unset it or pick another path")
     if forced != "auto" and (pairs >= 64 or forced in ("gather", "kernel")):
         return forced
     if pairs < 64:
-        return "kernel" if kernel_fits and gpu_backend() else "gather"
-    if mx.default_device() == mx.cpu:
+        return "kernel" if kernel_fits and f.gpu else "gather"
+    if f.cpu:
         return "segmented"
-    if mx.cuda.is_available():
+    if f.cuda:
         return "bounded"
     return "sorted"  # Metal: MLX's gather_qmm has a kernel for expert-sorted rows
+
+
+def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
+    return choose_experts(settings.now(gpu_backend()), pairs, kernel_fits)
 
 
 

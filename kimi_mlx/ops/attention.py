@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import mlx.core as mx
-from metal_kernels import usable
 
 from .. import settings
 from ..state import LatentCache
@@ -172,11 +171,16 @@ def cache_rows_kernel(ckv, weight, eps: float, L: int) -> mx.array:
     return out
 
 
+def choose_cache_rows(f: settings.Facts, L: int) -> str:
+    """'kernel' on a GPU (unless KIMI_MLX_MLA=ref) for a latent rank L the kernel splits, else 'ref'."""
+    return "kernel" if f[ENV] != "ref" and f.gpu and L % 32 == 0 and f.usable("mla_cache_row") else "ref"
+
+
 def cache_rows(ckv, weight, eps: float, L: int) -> mx.array:
-    """The kernel on a GPU (unless KIMI_MLX_MLA=ref), else the ops."""
+    """The latent cache's rows from the kv_a projection (choose_cache_rows' path)."""
     from .kda import gpu_backend
 
-    if mode() != "ref" and gpu_backend() and L % 32 == 0 and usable("mla_cache_row"):
+    if choose_cache_rows(settings.now(gpu_backend()), L) == "kernel":
         return cache_rows_kernel(ckv, weight, eps, L)
     return cache_rows_ref(ckv, weight, eps, L)
 

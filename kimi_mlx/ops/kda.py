@@ -20,7 +20,6 @@ pre-conv projections) runs the model's unfused reference, `decode_step_ops` or t
 from __future__ import annotations
 
 import mlx.core as mx
-from metal_kernels import usable
 
 from .. import settings
 from ..errors import ConfigError
@@ -77,41 +76,47 @@ def gpu_backend() -> str | None:
     return kind if kind and mx.default_device() == mx.gpu else None
 
 
-def prefill_path(T: int, dk: int = 128) -> str:
-    """'ref', 'chunked' (all ops) or 'kernel' (chunked, scan across chunks as one GPU kernel)
-    for a call over T tokens of post-conv q, k, v with head dim dk."""
-    m = mode()
+def choose_prefill(f: settings.Facts, T: int, dk: int = 128) -> str:
+    """'ref', 'chunked' (all ops) or 'kernel' (chunked, the per-chunk matrices and scan as GPU kernels) for a call
+    over T tokens of post-conv q, k, v with head dim dk."""
+    m = f[ENV]
     if m == "ref" or T == 1:
         return "ref"
     if m == "chunked":
         return "chunked"
     if m == "kernel":
-        _require_kernels(dk)
+        _require_kernels(f.gpu, dk)
         return "kernel"
     if T < CHUNKED_MIN_T:
         return "ref"
-    return "kernel" if gpu_backend() and dk % 32 == 0 and usable("kda_intra_chunk") else "chunked"
+    return "kernel" if f.gpu and dk % 32 == 0 and f.usable("kda_intra_chunk") else "chunked"
 
 
-def scan_path(path: str) -> str:
+def prefill_path(T: int, dk: int = 128) -> str:
+    return choose_prefill(settings.now(gpu_backend()), T, dk)
+
+
+def choose_scan(f: settings.Facts, path: str) -> str:
     """The chunked prefill's scan across chunks (kda_chunked.SCANS) on prefill path `path`: KIMI_MLX_KDA_SCAN
     if set, else on the 'kernel' path 'affine' on CUDA (one matmul a chunk in order, on the tensor cores, where
     the scan kernel's state rows run on CUDA cores: RESULTS.md times both) and the scan kernel on Metal (not yet
     timed there), and ops on the 'chunked' path."""
-    from .kda_chunked import SCANS
-
-    choice = settings.value(SCAN_ENV)
+    choice = f[SCAN_ENV]
     if choice == "kernel" and path != "kernel":
         raise ConfigError(f"{SCAN_ENV}=kernel needs the KDA kernels ({ENV}=auto or kernel on a GPU)")
     if choice != "auto":
         return choice
     if path != "kernel":
         return "ops"
-    return "affine" if gpu_backend() == "cuda" or not usable("kda_chunk_scan") else "kernel"
+    return "affine" if f.gpu == "cuda" or not f.usable("kda_chunk_scan") else "kernel"
 
 
-def _require_kernels(dk: int) -> None:
-    if gpu_backend() is None:
+def scan_path(path: str) -> str:
+    return choose_scan(settings.now(gpu_backend()), path)
+
+
+def _require_kernels(gpu: str | None, dk: int) -> None:
+    if gpu is None:
         raise ConfigError(f"{ENV}=kernel needs MLX's Metal or CUDA backend as the default device")
     if dk % 32:
         raise ConfigError(f"{ENV}=kernel: the KDA kernels need a head dim divisible by 32 (got {dk})")
@@ -154,9 +159,14 @@ def gated_norm_kernel(o, gate, weight, eps: float, dtype) -> mx.array:
     return y
 
 
+def choose_gated_norm(f: settings.Facts, D: int) -> str:
+    """'kernel' on a GPU (unless KIMI_MLX_KDA=ref or =chunked, the ops paths), else 'ref', for rows of width D."""
+    return "kernel" if f[ENV] in ("auto", "kernel") and f.gpu and D % 32 == 0 and f.usable("kda_gated_norm") \
+        else "ref"
+
+
 def gated_norm(o, gate, weight, eps: float, dtype) -> mx.array:
-    """o [..., D] float32, gate [..., D] -> [..., D] in dtype: the kernel on a GPU (unless KIMI_MLX_KDA=ref
-    or =chunked, the ops paths), else the ops."""
-    if mode() in ("auto", "kernel") and gpu_backend() and o.shape[-1] % 32 == 0 and usable("kda_gated_norm"):
+    """o [..., D] float32, gate [..., D] -> [..., D] in dtype (choose_gated_norm's path)."""
+    if choose_gated_norm(settings.now(gpu_backend()), o.shape[-1]) == "kernel":
         return gated_norm_kernel(o, gate, weight, eps, dtype)
     return gated_norm_ref(o, gate, weight, eps, dtype, fast_math.sigmoid)  # on the CPU the polynomial's

@@ -26,6 +26,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import settings
 from ..errors import ConfigError
 from . import kda as kda_ops
 from .kda import gated_norm_ref, kda_recurrent_ref, l2_normalize, softplus
@@ -81,11 +82,12 @@ def decode_step_ops(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, 
     return _gate_out(o, gate_b, norm_w, eps, qkv.dtype), state, tail
 
 
-def kernel_supports(state: mx.array, conv_w: mx.array) -> bool:
+def shape_supported(state_shape: tuple, conv_taps: int) -> bool:
     """Shapes the kernel handles: whole 32-lane groups over Dk, at most 32 value rows a group (a lane stores
     each), and at least one conv tail row."""
-    Dv, Dk = state.shape[-2:]
-    return Dk % 32 == 0 and Dv <= 32 * groups(Dv) and conv_w.shape[0] >= 2
+    Dv, Dk = state_shape[-2:]
+    return Dk % 32 == 0 and Dv <= 32 * groups(Dv) and conv_taps >= 2
+
 
 
 def _as(x: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -146,7 +148,7 @@ def gates_kernel_misfit(f_b, g_b, state: mx.array) -> str | None:
 def gates_kernel_supports(f_b, g_b, state: mx.array) -> bool:
     """f_b and g_b affine-quantized alike at 2, 4 or 8 bits (MLX packs those whole in 32-bit words), with
     groups splitting a row of Dk values, and the threadgroup's 32-lane groups splitting f_b's Dk rows as they
-    split g_b's Dv (the kernel path's own conditions: kernel_supports)."""
+    split g_b's Dv (the kernel path's own conditions: shape_supported)."""
     Dv, Dk = state.shape[-2:]
     mods = (f_b, g_b)
     if not all(isinstance(m, nn.QuantizedLinear) and getattr(m, "mode", "affine") == "affine" for m in mods):
@@ -162,19 +164,25 @@ def decode_step_gates_kernel(qkv, gates, conv_tail, conv_w, a_log, dt_bias, stat
                    norm_w, eps, template=[("BITS", f_b.bits), ("GS", f_b.group_size)])
 
 
-def decode_path(state: mx.array, conv_w: mx.array) -> str:
-    """'ref' (the model's unfused layer), 'ops' or 'kernel' for one fused decode step."""
-    m = kda_ops.mode()
+def choose_decode(f, state_shape: tuple, conv_taps: int) -> str:
+    """'ref' (the model's unfused layer), 'ops' or 'kernel' for one fused decode step over a recurrent state of
+    state_shape [..., Dv, Dk] and a conv of conv_taps (f: settings.Facts)."""
+    m = f[kda_ops.ENV]
     if m == "ref":
         return "ref"
+    fits = shape_supported(state_shape, conv_taps)
     if m == "kernel":
-        kda_ops._require_kernels(state.shape[-1])
-        if not kernel_supports(state, conv_w):
+        kda_ops._require_kernels(f.gpu, state_shape[-1])
+        if not fits:
             raise ConfigError(f"{kda_ops.ENV}=kernel: the decode kernel needs a short conv of 2+ taps")
         return "kernel"
-    if m == "auto" and kda_ops.gpu_backend() and kernel_supports(state, conv_w):
+    if m == "auto" and f.gpu and fits:
         return "kernel"
     return "ops"
+
+
+def decode_path(state: mx.array, conv_w: mx.array) -> str:
+    return choose_decode(settings.now(kda_ops.gpu_backend()), state.shape, conv_w.shape[0])
 
 
 def kda_decode_step(path, qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):

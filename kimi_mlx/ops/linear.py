@@ -24,13 +24,19 @@ MODES = ("auto", "on", "off")
 MIN_ROWS = 256  # below this the quantized matmul reads less than the dense weight's write and read
 
 
+def choose(f: settings.Facts, rows: int) -> str:
+    """'dequant' (the weight dequantized, one dense matmul) or 'quantized' (MLX's quantized matmul) for a call
+    over `rows` rows."""
+    m = f[ENV]
+    if m == "off" or rows < MIN_ROWS:
+        return "quantized"
+    return "dequant" if m == "on" or f.gpu == "cuda" else "quantized"
+
+
 def dequant_chosen(rows: int) -> bool:
     from .kda import gpu_backend
 
-    m = settings.value(ENV)
-    if m == "off" or rows < MIN_ROWS:
-        return False
-    return m == "on" or gpu_backend() == "cuda"
+    return choose(settings.now(gpu_backend()), rows) == "dequant"
 
 
 class DequantLinear(nn.QuantizedLinear):

@@ -17,12 +17,11 @@ switched off at load (metal_kernels.usable) gives way the same way.
 from __future__ import annotations
 
 import mlx.core as mx
-from metal_kernels import usable
 
 from .. import settings
 from ..state import LatentCache, positions
 from . import fast_math
-from .attention import _absorb, mode
+from .attention import _absorb
 
 PAGE_ENV = "KIMI_MLX_MLA_PAGE"  # on (default) | off: decode kernels on a GPU (page_kernel_fits, split_kernels_fit)
 
@@ -53,9 +52,10 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
     B, H, _, _ = q.shape
     L = k_up.shape[2]
     qa = (q @ absorb.swapaxes(-1, -2) if absorb is not None else _absorb(q, k_up) * scale).reshape(B, H, -1)
-    if page_kernel_fits(qa, cache):
+    path = choose(*_call(qa, cache))
+    if path == "page":
         o = decode_page_kernel(qa, cache.pages[0][0], row)
-    elif split_kernels_fit(qa, cache):
+    elif path == "split":
         o = _decode_split(qa, cache, row)
     else:
         o = _decode_pages(qa, cache, row, q.dtype).astype(q.dtype)
@@ -84,13 +84,53 @@ def _decode_pages(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
     return o
 
 
-def split_kernels_fit(qa, cache: LatentCache) -> bool:
-    """Whether mla_decode runs as _decode_split: on a GPU (unless KIMI_MLX_MLA_PAGE=off or KIMI_MLX_MLA=ref),
-    unquantized pages in the query's dtype, each a whole number of chunks of min(SPLIT_ROWS, its rows).
+def _kernels_allowed(f: settings.Facts, quantized: bool, same_dtype: bool) -> bool:
+    """What both decode kernel paths need: a GPU, KIMI_MLX_MLA_PAGE=on and KIMI_MLX_MLA not ref, an unquantized
+    cache whose pages hold the query's dtype, the merge kernel not switched off."""
+    return (not quantized and same_dtype and f[PAGE_ENV] == "on" and f["KIMI_MLX_MLA"] != "ref"
+            and f.gpu is not None and f.usable("mla_decode_merge"))
+
+
+def page_fits(f: settings.Facts, heads: int, width: int, page_rows: tuple, quantized: bool, same_dtype: bool) -> bool:
+    """Whether the page kernels take the call: one page of at most PAGE_KERNEL_ROWS rows, whose head groups'
+    queries and chunk scores fit in 24 KB of threadgroup memory (Metal allows 32)."""
+    return (len(page_rows) == 1 and _kernels_allowed(f, quantized, same_dtype) and f.usable("mla_decode_page")
+            and page_rows[0] <= PAGE_KERNEL_ROWS and heads % PAGE_KERNEL_HEADS == 0
+            and (width + PAGE_CHUNK_ROWS) * PAGE_KERNEL_HEADS * 4 <= 24 * 1024)
+
+
+def split_fits(f: settings.Facts, page_rows: tuple, quantized: bool, same_dtype: bool) -> bool:
+    """Whether the split kernels take the call: pages each a whole number of chunks of min(SPLIT_ROWS, its rows).
     Four launches a page against the matmul path's eight, the scores read once by the chunk kernel (RESULTS.md
     times both from 16k to 131k rows)."""
-    return (SPLIT_ROWS > 0 and _decode_kernels_allowed(qa, cache) and usable("mla_decode_chunks")
-            and all(p[0].shape[1] % min(SPLIT_ROWS, p[0].shape[1]) == 0 for p in cache.pages))
+    return (SPLIT_ROWS > 0 and _kernels_allowed(f, quantized, same_dtype) and f.usable("mla_decode_chunks")
+            and all(n % min(SPLIT_ROWS, n) == 0 for n in page_rows))
+
+
+def choose(f: settings.Facts, heads: int, width: int, page_rows: tuple, quantized: bool, same_dtype: bool) -> str:
+    """'page', 'split' or 'matmuls' for one token's query of `heads` x `width` over pages of page_rows rows."""
+    if page_fits(f, heads, width, page_rows, quantized, same_dtype):
+        return "page"
+    return "split" if split_fits(f, page_rows, quantized, same_dtype) else "matmuls"
+
+
+def _call(qa, cache: LatentCache) -> tuple:
+    """choose's arguments but the facts for a query qa [B, H, W] over `cache`."""
+    from .kda import gpu_backend
+
+    rows = tuple(p[0].shape[1] for p in cache.pages)
+    same = all(p[0].dtype == qa.dtype for p in cache.pages)
+    return settings.now(gpu_backend()), qa.shape[1], qa.shape[2], rows, bool(cache.bits), same
+
+
+def page_kernel_fits(qa, cache: LatentCache) -> bool:
+    f, H, W, rows, quantized, same = _call(qa, cache)
+    return page_fits(f, H, W, rows, quantized, same)
+
+
+def split_kernels_fit(qa, cache: LatentCache) -> bool:
+    f, _, _, rows, quantized, same = _call(qa, cache)
+    return split_fits(f, rows, quantized, same)
 
 
 def probe_split_kernels(cfg, dtype) -> None:
@@ -103,16 +143,6 @@ def probe_split_kernels(cfg, dtype) -> None:
     cache = LatentCache((page, page))
     if split_kernels_fit(qa, cache):
         mx.eval(_decode_split(qa, cache, mx.zeros((1,), mx.int32)))
-
-
-def _decode_kernels_allowed(qa, cache: LatentCache) -> bool:
-    """What both decode kernel paths need: a GPU, KIMI_MLX_MLA_PAGE=on and KIMI_MLX_MLA not ref, an unquantized
-    cache whose pages hold the query's dtype."""
-    from .kda import gpu_backend
-
-    return (not cache.bits and page_mode() == "on" and mode() != "ref" and gpu_backend() is not None
-            and usable("mla_decode_merge")
-            and all(p[0].dtype == qa.dtype for p in cache.pages))
 
 
 def _decode_split(qa, cache: LatentCache, row: mx.array) -> mx.array:
@@ -151,16 +181,6 @@ LOW = -3.0e38  # the kernels' "no valid row" maximum
 
 def page_mode() -> str:
     return settings.value(PAGE_ENV)
-
-
-def page_kernel_fits(qa, cache: LatentCache) -> bool:
-    """Whether mla_decode runs as decode_page_kernel: on a GPU (unless KIMI_MLX_MLA_PAGE=off or
-    KIMI_MLX_MLA=ref), one unquantized page of at most PAGE_KERNEL_ROWS rows in the query's dtype, whose head
-    groups' queries and chunk scores fit in 24 KB of threadgroup memory (Metal allows 32)."""
-    B, H, W = qa.shape
-    return (len(cache.pages) == 1 and _decode_kernels_allowed(qa, cache) and usable("mla_decode_page")
-            and cache.pages[0][0].shape[1] <= PAGE_KERNEL_ROWS and H % PAGE_KERNEL_HEADS == 0
-            and (W + PAGE_CHUNK_ROWS) * PAGE_KERNEL_HEADS * 4 <= 24 * 1024)
 
 
 def decode_page_ref(qa, page, last) -> mx.array:

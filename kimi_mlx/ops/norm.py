@@ -9,7 +9,6 @@ KIMI_MLX_NORM=ref.
 from __future__ import annotations
 
 import mlx.core as mx
-from metal_kernels import usable
 
 from .. import settings
 
@@ -43,12 +42,17 @@ def mode() -> str:
     return settings.value(ENV)
 
 
+def choose(f: settings.Facts, D: int, rows: int, same_shape: bool) -> str:
+    """'kernel' or 'ref' for an add + norm over rows of width D (same_shape: h and a alike)."""
+    fits = D % 32 == 0 and rows <= KERNEL_ROWS and same_shape
+    return "kernel" if f[ENV] != "ref" and f.gpu and fits and f.usable("add_norm") else "ref"
+
+
 def add_norm(h, a, weight, eps: float) -> tuple[mx.array, mx.array]:
     """h [..., D] (the residual), a [..., D] (a branch's output, any float dtype) -> (h + a, its rms_norm)."""
     from .kda import gpu_backend
 
     D = h.shape[-1]
-    if mode() != "ref" and gpu_backend() and D % 32 == 0 and h.size // D <= KERNEL_ROWS and a.shape == h.shape \
-            and usable("add_norm"):
+    if choose(settings.now(gpu_backend()), D, h.size // D, a.shape == h.shape) == "kernel":
         return add_norm_kernel(h, a, weight, eps)
     return add_norm_ref(h, a, weight, eps)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-from metal_kernels import usable
 
 from .. import settings
 from ..errors import ConfigError
@@ -99,12 +98,17 @@ def logits_kernel(x, weight):
 LOGITS_KERNEL_ROWS = 16
 
 
+def choose_logits(f: settings.Facts, rows: int, weight_f32: bool) -> str:
+    """'kernel' or 'ref' for the router's logits of `rows` tokens (the kernel reads a float32 weight)."""
+    fits = weight_f32 and rows <= LOGITS_KERNEL_ROWS
+    return "kernel" if f[ENV] != "ref" and f.gpu and fits and f.usable("moe_router") else "ref"
+
+
 def router_logits(x, weight):
     """x [N, D] @ weight [E, D]^T in float32: [N, E]."""
     from .kda import gpu_backend
 
-    if (mode() != "ref" and gpu_backend() and weight.dtype == mx.float32 and x.shape[0] <= LOGITS_KERNEL_ROWS
-            and usable("moe_router")):
+    if choose_logits(settings.now(gpu_backend()), x.shape[0], weight.dtype == mx.float32) == "kernel":
         return logits_kernel(x, weight)
     return logits_ref(x, weight)
 
@@ -113,16 +117,21 @@ def mode() -> str:
     return settings.value(ENV)
 
 
+def choose(f: settings.Facts, E: int, top_k: int, n_group: int) -> str:
+    """'kernel' or 'ref' for routing over E experts, top_k picks in n_group groups."""
+    m = f[ENV]
+    fits = kernel_supports(E, top_k, n_group)
+    if m == "kernel":
+        if f.gpu is None or not fits:
+            raise ConfigError(f"{ENV}=kernel needs a Metal or CUDA device and E % 32 == 0 with E / 32 <= 16")
+        return "kernel"
+    return "kernel" if m == "auto" and fits and f.gpu and f.usable("moe_route") else "ref"
+
+
 def path(E: int, top_k: int, n_group: int) -> str:
     from .kda import gpu_backend
 
-    m = mode()
-    fits = kernel_supports(E, top_k, n_group)
-    if m == "kernel":
-        if gpu_backend() is None or not fits:
-            raise ConfigError(f"{ENV}=kernel needs a Metal or CUDA device and E % 32 == 0 with E / 32 <= 16")
-        return "kernel"
-    return "kernel" if m == "auto" and fits and gpu_backend() and usable("moe_route") else "ref"
+    return choose(settings.now(gpu_backend()), E, top_k, n_group)
 
 
 def route(logits, bias, **opts):

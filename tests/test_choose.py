@@ -1,0 +1,105 @@
+"""Each op's path choice as a pure function of settings.Facts (switches, backend, kernels switched off) and the
+call's shapes: tables of cases, no environment and no monkeypatching."""
+
+import pytest
+
+from kimi_mlx.errors import ConfigError
+from kimi_mlx.model.fuse import choose_experts
+from kimi_mlx.ops import routing
+from kimi_mlx.ops.kda import choose_prefill, choose_scan
+from kimi_mlx.ops.kda_decode import choose_decode
+from kimi_mlx.settings import Facts
+
+CPU = Facts()
+METAL = Facts(gpu="metal", cpu=False)
+CUDA = Facts(gpu="cuda", cpu=False, cuda=True)
+
+
+def with_(f: Facts, **switches) -> Facts:
+    return Facts(switches, f.gpu, f.off, f.cpu, f.cuda)
+
+
+def off(f: Facts, *kernels) -> Facts:
+    return Facts(f.switches, f.gpu, frozenset(kernels), f.cpu, f.cuda)
+
+
+@pytest.mark.parametrize("facts, T, dk, want", [
+    (CPU, 1, 128, "ref"), (CPU, 15, 128, "ref"), (CPU, 4096, 128, "chunked"),
+    (METAL, 4096, 128, "kernel"), (CUDA, 4096, 128, "kernel"), (CUDA, 4096, 48, "chunked"),
+    (off(CUDA, "kda_intra_chunk"), 4096, 128, "chunked"),
+    (with_(CUDA, KIMI_MLX_KDA="ref"), 4096, 128, "ref"), (with_(CPU, KIMI_MLX_KDA="chunked"), 2, 128, "chunked"),
+    (with_(METAL, KIMI_MLX_KDA="kernel"), 2, 128, "kernel"),
+])
+def test_kda_prefill(facts, T, dk, want):
+    assert choose_prefill(facts, T, dk) == want
+
+
+def test_kda_kernel_mode_needs_a_gpu():
+    with pytest.raises(ConfigError, match="Metal or CUDA"):
+        choose_prefill(with_(CPU, KIMI_MLX_KDA="kernel"), 4096)
+
+
+@pytest.mark.parametrize("facts, path, want", [
+    (CUDA, "kernel", "affine"), (METAL, "kernel", "kernel"), (off(METAL, "kda_chunk_scan"), "kernel", "affine"),
+    (CPU, "chunked", "ops"), (with_(METAL, KIMI_MLX_KDA_SCAN="ops"), "kernel", "ops"),
+])
+def test_kda_scan(facts, path, want):
+    assert choose_scan(facts, path) == want
+
+
+@pytest.mark.parametrize("facts, shape, taps, want", [
+    (CPU, (1, 32, 128, 128), 4, "ops"), (METAL, (1, 32, 128, 128), 4, "kernel"), (CUDA, (1, 2, 16, 48), 4, "ops"),
+    (CUDA, (1, 32, 128, 128), 1, "ops"), (with_(CUDA, KIMI_MLX_KDA="ref"), (1, 32, 128, 128), 4, "ref"),
+])
+def test_kda_decode(facts, shape, taps, want):
+    assert choose_decode(facts, shape, taps) == want
+
+
+@pytest.mark.parametrize("facts, E, want", [
+    (CPU, 256, "ref"), (CUDA, 256, "kernel"), (CUDA, 48, "ref"), (off(CUDA, "moe_route"), 256, "ref"),
+    (with_(METAL, KIMI_MLX_ROUTE="ref"), 256, "ref"),
+])
+def test_routing(facts, E, want):
+    assert routing.choose(facts, E, 8, 1) == want
+
+
+@pytest.mark.parametrize("facts, pairs, fits, want", [
+    (CPU, 9, True, "gather"), (CUDA, 9, True, "kernel"), (CUDA, 9, False, "gather"),
+    (CPU, 2048 * 9, True, "segmented"), (CUDA, 2048 * 9, True, "bounded"), (METAL, 2048 * 9, True, "sorted"),
+    (with_(CUDA, KIMI_MLX_EXPERTS="gather"), 2048 * 9, True, "gather"),
+    (with_(CUDA, KIMI_MLX_EXPERTS="sorted"), 9, True, "kernel"),  # a prefill path is never forced on a decode call
+])
+def test_experts(facts, pairs, fits, want):
+    assert choose_experts(facts, pairs, fits) == want
+
+
+def test_forcing_the_expert_kernels_where_they_cannot_run_is_one_line():
+    with pytest.raises(ConfigError, match="KIMI_MLX_EXPERTS=kernel needs"):
+        choose_experts(with_(CPU, KIMI_MLX_EXPERTS="kernel"), 9, True)
+
+
+def test_the_small_kernels():
+    from kimi_mlx.ops import attention, kda, linear, norm
+
+    assert norm.choose(CUDA, 2304, 1, True) == "kernel" and norm.choose(CPU, 2304, 1, True) == "ref"
+    assert norm.choose(CUDA, 2304, 2048, True) == "ref"  # prefill rows: the ops
+    assert norm.choose(off(METAL, "add_norm"), 2304, 1, True) == "ref"
+    assert kda.choose_gated_norm(METAL, 128) == "kernel" and kda.choose_gated_norm(METAL, 48) == "ref"
+    assert kda.choose_gated_norm(with_(METAL, KIMI_MLX_KDA="chunked"), 128) == "ref"
+    assert routing.choose_logits(CUDA, 1, True) == "kernel" and routing.choose_logits(CUDA, 1, False) == "ref"
+    assert routing.choose_logits(CUDA, 4096, True) == "ref"
+    assert attention.choose_cache_rows(CUDA, 512) == "kernel" and attention.choose_cache_rows(CUDA, 20) == "ref"
+    assert linear.choose(CUDA, 2048) == "dequant" and linear.choose(METAL, 2048) == "quantized"
+    assert linear.choose(CUDA, 1) == "quantized" and linear.choose(with_(CPU, KIMI_MLX_DEQUANT="on"), 2048) == "dequant"
+
+
+@pytest.mark.parametrize("facts, rows, quantized, want", [
+    (CUDA, (1024,), False, "page"), (CUDA, (16384,), False, "split"), (CUDA, (131072, 16384), False, "split"),
+    (CUDA, (1024,), True, "matmuls"), (CPU, (1024,), False, "matmuls"),
+    (off(CUDA, "mla_decode_page"), (1024,), False, "split"), (off(CUDA, "mla_decode_merge"), (1024,), False, "matmuls"),
+    (with_(CUDA, KIMI_MLX_MLA_PAGE="off"), (1024,), False, "matmuls"),
+])
+def test_mla_decode(facts, rows, quantized, want):
+    from kimi_mlx.ops import mla_decode
+
+    assert mla_decode.choose(facts, 32, 576, rows, quantized, True) == want
