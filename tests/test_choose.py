@@ -103,3 +103,14 @@ def test_mla_decode(facts, rows, quantized, want):
     from kimi_mlx.ops import mla_decode
 
     assert mla_decode.choose(facts, 32, 576, rows, quantized, True) == want
+
+
+def test_mla_prefill():
+    from kimi_mlx.ops import attention
+
+    small, big = 1 << 20, attention.TILE_BYTES + 1
+    assert attention.choose(CPU, small, False, 1, False) == "fused"
+    assert attention.choose(CPU, small, True, 1, False) == "tiled"  # the absorbed form never takes SDPA
+    assert attention.choose(CPU, big, False, 1, False) == "tiled"
+    assert attention.choose(CPU, small, False, 2, False) == "tiled" and attention.choose(CPU, small, False, 1, True) == "tiled"
+    assert attention.choose(with_(CPU, KIMI_MLX_MLA="ref"), small, False, 1, False) == "ref"

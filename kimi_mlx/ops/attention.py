@@ -103,12 +103,22 @@ def mode() -> str:
     return settings.value(ENV)
 
 
+def choose(f: settings.Facts, score_bytes: int, absorbed: bool, pages: int, quantized: bool) -> str:
+    """'ref', 'fused' or 'tiled' for a call whose whole [B, H, T, S] float32 score array is score_bytes: KIMI_MLX_MLA
+    if set, else fused where one tile holds it, the form is expanded and the cache one dense page, else tiled."""
+    path = f[ENV]
+    if path != "auto":
+        return path
+    fits = score_bytes <= TILE_BYTES
+    return "fused" if fits and not absorbed and pages == 1 and not quantized else "tiled"
+
+
 def mla_attention(q, cache: LatentCache, k_up, v_up, scale: float, *, path: str | None = None,
                   absorbed: bool | None = None, tiling: Tiling | None = None) -> mx.array:
     """Causal MLA attention of T new queries over the whole cache (which already holds them).
 
     q: [B, H, T, nope + pe]; k_up: [H, nope, L]; v_up: [H, v, L].  Returns [B, H, T, v] in q's dtype.
-    path: 'ref' | 'fused' | 'tiled' (None: KIMI_MLX_MLA, then the rule in the module docstring).
+    path: 'ref' | 'fused' | 'tiled' | 'auto' (choose's rule) | None (KIMI_MLX_MLA, then choose's rule).
     """
     B, H, T, _ = q.shape
     S = cache.length
@@ -116,10 +126,9 @@ def mla_attention(q, cache: LatentCache, k_up, v_up, scale: float, *, path: str 
     pe = q.shape[-1] - nope
     if absorbed is None:
         absorbed = absorbed_is_cheaper(T, L, pe, nope, v_up.shape[1])
-    path = path or mode()
-    if path == "auto":
-        fits = B * H * T * S * 4 <= TILE_BYTES
-        path = "fused" if fits and not absorbed and len(cache.pages) == 1 and not cache.bits else "tiled"
+    if path is None or path == "auto":  # choose's rule; None: KIMI_MLX_MLA first (the device plays no part)
+        f = settings.now(None) if path is None else settings.Facts({ENV: "auto"})
+        path = choose(f, B * H * T * S * 4, absorbed, len(cache.pages), bool(cache.bits))
     if path == "ref":
         return mla_attention_ref(q, mx.concatenate([cache.rows(p) for p in cache.pages], axis=1), k_up, v_up, scale)
     if path == "fused":
