@@ -155,5 +155,19 @@ def now(gpu: str | None) -> Facts:
 
     import metal_kernels
 
-    return Facts({env: value(env) for env in SWITCHES}, gpu, frozenset(metal_kernels.switched_off()),
-                 mx.default_device() == mx.cpu, mx.cuda.is_available())
+    return Facts(_Current(), gpu, frozenset(metal_kernels.switched_off()), mx.default_device() == mx.cpu,
+                 mx.cuda.is_available())
+
+
+class _Current(Mapping):
+    """The switches' values now, each read when a choice asks for it (a choice reads one or two of them, and the
+    ops choose at every eager call)."""
+
+    def __getitem__(self, env: str) -> str:
+        return value(env)
+
+    def __iter__(self):
+        return iter(SWITCHES)
+
+    def __len__(self) -> int:
+        return len(SWITCHES)
