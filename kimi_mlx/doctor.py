@@ -256,10 +256,12 @@ def environment() -> list[tuple[str, str]]:
 
     from .model.decoder import prefill_memory
     from .ops import attention, linear, mla_decode, norm
+    from .settings import now
     from .settings import rows as switch_rows
 
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     gpu = kda_ops.gpu_backend()
+    facts = now(gpu)  # the real shape's rows below ask the ops' own path choices
     mode = kda_ops.mode()
     from .ops.kda_decode import decode_path
 
@@ -283,10 +285,11 @@ def environment() -> list[tuple[str, str]]:
         ("MoE decode", (f"{gpu} kernels" if decode_experts == "kernel" else f"{decode_experts} expert matmuls")
          + " (one token, 4-bit banks)"),
         ("MoE prefill", f"{expert_path(2048 * 9, 257)} expert matmuls (2,048 tokens, real shape)"),
-        ("add + norm", f"one {gpu} kernel a seam (decode)" if gpu and norm.mode() != "ref" else "ops"),
+        ("add + norm", f"one {gpu} kernel a seam (decode)" if norm.choose(facts, 2304, 1, True) == "kernel" else "ops"),
         ("MLA decode", f"two {gpu} kernels over a page of <= {mla_decode.PAGE_KERNEL_ROWS:,} rows, else matmuls"
          f" around two {gpu} kernels (flash decoding)"
-         if gpu and attention.mode() != "ref" and mla_decode.page_mode() == "on"
+         if (mla_decode.choose(facts, 32, 576, (1024,), False, True),
+             mla_decode.choose(facts, 32, 576, (131072,), False, True)) == ("page", "split")
          else f"matmuls ({attention.ENV}={attention.mode()}, {mla_decode.PAGE_ENV}={mla_decode.page_mode()})"),
         ("prefill matmuls", f"quantized linears dequantized + dense matmul from {linear.MIN_ROWS} rows"
          if linear.dequant_chosen(linear.MIN_ROWS) else "quantized matmul"),
@@ -315,12 +318,12 @@ def _kda_paths(attn, s) -> str:
 
     gpu = kda_ops.gpu_backend()
     decode = decode_path(s.recurrent, attn.conv_weight)
-    if decode == "kernel":
-        why = "gates_in" not in attn and "f_a/g_a not fused" or gates_kernel_misfit(attn.f_b_proj, attn.g_b_proj,
-                                                                                   s.recurrent)
-        if why is None and metal_kernels.usable("kda_decode_gates"):
+    if decode == "kernel":  # the layer's own choice (KimiDeltaAttention.decode_step), with the reason it gives way
+        if attn.gates_kernel_applies(s):
             decode = f"one {gpu} kernel, f_b and g_b inside"
         elif metal_kernels.usable("kda_decode"):
+            why = ("f_a/g_a not fused" if "gates_in" not in attn
+                   else gates_kernel_misfit(attn.f_b_proj, attn.g_b_proj, s.recurrent))
             decode = f"{gpu} kernel, f_b and g_b as matmuls before it ({why or 'its gates kernel is switched off'})"
         else:
             decode = "fused ops (the decode kernels are switched off)"

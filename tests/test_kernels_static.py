@@ -109,7 +109,7 @@ def _instantiations():
     passed (dtype, constant address space or not, by reference or not), output dtypes."""
     seen = {}
     for launch in kernel_variants.launches():
-        passing = tuple((t, min(n, CONSTANT_BELOW - 1) if n < CONSTANT_BELOW else CONSTANT_BELOW, nd)
+        passing = tuple((t, min(n, CONSTANT_BELOW), nd)
                         for t, n, nd in launch.inputs)
         seen.setdefault((launch.name, launch.template, passing, launch.outputs), launch)
     return list(seen)
