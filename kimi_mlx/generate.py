@@ -4,7 +4,7 @@ turns steps into Response objects (text, stop strings, timing), stream_generate 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -68,6 +68,9 @@ class GenerationOptions:
     logprobs: bool = False
     top_logprobs: int = 0
     prefill_step_size: int = 0  # tokens a prefill step; 0: auto (step_length)
+    draft: str | None = None  # speculative decoding: "ngram" (prompt lookup) or a draft model's path (speculate.py)
+    num_draft: int = 0  # tokens drafted a round; 0: the draft's default
+    ngram: int = 3  # longest suffix prompt lookup matches
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "GenerationOptions":
@@ -96,6 +99,8 @@ class GenerationOptions:
             (self.repetition_context_size >= 1, "repetition_context_size must be >= 1"),
             (self.top_logprobs >= 0, "top_logprobs must be >= 0"),
             (self.prefill_step_size >= 0, "prefill_step_size must be >= 0 (0 = auto)"),
+            (0 <= self.num_draft <= 15, "num_draft must be in 0..15 (0 = the draft's default)"),
+            (1 <= self.ngram <= 16, "ngram must be in 1..16"),
         ]
         for ok, msg in rules:
             if not ok:
@@ -116,6 +121,8 @@ class Response:
     generation_tokens: int
     generation_tps: float
     peak_memory: float  # GB
+    from_draft: bool = False  # the token was a draft the model accepted (speculative decoding)
+    spec: object | None = None  # speculate.SpecStats of the generation so far, with a draft
 
 
 @dataclass
@@ -123,6 +130,7 @@ class Step:
     token: int
     logprobs: mx.array  # [V] raw
     mark: StateMark | None  # the state before `token` was fed; None when it was not fed (the last step)
+    from_draft: bool = False
 
 
 def stop_ids(model, tokenizer) -> set[int]:
@@ -233,6 +241,12 @@ class Generation:
         tail = (list(context) + self.prompt)[-opts.repetition_context_size :]
         self.processors = make_logits_processors(opts, len(tail))
         self.context_tail = tail if self.processors else []
+        self.context = list(context)
+        self.draft = None
+        if opts.draft:
+            from .speculate import SpecStats, make_draft
+
+            self.draft, self.spec = make_draft(model, tokenizer, opts), SpecStats()
         self.tokens: list[int] = []
         self.last: Step | None = None
         self.finish_reason: str | None = None
@@ -244,9 +258,22 @@ class Generation:
         detok, stopper = tok.detokenizer(), StopMatcher(opts.stop)
         mx.reset_peak_memory()
         t0 = time.perf_counter()
+        if self.draft is not None:
+            from .speculate import speculative_steps
+
+            steps = speculative_steps(self.model, self.state, self.prompt, sampler, self.processors,
+                                      self.context_tail, self.context, self.max_tokens, opts.prefill_step_size,
+                                      self.progress, self.draft, self.spec, stops)
+        else:
+            steps = generate_step(self.model, self.state, self.prompt, sampler, self.processors, self.context_tail,
+                                  self.max_tokens, opts.prefill_step_size, self.progress)
+        try:
+            yield from self._responses(steps, stops, detok, stopper, t0)
+        finally:
+            steps.close()  # a speculative run rewinds the state to the last token taken
+
+    def _responses(self, steps, stops, detok, stopper, t0) -> Iterator[Response]:
         t_first = None
-        steps = generate_step(self.model, self.state, self.prompt, sampler, self.processors, self.context_tail,
-                              self.max_tokens, opts.prefill_step_size, self.progress)
         for step in steps:
             t_first = t_first or time.perf_counter()
             self.last = step
@@ -268,7 +295,6 @@ class Generation:
             yield self._response(step, text, finish, t0, t_first)
             if finish:
                 break
-        steps.close()
 
     def _response(self, step: Step, text: str, finish, t0: float, t_first: float) -> Response:
         now = time.perf_counter()
@@ -286,7 +312,8 @@ class Generation:
             finish_reason=finish, prompt_tokens=len(self.prompt),
             prompt_tps=len(self.prompt) / max(t_first - t0, 1e-9), generation_tokens=n,
             generation_tps=(n - 1) / (now - t_first) if n > 1 and now > t_first else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9,
+            peak_memory=mx.get_peak_memory() / 1e9, from_draft=step.from_draft,
+            spec=None if self.draft is None else replace(self.spec),
         )
 
 
@@ -315,5 +342,7 @@ def generate(model, tokenizer, prompt, **kwargs) -> str:
 
 def stats_line(r: Response) -> str:
     """One line of a finished reply's numbers, as the CLI prints it."""
+    spec = f" | {r.spec.line()}" if r.spec is not None else ""
     return (f"prompt: {count(r.prompt_tokens, 'token')}, {r.prompt_tps:.1f} tok/s | generation: "
-            f"{count(r.generation_tokens, 'token')}, {r.generation_tps:.1f} tok/s | peak memory {r.peak_memory:.2f} GB")
+            f"{count(r.generation_tokens, 'token')}, {r.generation_tps:.1f} tok/s | peak memory {r.peak_memory:.2f} GB"
+            f"{spec}")

@@ -87,13 +87,15 @@ class FusedMoE(nn.Module):
         return expert_path(pairs, self.num_routed + self.num_shared,
                            self.kernel_fits and usable("moe_gate_up") and usable("moe_down"))
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, path: str | None = None) -> mx.array:
+        """path: the expert path to take (None: self.path of the call's token count; model/verify.py gives a
+        few tokens the one-token path, so each row is computed as decode computes it)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         N = flat.shape[0]
         idx, w = self.gate(flat, shared=self.num_shared)  # the shared experts ride along as the last columns
         k = idx.shape[1]
-        path = self.path(N)
+        path = path or self.path(N)
         if path == "kernel":  # decode on a GPU: two kernels over the quantized banks (ops/experts.py)
             out = experts_kernel(flat, idx, w, self.gate_up_proj, self.down_proj)
         elif path == "gather":  # decode otherwise: MLX's gather matmuls (the kernels' reference twin)

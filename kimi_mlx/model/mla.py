@@ -58,6 +58,13 @@ class KimiMLA(nn.Module):
         written). The graph depends only on the page shapes, so a compiled step keeps it while the cache
         grows inside its pages (see ops.mla_decode.mla_decode)."""
         q, rows = self._project(x)
+        o, last = self.decode_row(q, rows, pages, row)
+        return self._out(o), last
+
+    def decode_row(self, q: mx.array, rows: mx.array, pages: tuple, row: mx.array):
+        """decode's attention from its projections: the query q [B, H, 1, nope + pe] and the new cache row
+        rows [B, 1, W]: (attention output [B, H, 1, v] before o_proj, the last page with the row written).
+        model/verify.py runs it once a row over projections made for several tokens."""
         *before, last = pages
         bits = last[0].shape[-1] * 32 // rows.shape[-1] if len(last) > 1 else 0
         new = encode_rows(rows, bits, last[0].dtype)
@@ -66,6 +73,6 @@ class KimiMLA(nn.Module):
         # both write in place when the page is not shared
         last = tuple(mx.put_along_axis(p, row, r, axis=1) for p, r in zip(last, new))
         cache = LatentCache((*before, last), bits, CACHE_GROUP_SIZE)
-        o = mla_decode(q, cache, row, self.k_up.astype(x.dtype), self.v_up.astype(x.dtype), self.scale,
+        o = mla_decode(q, cache, row, self.k_up.astype(q.dtype), self.v_up.astype(q.dtype), self.scale,
                        self.get("q_absorb"), self.get("v_absorb"))
-        return self._out(o), last
+        return o, last

@@ -1,0 +1,154 @@
+"""A forward over a few new tokens (speculative verification) computed row for row as decode computes it.
+
+Plain decoding feeds one token a step through each layer's one-token step (DecoderLayer.kda_step /
+mla_step). A verification forward feeds T = 2..16 tokens at once and must give every row the logits and the
+state that T one-token steps would give, so a speculative run's tokens are plain decoding's tokens. The
+prefill path (model.hidden with T > 1) does not: its chunked KDA and tiled attention sum in another order,
+and at small T it costs several decode steps. Here each layer runs decode's own pieces over T rows:
+
+  row-wise work  embedding, norms and residual adds, every projection (q|k|v, gates, q|kv, o_proj), the
+                 FFN (a fused MoE on its one-token expert path: the decode kernel or the gather matmuls)
+                 and the lm_head run once over the T rows as a small batch: each output row is a function
+                 of its input row alone (reads each weight once for T rows, which is where the time goes)
+  KDA            the fused decode step (ops/kda_decode: kernel or ops, the path decode takes) applied token
+                 by token inside the one graph, each token's conv tail and recurrent state kept
+  MLA            the decode attention (KimiMLA.decode_row over MLAState.decode_slot) once a row: the query
+                 of row t sees the cache and rows 0..t, each row written as decode writes it
+
+What makes rows equal to decode's is row-invariance of the batched matmuls: on the CPU, MLX's float32 and
+quantized matmuls give each row the bits they give it alone (tests/test_speculative.py checks the logits
+bit for bit against decode). A GPU's matmul kernels for a few rows and for one may round differently, so
+there a verification's logits are decode's to within rounding.
+
+verify_forward returns a StateMark after each row, so the caller can rewind to any accepted prefix in O(1):
+the KDA marks hold that row's (conv, recurrent) arrays, the MLA marks the cache length (state_io.rewind).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from metal_kernels import usable
+
+from ..errors import KimiError
+from ..ops.kda_decode import decode_path, decode_step_gates_kernel, kda_decode_step
+from ..state import KDAState, ModelState, check_context
+from ..state_io import StateMark
+from .decoder import DecoderLayer
+
+MAX_VERIFY = 16  # rows a verification forward takes (the drafts + 1); beyond this a prefill step pays
+
+
+def kda_rows(attn, x: mx.array, s: KDAState) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
+    """KimiDeltaAttention over T rows as T decode steps: (output [B, T, dim], [(conv, recurrent)] after each
+    row). s holds the state after the last row."""
+    B, T, _ = x.shape
+    H, D = attn.num_heads, attn.head_dim
+    path = decode_path(s.recurrent, attn.conv_weight)
+    after = []
+    if path == "ref":  # decode's reference is the unfused layer one token at a time
+        outs = []
+        for t in range(T):
+            outs.append(attn(x[:, t : t + 1], s))
+            after.append((s.conv, s.recurrent))
+        return mx.concatenate(outs, axis=1), after
+    qkv = attn.qkv_proj(x)
+    ys = []
+    if path == "kernel" and attn.gates_kernel_applies(s):
+        gates = attn.gates_in(x)
+        for t in range(T):
+            y, s.recurrent, s.conv = decode_step_gates_kernel(
+                qkv[:, t], gates[:, t], *attn._step_rest(s), attn.f_b_proj, attn.g_b_proj, attn.o_norm_weight,
+                attn.norm_eps)
+            ys.append(y)
+            after.append((s.conv, s.recurrent))
+    else:
+        step_path = "ops" if path == "kernel" and not usable("kda_decode") else path
+        f_b, g_b, b_logit = attn.decode_gates(x)
+        for t in range(T):
+            y, s.recurrent, s.conv = kda_decode_step(step_path, qkv[:, t], f_b[:, t], b_logit[:, t],
+                                                     *attn._step_rest(s), g_b[:, t], attn.o_norm_weight,
+                                                     attn.norm_eps)
+            ys.append(y)
+            after.append((s.conv, s.recurrent))
+    return attn.o_proj(mx.stack(ys, axis=1).reshape(B, T, H * D)), after
+
+
+def mla_projections(attn, x: mx.array) -> tuple[mx.array, mx.array]:
+    """KimiMLA._project's one-token form over T rows: (queries [B, H, T, nope + pe], cache rows [B, T, W])."""
+    from ..ops.attention import cache_rows
+
+    B, T, _ = x.shape
+    n = attn.num_heads * (attn.nope + attn.pe)
+    if "q_kv" in attn:
+        y = attn.q_kv(x)
+        q, ckv = y[..., :n], y[..., n:]
+    else:
+        q, ckv = attn.q_proj(x), attn.kv_a_proj_with_mqa(x)
+    q = q.reshape(B, T, attn.num_heads, attn.nope + attn.pe).transpose(0, 2, 1, 3)
+    return q, cache_rows(ckv, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps, attn.latent_rank)
+
+
+def mla_rows(attn, x: mx.array, s) -> mx.array:
+    """KimiMLA over T rows as T decode steps (each row's query over the cache and the rows before it)."""
+    from ..ops.attention import mla_attention
+
+    B, T, _ = x.shape
+    q, rows = mla_projections(attn, x)
+    outs = []
+    for t in range(T):
+        qt, rt = q[:, :, t : t + 1], rows[:, t : t + 1]
+        slot = s.decode_slot()
+        if slot is None:  # an empty cache: the first row appends as the layer does
+            o = mla_attention(qt, s.append(rt), attn.k_up.astype(x.dtype), attn.v_up.astype(x.dtype), attn.scale)
+        else:
+            o, last = attn.decode_row(qt, rt, slot.pages, slot.row)
+            s.commit_decode(last)
+        outs.append(o)
+    o = mx.concatenate(outs, axis=2)  # [B, H, T, v]
+    return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, attn.num_heads * attn.v_dim))
+
+
+def ffn_rows(mlp, x: mx.array) -> mx.array:
+    """The FFN over T rows on the path a one-token step takes (a fused MoE's decode expert path)."""
+    from .fuse import FusedMoE
+
+    if isinstance(mlp, FusedMoE):
+        return mlp(x, path=mlp.path(1))
+    return mlp(x)  # a dense MLP or the unfused MoE: row-wise whatever the token count
+
+
+def verify_forward(model, tokens: list[int], state: ModelState) -> tuple[mx.array, list[StateMark]]:
+    """Feed tokens (1..MAX_VERIFY) into state as that many decode steps would: (logits [T, vocab], the StateMark
+    after each row). state ends holding all of them; rewind it to marks[j] to keep the first j + 1."""
+    if model.pipeline is not None:
+        raise KimiError("speculative decoding runs on one machine; drop the draft or run without --distributed")
+    if state.batch_size != 1:
+        raise KimiError("speculative decoding runs one sequence at a time; drop the draft for batched generation")
+    T = len(tokens)
+    if not 1 <= T <= MAX_VERIFY:
+        raise KimiError(f"a verification forward takes 1 to {MAX_VERIFY} tokens, got {T}")
+    check_context(state, T, model.config.max_position_embeddings)
+    layers = model.model.layers
+    h = model.model.embed_tokens(mx.array([tokens]))
+    r = None  # the FFN output not yet added to h, as in Model._decode_each
+    kda_after, mla_before = {}, {}
+    for i in model.owned:
+        layer, s = layers[i], state.layers[i]
+        h, x = layer._seam(h, r, layer.input_layernorm)
+        if layer.is_kda:
+            a, kda_after[i] = kda_rows(layer.self_attn, x, s)
+        else:
+            mla_before[i] = s.length
+            a = mla_rows(layer.self_attn, x, s)
+        h, x = layer._seam(h, a, layer.post_attention_layernorm)
+        r = ffn_rows(layer.mlp, x)
+    logits = model.logits(DecoderLayer._seam(h, r, model.model.norm)[1])[0]
+    offset = state.offset
+    state.offset += T
+    marks = []
+    for t in range(T):
+        saved = [KDAState(*kda_after[i][t]) if i in kda_after else mla_before[i] + t + 1
+                 for i in range(len(state.layers))]
+        marks.append(StateMark(saved, offset + t + 1))
+    return logits, marks
+

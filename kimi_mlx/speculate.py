@@ -1,0 +1,319 @@
+"""Speculative decoding: guess a few tokens, check them in one forward, keep those the model agrees with.
+
+Drafts (`draft` generation option):
+  "ngram"  prompt lookup: the longest suffix of the text so far (up to `ngram` tokens) that occurred before,
+           and the `num_draft` tokens that followed it then (NgramDraft); no second model
+  PATH     a draft model with the same vocabulary (ModelDraft), its own state kept in step with the target's
+
+A round (speculative_steps): the state holds every committed token but the pending one y (sampled, not yet
+fed). The drafts d1..dk continue y; one verification forward feeds [y, d1..dk] (model/verify.py: computed
+row for row as decode computes it) and gives the target's distribution after each of them. The drafts are
+accepted left to right by the rule below; at the first rejection (or after all k, the bonus row) a token is
+drawn from the target and becomes the next pending token. The state is rewound in O(1) to the last accepted
+row (state_io.rewind of the mark verify_forward returned after it): KDA conv and recurrent arrays, MLA cache
+lengths, offset. The penalties' token context grows with the accepted tokens only.
+
+Acceptance (standard speculative sampling, so the output distribution is the target's): with p the target's
+sampling distribution at that row (penalties, temperature, top-k/p, min-p applied) and q the draft's,
+accept d with probability min(1, p(d) / q(d)); on rejection draw from normalize(max(0, p - q)). The n-gram
+draft is deterministic, q a point mass on d: accept with probability p(d), else draw from p without d. At
+temperature 0 p is a point mass on the argmax, so the tokens are plain decoding's tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import mlx.core as mx
+
+from .errors import KimiError
+from .model.verify import MAX_VERIFY, verify_forward
+from .sample import Sampler, normalize
+from .state_io import mark, rewind
+
+NGRAM = "ngram"
+NUM_DRAFT = 8  # drafted tokens a round (benchmarks/speculative.py measures the choice)
+NGRAM_SIZE = 3  # longest suffix prompt lookup matches (it falls back to shorter ones down to 1 token)
+MIN_MATCH = 2  # shortest suffix prompt lookup trusts (an ngram of 1 allows 1)
+MODEL_NUM_DRAFT = 4  # drafted tokens a round for a draft model (each costs a draft forward)
+
+
+@dataclass
+class SpecStats:
+    """Counts of one generation's speculation."""
+
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # ... of them kept
+    forwards: int = 0  # target forwards after the prompt (verifications and plain steps)
+    tokens: int = 0  # tokens those forwards produced
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / self.forwards if self.forwards else 0.0
+
+    def line(self) -> str:
+        rate = f" ({100 * self.accepted / self.drafted:.0f}%)" if self.drafted else ""
+        return (f"draft: {self.drafted} drafted, {self.accepted} accepted{rate}, "
+                f"{self.tokens_per_forward:.2f} tokens/forward")
+
+
+class NgramDraft:
+    """Prompt lookup over a growing token list: the tokens that followed the latest earlier occurrence of the
+    list's longest matching suffix (ngram tokens down to 1). An index per n-gram size maps each n-gram to
+    where its latest continuation starts, updated as tokens are appended (O(ngram) a token)."""
+
+    def __init__(self, num_draft: int = NUM_DRAFT, ngram: int = NGRAM_SIZE):
+        self.num_draft, self.ngram = num_draft, ngram
+        self.tokens: list[int] = []
+        self.index: list[dict] = [{} for _ in range(ngram + 1)]
+
+    def extend(self, tokens) -> None:
+        for tok in tokens:
+            p = len(self.tokens)  # the n-grams ending just before p continue at p
+            for n in range(1, self.ngram + 1):
+                if p >= n:
+                    self.index[n][tuple(self.tokens[p - n : p])] = p
+            self.tokens.append(tok)
+
+    def propose(self, k: int) -> list[int]:
+        """Up to k tokens continuing self.tokens ([] when no suffix of MIN_MATCH tokens or more occurred before:
+        a one-token match guesses little better than chance, and a rejected draft costs a wider forward)."""
+        toks = self.tokens
+        for n in range(min(self.ngram, len(toks)), min(MIN_MATCH, self.ngram) - 1, -1):
+            at = self.index[n].get(tuple(toks[-n:]))
+            if at is not None:
+                out = toks[at : at + k]
+                while len(out) < k:  # the match runs into the end: the repetition continues itself
+                    out.append(out[len(out) - (len(toks) - at)] if len(toks) - at <= len(out) else toks[at + len(out)])
+                return out
+        return []
+
+
+class ModelDraft:
+    """A draft model with its own state, kept holding what the target's state holds: `sync` feeds it the
+    committed tokens it lacks (rewinding to a mark first where it drafted past them)."""
+
+    def __init__(self, model, num_draft: int = MODEL_NUM_DRAFT):
+        self.model, self.num_draft = model, num_draft
+        self.state = model.new_state(1)
+        self.tokens: list[int] = []
+        self.marks: dict[int, object] = {}  # len(tokens) -> mark, for the positions fed while drafting
+
+    def sync(self, tokens: list[int]) -> mx.array:
+        """Make the state hold exactly `tokens` (one at least); the logits after the last one."""
+        lcp = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            lcp += 1
+        lcp = min(lcp, len(tokens) - 1)  # feed the last token again if need be: its logits are wanted
+        if lcp < len(self.tokens):
+            if lcp in self.marks:
+                rewind(self.state, self.marks[lcp])
+                self.tokens = self.tokens[:lcp]
+            else:
+                self.state, self.tokens = self.model.new_state(1), []
+        self.marks = {}
+        new = tokens[len(self.tokens) :]
+        if len(new) > MAX_VERIFY:
+            from .generate import prefill
+
+            prefill(self.model, self.state, new[:-MAX_VERIFY])
+            self.tokens += new[:-MAX_VERIFY]
+            new = new[-MAX_VERIFY:]
+        return self._feed_rows(new)
+
+    def _feed_rows(self, new: list[int]) -> mx.array:
+        """Feed 1 to MAX_VERIFY tokens as decode would; the logits after the last one."""
+        logits, _ = verify_forward(self.model, new, self.state)
+        self.tokens += new
+        return logits[-1]
+
+    def propose(self, committed: list[int], y: int, k: int, sampler: Sampler) -> tuple[list[int], list]:
+        """k drafts continuing committed + [y], and the distribution each was drawn from (logprobs [V], or None
+        where the draw was greedy)."""
+        drafts, qs = [], []
+        logits = self.sync(committed + [y])
+        for i in range(k):
+            self.marks[len(self.tokens)] = mark(self.state)
+            lp = normalize(logits.astype(mx.float32))[None]
+            if sampler.greedy:
+                d, q = mx.argmax(lp, axis=-1), None
+            else:
+                q = sampler.filtered(lp)
+                d = mx.random.categorical(q, axis=-1, key=_key(sampler))
+            drafts.append(d.item())
+            qs.append(None if q is None else q[0])
+            if i < k - 1:
+                logits = self.model(mx.array([[drafts[-1]]]), self.state)[0, -1]
+                self.tokens.append(drafts[-1])
+        self.marks[len(self.tokens)] = mark(self.state)
+        return drafts, qs
+
+
+def _key(sampler: Sampler) -> mx.array:
+    """A fresh key from the sampler's stream (advancing it, as a draw does)."""
+    keys = mx.random.split(sampler.key)
+    sampler.key = keys[0]
+    return keys[1]
+
+
+_DRAFTS: dict = {}  # (path, target id) -> ModelDraft: loaded once, its state reused across generations (sync)
+
+
+def make_draft(model, tokenizer, opts):
+    """The draft GenerationOptions `opts` ask for: an NgramDraft, or the ModelDraft of the checkpoint at
+    opts.draft (loaded once per target model; a KimiError if it cannot be loaded or speaks another vocabulary)."""
+    if opts.draft == NGRAM:
+        return NgramDraft(opts.num_draft or NUM_DRAFT, opts.ngram)
+    key = (opts.draft, id(model))
+    if key not in _DRAFTS:
+        from .loading import load
+
+        draft_model, draft_tok = load(opts.draft)
+        check_draft_model(model, draft_model, tokenizer, draft_tok)
+        _DRAFTS.clear()  # one draft model held at a time
+        _DRAFTS[key] = ModelDraft(draft_model)
+    draft = _DRAFTS[key]
+    draft.num_draft = opts.num_draft or MODEL_NUM_DRAFT
+    return draft
+
+
+def check_draft_model(target, draft, target_tok, draft_tok) -> None:
+    """A draft must speak the target's vocabulary: same vocabulary size and the same token ids for text."""
+    probe = "def f(x):\n    return x  # héllo, 世界"
+    if draft.config.vocab_size != target.config.vocab_size or draft_tok.encode(probe) != target_tok.encode(probe):
+        raise KimiError(f"the draft model's vocabulary ({draft.config.vocab_size:,} ids) is not the target's "
+                        f"({target.config.vocab_size:,} ids, Kimi's tokenizer): give a draft with Kimi's tokenizer "
+                        "or --draft ngram")
+
+
+def speculative_steps(model, state, prompt: list[int], sampler: Sampler, processors, context_tail, context,
+                      max_tokens: int, prefill_step_size: int, progress, draft, stats: SpecStats,
+                      stop_tokens=()) -> Iterator:
+    """generate_step with drafts: the same Steps (same contract: the state holds each yielded token but the
+    last one allowed by max_tokens; a consumer that stops leaves it holding the tokens it took), each with
+    from_draft set. draft: an NgramDraft or a ModelDraft; context: the tokens the state held before prompt."""
+    from .generate import Step, prefill
+
+    if not prompt:
+        raise KimiError("empty prompt: give at least one token")
+    ptoks = list(context_tail) + list(prompt)  # the penalties' token context, growing with committed tokens
+    committed = list(context) + list(prompt[:-1])  # what the state holds (for the draft model)
+
+    def drawn_row(logits_row, ctx):
+        """(raw logprobs [V], the logprobs the draw is made from [1, V]) of one row with token context ctx."""
+        lp = normalize(logits_row.astype(mx.float32))[None]
+        if not processors:
+            return lp[0], lp
+        toks, lg = mx.array(ctx), logits_row[None]
+        for p in processors:
+            lg = p(toks, lg)
+        return lp[0], normalize(lg.astype(mx.float32))
+
+    prefill(model, state, prompt[:-1], prefill_step_size, progress, total=len(prompt))
+    lp, dr = drawn_row(model(mx.array([prompt[-1:]]), state)[0, -1], ptoks)
+    y = sampler(dr).item()
+    if progress:
+        progress(len(prompt), len(prompt))
+    if isinstance(draft, NgramDraft):
+        draft.extend(committed + [prompt[-1]])
+    committed.append(prompt[-1])
+    n = 1  # y is the n-th token
+    stops = set(stop_tokens)
+    y_from_draft = False
+    # drafted tokens a round adapt to the acceptance: doubled (up to num_draft) after a round that kept them
+    # all, halved (down to 1) after one that kept none, so a text the draft cannot guess pays for narrow
+    # verifications only; the tokens are the same whatever the width
+    budget = draft.num_draft
+    while True:
+        if n == max_tokens:
+            yield Step(y, lp, None, y_from_draft)
+            return
+        k = min(budget, max_tokens - 1 - n, MAX_VERIFY - 1)
+        qs = None
+        drafts = []
+        if k > 0 and y not in stops:
+            if isinstance(draft, NgramDraft):
+                draft.extend([y])
+                drafts = draft.propose(k)
+            else:
+                drafts, qs = draft.propose(committed, y, k, sampler)
+            cut = next((i for i, d in enumerate(drafts) if d in stops), None)  # nothing after a stop token counts
+            if cut is not None:
+                drafts, qs = drafts[: cut + 1], None if qs is None else qs[: cut + 1]
+        elif isinstance(draft, NgramDraft):
+            draft.extend([y])
+        before = mark(state)
+        if drafts:
+            logits, marks = verify_forward(model, [y] + drafts, state)
+        else:
+            logits, marks = model(mx.array([[y]]), state)[0], [None]
+        ctx = ptoks + [y]
+        rows = []  # (raw logprobs, drawn logprobs) of the rows the acceptance reads
+        accepted = 0
+        nxt = None
+        for i in range(len(drafts) + 1):
+            raw, dr = drawn_row(logits[i], ctx)
+            rows.append(raw)
+            if i == len(drafts):  # every draft kept (or none made): the bonus draw
+                nxt = sampler(dr).item()
+                break
+            d = drafts[i]
+            ok, nxt = _accept(sampler, dr, d, None if qs is None else qs[i])
+            if not ok:
+                break
+            accepted += 1
+            ctx = ctx + [d]
+        if drafts:
+            if accepted == len(drafts):
+                budget = min(2 * budget, draft.num_draft)
+            elif accepted == 0:
+                budget = max(budget // 2, 1)
+        stats.forwards += 1
+        stats.drafted += len(drafts)
+        stats.accepted += accepted
+        stats.tokens += accepted + 1
+        if marks[accepted] is not None:
+            rewind(state, marks[accepted])
+        kept = [y] + drafts[:accepted]
+        # yield y (its mark: the state before it), then the accepted drafts; a consumer that stops at the
+        # i-th of them leaves the state holding the tokens up to it
+        seq = [(y, lp, before, y_from_draft)] + [(drafts[i], rows[i], marks[i], True) for i in range(accepted)]
+        for i, (tok, tok_lp, m, flag) in enumerate(seq):
+            try:
+                yield Step(tok, tok_lp, m, flag)
+            except GeneratorExit:
+                if marks[i] is not None:
+                    rewind(state, marks[i])
+                raise
+        n += len(seq)
+        ptoks = ctx
+        committed += kept
+        if isinstance(draft, NgramDraft):
+            draft.extend(drafts[:accepted])
+        y, lp, y_from_draft = nxt, rows[accepted], False
+
+
+def _accept(sampler: Sampler, drawn: mx.array, d: int, q: mx.array | None) -> tuple[bool, int | None]:
+    """Whether draft token d stands against the target's drawn logprobs [1, V] (and, when not, the token drawn
+    instead). q: the draft's logprobs d was drawn from, None for a point mass (or a greedy run)."""
+    if sampler.greedy:
+        best = mx.argmax(drawn, axis=-1).item()
+        return best == d, best
+    p = mx.exp(sampler.filtered(drawn))[0]  # the target's sampling distribution
+    qp = mx.exp(q) if q is not None else None
+    pd = p[d]
+    ratio = pd if qp is None else mx.minimum(pd / qp[d], 1.0)
+    u = mx.random.uniform(key=_key(sampler))
+    if (u < ratio).item():
+        return True, None
+    if qp is None:
+        residual = p.at[d].multiply(0.0)
+    else:
+        residual = mx.maximum(p - qp, 0.0)
+    total = residual.sum()
+    # p(d) = 1 (or p <= q everywhere) leaves nothing to draw from, but then rejection had probability 0
+    lr = mx.log(residual / mx.maximum(total, 1e-30))
+    return False, mx.random.categorical(lr[None], axis=-1, key=_key(sampler)).item()
