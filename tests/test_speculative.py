@@ -1,0 +1,295 @@
+"""Speculative decoding against plain decoding: the verification forward bit for bit against decode steps,
+greedy tokens with and without drafts, rollback at every position, chats, stop strings, logprobs, and the
+acceptance rule's distribution (chi-square over a fixed seed set)."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import kimi_mlx
+from kimi_mlx import ChatSession
+from kimi_mlx.errors import KimiError
+from kimi_mlx.generate import Generation, GenerationOptions, generate, stream_generate
+from kimi_mlx.model.verify import verify_forward
+from kimi_mlx.sample import Sampler, normalize
+from kimi_mlx.speculate import ModelDraft, NgramDraft, SpecStats, speculative_steps
+from kimi_mlx.state import MLAState
+
+CODE = '''def total_price(items, tax):
+    subtotal = 0
+    for item in items:
+        subtotal += item.price * item.count
+    return subtotal * (1 + tax)
+'''
+COPY = CODE + "\n# the same function, renamed to order_total:\n" + CODE.replace("total_price", "order_total")[:40]
+FREE = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return kimi_mlx.load("demo")
+
+
+def states_equal(a, b) -> bool:
+    xa, xb = a.arrays(), b.arrays()
+    return a.offset == b.offset and xa.keys() == xb.keys() and all(mx.array_equal(xa[k], xb[k]).item() for k in xa)
+
+
+@pytest.mark.parametrize("T", [2, 5, 16])
+def test_verification_rows_equal_decode_steps_bit_for_bit(demo_random, T):
+    """Logits of every row and the state after every row equal T one-token decode steps, with small MLA pages so
+    the rows cross a page boundary."""
+    model, _ = demo_random
+    rng = np.random.default_rng(T)
+    prompt = rng.integers(0, 256, 21).tolist()
+    toks = rng.integers(0, 256, T).tolist()
+    plain, spec = model.new_state(1), model.new_state(1)
+    for s in (plain, spec):
+        for layer in s.layers:
+            if isinstance(layer, MLAState):
+                layer.page_first, layer.page_grow = 8, 8
+        model(mx.array([prompt]), s)
+        s.eval()
+    logits, marks = verify_forward(model, toks, spec)
+    from kimi_mlx.state_io import rewind
+
+    after = []
+    for t, tok in enumerate(toks):
+        row = model(mx.array([[tok]]), plain)[0, -1]
+        assert mx.array_equal(row, logits[t]).item(), t
+        after.append(plain.snapshot())
+    assert states_equal(plain, spec)
+    for t in (0, T // 2, T - 1):  # rewinding to a row's mark is the state decode had there
+        rewind(spec, marks[t])
+        assert states_equal(spec, after[t])
+
+
+@pytest.mark.parametrize("prompt", [COPY, FREE, CODE], ids=["copy", "free", "code"])
+def test_greedy_text_is_plain_decodings_with_ngram_draft(demo, prompt):
+    model, tok = demo
+    plain = list(stream_generate(model, tok, prompt, max_tokens=60, temperature=0))
+    spec = list(stream_generate(model, tok, prompt, max_tokens=60, temperature=0, draft="ngram"))
+    assert [r.token for r in spec] == [r.token for r in plain]
+    assert "".join(r.text for r in spec) == "".join(r.text for r in plain)
+    assert [r.finish_reason for r in spec] == [r.finish_reason for r in plain]
+    s = spec[-1].spec
+    assert prompt is not COPY or s.forwards < len(spec)  # copying gains
+    assert s.accepted == sum(r.from_draft for r in spec)
+
+
+def test_greedy_with_draft_model_equal_to_target_accepts_everything(demo):
+    model, tok = demo
+    plain = generate(model, tok, COPY, max_tokens=30, temperature=0)
+    rs = list(stream_generate(model, tok, COPY, max_tokens=30, temperature=0, draft="demo", num_draft=4))
+    assert "".join(r.text for r in rs) == plain
+    s = rs[-1].spec
+    assert s.accepted == s.drafted > 0 and s.tokens_per_forward > 3
+
+
+class ScriptDraft:
+    """Proposes plain decoding's continuation with the token at `wrong` (an index into each round's drafts)
+    changed; None: every draft right."""
+
+    def __init__(self, expected, base, wrong, num_draft=5, vocab=512):
+        self.expected, self.base, self.wrong, self.num_draft, self.vocab = expected, base, wrong, num_draft, vocab
+
+    def propose(self, committed, y, k, sampler):
+        n = len(committed) + 1 - self.base  # y is expected[n - 1]
+        drafts = list(self.expected[n : n + k])
+        if self.wrong is not None and self.wrong < len(drafts):
+            drafts[self.wrong] = (drafts[self.wrong] + 1) % self.vocab
+        return drafts, [None] * len(drafts)
+
+
+@pytest.mark.parametrize("wrong", [0, 1, 2, 3, 4, None])
+def test_rollback_at_every_position_of_a_rejected_draft(demo_random, wrong):
+    """A draft rejected at each position (and a fully accepted one): same tokens, logprobs and final state."""
+    model, tok = demo_random
+    prompt = tok.encode("rollback test prompt")
+    opts = GenerationOptions(max_tokens=23, temperature=0, logprobs=True)
+    plain_state = model.new_state(1)
+    plain = list(Generation(model, tok, plain_state, prompt, opts))
+    expected = [r.token for r in plain]
+    spec_state = model.new_state(1)
+    gen = Generation(model, tok, spec_state, prompt, opts)
+    gen.draft, gen.spec = ScriptDraft(expected, len(prompt), wrong), SpecStats()
+    spec = list(gen)
+    assert [r.token for r in spec] == expected
+    assert [r.logprob for r in spec] == [r.logprob for r in plain]
+    assert states_equal(spec_state, plain_state)
+    s = gen.spec
+    assert s.drafted > 0 and (s.accepted == s.drafted if wrong is None else s.accepted < s.drafted)
+    if wrong == 0:
+        assert s.accepted == 0
+
+
+@pytest.mark.parametrize("stop_at", [3, 8, 14])
+def test_consumer_stopping_inside_an_accepted_run_leaves_plain_state(demo_random, stop_at):
+    model, tok = demo_random
+    prompt = tok.encode("stop early")
+    opts = GenerationOptions(max_tokens=30, temperature=0)
+    expected = [r.token for r in Generation(model, tok, model.new_state(1), prompt, opts)]
+    plain_state, spec_state = model.new_state(1), model.new_state(1)
+    for state, draft in ((plain_state, None), (spec_state, ScriptDraft(expected, len(prompt), None, 8))):
+        gen = Generation(model, tok, state, prompt, opts)
+        if draft:
+            gen.draft, gen.spec = draft, SpecStats()
+        it = iter(gen)
+        for _ in range(stop_at):
+            next(it)
+        it.close()
+    assert states_equal(spec_state, plain_state)
+
+
+def test_stop_strings_straddling_an_accepted_run(demo):
+    model, tok = demo
+    spec = list(stream_generate(model, tok, COPY, max_tokens=60, temperature=0, draft="ngram"))
+    runs = [i for i in range(1, len(spec) - 1) if spec[i].from_draft and spec[i + 1].from_draft
+            and len(spec[i].text) >= 2 and spec[i + 1].text]
+    assert runs, "the copy prompt should give accepted runs"
+    for i in runs[:3]:
+        stop = spec[i].text[-2:] + spec[i + 1].text[:1]
+        plain = list(stream_generate(model, tok, COPY, max_tokens=60, temperature=0, stop=[stop]))
+        with_draft = list(stream_generate(model, tok, COPY, max_tokens=60, temperature=0, stop=[stop], draft="ngram"))
+        assert [(r.token, r.text, r.finish_reason) for r in with_draft] == \
+            [(r.token, r.text, r.finish_reason) for r in plain]
+        assert with_draft[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, 7])
+def test_max_tokens_and_logprobs_as_plain(demo, max_tokens):
+    model, tok = demo
+    kw = dict(max_tokens=max_tokens, temperature=0, logprobs=True, top_logprobs=3)
+    plain = list(stream_generate(model, tok, COPY, **kw))
+    spec = list(stream_generate(model, tok, COPY, draft="ngram", num_draft=4, **kw))
+    key = lambda r: (r.token, r.text, r.logprob, r.top_logprobs, r.finish_reason, r.generation_tokens)  # noqa: E731
+    assert [key(r) for r in spec] == [key(r) for r in plain]
+
+
+def test_penalties_see_the_accepted_tokens(demo):
+    model, tok = demo
+    kw = dict(max_tokens=40, temperature=0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2)
+    assert generate(model, tok, COPY, draft="ngram", **kw) == generate(model, tok, COPY, **kw)
+
+
+def test_chat_with_draft_equals_chat_without(demo):
+    model, tok = demo
+    texts = ["Write a function that adds two numbers.", "Now repeat it exactly:\n" + CODE, "Thanks."]
+    sessions = [ChatSession(model, tok, max_tokens=25, temperature=0, **kw) for kw in ({}, {"draft": "ngram"})]
+    for text in texts:
+        replies = ["".join(r.text for r in s.send(text)) for s in sessions]
+        assert replies[0] == replies[1]
+    assert sessions[0].tokens == sessions[1].tokens
+    assert states_equal(sessions[0].state, sessions[1].state)
+
+
+def test_seeded_sampling_with_draft_is_reproducible(demo):
+    model, tok = demo
+    kw = dict(max_tokens=30, temperature=0.8, seed=7, draft="ngram")
+    assert generate(model, tok, COPY, **kw) == generate(model, tok, COPY, **kw)
+
+
+def chi_square(counts: dict, probs: dict, n: int) -> tuple[float, int]:
+    """(statistic, degrees of freedom) of observed counts against expected probabilities, cells of expected
+    count under 5 pooled."""
+    cells = sorted(probs, key=lambda c: -probs[c])
+    stat, pooled_o, pooled_e, df = 0.0, 0, 0.0, -1
+    for c in cells:
+        e = probs[c] * n
+        if e >= 5:
+            stat += (counts.get(c, 0) - e) ** 2 / e
+            df += 1
+        else:
+            pooled_o, pooled_e = pooled_o + counts.get(c, 0), pooled_e + e
+    if pooled_e > 0:
+        stat += (pooled_o - pooled_e) ** 2 / pooled_e
+        df += 1
+    return stat, df
+
+
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59,
+            11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70}
+
+
+def exact_pairs(model, prompt, sampler_args):
+    """The exact distribution of the first two tokens under plain sampling: {(t1, t2): p}."""
+    s = Sampler(**sampler_args)
+    first = model(mx.array([prompt]))[0, -1]
+    p1 = np.exp(np.array(s.filtered(normalize(first.astype(mx.float32))[None])[0]))
+    out = {}
+    for t1 in np.nonzero(p1 > 0)[0].tolist():
+        second = model(mx.array([prompt + [t1]]))[0, -1]
+        p2 = np.exp(np.array(s.filtered(normalize(second.astype(mx.float32))[None])[0]))
+        for t2 in np.nonzero(p2 > 0)[0].tolist():
+            out[(t1, t2)] = p1[t1] * p2[t2]
+    return out
+
+
+def sample_pairs(model, tok, prompt, sampler_args, make_draft, seeds):
+    counts = {}
+    for seed in seeds:
+        state = model.new_state(1)
+        sampler = Sampler(**sampler_args, seed=seed)
+        draft = make_draft()
+        steps = speculative_steps(model, state, prompt, sampler, [], [], [], 2, 0, None, draft, SpecStats())
+        pair = tuple(s.token for s in steps)
+        counts[pair] = counts.get(pair, 0) + 1
+    return counts
+
+
+class FixedDraft(NgramDraft):
+    """A deterministic draft proposing `token` every round (a point mass q)."""
+
+    def __init__(self, token):
+        super().__init__(num_draft=1)
+        self.token = token
+
+    def propose(self, k):
+        return [self.token] * k
+
+
+def test_acceptance_keeps_the_sampling_distribution(demo_random):
+    """The first two tokens' empirical distribution over a fixed seed set fits the exact plain-sampling one, for a
+    point-mass draft (accept with p(d)) and for a draft model (min(1, p/q), residual max(0, p - q))."""
+    model, tok = demo_random
+    prompt = tok.encode("chi")
+    args = dict(temperature=1.0, top_k=3)
+    exact = exact_pairs(model, prompt, args)
+    n = 300
+    seeds = range(1000, 1000 + n)
+    # the draft token: the likeliest second token after the likeliest first, so it is often accepted, often not
+    best = max(exact, key=exact.get)
+    draft_model, _ = kimi_mlx.load("demo-random")
+    draft_model.lm_head.weight = draft_model.lm_head.weight * 0.5 + 0.05  # another distribution, same vocabulary
+    cases = {"point": lambda: FixedDraft(best[1]), "model": lambda: ModelDraft(draft_model, num_draft=1)}
+    for name, make in cases.items():
+        counts = sample_pairs(model, tok, prompt, args, make, seeds)
+        stat, df = chi_square(counts, exact, n)
+        assert stat < CHI2_999[df], (name, stat, df, counts)
+    plain = sample_pairs(model, tok, prompt, args, lambda: NgramDraft(num_draft=1, ngram=16), seeds)
+    stat, df = chi_square(plain, exact, n)
+    assert stat < CHI2_999[df], ("plain", stat, df)
+
+
+def test_draft_with_another_vocabulary_is_one_line(demo):
+    model, tok = demo
+    with pytest.raises(KimiError, match="vocabulary") as e:
+        generate(model, tok, "hi", max_tokens=2, draft="demo-random")
+    assert "\n" not in str(e.value)
+    with pytest.raises(KimiError, match="num_draft"):
+        generate(model, tok, "hi", max_tokens=2, draft="ngram", num_draft=99)
+
+
+def test_ngram_lookup_matches_longest_recent_suffix():
+    d = NgramDraft(num_draft=4, ngram=3)
+    d.extend([1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3])
+    assert d.propose(4) == [4, 5, 9, 2]  # the 3-gram "1 2 3" wins over the later 2-gram "2 3"
+    d = NgramDraft(num_draft=4, ngram=3)
+    d.extend([5, 6, 5, 6])
+    assert d.propose(5) == [5, 6, 5, 6, 5]  # a repetition running into the end continues itself
+    d = NgramDraft(num_draft=4, ngram=3)
+    d.extend([1, 2, 3, 4])
+    assert d.propose(4) == []
+    assert math.isclose(SpecStats(8, 4, 2, 6).tokens_per_forward, 3.0)
