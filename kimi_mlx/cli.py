@@ -52,7 +52,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
     """Kimi Linear on MLX: convert, generate, chat, serve, bench, doctor."""
 
 
-from .cli_options import (D, Distributed, FrequencyPenalty, LogitBias, MaxTokens, MinP, Model,  # noqa: E402
+from .cli_options import (D, Distributed, Draft, FrequencyPenalty, Ngram, NumDraft, LogitBias, MaxTokens, MinP, Model,  # noqa: E402
                           PrefillStepSize, PresencePenalty, RepetitionContext, RepetitionPenalty, Seed, Stop, System,
                           Temperature, TopK, TopP, generation_options)
 
@@ -76,6 +76,9 @@ def generate(
     seed: Seed = None,
     stop: Stop = None,
     prefill_step_size: PrefillStepSize = D.prefill_step_size,
+    draft: Draft = None,
+    num_draft: NumDraft = D.num_draft,
+    ngram: Ngram = D.ngram,
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="print token counts and speeds to stderr"),
     distributed: Distributed = False,
 ):
@@ -87,7 +90,7 @@ def generate(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed,
-        stop=stop, prefill_step_size=prefill_step_size,
+        stop=stop, prefill_step_size=prefill_step_size, draft=draft, num_draft=num_draft, ngram=ngram,
     )
     m, tok = load(model, distributed=distributed)  # under --distributed, only rank 0 returns
     text = sys.stdin.read() if prompt == "-" else prompt
@@ -122,6 +125,9 @@ def chat(
     seed: Seed = None,
     stop: Stop = None,
     prefill_step_size: PrefillStepSize = D.prefill_step_size,
+    draft: Draft = None,
+    num_draft: NumDraft = D.num_draft,
+    ngram: Ngram = D.ngram,
     distributed: Distributed = False,
 ):
     """Chat in the terminal; the model state is kept across turns (/help inside lists the commands)."""
@@ -131,7 +137,7 @@ def chat(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed,
-        stop=stop, prefill_step_size=prefill_step_size,
+        stop=stop, prefill_step_size=prefill_step_size, draft=draft, num_draft=num_draft, ngram=ngram,
     )
     run_chat(model, opts, system, session, distributed)
 
@@ -168,6 +174,9 @@ def serve(
                                            help="answer only the served names (others: 404); by default any "
                                                 "'model' in a request means this model"),
     no_web: bool = typer.Option(False, "--no-web", help="don't serve the chat page at / (the API only)"),
+    draft: Draft = None,
+    num_draft: NumDraft = D.num_draft,
+    ngram: Ngram = D.ngram,
     distributed: Distributed = False,
 ):
     """Serve the model over an OpenAI-compatible HTTP API: chat completions, completions (with prompt scoring),
@@ -181,7 +190,7 @@ def serve(
     opts = S(host, port, api_key, max_queue, parse_bytes(prefix_cache_bytes, "--prefix-cache-bytes"),
              snapshot_interval, prefill_step_size, parse_bytes(max_body_bytes, "--max-body-bytes"),
              tuple(allowed_origin or ()), log_level, distributed, max_tokens, tuple(served_model_name or ()),
-             strict_model_name, web=not no_web)
+             strict_model_name, web=not no_web, draft=draft, num_draft=num_draft, ngram=ngram)
     run_server(model, opts)
 
 

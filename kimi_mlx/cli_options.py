@@ -28,6 +28,12 @@ LogitBias = Annotated[Optional[list[str]], typer.Option("--logit-bias", help="ID
 Seed = Annotated[Optional[int], typer.Option("--seed", help="random seed (reproducible sampling)")]
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="stop string, repeatable")]
 PrefillStepSize = Annotated[int, typer.Option("--prefill-step-size", help="prompt tokens per prefill step (0: auto, 4096 on a GPU for prompts ending within 32768 tokens of context, else 2048)")]
+Draft = Annotated[Optional[str], typer.Option("--draft", help="speculative decoding: 'ngram' (prompt lookup: pays "
+                                             "where the reply copies the prompt) or a draft model with Kimi's "
+                                             "tokenizer (directory, hub repo id or 'demo'); off by default")]
+NumDraft = Annotated[int, typer.Option("--num-draft", help="tokens drafted a round, 1..15 (0: 8 for ngram, 4 for a "
+                                       "draft model)")]
+Ngram = Annotated[int, typer.Option("--ngram", help="longest suffix --draft ngram looks up (1..16)")]
 Distributed = Annotated[bool, typer.Option("--distributed", help="split the model over the ranks started by "
                                            "mlx.launch (see docs/distributed.md)")]
 

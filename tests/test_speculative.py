@@ -293,3 +293,25 @@ def test_ngram_lookup_matches_longest_recent_suffix():
     d.extend([1, 2, 3, 4])
     assert d.propose(4) == []
     assert math.isclose(SpecStats(8, 4, 2, 6).tokens_per_forward, 3.0)
+
+
+def test_server_speculates_per_request_and_reports_stats():
+    from fastapi.testclient import TestClient
+
+    from kimi_mlx.server import ServeOptions, build_app
+
+    body = {"prompt": COPY, "max_tokens": 30, "temperature": 0}
+    with TestClient(build_app("demo", ServeOptions(draft="ngram", web=False))) as client:
+        spec = client.post("/v1/completions", json=body).json()
+        stats = client.get("/stats").json()
+        assert stats["draft"] == "ngram" and stats["speculative_replies"] == 1 and stats["accepted"] > 0
+        assert stats["tokens_per_forward"] > 1
+        plain = client.post("/v1/completions", json={**body, "speculative": False}).json()
+        assert client.get("/stats").json()["speculative_replies"] == 1  # that request turned it off
+    assert spec["choices"][0]["text"] == plain["choices"][0]["text"]
+    with TestClient(build_app("demo", ServeOptions(web=False))) as client:
+        assert client.get("/stats").json()["speculative_replies"] == 0
+        client.post("/v1/completions", json=body)
+        assert client.get("/stats").json()["speculative_replies"] == 0  # off unless --draft or the request asks
+        client.post("/v1/completions", json={**body, "speculative": True})
+        assert client.get("/stats").json()["speculative_replies"] == 1

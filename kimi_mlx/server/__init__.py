@@ -44,6 +44,9 @@ class ServeOptions:
     served_model_names: tuple[str, ...] = ()  # ids /v1/models lists (first: the id replies report)
     strict_model_name: bool = False  # a request naming another model gets a 404
     web: bool = True  # the chat page at / (--no-web: off)
+    draft: str | None = None  # speculative decoding for every request that does not turn it off
+    num_draft: int = 0
+    ngram: int = 3
 
 
 def build_app(model: str, opts: ServeOptions):
@@ -56,7 +59,13 @@ def build_app(model: str, opts: ServeOptions):
 
     m, tok = load(model, distributed=opts.distributed)
     engine = Engine(m, tok, EngineSettings(opts.max_queue, opts.prefix_cache_bytes, opts.snapshot_interval,
-                                           opts.prefill_step_size, opts.max_tokens))
+                                           opts.prefill_step_size, opts.max_tokens, opts.draft, opts.num_draft,
+                                           opts.ngram))
+    if opts.draft:  # load a draft model now (a wrong path or vocabulary is an error at start, not per request)
+        from ..generate import GenerationOptions
+        from ..speculate import make_draft
+
+        make_draft(m, tok, GenerationOptions.from_kwargs(draft=opts.draft, num_draft=opts.num_draft, ngram=opts.ngram))
     model_id = model if model.count("/") == 1 and not Path(model).exists() else Path(model).name or model
     names = list(dict.fromkeys(opts.served_model_names)) or [model_id]
     settings = ServerSettings(names[0], names[1:], opts.api_key, list(opts.allowed_origins), opts.max_body_bytes,

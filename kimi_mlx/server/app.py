@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI-style endpoints over one Engine.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, GET and DELETE
-/v1/responses/{id}, GET /v1/models, GET /health, GET /version, and the chat page at / (web.py)
+/v1/responses/{id}, GET /v1/models, GET /health, GET /version, GET /stats (speculative decoding), and the
+chat page at / (web.py)
 unless settings.web is off. Paths also answer without the /v1 prefix
 and with a trailing slash, and a POST body is read as JSON whatever its Content-Type says (curl -d sends
 form encoding). Requests are validated and templated off the event loop, queued on the engine, and
@@ -34,7 +35,7 @@ from .worker import Engine, Failed, Finished, Piece, Progress, QueueFull, Scored
 
 DISCONNECT_POLL_S = 0.25
 WARNING_HEADER = "X-Kimi-MLX-Warning"  # what of the request was served relaxed (e.g. schema keywords not enforced)
-UNVERSIONED = ("/health", "/version")  # paths outside /v1
+UNVERSIONED = ("/health", "/version", "/stats")  # paths outside /v1
 
 
 @dataclass
@@ -130,6 +131,15 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return {"status": "ok", "model": settings.model_id, "version": __version__, "busy": running is not None,
                 "waiting": engine.waiting, "prefix_cache": asdict(engine.cache.stats()),
                 "stored_responses": len(store)}
+
+    @app.get("/stats")
+    async def stats():
+        """Speculative decoding's counts over the replies served with a draft (serve --draft, or requests with
+        "speculative": true)."""
+        s = engine.spec
+        return {"draft": engine.settings.draft, "speculative_replies": engine.spec_replies, "drafted": s.drafted,
+                "accepted": s.accepted, "acceptance_rate": s.accepted / s.drafted if s.drafted else None,
+                "forwards": s.forwards, "tokens": s.tokens, "tokens_per_forward": s.tokens_per_forward}
 
     @app.get("/version")
     async def version():

@@ -36,6 +36,9 @@ def options(engine, req: Sampling, max_tokens: int | None, n_input: int, param: 
                             f"{limit} tokens; lower {max_param} or shorten the input",
                        param=max_param, code="context_length_exceeded")
     kwargs = {**req.option_fields(), **extra}
+    st = engine.settings
+    if req.speculative is True or (req.speculative is None and st.draft):  # off unless the server or request asks
+        kwargs.update(draft=st.draft or "ngram", num_draft=st.num_draft, ngram=st.ngram)
     default = engine.settings.max_tokens or limit
     kwargs["max_tokens"] = max_tokens or min(default, limit - n_input)
     if req.logit_bias:

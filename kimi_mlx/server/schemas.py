@@ -137,6 +137,7 @@ class Sampling(Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    speculative: bool | None = None  # speculative decoding: None follows `serve --draft`; true without it: ngram
 
     def option_fields(self) -> dict:
         """GenerationOptions keywords the request sets (the rest keep their defaults)."""

@@ -16,12 +16,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace, field
 
 import mlx.core as mx
 
 from ..errors import KimiError
 from ..generate import Generation, GenerationOptions, prefill, stop_ids
+from ..speculate import SpecStats
 from .constrain import Grammars, ban_tokens, once
 from .prefix_cache import PrefixCache
 
@@ -177,6 +178,9 @@ class EngineSettings:
     snapshot_interval: int = 2048  # also snapshot every this many prompt tokens
     prefill_step_size: int = 0  # 0: auto (generate.step_length), within the snapshot_interval cuts
     max_tokens: int | None = None  # reply cap for requests that give none (None: up to the context limit)
+    draft: str | None = None  # speculative decoding for requests that do not turn it off ("ngram" or a path)
+    num_draft: int = 0  # 0: the draft's default
+    ngram: int = 3
 
 
 class Engine:
@@ -190,6 +194,8 @@ class Engine:
         self._lock = threading.Lock()
         self._waiting = 0
         self.running: Job | None = None
+        self.spec = SpecStats()  # speculative decoding's counts over every reply served with a draft
+        self.spec_replies = 0
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -274,7 +280,10 @@ class Engine:
                 if keep:
                     self.cache.insert(seq[:end], state)
                 job.emit(Progress(end, len(seq)))
-        gen = Generation(model, self.tokenizer, state, seq[-1:], spec.options, context=seq[:-1])
+        options = spec.options
+        if spec.grammar is not None or spec.once:  # stateful processors follow one sequence, not drafts
+            options = replace(options, draft=None)
+        gen = Generation(model, self.tokenizer, state, seq[-1:], options, context=seq[:-1])
         if spec.banned:
             gen.processors.append(ban_tokens(spec.banned))
         gen.processors += [once(t) for t in spec.once]
@@ -288,6 +297,10 @@ class Engine:
                 return job.emit(Failed("cancelled", client_error=True))
             prefill_seconds = prefill_seconds or time.perf_counter() - t0
             job.emit(Piece(r.text, r.token, r.logprob, r.top_logprobs))
+        if gen.draft is not None:
+            self.spec_replies += 1
+            for f in ("drafted", "accepted", "forwards", "tokens"):
+                setattr(self.spec, f, getattr(self.spec, f) + getattr(gen.spec, f))
         consumed = (seq + gen.tokens)[: state.offset]
         kept = self.cache.insert(consumed, state)
         self.replies.remember(self.tokenizer, spec.forced + gen.tokens, stop_ids(model, self.tokenizer))
