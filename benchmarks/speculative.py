@@ -1,0 +1,155 @@
+"""Speculative decoding: tokens/s and tokens per forward with and without drafts, and what a verification
+forward of T = 2, 4, 8, 16 tokens costs against one decode step.
+
+Tasks (greedy, on --model, the trained demo by default): a copy-heavy one (rewrite a given function with one
+change) and a free one (write something new). Each runs plain, with --draft ngram, and with each --draft-model.
+The verification table uses random weights at --shape (random weights accept nothing, so only the cost is
+measured there): after a --context prefill, the median time of one decode step (the compiled one-token path)
+against model/verify.py's verify_forward of T tokens and against the prefill path over the same T tokens.
+
+  python benchmarks/speculative.py --shape full --context 1024 --record            (GPU: the verification cost)
+  python benchmarks/speculative.py --max-tokens 200 --shape small --record        (CPU: the demo's tasks)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx.core as mx  # noqa: E402
+
+from results import Recorder  # noqa: E402
+
+FUNCTION = '''def summarize(records, key="value", limit=None):
+    """Mean, minimum and maximum of one field over a list of dict records, skipping missing values."""
+    values = []
+    for record in records:
+        if key not in record or record[key] is None:
+            continue
+        values.append(float(record[key]))
+        if limit is not None and len(values) >= limit:
+            break
+    if not values:
+        return {"count": 0, "mean": None, "min": None, "max": None}
+    total = 0.0
+    for v in values:
+        total += v
+    return {"count": len(values), "mean": total / len(values), "min": min(values), "max": max(values)}
+'''
+TASKS = {
+    "copy-heavy": FUNCTION + "\n\n# The same function with `key` renamed to `field`:\n" + FUNCTION.split("(")[0] + "(",
+    "free": "# A small command-line tool that counts the words in a file\nimport sys\n\n\ndef main():\n",
+}
+
+
+def ints(s):
+    return tuple(int(x) for x in s.split(",") if x)
+
+
+def run_task(model, tok, prompt: str, max_tokens: int, draft: str | None, num_draft: int) -> tuple[float, float, str]:
+    """(generated tok/s after the first token, tokens per target forward, the text)."""
+    from kimi_mlx.generate import stream_generate
+
+    kw = dict(max_tokens=max_tokens, temperature=0.0)
+    if draft:
+        kw.update(draft=draft, num_draft=num_draft)
+    rs = list(stream_generate(model, tok, prompt, **kw))
+    per_forward = rs[-1].spec.tokens_per_forward if rs[-1].spec else 1.0
+    return rs[-1].generation_tps, per_forward, "".join(r.text for r in rs)
+
+
+def median_ms(f, reps: int) -> float:
+    f()  # warm: traces and compiles
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def verification_costs(shape: str, context: int, ks, reps: int, bits: int, echo) -> None:
+    from kimi_mlx import bench
+    from kimi_mlx.generate import prefill
+    from kimi_mlx.model.verify import verify_forward
+    from kimi_mlx.state_io import mark, rewind
+
+    model, _, _ = bench.build(shape, bits, dtype=bench.activation_dtype(), peer=False)
+    vocab = model.config.vocab_size
+    state = model.new_state(1)
+    prefill(model, state, mx.random.randint(0, vocab, (context,)).tolist())
+    at = mark(state)
+    toks = mx.random.randint(0, vocab, (max(ks),)).tolist()
+
+    def decode():
+        rewind(state, at)
+        mx.eval(model(mx.array([toks[:1]]), state))
+        state.eval()
+
+    def verify(T):
+        def f():
+            rewind(state, at)
+            logits, marks = verify_forward(model, toks[:T], state)
+            mx.eval(logits, [m.layers for m in marks])
+        return f
+
+    def prefill_path(T):
+        def f():
+            rewind(state, at)
+            mx.eval(model(mx.array([toks[:T]]), state))
+            state.eval()
+        return f
+
+    one = median_ms(decode, reps)
+    echo(f"verification at shape {shape}, {bits or 'no'}-bit weights, context {context}: one decode step {one:.2f} ms")
+    echo("| T | verify ms | x decode step | prefill path ms | x decode step |")
+    echo("|---|---|---|---|---|")
+    for T in ks:
+        v, p = median_ms(verify(T), reps), median_ms(prefill_path(T), reps)
+        echo(f"| {T} | {v:.2f} | {v / one:.2f} | {p:.2f} | {p / one:.2f} |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="demo", help="checkpoint for the text tasks ('none' to skip them)")
+    ap.add_argument("--max-tokens", type=int, default=200)
+    ap.add_argument("--num-draft", type=int, default=0, help="0: each draft's default")
+    ap.add_argument("--draft-model", action="append", default=[], help="also run with this draft model")
+    ap.add_argument("--shape", default="small", help="random-weight shape of the verification table ('none': skip)")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--ks", type=ints, default=(2, 4, 8, 16), help="verification widths T")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
+    a = ap.parse_args()
+    from kimi_mlx import bench
+
+    echo = Recorder()
+    echo(bench.device_line())
+    if a.model != "none":
+        from kimi_mlx.loading import load
+
+        model, tok = load(a.model)
+        run_task(model, tok, "warm up", 4, None, 0)
+        echo(f"greedy, {a.max_tokens} tokens, model {a.model}")
+        echo("| task | draft | tok/s | x plain | tokens/forward | same text |")
+        echo("|---|---|---|---|---|---|")
+        for name, prompt in TASKS.items():
+            base, _, text = run_task(model, tok, prompt, a.max_tokens, None, 0)
+            echo(f"| {name} | none | {base:.1f} | 1.00 | 1.00 | yes |")
+            for draft in ["ngram", *a.draft_model]:
+                tps, per, got = run_task(model, tok, prompt, a.max_tokens, draft, a.num_draft)
+                echo(f"| {name} | {draft} | {tps:.1f} | {tps / base:.2f} | {per:.2f} | {'yes' if got == text else 'NO'} |")
+    if a.shape != "none":
+        verification_costs(a.shape, a.context, a.ks, a.reps, a.bits, echo)
+    if a.record:
+        echo.append("speculative decoding")
+
+
+if __name__ == "__main__":
+    main()
