@@ -342,7 +342,7 @@ def generate(model, tokenizer, prompt, **kwargs) -> str:
 
 def stats_line(r: Response) -> str:
     """One line of a finished reply's numbers, as the CLI prints it."""
-    spec = f" | {r.spec.line()}" if r.spec is not None else ""
+    spec = f" | {r.spec.line()}" if getattr(r, "spec", None) is not None else ""
     return (f"prompt: {count(r.prompt_tokens, 'token')}, {r.prompt_tps:.1f} tok/s | generation: "
             f"{count(r.generation_tokens, 'token')}, {r.generation_tps:.1f} tok/s | peak memory {r.peak_memory:.2f} GB"
             f"{spec}")
