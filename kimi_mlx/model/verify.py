@@ -30,8 +30,8 @@ import mlx.core as mx
 from metal_kernels import usable
 
 from ..errors import KimiError
-from ..ops.kda_decode import decode_path, decode_step_gates_kernel, kda_decode_step
-from ..state import KDAState, ModelState, check_context
+from ..ops.kda_decode import decode_path, decode_rows_ops, decode_step_gates_kernel, kda_decode_step
+from ..state import CACHE_GROUP_SIZE, KDAState, LatentCache, ModelState, check_context, encode_rows, positions
 from ..state_io import StateMark
 from .decoder import DecoderLayer
 
@@ -64,6 +64,11 @@ def kda_rows(attn, x: mx.array, s: KDAState) -> tuple[mx.array, list[tuple[mx.ar
     else:
         step_path = "ops" if path == "kernel" and not usable("kda_decode") else path
         f_b, g_b, b_logit = attn.decode_gates(x)
+        if step_path == "ops":  # the conv, norms, gates and output gate of all T rows at once
+            y, after = decode_rows_ops(qkv, f_b, b_logit, *attn._step_rest(s), g_b, attn.o_norm_weight,
+                                       attn.norm_eps)
+            s.conv, s.recurrent = after[-1]
+            return attn.o_proj(y.reshape(B, T, H * D)), after
         for t in range(T):
             y, s.recurrent, s.conv = kda_decode_step(step_path, qkv[:, t], f_b[:, t], b_logit[:, t],
                                                      *attn._step_rest(s), g_b[:, t], attn.o_norm_weight,
@@ -89,11 +94,16 @@ def mla_projections(attn, x: mx.array) -> tuple[mx.array, mx.array]:
 
 
 def mla_rows(attn, x: mx.array, s) -> mx.array:
-    """KimiMLA over T rows as T decode steps (each row's query over the cache and the rows before it)."""
+    """KimiMLA over T rows as T decode steps (each row's query over the cache and the rows before it): all T
+    queries in one attention where the rows land in one page, else (the cache empty, or the rows crossing
+    into a new page) one decode step a row."""
     from ..ops.attention import mla_attention
 
     B, T, _ = x.shape
     q, rows = mla_projections(attn, x)
+    o = _mla_rows_one_page(attn, q, rows, s)
+    if o is not None:
+        return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, attn.num_heads * attn.v_dim))
     outs = []
     for t in range(T):
         qt, rt = q[:, :, t : t + 1], rows[:, t : t + 1]
@@ -108,6 +118,39 @@ def mla_rows(attn, x: mx.array, s) -> mx.array:
     return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, attn.num_heads * attn.v_dim))
 
 
+def _mla_rows_one_page(attn, q: mx.array, rows: mx.array, s) -> mx.array | None:
+    """The T queries q [B, H, T, nope + pe] over the cache with the rows [B, T, W] appended, query t masked past
+    row t: mla_decode's matmul path (ops/mla_decode._decode_pages) with one mask row a query. None (nothing
+    written) unless all T rows fall in the page the first one goes to."""
+    from ..ops.attention import _absorb
+    from ..ops.mla_decode import _decode_pages
+
+    B, H, T, _ = q.shape
+    slot = s.decode_slot()
+    if slot is None:
+        return None
+    *before, last = slot.pages
+    size = last[0].shape[1]
+    row0 = s.length - (sum(p[0].shape[1] for p in slot.pages) - size)
+    if row0 + T > size:
+        return None
+    at = positions(size)[row0 : row0 + T]
+    bits = last[0].shape[-1] * 32 // rows.shape[-1] if len(last) > 1 else 0
+    new = encode_rows(rows, bits, last[0].dtype)
+    last = tuple(mx.put_along_axis(p, at.reshape(1, T, 1), r, axis=1) for p, r in zip(last, new))
+    cache = LatentCache((*before, last), bits, CACHE_GROUP_SIZE)
+    absorb, values = attn.get("q_absorb"), attn.get("v_absorb")
+    k_up, v_up = attn.k_up.astype(q.dtype), attn.v_up.astype(q.dtype)
+    qa = q @ absorb.swapaxes(-1, -2) if absorb is not None else _absorb(q, k_up) * attn.scale  # [B, H, T, W]
+    W = qa.shape[-1]
+    seen = mx.broadcast_to(at[None], (H, T))  # query (h, t) sees the last page up to row row0 + t
+    o = _decode_pages(qa.reshape(B, H * T, W), cache, seen, q.dtype).astype(q.dtype).reshape(B, H, T, W)
+    s.pages = s.pages[: len(slot.pages) - 1] + (last,)
+    s.length += T
+    L = k_up.shape[2]
+    return o @ values.swapaxes(-1, -2) if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
+
+
 def ffn_rows(mlp, x: mx.array) -> mx.array:
     """The FFN over T rows on the path a one-token step takes (a fused MoE's decode expert path)."""
     from .fuse import FusedMoE
@@ -115,6 +158,27 @@ def ffn_rows(mlp, x: mx.array) -> mx.array:
     if isinstance(mlp, FusedMoE):
         return mlp(x, path=mlp.path(1))
     return mlp(x)  # a dense MLP or the unfused MoE: row-wise whatever the token count
+
+
+def _kda_layer_step(model, i: int, first: bool, compiled: bool):
+    """KDA layer i over T rows as a function of arrays, (h, [r,] conv, recurrent) -> (h, r, [conv after each
+    row], [recurrent after each row]), as DecoderLayer.kda_step is for one; under mx.compile (traced once per T,
+    as decode's steps are) unless the model runs its steps eagerly. first: the layer takes no r (model input)."""
+    cache = model.__dict__.setdefault("_verify_steps", {})
+    key = (i, first, compiled)
+    if key not in cache:
+        layer = model.model.layers[i]
+
+        def step(h, *rest):
+            r, conv, recurrent = (None, *rest) if first else rest
+            s = KDAState(conv, recurrent)
+            h, x = layer._seam(h, r, layer.input_layernorm)
+            a, after = kda_rows(layer.self_attn, x, s)
+            h, x = layer._seam(h, a, layer.post_attention_layernorm)
+            return h, ffn_rows(layer.mlp, x), [c for c, _ in after], [q for _, q in after]
+
+        cache[key] = mx.compile(step) if compiled else step
+    return cache[key]
 
 
 def verify_forward(model, tokens: list[int], state: ModelState) -> tuple[mx.array, list[StateMark]]:
@@ -132,14 +196,18 @@ def verify_forward(model, tokens: list[int], state: ModelState) -> tuple[mx.arra
     h = model.model.embed_tokens(mx.array([tokens]))
     r = None  # the FFN output not yet added to h, as in Model._decode_each
     kda_after, mla_before = {}, {}
+    compiled = model.compile_decode and not model.eager_steps
     for i in model.owned:
         layer, s = layers[i], state.layers[i]
-        h, x = layer._seam(h, r, layer.input_layernorm)
         if layer.is_kda:
-            a, kda_after[i] = kda_rows(layer.self_attn, x, s)
-        else:
-            mla_before[i] = s.length
-            a = mla_rows(layer.self_attn, x, s)
+            step = _kda_layer_step(model, i, r is None, compiled)
+            h, r, convs, recs = step(h, s.conv, s.recurrent) if r is None else step(h, r, s.conv, s.recurrent)
+            kda_after[i] = list(zip(convs, recs))
+            s.conv, s.recurrent = convs[-1], recs[-1]
+            continue
+        h, x = layer._seam(h, r, layer.input_layernorm)
+        mla_before[i] = s.length
+        a = mla_rows(layer.self_attn, x, s)
         h, x = layer._seam(h, a, layer.post_attention_layernorm)
         r = ffn_rows(layer.mlp, x)
     logits = model.logits(DecoderLayer._seam(h, r, model.model.norm)[1])[0]

@@ -62,6 +62,45 @@ def decode_step_ref(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, 
     return _gate_out(o[:, 0], gate_b, norm_w, eps, qkv.dtype), state, tail
 
 
+def _prepare_rows(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state):
+    """_prepare for T tokens at once, each row as _prepare computes it alone: (q, k, v [B, T, H, D],
+    g [B, T, H, Dk], beta [B, T, H], the conv tail after each token [B, T, K-1, C3]). qkv [B, T, C3], gate_a
+    [B, T, H*Dk], beta_logit [B, T, H]."""
+    B, T, _ = qkv.shape
+    H = a_log.shape[0]
+    Dv, Dk = state.shape[-2:]
+    K = conv_w.shape[0]
+    f32 = mx.float32
+    xx = mx.concatenate([conv_tail.astype(qkv.dtype), qkv], axis=1)  # [B, K-1+T, C3]
+    windows = mx.stack([xx[:, t : t + K] for t in range(T)], axis=1)  # [B, T, K, C3]
+    y = nn.silu((windows.astype(f32) * conv_w.astype(f32)).sum(2))
+    q, k, v = mx.split(y, [H * Dk, 2 * H * Dk], axis=-1)
+    q = l2_normalize(q.reshape(B, T, H, Dk)) * Dk**-0.5
+    k = l2_normalize(k.reshape(B, T, H, Dk))
+    g = -mx.exp(a_log.astype(f32))[:, None] * softplus(
+        (gate_a.astype(f32) + dt_bias.astype(f32)).reshape(B, T, H, Dk)
+    )
+    beta = mx.sigmoid(beta_logit.astype(f32)).reshape(B, T, H)
+    return q, k, v.reshape(B, T, H, Dv), g, beta, windows[:, :, 1:]
+
+
+def decode_rows_ops(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):
+    """decode_step_ops over T tokens (arguments with a token axis after the batch: qkv [B, T, C3], gate_a,
+    beta_logit, gate_b [B, T, ...]): the conv, norms and gates of all T at once, the state update token by
+    token, the output gate over all T. Returns (y [B, T, H, Dv], [(conv_tail, state)] after each token); each
+    row is decode_step_ops's for that token (tests/test_speculative.py compares them bit for bit)."""
+    q, k, v, g, beta, tails = _prepare_rows_compiled(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias,
+                                                     state)
+    outs, after = [], []
+    for t in range(qkv.shape[1]):
+        sl = slice(t, t + 1)
+        o, state = _update(q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], state)
+        outs.append(o)
+        after.append((tails[:, t], state))
+    o = mx.stack(outs, axis=1)
+    return _gate_out(o, gate_b, norm_w, eps, qkv.dtype), after
+
+
 def _update(q, k, v, g, beta, state):
     """The step in three passes over the state: both reads use the old state,
     S (alpha * k) and S (alpha * q), then one fused write S * alpha + u k^T."""
@@ -74,6 +113,7 @@ def _update(q, k, v, g, beta, state):
 
 
 _prepare_compiled = mx.compile(_prepare)  # small arrays only: the state never enters a compiled graph
+_prepare_rows_compiled = mx.compile(_prepare_rows)
 
 
 def decode_step_ops(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):

@@ -65,13 +65,14 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
 
 def _decode_pages(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
     """mla_decode's attention over whole pages as matmuls, probabilities in dtype: qa [B, H, W] -> [B, H, W]
-    (float32 when several pages are summed)."""
+    (float32 when several pages are summed). row: the last page's last row each query sees, one for all
+    (decode) or one per query row H (model/verify.py's queries of several tokens, H = heads x tokens)."""
     gs, bits = cache.group_size, cache.bits
     if bits:
         parts = [mx.quantized_matmul(qa, *p, transpose=True, group_size=gs, bits=bits) for p in cache.pages]
     else:
         parts = [qa @ p[0].swapaxes(-1, -2) for p in cache.pages]
-    parts[-1] = mx.where(positions(parts[-1].shape[-1]) <= row.reshape(1, 1, 1), parts[-1], -mx.inf)
+    parts[-1] = mx.where(positions(parts[-1].shape[-1]) <= row.reshape(1, -1, 1), parts[-1], -mx.inf)
     s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)  # [B, H, capacity]
     p = fast_math.softmax(s)  # float32 inside, probabilities in the cache dtype
     o, off = None, 0
