@@ -250,22 +250,14 @@ def speculative_steps(model, state, prompt: list[int], sampler: Sampler, process
             logits, marks = verify_forward(model, [y] + drafts, state)
         else:
             logits, marks = model(mx.array([[y]]), state)[0], [None]
-        ctx = ptoks + [y]
-        rows = []  # (raw logprobs, drawn logprobs) of the rows the acceptance reads
-        accepted = 0
-        nxt = None
-        for i in range(len(drafts) + 1):
-            raw, dr = drawn_row(logits[i], ctx)
-            rows.append(raw)
-            if i == len(drafts):  # every draft kept (or none made): the bonus draw
-                nxt = sampler(dr).item()
-                break
-            d = drafts[i]
-            ok, nxt = _accept(sampler, dr, d, None if qs is None else qs[i])
-            if not ok:
-                break
-            accepted += 1
-            ctx = ctx + [d]
+        K = len(drafts)
+        raw = normalize(logits[: K + 1].astype(mx.float32))  # [K + 1, V]: row i after y, d1..di
+        # row i matters only where d1..di are all kept, so each row's penalties see exactly those tokens
+        drawn = mx.concatenate([drawn_row(logits[i], ptoks + [y] + drafts[:i])[1] for i in range(K + 1)]) \
+            if processors else raw
+        accepted, nxt = _decide(sampler, drawn, drafts, qs)
+        rows = [raw[i] for i in range(accepted + 1)]
+        ctx = ptoks + [y] + drafts[:accepted]
         if drafts:
             if accepted == len(drafts):
                 budget = min(2 * budget, draft.num_draft)
@@ -296,24 +288,28 @@ def speculative_steps(model, state, prompt: list[int], sampler: Sampler, process
         y, lp, y_from_draft = nxt, rows[accepted], False
 
 
-def _accept(sampler: Sampler, drawn: mx.array, d: int, q: mx.array | None) -> tuple[bool, int | None]:
-    """Whether draft token d stands against the target's drawn logprobs [1, V] (and, when not, the token drawn
-    instead). q: the draft's logprobs d was drawn from, None for a point mass (or a greedy run)."""
+def _decide(sampler: Sampler, drawn: mx.array, drafts: list[int], qs) -> tuple[int, int]:
+    """(drafts kept, the token drawn after them) against the target's drawn logprobs [K + 1, V] (row i: after
+    the first i drafts). qs: per draft the draft's logprobs it was drawn from, None for point masses. One
+    sync for a greedy run; with sampling one uniform a draft from one key, then the residual or bonus draw."""
+    K = len(drafts)
     if sampler.greedy:
-        best = mx.argmax(drawn, axis=-1).item()
-        return best == d, best
-    p = mx.exp(sampler.filtered(drawn))[0]  # the target's sampling distribution
-    qp = mx.exp(q) if q is not None else None
-    pd = p[d]
-    ratio = pd if qp is None else mx.minimum(pd / qp[d], 1.0)
-    u = mx.random.uniform(key=_key(sampler))
-    if (u < ratio).item():
-        return True, None
-    if qp is None:
-        residual = p.at[d].multiply(0.0)
-    else:
-        residual = mx.maximum(p - qp, 0.0)
-    total = residual.sum()
-    # p(d) = 1 (or p <= q everywhere) leaves nothing to draw from, but then rejection had probability 0
-    lr = mx.log(residual / mx.maximum(total, 1e-30))
-    return False, mx.random.categorical(lr[None], axis=-1, key=_key(sampler)).item()
+        best = mx.argmax(drawn, axis=-1).tolist()
+        j = next((i for i in range(K) if best[i] != drafts[i]), K)
+        return j, best[j]
+    if K == 0:  # a plain step: the sampler's own draw, as generate_step makes it
+        return 0, sampler(drawn).item()
+    p = mx.exp(sampler.filtered(drawn))  # the target's sampling distributions
+    d = mx.array(drafts)[:, None]
+    pd = mx.take_along_axis(p[:K], d, axis=-1)[:, 0]
+    q = None if qs is None else mx.exp(mx.stack(qs))
+    ratio = pd if q is None else mx.minimum(pd / mx.take_along_axis(q, d, axis=-1)[:, 0], 1.0)
+    ok = (mx.random.uniform(shape=(K,), key=_key(sampler)) < ratio).tolist()
+    j = next((i for i in range(K) if not ok[i]), K)
+    if j == K:  # every draft kept: the bonus draw from the last row
+        return K, mx.random.categorical(mx.log(p[K : K + 1]), axis=-1, key=_key(sampler)).item()
+    # rejected: draw from normalize(max(0, p - q)); a point mass q takes d out of p. Rejection has probability
+    # 0 where this would be empty (p(d) = 1, or p <= q everywhere)
+    residual = p[j].at[drafts[j]].multiply(0.0) if q is None else mx.maximum(p[j] - q[j], 0.0)
+    lr = mx.log(residual / mx.maximum(residual.sum(), 1e-30))
+    return j, mx.random.categorical(lr[None], axis=-1, key=_key(sampler)).item()

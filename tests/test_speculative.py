@@ -227,27 +227,31 @@ def exact_pairs(model, prompt, sampler_args):
     return out
 
 
-def sample_pairs(model, tok, prompt, sampler_args, make_draft, seeds):
-    counts = {}
+def sample_pairs(model, tok, prompt, sampler_args, make_draft, seeds, drafted=None):
+    counts, drafted = {}, drafted if drafted is not None else [0]
     for seed in seeds:
         state = model.new_state(1)
         sampler = Sampler(**sampler_args, seed=seed)
         draft = make_draft()
-        steps = speculative_steps(model, state, prompt, sampler, [], [], [], 2, 0, None, draft, SpecStats())
-        pair = tuple(s.token for s in steps)
+        stats = SpecStats()
+        # 3 tokens: the second is then drafted and verified (a draft is fed, and the last token never is)
+        steps = speculative_steps(model, state, prompt, sampler, [], [], [], 3, 0, None, draft, stats)
+        pair = tuple(next(steps).token for _ in range(2))
+        steps.close()
+        drafted[0] += stats.drafted
         counts[pair] = counts.get(pair, 0) + 1
     return counts
 
 
 class FixedDraft(NgramDraft):
-    """A deterministic draft proposing `token` every round (a point mass q)."""
+    """A deterministic draft (a point mass q): after token t it proposes choice[t]."""
 
-    def __init__(self, token):
+    def __init__(self, choice: dict):
         super().__init__(num_draft=1)
-        self.token = token
+        self.choice = choice
 
     def propose(self, k):
-        return [self.token] * k
+        return [self.choice.get(self.tokens[-1], 0)] * k
 
 
 def test_acceptance_keeps_the_sampling_distribution(demo_random):
@@ -259,13 +263,16 @@ def test_acceptance_keeps_the_sampling_distribution(demo_random):
     exact = exact_pairs(model, prompt, args)
     n = 300
     seeds = range(1000, 1000 + n)
-    # the draft token: the likeliest second token after the likeliest first, so it is often accepted, often not
-    best = max(exact, key=exact.get)
+    # the point-mass draft after each first token: its second likeliest follower, so it is often accepted and
+    # often not (a wrong acceptance probability such as sqrt(p), or a residual keeping d, fails this test)
+    choice = {t1: sorted((k for k in exact if k[0] == t1), key=exact.get)[-2][1] for t1, _ in exact}
     draft_model, _ = kimi_mlx.load("demo-random")
     draft_model.lm_head.weight = draft_model.lm_head.weight * 0.5 + 0.05  # another distribution, same vocabulary
-    cases = {"point": lambda: FixedDraft(best[1]), "model": lambda: ModelDraft(draft_model, num_draft=1)}
+    cases = {"point": lambda: FixedDraft(choice), "model": lambda: ModelDraft(draft_model, num_draft=1)}
     for name, make in cases.items():
-        counts = sample_pairs(model, tok, prompt, args, make, seeds)
+        drafted = [0]
+        counts = sample_pairs(model, tok, prompt, args, make, seeds, drafted)
+        assert drafted[0] == n  # every run verified a draft for its second token
         stat, df = chi_square(counts, exact, n)
         assert stat < CHI2_999[df], (name, stat, df, counts)
     plain = sample_pairs(model, tok, prompt, args, lambda: NgramDraft(num_draft=1, ngram=16), seeds)
