@@ -322,3 +322,38 @@ def test_server_speculates_per_request_and_reports_stats():
         assert client.get("/stats").json()["speculative_replies"] == 0  # off unless --draft or the request asks
         client.post("/v1/completions", json={**body, "speculative": True})
         assert client.get("/stats").json()["speculative_replies"] == 1
+
+
+@pytest.mark.parametrize("name", ["demo", "demo-random"])
+def test_verification_on_the_gpu_kernel_paths_equals_decode_emulated(name, monkeypatch):
+    """The KDA decode kernels (the gates variant on the 8-bit demo, the plain one on demo-random) and the MoE
+    expert kernels, run by the CPU emulator on their Metal text: a verification's rows equal decode's."""
+    import kernel_emulator
+    import metal_kernels
+
+    import kimi_mlx.model.kda as kda_layer
+    import kimi_mlx.model.verify as verify
+
+    if not kernel_emulator.available():
+        pytest.skip("g++ is not installed")
+    monkeypatch.setattr(metal_kernels, "kernel", kernel_emulator.kernel_factory("metal"))
+    monkeypatch.setattr(kda_layer, "decode_path", lambda *a: "kernel")
+    monkeypatch.setattr(verify, "decode_path", lambda *a: "kernel")
+    from kimi_mlx.model.fuse import FusedMoE
+
+    monkeypatch.setattr(FusedMoE, "path", lambda self, tokens: "kernel" if self.kernel_fits else "gather")
+    model, tok = kimi_mlx.load(name)
+    model.eager_steps, model._steps = True, None  # the emulated kernels run eagerly
+    try:
+        prompt = tok.encode("def f(x):\n    return x")
+        plain, spec = model.new_state(1), model.new_state(1)
+        model(mx.array([prompt]), plain)
+        model(mx.array([prompt]), spec)
+        toks = [5, 17, 99, 3]
+        rows = [model(mx.array([[t]]), plain)[0, -1] for t in toks]
+        logits, _ = verify_forward(model, toks, spec)
+        assert all(mx.array_equal(logits[i], rows[i]).item() for i in range(len(toks)))
+        assert states_equal(plain, spec)
+    finally:
+        model.eager_steps, model._steps = False, None
+        model.__dict__.pop("_verify_steps", None)
