@@ -232,6 +232,13 @@ class Chat:
             self.session.seed = _parse(int, value, name)
         elif name == "stop":
             self.session.options = self.session.options.updated(stop=[] if value == "none" else [value])
+        elif name == "draft":  # speculative decoding: ngram, a draft model's path, or none (loaded now)
+            from .speculate import make_draft
+
+            opts = self.session.options.updated(draft=None if value in ("none", "off") else value)
+            if opts.draft:
+                make_draft(self.session.model, self.session.tokenizer, opts)
+            self.session.options = opts
         else:
             kind = type(getattr(GenerationOptions, name))
             self.session.options = self.session.options.updated(**{name: _parse(kind, value, name)})

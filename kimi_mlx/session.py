@@ -137,12 +137,14 @@ class ChatSession:
             # reserve 2: the session feeds the reply's last token and the closing token after it
             gen = Generation(self.model, self.tokenizer, self.state, target[-1:], opts, self.tokens, scaled, reserve=2)
             t_first = None
-            for r in gen:
+            responses = iter(gen)
+            for r in responses:
                 t_first = t_first or time.perf_counter()
                 r.prompt_tokens, r.prompt_tps = n_prompt, n_prompt / max(t_first - t0, 1e-9)
                 self.last = r
                 yield r
         except GeneratorExit:
+            responses.close()  # the generation settles its state first (a speculative one rewinds its drafts)
             self._close_reply(gen)
             raise
         except BaseException:

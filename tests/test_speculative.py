@@ -185,6 +185,20 @@ def test_chat_with_draft_equals_chat_without(demo):
     assert states_equal(sessions[0].state, sessions[1].state)
 
 
+@pytest.mark.parametrize("taken", [5, 9, 14])
+def test_chat_reply_stopped_inside_an_accepted_run_leaves_plain_state(demo, taken):
+    model, tok = demo
+    sessions = [ChatSession(model, tok, max_tokens=40, temperature=0, **kw) for kw in ({}, {"draft": "ngram"})]
+    for s in sessions:
+        replies = s.send("Repeat this:\n" + CODE)
+        for _ in range(taken):
+            next(replies)
+        replies.close()
+        list(s.send("and again"))  # the next turn starts from the kept partial reply
+    assert sessions[0].tokens == sessions[1].tokens
+    assert states_equal(sessions[0].state, sessions[1].state)
+
+
 def test_seeded_sampling_with_draft_is_reproducible(demo):
     model, tok = demo
     kw = dict(max_tokens=30, temperature=0.8, seed=7, draft="ngram")
