@@ -14,6 +14,7 @@ against model/verify.py's verify_forward of T tokens and against the prefill pat
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -130,7 +131,8 @@ def main():
     from kimi_mlx import bench
 
     echo = Recorder()
-    echo(bench.device_line())
+    echo(bench.device_line() + (f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+                                if mx.default_device() == mx.cpu else ""))
     if a.model != "none":
         from kimi_mlx.loading import load
 

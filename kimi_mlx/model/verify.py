@@ -94,16 +94,12 @@ def mla_projections(attn, x: mx.array) -> tuple[mx.array, mx.array]:
 
 
 def mla_rows(attn, x: mx.array, s) -> mx.array:
-    """KimiMLA over T rows as T decode steps (each row's query over the cache and the rows before it): all T
-    queries in one attention where the rows land in one page, else (the cache empty, or the rows crossing
-    into a new page) one decode step a row."""
+    """KimiMLA over T rows as T decode steps, one a row (each row's query over the cache and the rows before
+    it): the path for rows that do not all land in one page (mla_page_slot), or a cache still empty."""
     from ..ops.attention import mla_attention
 
     B, T, _ = x.shape
     q, rows = mla_projections(attn, x)
-    o = _mla_rows_one_page(attn, q, rows, s)
-    if o is not None:
-        return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, attn.num_heads * attn.v_dim))
     outs = []
     for t in range(T):
         qt, rt = q[:, :, t : t + 1], rows[:, t : t + 1]
@@ -118,23 +114,30 @@ def mla_rows(attn, x: mx.array, s) -> mx.array:
     return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, attn.num_heads * attn.v_dim))
 
 
-def _mla_rows_one_page(attn, q: mx.array, rows: mx.array, s) -> mx.array | None:
-    """The T queries q [B, H, T, nope + pe] over the cache with the rows [B, T, W] appended, query t masked past
-    row t: mla_decode's matmul path (ops/mla_decode._decode_pages) with one mask row a query. None (nothing
-    written) unless all T rows fall in the page the first one goes to."""
-    from ..ops.attention import _absorb
-    from ..ops.mla_decode import _decode_pages
-
-    B, H, T, _ = q.shape
+def mla_page_slot(s, T: int) -> tuple[tuple, mx.array] | None:
+    """(the pages a decode step would read, the rows [T] of the last page the T new rows go to) where all T fall
+    in that page (MLAState.decode_slot's page for the first), else None. Writes nothing."""
     slot = s.decode_slot()
     if slot is None:
         return None
-    *before, last = slot.pages
-    size = last[0].shape[1]
+    size = slot.pages[-1][0].shape[1]
     row0 = s.length - (sum(p[0].shape[1] for p in slot.pages) - size)
     if row0 + T > size:
         return None
-    at = positions(size)[row0 : row0 + T]
+    return slot.pages, positions(size)[row0 : row0 + T]
+
+
+def mla_rows_one_page(attn, x: mx.array, pages: tuple, at: mx.array) -> tuple[mx.array, tuple]:
+    """KimiMLA over T rows whose cache rows go to rows `at` of the last of `pages` (mla_page_slot): all T queries
+    in one attention, query t masked past row at[t] (mla_decode's matmul path, ops/mla_decode._decode_pages,
+    with a mask row a query). Returns (output [B, T, dim], the last page with the rows written)."""
+    from ..ops.attention import _absorb
+    from ..ops.mla_decode import _decode_pages
+
+    B, T, _ = x.shape
+    q, rows = mla_projections(attn, x)
+    H = q.shape[1]
+    *before, last = pages
     bits = last[0].shape[-1] * 32 // rows.shape[-1] if len(last) > 1 else 0
     new = encode_rows(rows, bits, last[0].dtype)
     last = tuple(mx.put_along_axis(p, at.reshape(1, T, 1), r, axis=1) for p, r in zip(last, new))
@@ -143,12 +146,11 @@ def _mla_rows_one_page(attn, q: mx.array, rows: mx.array, s) -> mx.array | None:
     k_up, v_up = attn.k_up.astype(q.dtype), attn.v_up.astype(q.dtype)
     qa = q @ absorb.swapaxes(-1, -2) if absorb is not None else _absorb(q, k_up) * attn.scale  # [B, H, T, W]
     W = qa.shape[-1]
-    seen = mx.broadcast_to(at[None], (H, T))  # query (h, t) sees the last page up to row row0 + t
+    seen = mx.broadcast_to(at[None], (H, T))  # query (h, t) sees the last page up to row at[t]
     o = _decode_pages(qa.reshape(B, H * T, W), cache, seen, q.dtype).astype(q.dtype).reshape(B, H, T, W)
-    s.pages = s.pages[: len(slot.pages) - 1] + (last,)
-    s.length += T
     L = k_up.shape[2]
-    return o @ values.swapaxes(-1, -2) if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
+    o = o @ values.swapaxes(-1, -2) if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
+    return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, H * attn.v_dim)), last
 
 
 def ffn_rows(mlp, x: mx.array) -> mx.array:
@@ -181,6 +183,25 @@ def _kda_layer_step(model, i: int, first: bool, compiled: bool):
     return cache[key]
 
 
+def _mla_layer_step(model, i: int, first: bool, compiled: bool):
+    """MLA layer i over T rows that land in one page, as a function of arrays: (h, [r,] pages, at) -> (h, r,
+    the last page written); compiled like _kda_layer_step (traced again when a page grows, as decode's step)."""
+    cache = model.__dict__.setdefault("_verify_steps", {})
+    key = ("mla", i, first, compiled)
+    if key not in cache:
+        layer = model.model.layers[i]
+
+        def step(h, *rest):
+            r, pages, at = (None, *rest) if first else rest
+            h, x = layer._seam(h, r, layer.input_layernorm)
+            a, last = mla_rows_one_page(layer.self_attn, x, pages, at)
+            h, x = layer._seam(h, a, layer.post_attention_layernorm)
+            return h, ffn_rows(layer.mlp, x), last
+
+        cache[key] = mx.compile(step) if compiled else step
+    return cache[key]
+
+
 def verify_forward(model, tokens: list[int], state: ModelState) -> tuple[mx.array, list[StateMark]]:
     """Feed tokens (1..MAX_VERIFY) into state as that many decode steps would: (logits [T, vocab], the StateMark
     after each row). state ends holding all of them; rewind it to marks[j] to keep the first j + 1."""
@@ -205,8 +226,15 @@ def verify_forward(model, tokens: list[int], state: ModelState) -> tuple[mx.arra
             kda_after[i] = list(zip(convs, recs))
             s.conv, s.recurrent = convs[-1], recs[-1]
             continue
-        h, x = layer._seam(h, r, layer.input_layernorm)
         mla_before[i] = s.length
+        slot = mla_page_slot(s, T)
+        if slot is not None:
+            step = _mla_layer_step(model, i, r is None, compiled)
+            h, r, last = step(h, *slot) if r is None else step(h, r, *slot)
+            s.pages = s.pages[:-1] + (last,)
+            s.length += T
+            continue
+        h, x = layer._seam(h, r, layer.input_layernorm)
         a = mla_rows(layer.self_attn, x, s)
         h, x = layer._seam(h, a, layer.post_attention_layernorm)
         r = ffn_rows(layer.mlp, x)
