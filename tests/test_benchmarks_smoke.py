@@ -36,7 +36,7 @@ RUNS = [
                           "--mla-contexts", "32", "--tiles-mb", "1", "--decode-contexts", "32", "--scan-rows", "1",
                           "--reps", "1"],
      r"^MLA layer decode, context 32, compiled whole pages +[\d.]+ ms"),
-    ("speculative.py", ["--max-tokens", "8", "--shape", "small", "--context", "64", "--ks", "2", "--reps", "1"],
+    ("speculative.py", ["--max-tokens", "8", "--rounds", "1", "--shape", "small", "--context", "64", "--ks", "2", "--reps", "1"],
      r"^\| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$"),
     ("server.py", ["--turns", "2", "--user-tokens", "16", "--max-tokens", "2"],
      r"^sum of TTFT: [\d.]+ s with the prefix cache, [\d.]+ s without"),
