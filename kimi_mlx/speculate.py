@@ -34,7 +34,7 @@ from .state_io import mark, rewind
 
 NGRAM = "ngram"
 NUM_DRAFT = 8  # drafted tokens a round (benchmarks/speculative.py measures the choice)
-NGRAM_SIZE = 3  # longest suffix prompt lookup matches (it falls back to shorter ones down to 1 token)
+NGRAM_SIZE = 3  # longest suffix prompt lookup matches (it falls back to shorter ones down to MIN_MATCH)
 MIN_MATCH = 2  # shortest suffix prompt lookup trusts (an ngram of 1 allows 1)
 MODEL_NUM_DRAFT = 4  # drafted tokens a round for a draft model (each costs a draft forward)
 
@@ -60,7 +60,7 @@ class SpecStats:
 
 class NgramDraft:
     """Prompt lookup over a growing token list: the tokens that followed the latest earlier occurrence of the
-    list's longest matching suffix (ngram tokens down to 1). An index per n-gram size maps each n-gram to
+    list's longest matching suffix (ngram tokens down to MIN_MATCH). An index per n-gram size maps each n-gram to
     where its latest continuation starts, updated as tokens are appended (O(ngram) a token)."""
 
     def __init__(self, num_draft: int = NUM_DRAFT, ngram: int = NGRAM_SIZE):
@@ -207,10 +207,43 @@ def speculative_steps(model, state, prompt: list[int], sampler: Sampler, process
         lp = normalize(logits_row.astype(mx.float32))[None]
         if not processors:
             return lp[0], lp
-        toks, lg = mx.array(ctx), logits_row[None]
+        toks, lg = ctx if isinstance(ctx, mx.array) else mx.array(ctx), logits_row[None]
         for p in processors:
             lg = p(toks, lg)
         return lp[0], normalize(lg.astype(mx.float32))
+
+    def plain_run(y: int, lp: mx.array):
+        """Plain steps from the pending token y (already in the n-gram index), pipelined as generate_step's:
+        the forward of each token is queued before the token is read. Ends once the text up to a yielded token
+        has an n-gram match (or that token is a stop token): returns the pending token then (read, not fed)
+        and its logprobs; None when max_tokens ended the generation."""
+        nonlocal n, ptoks
+        ya = mx.array([y])
+        toks = mx.array(ptoks) if processors else None
+        known = y
+        while True:
+            if n == max_tokens:
+                yield Step(known if known is not None else ya.item(), lp, None)
+                return None
+            before = mark(state)
+            logits = model(ya[None], state)[0, -1]
+            if processors:
+                toks = mx.concatenate([toks, ya])
+            next_lp, next_drawn = drawn_row(logits, toks)
+            next_y = sampler(next_drawn)
+            mx.async_eval(next_y, next_lp)
+            yv = known if known is not None else ya.item()  # waits for the step before, not this one
+            if known is None:
+                draft.extend([yv])
+            stats.forwards += 1
+            stats.tokens += 1
+            yield Step(yv, lp, before)  # a consumer that stops here leaves the state holding yv, as plain
+            n += 1
+            ptoks.append(yv)
+            committed.append(yv)
+            ya, lp, known = next_y, next_lp, None
+            if yv in stops or draft.propose(1):
+                return ya.item(), lp
 
     prefill(model, state, prompt[:-1], prefill_step_size, progress, total=len(prompt))
     lp, dr = drawn_row(model(mx.array([prompt[-1:]]), state)[0, -1], ptoks)
@@ -222,14 +255,13 @@ def speculative_steps(model, state, prompt: list[int], sampler: Sampler, process
     committed.append(prompt[-1])
     n = 1  # y is the n-th token
     stops = set(stop_tokens)
-    y_from_draft = False
     # drafted tokens a round adapt to the acceptance: doubled (up to num_draft) after a round that kept them
     # all, halved (down to 1) after one that kept none, so a text the draft cannot guess pays for narrow
     # verifications only; the tokens are the same whatever the width
     budget = draft.num_draft
     while True:
         if n == max_tokens:
-            yield Step(y, lp, None, y_from_draft)
+            yield Step(y, lp, None)
             return
         k = min(budget, max_tokens - 1 - n, MAX_VERIFY - 1)
         qs = None
@@ -245,6 +277,14 @@ def speculative_steps(model, state, prompt: list[int], sampler: Sampler, process
                 drafts, qs = drafts[: cut + 1], None if qs is None else qs[: cut + 1]
         elif isinstance(draft, NgramDraft):
             draft.extend([y])
+        if not drafts and isinstance(draft, NgramDraft) and y not in stops:
+            # nothing to look up: plain steps, each queued before the one before it is read (generate_step's
+            # overlap of the host's graph building with the device), until the text has a match again
+            pending = yield from plain_run(y, lp)
+            if pending is None:
+                return
+            y, lp = pending
+            continue
         before = mark(state)
         if drafts:
             logits, marks = verify_forward(model, [y] + drafts, state)
@@ -272,7 +312,7 @@ def speculative_steps(model, state, prompt: list[int], sampler: Sampler, process
         kept = [y] + drafts[:accepted]
         # yield y (its mark: the state before it), then the accepted drafts; a consumer that stops at the
         # i-th of them leaves the state holding the tokens up to it
-        seq = [(y, lp, before, y_from_draft)] + [(drafts[i], rows[i], marks[i], True) for i in range(accepted)]
+        seq = [(y, lp, before, False)] + [(drafts[i], rows[i], marks[i], True) for i in range(accepted)]
         for i, (tok, tok_lp, m, flag) in enumerate(seq):
             try:
                 yield Step(tok, tok_lp, m, flag)
@@ -285,7 +325,7 @@ def speculative_steps(model, state, prompt: list[int], sampler: Sampler, process
         committed += kept
         if isinstance(draft, NgramDraft):
             draft.extend(drafts[:accepted])
-        y, lp, y_from_draft = nxt, rows[accepted], False
+        y, lp = nxt, rows[accepted]
 
 
 def _decide(sampler: Sampler, drawn: mx.array, drafts: list[int], qs) -> tuple[int, int]:
