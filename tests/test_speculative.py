@@ -359,11 +359,11 @@ def test_verification_on_the_gpu_kernel_paths_equals_decode_emulated(name, monke
     model, tok = kimi_mlx.load(name)
     model.eager_steps, model._steps = True, None  # the emulated kernels run eagerly
     try:
-        prompt = tok.encode("def f(x):\n    return x")
+        prompt = tok.encode("def")
         plain, spec = model.new_state(1), model.new_state(1)
         model(mx.array([prompt]), plain)
         model(mx.array([prompt]), spec)
-        toks = [5, 17, 99, 3]
+        toks = [5, 17, 99]
         rows = [model(mx.array([[t]]), plain)[0, -1] for t in toks]
         logits, _ = verify_forward(model, toks, spec)
         assert all(mx.array_equal(logits[i], rows[i]).item() for i in range(len(toks)))
