@@ -3,6 +3,7 @@ greedy tokens with and without drafts, rollback at every position, chats, stop s
 acceptance rule's distribution (chi-square over a fixed seed set)."""
 
 import math
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -371,3 +372,23 @@ def test_verification_on_the_gpu_kernel_paths_equals_decode_emulated(name, monke
     finally:
         model.eager_steps, model._steps = False, None
         model.__dict__.pop("_verify_steps", None)
+
+
+def test_cli_generate_with_draft_prints_plain_text_and_the_draft_stats():
+    from typer.testing import CliRunner
+
+    from kimi_mlx.cli import app
+
+    args = ["generate", "--model", "demo", "--raw", "--prompt", COPY, "--temp", "0", "--max-tokens", "30"]
+    plain = CliRunner().invoke(app, args)
+    spec = CliRunner().invoke(app, [*args, "--draft", "ngram", "--num-draft", "4", "--ngram", "2"])
+    assert plain.exit_code == spec.exit_code == 0
+    assert spec.stdout == plain.stdout
+    assert re.search(r"draft: \d+ drafted, \d+ accepted \(\d+%\), [\d.]+ tokens/forward", spec.stderr)
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "kimi_mlx", *args, "--draft", "demo-random"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "vocabulary" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not bad.stdout.strip()
