@@ -165,6 +165,8 @@ _DRAFTS: dict = {}  # (path, target id) -> ModelDraft: loaded once, its state re
 def make_draft(model, tokenizer, opts):
     """The draft GenerationOptions `opts` ask for: an NgramDraft, or the ModelDraft of the checkpoint at
     opts.draft (loaded once per target model; a KimiError if it cannot be loaded or speaks another vocabulary)."""
+    if getattr(model, "pipeline", None) is not None:
+        raise KimiError("speculative decoding runs on one machine; drop --draft or run without --distributed")
     if opts.draft == NGRAM:
         return NgramDraft(opts.num_draft or NUM_DRAFT, opts.ngram)
     key = (opts.draft, id(model))
