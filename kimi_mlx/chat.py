@@ -292,6 +292,10 @@ def run_chat(model_name: str, options: GenerationOptions, system: str | None, se
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     out = Output(tty)
     model, tokenizer = load(model_name, distributed=distributed)  # distributed: only rank 0 returns
+    if options.draft:  # a draft that cannot be used is an error now, not at the first reply
+        from .speculate import make_draft
+
+        make_draft(model, tokenizer, options)
 
     def load_session(path: str) -> ChatSession:
         return ChatSession.load(Path(path).expanduser(), model, tokenizer, **_overrides(options))
