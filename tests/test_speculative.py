@@ -392,3 +392,33 @@ def test_cli_generate_with_draft_prints_plain_text_and_the_draft_stats():
                          text=True, timeout=120)
     assert bad.returncode != 0 and "vocabulary" in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not bad.stdout.strip()
+
+
+@pytest.mark.parametrize("T,extreme", [(2, False), (7, True), (16, False)])
+def test_kda_rows_op_equals_decode_steps_on_random_inputs(T, extreme):
+    """decode_rows_ops (the conv, norms and gates of T tokens at once) against decode_step_ops token by token
+    (bit for bit) and the reference decode_step_ref (to rounding), on fresh random inputs; extreme: gates that
+    decay to ~0 or not at all, and saturated betas."""
+    from kimi_mlx.ops.kda_decode import decode_rows_ops, decode_step_ops, decode_step_ref
+
+    B, H, Dk, Dv, K = 2, 3, 32, 16, 4
+    C3 = 2 * H * Dk + H * Dv
+    rng = np.random.default_rng(T)
+    r = lambda *shape, scale=1.0: mx.array(rng.standard_normal(shape).astype(np.float32) * scale)  # noqa: E731
+    qkv, gate_a, beta_logit, gate_b = r(B, T, C3), r(B, T, H * Dk), r(B, T, H), r(B, T, H * Dv)
+    if extreme:
+        gate_a = mx.where(r(B, T, H * Dk) > 0, 30.0, -30.0)
+        beta_logit = mx.where(r(B, T, H) > 0, 20.0, -20.0)
+    tail, conv_w, a_log, dt_bias = r(B, K - 1, C3), r(K, C3), r(H, scale=0.5), r(H * Dk)
+    state, norm_w = r(B, H, Dv, Dk), r(Dv)
+    y, after = decode_rows_ops(qkv, gate_a, beta_logit, tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, 1e-5)
+    s_ops = s_ref = state
+    t_ops = t_ref = tail
+    for t in range(T):
+        args = (qkv[:, t], gate_a[:, t], beta_logit[:, t])
+        y_ops, s_ops, t_ops = decode_step_ops(*args, t_ops, conv_w, a_log, dt_bias, s_ops, gate_b[:, t], norm_w, 1e-5)
+        y_ref, s_ref, t_ref = decode_step_ref(*args, t_ref, conv_w, a_log, dt_bias, s_ref, gate_b[:, t], norm_w, 1e-5)
+        assert mx.array_equal(y[:, t], y_ops).item()
+        assert mx.array_equal(after[t][0], t_ops).item() and mx.array_equal(after[t][1], s_ops).item()
+        np.testing.assert_allclose(np.array(y[:, t]), np.array(y_ref), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.array(after[t][1]), np.array(s_ref), rtol=1e-4, atol=1e-4)

@@ -9,11 +9,15 @@ and at small T it costs several decode steps. Here each layer runs decode's own 
   row-wise work  embedding, norms and residual adds, every projection (q|k|v, gates, q|kv, o_proj), the
                  FFN (a fused MoE on its one-token expert path: the decode kernel or the gather matmuls)
                  and the lm_head run once over the T rows as a small batch: each output row is a function
-                 of its input row alone (reads each weight once for T rows, which is where the time goes)
-  KDA            the fused decode step (ops/kda_decode: kernel or ops, the path decode takes) applied token
-                 by token inside the one graph, each token's conv tail and recurrent state kept
-  MLA            the decode attention (KimiMLA.decode_row over MLAState.decode_slot) once a row: the query
-                 of row t sees the cache and rows 0..t, each row written as decode writes it
+                 of its input row alone (reads each weight once for T rows, which is where a GPU's time goes)
+  KDA            on the ops path (CPU) the conv, norms and gates of all T rows at once, the state update token
+                 by token, the output gate over all rows (ops/kda_decode.decode_rows_ops); on the kernel path
+                 the fused decode kernel once a token; each token's conv tail and recurrent state kept
+  MLA            all T queries in one attention over the cache with the T rows written (the decode matmul
+                 path, query t masked past row t) where the rows land in one page, else decode's attention
+                 (KimiMLA.decode_row over MLAState.decode_slot) once a row
+Each KDA layer, and each MLA layer whose rows land in one page, runs as one compiled step, traced once per
+width T (and again when a page grows), as decode's one-token steps are.
 
 What makes rows equal to decode's is row-invariance of the batched matmuls: on the CPU, MLX's float32 and
 quantized matmuls give each row the bits they give it alone (tests/test_speculative.py checks the logits
