@@ -133,22 +133,23 @@ class ModelDraft:
     def propose(self, committed: list[int], y: int, k: int, sampler: Sampler) -> tuple[list[int], list]:
         """k drafts continuing committed + [y], and the distribution each was drawn from (logprobs [V], or None
         where the draw was greedy)."""
-        drafts, qs = [], []
+        drafted, qs = [], []
         logits = self.sync(committed + [y])
+        base = len(self.tokens)
         for i in range(k):
-            self.marks[len(self.tokens)] = mark(self.state)
+            self.marks[base + i] = mark(self.state)
             lp = normalize(logits.astype(mx.float32))[None]
             if sampler.greedy:
                 d, q = mx.argmax(lp, axis=-1), None
             else:
                 q = sampler.filtered(lp)
                 d = mx.random.categorical(q, axis=-1, key=_key(sampler))
-            drafts.append(d.item())
+            drafted.append(d)
             qs.append(None if q is None else q[0])
-            if i < k - 1:
-                logits = self.model(mx.array([[drafts[-1]]]), self.state)[0, -1]
-                self.tokens.append(drafts[-1])
-        self.marks[len(self.tokens)] = mark(self.state)
+            if i < k - 1:  # fed as the array it is: the k draft steps queue without a wait for the host
+                logits = self.model(d[None], self.state)[0, -1]
+        drafts = mx.concatenate(drafted).tolist()
+        self.tokens += drafts[:-1]  # the last draft is not fed: a round that keeps it feeds it with the next token
         return drafts, qs
 
 
