@@ -422,3 +422,21 @@ def test_kda_rows_op_equals_decode_steps_on_random_inputs(T, extreme):
         assert mx.array_equal(after[t][0], t_ops).item() and mx.array_equal(after[t][1], s_ops).item()
         np.testing.assert_allclose(np.array(y[:, t]), np.array(y_ref), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(np.array(after[t][1]), np.array(s_ref), rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_with_a_disagreeing_draft_model_is_plain_decoding(demo_random):
+    """A draft model that is often wrong: rejections at varied positions, the draft's own state rewound each
+    round; the tokens and final state are plain decoding's."""
+    model, tok = demo_random
+    draft_model, _ = kimi_mlx.load("demo-random")
+    draft_model.lm_head.weight = draft_model.lm_head.weight + 0.02 * mx.random.normal(
+        draft_model.lm_head.weight.shape, key=mx.random.key(3))
+    prompt = tok.encode("a draft model that disagrees")
+    opts = GenerationOptions(max_tokens=40, temperature=0)
+    plain_state, spec_state = model.new_state(1), model.new_state(1)
+    expected = [r.token for r in Generation(model, tok, plain_state, prompt, opts)]
+    gen = Generation(model, tok, spec_state, prompt, opts)
+    gen.draft, gen.spec = ModelDraft(draft_model, num_draft=4), SpecStats()
+    assert [r.token for r in gen] == expected
+    assert states_equal(spec_state, plain_state)
+    assert 0 < gen.spec.accepted < gen.spec.drafted
