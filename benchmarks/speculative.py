@@ -5,7 +5,8 @@ Tasks (greedy, on --model, the trained demo by default): a copy-heavy one (rewri
 change) and a free one (write something new). Each runs plain, with --draft ngram, and with each --draft-model.
 The verification table uses random weights at --shape (random weights accept nothing, so only the cost is
 measured there): after a --context prefill, the median time of one decode step (the compiled one-token path)
-against model/verify.py's verify_forward of T tokens and against the prefill path over the same T tokens.
+against model/verify.py's verify_forward of T tokens (k = T - 1 drafts and the token before them) and against
+the prefill path over the same T tokens.
 
   python benchmarks/speculative.py --shape full --context 1024 --record            (GPU: the verification cost)
   python benchmarks/speculative.py --max-tokens 200 --shape small --record        (CPU: the demo's tasks)
@@ -108,7 +109,7 @@ def verification_costs(shape: str, context: int, ks, reps: int, bits: int, echo)
 
     one = median_ms(decode, reps)
     echo(f"verification at shape {shape}, {bits or 'no'}-bit weights, context {context}: one decode step {one:.2f} ms")
-    echo("| T | verify ms | x decode step | prefill path ms | x decode step |")
+    echo("| T (k + 1) | verify ms | x decode step | prefill path ms | x decode step |")
     echo("|---|---|---|---|---|")
     for T in ks:
         v, p = median_ms(verify(T), reps), median_ms(prefill_path(T), reps)
@@ -124,7 +125,7 @@ def main():
     ap.add_argument("--shape", default="small", help="random-weight shape of the verification table ('none': skip)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--ks", type=ints, default=(2, 4, 8, 16), help="verification widths T")
+    ap.add_argument("--ks", type=ints, default=(3, 5, 9, 16), help="verification widths T: k drafts + 1 (at most 16)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3, help="runs of each task and draft, alternating (best kept)")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")

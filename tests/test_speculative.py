@@ -28,6 +28,16 @@ COPY = CODE + "\n# the same function, renamed to order_total:\n" + CODE.replace(
 FREE = "Once upon a time"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def on_the_cpu():
+    """The contract is bit for bit on the CPU in float32 (a GPU's matmul kernels for a few rows and for one may
+    round differently), so these tests run there on any machine."""
+    before = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(before)
+
+
 @pytest.fixture(scope="module")
 def demo():
     return kimi_mlx.load("demo")
