@@ -99,6 +99,8 @@ class GenerationOptions:
             (self.repetition_context_size >= 1, "repetition_context_size must be >= 1"),
             (self.top_logprobs >= 0, "top_logprobs must be >= 0"),
             (self.prefill_step_size >= 0, "prefill_step_size must be >= 0 (0 = auto)"),
+            (self.draft is None or (isinstance(self.draft, str) and self.draft.strip() != ""),
+             "draft must be 'ngram' or a draft model's path (directory, hub repo id or 'demo')"),
             (0 <= self.num_draft <= 15, "num_draft must be in 0..15 (0 = the draft's default)"),
             (1 <= self.ngram <= 16, "ngram must be in 1..16"),
         ]

@@ -312,6 +312,8 @@ def test_draft_with_another_vocabulary_is_one_line(demo):
     assert "\n" not in str(e.value)
     with pytest.raises(KimiError, match="num_draft"):
         generate(model, tok, "hi", max_tokens=2, draft="ngram", num_draft=99)
+    with pytest.raises(KimiError, match="draft must be"):
+        generate(model, tok, "hi", max_tokens=2, draft=True)
 
 
 def test_ngram_lookup_matches_longest_recent_suffix():
