@@ -61,6 +61,9 @@ SWITCHES = {s.env: s for s in (
     Switch("KIMI_MLX_DEQUANT", ("auto", "on", "off"), "auto",
            "quantized projections of 256+ rows (prefill): auto (dequantized, then one dense matmul, on CUDA), on "
            "(every backend), off (MLX's quantized matmul)"),
+    Switch("KIMI_MLX_KDA_ROWS", ("off", "on"), "off",
+           "speculative verification's KDA steps on a GPU: off (the decode kernel once a token), on (one kernel for "
+           "all the tokens, kda_decode_rows; opt-in until measured on a GPU)"),
     Switch("KIMI_MLX_FAST_MATH", ("auto", "off"), "auto",
            "exp, SiLU and softmax on the CPU: auto (range reduction + polynomial: MLX's CPU exp runs an element "
            "at a time), off (MLX's)"),

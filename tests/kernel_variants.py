@@ -88,6 +88,10 @@ def _calls():
                 yield lambda s=step, B=B, bits=bits, gs=gs: kda_decode.decode_step_gates_kernel(
                     **s, gates=z((B, 2 * DK + H), bf), f_b=_qlinear(DK, H * DK, bits, gs),
                     g_b=_qlinear(DK, H * DK, bits, gs))
+        for T in (2, 9, 16):  # a speculative verification's widths
+            yield lambda s=step, B=B, T=T: kda_decode.decode_rows_kernel(
+                **{**s, "qkv": z((B, T, C3), bf)}, gate_a=z((B, T, H * DK), bf), beta_logit=z((B, T, H), bf),
+                gate_b=z((B, T, H * DK), bf))
         yield lambda B=B: norm.add_norm_kernel(z((B, 1, D), bf), z((B, 1, D), f32), z((D,), bf), 1e-5)
         yield lambda B=B: routing.logits_kernel(z((B, D), bf), z((E, D), f32))
         yield lambda B=B: routing.route_kernel(z((B, E), f32), z((E,), f32), **opts)

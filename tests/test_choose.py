@@ -7,7 +7,7 @@ from kimi_mlx.errors import ConfigError
 from kimi_mlx.model.fuse import choose_experts
 from kimi_mlx.ops import routing
 from kimi_mlx.ops.kda import choose_prefill, choose_scan
-from kimi_mlx.ops.kda_decode import choose_decode
+from kimi_mlx.ops.kda_decode import choose_decode, choose_rows
 from kimi_mlx.settings import Facts
 
 CPU = Facts()
@@ -53,6 +53,19 @@ def test_kda_scan(facts, path, want):
 ])
 def test_kda_decode(facts, shape, taps, want):
     assert choose_decode(facts, shape, taps) == want
+
+
+ROWS_ON = {"KIMI_MLX_KDA_ROWS": "on"}
+
+
+@pytest.mark.parametrize("facts, shape, taps, want", [
+    (CUDA, (1, 32, 128, 128), 4, "steps"), (with_(CUDA, **ROWS_ON), (1, 32, 128, 128), 4, "rows"),
+    (with_(METAL, **ROWS_ON), (1, 32, 128, 128), 4, "rows"), (with_(CPU, **ROWS_ON), (1, 32, 128, 128), 4, "steps"),
+    (off(with_(CUDA, **ROWS_ON), "kda_decode_rows"), (1, 32, 128, 128), 4, "steps"),
+    (with_(CUDA, **ROWS_ON), (1, 32, 128, 100), 4, "steps"), (with_(CUDA, **ROWS_ON), (1, 32, 128, 128), 1, "steps"),
+])
+def test_kda_verification_rows(facts, shape, taps, want):
+    assert choose_rows(facts, shape, taps) == want
 
 
 @pytest.mark.parametrize("facts, E, want", [

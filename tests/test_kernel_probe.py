@@ -162,3 +162,45 @@ def test_a_0d_input_is_refused_at_the_launch():
     with pytest.raises(ValueError, match="input 'eps' is 0-d"):
         metal_kernels.launch("add_norm", lambda **kw: None, [mx.zeros((1, 64)), mx.zeros((1, 64)), mx.ones((64,)),
                                                               mx.array(1e-6)])
+
+
+def test_the_verification_kernel_is_probed_where_switched_on_and_falls_back(checkpoint, reference, monkeypatch,
+                                                                           capsys):
+    """KIMI_MLX_KDA_ROWS=on: the probe also runs a speculative verification, so kda_decode_rows is built at load;
+    where it fails it is switched off (one line) and a speculative run's tokens are still the reference's."""
+    from kimi_mlx import settings
+    from kimi_mlx.generate import GenerationOptions, Generation
+    from kimi_mlx.speculate import NgramDraft, SpecStats
+
+    class Repeat(NgramDraft):  # drafts every round, so each round verifies
+        def propose(self, k):
+            return [3] * k
+
+    with settings.override(KIMI_MLX_KDA_ROWS="on"):
+        for failing in ((), ("kda_decode_rows",)):
+            gpu = EmulatedGPU(monkeypatch, failing=failing)
+            model = gpu.load(checkpoint)
+            assert "kda_decode_rows" in gpu.launched
+            assert set(metal_kernels.switched_off()) == set(failing)
+            gpu.launched.clear()
+            gen = Generation(model, _Tok(), model.new_state(1), PROMPT, GenerationOptions(max_tokens=TOKENS,
+                                                                                        temperature=0))
+            gen.draft, gen.spec = Repeat(num_draft=2), SpecStats()
+            assert [r.token for r in gen] == reference and gen.spec.drafted > 0
+            assert ("kda_decode_rows" in gpu.launched) == (not failing)
+    capsys.readouterr()
+
+
+class _Tok:
+    """Just what Generation asks of a tokenizer."""
+
+    im_end_id, eos_id = -1, -2
+
+    def detokenizer(self):
+        class D:
+            def add(self, t):
+                return ""
+
+            def finalize(self):
+                return ""
+        return D()

@@ -452,3 +452,78 @@ def test_greedy_with_a_disagreeing_draft_model_is_plain_decoding(demo_random):
     assert [r.token for r in gen] == expected
     assert states_equal(spec_state, plain_state)
     assert 0 < gen.spec.accepted < gen.spec.drafted
+
+
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+@pytest.mark.parametrize("T,extreme", [(3, False), (6, True)])
+def test_rows_kernel_equals_the_decode_kernel_token_by_token_emulated(kind, T, extreme, monkeypatch):
+    """kda_decode_rows (all T tokens in one launch) against kda_decode launched once a token, both texts run by
+    the emulator: bit for bit (the same arithmetic in the same order), and the reference to rounding; bf16 inputs,
+    several 32-lane groups a head; extreme: gates that decay to ~0 or not at all, saturated betas."""
+    import kernel_emulator
+    import metal_kernels
+
+    from kimi_mlx.ops.kda_decode import decode_rows_kernel, decode_step_kernel, decode_step_ref
+
+    if not kernel_emulator.available():
+        pytest.skip("g++ is not installed")
+    monkeypatch.setattr(metal_kernels, "kernel", kernel_emulator.kernel_factory(kind))
+    B, H, Dk, Dv, K = 2, 2, 64, 64, 4
+    C3 = 2 * H * Dk + H * Dv
+    rng = np.random.default_rng(T)
+    r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
+    bf = mx.bfloat16
+    qkv, gate_a, beta_logit, gate_b = (a.astype(bf) for a in (r(B, T, C3), r(B, T, H * Dk), r(B, T, H), r(B, T, H * Dv)))
+    if extreme:
+        gate_a = mx.where(r(B, T, H * Dk) > 0, 30.0, -30.0).astype(bf)
+        beta_logit = mx.where(r(B, T, H) > 0, 20.0, -20.0).astype(bf)
+    tail, conv_w, a_log, dt_bias = r(B, K - 1, C3).astype(bf), r(K, C3).astype(bf), r(H), r(H * Dk)
+    state, norm_w = r(B, H, Dv, Dk), r(Dv)
+    y, after = decode_rows_kernel(qkv, gate_a, beta_logit, tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, 1e-5)
+    s_k = s_ref = state
+    t_k = t_ref = tail
+    for t in range(T):
+        args = (qkv[:, t], gate_a[:, t], beta_logit[:, t])
+        y_k, s_k, t_k = decode_step_kernel(*args, t_k, conv_w, a_log, dt_bias, s_k, gate_b[:, t], norm_w, 1e-5)
+        y_ref, s_ref, t_ref = decode_step_ref(*args, t_ref, conv_w, a_log, dt_bias, s_ref, gate_b[:, t], norm_w, 1e-5)
+        assert mx.array_equal(y[:, t], y_k).item(), t
+        assert mx.array_equal(after[t][1], s_k).item() and mx.array_equal(after[t][0], t_k).item(), t
+        np.testing.assert_allclose(np.array(after[t][1]), np.array(s_ref), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(np.array(y[:, t].astype(mx.float32)), np.array(y_ref.astype(mx.float32)),
+                                   rtol=2e-2, atol=2e-2)
+
+
+def test_verification_with_the_rows_kernel_equals_decode_emulated(demo_random, monkeypatch):
+    """KIMI_MLX_KDA_ROWS=on: the verification's KDA steps as one kda_decode_rows launch a layer (emulated), against
+    decode on the kda_decode kernel (demo-random's f_b and g_b are matmuls on both paths): bit for bit."""
+    import kernel_emulator
+    import metal_kernels
+
+    import kimi_mlx.model.kda as kda_layer
+    import kimi_mlx.model.verify as verify
+
+    if not kernel_emulator.available():
+        pytest.skip("g++ is not installed")
+    launched = []
+    emulated = kernel_emulator.kernel_factory("metal")
+    monkeypatch.setattr(metal_kernels, "kernel", lambda name: launched.append(name) or emulated(name))
+    monkeypatch.setattr(kda_layer, "decode_path", lambda *a: "kernel")
+    monkeypatch.setattr(verify, "decode_path", lambda *a: "kernel")
+    monkeypatch.setattr(verify, "rows_path", lambda *a: "rows")
+    model, tok = demo_random
+    model.eager_steps, model._steps = True, None
+    try:
+        prompt = tok.encode("rows")
+        plain, spec = model.new_state(1), model.new_state(1)
+        model(mx.array([prompt]), plain)
+        model(mx.array([prompt]), spec)
+        toks = [5, 17, 99, 3]
+        rows = [model(mx.array([[t]]), plain)[0, -1] for t in toks]
+        launched.clear()
+        logits, marks = verify_forward(model, toks, spec)
+        assert "kda_decode_rows" in launched and "kda_decode" not in launched
+        assert all(mx.array_equal(logits[i], rows[i]).item() for i in range(len(toks)))
+        assert states_equal(plain, spec)
+    finally:
+        model.eager_steps, model._steps = False, None
+        model.__dict__.pop("_verify_steps", None)

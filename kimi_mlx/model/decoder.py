@@ -200,6 +200,17 @@ class Model(nn.Module):
             mx.eval(self._decode_each(mx.zeros((1, 1, D), self.dtype), state))
         finally:
             self._steps = None
+        from .. import settings
+
+        if settings.value("KIMI_MLX_KDA_ROWS") == "on" and self._pipeline is None:  # speculative verification's
+            from .verify import verify_forward  # kernel, where it is switched on
+
+            eager, self.eager_steps = self.eager_steps, True
+            try:
+                mx.eval(verify_forward(self, [0, 0], state)[0])
+            finally:
+                self.eager_steps = eager
+                self.__dict__.pop("_verify_steps", None)
 
     def new_state(self, batch_size: int = 1, cache_bits: int = 0) -> ModelState:
         """A fresh state; cache_bits 8 or 4 quantizes the MLA latent caches (see state.py)."""

@@ -12,7 +12,8 @@ and at small T it costs several decode steps. Here each layer runs decode's own 
                  of its input row alone (reads each weight once for T rows, which is where a GPU's time goes)
   KDA            on the ops path (CPU) the conv, norms and gates of all T rows at once, the state update token
                  by token, the output gate over all rows (ops/kda_decode.decode_rows_ops); on the kernel path
-                 the fused decode kernel once a token; each token's conv tail and recurrent state kept
+                 the fused decode kernel once a token, or with KIMI_MLX_KDA_ROWS=on one kda_decode_rows launch
+                 for all of them; each token's conv tail and recurrent state kept
   MLA            all T queries in one attention over the cache with the T rows written (the decode matmul
                  path, query t masked past row t) where the rows land in one page, else decode's attention
                  (KimiMLA.decode_row over MLAState.decode_slot) once a row
@@ -34,7 +35,8 @@ import mlx.core as mx
 from metal_kernels import usable
 
 from ..errors import KimiError
-from ..ops.kda_decode import decode_path, decode_rows_ops, decode_step_gates_kernel, kda_decode_step
+from ..ops.kda_decode import (decode_path, decode_rows_kernel, decode_rows_ops, decode_step_gates_kernel,
+                               kda_decode_step, rows_path)
 from ..state import CACHE_GROUP_SIZE, KDAState, LatentCache, ModelState, check_context, encode_rows, positions
 from ..state_io import StateMark
 from .decoder import DecoderLayer
@@ -57,6 +59,11 @@ def kda_rows(attn, x: mx.array, s: KDAState) -> tuple[mx.array, list[tuple[mx.ar
         return mx.concatenate(outs, axis=1), after
     qkv = attn.qkv_proj(x)
     ys = []
+    if path == "kernel" and rows_path(s.recurrent, attn.conv_weight) == "rows":  # one launch for all T
+        f_b, g_b, b_logit = attn.decode_gates(x)
+        y, after = decode_rows_kernel(qkv, f_b, b_logit, *attn._step_rest(s), g_b, attn.o_norm_weight, attn.norm_eps)
+        s.conv, s.recurrent = after[-1]
+        return attn.o_proj(y.reshape(B, T, H * D)), after
     if path == "kernel" and attn.gates_kernel_applies(s):
         gates = attn.gates_in(x)
         for t in range(T):

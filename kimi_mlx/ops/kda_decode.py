@@ -169,6 +169,29 @@ def decode_step_kernel(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bia
                    norm_w, eps)
 
 
+def decode_rows_kernel(qkv, gate_a, beta_logit, conv_tail, conv_w, a_log, dt_bias, state, gate_b, norm_w, eps):
+    """decode_rows_ops's contract (qkv [B, T, C3], gate_a, beta_logit, gate_b [B, T, ...]) as one kernel launch
+    for all T tokens (metal_kernels/kda_decode_rows.body: kda_decode's step token after token, the state kept in
+    registers): (y [B, T, H, Dv], [(conv_tail, state)] after each token)."""
+    from metal_kernels import kernel
+
+    B, T, C3 = qkv.shape
+    H = a_log.shape[0]
+    Dv, Dk = state.shape[-2:]
+    K = conv_w.shape[0]
+    G = groups(Dv)
+    y, states, tails = kernel("kda_decode_rows")(
+        inputs=[qkv, _as(conv_tail, qkv.dtype), conv_w, gate_a, dt_bias, a_log, _as(state, mx.float32), beta_logit,
+                gate_b, _as(norm_w, mx.float32), mx.array([eps], mx.float32)],
+        template=[("NH", H), ("DK", Dk), ("DV", Dv), ("KW", K), ("G", G), ("NT", T)],
+        grid=(32 * G, 1, B * H),
+        threadgroup=(32 * G, 1, 1),
+        output_shapes=[(B, T, H, Dv), (B, T, H, Dv, Dk), (B, T, K - 1, C3)],
+        output_dtypes=[qkv.dtype, mx.float32, qkv.dtype],
+    )
+    return y, [(tails[:, t], states[:, t]) for t in range(T)]
+
+
 def decode_step_gates_ref(qkv, gates, conv_tail, conv_w, a_log, dt_bias, state, f_b, g_b, norm_w, eps):
     D = state.shape[-1]
     return decode_step_ref(qkv, f_b(gates[:, :D]), gates[:, 2 * D :], conv_tail, conv_w, a_log, dt_bias, state,
@@ -219,6 +242,21 @@ def choose_decode(f, state_shape: tuple, conv_taps: int) -> str:
     if m == "auto" and f.gpu and fits:
         return "kernel"
     return "ops"
+
+
+ROWS_ENV = "KIMI_MLX_KDA_ROWS"
+
+
+def choose_rows(f, state_shape: tuple, conv_taps: int) -> str:
+    """How a verification's KDA steps run on the decode kernel path (f: settings.Facts): 'rows' (one
+    kda_decode_rows launch for all the tokens) where KIMI_MLX_KDA_ROWS=on, on a GPU, the kernel not switched
+    off and the shapes the decode kernel's; else 'steps' (the decode kernel once a token)."""
+    fits = f.gpu is not None and f.usable("kda_decode_rows") and shape_supported(state_shape, conv_taps)
+    return "rows" if f[ROWS_ENV] == "on" and fits else "steps"
+
+
+def rows_path(state: mx.array, conv_w: mx.array) -> str:
+    return choose_rows(settings.now(kda_ops.gpu_backend()), state.shape, conv_w.shape[0])
 
 
 def decode_path(state: mx.array, conv_w: mx.array) -> str:
