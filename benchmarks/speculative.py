@@ -8,7 +8,8 @@ measured there): after a --context prefill, the median time of one decode step (
 against model/verify.py's verify_forward of T tokens (k = T - 1 drafts and the token before them) and against
 the prefill path over the same T tokens.
 
-  python benchmarks/speculative.py --shape full --context 1024 --record            (GPU: the verification cost)
+  python benchmarks/speculative.py --model none --shape full --context 1024 --rows-kernel --record
+                                                                       (GPU: the verification cost)
   python benchmarks/speculative.py --max-tokens 200 --shape small --record        (CPU: the demo's tasks)
 """
 
@@ -75,8 +76,8 @@ def median_ms(f, reps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def verification_costs(shape: str, context: int, ks, reps: int, bits: int, echo) -> None:
-    from kimi_mlx import bench
+def verification_costs(shape: str, context: int, ks, reps: int, bits: int, echo, rows_kernel: bool = False) -> None:
+    from kimi_mlx import bench, settings
     from kimi_mlx.generate import prefill
     from kimi_mlx.model.verify import verify_forward
     from kimi_mlx.state_io import mark, rewind
@@ -107,13 +108,26 @@ def verification_costs(shape: str, context: int, ks, reps: int, bits: int, echo)
             state.eval()
         return f
 
+    def with_rows_kernel(f):
+        def g():
+            with settings.override(KIMI_MLX_KDA_ROWS="on"):
+                f()
+        return g
+
     one = median_ms(decode, reps)
     echo(f"verification at shape {shape}, {bits or 'no'}-bit weights, context {context}: one decode step {one:.2f} ms")
-    echo("| T (k + 1) | verify ms | x decode step | prefill path ms | x decode step |")
-    echo("|---|---|---|---|---|")
+    rows_head = " verify, KIMI_MLX_KDA_ROWS=on ms | x decode step |" if rows_kernel else ""
+    echo(f"| T (k + 1) | verify ms | x decode step | prefill path ms | x decode step |{rows_head}")
+    echo("|---|---|---|---|---|" + ("---|---|" if rows_kernel else ""))
     for T in ks:
         v, p = median_ms(verify(T), reps), median_ms(prefill_path(T), reps)
-        echo(f"| {T} | {v:.2f} | {v / one:.2f} | {p:.2f} | {p / one:.2f} |")
+        line = f"| {T} | {v:.2f} | {v / one:.2f} | {p:.2f} | {p / one:.2f} |"
+        if rows_kernel:  # the compiled verification steps are traced again under the switch, and after it
+            model.__dict__.pop("_verify_steps", None)
+            r = median_ms(with_rows_kernel(verify(T)), reps)
+            model.__dict__.pop("_verify_steps", None)
+            line += f" {r:.2f} | {r / one:.2f} |"
+        echo(line)
 
 
 def main():
@@ -128,6 +142,8 @@ def main():
     ap.add_argument("--ks", type=ints, default=(3, 5, 9, 16), help="verification widths T: k drafts + 1 (at most 16)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3, help="runs of each task and draft, alternating (best kept)")
+    ap.add_argument("--rows-kernel", action="store_true", help="also time the verification with KIMI_MLX_KDA_ROWS=on "
+                    "(one kda_decode_rows launch a KDA layer; a GPU only)")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     a = ap.parse_args()
     from kimi_mlx import bench
@@ -155,7 +171,7 @@ def main():
                 same = "yes" if got == text else "NO"
                 echo(f"| {name} | {d or 'none'} | {tps:.1f} | {tps / base:.2f} | {per:.2f} | {same} |")
     if a.shape != "none":
-        verification_costs(a.shape, a.context, a.ks, a.reps, a.bits, echo)
+        verification_costs(a.shape, a.context, a.ks, a.reps, a.bits, echo, a.rows_kernel)
     if a.record:
         echo.append("speculative decoding")
 
