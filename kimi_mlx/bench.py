@@ -449,7 +449,7 @@ def device_line() -> str:
 def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: int = 32, step: int = 0,
         bits: int = 4, group_size: int = 64, peer: bool = True, peer_prefill_max: int = 2048,
         bandwidth_gbs: float | None = None, model_path: str | None = None, peer_model: str | None = None,
-        step_at=(), echo=print, rounds: int = 1) -> list[dict]:
+        step_at=(), echo=print, rounds: int = 1, experts_memory_gb: float | None = None) -> list[dict]:
     """Measure and print; returns result rows (one per measurement).
 
     rounds: decode each context this many times per runner, alternating the runners (and their order) so slow
@@ -460,6 +460,9 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
 
     model_path: a checkpoint to measure instead of random weights at `shape`; peer_model: an mlx-lm
     checkpoint of the same model to compare against (random weights are shared with mlx-lm directly).
+
+    experts_memory_gb: with model_path, stream the routed experts into this much memory (model/offload.py); each
+    decode line then says the pool's hit rate, bytes read per token and time waiting on reads.
     """
     step_length(0, 1, step)  # a negative step is a one-line error here, before any output
     dtype = activation_dtype()
@@ -468,7 +471,9 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
     if model_path:
         from .weights.load import load_model
 
-        ours = load_model(model_path)
+        ours = load_model(model_path, experts_memory_gb=experts_memory_gb)
+        if ours.offload is not None:
+            echo(ours.offload.line())
         theirs = None
         if peer_model:
             from mlx_lm import load as peer_load
@@ -550,7 +555,10 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
             for r in runners if i % 2 == 0 else runners[::-1]:
                 r.fill_context(n - decode_tokens - DECODE_WARMUP, cfg)  # the timed tokens (and warm-up) end at n
                 mx.reset_peak_memory()
+                before = r.model.offload.snapshot() if r.is_ours and r.model.offload is not None else None
                 each[r.name].append(time_decode(r, decode_tokens))
+                if before is not None:
+                    streamed = r.model.offload.since(before)
                 peak[r.name] = max(peak.get(r.name, 0.0), mx.get_peak_memory() / 1e9)
                 r.state = None
                 gc.collect()
@@ -562,13 +570,35 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
                 row["rounds"] = each[r.name]
             if r.is_ours and bandwidth_gbs:
                 row["bandwidth_frac"] = got[r.name] * active / (bandwidth_gbs * 1e9)
+            if r.is_ours and r.model.offload is not None:
+                row.update(hit_rate=streamed.hit_rate, read_bytes_per_token=streamed.bytes_per_token,
+                           read_wait_s_per_token=streamed.wait_per_token, anon_gb=anon_memory_gb())
             rows.append(row)
         ratio = None
         if rounds > 1 and len(each) == 2:
             ratios = [a / b for a, b in zip(each["kimi-mlx"], each["mlx-lm"])]
             ratio = f"ratio {np.median(ratios):.2f}x (median of {rounds} rounds, {min(ratios):.2f}-{max(ratios):.2f})"
         echo(_line(f"decode @{n:>7}", got, active, bandwidth_gbs, peak, ratio))
+        if ours.offload is not None:
+            anon = anon_memory_gb()
+            echo(f"  streamed experts (last round, warm-up included): hit rate {streamed.hit_rate:.2f}, "
+                 f"{streamed.bytes_per_token / 1e6:.1f} MB read/token, "
+                 f"{1e3 * streamed.wait_per_token:.1f} ms/token waiting on reads"
+                 + (f", anonymous memory {anon:.2f} GB" if anon is not None else ""))
     return rows
+
+
+def anon_memory_gb() -> float | None:
+    """This process's anonymous resident memory (RssAnon: what it holds beyond file pages the OS can drop), in
+    GB; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
 
 
 def _line(label: str, got: dict, active: int | None = None, bw: float | None = None, peak=None,
@@ -580,3 +610,108 @@ def _line(label: str, got: dict, active: int | None = None, bw: float | None = N
         parts.append(f"{got['kimi-mlx'] * active / 1e9:.0f} GB/s of weights"
                      + (f" ({100 * got['kimi-mlx'] * active / (bw * 1e9):.0f}% of {bw:.0f})" if bw else ""))
     return f"{label}: " + " | ".join(parts)
+
+
+SAFETENSORS_NAMES = {mx.float32: "F32", mx.bfloat16: "BF16", mx.float16: "F16", mx.uint32: "U32"}
+
+
+def _bf16_bits(f: np.ndarray) -> np.ndarray:
+    u = np.ascontiguousarray(f, np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _random_tensor(name: str, shape, dtype: mx.Dtype, bits: int, rng: np.random.Generator,
+                   scales: np.ndarray | None = None) -> np.ndarray:
+    """Random contents for one local-layout tensor, by name: quantized words uniform, scales and biases giving
+    zero-centred weights of std ~0.02, norms one, the KDA gates as upstream initialises them, the rest N(0, 0.02)."""
+    if dtype == mx.uint32:
+        return rng.integers(0, 2**32, size=shape, dtype=np.uint32)
+    levels = 2**bits - 1
+    if name.endswith(".scales"):
+        f = rng.uniform(0.5, 1.5, size=shape).astype(np.float32) * (0.02 / np.sqrt((levels * (levels + 2)) / 12))
+    elif name.endswith(".biases"):
+        f = -scales * (levels / 2)
+    elif "norm" in name.rsplit(".", 1)[-1] or name.endswith("norm.weight"):
+        f = np.ones(shape, np.float32)
+    elif name.endswith("A_log"):
+        f = np.log(rng.uniform(1, 16, shape)).astype(np.float32)
+    elif name.endswith("dt_bias"):
+        dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), shape))
+        f = (dt + np.log(-np.expm1(-dt))).astype(np.float32)
+    elif name.endswith("conv_weight"):
+        f = rng.standard_normal(shape, dtype=np.float32) * 0.5
+    elif name.endswith("embed_tokens.weight"):
+        f = rng.standard_normal(shape, dtype=np.float32)
+    else:
+        f = rng.standard_normal(shape, dtype=np.float32) * (0.01 if name.endswith("correction_bias") else 0.02)
+    return f
+
+
+def write_checkpoint(cfg_d: dict, out, bits: int = 4, group_size: int = 64, dtype=mx.bfloat16, seed: int = 0,
+                     echo=None) -> int:
+    """Write a random checkpoint of config `cfg_d` to directory `out` in the converter's layout (`kimi-mlx convert
+    --bits B --group-size G` of the default recipe, unquantized tensors in `dtype`), one shard a layer, a tensor at
+    a time: memory holds one tensor, so the full 48B-A3B shape (~28 GB at 4 bits) is written on a small machine.
+    Quantized weights are uniform random words (random routing: every expert equally likely). Returns the bytes."""
+    import json
+    from pathlib import Path
+
+    from .model.decoder import DecoderLayer
+    from .weights.convert import _group_module, quant_plan, stored_dtype
+    from .weights.recipes import make_recipe
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = ModelConfig.from_dict(cfg_d)
+    recipe = make_recipe(bits, group_size, "affine", None) if bits else None
+    plan = quant_plan(cfg, recipe)[0] if recipe else {}
+    rng = np.random.default_rng(seed)
+    groups = ["embed"] + [f"layer {i}" for i in range(cfg.num_hidden_layers)] + ["head"]
+    weight_map, total = {}, 0
+    for k, group in enumerate(groups):
+        prefix, module = _group_module(cfg, group)
+        if plan:
+            nn.quantize(module, class_predicate=lambda p, m: plan[prefix + p].to_dict() if prefix + p in plan else False)
+        names = dict(tree_flatten(module.parameters()))
+        header, offset, specs = {}, 0, []
+        for local, arr in names.items():
+            name = prefix + local
+            quantized = name.rsplit(".", 1)[0] in plan
+            dt = arr.dtype if arr.dtype == mx.uint32 else (
+                dtype if quantized else stored_dtype(name, mx.float32, dtype))
+            nbytes = int(np.prod(arr.shape)) * dt.size
+            header[name] = {"dtype": SAFETENSORS_NAMES[dt], "shape": list(arr.shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            specs.append((name, tuple(arr.shape), dt))
+            offset += nbytes
+        shard = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(out / shard, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            scales = {}
+            for name, shape, dt in specs:
+                base = name.rsplit(".", 1)[0]
+                t = _random_tensor(name, shape, dt, plan[base].bits if base in plan else bits, rng, scales.get(base))
+                if name.endswith(".scales"):
+                    scales[base] = t
+                if dt == mx.bfloat16:
+                    t = _bf16_bits(t)
+                elif dt == mx.float16:
+                    t = t.astype(np.float16)
+                f.write(np.ascontiguousarray(t).tobytes() if t.nbytes < 2**28 else memoryview(np.ascontiguousarray(t)))
+                weight_map[name] = shard
+        total += offset
+        if echo:
+            echo(f"wrote {shard} ({offset / 1e9:.2f} GB)")
+        del module, names
+        gc.collect()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=1))
+    raw_cfg = dict(cfg_d, dtype=str(dtype).split(".")[-1], kimi_mlx_note="RANDOM WEIGHTS (kimi_mlx.bench)")
+    if recipe is not None:
+        q = recipe.base.to_dict()
+        q.update({path: spec.to_dict() for path, spec in sorted(plan.items()) if spec != recipe.base})
+        raw_cfg["quantization"] = q
+    (out / "config.json").write_text(json.dumps(raw_cfg, indent=1))
+    return total

@@ -52,7 +52,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
     """Kimi Linear on MLX: convert, generate, chat, serve, bench, doctor."""
 
 
-from .cli_options import (D, Distributed, FrequencyPenalty, LogitBias, MaxTokens, MinP, Model,  # noqa: E402
+from .cli_options import (D, Distributed, ExpertsMemory, FrequencyPenalty, LogitBias, MaxTokens, MinP, Model,  # noqa: E402
                           PrefillStepSize, PresencePenalty, RepetitionContext, RepetitionPenalty, Seed, Stop, System,
                           Temperature, TopK, TopP, generation_options)
 
@@ -78,6 +78,7 @@ def generate(
     prefill_step_size: PrefillStepSize = D.prefill_step_size,
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="print token counts and speeds to stderr"),
     distributed: Distributed = False,
+    experts_memory: ExpertsMemory = None,
 ):
     """Generate text from a prompt (sent as a user message through the chat template unless --raw)."""
     from .generate import stats_line, stream_generate
@@ -89,7 +90,7 @@ def generate(
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed,
         stop=stop, prefill_step_size=prefill_step_size,
     )
-    m, tok = load(model, distributed=distributed)  # under --distributed, only rank 0 returns
+    m, tok = load(model, distributed=distributed, experts_memory_gb=experts_memory)  # --distributed: rank 0 returns
     text = sys.stdin.read() if prompt == "-" else prompt
     if model == "demo-random":
         typer.echo("[demo model: random weights, the text is gibberish]", err=True)
@@ -102,6 +103,8 @@ def generate(
     typer.echo("")
     if verbose and last is not None:
         typer.echo(stats_line(last), err=True)
+        if m.offload is not None:
+            typer.echo(m.offload.line(), err=True)
 
 
 @app.command()
@@ -123,6 +126,7 @@ def chat(
     stop: Stop = None,
     prefill_step_size: PrefillStepSize = D.prefill_step_size,
     distributed: Distributed = False,
+    experts_memory: ExpertsMemory = None,
 ):
     """Chat in the terminal; the model state is kept across turns (/help inside lists the commands)."""
     from .chat import run_chat
@@ -133,7 +137,7 @@ def chat(
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed,
         stop=stop, prefill_step_size=prefill_step_size,
     )
-    run_chat(model, opts, system, session, distributed)
+    run_chat(model, opts, system, session, distributed, experts_memory)
 
 
 from .server import ServeOptions as S, format_bytes  # noqa: E402
@@ -169,6 +173,7 @@ def serve(
                                                 "'model' in a request means this model"),
     no_web: bool = typer.Option(False, "--no-web", help="don't serve the chat page at / (the API only)"),
     distributed: Distributed = False,
+    experts_memory: ExpertsMemory = None,
 ):
     """Serve the model over an OpenAI-compatible HTTP API: chat completions, completions (with prompt scoring),
     the Responses API (with previous_response_id), tools, JSON output."""
@@ -181,7 +186,7 @@ def serve(
     opts = S(host, port, api_key, max_queue, parse_bytes(prefix_cache_bytes, "--prefix-cache-bytes"),
              snapshot_interval, prefill_step_size, parse_bytes(max_body_bytes, "--max-body-bytes"),
              tuple(allowed_origin or ()), log_level, distributed, max_tokens, tuple(served_model_name or ()),
-             strict_model_name, web=not no_web)
+             strict_model_name, web=not no_web, experts_memory_gb=experts_memory)
     run_server(model, opts)
 
 
@@ -268,11 +273,15 @@ def bench(
                                 "(long prompts: peak memory, and the whole prefill estimated from them)"),
     rounds: int = typer.Option(1, "--rounds", min=1, help="decode each context this many times per runner, "
                                "alternating them (medians reported: steadier on a shared machine)"),
+    experts_memory: ExpertsMemory = None,
 ):
     """Prefill and decode speed, peak memory and bandwidth use, against mlx-lm in the same run."""
     from . import bench as b
     from .loading import tell_if_cold_cache
 
+    if experts_memory is not None and not model:
+        raise KimiError("--experts-memory streams experts from a checkpoint on disk: give --model too "
+                        "(benchmarks/offload.py writes a full-shape random one)")
     if shape not in b.SHAPES:
         raise KimiError(f"--shape {shape}: choose one of {', '.join(b.SHAPES)}")
     if peer and not model:
@@ -283,7 +292,7 @@ def bench(
     tell_if_cold_cache()
     b.run(shape, _ints(contexts), _ints(prefill), decode_tokens, step, bits, peer=peer and not model,
           bandwidth_gbs=bandwidth, model_path=model and str(_resolve(model)), peer_model=peer_model,
-          step_at=_ints(step_at) if step_at else (), rounds=rounds)
+          step_at=_ints(step_at) if step_at else (), rounds=rounds, experts_memory_gb=experts_memory)
 
 
 def _resolve(model: str):

@@ -44,6 +44,7 @@ class ServeOptions:
     served_model_names: tuple[str, ...] = ()  # ids /v1/models lists (first: the id replies report)
     strict_model_name: bool = False  # a request naming another model gets a 404
     web: bool = True  # the chat page at / (--no-web: off)
+    experts_memory_gb: float | None = None  # stream the routed experts into this much memory (docs/offload.md)
 
 
 def build_app(model: str, opts: ServeOptions):
@@ -54,7 +55,7 @@ def build_app(model: str, opts: ServeOptions):
     from .app import ServerSettings, create_app
     from .worker import Engine, EngineSettings
 
-    m, tok = load(model, distributed=opts.distributed)
+    m, tok = load(model, distributed=opts.distributed, experts_memory_gb=opts.experts_memory_gb)
     engine = Engine(m, tok, EngineSettings(opts.max_queue, opts.prefix_cache_bytes, opts.snapshot_interval,
                                            opts.prefill_step_size, opts.max_tokens))
     model_id = model if model.count("/") == 1 and not Path(model).exists() else Path(model).name or model
