@@ -1,0 +1,212 @@
+"""Routed experts streamed from disk into a bounded pool (model/offload.py): the same tokens and logits as the resident
+model, memory held below it by most of the expert bytes, the pool's miss / hit / eviction paths, budgets, and a
+shard that breaks while streaming."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from kimi_mlx.bench import SMALL, write_checkpoint
+from kimi_mlx.errors import ConfigError, KimiError, WeightsError
+from kimi_mlx.model.fuse import FusedMoE
+from kimi_mlx.model.offload import OffloadedMoE, minimum_bytes, plan_slots
+from kimi_mlx.weights.load import load_model
+
+# routed experts are ~90% of this checkpoint's bytes (4-bit, bfloat16 scales): 8 MoE layers x 64 experts
+TINY = {**SMALL, "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512, "num_experts": 64,
+        "num_experts_per_token": 4, "moe_intermediate_size": 256, "kv_lora_rank": 64, "num_hidden_layers": 9,
+        "linear_attn_config": {"kda_layers": [1, 2, 3, 5, 6, 7, 9], "full_attn_layers": [4, 8], "num_heads": 4,
+                               "head_dim": 32, "short_conv_kernel_size": 4}}
+MOE_LAYERS = 8
+EXPERT_BYTES = MOE_LAYERS * 64 * 3 * (256 * 256 // 2 + 2 * 2 * 256 * 256 // 64)  # as stored: words, scales, biases
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("offload") / "tiny"
+    write_checkpoint(TINY, out, bits=4, group_size=64)
+    return out
+
+
+def greedy(model, prompt, n):
+    """(generated ids, logits of every step) from a prefill of `prompt` and n greedy one-token steps."""
+    state = model.new_state(1)
+    logits = [model(mx.array([prompt]), state)[0, -1]]
+    ids = []
+    for _ in range(n):
+        ids.append(int(mx.argmax(logits[-1])))
+        logits.append(model(mx.array([[ids[-1]]]), state)[0, -1])
+    return ids, mx.stack(logits)
+
+
+def moe_layers(model):
+    return [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, OffloadedMoE)]
+
+
+def test_streamed_equals_resident(ckpt):
+    """float32 (the bfloat16 scales cast as they are read, as the resident load casts them)."""
+    ref = load_model(ckpt, dtype=mx.float32)
+    off = load_model(ckpt, dtype=mx.float32, experts_memory_gb=EXPERT_BYTES * 0.3 / 1e9)
+    assert len(moe_layers(off)) == MOE_LAYERS and off.offload.slots < 64
+    rng = np.random.default_rng(1)
+    for prompt_len in (40, 3):  # 40 tokens: the prefill's working set (more experts than slots); 3: the pool
+        prompt = rng.integers(0, TINY["vocab_size"], prompt_len).tolist()
+        ids, logits = greedy(ref, prompt, 10)
+        got_ids, got = greedy(off, prompt, 10)
+        assert got_ids == ids
+        assert mx.array_equal(got, logits).item()
+    s = off.offload
+    assert s.prefill_tokens == 40 and s.decode_tokens == 23  # a 3-token prompt takes the decode path (12 pairs)
+    assert 0 < s.decode_hits < s.decode_lookups and s.decode_bytes > 0 and s.evictions > 0
+    assert "hit rate" in s.line() and "read/token" in s.line()
+
+
+def test_streamed_equals_resident_stored_dtype(ckpt):
+    """The file's bfloat16 kept: bytes read straight into the pool (CPU bfloat16 is slow: a short run)."""
+    ref = load_model(ckpt)
+    off = load_model(ckpt, experts_memory_gb=EXPERT_BYTES * 0.15 / 1e9)
+    prompt = list(range(7, 27))
+    ids, logits = greedy(ref, prompt, 2)
+    got_ids, got = greedy(off, prompt, 2)
+    assert got_ids == ids and mx.array_equal(got, logits).item()
+
+
+def test_batched_decode_equals_resident(ckpt):
+    """Two sequences a step: 8 experts a layer asked at once."""
+    ref = load_model(ckpt, dtype=mx.float32)
+    off = load_model(ckpt, dtype=mx.float32, experts_memory_gb=EXPERT_BYTES * 0.15 / 1e9)
+    toks = mx.array([[3, 99, 250, 7, 1], [400, 2, 18, 77, 5]])
+    out = []
+    for m in (ref, off):
+        state = m.new_state(2)
+        m(toks[:, :4], state)
+        out.append(m(toks[:, 4:], state))
+    assert mx.array_equal(out[0], out[1]).item()
+
+
+def test_pool_miss_hit_eviction(ckpt):
+    ref = load_model(ckpt, dtype=mx.float32)
+    off = load_model(ckpt, dtype=mx.float32, experts_memory_gb=EXPERT_BYTES * 0.15 / 1e9)
+    layer, slots = moe_layers(off)[0], off.offload.slots
+    i = next(i for i, lay in enumerate(off.model.layers) if lay.mlp is layer)
+    bank = ref.model.layers[i].mlp.gate_up_proj
+    assert isinstance(ref.model.layers[i].mlp, FusedMoE)
+    first = np.arange(slots)
+    layer._ensure(first, "decode")  # all misses
+    assert off.offload.decode_hits == 0 and off.offload.decode_lookups == slots and layer.resident() == list(first)
+    layer._ensure(np.array([0]), "decode")  # a hit: expert 0 becomes the most recently used
+    assert off.offload.decode_hits == 1 and layer.resident()[-1] == 0
+    layer._ensure(np.array([slots, slots + 1]), "decode")  # two misses evict the two least recently used: 1, 2
+    assert 1 not in layer.resident() and 2 not in layer.resident() and 0 in layer.resident()
+    assert off.offload.evictions == 2
+    for e in (0, slots, slots + 1):  # each slot holds exactly the expert's bytes
+        slot = int(layer._table[e])
+        for key in ("weight", "scales", "biases"):
+            assert mx.array_equal(layer.gate_up_proj[key][slot], bank[key][e]).item()
+            assert mx.array_equal(layer.down_proj[key][slot], ref.model.layers[i].mlp.down_proj[key][e]).item()
+
+
+def test_budgets(ckpt):
+    full = load_model(ckpt, experts_memory_gb=EXPERT_BYTES * 1.01 / 1e9)  # all experts fit: the resident model
+    assert full.offload is None and not moe_layers(full)
+    with pytest.raises(ConfigError, match=r"below one token's routed experts .* give at least") as e:
+        load_model(ckpt, experts_memory_gb=EXPERT_BYTES / 64 * 3 / 1e9)  # 3 slots a layer, 4 needed
+    assert "\n" not in str(e.value)
+    assert minimum_bytes(1000, 8) == 8000
+    assert plan_slots(10**8, 10**6, 256, 8, 26) == 100
+    assert plan_slots(256 * 10**6, 10**6, 256, 8, 26) is None
+    with pytest.raises(ConfigError, match="give at least"):
+        plan_slots(7 * 10**6, 10**6, 256, 8, 26)
+    for bad in (0, -1, "x"):
+        with pytest.raises(ConfigError):
+            load_model(ckpt, experts_memory_gb=bad)
+
+
+def test_missing_shard_at_load(ckpt, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    (broken / "model-00004-of-00011.safetensors").unlink()  # layer 2: a MoE layer
+    with pytest.raises(WeightsError, match="missing") as e:
+        load_model(broken, experts_memory_gb=0.002)
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_shard_mid_chat_keeps_the_session(tmp_path):
+    """The demo (HF layout: an expert a tensor): a shard cut short while the chat runs is a one-line WeightsError
+    for that reply; the conversation and its state stay as they were, and the next reply after a repair works."""
+    from kimi_mlx.demo import demo_dir
+    from kimi_mlx.session import ChatSession
+    from kimi_mlx.tokenizer import Tokenizer
+
+    src = demo_dir("demo")
+    ckpt = tmp_path / "demo"
+    shutil.copytree(src, ckpt)
+    model = load_model(ckpt, experts_memory_gb=0.0006)  # 2 of 8 experts a layer: nearly every token misses
+    session = ChatSession(model, Tokenizer(ckpt), max_tokens=6, temperature=0.0)
+    first = [r.text for r in session.send("Hello")]
+    assert first
+    messages, tokens = list(session.messages), list(session.tokens)
+    shards = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    expert_shards = {f for name, f in shards.items() if ".experts." in name}
+    saved = {f: (ckpt / f).read_bytes() for f in expert_shards}
+    for f in expert_shards:
+        with open(ckpt / f, "r+b") as fh:
+            fh.truncate(1024)
+    with pytest.raises(WeightsError, match="truncated") as e:
+        list(session.send("Tell me more"))
+    assert "\n" not in str(e.value)
+    assert session.messages == messages and session.tokens == tokens
+    for f, data in saved.items():
+        (ckpt / f).write_bytes(data)
+    again = list(session.send("Tell me more"))
+    assert again and len(session.messages) == len(messages) + 2
+
+
+ANON = textwrap.dedent("""
+    import sys, mlx.core as mx
+    from kimi_mlx.weights.load import load_model
+    def anon():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    budget = float(sys.argv[2]) if len(sys.argv) > 2 else None
+    m = load_model(sys.argv[1], experts_memory_gb=budget)
+    peak = anon()
+    state = m.new_state(1)
+    y = m(mx.arange(1, 41).reshape(1, 40), state)  # a prefill step over most experts, then decode
+    for _ in range(6):
+        y = m(mx.argmax(y[:, -1:], axis=-1), state)
+        mx.eval(y)
+        peak = max(peak, anon())
+    print(peak)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssAnon is Linux's")
+def test_anonymous_memory_below_resident(ckpt):
+    def peak(*args):
+        out = subprocess.run([sys.executable, "-c", ANON, str(ckpt), *args], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    budget = EXPERT_BYTES * 0.1
+    resident, streamed = peak(), peak(str(budget / 1e9))
+    # the pools (10% of the experts) and one layer's working set (a prefill step's) are all that stream: at least
+    # 70% of the expert bytes must be absent
+    assert resident - streamed > 0.7 * EXPERT_BYTES, (resident, streamed, EXPERT_BYTES)
+
+
+def test_cli_flag(ckpt):
+    from typer.testing import CliRunner
+
+    from kimi_mlx.cli import app
+
+    out = CliRunner().invoke(app, ["bench", "--experts-memory", "2"])
+    assert isinstance(out.exception, KimiError) and "--model" in str(out.exception)
