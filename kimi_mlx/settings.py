@@ -61,6 +61,10 @@ SWITCHES = {s.env: s for s in (
     Switch("KIMI_MLX_DEQUANT", ("auto", "on", "off"), "auto",
            "quantized projections of 256+ rows (prefill): auto (dequantized, then one dense matmul, on CUDA), on "
            "(every backend), off (MLX's quantized matmul)"),
+    Switch("KIMI_MLX_PREFETCH", ("off", "on"), "off",
+           "streamed experts (--experts-memory), decode: on (each MoE layer also runs the next one's router on its "
+           "own input and starts reading the experts that guess misses while the device computes), off (reads only "
+           "what the router asks; benchmarks/offload.py measures both)"),
     Switch("KIMI_MLX_FAST_MATH", ("auto", "off"), "auto",
            "exp, SiLU and softmax on the CPU: auto (range reduction + polynomial: MLX's CPU exp runs an element "
            "at a time), off (MLX's)"),

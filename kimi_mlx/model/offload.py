@@ -38,6 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .. import settings
 from ..errors import ConfigError, WeightsError
 from ..weights.expert_files import PROJS, ExpertFiles, Run
 from .fuse import FusedMoE, _as_bank, _bank, _down_bank, _like, experts_out
@@ -48,6 +49,7 @@ DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "U32": mx.u
           "I32": mx.int32, "U16": mx.uint16, "I8": mx.int8}
 NP_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
 DECODE_PATHS = ("kernel", "gather")
+PREFETCH_ENV = "KIMI_MLX_PREFETCH"
 
 _executor: ThreadPoolExecutor | None = None
 
@@ -74,6 +76,9 @@ class OffloadStats:
     prefill_bytes: int = 0
     prefill_wait_s: float = 0.0
     evictions: int = 0
+    prefetched: int = 0  # experts read ahead on the next layer's router's guess (KIMI_MLX_PREFETCH=on)
+    prefetch_used: int = 0  # ... of which the layer's routing then asked for
+    prefetch_bytes: int = 0  # bytes those reads read (counted in decode_bytes too)
     pool_bytes: int = 0  # the pools' routed slots, all layers
     expert_bytes: int = 0  # all routed experts of the loaded layers, on disk
     slots: int = 0  # per layer
@@ -120,6 +125,8 @@ class OffloadStats:
         if self.decode_tokens:
             parts.append(f"decode: hit rate {self.hit_rate:.2f}, {_size(self.bytes_per_token)} read/token, "
                          f"{1e3 * self.wait_per_token:.1f} ms/token waiting on reads")
+        if self.prefetched:
+            parts.append(f"prefetch: {self.prefetch_used} of {self.prefetched} guessed experts used")
         if self.prefill_tokens:
             parts.append(f"prefill: {_size(self.prefill_bytes)} read for {self.prefill_tokens} tokens, "
                          f"{self.prefill_wait_s:.2f} s waiting on reads")
@@ -257,6 +264,10 @@ class OffloadedMoE(FusedMoE):
         self._table[E:] = np.arange(slots, slots + num_shared)
         self._lru: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recently used first
         self._free = list(range(slots))
+        # the next offloaded layer (prefetch guesses for it), a plain attribute: as a module it would be a child
+        object.__setattr__(self, "_next", None)
+        self._pending: list = []  # prefetch reads in flight: (expert, slot, future)
+        self._guessed: set[int] = set()  # experts the last prefetch brought in
         from ..ops.experts import kernel_fits
 
         self.kernel_fits = kernel_fits(self._pool.gate_up, self._pool.down, self.top_k + num_shared)
@@ -279,8 +290,13 @@ class OffloadedMoE(FusedMoE):
         N = flat.shape[0]
         idx, w = self.gate(flat, shared=self.num_shared)
         path = self.path(N)
-        host = np.array(idx)  # the host must know the experts before it can read them
         phase = "decode" if path in DECODE_PATHS else "prefill"
+        guess = None
+        if phase == "decode" and self._next is not None and settings.value(PREFETCH_ENV) == "on":
+            guess = self._next.gate(flat)[0]  # the next layer's router on this layer's input: a guess at its experts
+            mx.eval(idx, guess)
+        host = np.array(idx)  # the host must know the experts before it can read them
+        self._await_prefetch()
         if self.first:
             setattr(self.stats, f"{phase}_tokens", getattr(self.stats, f"{phase}_tokens") + N)
         routed = np.unique(host[:, : self.top_k])
@@ -290,7 +306,44 @@ class OffloadedMoE(FusedMoE):
         else:
             ids, bank, n = self._working_set(routed, host, phase)
         out = experts_out(path, flat, mx.array(ids.astype(np.int32)), w, bank.gate_up, bank.down, n)
+        if guess is not None:  # read while the device runs this layer's experts and the next layer's attention
+            self._next._prefetch(np.unique(np.array(guess)))
         return out.reshape(shape)
+
+    # -- prefetch ----------------------------------------------------------------------------------------------
+    def _prefetch(self, experts: np.ndarray) -> None:
+        """Start reading the guessed experts not in the pool into slots of their own (this layer's pool is not read
+        by anything queued: its last use was the previous token's, which the guessing layer's routing waited for).
+        The slots join the pool when this layer next runs (_await_prefetch)."""
+        self._await_prefetch()
+        misses = [e for e in experts.tolist() if self._table[e] < 0][: self.top_k]
+        if not misses:
+            return
+        slots = self._take_slots(len(misses), set(experts.tolist()))
+        futures = [executor().submit(self._read_into, e, self._pool, s) for e, s in zip(misses, slots)]
+        self._pending = list(zip(misses, slots, futures))
+
+    def _await_prefetch(self) -> None:
+        """Wait for reads started by _prefetch; experts read join the pool, a failed read frees its slot (a guess:
+        the routing's own read will say what is wrong, if the expert is needed)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        nbytes = 0
+        for e, s, f in pending:
+            try:
+                nbytes += f.result()
+            except Exception:
+                self._free.append(s)
+                continue
+            self._table[e] = s
+            self._lru[e] = s
+            self._guessed.add(e)
+        self.stats.decode_wait_s += time.perf_counter() - t0
+        self.stats.decode_bytes += nbytes
+        self.stats.prefetch_bytes += nbytes
+        self.stats.prefetched += len(pending)
 
     # -- reads -------------------------------------------------------------------------------------------------
     def _read_into(self, e: int, bank: Bank, row: int) -> int:
@@ -350,6 +403,9 @@ class OffloadedMoE(FusedMoE):
     def _ensure(self, experts: np.ndarray, phase: str) -> None:
         """Bring `experts` (distinct, at most self.slots) into the pool."""
         want = set(experts.tolist())
+        if self._guessed:
+            self.stats.prefetch_used += len(want & self._guessed)
+            self._guessed = set()
         misses = [e for e in experts.tolist() if self._table[e] < 0]
         for e in experts.tolist():
             if self._table[e] >= 0:
@@ -404,7 +460,7 @@ class Offload:
         self.stats = OffloadStats()
         self.slots: int | None = None
         self._parts: dict[int, list[Part]] = {}
-        self._first = True
+        self._last: OffloadedMoE | None = None
 
     def plan(self, model) -> bool:
         """Size the pools for `model`'s (quantized, not yet loaded) MoE layers: True to stream, False where the
@@ -462,5 +518,8 @@ class Offload:
 
     def moe(self, i: int, moe: KimiMoE, num_shared: int) -> OffloadedMoE:
         layer = OffloadedMoE(moe, num_shared, i, self.files, self.slots, self._parts[i], self.stats)
-        layer.first, self._first = self._first, False
+        layer.first = self._last is None
+        if self._last is not None:
+            object.__setattr__(self._last, "_next", layer)
+        self._last = layer
         return layer
