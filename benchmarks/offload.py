@@ -132,7 +132,7 @@ for budget in a.budgets.split(","):
     budget = budget.strip()
     for prefetch in a.prefetch.split(","):
         need = disk if budget == "resident" else float(budget) * 1e9 + 0.1 * disk
-        if need + 2e9 > available():
+        if need + 4e9 > available():  # room for the trunk's working set and the machine's other work
             echo(f"{budget:>8} GB | skipped: needs ~{need / 1e9:.0f} GB of memory, {available() / 1e9:.0f} GB available here")
             break
         if budget == "resident" and prefetch != a.prefetch.split(",")[0]:

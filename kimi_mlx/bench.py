@@ -116,8 +116,16 @@ def build(shape: str, bits: int = 4, group_size: int = 64, dtype=mx.bfloat16, pe
     return ours, theirs, cfg_d
 
 
+def _offloaded(model: nn.Module) -> list:
+    from .model.offload import OffloadedMoE
+
+    layers = getattr(getattr(model, "model", None), "layers", [])
+    return [layer.mlp for layer in layers if isinstance(getattr(layer, "mlp", None), OffloadedMoE)]
+
+
 def weight_bytes(model: nn.Module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    """Bytes of weights held: parameters, and the expert pools of streamed MoE layers."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters())) + sum(m.held_bytes() for m in _offloaded(model))
 
 
 # an attention parameter decode does not read where model/fuse.py derived the one it reads instead (where the KDA
@@ -145,7 +153,7 @@ def active_bytes_per_token(model: Model) -> int:
             total += v.nbytes * (k + (v.shape[0] - E)) // v.shape[0]
         else:
             total += v.nbytes
-    return total
+    return total + sum(m.active_bytes() for m in _offloaded(model))  # streamed layers: top_k + shared experts
 
 
 def cache_bytes_per_token(cfg: ModelConfig, itemsize: int = 2) -> int:

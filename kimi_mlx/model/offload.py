@@ -280,6 +280,14 @@ class OffloadedMoE(FusedMoE):
     def down_proj(self):
         return self._pool.down
 
+    def held_bytes(self) -> int:
+        """Memory the pool holds: its slots and the shared experts (not among the model's parameters)."""
+        return sum(a.nbytes for a in self._pool.arrays.values())
+
+    def active_bytes(self) -> int:
+        """Expert bytes one token's decode reads: top_k routed experts and the shared ones."""
+        return (self.top_k + self.num_shared) * sum(p.nbytes for p in self._parts)
+
     def resident(self) -> list[int]:
         """The routed experts in the pool, least recently used first."""
         return list(self._lru)
