@@ -81,6 +81,22 @@ def test_streamed_equals_resident_stored_dtype(ckpt):
     assert got_ids == ids and mx.array_equal(got, logits).item()
 
 
+def test_staged_writes_equal_resident(ckpt, monkeypatch):
+    """Where MLX gives no live view of an array's memory, reads land in host buffers and flush into the pool."""
+    from kimi_mlx.model import offload
+
+    monkeypatch.setattr(offload, "LIVE_VIEWS", False)
+    ref = load_model(ckpt, dtype=mx.float32)
+    off = load_model(ckpt, dtype=mx.float32, experts_memory_gb=EXPERT_BYTES * 0.15 / 1e9)
+    assert not moe_layers(off)[0]._pool.live
+    prompt = list(range(3, 43))
+    with settings.override(KIMI_MLX_PREFETCH="on"):
+        ids, logits = greedy(ref, prompt, 6)
+        got_ids, got = greedy(off, prompt, 6)
+    assert got_ids == ids and mx.array_equal(got, logits).item()
+    assert off.offload.evictions > 0
+
+
 def test_batched_decode_equals_resident(ckpt):
     """Two sequences a step: 8 experts a layer asked at once."""
     ref = load_model(ckpt, dtype=mx.float32)
@@ -98,6 +114,7 @@ def test_pool_miss_hit_eviction(ckpt):
     ref = load_model(ckpt, dtype=mx.float32)
     off = load_model(ckpt, dtype=mx.float32, experts_memory_gb=EXPERT_BYTES * 0.15 / 1e9)
     layer, slots = moe_layers(off)[0], off.offload.slots
+    assert layer._pool.live  # reads land in the pool's own memory here
     i = next(i for i, lay in enumerate(off.model.layers) if lay.mlp is layer)
     bank = ref.model.layers[i].mlp.gate_up_proj
     assert isinstance(ref.model.layers[i].mlp, FusedMoE)

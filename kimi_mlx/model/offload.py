@@ -198,19 +198,36 @@ def _to_dtype(raw: np.ndarray, src: str, dst: mx.Dtype) -> np.ndarray:
     return np.ascontiguousarray(out).view(np.uint8)
 
 
-def _writable(arr: mx.array) -> np.ndarray:
-    """A writable uint8 NumPy view [rows, bytes a row] of an evaluated, row-contiguous MLX array's memory."""
+def _writable(arr: mx.array) -> np.ndarray | None:
+    """A writable uint8 NumPy view [rows, bytes a row] of an evaluated, row-contiguous MLX array's memory, or None
+    where MLX gives none that writes its memory (a device whose arrays the host cannot write in place)."""
     raw = arr.view(mx.uint8)
     mx.eval(raw)
-    view = np.asarray(memoryview(raw))
+    try:
+        view = np.asarray(memoryview(raw))
+    except (TypeError, ValueError, RuntimeError):
+        return None
     if view.nbytes != arr.nbytes or not view.flags.writeable:
-        raise RuntimeError("MLX gave no writable view of the expert pool")
-    return view.reshape(arr.shape[0], -1)
+        return None
+    view = view.reshape(arr.shape[0], -1)
+    # live: a byte written through the view is what MLX then reads (not a copy's)
+    probe = np.arange(1, min(8, view.shape[1]) + 1, dtype=np.uint8)
+    keep = view[0, : probe.size].copy()
+    view[0, : probe.size] = probe
+    live = np.array_equal(np.array(arr.view(mx.uint8).reshape(arr.shape[0], -1)[0, : probe.size] + 0), probe)
+    view[0, : probe.size] = keep
+    return view if live else None
+
+
+LIVE_VIEWS = True  # False: always the staged path (tests run both)
 
 
 class Bank:
-    """A gate|up and a down bank of `rows` experts (the last `shared` rows the shared experts), allocated once,
-    written through NumPy views."""
+    """A gate|up and a down bank of `rows` experts (the last `shared` rows the shared experts), allocated once.
+
+    Reads write rows through `views`: NumPy views of the arrays' own memory where MLX gives live ones (CPU, Apple
+    unified memory, CUDA managed memory), so a read lands in the slot with no copy; elsewhere host buffers of the
+    same layout, whose written rows flush() then copies into the arrays (one scatter a part)."""
 
     def __init__(self, parts: list[Part], rows: int, shared: dict[tuple[str, str], mx.array], templates: dict):
         self.parts, self.rows = parts, rows
@@ -220,13 +237,26 @@ class Bank:
             zeros = mx.zeros((routed, *p.shape), p.dtype)
             self.arrays[(p.bank, p.key)] = mx.concatenate([zeros, shared[(p.bank, p.key)]]) if shared else zeros
         mx.eval(list(self.arrays.values()))
-        self.views = {k: _writable(a) for k, a in self.arrays.items()}
+        views = {k: _writable(a) for k, a in self.arrays.items()} if LIVE_VIEWS else {}
+        self.live = bool(views) and all(v is not None for v in views.values())
+        if not self.live:
+            views = {k: np.array(a.view(mx.uint8)).reshape(a.shape[0], -1) for k, a in self.arrays.items()}
+        self.views = views
         self.gate_up = _like(templates["gate_up"], {k: a for (b, k), a in self.arrays.items() if b == "gate_up"})
         self.down = _like(templates["down"], {k: a for (b, k), a in self.arrays.items() if b == "down"})
 
     def copy_row(self, dst: int, src: "Bank", src_row: int) -> None:
         for k, v in self.views.items():
             v[dst] = src.views[k][src_row]
+
+    def flush(self, rows: list[int]) -> None:
+        """Make rows written through host buffers the arrays' (nothing to do with live views). The arrays are
+        updated in place (the modules hold these same array objects)."""
+        if self.live or not rows:
+            return
+        idx = mx.array(rows)
+        for k, a in self.arrays.items():
+            a[idx] = mx.array(self.views[k][rows]).view(a.dtype).reshape(len(rows), *a.shape[1:])
 
 
 class OffloadedMoE(FusedMoE):
@@ -348,6 +378,7 @@ class OffloadedMoE(FusedMoE):
             self._table[e] = s
             self._lru[e] = s
             self._guessed.add(e)
+        self._pool.flush([s for e, s, _ in pending if self._table[e] == s])
         self.stats.decode_wait_s += time.perf_counter() - t0
         self.stats.decode_bytes += nbytes
         self.stats.prefetch_bytes += nbytes
@@ -427,6 +458,7 @@ class OffloadedMoE(FusedMoE):
         for e, s in zip(misses, slots):
             self._table[e] = s
             self._lru[e] = s
+        self._pool.flush(slots)
         self.stats.add(phase, len(experts), len(experts) - len(misses), nbytes, wait)
 
     def _working_set(self, experts: np.ndarray, host: np.ndarray, phase: str):
@@ -442,6 +474,7 @@ class OffloadedMoE(FusedMoE):
             else:
                 jobs.append((e, ws, row))
         nbytes, wait = self._read_many(jobs)
+        ws.flush(list(range(n)))
         self.stats.add(phase, n, hits, nbytes, wait)
         remap = np.full(self.num_routed + self.num_shared, -1, np.int64)
         remap[experts] = np.arange(n)
@@ -452,10 +485,12 @@ class OffloadedMoE(FusedMoE):
             if self._table[e] >= 0:
                 self._lru.move_to_end(e)
         new = [e for e in last if self._table[e] < 0]
-        for e, s in zip(new, self._take_slots(len(new), set(last))):
+        admitted = self._take_slots(len(new), set(last))
+        for e, s in zip(new, admitted):
             self._pool.copy_row(s, ws, int(remap[e]))
             self._table[e] = s
             self._lru[e] = s
+        self._pool.flush(admitted)
         return remap[host], ws, n + self.num_shared
 
 
