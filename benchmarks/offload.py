@@ -35,6 +35,7 @@ ap.add_argument("--budgets", default="2,4,8,16,resident", help="GB of expert mem
 ap.add_argument("--tokens", type=int, default=16, help="timed decode tokens a run")
 ap.add_argument("--warmup", type=int, default=8, help="untimed decode tokens first (the pool fills)")
 ap.add_argument("--prefetch", default="off", help="KIMI_MLX_PREFETCH values to run, comma-separated (off,on)")
+ap.add_argument("--writes", default="auto", help="KIMI_MLX_POOL_WRITES values to run, comma-separated (auto,staged)")
 ap.add_argument("--cache", default="asis", choices=["warm", "cold", "asis"])
 ap.add_argument("--record", action="store_true", help="append the lines to benchmarks/RESULTS.md")
 ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run in this process, a JSON line out
@@ -130,16 +131,16 @@ echo(f"device: {bench.device_line()}; checkpoint {ckpt.name}: {disk / 1e9:.1f} G
      f"{a.warmup} warm-up + {a.tokens} timed decode tokens a run")
 for budget in a.budgets.split(","):
     budget = budget.strip()
-    for prefetch in a.prefetch.split(","):
+    for prefetch, writes in [(p, w) for p in a.prefetch.split(",") for w in a.writes.split(",")]:
         need = disk if budget == "resident" else float(budget) * 1e9 + 0.1 * disk
         if need + 4e9 > available():  # room for the trunk's working set and the machine's other work
             echo(f"{budget:>8} GB | skipped: needs ~{need / 1e9:.0f} GB of memory, {available() / 1e9:.0f} GB available here")
             break
-        if budget == "resident" and prefetch != a.prefetch.split(",")[0]:
+        if budget == "resident" and (prefetch, writes) != (a.prefetch.split(",")[0], a.writes.split(",")[0]):
             continue
         if a.cache != "asis":
             set_cache(a.cache)
-        env = dict(os.environ, KIMI_MLX_PREFETCH=prefetch.strip())
+        env = dict(os.environ, KIMI_MLX_PREFETCH=prefetch.strip(), KIMI_MLX_POOL_WRITES=writes.strip())
         p = subprocess.run([sys.executable, __file__, "--dir", a.dir, "--tokens", str(a.tokens), "--warmup",
                             str(a.warmup), "--one", budget], capture_output=True, text=True, env=env)
         if p.returncode != 0:
@@ -152,6 +153,7 @@ for budget in a.budgets.split(","):
             continue
         pf = (f" | prefetch {prefetch}" + (f" ({r['prefetch_used']}/{r['prefetched']} guesses used)"
                                             if r.get("prefetched") else "")) if "," in a.prefetch else ""
+        pf += f" | writes {writes}" if "," in a.writes else ""
         echo(f"{budget:>5} GB | pool {r['slots']}/{r['experts']} a layer ({r['pool_gb']:.2f} of {r['expert_gb']:.1f} GB)"
              f" | decode {r['tok_s']:6.2f} tok/s | hit rate {r['hit_rate']:.2f} | {r['mb_per_token']:.0f} MB read/token | "
              f"{r['wait_ms_per_token']:.0f} ms/token waiting on reads | RssAnon peak {r['anon_peak_gb']:.2f} GB "

@@ -220,6 +220,7 @@ def _writable(arr: mx.array) -> np.ndarray | None:
 
 
 LIVE_VIEWS = True  # False: always the staged path (tests run both)
+WRITES_ENV = "KIMI_MLX_POOL_WRITES"
 
 
 class Bank:
@@ -237,7 +238,8 @@ class Bank:
             zeros = mx.zeros((routed, *p.shape), p.dtype)
             self.arrays[(p.bank, p.key)] = mx.concatenate([zeros, shared[(p.bank, p.key)]]) if shared else zeros
         mx.eval(list(self.arrays.values()))
-        views = {k: _writable(a) for k, a in self.arrays.items()} if LIVE_VIEWS else {}
+        live = LIVE_VIEWS and settings.value(WRITES_ENV) == "auto"
+        views = {k: _writable(a) for k, a in self.arrays.items()} if live else {}
         self.live = bool(views) and all(v is not None for v in views.values())
         if not self.live:
             views = {k: np.array(a.view(mx.uint8)).reshape(a.shape[0], -1) for k, a in self.arrays.items()}
