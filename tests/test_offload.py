@@ -231,3 +231,53 @@ def test_cli_flag(ckpt):
 
     out = CliRunner().invoke(app, ["bench", "--experts-memory", "2"])
     assert isinstance(out.exception, KimiError) and "--model" in str(out.exception)
+
+
+def test_truncated_shard_fails_one_server_turn(tmp_path):
+    """The server's engine: a turn that meets a cut shard fails with a one-line client error; the engine keeps
+    serving, and once the shard is whole the same request gives the same tokens as before."""
+    import threading
+
+    from kimi_mlx.demo import demo_dir
+    from kimi_mlx.generate import GenerationOptions
+    from kimi_mlx.server.worker import Engine, EngineSettings, Failed, Finished, TurnSpec
+    from kimi_mlx.tokenizer import Tokenizer
+
+    ckpt = tmp_path / "demo"
+    shutil.copytree(demo_dir("demo"), ckpt)
+    model, tok = load_model(ckpt, experts_memory_gb=0.0006), Tokenizer(ckpt)
+
+    def turn(engine, text):
+        events, done = [], threading.Event()
+
+        def sink(ev):
+            events.append(ev)
+            if isinstance(ev, (Finished, Failed)):
+                done.set()
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True)
+        engine.submit(TurnSpec(ids, GenerationOptions.from_kwargs(temperature=0.0, max_tokens=5)), sink)
+        assert done.wait(60)
+        return events[-1]
+
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0))
+    engine.start()
+    try:
+        first = turn(engine, "Name a colour")
+        assert isinstance(first, Finished)
+        shards = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+        saved = {f: (ckpt / f).read_bytes() for n, f in shards.items() if ".experts." in n}
+        for f in saved:
+            with open(ckpt / f, "r+b") as fh:
+                fh.truncate(1024)
+        model.offload.reset()
+        for layer in moe_layers(model):  # an empty pool: the turn must read
+            layer.clear()
+        failed = turn(engine, "Name a colour")
+        assert isinstance(failed, Failed) and failed.client_error and "truncated" in failed.message
+        assert "\n" not in failed.message
+        for f, data in saved.items():
+            (ckpt / f).write_bytes(data)
+        again = turn(engine, "Name a colour")
+        assert isinstance(again, Finished) and again.generated == first.generated
+    finally:
+        engine.stop()

@@ -320,6 +320,13 @@ class OffloadedMoE(FusedMoE):
         """Expert bytes one token's decode reads: top_k routed experts and the shared ones."""
         return (self.top_k + self.num_shared) * sum(p.nbytes for p in self._parts)
 
+    def clear(self) -> None:
+        """Empty the pool (every routed expert read again when next asked)."""
+        self._await_prefetch()
+        self._table[: self.num_routed] = -1
+        self._lru.clear()
+        self._free = list(range(self.slots))
+
     def resident(self) -> list[int]:
         """The routed experts in the pool, least recently used first."""
         return list(self._lru)
