@@ -174,6 +174,8 @@ def build_model(cfg: ModelConfig, weights: dict, dtype: mx.Dtype | None = None, 
     mx.eval(model.parameters())
     model.eval()
     check_kernels(model)
+    if model.offload is not None:  # the kernel probe's reads are no reply's
+        model.offload.reset()
     return model
 
 
