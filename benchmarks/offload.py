@@ -34,6 +34,8 @@ ap.add_argument("--shape", default="full", help="random-weight shape: full, smal
 ap.add_argument("--budgets", default="2,4,8,16,resident", help="GB of expert memory, comma-separated; 'resident'")
 ap.add_argument("--tokens", type=int, default=16, help="timed decode tokens a run")
 ap.add_argument("--warmup", type=int, default=8, help="untimed decode tokens first (the pool fills)")
+ap.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many prompt tokens a run")
+ap.add_argument("--steps", default="0", help="prefill step sizes to run, comma-separated (0: the automatic plan)")
 ap.add_argument("--prefetch", default="off", help="KIMI_MLX_PREFETCH values to run, comma-separated (off,on)")
 ap.add_argument("--writes", default="auto", help="KIMI_MLX_POOL_WRITES values to run, comma-separated (auto,staged)")
 ap.add_argument("--cache", default="asis", choices=["warm", "cold", "asis"])
@@ -58,6 +60,7 @@ def available() -> int:
 
 def one(budget: str) -> dict:
     import mlx.core as mx
+    import numpy as np
 
     from kimi_mlx.bench import activation_dtype, weight_bytes
     from kimi_mlx.weights.load import load_model
@@ -67,6 +70,22 @@ def one(budget: str) -> dict:
     load_s = time.perf_counter() - t0
     stats = model.offload
     out = dict(budget=budget, load_s=load_s, held_gb=weight_bytes(model) / 1e9, anon_load_gb=anon() / 1e9)
+    if a.prefill:
+        from kimi_mlx.generate import prefill, step_lengths
+
+        state = model.new_state(1)
+        step = int(os.environ.get("OFFLOAD_BENCH_STEP", "0"))
+        before = stats.snapshot() if stats else None
+        toks = [int(t) for t in np.random.default_rng(0).integers(0, model.config.vocab_size, a.prefill)]
+        t0 = time.perf_counter()
+        prefill(model, state, toks, step)
+        out.update(prefill_tok_s=a.prefill / (time.perf_counter() - t0), prefill_anon_gb=anon() / 1e9,
+                   prefill_steps=step_lengths(0, a.prefill, step, stats is not None))
+        if stats:
+            got = stats.since(before)
+            out.update(prefill_mb_per_token=got.prefill_bytes / 1e6 / a.prefill, prefill_wait_s=got.prefill_wait_s)
+        if not a.tokens:
+            return out
     state = model.new_state(1)
     y = mx.argmax(model(mx.array([[1]]), state)[:, -1], axis=-1)
     peak = anon()
@@ -131,7 +150,8 @@ echo(f"device: {bench.device_line()}; checkpoint {ckpt.name}: {disk / 1e9:.1f} G
      f"{a.warmup} warm-up + {a.tokens} timed decode tokens a run")
 for budget in a.budgets.split(","):
     budget = budget.strip()
-    for prefetch, writes in [(p, w) for p in a.prefetch.split(",") for w in a.writes.split(",")]:
+    for prefetch, writes, step in [(p, w, s) for p in a.prefetch.split(",") for w in a.writes.split(",")
+                                   for s in a.steps.split(",")]:
         need = disk if budget == "resident" else float(budget) * 1e9 + 0.1 * disk
         if need + 4e9 > available():  # room for the trunk's working set and the machine's other work
             echo(f"{budget:>8} GB | skipped: needs ~{need / 1e9:.0f} GB of memory, {available() / 1e9:.0f} GB available here")
@@ -140,13 +160,25 @@ for budget in a.budgets.split(","):
             continue
         if a.cache != "asis":
             set_cache(a.cache)
-        env = dict(os.environ, KIMI_MLX_PREFETCH=prefetch.strip(), KIMI_MLX_POOL_WRITES=writes.strip())
+        env = dict(os.environ, KIMI_MLX_PREFETCH=prefetch.strip(), KIMI_MLX_POOL_WRITES=writes.strip(),
+                   OFFLOAD_BENCH_STEP=step.strip())
         p = subprocess.run([sys.executable, __file__, "--dir", a.dir, "--tokens", str(a.tokens), "--warmup",
-                            str(a.warmup), "--one", budget], capture_output=True, text=True, env=env)
+                            str(a.warmup), "--prefill", str(a.prefill), "--one", budget], capture_output=True,
+                           text=True, env=env)
         if p.returncode != 0:
             echo(f"{budget:>8} GB | failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
             continue
         r = json.loads(p.stdout.strip().splitlines()[-1])
+        if a.prefill:
+            steps = r["prefill_steps"]
+            label = "resident" if budget == "resident" else f"{budget:>5} GB"
+            echo(f"{label} | prefill {a.prefill} tokens in steps of {steps[0]}{' (auto)' if step == '0' else ''}: "
+                 f"{r['prefill_tok_s']:.1f} tok/s"
+                 + (f" | {1e3 * r['prefill_mb_per_token']:.1f} KB read/prompt token | {r['prefill_wait_s']:.1f} s waiting "
+                    "on reads"
+                    if "prefill_mb_per_token" in r else "") + f" | RssAnon after {r['prefill_anon_gb']:.2f} GB")
+            if not a.tokens:
+                continue
         if budget == "resident":
             echo(f"resident | decode {r['tok_s']:6.2f} tok/s | weights held {r['held_gb']:.1f} GB | RssAnon peak "
                  f"{r['anon_peak_gb']:.2f} GB | load {r['load_s']:.0f} s")

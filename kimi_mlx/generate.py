@@ -24,15 +24,21 @@ WIDE_STEP = 4096  # ... but this many on a GPU where the prompt ends within WIDE
 #   longer prompts keep the smaller step throughout and their peak stays at weights + cache + 2 GB (RESULTS.md
 #   measures both step sizes). The CPU keeps PREFILL_STEP.
 WIDE_UNTIL = 32768
+STREAMED_STEP = 8192  # ... and this many where the routed experts stream from disk (--experts-memory): a step reads
+#   every MoE layer's experts once (~27 GB at the full shape, whatever its length), so its reads per prompt token
+#   fall as the step grows, while its working set grows by activations only (RESULTS.md measures both)
 
 
-def step_length(context: int, n: int, step_size: int = 0) -> int:
+def step_length(context: int, n: int, step_size: int = 0, streamed: bool = False) -> int:
     """Tokens a prefill step takes when n prompt tokens are fed to a state holding `context`: step_size if
-    given (> 0), else (auto) WIDE_STEP on a GPU where the prompt ends within WIDE_UNTIL, PREFILL_STEP otherwise."""
+    given (> 0), else (auto) STREAMED_STEP for a model whose experts stream from disk (streamed), WIDE_STEP on a
+    GPU where the prompt ends within WIDE_UNTIL, PREFILL_STEP otherwise."""
     if step_size < 0:
         raise KimiError(f"a prefill step of {step_size} tokens: give 1 or more, or 0 for the automatic plan")
     if step_size:
         return step_size
+    if streamed:
+        return STREAMED_STEP
     return WIDE_STEP if context + n <= WIDE_UNTIL and mx.default_device() == mx.gpu else PREFILL_STEP
 
 
@@ -43,9 +49,9 @@ def describe_steps(step_size: int = 0) -> str:
     return f"{WIDE_STEP} tokens for prompts ending within {WIDE_UNTIL} tokens of context, else {PREFILL_STEP}"
 
 
-def step_lengths(context: int, n: int, step_size: int = 0) -> list[int]:
+def step_lengths(context: int, n: int, step_size: int = 0, streamed: bool = False) -> list[int]:
     """The lengths of the steps feeding n tokens to a state holding `context` (step_length, then the rest)."""
-    step = step_length(context, n, step_size)
+    step = step_length(context, n, step_size, streamed)
     return [min(step, n - a) for a in range(0, n, step)]
 
 
@@ -135,7 +141,7 @@ def prefill(model, state, tokens: list[int], step_size: int = 0, progress: Progr
     """Feed tokens into state in steps of step_size (0: auto, see step_length), evaluating the state after each."""
     total = len(tokens) if total is None else total
     i = 0
-    for n in step_lengths(state.offset, len(tokens), step_size):
+    for n in step_lengths(state.offset, len(tokens), step_size, getattr(model, "offload", None) is not None):
         prefill_step(model, state, mx.array([tokens[i : i + n]]))
         i += n
         if progress:

@@ -29,7 +29,7 @@ RUNS = [
                          "--decode-contexts", "64", "--layer-step", "16", "--quant-tokens", "32"],
      r"^\| 4-bit \| 120 \(f32 run\) \|"),
     ("offload.py", ["--dir", "{tmp}/ck", "--shape", "small", "--budgets", "0.004,resident", "--tokens", "2",
-                    "--warmup", "1", "--prefetch", "off,on", "--writes", "auto,staged"],
+                    "--warmup", "1", "--prefetch", "off,on", "--writes", "auto,staged", "--prefill", "24"],
      r"^0\.004 GB \| pool \d+/16 a layer .* hit rate [\d.]+ \| .* prefetch on .* writes staged$"),
     ("perplexity.py", ["--hf", "{hf}", "--variants", "3", "--doc-tokens", "64", "--code-tokens", "1",
                        "--chat-tokens", "1", "--long-files", "1", "--long-tokens", "64", "--chains", "1",

@@ -149,6 +149,19 @@ def test_budgets(ckpt):
             load_model(ckpt, experts_memory_gb=bad)
 
 
+def test_streamed_prefill_takes_wide_steps(ckpt):
+    """Auto steps of STREAMED_STEP tokens (a step reads every layer's experts once, whatever its length); a size
+    given is kept."""
+    from kimi_mlx import generate as g
+
+    assert g.step_lengths(0, 20000, 0, streamed=True) == [g.STREAMED_STEP] * 2 + [20000 - 2 * g.STREAMED_STEP]
+    assert g.step_lengths(0, 20, 8, streamed=True) == [8, 8, 4]
+    off = load_model(ckpt, dtype=mx.float32, experts_memory_gb=EXPERT_BYTES * 0.15 / 1e9)
+    state = off.new_state(1)
+    g.prefill(off, state, list(range(1, 200)))
+    assert state.offset == 199 and off.offload.prefill_tokens == 199
+
+
 def test_missing_shard_at_load(ckpt, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
