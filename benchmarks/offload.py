@@ -40,6 +40,7 @@ ap.add_argument("--prefetch", default="off", help="KIMI_MLX_PREFETCH values to r
 ap.add_argument("--writes", default="auto", help="KIMI_MLX_POOL_WRITES values to run, comma-separated (auto,staged)")
 ap.add_argument("--cache", default="asis", choices=["warm", "cold", "asis"])
 ap.add_argument("--record", action="store_true", help="append the lines to benchmarks/RESULTS.md")
+ap.add_argument("--card", default="", help="the machine's name in the recorded title (default: the device's)")
 ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run in this process, a JSON line out
 a = ap.parse_args()
 
@@ -191,4 +192,5 @@ for budget in a.budgets.split(","):
              f"{r['wait_ms_per_token']:.0f} ms/token waiting on reads | RssAnon peak {r['anon_peak_gb']:.2f} GB "
              f"(trunk held {r['held_gb']:.2f} GB) | load {r['load_s']:.0f} s{pf}")
 if a.record:
-    echo.append(f"Streamed experts (benchmarks/offload.py), {a.shape} shape, page cache {a.cache}")
+    card = a.card or mx.device_info().get("device_name", str(mx.default_device()))
+    echo.append(f"Streamed experts (benchmarks/offload.py), {a.shape} shape, page cache {a.cache} — {card}")
