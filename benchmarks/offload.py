@@ -10,8 +10,9 @@ fed a random token id (greedy decoding of random weights soon repeats a token, w
 Printed per run: decode tok/s, the pool's hit rate, bytes read per token, time waiting on reads per token, and
 the process's anonymous memory (RssAnon: what it holds itself, not file pages the OS can drop) at its peak.
 
-Random weights route uniformly, every expert equally likely at every token: the worst case for a cache (a hit
-rate near slots / experts). Real text routes with locality and hits far more often.
+Random weights do not route as real text does: on the full-shape random checkpoint the pool's hit rate measured
+above the slots / experts a uniform routing would give (RESULTS.md), and real text has its own locality. Treat the
+hit rates as this checkpoint's, the bytes and waits per miss as the machine's.
 
 --cache: warm (the shards read once first, so reads come from the page cache, where memory allows), cold (the
 shards' pages dropped first with posix_fadvise(DONTNEED): reads come from the disk), or asis (neither).
@@ -151,7 +152,8 @@ def set_cache(mode: str) -> None:
 import mlx.core as mx  # noqa: E402
 
 echo(f"device: {bench.device_line()}; checkpoint {ckpt.name}: {disk / 1e9:.1f} GB on disk ({len(shards)} shards), "
-     f"random 4-bit weights (uniform routing: the worst case for the pool); page cache: {a.cache}; "
+     f"random 4-bit weights (their routing is neither real text's nor uniform: hit rates differ); page cache: "
+     f"{a.cache}; "
      f"{a.warmup} warm-up + {a.tokens} timed decode tokens a run")
 for budget in a.budgets.split(","):
     budget = budget.strip()
@@ -159,7 +161,7 @@ for budget in a.budgets.split(","):
                                    for s in a.steps.split(",")]:
         need = disk if budget == "resident" else float(budget) * 1e9 + 0.1 * disk
         if need + 4e9 > available():  # room for the trunk's working set and the machine's other work
-            echo(f"{budget:>8} GB | skipped: needs ~{need / 1e9:.0f} GB of memory, {available() / 1e9:.0f} GB available here")
+            echo(f"{budget + ' GB' if budget != 'resident' else budget:>8} | skipped: needs ~{need / 1e9:.0f} GB of memory, {available() / 1e9:.0f} GB available here")
             break
         if budget == "resident" and (prefetch, writes) != (a.prefetch.split(",")[0], a.writes.split(",")[0]):
             continue
