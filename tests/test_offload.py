@@ -3,6 +3,7 @@ model, memory held below it by most of the expert bytes, the pool's miss / hit /
 shard that breaks while streaming."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -296,3 +297,32 @@ def test_truncated_shard_fails_one_server_turn(tmp_path):
         assert isinstance(again, Finished) and again.generated == first.generated
     finally:
         engine.stop()
+
+
+def test_stats_in_chat_and_generate(tmp_path, capsys):
+    """The chat's /stats and `kimi-mlx generate` say the pool's hit rate, bytes read per token and read waits."""
+    from kimi_mlx.chat import Chat, Output
+    from kimi_mlx.demo import demo_dir
+    from kimi_mlx.session import ChatSession
+    from kimi_mlx.tokenizer import Tokenizer
+
+    model = load_model("demo", experts_memory_gb=0.0006)
+    session = ChatSession(model, Tokenizer(demo_dir("demo")), max_tokens=4, temperature=0.0)
+    chat = Chat(session, Output(False), lambda path: session)
+    chat.run(iter(["Hello", "/stats"]))
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "experts streamed" in text and "hit rate" in text and "read/token" in text and "waiting on reads" in text
+    run = subprocess.run([sys.executable, "-m", "kimi_mlx", "generate", "--model", "demo", "--experts-memory",
+                          "0.0006", "--max-tokens", "3", "--temp", "0", "-p", "Hi"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "experts streamed" in run.stderr and "hit rate" in run.stderr
+    bad = subprocess.run([sys.executable, "-m", "kimi_mlx", "generate", "--model", "demo", "--experts-memory",
+                          "0.0001", "-p", "Hi"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "give at least" in bad.stderr and "Traceback" not in bad.stderr
+    bench = subprocess.run([sys.executable, "-m", "kimi_mlx", "bench", "--model", "demo", "--experts-memory", "0.0006",
+                            "--no-peer", "--prefill", "", "--contexts", "64", "--decode-tokens", "2"],
+                           capture_output=True, text=True, timeout=120)
+    assert bench.returncode == 0, bench.stderr
+    assert re.search(r"streamed experts .*hit rate [\d.]+, [\d.]+ MB read/token, [\d.]+ ms/token waiting", bench.stdout)
