@@ -51,15 +51,16 @@ def moe_layers(model):
     return [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, OffloadedMoE)]
 
 
-@pytest.mark.parametrize("prefetch", ["off", "on"])
-def test_streamed_equals_resident(ckpt, prefetch):
-    """float32 (the bfloat16 scales cast as they are read, as the resident load casts them)."""
+@pytest.mark.parametrize("prefetch, share", [("off", 0.3), ("on", 0.3), ("off", 0.9)])
+def test_streamed_equals_resident(ckpt, prefetch, share):
+    """float32 (the bfloat16 scales cast as they are read, as the resident load casts them). share 0.9: the
+    prefill's experts fit the pool (the prefill path over slot indices)."""
     ref = load_model(ckpt, dtype=mx.float32)
-    off = load_model(ckpt, dtype=mx.float32, experts_memory_gb=EXPERT_BYTES * 0.3 / 1e9)
+    off = load_model(ckpt, dtype=mx.float32, experts_memory_gb=EXPERT_BYTES * share / 1e9)
     assert len(moe_layers(off)) == MOE_LAYERS and off.offload.slots < 64
     rng = np.random.default_rng(1)
     with settings.override(KIMI_MLX_PREFETCH=prefetch):
-        for prompt_len in (40, 3):  # 40 tokens: the prefill's working set (more experts than slots); 3: the pool
+        for prompt_len in (40, 16, 3):  # 40: a working set (more experts than slots); 16: 64 pairs (prefill path), 3
             prompt = rng.integers(0, TINY["vocab_size"], prompt_len).tolist()
             ids, logits = greedy(ref, prompt, 10)
             got_ids, got = greedy(off, prompt, 10)
@@ -67,7 +68,7 @@ def test_streamed_equals_resident(ckpt, prefetch):
             assert mx.array_equal(got, logits).item()
     s = off.offload
     assert (s.prefetched > 0) == (prefetch == "on") and s.prefetch_used <= s.prefetched
-    assert s.prefill_tokens == 40 and s.decode_tokens == 23  # a 3-token prompt takes the decode path (12 pairs)
+    assert s.prefill_tokens == 56 and s.decode_tokens == 33  # a 3-token prompt takes the decode path (12 pairs)
     assert 0 < s.decode_hits < s.decode_lookups and s.decode_bytes > 0 and s.evictions > 0
     assert "hit rate" in s.line() and "read/token" in s.line()
 

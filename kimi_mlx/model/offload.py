@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -52,6 +52,18 @@ DECODE_PATHS = ("kernel", "gather")
 PREFETCH_ENV = "KIMI_MLX_PREFETCH"
 
 _executor: ThreadPoolExecutor | None = None
+
+
+def _settle(futures) -> BaseException | None:
+    """Wait until every future has ended, even through Ctrl-C (a read still running would write a slot that is
+    about to be reused); returns the interruption to re-raise, if any."""
+    interrupted = None
+    while True:
+        try:
+            wait(futures)
+            return interrupted
+        except BaseException as e:
+            interrupted = interrupted or e
 
 
 def executor() -> ThreadPoolExecutor:
@@ -377,13 +389,13 @@ class OffloadedMoE(FusedMoE):
         if not pending:
             return
         t0 = time.perf_counter()
+        interrupted = _settle([f for _, _, f in pending])
         nbytes = 0
         for e, s, f in pending:
-            try:
-                nbytes += f.result()
-            except Exception:
+            if f.exception() is not None:
                 self._free.append(s)
                 continue
+            nbytes += f.result()
             self._table[e] = s
             self._lru[e] = s
             self._guessed.add(e)
@@ -392,6 +404,8 @@ class OffloadedMoE(FusedMoE):
         self.stats.decode_bytes += nbytes
         self.stats.prefetch_bytes += nbytes
         self.stats.prefetched += len(pending)
+        if interrupted is not None:
+            raise interrupted
 
     # -- reads -------------------------------------------------------------------------------------------------
     def _read_into(self, e: int, bank: Bank, row: int) -> int:
@@ -424,12 +438,12 @@ class OffloadedMoE(FusedMoE):
             return 0, 0.0
         t0 = time.perf_counter()
         futures = [executor().submit(self._read_into, e, bank, row) for e, bank, row in jobs]
-        nbytes, error = 0, None
+        nbytes, error = 0, _settle(futures)
         for f in futures:
-            try:
+            if f.exception() is not None:
+                error = error or f.exception()
+            else:
                 nbytes += f.result()
-            except BaseException as ex:  # keep waiting: every read must stop writing before anyone reuses a slot
-                error = error or ex
         if error is not None:
             raise error
         return nbytes, time.perf_counter() - t0
