@@ -218,7 +218,9 @@ class Runner:
 def steps_of(r: Runner, n: int, step: int) -> list[int]:
     """The prefill step lengths r takes for an n-token prompt: ours generation's own plan (generate.step_lengths;
     step 0 = auto), mlx-lm's `step` or its default prefill_step_size (2,048)."""
-    return step_lengths(0, n, step if r.is_ours else step or PREFILL_STEP)
+    if r.is_ours:
+        return step_lengths(0, n, step, getattr(r.model, "offload", None) is not None)
+    return step_lengths(0, n, step or PREFILL_STEP)
 
 
 def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
