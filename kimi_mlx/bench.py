@@ -17,7 +17,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import KIMI_LINEAR_48B_A3B, ModelConfig
-from .generate import PREFILL_STEP, describe_steps, prefill_step, step_length, step_lengths
+from .generate import PREFILL_STEP, STREAMED_STEP, describe_steps, prefill_step, step_length, step_lengths
 from .model import Model
 from .model.decoder import prefill_memory
 from .model.fuse import fuse_model
@@ -504,7 +504,8 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
          f"cache per context token: {cache_bytes_per_token(cfg, rows_in.size)} B ({str(rows_in).split('.')[-1]}); "
          f"kimi-mlx prefill memory: {prefill_memory()}")
     if prefill or step_at:
-        echo(f"prefill steps: kimi-mlx {describe_steps(step)}"
+        plan = f"{step or STREAMED_STEP} tokens (experts streamed)" if ours.offload is not None else describe_steps(step)
+        echo(f"prefill steps: kimi-mlx {plan}"
              + (f"; mlx-lm {step or PREFILL_STEP} tokens" if len(runners) > 1 else ""))
     rows = []
     for n in prefill:
