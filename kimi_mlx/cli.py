@@ -168,6 +168,13 @@ def serve(
                                            help="answer only the served names (others: 404); by default any "
                                                 "'model' in a request means this model"),
     no_web: bool = typer.Option(False, "--no-web", help="don't serve the chat page at / (the API only)"),
+    max_batch: int = typer.Option(S.max_batch, "--max-batch", min=1,
+                                  help="sequences decoded together (continuous batching; a request with n "
+                                       "choices takes n rows)"),
+    batch_memory: str = typer.Option("auto", "--batch-memory",
+                                     help="memory the running sequences' states may reserve, each at its longest "
+                                          "(prompt + max_tokens) (e.g. 16GiB; auto: the device's memory less the "
+                                          "weights, the prefix cache and 2 GiB)"),
     distributed: Distributed = False,
 ):
     """Serve the model over an OpenAI-compatible HTTP API: chat completions, completions (with prompt scoring),
@@ -181,7 +188,8 @@ def serve(
     opts = S(host, port, api_key, max_queue, parse_bytes(prefix_cache_bytes, "--prefix-cache-bytes"),
              snapshot_interval, prefill_step_size, parse_bytes(max_body_bytes, "--max-body-bytes"),
              tuple(allowed_origin or ()), log_level, distributed, max_tokens, tuple(served_model_name or ()),
-             strict_model_name, web=not no_web)
+             strict_model_name, web=not no_web, max_batch=max_batch,
+             batch_memory=None if batch_memory == "auto" else parse_bytes(batch_memory, "--batch-memory"))
     run_server(model, opts)
 
 

@@ -1,11 +1,21 @@
-"""The model's one owner: a worker thread that runs queued turns one at a time.
+"""The model's one owner: an engine thread that schedules queued turns onto a BatchGenerator.
 
-A turn restores the longest cached prefix state of its input, feeds the rest in chunks (taking a
-snapshot at every message end and every `snapshot_interval` tokens, checking for cancellation between
-chunks), then generates through the runtime's `Generation`. Results go to the request's sink as events.
-A cancelled turn stops at the next chunk or token and its working state is dropped. A scoring turn
-(completions with echo and logprobs) feeds its prompt from the empty state instead, reading the
+Each iteration of the engine thread does a bounded amount of work: one prefill step of the request being
+admitted (the head of the queue), then one decode step of every running row (BatchGenerator.step), so
+running rows are never starved by a long prompt and a new request never waits for a long reply. Admitting a
+turn restores the longest cached prefix state of its input and feeds the rest step by step (a step is the
+prefill step size), snapshotting into the prefix cache at every message end and every `snapshot_interval`
+tokens, checking for cancellation between steps. When the prompt is in, the state joins the batch as n rows
+(a prefix-cache hit that covers the whole prompt joins at once: the snapshot is the state inserted). Each
+row's tokens go to its request's sink as events; a finished row's final state is stored in the prefix cache
+for the next turn. A cancelled turn leaves at the next iteration and its working state is dropped. A
+scoring turn (completions with echo and logprobs) feeds its prompt from the empty state instead, reading the
 log-probability of every prompt token from the logits on the way.
+
+Memory: every admitted turn reserves its rows' state at their longest (prompt + max_tokens, see
+`state_bytes`) against `batch_memory`; the head of the queue waits while the reservations of the running
+turns leave no room for it (a turn alone is always admitted, as a one-at-a-time server would run it), so
+the batch never outgrows the budget. The queue is bounded by `max_queue` (more: QueueFull, a 503).
 """
 
 from __future__ import annotations
@@ -14,14 +24,16 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from ..batch import BatchGenerator
 from ..errors import KimiError
-from ..generate import Generation, GenerationOptions, prefill, stop_ids
+from ..generate import GenerationOptions, prefill_step, step_lengths, stop_ids
+from ..state import MLAState, encode_rows
 from .constrain import Grammars, ban_tokens, once
 from .prefix_cache import PrefixCache
 
@@ -39,6 +51,7 @@ class TurnSpec:
     score: bool = False  # report the prompt tokens' log-probabilities (a Scored event) before generating
     generate: bool = True  # False: score only (max_tokens 0)
     warnings: list[str] = field(default_factory=list)  # parts of the request served relaxed (a response header)
+    n: int = 1  # choices: rows sharing the one prefilled prompt
 
 
 class ReplyIds:
@@ -124,6 +137,7 @@ class Piece:
     token: int | None  # None for forced text
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    index: int = 0  # the choice (row) of the turn's n
 
 
 @dataclass
@@ -135,13 +149,16 @@ class Scored:
 
 @dataclass
 class Finished:
+    """One choice is done (a turn of n choices sends n of these, one per index, in the order they finish)."""
+
     finish_reason: str
     prompt_tokens: int
     cached_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # this choice's
     prefill_seconds: float
     generated: list[int] = field(default_factory=list)  # forced + generated ids (a stop token included)
     state_tokens: list[int] | None = None  # what the stored final state consumed (None: none stored)
+    index: int = 0
 
 
 @dataclass
@@ -158,10 +175,17 @@ class QueueFull(Exception):
 
 
 class Job:
-    def __init__(self, spec: TurnSpec, sink: Callable[[Event], None]):
+    def __init__(self, spec: TurnSpec, sink: Callable[[Event], None], reserved: int = 0):
         self.spec, self._sink = spec, sink
         self.cancel = threading.Event()
         self.dequeued = False  # no longer counted as waiting (started, or dropped while waiting)
+        self.reserved = reserved  # bytes of state memory its rows may reach (see state_bytes)
+        # engine-thread bookkeeping while admitted
+        self.t0 = 0.0
+        self.cached = 0
+        self.first: float | None = None  # seconds from admission to the first generated token
+        self.rows: dict[int, int] = {}  # batch sequence id -> choice index
+        self.closed = False  # every choice finished, or the turn failed: no more events
 
     def emit(self, event: Event) -> None:
         try:
@@ -172,11 +196,49 @@ class Job:
 
 @dataclass
 class EngineSettings:
-    max_queue: int = 64  # requests waiting (besides the running one)
+    max_queue: int = 64  # requests waiting (besides the running ones)
     prefix_cache_bytes: int = 4 << 30
     snapshot_interval: int = 2048  # also snapshot every this many prompt tokens
     prefill_step_size: int = 0  # 0: auto (generate.step_length), within the snapshot_interval cuts
     max_tokens: int | None = None  # reply cap for requests that give none (None: up to the context limit)
+    max_batch: int = 8  # rows decoded together (a turn of n choices takes n)
+    batch_memory: int | None = None  # bytes the rows' states may reserve; None: auto (auto_batch_memory)
+
+
+STATE_HEADROOM = 2 << 30  # what the automatic batch_memory leaves for step activations, a prefill step, the OS
+
+
+def auto_batch_memory(prefix_cache_bytes: int) -> int:
+    """The device's memory (doctor.device_memory: Metal's working set, the GPU's memory or the RAM) less what
+    is in use now (the loaded weights), the prefix cache's budget and STATE_HEADROOM; 0 if nothing is left
+    (then turns run one at a time)."""
+    from ..doctor import device_memory
+
+    total, _ = device_memory()
+    if not total:
+        return 0
+    return max(0, total - mx.get_active_memory() - prefix_cache_bytes - STATE_HEADROOM)
+
+
+class StateSize:
+    """Bytes a batch-1 state of this model holds after `tokens` tokens: the fixed KDA state plus, per MLA
+    layer, the cache pages at their rounded capacity (pages grow by doubling, then by PAGE_GROW rows, up to
+    PAGE_MAX; see state.py) and one more last page for the copy made while it grows."""
+
+    def __init__(self, model):
+        state = model.new_state(1)
+        self.fixed = state.nbytes
+        mla = [s for s in state.layers if isinstance(s, MLAState)]
+        self.layers = len(mla)
+        bits = mla[0].bits if mla else 0
+        row = encode_rows(mx.zeros((1, 1, model.config.latent_dim), model.dtype), bits, model.dtype)
+        self.row = sum(a.nbytes for a in row)
+        self.pages = MLAState()
+
+    def __call__(self, tokens: int) -> int:
+        full, rest = divmod(tokens, self.pages.page_max)
+        last = self.pages.page_size(rest) if rest else 0
+        return self.fixed + self.layers * self.row * (full * self.pages.page_max + 2 * last)
 
 
 class Engine:
@@ -186,10 +248,21 @@ class Engine:
         self.replies = ReplyIds()
         self.call_ids = CallIds()
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
+        self.batch = BatchGenerator(model, tokenizer, max_batch=settings.max_batch)
+        self.state_size = StateSize(model)
+        self.batch_memory = (auto_batch_memory(settings.prefix_cache_bytes) if settings.batch_memory is None
+                             else settings.batch_memory)
+        self.stops = stop_ids(model, tokenizer)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
-        self.running: Job | None = None
+        self._pending: deque[Job] = deque()  # taken off _queue by the engine thread, not admitted yet
+        self._admitting: tuple[Job, object] | None = None  # (job, its prefill steps: a generator)
+        self._active: list[Job] = []  # jobs with rows in the batch
+        self._rows: dict[int, Job] = {}  # batch sequence id -> job
+        self._reserved = 0  # bytes reserved by admitted jobs
+        self.rows_running = 0  # rows in the batch (read by /health)
+        self.prefilling = 0  # turns whose prompt is being fed (read by /health)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -199,9 +272,6 @@ class Engine:
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is not None:
-            with self._lock:
-                if self.running is not None:
-                    self.running.cancel.set()
             self._queue.put(None)
             self._thread.join(timeout)
             self._thread = None
@@ -210,8 +280,15 @@ class Engine:
     def waiting(self) -> int:
         return self._waiting
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows_running or self.prefilling)
+
     def submit(self, spec: TurnSpec, sink: Callable[[Event], None]) -> Job:
-        job = Job(spec, sink)
+        if spec.n > self.settings.max_batch:  # the request layer says so first, naming the field
+            raise KimiError(f"n: {spec.n} choices exceed the batch of {self.settings.max_batch} rows")
+        reserved = spec.n * self.state_size(len(spec.prompt) + len(spec.forced) + spec.options.max_tokens)
+        job = Job(spec, sink, reserved)
         with self._lock:
             if self._waiting >= self.settings.max_queue:
                 raise QueueFull(f"{self._waiting} requests already waiting (--max-queue {self.settings.max_queue})")
@@ -220,7 +297,7 @@ class Engine:
         return job
 
     def cancel(self, job: Job) -> None:
-        """Stop `job`: a running turn stops at its next chunk or token; a waiting one frees its place now."""
+        """Stop `job`: a running turn leaves at the next iteration; a waiting one frees its place now."""
         with self._lock:
             job.cancel.set()
             self._dequeue(job)
@@ -230,81 +307,220 @@ class Engine:
             job.dequeued = True
             self._waiting -= 1
 
-    def _loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            with self._lock:
-                self._dequeue(job)
-                self.running = job
-            try:
-                if not job.cancel.is_set():
-                    self.run_turn(job)
-            except KimiError as e:
-                job.emit(Failed(str(e), client_error=True))
-            except Exception as e:  # a server fault: keep serving the others
-                log.exception("turn failed")
-                job.emit(Failed(f"internal error: {type(e).__name__}: {e}", client_error=False))
-            finally:
-                with self._lock:
-                    self.running = None
-
     def run_turn(self, job: Job) -> None:
+        """Serve `job` on the calling thread, start to end, with whatever else is in the batch (for tests and
+        scripts; the engine thread must not be running)."""
+        if self._thread is not None:
+            raise KimiError("run_turn is for an engine whose thread is not started")
+        with self._lock:
+            self._waiting += 1
+        self._pending.append(job)
+        while not job.closed and (job in self._pending or self._started()):
+            self._iterate()
+
+    # -- the engine thread ------------------------------------------------------------------------------
+    def _iterate(self) -> None:
+        """One scheduling round: drop cancelled turns, one prefill step of the turn being admitted (starting
+        the next if there is room), one decode step of every running row."""
+        self._drop_cancelled()
+        self._admit()
+        if self.batch.running:
+            self._decode()
+        self.rows_running = self.batch.running
+        self.prefilling = int(self._admitting is not None)
+
+    def _loop(self) -> None:
+        try:
+            while self._take():
+                self._iterate()
+        finally:
+            for job in self._started():
+                self._fail(job, Failed("the server is shutting down", client_error=False))
+            self.rows_running = self.prefilling = 0
+
+    def _take(self) -> bool:
+        """Move submitted jobs to _pending, blocking while there is nothing else to do. False: stop."""
+        block = not (self._active or self._admitting or self._pending)
+        while True:
+            try:
+                job = self._queue.get(block=block)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            self._pending.append(job)
+            block = False
+
+    def _started(self) -> list[Job]:
+        jobs = list(self._active)
+        if self._admitting is not None and self._admitting[0] not in jobs:
+            jobs.append(self._admitting[0])
+        return jobs
+
+    def _drop_cancelled(self) -> None:
+        for job in self._started():
+            if job.cancel.is_set():
+                self._fail(job, Failed("cancelled", client_error=True))
+        while self._pending and self._pending[0].cancel.is_set():
+            self._pending.popleft()  # cancel() has already freed its place in the queue
+
+    def _fail(self, job: Job, event: Failed) -> None:
+        """End a started job: its rows leave the batch, its reservation is freed, its sink hears `event`."""
+        for seq in list(job.rows):
+            try:
+                self.batch.remove(seq)
+            except KimiError:
+                pass  # it finished in the latest step
+            self._rows.pop(seq, None)
+        job.rows.clear()
+        if self._admitting is not None and self._admitting[0] is job:
+            self._admitting[1].close()
+            self._admitting = None
+        self._close(job)
+        job.emit(event)
+
+    def _close(self, job: Job) -> None:
+        if not job.closed:
+            job.closed = True
+            self._reserved -= job.reserved
+            if job in self._active:
+                self._active.remove(job)
+
+    def _admit(self) -> None:
+        """Start the head of the queue once the batch has rows for it and its reservation fits, run one
+        prefill step of the turn being admitted, and insert it into the batch when its prompt is in."""
+        if self._admitting is None:
+            while self._pending and self._pending[0].cancel.is_set():
+                self._pending.popleft()
+            if self._pending:
+                job = self._pending[0]
+                if job.spec.n <= self.batch.free and (
+                        self._reserved == 0 or self._reserved + job.reserved <= self.batch_memory):
+                    self._pending.popleft()
+                    with self._lock:
+                        self._dequeue(job)
+                    self._reserved += job.reserved
+                    job.t0 = time.perf_counter()
+                    self._admitting = (job, self._prepare(job))
+                    self.prefilling = 1  # (before its first step: /health reads it meanwhile)
+        if self._admitting is not None:
+            job, steps = self._admitting
+            try:
+                try:
+                    next(steps)
+                    return
+                except StopIteration as done:
+                    self._admitting = None
+                    prompt_in = done.value
+                if prompt_in is None:
+                    self._close(job)  # nothing to generate (a scoring-only turn: Finished was sent)
+                else:
+                    self._insert(job, *prompt_in)
+            except Exception as e:
+                self._admitting = None
+                self._fail(job, self._failure(e))
+
+    @staticmethod
+    def _failure(e: Exception) -> Failed:
+        if isinstance(e, KimiError):
+            return Failed(str(e), client_error=True)
+        log.exception("turn failed", exc_info=e)
+        return Failed(f"internal error: {type(e).__name__}: {e}", client_error=False)
+
+    def _prepare(self, job: Job):
+        """The prompt's prefill as a generator: one step a next(); returns (state, last token) for insert, or
+        None when the turn ends here (scoring only). Raises KimiError for a request that cannot be served."""
         spec, model = job.spec, self.model
         seq = spec.prompt + spec.forced
-        t0 = time.perf_counter()
         if spec.score:
-            cached, state = 0, model.new_state(1)
-            entries = self.score(job, state, seq)
-            if entries is None:
-                return job.emit(Failed("cancelled", client_error=True))
+            state = model.new_state(1)
+            entries = yield from self.score(job, state, seq)
             job.emit(Scored(entries))
             if not spec.generate:
-                return job.emit(Finished("length", len(spec.prompt), 0, 0, time.perf_counter() - t0))
+                for j in range(spec.n):
+                    job.emit(Finished("length", len(spec.prompt), 0, 0, time.perf_counter() - job.t0, index=j))
+                return None
         else:
             cached, state = self.cache.lookup(seq, max_len=len(seq) - 1)
             state = state or model.new_state(1)
+            job.cached = cached
             pos = cached
             for end, keep in self.prefill_plan(seq, cached):
-                if job.cancel.is_set():
-                    return job.emit(Failed("cancelled", client_error=True))
-                prefill(model, state, seq[pos:end], self.settings.prefill_step_size)
-                pos = end
+                for n in step_lengths(state.offset, end - pos, self.settings.prefill_step_size):
+                    prefill_step(model, state, mx.array([seq[pos : pos + n]]))
+                    pos += n
+                    job.emit(Progress(pos, len(seq)))
+                    yield
                 if keep:
                     self.cache.insert(seq[:end], state)
-                job.emit(Progress(end, len(seq)))
-        gen = Generation(model, self.tokenizer, state, seq[-1:], spec.options, context=seq[:-1])
-        if spec.banned:
-            gen.processors.append(ban_tokens(spec.banned))
-        gen.processors += [once(t) for t in spec.once]
-        if spec.grammar is not None:
-            gen.processors.append(self.grammars.processor(spec.grammar))
-        prefill_seconds = None
+        return state, seq[-1]
+
+    def _insert(self, job: Job, state, last: int) -> None:
+        spec = job.spec
+        seq = spec.prompt + spec.forced
+
+        def processors() -> list:  # each row its own: the grammar and `once` keep per-row state
+            procs = [ban_tokens(spec.banned)] if spec.banned else []
+            procs += [once(t) for t in spec.once]
+            if spec.grammar is not None:
+                procs.append(self.grammars.processor(spec.grammar))
+            return procs
+
+        tail = seq[:-1][-spec.options.repetition_context_size :]
+        seqs = self.batch.insert(state, last, spec.options, context_tail=tail, n=spec.n, processors=processors,
+                                 prompt_seconds=time.perf_counter() - job.t0)
+        job.rows = {s: j for j, s in enumerate(seqs)}
+        for s in seqs:
+            self._rows[s] = job
+        self._active.append(job)
         if spec.forced:
-            job.emit(Piece(self.tokenizer.decode(spec.forced), None))
-        for r in gen:
-            if job.cancel.is_set():
-                return job.emit(Failed("cancelled", client_error=True))
-            prefill_seconds = prefill_seconds or time.perf_counter() - t0
-            job.emit(Piece(r.text, r.token, r.logprob, r.top_logprobs))
-        consumed = (seq + gen.tokens)[: state.offset]
+            text = self.tokenizer.decode(spec.forced)
+            for j in range(spec.n):
+                job.emit(Piece(text, None, index=j))
+
+    def _decode(self) -> None:
+        try:
+            results = self.batch.step()
+        except Exception as e:  # the batch's state is unknown now: fail its turns, start a fresh batch
+            failure = self._failure(e)
+            for job in list(self._active):
+                self._fail(job, failure)
+            self.batch = BatchGenerator(self.model, self.tokenizer, max_batch=self.settings.max_batch)
+            self._rows.clear()
+            return
+        now = time.perf_counter()
+        for seq, r in results:
+            job = self._rows[seq]
+            j = job.rows[seq]
+            if job.first is None:
+                job.first = now - job.t0
+            job.emit(Piece(r.text, r.token, r.logprob, r.top_logprobs, j))
+            if r.finish_reason:
+                self._finish(job, seq, j, r.finish_reason)
+
+    def _finish(self, job: Job, seq: int, j: int, reason: str) -> None:
+        """A row is done: store its final state for the next turn, remember its ids, send Finished."""
+        spec = job.spec
+        tokens = self.batch.tokens(seq)
+        state = self.batch.state(seq)  # readable until the next step
+        consumed = (spec.prompt + spec.forced + tokens)[: state.offset]
         kept = self.cache.insert(consumed, state)
-        self.replies.remember(self.tokenizer, spec.forced + gen.tokens, stop_ids(model, self.tokenizer))
-        job.emit(Finished(gen.finish_reason or "stop", len(spec.prompt), min(cached, len(spec.prompt)),
-                          len(spec.forced) + len(gen.tokens), prefill_seconds or 0.0, spec.forced + gen.tokens,
-                          consumed if kept else None))
+        self.replies.remember(self.tokenizer, spec.forced + tokens, self.stops)
+        del job.rows[seq], self._rows[seq]
+        if not job.rows:
+            self._close(job)
+        job.emit(Finished(reason, len(spec.prompt), min(job.cached, len(spec.prompt)),
+                          len(spec.forced) + len(tokens), job.first or 0.0, spec.forced + tokens,
+                          consumed if kept else None, index=j))
 
     SCORE_STEP = 256  # prompt tokens a scoring step: its float32 log-softmax is SCORE_STEP x vocab (168 MB)
 
     def score(self, job: Job, state, seq: list[int]):
-        """Feed seq[:-1] into `state`, returning every token's (token, logprob, top) given the tokens
-        before it (the first has none); None if cancelled. The last token is left for Generation."""
+        """Feed seq[:-1] into `state` (a generator: one step a next()), returning every token's (token,
+        logprob, top) given the tokens before it (the first has none). The last token is left for the batch."""
         top = job.spec.options.top_logprobs
         entries = [(seq[0], None, None)]
         for a in range(0, len(seq) - 1, self.SCORE_STEP):
-            if job.cancel.is_set():
-                return None
             b = min(a + self.SCORE_STEP, len(seq) - 1)
             logits = self.model(mx.array([seq[a:b]]), state)[0].astype(mx.float32)
             lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -321,6 +537,7 @@ class Engine:
             state.eval()
             entries += [(t, c, r) for t, c, r in zip(seq[a + 1 : b + 1], chosen.tolist(), rows)]
             job.emit(Progress(b, len(seq)))
+            yield
         return entries
 
     def prefill_plan(self, seq: list[int], start: int) -> list[tuple[int, bool]]:
@@ -331,7 +548,7 @@ class Engine:
         keep = {i + 1 for i in range(start, last) if seq[i] == self.tokenizer.im_end_id}
         keep |= set(range(s.snapshot_interval, last + 1, s.snapshot_interval))
         cuts = {p for p in keep if start < p <= last}
-        if s.prefill_step_size:  # (auto steps are cut inside each chunk, by generate.prefill)
+        if s.prefill_step_size:  # (auto steps are cut inside each chunk, as generate.prefill does)
             cuts |= set(range(start + s.prefill_step_size, last, s.prefill_step_size))
         if start < last:
             cuts.add(last)
