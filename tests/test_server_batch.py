@@ -1,0 +1,317 @@
+"""Continuous batching in the server: the engine (without HTTP) runs concurrent turns as rows of one batch, each
+turn's reply equal to the same turn alone; a turn cancelled mid-reply leaves while the others go on; a prefix-cache
+hit joins a running batch; the memory bound holds turns back. Over HTTP: n choices (one prefill, usage counting the
+prompt once, seeded choices reproducible), streaming with choice indexes, n = 0 / n over --max-batch as 400s,
+/health's running and queued counts."""
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from kimi_mlx.generate import GenerationOptions
+from kimi_mlx.loading import load
+from kimi_mlx.server.worker import Engine, EngineSettings, Failed, Finished, Job, Piece, TurnSpec
+
+from test_server import no_stop_bias, start_server, stop_server, user
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load("demo")
+
+
+class Sink:
+    """Collects a turn's events; notes how many rows the engine was running when each piece came."""
+
+    def __init__(self, engine=None, n=1):
+        self.engine, self.n = engine, n
+        self.events, self.done, self.rows_seen = [], threading.Event(), []
+
+    def __call__(self, ev):
+        self.events.append(ev)
+        if self.engine is not None and isinstance(ev, Piece):
+            self.rows_seen.append(self.engine.batch.running)
+        if isinstance(ev, Failed) or sum(isinstance(e, Finished) for e in self.events) == self.n:
+            self.done.set()
+
+    def tokens(self, index=0):
+        return [e.token for e in self.events if isinstance(e, Piece) and e.index == index]
+
+    def logprobs(self, index=0):
+        return [e.logprob for e in self.events if isinstance(e, Piece) and e.index == index]
+
+    def finished(self, index=0) -> Finished:
+        assert not any(isinstance(e, Failed) for e in self.events), self.events
+        return next(e for e in self.events if isinstance(e, Finished) and e.index == index)
+
+
+def chat_ids(tok, text):
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+
+
+def turn(tok, text, **opts):
+    options = GenerationOptions.from_kwargs(**{"temperature": 0.0, "max_tokens": 8, "logprobs": True, **opts})
+    return TurnSpec(chat_ids(tok, text), options)
+
+
+def alone(demo, spec: TurnSpec) -> Sink:
+    """The turn served by itself (a fresh engine, no prefix cache)."""
+    model, tok = demo
+    sink = Sink(n=spec.n)
+    Engine(model, tok, EngineSettings(prefix_cache_bytes=0)).run_turn(Job(spec, sink))
+    return sink
+
+
+def run_together(engine, specs, timeout=120) -> list[Sink]:
+    sinks = [Sink(engine, s.n) for s in specs]
+    engine.start()
+    try:
+        for s, sink in zip(specs, sinks):
+            engine.submit(s, sink)
+        for sink in sinks:
+            assert sink.done.wait(timeout)
+    finally:
+        engine.stop()
+    return sinks
+
+
+def test_eight_concurrent_turns_each_equal_the_turn_alone(demo):
+    model, tok = demo
+    ban = {tok.im_end_id: -100.0, tok.eos_id: -100.0}
+    long = dict(max_tokens=16, logit_bias=ban)  # replies that overlap the other turns' prefill and decode
+    specs = [turn(tok, "hi", **long),
+             turn(tok, "tell me a long story about a fox " * 6, **long),
+             turn(tok, "what is 2 + 2?", temperature=0.9, seed=3, **long),
+             turn(tok, "list three colours " * 3, top_logprobs=3, **long),
+             turn(tok, "x", stop=["e"], max_tokens=16),
+             turn(tok, "write json", temperature=0.7, top_p=0.9, seed=11, repetition_penalty=1.3, **long),
+             turn(tok, "a b c d e f g " * 10, presence_penalty=0.5, frequency_penalty=0.5, **long),
+             turn(tok, "one more", max_tokens=3)]
+    specs[3].banned = [tok.encode(" the")[0]]
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0, prefill_step_size=16))
+    together = run_together(engine, specs)
+    assert max(max(s.rows_seen) for s in together) >= 4  # the turns really shared the batch
+    for spec, got in zip(specs, together):
+        want = alone(demo, spec)
+        assert got.tokens() == want.tokens()
+        assert "".join(e.text for e in got.events if isinstance(e, Piece)) == \
+            "".join(e.text for e in want.events if isinstance(e, Piece))
+        for a, b in zip(got.logprobs(), want.logprobs()):
+            assert abs(a - b) < 1e-4
+        g, w = got.finished(), want.finished()
+        assert (g.finish_reason, g.completion_tokens, g.generated) == (w.finish_reason, w.completion_tokens,
+                                                                       w.generated)
+
+
+def test_a_cancelled_turn_leaves_while_the_others_go_on(demo):
+    model, tok = demo
+    ban = {tok.im_end_id: -100.0, tok.eos_id: -100.0}
+    specs = [turn(tok, f"story {i}", max_tokens=24, logit_bias=ban) for i in range(3)]
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0))
+    sinks = [Sink(engine) for _ in specs]
+    engine.start()
+    try:
+        jobs = [engine.submit(s, sink) for s, sink in zip(specs, sinks)]
+        deadline = time.monotonic() + 60
+        while len(sinks[1].tokens()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        engine.cancel(jobs[1])
+        for sink in sinks:
+            assert sink.done.wait(60)
+    finally:
+        engine.stop()
+    assert isinstance(sinks[1].events[-1], Failed) and sinks[1].events[-1].message == "cancelled"
+    assert len(sinks[1].tokens()) < 24
+    for i in (0, 2):
+        assert sinks[i].finished().completion_tokens == 24
+        assert sinks[i].tokens() == alone(demo, specs[i]).tokens()
+    assert engine.batch.running == 0
+
+
+def test_a_prefix_cache_hit_joins_a_running_batch(demo):
+    model, tok = demo
+    engine = Engine(model, tok, EngineSettings(prefill_step_size=16))
+    first = turn(tok, "remember this: " + "blue " * 30)
+    sink = Sink()
+    engine.run_turn(Job(first, sink))
+    reply = sink.finished().generated
+    # a long reply keeps the batch busy while the follow-up (the first turn + its reply + more) joins it
+    runner = turn(tok, "count slowly", max_tokens=40, logit_bias={tok.im_end_id: -100.0, tok.eos_id: -100.0})
+    follow = TurnSpec(first.prompt + reply + tok.encode(" and again?"), first.options)
+    sinks = [Sink(engine), Sink(engine)]
+    engine.start()
+    try:
+        engine.submit(runner, sinks[0])
+        deadline = time.monotonic() + 60
+        while not sinks[0].tokens() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        engine.submit(follow, sinks[1])
+        for s in sinks:
+            assert s.done.wait(60)
+    finally:
+        engine.stop()
+    done = sinks[1].finished()
+    assert done.cached_tokens == len(first.prompt) + len(reply) - 1  # the reply's state, all but its last token
+    assert sinks[1].rows_seen[0] == 2 and len(sinks[0].tokens()) == 40  # it joined beside the runner
+    want = alone(demo, follow)  # no cache: prefilled from the start
+    assert sinks[1].tokens() == want.tokens()
+    for a, b in zip(sinks[1].logprobs(), want.logprobs()):
+        assert abs(a - b) < 1e-4
+
+
+def test_n_rows_share_one_prefill_and_seeded_rows_reproduce(demo):
+    model, tok = demo
+    spec = turn(tok, "pick a word", temperature=1.0, seed=5, max_tokens=6)
+    spec.n = 3
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0, prefill_step_size=4))
+    sink = Sink(n=3)
+    engine.run_turn(Job(spec, sink))
+    progress = [e for e in sink.events if type(e).__name__ == "Progress"]
+    done = [e.done for e in progress]  # the prompt is fed once for the three rows
+    assert done == sorted(set(done)) and done[-1] == len(spec.prompt) - 1
+    rows = [sink.tokens(j) for j in range(3)]
+    assert len({tuple(r) for r in rows}) > 1  # each row samples on its own
+    for j in range(3):  # row j is the one-choice turn with seed + j
+        single = turn(tok, "pick a word", temperature=1.0, seed=5 + j, max_tokens=6)
+        assert rows[j] == alone(demo, single).tokens()
+        assert sink.finished(j).prompt_tokens == len(spec.prompt)
+
+
+def test_memory_bound_holds_turns_back(demo):
+    model, tok = demo
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0))
+    one = engine.state_size(len(chat_ids(tok, "a")) + 8)
+    engine.batch_memory = one + one // 2  # room for one turn's rows at a time
+    ban = {tok.im_end_id: -100.0, tok.eos_id: -100.0}
+    specs = [turn(tok, c, logit_bias=ban) for c in "abc"]
+    sinks = run_together(engine, specs)
+    assert max(max(s.rows_seen) for s in sinks) == 1
+    assert all(s.finished().completion_tokens == 8 for s in sinks)
+
+
+def test_state_size_bounds_the_real_state(demo):
+    model, tok = demo
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0))
+    state = model.new_state(1)
+    model(__import__("mlx.core").core.array([[5] * 300]), state)
+    assert state.nbytes <= engine.state_size(300)
+    assert engine.state_size(300) < engine.state_size(3000) < engine.state_size(30000)
+
+
+# -- over HTTP ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = start_server(tmp_path_factory.mktemp("server"), "--max-batch", "3", "--prefill-step-size", "64")
+    yield s
+    stop_server(s)
+
+
+def test_n_choices_whole_and_streamed(server):
+    c = server.client()
+    kw = dict(model="demo", messages=user("name a fruit"), max_tokens=6, temperature=1.0, seed=7)
+    r = c.chat.completions.create(n=3, **kw)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    single = [c.chat.completions.create(**{**kw, "seed": 7 + j}) for j in range(3)]
+    assert [ch.message.content for ch in r.choices] == [s.choices[0].message.content for s in single]
+    assert r.usage.prompt_tokens == single[0].usage.prompt_tokens  # the prompt counted once
+    assert r.usage.completion_tokens == sum(s.usage.completion_tokens for s in single)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    again = c.chat.completions.create(n=3, **kw)
+    assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in r.choices]
+
+    texts, finishes, usage = {}, {}, None
+    for chunk in c.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+            finishes[ch.index] = ch.finish_reason or finishes.get(ch.index)
+    assert [texts[j] for j in range(3)] == [ch.message.content for ch in r.choices]
+    assert [finishes[j] for j in range(3)] == [ch.finish_reason for ch in r.choices]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (r.usage.prompt_tokens, r.usage.completion_tokens)
+
+    comp = c.completions.create(model="demo", prompt="Once upon", max_tokens=4, n=2, temperature=0, logprobs=2)
+    assert [ch.index for ch in comp.choices] == [0, 1] and comp.choices[0].text == comp.choices[1].text
+    assert comp.usage.completion_tokens == 8 and comp.choices[1].logprobs.tokens
+
+
+def test_bad_n_is_a_400_naming_it(server):
+    for n, word in ((0, "1 to 3"), (4, "--max-batch"), ("three", None)):
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                       json={"messages": user("hi"), "max_tokens": 2, "n": n})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "n" and err["type"] == "invalid_request_error"
+        assert word is None or word in err["message"]
+    r = httpx.post(server.url + "/v1/responses", timeout=30, json={"input": "hi", "n": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_health_counts_running_and_queued_rows(server):
+    body = {"model": "demo", "max_tokens": 400, "stream": True, "logit_bias": no_stop_bias()}
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as http:
+            async def hold(i, ready):
+                async with http.stream("POST", server.url + "/v1/chat/completions",
+                                       json={**body, "messages": user(f"go {i}"), "n": 2 if i == 0 else 1}) as resp:
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                            ready.set()  # a token came: its rows are in the batch
+                            await asyncio.sleep(30)  # hold the stream open until cancelled
+
+            events = [asyncio.Event() for _ in range(3)]
+            tasks = [asyncio.ensure_future(hold(i, e)) for i, e in enumerate(events)]
+            await asyncio.wait_for(asyncio.gather(events[0].wait(), events[1].wait()), 60)
+            deadline = time.monotonic() + 10
+            while True:  # 3 rows (n=2 and one more) fill --max-batch 3; the third request waits
+                health = (await http.get(server.url + "/health")).json()
+                if health["queued"] == 1 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return health
+
+    health = asyncio.run(main())
+    assert health["running"] == 3 and health["queued"] == 1 and health["busy"] and health["max_batch"] == 3
+    assert server.wait_idle(10) < 10
+    idle = server.health()
+    assert (idle["running"], idle["queued"], idle["prefilling"]) == (0, 0, 0)
+
+
+def test_concurrent_http_requests_equal_alone(server):
+    prompts = [f"request {i}: " + "tell me something " * i for i in range(6)]
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        try:
+            async def one(i, p):
+                if i % 2:
+                    r = await client.completions.create(model="demo", prompt=p, max_tokens=5, temperature=0)
+                    return r.choices[0].text
+                r = await client.chat.completions.create(model="demo", messages=user(p), max_tokens=5, temperature=0)
+                return r.choices[0].message.content
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        finally:
+            await client.close()
+
+    together = asyncio.run(main())
+    c = server.client()
+    for i, (p, got) in enumerate(zip(prompts, together)):
+        if i % 2:
+            want = c.completions.create(model="demo", prompt=p, max_tokens=5, temperature=0).choices[0].text
+        else:
+            want = c.chat.completions.create(model="demo", messages=user(p), max_tokens=5,
+                                             temperature=0).choices[0].message.content
+        assert got == want
+    assert json.dumps(server.health())  # still answering
