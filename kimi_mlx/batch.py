@@ -174,7 +174,9 @@ class _Batched:
         pending = {seq: (row.first if row.first is not None else (row.y, self.lp_all[row.slot : row.slot + 1]))
                    for seq, row in rows.items()}
         if any(len(row.reply.tokens) + 1 < row.reply.max_tokens for row in rows.values()):
-            self._forward({rows[seq].slot: y for seq, (y, _) in pending.items()})
+            steady = self.y_all is not None and self.y_all.shape[0] == self.batch.capacity and all(
+                row.first is None for row in rows.values())  # every pending token is in the latest draws
+            self._forward({rows[seq].slot: y for seq, (y, _) in pending.items()}, self.y_all if steady else None)
         else:  # every row's pending token is its last: nothing to feed
             self.mark = self.batch.mark()
             for row in rows.values():
@@ -191,13 +193,17 @@ class _Batched:
                 self.finished[seq] = rows.pop(seq)
         return out
 
-    def _forward(self, inputs: dict[int, mx.array]) -> None:
-        """One decode step of every slot, each fed its pending token; draws each row's next token."""
+    def _forward(self, inputs: dict[int, mx.array], drawn: mx.array | None) -> None:
+        """One decode step of every slot, each fed its pending token (drawn: all of them, the latest step's
+        draws, as one array); draws each row's next token."""
         batch = self.batch
         batch.prepare()
         C = batch.capacity
-        blank = mx.zeros((1,), mx.uint32)
-        tokens = mx.concatenate([inputs.get(b, blank).astype(mx.uint32) for b in range(C)])
+        if drawn is not None and drawn.shape[0] == C:
+            tokens = drawn
+        else:  # rows joined or the capacity changed: gather each slot's token (a free slot decodes token 0)
+            blank = mx.zeros((1,), mx.uint32)
+            tokens = mx.concatenate([inputs.get(b, blank).astype(mx.uint32) for b in range(C)])
         for row in self.rows.values():
             row.sample.fed(inputs[row.slot])
         self.mark = batch.mark()
