@@ -269,3 +269,21 @@ def test_a_finished_rows_state_stays_readable_until_the_next_step(demo, referenc
     gen.step()
     with pytest.raises(KimiError, match="no sequence"):
         gen.state(seq)
+
+
+def test_cli_generate_n_prints_each_sample(demo):
+    """`kimi-mlx generate --n 3`: three samples of one prompt, sample j drawn with seed + j, each equal to that
+    seed's single generation."""
+    from typer.testing import CliRunner
+
+    from kimi_mlx.cli import app
+
+    model, tok = demo
+    r = CliRunner().invoke(app, ["generate", "--model", "demo-random", "--prompt", "hi", "--n", "3", "--max-tokens",
+                                 "6", "--seed", "5", "--temperature", "1.0"])
+    assert r.exit_code == 0, r.output
+    messages = [{"role": "user", "content": "hi"}]
+    for j in range(3):
+        text = generate(model, tok, messages, max_tokens=6, temperature=1.0, seed=5 + j)
+        assert f"[sample {j + 1}]\n{text}\n" in r.stdout
+    assert "3 samples" in r.output
