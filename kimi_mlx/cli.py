@@ -77,6 +77,8 @@ def generate(
     stop: Stop = None,
     prefill_step_size: PrefillStepSize = D.prefill_step_size,
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="print token counts and speeds to stderr"),
+    n: int = typer.Option(1, "--n", "-n", min=1, help="samples of the prompt, decoded together as one batch (one "
+                          "prefill; with --seed S, sample j draws with seed S + j)"),
     distributed: Distributed = False,
 ):
     """Generate text from a prompt (sent as a user message through the chat template unless --raw)."""
@@ -94,6 +96,8 @@ def generate(
     if model == "demo-random":
         typer.echo("[demo model: random weights, the text is gibberish]", err=True)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    if n > 1:
+        return _samples(m, tok, text if raw else messages, n, opts, verbose)
     last = None
     for r in stream_generate(m, tok, text if raw else messages, **opts.__dict__):
         sys.stdout.write(r.text)
@@ -102,6 +106,29 @@ def generate(
     typer.echo("")
     if verbose and last is not None:
         typer.echo(stats_line(last), err=True)
+
+
+def _samples(m, tok, prompt, n: int, opts, verbose: bool) -> None:
+    """n samples of one prompt through the batch engine, printed one after another as each finishes (headed
+    `[sample j]`); the numbers line sums the batch's decode."""
+    import time
+
+    from .batch import stream_batch
+
+    texts, done, t0, tokens, first = [""] * n, [None] * n, time.perf_counter(), 0, None
+    for j, r in stream_batch(m, tok, [prompt], n=n, max_batch=n, **opts.__dict__):
+        first = first or time.perf_counter()
+        texts[j] += r.text
+        tokens += 1
+        if r.finish_reason:
+            done[j] = r
+            typer.echo(f"[sample {j + 1}]\n{texts[j]}\n")
+    if verbose and first is not None:
+        took = time.perf_counter() - first
+        r = max((d for d in done if d), key=lambda d: d.generation_tokens)
+        typer.echo(f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | {n} samples: {tokens} tokens, "
+                   f"{(tokens - n) / took if took > 0 else 0.0:.1f} tok/s in all | peak memory {r.peak_memory:.2f} GB",
+                   err=True)
 
 
 @app.command()
@@ -276,6 +303,8 @@ def bench(
                                 "(long prompts: peak memory, and the whole prefill estimated from them)"),
     rounds: int = typer.Option(1, "--rounds", min=1, help="decode each context this many times per runner, "
                                "alternating them (medians reported: steadier on a shared machine)"),
+    batch: str = typer.Option("", "--batch", help="also decode this many sequences together at each context, e.g. "
+                              "1,2,4,8,16: aggregate tok/s and per-sequence latency (mlx-lm: its BatchGenerator)"),
 ):
     """Prefill and decode speed, peak memory and bandwidth use, against mlx-lm in the same run."""
     from . import bench as b
@@ -291,7 +320,14 @@ def bench(
     tell_if_cold_cache()
     b.run(shape, _ints(contexts), _ints(prefill), decode_tokens, step, bits, peer=peer and not model,
           bandwidth_gbs=bandwidth, model_path=model and str(_resolve(model)), peer_model=peer_model,
-          step_at=_ints(step_at) if step_at else (), rounds=rounds)
+          step_at=_ints(step_at) if step_at else (), rounds=rounds, batches=_batches(batch))
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    sizes = _ints(text) if text else ()
+    if any(b < 1 for b in sizes):
+        raise KimiError(f"--batch {text}: batch sizes are 1 or more, e.g. 1,2,4,8,16")
+    return sizes
 
 
 def _resolve(model: str):

@@ -159,8 +159,9 @@ class RowSampler:
         self.sampler, self.processors = sampler, processors
         self.tokens = mx.array(list(context)) if processors else None
 
-    def __call__(self, logits: mx.array) -> tuple[mx.array, mx.array]:
-        lp = normalize(logits.astype(mx.float32))
+    def __call__(self, logits: mx.array, lp: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """lp: normalize(logits) if the caller has it (a batch normalizes all its rows at once)."""
+        lp = normalize(logits.astype(mx.float32)) if lp is None else lp
         drawn = lp
         if self.processors:
             for p in self.processors:

@@ -87,7 +87,8 @@ const uint3 gpu_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
 // Grid (T, K * H, B), threadgroup (T, 1, 1) with T = 32 * NW: y = chunk * H + head; thread t takes the chunk's
 // rows t, t + T, ...
 // Template: H heads, N page rows, C rows a chunk, K = N / C chunks, NW lane groups.
-// Inputs: s [B, H, N] scores; last [1] int32 (the page's last valid row, < N).
+// Inputs: s [B, H, N] scores; last [B] int32 (each sequence's last valid row of
+// the page, < N; -1 where it holds none).
 // Outputs: e [B, K, H, C] (s's type); most [B, K, H] (LOW where the chunk holds no valid row), total [B, K, H]
 // (float32).
 constexpr int T = 32 * NW;
@@ -99,7 +100,7 @@ const int grp = t / 32;
 const int k = gpu_gid.y / H;
 const int h = gpu_gid.y % H;
 const size_t b = gpu_gid.z;
-const int left = last[0] + 1 - k * C;
+const int left = last[b] + 1 - k * C;
 const int rows = left < C ? left : C;  // valid rows in this chunk (none where <= 0)
 const size_t in = (b * H + h) * N + k * C;
 const size_t out = ((b * K + k) * H + h) * C;

@@ -71,7 +71,8 @@ const uint3 gpu_gid = thread_position_in_grid;
 // Grid (32 * NW, K * (H / HG), B), threadgroup (32 * NW, 1, 1): y = head group * K + chunk.
 // Template: H heads, W row width, HG heads a threadgroup, NW lane groups, R rows a chunk, N page rows,
 // K = ceil(N / R) chunks.
-// Inputs: qa [B, H, W] (absorbed, pre-scaled query); page [B, N, W]; last [1] int32 (the last valid row, < N).
+// Inputs: qa [B, H, W] (absorbed, pre-scaled query); page [B, N, W]; last [B] int32 (each sequence's last valid row,
+// < N: sequences at their own lengths share a page's shape).
 // Outputs (float32): part [B, K, H, W]; most [B, K, H] (LOW where the chunk holds no valid row); total [B, K, H].
 constexpr int T = 32 * NW;
 constexpr int COLS = (W + T - 1) / T;  // columns a thread sums in the values pass (at most)
@@ -86,7 +87,7 @@ const int chunk = gpu_gid.y % K;
 const int h0 = (gpu_gid.y / K) * HG;
 const size_t b = gpu_gid.z;
 const int r0 = chunk * R;
-const int left = last[0] + 1 - r0;
+const int left = last[b] + 1 - r0;
 const int rows = left < R ? left : R;  // valid rows in this chunk (none where <= 0)
 for (int i = t; i < HG * W; i += T) {
   qs[i] = static_cast<float>(qa[(b * H + h0) * W + i]);

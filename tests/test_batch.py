@@ -180,3 +180,110 @@ def test_penalties_see_context_and_prompt_as_context():
         out = p(mx.array(tail + prompt + generated), out)
     np.testing.assert_allclose(np.array(out)[0], ref_processors(opts, context + prompt, generated, logits),
                                rtol=1e-6, atol=1e-6)
+
+
+def run_schedule(model, tok, reference, bits=0):
+    """A ragged schedule on a BatchGenerator of max_batch 4: prompts of 1 to 260 tokens (rows crossing a page
+    boundary), greedy, seeded and penalised rows, n = 2, a row removed, rows joining as others finish, a row
+    restored from another's mid-decode state. Returns each sequence's (token, logprob, finish) list."""
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(3, 200, size=n)] for n in (1, 260, 12, 40, 7, 250)]
+    opts = [GenerationOptions(max_tokens=14, temperature=0.0, logprobs=True),
+            GenerationOptions(max_tokens=12, temperature=0.0, logprobs=True),
+            GenerationOptions(max_tokens=16, temperature=0.9, top_k=20, seed=4, logprobs=True),
+            GenerationOptions(max_tokens=9, temperature=0.0, repetition_penalty=1.4, frequency_penalty=0.4,
+                              logprobs=True),
+            GenerationOptions(max_tokens=10, temperature=1.0, min_p=0.05, seed=9, logprobs=True),
+            GenerationOptions(max_tokens=20, temperature=0.0, logprobs=True)]
+    gen = BatchGenerator(model, tok, max_batch=4, reference=reference)
+    got, queue = {}, list(range(len(prompts)))
+
+    def join(i, n=1):
+        state = model.new_state(1, cache_bits=bits)
+        prefill(model, state, prompts[i][:-1])
+        for s in gen.insert(state, int(prompts[i][-1]), opts[i], context_tail=prompts[i][:-1], n=n):
+            got[s] = []
+
+    join(queue.pop(0))
+    join(queue.pop(0), n=2)
+    restore = None
+    for k in range(60):
+        if k == 3:
+            gen.remove(1)
+        if k == 6:
+            restore = gen.state(0), gen.tokens(0)
+        if restore and gen.free:  # joins as soon as a row is free (before the queue)
+            snap, toks = restore
+            restore = None
+            for s in gen.insert(snap, toks[-1], opts[0].updated(max_tokens=14 - len(toks)),
+                                context_tail=prompts[0] + toks[:-1]):
+                got[s], got["restored"] = [], s
+        while queue and gen.free:
+            join(queue.pop(0))
+        for s, r in gen.step():
+            got[s].append((r.token, r.logprob, r.finish_reason))
+        if not gen.running and not queue:
+            break
+    assert not gen.running
+    return got
+
+
+def test_batched_engine_equals_its_sequential_twin_on_a_ragged_schedule(demo):
+    model, tok = demo
+    got, ref = run_schedule(model, tok, False), run_schedule(model, tok, True)
+    restored = got.pop("restored")
+    assert restored == ref.pop("restored") and sorted(got) == sorted(ref) and len(got) == 8
+    for s in ref:
+        assert [t for t, _, _ in got[s]] == [t for t, _, _ in ref[s]], s
+        assert [f for _, _, f in got[s]] == [f for _, _, f in ref[s]], s
+        np.testing.assert_allclose([p for _, p, _ in got[s]], [p for _, p, _ in ref[s]], atol=ATOL)
+    assert len(got[1]) == 3 and got[restored] == got[0][6:]  # removed; restored from row 0's state
+
+
+def test_batched_engine_with_a_quantized_cache(hf_checkpoint):
+    from kimi_mlx.tokenizer import Tokenizer
+    from kimi_mlx.weights.load import load_model
+
+    path = hf_checkpoint("kkkmkm", kv_lora_rank=122, first_k_dense_replace=6)[1]
+    model, tok = load_model(path), kimi_mlx.load("demo-random")[1]
+    got, ref = run_schedule(model, tok, False, bits=8), run_schedule(model, tok, True, bits=8)
+    assert got.pop("restored") == ref.pop("restored")
+    for s in ref:
+        assert [t for t, _, _ in got[s]] == [t for t, _, _ in ref[s]], s
+
+
+def test_a_finished_rows_state_stays_readable_until_the_next_step(demo, reference):
+    model, tok = demo
+    gen = BatchGenerator(model, tok, max_batch=2, reference=reference)
+    state, ids = prefilled(model, tok, "Hello")
+    seq = gen.insert(state, ids[-1], GenerationOptions(max_tokens=5, temperature=0.0))[0]
+    rs = [r for _ in range(5) for _, r in gen.step()]
+    assert rs[-1].finish_reason and gen.running == 0
+    final, toks = gen.state(seq), gen.tokens(seq)
+    assert final.offset == len(ids) + len(toks) - 1
+    more = alone(model, tok, ids, max_tokens=8, temperature=0.0)
+    assert toks == [r.token for r in more[:5]]
+    gen2 = BatchGenerator(model, tok, max_batch=1, reference=reference)
+    gen2.insert(final, toks[-1], GenerationOptions(max_tokens=3, temperature=0.0))
+    assert [r.token for _ in range(3) for _, r in gen2.step()] == [r.token for r in more[5:]]
+    gen.step()
+    with pytest.raises(KimiError, match="no sequence"):
+        gen.state(seq)
+
+
+def test_cli_generate_n_prints_each_sample(demo):
+    """`kimi-mlx generate --n 3`: three samples of one prompt, sample j drawn with seed + j, each equal to that
+    seed's single generation."""
+    from typer.testing import CliRunner
+
+    from kimi_mlx.cli import app
+
+    model, tok = demo
+    r = CliRunner().invoke(app, ["generate", "--model", "demo-random", "--prompt", "hi", "--n", "3", "--max-tokens",
+                                 "6", "--seed", "5", "--temperature", "1.0"])
+    assert r.exit_code == 0, r.output
+    messages = [{"role": "user", "content": "hi"}]
+    for j in range(3):
+        text = generate(model, tok, messages, max_tokens=6, temperature=1.0, seed=5 + j)
+        assert f"[sample {j + 1}]\n{text}\n" in r.stdout
+    assert "3 samples" in r.output
