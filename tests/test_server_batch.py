@@ -186,8 +186,10 @@ def test_n_rows_share_one_prefill_and_seeded_rows_reproduce(demo):
 def test_memory_bound_holds_turns_back(demo):
     model, tok = demo
     engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0))
-    one = engine.state_size(len(chat_ids(tok, "a")) + 8)
-    engine.batch_memory = one + one // 2  # room for one turn's rows at a time
+    longest = len(chat_ids(tok, "a")) + 8
+    # room for one running row and one more being prefilled, not for two rows in the batch
+    engine.batch_memory = engine.state_size.batch(1, longest) + engine.state_size.single(longest)
+    assert engine.state_size.batch(2, longest) + engine.state_size.single(longest) > engine.batch_memory
     ban = {tok.im_end_id: -100.0, tok.eos_id: -100.0}
     specs = [turn(tok, c, logit_bias=ban) for c in "abc"]
     sinks = run_together(engine, specs)
@@ -200,8 +202,10 @@ def test_state_size_bounds_the_real_state(demo):
     engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0))
     state = model.new_state(1)
     model(__import__("mlx.core").core.array([[5] * 300]), state)
-    assert state.nbytes <= engine.state_size(300)
-    assert engine.state_size(300) < engine.state_size(3000) < engine.state_size(30000)
+    size = engine.state_size
+    assert state.nbytes <= size.single(300) < size.single(3000) < size.single(30000)
+    assert size.batch(1, 300) >= size.single(300) and size.batch(3, 300) == size.batch(4, 300) == 4 * size.batch(1, 300)
+    assert size.batch(8, 300) == size.batch(20, 300)  # no more slots than --max-batch
 
 
 # -- over HTTP ---------------------------------------------------------------------------------------------

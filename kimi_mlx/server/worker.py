@@ -12,10 +12,11 @@ for the next turn. A cancelled turn leaves at the next iteration and its working
 scoring turn (completions with echo and logprobs) feeds its prompt from the empty state instead, reading the
 log-probability of every prompt token from the logits on the way.
 
-Memory: every admitted turn reserves its rows' state at their longest (prompt + max_tokens, see
-`state_bytes`) against `batch_memory`; the head of the queue waits while the reservations of the running
-turns leave no room for it (a turn alone is always admitted, as a one-at-a-time server would run it), so
-the batch never outgrows the budget. The queue is bounded by `max_queue` (more: QueueFull, a 503).
+Memory: a turn is admitted only if the batch's state, with the turn's rows added and every row at its longest
+(prompt + max_tokens), stays within `batch_memory` (`StateSize.batch`: the batched state gives every slot
+room for the longest row); the head of the queue waits meanwhile (a turn alone is always admitted, as a
+one-at-a-time server would run it), so the batch never outgrows the budget. The queue is bounded by
+`max_queue` (more: QueueFull, a 503).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import mlx.core as mx
 from ..batch import BatchGenerator
 from ..errors import KimiError
 from ..generate import GenerationOptions, prefill_step, step_lengths, stop_ids
+from ..batch_state import page_size
 from ..state import MLAState, encode_rows
 from .constrain import Grammars, ban_tokens, once
 from .prefix_cache import PrefixCache
@@ -175,11 +177,11 @@ class QueueFull(Exception):
 
 
 class Job:
-    def __init__(self, spec: TurnSpec, sink: Callable[[Event], None], reserved: int = 0):
+    def __init__(self, spec: TurnSpec, sink: Callable[[Event], None]):
         self.spec, self._sink = spec, sink
         self.cancel = threading.Event()
         self.dequeued = False  # no longer counted as waiting (started, or dropped while waiting)
-        self.reserved = reserved  # bytes of state memory its rows may reach (see state_bytes)
+        self.longest = len(spec.prompt) + len(spec.forced) + spec.options.max_tokens  # tokens a row may reach
         # engine-thread bookkeeping while admitted
         self.t0 = 0.0
         self.cached = 0
@@ -221,11 +223,13 @@ def auto_batch_memory(prefix_cache_bytes: int) -> int:
 
 
 class StateSize:
-    """Bytes a batch-1 state of this model holds after `tokens` tokens: the fixed KDA state plus, per MLA
-    layer, the cache pages at their rounded capacity (pages grow by doubling, then by PAGE_GROW rows, up to
-    PAGE_MAX; see state.py) and one more last page for the copy made while it grows."""
+    """State bytes of this model. `single(tokens)`: a batch-1 state after `tokens` tokens (the KDA state plus,
+    per MLA layer, the pages at their rounded capacity and one more last page for the copy made while it
+    grows; see state.py). `batch(rows, longest)`: the batched state (batch_state.py) of `rows` rows with the
+    longest at `longest` tokens: its slots (rows rounded up to a power of two, up to max_batch) each hold the
+    KDA state and MLA rows for the longest row, at the page size holding it, twice (a growing page is copied)."""
 
-    def __init__(self, model):
+    def __init__(self, model, max_batch: int):
         state = model.new_state(1)
         self.fixed = state.nbytes
         mla = [s for s in state.layers if isinstance(s, MLAState)]
@@ -234,11 +238,18 @@ class StateSize:
         row = encode_rows(mx.zeros((1, 1, model.config.latent_dim), model.dtype), bits, model.dtype)
         self.row = sum(a.nbytes for a in row)
         self.pages = MLAState()
+        self.max_batch = max_batch
 
-    def __call__(self, tokens: int) -> int:
+    def single(self, tokens: int) -> int:
         full, rest = divmod(tokens, self.pages.page_max)
         last = self.pages.page_size(rest) if rest else 0
         return self.fixed + self.layers * self.row * (full * self.pages.page_max + 2 * last)
+
+    def batch(self, rows: int, longest: int) -> int:
+        if rows == 0:
+            return 0
+        slots = min(self.max_batch, 1 << (rows - 1).bit_length())
+        return slots * (self.fixed + self.layers * self.row * 2 * page_size(longest))
 
 
 class Engine:
@@ -249,7 +260,7 @@ class Engine:
         self.call_ids = CallIds()
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
         self.batch = BatchGenerator(model, tokenizer, max_batch=settings.max_batch)
-        self.state_size = StateSize(model)
+        self.state_size = StateSize(model, settings.max_batch)
         self.batch_memory = (auto_batch_memory(settings.prefix_cache_bytes) if settings.batch_memory is None
                              else settings.batch_memory)
         self.stops = stop_ids(model, tokenizer)
@@ -260,7 +271,6 @@ class Engine:
         self._admitting: tuple[Job, object] | None = None  # (job, its prefill steps: a generator)
         self._active: list[Job] = []  # jobs with rows in the batch
         self._rows: dict[int, Job] = {}  # batch sequence id -> job
-        self._reserved = 0  # bytes reserved by admitted jobs
         self.rows_running = 0  # rows in the batch (read by /health)
         self.prefilling = 0  # turns whose prompt is being fed (read by /health)
         self._thread: threading.Thread | None = None
@@ -287,8 +297,7 @@ class Engine:
     def submit(self, spec: TurnSpec, sink: Callable[[Event], None]) -> Job:
         if spec.n > self.settings.max_batch:  # the request layer says so first, naming the field
             raise KimiError(f"n: {spec.n} choices exceed the batch of {self.settings.max_batch} rows")
-        reserved = spec.n * self.state_size(len(spec.prompt) + len(spec.forced) + spec.options.max_tokens)
-        job = Job(spec, sink, reserved)
+        job = Job(spec, sink)
         with self._lock:
             if self._waiting >= self.settings.max_queue:
                 raise QueueFull(f"{self._waiting} requests already waiting (--max-queue {self.settings.max_queue})")
@@ -365,7 +374,7 @@ class Engine:
             self._pending.popleft()  # cancel() has already freed its place in the queue
 
     def _fail(self, job: Job, event: Failed) -> None:
-        """End a started job: its rows leave the batch, its reservation is freed, its sink hears `event`."""
+        """End a started job: its rows leave the batch, its sink hears `event`."""
         for seq in list(job.rows):
             try:
                 self.batch.remove(seq)
@@ -382,24 +391,21 @@ class Engine:
     def _close(self, job: Job) -> None:
         if not job.closed:
             job.closed = True
-            self._reserved -= job.reserved
             if job in self._active:
                 self._active.remove(job)
 
     def _admit(self) -> None:
-        """Start the head of the queue once the batch has rows for it and its reservation fits, run one
+        """Start the head of the queue once the batch has rows for it and memory for them (`fits`), run one
         prefill step of the turn being admitted, and insert it into the batch when its prompt is in."""
         if self._admitting is None:
             while self._pending and self._pending[0].cancel.is_set():
                 self._pending.popleft()
             if self._pending:
                 job = self._pending[0]
-                if job.spec.n <= self.batch.free and (
-                        self._reserved == 0 or self._reserved + job.reserved <= self.batch_memory):
+                if job.spec.n <= self.batch.free and self.fits(job):
                     self._pending.popleft()
                     with self._lock:
                         self._dequeue(job)
-                    self._reserved += job.reserved
                     job.t0 = time.perf_counter()
                     self._admitting = (job, self._prepare(job))
                     self.prefilling = 1  # (before its first step: /health reads it meanwhile)
@@ -419,6 +425,17 @@ class Engine:
             except Exception as e:
                 self._admitting = None
                 self._fail(job, self._failure(e))
+
+    def fits(self, job: Job) -> bool:
+        """Whether the batch's state stays within batch_memory with `job`'s rows added, every row at its
+        longest, plus `job`'s own batch-1 state while it is prefilled (always, when nothing else runs)."""
+        started = self._started()
+        if not started:
+            return True
+        rows = sum(j.spec.n for j in started) + job.spec.n
+        longest = max(j.longest for j in [*started, job])
+        need = self.state_size.batch(rows, longest) + self.state_size.single(job.longest)
+        return need <= self.batch_memory
 
     @staticmethod
     def _failure(e: Exception) -> Failed:
