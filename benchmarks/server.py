@@ -10,8 +10,9 @@ whole conversation as input items, to a server with the prefix cache and to one 
 
 Continuous batching (--api batch): --requests different prompts sent at once (each its own streamed chat
 completion, greedy, --batch-tokens tokens each with the end tokens banned so every reply runs its full length)
-against the same requests one after another, to one server (--max-batch --requests, no prefix cache); the
-replies must be the same both ways. The wall time of each way is the best of --repeats, alternating.
+against the same requests one after another, to one server (--max-batch --requests, no prefix cache), and one
+after another to a server whose rows decode through the single-sequence path (a one-at-a-time server's speed);
+the replies must be the same every way. The wall time of each way is the best of --repeats, alternating.
 
 Every server runs in this process on 127.0.0.1 over the same model (default: the demo), turn by turn in
 lockstep (so that load from other processes hits them alike), and sees the same conversation (the replies
@@ -184,29 +185,37 @@ def batch_stream(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int
 def concurrent_vs_sequential(model, tok, requests: int, prompt_tokens: int, max_tokens: int,
                              repeats: int) -> dict:
     """Wall times of `requests` streamed chat completions sent at once and sent one by one (best of
-    `repeats`, alternating), to one server batching up to `requests` rows, and the replies of both ways."""
-    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0, max_batch=requests))
+    `repeats`, alternating), to one server batching up to `requests` rows; and one by one to a server whose
+    rows decode through the single-sequence path (BatchGenerator's sequential reference: a one-at-a-time
+    server's speed). The replies of every way are returned."""
+    from kimi_mlx.batch import BatchGenerator
+
+    engines = [Engine(model, tok, EngineSettings(prefix_cache_bytes=0, max_batch=requests)) for _ in range(2)]
+    engines[1].batch = BatchGenerator(model, tok, max_batch=requests, reference=True)
     prompts = [f"Request {i}: " + user_message(i + 1, prompt_tokens) for i in range(requests)]
     ban = {str(i): -100 for i in (tok.im_end_id, tok.eos_id, *model.config.eos_token_ids)}
 
-    async def both(url):
+    async def every_way(url, single_url):
         async with httpx.AsyncClient(timeout=600) as http:
-            await batch_stream(http, url, "warm up", 4, ban)
-            times = {"concurrent": [], "sequential": []}
+            for u in (url, single_url):
+                await batch_stream(http, u, "warm up", 4, ban)
+            times = {"concurrent": [], "sequential": [], "single": []}
             replies = {}
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 replies["concurrent"] = await asyncio.gather(*(batch_stream(http, url, p, max_tokens, ban)
                                                                for p in prompts))
                 times["concurrent"].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                replies["sequential"] = [await batch_stream(http, url, p, max_tokens, ban) for p in prompts]
-                times["sequential"].append(time.perf_counter() - t0)
+                for way, u in (("sequential", url), ("single", single_url)):
+                    t0 = time.perf_counter()
+                    replies[way] = [await batch_stream(http, u, p, max_tokens, ban) for p in prompts]
+                    times[way].append(time.perf_counter() - t0)
             return times, replies
 
-    with LocalServer(create_app(engine, ServerSettings("bench"))) as url:
-        times, replies = asyncio.run(both(url))
-    return {"concurrent": min(times["concurrent"]), "sequential": min(times["sequential"]), "replies": replies}
+    with LocalServer(create_app(engines[0], ServerSettings("bench"))) as url, \
+            LocalServer(create_app(engines[1], ServerSettings("bench"))) as single_url:
+        times, replies = asyncio.run(every_way(url, single_url))
+    return {**{way: min(t) for way, t in times.items()}, "replies": replies}
 
 
 def main():
@@ -261,14 +270,18 @@ def main():
         sections.append(("server: Responses API chain (previous_response_id) vs resending the conversation", lines))
     if a.api in ("batch", "all"):
         r = concurrent_vs_sequential(model, tok, a.requests, a.batch_prompt_tokens, a.batch_tokens, a.repeats)
-        assert r["replies"]["concurrent"] == r["replies"]["sequential"], "the replies differ batched and alone"
+        got = r["replies"]
+        assert got["concurrent"] == got["sequential"] == got["single"], "the replies differ batched and alone"
         n_tokens = a.requests * a.batch_tokens
+        rate = lambda way: f"{r[way]:.2f} s ({n_tokens / r[way]:.1f} tok/s)"  # noqa: E731
         lines = [head, f"continuous batching: {a.requests} streamed chat completions (prompts of "
                        f"{a.batch_prompt_tokens} characters, {a.batch_tokens}-token greedy replies) to one server "
-                       f"(--max-batch {a.requests}, no prefix cache), best of {a.repeats}",
-                 f"{a.requests} concurrent requests: {r['concurrent']:.2f} s ({n_tokens / r['concurrent']:.1f} "
-                 f"tok/s) | one by one: {r['sequential']:.2f} s ({n_tokens / r['sequential']:.1f} tok/s) | "
-                 f"concurrent / one by one: {r['concurrent'] / r['sequential']:.2f}x"]
+                       f"(--max-batch {a.requests}, no prefix cache), best of {a.repeats}; the single-sequence "
+                       "decode: one by one to a server whose rows step alone (the sequential reference)",
+                 f"{a.requests} concurrent requests: {rate('concurrent')} | one by one: {rate('sequential')} | "
+                 f"one by one, single-sequence decode: {rate('single')} | concurrent / one by one: "
+                 f"{r['concurrent'] / r['sequential']:.2f}x, / single-sequence one by one: "
+                 f"{r['concurrent'] / r['single']:.2f}x"]
         print("\n".join(lines), flush=True)
         sections.append(("server: concurrent requests (continuous batching) vs one by one", lines))
     if a.record:
