@@ -260,7 +260,7 @@ def test_bad_n_is_a_400_naming_it(server):
 
 
 def test_health_counts_running_and_queued_rows(server):
-    body = {"model": "demo", "max_tokens": 400, "stream": True, "logit_bias": no_stop_bias()}
+    body = {"model": "demo", "max_tokens": 4000, "stream": True, "logit_bias": no_stop_bias()}
 
     async def main():
         async with httpx.AsyncClient(timeout=60) as http:
@@ -270,13 +270,16 @@ def test_health_counts_running_and_queued_rows(server):
                     async for line in resp.aiter_lines():
                         if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                             ready.set()  # a token came: its rows are in the batch
-                            await asyncio.sleep(30)  # hold the stream open until cancelled
+                            await asyncio.sleep(60)  # hold the stream open until cancelled
 
             events = [asyncio.Event() for _ in range(3)]
-            tasks = [asyncio.ensure_future(hold(i, e)) for i, e in enumerate(events)]
-            await asyncio.wait_for(asyncio.gather(events[0].wait(), events[1].wait()), 60)
+            tasks = []
+            for i in range(2):  # in turn: n=2 first, then one more row: 3 rows fill --max-batch 3
+                tasks.append(asyncio.ensure_future(hold(i, events[i])))
+                await asyncio.wait_for(events[i].wait(), 60)
+            tasks.append(asyncio.ensure_future(hold(2, events[2])))  # no row for it: it waits
             deadline = time.monotonic() + 10
-            while True:  # 3 rows (n=2 and one more) fill --max-batch 3; the third request waits
+            while True:
                 health = (await http.get(server.url + "/health")).json()
                 if health["queued"] == 1 or time.monotonic() > deadline:
                     break
@@ -319,3 +322,25 @@ def test_concurrent_http_requests_equal_alone(server):
                                              temperature=0).choices[0].message.content
         assert got == want
     assert json.dumps(server.health())  # still answering
+
+
+def test_a_fault_in_a_step_fails_its_turns_and_the_engine_goes_on(demo, monkeypatch):
+    from kimi_mlx.batch import BatchGenerator
+
+    model, tok = demo
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0))
+    step, calls = BatchGenerator.step, []
+
+    def once_broken(self):
+        calls.append(self)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return step(self)
+
+    monkeypatch.setattr(BatchGenerator, "step", once_broken)
+    sinks = run_together(engine, [turn(tok, "a"), turn(tok, "b")])
+    failed = [s.events[-1] for s in sinks if isinstance(s.events[-1], Failed)]
+    assert failed and all(not f.client_error and "boom" in f.message for f in failed)  # the rows in that batch
+    assert engine.batch is not calls[0] and engine.batch.running == 0
+    sink = run_together(engine, [turn(tok, "c")])[0]  # (a restarted engine thread, too)
+    assert sink.finished().completion_tokens >= 1

@@ -321,6 +321,8 @@ class Engine:
         scripts; the engine thread must not be running)."""
         if self._thread is not None:
             raise KimiError("run_turn is for an engine whose thread is not started")
+        if not self._started():
+            self._new_batch()
         with self._lock:
             self._waiting += 1
         self._pending.append(job)
@@ -338,10 +340,22 @@ class Engine:
         self.rows_running = self.batch.running
         self.prefilling = int(self._admitting is not None)
 
+    def _new_batch(self) -> None:
+        """A fresh BatchGenerator, made on the thread that will step it: MLX evaluates an array on the stream
+        of the thread that made it, which another thread cannot reach (a restarted engine thread would fail
+        on a batch the previous one made)."""
+        self.batch = BatchGenerator(self.model, self.tokenizer, max_batch=self.settings.max_batch,
+                                    reference=self.batch.reference)
+        self._rows.clear()
+
     def _loop(self) -> None:
+        self._new_batch()  # (no rows run while the thread is down: stop() ends every started turn)
         try:
             while self._take():
-                self._iterate()
+                try:
+                    self._iterate()
+                except Exception as e:  # a fault outside one turn's own work: fail the started turns, go on
+                    self._fail_all(self._failure(e))
         finally:
             for job in self._started():
                 self._fail(job, Failed("the server is shutting down", client_error=False))
@@ -379,7 +393,7 @@ class Engine:
             try:
                 self.batch.remove(seq)
             except KimiError:
-                pass  # it finished in the latest step
+                pass  # it left already
             self._rows.pop(seq, None)
         job.rows.clear()
         if self._admitting is not None and self._admitting[0] is job:
@@ -387,6 +401,17 @@ class Engine:
             self._admitting = None
         self._close(job)
         job.emit(event)
+
+    def _fail_all(self, event: Failed) -> None:
+        """The batch's state is unknown after a fault in it: every started turn fails, a fresh batch begins."""
+        for job in self._started():
+            try:
+                self._fail(job, event)
+            except Exception:
+                log.exception("dropping a failed turn")
+                self._close(job)
+        self._admitting = None
+        self._new_batch()
 
     def _close(self, job: Job) -> None:
         if not job.closed:
@@ -498,13 +523,8 @@ class Engine:
     def _decode(self) -> None:
         try:
             results = self.batch.step()
-        except Exception as e:  # the batch's state is unknown now: fail its turns, start a fresh batch
-            failure = self._failure(e)
-            for job in list(self._active):
-                self._fail(job, failure)
-            self.batch = BatchGenerator(self.model, self.tokenizer, max_batch=self.settings.max_batch)
-            self._rows.clear()
-            return
+        except Exception as e:
+            return self._fail_all(self._failure(e))
         now = time.perf_counter()
         for seq, r in results:
             job = self._rows[seq]
