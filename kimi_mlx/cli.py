@@ -78,7 +78,7 @@ def generate(
     prefill_step_size: PrefillStepSize = D.prefill_step_size,
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="print token counts and speeds to stderr"),
     n: int = typer.Option(1, "--n", "-n", min=1, help="samples of the prompt, decoded together as one batch (one "
-                          "prefill; with --seed S, sample j draws with seed S + j)"),
+                          "prefill; with --seed S, the samples draw with seeds S, S+1, ...)"),
     distributed: Distributed = False,
 ):
     """Generate text from a prompt (sent as a user message through the chat template unless --raw)."""

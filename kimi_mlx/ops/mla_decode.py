@@ -16,6 +16,8 @@ switched off at load (metal_kernels.usable) gives way the same way.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
 
 from .. import settings
@@ -205,12 +207,22 @@ def decode_page_kernel(qa, page, last, heads: int = PAGE_KERNEL_HEADS, groups: i
     K = -(-N // chunk)
     f32 = mx.float32
     part, most, total = kernel("mla_decode_page")(
-        inputs=[qa, page, per_row(last, B)],
-        template=[("H", H), ("W", W), ("HG", heads), ("NW", groups), ("R", chunk), ("N", N), ("K", K)],
+        inputs=[qa, page, per_row(last, B), dims(N, K)],
+        template=[("H", H), ("W", W), ("HG", heads), ("NW", groups), ("R", chunk)],
         grid=(32 * groups, K * (H // heads), B), threadgroup=(32 * groups, 1, 1),
         output_shapes=[(B, K, H, W), (B, K, H), (B, K, H)], output_dtypes=[f32, f32, f32],
     )
     return decode_merge_kernel(part, most, total, qa.dtype)
+
+
+@lru_cache(maxsize=64)
+def dims(*sizes: int) -> mx.array:
+    """A kernel's run-time sizes (page rows, chunks) as int32 on the device, made once per size: the kernels are
+    built for the model's shape alone (not once per page size or batch), and nothing is made on the host a token
+    (as state.positions)."""
+    a = mx.array(sizes, mx.int32)
+    mx.eval(a)
+    return a
 
 
 def per_row(last: mx.array, B: int) -> mx.array:
@@ -237,8 +249,8 @@ def decode_merge_kernel(part, most, total, dtype) -> mx.array:
     B, K, H, W = part.shape
     T = 32 * MERGE_GROUPS
     (o,) = kernel("mla_decode_merge")(
-        inputs=[part, most, total],
-        template=[("H", H), ("W", W), ("K", K), ("NW", MERGE_GROUPS)],
+        inputs=[part, most, total, dims(K)],
+        template=[("H", H), ("W", W), ("NW", MERGE_GROUPS)],
         grid=(T, H * -(-W // 32), B), threadgroup=(T, 1, 1),
         output_shapes=[(B, H, W)], output_dtypes=[dtype],
     )
@@ -268,8 +280,8 @@ def decode_chunks_kernel(s, last, chunk: int):
     f32 = mx.float32
     T = 32 * CHUNK_GROUPS
     return kernel("mla_decode_chunks")(
-        inputs=[s, per_row(last, B)],
-        template=[("H", H), ("N", N), ("C", chunk), ("K", K), ("NW", CHUNK_GROUPS)],
+        inputs=[s, per_row(last, B), dims(N, K)],
+        template=[("H", H), ("C", chunk), ("NW", CHUNK_GROUPS)],
         grid=(T, K * H, B), threadgroup=(T, 1, 1),
         output_shapes=[(B, K, H, chunk), (B, K, H), (B, K, H)], output_dtypes=[s.dtype, f32, f32],
     )
