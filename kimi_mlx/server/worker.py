@@ -579,11 +579,14 @@ class Engine:
 
     def prefill_plan(self, seq: list[int], start: int) -> list[tuple[int, bool]]:
         """(end, snapshot?) chunks covering seq[start:-1]: cut at every message end (after <|im_end|>),
-        every snapshot_interval tokens (both snapshotted) and every prefill_step_size tokens (if set)."""
+        every snapshot_interval tokens (both snapshotted, when the prefix cache is on) and every
+        prefill_step_size tokens (if set)."""
         last = len(seq) - 1
         s = self.settings
         keep = {i + 1 for i in range(start, last) if seq[i] == self.tokenizer.im_end_id}
         keep |= set(range(s.snapshot_interval, last + 1, s.snapshot_interval))
+        if self.cache.max_bytes <= 0:  # no prefix cache: no snapshots, so no cuts for them
+            keep = set()
         cuts = {p for p in keep if start < p <= last}
         if s.prefill_step_size:  # (auto steps are cut inside each chunk, as generate.prefill does)
             cuts |= set(range(start + s.prefill_step_size, last, s.prefill_step_size))
