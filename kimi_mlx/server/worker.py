@@ -2,7 +2,8 @@
 
 Each iteration of the engine thread does a bounded amount of work: one prefill step of the request being
 admitted (the head of the queue), then one decode step of every running row (BatchGenerator.step), so
-running rows are never starved by a long prompt and a new request never waits for a long reply. Admitting a
+running rows are never starved by a long prompt and a new request joins while others are replying (when the
+batch has rows free for it; else it waits in the queue). Admitting a
 turn restores the longest cached prefix state of its input and feeds the rest step by step (a step is the
 prefill step size), snapshotting into the prefix cache at every message end and every `snapshot_interval`
 tokens, checking for cancellation between steps. When the prompt is in, the state joins the batch as n rows
