@@ -344,3 +344,33 @@ def test_a_fault_in_a_step_fails_its_turns_and_the_engine_goes_on(demo, monkeypa
     assert engine.batch is not calls[0] and engine.batch.running == 0
     sink = run_together(engine, [turn(tok, "c")])[0]  # (a restarted engine thread, too)
     assert sink.finished().completion_tokens >= 1
+
+
+def test_closing_one_stream_leaves_the_other_replies_whole(server):
+    body = {"model": "demo", "max_tokens": 30, "temperature": 0, "stream": True, "logit_bias": no_stop_bias()}
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as http:
+            async def read(i, stop_after=None):
+                text, finish, seen = "", None, 0
+                async with http.stream("POST", server.url + "/v1/chat/completions",
+                                       json={**body, "messages": user(f"story {i}")}) as resp:
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        choice = json.loads(line[6:])["choices"][0]
+                        text += choice["delta"].get("content") or ""
+                        finish = choice["finish_reason"] or finish
+                        seen += 1
+                        if stop_after and seen >= stop_after:
+                            return text, "closed"  # leaving the block closes the connection
+                return text, finish
+
+            return await asyncio.gather(read(0, stop_after=4), read(1))
+
+    (_, closed), (text, finish) = asyncio.run(main())
+    assert closed == "closed" and finish == "length"
+    want = server.client().chat.completions.create(model="demo", messages=user("story 1"), max_tokens=30,
+                                                   temperature=0, logit_bias=no_stop_bias())
+    assert text == want.choices[0].message.content
+    assert server.wait_idle(10) < 10
