@@ -22,7 +22,7 @@ from .batch_state import BatchState
 from .generate import (GenerationOptions, ReplyText, Response, RowSampler, Step, generate_step, prefill, prompt_ids,
                        reply_room, sampling_context)
 from .sample import Sampler, normalize
-from .state import ModelState
+from .state import MLAState, ModelState
 from .state_io import rewind
 
 
@@ -297,6 +297,22 @@ class BatchGenerator:
             self._engine.add(*args) if self.reference else self._engine.add(*args, shared)
             seqs.append(seq)
         return seqs
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the rows' states hold now (the batched engine: its whole BatchState, pages as allocated)."""
+        if self.reference:
+            return sum(row.state.nbytes for row in self._engine.rows.values())
+        return self._engine.batch.nbytes
+
+    def bytes_with(self, state: ModelState, n: int = 1) -> int:
+        """Bytes the rows' states would hold with n more rows continuing `state` (a server's memory bound asks
+        before insert). The batched engine sizes every slot by its longest row, so this is capacity x the longest
+        row, not the sum of the rows' lengths."""
+        if self.reference:
+            return self.nbytes + n * state.nbytes
+        bits = next((s.bits for s in state.layers if isinstance(s, MLAState)), 0)
+        return self._engine.batch.bytes_with(state.offset + 1, bits, n)  # (+ 1: `last`, fed at insert)
 
     def step(self) -> list[tuple[int, Response]]:
         """One decode step for every running row: each row's new token as the same Response the single-sequence
