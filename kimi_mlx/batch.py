@@ -171,23 +171,26 @@ class _Batched:
         rows = self.rows
         if not rows:
             return []
-        pending = {seq: (row.first if row.first is not None else (row.y, self.lp_all[row.slot : row.slot + 1]))
-                   for seq, row in rows.items()}
+        drawn, logprobs = self.y_all, self.lp_all  # the latest forward's draws: the pending tokens of rows in it
+        steady = drawn is not None and drawn.shape[0] == self.batch.capacity and all(
+            row.first is None for row in rows.values())
         if any(len(row.reply.tokens) + 1 < row.reply.max_tokens for row in rows.values()):
-            steady = self.y_all is not None and self.y_all.shape[0] == self.batch.capacity and all(
-                row.first is None for row in rows.values())  # every pending token is in the latest draws
-            self._forward({rows[seq].slot: y for seq, (y, _) in pending.items()}, self.y_all if steady else None)
+            inputs = {row.slot: row.first[0] if row.first is not None else row.y for row in rows.values()}
+            self._forward(inputs, drawn if steady else None)
         else:  # every row's pending token is its last: nothing to feed
             self.mark = self.batch.mark()
             for row in rows.values():
                 row.marked = row.offset
-        ys = [y for y, _ in pending.values()]
-        tokens = (ys[0] if len(ys) == 1 else mx.concatenate(ys)).tolist()
+        # the pending tokens to the host: the latest draws in one read, each joined row's first draw on its own
+        values = drawn.tolist() if drawn is not None and any(row.first is None for row in rows.values()) else None
         out = []
-        for (seq, (_, lp)), token in zip(pending.items(), tokens):
-            row = rows[seq]
-            row.first = None
-            r = row.reply.push(Step(token, lp[0], None))
+        for seq, row in list(rows.items()):
+            if row.first is not None:
+                (y, lp), row.first = row.first, None
+                token, lp = y.item(), lp[0]
+            else:
+                token, lp = values[row.slot], logprobs[row.slot]
+            r = row.reply.push(Step(token, lp, None))
             out.append((seq, r))
             if r.finish_reason:
                 self.finished[seq] = rows.pop(seq)
