@@ -16,8 +16,6 @@ switched off at load (metal_kernels.usable) gives way the same way.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import mlx.core as mx
 
 from .. import settings
@@ -215,14 +213,11 @@ def decode_page_kernel(qa, page, last, heads: int = PAGE_KERNEL_HEADS, groups: i
     return decode_merge_kernel(part, most, total, qa.dtype)
 
 
-@lru_cache(maxsize=64)
 def dims(*sizes: int) -> mx.array:
-    """A kernel's run-time sizes (page rows, chunks) as int32 on the device, made once per size: the kernels are
-    built for the model's shape alone (not once per page size or batch), and nothing is made on the host a token
-    (as state.positions)."""
-    a = mx.array(sizes, mx.int32)
-    mx.eval(a)
-    return a
+    """A kernel's run-time sizes (page rows, chunks): metal_kernels.sizes."""
+    from metal_kernels import sizes as made
+
+    return made(*sizes)
 
 
 def per_row(last: mx.array, B: int) -> mx.array:
