@@ -65,13 +65,15 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
 
 def _decode_pages(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
     """mla_decode's attention over whole pages as matmuls, probabilities in dtype: qa [B, H, W] -> [B, H, W]
-    (float32 when several pages are summed)."""
+    (float32 when several pages are summed). row: the last page's last row each query sees, [B, 1, 1] (one for all
+    sequences, or one a sequence of a ragged batch); given flat, one per query row H."""
     gs, bits = cache.group_size, cache.bits
     if bits:
         parts = [mx.quantized_matmul(qa, *p, transpose=True, group_size=gs, bits=bits) for p in cache.pages]
     else:
         parts = [qa @ p[0].swapaxes(-1, -2) for p in cache.pages]
-    parts[-1] = mx.where(positions(parts[-1].shape[-1]) <= row.reshape(-1, 1, 1), parts[-1], -mx.inf)
+    rows = row if row.ndim == 3 else row.reshape(1, -1, 1)  # [B, 1, 1]: a row per sequence (or one for all)
+    parts[-1] = mx.where(positions(parts[-1].shape[-1]) <= rows, parts[-1], -mx.inf)
     s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)  # [B, H, capacity]
     p = fast_math.softmax(s)  # float32 inside, probabilities in the cache dtype
     o, off = None, 0
