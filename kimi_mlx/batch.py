@@ -22,7 +22,7 @@ from .batch_state import BatchState
 from .generate import (GenerationOptions, ReplyText, Response, RowSampler, Step, generate_step, prefill, prompt_ids,
                        reply_room, sampling_context)
 from .sample import Sampler, normalize
-from .state import ModelState
+from .state import MLAState, ModelState
 from .state_io import rewind
 
 
@@ -171,23 +171,26 @@ class _Batched:
         rows = self.rows
         if not rows:
             return []
-        pending = {seq: (row.first if row.first is not None else (row.y, self.lp_all[row.slot : row.slot + 1]))
-                   for seq, row in rows.items()}
+        drawn, logprobs = self.y_all, self.lp_all  # the latest forward's draws: the pending tokens of rows in it
+        steady = drawn is not None and drawn.shape[0] == self.batch.capacity and all(
+            row.first is None for row in rows.values())
         if any(len(row.reply.tokens) + 1 < row.reply.max_tokens for row in rows.values()):
-            steady = self.y_all is not None and self.y_all.shape[0] == self.batch.capacity and all(
-                row.first is None for row in rows.values())  # every pending token is in the latest draws
-            self._forward({rows[seq].slot: y for seq, (y, _) in pending.items()}, self.y_all if steady else None)
+            inputs = {row.slot: row.first[0] if row.first is not None else row.y for row in rows.values()}
+            self._forward(inputs, drawn if steady else None)
         else:  # every row's pending token is its last: nothing to feed
             self.mark = self.batch.mark()
             for row in rows.values():
                 row.marked = row.offset
-        ys = [y for y, _ in pending.values()]
-        tokens = (ys[0] if len(ys) == 1 else mx.concatenate(ys)).tolist()
+        # the pending tokens to the host: the latest draws in one read, each joined row's first draw on its own
+        values = drawn.tolist() if drawn is not None and any(row.first is None for row in rows.values()) else None
         out = []
-        for (seq, (_, lp)), token in zip(pending.items(), tokens):
-            row = rows[seq]
-            row.first = None
-            r = row.reply.push(Step(token, lp[0], None))
+        for seq, row in list(rows.items()):
+            if row.first is not None:
+                (y, lp), row.first = row.first, None
+                token, lp = y.item(), lp[0]
+            else:
+                token, lp = values[row.slot], logprobs[row.slot]
+            r = row.reply.push(Step(token, lp, None))
             out.append((seq, r))
             if r.finish_reason:
                 self.finished[seq] = rows.pop(seq)
@@ -297,6 +300,22 @@ class BatchGenerator:
             self._engine.add(*args) if self.reference else self._engine.add(*args, shared)
             seqs.append(seq)
         return seqs
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the rows' states hold now (the batched engine: its whole BatchState, pages as allocated)."""
+        if self.reference:
+            return sum(row.state.nbytes for row in self._engine.rows.values())
+        return self._engine.batch.nbytes
+
+    def bytes_with(self, state: ModelState, n: int = 1) -> int:
+        """Bytes the rows' states would hold with n more rows continuing `state` (a server's memory bound asks
+        before insert). The batched engine sizes every slot by its longest row, so this is capacity x the longest
+        row, not the sum of the rows' lengths."""
+        if self.reference:
+            return self.nbytes + n * state.nbytes
+        bits = next((s.bits for s in state.layers if isinstance(s, MLAState)), 0)
+        return self._engine.batch.bytes_with(state.offset + 1, bits, n)  # (+ 1: `last`, fed at insert)
 
     def step(self) -> list[tuple[int, Response]]:
         """One decode step for every running row: each row's new token as the same Response the single-sequence

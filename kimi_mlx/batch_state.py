@@ -229,6 +229,30 @@ class BatchState:
         state.eval()
         return state
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the batch holds now (every slot, pages as allocated)."""
+        return sum(a.nbytes for a in self.arrays().values())
+
+    def bytes_with(self, rows: int, bits: int = 0, n: int = 1) -> int:
+        """Bytes the batch would hold with n more sequences of `rows` MLA rows joined (and room for their next row):
+        every slot is as long as the page, so a long sequence costs its length in every slot (a server's memory
+        bound reads this before a join)."""
+        if not self.layers:
+            self.bits = bits
+            self._build(self.model.new_state(1, cache_bits=bits))
+        c = max(self.capacity, 1)
+        while c < min(self.running + n, self.max_batch):
+            c = min(self.max_batch, 2 * c)
+        p = page_size(max([rows, *self.lens]) + 1)
+        slot = row = 0
+        for s in self.layers:
+            if isinstance(s, KDAState):
+                slot += (s.conv.nbytes + s.recurrent.nbytes) // self.capacity
+            else:
+                row += sum(a.nbytes for a in s.page) // (self.capacity * self.rows)
+        return c * (slot + p * row)
+
     def arrays(self) -> dict[str, mx.array]:
         out = {}
         for i, s in enumerate(self.layers):

@@ -1,5 +1,6 @@
 """Token generation: generate_step (ids, chunked prefill, one-step async lookahead), the Generation that
-turns steps into Response objects (text, stop strings, timing), stream_generate and generate."""
+turns steps into Response objects (text, stop strings, timing), stream_generate and generate. One sequence's
+sampling (RowSampler) and Responses (ReplyText) are shared with the batch engine (batch.py)."""
 
 from __future__ import annotations
 
@@ -306,8 +307,7 @@ def sampling_context(opts: GenerationOptions, context, prompt) -> tuple[list, li
     processors see tail + prompt + the tokens generated, the first len(tail) + len(prompt) of them context (the
     presence and frequency penalties count only the generated ones; the repetition penalty's window is the last
     repetition_context_size tokens of all)."""
-    tail = list(context)[len(context) - opts.repetition_context_size :] if opts.repetition_context_size < len(
-        context) else list(context)
+    tail = list(context)[-opts.repetition_context_size :]
     processors = make_logits_processors(opts, len(tail) + len(prompt))
     return processors, tail if processors else []
 

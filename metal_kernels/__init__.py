@@ -204,6 +204,25 @@ SPECS = {
             ("bfloat16", 257 * 2048 * 36),
         ),
         sample_outputs=("float32",),
+        defines=(("MOE_UNION", 0),),
+    ),
+    "moe_gate_up_union": KernelSpec(  # moe_gate_up reading each expert of a batch's union once
+        name="moe_gate_up_union",
+        inputs=("x", "idx", "order", "pairs", "wq", "scales", "biases"),
+        outputs=("h",),
+        sample_template=(("D", 2304), ("I", 1024), ("P", 9), ("BITS", 4), ("GS", 64), ("R", 4), ("TB", 4)),
+        sample_inputs=(
+            ("bfloat16", 8 * 2304),
+            ("int32", 8 * 9),
+            ("int32", 8 * 9),
+            ("int32", 1),
+            ("uint32", 257 * 2048 * 288),
+            ("bfloat16", 257 * 2048 * 36),
+            ("bfloat16", 257 * 2048 * 36),
+        ),
+        sample_outputs=("float32",),
+        source="moe_gate_up",
+        defines=(("MOE_UNION", 1),),
     ),
     "moe_down": KernelSpec(
         name="moe_down",
@@ -222,6 +241,17 @@ SPECS = {
     ),
 }
 
+
+
+@cache
+def sizes(*values: int) -> mx.array:
+    """Run-time sizes for a kernel (page rows, chunks, pairs) as an int32 input on the device, made once per value:
+    kernels take them as inputs rather than template constants, so they are built once for the model's shape, not
+    once per page size or batch, and nothing is made on the host a token (CUDA keeps a host-made array in
+    managed memory, which its first reader waits for)."""
+    a = mx.array(values, mx.int32)
+    mx.eval(a)
+    return a
 
 
 def backend() -> str | None:

@@ -97,6 +97,8 @@ def _calls():
                 gate_up, down = _bank(E + 1, 2 * I, D, bits, gs), _bank(E + 1, D, I, bits, gs)
                 idx, w = z((B, K + 1), i32), z((B, K + 1), f32)
                 yield lambda B=B, g=gate_up, d=down, idx=idx, w=w: experts.experts_kernel(z((B, D), bf), idx, w, g, d)
+                yield lambda B=B, g=gate_up, d=down, idx=idx, w=w: experts.experts_kernel(z((B, D), bf), idx, w, g, d,
+                                                                                  union=True)
         for n in PAGES:
             qa, last = z((B, MLA_H, W), bf), z((B,), i32)  # a last row per sequence (a ragged batch)
             if n <= mla_decode.PAGE_KERNEL_ROWS:

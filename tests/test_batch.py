@@ -287,3 +287,14 @@ def test_cli_generate_n_prints_each_sample(demo):
         text = generate(model, tok, messages, max_tokens=6, temperature=1.0, seed=5 + j)
         assert f"[sample {j + 1}]\n{text}\n" in r.stdout
     assert "3 samples" in r.output
+
+
+def test_bytes_with_is_what_the_batch_holds_after_the_join(demo):
+    model, tok = demo
+    gen = BatchGenerator(model, tok, max_batch=4)
+    for prompt, n in (("abc", 1), ("x" * 300, 2)):
+        state, ids = prefilled(model, tok, prompt)
+        want = gen.bytes_with(state, n)
+        gen.insert(state, ids[-1], GenerationOptions(max_tokens=4, temperature=0.0), n=n)
+        gen.step()
+        assert gen.nbytes == want

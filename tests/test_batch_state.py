@@ -118,3 +118,21 @@ def test_slots_join_leave_grow_and_shrink_and_read_back_exactly(demo_random, qua
     batch.prepare()
     assert batch.capacity == 1
     check()
+
+
+def test_bytes_with_predicts_the_batch_after_a_join(demo_random):
+    """BatchState.bytes_with: the bytes after joining n sequences of a length, as the batch then holds them."""
+    model, _ = demo_random
+    batch = BatchState(model, max_batch=4)
+    short, long = model.new_state(1), model.new_state(1)
+    prefill(model, short, list(range(3, 13)))
+    prefill(model, long, list(range(3, 303)))
+    want = batch.bytes_with(short.offset)
+    batch.add(short)
+    batch.prepare()
+    assert batch.nbytes == want
+    want = batch.bytes_with(long.offset, n=2)
+    batch.add(long)
+    batch.add(long)
+    batch.prepare()
+    assert batch.nbytes == want and batch.capacity == 4 and batch.rows == 512

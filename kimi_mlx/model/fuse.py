@@ -94,8 +94,8 @@ class FusedMoE(nn.Module):
         idx, w = self.gate(flat, shared=self.num_shared)  # the shared experts ride along as the last columns
         k = idx.shape[1]
         path = self.path(N, decode=len(shape) == 3 and shape[1] == 1)
-        if path == "kernel":  # decode on a GPU: two kernels over the quantized banks (ops/experts.py)
-            out = experts_kernel(flat, idx, w, self.gate_up_proj, self.down_proj)
+        if path in ("kernel", "union"):  # decode on a GPU: two kernels over the quantized banks (ops/experts.py)
+            out = experts_kernel(flat, idx, w, self.gate_up_proj, self.down_proj, union=path == "union")
         elif path == "gather":  # decode otherwise: MLX's gather matmuls (the kernels' reference twin)
             out = experts_ref(flat, idx, w, self.gate_up_proj, self.down_proj)
         elif path == "bounded":  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather matmul a bank
@@ -185,11 +185,15 @@ def choose_experts(f: settings.Facts, pairs: int, kernel_fits: bool = False, dec
     read the host inside a compiled decode step). decode (one token for each of a batch's sequences, in a decode
     step): 'kernel' or 'gather' however many pairs, as for one sequence (a batch of B rows is B * k pairs, a
     decode step's shape: each pair a matrix-vector product; the prefill paths' sorting and blocks would cost
-    more launches than the pairs, and 'segmented' reads the host)."""
+    more launches than the pairs, and 'segmented' reads the host). 'union' (only when forced): the decode kernels with
+    the gate|up bank read once per distinct expert of the call's tokens (moe_gate_up_union), for batches whose rows
+    share experts; falls back to 'kernel' where that kernel is switched off."""
     forced = f[EXPERTS_ENV]
-    if forced == "kernel" and not (kernel_fits and f.gpu):
-        raise ConfigError(f"{EXPERTS_ENV}=kernel needs a Metal or CUDA device and affine {'/'.join(map(str, KERNEL_BITS))}"
-                          "-bit expert banks; unset it or pick another path")
+    if forced in ("kernel", "union") and not (kernel_fits and f.gpu):
+        raise ConfigError(f"{EXPERTS_ENV}={forced} needs a Metal or CUDA device and affine "
+                          f"{'/'.join(map(str, KERNEL_BITS))}-bit expert banks; unset it or pick another path")
+    if forced == "union":  # the decode kernels, gate|up reading each expert of the tokens' union once
+        return "union" if f.usable("moe_gate_up_union") else "kernel"
     if forced in ("gather", "kernel") or (forced != "auto" and pairs >= 64 and not decode):
         return forced
     if pairs < 64 or decode:

@@ -16,8 +16,6 @@ switched off at load (metal_kernels.usable) gives way the same way.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import mlx.core as mx
 
 from .. import settings
@@ -67,13 +65,15 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
 
 def _decode_pages(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
     """mla_decode's attention over whole pages as matmuls, probabilities in dtype: qa [B, H, W] -> [B, H, W]
-    (float32 when several pages are summed)."""
+    (float32 when several pages are summed). row: the last page's last row each query sees, [B, 1, 1] (one for all
+    sequences, or one a sequence of a ragged batch); given flat, one per query row H."""
     gs, bits = cache.group_size, cache.bits
     if bits:
         parts = [mx.quantized_matmul(qa, *p, transpose=True, group_size=gs, bits=bits) for p in cache.pages]
     else:
         parts = [qa @ p[0].swapaxes(-1, -2) for p in cache.pages]
-    parts[-1] = mx.where(positions(parts[-1].shape[-1]) <= row.reshape(-1, 1, 1), parts[-1], -mx.inf)
+    rows = row if row.ndim == 3 else row.reshape(1, -1, 1)  # [B, 1, 1]: a row per sequence (or one for all)
+    parts[-1] = mx.where(positions(parts[-1].shape[-1]) <= rows, parts[-1], -mx.inf)
     s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)  # [B, H, capacity]
     p = fast_math.softmax(s)  # float32 inside, probabilities in the cache dtype
     o, off = None, 0
@@ -215,14 +215,11 @@ def decode_page_kernel(qa, page, last, heads: int = PAGE_KERNEL_HEADS, groups: i
     return decode_merge_kernel(part, most, total, qa.dtype)
 
 
-@lru_cache(maxsize=64)
 def dims(*sizes: int) -> mx.array:
-    """A kernel's run-time sizes (page rows, chunks) as int32 on the device, made once per size: the kernels are
-    built for the model's shape alone (not once per page size or batch), and nothing is made on the host a token
-    (as state.positions)."""
-    a = mx.array(sizes, mx.int32)
-    mx.eval(a)
-    return a
+    """A kernel's run-time sizes (page rows, chunks): metal_kernels.sizes."""
+    from metal_kernels import sizes as made
+
+    return made(*sizes)
 
 
 def per_row(last: mx.array, B: int) -> mx.array:
