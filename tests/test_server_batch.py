@@ -374,3 +374,54 @@ def test_closing_one_stream_leaves_the_other_replies_whole(server):
                                                    temperature=0, logit_bias=no_stop_bias())
     assert text == want.choices[0].message.content
     assert server.wait_idle(10) < 10
+
+
+def test_a_long_prompt_is_fed_a_step_a_round_between_the_rows_decode_steps(demo):
+    model, tok = demo
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0, prefill_step_size=16))
+    log = []  # (who, event) in the engine thread's order
+
+    class Logged(Sink):
+        def __init__(self, name):
+            super().__init__(engine)
+            self.name = name
+
+        def __call__(self, ev):
+            log.append((self.name, type(ev).__name__))
+            super().__call__(ev)
+
+    runner = turn(tok, "go", max_tokens=60, logit_bias={tok.im_end_id: -100.0, tok.eos_id: -100.0})
+    long = turn(tok, "word " * 60)
+    sinks = [Logged("runner"), Logged("long")]
+    engine.start()
+    try:
+        engine.submit(runner, sinks[0])
+        deadline = time.monotonic() + 60
+        while not sinks[0].tokens() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        engine.submit(long, sinks[1])
+        for s in sinks:
+            assert s.done.wait(60)
+    finally:
+        engine.stop()
+    steps = [i for i, (who, kind) in enumerate(log) if who == "long" and kind == "Progress"]
+    assert len(steps) == -(-(len(long.prompt) - 1) // 16) > 3
+    for a, b in zip(steps, steps[1:]):  # one prefill step a round, a decode step of the runner between
+        assert ("runner", "Piece") in log[a:b]
+    assert sinks[1].tokens() == alone(demo, long).tokens()
+
+
+def test_a_burst_of_short_prompts_joins_in_one_round(demo):
+    model, tok = demo
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0))
+    specs = [turn(tok, f"short {i}") for i in range(8)]
+    sinks = [Sink(engine) for _ in specs]
+    for s, sink in zip(specs, sinks):  # all queued before the engine thread starts
+        engine.submit(s, sink)
+    engine.start()
+    try:
+        for sink in sinks:
+            assert sink.done.wait(60)
+    finally:
+        engine.stop()
+    assert all(s.rows_seen[0] == 8 for s in sinks)  # every first token came from a step of all eight rows

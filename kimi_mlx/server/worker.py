@@ -1,17 +1,17 @@
 """The model's one owner: an engine thread that schedules queued turns onto a BatchGenerator.
 
-Each iteration of the engine thread does a bounded amount of work: one prefill step of the request being
-admitted (the head of the queue), then one decode step of every running row (BatchGenerator.step), so
-running rows are never starved by a long prompt and a new request joins while others are replying (when the
-batch has rows free for it; else it waits in the queue). Admitting a
-turn restores the longest cached prefix state of its input and feeds the rest step by step (a step is the
-prefill step size), snapshotting into the prefix cache at every message end and every `snapshot_interval`
-tokens, checking for cancellation between steps. When the prompt is in, the state joins the batch as n rows
-(a prefix-cache hit that covers the whole prompt joins at once: the snapshot is the state inserted). Each
-row's tokens go to its request's sink as events; a finished row's final state is stored in the prefix cache
-for the next turn. A cancelled turn leaves at the next iteration and its working state is dropped. A
-scoring turn (completions with echo and logprobs) feeds its prompt from the empty state instead, reading the
-log-probability of every prompt token from the logits on the way.
+Each iteration of the engine thread (a round) does a bounded amount of work: prefill steps of the requests at
+the head of the queue, up to a prefill step's worth of tokens (`prefill_budget`; at least one step), then one
+decode step of every running row (BatchGenerator.step). So running rows are never starved by a long prompt
+(it is fed a step a round), a burst of short prompts joins in one round, and a new request joins while others
+are replying (when the batch has rows free for it; else it waits in the queue). Admitting a turn restores the
+longest cached prefix state of its input and feeds the rest step by step, snapshotting into the prefix cache at
+every message end and every `snapshot_interval` tokens; cancellation is checked between rounds. When the prompt
+is in, the state joins the batch as n rows (a prefix-cache hit that covers the whole prompt joins at once: the
+snapshot is the state inserted). Each row's tokens go to its request's sink as events; a finished row's final
+state is stored in the prefix cache for the next turn. A cancelled turn leaves at the next round and its working
+state is dropped. A scoring turn (completions with echo and logprobs) feeds its prompt from the empty state
+instead, reading the log-probability of every prompt token from the logits on the way.
 
 Memory: a turn is admitted only if the batch's state, with the turn's rows added and every row at its longest
 (prompt + max_tokens), stays within `batch_memory` (`StateSize.batch`: the batched state gives every slot
@@ -34,7 +34,7 @@ import mlx.core as mx
 
 from ..batch import BatchGenerator
 from ..errors import KimiError
-from ..generate import GenerationOptions, prefill_step, step_lengths, stop_ids
+from ..generate import PREFILL_STEP, GenerationOptions, prefill_step, step_lengths, stop_ids
 from ..batch_state import page_size
 from ..state import MLAState, encode_rows
 from .constrain import Grammars, ban_tokens, once
@@ -269,7 +269,10 @@ class Engine:
         self._lock = threading.Lock()
         self._waiting = 0
         self._pending: deque[Job] = deque()  # taken off _queue by the engine thread, not admitted yet
-        self._admitting: tuple[Job, object] | None = None  # (job, its prefill steps: a generator)
+        self._admitting: list | None = None  # [job, its prefill steps (a generator), next step's tokens or None]
+        # prompt tokens fed between two decode steps (at least one prefill step): bounds what a new prompt
+        # delays the running rows by, and lets a burst of short prompts join in one round
+        self.prefill_budget = settings.prefill_step_size or PREFILL_STEP
         self._active: list[Job] = []  # jobs with rows in the batch
         self._rows: dict[int, Job] = {}  # batch sequence id -> job
         self.rows_running = 0  # rows in the batch (read by /health)
@@ -421,26 +424,36 @@ class Engine:
                 self._active.remove(job)
 
     def _admit(self) -> None:
-        """Start the head of the queue once the batch has rows for it and memory for them (`fits`), run one
-        prefill step of the turn being admitted, and insert it into the batch when its prompt is in."""
-        if self._admitting is None:
-            while self._pending and self._pending[0].cancel.is_set():
-                self._pending.popleft()
-            if self._pending:
-                job = self._pending[0]
-                if job.spec.n <= self.batch.free and self.fits(job):
+        """Prefill steps of the turns at the head of the queue, up to `prefill_budget` tokens a round (at least
+        one step): a turn starts once the batch has rows for it and memory for them (`fits`), and joins the
+        batch when its prompt is in; the next may start in the same round (a burst of short prompts joins at
+        once, while a long one is fed a step a round)."""
+        fed = 0
+        while fed < self.prefill_budget:
+            if self._admitting is None:
+                while self._pending and self._pending[0].cancel.is_set():
                     self._pending.popleft()
-                    with self._lock:
-                        self._dequeue(job)
-                    job.t0 = time.perf_counter()
-                    self._admitting = (job, self._prepare(job))
-                    self.prefilling = 1  # (before its first step: /health reads it meanwhile)
-        if self._admitting is not None:
-            job, steps = self._admitting
+                if not self._pending:
+                    return
+                job = self._pending[0]
+                if job.spec.n > self.batch.free or not self.fits(job):
+                    return
+                self._pending.popleft()
+                with self._lock:
+                    self._dequeue(job)
+                job.t0 = time.perf_counter()
+                self._admitting = [job, self._prepare(job), None]
+                self.prefilling = 1  # (before its first step: /health reads it meanwhile)
+            job, steps, size = self._admitting
             try:
                 try:
-                    next(steps)
-                    return
+                    if size is None:  # the turn's first announcement: its next step's tokens (nothing fed yet)
+                        size = self._admitting[2] = next(steps)
+                    if fed and fed + size > self.prefill_budget:
+                        return  # the next round feeds it
+                    fed += size
+                    self._admitting[2] = next(steps)  # feeds the step; announces the next one
+                    continue
                 except StopIteration as done:
                     self._admitting = None
                     prompt_in = done.value
@@ -471,8 +484,9 @@ class Engine:
         return Failed(f"internal error: {type(e).__name__}: {e}", client_error=False)
 
     def _prepare(self, job: Job):
-        """The prompt's prefill as a generator: one step a next(); returns (state, last token) for insert, or
-        None when the turn ends here (scoring only). Raises KimiError for a request that cannot be served."""
+        """The prompt's prefill as a generator that announces each step's tokens before feeding it (a next()
+        feeds the announced step and announces the one after); returns (state, last token) for insert, or None
+        when the turn ends here (scoring only). Raises KimiError for a request that cannot be served."""
         spec, model = job.spec, self.model
         seq = spec.prompt + spec.forced
         if spec.score:
@@ -490,10 +504,10 @@ class Engine:
             pos = cached
             for end, keep in self.prefill_plan(seq, cached):
                 for n in step_lengths(state.offset, end - pos, self.settings.prefill_step_size):
+                    yield n
                     prefill_step(model, state, mx.array([seq[pos : pos + n]]))
                     pos += n
                     job.emit(Progress(pos, len(seq)))
-                    yield
                 if keep:
                     self.cache.insert(seq[:end], state)
         return state, seq[-1]
@@ -554,12 +568,14 @@ class Engine:
     SCORE_STEP = 256  # prompt tokens a scoring step: its float32 log-softmax is SCORE_STEP x vocab (168 MB)
 
     def score(self, job: Job, state, seq: list[int]):
-        """Feed seq[:-1] into `state` (a generator: one step a next()), returning every token's (token,
-        logprob, top) given the tokens before it (the first has none). The last token is left for the batch."""
+        """Feed seq[:-1] into `state` (a generator announcing each step's tokens, as _prepare's), returning every
+        token's (token, logprob, top) given the tokens before it (the first has none). The last token is left
+        for the batch."""
         top = job.spec.options.top_logprobs
         entries = [(seq[0], None, None)]
         for a in range(0, len(seq) - 1, self.SCORE_STEP):
             b = min(a + self.SCORE_STEP, len(seq) - 1)
+            yield b - a
             logits = self.model(mx.array([seq[a:b]]), state)[0].astype(mx.float32)
             lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             targets = mx.array(seq[a + 1 : b + 1])
@@ -575,7 +591,6 @@ class Engine:
             state.eval()
             entries += [(t, c, r) for t, c, r in zip(seq[a + 1 : b + 1], chosen.tolist(), rows)]
             job.emit(Progress(b, len(seq)))
-            yield
         return entries
 
     def prefill_plan(self, seq: list[int], start: int) -> list[tuple[int, bool]]:
