@@ -128,7 +128,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     @app.get("/health")
     async def health():
         # running: rows decoding in the batch (a request with n choices has n); prefilling: requests whose
-        # prompt is being fed (or waits for free rows); queued: requests waiting to start
+        # prompt is being fed; queued: requests waiting to start (for rows, memory or their turn)
         return {"status": "ok", "model": settings.model_id, "version": __version__, "busy": engine.busy,
                 "running": engine.rows_running, "prefilling": engine.prefilling, "queued": engine.waiting,
                 "waiting": engine.waiting, "max_batch": engine.settings.max_batch,
