@@ -554,9 +554,11 @@ class Engine:
         """A row is done: store its final state for the next turn, remember its ids, send Finished."""
         spec = job.spec
         tokens = self.batch.tokens(seq)
-        state = self.batch.state(seq)  # readable until the next step
-        consumed = (spec.prompt + spec.forced + tokens)[: state.offset]
-        kept = self.cache.insert(consumed, state)
+        consumed, kept = None, False
+        if self.cache.max_bytes > 0:  # (reading a row's state back out of the batch costs a copy)
+            state = self.batch.state(seq)  # readable until the next step
+            consumed = (spec.prompt + spec.forced + tokens)[: state.offset]
+            kept = self.cache.insert(consumed, state)
         self.replies.remember(self.tokenizer, spec.forced + tokens, self.stops)
         del job.rows[seq], self._rows[seq]
         if not job.rows:
