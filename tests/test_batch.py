@@ -12,7 +12,9 @@ from kimi_mlx.errors import KimiError
 from kimi_mlx.generate import GenerationOptions, generate, prefill, stream_generate
 
 PROMPTS = ["The quick brown fox", "a", "Once upon a time, in a land far away, there lived", "12345 67"]
-ATOL = 1e-5
+# logprobs of a row batched vs alone: CPU float32 rounds rows alike (1e-5); a GPU's matmul kernels for one row and
+# for several may round differently (the bound there: 1e-3), the tokens stay the same
+ATOL = 1e-5 if mx.default_device() == mx.cpu else 1e-3
 
 
 @pytest.fixture(scope="module")
