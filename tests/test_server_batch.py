@@ -10,6 +10,7 @@ import threading
 import time
 
 import httpx
+import mlx.core as mx
 import pytest
 
 from kimi_mlx.generate import GenerationOptions
@@ -19,6 +20,7 @@ from kimi_mlx.server.worker import Engine, EngineSettings, Failed, Finished, Job
 from test_server import no_stop_bias, start_server, stop_server, user
 
 openai = pytest.importorskip("openai")
+LOGPROB_TOL = 1e-3 if mx.default_device() == mx.gpu else 1e-4  # CPU float32: the batch engine's rows match closely
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def test_eight_concurrent_turns_each_equal_the_turn_alone(demo):
         assert "".join(e.text for e in got.events if isinstance(e, Piece)) == \
             "".join(e.text for e in want.events if isinstance(e, Piece))
         for a, b in zip(got.logprobs(), want.logprobs()):
-            assert abs(a - b) < 1e-4
+            assert abs(a - b) < LOGPROB_TOL
         g, w = got.finished(), want.finished()
         assert (g.finish_reason, g.completion_tokens, g.generated) == (w.finish_reason, w.completion_tokens,
                                                                        w.generated)
@@ -162,7 +164,7 @@ def test_a_prefix_cache_hit_joins_a_running_batch(demo):
     want = alone(demo, follow)  # no cache: prefilled from the start
     assert sinks[1].tokens() == want.tokens()
     for a, b in zip(sinks[1].logprobs(), want.logprobs()):
-        assert abs(a - b) < 1e-4
+        assert abs(a - b) < LOGPROB_TOL
 
 
 def test_n_rows_share_one_prefill_and_seeded_rows_reproduce(demo):
@@ -201,7 +203,7 @@ def test_state_size_bounds_the_real_state(demo):
     model, tok = demo
     engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0))
     state = model.new_state(1)
-    model(__import__("mlx.core").core.array([[5] * 300]), state)
+    model(mx.array([[5] * 300]), state)
     size = engine.state_size
     assert state.nbytes <= size.single(300) < size.single(3000) < size.single(30000)
     assert size.batch(1, 300) >= size.single(300) and size.batch(3, 300) == size.batch(4, 300) == 4 * size.batch(1, 300)
