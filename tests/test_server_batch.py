@@ -210,6 +210,29 @@ def test_state_size_bounds_the_real_state(demo):
     assert size.batch(8, 300) == size.batch(20, 300)  # no more slots than --max-batch
 
 
+def test_state_size_bounds_the_batched_state(demo):
+    """The memory bound's estimate of a full batch holds what the batch engine really takes (peak, activations
+    of its steps included), so the bound tracks the batched state's layout."""
+    from kimi_mlx.batch import BatchGenerator
+    from kimi_mlx.generate import prefill
+
+    model, tok = demo
+    size = Engine(model, tok, EngineSettings(prefix_cache_bytes=0)).state_size
+    batch = BatchGenerator(model, tok, max_batch=8)
+    state = model.new_state(1)
+    prefill(model, state, [5] * 300)
+    mx.eval(state.arrays())
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    opts = GenerationOptions.from_kwargs(max_tokens=40, temperature=0, logit_bias={tok.im_end_id: -100.0})
+    batch.insert(state, 5, opts, n=8)
+    for _ in range(40):
+        batch.step()
+    mx.synchronize()
+    assert 0 < mx.get_peak_memory() - base <= size.batch(8, 341)
+
+
 # -- over HTTP ---------------------------------------------------------------------------------------------
 
 
