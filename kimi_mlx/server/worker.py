@@ -335,8 +335,8 @@ class Engine:
 
     # -- the engine thread ------------------------------------------------------------------------------
     def _iterate(self) -> None:
-        """One scheduling round: drop cancelled turns, one prefill step of the turn being admitted (starting
-        the next if there is room), one decode step of every running row."""
+        """One scheduling round: drop cancelled turns, prefill waiting prompts up to prefill_budget tokens
+        (`_admit`), one decode step of every running row."""
         self._drop_cancelled()
         self._admit()
         if self.batch.running:
