@@ -432,6 +432,96 @@ def time_decode(r: Runner, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def time_batch_decode(r: Runner, cfg: ModelConfig, batch: int, n: int, tokens: int) -> float:
+    """Seconds a decode step of `batch` sequences takes at context n (after DECODE_WARMUP untimed steps), the next
+    step queued while the tokens are read (as the engines run). Ours: kimi_mlx.batch's engine step (a BatchState of
+    `batch` slots, Model.decode_rows, one argmax for all rows). mlx-lm: its BatchGenerator (continuous batching)
+    over `batch` prefilled caches. Each row starts from its own token (so rows route to their own experts) and
+    decodes greedily without stopping."""
+    rng = np.random.default_rng(batch)
+    first = [int(t) for t in rng.integers(0, cfg.vocab_size, size=batch)]
+    if r.is_ours:
+        return _time_ours_batch(r, cfg, first, n, tokens)
+    return _time_peer_batch(r, cfg, first, n, tokens)
+
+
+def _time_ours_batch(r: Runner, cfg: ModelConfig, first: list[int], n: int, tokens: int) -> float:
+    from .batch_state import BatchState
+
+    B = len(first)
+    batch = BatchState(r.model, B)
+    r.fill_context(n, cfg)
+    for _ in range(B):
+        batch.add(r.state)
+    r.state = None
+
+    def step(y):
+        batch.prepare()
+        logits = r.model.decode_rows(y.reshape(B, 1), batch)[:, -1]
+        batch.advance()
+        return mx.argmax(logits, axis=-1)
+
+    y = step(mx.array(first, mx.uint32))
+    mx.async_eval(y)
+    for i in range(DECODE_WARMUP + tokens):
+        if i == DECODE_WARMUP:
+            t0 = time.perf_counter()
+        nxt = step(y)
+        mx.async_eval(nxt)
+        y.tolist()
+        y = nxt
+    y.tolist()
+    return (time.perf_counter() - t0) / tokens
+
+
+def _time_peer_batch(r: Runner, cfg: ModelConfig, first: list[int], n: int, tokens: int) -> float:
+    from mlx_lm.generate import BatchGenerator
+
+    caches = []
+    for _ in first:
+        r.fill_context(n, cfg)
+        caches.append(r.state)
+    r.state = None
+    B = len(first)
+    gen = BatchGenerator(r.model, max_tokens=10**9, completion_batch_size=B, prefill_batch_size=B)
+    try:
+        gen.insert([[t] for t in first], caches=caches)
+        steps = 0
+        while steps < DECODE_WARMUP + tokens:
+            if steps == DECODE_WARMUP:
+                t0 = time.perf_counter()
+            _, generated = gen.next()
+            steps += bool(generated)
+        return (time.perf_counter() - t0) / tokens
+    finally:
+        gen.close()
+
+
+def run_batches(runners: list[Runner], cfg: ModelConfig, batches, contexts, tokens: int, echo=print) -> list[dict]:
+    """Aggregate decode tok/s (batch x tokens / time) and per-sequence latency (ms a token) of each runner at each
+    batch size and context."""
+    rows = []
+    for n in contexts:
+        base = {}
+        for B in batches:
+            got, lat = {}, {}
+            for r in runners:
+                mx.reset_peak_memory()
+                dt = time_batch_decode(r, cfg, B, n, tokens)
+                got[r.name], lat[r.name] = B / dt, dt * 1e3
+                rows.append(dict(what="batch_decode", tokens=n, batch=B, runner=r.name, tok_s=B / dt,
+                                 ms_per_token=dt * 1e3, peak_gb=mx.get_peak_memory() / 1e9))
+                gc.collect()
+                mx.clear_cache()
+            base.setdefault("kimi-mlx", got["kimi-mlx"])
+            parts = [f"{k} {v:9.1f} tok/s ({lat[k]:.1f} ms a token a sequence)" for k, v in got.items()]
+            if "mlx-lm" in got:
+                parts.append(f"ratio {got['kimi-mlx'] / got['mlx-lm']:.2f}x")
+            parts.append(f"kimi-mlx {got['kimi-mlx'] / base['kimi-mlx']:.2f}x its batch {batches[0]}")
+            echo(f"decode @{n:>7} batch {B:>3}: " + " | ".join(parts))
+    return rows
+
+
 # Peak memory bandwidth in GB/s by device name, for the "fraction of bandwidth" column.
 BANDWIDTH_GBS = {"H200": 4800, "H100": 3350, "M3 Ultra": 819, "M2 Ultra": 800, "M1 Ultra": 800, "M4 Max": 546,
                  "M3 Max": 400, "M2 Max": 400, "M1 Max": 400, "M4 Pro": 273, "M3 Pro": 150, "M2 Pro": 200}
@@ -459,7 +549,8 @@ def device_line() -> str:
 def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: int = 32, step: int = 0,
         bits: int = 4, group_size: int = 64, peer: bool = True, peer_prefill_max: int = 2048,
         bandwidth_gbs: float | None = None, model_path: str | None = None, peer_model: str | None = None,
-        step_at=(), echo=print, rounds: int = 1, experts_memory_gb: float | None = None) -> list[dict]:
+        step_at=(), echo=print, rounds: int = 1, experts_memory_gb: float | None = None,
+        batches=()) -> list[dict]:
     """Measure and print; returns result rows (one per measurement).
 
     rounds: decode each context this many times per runner, alternating the runners (and their order) so slow
@@ -473,6 +564,8 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
 
     experts_memory_gb: with model_path, stream the routed experts into this much memory (model/offload.py); each
     decode line then says the pool's hit rate, bytes read per token and time waiting on reads.
+    batches: also decode this many sequences together at each context (run_batches: aggregate tok/s and per-sequence
+    latency, mlx-lm's BatchGenerator beside ours).
     """
     step_length(0, 1, step)  # a negative step is a one-line error here, before any output
     dtype = activation_dtype()
@@ -596,6 +689,8 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
                  f"{streamed.bytes_per_token / 1e6:.1f} MB read/token, "
                  f"{1e3 * streamed.wait_per_token:.1f} ms/token waiting on reads"
                  + (f", anonymous memory {anon:.2f} GB" if anon is not None else ""))
+    if batches:
+        rows += run_batches(runners, cfg, tuple(batches), contexts, decode_tokens, echo)
     return rows
 
 

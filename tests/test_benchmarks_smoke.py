@@ -39,8 +39,11 @@ RUNS = [
                           "--mla-contexts", "32", "--tiles-mb", "1", "--decode-contexts", "32", "--scan-rows", "1",
                           "--reps", "1"],
      r"^MLA layer decode, context 32, compiled whole pages +[\d.]+ ms"),
-    ("server.py", ["--turns", "2", "--user-tokens", "16", "--max-tokens", "2"],
+    ("server.py", ["--turns", "2", "--user-tokens", "16", "--max-tokens", "2", "--api", "both"],
      r"^sum of TTFT: [\d.]+ s with the prefix cache, [\d.]+ s without"),
+    ("server.py", ["--api", "batch", "--requests", "3", "--batch-prompt-tokens", "16", "--batch-tokens", "3",
+                   "--repeats", "1"],
+     r"^3 concurrent requests: [\d.]+ s \([\d.]+ tok/s\) \| one by one: [\d.]+ s .*: [\d.]+x$"),
 ]
 NOT_RUN = {"results.py": "a module the scripts import (Recorder), not a benchmark"}
 # scripts whose output tests/test_bench.py already checks line by line, run there at these sizes

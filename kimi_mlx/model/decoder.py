@@ -258,6 +258,13 @@ class Model(nn.Module):
             return None
         return DecoderLayer._seam(h, r, self.model.norm)[1]
 
+    def decode_rows(self, tokens: mx.array, state) -> mx.array:
+        """One token for each row of a ragged batched state (batch_state.BatchState: rows at their own lengths,
+        whose lengths and context limits the state keeps): tokens [B, 1] -> logits [B, 1, vocab], through the
+        same one-token layer steps as a single sequence's decode."""
+        h, r = self._decode_each(self.model.embed_tokens(tokens), state)
+        return self.logits(DecoderLayer._seam(h, r, self.model.norm)[1])
+
     def _decode_each(self, h: mx.array, state: ModelState) -> tuple[mx.array, mx.array | None]:
         """The owned layers' one-token steps, each layer its own graph (self._steps: compiled unless a caller set
         them): (h, r), their output h + r (see DecoderLayer.kda_step)."""
