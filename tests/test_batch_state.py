@@ -85,7 +85,7 @@ def test_slots_join_leave_grow_and_shrink_and_read_back_exactly(demo_random, qua
     states = []
     for n in (5, 300, 1, 40, 17):
         s = model.new_state(1, cache_bits=bits)
-        prefill(model, s, list(range(3, 3 + n)))
+        prefill(model, s, [3 + i % 200 for i in range(n)])  # ids inside every test model's vocabulary
         states.append(s)
     slots = [batch.add(s) for s in states]
     assert slots == [0, 1, 2, 3, 4] and batch.capacity == 8 and batch.rows == 512 and batch.lens[:5] == [5, 300, 1, 40, 17]
