@@ -10,10 +10,12 @@ Layouts (C = capacity, the slots; rows past the running ones are free and comput
 The lengths live on the device ([C] int32, advanced by one op a step for the occupied slots), so a step makes
 nothing on the host. P follows MLAState's page-size sequence (PAGE_FIRST doubling to PAGE_GROW, then PAGE_GROW
 at a time): the page grows (one copy) when the longest slot's next row would not fit, and shrinks when the
-slots left fit in half of it; C grows by doubling up to max_batch when no slot is free and shrinks when its
-upper half is empty. A slot joins by a copy of that one sequence into its row (slice updates of each array);
-a slot leaves by being marked free: the other slots' caches are not copied. Copies happen only at those
-growths and shrinks (rare: the sizes double).
+slots left fit in a quarter of it; C grows by doubling up to max_batch when no slot is free and shrinks when
+the occupied slots fit in its first quarter. A slot joins by a copy of that one sequence into its row (slice
+updates of each array); a slot leaves by being marked free: the other slots' caches are not copied then. Copies
+of every slot happen only at those growths and shrinks, which the factor of four between them keeps to at most
+one per as many joins or leaves as the slots they copy. Free slots below the highest occupied one still
+decode (zeros' tokens, masked to their row 0) until a shrink cuts them off: slots are not compacted.
 
 Arrays are values: a StateMark-like `mark()` (the KDA arrays and the lengths) keeps what a slot held before a
 step, and `extract` reads a slot back as a batch-1 ModelState (its MLA rows are append-only, so rows below
@@ -193,12 +195,12 @@ class BatchState:
             return
         top = max(b for b, u in enumerate(self.used) if u) + 1
         c = self.capacity
-        while c > 1 and top <= c // 2:
-            c //= 2
+        while c > 1 and top <= c // 4:  # a quarter: shrinking and growing again copy the rows at most once per
+            c //= 2                     # as many joins or leaves (no back and forth at a boundary)
         if c < self.capacity:
             self._resize(c)
         want = page_size(max(self.lens) + 1)
-        if want > self.rows or 2 * want <= self.rows:
+        if want > self.rows or 4 * want <= self.rows:
             self._grow_rows(want)
         if self.rows_in is None:
             self.rows_in = mx.array(self.lens, mx.int32).reshape(-1, 1, 1)

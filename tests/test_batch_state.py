@@ -85,7 +85,7 @@ def test_slots_join_leave_grow_and_shrink_and_read_back_exactly(demo_random, qua
     states = []
     for n in (5, 300, 1, 40, 17):
         s = model.new_state(1, cache_bits=bits)
-        prefill(model, s, list(range(3, 3 + n)))
+        prefill(model, s, [3 + i % 200 for i in range(n)])  # ids inside every test model's vocabulary
         states.append(s)
     slots = [batch.add(s) for s in states]
     assert slots == [0, 1, 2, 3, 4] and batch.capacity == 8 and batch.rows == 512 and batch.lens[:5] == [5, 300, 1, 40, 17]
@@ -108,15 +108,25 @@ def test_slots_join_leave_grow_and_shrink_and_read_back_exactly(demo_random, qua
                         assert mx.array_equal(x.conv, y.conv).item() and mx.array_equal(x.recurrent, y.recurrent).item()
 
     check()
-    batch.free(1)  # the long one leaves: the page shrinks at the next step's prepare
+    batch.free(1)  # the long one leaves: nothing is copied (the page still holds 512 rows, the capacity 8)
     batch.free(4)
     batch.prepare()
-    assert batch.rows == 256 and batch.capacity == 4
+    assert batch.rows == 512 and batch.capacity == 8
     check()
     batch.free(3)
-    batch.free(2)
+    batch.free(2)  # slot 0 alone: the slots shrink to a quarter (8 -> 2)
     batch.prepare()
-    assert batch.capacity == 1
+    assert batch.capacity == 2 and batch.rows == 512
+    check()
+    long = model.new_state(1, cache_bits=bits)
+    prefill(model, long, [3 + i % 200 for i in range(800)])
+    states.append(long)
+    slots.append(batch.add(long))
+    batch.prepare()
+    assert slots[-1] == 1 and batch.rows == 1024
+    batch.free(1)  # the longest leaves: slot 0's 6 rows fit a page of 256, a quarter of 1,024: the page shrinks
+    batch.prepare()
+    assert batch.rows == 256
     check()
 
 
