@@ -19,6 +19,11 @@ dt_bias, state) and does its own q/k L2 norms, gates and recurrence:
              kernel on Apple GPUs; a per-token loop of ops elsewhere)
   mx.fast    mx.fast.gated_delta_update: a per-HEAD scalar gate only, so it computes a cheaper,
              different recurrence (not KDA); compare its speed only
+  fla        fla's Triton `chunk_kda` (the KDA authors' kernels; bf16 q, k, v as it is run, norms, gate and
+             beta sigmoid in its kernels), where torch, triton and fla-core import and torch sees a GPU: an
+             optional benchmark dependency, never a runtime one
+With --scans, the chunked op (KIMI_MLX_KDA=kernel) once per scan across chunks (kda_chunked.SCANS), eager and under
+mx.compile (as the model's prefill step runs it). With --parts, the chunked op's pieces timed alone at each T.
 Decode (T = 1) is timed as a chain of steps that feed each other's state, evaluated at the end.
 """
 
@@ -70,6 +75,74 @@ def mx_fast(x):
     q, k = normalize_qk(x["q"], x["k"], inv_scale=D**-0.5, eps=1e-6)
     gamma = mx.exp(-mx.exp(x["a_log"]) * kda_ops.softplus(x["a"][..., 0] + x["dt_bias"][::D]))
     return mx.fast.gated_delta_update(q, k, x["v"], gamma, mx.sigmoid(x["b"]), x["state"])
+
+
+def fla_fn():
+    """fla's chunk_kda on the same raw inputs (bf16 q, k, v; state float32), or None where it cannot run."""
+    try:
+        import numpy as np
+        import torch
+        from fla.ops.kda import chunk_kda
+    except Exception:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    cache = {}
+
+    def run(x):
+        key = id(x)
+        if key not in cache:
+            cache.clear()
+            t = {n: torch.from_numpy(np.array(x[n].astype(mx.float32))).cuda() for n in x}
+            cache[key] = t
+        t = cache[key]
+        bf = torch.bfloat16
+        o, s = chunk_kda(t["q"].to(bf), t["k"].to(bf), t["v"].to(bf), t["a"].to(bf), t["b"].to(bf),
+                         initial_state=t["state"].transpose(-1, -2).contiguous(), output_final_state=True,
+                         use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                         A_log=t["a_log"], dt_bias=t["dt_bias"])
+        return o, s
+
+    def timed(x, repeats):
+        run(x)  # warm-up (autotunes and compiles)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(x)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    return timed
+
+
+def time_parts(T, repeats, echo):
+    """The chunked op's pieces alone at T tokens (one segment's worth at most), from normalised inputs."""
+    from kimi_mlx.ops import kda_chunked as KC
+
+    x = inputs(T)
+    g = -mx.exp(x["a_log"])[:, None] * kda_ops.softplus(x["a"] + x["dt_bias"].reshape(H, D))
+    qn = kda_ops.l2_normalize(x["q"]) * D**-0.5
+    kn = kda_ops.l2_normalize(x["k"])
+    beta = mx.sigmoid(x["b"])
+    n = -(-min(T, KC.SEGMENT) // KC.CHUNK)
+    cq, ck, cv, cg = (KC._to_chunks(t[:, :KC.SEGMENT], n) for t in (qn, kn, x["v"], g))
+    cb = KC._to_chunks(beta[:, :KC.SEGMENT], n)
+    alpha = mx.exp(cg)
+    mx.eval(cq, ck, cv, cg, cb, alpha)
+    s0 = x["state"]
+    gpu = kda_ops.gpu_backend() is not None
+    parts = [("intra-chunk kernel", lambda: KC.intra_chunk_kernel(cq, ck, cg, cb))] if gpu else []
+    parts.append(("intra-chunk ops", lambda: KC.intra_chunk(cq, ck, alpha, cb)))
+    if hasattr(KC, "intra_chunk_blocked"):
+        parts.append(("intra-chunk blocked", lambda: KC.intra_chunk_blocked(cq, ck, alpha, cb)))
+    for scan in KC.SCANS if gpu else [s for s in KC.SCANS if s != "kernel"]:
+        fn = getattr(KC, f"scan_{scan}")
+        parts.append((f"scan {scan}", lambda fn=fn: fn(0.1 * ck, cv, cq, ck, alpha[..., -1, :], s0)))
+    for label, fn in parts:
+        t = time_prefill(lambda _: fn(), None, repeats)
+        echo(f"  T={T:>6} (segment {n * KC.CHUNK}) {label:<22} {1e3 * t:8.3f} ms")
 
 
 def step_inputs(seed=0):
@@ -133,6 +206,17 @@ def with_mode(fn, mode):
     return run
 
 
+def with_scan(fn, scan):
+    def run(x):
+        os.environ[kda_ops.ENV] = "kernel"
+        os.environ[kda_ops.SCAN_ENV] = scan
+        try:
+            return fn(x)
+        finally:
+            del os.environ[kda_ops.SCAN_ENV]
+    return run
+
+
 def blas_note():
     pre = os.environ.get("LD_PRELOAD", "")
     return "OpenBLAS (LD_PRELOAD)" if "openblas" in pre else "MLX's bundled BLAS"
@@ -147,6 +231,9 @@ def main():
     ap.add_argument("--steps", type=int, default=50, help="decode steps per timing chain")
     ap.add_argument("--record", default=None, help="also write the result block (markdown) to this file")
     ap.add_argument("--commit", default=None)
+    ap.add_argument("--scans", default=None, help="comma list of kda_chunked.SCANS: a column each (kernel path)")
+    ap.add_argument("--parts", action="store_true", help="also time the chunked op's pieces alone at each T")
+    ap.add_argument("--no-peers", action="store_true", help="skip mlx-lm and mx.fast")
     a = ap.parse_args()
     gpu = kda_ops.gpu_backend()
     on_cpu = gpu is None
@@ -168,21 +255,34 @@ def main():
     echo("mx.fast.gated_delta_update uses a per-head scalar gate (not KDA): speed comparison only")
     # (label, prefill fn, decode fn, max T or None); the first column is what `auto` picks here
     mine = [("kimi-mlx", with_mode(kda_call, "kernel"), decode_kernel, None)] if gpu else []
+    if gpu and a.scans:
+        for scan in a.scans.split(","):  # a compiled function per scan: mx.compile keys its graphs on shapes only
+            mine.append((f"scan {scan}", with_scan(kda_call, scan), decode_kernel, None))
+            mine.append((f"{scan} compiled", with_scan(mx.compile(kda_call), scan), decode_kernel, None))
     mine.append(("kimi-mlx ops", with_mode(kda_call, "chunked"), decode_ops, None))
-    peers = [("mlx-lm", mlx_lm, None, peer_max), ("mx.fast", mx_fast, None, fast_max)]
+    peers = [] if a.no_peers else [("mlx-lm", mlx_lm, None, peer_max), ("mx.fast", mx_fast, None, fast_max)]
+    fla = fla_fn() if gpu == "cuda" else None
+    if fla is not None:
+        peers.append(("fla", fla, None, None))
     cols = mine + peers
     echo(f"{'T':>6} | " + " | ".join(f"{c[0]:>14}" for c in cols) + " | " + " | ".join(f"{'x ' + p[0]:>10}" for p in peers))
     for T in lengths:
         times, cells = [], []
         x = inputs(T)
         for label, prefill, decode, max_t in cols:
-            if T == 1:
+            if T == 1 and label == "fla":
+                times.append(None)
+                cells.append("(n/a)")
+            elif T == 1:
                 if decode is None:
                     wall, ev = time_decode(lambda s, f=prefill: f(dict(x, state=s["state"])), x, a.steps)
                 else:
                     wall, ev = time_decode(decode, step_inputs(), a.steps)
                 times.append(wall)
                 cells.append(f"{1e6 * wall:.0f}/{1e6 * ev:.0f} us")
+            elif label == "fla":
+                times.append(prefill(x, a.repeats))
+                cells.append(f"{T / times[-1]:,.0f}")
             elif max_t is not None and T > max_t:
                 times.append(None)
                 cells.append("(skipped)")
@@ -191,8 +291,10 @@ def main():
                 times.append(time_prefill(prefill, x, repeats))
                 cells.append(f"{T / times[-1]:,.0f}")
         del x
-        ratios = [f"{p / times[0]:.1f}x" if p else "-" for p in times[len(mine):]]
+        ratios = [f"{p / times[0]:.2f}x" if p else "-" for p in times[len(mine):]]
         echo(f"{T:>6} | " + " | ".join(f"{c:>14}" for c in cells) + " | " + " | ".join(f"{r:>10}" for r in ratios))
+        if a.parts and T > 1:
+            time_parts(T, a.repeats, echo)
     echo("T = 1: microseconds per decode step, wall (incl. building the graph in Python) / eval only;")
     echo("       kimi-mlx's step also does the short conv, norms and gates in the same op")
     if a.record:

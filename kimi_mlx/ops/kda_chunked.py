@@ -128,6 +128,41 @@ def scan_affine(w, u, q_in, k_out, decay_all, state):
     return u - w @ s_t, q_in @ s_t, state.squeeze(0)
 
 
+def _starts(a, b, s0):
+    """The state each step starts from for x_0 = s0, x_{i+1} = x_i a_i + b_i (i < N), by recursive doubling: each
+    pair of steps is one affine map (x a_e a_o + b_e a_o + b_o), the recursion gives every pair's starting state,
+    and the odd steps' starting states follow with one batched addmm. log2(N) levels of a few batched matmuls
+    each, where the sequential form runs N matmuls in order. a [N, ..., Dk, Dk], b [N, ..., Dv, Dk], s0 [..., Dv, Dk];
+    returns [N, ..., Dv, Dk]. The maps are contractions (products of decays <= 1 and I - beta k k^T with
+    |k| = 1, beta in (0, 1)), so their products stay bounded whatever the gates."""
+    n = a.shape[0]
+    if n == 1:
+        return s0[None]
+    if n % 2:  # one identity step at the end; its starting state is dropped
+        a = mx.concatenate([a, mx.broadcast_to(mx.eye(a.shape[-1], dtype=a.dtype), (1, *a.shape[1:]))])
+        b = mx.concatenate([b, mx.zeros((1, *b.shape[1:]), b.dtype)])
+    pairs = a.shape[0] // 2
+    a = a.reshape(pairs, 2, *a.shape[1:])
+    b = b.reshape(pairs, 2, *b.shape[1:])
+    a_e, a_o, b_e, b_o = a[:, 0], a[:, 1], b[:, 0], b[:, 1]
+    even = _starts(a_e @ a_o, mx.addmm(b_o, b_e, a_o), s0)  # the state before steps 0, 2, 4, ...
+    odd = mx.addmm(b_e, even, a_e)  # before steps 1, 3, 5, ...
+    return mx.stack([even, odd], axis=1).reshape(2 * pairs, *even.shape[1:])[:n]
+
+
+def scan_doubling(w, u, q_in, k_out, decay_all, state):
+    """`scan_affine` with the chain S <- S A + B in log2(N) levels of batched matmuls (`_starts`) instead of N
+    addmms in order: ~3N state-sized matmuls of work where the chain has N, but every one of them in a batch over
+    all chunks and heads, on the matrix units (cuBLAS / MLX's GEMMs), and ~6 log2(N) launches in all."""
+    eye = mx.eye(w.shape[-1], dtype=w.dtype)
+    a = eye * decay_all[..., None, :] - w.swapaxes(-1, -2) @ k_out  # [N, B, H, Dk, Dk]
+    b = u.swapaxes(-1, -2) @ k_out  # [N, B, H, Dv, Dk]
+    starts = _starts(a, b, state)
+    s_t = starts.swapaxes(-1, -2)
+    final = mx.addmm(b[-1], starts[-1], a[-1])
+    return u - w @ s_t, q_in @ s_t, final
+
+
 SCAN_ROWS = 4  # state rows per 32-lane group in the scan kernel: each chunk row read serves this many
 
 
@@ -169,7 +204,7 @@ def intra_chunk_kernel(q, k, g, beta):
     return a_qk, t_inv
 
 
-SCANS = ("ops", "affine", "kernel")  # scan_ops, scan_affine, scan_kernel
+SCANS = ("ops", "affine", "doubling", "kernel")  # scan_ops, scan_affine, scan_doubling, scan_kernel
 
 
 def _segment(q, k, v, g, beta, state, use_kernel, scan):
@@ -180,7 +215,7 @@ def _segment(q, k, v, g, beta, state, use_kernel, scan):
     beta = _to_chunks(beta, n)  # [N, B, H, C]
     alpha = fast_math.exp(g)  # on the CPU the polynomial (MLX's exp runs an element at a time there)
     a_qk, t_inv = intra_chunk_kernel(q, k, g, beta) if use_kernel else intra_chunk(q, k, alpha, beta)
-    scan = {"ops": scan_ops, "affine": scan_affine, "kernel": scan_kernel}[scan]
+    scan = {"ops": scan_ops, "affine": scan_affine, "doubling": scan_doubling, "kernel": scan_kernel}[scan]
     m = t_inv * beta[..., None, :]  # T Diag(beta)
     decay_in = mx.cumprod(alpha, axis=-2)  # chunk start -> row i (inclusive)
     decay_out = mx.cumprod(alpha, axis=-2, reverse=True, inclusive=False)  # row i -> chunk end
