@@ -133,7 +133,8 @@ def time_parts(T, repeats, echo):
     mx.eval(cq, ck, cv, cg, cb, alpha)
     s0 = x["state"]
     gpu = kda_ops.gpu_backend() is not None
-    parts = [("intra-chunk kernel", lambda: KC.intra_chunk_kernel(cq, ck, cg, cb))] if gpu else []
+    parts = [("intra-chunk kernel", lambda: KC.intra_chunk_kernel(cq, ck, cg, cb)),
+             ("intra-chunk mma", lambda: KC.intra_chunk_kernel(cq, ck, cg, cb, "mma"))] if gpu else []
     parts.append(("intra-chunk ops", lambda: KC.intra_chunk(cq, ck, alpha, cb)))
     if hasattr(KC, "intra_chunk_blocked"):
         parts.append(("intra-chunk blocked", lambda: KC.intra_chunk_blocked(cq, ck, alpha, cb)))
@@ -206,14 +207,15 @@ def with_mode(fn, mode):
     return run
 
 
-def with_scan(fn, scan):
+def with_scan(fn, scan, intra="kernel"):
     def run(x):
         os.environ[kda_ops.ENV] = "kernel"
         os.environ[kda_ops.SCAN_ENV] = scan
+        os.environ[kda_ops.INTRA_ENV] = intra
         try:
             return fn(x)
         finally:
-            del os.environ[kda_ops.SCAN_ENV]
+            del os.environ[kda_ops.SCAN_ENV], os.environ[kda_ops.INTRA_ENV]
     return run
 
 
@@ -231,7 +233,8 @@ def main():
     ap.add_argument("--steps", type=int, default=50, help="decode steps per timing chain")
     ap.add_argument("--record", default=None, help="also write the result block (markdown) to this file")
     ap.add_argument("--commit", default=None)
-    ap.add_argument("--scans", default=None, help="comma list of kda_chunked.SCANS: a column each (kernel path)")
+    ap.add_argument("--scans", default=None, help="comma list of SCAN[+INTRA] (kda_chunked.SCANS, INTRAS): a column "
+                    "each on the kernel path, eager and compiled")
     ap.add_argument("--parts", action="store_true", help="also time the chunked op's pieces alone at each T")
     ap.add_argument("--no-peers", action="store_true", help="skip mlx-lm and mx.fast")
     a = ap.parse_args()
@@ -256,9 +259,11 @@ def main():
     # (label, prefill fn, decode fn, max T or None); the first column is what `auto` picks here
     mine = [("kimi-mlx", with_mode(kda_call, "kernel"), decode_kernel, None)] if gpu else []
     if gpu and a.scans:
-        for scan in a.scans.split(","):  # a compiled function per scan: mx.compile keys its graphs on shapes only
-            mine.append((f"scan {scan}", with_scan(kda_call, scan), decode_kernel, None))
-            mine.append((f"{scan} compiled", with_scan(mx.compile(kda_call), scan), decode_kernel, None))
+        for variant in a.scans.split(","):  # scan[+intra]; a compiled function each: mx.compile keys graphs on shapes
+            scan, _, intra = variant.partition("+")
+            intra = intra or "kernel"
+            mine.append((variant, with_scan(kda_call, scan, intra), decode_kernel, None))
+            mine.append((f"{variant} comp.", with_scan(mx.compile(kda_call), scan, intra), decode_kernel, None))
     mine.append(("kimi-mlx ops", with_mode(kda_call, "chunked"), decode_ops, None))
     peers = [] if a.no_peers else [("mlx-lm", mlx_lm, None, peer_max), ("mx.fast", mx_fast, None, fast_max)]
     fla = fla_fn() if gpu == "cuda" else None

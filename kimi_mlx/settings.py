@@ -43,6 +43,10 @@ SWITCHES = {s.env: s for s in (
            "the chunked prefill's scan across chunks: auto (a matmul a chunk on CUDA, the scan kernel on Metal, ops "
            "on the CPU), or one of them (doubling: the chunks' affine maps combined in log2(chunks) levels of "
            "batched matmuls)"),
+    Switch("KIMI_MLX_KDA_INTRA", ("auto", "kernel", "mma"), "auto",
+           "the chunked prefill's per-chunk matrices on a GPU: auto (mma on CUDA unless the load-time probe "
+           "switched it off, kernel on Metal), mma (their products as 16x16 tiles on the matrix units: tensor cores, simdgroup matrices), "
+           "kernel (the products on the CUDA / SIMD cores)"),
     Switch("KIMI_MLX_MLA", ("auto", "ref", "fused", "tiled"), "auto",
            "MLA prefill attention: auto (fused SDPA where one score tile holds the cache, else tiled), ref (one "
            "score array), fused, tiled"),

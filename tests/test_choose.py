@@ -6,7 +6,7 @@ import pytest
 from kimi_mlx.errors import ConfigError
 from kimi_mlx.model.fuse import choose_experts
 from kimi_mlx.ops import routing
-from kimi_mlx.ops.kda import choose_prefill, choose_scan
+from kimi_mlx.ops.kda import choose_intra, choose_prefill, choose_scan
 from kimi_mlx.ops.kda_decode import choose_decode
 from kimi_mlx.settings import Facts
 
@@ -26,7 +26,8 @@ def off(f: Facts, *kernels) -> Facts:
 @pytest.mark.parametrize("facts, T, dk, want", [
     (CPU, 1, 128, "ref"), (CPU, 15, 128, "ref"), (CPU, 4096, 128, "chunked"),
     (METAL, 4096, 128, "kernel"), (CUDA, 4096, 128, "kernel"), (CUDA, 4096, 48, "chunked"),
-    (off(CUDA, "kda_intra_chunk"), 4096, 128, "chunked"),
+    (off(CUDA, "kda_intra_chunk"), 4096, 128, "kernel"), (off(CUDA, "kda_intra_chunk_mma"), 4096, 128, "kernel"),
+    (off(CUDA, "kda_intra_chunk", "kda_intra_chunk_mma"), 4096, 128, "chunked"),
     (with_(CUDA, KIMI_MLX_KDA="ref"), 4096, 128, "ref"), (with_(CPU, KIMI_MLX_KDA="chunked"), 2, 128, "chunked"),
     (with_(METAL, KIMI_MLX_KDA="kernel"), 2, 128, "kernel"),
 ])
@@ -45,6 +46,14 @@ def test_kda_kernel_mode_needs_a_gpu():
 ])
 def test_kda_scan(facts, path, want):
     assert choose_scan(facts, path) == want
+
+
+@pytest.mark.parametrize("facts, want", [
+    (CUDA, "mma"), (off(CUDA, "kda_intra_chunk_mma"), "kernel"), (METAL, "kernel"),
+    (with_(CUDA, KIMI_MLX_KDA_INTRA="kernel"), "kernel"), (with_(METAL, KIMI_MLX_KDA_INTRA="mma"), "mma"),
+])
+def test_kda_intra(facts, want):
+    assert choose_intra(facts) == want
 
 
 @pytest.mark.parametrize("facts, shape, taps, want", [

@@ -29,6 +29,7 @@ L2_EPS = 1e-6
 ENV = "KIMI_MLX_KDA"
 MODES = ("auto", "ref", "chunked", "kernel")
 SCAN_ENV = "KIMI_MLX_KDA_SCAN"
+INTRA_ENV = "KIMI_MLX_KDA_INTRA"
 CHUNKED_MIN_T = 16  # below this the per-token loop is cheaper than one padded chunk
 
 
@@ -89,7 +90,8 @@ def choose_prefill(f: settings.Facts, T: int, dk: int = 128) -> str:
         return "kernel"
     if T < CHUNKED_MIN_T:
         return "ref"
-    return "kernel" if f.gpu and dk % 32 == 0 and f.usable("kda_intra_chunk") else "chunked"
+    usable = f.usable("kda_intra_chunk") or f.usable("kda_intra_chunk_mma")
+    return "kernel" if f.gpu and dk % 32 == 0 and usable else "chunked"
 
 
 def prefill_path(T: int, dk: int = 128) -> str:
@@ -115,6 +117,21 @@ def scan_path(path: str) -> str:
     return choose_scan(settings.now(gpu_backend()), path)
 
 
+def choose_intra(f: settings.Facts) -> str:
+    """Which kernel forms the per-chunk matrices on the 'kernel' prefill path (kda_chunked.INTRAS):
+    KIMI_MLX_KDA_INTRA if set, else on CUDA 'mma' (the products on the tensor cores; RESULTS.md times both) unless
+    the load-time probe switched that kernel off, and 'kernel' (the products on the CUDA / SIMD cores) elsewhere:
+    the simdgroup-matrix twin has run in the emulator and the static check only, not yet on a Mac."""
+    choice = f[INTRA_ENV]
+    if choice != "auto":
+        return choice
+    return "mma" if f.gpu == "cuda" and f.usable("kda_intra_chunk_mma") else "kernel"
+
+
+def intra_path() -> str:
+    return choose_intra(settings.now(gpu_backend()))
+
+
 def _require_kernels(gpu: str | None, dk: int) -> None:
     if gpu is None:
         raise ConfigError(f"{ENV}=kernel needs MLX's Metal or CUDA backend as the default device")
@@ -136,7 +153,9 @@ def kda(q, k, v, g, beta, state):
         return kda_recurrent_ref(qn, kn, v, g, beta, state)
     from .kda_chunked import kda_chunked
 
-    return kda_chunked(qn, kn, v, g, beta, state, use_kernel=path == "kernel", scan=scan_path(path))
+    kernel = path == "kernel"
+    return kda_chunked(qn, kn, v, g, beta, state, use_kernel=kernel, scan=scan_path(path),
+                       intra=intra_path() if kernel else "kernel")
 
 
 def gated_norm_ref(o, gate, weight, eps: float, dtype, sigmoid=mx.sigmoid) -> mx.array:

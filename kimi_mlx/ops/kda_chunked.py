@@ -186,14 +186,19 @@ def scan_kernel(w, u, q_in, k_out, decay_all, state):
     )
 
 
-def intra_chunk_kernel(q, k, g, beta):
-    """`intra_chunk` as one Metal/CUDA kernel (metal_kernels/kda_intra_chunk.body), from the log-decay g.
+INTRAS = ("kernel", "mma")  # intra_chunk_kernel's kernels: kda_intra_chunk, kda_intra_chunk_mma
+
+
+def intra_chunk_kernel(q, k, g, beta, intra="kernel"):
+    """`intra_chunk` as one Metal/CUDA kernel, from the log-decay g: intra 'kernel' (kda_intra_chunk.body: the
+    pair products on the CUDA / SIMD cores) or 'mma' (kda_intra_chunk_mma.body: the same products as 16x16 tiles
+    on the matrix units, tensor cores / simdgroup matrices; C 16, 32 or 64, Dk a multiple of 8).
 
     q, k, g: [..., C, Dk] float32; beta [..., C]. Returns (A_qk, Tinv) [..., C, C]."""
     from metal_kernels import kernel
 
     *lead, C, Dk = q.shape
-    a_qk, t_inv = kernel("kda_intra_chunk")(
+    a_qk, t_inv = kernel("kda_intra_chunk_mma" if intra == "mma" else "kda_intra_chunk")(
         inputs=[q, k, g, beta],
         template=[("DK", Dk), ("C", C)],
         grid=(256, math.prod(lead), 1),
@@ -207,14 +212,14 @@ def intra_chunk_kernel(q, k, g, beta):
 SCANS = ("ops", "affine", "doubling", "kernel")  # scan_ops, scan_affine, scan_doubling, scan_kernel
 
 
-def _segment(q, k, v, g, beta, state, use_kernel, scan):
+def _segment(q, k, v, g, beta, state, use_kernel, scan, intra):
     """One pass over T <= SEGMENT tokens; shapes as in `kda_chunked`."""
     B, T, H, _ = q.shape
     n = -(-T // CHUNK)
     q, k, v, g = (_to_chunks(x, n) for x in (q, k, v, g))  # [N, B, H, C, D]
     beta = _to_chunks(beta, n)  # [N, B, H, C]
     alpha = fast_math.exp(g)  # on the CPU the polynomial (MLX's exp runs an element at a time there)
-    a_qk, t_inv = intra_chunk_kernel(q, k, g, beta) if use_kernel else intra_chunk(q, k, alpha, beta)
+    a_qk, t_inv = intra_chunk_kernel(q, k, g, beta, intra) if use_kernel else intra_chunk(q, k, alpha, beta)
     scan = {"ops": scan_ops, "affine": scan_affine, "doubling": scan_doubling, "kernel": scan_kernel}[scan]
     m = t_inv * beta[..., None, :]  # T Diag(beta)
     decay_in = mx.cumprod(alpha, axis=-2)  # chunk start -> row i (inclusive)
@@ -227,19 +232,21 @@ def _segment(q, k, v, g, beta, state, use_kernel, scan):
     return o, state
 
 
-def kda_chunked(q, k, v, g, beta, state, use_kernel=False, scan=None):
+def kda_chunked(q, k, v, g, beta, state, use_kernel=False, scan=None, intra="kernel"):
     """Chunked KDA on normalised inputs; same contract as `kda_recurrent_ref`.
 
     q, k: [B, T, H, Dk] (q already scaled); v: [B, T, H, Dv]; g: [B, T, H, Dk] log-decay <= 0;
     beta: [B, T, H]; state: [B, H, Dv, Dk] f32.  Returns (o [B, T, H, Dv] f32, state).
     use_kernel: the per-chunk matrices (and by default the scan across chunks) as GPU kernels instead of ops.
     scan: one of SCANS for the scan across chunks ('kernel' with use_kernel, else 'ops', by default).
+    intra: with use_kernel, which kernel forms the per-chunk matrices (INTRAS).
     """
     scan = scan or ("kernel" if use_kernel else "ops")
     state = state.astype(mx.float32)
     outs = []
     for s in range(0, q.shape[1], SEGMENT):
         part = slice(s, s + SEGMENT)
-        o, state = _segment(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state, use_kernel, scan)
+        o, state = _segment(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state, use_kernel, scan,
+                            intra)
         outs.append(o)
     return (outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)), state
