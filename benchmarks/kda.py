@@ -286,8 +286,13 @@ def main():
                 times.append(wall)
                 cells.append(f"{1e6 * wall:.0f}/{1e6 * ev:.0f} us")
             elif label == "fla":
-                times.append(prefill(x, a.repeats))
-                cells.append(f"{T / times[-1]:,.0f}")
+                try:
+                    times.append(prefill(x, a.repeats))
+                    cells.append(f"{T / times[-1]:,.0f}")
+                except Exception as e:  # an optional peer: report it, keep the run
+                    echo(f"fla chunk_kda failed at T={T}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    times.append(None)
+                    cells.append("(failed)")
             elif max_t is not None and T > max_t:
                 times.append(None)
                 cells.append("(skipped)")

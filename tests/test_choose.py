@@ -28,6 +28,8 @@ def off(f: Facts, *kernels) -> Facts:
     (METAL, 4096, 128, "kernel"), (CUDA, 4096, 128, "kernel"), (CUDA, 4096, 48, "chunked"),
     (off(CUDA, "kda_intra_chunk"), 4096, 128, "kernel"), (off(CUDA, "kda_intra_chunk_mma"), 4096, 128, "kernel"),
     (off(CUDA, "kda_intra_chunk", "kda_intra_chunk_mma"), 4096, 128, "chunked"),
+    (off(METAL, "kda_intra_chunk"), 4096, 128, "chunked"),
+    (off(with_(CUDA, KIMI_MLX_KDA_INTRA="kernel"), "kda_intra_chunk"), 4096, 128, "chunked"),
     (with_(CUDA, KIMI_MLX_KDA="ref"), 4096, 128, "ref"), (with_(CPU, KIMI_MLX_KDA="chunked"), 2, 128, "chunked"),
     (with_(METAL, KIMI_MLX_KDA="kernel"), 2, 128, "kernel"),
 ])

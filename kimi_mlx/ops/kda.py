@@ -30,6 +30,7 @@ ENV = "KIMI_MLX_KDA"
 MODES = ("auto", "ref", "chunked", "kernel")
 SCAN_ENV = "KIMI_MLX_KDA_SCAN"
 INTRA_ENV = "KIMI_MLX_KDA_INTRA"
+INTRA_KERNELS = {"kernel": "kda_intra_chunk", "mma": "kda_intra_chunk_mma"}  # choose_intra's choice -> its kernel
 CHUNKED_MIN_T = 16  # below this the per-token loop is cheaper than one padded chunk
 
 
@@ -90,7 +91,7 @@ def choose_prefill(f: settings.Facts, T: int, dk: int = 128) -> str:
         return "kernel"
     if T < CHUNKED_MIN_T:
         return "ref"
-    usable = f.usable("kda_intra_chunk") or f.usable("kda_intra_chunk_mma")
+    usable = f.usable(INTRA_KERNELS[choose_intra(f)])
     return "kernel" if f.gpu and dk % 32 == 0 and usable else "chunked"
 
 
