@@ -138,7 +138,7 @@ def time_parts(T, repeats, echo):
     parts.append(("intra-chunk ops", lambda: KC.intra_chunk(cq, ck, alpha, cb)))
     if hasattr(KC, "intra_chunk_blocked"):
         parts.append(("intra-chunk blocked", lambda: KC.intra_chunk_blocked(cq, ck, alpha, cb)))
-    for scan in KC.SCANS if gpu else [s for s in KC.SCANS if s != "kernel"]:
+    for scan in KC.SCANS if gpu else [s for s in KC.SCANS if s not in ("kernel", "mma")]:
         fn = getattr(KC, f"scan_{scan}")
         parts.append((f"scan {scan}", lambda fn=fn: fn(0.1 * ck, cv, cq, ck, alpha[..., -1, :], s0)))
     for label, fn in parts:

@@ -73,7 +73,7 @@ def check_chunked(use_kernel: bool, T: int = 130, B: int = 2, H: int = 3, Dk: in
     o, s = kda_chunked(q, k, v, g, beta, state, use_kernel=use_kernel, scan=scan, intra=intra)
     err = max(_rel_err(o, o_ref), _rel_err(s, s_ref))
     chunk = "chunk kernel on the matrix units" if intra == "mma" else "chunk kernel"
-    parts = (f"{chunk}, scan {scan}" if scan in ("affine", "doubling") else "chunk and scan kernels") \
+    parts = (f"{chunk}, scan {scan}" if scan in ("affine", "doubling", "mma") else "chunk and scan kernels") \
         if use_kernel else "ops"
     name = f"chunked prefill, {parts} (T={T}"
     if tf32():
@@ -429,6 +429,7 @@ GPU_CHECKS = {
     "chunked prefill, chunk kernel, scan affine": partial(check_chunked, True, scan="affine"),
     "chunked prefill, chunk kernel on the matrix units, scan doubling": partial(check_chunked, True, scan="doubling",
                                                                                  intra="mma"),
+    "chunked prefill, chunk kernel, scan mma": partial(check_chunked, True, scan="mma"),
     "decode step, fused kernel": partial(check_decode, "kernel"),
     "decode step, fused kernel with 8-bit f_b and g_b": check_decode_gates,
     "decode step, fused kernel with 4-bit f_b and g_b": partial(check_decode_gates, 4),

@@ -142,6 +142,20 @@ SPECS = {
         sample_outputs=("float32", "float32"),
         tiles=True,
     ),
+    "kda_scan_mma": KernelSpec(
+        name="kda_scan_mma",
+        inputs=("a_t", "b", "state_in", "sizes"),
+        outputs=("starts", "state_out"),
+        sample_template=(("DK", 128), ("DV", 128)),
+        sample_inputs=(
+            ("float32", 128 * 32 * 128 * 128),
+            ("float32", 128 * 32 * 128 * 128),
+            ("float32", 32 * 128 * 128),
+            ("int32", 2),
+        ),
+        sample_outputs=("float32", "float32"),
+        tiles=True,
+    ),
     "add_norm": KernelSpec(
         name="add_norm",
         inputs=("h", "a", "w", "eps"),

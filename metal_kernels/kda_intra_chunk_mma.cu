@@ -35,8 +35,8 @@ GPU_FN float gpu_round_as(T* p, float v) { return static_cast<float>(static_cast
 // Matrix-unit tiles for the kernels whose spec asks for them (KernelSpec.tiles): included after cuda.h.
 // A 16x16 float32 tile held by one warp, on the tensor cores (mma.sync m16n8k8, TF32 inputs, two n8 halves).
 // Its operands and its result live in shared memory, so the kernel text never sees a lane's share of it:
-//   gpu_tile16_zero(t);  gpu_tile16_mma_abt(t, a, b, ld): t += A B^T, A and B 16 rows x 8 columns (row stride
-//   ld floats);  gpu_tile16_store(t, c, ldc): writes t to c (row stride ldc). Every lane of the warp calls them.
+//   gpu_tile16_zero(t);  gpu_tile16_mma_abt(t, a, lda, b, ldb): t += A B^T, A and B 16 rows x 8 columns (row
+//   strides lda, ldb floats);  gpu_tile16_store(t, c, ldc): writes t to c (row stride ldc). Every lane of the warp calls them.
 // Float32 accuracy from TF32 units: each operand is split x = hi + lo (hi: x rounded to TF32's 10 mantissa bits,
 // lo: the rest, rounded again) and A B^T = hi hi + hi lo + lo hi (the lo lo term is below float32's rounding).
 // Lane l holds c[4h + e]: row (l / 4) + 8 (e / 2), column 8h + 2 (l % 4) + e % 2 (PTX ISA, m16n8k8 accumulators).
@@ -63,11 +63,11 @@ GPU_FN void gpu_mma_tf32(float* d, const unsigned int* a, unsigned int b0, unsig
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 #endif
-GPU_FN void gpu_tile16_mma_abt(gpu_tile16& t, const float* a, const float* b, int ld) {
+GPU_FN void gpu_tile16_mma_abt(gpu_tile16& t, const float* a, int lda, const float* b, int ldb) {
   const int g = (threadIdx.x & 31) >> 2;
   const int q = threadIdx.x & 3;
 #if defined(__CUDA_ARCH__)
-  const float av[4] = {a[g * ld + q], a[(g + 8) * ld + q], a[g * ld + q + 4], a[(g + 8) * ld + q + 4]};
+  const float av[4] = {a[g * lda + q], a[(g + 8) * lda + q], a[g * lda + q + 4], a[(g + 8) * lda + q + 4]};
   unsigned int ahi[4];
   unsigned int alo[4];
   for (int i = 0; i < 4; ++i) {
@@ -75,8 +75,8 @@ GPU_FN void gpu_tile16_mma_abt(gpu_tile16& t, const float* a, const float* b, in
     alo[i] = gpu_tf32(av[i] - __uint_as_float(ahi[i]));
   }
   for (int h = 0; h < 2; ++h) {
-    const float b0 = b[(8 * h + g) * ld + q];  // B^T's element (k = q, n = g) of this half
-    const float b1 = b[(8 * h + g) * ld + q + 4];
+    const float b0 = b[(8 * h + g) * ldb + q];  // B^T's element (k = q, n = g) of this half
+    const float b1 = b[(8 * h + g) * ldb + q + 4];
     const unsigned int b0hi = gpu_tf32(b0);
     const unsigned int b1hi = gpu_tf32(b1);
     const unsigned int b0lo = gpu_tf32(b0 - __uint_as_float(b0hi));
@@ -91,7 +91,7 @@ GPU_FN void gpu_tile16_mma_abt(gpu_tile16& t, const float* a, const float* b, in
     const int col = 8 * (e >> 2) + 2 * q + (e & 1);
     float s = 0.0f;
     for (int k = 0; k < 8; ++k) {
-      s += a[row * ld + k] * b[col * ld + k];
+      s += a[row * lda + k] * b[col * ldb + k];
     }
     t.c[e] += s;
   }
@@ -273,7 +273,7 @@ for (int c0 = 0; c0 < DK; c0 += Q) {
   for (int s = 0; s < JW; ++s) {
     if (warp + NW * s < NJ) {  // the same for every lane of the group
       const int lv = (job_lv[s] - 1) * C * Q;
-      gpu_tile16_mma_abt(acc[s], sm + (job_m[s] == 0 ? QF : KF) + lv + 16 * job_ti[s] * Q,
+      gpu_tile16_mma_abt(acc[s], sm + (job_m[s] == 0 ? QF : KF) + lv + 16 * job_ti[s] * Q, Q,
                          sm + KF + lv + 16 * job_tj[s] * Q, Q);
     }
   }

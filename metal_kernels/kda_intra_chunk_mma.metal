@@ -27,8 +27,8 @@ GPU_FN float gpu_round_as(device T* p, float v) { return static_cast<float>(stat
 // Matrix-unit tiles for the kernels whose spec asks for them (KernelSpec.tiles): included after metal.h.
 // A 16x16 float32 tile held by one 32-lane group, on the matrix units (simdgroup_matrix: four 8x8 blocks). Its
 // operands and its result live in threadgroup memory, so the kernel text never sees a lane's share of it:
-//   gpu_tile16_zero(t);  gpu_tile16_mma_abt(t, a, b, ld): t += A B^T, A and B 16 rows x 8 columns (row stride
-//   ld floats);  gpu_tile16_store(t, c, ldc): writes t to c (row stride ldc). Every lane of the group calls them.
+//   gpu_tile16_zero(t);  gpu_tile16_mma_abt(t, a, lda, b, ldb): t += A B^T, A and B 16 rows x 8 columns (row
+//   strides lda, ldb floats);  gpu_tile16_store(t, c, ldc): writes t to c (row stride ldc). Every lane of the group calls them.
 #ifndef GPU_SHARED_ARG
 #define GPU_SHARED_ARG threadgroup
 #endif
@@ -42,13 +42,13 @@ GPU_FN void gpu_tile16_zero(thread gpu_tile16& t) {
     }
   }
 }
-GPU_FN void gpu_tile16_mma_abt(thread gpu_tile16& t, const GPU_SHARED_ARG float* a, const GPU_SHARED_ARG float* b,
-                               int ld) {
+GPU_FN void gpu_tile16_mma_abt(thread gpu_tile16& t, const GPU_SHARED_ARG float* a, int lda,
+                               const GPU_SHARED_ARG float* b, int ldb) {
   simdgroup_float8x8 am[2];
   simdgroup_float8x8 bm[2];
   for (int i = 0; i < 2; ++i) {
-    simdgroup_load(am[i], a + 8 * i * ld, ulong(ld));
-    simdgroup_load(bm[i], b + 8 * i * ld, ulong(ld), ulong2(0), true);  // B^T: element (k, n) = b[n][k]
+    simdgroup_load(am[i], a + 8 * i * lda, ulong(lda));
+    simdgroup_load(bm[i], b + 8 * i * ldb, ulong(ldb), ulong2(0), true);  // B^T: element (k, n) = b[n][k]
   }
   for (int i = 0; i < 2; ++i) {
     for (int j = 0; j < 2; ++j) {
@@ -225,7 +225,7 @@ for (int c0 = 0; c0 < DK; c0 += Q) {
   for (int s = 0; s < JW; ++s) {
     if (warp + NW * s < NJ) {  // the same for every lane of the group
       const int lv = (job_lv[s] - 1) * C * Q;
-      gpu_tile16_mma_abt(acc[s], sm + (job_m[s] == 0 ? QF : KF) + lv + 16 * job_ti[s] * Q,
+      gpu_tile16_mma_abt(acc[s], sm + (job_m[s] == 0 ? QF : KF) + lv + 16 * job_ti[s] * Q, Q,
                          sm + KF + lv + 16 * job_tj[s] * Q, Q);
     }
   }

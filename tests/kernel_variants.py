@@ -113,6 +113,7 @@ def _calls():
                 intra)
         u = z((n, 1, H, kda_chunked.CHUNK, DK), f32)
         yield lambda n=n, u=u: kda_chunked.scan_kernel(u, u, u, u, z((n, 1, H, DK), f32), z((1, H, DK, DK), f32))
+        yield lambda n=n, u=u: kda_chunked.scan_mma(u, u, u, u, z((n, 1, H, DK), f32), z((1, H, DK, DK), f32))
         yield lambda T=T: kda.gated_norm_kernel(z((1, T, H, DK), f32), z((1, T, H, DK), bf), z((DK,), f32), 1e-5, bf)
         yield lambda T=T: attention.cache_rows_kernel(z((1, T, W), bf), z((L,), bf), 1e-6, L)
 

@@ -308,6 +308,24 @@ def test_chunk_scan_kernel_text_runs_right_on_cpu(kind, rows):
         assert rel_err(g, want) <= TOL
 
 
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("Dk", [48, 64])
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+def test_scan_mma_kernel_text_runs_right_on_cpu(kind, Dk, monkeypatch):
+    """The generated text of the affine scan on the matrix units (its tile helpers emulated), run on the CPU
+    through scan_mma, against `scan_ops`: Dk 48 leaves a 32-lane group without a tile, Dk 64 has two slices."""
+    N, B, H, C, Dv = 3, 2, 2, 8, 32
+    mx.random.seed(15)
+    w, q_in, k_out = (0.1 * mx.random.normal((N, B, H, C, Dk)) for _ in range(3))
+    u = mx.random.normal((N, B, H, C, Dv))
+    decay_all = mx.random.uniform(shape=(N, B, H, Dk))
+    state = mx.random.normal((B, H, Dv, Dk))
+    monkeypatch.setattr("metal_kernels.kernel", kernel_emulator.kernel_factory(kind))
+    got = kda_chunked.scan_mma(w, u, q_in, k_out, decay_all, state)
+    for g, want in zip(got, kda_chunked.scan_ops(w, u, q_in, k_out, decay_all, state)):
+        assert rel_err(g, want) <= TOL
+
+
 # -- the dispatcher -----------------------------------------------------------------------------
 
 def test_mode_from_environment(monkeypatch):
@@ -412,8 +430,9 @@ gpu = pytest.mark.skipif(kda_ops.gpu_backend() is None, reason="needs MLX's Meta
 @pytest.mark.parametrize("extreme", [False, True], ids=["gates", "extreme-gates"])
 @pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 1100])
 @pytest.mark.parametrize("use_kernel,scan,intra", [(False, None, "kernel"), (True, None, "kernel"),
-                                                   (True, "affine", "kernel"), (True, "doubling", "mma")],
-                         ids=["ops", "scan-kernel", "scan-affine", "doubling-mma"])
+                                                   (True, "affine", "kernel"), (True, "doubling", "mma"),
+                                                   (True, "mma", "mma")],
+                         ids=["ops", "scan-kernel", "scan-affine", "doubling-mma", "mma-mma"])
 def test_gpu_chunked_matches_reference(use_kernel, scan, intra, T, extreme, dtype):
     shape = dict(SHAPE, Dk=64)  # the scan kernel needs Dk % 32 == 0
     x = normalised(*inputs(T, **shape, seed=T, extreme=extreme, dtype=dtype, random_state=T % 2 == 0))
@@ -439,7 +458,8 @@ def test_gpu_intra_chunk_kernel_model_shape(intra, extreme):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("scan,intra", [("kernel", "kernel"), ("affine", "kernel"), ("doubling", "mma")])
+@pytest.mark.parametrize("scan,intra", [("kernel", "kernel"), ("affine", "kernel"), ("doubling", "mma"),
+                                        ("mma", "mma")])
 def test_gpu_scan_model_shape(scan, intra):
     x = normalised(*inputs(300, B=1, H=32, Dk=128, Dv=128, seed=15, extreme=True))
     o_ref, s_ref = chunked(*x)

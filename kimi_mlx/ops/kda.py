@@ -105,8 +105,10 @@ def choose_scan(f: settings.Facts, path: str) -> str:
     the scan kernel's state rows run on CUDA cores: RESULTS.md times both) and the scan kernel on Metal (not yet
     timed there), and ops on the 'chunked' path."""
     choice = f[SCAN_ENV]
-    if choice == "kernel" and path != "kernel":
-        raise ConfigError(f"{SCAN_ENV}=kernel needs the KDA kernels ({ENV}=auto or kernel on a GPU)")
+    if choice in ("kernel", "mma") and path != "kernel":
+        raise ConfigError(f"{SCAN_ENV}={choice} needs the KDA kernels ({ENV}=auto or kernel on a GPU)")
+    if choice == "mma" and not f.usable("kda_scan_mma"):  # the load-time probe switched it off: the ops twin
+        return "affine"
     if choice != "auto":
         return choice
     if path != "kernel":
@@ -120,13 +122,12 @@ def scan_path(path: str) -> str:
 
 def choose_intra(f: settings.Facts) -> str:
     """Which kernel forms the per-chunk matrices on the 'kernel' prefill path (kda_chunked.INTRAS):
-    KIMI_MLX_KDA_INTRA if set, else on CUDA 'mma' (the products on the tensor cores; RESULTS.md times both) unless
-    the load-time probe switched that kernel off, and 'kernel' (the products on the CUDA / SIMD cores) elsewhere:
-    the simdgroup-matrix twin has run in the emulator and the static check only, not yet on a Mac."""
+    KIMI_MLX_KDA_INTRA if set, else 'kernel' (the products on the CUDA / SIMD cores). 'mma' (the same products as
+    tiles on the matrix units) stays opt-in until a GPU run times it against 'kernel' (benchmarks/kda.py --parts):
+    so far it has run in the CPU emulator, the static Metal check and NVRTC only. Switched off by the load-time
+    probe, 'mma' gives way to 'kernel'."""
     choice = f[INTRA_ENV]
-    if choice != "auto":
-        return choice
-    return "mma" if f.gpu == "cuda" and f.usable("kda_intra_chunk_mma") else "kernel"
+    return "mma" if choice == "mma" and f.usable("kda_intra_chunk_mma") else "kernel"
 
 
 def intra_path() -> str:

@@ -163,6 +163,32 @@ def scan_doubling(w, u, q_in, k_out, decay_all, state):
     return u - w @ s_t, q_in @ s_t, final
 
 
+def scan_mma(w, u, q_in, k_out, decay_all, state):
+    """`scan_affine` with its N steps S <- S A + B in order as one kernel (metal_kernels/kda_scan_mma.body), the
+    state's products on the matrix units and the state in threadgroup memory between chunks; A, B and the outputs
+    are batched matmuls as in scan_affine. The kernel takes Dk and Dv multiples of 16; other shapes run
+    scan_affine."""
+    from metal_kernels import kernel
+
+    N, B, H, C, Dk = w.shape
+    Dv = u.shape[-1]
+    if Dk % 16 or Dv % 16:
+        return scan_affine(w, u, q_in, k_out, decay_all, state)
+    eye = mx.eye(Dk, dtype=w.dtype)
+    a_t = eye * decay_all[..., :, None] - k_out.swapaxes(-1, -2) @ w  # A^T [N, B, H, Dk, Dk]
+    b = u.swapaxes(-1, -2) @ k_out  # [N, B, H, Dv, Dk]
+    starts, final = kernel("kda_scan_mma")(
+        inputs=[a_t, b, state.astype(mx.float32), mx.array([N, B * H], dtype=mx.int32)],
+        template=[("DK", Dk), ("DV", Dv)],
+        grid=(128, Dv // 16, B * H),
+        threadgroup=(128, 1, 1),
+        output_shapes=[b.shape, state.shape],
+        output_dtypes=[mx.float32] * 2,
+    )
+    s_t = starts.swapaxes(-1, -2)
+    return u - w @ s_t, q_in @ s_t, final
+
+
 SCAN_ROWS = 4  # state rows per 32-lane group in the scan kernel: each chunk row read serves this many
 
 
@@ -209,7 +235,7 @@ def intra_chunk_kernel(q, k, g, beta, intra="kernel"):
     return a_qk, t_inv
 
 
-SCANS = ("ops", "affine", "doubling", "kernel")  # scan_ops, scan_affine, scan_doubling, scan_kernel
+SCANS = ("ops", "affine", "doubling", "kernel", "mma")  # scan_ops, _affine, _doubling, _kernel, _mma
 
 
 def _segment(q, k, v, g, beta, state, use_kernel, scan, intra):
@@ -220,7 +246,8 @@ def _segment(q, k, v, g, beta, state, use_kernel, scan, intra):
     beta = _to_chunks(beta, n)  # [N, B, H, C]
     alpha = fast_math.exp(g)  # on the CPU the polynomial (MLX's exp runs an element at a time there)
     a_qk, t_inv = intra_chunk_kernel(q, k, g, beta, intra) if use_kernel else intra_chunk(q, k, alpha, beta)
-    scan = {"ops": scan_ops, "affine": scan_affine, "doubling": scan_doubling, "kernel": scan_kernel}[scan]
+    scan = {"ops": scan_ops, "affine": scan_affine, "doubling": scan_doubling, "kernel": scan_kernel,
+            "mma": scan_mma}[scan]
     m = t_inv * beta[..., None, :]  # T Diag(beta)
     decay_in = mx.cumprod(alpha, axis=-2)  # chunk start -> row i (inclusive)
     decay_out = mx.cumprod(alpha, axis=-2, reverse=True, inclusive=False)  # row i -> chunk end
