@@ -133,6 +133,7 @@ constexpr int T16 = C / 16;
 constexpr int NJ1 = 3 * T16 + T16 * (T16 - 1) / 2;  // tile products of one matrix
 constexpr int NJ = 2 * NJ1;                         // a_qk's, then A's
 constexpr int JW = (NJ + NW - 1) / NW;              // per 32-lane group
+constexpr int LD = (C * Q + NT - 1) / NT;  // slice floats a thread loads
 constexpr int QS = 0;                 // q slice [C][Q]
 constexpr int KS = C * Q;             // k slice [C][Q]
 constexpr int GS = 2 * C * Q;         // g slice [C][Q]
@@ -183,14 +184,37 @@ for (int s = 0; s < JW; ++s) {
 float diag = 0.0f;  // thread i < C: q_i . k_i, and for odd i the level-0 pair (i, i - 1) of both matrices
 float lv0_qk = 0.0f;
 float lv0_kk = 0.0f;
+float pq[LD];  // this thread's share of the q, k, g slice to come, read from memory one slice ahead
+float pk[LD];
+float pg[LD];
+for (int l = 0; l < LD; ++l) {
+  const int e = tid + l * NT;
+  const int at = rows + (e / Q) * DK + e % Q;
+  pq[l] = e < C * Q ? q_in[at] : 0.0f;
+  pk[l] = e < C * Q ? k_in[at] : 0.0f;
+  pg[l] = e < C * Q ? g[at] : 0.0f;
+}
 for (int c0 = 0; c0 < DK; c0 += Q) {
-  for (int e = tid; e < C * Q; e += NT) {
-    const int at = rows + (e / Q) * DK + c0 + e % Q;
-    sm[QS + e] = q_in[at];
-    sm[KS + e] = k_in[at];
-    sm[GS + e] = g[at];
+  for (int l = 0; l < LD; ++l) {
+    const int e = tid + l * NT;
+    if (e < C * Q) {
+      sm[QS + e] = pq[l];
+      sm[KS + e] = pk[l];
+      sm[GS + e] = pg[l];
+    }
   }
   gpu_barrier();
+  if (c0 + Q < DK) {
+    for (int l = 0; l < LD; ++l) {
+      const int e = tid + l * NT;
+      const int at = rows + (e / Q) * DK + c0 + Q + e % Q;
+      if (e < C * Q) {
+        pq[l] = q_in[at];
+        pk[l] = k_in[at];
+        pg[l] = g[at];
+      }
+    }
+  }
   for (int e = tid; e < (LV - 1) * C * Q; e += NT) {
     const int b = 2 << (e / (C * Q));
     const int r = (e / Q) % C;

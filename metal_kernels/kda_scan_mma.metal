@@ -122,6 +122,7 @@ constexpr int NW = NT / 32;
 constexpr int T = DK / 16;               // output tiles of a 16-row block
 constexpr int TW = (T + NW - 1) / NW;    // per 32-lane group
 constexpr int KS = (DK % 32 == 0) ? 32 : 16;  // key channels a slice
+constexpr int LA = DK * KS / NT;         // a slice's floats a thread (DK * KS is a multiple of NT)
 constexpr int S0 = 0;                    // S block [16][DK]
 constexpr int AT = 16 * DK;              // a_t slice [DK][KS]
 GPU_SHARED float sm[16 * DK + DK * KS];  // 24 KB at DK = 128: Metal gives a threadgroup 32 KB
@@ -135,6 +136,11 @@ const int heads = sizes[1];
 for (int e = tid; e < 16 * DK; e += NT) {
   sm[S0 + e] = state_in[(h * DV + dv0) * DK + e];
 }
+float pa[LA];  // this thread's share of the a_t slice to come, read from memory one slice ahead
+for (int l = 0; l < LA; ++l) {
+  const int e = tid + l * NT;
+  pa[l] = chunks > 0 ? a_t[h * DK * DK + (e / KS) * DK + e % KS] : 0.0f;
+}
 gpu_barrier();
 for (int n = 0; n < chunks; ++n) {
   const int at = (n * heads + h) * DK * DK;
@@ -147,10 +153,18 @@ for (int n = 0; n < chunks; ++n) {
     gpu_tile16_zero(acc[s]);
   }
   for (int k0 = 0; k0 < DK; k0 += KS) {
-    for (int e = tid; e < DK * KS; e += NT) {
-      sm[AT + e] = a_t[at + (e / KS) * DK + k0 + e % KS];
+    for (int l = 0; l < LA; ++l) {
+      sm[AT + tid + l * NT] = pa[l];
     }
     gpu_barrier();
+    // the next slice (this chunk's, else the next chunk's first) on its way while this one's products run
+    const int next_at = k0 + KS < DK ? at + k0 + KS : at + DK * DK * heads;
+    if (k0 + KS < DK || n + 1 < chunks) {
+      for (int l = 0; l < LA; ++l) {
+        const int e = tid + l * NT;
+        pa[l] = a_t[next_at + (e / KS) * DK + e % KS];
+      }
+    }
     for (int s = 0; s < TW; ++s) {
       const int t = warp + NW * s;
       if (t < T) {  // the same for every lane of the group
