@@ -15,6 +15,8 @@ pre-conv projections) runs the model's unfused reference, `decode_step_ops` or t
   chunked         chunked prefill in ops for every T > 1, fused decode step in ops
   kernel          chunked prefill with its kernels (per-chunk matrices, scan) for every T > 1, fused
                   decode kernel (needs Metal or CUDA)
+`KIMI_MLX_KDA_SCAN` picks the chunked prefill's scan across chunks (choose_scan) and `KIMI_MLX_KDA_INTRA` its
+per-chunk matrices kernel (choose_intra).
 """
 
 from __future__ import annotations

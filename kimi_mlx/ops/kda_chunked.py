@@ -14,7 +14,10 @@ so no triangular solve is needed.
 
 On a GPU (use_kernel) two steps are kernels with the same contracts as their ops twins here:
 `intra_chunk_kernel` (the per-chunk matrices, split at the same borders, inverse by forward
-substitution) and `scan_kernel` (the scan across chunks; `scan_ops` is its twin).
+substitution; intra='mma' forms their products as 16x16 tiles on the matrix units) and `scan_kernel`
+(the scan across chunks; `scan_ops` is its twin). The scan also has affine forms (S <- S A + B a chunk):
+`scan_affine` (one addmm a chunk in order), `scan_doubling` (log2(N) levels of batched matmuls) and
+`scan_mma` (the steps in order in one kernel, the state's products on the matrix units).
 """
 
 from __future__ import annotations
