@@ -210,6 +210,11 @@ def with_mode(fn, mode):
     return run
 
 
+def rel_err(a, b) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return (mx.abs(a - b).max() / mx.maximum(mx.abs(b).max(), 1e-30)).item()
+
+
 def with_scan(fn, scan, intra="kernel"):
     def run(x):
         os.environ[kda_ops.ENV] = "kernel"
@@ -275,8 +280,9 @@ def main():
     cols = mine + peers
     echo(f"{'T':>6} | " + " | ".join(f"{c[0]:>14}" for c in cols) + " | " + " | ".join(f"{'x ' + p[0]:>10}" for p in peers))
     for T in lengths:
-        times, cells = [], []
+        times, cells, agree = [], [], []
         x = inputs(T)
+        first = None  # the first column's prefill result: each variant of ours is compared with it
         for label, prefill, decode, max_t in cols:
             if T == 1 and label == "fla":
                 times.append(None)
@@ -303,9 +309,17 @@ def main():
                 repeats = a.repeats if max_t is None else (1 if T > 4096 else a.repeats)
                 times.append(time_prefill(prefill, x, repeats))
                 cells.append(f"{T / times[-1]:,.0f}")
+                if a.scans and any(label == m[0] for m in mine):
+                    o, s = prefill(x)
+                    if first is None:
+                        first = (o, s)
+                    else:
+                        agree.append(f"{label} {max(rel_err(o, first[0]), rel_err(s, first[1])):.1e}")
         del x
         ratios = [f"{p / times[0]:.2f}x" if p else "-" for p in times[len(mine):]]
         echo(f"{T:>6} | " + " | ".join(f"{c:>14}" for c in cells) + " | " + " | ".join(f"{r:>10}" for r in ratios))
+        if agree:
+            echo(f"  T={T:>6} max error relative to the largest magnitude, against {cols[0][0]}: " + ", ".join(agree))
         if a.parts and T > 1:
             time_parts(T, a.repeats, echo)
     echo("T = 1: microseconds per decode step, wall (incl. building the graph in Python) / eval only;")
