@@ -326,6 +326,18 @@ def test_scan_mma_kernel_text_runs_right_on_cpu(kind, Dk, monkeypatch):
         assert rel_err(g, want) <= TOL
 
 
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+def test_chunked_prefill_on_the_matrix_unit_kernels_runs_right_on_cpu(kind, monkeypatch):
+    """The whole chunked prefill with both matrix-unit kernels (per-chunk matrices and scan, their generated text
+    emulated) against the recurrence: extreme gates, a ragged last chunk, a random starting state."""
+    x = normalised(*inputs(130, B=1, H=2, Dk=32, Dv=16, seed=16, extreme=True))
+    monkeypatch.setattr("metal_kernels.kernel", kernel_emulator.kernel_factory(kind))
+    o_ref, s_ref = kda_recurrent_ref(*x)
+    o, s = chunked(*x, use_kernel=True, scan="mma", intra="mma")
+    assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
+
+
 # -- the dispatcher -----------------------------------------------------------------------------
 
 def test_mode_from_environment(monkeypatch):

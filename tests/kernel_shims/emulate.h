@@ -275,6 +275,8 @@ inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
 }  // namespace metal
 // simdgroup_matrix: every lane holds the whole 8x8 matrix (the hardware spreads it over the lanes; the results
 // are the same). Loads, stores and products are collective, as on the GPU: each waits for the whole group first.
+// A store writes only the lane's share (element i by lane i % 32), as the hardware does: a lane reading the stored
+// tile before the group's simdgroup_barrier reads what other lanes have not written yet.
 struct simdgroup_float8x8 {
   float v[64];
 };
@@ -300,7 +302,9 @@ inline void simdgroup_store(simdgroup_float8x8 a, float* dst, unsigned long per_
   emu_warp_barrier();
   dst += origin.y * per_row + origin.x;
   for (int r = 0; r < 8; ++r)
-    for (int c = 0; c < 8; ++c) (transpose ? dst[c * per_row + r] : dst[r * per_row + c]) = a.v[r * 8 + c];
+    for (int c = 0; c < 8; ++c)
+      if ((r * 8 + c) % 32 == int(emu_me().lane))
+        (transpose ? dst[c * per_row + r] : dst[r * per_row + c]) = a.v[r * 8 + c];
 }
 inline void simdgroup_multiply_accumulate(simdgroup_float8x8& d, const simdgroup_float8x8& a,
                                           const simdgroup_float8x8& b, const simdgroup_float8x8& c) {
