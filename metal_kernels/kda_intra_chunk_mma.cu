@@ -346,20 +346,31 @@ if (tid < C) {
   }
 }
 gpu_barrier();
-// (I + A)^-1 by forward substitution, column c by thread c: T[i][c] = -sum_{j=c..i-1} A[i][j] T[j][c], with
-// T[c][c] = 1. A is strictly lower triangular, so thread c keeps its column's T[j][c] (j > c) in A's unused
-// upper triangle, transposed at [c][j]: only thread c reads or writes row c there, and at each step j = c + r
-// the threads read [c][c + r] and [i][c + r] at a stride of C + 1 words (no shared bank twice).
-if (tid < C) {
-  const int c = tid;
-  t_inv[blk * C * C + c * C + c] = 1.0f;
-  for (int i = c + 1; i < C; ++i) {
-    float t = sm[A0 + i * C + c];
-    for (int j = c + 1; j < i; ++j) {
+// (I + A)^-1 by forward substitution, column c by the 4 consecutive lanes 4c..4c+3:
+// T[i][c] = -sum_{j=c..i-1} A[i][j] T[j][c], with T[c][c] = 1. Lane r of a column sums the terms j = c + 1 + r
+// (mod 4), two shuffles add the 4 partial sums, and T[i][c] is kept (in A's unused upper triangle, transposed at
+// [c][i]) by the lane that will read it, r = (i - c - 1) % 4, so no lane reads what another wrote. A chain of
+// C^2 / 8 products a lane where one thread a column had C^2 / 2. Every lane of a 32-lane group runs all C steps
+// (the shuffles need the whole group), doing nothing at steps i <= c.
+if (tid < 4 * C) {  // whole 32-lane groups: 4 C is a multiple of 32
+  const int c = tid / 4;
+  const int r = tid % 4;
+  if (r == 0) {
+    t_inv[blk * C * C + c * C + c] = 1.0f;
+  }
+  for (int i = 1; i < C; ++i) {
+    float t = (r == 0 && i > c) ? sm[A0 + i * C + c] : 0.0f;
+    for (int j = c + 1 + r; j < i; j += 4) {
       t += sm[A0 + i * C + j] * sm[A0 + c * C + j];
     }
-    sm[A0 + c * C + i] = -t;
-    t_inv[blk * C * C + i * C + c] = -t;
+    t += gpu_shfl_xor(t, 1);
+    t += gpu_shfl_xor(t, 2);
+    if (i > c && (i - c - 1) % 4 == r) {
+      sm[A0 + c * C + i] = -t;
+    }
+    if (i > c && r == 0) {
+      t_inv[blk * C * C + i * C + c] = -t;
+    }
   }
 }
 
