@@ -60,13 +60,22 @@ SWITCHES = {s.env: s for s in (
            "MoE routing: auto (one kernel on a GPU where the expert count fits it), ref (ops), kernel (always)"),
     Switch("KIMI_MLX_NORM", ("auto", "ref"), "auto",
            "residual add + RMS norm in decode: auto (one kernel on a GPU), ref (ops)"),
-    Switch("KIMI_MLX_EXPERTS", ("auto", "kernel", "gather", "sorted", "segmented", "bounded"), "auto",
+    Switch("KIMI_MLX_EXPERTS", ("auto", "kernel", "union", "gather", "sorted", "segmented", "bounded"), "auto",
            "MoE expert matmuls: auto (decode: two kernels on a GPU for affine 2/4/8-bit banks, else MLX's gather "
            "matmuls; prefill: bounded on CUDA, sorted on Metal, segmented on the CPU), or one of them (the prefill "
-           "paths only for calls of 64+ token-expert pairs)"),
+           "paths only for calls of 64+ token-expert pairs); union: the decode kernels reading each expert of a "
+           "batch's tokens once (gate|up), not once a token"),
     Switch("KIMI_MLX_DEQUANT", ("auto", "on", "off"), "auto",
            "quantized projections of 256+ rows (prefill): auto (dequantized, then one dense matmul, on CUDA), on "
            "(every backend), off (MLX's quantized matmul)"),
+    Switch("KIMI_MLX_PREFETCH", ("off", "on"), "off",
+           "streamed experts (--experts-memory), decode: on (each MoE layer also runs the next one's router on its "
+           "own input and starts reading the experts that guess misses while the device computes), off (reads only "
+           "what the router asks; benchmarks/offload.py measures both)"),
+    Switch("KIMI_MLX_POOL_WRITES", ("auto", "staged"), "auto",
+           "streamed experts (--experts-memory): auto (reads land in the pool's own memory where MLX lets the host "
+           "write it in place, checked once a pool), staged (reads land in host buffers, then one copy into the pool "
+           "a layer: for comparison where host writes to device memory are slow)"),
     Switch("KIMI_MLX_FAST_MATH", ("auto", "off"), "auto",
            "exp, SiLU and softmax on the CPU: auto (range reduction + polynomial: MLX's CPU exp runs an element "
            "at a time), off (MLX's)"),

@@ -20,7 +20,7 @@ GROUPS = (32, 64, 128)
 D, I, E, K = 2304, 1024, 256, 8  # hidden, expert width, routed experts, picks (+1 shared)
 H, DK = 32, 128  # KDA heads, head dim
 MLA_H, L, PE = 32, 512, 64  # MLA heads, latent rank, rope dims
-DECODE_BATCHES = (1, 4)
+DECODE_BATCHES = (1, 4, 16)  # 16: a batch's per-sequence inputs (MLA decode's last rows) pass in device memory
 PREFILL_TOKENS = (2048, 4096)
 PAGES = (256, 2048, 8192, 16384, 131072)  # MLA page rows: first page, page-kernel sizes, the split kernels'
 
@@ -97,8 +97,10 @@ def _calls():
                 gate_up, down = _bank(E + 1, 2 * I, D, bits, gs), _bank(E + 1, D, I, bits, gs)
                 idx, w = z((B, K + 1), i32), z((B, K + 1), f32)
                 yield lambda B=B, g=gate_up, d=down, idx=idx, w=w: experts.experts_kernel(z((B, D), bf), idx, w, g, d)
+                yield lambda B=B, g=gate_up, d=down, idx=idx, w=w: experts.experts_kernel(z((B, D), bf), idx, w, g, d,
+                                                                                  union=True)
         for n in PAGES:
-            qa, last = z((B, MLA_H, W), bf), z((1,), i32)
+            qa, last = z((B, MLA_H, W), bf), z((B,), i32)  # a last row per sequence (a ragged batch)
             if n <= mla_decode.PAGE_KERNEL_ROWS:
                 yield lambda qa=qa, n=n, last=last, B=B: mla_decode.decode_page_kernel(qa, z((B, n, W), bf), last)
             c = min(mla_decode.SPLIT_ROWS, n)

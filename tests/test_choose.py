@@ -94,9 +94,26 @@ def test_experts(facts, pairs, fits, want):
     assert choose_experts(facts, pairs, fits) == want
 
 
+@pytest.mark.parametrize("facts, pairs, fits, want", [
+    (CPU, 16 * 9, True, "gather"), (CUDA, 16 * 9, True, "kernel"), (CUDA, 16 * 9, False, "gather"),
+    (METAL, 8 * 9, True, "kernel"), (with_(CUDA, KIMI_MLX_EXPERTS="bounded"), 16 * 9, True, "kernel"),
+    (with_(CPU, KIMI_MLX_EXPERTS="segmented"), 16 * 9, True, "gather"),
+    (with_(CUDA, KIMI_MLX_EXPERTS="gather"), 16 * 9, True, "gather"),
+    (CUDA, 16 * 9, True, "kernel"),  # union only when forced (unmeasured: not a default)
+    (with_(CUDA, KIMI_MLX_EXPERTS="union"), 16 * 9, True, "union"),
+    (with_(METAL, KIMI_MLX_EXPERTS="union"), 9, True, "union"),
+    (off(with_(CUDA, KIMI_MLX_EXPERTS="union"), "moe_gate_up_union"), 16 * 9, True, "kernel"),
+])
+def test_experts_of_a_batched_decode_step(facts, pairs, fits, want):
+    """A decode step of B sequences (B * k pairs, past 64) keeps the decode paths: no sorting, nothing read back."""
+    assert choose_experts(facts, pairs, fits, decode=True) == want
+
+
 def test_forcing_the_expert_kernels_where_they_cannot_run_is_one_line():
     with pytest.raises(ConfigError, match="KIMI_MLX_EXPERTS=kernel needs"):
         choose_experts(with_(CPU, KIMI_MLX_EXPERTS="kernel"), 9, True)
+    with pytest.raises(ConfigError, match="KIMI_MLX_EXPERTS=union needs"):
+        choose_experts(with_(CUDA, KIMI_MLX_EXPERTS="union"), 9, False)
 
 
 def test_the_small_kernels():
