@@ -97,14 +97,15 @@ def fla_fn():
         if key not in cache:
             cache.clear()
             t = {n: torch.from_numpy(np.array(x[n].astype(mx.float32))).cuda() for n in x}
+            for n in ("q", "k", "v", "a", "b"):  # its inputs as a model layer hands them over, cast before timing
+                t[n] = t[n].to(torch.bfloat16)
             cache[key] = t
         t = cache[key]
-        bf = torch.bfloat16
-        o, s = chunk_kda(t["q"].to(bf), t["k"].to(bf), t["v"].to(bf), t["a"].to(bf), t["b"].to(bf),
-                         initial_state=t["state"].transpose(-1, -2).contiguous(), output_final_state=True,
-                         use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
-                         A_log=t["a_log"], dt_bias=t["dt_bias"])
-        return o, s
+        with torch.inference_mode():
+            return chunk_kda(t["q"], t["k"], t["v"], t["a"], t["b"],
+                             initial_state=t["state"].transpose(-1, -2).contiguous(), output_final_state=True,
+                             use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                             A_log=t["a_log"], dt_bias=t["dt_bias"])
 
     def timed(x, repeats):
         run(x)  # warm-up (autotunes and compiles)
