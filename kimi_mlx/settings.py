@@ -39,9 +39,15 @@ SWITCHES = {s.env: s for s in (
     Switch("KIMI_MLX_KDA", ("auto", "ref", "chunked", "kernel"), "auto",
            "KDA: auto (chunked prefill from 16 tokens; on a GPU its per-chunk matrices, scan and the decode step "
            "as kernels), ref (the sequential reference everywhere), chunked (all ops), kernel (the kernels always)"),
-    Switch("KIMI_MLX_KDA_SCAN", ("auto", "ops", "affine", "kernel"), "auto",
+    Switch("KIMI_MLX_KDA_SCAN", ("auto", "ops", "affine", "doubling", "kernel", "mma"), "auto",
            "the chunked prefill's scan across chunks: auto (a matmul a chunk on CUDA, the scan kernel on Metal, ops "
-           "on the CPU), or one of them"),
+           "on the CPU), or one of them (doubling: the chunks' affine maps combined in log2(chunks) levels of "
+           "batched matmuls; mma: the affine steps in order in one kernel, the state's products on the matrix "
+           "units; neither yet timed on a GPU)"),
+    Switch("KIMI_MLX_KDA_INTRA", ("auto", "kernel", "mma"), "auto",
+           "the chunked prefill's per-chunk matrices on a GPU: auto (kernel), kernel (their products on the CUDA / "
+           "SIMD cores), mma (the products as 16x16 tiles on the matrix units: tensor cores, simdgroup matrices; "
+           "not yet timed on a GPU)"),
     Switch("KIMI_MLX_MLA", ("auto", "ref", "fused", "tiled"), "auto",
            "MLA prefill attention: auto (fused SDPA where one score tile holds the cache, else tiled), ref (one "
            "score array), fused, tiled"),

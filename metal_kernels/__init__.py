@@ -46,6 +46,7 @@ class KernelSpec:
     sample_outputs: tuple[str, ...] = ()  # dtype name per output
     source: str = ""  # the body file's stem when it is another kernel's (default: name)
     defines: tuple[tuple[str, int], ...] = ()  # macros set before the body (variants of one source)
+    tiles: bool = False  # uses the matrix-unit tile helpers (<backend>_tile.h), which only these kernels include
 
 
 SPECS = {
@@ -126,6 +127,34 @@ SPECS = {
             ("float32", 1024 * 64),
         ),
         sample_outputs=("float32", "float32"),
+    ),
+    "kda_intra_chunk_mma": KernelSpec(
+        name="kda_intra_chunk_mma",
+        inputs=("q_in", "k_in", "g", "beta"),
+        outputs=("a_qk", "t_inv"),
+        sample_template=(("DK", 128), ("C", 64)),
+        sample_inputs=(
+            ("float32", 1024 * 64 * 128),
+            ("float32", 1024 * 64 * 128),
+            ("float32", 1024 * 64 * 128),
+            ("float32", 1024 * 64),
+        ),
+        sample_outputs=("float32", "float32"),
+        tiles=True,
+    ),
+    "kda_scan_mma": KernelSpec(
+        name="kda_scan_mma",
+        inputs=("a_t", "b", "state_in", "sizes"),
+        outputs=("starts", "state_out"),
+        sample_template=(("DK", 128), ("DV", 128)),
+        sample_inputs=(
+            ("float32", 128 * 32 * 128 * 128),
+            ("float32", 128 * 32 * 128 * 128),
+            ("float32", 32 * 128 * 128),
+            ("int32", 2),
+        ),
+        sample_outputs=("float32", "float32"),
+        tiles=True,
     ),
     "add_norm": KernelSpec(
         name="add_norm",
@@ -263,9 +292,12 @@ def backend() -> str | None:
     return None
 
 
-def header(kind: str) -> str:
-    """Text placed before the kernel: the backend's primitives, then the shared helpers."""
-    return (HERE / f"{kind}.h").read_text() + "\n" + (HERE / "common.h").read_text()
+def header(kind: str, name: str | None = None) -> str:
+    """Text placed before kernel `name`: the backend's primitives, its matrix-unit tiles where the kernel's spec
+    asks for them, then the shared helpers."""
+    tiles = name is not None and SPECS[name].tiles
+    return ((HERE / f"{kind}.h").read_text() + "\n" + ((HERE / f"{kind}_tile.h").read_text() + "\n" if tiles else "")
+            + (HERE / "common.h").read_text())
 
 
 def body(name: str, kind: str) -> str:
@@ -359,7 +391,7 @@ def _built(name: str):
         input_names=list(spec.inputs),
         output_names=list(spec.outputs),
         source=compact(body(name, kind)),
-        header=compact(header(kind)),
+        header=compact(header(kind, name)),
     )
 
 

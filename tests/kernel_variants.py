@@ -109,10 +109,13 @@ def _calls():
                 z((B, n // c, MLA_H, W), f32), z((B, n // c, MLA_H), f32), z((B, n // c, MLA_H), f32), bf)
     for T in PREFILL_TOKENS:
         n = T // kda_chunked.CHUNK
-        yield lambda n=n: kda_chunked.intra_chunk_kernel(*(z((n, 1, H, kda_chunked.CHUNK, DK), f32) for _ in range(3)),
-                                                          z((n, 1, H, kda_chunked.CHUNK), f32))
+        for intra in kda_chunked.INTRAS:
+            yield lambda n=n, intra=intra: kda_chunked.intra_chunk_kernel(
+                *(z((n, 1, H, kda_chunked.CHUNK, DK), f32) for _ in range(3)), z((n, 1, H, kda_chunked.CHUNK), f32),
+                intra)
         u = z((n, 1, H, kda_chunked.CHUNK, DK), f32)
         yield lambda n=n, u=u: kda_chunked.scan_kernel(u, u, u, u, z((n, 1, H, DK), f32), z((1, H, DK, DK), f32))
+        yield lambda n=n, u=u: kda_chunked.scan_mma(u, u, u, u, z((n, 1, H, DK), f32), z((1, H, DK, DK), f32))
         yield lambda T=T: kda.gated_norm_kernel(z((1, T, H, DK), f32), z((1, T, H, DK), bf), z((DK,), f32), 1e-5, bf)
         yield lambda T=T: attention.cache_rows_kernel(z((1, T, W), bf), z((L,), bf), 1e-6, L)
 
