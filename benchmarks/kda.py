@@ -8,6 +8,9 @@ On the GPU machine (../shared/device/README.md), after `bash .device/b/install.s
   MLX_ENABLE_TF32=0 python3 -m pytest -m "gpu or not gpu" tests/test_kda.py tests/test_kernels_static.py
   python3 -m kimi_mlx doctor && python3 benchmarks/kda.py --record $OUT/kda_gpu.md --commit <sha>
 (TF32 off for the 1e-4 tests: MLX's CUDA backend runs float32 matmuls in TF32 by default.)
+The prefill variants side by side, with their pieces and fla (fla-core + einops wheels installed there, --no-deps):
+  python3 benchmarks/kda.py --lengths 1024,8192,32768 --no-peers --parts \
+      --scans affine+kernel,doubling+kernel,mma+kernel,affine+mma,doubling+mma,mma+mma
 
 Each path starts from the same raw inputs (q, k, v, gate pre-activation a, beta logit b, A_log,
 dt_bias, state) and does its own q/k L2 norms, gates and recurrence:
@@ -19,6 +22,11 @@ dt_bias, state) and does its own q/k L2 norms, gates and recurrence:
              kernel on Apple GPUs; a per-token loop of ops elsewhere)
   mx.fast    mx.fast.gated_delta_update: a per-HEAD scalar gate only, so it computes a cheaper,
              different recurrence (not KDA); compare its speed only
+  fla        fla's Triton `chunk_kda` (the KDA authors' kernels; bf16 q, k, v as it is run, norms, gate and
+             beta sigmoid in its kernels), where torch, triton and fla-core import and torch sees a GPU: an
+             optional benchmark dependency, never a runtime one
+With --scans, the chunked op (KIMI_MLX_KDA=kernel) once per scan across chunks (kda_chunked.SCANS), eager and under
+mx.compile (as the model's prefill step runs it). With --parts, the chunked op's pieces timed alone at each T.
 Decode (T = 1) is timed as a chain of steps that feed each other's state, evaluated at the end.
 """
 
@@ -70,6 +78,76 @@ def mx_fast(x):
     q, k = normalize_qk(x["q"], x["k"], inv_scale=D**-0.5, eps=1e-6)
     gamma = mx.exp(-mx.exp(x["a_log"]) * kda_ops.softplus(x["a"][..., 0] + x["dt_bias"][::D]))
     return mx.fast.gated_delta_update(q, k, x["v"], gamma, mx.sigmoid(x["b"]), x["state"])
+
+
+def fla_fn():
+    """fla's chunk_kda on the same raw inputs (bf16 q, k, v; state float32), or None where it cannot run."""
+    try:
+        import numpy as np
+        import torch
+        from fla.ops.kda import chunk_kda
+    except Exception:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    cache = {}
+
+    def run(x):
+        key = id(x)
+        if key not in cache:
+            cache.clear()
+            t = {n: torch.from_numpy(np.array(x[n].astype(mx.float32))).cuda() for n in x}
+            for n in ("q", "k", "v", "a", "b"):  # its inputs as a model layer hands them over, cast before timing
+                t[n] = t[n].to(torch.bfloat16)
+            cache[key] = t
+        t = cache[key]
+        with torch.inference_mode():
+            return chunk_kda(t["q"], t["k"], t["v"], t["a"], t["b"],
+                             initial_state=t["state"].transpose(-1, -2).contiguous(), output_final_state=True,
+                             use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                             A_log=t["a_log"], dt_bias=t["dt_bias"])
+
+    def timed(x, repeats):
+        run(x)  # warm-up (autotunes and compiles)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(x)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    return timed
+
+
+def time_parts(T, repeats, echo):
+    """The chunked op's pieces alone at T tokens (one segment's worth at most), from normalised inputs."""
+    from kimi_mlx.ops import kda_chunked as KC
+
+    x = inputs(T)
+    g = -mx.exp(x["a_log"])[:, None] * kda_ops.softplus(x["a"] + x["dt_bias"].reshape(H, D))
+    qn = kda_ops.l2_normalize(x["q"]) * D**-0.5
+    kn = kda_ops.l2_normalize(x["k"])
+    beta = mx.sigmoid(x["b"])
+    n = -(-min(T, KC.SEGMENT) // KC.CHUNK)
+    cq, ck, cv, cg = (KC._to_chunks(t[:, :KC.SEGMENT], n) for t in (qn, kn, x["v"], g))
+    cb = KC._to_chunks(beta[:, :KC.SEGMENT], n)
+    alpha = mx.exp(cg)
+    mx.eval(cq, ck, cv, cg, cb, alpha)
+    s0 = x["state"]
+    gpu = kda_ops.gpu_backend() is not None
+    parts = [("intra-chunk kernel", lambda: KC.intra_chunk_kernel(cq, ck, cg, cb)),
+             ("intra-chunk mma", lambda: KC.intra_chunk_kernel(cq, ck, cg, cb, "mma"))] if gpu else []
+    parts.append(("intra-chunk ops", lambda: KC.intra_chunk(cq, ck, alpha, cb)))
+    if hasattr(KC, "intra_chunk_blocked"):
+        parts.append(("intra-chunk blocked", lambda: KC.intra_chunk_blocked(cq, ck, alpha, cb)))
+    for scan in KC.SCANS if gpu else [s for s in KC.SCANS if s not in ("kernel", "mma")]:
+        fn = getattr(KC, f"scan_{scan}")
+        parts.append((f"scan {scan}", lambda fn=fn: fn(0.1 * ck, cv, cq, ck, alpha[..., -1, :], s0)))
+    for label, fn in parts:
+        t = time_prefill(lambda _: fn(), None, repeats)
+        echo(f"  T={T:>6} (segment {n * KC.CHUNK}) {label:<22} {1e3 * t:8.3f} ms")
 
 
 def step_inputs(seed=0):
@@ -133,6 +211,23 @@ def with_mode(fn, mode):
     return run
 
 
+def rel_err(a, b) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return (mx.abs(a - b).max() / mx.maximum(mx.abs(b).max(), 1e-30)).item()
+
+
+def with_scan(fn, scan, intra="kernel"):
+    def run(x):
+        os.environ[kda_ops.ENV] = "kernel"
+        os.environ[kda_ops.SCAN_ENV] = scan
+        os.environ[kda_ops.INTRA_ENV] = intra
+        try:
+            return fn(x)
+        finally:
+            del os.environ[kda_ops.SCAN_ENV], os.environ[kda_ops.INTRA_ENV]
+    return run
+
+
 def blas_note():
     pre = os.environ.get("LD_PRELOAD", "")
     return "OpenBLAS (LD_PRELOAD)" if "openblas" in pre else "MLX's bundled BLAS"
@@ -147,6 +242,10 @@ def main():
     ap.add_argument("--steps", type=int, default=50, help="decode steps per timing chain")
     ap.add_argument("--record", default=None, help="also write the result block (markdown) to this file")
     ap.add_argument("--commit", default=None)
+    ap.add_argument("--scans", default=None, help="comma list of SCAN[+INTRA] (kda_chunked.SCANS, INTRAS): a column "
+                    "each on the kernel path, eager and compiled")
+    ap.add_argument("--parts", action="store_true", help="also time the chunked op's pieces alone at each T")
+    ap.add_argument("--no-peers", action="store_true", help="skip mlx-lm and mx.fast")
     a = ap.parse_args()
     gpu = kda_ops.gpu_backend()
     on_cpu = gpu is None
@@ -168,21 +267,42 @@ def main():
     echo("mx.fast.gated_delta_update uses a per-head scalar gate (not KDA): speed comparison only")
     # (label, prefill fn, decode fn, max T or None); the first column is what `auto` picks here
     mine = [("kimi-mlx", with_mode(kda_call, "kernel"), decode_kernel, None)] if gpu else []
+    if gpu and a.scans:
+        for variant in a.scans.split(","):  # scan[+intra]; a compiled function each: mx.compile keys graphs on shapes
+            scan, _, intra = variant.partition("+")
+            intra = intra or "kernel"
+            mine.append((variant, with_scan(kda_call, scan, intra), decode_kernel, None))
+            mine.append((f"{variant} comp.", with_scan(mx.compile(kda_call), scan, intra), decode_kernel, None))
     mine.append(("kimi-mlx ops", with_mode(kda_call, "chunked"), decode_ops, None))
-    peers = [("mlx-lm", mlx_lm, None, peer_max), ("mx.fast", mx_fast, None, fast_max)]
+    peers = [] if a.no_peers else [("mlx-lm", mlx_lm, None, peer_max), ("mx.fast", mx_fast, None, fast_max)]
+    fla = fla_fn() if gpu == "cuda" else None
+    if fla is not None:
+        peers.append(("fla", fla, None, None))
     cols = mine + peers
     echo(f"{'T':>6} | " + " | ".join(f"{c[0]:>14}" for c in cols) + " | " + " | ".join(f"{'x ' + p[0]:>10}" for p in peers))
     for T in lengths:
-        times, cells = [], []
+        times, cells, agree = [], [], []
         x = inputs(T)
+        first = None  # the first column's prefill result: each variant of ours is compared with it
         for label, prefill, decode, max_t in cols:
-            if T == 1:
+            if T == 1 and label == "fla":
+                times.append(None)
+                cells.append("(n/a)")
+            elif T == 1:
                 if decode is None:
                     wall, ev = time_decode(lambda s, f=prefill: f(dict(x, state=s["state"])), x, a.steps)
                 else:
                     wall, ev = time_decode(decode, step_inputs(), a.steps)
                 times.append(wall)
                 cells.append(f"{1e6 * wall:.0f}/{1e6 * ev:.0f} us")
+            elif label == "fla":
+                try:
+                    times.append(prefill(x, a.repeats))
+                    cells.append(f"{T / times[-1]:,.0f}")
+                except Exception as e:  # an optional peer: report it, keep the run
+                    echo(f"fla chunk_kda failed at T={T}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    times.append(None)
+                    cells.append("(failed)")
             elif max_t is not None and T > max_t:
                 times.append(None)
                 cells.append("(skipped)")
@@ -190,9 +310,19 @@ def main():
                 repeats = a.repeats if max_t is None else (1 if T > 4096 else a.repeats)
                 times.append(time_prefill(prefill, x, repeats))
                 cells.append(f"{T / times[-1]:,.0f}")
+                if a.scans and any(label == m[0] for m in mine):
+                    o, s = prefill(x)
+                    if first is None:
+                        first = (o, s)
+                    else:
+                        agree.append(f"{label} {max(rel_err(o, first[0]), rel_err(s, first[1])):.1e}")
         del x
-        ratios = [f"{p / times[0]:.1f}x" if p else "-" for p in times[len(mine):]]
+        ratios = [f"{p / times[0]:.2f}x" if p else "-" for p in times[len(mine):]]
         echo(f"{T:>6} | " + " | ".join(f"{c:>14}" for c in cells) + " | " + " | ".join(f"{r:>10}" for r in ratios))
+        if agree:
+            echo(f"  T={T:>6} max error relative to the largest magnitude, against {cols[0][0]}: " + ", ".join(agree))
+        if a.parts and T > 1:
+            time_parts(T, a.repeats, echo)
     echo("T = 1: microseconds per decode step, wall (incl. building the graph in Python) / eval only;")
     echo("       kimi-mlx's step also does the short conv, norms and gates in the same op")
     if a.record:

@@ -8,14 +8,22 @@ Responses API (--api responses): the same conversation as a chain, each turn sen
 message with previous_response_id (the server restores the stored response's state), against resending the
 whole conversation as input items, to a server with the prefix cache and to one without.
 
+Continuous batching (--api batch): --requests different prompts sent at once (each its own streamed chat
+completion, greedy, --batch-tokens tokens each with the end tokens banned so every reply runs its full length)
+against the same requests one after another, to one server (--max-batch --requests, no prefix cache), and one
+after another to a server whose rows decode through the single-sequence path (a one-at-a-time server's speed);
+the replies must be the same every way. The wall time of each way is the best of --repeats, alternating.
+
 Every server runs in this process on 127.0.0.1 over the same model (default: the demo), turn by turn in
 lockstep (so that load from other processes hits them alike), and sees the same conversation (the replies
 are greedy, so all generate the same ones; checked). --api both (the default) runs both in one run.
 
   python benchmarks/server.py --turns 10 --user-tokens 1000 --record
+  python benchmarks/server.py --api batch --requests 8 --batch-tokens 64 --record
 """
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -158,13 +166,70 @@ def conversations(model, tok, turns: int, user_tokens: int, max_tokens: int) -> 
     return rows
 
 
+def batch_stream(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, ban: dict) -> "asyncio.Future":
+    async def run():
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+                "stream": True, "logit_bias": ban}
+        text = ""
+        async with http.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:]).get("choices", []):
+                        text += choice["delta"].get("content") or ""
+        return text
+
+    return run()
+
+
+def concurrent_vs_sequential(model, tok, requests: int, prompt_tokens: int, max_tokens: int,
+                             repeats: int) -> dict:
+    """Wall times of `requests` streamed chat completions sent at once and sent one by one (best of
+    `repeats`, alternating), to one server batching up to `requests` rows; and one by one to a server whose
+    rows decode through the single-sequence path (BatchGenerator's sequential reference: a one-at-a-time
+    server's speed). The replies of every way are returned."""
+    from kimi_mlx.batch import BatchGenerator
+
+    engines = [Engine(model, tok, EngineSettings(prefix_cache_bytes=0, max_batch=requests)) for _ in range(2)]
+    engines[1].batch = BatchGenerator(model, tok, max_batch=requests, reference=True)
+    prompts = [f"Request {i}: " + user_message(i + 1, prompt_tokens) for i in range(requests)]
+    ban = {str(i): -100 for i in (tok.im_end_id, tok.eos_id, *model.config.eos_token_ids)}
+
+    async def every_way(url, single_url):
+        async with httpx.AsyncClient(timeout=600) as http:
+            for u in (url, single_url):
+                await batch_stream(http, u, "warm up", 4, ban)
+            times = {"concurrent": [], "sequential": [], "single": []}
+            replies = {}
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                replies["concurrent"] = await asyncio.gather(*(batch_stream(http, url, p, max_tokens, ban)
+                                                               for p in prompts))
+                times["concurrent"].append(time.perf_counter() - t0)
+                for way, u in (("sequential", url), ("single", single_url)):
+                    t0 = time.perf_counter()
+                    replies[way] = [await batch_stream(http, u, p, max_tokens, ban) for p in prompts]
+                    times[way].append(time.perf_counter() - t0)
+            return times, replies
+
+    with LocalServer(create_app(engines[0], ServerSettings("bench"))) as url, \
+            LocalServer(create_app(engines[1], ServerSettings("bench"))) as single_url:
+        times, replies = asyncio.run(every_way(url, single_url))
+    return {**{way: min(t) for way, t in times.items()}, "replies": replies}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="demo", help="checkpoint directory, hub repo id, or 'demo'")
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--user-tokens", type=int, default=1000)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--api", choices=("chat", "responses", "both"), default="both")
+    ap.add_argument("--api", choices=("chat", "responses", "batch", "both", "all"), default="all",
+                    help="both: chat and responses; all: those and batch")
+    ap.add_argument("--requests", type=int, default=8, help="batch: requests sent at once")
+    ap.add_argument("--batch-prompt-tokens", type=int, default=64, help="batch: characters of each prompt")
+    ap.add_argument("--batch-tokens", type=int, default=64, help="batch: tokens each reply generates")
+    ap.add_argument("--repeats", type=int, default=2, help="batch: runs of each way (the best is kept)")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     a = ap.parse_args()
     model, tok = load(a.model)
@@ -175,7 +240,7 @@ def main():
     shape = (f"{a.turns} turns, user messages of {a.user_tokens} characters, {a.max_tokens}-token greedy replies, "
              "streamed")
     sections = []
-    if a.api in ("chat", "both"):
+    if a.api in ("chat", "both", "all"):
         with_cache, without = conversations(model, tok, a.turns, a.user_tokens, a.max_tokens)
         lines = [head, "chat completions, the whole conversation resent each turn: " + shape,
                  " turn | prompt tok | cached tok | TTFT cache on | TTFT cache off | speed-up"]
@@ -187,7 +252,7 @@ def main():
         lines.append(f"sum of TTFT: {total_on:.2f} s with the prefix cache, {total_off:.2f} s without")
         print("\n".join(lines), flush=True)
         sections.append(("server: TTFT over a growing conversation", lines))
-    if a.api in ("responses", "both"):
+    if a.api in ("responses", "both", "all"):
         chain, resend, cold = responses_chain(model, tok, a.turns, a.user_tokens, a.max_tokens)
         lines = [head, "Responses API: " + shape,
                  " turn | input tok | chain: cached |  TTFT | resent: cached |  TTFT | resent, no cache: TTFT "
@@ -203,6 +268,22 @@ def main():
                      f"with the prefix cache, {sums[2]:.2f} s resent without")
         print("\n".join(lines), flush=True)
         sections.append(("server: Responses API chain (previous_response_id) vs resending the conversation", lines))
+    if a.api in ("batch", "all"):
+        r = concurrent_vs_sequential(model, tok, a.requests, a.batch_prompt_tokens, a.batch_tokens, a.repeats)
+        got = r["replies"]
+        assert got["concurrent"] == got["sequential"] == got["single"], "the replies differ batched and alone"
+        n_tokens = a.requests * a.batch_tokens
+        rate = lambda way: f"{r[way]:.2f} s ({n_tokens / r[way]:.1f} tok/s)"  # noqa: E731
+        lines = [head, f"continuous batching: {a.requests} streamed chat completions (prompts of "
+                       f"{a.batch_prompt_tokens} characters, {a.batch_tokens}-token greedy replies) to one server "
+                       f"(--max-batch {a.requests}, no prefix cache), best of {a.repeats}; the single-sequence "
+                       "decode: one by one to a server whose rows step alone (the sequential reference)",
+                 f"{a.requests} concurrent requests: {rate('concurrent')} | one by one: {rate('sequential')} | "
+                 f"one by one, single-sequence decode: {rate('single')} | concurrent / one by one: "
+                 f"{r['concurrent'] / r['sequential']:.2f}x, / single-sequence one by one: "
+                 f"{r['concurrent'] / r['single']:.2f}x"]
+        print("\n".join(lines), flush=True)
+        sections.append(("server: concurrent requests (continuous batching) vs one by one", lines))
     if a.record:
         from results import Recorder
 

@@ -15,6 +15,7 @@ if sys.platform != "darwin":
     for _k, _v in CUDA_GRAPH_LIMITS.items():
         os.environ.setdefault(_k, _v)
 
+from .batch import BatchGenerator, batch_generate, stream_batch
 from .errors import KimiError
 from .generate import GenerationOptions, Response, generate, stream_generate
 from .loading import load
@@ -22,5 +23,5 @@ from .session import ChatSession
 from .weights.load import load_model
 
 __version__ = "0.1.0"
-__all__ = ["ChatSession", "GenerationOptions", "KimiError", "Response", "generate", "load", "load_model",
-           "stream_generate", "__version__"]
+__all__ = ["BatchGenerator", "ChatSession", "GenerationOptions", "KimiError", "Response", "batch_generate", "generate",
+           "load", "load_model", "stream_batch", "stream_generate", "__version__"]

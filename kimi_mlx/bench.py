@@ -17,7 +17,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import KIMI_LINEAR_48B_A3B, ModelConfig
-from .generate import PREFILL_STEP, describe_steps, prefill_step, step_length, step_lengths
+from .generate import PREFILL_STEP, STREAMED_STEP, describe_steps, prefill_step, step_length, step_lengths
 from .model import Model
 from .model.decoder import prefill_memory
 from .model.fuse import fuse_model
@@ -116,8 +116,16 @@ def build(shape: str, bits: int = 4, group_size: int = 64, dtype=mx.bfloat16, pe
     return ours, theirs, cfg_d
 
 
+def _offloaded(model: nn.Module) -> list:
+    from .model.offload import OffloadedMoE
+
+    layers = getattr(getattr(model, "model", None), "layers", [])
+    return [layer.mlp for layer in layers if isinstance(getattr(layer, "mlp", None), OffloadedMoE)]
+
+
 def weight_bytes(model: nn.Module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    """Bytes of weights held: parameters, and the expert pools of streamed MoE layers."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters())) + sum(m.held_bytes() for m in _offloaded(model))
 
 
 # an attention parameter decode does not read where model/fuse.py derived the one it reads instead (where the KDA
@@ -145,7 +153,7 @@ def active_bytes_per_token(model: Model) -> int:
             total += v.nbytes * (k + (v.shape[0] - E)) // v.shape[0]
         else:
             total += v.nbytes
-    return total
+    return total + sum(m.active_bytes() for m in _offloaded(model))  # streamed layers: top_k + shared experts
 
 
 def cache_bytes_per_token(cfg: ModelConfig, itemsize: int = 2) -> int:
@@ -210,7 +218,9 @@ class Runner:
 def steps_of(r: Runner, n: int, step: int) -> list[int]:
     """The prefill step lengths r takes for an n-token prompt: ours generation's own plan (generate.step_lengths;
     step 0 = auto), mlx-lm's `step` or its default prefill_step_size (2,048)."""
-    return step_lengths(0, n, step if r.is_ours else step or PREFILL_STEP)
+    if r.is_ours:
+        return step_lengths(0, n, step, getattr(r.model, "offload", None) is not None)
+    return step_lengths(0, n, step or PREFILL_STEP)
 
 
 def time_prefill(r: Runner, n: int, step: int, vocab: int) -> float:
@@ -422,6 +432,96 @@ def time_decode(r: Runner, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def time_batch_decode(r: Runner, cfg: ModelConfig, batch: int, n: int, tokens: int) -> float:
+    """Seconds a decode step of `batch` sequences takes at context n (after DECODE_WARMUP untimed steps), the next
+    step queued while the tokens are read (as the engines run). Ours: kimi_mlx.batch's engine step (a BatchState of
+    `batch` slots, Model.decode_rows, one argmax for all rows). mlx-lm: its BatchGenerator (continuous batching)
+    over `batch` prefilled caches. Each row starts from its own token (so rows route to their own experts) and
+    decodes greedily without stopping."""
+    rng = np.random.default_rng(batch)
+    first = [int(t) for t in rng.integers(0, cfg.vocab_size, size=batch)]
+    if r.is_ours:
+        return _time_ours_batch(r, cfg, first, n, tokens)
+    return _time_peer_batch(r, cfg, first, n, tokens)
+
+
+def _time_ours_batch(r: Runner, cfg: ModelConfig, first: list[int], n: int, tokens: int) -> float:
+    from .batch_state import BatchState
+
+    B = len(first)
+    batch = BatchState(r.model, B)
+    r.fill_context(n, cfg)
+    for _ in range(B):
+        batch.add(r.state)
+    r.state = None
+
+    def step(y):
+        batch.prepare()
+        logits = r.model.decode_rows(y.reshape(B, 1), batch)[:, -1]
+        batch.advance()
+        return mx.argmax(logits, axis=-1)
+
+    y = step(mx.array(first, mx.uint32))
+    mx.async_eval(y)
+    for i in range(DECODE_WARMUP + tokens):
+        if i == DECODE_WARMUP:
+            t0 = time.perf_counter()
+        nxt = step(y)
+        mx.async_eval(nxt)
+        y.tolist()
+        y = nxt
+    y.tolist()
+    return (time.perf_counter() - t0) / tokens
+
+
+def _time_peer_batch(r: Runner, cfg: ModelConfig, first: list[int], n: int, tokens: int) -> float:
+    from mlx_lm.generate import BatchGenerator
+
+    caches = []
+    for _ in first:
+        r.fill_context(n, cfg)
+        caches.append(r.state)
+    r.state = None
+    B = len(first)
+    gen = BatchGenerator(r.model, max_tokens=10**9, completion_batch_size=B, prefill_batch_size=B)
+    try:
+        gen.insert([[t] for t in first], caches=caches)
+        steps = 0
+        while steps < DECODE_WARMUP + tokens:
+            if steps == DECODE_WARMUP:
+                t0 = time.perf_counter()
+            _, generated = gen.next()
+            steps += bool(generated)
+        return (time.perf_counter() - t0) / tokens
+    finally:
+        gen.close()
+
+
+def run_batches(runners: list[Runner], cfg: ModelConfig, batches, contexts, tokens: int, echo=print) -> list[dict]:
+    """Aggregate decode tok/s (batch x tokens / time) and per-sequence latency (ms a token) of each runner at each
+    batch size and context."""
+    rows = []
+    for n in contexts:
+        base = {}
+        for B in batches:
+            got, lat = {}, {}
+            for r in runners:
+                mx.reset_peak_memory()
+                dt = time_batch_decode(r, cfg, B, n, tokens)
+                got[r.name], lat[r.name] = B / dt, dt * 1e3
+                rows.append(dict(what="batch_decode", tokens=n, batch=B, runner=r.name, tok_s=B / dt,
+                                 ms_per_token=dt * 1e3, peak_gb=mx.get_peak_memory() / 1e9))
+                gc.collect()
+                mx.clear_cache()
+            base.setdefault("kimi-mlx", got["kimi-mlx"])
+            parts = [f"{k} {v:9.1f} tok/s ({lat[k]:.1f} ms a token a sequence)" for k, v in got.items()]
+            if "mlx-lm" in got:
+                parts.append(f"ratio {got['kimi-mlx'] / got['mlx-lm']:.2f}x")
+            parts.append(f"kimi-mlx {got['kimi-mlx'] / base['kimi-mlx']:.2f}x its batch {batches[0]}")
+            echo(f"decode @{n:>7} batch {B:>3}: " + " | ".join(parts))
+    return rows
+
+
 # Peak memory bandwidth in GB/s by device name, for the "fraction of bandwidth" column.
 BANDWIDTH_GBS = {"H200": 4800, "H100": 3350, "M3 Ultra": 819, "M2 Ultra": 800, "M1 Ultra": 800, "M4 Max": 546,
                  "M3 Max": 400, "M2 Max": 400, "M1 Max": 400, "M4 Pro": 273, "M3 Pro": 150, "M2 Pro": 200}
@@ -449,7 +549,8 @@ def device_line() -> str:
 def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: int = 32, step: int = 0,
         bits: int = 4, group_size: int = 64, peer: bool = True, peer_prefill_max: int = 2048,
         bandwidth_gbs: float | None = None, model_path: str | None = None, peer_model: str | None = None,
-        step_at=(), echo=print, rounds: int = 1) -> list[dict]:
+        step_at=(), echo=print, rounds: int = 1, experts_memory_gb: float | None = None,
+        batches=()) -> list[dict]:
     """Measure and print; returns result rows (one per measurement).
 
     rounds: decode each context this many times per runner, alternating the runners (and their order) so slow
@@ -460,6 +561,11 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
 
     model_path: a checkpoint to measure instead of random weights at `shape`; peer_model: an mlx-lm
     checkpoint of the same model to compare against (random weights are shared with mlx-lm directly).
+
+    experts_memory_gb: with model_path, stream the routed experts into this much memory (model/offload.py); each
+    decode line then says the pool's hit rate, bytes read per token and time waiting on reads.
+    batches: also decode this many sequences together at each context (run_batches: aggregate tok/s and per-sequence
+    latency, mlx-lm's BatchGenerator beside ours).
     """
     step_length(0, 1, step)  # a negative step is a one-line error here, before any output
     dtype = activation_dtype()
@@ -468,7 +574,9 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
     if model_path:
         from .weights.load import load_model
 
-        ours = load_model(model_path)
+        ours = load_model(model_path, experts_memory_gb=experts_memory_gb)
+        if ours.offload is not None:
+            echo(ours.offload.line())
         theirs = None
         if peer_model:
             from mlx_lm import load as peer_load
@@ -489,7 +597,8 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
          f"cache per context token: {cache_bytes_per_token(cfg, rows_in.size)} B ({str(rows_in).split('.')[-1]}); "
          f"kimi-mlx prefill memory: {prefill_memory()}")
     if prefill or step_at:
-        echo(f"prefill steps: kimi-mlx {describe_steps(step)}"
+        plan = f"{step or STREAMED_STEP} tokens (experts streamed)" if ours.offload is not None else describe_steps(step)
+        echo(f"prefill steps: kimi-mlx {plan}"
              + (f"; mlx-lm {step or PREFILL_STEP} tokens" if len(runners) > 1 else ""))
     rows = []
     for n in prefill:
@@ -550,7 +659,10 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
             for r in runners if i % 2 == 0 else runners[::-1]:
                 r.fill_context(n - decode_tokens - DECODE_WARMUP, cfg)  # the timed tokens (and warm-up) end at n
                 mx.reset_peak_memory()
+                before = r.model.offload.snapshot() if r.is_ours and r.model.offload is not None else None
                 each[r.name].append(time_decode(r, decode_tokens))
+                if before is not None:
+                    streamed = r.model.offload.since(before)
                 peak[r.name] = max(peak.get(r.name, 0.0), mx.get_peak_memory() / 1e9)
                 r.state = None
                 gc.collect()
@@ -562,13 +674,37 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
                 row["rounds"] = each[r.name]
             if r.is_ours and bandwidth_gbs:
                 row["bandwidth_frac"] = got[r.name] * active / (bandwidth_gbs * 1e9)
+            if r.is_ours and r.model.offload is not None:
+                row.update(hit_rate=streamed.hit_rate, read_bytes_per_token=streamed.bytes_per_token,
+                           read_wait_s_per_token=streamed.wait_per_token, anon_gb=anon_memory_gb())
             rows.append(row)
         ratio = None
         if rounds > 1 and len(each) == 2:
             ratios = [a / b for a, b in zip(each["kimi-mlx"], each["mlx-lm"])]
             ratio = f"ratio {np.median(ratios):.2f}x (median of {rounds} rounds, {min(ratios):.2f}-{max(ratios):.2f})"
         echo(_line(f"decode @{n:>7}", got, active, bandwidth_gbs, peak, ratio))
+        if ours.offload is not None:
+            anon = anon_memory_gb()
+            echo(f"  streamed experts (last round, warm-up included): hit rate {streamed.hit_rate:.2f}, "
+                 f"{streamed.bytes_per_token / 1e6:.1f} MB read/token, "
+                 f"{1e3 * streamed.wait_per_token:.1f} ms/token waiting on reads"
+                 + (f", anonymous memory {anon:.2f} GB" if anon is not None else ""))
+    if batches:
+        rows += run_batches(runners, cfg, tuple(batches), contexts, decode_tokens, echo)
     return rows
+
+
+def anon_memory_gb() -> float | None:
+    """This process's anonymous resident memory (RssAnon: what it holds beyond file pages the OS can drop), in
+    GB; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
 
 
 def _line(label: str, got: dict, active: int | None = None, bw: float | None = None, peak=None,
@@ -580,3 +716,108 @@ def _line(label: str, got: dict, active: int | None = None, bw: float | None = N
         parts.append(f"{got['kimi-mlx'] * active / 1e9:.0f} GB/s of weights"
                      + (f" ({100 * got['kimi-mlx'] * active / (bw * 1e9):.0f}% of {bw:.0f})" if bw else ""))
     return f"{label}: " + " | ".join(parts)
+
+
+SAFETENSORS_NAMES = {mx.float32: "F32", mx.bfloat16: "BF16", mx.float16: "F16", mx.uint32: "U32"}
+
+
+def _bf16_bits(f: np.ndarray) -> np.ndarray:
+    u = np.ascontiguousarray(f, np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _random_tensor(name: str, shape, dtype: mx.Dtype, bits: int, rng: np.random.Generator,
+                   scales: np.ndarray | None = None) -> np.ndarray:
+    """Random contents for one local-layout tensor, by name: quantized words uniform, scales and biases giving
+    zero-centred weights of std ~0.02, norms one, the KDA gates as upstream initialises them, the rest N(0, 0.02)."""
+    if dtype == mx.uint32:
+        return rng.integers(0, 2**32, size=shape, dtype=np.uint32)
+    levels = 2**bits - 1
+    if name.endswith(".scales"):
+        f = rng.uniform(0.5, 1.5, size=shape).astype(np.float32) * (0.02 / np.sqrt((levels * (levels + 2)) / 12))
+    elif name.endswith(".biases"):
+        f = -scales * (levels / 2)
+    elif "norm" in name.rsplit(".", 1)[-1] or name.endswith("norm.weight"):
+        f = np.ones(shape, np.float32)
+    elif name.endswith("A_log"):
+        f = np.log(rng.uniform(1, 16, shape)).astype(np.float32)
+    elif name.endswith("dt_bias"):
+        dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), shape))
+        f = (dt + np.log(-np.expm1(-dt))).astype(np.float32)
+    elif name.endswith("conv_weight"):
+        f = rng.standard_normal(shape, dtype=np.float32) * 0.5
+    elif name.endswith("embed_tokens.weight"):
+        f = rng.standard_normal(shape, dtype=np.float32)
+    else:
+        f = rng.standard_normal(shape, dtype=np.float32) * (0.01 if name.endswith("correction_bias") else 0.02)
+    return f
+
+
+def write_checkpoint(cfg_d: dict, out, bits: int = 4, group_size: int = 64, dtype=mx.bfloat16, seed: int = 0,
+                     echo=None) -> int:
+    """Write a random checkpoint of config `cfg_d` to directory `out` in the converter's layout (`kimi-mlx convert
+    --bits B --group-size G` of the default recipe, unquantized tensors in `dtype`), one shard a layer, a tensor at
+    a time: memory holds one tensor, so the full 48B-A3B shape (~28 GB at 4 bits) is written on a small machine.
+    Quantized weights are uniform random words (random routing: every expert equally likely). Returns the bytes."""
+    import json
+    from pathlib import Path
+
+    from .model.decoder import DecoderLayer
+    from .weights.convert import _group_module, quant_plan, stored_dtype
+    from .weights.recipes import make_recipe
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = ModelConfig.from_dict(cfg_d)
+    recipe = make_recipe(bits, group_size, "affine", None) if bits else None
+    plan = quant_plan(cfg, recipe)[0] if recipe else {}
+    rng = np.random.default_rng(seed)
+    groups = ["embed"] + [f"layer {i}" for i in range(cfg.num_hidden_layers)] + ["head"]
+    weight_map, total = {}, 0
+    for k, group in enumerate(groups):
+        prefix, module = _group_module(cfg, group)
+        if plan:
+            nn.quantize(module, class_predicate=lambda p, m: plan[prefix + p].to_dict() if prefix + p in plan else False)
+        names = dict(tree_flatten(module.parameters()))
+        header, offset, specs = {}, 0, []
+        for local, arr in names.items():
+            name = prefix + local
+            quantized = name.rsplit(".", 1)[0] in plan
+            dt = arr.dtype if arr.dtype == mx.uint32 else (
+                dtype if quantized else stored_dtype(name, mx.float32, dtype))
+            nbytes = int(np.prod(arr.shape)) * dt.size
+            header[name] = {"dtype": SAFETENSORS_NAMES[dt], "shape": list(arr.shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            specs.append((name, tuple(arr.shape), dt))
+            offset += nbytes
+        shard = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(out / shard, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            scales = {}
+            for name, shape, dt in specs:
+                base = name.rsplit(".", 1)[0]
+                t = _random_tensor(name, shape, dt, plan[base].bits if base in plan else bits, rng, scales.get(base))
+                if name.endswith(".scales"):
+                    scales[base] = t
+                if dt == mx.bfloat16:
+                    t = _bf16_bits(t)
+                elif dt == mx.float16:
+                    t = t.astype(np.float16)
+                f.write(np.ascontiguousarray(t).tobytes() if t.nbytes < 2**28 else memoryview(np.ascontiguousarray(t)))
+                weight_map[name] = shard
+        total += offset
+        if echo:
+            echo(f"wrote {shard} ({offset / 1e9:.2f} GB)")
+        del module, names
+        gc.collect()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=1))
+    raw_cfg = dict(cfg_d, dtype=str(dtype).split(".")[-1], kimi_mlx_note="RANDOM WEIGHTS (kimi_mlx.bench)")
+    if recipe is not None:
+        q = recipe.base.to_dict()
+        q.update({path: spec.to_dict() for path, spec in sorted(plan.items()) if spec != recipe.base})
+        raw_cfg["quantization"] = q
+    (out / "config.json").write_text(json.dumps(raw_cfg, indent=1))
+    return total

@@ -28,7 +28,8 @@ HELP = """commands:
   /retry             drop the last reply and generate a new one
   /save FILE         save the conversation and its state
   /load FILE         continue a saved conversation
-  /stats             context size, state memory, the last reply's numbers and settings
+  /stats             context size, state memory, the last reply's numbers and settings (and, with
+                     --experts-memory, the expert pool's hit rate, bytes read per token, time waiting on reads)
   /set NAME VALUE    change a setting: {names}
   /quit              exit (Ctrl-D too)
 input: a line is one message; end a line with \\ to continue it, or put \"\"\" alone on a line to start
@@ -221,6 +222,8 @@ class Chat:
         if self.turn:
             lines.append(f"last reply: {stats_line(self.turn.last)}")
             lines.append(f"first token: id {self.turn.first_token}, logprob {self.turn.first_logprob:.6f}")
+        if getattr(s.model, "offload", None) is not None:  # hit rate, bytes read and waits since the model loaded
+            lines.append(s.model.offload.line())
         self.out.note("\n".join(lines))
 
     def set(self, arg: str) -> None:
@@ -286,12 +289,13 @@ def read_messages(tty: bool, out: Output) -> Iterator[str]:
 
 
 def run_chat(model_name: str, options: GenerationOptions, system: str | None, session_file: str | None,
-             distributed: bool = False) -> None:
+             distributed: bool = False, experts_memory_gb: float | None = None) -> None:
     from .loading import load
 
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     out = Output(tty)
-    model, tokenizer = load(model_name, distributed=distributed)  # distributed: only rank 0 returns
+    model, tokenizer = load(model_name, distributed=distributed,  # distributed: only rank 0 returns
+                            experts_memory_gb=experts_memory_gb)
     if options.draft:  # a draft that cannot be used is an error now, not at the first reply
         from .speculate import make_draft
 

@@ -52,7 +52,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
     """Kimi Linear on MLX: convert, generate, chat, serve, bench, doctor."""
 
 
-from .cli_options import (D, Distributed, Draft, FrequencyPenalty, Ngram, NumDraft, LogitBias, MaxTokens, MinP, Model,  # noqa: E402
+from .cli_options import (D, Distributed, Draft, ExpertsMemory, FrequencyPenalty, LogitBias, MaxTokens, MinP,  # noqa: E402
+                          Model, Ngram, NumDraft,
                           PrefillStepSize, PresencePenalty, RepetitionContext, RepetitionPenalty, Seed, Stop, System,
                           Temperature, TopK, TopP, generation_options)
 
@@ -80,7 +81,10 @@ def generate(
     num_draft: NumDraft = D.num_draft,
     ngram: Ngram = D.ngram,
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="print token counts and speeds to stderr"),
+    n: int = typer.Option(1, "--n", "-n", min=1, help="samples of the prompt, decoded together as one batch (one "
+                          "prefill; with --seed S, the samples draw with seeds S, S+1, ...)"),
     distributed: Distributed = False,
+    experts_memory: ExpertsMemory = None,
 ):
     """Generate text from a prompt (sent as a user message through the chat template unless --raw)."""
     from .generate import stats_line, stream_generate
@@ -92,11 +96,15 @@ def generate(
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed,
         stop=stop, prefill_step_size=prefill_step_size, draft=draft, num_draft=num_draft, ngram=ngram,
     )
-    m, tok = load(model, distributed=distributed)  # under --distributed, only rank 0 returns
+    m, tok = load(model, distributed=distributed, experts_memory_gb=experts_memory)  # --distributed: rank 0 returns
     text = sys.stdin.read() if prompt == "-" else prompt
     if model == "demo-random":
         typer.echo("[demo model: random weights, the text is gibberish]", err=True)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    if n > 1:
+        if opts.draft:
+            raise KimiError("--draft decodes one sequence at a time; drop it or --n")
+        return _samples(m, tok, text if raw else messages, n, opts, verbose)
     last = None
     for r in stream_generate(m, tok, text if raw else messages, **opts.__dict__):
         sys.stdout.write(r.text)
@@ -105,6 +113,31 @@ def generate(
     typer.echo("")
     if verbose and last is not None:
         typer.echo(stats_line(last), err=True)
+        if m.offload is not None:
+            typer.echo(m.offload.line(), err=True)
+
+
+def _samples(m, tok, prompt, n: int, opts, verbose: bool) -> None:
+    """n samples of one prompt through the batch engine, printed one after another as each finishes (headed
+    `[sample j]`); the numbers line sums the batch's decode."""
+    import time
+
+    from .batch import stream_batch
+
+    texts, done, t0, tokens, first = [""] * n, [None] * n, time.perf_counter(), 0, None
+    for j, r in stream_batch(m, tok, [prompt], n=n, max_batch=n, **opts.__dict__):
+        first = first or time.perf_counter()
+        texts[j] += r.text
+        tokens += 1
+        if r.finish_reason:
+            done[j] = r
+            typer.echo(f"[sample {j + 1}]\n{texts[j]}\n")
+    if verbose and first is not None:
+        took = time.perf_counter() - first
+        r = max((d for d in done if d), key=lambda d: d.generation_tokens)
+        typer.echo(f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | {n} samples: {tokens} tokens, "
+                   f"{(tokens - n) / took if took > 0 else 0.0:.1f} tok/s in all | peak memory {r.peak_memory:.2f} GB",
+                   err=True)
 
 
 @app.command()
@@ -129,6 +162,7 @@ def chat(
     num_draft: NumDraft = D.num_draft,
     ngram: Ngram = D.ngram,
     distributed: Distributed = False,
+    experts_memory: ExpertsMemory = None,
 ):
     """Chat in the terminal; the model state is kept across turns (/help inside lists the commands)."""
     from .chat import run_chat
@@ -139,7 +173,7 @@ def chat(
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed,
         stop=stop, prefill_step_size=prefill_step_size, draft=draft, num_draft=num_draft, ngram=ngram,
     )
-    run_chat(model, opts, system, session, distributed)
+    run_chat(model, opts, system, session, distributed, experts_memory)
 
 
 from .server import ServeOptions as S, format_bytes  # noqa: E402
@@ -177,7 +211,15 @@ def serve(
     draft: Draft = None,
     num_draft: NumDraft = D.num_draft,
     ngram: Ngram = D.ngram,
+    max_batch: int = typer.Option(S.max_batch, "--max-batch", min=1,
+                                  help="sequences decoded together (continuous batching; a request with n "
+                                       "choices takes n rows)"),
+    batch_memory: str = typer.Option("auto", "--batch-memory",
+                                     help="memory the running sequences' states may reserve, each at its longest "
+                                          "(prompt + max_tokens) (e.g. 16GiB; auto: the device's memory less the "
+                                          "weights, the prefix cache and 2 GiB)"),
     distributed: Distributed = False,
+    experts_memory: ExpertsMemory = None,
 ):
     """Serve the model over an OpenAI-compatible HTTP API: chat completions, completions (with prompt scoring),
     the Responses API (with previous_response_id), tools, JSON output."""
@@ -190,7 +232,9 @@ def serve(
     opts = S(host, port, api_key, max_queue, parse_bytes(prefix_cache_bytes, "--prefix-cache-bytes"),
              snapshot_interval, prefill_step_size, parse_bytes(max_body_bytes, "--max-body-bytes"),
              tuple(allowed_origin or ()), log_level, distributed, max_tokens, tuple(served_model_name or ()),
-             strict_model_name, web=not no_web, draft=draft, num_draft=num_draft, ngram=ngram)
+             strict_model_name, web=not no_web, experts_memory_gb=experts_memory, max_batch=max_batch,
+             draft=draft, num_draft=num_draft, ngram=ngram,
+             batch_memory=None if batch_memory == "auto" else parse_bytes(batch_memory, "--batch-memory"))
     run_server(model, opts)
 
 
@@ -277,11 +321,17 @@ def bench(
                                 "(long prompts: peak memory, and the whole prefill estimated from them)"),
     rounds: int = typer.Option(1, "--rounds", min=1, help="decode each context this many times per runner, "
                                "alternating them (medians reported: steadier on a shared machine)"),
+    experts_memory: ExpertsMemory = None,
+    batch: str = typer.Option("", "--batch", help="also decode this many sequences together at each context, e.g. "
+                              "1,2,4,8,16: aggregate tok/s and per-sequence latency (mlx-lm: its BatchGenerator)"),
 ):
     """Prefill and decode speed, peak memory and bandwidth use, against mlx-lm in the same run."""
     from . import bench as b
     from .loading import tell_if_cold_cache
 
+    if experts_memory is not None and not model:
+        raise KimiError("--experts-memory streams experts from a checkpoint on disk: give --model too "
+                        "(benchmarks/offload.py writes a full-shape random one)")
     if shape not in b.SHAPES:
         raise KimiError(f"--shape {shape}: choose one of {', '.join(b.SHAPES)}")
     if peer and not model:
@@ -292,7 +342,15 @@ def bench(
     tell_if_cold_cache()
     b.run(shape, _ints(contexts), _ints(prefill), decode_tokens, step, bits, peer=peer and not model,
           bandwidth_gbs=bandwidth, model_path=model and str(_resolve(model)), peer_model=peer_model,
-          step_at=_ints(step_at) if step_at else (), rounds=rounds)
+          step_at=_ints(step_at) if step_at else (), rounds=rounds, experts_memory_gb=experts_memory,
+          batches=_batches(batch))
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    sizes = _ints(text) if text else ()
+    if any(b < 1 for b in sizes):
+        raise KimiError(f"--batch {text}: batch sizes are 1 or more, e.g. 1,2,4,8,16")
+    return sizes
 
 
 def _resolve(model: str):

@@ -27,7 +27,10 @@ FrequencyPenalty = Annotated[float, typer.Option("--frequency-penalty", help="Op
 LogitBias = Annotated[Optional[list[str]], typer.Option("--logit-bias", help="ID=BIAS, repeatable")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="random seed (reproducible sampling)")]
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="stop string, repeatable")]
-PrefillStepSize = Annotated[int, typer.Option("--prefill-step-size", help="prompt tokens per prefill step (0: auto, 4096 on a GPU for prompts ending within 32768 tokens of context, else 2048)")]
+PrefillStepSize = Annotated[int, typer.Option("--prefill-step-size", help="prompt tokens per prefill step (0: auto, 8192 with --experts-memory, 4096 on a GPU for prompts ending within 32768 tokens of context, else 2048)")]
+ExpertsMemory = Annotated[Optional[float], typer.Option(
+    "--experts-memory", metavar="GB", help="keep the routed experts on disk and at most this many GB of them in "
+    "memory, read as tokens need them (runs a model larger than memory; docs/offload.md)")]
 Draft = Annotated[Optional[str], typer.Option("--draft", help="speculative decoding: 'ngram' (prompt lookup: pays "
                                              "where the reply copies the prompt) or a draft model with Kimi's "
                                              "tokenizer (directory, hub repo id or 'demo'); off by default")]

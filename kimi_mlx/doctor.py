@@ -58,7 +58,7 @@ def _gate(shape) -> tuple[mx.array, mx.array]:
 
 
 def check_chunked(use_kernel: bool, T: int = 130, B: int = 2, H: int = 3, Dk: int = 64, Dv: int = 48,
-                  scan: str | None = None) -> Check:
+                  scan: str | None = None, intra: str = "kernel") -> Check:
     from .ops.kda_chunked import kda_chunked
 
     mx.random.seed(0)
@@ -70,28 +70,32 @@ def check_chunked(use_kernel: bool, T: int = 130, B: int = 2, H: int = 3, Dk: in
     beta = mx.sigmoid(mx.random.normal((B, T, H)))
     state = mx.random.normal((B, H, Dv, Dk))
     o_ref, s_ref = kda_ops.kda_recurrent_ref(q, k, v, g, beta, state)
-    o, s = kda_chunked(q, k, v, g, beta, state, use_kernel=use_kernel, scan=scan)
+    o, s = kda_chunked(q, k, v, g, beta, state, use_kernel=use_kernel, scan=scan, intra=intra)
     err = max(_rel_err(o, o_ref), _rel_err(s, s_ref))
-    parts = ("chunk kernel, scan affine" if scan == "affine" else "chunk and scan kernels") if use_kernel else "ops"
+    chunk = "chunk kernel on the matrix units" if intra == "mma" else "chunk kernel"
+    parts = (f"{chunk}, scan {scan}" if scan in ("affine", "doubling", "mma") else "chunk and scan kernels") \
+        if use_kernel else "ops"
     name = f"chunked prefill, {parts} (T={T}"
     if tf32():
         return Check(name + ", TF32 matmuls)", err, tol=TF32_TOL)
     return Check(name + ")", err)
 
 
-def check_intra_chunk(M: int = 6, C: int = 64, Dk: int = 64) -> Check:
-    """The per-chunk matrices kernel against its ops twin, with a few rows of extreme decay (e^-1000)."""
+def check_intra_chunk(M: int = 6, C: int = 64, Dk: int = 64, intra: str = "kernel") -> Check:
+    """A per-chunk matrices kernel (kda_chunked.INTRAS) against its ops twin, with a few rows of extreme decay
+    (e^-1000)."""
     from .ops.kda_chunked import intra_chunk, intra_chunk_kernel
 
     mx.random.seed(1)
     q, k = (0.2 * mx.random.normal((M, C, Dk)) for _ in range(2))
     g = -mx.abs(mx.random.normal((M, C, Dk))) * mx.where(mx.random.uniform(shape=(M, C, 1)) < 0.1, 1000.0, 0.3)
     beta = mx.random.uniform(shape=(M, C))
-    got, want = intra_chunk_kernel(q, k, g, beta), intra_chunk(q, k, mx.exp(g), beta)
+    got, want = intra_chunk_kernel(q, k, g, beta, intra), intra_chunk(q, k, mx.exp(g), beta)
     err = max(_rel_err(a, b) for a, b in zip(got, want))
-    if tf32():  # the ops twin's matmuls run in TF32 there (the kernel does not): TF32_TOL, not TOL
-        return Check("KDA per-chunk matrices, kernel (ops twin in TF32)", err, tol=TF32_TOL)
-    return Check("KDA per-chunk matrices, kernel", err)
+    name = f"KDA per-chunk matrices, {intra}"
+    if tf32():  # the ops twin's matmuls run in TF32 there (the kernels do not): TF32_TOL, not TOL
+        return Check(name + " (ops twin in TF32)", err, tol=TF32_TOL)
+    return Check(name, err)
 
 
 def check_decode(path: str, B: int = 2, H: int = 4, Dk: int = 128, Dv: int = 96) -> Check:
@@ -241,13 +245,15 @@ def expert_inputs(E: int, D: int, N: int, P: int, dtype=mx.float32):
 
 
 def check_experts() -> Check:
-    """The two MoE decode kernels against MLX's gather matmuls (4-bit gate|up, 8-bit down)."""
+    """The two MoE decode kernels against MLX's gather matmuls (4-bit gate|up, 8-bit down), gate|up per pair and
+    per expert of the tokens' union (moe_gate_up_union, KIMI_MLX_EXPERTS=union)."""
     from .ops import experts
 
     mx.random.seed(3)
     gate_up, down = random_banks(12, 512, 256, bits=4, down_bits=8)
     x, idx, w = expert_inputs(12, 512, N=3, P=9)
-    err = _rel_err(experts.experts_kernel(x, idx, w, gate_up, down), experts.experts_ref(x, idx, w, gate_up, down))
+    ref = experts.experts_ref(x, idx, w, gate_up, down)
+    err = max(_rel_err(experts.experts_kernel(x, idx, w, gate_up, down, union=union), ref) for union in (False, True))
     return Check("MoE experts, decode kernels", err)
 
 
@@ -420,8 +426,12 @@ def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
 
 GPU_CHECKS = {
     "KDA per-chunk matrices, kernel": check_intra_chunk,
+    "KDA per-chunk matrices, mma": partial(check_intra_chunk, intra="mma"),
     "chunked prefill, chunk and scan kernels": partial(check_chunked, True),
     "chunked prefill, chunk kernel, scan affine": partial(check_chunked, True, scan="affine"),
+    "chunked prefill, chunk kernel on the matrix units, scan doubling": partial(check_chunked, True, scan="doubling",
+                                                                                 intra="mma"),
+    "chunked prefill, chunk kernel, scan mma": partial(check_chunked, True, scan="mma"),
     "decode step, fused kernel": partial(check_decode, "kernel"),
     "decode step, fused kernel with 8-bit f_b and g_b": check_decode_gates,
     "decode step, fused kernel with 4-bit f_b and g_b": partial(check_decode_gates, 4),

@@ -1,5 +1,6 @@
 """Token generation: generate_step (ids, chunked prefill, one-step async lookahead), the Generation that
-turns steps into Response objects (text, stop strings, timing), stream_generate and generate."""
+turns steps into Response objects (text, stop strings, timing), stream_generate and generate. One sequence's
+sampling (RowSampler) and Responses (ReplyText) are shared with the batch engine (batch.py)."""
 
 from __future__ import annotations
 
@@ -24,15 +25,21 @@ WIDE_STEP = 4096  # ... but this many on a GPU where the prompt ends within WIDE
 #   longer prompts keep the smaller step throughout and their peak stays at weights + cache + 2 GB (RESULTS.md
 #   measures both step sizes). The CPU keeps PREFILL_STEP.
 WIDE_UNTIL = 32768
+STREAMED_STEP = 8192  # ... and this many where the routed experts stream from disk (--experts-memory): a step reads
+#   every MoE layer's experts once (~27 GB at the full shape, whatever its length), so its reads per prompt token
+#   fall as the step grows, while its working set grows by activations only (RESULTS.md measures both)
 
 
-def step_length(context: int, n: int, step_size: int = 0) -> int:
+def step_length(context: int, n: int, step_size: int = 0, streamed: bool = False) -> int:
     """Tokens a prefill step takes when n prompt tokens are fed to a state holding `context`: step_size if
-    given (> 0), else (auto) WIDE_STEP on a GPU where the prompt ends within WIDE_UNTIL, PREFILL_STEP otherwise."""
+    given (> 0), else (auto) STREAMED_STEP for a model whose experts stream from disk (streamed), WIDE_STEP on a
+    GPU where the prompt ends within WIDE_UNTIL, PREFILL_STEP otherwise."""
     if step_size < 0:
         raise KimiError(f"a prefill step of {step_size} tokens: give 1 or more, or 0 for the automatic plan")
     if step_size:
         return step_size
+    if streamed:
+        return STREAMED_STEP
     return WIDE_STEP if context + n <= WIDE_UNTIL and mx.default_device() == mx.gpu else PREFILL_STEP
 
 
@@ -43,9 +50,9 @@ def describe_steps(step_size: int = 0) -> str:
     return f"{WIDE_STEP} tokens for prompts ending within {WIDE_UNTIL} tokens of context, else {PREFILL_STEP}"
 
 
-def step_lengths(context: int, n: int, step_size: int = 0) -> list[int]:
+def step_lengths(context: int, n: int, step_size: int = 0, streamed: bool = False) -> list[int]:
     """The lengths of the steps feeding n tokens to a state holding `context` (step_length, then the rest)."""
-    step = step_length(context, n, step_size)
+    step = step_length(context, n, step_size, streamed)
     return [min(step, n - a) for a in range(0, n, step)]
 
 
@@ -145,7 +152,7 @@ def prefill(model, state, tokens: list[int], step_size: int = 0, progress: Progr
     """Feed tokens into state in steps of step_size (0: auto, see step_length), evaluating the state after each."""
     total = len(tokens) if total is None else total
     i = 0
-    for n in step_lengths(state.offset, len(tokens), step_size):
+    for n in step_lengths(state.offset, len(tokens), step_size, getattr(model, "offload", None) is not None):
         prefill_step(model, state, mx.array([tokens[i : i + n]]))
         i += n
         if progress:
@@ -159,6 +166,32 @@ def prefill_step(model, state, tokens: mx.array) -> None:
     state.eval()
 
 
+class RowSampler:
+    """One sequence's sampling step: logits [1, V] -> (token [1], raw logprobs [1, V]). The logits processors
+    see the sequence's context tail plus every token drawn so far (`fed` appends one); the draw is from the
+    processed, renormalised distribution with the sequence's own Sampler (and key). generate_step and the
+    batched engine (batch.py) share it, so a sequence samples alike alone or in a batch."""
+
+    def __init__(self, sampler: Sampler, processors=(), context=()):
+        self.sampler, self.processors = sampler, processors
+        self.tokens = mx.array(list(context)) if processors else None
+
+    def __call__(self, logits: mx.array, lp: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """lp: normalize(logits) if the caller has it (a batch normalizes all its rows at once)."""
+        lp = normalize(logits.astype(mx.float32)) if lp is None else lp
+        drawn = lp
+        if self.processors:
+            for p in self.processors:
+                logits = p(self.tokens, logits)
+            drawn = normalize(logits.astype(mx.float32))
+        return self.sampler(drawn), lp
+
+    def fed(self, y: mx.array) -> None:
+        """Token y [1] was drawn (and is fed next): the processors see it from now on."""
+        if self.processors:
+            self.tokens = mx.concatenate([self.tokens, y])
+
+
 def generate_step(model, state, prompt: list[int], sampler: Sampler, processors=(), context_tail=(),
                   max_tokens: int = 512, prefill_step_size: int = 0,
                   progress: Progress | None = None) -> Iterator[Step]:
@@ -166,21 +199,10 @@ def generate_step(model, state, prompt: list[int], sampler: Sampler, processors=
     token except the last one allowed by max_tokens (the next step is computed ahead, asynchronously)."""
     if not prompt:
         raise KimiError("empty prompt: give at least one token")
-    tokens = mx.array(list(context_tail) + list(prompt)) if processors else None
-
-    def sample(logits):
-        lp = normalize(logits.astype(mx.float32))
-        drawn = lp
-        if processors:
-            for p in processors:
-                logits = p(tokens, logits)
-            drawn = normalize(logits.astype(mx.float32))
-        return sampler(drawn), lp
+    sample = RowSampler(sampler, processors, list(context_tail) + list(prompt))
 
     def feed(y):
-        nonlocal tokens
-        if processors:
-            tokens = mx.concatenate([tokens, y])
+        sample.fed(y)
         return sample(model(y[None], state)[:, -1])
 
     prefill(model, state, prompt[:-1], prefill_step_size, progress, total=len(prompt))
@@ -224,82 +246,50 @@ class StopMatcher:
         return out
 
 
-class Generation:
-    """One generation over `state`: iterate for Responses. Afterwards (or after the consumer stops):
-    .tokens (ids yielded), .last (the last Step), .finish_reason."""
+class ReplyText:
+    """One sequence's Steps as Responses: text deltas (detokenized, stop strings held back and cut), the
+    finish reason (a stop token, a stop string, or max_tokens reached), logprobs and timings. Generation and the
+    batched engine (batch.py) share it. .tokens: the ids pushed so far; .finish_reason once finished."""
 
-    def __init__(self, model, tokenizer, state, prompt: list[int], opts: GenerationOptions,
-                 context: list[int] = (), progress: Progress | None = None, reserve: int = 0):
-        """reserve: tokens the caller will feed after the reply (kept free of the context limit)."""
-        self.model, self.tokenizer, self.state, self.prompt = model, tokenizer, state, list(prompt)
-        self.opts, self.progress = opts, progress
-        # the last yielded token is not fed, hence + 1
-        room = model.config.max_position_embeddings - (state.offset + len(self.prompt)) + 1 - reserve
-        if room < 1:
-            raise ContextLimitError(
-                f"context full: {count(state.offset + len(self.prompt), 'token', ',')} leave no room to reply within "
-                f"the model's limit of {model.config.max_position_embeddings:,}; start a new conversation")
-        self.max_tokens = min(opts.max_tokens, room)
-        tail = (list(context) + self.prompt)[-opts.repetition_context_size :]
-        self.processors = make_logits_processors(opts, len(tail))
-        self.context_tail = tail if self.processors else []
-        self.context = list(context)
-        self.draft = None
-        if opts.draft:
-            from .speculate import SpecStats, make_draft
-
-            self.draft, self.spec = make_draft(model, tokenizer, opts), SpecStats()
+    def __init__(self, model, tokenizer, opts: GenerationOptions, max_tokens: int, prompt_tokens: int,
+                 prompt_seconds: float = 0.0):
+        """prompt_tokens: the prompt's length as Responses report it; prompt_seconds: time spent on it before
+        the clock starts (start())."""
+        self.opts, self.max_tokens, self.prompt_tokens = opts, max_tokens, prompt_tokens
+        self.prompt_seconds = prompt_seconds
+        self.stops = stop_ids(model, tokenizer)
+        self.detok, self.stopper = tokenizer.detokenizer(), StopMatcher(opts.stop)
         self.tokens: list[int] = []
-        self.last: Step | None = None
         self.finish_reason: str | None = None
+        self.spec = None  # a speculative generation's speculate.SpecStats, copied into each Response
+        self.start()
 
-    def __iter__(self) -> Iterator[Response]:
-        opts, tok = self.opts, self.tokenizer
-        sampler = Sampler(opts.temperature, opts.top_p, opts.top_k, opts.min_p, opts.seed)
-        stops = stop_ids(self.model, tok)
-        detok, stopper = tok.detokenizer(), StopMatcher(opts.stop)
-        mx.reset_peak_memory()
-        t0 = time.perf_counter()
-        if self.draft is not None:
-            from .speculate import speculative_steps
+    def start(self) -> None:
+        self.t0, self.t_first = time.perf_counter(), None
 
-            steps = speculative_steps(self.model, self.state, self.prompt, sampler, self.processors,
-                                      self.context_tail, self.context, self.max_tokens, opts.prefill_step_size,
-                                      self.progress, self.draft, self.spec, stops)
+    def push(self, step: Step) -> Response:
+        """The Response for the next Step (its finish_reason set if this is the sequence's last)."""
+        self.t_first = self.t_first or time.perf_counter()
+        self.tokens.append(step.token)
+        detok, stopper = self.detok, self.stopper
+        finish = None
+        if step.token in self.stops:
+            text, hit = stopper.push(detok.finalize())
+            text += "" if hit else stopper.flush()
+            finish = "stop"
         else:
-            steps = generate_step(self.model, self.state, self.prompt, sampler, self.processors, self.context_tail,
-                                  self.max_tokens, opts.prefill_step_size, self.progress)
-        try:
-            yield from self._responses(steps, stops, detok, stopper, t0)
-        finally:
-            steps.close()  # a speculative run rewinds the state to the last token taken
-
-    def _responses(self, steps, stops, detok, stopper, t0) -> Iterator[Response]:
-        t_first = None
-        for step in steps:
-            t_first = t_first or time.perf_counter()
-            self.last = step
-            self.tokens.append(step.token)
-            finish = None
-            if step.token in stops:
-                text, hit = stopper.push(detok.finalize())
-                text += "" if hit else stopper.flush()
+            text, hit = stopper.push(detok.add(step.token))
+            if hit:
                 finish = "stop"
-            else:
-                text, hit = stopper.push(detok.add(step.token))
-                if hit:
-                    finish = "stop"
-                elif len(self.tokens) == self.max_tokens:
-                    tail, hit = stopper.push(detok.finalize())
-                    text += tail + ("" if hit else stopper.flush())
-                    finish = "stop" if hit else "length"
-            self.finish_reason = finish
-            yield self._response(step, text, finish, t0, t_first)
-            if finish:
-                break
+            elif len(self.tokens) == self.max_tokens:
+                tail, hit = stopper.push(detok.finalize())
+                text += tail + ("" if hit else stopper.flush())
+                finish = "stop" if hit else "length"
+        self.finish_reason = finish
+        return self._response(step, text, finish)
 
-    def _response(self, step: Step, text: str, finish, t0: float, t_first: float) -> Response:
-        now = time.perf_counter()
+    def _response(self, step: Step, text: str, finish) -> Response:
+        now, t_first = time.perf_counter(), self.t_first
         n = len(self.tokens)
         logprob = top = None
         if self.opts.logprobs or self.opts.top_logprobs:
@@ -311,12 +301,83 @@ class Generation:
             top = sorted(zip(idx.tolist(), vals), key=lambda iv: -iv[1])
         return Response(
             text=text, token=step.token, logprobs=step.logprobs, logprob=logprob, top_logprobs=top,
-            finish_reason=finish, prompt_tokens=len(self.prompt),
-            prompt_tps=len(self.prompt) / max(t_first - t0, 1e-9), generation_tokens=n,
+            finish_reason=finish, prompt_tokens=self.prompt_tokens,
+            prompt_tps=self.prompt_tokens / max(self.prompt_seconds + t_first - self.t0, 1e-9), generation_tokens=n,
             generation_tps=(n - 1) / (now - t_first) if n > 1 and now > t_first else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9, from_draft=step.from_draft,
-            spec=None if self.draft is None else replace(self.spec),
+            spec=None if self.spec is None else replace(self.spec),
         )
+
+
+def reply_room(model, state, prompt_tokens: int, opts: GenerationOptions, reserve: int = 0) -> int:
+    """The most tokens a reply may take: opts.max_tokens within the context limit after `state` and
+    prompt_tokens more (the last reply token is not fed, hence + 1); ContextLimitError if none."""
+    room = model.config.max_position_embeddings - (state.offset + prompt_tokens) + 1 - reserve
+    if room < 1:
+        raise ContextLimitError(
+            f"context full: {count(state.offset + prompt_tokens, 'token', ',')} leave no room to reply within "
+            f"the model's limit of {model.config.max_position_embeddings:,}; start a new conversation")
+    return min(opts.max_tokens, room)
+
+
+def sampling_context(opts: GenerationOptions, context, prompt) -> tuple[list, list[int]]:
+    """(logits processors, context tail) of a reply to `prompt` after `context`, as generate_step takes them: the
+    processors see tail + prompt + the tokens generated, the first len(tail) + len(prompt) of them context (the
+    presence and frequency penalties count only the generated ones; the repetition penalty's window is the last
+    repetition_context_size tokens of all)."""
+    tail = list(context)[-opts.repetition_context_size :]
+    processors = make_logits_processors(opts, len(tail) + len(prompt))
+    return processors, tail if processors else []
+
+
+class Generation:
+    """One generation over `state`: iterate for Responses. Afterwards (or after the consumer stops):
+    .tokens (ids yielded), .last (the last Step), .finish_reason."""
+
+    def __init__(self, model, tokenizer, state, prompt: list[int], opts: GenerationOptions,
+                 context: list[int] = (), progress: Progress | None = None, reserve: int = 0):
+        """reserve: tokens the caller will feed after the reply (kept free of the context limit)."""
+        self.model, self.tokenizer, self.state, self.prompt = model, tokenizer, state, list(prompt)
+        self.opts, self.progress = opts, progress
+        self.max_tokens = reply_room(model, state, len(self.prompt), opts, reserve)
+        self.processors, self.context_tail = sampling_context(opts, context, self.prompt)
+        self.context = list(context)
+        self.draft = self.spec = None
+        if opts.draft:  # speculative decoding (speculate.py)
+            from .speculate import SpecStats, make_draft
+
+            self.draft, self.spec = make_draft(model, tokenizer, opts), SpecStats()
+        self.tokens: list[int] = []
+        self.last: Step | None = None
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[Response]:
+        opts = self.opts
+        sampler = Sampler(opts.temperature, opts.top_p, opts.top_k, opts.min_p, opts.seed)
+        reply = ReplyText(self.model, self.tokenizer, opts, self.max_tokens, len(self.prompt))
+        reply.spec = self.spec
+        self.tokens = reply.tokens
+        mx.reset_peak_memory()
+        reply.start()
+        if self.draft is not None:
+            from .speculate import speculative_steps
+
+            steps = speculative_steps(self.model, self.state, self.prompt, sampler, self.processors,
+                                      self.context_tail, self.context, self.max_tokens, opts.prefill_step_size,
+                                      self.progress, self.draft, self.spec, reply.stops)
+        else:
+            steps = generate_step(self.model, self.state, self.prompt, sampler, self.processors, self.context_tail,
+                                  self.max_tokens, opts.prefill_step_size, self.progress)
+        try:
+            for step in steps:
+                self.last = step
+                r = reply.push(step)
+                self.finish_reason = reply.finish_reason
+                yield r
+                if r.finish_reason:
+                    break
+        finally:
+            steps.close()  # a speculative run rewinds the state to the last token taken
 
 
 def prompt_ids(tokenizer, prompt, tools=None, allow_special: bool = False) -> list[int]:

@@ -62,8 +62,10 @@ def tell_if_cold_cache() -> bool:
     return True
 
 
-def load(model: str, revision: str | None = None, distributed: bool = False):
+def load(model: str, revision: str | None = None, distributed: bool = False, experts_memory_gb: float | None = None):
     """(model, tokenizer) from a directory, hub repo id or 'demo'.
+
+    experts_memory_gb: stream the routed experts from disk into this many GB of memory (load_model's; docs/offload.md).
 
     distributed: split the layers over the ranks started by mlx.launch (docs/distributed.md). Rank 0
     gets a model that runs every call on all ranks; the other ranks serve rank 0 inside this call and
@@ -75,6 +77,8 @@ def load(model: str, revision: str | None = None, distributed: bool = False):
     path = resolve(model, revision)
     tell_if_cold_cache()  # after the path checks: a mistyped model is one line, with nothing to compile
     if distributed:
+        if experts_memory_gb is not None:
+            raise KimiError("experts memory with --distributed is not supported; give one or the other")
         from .distributed_driver import start
 
         tokenizer = Tokenizer(path)
@@ -82,4 +86,4 @@ def load(model: str, revision: str | None = None, distributed: bool = False):
     if launched():
         raise KimiError("started by a distributed launcher (MLX_RANK is set) without --distributed "
                         "(distributed=True in Python): every rank would load the whole model; add it")
-    return load_model(path), Tokenizer(path)
+    return load_model(path, experts_memory_gb=experts_memory_gb), Tokenizer(path)

@@ -39,9 +39,15 @@ SWITCHES = {s.env: s for s in (
     Switch("KIMI_MLX_KDA", ("auto", "ref", "chunked", "kernel"), "auto",
            "KDA: auto (chunked prefill from 16 tokens; on a GPU its per-chunk matrices, scan and the decode step "
            "as kernels), ref (the sequential reference everywhere), chunked (all ops), kernel (the kernels always)"),
-    Switch("KIMI_MLX_KDA_SCAN", ("auto", "ops", "affine", "kernel"), "auto",
+    Switch("KIMI_MLX_KDA_SCAN", ("auto", "ops", "affine", "doubling", "kernel", "mma"), "auto",
            "the chunked prefill's scan across chunks: auto (a matmul a chunk on CUDA, the scan kernel on Metal, ops "
-           "on the CPU), or one of them"),
+           "on the CPU), or one of them (doubling: the chunks' affine maps combined in log2(chunks) levels of "
+           "batched matmuls; mma: the affine steps in order in one kernel, the state's products on the matrix "
+           "units; neither yet timed on a GPU)"),
+    Switch("KIMI_MLX_KDA_INTRA", ("auto", "kernel", "mma"), "auto",
+           "the chunked prefill's per-chunk matrices on a GPU: auto (kernel), kernel (their products on the CUDA / "
+           "SIMD cores), mma (the products as 16x16 tiles on the matrix units: tensor cores, simdgroup matrices; "
+           "not yet timed on a GPU)"),
     Switch("KIMI_MLX_MLA", ("auto", "ref", "fused", "tiled"), "auto",
            "MLA prefill attention: auto (fused SDPA where one score tile holds the cache, else tiled), ref (one "
            "score array), fused, tiled"),
@@ -54,16 +60,25 @@ SWITCHES = {s.env: s for s in (
            "MoE routing: auto (one kernel on a GPU where the expert count fits it), ref (ops), kernel (always)"),
     Switch("KIMI_MLX_NORM", ("auto", "ref"), "auto",
            "residual add + RMS norm in decode: auto (one kernel on a GPU), ref (ops)"),
-    Switch("KIMI_MLX_EXPERTS", ("auto", "kernel", "gather", "sorted", "segmented", "bounded"), "auto",
+    Switch("KIMI_MLX_EXPERTS", ("auto", "kernel", "union", "gather", "sorted", "segmented", "bounded"), "auto",
            "MoE expert matmuls: auto (decode: two kernels on a GPU for affine 2/4/8-bit banks, else MLX's gather "
            "matmuls; prefill: bounded on CUDA, sorted on Metal, segmented on the CPU), or one of them (the prefill "
-           "paths only for calls of 64+ token-expert pairs)"),
+           "paths only for calls of 64+ token-expert pairs); union: the decode kernels reading each expert of a "
+           "batch's tokens once (gate|up), not once a token"),
     Switch("KIMI_MLX_DEQUANT", ("auto", "on", "off"), "auto",
            "quantized projections of 256+ rows (prefill): auto (dequantized, then one dense matmul, on CUDA), on "
            "(every backend), off (MLX's quantized matmul)"),
     Switch("KIMI_MLX_KDA_ROWS", ("off", "on"), "off",
            "speculative verification's KDA steps on a GPU: off (the decode kernel once a token), on (one kernel for "
            "all the tokens, kda_decode_rows; opt-in until measured on a GPU)"),
+    Switch("KIMI_MLX_PREFETCH", ("off", "on"), "off",
+           "streamed experts (--experts-memory), decode: on (each MoE layer also runs the next one's router on its "
+           "own input and starts reading the experts that guess misses while the device computes), off (reads only "
+           "what the router asks; benchmarks/offload.py measures both)"),
+    Switch("KIMI_MLX_POOL_WRITES", ("auto", "staged"), "auto",
+           "streamed experts (--experts-memory): auto (reads land in the pool's own memory where MLX lets the host "
+           "write it in place, checked once a pool), staged (reads land in host buffers, then one copy into the pool "
+           "a layer: for comparison where host writes to device memory are slow)"),
     Switch("KIMI_MLX_FAST_MATH", ("auto", "off"), "auto",
            "exp, SiLU and softmax on the CPU: auto (range reduction + polynomial: MLX's CPU exp runs an element "
            "at a time), off (MLX's)"),

@@ -46,6 +46,7 @@ class KernelSpec:
     sample_outputs: tuple[str, ...] = ()  # dtype name per output
     source: str = ""  # the body file's stem when it is another kernel's (default: name)
     defines: tuple[tuple[str, int], ...] = ()  # macros set before the body (variants of one source)
+    tiles: bool = False  # uses the matrix-unit tile helpers (<backend>_tile.h), which only these kernels include
 
 
 SPECS = {
@@ -148,6 +149,34 @@ SPECS = {
         ),
         sample_outputs=("float32", "float32"),
     ),
+    "kda_intra_chunk_mma": KernelSpec(
+        name="kda_intra_chunk_mma",
+        inputs=("q_in", "k_in", "g", "beta"),
+        outputs=("a_qk", "t_inv"),
+        sample_template=(("DK", 128), ("C", 64)),
+        sample_inputs=(
+            ("float32", 1024 * 64 * 128),
+            ("float32", 1024 * 64 * 128),
+            ("float32", 1024 * 64 * 128),
+            ("float32", 1024 * 64),
+        ),
+        sample_outputs=("float32", "float32"),
+        tiles=True,
+    ),
+    "kda_scan_mma": KernelSpec(
+        name="kda_scan_mma",
+        inputs=("a_t", "b", "state_in", "sizes"),
+        outputs=("starts", "state_out"),
+        sample_template=(("DK", 128), ("DV", 128)),
+        sample_inputs=(
+            ("float32", 128 * 32 * 128 * 128),
+            ("float32", 128 * 32 * 128 * 128),
+            ("float32", 32 * 128 * 128),
+            ("int32", 2),
+        ),
+        sample_outputs=("float32", "float32"),
+        tiles=True,
+    ),
     "add_norm": KernelSpec(
         name="add_norm",
         inputs=("h", "a", "w", "eps"),
@@ -174,26 +203,26 @@ SPECS = {
     ),
     "mla_decode_page": KernelSpec(
         name="mla_decode_page",
-        inputs=("qa", "page", "last"),
+        inputs=("qa", "page", "last", "dims"),
         outputs=("part", "most", "total"),
-        sample_template=(("H", 32), ("W", 576), ("HG", 8), ("NW", 4), ("R", 64), ("N", 2048), ("K", 32)),
-        sample_inputs=(("bfloat16", 32 * 576), ("bfloat16", 2048 * 576), ("int32", 1)),
+        sample_template=(("H", 32), ("W", 576), ("HG", 8), ("NW", 4), ("R", 64)),
+        sample_inputs=(("bfloat16", 32 * 576), ("bfloat16", 2048 * 576), ("int32", 1), ("int32", 2)),
         sample_outputs=("float32", "float32", "float32"),
     ),
     "mla_decode_merge": KernelSpec(
         name="mla_decode_merge",
-        inputs=("part", "most", "total"),
+        inputs=("part", "most", "total", "dims"),
         outputs=("o",),
-        sample_template=(("H", 32), ("W", 576), ("K", 32), ("NW", 8)),
-        sample_inputs=(("float32", 32 * 32 * 576), ("float32", 32 * 32), ("float32", 32 * 32)),
+        sample_template=(("H", 32), ("W", 576), ("NW", 8)),
+        sample_inputs=(("float32", 32 * 32 * 576), ("float32", 32 * 32), ("float32", 32 * 32), ("int32", 1)),
         sample_outputs=("bfloat16",),
     ),
     "mla_decode_chunks": KernelSpec(
         name="mla_decode_chunks",
-        inputs=("s", "last"),
+        inputs=("s", "last", "dims"),
         outputs=("e", "most", "total"),
-        sample_template=(("H", 32), ("N", 131072), ("C", 512), ("K", 256), ("NW", 4)),
-        sample_inputs=(("bfloat16", 32 * 131072), ("int32", 1)),
+        sample_template=(("H", 32), ("C", 512), ("NW", 4)),
+        sample_inputs=(("bfloat16", 32 * 131072), ("int32", 1), ("int32", 2)),
         sample_outputs=("bfloat16", "float32", "float32"),
     ),
     "moe_route": KernelSpec(
@@ -225,6 +254,25 @@ SPECS = {
             ("bfloat16", 257 * 2048 * 36),
         ),
         sample_outputs=("float32",),
+        defines=(("MOE_UNION", 0),),
+    ),
+    "moe_gate_up_union": KernelSpec(  # moe_gate_up reading each expert of a batch's union once
+        name="moe_gate_up_union",
+        inputs=("x", "idx", "order", "pairs", "wq", "scales", "biases"),
+        outputs=("h",),
+        sample_template=(("D", 2304), ("I", 1024), ("P", 9), ("BITS", 4), ("GS", 64), ("R", 4), ("TB", 4)),
+        sample_inputs=(
+            ("bfloat16", 8 * 2304),
+            ("int32", 8 * 9),
+            ("int32", 8 * 9),
+            ("int32", 1),
+            ("uint32", 257 * 2048 * 288),
+            ("bfloat16", 257 * 2048 * 36),
+            ("bfloat16", 257 * 2048 * 36),
+        ),
+        sample_outputs=("float32",),
+        source="moe_gate_up",
+        defines=(("MOE_UNION", 1),),
     ),
     "moe_down": KernelSpec(
         name="moe_down",
@@ -245,6 +293,17 @@ SPECS = {
 
 
 
+@cache
+def sizes(*values: int) -> mx.array:
+    """Run-time sizes for a kernel (page rows, chunks, pairs) as an int32 input on the device, made once per value:
+    kernels take them as inputs rather than template constants, so they are built once for the model's shape, not
+    once per page size or batch, and nothing is made on the host a token (CUDA keeps a host-made array in
+    managed memory, which its first reader waits for)."""
+    a = mx.array(values, mx.int32)
+    mx.eval(a)
+    return a
+
+
 def backend() -> str | None:
     """'metal', 'cuda', or None when MLX has no GPU backend here."""
     if mx.metal.is_available():
@@ -254,9 +313,12 @@ def backend() -> str | None:
     return None
 
 
-def header(kind: str) -> str:
-    """Text placed before the kernel: the backend's primitives, then the shared helpers."""
-    return (HERE / f"{kind}.h").read_text() + "\n" + (HERE / "common.h").read_text()
+def header(kind: str, name: str | None = None) -> str:
+    """Text placed before kernel `name`: the backend's primitives, its matrix-unit tiles where the kernel's spec
+    asks for them, then the shared helpers."""
+    tiles = name is not None and SPECS[name].tiles
+    return ((HERE / f"{kind}.h").read_text() + "\n" + ((HERE / f"{kind}_tile.h").read_text() + "\n" if tiles else "")
+            + (HERE / "common.h").read_text())
 
 
 def body(name: str, kind: str) -> str:
@@ -350,7 +412,7 @@ def _built(name: str):
         input_names=list(spec.inputs),
         output_names=list(spec.outputs),
         source=compact(body(name, kind)),
-        header=compact(header(kind)),
+        header=compact(header(kind, name)),
     )
 
 

@@ -65,16 +65,15 @@ namespace mlx::core::cu {
 
 namespace cg = cooperative_groups;
 
-__global__ void custom_kernel_mla_decode_chunks_32_131072_512_256_4(
+__global__ void custom_kernel_mla_decode_chunks_32_512_4(
     const __nv_bfloat16* s,
     const int32_t* last,
+    const int32_t* dims,
     __nv_bfloat16* e,
     float* most,
     float* total) {
   constexpr int H = 32;
-  constexpr int N = 131072;
   constexpr int C = 512;
-  constexpr int K = 256;
   constexpr int NW = 4;
 
 const uint3 gpu_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
@@ -86,11 +85,15 @@ const uint3 gpu_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
 // batched matmul and mla_decode_merge combines the chunks.
 // Grid (T, K * H, B), threadgroup (T, 1, 1) with T = 32 * NW: y = chunk * H + head; thread t takes the chunk's
 // rows t, t + T, ...
-// Template: H heads, N page rows, C rows a chunk, K = N / C chunks, NW lane groups.
-// Inputs: s [B, H, N] scores; last [1] int32 (the page's last valid row, < N).
+// Template: H heads, C rows a chunk, NW lane groups; the page's size is an input (dims: N page rows,
+// K = N / C chunks), so a growing page reuses the kernel.
+// Inputs: s [B, H, N] scores; last [B] int32 (each sequence's last valid row of
+// the page, < N; -1 where it holds none); dims [2] int32 (N, K).
 // Outputs: e [B, K, H, C] (s's type); most [B, K, H] (LOW where the chunk holds no valid row), total [B, K, H]
 // (float32).
 constexpr int T = 32 * NW;
+const int N = dims[0];
+const int K = dims[1];
 constexpr float LOW = -3.0e38f;
 GPU_SHARED float red[NW];
 const int t = gpu_gid.x % T;
@@ -99,7 +102,7 @@ const int grp = t / 32;
 const int k = gpu_gid.y / H;
 const int h = gpu_gid.y % H;
 const size_t b = gpu_gid.z;
-const int left = last[0] + 1 - k * C;
+const int left = last[b] + 1 - k * C;
 const int rows = left < C ? left : C;  // valid rows in this chunk (none where <= 0)
 const size_t in = (b * H + h) * N + k * C;
 const size_t out = ((b * K + k) * H + h) * C;

@@ -53,13 +53,14 @@ GPU_FN float gpu_log1p(float x) {
 GPU_FN float gpu_softplus(float x) {
   return x > 20.0f ? x : gpu_fmax(x, 0.0f) + gpu_log1p(gpu_exp(-gpu_fabs(x)));
 }
-template <int H, int N, int C, int K, int NW>
-[[kernel]] void custom_kernel_mla_decode_chunks__32_131072_512_256_4_bfloat16_t_int32_tc_bfloat16_t_float_float(
+template <int H, int C, int NW>
+[[kernel]] void custom_kernel_mla_decode_chunks__32_512_4_bfloat16_t_int32_tc_int32_tc_bfloat16_t_float_float(
   const device bfloat16_t* s [[buffer(0)]],
   const constant int32_t* last [[buffer(1)]],
-  device bfloat16_t* e [[buffer(2)]],
-  device float* most [[buffer(3)]],
-  device float* total [[buffer(4)]],
+  const constant int32_t* dims [[buffer(2)]],
+  device bfloat16_t* e [[buffer(3)]],
+  device float* most [[buffer(4)]],
+  device float* total [[buffer(5)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const uint3 gpu_gid = thread_position_in_grid;
 // MLA decode over a long page, between its two matmuls (flash decoding with the matmuls on the tensor cores):
@@ -68,11 +69,15 @@ const uint3 gpu_gid = thread_position_in_grid;
 // batched matmul and mla_decode_merge combines the chunks.
 // Grid (T, K * H, B), threadgroup (T, 1, 1) with T = 32 * NW: y = chunk * H + head; thread t takes the chunk's
 // rows t, t + T, ...
-// Template: H heads, N page rows, C rows a chunk, K = N / C chunks, NW lane groups.
-// Inputs: s [B, H, N] scores; last [1] int32 (the page's last valid row, < N).
+// Template: H heads, C rows a chunk, NW lane groups; the page's size is an input (dims: N page rows,
+// K = N / C chunks), so a growing page reuses the kernel.
+// Inputs: s [B, H, N] scores; last [B] int32 (each sequence's last valid row of
+// the page, < N; -1 where it holds none); dims [2] int32 (N, K).
 // Outputs: e [B, K, H, C] (s's type); most [B, K, H] (LOW where the chunk holds no valid row), total [B, K, H]
 // (float32).
 constexpr int T = 32 * NW;
+const int N = dims[0];
+const int K = dims[1];
 constexpr float LOW = -3.0e38f;
 GPU_SHARED float red[NW];
 const int t = gpu_gid.x % T;
@@ -81,7 +86,7 @@ const int grp = t / 32;
 const int k = gpu_gid.y / H;
 const int h = gpu_gid.y % H;
 const size_t b = gpu_gid.z;
-const int left = last[0] + 1 - k * C;
+const int left = last[b] + 1 - k * C;
 const int rows = left < C ? left : C;  // valid rows in this chunk (none where <= 0)
 const size_t in = (b * H + h) * N + k * C;
 const size_t out = ((b * K + k) * H + h) * C;
@@ -123,4 +128,4 @@ if (t == 0) {
 
 }
 
-template [[host_name("custom_kernel_mla_decode_chunks__32_131072_512_256_4_bfloat16_t_int32_tc_bfloat16_t_float_float")]] [[kernel]] decltype(custom_kernel_mla_decode_chunks__32_131072_512_256_4_bfloat16_t_int32_tc_bfloat16_t_float_float<32, 131072, 512, 256, 4>) custom_kernel_mla_decode_chunks__32_131072_512_256_4_bfloat16_t_int32_tc_bfloat16_t_float_float<32, 131072, 512, 256, 4>;
+template [[host_name("custom_kernel_mla_decode_chunks__32_512_4_bfloat16_t_int32_tc_int32_tc_bfloat16_t_float_float")]] [[kernel]] decltype(custom_kernel_mla_decode_chunks__32_512_4_bfloat16_t_int32_tc_int32_tc_bfloat16_t_float_float<32, 512, 4>) custom_kernel_mla_decode_chunks__32_512_4_bfloat16_t_int32_tc_int32_tc_bfloat16_t_float_float<32, 512, 4>;

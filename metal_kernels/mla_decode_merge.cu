@@ -65,14 +65,14 @@ namespace mlx::core::cu {
 
 namespace cg = cooperative_groups;
 
-__global__ void custom_kernel_mla_decode_merge_32_576_32_8(
+__global__ void custom_kernel_mla_decode_merge_32_576_8(
     const float* part,
     const float* most,
     const float* total,
+    const int32_t* dims,
     __nv_bfloat16* o) {
   constexpr int H = 32;
   constexpr int W = 576;
-  constexpr int K = 32;
   constexpr int NW = 8;
 
 const uint3 gpu_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
@@ -86,11 +86,13 @@ const uint3 gpu_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
 // then group g sums chunks g, g + NW, ... of the block's columns (lane l: column block * 32 + l, so a group
 // reads 32 consecutive columns of a chunk) and the groups' sums are added in threadgroup memory. Many chunks
 // (2,048 at 1M rows) thus spread over the lane groups instead of one long loop a thread.
-// Template: H heads, W row width, K chunks, NW lane groups.
+// Template: H heads, W row width, NW lane groups; the chunk count is an input (dims [1] int32: K), so
+// a growing page reuses the kernel.
 // Inputs: part [B, K, H, W] (float32, or the query's dtype from the matmul path); most, total [B, K, H] float32.
 // Output: o [B, H, W] (the query's dtype).
 constexpr int CB = (W + 31) / 32;
 constexpr float LOW = -3.0e38f;
+const int K = dims[0];
 GPU_SHARED float red[NW * 32];
 const int t = gpu_gid.x % (32 * NW);
 const int lane = t % 32;

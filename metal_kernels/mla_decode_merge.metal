@@ -53,12 +53,13 @@ GPU_FN float gpu_log1p(float x) {
 GPU_FN float gpu_softplus(float x) {
   return x > 20.0f ? x : gpu_fmax(x, 0.0f) + gpu_log1p(gpu_exp(-gpu_fabs(x)));
 }
-template <int H, int W, int K, int NW>
-[[kernel]] void custom_kernel_mla_decode_merge__32_576_32_8_float_float_float_bfloat16_t(
+template <int H, int W, int NW>
+[[kernel]] void custom_kernel_mla_decode_merge__32_576_8_float_float_float_int32_tc_bfloat16_t(
   const device float* part [[buffer(0)]],
   const device float* most [[buffer(1)]],
   const device float* total [[buffer(2)]],
-  device bfloat16_t* o [[buffer(3)]],
+  const constant int32_t* dims [[buffer(3)]],
+  device bfloat16_t* o [[buffer(4)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const uint3 gpu_gid = thread_position_in_grid;
 // MLA decode, the last launch: combines a page's (or pages') chunks per head (flash decoding),
@@ -69,11 +70,13 @@ const uint3 gpu_gid = thread_position_in_grid;
 // then group g sums chunks g, g + NW, ... of the block's columns (lane l: column block * 32 + l, so a group
 // reads 32 consecutive columns of a chunk) and the groups' sums are added in threadgroup memory. Many chunks
 // (2,048 at 1M rows) thus spread over the lane groups instead of one long loop a thread.
-// Template: H heads, W row width, K chunks, NW lane groups.
+// Template: H heads, W row width, NW lane groups; the chunk count is an input (dims [1] int32: K), so
+// a growing page reuses the kernel.
 // Inputs: part [B, K, H, W] (float32, or the query's dtype from the matmul path); most, total [B, K, H] float32.
 // Output: o [B, H, W] (the query's dtype).
 constexpr int CB = (W + 31) / 32;
 constexpr float LOW = -3.0e38f;
+const int K = dims[0];
 GPU_SHARED float red[NW * 32];
 const int t = gpu_gid.x % (32 * NW);
 const int lane = t % 32;
@@ -111,4 +114,4 @@ if (grp == 0 && c < W) {
 
 }
 
-template [[host_name("custom_kernel_mla_decode_merge__32_576_32_8_float_float_float_bfloat16_t")]] [[kernel]] decltype(custom_kernel_mla_decode_merge__32_576_32_8_float_float_float_bfloat16_t<32, 576, 32, 8>) custom_kernel_mla_decode_merge__32_576_32_8_float_float_float_bfloat16_t<32, 576, 32, 8>;
+template [[host_name("custom_kernel_mla_decode_merge__32_576_8_float_float_float_int32_tc_bfloat16_t")]] [[kernel]] decltype(custom_kernel_mla_decode_merge__32_576_8_float_float_float_int32_tc_bfloat16_t<32, 576, 8>) custom_kernel_mla_decode_merge__32_576_8_float_float_float_int32_tc_bfloat16_t<32, 576, 8>;

@@ -65,10 +65,11 @@ namespace mlx::core::cu {
 
 namespace cg = cooperative_groups;
 
-__global__ void custom_kernel_mla_decode_page_32_576_8_4_64_2048_32(
+__global__ void custom_kernel_mla_decode_page_32_576_8_4_64(
     const __nv_bfloat16* qa,
     const __nv_bfloat16* page,
     const int32_t* last,
+    const int32_t* dims,
     float* part,
     float* most,
     float* total) {
@@ -77,8 +78,6 @@ __global__ void custom_kernel_mla_decode_page_32_576_8_4_64_2048_32(
   constexpr int HG = 8;
   constexpr int NW = 4;
   constexpr int R = 64;
-  constexpr int N = 2048;
-  constexpr int K = 32;
 
 const uint3 gpu_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
                                  blockIdx.y * blockDim.y + threadIdx.y,
@@ -89,11 +88,15 @@ const uint3 gpu_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
 // Every row is read with consecutive lanes on consecutive columns (both passes), and the scores pass keeps each
 // lane group on its own rows, so no loop waits on a long chain of one row's loads. float32 inside.
 // Grid (32 * NW, K * (H / HG), B), threadgroup (32 * NW, 1, 1): y = head group * K + chunk.
-// Template: H heads, W row width, HG heads a threadgroup, NW lane groups, R rows a chunk, N page rows,
-// K = ceil(N / R) chunks.
-// Inputs: qa [B, H, W] (absorbed, pre-scaled query); page [B, N, W]; last [1] int32 (the last valid row, < N).
+// Template: H heads, W row width, HG heads a threadgroup, NW lane groups, R rows a chunk. The page's size is
+// an input (dims: N page rows, K = ceil(N / R) chunks), so a page that grows or a new batch size reuses the
+// kernel built for the model's shape.
+// Inputs: qa [B, H, W] (absorbed, pre-scaled query); page [B, N, W]; last [B] int32 (each sequence's last valid row,
+// < N: sequences at their own lengths share a page's shape); dims [2] int32 (N, K).
 // Outputs (float32): part [B, K, H, W]; most [B, K, H] (LOW where the chunk holds no valid row); total [B, K, H].
 constexpr int T = 32 * NW;
+const int N = dims[0];
+const int K = dims[1];
 constexpr int COLS = (W + T - 1) / T;  // columns a thread sums in the values pass (at most)
 constexpr int LANE_COLS = (W + 31) / 32;  // columns a lane reads of a row in the scores pass (at most)
 constexpr float LOW = -3.0e38f;
@@ -106,7 +109,7 @@ const int chunk = gpu_gid.y % K;
 const int h0 = (gpu_gid.y / K) * HG;
 const size_t b = gpu_gid.z;
 const int r0 = chunk * R;
-const int left = last[0] + 1 - r0;
+const int left = last[b] + 1 - r0;
 const int rows = left < R ? left : R;  // valid rows in this chunk (none where <= 0)
 for (int i = t; i < HG * W; i += T) {
   qs[i] = static_cast<float>(qa[(b * H + h0) * W + i]);

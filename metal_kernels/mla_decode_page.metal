@@ -53,14 +53,15 @@ GPU_FN float gpu_log1p(float x) {
 GPU_FN float gpu_softplus(float x) {
   return x > 20.0f ? x : gpu_fmax(x, 0.0f) + gpu_log1p(gpu_exp(-gpu_fabs(x)));
 }
-template <int H, int W, int HG, int NW, int R, int N, int K>
-[[kernel]] void custom_kernel_mla_decode_page__32_576_8_4_64_2048_32_bfloat16_t_bfloat16_t_int32_tc_float_float_float(
+template <int H, int W, int HG, int NW, int R>
+[[kernel]] void custom_kernel_mla_decode_page__32_576_8_4_64_bfloat16_t_bfloat16_t_int32_tc_int32_tc_float_float_float(
   const device bfloat16_t* qa [[buffer(0)]],
   const device bfloat16_t* page [[buffer(1)]],
   const constant int32_t* last [[buffer(2)]],
-  device float* part [[buffer(3)]],
-  device float* most [[buffer(4)]],
-  device float* total [[buffer(5)]],
+  const constant int32_t* dims [[buffer(3)]],
+  device float* part [[buffer(4)]],
+  device float* most [[buffer(5)]],
+  device float* total [[buffer(6)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const uint3 gpu_gid = thread_position_in_grid;
 // MLA decode over one cache page, split over chunks of rows (flash decoding), first of two launches: a
@@ -69,11 +70,15 @@ const uint3 gpu_gid = thread_position_in_grid;
 // Every row is read with consecutive lanes on consecutive columns (both passes), and the scores pass keeps each
 // lane group on its own rows, so no loop waits on a long chain of one row's loads. float32 inside.
 // Grid (32 * NW, K * (H / HG), B), threadgroup (32 * NW, 1, 1): y = head group * K + chunk.
-// Template: H heads, W row width, HG heads a threadgroup, NW lane groups, R rows a chunk, N page rows,
-// K = ceil(N / R) chunks.
-// Inputs: qa [B, H, W] (absorbed, pre-scaled query); page [B, N, W]; last [1] int32 (the last valid row, < N).
+// Template: H heads, W row width, HG heads a threadgroup, NW lane groups, R rows a chunk. The page's size is
+// an input (dims: N page rows, K = ceil(N / R) chunks), so a page that grows or a new batch size reuses the
+// kernel built for the model's shape.
+// Inputs: qa [B, H, W] (absorbed, pre-scaled query); page [B, N, W]; last [B] int32 (each sequence's last valid row,
+// < N: sequences at their own lengths share a page's shape); dims [2] int32 (N, K).
 // Outputs (float32): part [B, K, H, W]; most [B, K, H] (LOW where the chunk holds no valid row); total [B, K, H].
 constexpr int T = 32 * NW;
+const int N = dims[0];
+const int K = dims[1];
 constexpr int COLS = (W + T - 1) / T;  // columns a thread sums in the values pass (at most)
 constexpr int LANE_COLS = (W + 31) / 32;  // columns a lane reads of a row in the scores pass (at most)
 constexpr float LOW = -3.0e38f;
@@ -86,7 +91,7 @@ const int chunk = gpu_gid.y % K;
 const int h0 = (gpu_gid.y / K) * HG;
 const size_t b = gpu_gid.z;
 const int r0 = chunk * R;
-const int left = last[0] + 1 - r0;
+const int left = last[b] + 1 - r0;
 const int rows = left < R ? left : R;  // valid rows in this chunk (none where <= 0)
 for (int i = t; i < HG * W; i += T) {
   qs[i] = static_cast<float>(qa[(b * H + h0) * W + i]);
@@ -168,4 +173,4 @@ for (int h = 0; h < HG; ++h) {
 
 }
 
-template [[host_name("custom_kernel_mla_decode_page__32_576_8_4_64_2048_32_bfloat16_t_bfloat16_t_int32_tc_float_float_float")]] [[kernel]] decltype(custom_kernel_mla_decode_page__32_576_8_4_64_2048_32_bfloat16_t_bfloat16_t_int32_tc_float_float_float<32, 576, 8, 4, 64, 2048, 32>) custom_kernel_mla_decode_page__32_576_8_4_64_2048_32_bfloat16_t_bfloat16_t_int32_tc_float_float_float<32, 576, 8, 4, 64, 2048, 32>;
+template [[host_name("custom_kernel_mla_decode_page__32_576_8_4_64_bfloat16_t_bfloat16_t_int32_tc_int32_tc_float_float_float")]] [[kernel]] decltype(custom_kernel_mla_decode_page__32_576_8_4_64_bfloat16_t_bfloat16_t_int32_tc_int32_tc_float_float_float<32, 576, 8, 4, 64>) custom_kernel_mla_decode_page__32_576_8_4_64_bfloat16_t_bfloat16_t_int32_tc_int32_tc_float_float_float<32, 576, 8, 4, 64>;

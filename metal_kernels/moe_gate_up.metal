@@ -63,6 +63,7 @@ template <int D, int I, int P, int BITS, int GS, int R>
   device float* h [[buffer(5)]],
   uint3 thread_position_in_grid [[thread_position_in_grid]]) {
 const uint3 gpu_gid = thread_position_in_grid;
+#define MOE_UNION 0
 // MoE experts for a few (token, expert) pairs, first half: the gate and up rows of one expert of an
 // affine-quantized bank against the token, then SwiGLU.
 // Grid (32 * N * P, I / R, 1), threadgroup (32, TY, 1): one 32-lane group per (pair, R hidden units), so
@@ -74,11 +75,102 @@ const uint3 gpu_gid = thread_position_in_grid;
 // (rows 0..I-1 gate, I..2I-1 up; value j of a row in bits (j % VPW) * BITS of word j / VPW);
 // scales, biases [E, 2I, D / GS] (value = scale * q + bias).
 // Output: h [N * P, I] float32 = silu(gate . x) * (up . x).
+// MOE_UNION (moe_gate_up_union, decode of a batch): gpu_gid.x / 32 is instead a position s in `order`, the pairs
+// sorted by expert (pairs [1] int32: N * P); the group at the first position of each expert's run reads that
+// expert's rows once for every pair of the run, TB tokens at a time (the later chunks find the rows in L1), and
+// the groups at the run's other positions exit: each expert of the batch's union is read from memory once, not
+// once a pair. A pair's sums are the same float operations as the per-pair kernel's.
 constexpr int VPW = 32 / BITS;  // values per packed word
 constexpr int WPR = D / VPW;  // words per row
 constexpr int STEPS = (WPR + 31) / 32;
 constexpr int GPR = D / GS;  // groups per row
 constexpr unsigned int MASK = (1u << BITS) - 1u;
+#if MOE_UNION
+const int lane = gpu_gid.x % 32;
+const int s = gpu_gid.x / 32;
+const int e = idx[order[s]];
+if (s > 0 && idx[order[s - 1]] == e) {
+  return;  // not the first pair of its expert's run (no barrier in this kernel: the group may leave)
+}
+int len = 1;
+while (s + len < pairs[0] && idx[order[s + len]] == e) {
+  ++len;
+}
+const int r0 = gpu_gid.y * R;
+const size_t gate_row = static_cast<size_t>(e) * (2 * I) + r0;
+for (int c0 = 0; c0 < len; c0 += TB) {
+  int tok[TB];
+  #pragma unroll
+  for (int t = 0; t < TB; ++t) {
+    tok[t] = order[s + (c0 + t < len ? c0 + t : c0)] / P;  // past the run: the chunk's first token, unused
+  }
+  float acc[TB][2][R];
+  #pragma unroll
+  for (int t = 0; t < TB; ++t) {
+    #pragma unroll
+    for (int gu = 0; gu < 2; ++gu) {
+      #pragma unroll
+      for (int j = 0; j < R; ++j) acc[t][gu][j] = 0.0f;
+    }
+  }
+  for (int step = 0; step < STEPS; ++step) {
+    const int w = step * 32 + lane;
+    if (w < WPR) {
+      float xv[TB][VPW];
+      float xsum[TB];
+      #pragma unroll
+      for (int t = 0; t < TB; ++t) {
+        xsum[t] = 0.0f;
+        #pragma unroll
+        for (int j = 0; j < VPW; ++j) {
+          xv[t][j] = static_cast<float>(x[tok[t] * D + w * VPW + j]);
+          xsum[t] += xv[t][j];
+        }
+      }
+      const int group = (w * VPW) / GS;
+      #pragma unroll
+      for (int gu = 0; gu < 2; ++gu) {
+        #pragma unroll
+        for (int u = 0; u < R; ++u) {
+          const size_t row = gate_row + gu * I + u;
+          const unsigned int word = wq[row * WPR + w];
+          float q[VPW];
+          #pragma unroll
+          for (int j = 0; j < VPW; ++j) {
+            q[j] = gpu_qval(word, j * BITS, MASK);
+          }
+          const size_t g = row * GPR + group;
+          const float scale = static_cast<float>(scales[g]);
+          const float bias = static_cast<float>(biases[g]);
+          #pragma unroll
+          for (int t = 0; t < TB; ++t) {
+            float dot = 0.0f;
+            #pragma unroll
+            for (int j = 0; j < VPW; ++j) {
+              dot += q[j] * xv[t][j];
+            }
+            acc[t][gu][u] += scale * dot + bias * xsum[t];
+          }
+        }
+      }
+    }
+  }
+  #pragma unroll
+  for (int t = 0; t < TB; ++t) {
+    if (c0 + t < len) {  // the same for every lane of the group
+      const int pair = order[s + c0 + t];
+      #pragma unroll
+      for (int u = 0; u < R; ++u) {
+        const float gate = gpu_simd_sum(acc[t][0][u]);
+        const float up = gpu_simd_sum(acc[t][1][u]);
+        if (lane == 0) {
+          h[static_cast<size_t>(pair) * I + r0 + u] = gpu_silu(gate) * up;
+        }
+      }
+    }
+  }
+}
+#else
 const int lane = gpu_gid.x % 32;
 const int pair = gpu_gid.x / 32;
 const int r0 = gpu_gid.y * R;
@@ -119,6 +211,7 @@ for (int u = 0; u < R; ++u) {
     h[static_cast<size_t>(pair) * I + r0 + u] = gpu_silu(gate) * up;
   }
 }
+#endif
 
 }
 

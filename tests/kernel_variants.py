@@ -20,7 +20,7 @@ GROUPS = (32, 64, 128)
 D, I, E, K = 2304, 1024, 256, 8  # hidden, expert width, routed experts, picks (+1 shared)
 H, DK = 32, 128  # KDA heads, head dim
 MLA_H, L, PE = 32, 512, 64  # MLA heads, latent rank, rope dims
-DECODE_BATCHES = (1, 4)
+DECODE_BATCHES = (1, 4, 16)  # 16: a batch's per-sequence inputs (MLA decode's last rows) pass in device memory
 PREFILL_TOKENS = (2048, 4096)
 PAGES = (256, 2048, 8192, 16384, 131072)  # MLA page rows: first page, page-kernel sizes, the split kernels'
 
@@ -101,8 +101,10 @@ def _calls():
                 gate_up, down = _bank(E + 1, 2 * I, D, bits, gs), _bank(E + 1, D, I, bits, gs)
                 idx, w = z((B, K + 1), i32), z((B, K + 1), f32)
                 yield lambda B=B, g=gate_up, d=down, idx=idx, w=w: experts.experts_kernel(z((B, D), bf), idx, w, g, d)
+                yield lambda B=B, g=gate_up, d=down, idx=idx, w=w: experts.experts_kernel(z((B, D), bf), idx, w, g, d,
+                                                                                  union=True)
         for n in PAGES:
-            qa, last = z((B, MLA_H, W), bf), z((1,), i32)
+            qa, last = z((B, MLA_H, W), bf), z((B,), i32)  # a last row per sequence (a ragged batch)
             if n <= mla_decode.PAGE_KERNEL_ROWS:
                 yield lambda qa=qa, n=n, last=last, B=B: mla_decode.decode_page_kernel(qa, z((B, n, W), bf), last)
             c = min(mla_decode.SPLIT_ROWS, n)
@@ -111,10 +113,13 @@ def _calls():
                 z((B, n // c, MLA_H, W), f32), z((B, n // c, MLA_H), f32), z((B, n // c, MLA_H), f32), bf)
     for T in PREFILL_TOKENS:
         n = T // kda_chunked.CHUNK
-        yield lambda n=n: kda_chunked.intra_chunk_kernel(*(z((n, 1, H, kda_chunked.CHUNK, DK), f32) for _ in range(3)),
-                                                          z((n, 1, H, kda_chunked.CHUNK), f32))
+        for intra in kda_chunked.INTRAS:
+            yield lambda n=n, intra=intra: kda_chunked.intra_chunk_kernel(
+                *(z((n, 1, H, kda_chunked.CHUNK, DK), f32) for _ in range(3)), z((n, 1, H, kda_chunked.CHUNK), f32),
+                intra)
         u = z((n, 1, H, kda_chunked.CHUNK, DK), f32)
         yield lambda n=n, u=u: kda_chunked.scan_kernel(u, u, u, u, z((n, 1, H, DK), f32), z((1, H, DK, DK), f32))
+        yield lambda n=n, u=u: kda_chunked.scan_mma(u, u, u, u, z((n, 1, H, DK), f32), z((1, H, DK, DK), f32))
         yield lambda T=T: kda.gated_norm_kernel(z((1, T, H, DK), f32), z((1, T, H, DK), bf), z((DK,), f32), 1e-5, bf)
         yield lambda T=T: attention.cache_rows_kernel(z((1, T, W), bf), z((L,), bf), 1e-6, L)
 

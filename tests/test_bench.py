@@ -73,6 +73,26 @@ def test_run_prints_ratios_and_memory():
     assert all(r["tok_s"] > 0 for r in rows)
 
 
+def test_batch_decode_runs_both_engines_at_each_batch_size():
+    """--batch: ours (the batch engine's step) and mlx-lm's BatchGenerator at each size, aggregate tok/s and
+    per-sequence latency, on the CPU at the smallest sizes."""
+    lines = []
+    rows = bench.run("small", contexts=(32,), prefill=(), decode_tokens=2, bits=4, echo=lines.append, batches=(1, 2))
+    batched = [r for r in rows if r["what"] == "batch_decode"]
+    assert {(r["batch"], r["runner"]) for r in batched} == {(b, n) for b in (1, 2) for n in ("kimi-mlx", "mlx-lm")}
+    assert all(r["tok_s"] > 0 and r["ms_per_token"] > 0 for r in batched)
+    assert any("batch   2" in line and "ms a token a sequence" in line and "ratio" in line for line in lines)
+
+
+def test_cli_bench_batch_sizes_are_checked():
+    from kimi_mlx.cli import _batches
+    from kimi_mlx.errors import KimiError
+
+    assert _batches("1,2, 8") == (1, 2, 8) and _batches("") == ()
+    with pytest.raises(KimiError, match="--batch 0,2"):
+        _batches("0,2")
+
+
 def test_decode_rounds_alternate_the_runners_and_report_medians(monkeypatch):
     """rounds > 1: each runner decodes every context that many times, the runners alternating (and their order
     too), and the line gives each runner's median and the median of the rounds' ratios with their range."""

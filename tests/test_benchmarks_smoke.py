@@ -28,6 +28,9 @@ RUNS = [
     ("long_context.py", ["--lengths", "64", "--step", "32", "--fused-max", "64", "--prefill-contexts", "64",
                          "--decode-contexts", "64", "--layer-step", "16", "--quant-tokens", "32"],
      r"^\| 4-bit \| 120 \(f32 run\) \|"),
+    ("offload.py", ["--dir", "{tmp}/ck", "--shape", "small", "--budgets", "0.004,resident", "--tokens", "2",
+                    "--warmup", "1", "--prefetch", "off,on", "--writes", "auto,staged", "--prefill", "24"],
+     r"^0\.004 GB \| pool \d+/16 a layer .* hit rate [\d.]+ \| .* prefetch on .* writes staged$"),
     ("perplexity.py", ["--hf", "{hf}", "--variants", "3", "--doc-tokens", "64", "--code-tokens", "1",
                        "--chat-tokens", "1", "--long-files", "1", "--long-tokens", "64", "--chains", "1",
                        "--reply-tokens", "4"],
@@ -38,8 +41,11 @@ RUNS = [
      r"^MLA layer decode, context 32, compiled whole pages +[\d.]+ ms"),
     ("speculative.py", ["--max-tokens", "8", "--rounds", "1", "--shape", "small", "--context", "64", "--ks", "2", "--reps", "1"],
      r"^\| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$"),
-    ("server.py", ["--turns", "2", "--user-tokens", "16", "--max-tokens", "2"],
+    ("server.py", ["--turns", "2", "--user-tokens", "16", "--max-tokens", "2", "--api", "both"],
      r"^sum of TTFT: [\d.]+ s with the prefix cache, [\d.]+ s without"),
+    ("server.py", ["--api", "batch", "--requests", "3", "--batch-prompt-tokens", "16", "--batch-tokens", "3",
+                   "--repeats", "1"],
+     r"^3 concurrent requests: [\d.]+ s \([\d.]+ tok/s\) \| one by one: [\d.]+ s .*: [\d.]+x$"),
 ]
 NOT_RUN = {"results.py": "a module the scripts import (Recorder), not a benchmark"}
 # scripts whose output tests/test_bench.py already checks line by line, run there at these sizes

@@ -6,7 +6,7 @@ import pytest
 from kimi_mlx.errors import ConfigError
 from kimi_mlx.model.fuse import choose_experts
 from kimi_mlx.ops import routing
-from kimi_mlx.ops.kda import choose_prefill, choose_scan
+from kimi_mlx.ops.kda import choose_intra, choose_prefill, choose_scan
 from kimi_mlx.ops.kda_decode import choose_decode, choose_rows
 from kimi_mlx.settings import Facts
 
@@ -26,7 +26,10 @@ def off(f: Facts, *kernels) -> Facts:
 @pytest.mark.parametrize("facts, T, dk, want", [
     (CPU, 1, 128, "ref"), (CPU, 15, 128, "ref"), (CPU, 4096, 128, "chunked"),
     (METAL, 4096, 128, "kernel"), (CUDA, 4096, 128, "kernel"), (CUDA, 4096, 48, "chunked"),
-    (off(CUDA, "kda_intra_chunk"), 4096, 128, "chunked"),
+    (off(CUDA, "kda_intra_chunk"), 4096, 128, "chunked"), (off(CUDA, "kda_intra_chunk_mma"), 4096, 128, "kernel"),
+    (off(with_(CUDA, KIMI_MLX_KDA_INTRA="mma"), "kda_intra_chunk"), 4096, 128, "kernel"),
+    (off(with_(CUDA, KIMI_MLX_KDA_INTRA="mma"), "kda_intra_chunk_mma"), 4096, 128, "kernel"),
+    (off(with_(CUDA, KIMI_MLX_KDA_INTRA="mma"), "kda_intra_chunk", "kda_intra_chunk_mma"), 4096, 128, "chunked"),
     (with_(CUDA, KIMI_MLX_KDA="ref"), 4096, 128, "ref"), (with_(CPU, KIMI_MLX_KDA="chunked"), 2, 128, "chunked"),
     (with_(METAL, KIMI_MLX_KDA="kernel"), 2, 128, "kernel"),
 ])
@@ -42,9 +45,27 @@ def test_kda_kernel_mode_needs_a_gpu():
 @pytest.mark.parametrize("facts, path, want", [
     (CUDA, "kernel", "affine"), (METAL, "kernel", "kernel"), (off(METAL, "kda_chunk_scan"), "kernel", "affine"),
     (CPU, "chunked", "ops"), (with_(METAL, KIMI_MLX_KDA_SCAN="ops"), "kernel", "ops"),
+    (with_(CUDA, KIMI_MLX_KDA_SCAN="doubling"), "kernel", "doubling"), (with_(CUDA, KIMI_MLX_KDA_SCAN="mma"), "kernel", "mma"),
+    (off(with_(CUDA, KIMI_MLX_KDA_SCAN="mma"), "kda_scan_mma"), "kernel", "affine"),
+    (with_(CPU, KIMI_MLX_KDA_SCAN="doubling"), "chunked", "doubling"),
 ])
 def test_kda_scan(facts, path, want):
     assert choose_scan(facts, path) == want
+
+
+def test_kda_scan_kernels_need_the_kernel_path():
+    for scan in ("kernel", "mma"):
+        with pytest.raises(ConfigError, match=f"KIMI_MLX_KDA_SCAN={scan} needs"):
+            choose_scan(with_(CPU, KIMI_MLX_KDA_SCAN=scan), "chunked")
+
+
+@pytest.mark.parametrize("facts, want", [
+    (CUDA, "kernel"), (METAL, "kernel"), (off(CUDA, "kda_intra_chunk"), "kernel"),
+    (with_(CUDA, KIMI_MLX_KDA_INTRA="mma"), "mma"), (with_(METAL, KIMI_MLX_KDA_INTRA="mma"), "mma"),
+    (off(with_(CUDA, KIMI_MLX_KDA_INTRA="mma"), "kda_intra_chunk_mma"), "kernel"),
+])
+def test_kda_intra(facts, want):
+    assert choose_intra(facts) == want
 
 
 @pytest.mark.parametrize("facts, shape, taps, want", [
@@ -86,9 +107,26 @@ def test_experts(facts, pairs, fits, want):
     assert choose_experts(facts, pairs, fits) == want
 
 
+@pytest.mark.parametrize("facts, pairs, fits, want", [
+    (CPU, 16 * 9, True, "gather"), (CUDA, 16 * 9, True, "kernel"), (CUDA, 16 * 9, False, "gather"),
+    (METAL, 8 * 9, True, "kernel"), (with_(CUDA, KIMI_MLX_EXPERTS="bounded"), 16 * 9, True, "kernel"),
+    (with_(CPU, KIMI_MLX_EXPERTS="segmented"), 16 * 9, True, "gather"),
+    (with_(CUDA, KIMI_MLX_EXPERTS="gather"), 16 * 9, True, "gather"),
+    (CUDA, 16 * 9, True, "kernel"),  # union only when forced (unmeasured: not a default)
+    (with_(CUDA, KIMI_MLX_EXPERTS="union"), 16 * 9, True, "union"),
+    (with_(METAL, KIMI_MLX_EXPERTS="union"), 9, True, "union"),
+    (off(with_(CUDA, KIMI_MLX_EXPERTS="union"), "moe_gate_up_union"), 16 * 9, True, "kernel"),
+])
+def test_experts_of_a_batched_decode_step(facts, pairs, fits, want):
+    """A decode step of B sequences (B * k pairs, past 64) keeps the decode paths: no sorting, nothing read back."""
+    assert choose_experts(facts, pairs, fits, decode=True) == want
+
+
 def test_forcing_the_expert_kernels_where_they_cannot_run_is_one_line():
     with pytest.raises(ConfigError, match="KIMI_MLX_EXPERTS=kernel needs"):
         choose_experts(with_(CPU, KIMI_MLX_EXPERTS="kernel"), 9, True)
+    with pytest.raises(ConfigError, match="KIMI_MLX_EXPERTS=union needs"):
+        choose_experts(with_(CUDA, KIMI_MLX_EXPERTS="union"), 9, False)
 
 
 def test_the_small_kernels():

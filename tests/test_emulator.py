@@ -105,6 +105,35 @@ def test_a_missing_barrier_after_loading_a_slice_fails(monkeypatch, kind):
         assert not intra_chunk(kind, seed) <= 1e-4  # NaN compares false
 
 
+def intra_chunk_mma(kind, seed=None):
+    """kda_intra_chunk_mma over 2 chunks of 32 rows (a tile below the diagonal, tile products on the emulated
+    matrix units), 16 key channels, against its ops twin: (max relative error of the two outputs)."""
+    from kimi_mlx.ops import kda_chunked
+
+    M, C, Dk = 2, 32, 16
+    rng = np.random.default_rng(4)
+    q, k = (mx.array(0.3 * rng.standard_normal((M, C, Dk)).astype(np.float32)) for _ in range(2))
+    g = mx.array(-np.abs(0.3 * rng.standard_normal((M, C, Dk))).astype(np.float32))
+    beta = mx.array(rng.uniform(size=(M, C)).astype(np.float32))
+    got = kernel_emulator.emulate("kda_intra_chunk_mma", kind, [q, k, g, beta], (("DK", Dk), ("C", C)),
+                                  grid=(256, M, 1), threadgroup=(256, 1, 1), output_shapes=[(M, C, C)] * 2,
+                                  output_dtypes=[mx.float32] * 2, seed=seed)
+    want = kda_chunked.intra_chunk(q, k, mx.exp(g), beta)
+    return float(np.max([float(mx.abs(a - b).max()) / float(mx.abs(b).max()) for a, b in zip(got, want)]))  # NaN wins
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_tile_read_back_before_the_lane_groups_barrier_fails(monkeypatch, kind):
+    """kda_intra_chunk_mma stores a 16x16 tile from the matrix units to threadgroup memory (each lane its share)
+    and the lanes then read other lanes' entries: without the 32-lane group's barrier between, they read entries
+    not yet written."""
+    assert intra_chunk_mma(kind) <= 1e-4  # the kernel as it is
+    plant(monkeypatch, "kda_intra_chunk_mma", "    gpu_simd_barrier();\n    for (int e = lane;",
+          "    for (int e = lane;")
+    for seed in (1, 2, 3):
+        assert not intra_chunk_mma(kind, seed) <= 1e-4  # NaN compares false
+
+
 def gated_norm(kind, rows, grid_x, tr):
     """kda_gated_norm (one 32-lane group a row of 64) launched over grid_x threads in threadgroups of 32 * tr."""
     rng = np.random.default_rng(rows)

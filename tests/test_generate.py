@@ -68,7 +68,8 @@ def test_prefill_steps_follow_the_plan_for_the_states_context(demo, monkeypatch)
     g = importlib.import_module("kimi_mlx.generate")
     model, tok = demo
     asked = []
-    monkeypatch.setattr(g, "step_length", lambda context, n, step_size=0: asked.append((context, n)) or 8)
+    monkeypatch.setattr(g, "step_length",
+                        lambda context, n, step_size=0, streamed=False: asked.append((context, n)) or 8)
     seen = []
     state = model.new_state(1)
     g.prefill(model, state, list(range(1, 13)), 0, progress=lambda done, total: seen.append(done))

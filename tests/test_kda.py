@@ -92,11 +92,13 @@ def test_chunked_long_sequence_small_heads():
 
 @pytest.mark.parametrize("extreme", [False, True], ids=["gates", "extreme-gates"])
 @pytest.mark.parametrize("T,shape", [(65, SHAPE), (130, SHAPE), (1100, dict(B=1, H=2, Dk=16, Dv=12))], ids=["65", "130", "1100"])
-def test_affine_scan_matches_reference(T, shape, extreme):
-    """The scan across chunks as one addmm a chunk in order (scan_affine) against the recurrence."""
+@pytest.mark.parametrize("scan", ["affine", "doubling"])
+def test_affine_scan_matches_reference(scan, T, shape, extreme):
+    """The scan across chunks as affine maps, one addmm a chunk in order (scan_affine) or combined in log2(N)
+    levels (scan_doubling: 1100 tokens are 18 chunks, so levels of odd length too), against the recurrence."""
     x = normalised(*inputs(T, **shape, seed=T + 3, extreme=extreme))
     o_ref, s_ref = kda_recurrent_ref(*x)
-    o, s = chunked(*x, scan="affine")
+    o, s = chunked(*x, scan=scan)
     assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
 
 
@@ -306,6 +308,36 @@ def test_chunk_scan_kernel_text_runs_right_on_cpu(kind, rows):
         assert rel_err(g, want) <= TOL
 
 
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("Dk", [48, 64])
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+def test_scan_mma_kernel_text_runs_right_on_cpu(kind, Dk, monkeypatch):
+    """The generated text of the affine scan on the matrix units (its tile helpers emulated), run on the CPU
+    through scan_mma, against `scan_ops`: Dk 48 leaves a 32-lane group without a tile, Dk 64 has two slices."""
+    N, B, H, C, Dv = 3, 2, 2, 8, 32
+    mx.random.seed(15)
+    w, q_in, k_out = (0.1 * mx.random.normal((N, B, H, C, Dk)) for _ in range(3))
+    u = mx.random.normal((N, B, H, C, Dv))
+    decay_all = mx.random.uniform(shape=(N, B, H, Dk))
+    state = mx.random.normal((B, H, Dv, Dk))
+    monkeypatch.setattr("metal_kernels.kernel", kernel_emulator.kernel_factory(kind))
+    got = kda_chunked.scan_mma(w, u, q_in, k_out, decay_all, state)
+    for g, want in zip(got, kda_chunked.scan_ops(w, u, q_in, k_out, decay_all, state)):
+        assert rel_err(g, want) <= TOL
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+def test_chunked_prefill_on_the_matrix_unit_kernels_runs_right_on_cpu(kind, monkeypatch):
+    """The whole chunked prefill with both matrix-unit kernels (per-chunk matrices and scan, their generated text
+    emulated) against the recurrence: extreme gates, a ragged last chunk, a random starting state."""
+    x = normalised(*inputs(130, B=1, H=2, Dk=32, Dv=16, seed=16, extreme=True))
+    monkeypatch.setattr("metal_kernels.kernel", kernel_emulator.kernel_factory(kind))
+    o_ref, s_ref = kda_recurrent_ref(*x)
+    o, s = chunked(*x, use_kernel=True, scan="mma", intra="mma")
+    assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
+
+
 # -- the dispatcher -----------------------------------------------------------------------------
 
 def test_mode_from_environment(monkeypatch):
@@ -409,37 +441,41 @@ gpu = pytest.mark.skipif(kda_ops.gpu_backend() is None, reason="needs MLX's Meta
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("extreme", [False, True], ids=["gates", "extreme-gates"])
 @pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 1100])
-@pytest.mark.parametrize("use_kernel,scan", [(False, None), (True, None), (True, "affine")],
-                         ids=["ops", "scan-kernel", "scan-affine"])
-def test_gpu_chunked_matches_reference(use_kernel, scan, T, extreme, dtype):
+@pytest.mark.parametrize("use_kernel,scan,intra", [(False, None, "kernel"), (True, None, "kernel"),
+                                                   (True, "affine", "kernel"), (True, "doubling", "mma"),
+                                                   (True, "mma", "mma")],
+                         ids=["ops", "scan-kernel", "scan-affine", "doubling-mma", "mma-mma"])
+def test_gpu_chunked_matches_reference(use_kernel, scan, intra, T, extreme, dtype):
     shape = dict(SHAPE, Dk=64)  # the scan kernel needs Dk % 32 == 0
     x = normalised(*inputs(T, **shape, seed=T, extreme=extreme, dtype=dtype, random_state=T % 2 == 0))
     o_ref, s_ref = kda_recurrent_ref(*x)
-    o, s = chunked(*x, use_kernel=use_kernel, scan=scan)
+    o, s = chunked(*x, use_kernel=use_kernel, scan=scan, intra=intra)
     assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("extreme", [False, True], ids=["gates", "extreme-gates"])
-def test_gpu_intra_chunk_kernel_model_shape(extreme):
+@pytest.mark.parametrize("intra", kda_chunked.INTRAS)
+def test_gpu_intra_chunk_kernel_model_shape(intra, extreme):
     mx.random.seed(22)
     q, k = (0.1 * mx.random.normal((8, 32, 64, 128)) for _ in range(2))
     g = -mx.abs(mx.random.normal((8, 32, 64, 128))) * (mx.where(mx.random.uniform(shape=(8, 32, 64, 1)) < 0.1, 500.0, 0.2)
                                                         if extreme else 0.2)
     beta = mx.random.uniform(shape=(8, 32, 64))
-    got = kda_chunked.intra_chunk_kernel(q, k, g, beta)
+    got = kda_chunked.intra_chunk_kernel(q, k, g, beta, intra)
     for a, b in zip(got, kda_chunked.intra_chunk(q, k, mx.exp(g), beta)):
         assert rel_err(a, b) <= TOL
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("scan", ["kernel", "affine"])
-def test_gpu_scan_model_shape(scan):
+@pytest.mark.parametrize("scan,intra", [("kernel", "kernel"), ("affine", "kernel"), ("doubling", "mma"),
+                                        ("mma", "mma")])
+def test_gpu_scan_model_shape(scan, intra):
     x = normalised(*inputs(300, B=1, H=32, Dk=128, Dv=128, seed=15, extreme=True))
     o_ref, s_ref = chunked(*x)
-    o, s = chunked(*x, use_kernel=True, scan=scan)
+    o, s = chunked(*x, use_kernel=True, scan=scan, intra=intra)
     assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
 
 
@@ -488,8 +524,10 @@ def test_emulator_fails_a_kernel_that_does_not_finish(monkeypatch):
 @pytest.mark.parametrize("extreme", [False, True], ids=["gates", "extreme-gates"])
 @pytest.mark.parametrize("C", [16, 64])
 @pytest.mark.parametrize("kind", ["metal", "cuda"])
-def test_intra_chunk_kernel_text_runs_right_on_cpu(kind, extreme, C):
-    """The generated text of the per-chunk matrices kernel, run on the CPU, against `intra_chunk`."""
+@pytest.mark.parametrize("name", ["kda_intra_chunk", "kda_intra_chunk_mma"])
+def test_intra_chunk_kernel_text_runs_right_on_cpu(name, kind, extreme, C):
+    """The generated text of the per-chunk matrices kernels (products on the CUDA / simdgroup cores, or on the
+    matrix units: their fragment helpers emulated), run on the CPU, against `intra_chunk`."""
     M, Dk = 2, 32
     mx.random.seed(21)
     q, k = (0.3 * mx.random.normal((M, C, Dk)) for _ in range(2))
@@ -497,7 +535,7 @@ def test_intra_chunk_kernel_text_runs_right_on_cpu(kind, extreme, C):
     g = -mx.abs(mx.random.normal((M, C, Dk))) * mx.where(mx.random.uniform(shape=(M, C, 1)) < 0.2, scale, 0.3)
     beta = mx.random.uniform(shape=(M, C))
     got = kernel_emulator.emulate(
-        "kda_intra_chunk", kind, [q, k, g, beta], (("DK", Dk), ("C", C)), grid=(256, M, 1),
+        name, kind, [q, k, g, beta], (("DK", Dk), ("C", C)), grid=(256, M, 1),
         threadgroup=(256, 1, 1), output_shapes=[(M, C, C)] * 2, output_dtypes=[mx.float32] * 2,
     )
     for g_, want in zip(got, kda_chunked.intra_chunk(q, k, mx.exp(g), beta)):

@@ -77,7 +77,7 @@ def test_compacted_text_keeps_every_token(name, kind, tmp_path):
     """What MLX is given (compact: comments, indentation and blank lines dropped) is the same program."""
     from metal_kernels import body, compact, header
 
-    for text in (body(name, kind), header(kind)):
+    for text in (body(name, kind), header(kind, name)):
         short = compact(text)
         assert len(short) < 0.8 * len(text)
         assert _tokens(short, tmp_path) == _tokens(text, tmp_path)

@@ -82,3 +82,28 @@ def test_first_mlx_lm_port_layout_loads(source, tmp_path):
         rounded.model.layers[3].self_attn.kv_b_proj.weight.copy_(torch.from_numpy(np.array(kv_b)))
     ref = hf_oracle.logits(rounded, np.array(TOKENS))[0]
     assert np.abs(logits(load_model(path)) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("quant", [dict(group_size=64, bits=4), dict(group_size=64, bits=None,
+                                                                        quant_predicate="mixed_3_6")],
+                         ids=["affine4", "mixed_3_6"])
+def test_mlx_lm_layout_streams_its_experts(source, tmp_path, quant):
+    """--experts-memory on an mlx-lm checkpoint (switch_mlp banks; mixed_3_6: layers of different bits): the same
+    logits as resident, the experts read from the banks' slices."""
+    from mlx_lm.convert import mixed_quant_predicate_builder
+    from mlx_lm.utils import load_model as lm_load
+
+    from kimi_mlx.weights.expert_files import ExpertFiles
+    from kimi_mlx.weights.load import weight_files
+
+    _, src = source
+    if isinstance(quant.get("quant_predicate"), str):
+        model, _ = lm_load(src, lazy=True, model_config={"rope_theta": 10000.0})
+        quant["quant_predicate"] = mixed_quant_predicate_builder(quant["quant_predicate"], model, 64)
+    path = _mlx_lm_convert(src, tmp_path / "lm", **quant)
+    files = ExpertFiles(weight_files(path))
+    experts = sum(t.end - t.begin for name, t in files.tensors.items() if ".switch_mlp." in name)
+    assert experts > 0
+    streamed = load_model(path, experts_memory_gb=experts * 0.6 / 1e9)
+    assert streamed.offload is not None and streamed.offload.slots < streamed.config.num_experts
+    assert np.array_equal(logits(streamed), logits(load_model(path)))

@@ -303,3 +303,39 @@ def test_router_kernel_on_gpu(dtype):
     assert float(mx.abs(got - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
     assert routing.router_logits(x, weight.astype(mx.bfloat16)).dtype == mx.float32  # a bf16 weight: the ops
 
+
+
+def emulate_union(kind, x, idx, w, gate_up, down):
+    """experts_kernel(union=True), its launches run by the emulator."""
+    import metal_kernels
+
+    real = metal_kernels.kernel
+    metal_kernels.kernel = kernel_emulator.kernel_factory(kind)
+    try:
+        return experts.experts_kernel(x, idx, w, gate_up, down, union=True)
+    finally:
+        metal_kernels.kernel = real
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+@pytest.mark.parametrize("case", EXPERT_CASES[:2], ids=lambda c: f"b{c[0]}d{c[1]}g{c[2]}{str(c[3]).split('.')[-1]}")
+def test_union_expert_kernel_text_runs_right_on_cpu(kind, case):
+    """moe_gate_up_union (each expert of the tokens' union read once): equal to the per-pair kernel and to the
+    gather matmuls for a batch whose tokens share experts: runs longer than one chunk of TB tokens, every token on
+    the shared expert, a token alone on an expert."""
+    bits, down_bits, gs, dtype = case
+    mx.random.seed(7 + bits)
+    E, D, I, N = 7, 256, 128, 6
+    gate_up, down = doctor.random_banks(E, D, I, bits, gs, dtype, down_bits)
+    x, _, w = doctor.expert_inputs(E, D, N=N, P=3, dtype=dtype)
+    x = x * 30
+    # expert 0 for every token (a run of 6 > TB = 4), expert 1 for five, the last column a shared expert (6)
+    idx = mx.array([[0, 1, 6], [1, 0, 6], [0, 2, 6], [3, 0, 6], [0, 1, 6], [1, 0, 6]], mx.int32)
+    got = emulate_union(kind, x, idx, w, gate_up, down)
+    pairs = emulate_experts(kind, x, idx, w, gate_up, down)
+    ref = experts.experts_ref(x.astype(mx.float32), idx, w, gate_up, down)
+    tol = 1e-5 if dtype == mx.float32 else 2e-2
+    assert float(mx.abs(got - pairs).max()) <= 1e-6 * float(mx.abs(pairs).max())
+    assert float(mx.abs(got - ref).max()) <= tol * float(mx.abs(ref).max())
+

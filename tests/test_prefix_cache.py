@@ -157,7 +157,7 @@ def test_engine_growing_conversation_reuses_state(demo):
     # resending turn 1 plus exactly the generated ids hits the snapshot taken after the reply
     grown = turn1 + reply + tok.encode("more")
     third = run(engine, grown, logprobs=True, top_logprobs=3, max_tokens=1)
-    expected = len(turn1) + len(reply) - (first.done().finish_reason == "length")
+    expected = len(turn1) + len(reply) - 1  # a row's final state holds all but its last token
     assert third.done().cached_tokens == expected
     want = last_logprobs(model, grown)
     for token, lp in third.pieces()[0].top_logprobs:
@@ -174,3 +174,5 @@ def test_prefill_plan_cuts_at_message_ends_and_intervals(demo):
     assert plan[-1][0] == len(seq) - 1 and all(b - a <= 4 for (a, _), (b, _) in zip([(0, 0)] + plan, plan))
     assert engine.prefill_plan(seq, 11) == [(13, True), (14, False)]
     assert engine.prefill_plan(seq, 14) == []
+    off = Engine(model, tok, EngineSettings(prefix_cache_bytes=0, snapshot_interval=10, prefill_step_size=4))
+    assert off.prefill_plan(seq, 0) == [(4, False), (8, False), (12, False), (14, False)]  # no snapshots to cut for

@@ -1,5 +1,6 @@
-"""Raw HTTP against `kimi-mlx serve` (demo, --api-key, small body limit, --max-queue 1): every client mistake
-is a 4xx OpenAI error object naming the field, auth is enforced, CORS is off, a full queue answers 503."""
+"""Raw HTTP against `kimi-mlx serve` (demo, --api-key, small body limit, --max-queue 1, --max-batch 1): every
+client mistake is a 4xx OpenAI error object naming the field, auth is enforced, CORS is off, a full queue answers
+503."""
 
 import threading
 import time
@@ -17,7 +18,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     s = start_server(tmp_path_factory.mktemp("server"), "--api-key", KEY, "--max-body-bytes", "64KiB",
-                     "--max-queue", "1", "--prefill-step-size", "256")
+                     "--max-queue", "1", "--max-batch", "1", "--prefill-step-size", "256")
     yield s
     stop_server(s)
 
@@ -71,7 +72,12 @@ def test_malformed_json_and_non_object_bodies(http):
     ({"stop": 5}, "stop"),
     ({"logit_bias": {"x": 1}}, "logit_bias"),
     ({"logit_bias": {"99999999": 1}}, "logit_bias"),
-    ({"n": 2}, "n"),
+    ({"n": 2}, "n"),  # over --max-batch 1
+    ({"n": 0}, "n"),
+    ({"n": -1}, "n"),
+    ({"n": "2"}, "n"),
+    ({"n": 1.5}, "n"),
+    ({"n": True}, "n"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}},

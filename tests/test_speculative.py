@@ -368,7 +368,7 @@ def test_verification_on_the_gpu_kernel_paths_equals_decode_emulated(name, monke
     monkeypatch.setattr(verify, "decode_path", lambda *a: "kernel")
     from kimi_mlx.model.fuse import FusedMoE
 
-    monkeypatch.setattr(FusedMoE, "path", lambda self, tokens: "kernel" if self.kernel_fits else "gather")
+    monkeypatch.setattr(FusedMoE, "path", lambda self, tokens, decode=False: "kernel" if self.kernel_fits else "gather")
     model, tok = kimi_mlx.load(name)
     model.eager_steps, model._steps = True, None  # the emulated kernels run eagerly
     try:

@@ -70,6 +70,8 @@ class DecoderLayer(nn.Module):
     def compiled_ffn(self, path: str):
         """This layer's FFN half under mx.compile on FFN path `path` (ffn_path), or None where it reads something
         back to the host (the fused MoE's 'segmented' expert path) or is unfused."""
+        if getattr(self.mlp, "host_routed", False):
+            return None
         return mx.compile(self.ffn) if path in ("dense", "bounded") else None
 
     def compiled_step(self, compile=mx.compile):
@@ -80,32 +82,53 @@ class DecoderLayer(nn.Module):
         (h, r, last page): whole pages and a mask, so the graph is traced again only when the last page grows
         or a page is added (every PAGE_GROW tokens at most, see state.py). See kda_step for h and r.
         """
+        if getattr(self.mlp, "host_routed", False):
+            return self._host_routed_step(compile)
         if self.is_kda:
             return compile(self.kda_step)
         step = compile(self.mla_step)
         return lambda h, r, slot: step(h, r, slot.pages, slot.row)
 
-    def kda_step(self, h, r, conv, recurrent):
+    def _host_routed_step(self, compile):
+        """compiled_step for a layer whose MoE reads its routing back to the host (model/offload.py): the step up to
+        the FFN's input compiled, the MoE eager after it (a compiled graph cannot stop for the host)."""
+        mlp = self.mlp
+        if self.is_kda:
+            step = compile(lambda h, r, conv, rec: self.kda_step(h, r, conv, rec, ffn=False))
+
+            def kda(h, r, conv, rec):
+                h, x, conv, rec = step(h, r, conv, rec)
+                return h, mlp(x), conv, rec
+            return kda
+        step = compile(lambda h, r, pages, row: self.mla_step(h, r, pages, row, ffn=False))
+
+        def mla(h, r, slot):
+            h, x, last = step(h, r, slot.pages, slot.row)
+            return h, mlp(x), last
+        return mla
+
+    def kda_step(self, h, r, conv, recurrent, ffn: bool = True):
         """A KDA layer's one-token step on bare arrays. The layer's input is h + r, r the FFN output of the
         layer before, not yet added (None: h alone), so each residual add runs in one op with the norm after
-        it (ops.norm.add_norm); returns (h, r, conv, recurrent) of its output likewise."""
+        it (ops.norm.add_norm); returns (h, r, conv, recurrent) of its output likewise. ffn False: r is the FFN's
+        input instead (its normed input, the FFN not run)."""
         s = KDAState(conv, recurrent)
         h, x = self._seam(h, r, self.input_layernorm)
-        h, r = self._ffn_seam(h, self.self_attn(x, s))
+        h, r = self._ffn_seam(h, self.self_attn(x, s), ffn)
         return h, r, s.conv, s.recurrent
 
-    def mla_step(self, h, r, pages, row):
+    def mla_step(self, h, r, pages, row, ffn: bool = True):
         """An MLA layer's one-token step over a DecodeSlot's parts: (h, r as in kda_step, the last page as
         written)."""
         h, x = self._seam(h, r, self.input_layernorm)
         a, last = self.self_attn.decode(x, pages, row)
-        h, r = self._ffn_seam(h, a)
+        h, r = self._ffn_seam(h, a, ffn)
         return h, r, last
 
-    def _ffn_seam(self, h, a):
-        """(h + a, the FFN of its norm)."""
+    def _ffn_seam(self, h, a, ffn: bool = True):
+        """(h + a, the FFN of its norm); ffn False: (h + a, its norm)."""
         h, x = self._seam(h, a, self.post_attention_layernorm)
-        return h, self.mlp(x)
+        return h, self.mlp(x) if ffn else x
 
     @staticmethod
     def _seam(h, r, norm: RMSNorm):
@@ -147,6 +170,7 @@ class Model(nn.Module):
         self._prefill = None
         self._prefill_ffn = None  # {(layer, tokens): compiled FFN half or None}
         self.layer_done = None  # paced prefill steps call layer_done(i) once layer i has run (memory tracing)
+        self.offload = None  # OffloadStats where the routed experts stream from disk (model/offload.py)
         n = cfg.num_hidden_layers
         self.owned = pipeline.layers if pipeline else range(n)
         first, last = (pipeline.first, pipeline.last) if pipeline else (True, True)
@@ -244,6 +268,13 @@ class Model(nn.Module):
             p.send(residual(h, r))
             return None
         return DecoderLayer._seam(h, r, self.model.norm)[1]
+
+    def decode_rows(self, tokens: mx.array, state) -> mx.array:
+        """One token for each row of a ragged batched state (batch_state.BatchState: rows at their own lengths,
+        whose lengths and context limits the state keeps): tokens [B, 1] -> logits [B, 1, vocab], through the
+        same one-token layer steps as a single sequence's decode."""
+        h, r = self._decode_each(self.model.embed_tokens(tokens), state)
+        return self.logits(DecoderLayer._seam(h, r, self.model.norm)[1])
 
     def _decode_each(self, h: mx.array, state: ModelState) -> tuple[mx.array, mx.array | None]:
         """The owned layers' one-token steps, each layer its own graph (self._steps: compiled unless a caller set

@@ -81,43 +81,51 @@ class FusedMoE(nn.Module):
         self.down_proj = _like(ex.down_proj, _bank(down, axis=0))
         self.kernel_fits = kernel_fits(self.gate_up_proj, self.down_proj, moe.gate.opts["top_k"] + num_shared)
 
-    def path(self, tokens: int) -> str:
-        """The expert path (expert_path) for a call over this many tokens."""
+    def path(self, tokens: int, decode: bool = False) -> str:
+        """The expert path (expert_path) for a call over this many tokens (decode: one token a sequence)."""
         pairs = tokens * (self.gate.opts["top_k"] + self.num_shared)
         return expert_path(pairs, self.num_routed + self.num_shared,
-                           self.kernel_fits and usable("moe_gate_up") and usable("moe_down"))
+                           self.kernel_fits and usable("moe_gate_up") and usable("moe_down"), decode)
 
     def __call__(self, x: mx.array, path: str | None = None) -> mx.array:
         """path: the expert path to take (None: self.path of the call's token count; model/verify.py gives a
         few tokens the one-token path, so each row is computed as decode computes it)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        N = flat.shape[0]
         idx, w = self.gate(flat, shared=self.num_shared)  # the shared experts ride along as the last columns
-        k = idx.shape[1]
-        path = path or self.path(N)
-        if path == "kernel":  # decode on a GPU: two kernels over the quantized banks (ops/experts.py)
-            out = experts_kernel(flat, idx, w, self.gate_up_proj, self.down_proj)
-        elif path == "gather":  # decode otherwise: MLX's gather matmuls (the kernels' reference twin)
-            out = experts_ref(flat, idx, w, self.gate_up_proj, self.down_proj)
-        elif path == "bounded":  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather matmul a bank
-            # (as many blocks as any routing could need, so no count read back)
-            blocks = ExpertBlocks(idx, self.num_routed + self.num_shared)
-            g, u = mx.split(self.gate_up_proj(blocks.rows(flat), blocks.expert), 2, axis=-1)
-            out = weighted_sum(blocks.pairs(self.down_proj(silu(g) * u, blocks.expert)), w)
-        elif path == "segmented":  # prefill on CPU: tokens grouped by expert, one dense matmul each
-            order = mx.argsort(idx.flatten())
-            counts = np.bincount(np.array(idx).reshape(-1), minlength=self.num_routed + self.num_shared).tolist()
-            g, u = mx.split(self.gate_up_proj.segmented(flat[order // k], counts), 2, axis=-1)
-            out = weighted_sum(self.down_proj.segmented(silu(g) * u, counts)[mx.argsort(order)], w)
-        else:  # "sorted", prefill: tokens sorted by expert so each expert's rows are contiguous
-            order = mx.argsort(idx.flatten())
-            xs, ids = flat[order // k][:, None], idx.flatten()[order]
-            g, u = mx.split(self.gate_up_proj(xs, ids, True), 2, axis=-1)
-            out = weighted_sum(self.down_proj(silu(g) * u, ids, True)[mx.argsort(order)], w)
+        path = path or self.path(flat.shape[0], decode=len(shape) == 3 and shape[1] == 1)
+        out = experts_out(path, flat, idx, w, self.gate_up_proj, self.down_proj, self.num_routed + self.num_shared)
         # the float32 sum, unrounded: the residual seam rounds it to the residual's dtype (as
         # h + r.astype(h.dtype)), in decode inside the add + norm kernel, so no cast launch a MoE layer
         return out.reshape(shape)
+
+
+def experts_out(path: str, flat: mx.array, idx: mx.array, w: mx.array, gate_up: nn.Module, down: nn.Module,
+                experts: int) -> mx.array:
+    """The (token, expert) pairs idx [N, P] of rows flat [N, D] through a gate|up bank and a down bank of
+    `experts` experts on expert path `path`, weighted by w and summed: [N, D] float32. The resident FusedMoE
+    passes its whole banks; model/offload.py passes a slot pool or a step's working set with idx renumbered into
+    it (each pair's result depends only on its row and its expert's weights, so the output is the same)."""
+    k = idx.shape[1]
+    if path in ("kernel", "union"):  # decode on a GPU: two kernels over the quantized banks (ops/experts.py)
+        return experts_kernel(flat, idx, w, gate_up, down, union=path == "union")
+    if path == "gather":  # decode otherwise: MLX's gather matmuls (the kernels' reference twin)
+        return experts_ref(flat, idx, w, gate_up, down)
+    if path == "bounded":  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather matmul a bank
+        # (as many blocks as any routing could need, so no count read back)
+        blocks = ExpertBlocks(idx, experts)
+        g, u = mx.split(gate_up(blocks.rows(flat), blocks.expert), 2, axis=-1)
+        return weighted_sum(blocks.pairs(down(silu(g) * u, blocks.expert)), w)
+    if path == "segmented":  # prefill on CPU: tokens grouped by expert, one dense matmul each
+        order = mx.argsort(idx.flatten())
+        counts = np.bincount(np.array(idx).reshape(-1), minlength=experts).tolist()
+        g, u = mx.split(gate_up.segmented(flat[order // k], counts), 2, axis=-1)
+        return weighted_sum(down.segmented(silu(g) * u, counts)[mx.argsort(order)], w)
+    # "sorted", prefill: tokens sorted by expert so each expert's rows are contiguous
+    order = mx.argsort(idx.flatten())
+    xs, ids = flat[order // k][:, None], idx.flatten()[order]
+    g, u = mx.split(gate_up(xs, ids, True), 2, axis=-1)
+    return weighted_sum(down(silu(g) * u, ids, True)[mx.argsort(order)], w)
 
 
 class ExpertBlocks:
@@ -175,7 +183,7 @@ def take_rows(x: mx.array, idx: mx.array) -> mx.array:
 EXPERTS_ENV = "KIMI_MLX_EXPERTS"
 
 
-def choose_experts(f: settings.Facts, pairs: int, kernel_fits: bool = False) -> str:
+def choose_experts(f: settings.Facts, pairs: int, kernel_fits: bool = False, decode: bool = False) -> str:
     """How N*k (token, expert) pairs meet an expert bank: 'kernel' (few pairs, decode, on a GPU, where
     the banks are ones ops/experts.py's kernels read: kernel_fits), 'gather' (few pairs otherwise: MLX's
     gather matmuls, the kernels' reference), 'sorted' (gather_mm over expert-sorted rows: Metal's prefill
@@ -184,14 +192,21 @@ def choose_experts(f: settings.Facts, pairs: int, kernel_fits: bool = False) -> 
     rate; as many blocks as any routing could need, so nothing is read back to the host and a prefill step
     queues without a stop). KIMI_MLX_EXPERTS=gather|kernel|sorted|segmented|bounded overrides; the three
     prefill paths only for calls of 64+ pairs (a one-token step on them would be slow, and on 'segmented' would
-    read the host inside a compiled decode step)."""
+    read the host inside a compiled decode step). decode (one token for each of a batch's sequences, in a decode
+    step): 'kernel' or 'gather' however many pairs, as for one sequence (a batch of B rows is B * k pairs, a
+    decode step's shape: each pair a matrix-vector product; the prefill paths' sorting and blocks would cost
+    more launches than the pairs, and 'segmented' reads the host). 'union' (only when forced): the decode kernels with
+    the gate|up bank read once per distinct expert of the call's tokens (moe_gate_up_union), for batches whose rows
+    share experts; falls back to 'kernel' where that kernel is switched off."""
     forced = f[EXPERTS_ENV]
-    if forced == "kernel" and not (kernel_fits and f.gpu):
-        raise ConfigError(f"{EXPERTS_ENV}=kernel needs a Metal or CUDA device and affine {'/'.join(map(str, KERNEL_BITS))}"
-                          "-bit expert banks; unset it or pick another path")
-    if forced != "auto" and (pairs >= 64 or forced in ("gather", "kernel")):
+    if forced in ("kernel", "union") and not (kernel_fits and f.gpu):
+        raise ConfigError(f"{EXPERTS_ENV}={forced} needs a Metal or CUDA device and affine "
+                          f"{'/'.join(map(str, KERNEL_BITS))}-bit expert banks; unset it or pick another path")
+    if forced == "union":  # the decode kernels, gate|up reading each expert of the tokens' union once
+        return "union" if f.usable("moe_gate_up_union") else "kernel"
+    if forced in ("gather", "kernel") or (forced != "auto" and pairs >= 64 and not decode):
         return forced
-    if pairs < 64:
+    if pairs < 64 or decode:
         return "kernel" if kernel_fits and f.gpu else "gather"
     if f.cpu:
         return "segmented"
@@ -200,8 +215,8 @@ def choose_experts(f: settings.Facts, pairs: int, kernel_fits: bool = False) -> 
     return "sorted"  # Metal: MLX's gather_qmm has a kernel for expert-sorted rows
 
 
-def expert_path(pairs: int, experts: int, kernel_fits: bool = False) -> str:
-    return choose_experts(settings.now(gpu_backend()), pairs, kernel_fits)
+def expert_path(pairs: int, experts: int, kernel_fits: bool = False, decode: bool = False) -> str:
+    return choose_experts(settings.now(gpu_backend()), pairs, kernel_fits, decode)
 
 
 
@@ -262,14 +277,21 @@ def fuse_mla_inputs(attn: KimiMLA) -> bool:
     return True
 
 
-def fuse_model(model) -> int:
+def fuse_model(model, offload=None) -> int:
     """Fuse in place: MoE banks, KDA input projections, float32 router weights, MLA decode's input projection,
-    absorbed query and value matrices; the layers' quantized linears become DequantLinear. Returns how many blocks."""
+    absorbed query and value matrices; the layers' quantized linears become DequantLinear. Returns how many blocks.
+    offload: a model/offload.Offload whose MoE layers stream their routed experts (their banks never loaded)."""
     n = 0
     shared = model.config.num_shared_experts
     for i in model.owned:
         layer = model.model.layers[i]
-        if isinstance(layer.mlp, KimiMoE) and can_fuse_moe(layer.mlp):
+        if isinstance(layer.mlp, KimiMoE) and offload is not None:
+            if not can_fuse_moe(layer.mlp):
+                raise ConfigError(f"layer {i}: experts_memory needs the gate and up expert banks (and the shared "
+                                  "expert) stored alike; load this checkpoint without it")
+            layer.mlp = offload.moe(i, layer.mlp, shared if "shared_experts" in layer.mlp else 0)
+            n += 1
+        elif isinstance(layer.mlp, KimiMoE) and can_fuse_moe(layer.mlp):
             layer.mlp = FusedMoE(layer.mlp, shared if "shared_experts" in layer.mlp else 0)
             n += 1
         if "gate" in layer.mlp:  # the router works in float32 (as upstream): cast once, not per call

@@ -168,9 +168,11 @@ def ffn_rows(mlp, x: mx.array) -> mx.array:
     """The FFN over T rows on the path a one-token step takes (a fused MoE's decode expert path)."""
     from .fuse import FusedMoE
 
-    if isinstance(mlp, FusedMoE):
-        return mlp(x, path=mlp.path(1))
-    return mlp(x)  # a dense MLP or the unfused MoE: row-wise whatever the token count
+    if isinstance(mlp, FusedMoE) and not getattr(mlp, "host_routed", False):
+        return mlp(x, path=mlp.path(x.shape[0] * x.shape[1], decode=True))
+    # a dense MLP or the unfused MoE: row-wise whatever the token count; streamed experts (model/offload.py) take
+    # their own path for T tokens (the pool's reads follow the routing; rows there are decode's to rounding)
+    return mlp(x)
 
 
 def _kda_layer_step(model, i: int, first: bool, compiled: bool):
@@ -228,7 +230,9 @@ def verify_forward(model, tokens: list[int], state: ModelState) -> tuple[mx.arra
     h = model.model.embed_tokens(mx.array([tokens]))
     r = None  # the FFN output not yet added to h, as in Model._decode_each
     kda_after, mla_before = {}, {}
-    compiled = model.compile_decode and not model.eager_steps
+    # compiled as decode's steps are, unless a layer reads its routing back to the host (streamed experts)
+    compiled = model.compile_decode and not model.eager_steps and not any(
+        getattr(layers[i].mlp, "host_routed", False) for i in model.owned)
     for i in model.owned:
         layer, s = layers[i], state.layers[i]
         if layer.is_kda:

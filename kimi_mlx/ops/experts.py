@@ -103,17 +103,31 @@ def _gate_up_grid(N: int, P: int, I: int) -> dict:
     return dict(grid=(32 * N * P, I // units(I), 1), threadgroup=(32, group_rows(I // units(I)), 1))
 
 
-def experts_kernel(x, idx, w, gate_up, down):
-    from metal_kernels import kernel
+UNION_TOKENS = 4  # tokens moe_gate_up_union computes at once against an expert's rows (TB)
+
+
+def experts_kernel(x, idx, w, gate_up, down, union: bool = False):
+    """union: the gate|up bank through moe_gate_up_union, each expert of the tokens' union read once however many
+    of the tokens route to it (a batch's decode step: B tokens, B * P pairs), after one argsort of the pairs."""
+    from metal_kernels import kernel, sizes
 
     N, P = idx.shape
     D = x.shape[-1]
     I = gate_up.weight.shape[1] // 2
     idx = idx.astype(mx.int32)  # the routing kernel's dtype already: no copy
-    (h,) = kernel("moe_gate_up")(
-        inputs=[x, idx, gate_up.weight, gate_up.scales, gate_up.biases], template=_template(D, I, P, gate_up, units(I)),
-        output_shapes=[(N * P, I)], output_dtypes=[mx.float32], **_gate_up_grid(N, P, I),
-    )
+    banks = [gate_up.weight, gate_up.scales, gate_up.biases]
+    template = _template(D, I, P, gate_up, units(I))
+    if union:
+        order = mx.argsort(idx.reshape(-1)).astype(mx.int32)
+        (h,) = kernel("moe_gate_up_union")(
+            inputs=[x, idx, order, sizes(N * P), *banks], template=template + [("TB", UNION_TOKENS)],
+            output_shapes=[(N * P, I)], output_dtypes=[mx.float32], **_gate_up_grid(N, P, I),
+        )
+    else:
+        (h,) = kernel("moe_gate_up")(
+            inputs=[x, idx, *banks], template=template,
+            output_shapes=[(N * P, I)], output_dtypes=[mx.float32], **_gate_up_grid(N, P, I),
+        )
     return _down(h, idx, w, down)
 
 

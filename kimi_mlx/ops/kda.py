@@ -15,6 +15,8 @@ pre-conv projections) runs the model's unfused reference, `decode_step_ops` or t
   chunked         chunked prefill in ops for every T > 1, fused decode step in ops
   kernel          chunked prefill with its kernels (per-chunk matrices, scan) for every T > 1, fused
                   decode kernel (needs Metal or CUDA)
+`KIMI_MLX_KDA_SCAN` picks the chunked prefill's scan across chunks (choose_scan) and `KIMI_MLX_KDA_INTRA` its
+per-chunk matrices kernel (choose_intra).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ L2_EPS = 1e-6
 ENV = "KIMI_MLX_KDA"
 MODES = ("auto", "ref", "chunked", "kernel")
 SCAN_ENV = "KIMI_MLX_KDA_SCAN"
+INTRA_ENV = "KIMI_MLX_KDA_INTRA"
+INTRA_KERNELS = {"kernel": "kda_intra_chunk", "mma": "kda_intra_chunk_mma"}  # choose_intra's choice -> its kernel
 CHUNKED_MIN_T = 16  # below this the per-token loop is cheaper than one padded chunk
 
 
@@ -89,7 +93,8 @@ def choose_prefill(f: settings.Facts, T: int, dk: int = 128) -> str:
         return "kernel"
     if T < CHUNKED_MIN_T:
         return "ref"
-    return "kernel" if f.gpu and dk % 32 == 0 and f.usable("kda_intra_chunk") else "chunked"
+    usable = f.usable(INTRA_KERNELS[choose_intra(f)])
+    return "kernel" if f.gpu and dk % 32 == 0 and usable else "chunked"
 
 
 def prefill_path(T: int, dk: int = 128) -> str:
@@ -102,8 +107,10 @@ def choose_scan(f: settings.Facts, path: str) -> str:
     the scan kernel's state rows run on CUDA cores: RESULTS.md times both) and the scan kernel on Metal (not yet
     timed there), and ops on the 'chunked' path."""
     choice = f[SCAN_ENV]
-    if choice == "kernel" and path != "kernel":
-        raise ConfigError(f"{SCAN_ENV}=kernel needs the KDA kernels ({ENV}=auto or kernel on a GPU)")
+    if choice in ("kernel", "mma") and path != "kernel":
+        raise ConfigError(f"{SCAN_ENV}={choice} needs the KDA kernels ({ENV}=auto or kernel on a GPU)")
+    if choice == "mma" and not f.usable("kda_scan_mma"):  # the load-time probe switched it off: the ops twin
+        return "affine"
     if choice != "auto":
         return choice
     if path != "kernel":
@@ -113,6 +120,20 @@ def choose_scan(f: settings.Facts, path: str) -> str:
 
 def scan_path(path: str) -> str:
     return choose_scan(settings.now(gpu_backend()), path)
+
+
+def choose_intra(f: settings.Facts) -> str:
+    """Which kernel forms the per-chunk matrices on the 'kernel' prefill path (kda_chunked.INTRAS):
+    KIMI_MLX_KDA_INTRA if set, else 'kernel' (the products on the CUDA / SIMD cores). 'mma' (the same products as
+    tiles on the matrix units) stays opt-in until a GPU run times it against 'kernel' (benchmarks/kda.py --parts):
+    so far it has run in the CPU emulator, the static Metal check and NVRTC only. Switched off by the load-time
+    probe, 'mma' gives way to 'kernel'."""
+    choice = f[INTRA_ENV]
+    return "mma" if choice == "mma" and f.usable("kda_intra_chunk_mma") else "kernel"
+
+
+def intra_path() -> str:
+    return choose_intra(settings.now(gpu_backend()))
 
 
 def _require_kernels(gpu: str | None, dk: int) -> None:
@@ -136,7 +157,9 @@ def kda(q, k, v, g, beta, state):
         return kda_recurrent_ref(qn, kn, v, g, beta, state)
     from .kda_chunked import kda_chunked
 
-    return kda_chunked(qn, kn, v, g, beta, state, use_kernel=path == "kernel", scan=scan_path(path))
+    kernel = path == "kernel"
+    return kda_chunked(qn, kn, v, g, beta, state, use_kernel=kernel, scan=scan_path(path),
+                       intra=intra_path() if kernel else "kernel")
 
 
 def gated_norm_ref(o, gate, weight, eps: float, dtype, sigmoid=mx.sigmoid) -> mx.array:

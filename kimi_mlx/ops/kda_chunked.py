@@ -14,7 +14,10 @@ so no triangular solve is needed.
 
 On a GPU (use_kernel) two steps are kernels with the same contracts as their ops twins here:
 `intra_chunk_kernel` (the per-chunk matrices, split at the same borders, inverse by forward
-substitution) and `scan_kernel` (the scan across chunks; `scan_ops` is its twin).
+substitution; intra='mma' forms their products as 16x16 tiles on the matrix units) and `scan_kernel`
+(the scan across chunks; `scan_ops` is its twin). The scan also has affine forms (S <- S A + B a chunk):
+`scan_affine` (one addmm a chunk in order), `scan_doubling` (log2(N) levels of batched matmuls) and
+`scan_mma` (the steps in order in one kernel, the state's products on the matrix units).
 """
 
 from __future__ import annotations
@@ -128,6 +131,67 @@ def scan_affine(w, u, q_in, k_out, decay_all, state):
     return u - w @ s_t, q_in @ s_t, state.squeeze(0)
 
 
+def _starts(a, b, s0):
+    """The state each step starts from for x_0 = s0, x_{i+1} = x_i a_i + b_i (i < N), by recursive doubling: each
+    pair of steps is one affine map (x a_e a_o + b_e a_o + b_o), the recursion gives every pair's starting state,
+    and the odd steps' starting states follow with one batched addmm. log2(N) levels of a few batched matmuls
+    each, where the sequential form runs N matmuls in order. a [N, ..., Dk, Dk], b [N, ..., Dv, Dk], s0 [..., Dv, Dk];
+    returns [N, ..., Dv, Dk]. The maps are contractions (products of decays <= 1 and I - beta k k^T with
+    |k| = 1, beta in (0, 1)), so their products stay bounded whatever the gates."""
+    n = a.shape[0]
+    if n == 1:
+        return s0[None]
+    if n % 2:  # one identity step at the end; its starting state is dropped
+        a = mx.concatenate([a, mx.broadcast_to(mx.eye(a.shape[-1], dtype=a.dtype), (1, *a.shape[1:]))])
+        b = mx.concatenate([b, mx.zeros((1, *b.shape[1:]), b.dtype)])
+    pairs = a.shape[0] // 2
+    a = a.reshape(pairs, 2, *a.shape[1:])
+    b = b.reshape(pairs, 2, *b.shape[1:])
+    a_e, a_o, b_e, b_o = a[:, 0], a[:, 1], b[:, 0], b[:, 1]
+    even = _starts(a_e @ a_o, mx.addmm(b_o, b_e, a_o), s0)  # the state before steps 0, 2, 4, ...
+    odd = mx.addmm(b_e, even, a_e)  # before steps 1, 3, 5, ...
+    return mx.stack([even, odd], axis=1).reshape(2 * pairs, *even.shape[1:])[:n]
+
+
+def scan_doubling(w, u, q_in, k_out, decay_all, state):
+    """`scan_affine` with the chain S <- S A + B in log2(N) levels of batched matmuls (`_starts`) instead of N
+    addmms in order: ~3N state-sized matmuls of work where the chain has N, but every one of them in a batch over
+    all chunks and heads, on the matrix units (cuBLAS / MLX's GEMMs), and ~6 log2(N) launches in all."""
+    eye = mx.eye(w.shape[-1], dtype=w.dtype)
+    a = eye * decay_all[..., None, :] - w.swapaxes(-1, -2) @ k_out  # [N, B, H, Dk, Dk]
+    b = u.swapaxes(-1, -2) @ k_out  # [N, B, H, Dv, Dk]
+    starts = _starts(a, b, state)
+    s_t = starts.swapaxes(-1, -2)
+    final = mx.addmm(b[-1], starts[-1], a[-1])
+    return u - w @ s_t, q_in @ s_t, final
+
+
+def scan_mma(w, u, q_in, k_out, decay_all, state):
+    """`scan_affine` with its N steps S <- S A + B in order as one kernel (metal_kernels/kda_scan_mma.body), the
+    state's products on the matrix units and the state in threadgroup memory between chunks; A, B and the outputs
+    are batched matmuls as in scan_affine. The kernel takes Dk and Dv multiples of 16; other shapes run
+    scan_affine."""
+    from metal_kernels import kernel
+
+    N, B, H, C, Dk = w.shape
+    Dv = u.shape[-1]
+    if Dk % 16 or Dv % 16:
+        return scan_affine(w, u, q_in, k_out, decay_all, state)
+    eye = mx.eye(Dk, dtype=w.dtype)
+    a_t = eye * decay_all[..., :, None] - k_out.swapaxes(-1, -2) @ w  # A^T [N, B, H, Dk, Dk]
+    b = u.swapaxes(-1, -2) @ k_out  # [N, B, H, Dv, Dk]
+    starts, final = kernel("kda_scan_mma")(
+        inputs=[a_t, b, state.astype(mx.float32), mx.array([N, B * H], dtype=mx.int32)],
+        template=[("DK", Dk), ("DV", Dv)],
+        grid=(128, Dv // 16, B * H),
+        threadgroup=(128, 1, 1),
+        output_shapes=[b.shape, state.shape],
+        output_dtypes=[mx.float32] * 2,
+    )
+    s_t = starts.swapaxes(-1, -2)
+    return u - w @ s_t, q_in @ s_t, final
+
+
 SCAN_ROWS = 4  # state rows per 32-lane group in the scan kernel: each chunk row read serves this many
 
 
@@ -151,14 +215,19 @@ def scan_kernel(w, u, q_in, k_out, decay_all, state):
     )
 
 
-def intra_chunk_kernel(q, k, g, beta):
-    """`intra_chunk` as one Metal/CUDA kernel (metal_kernels/kda_intra_chunk.body), from the log-decay g.
+INTRAS = ("kernel", "mma")  # intra_chunk_kernel's kernels: kda_intra_chunk, kda_intra_chunk_mma
+
+
+def intra_chunk_kernel(q, k, g, beta, intra="kernel"):
+    """`intra_chunk` as one Metal/CUDA kernel, from the log-decay g: intra 'kernel' (kda_intra_chunk.body: the
+    pair products on the CUDA / SIMD cores) or 'mma' (kda_intra_chunk_mma.body: the same products as 16x16 tiles
+    on the matrix units, tensor cores / simdgroup matrices; C 16, 32 or 64, Dk a multiple of 8).
 
     q, k, g: [..., C, Dk] float32; beta [..., C]. Returns (A_qk, Tinv) [..., C, C]."""
     from metal_kernels import kernel
 
     *lead, C, Dk = q.shape
-    a_qk, t_inv = kernel("kda_intra_chunk")(
+    a_qk, t_inv = kernel("kda_intra_chunk_mma" if intra == "mma" else "kda_intra_chunk")(
         inputs=[q, k, g, beta],
         template=[("DK", Dk), ("C", C)],
         grid=(256, math.prod(lead), 1),
@@ -169,18 +238,19 @@ def intra_chunk_kernel(q, k, g, beta):
     return a_qk, t_inv
 
 
-SCANS = ("ops", "affine", "kernel")  # scan_ops, scan_affine, scan_kernel
+SCANS = ("ops", "affine", "doubling", "kernel", "mma")  # scan_ops, _affine, _doubling, _kernel, _mma
 
 
-def _segment(q, k, v, g, beta, state, use_kernel, scan):
+def _segment(q, k, v, g, beta, state, use_kernel, scan, intra):
     """One pass over T <= SEGMENT tokens; shapes as in `kda_chunked`."""
     B, T, H, _ = q.shape
     n = -(-T // CHUNK)
     q, k, v, g = (_to_chunks(x, n) for x in (q, k, v, g))  # [N, B, H, C, D]
     beta = _to_chunks(beta, n)  # [N, B, H, C]
     alpha = fast_math.exp(g)  # on the CPU the polynomial (MLX's exp runs an element at a time there)
-    a_qk, t_inv = intra_chunk_kernel(q, k, g, beta) if use_kernel else intra_chunk(q, k, alpha, beta)
-    scan = {"ops": scan_ops, "affine": scan_affine, "kernel": scan_kernel}[scan]
+    a_qk, t_inv = intra_chunk_kernel(q, k, g, beta, intra) if use_kernel else intra_chunk(q, k, alpha, beta)
+    scan = {"ops": scan_ops, "affine": scan_affine, "doubling": scan_doubling, "kernel": scan_kernel,
+            "mma": scan_mma}[scan]
     m = t_inv * beta[..., None, :]  # T Diag(beta)
     decay_in = mx.cumprod(alpha, axis=-2)  # chunk start -> row i (inclusive)
     decay_out = mx.cumprod(alpha, axis=-2, reverse=True, inclusive=False)  # row i -> chunk end
@@ -192,19 +262,21 @@ def _segment(q, k, v, g, beta, state, use_kernel, scan):
     return o, state
 
 
-def kda_chunked(q, k, v, g, beta, state, use_kernel=False, scan=None):
+def kda_chunked(q, k, v, g, beta, state, use_kernel=False, scan=None, intra="kernel"):
     """Chunked KDA on normalised inputs; same contract as `kda_recurrent_ref`.
 
     q, k: [B, T, H, Dk] (q already scaled); v: [B, T, H, Dv]; g: [B, T, H, Dk] log-decay <= 0;
     beta: [B, T, H]; state: [B, H, Dv, Dk] f32.  Returns (o [B, T, H, Dv] f32, state).
     use_kernel: the per-chunk matrices (and by default the scan across chunks) as GPU kernels instead of ops.
     scan: one of SCANS for the scan across chunks ('kernel' with use_kernel, else 'ops', by default).
+    intra: with use_kernel, which kernel forms the per-chunk matrices (INTRAS).
     """
     scan = scan or ("kernel" if use_kernel else "ops")
     state = state.astype(mx.float32)
     outs = []
     for s in range(0, q.shape[1], SEGMENT):
         part = slice(s, s + SEGMENT)
-        o, state = _segment(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state, use_kernel, scan)
+        o, state = _segment(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state, use_kernel, scan,
+                            intra)
         outs.append(o)
     return (outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)), state

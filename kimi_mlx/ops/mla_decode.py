@@ -34,8 +34,8 @@ SPLIT_MIN_ROWS = 4096  # ... from this many rows a page (below, the pieces' tran
 def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, absorb=None,
                values=None) -> mx.array:
     """One query per sequence over whole cache pages: every row of the pages but the last (which must be
-    wholly valid), and the last page's rows up to `row` (an int32 array of one element: the new token's row
-    in the last page).
+    wholly valid), and the last page's rows up to `row` (int32, one element, or one per sequence [B, 1, 1]: the
+    new token's row in the last page, for sequences at their own lengths).
 
     The shape-stable twin of the absorbed tiled path for T = 1: it reads every row of the pages it is
     given (MLAState.decode_slot keeps the last page's unused rows few) and masks the last page's rows past
@@ -65,14 +65,15 @@ def mla_decode(q, cache: LatentCache, row: mx.array, k_up, v_up, scale: float, a
 
 def _decode_pages(qa, cache: LatentCache, row: mx.array, dtype) -> mx.array:
     """mla_decode's attention over whole pages as matmuls, probabilities in dtype: qa [B, H, W] -> [B, H, W]
-    (float32 when several pages are summed). row: the last page's last row each query sees, one for all
-    (decode) or one per query row H (model/verify.py's queries of several tokens, H = heads x tokens)."""
+    (float32 when several pages are summed). row: the last page's last row each query sees, [B, 1, 1] (one for all
+    sequences, or one a sequence of a ragged batch); given flat, one per query row H."""
     gs, bits = cache.group_size, cache.bits
     if bits:
         parts = [mx.quantized_matmul(qa, *p, transpose=True, group_size=gs, bits=bits) for p in cache.pages]
     else:
         parts = [qa @ p[0].swapaxes(-1, -2) for p in cache.pages]
-    parts[-1] = mx.where(positions(parts[-1].shape[-1]) <= row.reshape(1, -1, 1), parts[-1], -mx.inf)
+    rows = row if row.ndim == 3 else row.reshape(1, -1, 1)  # [B, 1, 1]: a row per sequence (or one for all)
+    parts[-1] = mx.where(positions(parts[-1].shape[-1]) <= rows, parts[-1], -mx.inf)
     s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)  # [B, H, capacity]
     p = fast_math.softmax(s)  # float32 inside, probabilities in the cache dtype
     o, off = None, 0
@@ -186,11 +187,12 @@ def page_mode() -> str:
 
 def decode_page_ref(qa, page, last) -> mx.array:
     """softmax(qa . rows[:last + 1]) @ rows[:last + 1] per head, float32 inside, in qa's dtype: the twin of
-    decode_page_kernel. qa [B, H, W] (absorbed, pre-scaled), page [B, N, W], last int32 (one element) -> [B, H, W]."""
+    decode_page_kernel. qa [B, H, W] (absorbed, pre-scaled), page [B, N, W], last int32 (one element, or one per
+    sequence) -> [B, H, W]."""
     f32 = mx.float32
     rows = page.astype(f32)
     s = qa.astype(f32) @ rows.swapaxes(-1, -2)  # [B, H, N]
-    s = mx.where(mx.arange(page.shape[1]) <= last.reshape(()), s, -mx.inf)
+    s = mx.where(mx.arange(page.shape[1]) <= last.reshape(-1, 1, 1), s, -mx.inf)
     return (mx.softmax(s, axis=-1, precise=True) @ rows).astype(qa.dtype)
 
 
@@ -205,12 +207,26 @@ def decode_page_kernel(qa, page, last, heads: int = PAGE_KERNEL_HEADS, groups: i
     K = -(-N // chunk)
     f32 = mx.float32
     part, most, total = kernel("mla_decode_page")(
-        inputs=[qa, page, last.astype(mx.int32)],  # read as last[0]: any shape of one element
-        template=[("H", H), ("W", W), ("HG", heads), ("NW", groups), ("R", chunk), ("N", N), ("K", K)],
+        inputs=[qa, page, per_row(last, B), dims(N, K)],
+        template=[("H", H), ("W", W), ("HG", heads), ("NW", groups), ("R", chunk)],
         grid=(32 * groups, K * (H // heads), B), threadgroup=(32 * groups, 1, 1),
         output_shapes=[(B, K, H, W), (B, K, H), (B, K, H)], output_dtypes=[f32, f32, f32],
     )
     return decode_merge_kernel(part, most, total, qa.dtype)
+
+
+def dims(*sizes: int) -> mx.array:
+    """A kernel's run-time sizes (page rows, chunks): metal_kernels.sizes."""
+    from metal_kernels import sizes as made
+
+    return made(*sizes)
+
+
+def per_row(last: mx.array, B: int) -> mx.array:
+    """A kernel's `last` input: one int32 per sequence ([B]), from one element (every sequence alike) or one a
+    sequence. No op where it is already that (a single sequence's view of the cached arange)."""
+    last = last.reshape(-1).astype(mx.int32)
+    return last if last.shape[0] == B else mx.broadcast_to(last, (B,))
 
 
 def decode_merge_ref(part, most, total, dtype) -> mx.array:
@@ -230,8 +246,8 @@ def decode_merge_kernel(part, most, total, dtype) -> mx.array:
     B, K, H, W = part.shape
     T = 32 * MERGE_GROUPS
     (o,) = kernel("mla_decode_merge")(
-        inputs=[part, most, total],
-        template=[("H", H), ("W", W), ("K", K), ("NW", MERGE_GROUPS)],
+        inputs=[part, most, total, dims(K)],
+        template=[("H", H), ("W", W), ("NW", MERGE_GROUPS)],
         grid=(T, H * -(-W // 32), B), threadgroup=(T, 1, 1),
         output_shapes=[(B, H, W)], output_dtypes=[dtype],
     )
@@ -246,7 +262,7 @@ def decode_chunks_ref(s, last, chunk: int):
     K = N // chunk
     f32 = mx.float32
     x = s.astype(f32).reshape(B, H, K, chunk).transpose(0, 2, 1, 3)
-    valid = (mx.arange(N, dtype=mx.int32) <= last.reshape(())).reshape(K, 1, chunk)
+    valid = mx.arange(N, dtype=mx.int32).reshape(1, K, 1, chunk) <= last.reshape(-1, 1, 1, 1)
     m = mx.where(valid, x, LOW).max(axis=-1)
     e = mx.where(valid, mx.exp(x - m[..., None]), 0.0).astype(s.dtype)
     return e, m, e.astype(f32).sum(axis=-1)
@@ -261,8 +277,8 @@ def decode_chunks_kernel(s, last, chunk: int):
     f32 = mx.float32
     T = 32 * CHUNK_GROUPS
     return kernel("mla_decode_chunks")(
-        inputs=[s, last.astype(mx.int32)],
-        template=[("H", H), ("N", N), ("C", chunk), ("K", K), ("NW", CHUNK_GROUPS)],
+        inputs=[s, per_row(last, B), dims(N, K)],
+        template=[("H", H), ("C", chunk), ("NW", CHUNK_GROUPS)],
         grid=(T, K * H, B), threadgroup=(T, 1, 1),
         output_shapes=[(B, K, H, chunk), (B, K, H), (B, K, H)], output_dtypes=[s.dtype, f32, f32],
     )

@@ -11,8 +11,11 @@ first --served-model-name (default: the checkpoint's directory name or repo id).
 conversation each turn (or, on /v1/responses, name the previous response); the server restores the state
 snapshot of the longest prefix it has seen (snapshots are taken at every message end, every
 --snapshot-interval prompt tokens and after every reply) and feeds only the rest;
-usage.prompt_tokens_details.cached_tokens says how many tokens were reused. Requests run one at a time on one
-engine thread; up to --max-queue wait, more get a 503.
+usage.prompt_tokens_details.cached_tokens says how many tokens were reused. One engine thread batches requests
+continuously: up to --max-batch sequences decode together, a new request's prompt is fed a step at a time
+between their decode steps and it joins the batch when fed; `n` choices are n rows sharing one prefill. Each
+request reserves its rows' state at their longest against --batch-memory (the next waits while the running
+ones leave no room); up to --max-queue wait, more get a 503.
 
 Modules: app (routes, auth, SSE), schemas (request bodies), requests (request -> TurnSpec),
 openai_format (chat and completion objects), responses (the Responses API and its store), worker (the
@@ -47,6 +50,9 @@ class ServeOptions:
     draft: str | None = None  # speculative decoding for every request that does not turn it off
     num_draft: int = 0
     ngram: int = 3
+    experts_memory_gb: float | None = None  # stream the routed experts into this much memory (docs/offload.md)
+    max_batch: int = 8  # rows decoded together (continuous batching; a request with n choices takes n)
+    batch_memory: int | None = None  # bytes the rows' states may reserve (None: auto, see worker.auto_batch_memory)
 
 
 def build_app(model: str, opts: ServeOptions):
@@ -57,10 +63,10 @@ def build_app(model: str, opts: ServeOptions):
     from .app import ServerSettings, create_app
     from .worker import Engine, EngineSettings
 
-    m, tok = load(model, distributed=opts.distributed)
+    m, tok = load(model, distributed=opts.distributed, experts_memory_gb=opts.experts_memory_gb)
     engine = Engine(m, tok, EngineSettings(opts.max_queue, opts.prefix_cache_bytes, opts.snapshot_interval,
-                                           opts.prefill_step_size, opts.max_tokens, opts.draft, opts.num_draft,
-                                           opts.ngram))
+                                           opts.prefill_step_size, opts.max_tokens, opts.max_batch,
+                                           opts.batch_memory, opts.draft, opts.num_draft, opts.ngram))
     if opts.draft:  # load a draft model now (a wrong path or vocabulary is an error at start, not per request)
         from ..generate import GenerationOptions
         from ..speculate import make_draft

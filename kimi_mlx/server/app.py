@@ -24,10 +24,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__
+from ..errors import KimiError
 from ..generate import stop_ids
 from . import errors, web
 from .errors import ApiError, BodyLimit
-from .openai_format import Output
+from .openai_format import Output, combined, usage as usage_of
 from .requests import chat_spec, check_model, completion_spec, turn_spec
 from .responses import ResponseOutput, ResponseStore, not_found, request_echo, responses_turn, wants_logprobs
 from .schemas import ChatRequest, CompletionRequest, ResponsesRequest
@@ -127,10 +128,12 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        running = engine.running
-        return {"status": "ok", "model": settings.model_id, "version": __version__, "busy": running is not None,
-                "waiting": engine.waiting, "prefix_cache": asdict(engine.cache.stats()),
-                "stored_responses": len(store)}
+        # running: rows decoding in the batch (a request with n choices has n); prefilling: requests whose
+        # prompt is being fed; queued: requests waiting to start (for rows, memory or their turn)
+        return {"status": "ok", "model": settings.model_id, "version": __version__, "busy": engine.busy,
+                "running": engine.rows_running, "prefilling": engine.prefilling, "queued": engine.waiting,
+                "waiting": engine.waiting, "max_batch": engine.settings.max_batch,
+                "prefix_cache": asdict(engine.cache.stats()), "stored_responses": len(store)}
 
     @app.get("/stats")
     async def stats():
@@ -183,6 +186,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/responses")
     async def responses(req: ResponsesRequest, request: Request):
         check_model(req, names, settings.strict_model_name, settings.accepted)
+        if req.n != 1:
+            raise ApiError(400, "n: the Responses API makes one output a request; send n requests for n samples "
+                                "(or use /v1/chat/completions with n)", param="n", code="unsupported_value")
 
         def build():
             turn, history, calls = responses_turn(req, store)
@@ -248,32 +254,42 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             job = engine.submit(spec, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         except QueueFull as e:
             raise ApiError(503, f"server busy: {e}; retry later", code="server_busy", headers={"Retry-After": "1"})
+        except KimiError as e:
+            raise ApiError(400, str(e), param="n", code="invalid_value") from None
         return job, events
 
     async def respond(request: Request, spec: TurnSpec, out: Output, req, want_logprobs: bool):
         job, events = submit(spec)
         headers = warning_headers(spec)
+        outs = [out] + [out.choice(j) for j in range(1, spec.n)]
 
         def finished(done: Finished) -> None:
-            remember_calls(out.parser, done)
+            remember_calls(outs[done.index].parser, done)
 
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(engine, job, events, out, usage, finished, spec.score),
+            return StreamingResponse(stream(engine, job, events, outs, usage, finished, spec.score),
                                      media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         checked = [time.monotonic()]
+        dones: dict[int, Finished] = {}
         try:
             while True:
                 ev = await next_event(request, events, checked)
                 if ev is None:
                     return Response(status_code=499)  # nobody reads it; the finally cancels the turn
                 if isinstance(ev, Scored):
-                    out.scored(ev)
+                    for o in outs:
+                        o.scored(ev)
                 elif isinstance(ev, Piece):
-                    out.add(ev)
+                    outs[ev.index].add(ev)
                 elif isinstance(ev, Finished):
                     finished(ev)
-                    return JSONResponse(out.final(ev, want_logprobs), headers=headers)
+                    dones[ev.index] = ev
+                    if len(dones) == len(outs):
+                        bodies = [o.final(dones[j], want_logprobs) for j, o in enumerate(outs)]
+                        body = {**bodies[0], "choices": [b["choices"][0] for b in bodies],
+                                "usage": usage_of(combined([dones[j] for j in range(len(outs))]))}
+                        return JSONResponse(body, headers=headers)
                 elif isinstance(ev, Failed):
                     raise _failure(ev)
         finally:
@@ -313,35 +329,43 @@ def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def stream(engine: Engine, job, events: asyncio.Queue, out: Output, include_usage: bool, finished,
+async def stream(engine: Engine, job, events: asyncio.Queue, outs: list[Output], include_usage: bool, finished,
                  scoring: bool = False):
-    """SSE: chunks as tokens come, `: prefill done/total` comments while the prompt is fed, then [DONE]."""
+    """SSE: chunks as tokens come (each choice's with its index), `: prefill done/total` comments while the
+    prompt is fed, the usage chunk (if asked) once every choice has finished, then [DONE]."""
     try:
-        if out.kind == "chat":
-            yield _data(out.chunk(role=True))
-        elif out.prefix and not scoring:  # completions with echo: the prompt first (with its scores, if asked)
-            yield _data({**out.chunk(), "choices": [{"index": 0, "text": out.prefix, "finish_reason": None,
-                                                     "logprobs": None}]})
+        for out in outs:
+            if out.kind == "chat":
+                yield _data(out.chunk(role=True))
+            elif out.prefix and not scoring:  # completions with echo: the prompt first (with its scores, if asked)
+                yield _data({**out.chunk(), "choices": [{"index": out.index, "text": out.prefix,
+                                                         "finish_reason": None, "logprobs": None}]})
+        dones: dict[int, Finished] = {}
         while True:
             ev = await events.get()
             if isinstance(ev, Progress):
                 yield f": prefill {ev.done}/{ev.total}\n\n"
             elif isinstance(ev, Scored):
-                out.scored(ev)
-                chunk = out.chunk()
-                chunk["choices"][0].update(text=out.prefix, logprobs=out.completion_logprobs(out.logprobs))
-                yield _data(chunk)
+                for out in outs:
+                    out.scored(ev)
+                    chunk = out.chunk()
+                    chunk["choices"][0].update(text=out.prefix, logprobs=out.completion_logprobs(out.logprobs))
+                    yield _data(chunk)
             elif isinstance(ev, Piece):
+                out = outs[ev.index]
                 deltas, entries = out.add(ev)
                 if deltas or entries:
                     yield _data(out.chunk(deltas, entries))
             elif isinstance(ev, Finished):
+                out = outs[ev.index]
                 finished(ev)
+                dones[ev.index] = ev
                 deltas, entries = out.flush()
                 yield _data(out.chunk(deltas, entries, finish=out.finish_reason(ev)))
-                if include_usage:
-                    yield _data(out.usage_chunk(ev))
-                break
+                if len(dones) == len(outs):
+                    if include_usage:
+                        yield _data(outs[0].usage_chunk(combined([dones[j] for j in range(len(outs))])))
+                    break
             elif isinstance(ev, Failed):
                 yield _data(_failure(ev).body())
                 break

@@ -15,6 +15,14 @@ from .tools import Delta, ToolCallParser
 from .worker import Finished, Piece, Scored
 
 
+def combined(dones: list[Finished]) -> Finished:
+    """The usage of a turn's n choices as one Finished: the prompt (and its cached part) once, the
+    completion tokens of every choice summed."""
+    first = dones[0]
+    return Finished(first.finish_reason, first.prompt_tokens, first.cached_tokens,
+                    sum(d.completion_tokens for d in dones), first.prefill_seconds)
+
+
 def usage(done: Finished) -> dict:
     return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
             "total_tokens": done.prompt_tokens + done.completion_tokens,
@@ -36,6 +44,7 @@ class Output:
     parse_tools: bool = False
     prefix: str = ""  # completions with echo: the prompt text comes first
     legacy_functions: bool = False  # the request used `functions`: the reply is a function_call
+    index: int = 0  # the choice this Output builds (of a request's n)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     text: str = ""
@@ -108,6 +117,11 @@ class Output:
         return entry
 
     # -- whole objects --------------------------------------------------------------------------
+    def choice(self, index: int) -> "Output":
+        """The Output of another choice of the same request (same id and creation time)."""
+        return Output(self.tokenizer, self.model, self.kind, self.parse_tools, self.prefix, self.legacy_functions,
+                      index, self.id, self.created)
+
     def final(self, done: Finished, want_logprobs: bool) -> dict:
         self.flush()
         if self.kind == "chat":
@@ -118,10 +132,10 @@ class Output:
                 message["function_call"] = calls[0]["function"]
             elif calls:
                 message["tool_calls"] = calls
-            choice = {"index": 0, "message": message, "finish_reason": self.finish_reason(done),
+            choice = {"index": self.index, "message": message, "finish_reason": self.finish_reason(done),
                       "logprobs": {"content": self.logprobs} if want_logprobs else None}
         else:
-            choice = {"index": 0, "text": self.prefix + self.text, "finish_reason": done.finish_reason,
+            choice = {"index": self.index, "text": self.prefix + self.text, "finish_reason": done.finish_reason,
                       "logprobs": self.completion_logprobs(self.logprobs) if want_logprobs else None}
         return {**self._head(), "choices": [choice], "usage": usage(done)}
 
@@ -152,11 +166,11 @@ class Output:
                         fn["arguments"] += value[0]["function"]["arguments"]
                     else:
                         delta.setdefault("tool_calls", []).extend(value)
-            choice = {"index": 0, "delta": delta, "finish_reason": finish,
+            choice = {"index": self.index, "delta": delta, "finish_reason": finish,
                       "logprobs": {"content": list(entries)} if entries else None}
             return {**head, "object": "chat.completion.chunk", "choices": [choice]}
         text = "".join(d.content for d in deltas)
-        choice = {"index": 0, "text": text, "finish_reason": finish,
+        choice = {"index": self.index, "text": text, "finish_reason": finish,
                   "logprobs": self.completion_logprobs(entries) if entries else None}
         return {**head, "choices": [choice]}
 

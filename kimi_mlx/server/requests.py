@@ -25,8 +25,12 @@ def options(engine, req: Sampling, max_tokens: int | None, n_input: int, param: 
             max_param: str = "max_tokens", **extra) -> GenerationOptions:
     """GenerationOptions for req (defaults from GenerationOptions). A request without max_tokens may use the
     whole context (or the server's --max-tokens default, if set); Generation stops at the context limit."""
-    if req.n != 1:
-        raise ApiError(400, "n: only n = 1 is supported", param="n", code="unsupported_value")
+    most = engine.settings.max_batch
+    if req.n < 1:
+        raise ApiError(400, f"n: {req.n} choices; ask for 1 to {most}", param="n", code="invalid_value")
+    if req.n > most:
+        raise ApiError(400, f"n: {req.n} choices exceed this server's batch of {most} rows (--max-batch); ask for "
+                            f"at most {most}", param="n", code="invalid_value")
     limit = engine.model.config.max_position_embeddings
     if n_input >= limit:
         raise ApiError(400, f"the input is {n_input} tokens; this model's context is {limit} tokens",
@@ -211,7 +215,7 @@ def turn_spec(engine, turn: ChatTurn) -> TurnSpec:
         grammar = _grammar(lambda: engine.grammars.json_schema(schema, warnings), p["format"])
     opts = options(engine, turn.sampling, turn.max_tokens, len(prompt) + len(forced), param=p["messages"],
                    max_param=p["max_tokens"], logprobs=turn.logprobs, top_logprobs=turn.top_logprobs)
-    return TurnSpec(prompt, opts, forced, grammar, banned, once=single, warnings=warnings)
+    return TurnSpec(prompt, opts, forced, grammar, banned, once=single, warnings=warnings, n=turn.sampling.n)
 
 
 def completion_spec(engine, req: CompletionRequest) -> TurnSpec:
@@ -245,7 +249,7 @@ def completion_spec(engine, req: CompletionRequest) -> TurnSpec:
     top = req.logprobs or 0
     opts = options(engine, req, req.max_tokens or (1 if req.max_tokens == 0 else None), len(ids), param="prompt",
                    logprobs=req.logprobs is not None, top_logprobs=top)
-    return TurnSpec(ids, opts, score=score, generate=req.max_tokens != 0)
+    return TurnSpec(ids, opts, score=score, generate=req.max_tokens != 0, n=req.n)
 
 
 def _grammar(build, param: str) -> str:

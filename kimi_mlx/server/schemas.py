@@ -133,7 +133,7 @@ class Sampling(Body):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(default=1, strict=True)  # choices (rows sharing one prefill); the request layer bounds it
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

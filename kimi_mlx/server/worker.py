@@ -1,11 +1,23 @@
-"""The model's one owner: a worker thread that runs queued turns one at a time.
+"""The model's one owner: an engine thread that schedules queued turns onto a BatchGenerator.
 
-A turn restores the longest cached prefix state of its input, feeds the rest in chunks (taking a
-snapshot at every message end and every `snapshot_interval` tokens, checking for cancellation between
-chunks), then generates through the runtime's `Generation`. Results go to the request's sink as events.
-A cancelled turn stops at the next chunk or token and its working state is dropped. A scoring turn
-(completions with echo and logprobs) feeds its prompt from the empty state instead, reading the
-log-probability of every prompt token from the logits on the way.
+Each iteration of the engine thread (a round) does a bounded amount of work: prefill steps of the requests at
+the head of the queue, up to a prefill step's worth of tokens (`prefill_budget`; at least one step), then one
+decode step of every running row (BatchGenerator.step). So running rows are never starved by a long prompt
+(it is fed a step a round), a burst of short prompts joins in one round, and a new request joins while others
+are replying (when the batch has rows free for it; else it waits in the queue). Admitting a turn restores the
+longest cached prefix state of its input and feeds the rest step by step, snapshotting into the prefix cache at
+every message end and every `snapshot_interval` tokens; cancellation is checked between rounds. When the prompt
+is in, the state joins the batch as n rows (a prefix-cache hit that covers the whole prompt joins at once: the
+snapshot is the state inserted). Each row's tokens go to its request's sink as events; a finished row's final
+state is stored in the prefix cache for the next turn. A cancelled turn leaves at the next round and its working
+state is dropped. A scoring turn (completions with echo and logprobs) feeds its prompt from the empty state
+instead, reading the log-probability of every prompt token from the logits on the way.
+
+Memory: a turn is admitted only if the batch's state, with the turn's rows added and every row at its longest
+(prompt + max_tokens), stays within `batch_memory` (`StateSize.batch`: the batched state gives every slot
+room for the longest row); the head of the queue waits meanwhile (a turn alone is always admitted, as a
+one-at-a-time server would run it), so the batch never outgrows the budget. The queue is bounded by
+`max_queue` (more: QueueFull, a 503).
 """
 
 from __future__ import annotations
@@ -14,15 +26,18 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace, field
 
 import mlx.core as mx
 
+from ..batch import BatchGenerator
 from ..errors import KimiError
-from ..generate import Generation, GenerationOptions, prefill, stop_ids
+from ..generate import PREFILL_STEP, Generation, GenerationOptions, prefill_step, step_lengths, stop_ids
 from ..speculate import SpecStats
+from ..batch_state import page_size
+from ..state import MLAState, encode_rows
 from .constrain import Grammars, ban_tokens, once
 from .prefix_cache import PrefixCache
 
@@ -40,6 +55,7 @@ class TurnSpec:
     score: bool = False  # report the prompt tokens' log-probabilities (a Scored event) before generating
     generate: bool = True  # False: score only (max_tokens 0)
     warnings: list[str] = field(default_factory=list)  # parts of the request served relaxed (a response header)
+    n: int = 1  # choices: rows sharing the one prefilled prompt
 
 
 class ReplyIds:
@@ -125,6 +141,7 @@ class Piece:
     token: int | None  # None for forced text
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    index: int = 0  # the choice (row) of the turn's n
 
 
 @dataclass
@@ -136,13 +153,16 @@ class Scored:
 
 @dataclass
 class Finished:
+    """One choice is done (a turn of n choices sends n of these, one per index, in the order they finish)."""
+
     finish_reason: str
     prompt_tokens: int
     cached_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # this choice's
     prefill_seconds: float
     generated: list[int] = field(default_factory=list)  # forced + generated ids (a stop token included)
     state_tokens: list[int] | None = None  # what the stored final state consumed (None: none stored)
+    index: int = 0
 
 
 @dataclass
@@ -163,6 +183,13 @@ class Job:
         self.spec, self._sink = spec, sink
         self.cancel = threading.Event()
         self.dequeued = False  # no longer counted as waiting (started, or dropped while waiting)
+        self.longest = len(spec.prompt) + len(spec.forced) + spec.options.max_tokens  # tokens a row may reach
+        # engine-thread bookkeeping while admitted
+        self.t0 = 0.0
+        self.cached = 0
+        self.first: float | None = None  # seconds from admission to the first generated token
+        self.rows: dict[int, int] = {}  # batch sequence id -> choice index
+        self.closed = False  # every choice finished, or the turn failed: no more events
 
     def emit(self, event: Event) -> None:
         try:
@@ -173,14 +200,61 @@ class Job:
 
 @dataclass
 class EngineSettings:
-    max_queue: int = 64  # requests waiting (besides the running one)
+    max_queue: int = 64  # requests waiting (besides the running ones)
     prefix_cache_bytes: int = 4 << 30
     snapshot_interval: int = 2048  # also snapshot every this many prompt tokens
     prefill_step_size: int = 0  # 0: auto (generate.step_length), within the snapshot_interval cuts
     max_tokens: int | None = None  # reply cap for requests that give none (None: up to the context limit)
+    max_batch: int = 8  # rows decoded together (a turn of n choices takes n)
+    batch_memory: int | None = None  # bytes the rows' states may reserve; None: auto (auto_batch_memory)
     draft: str | None = None  # speculative decoding for requests that do not turn it off ("ngram" or a path)
     num_draft: int = 0  # 0: the draft's default
     ngram: int = 3
+
+
+STATE_HEADROOM = 2 << 30  # what the automatic batch_memory leaves for step activations, a prefill step, the OS
+
+
+def auto_batch_memory(prefix_cache_bytes: int) -> int:
+    """The device's memory (doctor.device_memory: Metal's working set, the GPU's memory or the RAM) less what
+    is in use now (the loaded weights), the prefix cache's budget and STATE_HEADROOM; 0 if nothing is left
+    (then turns run one at a time)."""
+    from ..doctor import device_memory
+
+    total, _ = device_memory()
+    if not total:
+        return 0
+    return max(0, total - mx.get_active_memory() - prefix_cache_bytes - STATE_HEADROOM)
+
+
+class StateSize:
+    """State bytes of this model. `single(tokens)`: a batch-1 state after `tokens` tokens (the KDA state plus,
+    per MLA layer, the pages at their rounded capacity and one more last page for the copy made while it
+    grows; see state.py). `batch(rows, longest)`: the batched state (batch_state.py) of `rows` rows with the
+    longest at `longest` tokens: its slots (rows rounded up to a power of two, up to max_batch) each hold the
+    KDA state and MLA rows for the longest row, at the page size holding it, twice (a growing page is copied)."""
+
+    def __init__(self, model, max_batch: int):
+        state = model.new_state(1)
+        self.fixed = state.nbytes
+        mla = [s for s in state.layers if isinstance(s, MLAState)]
+        self.layers = len(mla)
+        bits = mla[0].bits if mla else 0
+        row = encode_rows(mx.zeros((1, 1, model.config.latent_dim), model.dtype), bits, model.dtype)
+        self.row = sum(a.nbytes for a in row)
+        self.pages = MLAState()
+        self.max_batch = max_batch
+
+    def single(self, tokens: int) -> int:
+        full, rest = divmod(tokens, self.pages.page_max)
+        last = self.pages.page_size(rest) if rest else 0
+        return self.fixed + self.layers * self.row * (full * self.pages.page_max + 2 * last)
+
+    def batch(self, rows: int, longest: int) -> int:
+        if rows == 0:
+            return 0
+        slots = min(self.max_batch, 1 << (rows - 1).bit_length())
+        return slots * (self.fixed + self.layers * self.row * 2 * page_size(longest))
 
 
 class Engine:
@@ -190,11 +264,24 @@ class Engine:
         self.replies = ReplyIds()
         self.call_ids = CallIds()
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
+        self.batch = BatchGenerator(model, tokenizer, max_batch=settings.max_batch)
+        self.state_size = StateSize(model, settings.max_batch)
+        self.batch_memory = (auto_batch_memory(settings.prefix_cache_bytes) if settings.batch_memory is None
+                             else settings.batch_memory)
+        self.stops = stop_ids(model, tokenizer)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
-        self.running: Job | None = None
-        self.spec = SpecStats()  # speculative decoding's counts over every reply served with a draft
+        self._pending: deque[Job] = deque()  # taken off _queue by the engine thread, not admitted yet
+        self._admitting: list | None = None  # [job, its prefill steps (a generator), next step's tokens or None]
+        # prompt tokens fed between two decode steps (at least one prefill step): bounds what a new prompt
+        # delays the running rows by, and lets a burst of short prompts join in one round
+        self.prefill_budget = settings.prefill_step_size or PREFILL_STEP
+        self._active: list[Job] = []  # jobs with rows in the batch
+        self._rows: dict[int, Job] = {}  # batch sequence id -> job
+        self.rows_running = 0  # rows in the batch (read by /health)
+        self.prefilling = 0  # turns whose prompt is being fed (read by /health)
+        self.spec = SpecStats()  # speculative decoding's counts over every reply served with a draft (/stats)
         self.spec_replies = 0
         self._thread: threading.Thread | None = None
 
@@ -205,9 +292,6 @@ class Engine:
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is not None:
-            with self._lock:
-                if self.running is not None:
-                    self.running.cancel.set()
             self._queue.put(None)
             self._thread.join(timeout)
             self._thread = None
@@ -216,7 +300,13 @@ class Engine:
     def waiting(self) -> int:
         return self._waiting
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows_running or self.prefilling)
+
     def submit(self, spec: TurnSpec, sink: Callable[[Event], None]) -> Job:
+        if spec.n > self.settings.max_batch:  # the request layer says so first, naming the field
+            raise KimiError(f"n: {spec.n} choices exceed the batch of {self.settings.max_batch} rows")
         job = Job(spec, sink)
         with self._lock:
             if self._waiting >= self.settings.max_queue:
@@ -226,7 +316,7 @@ class Engine:
         return job
 
     def cancel(self, job: Job) -> None:
-        """Stop `job`: a running turn stops at its next chunk or token; a waiting one frees its place now."""
+        """Stop `job`: a running turn leaves at the next iteration; a waiting one frees its place now."""
         with self._lock:
             job.cancel.set()
             self._dequeue(job)
@@ -236,89 +326,298 @@ class Engine:
             job.dequeued = True
             self._waiting -= 1
 
-    def _loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            with self._lock:
-                self._dequeue(job)
-                self.running = job
-            try:
-                if not job.cancel.is_set():
-                    self.run_turn(job)
-            except KimiError as e:
-                job.emit(Failed(str(e), client_error=True))
-            except Exception as e:  # a server fault: keep serving the others
-                log.exception("turn failed")
-                job.emit(Failed(f"internal error: {type(e).__name__}: {e}", client_error=False))
-            finally:
-                with self._lock:
-                    self.running = None
-
     def run_turn(self, job: Job) -> None:
+        """Serve `job` on the calling thread, start to end, with whatever else is in the batch (for tests and
+        scripts; the engine thread must not be running)."""
+        if self._thread is not None:
+            raise KimiError("run_turn is for an engine whose thread is not started")
+        if not self._started():
+            self._new_batch()
+        with self._lock:
+            self._waiting += 1
+        self._pending.append(job)
+        while not job.closed and (job in self._pending or self._started()):
+            self._iterate()
+
+    # -- the engine thread ------------------------------------------------------------------------------
+    def _iterate(self) -> None:
+        """One scheduling round: drop cancelled turns, prefill waiting prompts up to prefill_budget tokens
+        (`_admit`), one decode step of every running row."""
+        self._drop_cancelled()
+        self._admit()
+        if self.batch.running:
+            self._decode()
+        self.rows_running = self.batch.running
+        self.prefilling = int(self._admitting is not None)
+
+    def _new_batch(self) -> None:
+        """A fresh BatchGenerator, made on the thread that will step it: MLX evaluates an array on the stream
+        of the thread that made it, which another thread cannot reach (a restarted engine thread would fail
+        on a batch the previous one made)."""
+        self.batch = BatchGenerator(self.model, self.tokenizer, max_batch=self.settings.max_batch,
+                                    reference=self.batch.reference)
+        self._rows.clear()
+
+    def _loop(self) -> None:
+        self._new_batch()  # (no rows run while the thread is down: stop() ends every started turn)
+        try:
+            while self._take():
+                try:
+                    self._iterate()
+                except Exception as e:  # a fault outside one turn's own work: fail the started turns, go on
+                    self._fail_all(self._failure(e))
+        finally:
+            for job in self._started():
+                self._fail(job, Failed("the server is shutting down", client_error=False))
+            self.rows_running = self.prefilling = 0
+
+    def _take(self) -> bool:
+        """Move submitted jobs to _pending, blocking while there is nothing else to do. False: stop."""
+        block = not (self._active or self._admitting or self._pending)
+        while True:
+            try:
+                job = self._queue.get(block=block)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            self._pending.append(job)
+            block = False
+
+    def _started(self) -> list[Job]:
+        jobs = list(self._active)
+        if self._admitting is not None and self._admitting[0] not in jobs:
+            jobs.append(self._admitting[0])
+        return jobs
+
+    def _drop_cancelled(self) -> None:
+        for job in self._started():
+            if job.cancel.is_set():
+                self._fail(job, Failed("cancelled", client_error=True))
+        while self._pending and self._pending[0].cancel.is_set():
+            self._pending.popleft()  # cancel() has already freed its place in the queue
+
+    def _fail(self, job: Job, event: Failed) -> None:
+        """End a started job: its rows leave the batch, its sink hears `event`."""
+        for seq in list(job.rows):
+            try:
+                self.batch.remove(seq)
+            except KimiError:
+                pass  # it left already
+            self._rows.pop(seq, None)
+        job.rows.clear()
+        if self._admitting is not None and self._admitting[0] is job:
+            self._admitting[1].close()
+            self._admitting = None
+        self._close(job)
+        job.emit(event)
+
+    def _fail_all(self, event: Failed) -> None:
+        """The batch's state is unknown after a fault in it: every started turn fails, a fresh batch begins."""
+        for job in self._started():
+            try:
+                self._fail(job, event)
+            except Exception:
+                log.exception("dropping a failed turn")
+                self._close(job)
+        self._admitting = None
+        self._new_batch()
+
+    def _close(self, job: Job) -> None:
+        if not job.closed:
+            job.closed = True
+            if job in self._active:
+                self._active.remove(job)
+
+    def _admit(self) -> None:
+        """Prefill steps of the turns at the head of the queue, up to `prefill_budget` tokens a round (at least
+        one step): a turn starts once the batch has rows for it and memory for them (`fits`), and joins the
+        batch when its prompt is in; the next may start in the same round (a burst of short prompts joins at
+        once, while a long one is fed a step a round)."""
+        fed = 0
+        while fed < self.prefill_budget:
+            if self._admitting is None:
+                while self._pending and self._pending[0].cancel.is_set():
+                    self._pending.popleft()
+                if not self._pending:
+                    return
+                job = self._pending[0]
+                if job.spec.n > self.batch.free or not self.fits(job):
+                    return
+                self._pending.popleft()
+                with self._lock:
+                    self._dequeue(job)
+                job.t0 = time.perf_counter()
+                self._admitting = [job, self._prepare(job), None]
+                self.prefilling = 1  # (before its first step: /health reads it meanwhile)
+            job, steps, size = self._admitting
+            try:
+                try:
+                    if size is None:  # the turn's first announcement: its next step's tokens (nothing fed yet)
+                        size = self._admitting[2] = next(steps)
+                    if fed and fed + size > self.prefill_budget:
+                        return  # the next round feeds it
+                    fed += size
+                    self._admitting[2] = next(steps)  # feeds the step; announces the next one
+                    continue
+                except StopIteration as done:
+                    self._admitting = None
+                    prompt_in = done.value
+                if prompt_in is None:
+                    self._close(job)  # nothing to generate (a scoring-only turn: Finished was sent)
+                else:
+                    self._insert(job, *prompt_in)
+            except Exception as e:
+                self._admitting = None
+                self._fail(job, self._failure(e))
+
+    def fits(self, job: Job) -> bool:
+        """Whether the batch's state stays within batch_memory with `job`'s rows added, every row at its
+        longest, plus `job`'s own batch-1 state while it is prefilled (always, when nothing else runs)."""
+        started = self._started()
+        if not started:
+            return True
+        rows = sum(j.spec.n for j in started) + job.spec.n
+        longest = max(j.longest for j in [*started, job])
+        need = self.state_size.batch(rows, longest) + self.state_size.single(job.longest)
+        return need <= self.batch_memory
+
+    @staticmethod
+    def _failure(e: Exception) -> Failed:
+        if isinstance(e, KimiError):
+            return Failed(str(e), client_error=True)
+        log.exception("turn failed", exc_info=e)
+        return Failed(f"internal error: {type(e).__name__}: {e}", client_error=False)
+
+    def _prepare(self, job: Job):
+        """The prompt's prefill as a generator that announces each step's tokens before feeding it (a next()
+        feeds the announced step and announces the one after); returns (state, last token) for insert, or None
+        when the turn ends here (scoring only). Raises KimiError for a request that cannot be served."""
         spec, model = job.spec, self.model
         seq = spec.prompt + spec.forced
-        t0 = time.perf_counter()
         if spec.score:
-            cached, state = 0, model.new_state(1)
-            entries = self.score(job, state, seq)
-            if entries is None:
-                return job.emit(Failed("cancelled", client_error=True))
+            state = model.new_state(1)
+            entries = yield from self.score(job, state, seq)
             job.emit(Scored(entries))
             if not spec.generate:
-                return job.emit(Finished("length", len(spec.prompt), 0, 0, time.perf_counter() - t0))
+                for j in range(spec.n):
+                    job.emit(Finished("length", len(spec.prompt), 0, 0, time.perf_counter() - job.t0, index=j))
+                return None
         else:
             cached, state = self.cache.lookup(seq, max_len=len(seq) - 1)
             state = state or model.new_state(1)
+            job.cached = cached
             pos = cached
             for end, keep in self.prefill_plan(seq, cached):
-                if job.cancel.is_set():
-                    return job.emit(Failed("cancelled", client_error=True))
-                prefill(model, state, seq[pos:end], self.settings.prefill_step_size)
-                pos = end
+                for n in step_lengths(state.offset, end - pos, self.settings.prefill_step_size):
+                    yield n
+                    prefill_step(model, state, mx.array([seq[pos : pos + n]]))
+                    pos += n
+                    job.emit(Progress(pos, len(seq)))
                 if keep:
                     self.cache.insert(seq[:end], state)
-                job.emit(Progress(end, len(seq)))
-        options = spec.options
-        if spec.grammar is not None or spec.once:  # stateful processors follow one sequence, not drafts
-            options = replace(options, draft=None)
-        gen = Generation(model, self.tokenizer, state, seq[-1:], options, context=seq[:-1])
+        return state, seq[-1]
+
+    def _insert(self, job: Job, state, last: int) -> None:
+        spec = job.spec
+        seq = spec.prompt + spec.forced
+        # a speculative turn runs alone, to its end (speculation is per sequence; the batch's rows wait meanwhile);
+        # stateful processors (a grammar, `once`) follow one sequence, not drafts, so those turns join the batch
+        if spec.options.draft and spec.n == 1 and spec.grammar is None and not spec.once:
+            return self._speculative(job, state, last)
+
+        def processors() -> list:  # each row its own: the grammar and `once` keep per-row state
+            procs = [ban_tokens(spec.banned)] if spec.banned else []
+            procs += [once(t) for t in spec.once]
+            if spec.grammar is not None:
+                procs.append(self.grammars.processor(spec.grammar))
+            return procs
+
+        tail = seq[:-1][-spec.options.repetition_context_size :]
+        options = replace(spec.options, draft=None)  # (a batched row decodes plainly)
+        seqs = self.batch.insert(state, last, options, context_tail=tail, n=spec.n, processors=processors,
+                                 prompt_seconds=time.perf_counter() - job.t0)
+        job.rows = {s: j for j, s in enumerate(seqs)}
+        for s in seqs:
+            self._rows[s] = job
+        self._active.append(job)
+        if spec.forced:
+            text = self.tokenizer.decode(spec.forced)
+            for j in range(spec.n):
+                job.emit(Piece(text, None, index=j))
+
+    def _speculative(self, job: Job, state, last: int) -> None:
+        """The turn's reply through a speculative Generation over its own batch-1 state (speculate.py), streamed
+        as the batch's rows are; then its state to the prefix cache and Finished, as _finish does for a row."""
+        spec = job.spec
+        seq = spec.prompt + spec.forced
+        gen = Generation(self.model, self.tokenizer, state, [last], spec.options, context=seq[:-1])
         if spec.banned:
             gen.processors.append(ban_tokens(spec.banned))
-        gen.processors += [once(t) for t in spec.once]
-        if spec.grammar is not None:
-            gen.processors.append(self.grammars.processor(spec.grammar))
-        prefill_seconds = None
         if spec.forced:
-            job.emit(Piece(self.tokenizer.decode(spec.forced), None))
+            job.emit(Piece(self.tokenizer.decode(spec.forced), None, index=0))
         for r in gen:
             if job.cancel.is_set():
-                return job.emit(Failed("cancelled", client_error=True))
-            prefill_seconds = prefill_seconds or time.perf_counter() - t0
-            job.emit(Piece(r.text, r.token, r.logprob, r.top_logprobs))
-        if gen.draft is not None:
-            self.spec_replies += 1
-            for f in ("drafted", "accepted", "forwards", "tokens"):
-                setattr(self.spec, f, getattr(self.spec, f) + getattr(gen.spec, f))
-        consumed = (seq + gen.tokens)[: state.offset]
-        kept = self.cache.insert(consumed, state)
-        self.replies.remember(self.tokenizer, spec.forced + gen.tokens, stop_ids(model, self.tokenizer))
-        job.emit(Finished(gen.finish_reason or "stop", len(spec.prompt), min(cached, len(spec.prompt)),
-                          len(spec.forced) + len(gen.tokens), prefill_seconds or 0.0, spec.forced + gen.tokens,
-                          consumed if kept else None))
+                return self._fail(job, Failed("cancelled", client_error=True))
+            if job.first is None:
+                job.first = time.perf_counter() - job.t0
+            job.emit(Piece(r.text, r.token, r.logprob, r.top_logprobs, 0))
+        self.spec_replies += 1
+        for f in ("drafted", "accepted", "forwards", "tokens"):
+            setattr(self.spec, f, getattr(self.spec, f) + getattr(gen.spec, f))
+        tokens = list(gen.tokens)
+        consumed, kept = (seq + tokens)[: state.offset], False
+        if self.cache.max_bytes > 0:
+            kept = self.cache.insert(consumed, state)
+        self.replies.remember(self.tokenizer, spec.forced + tokens, self.stops)
+        self._close(job)
+        job.emit(Finished(gen.finish_reason or "stop", len(spec.prompt), min(job.cached, len(spec.prompt)),
+                          len(spec.forced) + len(tokens), job.first or 0.0, spec.forced + tokens,
+                          consumed if kept else None, index=0))
+
+    def _decode(self) -> None:
+        try:
+            results = self.batch.step()
+        except Exception as e:
+            return self._fail_all(self._failure(e))
+        now = time.perf_counter()
+        for seq, r in results:
+            job = self._rows[seq]
+            j = job.rows[seq]
+            if job.first is None:
+                job.first = now - job.t0
+            job.emit(Piece(r.text, r.token, r.logprob, r.top_logprobs, j))
+            if r.finish_reason:
+                self._finish(job, seq, j, r.finish_reason)
+
+    def _finish(self, job: Job, seq: int, j: int, reason: str) -> None:
+        """A row is done: store its final state for the next turn, remember its ids, send Finished."""
+        spec = job.spec
+        tokens = self.batch.tokens(seq)
+        consumed, kept = None, False
+        if self.cache.max_bytes > 0:  # (reading a row's state back out of the batch costs a copy)
+            state = self.batch.state(seq)  # readable until the next step
+            consumed = (spec.prompt + spec.forced + tokens)[: state.offset]
+            kept = self.cache.insert(consumed, state)
+        self.replies.remember(self.tokenizer, spec.forced + tokens, self.stops)
+        del job.rows[seq], self._rows[seq]
+        if not job.rows:
+            self._close(job)
+        job.emit(Finished(reason, len(spec.prompt), min(job.cached, len(spec.prompt)),
+                          len(spec.forced) + len(tokens), job.first or 0.0, spec.forced + tokens,
+                          consumed if kept else None, index=j))
 
     SCORE_STEP = 256  # prompt tokens a scoring step: its float32 log-softmax is SCORE_STEP x vocab (168 MB)
 
     def score(self, job: Job, state, seq: list[int]):
-        """Feed seq[:-1] into `state`, returning every token's (token, logprob, top) given the tokens
-        before it (the first has none); None if cancelled. The last token is left for Generation."""
+        """Feed seq[:-1] into `state` (a generator announcing each step's tokens, as _prepare's), returning every
+        token's (token, logprob, top) given the tokens before it (the first has none). The last token is left
+        for the batch."""
         top = job.spec.options.top_logprobs
         entries = [(seq[0], None, None)]
         for a in range(0, len(seq) - 1, self.SCORE_STEP):
-            if job.cancel.is_set():
-                return None
             b = min(a + self.SCORE_STEP, len(seq) - 1)
+            yield b - a
             logits = self.model(mx.array([seq[a:b]]), state)[0].astype(mx.float32)
             lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             targets = mx.array(seq[a + 1 : b + 1])
@@ -338,13 +637,16 @@ class Engine:
 
     def prefill_plan(self, seq: list[int], start: int) -> list[tuple[int, bool]]:
         """(end, snapshot?) chunks covering seq[start:-1]: cut at every message end (after <|im_end|>),
-        every snapshot_interval tokens (both snapshotted) and every prefill_step_size tokens (if set)."""
+        every snapshot_interval tokens (both snapshotted, when the prefix cache is on) and every
+        prefill_step_size tokens (if set)."""
         last = len(seq) - 1
         s = self.settings
         keep = {i + 1 for i in range(start, last) if seq[i] == self.tokenizer.im_end_id}
         keep |= set(range(s.snapshot_interval, last + 1, s.snapshot_interval))
+        if self.cache.max_bytes <= 0:  # no prefix cache: no snapshots, so no cuts for them
+            keep = set()
         cuts = {p for p in keep if start < p <= last}
-        if s.prefill_step_size:  # (auto steps are cut inside each chunk, by generate.prefill)
+        if s.prefill_step_size:  # (auto steps are cut inside each chunk, as generate.prefill does)
             cuts |= set(range(start + s.prefill_step_size, last, s.prefill_step_size))
         if start < last:
             cuts.add(last)

@@ -14,6 +14,7 @@ from ..config import ModelConfig
 from ..errors import WeightsError, first_line
 from ..model import Model
 from ..model.fuse import fuse_model
+from .expert_files import expert_tensor
 from .layout import hf_to_local, is_hf_layout
 from .mlx_lm_layout import is_mlx_lm_layout, mlx_lm_to_local
 
@@ -47,7 +48,7 @@ def read_checkpoint(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def _quantize(model: Model, cfg: ModelConfig, weights: dict) -> None:
+def _quantize(model: Model, cfg: ModelConfig, weights) -> None:
     q = cfg.quantization
     if not q:
         return
@@ -64,8 +65,10 @@ def _quantize(model: Model, cfg: ModelConfig, weights: dict) -> None:
                 class_predicate=predicate)
 
 
-def check_and_load(model: Model, weights: dict) -> None:
-    expected = dict(tree_flatten(model.parameters()))
+def check_and_load(model: Model, weights: dict, skip=None) -> None:
+    """Load `weights` into `model`, every parameter accounted for; skip(name): parameters left out (the routed
+    experts a streaming load reads later)."""
+    expected = {k: v for k, v in tree_flatten(model.parameters()) if skip is None or not skip(k)}
     missing = sorted(set(expected) - set(weights))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -81,13 +84,17 @@ def check_and_load(model: Model, weights: dict) -> None:
     model.load_weights(list(weights.items()), strict=False)
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | None = None, fuse: bool = True, distributed: bool = False) -> Model:
+def load_model(path: str | Path, dtype: mx.Dtype | None = None, fuse: bool = True, distributed: bool = False,
+               experts_memory_gb: float | None = None) -> Model:
     """Load a Kimi Linear checkpoint directory: HF layout (sharded safetensors, bf16/f16/f32) or converted.
 
     dtype: cast floating weights to this dtype (None keeps the file's dtypes).
     fuse: merge matmuls for speed (model/fuse.py); False keeps the reference module structure.
     distributed: split the layers over the ranks of mx.distributed (kimi_mlx/distributed.py); each
         rank reads only its own tensors. A single-rank run loads the whole model as usual.
+    experts_memory_gb: keep the routed experts on disk and hold at most this many GB (1e9 bytes) of them in
+        memory, read as tokens need them (model/offload.py; docs/offload.md). A budget that holds them all loads
+        the model resident; one below a token's experts is a one-line error naming the minimum.
     """
     from ..demo import DEMO_NAMES, demo_dir as demo_model_dir
 
@@ -99,6 +106,9 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, fuse: bool = Tru
     if not path.is_dir():
         raise WeightsError(f"{path}: not a directory; give the checkpoint directory that holds config.json")
     cfg = ModelConfig.from_file(path)
+    offload = None
+    if experts_memory_gb is not None:
+        offload = _offload(path, experts_memory_gb, dtype, fuse, distributed)
     pipeline = None
     if distributed:
         from ..distributed import setup
@@ -109,7 +119,27 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, fuse: bool = Tru
         weights, cfg = mlx_lm_to_local(cfg, weights)
     elif is_hf_layout(weights):
         weights = hf_to_local(cfg, weights)
-    return build_model(cfg, weights, dtype, fuse, pipeline)
+    return build_model(cfg, weights, dtype, fuse, pipeline, offload)
+
+
+def _offload(path: Path, gb, dtype, fuse: bool, distributed: bool):
+    from ..errors import ConfigError
+    from ..model.offload import Offload
+    from .expert_files import ExpertFiles
+
+    try:
+        gb = float(gb)
+    except (TypeError, ValueError):
+        raise ConfigError(f"experts memory {gb!r}: give a number of GB, e.g. 4") from None
+    if not gb > 0:
+        raise ConfigError(f"experts memory {gb:g} GB: give a positive number of GB, e.g. 4")
+    if distributed:
+        raise ConfigError("experts memory with --distributed is not supported; give one or the other")
+    if not fuse:
+        raise ConfigError("experts memory needs the fused model (fuse=True)")
+    files = ExpertFiles(weight_files(path))
+    files.open()
+    return Offload(files, int(gb * 1e9), dtype)
 
 
 def _owned_by(model: Model, name: str) -> bool:
@@ -122,20 +152,30 @@ def _owned_by(model: Model, name: str) -> bool:
 
 
 def build_model(cfg: ModelConfig, weights: dict, dtype: mx.Dtype | None = None, fuse: bool = True,
-                pipeline=None) -> Model:
+                pipeline=None, offload=None) -> Model:
     model = Model(cfg, pipeline)
     if pipeline is not None:  # tensors of other ranks are never read: mx.load is lazy
         weights = {k: v for k, v in weights.items() if _owned_by(model, k)}
     _quantize(model, cfg, weights)
+    if offload is not None and not offload.plan(model):
+        offload = None  # the budget holds every expert: resident, the plain path
+    skip = None
+    if offload is not None:  # the routed experts stay on disk: their (lazily loaded) tensors are never evaluated
+        weights = {k: v for k, v in weights.items() if not expert_tensor(k)}
+        skip = expert_tensor
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not keep_fp32(k) else v
                    for k, v in weights.items()}
-    check_and_load(model, weights)
+    check_and_load(model, weights, skip)
+    del weights
+    model.offload = offload.stats if offload is not None else None
     if fuse:
-        fuse_model(model)
+        fuse_model(model, offload)
     mx.eval(model.parameters())
     model.eval()
     check_kernels(model)
+    if model.offload is not None:  # the kernel probe's reads are no reply's
+        model.offload.reset()
     return model
 
 

@@ -34,4 +34,5 @@ float __uint_as_float(unsigned int);
 float __shfl_xor_sync(unsigned int, float, int);
 float __shfl_sync(unsigned int, float, int);
 void __syncthreads();
+void __syncwarp(unsigned int = 0xffffffffu);
 namespace cooperative_groups {}

@@ -233,6 +233,7 @@ inline float __uint_as_float(unsigned int u) {
 inline float __shfl_xor_sync(unsigned int, float x, int offset) { return emu_shfl_xor(x, offset); }
 inline float __shfl_sync(unsigned int, float x, int src) { return emu_shfl(x, src); }
 inline void __syncthreads() { emu_block_barrier(); }
+inline void __syncwarp(unsigned int = 0xffffffffu) { emu_warp_barrier(); }
 #define __shared__ static
 namespace cooperative_groups {}
 #else
@@ -240,6 +241,9 @@ namespace cooperative_groups {}
 #define constant
 #define kernel
 #define threadgroup static
+#define GPU_SHARED_ARG
+#define thread
+typedef unsigned long ulong;
 typedef unsigned int uint;
 typedef unsigned short ushort;
 typedef emu_bf16 bfloat16_t;
@@ -261,10 +265,56 @@ inline float simd_sum(float x) {
 }
 enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2 };
 inline void threadgroup_barrier(mem_flags) { emu_block_barrier(); }
+inline void simdgroup_barrier(mem_flags) { emu_warp_barrier(); }
+
 namespace precise {
 inline float exp(float x) { return std::exp(x); }
 inline float log(float x) { return std::log(x); }
 inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
 }  // namespace precise
 }  // namespace metal
+// simdgroup_matrix: every lane holds the whole 8x8 matrix (the hardware spreads it over the lanes; the results
+// are the same). Loads, stores and products are collective, as on the GPU: each waits for the whole group first.
+// A store writes only the lane's share (element i by lane i % 32), as the hardware does: a lane reading the stored
+// tile before the group's simdgroup_barrier reads what other lanes have not written yet.
+struct simdgroup_float8x8 {
+  float v[64];
+};
+template <typename T, int R, int C>
+inline simdgroup_float8x8 make_filled_simdgroup_matrix(T x) {
+  simdgroup_float8x8 m;
+  for (float& e : m.v) e = x;
+  return m;
+}
+struct ulong2 {
+  unsigned long x, y;
+  explicit ulong2(unsigned long a) : x(a), y(a) {}
+};
+inline void simdgroup_load(simdgroup_float8x8& d, const float* src, unsigned long per_row = 8,
+                           ulong2 origin = ulong2(0), bool transpose = false) {
+  emu_warp_barrier();
+  src += origin.y * per_row + origin.x;
+  for (int r = 0; r < 8; ++r)
+    for (int c = 0; c < 8; ++c) d.v[r * 8 + c] = transpose ? src[c * per_row + r] : src[r * per_row + c];
+}
+inline void simdgroup_store(simdgroup_float8x8 a, float* dst, unsigned long per_row = 8,
+                            ulong2 origin = ulong2(0), bool transpose = false) {
+  emu_warp_barrier();
+  dst += origin.y * per_row + origin.x;
+  for (int r = 0; r < 8; ++r)
+    for (int c = 0; c < 8; ++c)
+      if ((r * 8 + c) % 32 == int(emu_me().lane))
+        (transpose ? dst[c * per_row + r] : dst[r * per_row + c]) = a.v[r * 8 + c];
+}
+inline void simdgroup_multiply_accumulate(simdgroup_float8x8& d, const simdgroup_float8x8& a,
+                                          const simdgroup_float8x8& b, const simdgroup_float8x8& c) {
+  simdgroup_float8x8 out;
+  for (int r = 0; r < 8; ++r)
+    for (int n = 0; n < 8; ++n) {
+      float s = c.v[r * 8 + n];
+      for (int k = 0; k < 8; ++k) s += a.v[r * 8 + k] * b.v[k * 8 + n];
+      out.v[r * 8 + n] = s;
+    }
+  d = out;
+}
 #endif

@@ -15,6 +15,7 @@
 #define thread __private
 #define bfloat __bf16
 typedef unsigned int uint;
+typedef unsigned long ulong;
 typedef unsigned short ushort;
 typedef unsigned char uchar;
 typedef unsigned long size_t;
@@ -34,6 +35,7 @@ typedef float float3 __attribute__((ext_vector_type(3)));
 typedef float float4 __attribute__((ext_vector_type(4)));
 typedef half half2 __attribute__((ext_vector_type(2)));
 typedef half half4 __attribute__((ext_vector_type(4)));
+typedef unsigned long ulong2 __attribute__((ext_vector_type(2)));
 namespace metal {
 template <typename T, typename U>
 T as_type(U);
@@ -52,5 +54,13 @@ float rsqrt(float);
 }  // namespace precise
 enum class mem_flags { mem_none, mem_device, mem_threadgroup };
 void threadgroup_barrier(mem_flags);
+void simdgroup_barrier(mem_flags);
+typedef float simdgroup_float8x8 __attribute__((ext_vector_type(2)));  // opaque: a lane's share of the 8x8
+template <typename T, int R, int C>
+simdgroup_float8x8 make_filled_simdgroup_matrix(T);
+void simdgroup_load(__private simdgroup_float8x8&, const __local float*, ulong = 8, ulong2 = ulong2(0), bool = false);
+void simdgroup_store(simdgroup_float8x8, __local float*, ulong = 8, ulong2 = ulong2(0), bool = false);
+void simdgroup_multiply_accumulate(__private simdgroup_float8x8&, simdgroup_float8x8, simdgroup_float8x8,
+                                   simdgroup_float8x8);
 }  // namespace metal
 using namespace metal;
