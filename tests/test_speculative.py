@@ -527,3 +527,31 @@ def test_verification_with_the_rows_kernel_equals_decode_emulated(demo_random, m
     finally:
         model.eager_steps, model._steps = False, None
         model.__dict__.pop("_verify_steps", None)
+
+
+def test_server_engine_runs_a_speculative_turn_among_batched_turns(demo):
+    """A speculative turn runs alone while the batch's rows wait; every turn's reply equals the turn alone,
+    plain, and the batched turns still share the batch."""
+    from kimi_mlx.server.worker import Engine, EngineSettings, Piece
+
+    from test_server_batch import alone, run_together, turn
+
+    model, tok = demo
+    ban = {tok.im_end_id: -100.0, tok.eos_id: -100.0}
+    plain_specs = [turn(tok, "tell me a long story about a fox " * 3, max_tokens=16, logit_bias=ban),
+                   turn(tok, "Repeat this:\n" + CODE, max_tokens=24, logit_bias=ban),
+                   turn(tok, "one more", max_tokens=12, logit_bias=ban)]
+    specs = [turn(tok, "tell me a long story about a fox " * 3, max_tokens=16, logit_bias=ban),
+             turn(tok, "Repeat this:\n" + CODE, max_tokens=24, logit_bias=ban, draft="ngram"),
+             turn(tok, "one more", max_tokens=12, logit_bias=ban)]
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0, prefill_step_size=16))
+    together = run_together(engine, specs)
+    assert engine.spec_replies == 1 and engine.spec.forwards > 0
+    for spec, got in zip(plain_specs, together):
+        want = alone(demo, spec)
+        assert got.tokens() == want.tokens()
+        assert "".join(e.text for e in got.events if isinstance(e, Piece)) == \
+            "".join(e.text for e in want.events if isinstance(e, Piece))
+        g, w = got.finished(), want.finished()
+        assert (g.finish_reason, g.completion_tokens, g.generated) == (w.finish_reason, w.completion_tokens,
+                                                                       w.generated)
