@@ -357,7 +357,7 @@ def stream_batch(model, tokenizer, prompts, *, max_batch: int = 8, n: int = 1, r
     opts = GenerationOptions.from_kwargs(**options)
     if n < 1 or n > max_batch:
         raise KimiError(f"n must be between 1 and max_batch ({max_batch}), got {n}")
-    ids = [prompt_ids(tokenizer, p, tools, allow_special) for p in prompts]
+    ids = [prompt_ids(tokenizer, p, tools, allow_special, model.config.vocab_size) for p in prompts]
     for i, p in enumerate(ids):
         if not p:
             raise KimiError(f"prompt {i} is empty: give at least one token")

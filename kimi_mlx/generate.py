@@ -380,11 +380,17 @@ class Generation:
             steps.close()  # a speculative run rewinds the state to the last token taken
 
 
-def prompt_ids(tokenizer, prompt, tools=None, allow_special: bool = False) -> list[int]:
-    """A string is used as is; a list of message dicts goes through the chat template; a list of ints is ids."""
+def prompt_ids(tokenizer, prompt, tools=None, allow_special: bool = False, vocab_size: int | None = None) -> list[int]:
+    """A string is used as is; a list of message dicts goes through the chat template; a list of ints is ids,
+    each checked against vocab_size where given (the embedding lookup reads an out-of-range id from outside the
+    table, which can crash the process)."""
     if isinstance(prompt, str):
         return tokenizer.encode(prompt, allow_special=allow_special)
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        bad = [t for t in prompt if vocab_size is not None and not 0 <= t < vocab_size]
+        if bad:
+            raise KimiError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab_size}); pass ids made "
+                            f"by this model's tokenizer")
         return list(prompt)
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, tools=tools,
                                          allow_special=allow_special)
@@ -394,7 +400,7 @@ def stream_generate(model, tokenizer, prompt, *, tools=None, allow_special: bool
                     progress: Progress | None = None, **options) -> Iterator[Response]:
     """Yield one Response per generated token (see GenerationOptions for the options)."""
     opts = GenerationOptions.from_kwargs(**options)
-    ids = prompt_ids(tokenizer, prompt, tools, allow_special)
+    ids = prompt_ids(tokenizer, prompt, tools, allow_special, model.config.vocab_size)
     yield from Generation(model, tokenizer, model.new_state(1), ids, opts, progress=progress)
 
 

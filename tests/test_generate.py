@@ -155,6 +155,21 @@ def test_bad_options_are_one_line_errors(demo):
         generate(model, tok, "")
 
 
+@pytest.mark.parametrize("bad", [-1, "vocab", 10**7])
+def test_token_ids_outside_the_vocabulary_are_one_line_errors(demo, bad):
+    """An id past the embedding table would be read from outside it (a crash, or garbage): refused up front, for
+    one prompt and for a batch, before anything is fed."""
+    from kimi_mlx.batch import batch_generate
+
+    model, tok = demo
+    bad = model.config.vocab_size if bad == "vocab" else bad
+    with pytest.raises(KimiError, match=f"token id {bad} is outside the model's vocabulary"):
+        generate(model, tok, [1, 2, bad], max_tokens=2)
+    with pytest.raises(KimiError, match=f"token id {bad} is outside"):
+        batch_generate(model, tok, [[1, 2], [3, bad]], max_tokens=2)
+    assert generate(model, tok, [1, 2, model.config.vocab_size - 1], max_tokens=2, temperature=0) is not None
+
+
 def test_rewind_to_a_mark_is_exact(demo):
     model, tok = demo
     a, b, c = tok.encode("first part"), tok.encode(" then"), tok.encode(" another ending")
