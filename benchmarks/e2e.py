@@ -25,7 +25,7 @@ def main():
     ap.add_argument("--prefill", type=ints, default=(1024,))
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--step", type=int, default=0, help="prefill step tokens for both models (0: each its own "
-                                                          "default: ours generate.step_length, mlx-lm 2048)")
+                                                          "default: ours feed.step_length, mlx-lm 2048)")
     ap.add_argument("--bits", type=int, default=4, help="0 = unquantized")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--peer-prefill-max", type=int, default=2048)

@@ -70,7 +70,7 @@ def measure(fn):
 
 
 def prefill(model, n, step, cache_bits=0, seed=0):
-    """Feed n random tokens in steps (as generate.prefill does); returns the state and last logits."""
+    """Feed n random tokens in steps (as feed.prefill does); returns the state and last logits."""
     toks = np.random.default_rng(seed).integers(0, SMALL["vocab_size"], (1, n))
     state = model.new_state(cache_bits=cache_bits)
     logits = None

@@ -28,7 +28,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--shape", default="full", choices=list(bench.SHAPES))
 ap.add_argument("--tokens", type=int, default=1048576)
 ap.add_argument("--step", type=int, default=0, help="prefill step tokens (0: generation's own plan, "
-                                                   "kimi_mlx.generate.step_length)")
+                                                   "kimi_mlx.feed.step_length)")
 ap.add_argument("--state", required=True, help="where the state is saved between runs")
 ap.add_argument("--budget-s", type=float, default=480)
 ap.add_argument("--decode-tokens", type=int, default=16)

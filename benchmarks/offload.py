@@ -74,7 +74,7 @@ def one(budget: str) -> dict:
     stats = model.offload
     out = dict(budget=budget, load_s=load_s, held_gb=weight_bytes(model) / 1e9, anon_load_gb=anon() / 1e9)
     if a.prefill:
-        from kimi_mlx.generate import prefill, step_lengths
+        from kimi_mlx.feed import prefill, step_lengths
 
         state = model.new_state(1)
         step = int(os.environ.get("OFFLOAD_BENCH_STEP", "0"))

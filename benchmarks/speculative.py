@@ -78,7 +78,7 @@ def median_ms(f, reps: int) -> float:
 
 def verification_costs(shape: str, context: int, ks, reps: int, bits: int, echo, rows_kernel: bool = False) -> None:
     from kimi_mlx import bench, settings
-    from kimi_mlx.generate import prefill
+    from kimi_mlx.feed import prefill
     from kimi_mlx.model.verify import verify_forward
     from kimi_mlx.state_io import mark, rewind
 

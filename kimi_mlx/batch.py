@@ -19,8 +19,9 @@ import mlx.core as mx
 
 from .errors import KimiError
 from .batch_state import BatchState
-from .generate import (GenerationOptions, ReplyText, Response, RowSampler, Step, generate_step, prefill, prompt_ids,
-                       reply_room, sampling_context)
+from .feed import Step, prefill
+from .generate import (GenerationOptions, ReplyText, Response, RowSampler, generate_step, prompt_ids, reply_room,
+                       sampling_context)
 from .sample import Sampler, normalize
 from .state import MLAState, ModelState
 from .state_io import rewind

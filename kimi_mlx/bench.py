@@ -17,7 +17,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import KIMI_LINEAR_48B_A3B, ModelConfig
-from .generate import PREFILL_STEP, STREAMED_STEP, describe_steps, prefill_step, step_length, step_lengths
+from .feed import PREFILL_STEP, STREAMED_STEP, describe_steps, prefill_step, step_length, step_lengths
 from .model import Model
 from .model.decoder import prefill_memory
 from .model.fuse import fuse_model
@@ -177,7 +177,7 @@ class Runner:
         return self.model(toks, cache=self.state)
 
     def prefill_step(self, toks: mx.array):
-        """One prefill step, evaluated (ours through generate.prefill_step, the way generation runs it)."""
+        """One prefill step, evaluated (ours through feed.prefill_step, the way generation runs it)."""
         if self.is_ours:
             return prefill_step(self.model, self.state, toks)
         self.forward(toks)
@@ -216,7 +216,7 @@ class Runner:
 
 
 def steps_of(r: Runner, n: int, step: int) -> list[int]:
-    """The prefill step lengths r takes for an n-token prompt: ours generation's own plan (generate.step_lengths;
+    """The prefill step lengths r takes for an n-token prompt: ours generation's own plan (feed.step_lengths;
     step 0 = auto), mlx-lm's `step` or its default prefill_step_size (2,048)."""
     if r.is_ours:
         return step_lengths(0, n, step, getattr(r.model, "offload", None) is not None)
@@ -762,7 +762,6 @@ def write_checkpoint(cfg_d: dict, out, bits: int = 4, group_size: int = 64, dtyp
     import json
     from pathlib import Path
 
-    from .model.decoder import DecoderLayer
     from .weights.convert import _group_module, quant_plan, stored_dtype
     from .weights.recipes import make_recipe
 

@@ -124,7 +124,7 @@ def _samples(m, tok, prompt, n: int, opts, verbose: bool) -> None:
 
     from .batch import stream_batch
 
-    texts, done, t0, tokens, first = [""] * n, [None] * n, time.perf_counter(), 0, None
+    texts, done, tokens, first = [""] * n, [None] * n, 0, None
     for j, r in stream_batch(m, tok, [prompt], n=n, max_batch=n, **opts.__dict__):
         first = first or time.perf_counter()
         texts[j] += r.text

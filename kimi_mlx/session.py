@@ -22,7 +22,8 @@ from typing import Iterator
 
 from .chat_template import TokenIds
 from .errors import KimiError
-from .generate import Generation, GenerationOptions, Progress, Response, prefill, stop_ids
+from .feed import Progress, prefill
+from .generate import Generation, GenerationOptions, Response, stop_ids
 from .sample import random_seed
 from .state_io import StateMark, load_state, mark, rewind, save_state
 

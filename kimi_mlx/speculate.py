@@ -28,6 +28,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from .errors import KimiError
+from .feed import Step, prefill
 from .model.verify import MAX_VERIFY, verify_forward
 from .sample import Sampler, normalize
 from .state_io import mark, rewind
@@ -120,7 +121,6 @@ class ModelDraft:
         self.marks = {}
         new = tokens[len(self.tokens) :]
         if len(new) > MAX_VERIFY:
-            from .generate import prefill
 
             prefill(self.model, self.state, new[:-MAX_VERIFY])
             self.tokens += new[:-MAX_VERIFY]
@@ -201,7 +201,6 @@ def speculative_steps(model, state, prompt: list[int], sampler: Sampler, process
     """generate_step with drafts: the same Steps (same contract: the state holds each yielded token but the
     last one allowed by max_tokens; a consumer that stops leaves it holding the tokens it took), each with
     from_draft set. draft: an NgramDraft or a ModelDraft; context: the tokens the state held before prompt."""
-    from .generate import Step, prefill
 
     if not prompt:
         raise KimiError("empty prompt: give at least one token")
@@ -223,7 +222,7 @@ def speculative_steps(model, state, prompt: list[int], sampler: Sampler, process
         the forward of each token is queued before the token is read. Ends once the text up to a yielded token
         has an n-gram match (or that token is a stop token): returns the pending token then (read, not fed)
         and its logprobs; None when max_tokens ended the generation."""
-        nonlocal n, ptoks
+        nonlocal n
         ya = mx.array([y])
         toks = mx.array(ptoks) if processors else None
         known = y

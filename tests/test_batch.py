@@ -9,7 +9,8 @@ import pytest
 import kimi_mlx
 from kimi_mlx.batch import BatchGenerator, batch_generate, stream_batch
 from kimi_mlx.errors import KimiError
-from kimi_mlx.generate import GenerationOptions, generate, prefill, stream_generate
+from kimi_mlx.feed import prefill
+from kimi_mlx.generate import GenerationOptions, generate, stream_generate
 
 PROMPTS = ["The quick brown fox", "a", "Once upon a time, in a land far away, there lived", "12345 67"]
 # logprobs of a row batched vs alone: CPU float32 rounds rows alike (1e-5); a GPU's matmul kernels for one row and

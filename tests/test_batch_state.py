@@ -9,7 +9,7 @@ from test_attention import _close, _emulated, chunk_scores, page_inputs
 
 import kernel_emulator
 from kimi_mlx.batch_state import BatchState, page_size
-from kimi_mlx.generate import prefill
+from kimi_mlx.feed import prefill
 from kimi_mlx.ops import mla_decode as D
 from kimi_mlx.state import LatentCache, MLAState
 

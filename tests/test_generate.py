@@ -8,7 +8,7 @@ import pytest
 from conftest import fresh_logprobs
 
 from kimi_mlx.errors import KimiError
-from kimi_mlx.generate import StopMatcher, generate, stream_generate
+from kimi_mlx.generate import GenerationOptions, StopMatcher, generate, stream_generate
 from kimi_mlx.state_io import mark, rewind
 
 ATOL = 1e-4
@@ -48,8 +48,8 @@ def test_auto_prefill_steps_are_wide_on_a_gpu_only_for_prompts_ending_short(monk
     """prefill_step_size 0 (the default): WIDE_STEP-token steps on a GPU where the prompt ends within WIDE_UNTIL
     tokens of context, else PREFILL_STEP throughout (and always on the CPU); a step size given is taken as is;
     the lengths cover the tokens."""
-    g = importlib.import_module("kimi_mlx.generate")  # (kimi_mlx.generate is also the function)
-    assert g.GenerationOptions().prefill_step_size == 0 and g.WIDE_STEP > g.PREFILL_STEP
+    g = importlib.import_module("kimi_mlx.feed")
+    assert GenerationOptions().prefill_step_size == 0 and g.WIDE_STEP > g.PREFILL_STEP
     cpu = g.step_lengths(0, 9000)
     assert cpu == [g.PREFILL_STEP] * 4 + [9000 - 4 * g.PREFILL_STEP]
     assert g.step_lengths(100, 12, 5) == [5, 5, 2]
@@ -64,8 +64,8 @@ def test_auto_prefill_steps_are_wide_on_a_gpu_only_for_prompts_ending_short(monk
 
 
 def test_prefill_steps_follow_the_plan_for_the_states_context(demo, monkeypatch):
-    """generate.prefill steps as step_length says for the tokens the state already holds (state.offset)."""
-    g = importlib.import_module("kimi_mlx.generate")
+    """feed.prefill steps as step_length says for the tokens the state already holds (state.offset)."""
+    g = importlib.import_module("kimi_mlx.feed")
     model, tok = demo
     asked = []
     monkeypatch.setattr(g, "step_length",

@@ -156,7 +156,7 @@ def test_streamed_prefill_takes_wide_steps(ckpt):
     given is kept."""
     import importlib
 
-    g = importlib.import_module("kimi_mlx.generate")  # (kimi_mlx.generate is also the function)
+    g = importlib.import_module("kimi_mlx.feed")
 
     assert g.step_lengths(0, 20000, 0, streamed=True) == [g.STREAMED_STEP] * 2 + [20000 - 2 * g.STREAMED_STEP]
     assert g.step_lengths(0, 20, 8, streamed=True) == [8, 8, 4]

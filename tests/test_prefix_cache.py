@@ -5,7 +5,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kimi_mlx.generate import GenerationOptions, prefill
+from kimi_mlx.feed import prefill
+
+from kimi_mlx.generate import GenerationOptions
 from kimi_mlx.loading import load
 from kimi_mlx.server import prefix_cache as pc
 from kimi_mlx.server.prefix_cache import PrefixCache, state_buffers

@@ -214,7 +214,7 @@ def test_state_size_bounds_the_batched_state(demo):
     """The memory bound's estimate of a full batch holds what the batch engine really takes (peak, activations
     of its steps included), so the bound tracks the batched state's layout."""
     from kimi_mlx.batch import BatchGenerator
-    from kimi_mlx.generate import prefill
+    from kimi_mlx.feed import prefill
 
     model, tok = demo
     size = Engine(model, tok, EngineSettings(prefix_cache_bytes=0)).state_size

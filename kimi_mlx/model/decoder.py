@@ -267,14 +267,19 @@ class Model(nn.Module):
         if p is not None and not p.last:
             p.send(residual(h, r))
             return None
-        return DecoderLayer._seam(h, r, self.model.norm)[1]
+        return self.final_norm(h, r)
 
     def decode_rows(self, tokens: mx.array, state) -> mx.array:
         """One token for each row of a ragged batched state (batch_state.BatchState: rows at their own lengths,
         whose lengths and context limits the state keeps): tokens [B, 1] -> logits [B, 1, vocab], through the
         same one-token layer steps as a single sequence's decode."""
         h, r = self._decode_each(self.model.embed_tokens(tokens), state)
-        return self.logits(DecoderLayer._seam(h, r, self.model.norm)[1])
+        return self.logits(self.final_norm(h, r))
+
+    def final_norm(self, h: mx.array, r: mx.array | None) -> mx.array:
+        """The final norm of h + r, r the last layer's FFN output not yet added (None: h alone; see
+        DecoderLayer.kda_step): the hidden states lm_head reads."""
+        return DecoderLayer._seam(h, r, self.model.norm)[1]
 
     def _decode_each(self, h: mx.array, state: ModelState) -> tuple[mx.array, mx.array | None]:
         """The owned layers' one-token steps, each layer its own graph (self._steps: compiled unless a caller set

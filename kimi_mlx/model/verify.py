@@ -39,7 +39,6 @@ from ..ops.kda_decode import (decode_path, decode_rows_kernel, decode_rows_ops, 
                                kda_decode_step, rows_path)
 from ..state import CACHE_GROUP_SIZE, KDAState, LatentCache, ModelState, check_context, encode_rows, positions
 from ..state_io import StateMark
-from .decoder import DecoderLayer
 
 MAX_VERIFY = 16  # rows a verification forward takes (the drafts + 1); beyond this a prefill step pays
 
@@ -253,7 +252,7 @@ def verify_forward(model, tokens: list[int], state: ModelState) -> tuple[mx.arra
         a = mla_rows(layer.self_attn, x, s)
         h, x = layer._seam(h, a, layer.post_attention_layernorm)
         r = ffn_rows(layer.mlp, x)
-    logits = model.logits(DecoderLayer._seam(h, r, model.model.norm)[1])[0]
+    logits = model.logits(model.final_norm(h, r))[0]
     offset = state.offset
     state.offset += T
     marks = []

@@ -38,7 +38,7 @@ class ServeOptions:
     max_queue: int = 64
     prefix_cache_bytes: int = 4 << 30
     snapshot_interval: int = 2048
-    prefill_step_size: int = 0  # 0: auto (generate.step_length)
+    prefill_step_size: int = 0  # 0: auto (feed.step_length)
     max_body_bytes: int = 64 << 20
     allowed_origins: tuple[str, ...] = ()
     log_level: str = "info"

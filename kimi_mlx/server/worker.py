@@ -34,7 +34,8 @@ import mlx.core as mx
 
 from ..batch import BatchGenerator
 from ..errors import KimiError
-from ..generate import PREFILL_STEP, Generation, GenerationOptions, prefill_step, step_lengths, stop_ids
+from ..feed import PREFILL_STEP, prefill_step, step_lengths
+from ..generate import Generation, GenerationOptions, stop_ids
 from ..speculate import SpecStats
 from ..batch_state import page_size
 from ..state import MLAState, encode_rows
@@ -203,7 +204,7 @@ class EngineSettings:
     max_queue: int = 64  # requests waiting (besides the running ones)
     prefix_cache_bytes: int = 4 << 30
     snapshot_interval: int = 2048  # also snapshot every this many prompt tokens
-    prefill_step_size: int = 0  # 0: auto (generate.step_length), within the snapshot_interval cuts
+    prefill_step_size: int = 0  # 0: auto (feed.step_length), within the snapshot_interval cuts
     max_tokens: int | None = None  # reply cap for requests that give none (None: up to the context limit)
     max_batch: int = 8  # rows decoded together (a turn of n choices takes n)
     batch_memory: int | None = None  # bytes the rows' states may reserve; None: auto (auto_batch_memory)
@@ -646,7 +647,7 @@ class Engine:
         if self.cache.max_bytes <= 0:  # no prefix cache: no snapshots, so no cuts for them
             keep = set()
         cuts = {p for p in keep if start < p <= last}
-        if s.prefill_step_size:  # (auto steps are cut inside each chunk, as generate.prefill does)
+        if s.prefill_step_size:  # (auto steps are cut inside each chunk, as feed.prefill does)
             cuts |= set(range(start + s.prefill_step_size, last, s.prefill_step_size))
         if start < last:
             cuts.add(last)
