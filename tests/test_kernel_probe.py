@@ -65,7 +65,7 @@ class EmulatedGPU:
     raise as a kernel that does not build does."""
 
     def __init__(self, monkeypatch, failing=(), error=RuntimeError(INJECTED)):
-        self.failing, self.error, self.launched = set(failing), error, []
+        self.failing, self.error, self.launched, self.sizes = set(failing), error, [], []
         monkeypatch.setattr(kda_ops, "gpu_backend", lambda: "metal")
         monkeypatch.setattr(fuse, "gpu_backend", lambda: "metal")
         monkeypatch.setattr(metal_kernels, "_off", {})
@@ -76,6 +76,7 @@ class EmulatedGPU:
 
         def run(**kw):
             self.launched.append(name)
+            self.sizes.append((name, tuple(a.size for a in kw["inputs"])))
             if name in self.failing:
                 raise self.error
             return emulated(**kw)
@@ -113,6 +114,18 @@ def test_the_probe_runs_every_kernel_the_model_launches(checkpoint, probed_kerne
     gpu.launched.clear()
     assert greedy(model) == reference
     assert set(gpu.launched) <= set(probed_kernels)
+
+
+def test_the_probe_builds_the_mla_decode_kernels_for_one_sequence_and_for_a_batch(checkpoint, monkeypatch):
+    """A batch's per-sequence `last` reaches Metal in device memory from 8 sequences up (fewer elements: the constant
+    address space), another build of each MLA decode kernel: the probe runs both, so a batch never launches a
+    kernel the load did not build."""
+    gpu = EmulatedGPU(monkeypatch)
+    gpu.load(checkpoint)
+    for name in ("mla_decode_page", "mla_decode_chunks"):
+        at = metal_kernels.SPECS[name].inputs.index("last")
+        lasts = {sizes[at] for n, sizes in gpu.sizes if n == name}
+        assert min(lasts) < 8 <= max(lasts), (name, lasts)
 
 
 @pytest.mark.parametrize("name", sorted(metal_kernels.SPECS))

@@ -195,7 +195,7 @@ class Model(nn.Module):
         line per kernel switched off ("name: why"); [] on the CPU. Load calls it (weights/load.check_kernels)."""
         import metal_kernels
 
-        from ..ops.mla_decode import probe_split_kernels
+        from ..ops.mla_decode import probe_decode_kernels
         from ..ops.kda import gpu_backend
 
         if gpu_backend() is None:
@@ -205,7 +205,7 @@ class Model(nn.Module):
             try:
                 with metal_kernels.probing():
                     self._probe_pass()
-                    probe_split_kernels(self.config, self.dtype)
+                    probe_decode_kernels(self.config, self.dtype)
                 break
             except metal_kernels.KernelFailed as e:
                 metal_kernels.switch_off(e.name, e.why)

@@ -135,16 +135,25 @@ def split_kernels_fit(qa, cache: LatentCache) -> bool:
     return split_fits(f, rows, quantized, same)
 
 
-def probe_split_kernels(cfg, dtype) -> None:
-    """Run the long-page decode kernels (mla_decode_chunks, mla_decode_merge) once at the model's shapes, over two
-    pages of SPLIT_ROWS rows of zeros, where split_kernels_fit takes them (Model.probe_kernels: a short probe
-    never reaches a long page)."""
+PROBE_BATCHES = (1, 8)  # one sequence, and a batch whose per-sequence `last` MLX passes in device memory: an input
+#   of fewer than 8 elements goes to Metal's constant address space, so the two are two builds of each kernel
+
+
+def probe_decode_kernels(cfg, dtype) -> None:
+    """Run the MLA decode kernels the model's shapes take, once each at every PROBE_BATCHES size, on zeros: the page
+    kernel over one page and the long-page kernels (mla_decode_chunks, mla_decode_merge) over two pages of SPLIT_ROWS
+    rows, where page_kernel_fits and split_kernels_fit take them (Model.probe_kernels: its short probe never reaches a
+    long page, and decodes one sequence only)."""
     W = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    qa = mx.zeros((1, cfg.num_attention_heads, W), dtype)
-    page = (mx.zeros((1, SPLIT_ROWS, W), dtype),)
-    cache = LatentCache((page, page))
-    if split_kernels_fit(qa, cache):
-        mx.eval(_decode_split(qa, cache, mx.zeros((1,), mx.int32)))
+    for B in PROBE_BATCHES:
+        qa = mx.zeros((B, cfg.num_attention_heads, W), dtype)
+        last = mx.zeros((B,), mx.int32)
+        page = (mx.zeros((B, SPLIT_ROWS, W), dtype),)
+        if page_kernel_fits(qa, LatentCache((page,))):
+            mx.eval(decode_page_kernel(qa, page[0], last))
+        cache = LatentCache((page, page))
+        if split_kernels_fit(qa, cache):
+            mx.eval(_decode_split(qa, cache, last))
 
 
 def _decode_split(qa, cache: LatentCache, row: mx.array) -> mx.array:
