@@ -29,15 +29,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .errors import KimiError
-from .state import CACHE_GROUP_SIZE, DecodeSlot, KDAState, MLAState, ModelState, PAGE_FIRST, PAGE_GROW, encode_rows
-
-
-def page_size(rows: int) -> int:
-    """The smallest size of MLAState's page-size sequence holding rows (no upper bound: one page a batch)."""
-    size = PAGE_FIRST
-    while size < rows:
-        size = size * 2 if size < PAGE_GROW else size + PAGE_GROW
-    return size
+from .state import (CACHE_GROUP_SIZE, PAGE_FIRST, DecodeSlot, KDAState, MLAState, ModelState, encode_rows, layer_arrays,
+                    page_size)
 
 
 def _bits(bits: int) -> str:
@@ -256,11 +249,7 @@ class BatchState:
         return c * (slot + p * row)
 
     def arrays(self) -> dict[str, mx.array]:
-        out = {}
-        for i, s in enumerate(self.layers):
-            for k, v in s.arrays().items():
-                out[f"layers.{i}.{k}"] = v
-        return out
+        return layer_arrays(self.layers)
 
     def eval(self) -> None:
         mx.eval(list(self.arrays().values()))

@@ -83,6 +83,20 @@ CACHE_GROUP_SIZE = 64  # quantization group along a cache row (576 = 9 groups at
 CACHE_BITS = (0, 8, 4)  # 0 = the model dtype, unquantized
 
 
+def page_size(rows: int, first: int = PAGE_FIRST, grow: int = PAGE_GROW, most: int | None = None) -> int:
+    """The smallest size of the page growth sequence (`first` doubling up to `grow`, then `grow` rows at a time)
+    holding rows, capped at `most` (None: no cap)."""
+    size = first
+    while size < rows and (most is None or size < most):
+        size = size * 2 if size < grow else size + grow
+    return size if most is None else min(size, most)
+
+
+def layer_arrays(layers) -> dict[str, mx.array]:
+    """Flat name -> array map of each layer state's arrays(), named layers.{i}.{name}."""
+    return {f"layers.{i}.{k}": v for i, s in enumerate(layers) for k, v in s.arrays().items()}
+
+
 class ContextLimitError(KimiError):
     """A call would take the sequence past the model's context limit."""
 
@@ -164,10 +178,7 @@ class MLAState:
 
     def page_size(self, rows: int) -> int:
         """The smallest size in the growth sequence (see the module docstring) holding rows, <= page_max."""
-        size = self.page_first
-        while size < rows and size < self.page_max:
-            size = size * 2 if size < self.page_grow else size + self.page_grow
-        return min(size, self.page_max)
+        return page_size(rows, self.page_first, self.page_grow, self.page_max)
 
     def _extend(self, pages: list, like: tuple, need: int) -> tuple[int, int]:
         """Room for `need` more rows past the full last page: grow it (one copy) while it is under page_max,
@@ -284,11 +295,7 @@ class ModelState:
 
     def arrays(self) -> dict[str, mx.array]:
         """Flat name -> array map of the valid state (for eval, save and byte counts)."""
-        out = {}
-        for i, s in enumerate(self.layers):
-            for k, v in s.arrays().items():
-                out[f"layers.{i}.{k}"] = v
-        return out
+        return layer_arrays(self.layers)
 
     @property
     def nbytes(self) -> int:
