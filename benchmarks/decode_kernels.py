@@ -2,6 +2,7 @@
 
   python benchmarks/decode_kernels.py [--shape full] [--context 1024]            # host split of the pipelined loop
   python benchmarks/decode_kernels.py --nap 1,2,4                                # the same with the host asleep
+  python benchmarks/decode_kernels.py --batch 8                                  # a batched step of 8 rows
   ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --log-file K.csv \
       python benchmarks/decode_kernels.py --profile 2                            # the kernels of 3 tokens (NVIDIA)
   python benchmarks/decode_kernels.py --parse K.csv --tokens 3                   # their sum and the largest
@@ -43,6 +44,9 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--shape", default="full", choices=list(bench.SHAPES))
 ap.add_argument("--context", type=int, default=1024)
 ap.add_argument("--tokens", type=int, default=64)
+ap.add_argument("--batch", type=int, default=1,
+                help="decode steps of this many sequences together (kimi_mlx.batch's engine step: a BatchState, "
+                     "Model.decode_rows, one argmax); each 'token' below is then one step of all of them")
 ap.add_argument("--profile", type=int, default=0,
                 help="decode this many tokens (plus the one queued first) between cuProfilerStart/Stop")
 ap.add_argument("--prefill", type=int, default=0,
@@ -55,8 +59,10 @@ ap.add_argument("--nap", default="", help="comma-separated milliseconds: also ti
 ap.add_argument("--by-seam", action="store_true",
                 help="with --parse: also the first token's (step's) kernels cut at each norm, by kind")
 a = ap.parse_args()
-if a.tokens < 1 or a.steps < 1 or a.context < 0 or a.profile < 0 or a.prefill < 0:
-    ap.error("--tokens and --steps take a positive number, --context, --profile and --prefill zero or more")
+if a.tokens < 1 or a.steps < 1 or a.batch < 1 or a.context < 0 or a.profile < 0 or a.prefill < 0:
+    ap.error("--tokens, --steps and --batch take a positive number, --context, --profile and --prefill zero or more")
+if a.batch > 1 and (a.prefill or a.nap):
+    ap.error("--batch times decode steps: leave out --prefill and --nap")
 try:
     naps = [float(x) / 1e3 for x in a.nap.split(",") if x.strip()]
 except ValueError:
@@ -145,13 +151,55 @@ if a.parse:
 ours, _, cfg = bench.build(a.shape, peer=False, dtype=bench.activation_dtype())
 r = bench.Runner("kimi-mlx", ours, True)
 r.fill_context(a.context, ours.config) if a.context else r.reset()
-print(f"device: {bench.device_line()}; shape {a.shape}; decode at context {a.context}", flush=True)
+print(f"device: {bench.device_line()}; shape {a.shape}; decode at context {a.context}"
+      + (f", {a.batch} sequences a step" if a.batch > 1 else ""), flush=True)
+
+
+def batch_phases(n: int):
+    """decode_phases for a batch of a.batch rows at a.context (bench.time_batch_decode's step): the next step
+    built and queued while the current step's tokens are read. Returns the seconds of each phase."""
+    from kimi_mlx.batch_state import BatchState
+
+    B = a.batch
+    global batch_state
+    if batch_state is None:
+        batch_state = BatchState(ours, B)
+        for _ in range(B):
+            batch_state.add(r.state)
+
+    def step(y):
+        batch_state.prepare()
+        logits = ours.decode_rows(y.reshape(B, 1), batch_state)[:, -1]
+        batch_state.advance()
+        return mx.argmax(logits, axis=-1)
+
+    y = step(mx.arange(1, B + 1, dtype=mx.uint32))
+    mx.async_eval(y)
+    spent = [0.0, 0.0, 0.0]
+    for _ in range(n):
+        t0 = time.perf_counter()
+        nxt = step(y)
+        t1 = time.perf_counter()
+        mx.async_eval(nxt)
+        t2 = time.perf_counter()
+        y.tolist()
+        t3 = time.perf_counter()
+        spent = [spent[0] + t1 - t0, spent[1] + t2 - t1, spent[2] + t3 - t2]
+        y = nxt
+    y.tolist()
+    return spent
+
+
+batch_state = None
 
 
 def loop(n, nap=0.0):
     """bench.time_decode's loop (bench.decode_phases), each phase's seconds a token: (build, queue, wait)."""
-    y, spent = bench.decode_phases(r, n, nap=nap)
-    y.item()
+    if a.batch > 1:
+        spent = batch_phases(n)
+    else:
+        y, spent = bench.decode_phases(r, n, nap=nap)
+        y.item()
     return [x / n for x in spent]
 
 
@@ -230,5 +278,5 @@ print(f"{'tok/s':>8} {'build ms':>9} {'queue ms':>9} {'wait ms':>9}" + (f" {'nap
 for _ in range(3):
     for nap in [0.0, *naps]:
         b, q, w = loop(a.tokens, nap)
-        print(f"{1 / (b + q + w):8.1f} {b * 1e3:9.3f} {q * 1e3:9.3f} {w * 1e3:9.3f}"
+        print(f"{a.batch / (b + q + w):8.1f} {b * 1e3:9.3f} {q * 1e3:9.3f} {w * 1e3:9.3f}"
               + (f" {nap * 1e3:7.1f}" if naps else ""), flush=True)

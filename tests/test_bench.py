@@ -460,3 +460,22 @@ def test_recorder_labels_a_section_with_the_commit_given_before_git(tmp_path, mo
                           cwd=Path(__file__).resolve().parent).stdout.strip()
     titles = [line for line in out.read_text().splitlines() if line.startswith("### ")]
     assert titles[0].endswith("commit abc1234") and titles[1].endswith(f"commit {here or '?'}")
+
+
+def test_decode_kernels_script_times_a_batched_step():
+    """benchmarks/decode_kernels.py --batch B: each round times a decode step of B sequences together (the batch
+    engine's step); its rate is B over the step's summed phases."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_kernels.py"
+    out = subprocess.run([sys.executable, str(script), "--shape", "small", "--context", "64", "--tokens", "3",
+                          "--batch", "3"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "3 sequences a step" in out.stdout.splitlines()[0], out.stdout
+    rows = [[float(x) for x in s.split()] for s in out.stdout.splitlines()[2:]]
+    assert len(rows) == 3 and all(len(r) == 4 for r in rows), out.stdout
+    for rate, *ms in rows:
+        assert abs(rate - 3e3 / sum(ms)) <= 0.06 * rate + 0.1, out.stdout
+    bad = subprocess.run([sys.executable, str(script), "--batch", "2", "--nap", "1"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "--batch" in bad.stderr
