@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import KDA, MOE, ModelConfig
+from ..ops.linear import one_matrix
 from ..ops.norm import add_norm
 from ..state import KDAState, MLAState, ModelState, check_context, new_state
 from .common import MLP, RMSNorm
@@ -345,8 +346,8 @@ class Model(nn.Module):
 
     def logits(self, h: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+            return one_matrix(self.model.embed_tokens.as_linear, h)
+        return one_matrix(self.lm_head, h)
 
     def __call__(self, tokens: mx.array, state: ModelState | None = None) -> mx.array:
         p = self._pipeline
