@@ -318,7 +318,7 @@ def test_health_counts_running_and_queued_rows(server):
     assert health["running"] == 3 and health["queued"] == 1 and health["busy"] and health["max_batch"] == 3
     assert server.wait_idle(10) < 10
     idle = server.health()
-    assert (idle["running"], idle["queued"], idle["prefilling"]) == (0, 0, 0)
+    assert (idle["running"], idle["queued"], idle["prefilling"], idle["paused"]) == (0, 0, 0, 0)
 
 
 def test_concurrent_http_requests_equal_alone(server):
@@ -450,3 +450,85 @@ def test_a_burst_of_short_prompts_joins_in_one_round(demo):
     finally:
         engine.stop()
     assert all(s.rows_seen[0] == 8 for s in sinks)  # every first token came from a step of all eight rows
+
+
+# -- preemption: optimistic admission, a turn paused when the batch outgrows batch_memory ----------------------
+
+
+def drive(engine, specs, each_round=None) -> list[Sink]:
+    """The engine's rounds on this thread (deterministic), until every turn ended; each_round(jobs) after each."""
+    engine._new_batch()
+    sinks = [Sink(engine, s.n) for s in specs]
+    jobs = [engine.submit(s, k) for s, k in zip(specs, sinks)]
+    while not all(k.done.is_set() for k in sinks):
+        engine._take()
+        engine._iterate()
+        if each_round:
+            each_round(jobs)
+    return sinks
+
+
+def preempting(demo):
+    """Three turns without max_tokens (the server's --max-tokens cap of 40 replies for them) whose prompts end just
+    short of the first MLA page (256 rows): batch_memory fits the three rows admitted together with a 16-token
+    horizon (a page each, four slots) and their prompts' prefill, not the three past 256 tokens (a page of 512)."""
+    model, tok = demo
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0, max_tokens=40))
+    engine.horizon = 16
+    ban = {tok.im_end_id: -100.0, tok.eos_id: -100.0}
+    specs = []
+    for target, extra in ((232, {}), (238, {}), (226, dict(temperature=0.9, seed=4, repetition_penalty=1.3))):
+        words = 1
+        while len(chat_ids(tok, "go " * (words + 1))) <= target:
+            words += 1
+        ids = chat_ids(tok, "go " * words)
+        limit = model.config.max_position_embeddings
+        opts = {"temperature": 0.0, "logprobs": True, "logit_bias": ban, **extra}
+        opts["max_tokens"] = min(engine.settings.max_tokens or limit, limit - len(ids))  # as requests.options
+        specs.append(TurnSpec(ids, GenerationOptions.from_kwargs(**opts)))
+    size = engine.state_size
+    engine.batch_memory = size.batch(3, 256) + size.single(240)
+    assert all(256 < s.prompt.__len__() + s.options.max_tokens <= 512 for s in specs)
+    assert size.batch(3, 257) > engine.batch_memory  # the three cannot all grow past the page together
+    assert size.batch(3, 280) + size.single(240) > engine.batch_memory  # nor be admitted at their longest
+    return engine, specs
+
+
+def test_turns_without_max_tokens_batch_and_a_preempted_one_replies_as_alone(demo):
+    engine, specs = preempting(demo)
+    paused_rows = []
+    sinks = drive(engine, specs, lambda jobs: paused_rows.append(engine.rows_paused))
+    assert max(max(s.rows_seen) for s in sinks) == 3  # admitted together (at their worst case they would not be)
+    assert engine.preemptions >= 1 and max(paused_rows) >= 1 and engine.rows_paused == 0
+    for spec, got in zip(specs, sinks):
+        want = alone(demo, spec)
+        assert got.tokens() == want.tokens() and len(got.tokens()) == 40
+        assert "".join(e.text for e in got.events if isinstance(e, Piece)) == \
+            "".join(e.text for e in want.events if isinstance(e, Piece))
+        for a, b in zip(got.logprobs(), want.logprobs()):
+            assert abs(a - b) < LOGPROB_TOL
+        g, w = got.finished(), want.finished()
+        assert (g.finish_reason, g.prompt_tokens, g.completion_tokens, g.generated) == \
+            (w.finish_reason, w.prompt_tokens, w.completion_tokens, w.generated)
+    assert engine.batch.running == 0 and not engine._paused
+
+
+def test_cancelling_a_paused_turn_drops_it_and_the_others_go_on(demo):
+    engine, specs = preempting(demo)
+    cancelled = []
+
+    def cancel_paused(jobs):
+        for job in jobs:
+            if job.paused and not cancelled:
+                cancelled.append((job, len(job.paused)))
+                engine.cancel(job)
+
+    sinks = drive(engine, specs, cancel_paused)
+    job, rows = cancelled[0]
+    assert rows == 1 and job.closed and not job.paused and engine.rows_paused == 0
+    i = [k for k, sink in enumerate(sinks) if sink.events and isinstance(sink.events[-1], Failed)]
+    assert len(i) == 1 and sinks[i[0]].events[-1].message == "cancelled" and len(sinks[i[0]].tokens()) < 40
+    for k, (spec, sink) in enumerate(zip(specs, sinks)):
+        if k != i[0]:
+            assert sink.tokens() == alone(demo, spec).tokens()
+    assert engine.batch.running == 0 and not engine._paused
