@@ -18,7 +18,7 @@ one per as many joins or leaves as the slots they copy. Free slots below the hig
 decode (zeros' tokens, masked to their row 0) until a shrink cuts them off: slots are not compacted.
 
 `compact()` moves the occupied slots to the front and cuts the capacity and the page to what they need (one
-copy of every array, a layer at a time): what makes a row leaving for good-or-for-now (a server's preemption)
+copy of every array, a layer at a time): what makes a row that leaves (removed, or paused by a server's preemption)
 give its memory back at once. `layout_bytes` is the layout's size arithmetic, shared with the server's memory
 bound (server/worker.py StateSize), so the two cannot drift.
 

@@ -26,10 +26,12 @@ paused (BatchGenerator.pause: their states copied out of the batch, which is the
 head of the line; with one turn left in the batch, a prompt being prefilled goes back to the queue (its
 prefix-cache snapshots kept). This repeats until the step fits or one turn is left: a turn alone always runs (as
 a one-at-a-time server would run it; only then can the states go past batch_memory, as a turn longer than the
-budget does on its own, with any paused states). So while turns share the batch, its state never outgrows the budget by construction of
-that check. Paused turns resume first-admitted first, before any new turn is admitted, when they fit again; their
-clients see only a pause in the stream (the same tokens, finish and usage). The cost: a paused turn waits
-(and its state is copied out and back in). The queue is bounded by `max_queue` (more: QueueFull, a 503).
+budget does on its own, with any paused states). So while turns share the batch the states never outgrow the
+budget (no out-of-memory by construction of that check; transient copies inside a step aside, which the
+headroom below batch_memory covers). Paused turns resume first-admitted first, before any new turn is admitted,
+when they fit again; their clients see only a pause in the stream (the same tokens, finish and usage). The
+cost: a paused turn waits (and its state is copied out and back in). The queue is bounded by `max_queue`
+(more: QueueFull, a 503).
 """
 
 from __future__ import annotations
@@ -235,10 +237,11 @@ class EngineSettings:
 
 # Tokens past its current length each running row is reserved for (up to its longest) when a turn is admitted or
 # resumed. Every row grows a token a decode step and the batched state follows its longest row, so a batch that
-# fit with every row this far ahead decodes at least this many steps before the check before each step can
-# preempt anyone: a preemption (a turn's states copied out, later back in) is paid for by at least as many steps,
-# and a resumed turn is not paused again at once. It is the first page of the growth sequence (state.page_size),
-# the unit the MLA cache grows by, so it costs at most one more page per slot over the rows' current lengths.
+# fit with every row this far ahead decodes this many steps (unless another turn joins meanwhile) before the check
+# before each step can preempt anyone: a preemption (a turn's states copied out, later back in) is paid for by as
+# many steps, and a resumed turn is not paused again at once. It is the first page of the growth sequence
+# (state.page_size), the unit the MLA cache grows by, so it costs at most one more page per slot over the rows'
+# current lengths.
 PREEMPT_HORIZON = PAGE_FIRST
 
 STATE_HEADROOM = 2 << 30  # what the automatic batch_memory leaves for step activations, a prefill step, the OS
