@@ -532,3 +532,33 @@ def test_cancelling_a_paused_turn_drops_it_and_the_others_go_on(demo):
         if k != i[0]:
             assert sink.tokens() == alone(demo, spec).tokens()
     assert engine.batch.running == 0 and not engine._paused
+
+
+def test_a_prompt_being_prefilled_goes_back_to_the_queue_when_memory_runs_short(demo):
+    """One turn decoding, a long prompt fed 16 tokens a round beside it; the budget drops mid-prefill (as if the
+    running turn had outgrown it): the prompt, not the turn alone in the batch, goes back to the queue, starts over
+    when it fits again, and both replies equal the turns alone."""
+    from kimi_mlx.server.worker import Progress
+
+    model, tok = demo
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0, prefill_step_size=16))
+    engine.batch_memory = 1 << 40
+    ban = {tok.im_end_id: -100.0, tok.eos_id: -100.0}
+    specs = [TurnSpec(ids, GenerationOptions.from_kwargs(temperature=0.0, logit_bias=ban, max_tokens=30))
+             for ids in (list(range(100, 120)), [100 + i % 300 for i in range(200)])]
+    squeezed = []
+
+    def squeeze(jobs):
+        if not squeezed and engine._admitting is not None and engine._active and jobs[1].generated == 0:
+            squeezed.append(engine.step_bytes())
+            engine.batch_memory = squeezed[0] - 1  # the next step's check cannot pass with the prompt held
+        elif len(squeezed) == 1 and jobs[1] in engine._pending:
+            squeezed.append(True)
+            engine.batch_memory = 1 << 40
+
+    sinks = drive(engine, specs, squeeze)
+    assert len(squeezed) == 2 and engine.preemptions == 0
+    done = [e.done for e in sinks[1].events if isinstance(e, Progress)]
+    assert any(b <= a for a, b in zip(done, done[1:])) and done[-1] == 199  # it started over
+    for spec, sink in zip(specs, sinks):
+        assert sink.tokens() == alone(demo, spec).tokens() and len(sink.tokens()) == 30
