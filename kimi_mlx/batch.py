@@ -82,8 +82,9 @@ class PausedRow:
 
     @property
     def nbytes(self) -> int:
-        """Bytes it holds: its state (KDA state and MLA rows of every token fed) plus its pending draw's token
-        and logprobs (and the generator's own next state for the sequential twin, which is the state itself)."""
+        """Bytes it holds: its state (the KDA state and the MLA rows of every token fed, exactly as many) plus
+        its pending draw's token and logprobs (the sequential twin: its state, pages at their capacity; its
+        suspended generate_step holds the pending draw besides)."""
         if self.row is not None:
             return self.row.state.nbytes
         return self.state.nbytes + sum(a.nbytes for a in self.pending)
