@@ -5,6 +5,11 @@ Invariant: a row's Responses are the same whatever else is in the batch. Each ro
 (RowSampler: its own processors and Sampler key, so a seeded row draws the same stream alone or batched) and its
 own ReplyText (text, stop strings, finish reason, timings), both shared with the single-sequence Generation.
 
+A row can leave the batch and come back (pause, resume: a server's preemption when memory runs short): pause
+returns a PausedRow holding everything the row needs to go on exactly (its batch-1 state, the token it has drawn
+but not yet returned, its RowSampler and ReplyText), and a resumed row's Responses are those it would have
+produced had it never left.
+
 reference=True is the sequential twin: every row holds its own batch-1 ModelState and is stepped alone through
 generate_step, the single-sequence decode. It is what the batched engine is tested against.
 """
@@ -52,6 +57,39 @@ class _Row:
         return snap
 
 
+@dataclass
+class PausedRow:
+    """A row out of the batch (BatchGenerator.pause), everything it needs to go on exactly (resume).
+
+    Batched engine: `state` is a batch-1 ModelState holding every token fed so far (the prompt and every token
+    returned), `pending` the next token (token [1], logprobs [1, V]), already drawn but not yet returned, `sample`
+    the RowSampler (its Sampler key advanced past that draw; its processors' history up to the returned tokens)
+    and `reply` the ReplyText (detokenizer, stop matcher, tokens). Sequential twin: `row`, the whole _Row (its
+    generate_step holds the same things)."""
+
+    seq: int
+    reply: ReplyText
+    state: ModelState | None = None
+    pending: tuple | None = None
+    sample: RowSampler | None = None
+    plain: bool = False
+    row: _Row | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens its state holds."""
+        return (self.row.state if self.row is not None else self.state).offset
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes it holds: its state (the KDA state and the MLA rows of every token fed, exactly as many) plus
+        its pending draw's token and logprobs (the sequential twin: its state, pages at their capacity; its
+        suspended generate_step holds the pending draw besides)."""
+        if self.row is not None:
+            return self.row.state.nbytes
+        return self.state.nbytes + sum(a.nbytes for a in self.pending)
+
+
 class _Sequential:
     """reference=True: each row alone through generate_step on its own batch-1 state."""
 
@@ -89,6 +127,14 @@ class _Sequential:
             row.steps.close()
         return row is not None
 
+    def pause(self, seq: int) -> PausedRow:
+        """The row as it is: its generate_step is suspended between yields (it holds the pending draw)."""
+        row = self.rows.pop(seq)
+        return PausedRow(seq, row.reply, row=row)
+
+    def resume(self, paused: PausedRow) -> None:
+        self.rows[paused.seq] = paused.row
+
     def _row(self, seq: int) -> _Row | None:
         return self.rows.get(seq) or self.finished.get(seq)
 
@@ -109,7 +155,7 @@ class _Slot:
     reply: ReplyText
     sample: RowSampler
     plain: bool  # greedy without processors: its token is the batch's one argmax
-    initial: ModelState  # the state it joined with (the prompt but its last token)
+    initial: ModelState | None  # the state it joined with (the prompt but its last token; None: resumed)
     offset: int  # tokens its slot holds
     first: tuple | None  # (token [1], logprobs [1, V]) drawn at insert, until the first step returns it
     y: mx.array | None = None  # its pending token [1], drawn by the latest step (fed by the next)
@@ -236,6 +282,51 @@ class _Batched:
             self.batch.free(row.slot)
         return row is not None
 
+    def pause(self, seq: int) -> PausedRow:
+        """Between steps a running row's slot holds every token fed so far (a row that joined since the latest
+        step: its prompt with `last` fed), and its next token is drawn but not returned: `first` (joined since)
+        or its share of the latest forward's draws (y, and its logprobs row). Its slot is read out now and
+        freed; the draw is kept as it is (its sampler already advanced past it, its processors not yet fed it)."""
+        row = self.rows.pop(seq)
+        state = self.batch.extract(row.slot, self.batch.mark(), row.offset)
+        if row.first is not None:
+            pending = row.first
+        else:
+            pending = (row.y, self.lp_all[row.slot : row.slot + 1])
+        pending = tuple(mx.contiguous(a) for a in pending)  # (not the whole batch's arrays)
+        mx.eval(*pending)
+        self.batch.free(row.slot)
+        return PausedRow(seq, row.reply, state, pending, row.sample, row.plain)
+
+    def compact(self) -> None:
+        """The batch's occupied slots to the front, its capacity and page cut to them (BatchState.compact), the
+        rows' slots and the latest draws renumbered. Finished rows' final states are read out first; a running
+        row's state() is readable again after the next step (the latest mark is of the old layout)."""
+        self._hold_slots()
+        order = self.batch.compact()
+        if order is None:
+            return
+        new = {old: b for b, old in enumerate(order)}
+        for row in self.rows.values():
+            row.slot = new[row.slot]
+            if row.marked is not None:
+                row.marked, row.initial = None, None
+        self.mark = None
+        if self.y_all is not None and order:
+            n = self.y_all.shape[0]  # (slots filled since the latest forward hold rows with their own `first`)
+            idx = mx.array([b if b < n else 0 for b in order] + [0] * (self.batch.capacity - len(order)), mx.int32)
+            self.y_all, self.lp_all = mx.take(self.y_all, idx, axis=0), mx.take(self.lp_all, idx, axis=0)
+        elif not order:
+            self.y_all = self.lp_all = None
+
+    def resume(self, paused: PausedRow) -> None:
+        """The row joins a free slot as insert's rows do: its pending draw as `first` (returned by the next step,
+        which feeds it), its own sampler and reply."""
+        self._hold_slots()
+        b = self.batch.add(paused.state)
+        self.rows[paused.seq] = _Slot(b, paused.reply, paused.sample, paused.plain, None, paused.state.offset,
+                                      paused.pending)
+
     def _row(self, seq: int) -> _Slot | None:
         return self.rows.get(seq) or self.finished.get(seq)
 
@@ -246,6 +337,9 @@ class _Batched:
         if row is None:
             return None
         if row.marked is None:
+            if row.initial is None:  # (its state holds its last token, which state() leaves out)
+                raise KimiError(f"sequence {seq} was resumed and has not stepped since: its state is readable "
+                                f"after the next step")
             return row.initial.snapshot()
         return self.batch.extract(row.slot, self.mark, row.marked)
 
@@ -332,10 +426,46 @@ class BatchGenerator:
         if not self._engine.remove(seq):
             raise KimiError(f"no sequence {seq} in the batch")
 
+    def pause(self, seq: int) -> PausedRow:
+        """Take a running row out of the batch (between steps), freeing its slot: the PausedRow holds everything
+        it needs to go on (see PausedRow; its nbytes is what it keeps in memory). The other rows are untouched.
+        The slot's memory stays the batch's until compact() (pausing several rows, compact once after)."""
+        if seq not in self._engine.rows:
+            raise KimiError(f"no running sequence {seq} in the batch")
+        return self._engine.pause(seq)
+
+    def compact(self) -> None:
+        """Give back the memory of slots freed by pause or remove now: the running rows move to the front slots
+        and the batched state's capacity and page are cut to what they need (one copy of the state, a layer at a
+        time; nothing when it would not shrink). The rows' Responses are unchanged. A running row's state() is
+        readable again after the next step."""
+        if not self.reference:
+            self._engine.compact()
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(slots, MLA page rows) the batched state holds now ((0, 0): none, or the sequential twin)."""
+        if self.reference:
+            return 0, 0
+        return self._engine.batch.capacity, self._engine.batch.rows
+
+    def resume(self, paused: PausedRow) -> int:
+        """Put a paused row back into a free slot (any: slots are not the row's identity); it keeps its sequence
+        id, returned. The next step returns exactly the Response the row would have returned had it never left
+        (its tokens, text, logprobs and finish). Raises KimiError if no row is free."""
+        if self.free < 1:
+            raise KimiError(f"no free row to resume sequence {paused.seq}: {self.running} of max_batch "
+                            f"{self.max_batch} are running")
+        if (paused.row is not None) != self.reference or paused.seq in self._engine.rows:
+            raise KimiError(f"sequence {paused.seq} was not paused by this batch")
+        self._engine.resume(paused)
+        return paused.seq
+
     def state(self, seq: int) -> ModelState:
         """A batch-1 snapshot of a row's state: the prompt and every generated token but the last (which, as
         insert's `last`, is the next to feed). Rows that finished in the latest step stay readable until the
-        next step."""
+        next step; a row resumed since the latest step is readable after the next one (a paused row: its
+        PausedRow.state holds every token fed, its pending one not among them)."""
         state = self._engine.state(seq)
         if state is None:
             raise KimiError(f"no sequence {seq} in the batch")

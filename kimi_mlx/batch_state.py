@@ -17,6 +17,11 @@ of every slot happen only at those growths and shrinks, which the factor of four
 one per as many joins or leaves as the slots they copy. Free slots below the highest occupied one still
 decode (zeros' tokens, masked to their row 0) until a shrink cuts them off: slots are not compacted.
 
+`compact()` moves the occupied slots to the front and cuts the capacity and the page to what they need (one
+copy of every array, a layer at a time): what makes a row that leaves (removed, or paused by a server's preemption)
+give its memory back at once. `layout_bytes` is the layout's size arithmetic, shared with the server's memory
+bound (server/worker.py StateSize), so the two cannot drift.
+
 Arrays are values: a StateMark-like `mark()` (the KDA arrays and the lengths) keeps what a slot held before a
 step, and `extract` reads a slot back as a batch-1 ModelState (its MLA rows are append-only, so rows below
 the marked length are still the slot's while it runs).
@@ -54,6 +59,22 @@ def _put_row(a: mx.array, b: int, x: mx.array) -> mx.array:
     """a with x (one row, [1, ...] no larger than a's rows) written at slot b, leading corner: a new array."""
     return mx.slice_update(a, x.astype(a.dtype), mx.array([b] + [0] * (a.ndim - 1), mx.int32),
                            tuple(range(a.ndim)))
+
+
+def slots_for(sequences: int, max_batch: int, capacity: int = 1) -> int:
+    """The capacity holding `sequences` occupied slots: `capacity` (at least 1) doubled until it does, at most
+    max_batch (how add grows it)."""
+    c = max(capacity, 1)
+    while c < min(sequences, max_batch):
+        c = min(max_batch, 2 * c)
+    return c
+
+
+def layout_bytes(slots: int, rows: int, slot_bytes: int, row_bytes: int, copies: int = 1) -> int:
+    """Bytes of the batched layout: `slots` slots, each the per-sequence fixed part (`slot_bytes`: the KDA
+    state) and a page of page_size(rows) MLA rows (`row_bytes`: one row over every MLA layer). copies=2 counts a
+    growing page's transient copy (the old page and the new one)."""
+    return slots * (slot_bytes + copies * page_size(rows) * row_bytes)
 
 
 class BatchLatent:
@@ -236,17 +257,45 @@ class BatchState:
         if not self.layers:
             self.bits = bits
             self._build(self.model.new_state(1, cache_bits=bits))
-        c = max(self.capacity, 1)
-        while c < min(self.running + n, self.max_batch):
-            c = min(self.max_batch, 2 * c)
-        p = page_size(max([rows, *self.lens]) + 1)
         slot = row = 0
         for s in self.layers:
             if isinstance(s, KDAState):
                 slot += (s.conv.nbytes + s.recurrent.nbytes) // self.capacity
             else:
                 row += sum(a.nbytes for a in s.page) // (self.capacity * self.rows)
-        return c * (slot + p * row)
+        return layout_bytes(slots_for(self.running + n, self.max_batch, self.capacity), max([rows, *self.lens]) + 1,
+                            slot, row)
+
+    def compact(self) -> list[int] | None:
+        """Move the occupied slots to the front (in slot order), cut the capacity to the smallest holding them
+        (slots_for) and the page to the growth size holding the longest slot's next row, if that makes the batch
+        smaller; None if it would not. Every array is copied, a layer at a time (each evaluated before the next,
+        so the transient is one layer's copy). Returns the old slot of each new occupied slot (new slot i held
+        old slot order[i]). Any BatchMark taken before is stale afterwards."""
+        order = [b for b, u in enumerate(self.used) if u]
+        if not self.layers:
+            return None
+        if not order:  # nothing runs: drop the arrays (the next add builds them again)
+            self.layers, self.capacity, self.rows, self.lens, self.used = [], 0, 0, [], []
+            self._lengths_changed()
+            return []
+        c = slots_for(len(order), self.max_batch)
+        p = min(self.rows, page_size(max(self.lens) + 1))
+        if c >= self.capacity and p >= self.rows:
+            return None
+        idx = mx.array(order + [order[0]] * (c - len(order)), mx.int32)  # (free slots: any content)
+        for i, s in enumerate(self.layers):
+            if isinstance(s, KDAState):
+                self.layers[i] = KDAState(mx.take(s.conv, idx, axis=0), mx.take(s.recurrent, idx, axis=0))
+                mx.eval(self.layers[i].conv, self.layers[i].recurrent)
+            else:
+                s.page = tuple(mx.contiguous(mx.take(a, idx, axis=0)[:, :p]) for a in s.page)
+                mx.eval(*s.page)
+        self.lens = [self.lens[b] for b in order] + [0] * (c - len(order))
+        self.used = [True] * len(order) + [False] * (c - len(order))
+        self.capacity, self.rows = c, p
+        self._lengths_changed()
+        return order
 
     def arrays(self) -> dict[str, mx.array]:
         return layer_arrays(self.layers)
@@ -255,4 +304,4 @@ class BatchState:
         mx.eval(list(self.arrays().values()))
 
 
-__all__ = ["BatchLatent", "BatchMark", "BatchState", "CACHE_GROUP_SIZE", "page_size"]
+__all__ = ["BatchLatent", "BatchMark", "BatchState", "CACHE_GROUP_SIZE", "layout_bytes", "page_size", "slots_for"]

@@ -215,9 +215,10 @@ def serve(
                                   help="sequences decoded together (continuous batching; a request with n "
                                        "choices takes n rows)"),
     batch_memory: str = typer.Option("auto", "--batch-memory",
-                                     help="memory the running sequences' states may reserve, each at its longest "
-                                          "(prompt + max_tokens) (e.g. 16GiB; auto: the device's memory less the "
-                                          "weights, the prefix cache and 2 GiB)"),
+                                     help="memory the sequences' states may hold (e.g. 16GiB; auto: the device's "
+                                          "memory less the weights, the prefix cache and 2 GiB); requests start "
+                                          "reserved a page ahead of their length and the latest started is paused "
+                                          "while the batch would outgrow it"),
     distributed: Distributed = False,
     experts_memory: ExpertsMemory = None,
 ):

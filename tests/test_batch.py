@@ -301,3 +301,97 @@ def test_bytes_with_is_what_the_batch_holds_after_the_join(demo):
         gen.insert(state, ids[-1], GenerationOptions(max_tokens=4, temperature=0.0), n=n)
         gen.step()
         assert gen.nbytes == want
+
+
+PAUSE_OPTIONS = {"greedy": dict(max_tokens=8, temperature=0.0, logprobs=True),
+                 "seeded": dict(max_tokens=8, temperature=1.0, top_p=0.9, seed=7, logprobs=True),
+                 "penalised": dict(max_tokens=8, temperature=0.8, seed=5, repetition_penalty=1.5,
+                                   presence_penalty=0.5, logprobs=True, top_logprobs=2)}
+
+
+@pytest.mark.parametrize("kind", list(PAUSE_OPTIONS))
+def test_a_paused_row_resumes_exactly(demo, reference, kind):
+    """A row paused at any point (right after insert; mid-way; when its next token is its last allowed) and resumed
+    later, into another slot (a row that joined meanwhile took its old one, and the batch was compacted), yields the
+    same tokens, text, finish and logprobs as never paused; so do the rows around it."""
+    model, tok = demo
+    opts = PAUSE_OPTIONS[kind]
+    M = opts["max_tokens"]
+    want = {p: alone(model, tok, p, **opts) for p in PROMPTS}
+    for k in (0, 3, M - 1):
+        gen = BatchGenerator(model, tok, max_batch=4, reference=reference)
+        prompts = {}
+        for p in PROMPTS[:3]:
+            state, ids = prefilled(model, tok, p)
+            prompts[gen.insert(state, ids[-1], GenerationOptions(**opts), context_tail=ids[:-1])[0]] = p
+        target = list(prompts)[1]
+        got = {s: [] for s in prompts}
+        paused, step = None, -1
+        while step < k + 2 or gen.running:
+            step += 1
+            if step == k:
+                slot = None if reference else gen._engine.rows[target].slot
+                paused = gen.pause(target)
+                assert gen.running == 2
+                assert paused.nbytes > 0
+                if not reference:
+                    assert paused.tokens == len(tok.encode(prompts[target])) + k
+                    assert paused.nbytes == paused.state.nbytes + paused.pending[1].nbytes + paused.pending[0].nbytes
+                with pytest.raises(KimiError, match="no running sequence"):
+                    gen.pause(target)
+            if step == k + 1:  # a new row takes the freed slot
+                state, ids = prefilled(model, tok, PROMPTS[3])
+                s = gen.insert(state, ids[-1], GenerationOptions(**opts), context_tail=ids[:-1])[0]
+                prompts[s], got[s] = PROMPTS[3], []
+                if not reference and k < M - 1:  # (at M - 1 the others have finished: a lower slot is free)
+                    assert gen._engine.rows[s].slot == slot
+            if step == k + 2:
+                gen.compact()
+                assert gen.resume(paused) == target and gen.running == len([s for s in got if not got[s] or
+                                                                              not got[s][-1].finish_reason])
+                if not reference and k < M - 1:
+                    assert gen._engine.rows[target].slot != slot
+                paused = None
+            for s, r in gen.step():
+                got[s].append(r)
+                if s == target and r.finish_reason:  # its final state, readable until the next step
+                    assert gen.state(target).offset == len(tok.encode(prompts[target])) + M - 1
+        assert not gen.running and paused is None
+        for s, p in prompts.items():
+            assert_same(got[s], want[p])
+            assert len(got[s]) == M
+
+
+def test_compact_gives_the_memory_back_and_rows_go_on(demo, reference):
+    """Pausing rows then compact(): the batched state shrinks to the rows left (capacity and page); every row's
+    Responses, the paused one's after resume too, stay those of the row alone; a resumed row's state() is
+    readable after its next step."""
+    model, tok = demo
+    opts = dict(max_tokens=6, temperature=0.0, logprobs=True)
+    gen = BatchGenerator(model, tok, max_batch=4, reference=reference)
+    long = "a b c d e f " * 60  # past the first page: the page shrinks when it leaves
+    prompts = {}
+    for p in (PROMPTS[0], long, PROMPTS[2], PROMPTS[3]):
+        state, ids = prefilled(model, tok, p)
+        prompts[gen.insert(state, ids[-1], GenerationOptions(**opts), context_tail=ids[:-1])[0]] = p
+    got = {s: [r] for s, r in gen.step()}
+    seqs = list(prompts)
+    before = gen.nbytes
+    paused = [gen.pause(seqs[1]), gen.pause(seqs[3])]
+    gen.compact()
+    if not reference:
+        assert gen.layout == (2, 256) and gen.nbytes < before / 2
+    with pytest.raises(KimiError, match="no sequence"):
+        gen.state(seqs[1])
+    for s, r in gen.step():
+        got[s].append(r)
+    for p in paused:
+        gen.resume(p)
+    if not reference:
+        with pytest.raises(KimiError, match="after the next step"):
+            gen.state(seqs[1])
+    while gen.running:
+        for s, r in gen.step():
+            got[s].append(r)
+    for s, p in prompts.items():
+        assert_same(got[s], alone(model, tok, p, **opts))

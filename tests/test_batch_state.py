@@ -146,3 +146,37 @@ def test_bytes_with_predicts_the_batch_after_a_join(demo_random):
     batch.add(long)
     batch.prepare()
     assert batch.nbytes == want and batch.capacity == 4 and batch.rows == 512
+
+
+def test_compact_moves_slots_to_the_front_and_gives_memory_back(demo_random):
+    """compact(): the occupied slots to the front in slot order, capacity and page cut to them; every slot reads
+    back as before; the batch then holds layout_bytes of its layout; nothing changes when nothing would shrink."""
+    from kimi_mlx.batch_state import layout_bytes, slots_for
+
+    model, _ = demo_random
+    batch = BatchState(model, max_batch=8)
+    states = []
+    for n in (5, 300, 9, 17, 3):
+        s = model.new_state(1)
+        prefill(model, s, [3 + i % 200 for i in range(n)])
+        states.append(s)
+        batch.add(s)
+    batch.prepare()
+    assert (batch.capacity, batch.rows) == (8, 512)
+    assert batch.compact() is None  # nothing to shrink
+    for b in (1, 3, 4):
+        batch.free(b)
+    before = batch.nbytes
+    assert batch.compact() == [0, 2]
+    assert (batch.capacity, batch.rows, batch.used, batch.lens) == (2, 256, [True, True], [5, 9])
+    kda = sum(a.nbytes for s in batch.layers if not hasattr(s, "page") for a in (s.conv, s.recurrent)) // 2
+    row = sum(a.nbytes for s in batch.layers if hasattr(s, "page") for a in s.page) // (2 * 256)
+    assert batch.nbytes == layout_bytes(slots_for(2, 8), 9 + 1, kda, row) < before / 4
+    mark = batch.mark()
+    for b, s in ((0, states[0]), (1, states[2])):  # each slot continues exactly as its sequence alone
+        got = batch.extract(b, mark, s.offset)
+        want = s.snapshot()
+        assert (got.offset, got.nbytes > 0) == (s.offset, True)
+        assert mx.array_equal(model(mx.array([[7]]), got), model(mx.array([[7]]), want)).item()
+    batch.free(0), batch.free(1)
+    assert batch.compact() == [] and batch.nbytes == 0 and batch.capacity == 0

@@ -318,7 +318,7 @@ def test_health_counts_running_and_queued_rows(server):
     assert health["running"] == 3 and health["queued"] == 1 and health["busy"] and health["max_batch"] == 3
     assert server.wait_idle(10) < 10
     idle = server.health()
-    assert (idle["running"], idle["queued"], idle["prefilling"]) == (0, 0, 0)
+    assert (idle["running"], idle["queued"], idle["prefilling"], idle["paused"]) == (0, 0, 0, 0)
 
 
 def test_concurrent_http_requests_equal_alone(server):
@@ -450,3 +450,126 @@ def test_a_burst_of_short_prompts_joins_in_one_round(demo):
     finally:
         engine.stop()
     assert all(s.rows_seen[0] == 8 for s in sinks)  # every first token came from a step of all eight rows
+
+
+# -- preemption: optimistic admission, a turn paused when the batch outgrows batch_memory ----------------------
+
+
+def drive(engine, specs, each_round=None) -> list[Sink]:
+    """The engine's rounds on this thread (deterministic), until every turn ended; each_round(jobs) after each."""
+    engine._new_batch()
+    sinks = [Sink(engine, s.n) for s in specs]
+    jobs = [engine.submit(s, k) for s, k in zip(specs, sinks)]
+    while not all(k.done.is_set() for k in sinks):
+        engine._take()
+        engine._iterate()
+        if each_round:
+            each_round(jobs)
+    return sinks
+
+
+def preempting(demo):
+    """Three turns without max_tokens (the server's --max-tokens cap of 40 replies for them) whose prompts end just
+    short of the first MLA page (256 rows): batch_memory fits the three rows admitted together with a 16-token
+    horizon (a page each, four slots) and their prompts' prefill, not the three past 256 tokens (a page of 512)."""
+    model, tok = demo
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0, max_tokens=40))
+    engine.horizon = 16
+    ban = {tok.im_end_id: -100.0, tok.eos_id: -100.0}
+    specs = []
+    for target, extra in ((232, {}), (238, {}), (226, dict(temperature=0.9, seed=4, repetition_penalty=1.3))):
+        words = 1
+        while len(chat_ids(tok, "go " * (words + 1))) <= target:
+            words += 1
+        ids = chat_ids(tok, "go " * words)
+        limit = model.config.max_position_embeddings
+        opts = {"temperature": 0.0, "logprobs": True, "logit_bias": ban, **extra}
+        opts["max_tokens"] = min(engine.settings.max_tokens or limit, limit - len(ids))  # as requests.options
+        specs.append(TurnSpec(ids, GenerationOptions.from_kwargs(**opts)))
+    size = engine.state_size
+    engine.batch_memory = size.batch(3, 256) + size.single(240)
+    assert all(256 < s.prompt.__len__() + s.options.max_tokens <= 512 for s in specs)
+    assert size.batch(3, 257) > engine.batch_memory  # the three cannot all grow past the page together
+    assert size.batch(3, 280) + size.single(240) > engine.batch_memory  # nor be admitted at their longest
+    return engine, specs
+
+
+_ALONE: dict = {}
+
+
+def alone_once(demo, spec: TurnSpec) -> Sink:
+    """alone(), once per prompt and options (the preemption tests share their turns)."""
+    key = (tuple(spec.prompt), repr(spec.options))
+    if key not in _ALONE:
+        _ALONE[key] = alone(demo, spec)
+    return _ALONE[key]
+
+
+def test_turns_without_max_tokens_batch_and_a_preempted_one_replies_as_alone(demo):
+    engine, specs = preempting(demo)
+    paused_rows = []
+    sinks = drive(engine, specs, lambda jobs: paused_rows.append(engine.rows_paused))
+    assert max(max(s.rows_seen) for s in sinks) == 3  # admitted together (at their worst case they would not be)
+    assert engine.preemptions >= 1 and max(paused_rows) >= 1 and engine.rows_paused == 0
+    for spec, got in zip(specs, sinks):
+        want = alone_once(demo, spec)
+        assert got.tokens() == want.tokens() and len(got.tokens()) == 40
+        assert "".join(e.text for e in got.events if isinstance(e, Piece)) == \
+            "".join(e.text for e in want.events if isinstance(e, Piece))
+        for a, b in zip(got.logprobs(), want.logprobs()):
+            assert abs(a - b) < LOGPROB_TOL
+        g, w = got.finished(), want.finished()
+        assert (g.finish_reason, g.prompt_tokens, g.completion_tokens, g.generated) == \
+            (w.finish_reason, w.prompt_tokens, w.completion_tokens, w.generated)
+    assert engine.batch.running == 0 and not engine._paused
+
+
+def test_cancelling_a_paused_turn_drops_it_and_the_others_go_on(demo):
+    engine, specs = preempting(demo)
+    cancelled = []
+
+    def cancel_paused(jobs):
+        for job in jobs:
+            if job.paused and not cancelled:
+                cancelled.append((job, len(job.paused)))
+                engine.cancel(job)
+
+    sinks = drive(engine, specs, cancel_paused)
+    job, rows = cancelled[0]
+    assert rows == 1 and job.closed and not job.paused and engine.rows_paused == 0
+    i = [k for k, sink in enumerate(sinks) if sink.events and isinstance(sink.events[-1], Failed)]
+    assert len(i) == 1 and sinks[i[0]].events[-1].message == "cancelled" and len(sinks[i[0]].tokens()) < 40
+    for k, (spec, sink) in enumerate(zip(specs, sinks)):
+        if k != i[0]:
+            assert sink.tokens() == alone_once(demo, spec).tokens()
+    assert engine.batch.running == 0 and not engine._paused
+
+
+def test_a_prompt_being_prefilled_goes_back_to_the_queue_when_memory_runs_short(demo):
+    """One turn decoding, a long prompt fed 16 tokens a round beside it; the budget drops mid-prefill (as if the
+    running turn had outgrown it): the prompt, not the turn alone in the batch, goes back to the queue, starts over
+    when it fits again, and both replies equal the turns alone."""
+    from kimi_mlx.server.worker import Progress
+
+    model, tok = demo
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0, prefill_step_size=16))
+    engine.batch_memory = 1 << 40
+    ban = {tok.im_end_id: -100.0, tok.eos_id: -100.0}
+    specs = [TurnSpec(ids, GenerationOptions.from_kwargs(temperature=0.0, logit_bias=ban, max_tokens=30))
+             for ids in (list(range(100, 120)), [100 + i % 300 for i in range(200)])]
+    squeezed = []
+
+    def squeeze(jobs):
+        if not squeezed and engine._admitting is not None and engine._active and jobs[1].generated == 0:
+            squeezed.append(engine.step_bytes())
+            engine.batch_memory = squeezed[0] - 1  # the next step's check cannot pass with the prompt held
+        elif len(squeezed) == 1 and jobs[1] in engine._pending:
+            squeezed.append(True)
+            engine.batch_memory = 1 << 40
+
+    sinks = drive(engine, specs, squeeze)
+    assert len(squeezed) == 2 and engine.preemptions == 0
+    done = [e.done for e in sinks[1].events if isinstance(e, Progress)]
+    assert any(b <= a for a, b in zip(done, done[1:])) and done[-1] == 199  # it started over
+    for spec, sink in zip(specs, sinks):
+        assert sink.tokens() == alone(demo, spec).tokens() and len(sink.tokens()) == 30

@@ -13,9 +13,14 @@ snapshot of the longest prefix it has seen (snapshots are taken at every message
 --snapshot-interval prompt tokens and after every reply) and feeds only the rest;
 usage.prompt_tokens_details.cached_tokens says how many tokens were reused. One engine thread batches requests
 continuously: up to --max-batch sequences decode together, a new request's prompt is fed a step at a time
-between their decode steps and it joins the batch when fed; `n` choices are n rows sharing one prefill. Each
-request reserves its rows' state at their longest against --batch-memory (the next waits while the running
-ones leave no room); up to --max-queue wait, more get a 503.
+between their decode steps and it joins the batch when fed; `n` choices are n rows sharing one prefill. The
+rows' states are held within --batch-memory optimistically: a request starts when its rows fit with every row
+reserved a page ahead of its current length (not at its longest, which for a request without max_tokens is
+the whole context), and before each decode step, if the step would go past the budget, the most recently started
+request is preempted: its rows' states are copied out of the batch and it resumes, first started first and
+before new requests start, when they fit again; its client sees only a pause in the stream (the same tokens and
+usage). So concurrent requests never outgrow the budget (a request alone always runs); the cost is that a
+preempted one waits. Up to --max-queue wait, more get a 503.
 
 Modules: app (routes, auth, SSE), schemas (request bodies), requests (request -> TurnSpec),
 openai_format (chat and completion objects), responses (the Responses API and its store), worker (the

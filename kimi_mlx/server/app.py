@@ -129,9 +129,11 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     @app.get("/health")
     async def health():
         # running: rows decoding in the batch (a request with n choices has n); prefilling: requests whose
-        # prompt is being fed; queued: requests waiting to start (for rows, memory or their turn)
+        # prompt is being fed; queued: requests waiting to start (for rows, memory or their turn); paused: rows
+        # of requests preempted for memory (they resume when it frees); preemptions: requests paused so far
         return {"status": "ok", "model": settings.model_id, "version": __version__, "busy": engine.busy,
                 "running": engine.rows_running, "prefilling": engine.prefilling, "queued": engine.waiting,
+                "paused": engine.rows_paused, "preemptions": engine.preemptions,
                 "waiting": engine.waiting, "max_batch": engine.settings.max_batch,
                 "prefix_cache": asdict(engine.cache.stats()), "stored_responses": len(store)}
 

@@ -13,11 +13,25 @@ state is stored in the prefix cache for the next turn. A cancelled turn leaves a
 state is dropped. A scoring turn (completions with echo and logprobs) feeds its prompt from the empty state
 instead, reading the log-probability of every prompt token from the logits on the way.
 
-Memory: a turn is admitted only if the batch's state, with the turn's rows added and every row at its longest
-(prompt + max_tokens), stays within `batch_memory` (`StateSize.batch`: the batched state gives every slot
-room for the longest row); the head of the queue waits meanwhile (a turn alone is always admitted, as a
-one-at-a-time server would run it), so the batch never outgrows the budget. The queue is bounded by
-`max_queue` (more: QueueFull, a 503).
+Memory: the rows' states (the batched state, paused rows, the prompt being prefilled) are held within
+`batch_memory`, optimistically. A turn is admitted (and a paused one resumed) if the batch's state, with its rows
+added and every row reserved at min(its longest, its current length + PREEMPT_HORIZON), plus its own batch-1
+state while it is prefilled and the paused rows' bytes, fits (`StateSize.batch`: the batched state gives every
+slot room for the longest row). Rows that may reply up to the context limit (a request without max_tokens) are
+not reserved at that worst case, so they batch. Before every decode step the engine checks the state the step
+will hold: the batch at the rows' current lengths plus that step's growth (a growing page counted twice: it is
+copied), the paused rows and a prompt being prefilled; if that exceeds batch_memory it gives the batch's freed
+slots back (BatchGenerator.compact), then preempts the most recently admitted running turn: all its rows are
+paused (BatchGenerator.pause: their states copied out of the batch, which is then compacted) and it goes to the
+head of the line; with one turn left in the batch, a prompt being prefilled goes back to the queue (its
+prefix-cache snapshots kept). This repeats until the step fits or one turn is left: a turn alone always runs (as
+a one-at-a-time server would run it; only then can the states go past batch_memory, as a turn longer than the
+budget does on its own, with any paused states). So while turns share the batch the states never outgrow the
+budget (no out-of-memory by construction of that check; transient copies inside a step aside, which the
+headroom below batch_memory covers). Paused turns resume first-admitted first, before any new turn is admitted,
+when they fit again; their clients see only a pause in the stream (the same tokens, finish and usage). The
+cost: a paused turn waits (and its state is copied out and back in). The queue is bounded by `max_queue`
+(more: QueueFull, a 503).
 """
 
 from __future__ import annotations
@@ -32,13 +46,13 @@ from dataclasses import dataclass, replace, field
 
 import mlx.core as mx
 
-from ..batch import BatchGenerator
+from ..batch import BatchGenerator, PausedRow
 from ..errors import KimiError
 from ..feed import PREFILL_STEP, prefill_step, step_lengths
 from ..generate import Generation, GenerationOptions, stop_ids
 from ..speculate import SpecStats
-from ..batch_state import page_size
-from ..state import MLAState, encode_rows
+from ..batch_state import layout_bytes, slots_for
+from ..state import PAGE_FIRST, MLAState, encode_rows
 from .constrain import Grammars, ban_tokens, once
 from .prefix_cache import PrefixCache
 
@@ -189,8 +203,16 @@ class Job:
         self.t0 = 0.0
         self.cached = 0
         self.first: float | None = None  # seconds from admission to the first generated token
-        self.rows: dict[int, int] = {}  # batch sequence id -> choice index
+        self.rows: dict[int, int] = {}  # batch sequence id -> choice index (its paused rows' too)
+        self.order = 0  # admission number: preemption takes the latest admitted, resumption the first
+        self.generated = 0  # decode steps its rows have taken (its n rows join, step, pause and resume together)
+        self.paused: list[PausedRow] = []  # its rows while preempted
         self.closed = False  # every choice finished, or the turn failed: no more events
+
+    @property
+    def length(self) -> int:
+        """Tokens each of its rows holds in the batch (its prompt, forced reply start and generated tokens)."""
+        return len(self.spec.prompt) + len(self.spec.forced) + self.generated
 
     def emit(self, event: Event) -> None:
         try:
@@ -213,6 +235,15 @@ class EngineSettings:
     ngram: int = 3
 
 
+# Tokens past its current length each running row is reserved for (up to its longest) when a turn is admitted or
+# resumed. Every row grows a token a decode step and the batched state follows its longest row, so a batch that
+# fit with every row this far ahead decodes this many steps (unless another turn joins meanwhile) before the check
+# before each step can preempt anyone: a preemption (a turn's states copied out, later back in) is paid for by as
+# many steps, and a resumed turn is not paused again at once. It is the first page of the growth sequence
+# (state.page_size), the unit the MLA cache grows by, so it costs at most one more page per slot over the rows'
+# current lengths.
+PREEMPT_HORIZON = PAGE_FIRST
+
 STATE_HEADROOM = 2 << 30  # what the automatic batch_memory leaves for step activations, a prefill step, the OS
 
 
@@ -231,9 +262,11 @@ def auto_batch_memory(prefix_cache_bytes: int) -> int:
 class StateSize:
     """State bytes of this model. `single(tokens)`: a batch-1 state after `tokens` tokens (the KDA state plus,
     per MLA layer, the pages at their rounded capacity and one more last page for the copy made while it
-    grows; see state.py). `batch(rows, longest)`: the batched state (batch_state.py) of `rows` rows with the
-    longest at `longest` tokens: its slots (rows rounded up to a power of two, up to max_batch) each hold the
-    KDA state and MLA rows for the longest row, at the page size holding it, twice (a growing page is copied)."""
+    grows; see state.py). `batch(rows, longest)`: the batched state (batch_state.py, whose layout_bytes it uses)
+    of `rows` rows with the longest at `longest` tokens: its slots (rows rounded up to a power of two, up to
+    max_batch; at least `slots`, a batch's present capacity) each hold the KDA state and MLA rows for the longest
+    row, at the page size holding it (at least `page` rows, a batch's present page), twice (a growing page is
+    copied)."""
 
     def __init__(self, model, max_batch: int):
         state = model.new_state(1)
@@ -251,11 +284,11 @@ class StateSize:
         last = self.pages.page_size(rest) if rest else 0
         return self.fixed + self.layers * self.row * (full * self.pages.page_max + 2 * last)
 
-    def batch(self, rows: int, longest: int) -> int:
+    def batch(self, rows: int, longest: int, slots: int = 0, page: int = 0) -> int:
         if rows == 0:
             return 0
-        slots = min(self.max_batch, 1 << (rows - 1).bit_length())
-        return slots * (self.fixed + self.layers * self.row * 2 * page_size(longest))
+        return layout_bytes(max(slots, slots_for(rows, self.max_batch)), max(longest, page), self.fixed,
+                            self.layers * self.row, copies=2)
 
 
 class Engine:
@@ -279,6 +312,11 @@ class Engine:
         # delays the running rows by, and lets a burst of short prompts join in one round
         self.prefill_budget = settings.prefill_step_size or PREFILL_STEP
         self._active: list[Job] = []  # jobs with rows in the batch
+        self._paused: list[Job] = []  # preempted turns, by admission (the first admitted resumes first)
+        self._admitted = 0  # turns admitted so far (Job.order)
+        self.horizon = PREEMPT_HORIZON  # see PREEMPT_HORIZON
+        self.preemptions = 0  # turns paused so far (/health)
+        self.rows_paused = 0  # rows of paused turns (read by /health)
         self._rows: dict[int, Job] = {}  # batch sequence id -> job
         self.rows_running = 0  # rows in the batch (read by /health)
         self.prefilling = 0  # turns whose prompt is being fed (read by /health)
@@ -303,7 +341,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.rows_running or self.prefilling)
+        return bool(self.rows_running or self.prefilling or self.rows_paused)
 
     def submit(self, spec: TurnSpec, sink: Callable[[Event], None]) -> Job:
         if spec.n > self.settings.max_batch:  # the request layer says so first, naming the field
@@ -342,13 +380,17 @@ class Engine:
 
     # -- the engine thread ------------------------------------------------------------------------------
     def _iterate(self) -> None:
-        """One scheduling round: drop cancelled turns, prefill waiting prompts up to prefill_budget tokens
-        (`_admit`), one decode step of every running row."""
+        """One scheduling round: drop cancelled turns, resume paused turns that fit again (`_resume`), prefill
+        waiting prompts up to prefill_budget tokens (`_admit`), preempt turns while the step would not fit
+        (`_preempt`), one decode step of every running row."""
         self._drop_cancelled()
+        self._resume()
         self._admit()
         if self.batch.running:
+            self._preempt()
             self._decode()
         self.rows_running = self.batch.running
+        self.rows_paused = sum(len(j.paused) for j in self._paused)
         self.prefilling = int(self._admitting is not None)
 
     def _new_batch(self) -> None:
@@ -370,11 +412,11 @@ class Engine:
         finally:
             for job in self._started():
                 self._fail(job, Failed("the server is shutting down", client_error=False))
-            self.rows_running = self.prefilling = 0
+            self.rows_running = self.prefilling = self.rows_paused = 0
 
     def _take(self) -> bool:
         """Move submitted jobs to _pending, blocking while there is nothing else to do. False: stop."""
-        block = not (self._active or self._admitting or self._pending)
+        block = not (self._active or self._admitting or self._pending or self._paused)
         while True:
             try:
                 job = self._queue.get(block=block)
@@ -386,7 +428,7 @@ class Engine:
             block = False
 
     def _started(self) -> list[Job]:
-        jobs = list(self._active)
+        jobs = list(self._active) + list(self._paused)
         if self._admitting is not None and self._admitting[0] not in jobs:
             jobs.append(self._admitting[0])
         return jobs
@@ -407,6 +449,7 @@ class Engine:
                 pass  # it left already
             self._rows.pop(seq, None)
         job.rows.clear()
+        job.paused.clear()  # (a paused turn's states are dropped with it)
         if self._admitting is not None and self._admitting[0] is job:
             self._admitting[1].close()
             self._admitting = None
@@ -429,6 +472,8 @@ class Engine:
             job.closed = True
             if job in self._active:
                 self._active.remove(job)
+            if job in self._paused:
+                self._paused.remove(job)
 
     def _admit(self) -> None:
         """Prefill steps of the turns at the head of the queue, up to `prefill_budget` tokens a round (at least
@@ -438,6 +483,8 @@ class Engine:
         fed = 0
         while fed < self.prefill_budget:
             if self._admitting is None:
+                if self._paused:
+                    return  # a paused turn resumes before any new turn starts
                 while self._pending and self._pending[0].cancel.is_set():
                     self._pending.popleft()
                 if not self._pending:
@@ -449,6 +496,8 @@ class Engine:
                 with self._lock:
                     self._dequeue(job)
                 job.t0 = time.perf_counter()
+                self._admitted += 1
+                job.order = self._admitted
                 self._admitting = [job, self._prepare(job), None]
                 self.prefilling = 1  # (before its first step: /health reads it meanwhile)
             job, steps, size = self._admitting
@@ -472,16 +521,88 @@ class Engine:
                 self._admitting = None
                 self._fail(job, self._failure(e))
 
+    def reserved(self, job: Job) -> int:
+        """The length a turn's rows are reserved at when it is admitted or resumed: see PREEMPT_HORIZON."""
+        return min(job.longest, job.length + self.horizon)
+
+    def _held(self, skip: Job | None = None) -> int:
+        """Bytes held besides the batch: the paused rows (but `skip`'s) and the prompt being prefilled (at its
+        full length, as admission reserved it)."""
+        held = sum(p.nbytes for j in self._paused if j is not skip for p in j.paused)
+        if self._admitting is not None:
+            spec = self._admitting[0].spec
+            held += self.state_size.single(len(spec.prompt) + len(spec.forced))
+        return held
+
+    def _batch_bytes(self, rows: int, longest: int) -> int:
+        """StateSize.batch of `rows` rows up to `longest` tokens, at least the batch's present slots and page."""
+        return self.state_size.batch(rows, longest, *self.batch.layout)
+
     def fits(self, job: Job) -> bool:
-        """Whether the batch's state stays within batch_memory with `job`'s rows added, every row at its
-        longest, plus `job`'s own batch-1 state while it is prefilled (always, when nothing else runs)."""
-        started = self._started()
-        if not started:
+        """Whether `job` may start: the batch's state with its rows added, every row reserved at `reserved`,
+        plus its own batch-1 state while it is prefilled and the paused rows, within batch_memory (always, when
+        nothing else is started)."""
+        if not self._started():
             return True
-        rows = sum(j.spec.n for j in started) + job.spec.n
-        longest = max(j.longest for j in [*started, job])
-        need = self.state_size.batch(rows, longest) + self.state_size.single(job.longest)
-        return need <= self.batch_memory
+        spec = job.spec
+        longest = max(self.reserved(j) for j in [*self._active, job])
+        need = self._batch_bytes(self.batch.running + spec.n, longest) + self._held()
+        return need + self.state_size.single(len(spec.prompt) + len(spec.forced)) <= self.batch_memory
+
+    def step_bytes(self) -> int:
+        """Bytes the next decode step holds: the batch at the rows' current lengths plus the step's row (a
+        growing page counted twice), the paused rows and the prompt being prefilled."""
+        if not self._active:
+            return self._held()
+        return self._batch_bytes(self.batch.running, max(j.length for j in self._active) + 1) + self._held()
+
+    def _preempt(self) -> None:
+        """Before a decode step: while what it would hold (step_bytes) exceeds batch_memory, give the batch's
+        freed slots back (compact), then pause the most recently admitted turn (all its rows; it goes to the
+        head of the line), or send a turn being prefilled back to the queue, until it fits or one turn is left
+        (a turn alone always runs)."""
+        if self.step_bytes() <= self.batch_memory:
+            return
+        self.batch.compact()
+        while self.step_bytes() > self.batch_memory:
+            if len(self._active) > 1:
+                self._pause(max(self._active, key=lambda j: j.order))
+            elif self._admitting is not None and self._active:
+                job = self._admitting[0]
+                self._admitting[1].close()  # (its prefix-cache snapshots stay: it resumes from the longest)
+                self._admitting = None
+                self._pending.appendleft(job)
+                log.info("memory: a prompt being prefilled goes back to the queue")
+            else:
+                return
+
+    def _pause(self, job: Job) -> None:
+        job.paused = [self.batch.pause(seq) for seq in job.rows]
+        self.batch.compact()
+        self._active.remove(job)
+        self._paused.append(job)
+        self._paused.sort(key=lambda j: j.order)
+        self.preemptions += 1
+        log.info("memory: a turn of %d rows is paused (%d bytes)", len(job.paused),
+                 sum(p.nbytes for p in job.paused))
+
+    def _resume(self) -> None:
+        """Paused turns back into the batch, first admitted first, while each fits (rows free, and the batch with
+        its rows reserved at `reserved` within batch_memory; always, when nothing else runs)."""
+        while self._paused:
+            job = self._paused[0]
+            if len(job.paused) > self.batch.free:
+                return
+            if self._active or self._admitting is not None:
+                longest = max(self.reserved(j) for j in [*self._active, job])
+                need = self._batch_bytes(self.batch.running + len(job.paused), longest) + self._held(skip=job)
+                if need > self.batch_memory:
+                    return
+            self._paused.pop(0)
+            for p in job.paused:
+                self.batch.resume(p)
+            job.paused = []
+            self._active.append(job)
 
     @staticmethod
     def _failure(e: Exception) -> Failed:
@@ -582,6 +703,8 @@ class Engine:
         except Exception as e:
             return self._fail_all(self._failure(e))
         now = time.perf_counter()
+        for job in self._active:
+            job.generated += 1  # (every running turn's rows took this step)
         for seq, r in results:
             job = self._rows[seq]
             j = job.rows[seq]
