@@ -29,36 +29,71 @@ def resolve(model: str, revision: str | None = None) -> Path:
         raise KimiError(f"{model}: not a local directory and the hub download failed ({msg})") from None
 
 
-def mlx_cpu_kernel_dir() -> Path:
-    """Where MLX's CPU backend keeps the kernels it compiles: std::filesystem::temp_directory_path() / "mlx" /
-    <MLX version> / "cpu", and temp_directory_path is the first of $TMPDIR, $TMP, $TEMP, $TEMPDIR that is set,
-    else /tmp. MLX builds each fused (mx.compile) CPU kernel there with the system C++ compiler the first time
-    it meets it and loads the built library from there ever after, across processes."""
+def _mlx_temp_dir() -> Path:
+    """std::filesystem::temp_directory_path() / "mlx" / <MLX version>: temp_directory_path is the first of $TMPDIR,
+    $TMP, $TEMP, $TEMPDIR that is set, else /tmp."""
     import mlx.core as mx
 
     tmp = next((os.environ[k] for k in ("TMPDIR", "TMP", "TEMP", "TEMPDIR") if os.environ.get(k)), "/tmp")
-    return Path(tmp) / "mlx" / mx.__version__ / "cpu"
+    return Path(tmp) / "mlx" / mx.__version__
 
+
+def mlx_cpu_kernel_dir() -> Path:
+    """Where MLX's CPU backend keeps the kernels it compiles (its temp directory's "cpu"). MLX builds each fused
+    (mx.compile) CPU kernel there with the system C++ compiler the first time it meets it and loads the built
+    library from there ever after, across processes."""
+    return _mlx_temp_dir() / "cpu"
+
+
+def mlx_cuda_kernel_dir() -> Path:
+    """Where MLX's CUDA backend keeps the PTX of the kernels it compiles with NVRTC (its own, the fused
+    mx.compile graphs and custom kernels such as this project's): $MLX_PTX_CACHE_DIR, else its temp directory's
+    "ptx". A kernel met for the first time is compiled and its PTX written there; later processes read it back."""
+    return Path(os.environ["MLX_PTX_CACHE_DIR"]) if os.environ.get("MLX_PTX_CACHE_DIR") else _mlx_temp_dir() / "ptx"
+
+
+# backend -> (the kernel cache directory, the suffix of a compiled kernel there, what the first run costs)
+_CACHES = {"cpu": (mlx_cpu_kernel_dir, (".so", ".dylib", ".dll"), "its CPU kernels", "about half a minute"),
+           "cuda": (mlx_cuda_kernel_dir, (".ptx",), "its CUDA kernels", "minutes for the full model")}
 
 _told_cold = False
 
 
-def tell_if_cold_cache() -> bool:
-    """On the CPU, say once on stderr (before the wait, not after) that this run compiles MLX's kernels when
-    their cache holds none yet: a first run otherwise sits silent for half a minute or more. True if it told."""
+def _backend() -> str | None:
+    import mlx.core as mx
+
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    return "cuda" if mx.cuda.is_available() else None  # Metal compiles its kernels in moments: nothing to say
+
+
+def _holds_compiled(cache: Path, suffixes: tuple[str, ...]) -> bool:
+    """Whether the cache holds any compiled kernel (stops at the first: a warm cache holds thousands)."""
+    if not cache.is_dir():
+        return False
+    return any(f.suffix in suffixes for f in cache.rglob("*"))
+
+
+def tell_if_cold_cache(backend: str | None = None) -> bool:
+    """On the CPU and on CUDA, say once on stderr (before the wait, not after) that this run compiles MLX's kernels
+    when their cache holds none yet: a first run otherwise sits silent for half a minute (the CPU) or minutes (a
+    full-size model on CUDA: every kernel through NVRTC). True if it told. backend: 'cpu' or 'cuda' (tests),
+    default this process's."""
     global _told_cold
     import mlx.core as mx
 
     from .distributed import launch_rank
 
-    if _told_cold or mx.default_device() != mx.cpu or launch_rank() != 0:
+    backend = backend or _backend()
+    if _told_cold or backend not in _CACHES or launch_rank() != 0:
         return False
-    cache = mlx_cpu_kernel_dir()
-    if cache.is_dir() and any(f.suffix in (".so", ".dylib", ".dll") for f in cache.iterdir()):
+    where, suffixes, what, cost = _CACHES[backend]
+    cache = where()
+    if _holds_compiled(cache, suffixes):
         return False
     _told_cold = True
-    print(f"first run of MLX {mx.__version__} here: compiling its CPU kernels into {cache} "
-          "(about half a minute, once; later runs reuse them)", file=sys.stderr, flush=True)
+    print(f"first run of MLX {mx.__version__} here: compiling {what} into {cache} "
+          f"({cost}, once; later runs reuse them)", file=sys.stderr, flush=True)
     return True
 
 

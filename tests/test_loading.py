@@ -174,6 +174,29 @@ def test_cold_cache_is_told_once_and_a_warm_one_never(tmp_path, monkeypatch, cap
     assert not loading.tell_if_cold_cache() and capsys.readouterr().err == ""
 
 
+def test_cold_cuda_cache_is_told_once_and_a_warm_one_never(tmp_path, monkeypatch, capsys):
+    """On CUDA the notice reads MLX's PTX cache ($MLX_PTX_CACHE_DIR, else its temp directory's ptx): silent once a
+    compiled kernel's .ptx is there, however deep (MLX nests long kernel names in directories)."""
+    from kimi_mlx import loading
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
+    assert loading.mlx_cuda_kernel_dir() == tmp_path / "mlx" / mx.__version__ / "ptx"
+    cache = tmp_path / "ptx-cache"
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(cache))
+    assert loading.mlx_cuda_kernel_dir() == cache
+    monkeypatch.setattr(loading, "_told_cold", False)
+    assert loading.tell_if_cold_cache("cuda") and not loading.tell_if_cold_cache("cuda")
+    err = capsys.readouterr().err
+    assert err.count("compiling its CUDA kernels into " + str(cache)) == 1 and "minutes" in err
+    monkeypatch.setattr(loading, "_told_cold", False)
+    (cache / "long_name").mkdir(parents=True)
+    (cache / "long_name" / "rest_of_it.ptx").write_text("")
+    assert not loading.tell_if_cold_cache("cuda") and capsys.readouterr().err == ""
+    monkeypatch.setattr(loading, "_told_cold", False)
+    assert not loading.tell_if_cold_cache("metal")  # Metal's compiles take moments: nothing to say
+
+
 def test_a_library_error_is_passed_on_whole(monkeypatch):
     """A wrapped library error keeps its whole first line (its advice often ends it), never a fixed cut."""
     import huggingface_hub
