@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 
 from .errors import KimiError
-from .batch_state import BatchState
+from .batch_state import BatchState, slots_for
 from .feed import Step, prefill
 from .generate import (GenerationOptions, ReplyText, Response, RowSampler, generate_step, prompt_ids, reply_room,
                        sampling_context)
@@ -218,6 +218,11 @@ class _Batched:
         rows = self.rows
         if not rows:
             return []
+        if self.batch.capacity > slots_for(len(rows), self.batch.max_batch):
+            # rows left: every step computes every slot, so a lone row in a batch of 8 would pay for 8 (MLX's
+            # mat-vecs cost a row each). One copy of the running rows' state (a join or leave's worth: at most one
+            # per row that crossed a power of two) cuts the batch back to the slots they need.
+            self.compact()
         drawn, logprobs = self.y_all, self.lp_all  # the latest forward's draws: the pending tokens of rows in it
         steady = drawn is not None and drawn.shape[0] == self.batch.capacity and all(
             row.first is None for row in rows.values())

@@ -312,7 +312,7 @@ PAUSE_OPTIONS = {"greedy": dict(max_tokens=8, temperature=0.0, logprobs=True),
 @pytest.mark.parametrize("kind", list(PAUSE_OPTIONS))
 def test_a_paused_row_resumes_exactly(demo, reference, kind):
     """A row paused at any point (right after insert; mid-way; when its next token is its last allowed) and resumed
-    later, into another slot (a row that joined meanwhile took its old one, and the batch was compacted), yields the
+    later, into another slot (the batch was cut to the rows left, and a row joined meanwhile), yields the
     same tokens, text, finish and logprobs as never paused; so do the rows around it."""
     model, tok = demo
     opts = PAUSE_OPTIONS[kind]
@@ -330,7 +330,6 @@ def test_a_paused_row_resumes_exactly(demo, reference, kind):
         while step < k + 2 or gen.running:
             step += 1
             if step == k:
-                slot = None if reference else gen._engine.rows[target].slot
                 paused = gen.pause(target)
                 assert gen.running == 2
                 assert paused.nbytes > 0
@@ -339,18 +338,14 @@ def test_a_paused_row_resumes_exactly(demo, reference, kind):
                     assert paused.nbytes == paused.state.nbytes + paused.pending[1].nbytes + paused.pending[0].nbytes
                 with pytest.raises(KimiError, match="no running sequence"):
                     gen.pause(target)
-            if step == k + 1:  # a new row takes the freed slot
+            if step == k + 1:  # a new row joins
                 state, ids = prefilled(model, tok, PROMPTS[3])
                 s = gen.insert(state, ids[-1], GenerationOptions(**opts), context_tail=ids[:-1])[0]
                 prompts[s], got[s] = PROMPTS[3], []
-                if not reference and k < M - 1:  # (at M - 1 the others have finished: a lower slot is free)
-                    assert gen._engine.rows[s].slot == slot
             if step == k + 2:
                 gen.compact()
                 assert gen.resume(paused) == target and gen.running == len([s for s in got if not got[s] or
                                                                               not got[s][-1].finish_reason])
-                if not reference and k < M - 1:
-                    assert gen._engine.rows[target].slot != slot
                 paused = None
             for s, r in gen.step():
                 got[s].append(r)
@@ -395,3 +390,30 @@ def test_compact_gives_the_memory_back_and_rows_go_on(demo, reference):
             got[s].append(r)
     for s, p in prompts.items():
         assert_same(got[s], alone(model, tok, p, **opts))
+
+
+def test_the_batch_shrinks_to_the_rows_left_and_they_go_on(demo):
+    """Rows that finish at different steps: before each step the batched state is cut to the slots the running
+    rows need (a lone row left in a batch of 4 decodes as one row, not four), and every row's Responses stay those
+    of the row alone, whichever slot it held."""
+    model, tok = demo
+    gen = BatchGenerator(model, tok, max_batch=4)
+    prompts, lengths = {}, (3, 9, 5, 12)
+    for p, n in zip(PROMPTS[:4], lengths):
+        state, ids = prefilled(model, tok, p)
+        seq = gen.insert(state, ids[-1], GenerationOptions(max_tokens=n, temperature=0.0, logprobs=True),
+                         context_tail=ids[:-1])[0]
+        prompts[seq] = (p, n)
+    got = {s: [] for s in prompts}
+    seen = []
+    while gen.running:
+        for s, r in gen.step():
+            got[s].append(r)
+        seen.append((gen.running, gen.layout[0]))
+    # after each step: (rows still running, slots the step computed); each step computes only the slots that the
+    # rows running when it began need, so the longest row ends alone in one slot
+    assert (1, 1) in seen and (2, 2) in seen, seen
+    for (running, _), (_, slots) in zip(seen, seen[1:]):
+        assert slots == 1 << (running - 1).bit_length(), seen
+    for s, (p, n) in prompts.items():
+        assert_same(got[s], alone(model, tok, p, max_tokens=n, temperature=0.0, logprobs=True))
