@@ -15,11 +15,13 @@ the occupied slots fit in its first quarter. A slot joins by a copy of that one 
 updates of each array); a slot leaves by being marked free: the other slots' caches are not copied then. Copies
 of every slot happen only at those growths and shrinks, which the factor of four between them keeps to at most
 one per as many joins or leaves as the slots they copy. Free slots below the highest occupied one still
-decode (zeros' tokens, masked to their row 0) until a shrink cuts them off: slots are not compacted.
+decode (zeros' tokens, masked to their row 0) until a shrink cuts them off or the slots are compacted.
 
 `compact()` moves the occupied slots to the front and cuts the capacity and the page to what they need (one
 copy of every array, a layer at a time): what makes a row that leaves (removed, or paused by a server's preemption)
-give its memory back at once. `layout_bytes` is the layout's size arithmetic, shared with the server's memory
+give its memory back at once. The batch engine (batch.py) compacts before a step whenever the running rows need
+fewer slots than the capacity: every step computes every slot, so idle slots would cost each step what a row does
+(a matrix-vector product a row), while a compaction costs one copy when a row crosses a power of two. `layout_bytes` is the layout's size arithmetic, shared with the server's memory
 bound (server/worker.py StateSize), so the two cannot drift.
 
 Arrays are values: a StateMark-like `mark()` (the KDA arrays and the lengths) keeps what a slot held before a
