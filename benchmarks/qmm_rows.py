@@ -1,6 +1,8 @@
 """How MLX's quantized matmul costs rows: a batched decode step's rows passed as [B, 1, K] (B matrices of one row)
 against [1, B, K] (one matrix of B rows, what ops/linear.one_matrix passes), and one row, at the full shape's
-projection sizes (4-bit affine gs64, bf16 activations on a GPU, float32 on the CPU).
+projection sizes (4-bit affine gs64, bf16 activations on a GPU, float32 on the CPU). Below 8 rows a third figure:
+the rows padded with zero rows to a matrix of 8 (the pad and the slice back counted), which on CUDA takes MLX's
+tiled GEMM instead of its row-by-row mat-vec.
 
   python benchmarks/qmm_rows.py                      # the full shape's sizes, rows 2,4,8,16
   python benchmarks/qmm_rows.py --rows 8 --scale 16  # sizes divided by 16 (a quick CPU run)
@@ -33,6 +35,7 @@ if a.scale < 1 or a.calls < 1 or any(r < 1 for r in rows):
 SIZES = [("kda q|k|v", 12288, 2304), ("kda o", 2304, 4096), ("mla q", 6144, 2304), ("shared gate|up", 2048, 2304),
          ("shared down", 2304, 1024), ("lm_head", 163840, 2304)]
 dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+PAD = 8  # rows from which MLX's CUDA quantized matmul takes its tiled GEMM
 
 
 def timed(f) -> float:
@@ -46,7 +49,7 @@ def timed(f) -> float:
 
 info = mx.device_info()
 print(f"{mx.default_device()} {info.get('device_name') or info.get('architecture', '?')}, MLX {mx.__version__}; "
-      f"4-bit gs64, {str(dtype).split('.')[-1]}; ms a call, [B, 1, K] / [1, B, K]")
+      f"4-bit gs64, {str(dtype).split('.')[-1]}; ms a call, [B, 1, K] / [1, B, K] (/ padded to 8 rows, B < 8)")
 print(f"| matrix | N | K | 1 row | " + " | ".join(f"B = {b}" for b in rows) + " |")
 print("|---|---|---|---|" + "---|" * len(rows))
 for name, N, K in SIZES:
@@ -63,5 +66,8 @@ for name, N, K in SIZES:
         xa = mx.random.normal((B, 1, K)).astype(dtype)
         xb = xa.reshape(1, B, K)
         mx.eval(xa, xb)
-        cells.append(f"{timed(lambda: qmm(xa)):.3f} / {timed(lambda: qmm(xb)):.3f}")
+        cell = f"{timed(lambda: qmm(xa)):.3f} / {timed(lambda: qmm(xb)):.3f}"
+        if B < PAD:
+            cell += f" / {timed(lambda: qmm(mx.pad(xb, [(0, 0), (0, PAD - B), (0, 0)]))[:, :B]):.3f}"
+        cells.append(cell)
     print(f"| {name} | {N} | {K} | {timed(lambda: qmm(x1)):.3f} | " + " | ".join(cells) + " |", flush=True)
