@@ -155,51 +155,25 @@ print(f"device: {bench.device_line()}; shape {a.shape}; decode at context {a.con
       + (f", {a.batch} sequences a step" if a.batch > 1 else ""), flush=True)
 
 
-def batch_phases(n: int):
-    """decode_phases for a batch of a.batch rows at a.context (bench.time_batch_decode's step): the next step
-    built and queued while the current step's tokens are read. Returns the seconds of each phase."""
-    from kimi_mlx.batch_state import BatchState
-
-    B = a.batch
-    global batch_state
-    if batch_state is None:
-        batch_state = BatchState(ours, B)
-        for _ in range(B):
-            batch_state.add(r.state)
-
-    def step(y):
-        batch_state.prepare()
-        logits = ours.decode_rows(y.reshape(B, 1), batch_state)[:, -1]
-        batch_state.advance()
-        return mx.argmax(logits, axis=-1)
-
-    y = step(mx.arange(1, B + 1, dtype=mx.uint32))
-    mx.async_eval(y)
-    spent = [0.0, 0.0, 0.0]
-    for _ in range(n):
-        t0 = time.perf_counter()
-        nxt = step(y)
-        t1 = time.perf_counter()
-        mx.async_eval(nxt)
-        t2 = time.perf_counter()
-        y.tolist()
-        t3 = time.perf_counter()
-        spent = [spent[0] + t1 - t0, spent[1] + t2 - t1, spent[2] + t3 - t2]
-        y = nxt
-    y.tolist()
-    return spent
-
-
-batch_state = None
+batch = None  # the BatchState of --batch rows at --context (made at the first loop)
 
 
 def loop(n, nap=0.0):
     """bench.time_decode's loop (bench.decode_phases), each phase's seconds a token: (build, queue, wait)."""
-    if a.batch > 1:
-        spent = batch_phases(n)
-    else:
-        y, spent = bench.decode_phases(r, n, nap=nap)
-        y.item()
+    global batch
+    step = y = None
+    if a.batch > 1:  # bench.time_batch_decode's step: every row's next token in one decode_rows
+        from kimi_mlx.batch_state import BatchState
+
+        if batch is None:
+            batch = BatchState(ours, a.batch)
+            for _ in range(a.batch):
+                batch.add(r.state)
+        step = bench.batch_step(ours, batch)
+        y = step(mx.arange(1, a.batch + 1, dtype=mx.uint32))
+        mx.async_eval(y)
+    y, spent = bench.decode_phases(r, n, y, nap=nap, step=step)
+    y.tolist()
     return [x / n for x in spent]
 
 

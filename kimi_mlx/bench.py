@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
@@ -395,14 +396,28 @@ def state_parts(state) -> tuple[int, int]:
 DECODE_WARMUP = 4  # tokens time_decode feeds before its timed ones
 
 
-def decode_phases(r: Runner, n: int, y: mx.array | None = None, nap: float = 0.0) -> tuple[mx.array, list[float]]:
+def batch_step(model, batch) -> Callable[[mx.array], mx.array]:
+    """The batch engine's greedy step over every slot of a BatchState: tokens [C] -> the next tokens [C] (one
+    Model.decode_rows, one argmax for all rows)."""
+    def step(y):
+        batch.prepare()
+        logits = model.decode_rows(y.reshape(batch.capacity, 1), batch)[:, -1]
+        batch.advance()
+        return mx.argmax(logits, axis=-1)
+
+    return step
+
+
+def decode_phases(r: Runner, n: int, y: mx.array | None = None, nap: float = 0.0,
+                  step: Callable[[mx.array], mx.array] | None = None) -> tuple[mx.array, list[float]]:
     """Decode n tokens greedily, the next step built and queued while the current token is read (after y, or
     after a first token queued here). Returns the last token queued, not yet read, and the seconds spent
     building the steps' graphs, queueing them (MLX encodes the kernels on this thread) and waiting for tokens.
     nap: seconds the host sleeps after queueing each step (benchmarks/decode_kernels.py --nap), counted as
-    waiting."""
-    def step(y):
-        return mx.argmax(r.forward(y.reshape(1, 1))[:, -1], axis=-1)
+    waiting. step: tokens -> next tokens (default: r's single sequence; batch_step for a batch, with y given)."""
+    if step is None:
+        def step(y):
+            return mx.argmax(r.forward(y.reshape(1, 1))[:, -1], axis=-1)
 
     if y is None:
         y = step(mx.array([1]))
@@ -416,7 +431,7 @@ def decode_phases(r: Runner, n: int, y: mx.array | None = None, nap: float = 0.0
         t2 = time.perf_counter()
         if nap:
             time.sleep(nap)
-        y.item()
+        y.tolist()
         t3 = time.perf_counter()
         spent = [spent[0] + t1 - t0, spent[1] + t2 - t1, spent[2] + t3 - t2]
         y = nxt
@@ -454,22 +469,12 @@ def _time_ours_batch(r: Runner, cfg: ModelConfig, first: list[int], n: int, toke
     for _ in range(B):
         batch.add(r.state)
     r.state = None
-
-    def step(y):
-        batch.prepare()
-        logits = r.model.decode_rows(y.reshape(B, 1), batch)[:, -1]
-        batch.advance()
-        return mx.argmax(logits, axis=-1)
-
+    step = batch_step(r.model, batch)
     y = step(mx.array(first, mx.uint32))
     mx.async_eval(y)
-    for i in range(DECODE_WARMUP + tokens):
-        if i == DECODE_WARMUP:
-            t0 = time.perf_counter()
-        nxt = step(y)
-        mx.async_eval(nxt)
-        y.tolist()
-        y = nxt
+    y, _ = decode_phases(r, DECODE_WARMUP, y, step=step)
+    t0 = time.perf_counter()
+    y, _ = decode_phases(r, tokens, y, step=step)
     y.tolist()
     return (time.perf_counter() - t0) / tokens
 
