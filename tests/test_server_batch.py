@@ -111,6 +111,21 @@ def test_eight_concurrent_turns_each_equal_the_turn_alone(demo):
                                                                        w.generated)
 
 
+def run_beside(engine, runner, later, sinks, timeout=60) -> None:
+    """Start `runner`; once it has yielded a token, submit `later` beside it; wait for both (sinks: theirs)."""
+    engine.start()
+    try:
+        engine.submit(runner, sinks[0])
+        deadline = time.monotonic() + timeout
+        while not sinks[0].tokens() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        engine.submit(later, sinks[1])
+        for s in sinks:
+            assert s.done.wait(timeout)
+    finally:
+        engine.stop()
+
+
 def test_a_cancelled_turn_leaves_while_the_others_go_on(demo):
     model, tok = demo
     ban = {tok.im_end_id: -100.0, tok.eos_id: -100.0}
@@ -147,17 +162,7 @@ def test_a_prefix_cache_hit_joins_a_running_batch(demo):
     runner = turn(tok, "count slowly", max_tokens=40, logit_bias={tok.im_end_id: -100.0, tok.eos_id: -100.0})
     follow = TurnSpec(first.prompt + reply + tok.encode(" and again?"), first.options)
     sinks = [Sink(engine), Sink(engine)]
-    engine.start()
-    try:
-        engine.submit(runner, sinks[0])
-        deadline = time.monotonic() + 60
-        while not sinks[0].tokens() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        engine.submit(follow, sinks[1])
-        for s in sinks:
-            assert s.done.wait(60)
-    finally:
-        engine.stop()
+    run_beside(engine, runner, follow, sinks)
     done = sinks[1].finished()
     assert done.cached_tokens == len(first.prompt) + len(reply) - 1  # the reply's state, all but its last token
     assert sinks[1].rows_seen[0] == 2 and len(sinks[0].tokens()) == 40  # it joined beside the runner
@@ -418,17 +423,7 @@ def test_a_long_prompt_is_fed_a_step_a_round_between_the_rows_decode_steps(demo)
     runner = turn(tok, "go", max_tokens=60, logit_bias={tok.im_end_id: -100.0, tok.eos_id: -100.0})
     long = turn(tok, "word " * 60)
     sinks = [Logged("runner"), Logged("long")]
-    engine.start()
-    try:
-        engine.submit(runner, sinks[0])
-        deadline = time.monotonic() + 60
-        while not sinks[0].tokens() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        engine.submit(long, sinks[1])
-        for s in sinks:
-            assert s.done.wait(60)
-    finally:
-        engine.stop()
+    run_beside(engine, runner, long, sinks)
     steps = [i for i, (who, kind) in enumerate(log) if who == "long" and kind == "Progress"]
     assert len(steps) == -(-(len(long.prompt) - 1) // 16) > 3
     for a, b in zip(steps, steps[1:]):  # one prefill step a round, a decode step of the runner between
