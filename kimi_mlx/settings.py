@@ -68,6 +68,10 @@ SWITCHES = {s.env: s for s in (
     Switch("KIMI_MLX_DEQUANT", ("auto", "on", "off"), "auto",
            "quantized projections of 256+ rows (prefill): auto (dequantized, then one dense matmul, on CUDA), on "
            "(every backend), off (MLX's quantized matmul)"),
+    Switch("KIMI_MLX_PAD_ROWS", ("auto", "off"), "auto",
+           "quantized projections of 2-7 rows on CUDA (batched decode, speculative verification): auto (the rows "
+           "padded to 8 where (rows - 1) x the weight's bytes >= 12 MB, so MLX runs one GEMM that reads the weight "
+           "once instead of a mat-vec a row), off (the rows as they are)"),
     Switch("KIMI_MLX_KDA_ROWS", ("off", "on"), "off",
            "speculative verification's KDA steps on a GPU: off (the decode kernel once a token), on (one kernel for "
            "all the tokens, kda_decode_rows; opt-in until measured on a GPU)"),

@@ -144,6 +144,20 @@ def test_the_small_kernels():
     assert linear.choose(CUDA, 1) == "quantized" and linear.choose(with_(CPU, KIMI_MLX_DEQUANT="on"), 2048) == "dequant"
 
 
+@pytest.mark.parametrize("facts, rows, nbytes, want", [
+    (CUDA, 2, 212_000_000, 8), (CUDA, 7, 212_000_000, 8),  # lm_head: from 2 rows
+    (CUDA, 2, 16_000_000, 8), (CUDA, 3, 16_000_000, 8), (CUDA, 2, 8_000_000, 2), (CUDA, 3, 8_000_000, 8),
+    (CUDA, 6, 1_300_000, 6),  # a small weight: the mat-vecs read less than the GEMM costs
+    (CUDA, 1, 212_000_000, 1), (CUDA, 8, 212_000_000, 8), (CUDA, 16, 212_000_000, 16),
+    (METAL, 4, 212_000_000, 4), (CPU, 4, 212_000_000, 4),
+    (with_(CUDA, KIMI_MLX_PAD_ROWS="off"), 4, 212_000_000, 4),
+])
+def test_padded_rows(facts, rows, nbytes, want):
+    from kimi_mlx.ops.linear import padded_rows
+
+    assert padded_rows(facts, rows, nbytes) == want
+
+
 @pytest.mark.parametrize("facts, rows, quantized, want", [
     (CUDA, (1024,), False, "page"), (CUDA, (16384,), False, "split"), (CUDA, (131072, 16384), False, "split"),
     (CUDA, (1024,), True, "matmuls"), (CPU, (1024,), False, "matmuls"),

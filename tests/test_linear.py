@@ -60,3 +60,27 @@ def test_few_rows_take_the_quantized_matmul(monkeypatch):
     monkeypatch.setattr(mx, "dequantize", lambda *a, **k: called.append(1))
     lin(mx.random.normal((1, 8, 128)))
     assert not called
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 128), (1, 5, 128), (2, 1, 128), (7, 1, 128)], ids=["batch3", "verify5",
+                                                                                           "batch2", "batch7"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_a_few_rows_padded_to_one_gemm_give_each_row_its_own_result(monkeypatch, shape, bias):
+    """one_matrix where padded_rows pads (forced here on the CPU by a CUDA backend and a tiny byte threshold):
+    the zero rows change no row's result, and the result has x's leading shape."""
+    from kimi_mlx.ops import kda
+
+    lin = quantized(128, 96, 4, bias)
+    linear.dequant_linears(lin)
+    x = mx.random.normal(shape)
+    monkeypatch.setenv(linear.PAD_ENV, "off")
+    plain = lin(x)
+    rows = [lin(x.reshape(-1, 128)[i].reshape(1, 1, 128)) for i in range(x.size // 128)]
+    monkeypatch.setenv(linear.PAD_ENV, "auto")
+    monkeypatch.setattr(kda, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(linear, "PAD_MIN_BYTES", 1)
+    assert linear.padded_rows(linear.settings.now("cuda"), x.size // 128, linear.weight_bytes(lin)) == 8
+    padded = lin(x)
+    assert padded.shape == plain.shape == (*shape[:2], 96)
+    assert mx.array_equal(padded, plain).item()
+    assert mx.array_equal(padded.reshape(-1, 96), mx.concatenate(rows).reshape(-1, 96)).item()

@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import KDA, MOE, ModelConfig
-from ..ops.linear import one_matrix
+from ..ops.linear import one_matrix, weight_bytes
 from ..ops.norm import add_norm
 from ..state import KDAState, MLAState, ModelState, check_context, new_state
 from .common import MLP, RMSNorm
@@ -345,9 +345,10 @@ class Model(nn.Module):
         return step(h) if step else layer.ffn(h)
 
     def logits(self, h: mx.array) -> mx.array:
-        if self.config.tie_word_embeddings:
-            return one_matrix(self.model.embed_tokens.as_linear, h)
-        return one_matrix(self.lm_head, h)
+        head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        quantized = isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        return one_matrix(head.as_linear if head is self.model.embed_tokens else head, h,
+                          weight_bytes(head) if quantized else 0)
 
     def __call__(self, tokens: mx.array, state: ModelState | None = None) -> mx.array:
         p = self._pipeline

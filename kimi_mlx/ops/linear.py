@@ -7,8 +7,9 @@ projection (at most ~42 MB at the real shape).
 
   DequantLinear  nn.QuantizedLinear whose call takes the dequantized path from MIN_ROWS rows where chosen; the
                  parent's quantized matmul otherwise, over one_matrix's layout
-  one_matrix     a batched decode step's rows [B, 1, K] as one matrix [1, B, K] (a view)
-KIMI_MLX_DEQUANT (kimi_mlx/settings.py) chooses. The decoder layers' quantized linears are
+  one_matrix     a batched decode step's rows [B, 1, K] as one matrix [1, B, K] (a view), or a few rows padded
+                 to PAD_ROWS where padded_rows chooses
+KIMI_MLX_DEQUANT and KIMI_MLX_PAD_ROWS (kimi_mlx/settings.py) choose. The decoder layers' quantized linears are
 DequantLinear (model/fuse.py), lm_head is not.
 """
 
@@ -40,16 +41,49 @@ def dequant_chosen(rows: int) -> bool:
     return choose(settings.now(gpu_backend()), rows) == "dequant"
 
 
-def one_matrix(f, x: mx.array) -> mx.array:
-    """f (a quantized matmul over x's last axis) with a batched decode step's x [B, 1, K] (B > 1) passed as one
-    matrix [1, B, K] and the result shaped back to [B, 1, N]: the same rows, a view either way. MLX's quantized
-    matmul treats [B, 1, K] as B matrices of one row (on CUDA: B mat-vecs, or from 8 of them a tiled GEMM per
-    row, each reading the whole weight) and [1, B, K] as one B-row matrix whose tiles read the weight once
-    (benchmarks/RESULTS.md times both layouts by row count)."""
-    if x.ndim != 3 or x.shape[1] != 1 or x.shape[0] == 1:
+PAD_ENV = "KIMI_MLX_PAD_ROWS"
+PAD_ROWS = 8  # MLX's CUDA quantized matmul runs a mat-vec a row below 8 rows, one tiled GEMM from 8
+PAD_MIN_BYTES = 12_000_000  # (rows - 1) x weight bytes from which padding pays (see padded_rows)
+
+
+def padded_rows(f: settings.Facts, rows: int, weight_bytes: int) -> int:
+    """The rows a quantized matmul of `rows` rows (one matrix) over a weight of weight_bytes runs over: `rows`, or
+    PAD_ROWS on CUDA where 2 <= rows < PAD_ROWS and (rows - 1) x weight_bytes >= PAD_MIN_BYTES. Below 8 rows MLX's
+    CUDA kernel is a mat-vec that reads the weight once a row (at about 1 TB/s); padded with zero rows to 8 it is
+    one GEMM reading it once, for a fixed cost of ~10-15 us (the GEMM's tiles, the pad and the slice). So padding
+    pays once the extra rows' reads outweigh that: (rows - 1) x bytes of ~12 MB and up, e.g. lm_head (212 MB at
+    4 bits) from 2 rows, a KDA q|k|v projection (16 MB) from 3, the shared expert's down projection (1.3 MB) never
+    (benchmarks/qmm_rows.py; RESULTS.md). Metal's kernels differ and are not padded."""
+    if f.gpu != "cuda" or f[PAD_ENV] == "off" or not 2 <= rows < PAD_ROWS:
+        return rows
+    return PAD_ROWS if (rows - 1) * weight_bytes >= PAD_MIN_BYTES else rows
+
+
+def weight_bytes(layer: nn.Module) -> int:
+    """The bytes a quantized layer's matmul reads: its packed weight, scales and biases."""
+    return sum(layer[k].nbytes for k in ("weight", "scales", "biases") if k in layer)
+
+
+def one_matrix(f, x: mx.array, nbytes: int = 0) -> mx.array:
+    """f (a quantized matmul over x's last axis) over x's rows as one matrix: a batched decode step's x [B, 1, K]
+    (B > 1) passed as [1, B, K] and the result shaped back to [B, 1, N], a view either way; and where
+    padded_rows chooses (nbytes: the weight's, weight_bytes), a few rows padded with zeros to PAD_ROWS and the
+    result sliced back. Each row's result is its own whichever the layout. MLX's quantized matmul treats
+    [B, 1, K] as B matrices of one row (on CUDA: B mat-vecs, or from 8 of them a tiled GEMM per row, each
+    reading the whole weight) and [1, B, K] as one B-row matrix whose tiles read the weight once
+    (benchmarks/RESULTS.md times the layouts by row count)."""
+    rows = x.size // x.shape[-1]
+    if x.ndim != 3 or (x.shape[0] > 1 and x.shape[1] > 1) or rows == 1:
         return f(x)
-    y = f(x.reshape(1, x.shape[0], x.shape[2]))
-    return y.reshape(x.shape[0], 1, y.shape[-1])
+    flat = x.reshape(1, rows, x.shape[-1])
+    if nbytes:
+        from .kda import gpu_backend
+
+        pad = padded_rows(settings.now(gpu_backend()), rows, nbytes) - rows
+        if pad:
+            flat = mx.concatenate([flat, mx.zeros((1, pad, x.shape[-1]), x.dtype)], axis=1)
+            return f(flat)[:, :rows].reshape(*x.shape[:2], -1)
+    return f(flat).reshape(*x.shape[:2], -1)
 
 
 class DequantLinear(nn.QuantizedLinear):
@@ -58,7 +92,7 @@ class DequantLinear(nn.QuantizedLinear):
     def __call__(self, x):
         rows = x.size // x.shape[-1]
         if not dequant_chosen(rows):
-            return one_matrix(super().__call__, x)
+            return one_matrix(super().__call__, x, weight_bytes(self))
         w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
                           bits=self.bits, mode=self.mode)  # in the scales' dtype
         y = x @ w.T  # the reference's result dtype: x's and the scales' promoted
