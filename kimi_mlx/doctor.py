@@ -116,6 +116,28 @@ def check_decode(path: str, B: int = 2, H: int = 4, Dk: int = 128, Dv: int = 96)
     return Check(f"decode step, {'fused kernel' if path == 'kernel' else 'fused ops'}", err)
 
 
+def check_decode_rows(T: int = 5, B: int = 2, H: int = 4, Dk: int = 128, Dv: int = 96) -> Check:
+    """The verification's KDA kernel (kda_decode_rows: T tokens in one launch) against the reference step run
+    token after token: every token's output, state and conv tail."""
+    from .ops import kda_decode
+
+    mx.random.seed(7)
+    C3 = 2 * H * Dk + H * Dv
+    a, a_log = _gate((B, T, H, Dk))
+    rows = dict(qkv=mx.random.normal((B, T, C3)), gate_a=a.reshape(B, T, H * Dk),
+                beta_logit=mx.random.normal((B, T, H)), gate_b=6 * mx.random.normal((B, T, H * Dv)))
+    fixed = dict(conv_w=0.5 * mx.random.normal((4, C3)), a_log=a_log, dt_bias=mx.random.normal((H * Dk,)),
+                 norm_w=mx.random.uniform(0.5, 1.5, (Dv,)), eps=1e-5)
+    tail, state = mx.random.normal((B, 3, C3)), mx.random.normal((B, H, Dv, Dk))
+    y, after = kda_decode.decode_rows_kernel(**rows, **fixed, conv_tail=tail, state=state)
+    err = 0.0
+    for t in range(T):
+        want_y, state, tail = kda_decode.decode_step_ref(**{k: v[:, t] for k, v in rows.items()}, **fixed,
+                                                         conv_tail=tail, state=state)
+        err = max(err, _rel_err(y[:, t], want_y), _rel_err(after[t][1], state), _rel_err(after[t][0], tail))
+    return Check(f"verification's KDA steps, one kernel for {T} tokens", err)
+
+
 def check_decode_gates(bits: int = 8, B: int = 2, H: int = 4, Dk: int = 128, Dv: int = 96) -> Check:
     """The decode kernel that also applies the quantized f_b and g_b projections, against their matmuls + the
     reference step."""
@@ -433,6 +455,7 @@ GPU_CHECKS = {
                                                                                  intra="mma"),
     "chunked prefill, chunk kernel, scan mma": partial(check_chunked, True, scan="mma"),
     "decode step, fused kernel": partial(check_decode, "kernel"),
+    "verification's KDA steps, one kernel": check_decode_rows,
     "decode step, fused kernel with 8-bit f_b and g_b": check_decode_gates,
     "decode step, fused kernel with 4-bit f_b and g_b": partial(check_decode_gates, 4),
     "KDA output gate, kernel": check_gated_norm,
