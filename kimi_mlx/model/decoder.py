@@ -345,10 +345,10 @@ class Model(nn.Module):
         return step(h) if step else layer.ffn(h)
 
     def logits(self, h: mx.array) -> mx.array:
-        head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        tied = self.config.tie_word_embeddings
+        head = self.model.embed_tokens if tied else self.lm_head
         quantized = isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-        return one_matrix(head.as_linear if head is self.model.embed_tokens else head, h,
-                          weight_bytes(head) if quantized else 0)
+        return one_matrix(head.as_linear if tied else head, h, weight_bytes(head) if quantized else 0)
 
     def __call__(self, tokens: mx.array, state: ModelState | None = None) -> mx.array:
         p = self._pipeline
