@@ -239,8 +239,10 @@ class Bank:
     """A gate|up and a down bank of `rows` experts (the last `shared` rows the shared experts), allocated once.
 
     Reads write rows through `views`: NumPy views of the arrays' own memory where MLX gives live ones (CPU, Apple
-    unified memory, CUDA managed memory), so a read lands in the slot with no copy; elsewhere host buffers of the
-    same layout, whose written rows flush() then copies into the arrays (one scatter a part)."""
+    unified memory; on CUDA MLX moves an array the host touches into managed memory, whose pages then migrate
+    between host and card on demand), so a read lands in the slot with no copy; with staged writes, host buffers
+    of the same layout, whose written rows flush() then copies into the arrays (one scatter a part), the arrays
+    staying in device memory."""
 
     def __init__(self, parts: list[Part], rows: int, shared: dict[tuple[str, str], mx.array], templates: dict):
         self.parts, self.rows = parts, rows
@@ -254,7 +256,11 @@ class Bank:
         views = {k: _writable(a) for k, a in self.arrays.items()} if live else {}
         self.live = bool(views) and all(v is not None for v in views.values())
         if not self.live:
-            views = {k: np.array(a.view(mx.uint8)).reshape(a.shape[0], -1) for k, a in self.arrays.items()}
+            # fresh host buffers, not copies of the arrays: on CUDA the host's first access to an array's memory
+            # (a view or a copy through the buffer protocol) moves it into managed memory for good, and a pool in
+            # managed memory has its pages migrated to the card on each use and back to the host on each write
+            # (reads fill routed rows before flush copies them; the shared rows are never read into)
+            views = {k: np.zeros((a.shape[0], a.nbytes // a.shape[0]), np.uint8) for k, a in self.arrays.items()}
         self.views = views
         self.gate_up = _like(templates["gate_up"], {k: a for (b, k), a in self.arrays.items() if b == "gate_up"})
         self.down = _like(templates["down"], {k: a for (b, k), a in self.arrays.items() if b == "down"})
