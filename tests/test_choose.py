@@ -102,6 +102,9 @@ def test_routing(facts, E, want):
     (CPU, 2048 * 9, True, "segmented"), (CUDA, 2048 * 9, True, "bounded"), (METAL, 2048 * 9, True, "sorted"),
     (with_(CUDA, KIMI_MLX_EXPERTS="gather"), 2048 * 9, True, "gather"),
     (with_(CUDA, KIMI_MLX_EXPERTS="sorted"), 9, True, "kernel"),  # a prefill path is never forced on a decode call
+    (with_(CUDA, KIMI_MLX_EXPERTS="union"), 9, True, "union"),
+    (with_(CUDA, KIMI_MLX_EXPERTS="union"), 2048 * 9, True, "bounded"),  # union is a decode path: prefill keeps its own
+    (with_(METAL, KIMI_MLX_EXPERTS="union"), 2048 * 9, True, "sorted"),
 ])
 def test_experts(facts, pairs, fits, want):
     assert choose_experts(facts, pairs, fits) == want

@@ -197,13 +197,16 @@ def choose_experts(f: settings.Facts, pairs: int, kernel_fits: bool = False, dec
     decode step's shape: each pair a matrix-vector product; the prefill paths' sorting and blocks would cost
     more launches than the pairs, and 'segmented' reads the host). 'union' (only when forced): the decode kernels with
     the gate|up bank read once per distinct expert of the call's tokens (moe_gate_up_union), for batches whose rows
-    share experts; falls back to 'kernel' where that kernel is switched off."""
+    share experts; falls back to 'kernel' where that kernel is switched off; a prefill call (64+ pairs, not decode)
+    takes the automatic choice."""
     forced = f[EXPERTS_ENV]
     if forced in ("kernel", "union") and not (kernel_fits and f.gpu):
         raise ConfigError(f"{EXPERTS_ENV}={forced} needs a Metal or CUDA device and affine "
                           f"{'/'.join(map(str, KERNEL_BITS))}-bit expert banks; unset it or pick another path")
     if forced == "union":  # the decode kernels, gate|up reading each expert of the tokens' union once
-        return "union" if f.usable("moe_gate_up_union") else "kernel"
+        if decode or pairs < 64:
+            return "union" if f.usable("moe_gate_up_union") else "kernel"
+        forced = "auto"  # a prefill call takes its own path: union is a decode path
     if forced in ("gather", "kernel") or (forced != "auto" and pairs >= 64 and not decode):
         return forced
     if pairs < 64 or decode:
