@@ -168,6 +168,7 @@ class Runner:
     model: nn.Module
     is_ours: bool
     state: object = field(default=None)
+    host_ms: tuple = ()  # the last time_decode's ms a token building, queueing and waiting (decode_phases)
 
     def reset(self):
         self.state = self.model.new_state(1) if self.is_ours else self.model.make_cache()
@@ -439,11 +440,14 @@ def decode_phases(r: Runner, n: int, y: mx.array | None = None, nap: float = 0.0
 
 
 def time_decode(r: Runner, n: int) -> float:
-    """Decode tok/s over n tokens (after DECODE_WARMUP untimed ones), the next step queued while one is read."""
+    """Decode tok/s over n tokens (after DECODE_WARMUP untimed ones), the next step queued while one is read;
+    r.host_ms keeps the ms a token spent building, queueing and waiting (a decode bound by the host shows it in
+    the first two: the same code reads slower in a process whose host thread runs slower)."""
     y, _ = decode_phases(r, DECODE_WARMUP - 1)  # warm-up (the first token queued is one)
     t0 = time.perf_counter()
-    y, _ = decode_phases(r, n, y)
+    y, spent = decode_phases(r, n, y)
     y.item()
+    r.host_ms = tuple(1e3 * t / n for t in spent)
     return n / (time.perf_counter() - t0)
 
 
@@ -674,7 +678,8 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
                 mx.clear_cache()
         got = {name: float(np.median(v)) for name, v in each.items()}
         for r in runners:
-            row = dict(what="decode", tokens=n, runner=r.name, tok_s=got[r.name], peak_gb=peak[r.name])
+            row = dict(what="decode", tokens=n, runner=r.name, tok_s=got[r.name], peak_gb=peak[r.name],
+                       host_ms=list(r.host_ms))
             if rounds > 1:
                 row["rounds"] = each[r.name]
             if r.is_ours and bandwidth_gbs:
@@ -687,7 +692,9 @@ def run(shape: str = "small", contexts=(1024,), prefill=(1024,), decode_tokens: 
         if rounds > 1 and len(each) == 2:
             ratios = [a / b for a, b in zip(each["kimi-mlx"], each["mlx-lm"])]
             ratio = f"ratio {np.median(ratios):.2f}x (median of {rounds} rounds, {min(ratios):.2f}-{max(ratios):.2f})"
-        echo(_line(f"decode @{n:>7}", got, active, bandwidth_gbs, peak, ratio))
+        host = runners[0].host_ms  # the last round's
+        echo(_line(f"decode @{n:>7}", got, active, bandwidth_gbs, peak, ratio)
+             + (f" | kimi-mlx ms a token: build {host[0]:.2f}, queue {host[1]:.2f}, wait {host[2]:.2f}" if host else ""))
         if ours.offload is not None:
             anon = anon_memory_gb()
             echo(f"  streamed experts (last round, warm-up included): hit rate {streamed.hit_rate:.2f}, "
