@@ -2,7 +2,7 @@
 turn's reply equal to the same turn alone; a turn cancelled mid-reply leaves while the others go on; a prefix-cache
 hit joins a running batch; the memory bound holds turns back. Over HTTP: n choices (one prefill, usage counting the
 prompt once, seeded choices reproducible), streaming with choice indexes, n = 0 / n over --max-batch as 400s,
-/health's running and queued counts."""
+/health's running and queued counts, streams preempted under --batch-memory replying as alone."""
 
 import asyncio
 import json
@@ -568,3 +568,53 @@ def test_a_prompt_being_prefilled_goes_back_to_the_queue_when_memory_runs_short(
     assert any(b <= a for a, b in zip(done, done[1:])) and done[-1] == 199  # it started over
     for spec, sink in zip(specs, sinks):
         assert sink.tokens() == alone(demo, spec).tokens() and len(sink.tokens()) == 30
+
+
+def test_concurrent_streams_over_http_are_preempted_and_reply_as_alone(demo, tmp_path):
+    """Three streamed chat completions without max_tokens under a --batch-memory that admits them together (rows
+    reserved a page ahead) but cannot hold them at their longest: one is preempted, and each reply equals the
+    request alone."""
+    from kimi_mlx.server.worker import PREEMPT_HORIZON, StateSize
+    from kimi_mlx.state import page_size
+
+    model, tok = demo
+    cap = 310  # --max-tokens: the replies' length (the ban keeps them from ending sooner)
+    texts = [f"story {i}: " + "tell me about a fox " * k for i, k in enumerate((23, 24, 25))]
+    lengths = [len(chat_ids(tok, t)) for t in texts]
+    size = StateSize(model, 3)
+    # what admitting the last of the three checks: the three rows reserved at the longest prompt + the horizon,
+    # and its prompt's batch-1 state while it is prefilled
+    budget = size.batch(3, max(lengths) + PREEMPT_HORIZON) + size.single(max(lengths))
+    # the same page holds the first admitted rows' head start (tokens decoded before the last is admitted)
+    assert page_size(max(lengths) + PREEMPT_HORIZON + 32) == page_size(max(lengths) + PREEMPT_HORIZON)
+    assert PREEMPT_HORIZON < cap  # rows reserved by the horizon, not at their longest
+    assert size.batch(3, max(lengths) + cap) > budget  # the three cannot all reach their last step in the batch
+    server = start_server(tmp_path, "--max-batch", "3", "--prefill-step-size", "512", "--max-tokens", str(cap),
+                          "--batch-memory", str(budget))
+    kw = dict(model="demo", temperature=0, logit_bias=no_stop_bias())
+    try:
+        async def main():
+            client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            try:
+                async def one(text):
+                    reply, finish = "", None
+                    async for chunk in await client.chat.completions.create(messages=user(text), stream=True, **kw):
+                        for ch in chunk.choices:
+                            reply += ch.delta.content or ""
+                            finish = ch.finish_reason or finish
+                    return reply, finish
+                return await asyncio.gather(*(one(t) for t in texts))
+            finally:
+                await client.close()
+
+        together = asyncio.run(main())
+        assert server.wait_idle(10) < 10
+        health = server.health()
+        assert health["preemptions"] >= 1 and health["paused"] == 0 and health["running"] == 0
+        c = server.client()
+        for text, (reply, finish) in zip(texts, together):
+            want = c.chat.completions.create(messages=user(text), **kw)
+            assert (reply, finish) == (want.choices[0].message.content, want.choices[0].finish_reason)
+            assert want.usage.completion_tokens == cap
+    finally:
+        stop_server(server)
