@@ -75,6 +75,10 @@ SWITCHES = {s.env: s for s in (
     Switch("KIMI_MLX_KDA_ROWS", ("off", "on"), "off",
            "speculative verification's KDA steps on a GPU: off (the decode kernel once a token), on (one kernel for "
            "all the tokens, kda_decode_rows; opt-in until measured on a GPU)"),
+    Switch("KIMI_MLX_DRAFT_WIDTH", ("auto", "max"), "auto",
+           "prompt lookup's drafted tokens a round (speculate.DraftWidth): auto (the width whose expected tokens per "
+           "unit of the verification's cost is best here, none where plain decoding is better: on a CPU nearly "
+           "always none), max (always --num-draft: the mechanism at full width, for tests and comparisons)"),
     Switch("KIMI_MLX_PREFETCH", ("off", "on"), "off",
            "streamed experts (--experts-memory), decode: on (each MoE layer also runs the next one's router on its "
            "own input and starts reading the experts that guess misses while the device computes), off (reads only "

@@ -38,6 +38,15 @@ NUM_DRAFT = 8  # drafted tokens a round (benchmarks/speculative.py measures the 
 NGRAM_SIZE = 3  # longest suffix prompt lookup matches (it falls back to shorter ones down to MIN_MATCH)
 MIN_MATCH = 2  # shortest suffix prompt lookup trusts (an ngram of 1 allows 1)
 MODEL_NUM_DRAFT = 4  # drafted tokens a round for a draft model (each costs a draft forward)
+# A verification of T tokens costs about 1 + ROW_COST * (T - 1) decode steps. CPU: MLX's matmuls take each row at
+# about the cost of one (the demo: T = 2 / 8 / 16 at 1.8-1.9 / 6.0-7.1 / 12.3-14.6 steps). GPU: a step is bound by
+# the host, and the rows' extra cost is mostly the experts they route to (full shape, H100: T = 3 / 9 / 16 at
+# 1.4-1.8 / 2.4 / 3.8 steps). RESULTS.md has both.
+ROW_COST = {"cpu": 0.85, "gpu": 0.3}
+MIN_GAIN = 1.05  # draft only where a round's expected tokens per unit of cost beat plain decoding's by this much
+ACCEPT_PRIOR = 0.5  # the acceptance estimate before any guess was checked
+ACCEPT_WEIGHT = 0.1  # the weight of each checked guess in the running acceptance estimate
+WIDTH_ENV = "KIMI_MLX_DRAFT_WIDTH"
 
 
 @dataclass
@@ -92,6 +101,37 @@ class NgramDraft:
                     out.append(out[len(out) - (len(toks) - at)] if len(toks) - at <= len(out) else toks[at + len(out)])
                 return out
         return []
+
+
+class DraftWidth:
+    """How many tokens prompt lookup drafts a round. With a per-token acceptance a, a round of k drafts yields
+    (1 - a^(k+1)) / (1 - a) tokens (the accepted run and the token drawn after it) for a verification costing
+    1 + c k decode steps (c: ROW_COST on this device); the width is the k <= most with the best ratio, or 0 (plain
+    steps) where none beats plain decoding's 1 by MIN_GAIN. a is a running estimate over every guess checked:
+    each drafted token verified, and during plain steps prompt lookup's guess at the next token against the token
+    decoded (free: no forward). The width depends only on the tokens and the device kind, so a seeded run
+    repeats itself; the tokens are plain decoding's (or its distribution's) whatever the width.
+    KIMI_MLX_DRAFT_WIDTH=max: always `most`."""
+
+    def __init__(self, row_cost: float | None = None):
+        if row_cost is None:
+            row_cost = ROW_COST["cpu" if mx.default_device() == mx.cpu else "gpu"]
+        self.row_cost, self.accept = row_cost, ACCEPT_PRIOR
+
+    def observe(self, hit: bool) -> None:
+        self.accept += ACCEPT_WEIGHT * (float(hit) - self.accept)
+
+    def width(self, most: int) -> int:
+        from . import settings
+
+        if most < 1 or settings.value(WIDTH_ENV) == "max":
+            return max(most, 0)
+        a, best, k_best = min(self.accept, 1.0 - 1e-9), MIN_GAIN, 0
+        for k in range(1, most + 1):
+            gain = (1.0 - a ** (k + 1)) / (1.0 - a) / (1.0 + self.row_cost * k)
+            if gain > best:
+                best, k_best = gain, k
+        return k_best
 
 
 class ModelDraft:
@@ -226,6 +266,7 @@ def speculative_steps(model, state, prompt: list[int], sampler: Sampler, process
         ya = mx.array([y])
         toks = mx.array(ptoks) if processors else None
         known = y
+        guess = None  # prompt lookup's guess at the token now pending (checked once it is read)
         while True:
             if n == max_tokens:
                 yield Step(known if known is not None else ya.item(), lp, None)
@@ -240,6 +281,8 @@ def speculative_steps(model, state, prompt: list[int], sampler: Sampler, process
             yv = known if known is not None else ya.item()  # waits for the step before, not this one
             if known is None:
                 draft.extend([yv])
+            if guess:
+                width.observe(guess[0] == yv)
             stats.forwards += 1
             stats.tokens += 1
             yield Step(yv, lp, before)  # a consumer that stops here leaves the state holding yv, as plain
@@ -247,7 +290,10 @@ def speculative_steps(model, state, prompt: list[int], sampler: Sampler, process
             ptoks.append(yv)
             committed.append(yv)
             ya, lp, known = next_y, next_lp, None
-            if yv in stops or draft.propose(1):
+            guess = draft.propose(1)
+            if yv in stops or (guess and width.width(draft.num_draft) > 0):
+                if guess:
+                    width.observe(guess[0] == ya.item())
                 return ya.item(), lp
 
     prefill(model, state, prompt[:-1], prefill_step_size, progress, total=len(prompt))
@@ -260,15 +306,16 @@ def speculative_steps(model, state, prompt: list[int], sampler: Sampler, process
     committed.append(prompt[-1])
     n = 1  # y is the n-th token
     stops = set(stop_tokens)
-    # drafted tokens a round adapt to the acceptance: doubled (up to num_draft) after a round that kept them
-    # all, halved (down to 1) after one that kept none, so a text the draft cannot guess pays for narrow
-    # verifications only; the tokens are the same whatever the width
+    # prompt lookup drafts DraftWidth's width a round; a draft model's drafts adapt to the acceptance: doubled (up
+    # to num_draft) after a round that kept them all, halved (down to 1) after one that kept none, so a text the
+    # draft cannot guess pays for narrow verifications only; the tokens are the same whatever the width
+    width = DraftWidth() if isinstance(draft, NgramDraft) else None
     budget = draft.num_draft
     while True:
         if n == max_tokens:
             yield Step(y, lp, None)
             return
-        k = min(budget, max_tokens - 1 - n, MAX_VERIFY - 1)
+        k = min(width.width(draft.num_draft) if width else budget, max_tokens - 1 - n, MAX_VERIFY - 1)
         qs = None
         drafts = []
         if k > 0 and y not in stops:
@@ -303,7 +350,10 @@ def speculative_steps(model, state, prompt: list[int], sampler: Sampler, process
         accepted, nxt = _decide(sampler, drawn, drafts, qs)
         rows = [raw[i] for i in range(accepted + 1)]
         ctx = ptoks + [y] + drafts[:accepted]
-        if drafts:
+        if drafts and width:
+            for i in range(min(accepted + 1, len(drafts))):  # the kept ones, then the first rejected
+                width.observe(i < accepted)
+        elif drafts:
             if accepted == len(drafts):
                 budget = min(2 * budget, draft.num_draft)
             elif accepted == 0:

@@ -10,6 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # float32 comparisons against the references need float32 matmuls: MLX's CUDA backend runs them in TF32
 # unless told not to (with TF32 the GPU tests miss their 1e-4 bounds by design, ~1e-3; doctor allows it)
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
+# speculation's tests check its mechanism (rounds, rollback, exactness), so prompt lookup drafts its full width
+# in them; on a CPU the cost-aware width (auto) would draft almost never. test_speculative tests auto itself.
+os.environ.setdefault("KIMI_MLX_DRAFT_WIDTH", "max")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -555,3 +555,58 @@ def test_server_engine_runs_a_speculative_turn_among_batched_turns(demo):
         g, w = got.finished(), want.finished()
         assert (g.finish_reason, g.completion_tokens, g.generated) == (w.finish_reason, w.completion_tokens,
                                                                        w.generated)
+
+
+@pytest.mark.parametrize("row_cost, hits, most, want", [
+    (0.85, 0, 8, 0),  # a CPU at the prior 0.5: plain decoding is better
+    (0.85, 60, 8, 8),  # ... after 60 checked guesses all right: a wide draft pays even there
+    (0.3, 0, 8, 1),  # a GPU at the prior: one token
+    (0.3, 30, 15, 13),  # ... at ~0.98 acceptance: wide, short of the most
+    (0.3, 30, 2, 2),  # never past num_draft
+    (0.0, 0, 4, 4),  # rows free: always the most
+])
+def test_draft_width_is_the_best_expected_tokens_per_cost(row_cost, hits, most, want):
+    from kimi_mlx.speculate import DraftWidth
+
+    w = DraftWidth(row_cost)
+    for _ in range(hits):
+        w.observe(True)
+    with kimi_mlx.settings.override(KIMI_MLX_DRAFT_WIDTH="auto"):
+        assert w.width(most) == want
+    with kimi_mlx.settings.override(KIMI_MLX_DRAFT_WIDTH="max"):
+        assert w.width(most) == most
+    for _ in range(40):
+        w.observe(False)
+    with kimi_mlx.settings.override(KIMI_MLX_DRAFT_WIDTH="auto"):
+        assert w.width(most) == 0  # guesses gone wrong: plain steps, even where rows cost nothing
+
+
+@pytest.mark.parametrize("prompt", [COPY, FREE], ids=["copy", "free"])
+def test_auto_width_checks_prompt_lookup_during_plain_steps_and_keeps_the_text(demo, monkeypatch, prompt):
+    """KIMI_MLX_DRAFT_WIDTH=auto on the CPU: plain decoding's text; while it decodes plainly prompt lookup's guesses
+    are still checked (against the tokens decoded, no forward), so the width can open when they turn right."""
+    import kimi_mlx.speculate as speculate
+
+    seen = []
+
+    class Recording(speculate.DraftWidth):
+        def observe(self, hit):
+            seen.append(hit)
+            super().observe(hit)
+
+    monkeypatch.setattr(speculate, "DraftWidth", Recording)
+    model, tok = demo
+    kw = dict(max_tokens=40, temperature=0)
+    with kimi_mlx.settings.override(KIMI_MLX_DRAFT_WIDTH="auto"):
+        spec = list(stream_generate(model, tok, prompt, draft="ngram", **kw))
+    assert [r.token for r in spec] == [r.token for r in stream_generate(model, tok, prompt, **kw)]
+    assert seen, "prompt lookup's guesses should be checked"
+    if prompt == COPY:
+        assert sum(seen) > len(seen) / 2  # the copy is guessed right mostly
+
+
+def test_auto_width_keeps_a_seeded_sampled_run_repeatable(demo):
+    model, tok = demo
+    kw = dict(max_tokens=30, temperature=0.8, seed=7, draft="ngram")
+    with kimi_mlx.settings.override(KIMI_MLX_DRAFT_WIDTH="auto"):
+        assert generate(model, tok, COPY, **kw) == generate(model, tok, COPY, **kw)
