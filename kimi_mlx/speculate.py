@@ -38,10 +38,10 @@ NUM_DRAFT = 8  # drafted tokens a round (benchmarks/speculative.py measures the 
 NGRAM_SIZE = 3  # longest suffix prompt lookup matches (it falls back to shorter ones down to MIN_MATCH)
 MIN_MATCH = 2  # shortest suffix prompt lookup trusts (an ngram of 1 allows 1)
 MODEL_NUM_DRAFT = 4  # drafted tokens a round for a draft model (each costs a draft forward)
-# A verification of T tokens costs about 1 + ROW_COST * (T - 1) decode steps. CPU: MLX's matmuls take each row at
-# about the cost of one (the demo: T = 2 / 8 / 16 at 1.8-1.9 / 6.0-7.1 / 12.3-14.6 steps). GPU: a step is bound by
-# the host, and the rows' extra cost is mostly the experts they route to (full shape, H100: T = 3 / 9 / 16 at
-# 1.4-1.8 / 2.4 / 3.8 steps). RESULTS.md has both.
+# A verification of T tokens costs about 1 + ROW_COST * (T - 1) decode steps. On a CPU MLX's matmuls take each row
+# at about the cost of one, so a row costs most of a step. On a GPU a step is bound by the host and a row adds
+# mostly the reads of the experts it routes to. Both fitted to benchmarks/speculative.py's verification table
+# (RESULTS.md).
 ROW_COST = {"cpu": 0.85, "gpu": 0.3}
 MIN_GAIN = 1.05  # draft only where a round's expected tokens per unit of cost beat plain decoding's by this much
 ACCEPT_PRIOR = 0.5  # the acceptance estimate before any guess was checked

@@ -49,11 +49,11 @@ PAD_MIN_BYTES = 12_000_000  # (rows - 1) x weight bytes from which padding pays 
 def padded_rows(f: settings.Facts, rows: int, weight_bytes: int) -> int:
     """The rows a quantized matmul of `rows` rows (one matrix) over a weight of weight_bytes runs over: `rows`, or
     PAD_ROWS on CUDA where 2 <= rows < PAD_ROWS and (rows - 1) x weight_bytes >= PAD_MIN_BYTES. Below 8 rows MLX's
-    CUDA kernel is a mat-vec that reads the weight once a row (at about 1 TB/s); padded with zero rows to 8 it is
-    one GEMM reading it once, for a fixed cost of ~10-15 us (the GEMM's tiles, the pad and the slice). So padding
-    pays once the extra rows' reads outweigh that: (rows - 1) x bytes of ~12 MB and up, e.g. lm_head (212 MB at
-    4 bits) from 2 rows, a KDA q|k|v projection (16 MB) from 3, the shared expert's down projection (1.3 MB) never
-    (benchmarks/qmm_rows.py; RESULTS.md). Metal's kernels differ and are not padded."""
+    CUDA kernel is a mat-vec that reads the weight once a row; padded with zero rows to 8 it is one GEMM reading
+    it once, for a fixed cost (the GEMM's tiles, the pad and the slice). So padding pays once the extra rows'
+    reads outweigh that fixed cost, which benchmarks/qmm_rows.py puts at about the read of 12 MB: lm_head (212 MB
+    at 4 bits) pads from 2 rows, the KDA q|k|v projection (16 MB) from 2, the shared expert's down projection
+    (1.3 MB) never. Metal's kernels differ and are not padded."""
     if f.gpu != "cuda" or f[PAD_ENV] == "off" or not 2 <= rows < PAD_ROWS:
         return rows
     return PAD_ROWS if (rows - 1) * weight_bytes >= PAD_MIN_BYTES else rows
