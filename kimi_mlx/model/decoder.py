@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import KDA, MOE, ModelConfig
-from ..ops.linear import one_matrix, weight_bytes
+from ..ops.linear import one_matrix
 from ..ops.norm import add_norm
 from ..state import KDAState, MLAState, ModelState, check_context, new_state
 from .common import MLP, RMSNorm
@@ -348,7 +348,7 @@ class Model(nn.Module):
         tied = self.config.tie_word_embeddings
         head = self.model.embed_tokens if tied else self.lm_head
         quantized = isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-        return one_matrix(head.as_linear if tied else head, h, weight_bytes(head) if quantized else 0)
+        return one_matrix(head.as_linear if tied else head, h, head if quantized else None)
 
     def __call__(self, tokens: mx.array, state: ModelState | None = None) -> mx.array:
         p = self._pipeline

@@ -35,10 +35,14 @@ def choose(f: settings.Facts, rows: int) -> str:
     return "dequant" if m == "on" or f.gpu == "cuda" else "quantized"
 
 
-def dequant_chosen(rows: int) -> bool:
+def facts_now() -> settings.Facts:
     from .kda import gpu_backend
 
-    return choose(settings.now(gpu_backend()), rows) == "dequant"
+    return settings.now(gpu_backend())
+
+
+def dequant_chosen(rows: int) -> bool:
+    return choose(facts_now(), rows) == "dequant"
 
 
 PAD_ENV = "KIMI_MLX_PAD_ROWS"
@@ -64,22 +68,20 @@ def weight_bytes(layer: nn.Module) -> int:
     return sum(layer[k].nbytes for k in ("weight", "scales", "biases") if k in layer)
 
 
-def one_matrix(f, x: mx.array, nbytes: int = 0) -> mx.array:
+def one_matrix(f, x: mx.array, weights: nn.Module | None = None, facts: settings.Facts | None = None) -> mx.array:
     """f (a quantized matmul over x's last axis) over x's rows as one matrix: a batched decode step's x [B, 1, K]
     (B > 1) passed as [1, B, K] and the result shaped back to [B, 1, N], a view either way; and where
-    padded_rows chooses (nbytes: the weight's, weight_bytes), a few rows padded with zeros to PAD_ROWS and the
-    result sliced back. Each row's result is its own whichever the layout. MLX's quantized matmul treats
-    [B, 1, K] as B matrices of one row (on CUDA: B mat-vecs, or from 8 of them a tiled GEMM per row, each
-    reading the whole weight) and [1, B, K] as one B-row matrix whose tiles read the weight once
-    (benchmarks/RESULTS.md times the layouts by row count)."""
+    padded_rows chooses (weights: the quantized layer f reads; facts: settings.now's, made here if not given), a
+    few rows padded with zeros to PAD_ROWS and the result sliced back. Each row's result is its own whichever
+    the layout. MLX's quantized matmul treats [B, 1, K] as B matrices of one row (on CUDA: B mat-vecs, or from 8
+    of them a tiled GEMM per row, each reading the whole weight) and [1, B, K] as one B-row matrix whose tiles
+    read the weight once (benchmarks/RESULTS.md times the layouts by row count)."""
     rows = x.size // x.shape[-1]
     if x.ndim != 3 or (x.shape[0] > 1 and x.shape[1] > 1) or rows == 1:
         return f(x)
     flat = x.reshape(1, rows, x.shape[-1])
-    if nbytes:
-        from .kda import gpu_backend
-
-        pad = padded_rows(settings.now(gpu_backend()), rows, nbytes) - rows
+    if weights is not None and rows < PAD_ROWS:
+        pad = padded_rows(facts if facts is not None else facts_now(), rows, weight_bytes(weights)) - rows
         if pad:
             flat = mx.concatenate([flat, mx.zeros((1, pad, x.shape[-1]), x.dtype)], axis=1)
             return f(flat)[:, :rows].reshape(*x.shape[:2], -1)
@@ -91,8 +93,9 @@ class DequantLinear(nn.QuantizedLinear):
 
     def __call__(self, x):
         rows = x.size // x.shape[-1]
-        if not dequant_chosen(rows):
-            return one_matrix(super().__call__, x, weight_bytes(self))
+        facts = facts_now()
+        if choose(facts, rows) != "dequant":
+            return one_matrix(super().__call__, x, self, facts)
         w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
                           bits=self.bits, mode=self.mode)  # in the scales' dtype
         y = x @ w.T  # the reference's result dtype: x's and the scales' promoted
