@@ -538,16 +538,19 @@ class Engine:
         """StateSize.batch of `rows` rows up to `longest` tokens, at least the batch's present slots and page."""
         return self.state_size.batch(rows, longest, *self.batch.layout)
 
+    def _room_for(self, job: Job, rows: int, held: int) -> bool:
+        """Whether the batch's state with `rows` rows of `job` added, every row reserved at `reserved`, plus `held`
+        bytes beside it, stays within batch_memory."""
+        longest = max(self.reserved(j) for j in [*self._active, job])
+        return self._batch_bytes(self.batch.running + rows, longest) + held <= self.batch_memory
+
     def fits(self, job: Job) -> bool:
-        """Whether `job` may start: the batch's state with its rows added, every row reserved at `reserved`,
-        plus its own batch-1 state while it is prefilled and the paused rows, within batch_memory (always, when
-        nothing else is started)."""
+        """Whether `job` may start: the batch's state with its rows added, plus its own batch-1 state while it is
+        prefilled and the paused rows, within batch_memory (always, when nothing else is started)."""
         if not self._started():
             return True
         spec = job.spec
-        longest = max(self.reserved(j) for j in [*self._active, job])
-        need = self._batch_bytes(self.batch.running + spec.n, longest) + self._held()
-        return need + self.state_size.single(len(spec.prompt) + len(spec.forced)) <= self.batch_memory
+        return self._room_for(job, spec.n, self._held() + self.state_size.single(len(spec.prompt) + len(spec.forced)))
 
     def step_bytes(self) -> int:
         """Bytes the next decode step holds: the batch at the rows' current lengths plus the step's row (a
@@ -593,11 +596,9 @@ class Engine:
             job = self._paused[0]
             if len(job.paused) > self.batch.free:
                 return
-            if self._active or self._admitting is not None:
-                longest = max(self.reserved(j) for j in [*self._active, job])
-                need = self._batch_bytes(self.batch.running + len(job.paused), longest) + self._held(skip=job)
-                if need > self.batch_memory:
-                    return
+            if (self._active or self._admitting is not None) and \
+                    not self._room_for(job, len(job.paused), self._held(skip=job)):
+                return
             self._paused.pop(0)
             for p in job.paused:
                 self.batch.resume(p)
