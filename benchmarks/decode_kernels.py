@@ -163,12 +163,8 @@ def loop(n, nap=0.0):
     global batch
     step = y = None
     if a.batch > 1:  # bench.time_batch_decode's step: every row's next token in one decode_rows
-        from kimi_mlx.batch_state import BatchState
-
         if batch is None:
-            batch = BatchState(ours, a.batch)
-            for _ in range(a.batch):
-                batch.add(r.state)
+            batch = bench.batch_of(r.state, ours, a.batch)
         step = bench.batch_step(ours, batch)
         y = step(mx.arange(1, a.batch + 1, dtype=mx.uint32))
         mx.async_eval(y)

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
 
+from kimi_mlx.ops.linear import PAD_ROWS  # noqa: E402  (rows from which MLX's CUDA quantized matmul is a GEMM)
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--rows", default="2,4,8,16", help="comma-separated row counts B")
 ap.add_argument("--scale", type=int, default=1, help="divide every matrix size by this (quick runs)")
@@ -35,7 +37,6 @@ if a.scale < 1 or a.calls < 1 or any(r < 1 for r in rows):
 SIZES = [("kda q|k|v", 12288, 2304), ("kda o", 2304, 4096), ("mla q", 6144, 2304), ("shared gate|up", 2048, 2304),
          ("shared down", 2304, 1024), ("lm_head", 163840, 2304)]
 dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
-PAD = 8  # rows from which MLX's CUDA quantized matmul takes its tiled GEMM
 
 
 def timed(f) -> float:
@@ -67,7 +68,7 @@ for name, N, K in SIZES:
         xb = xa.reshape(1, B, K)
         mx.eval(xa, xb)
         cell = f"{timed(lambda: qmm(xa)):.3f} / {timed(lambda: qmm(xb)):.3f}"
-        if B < PAD:
-            cell += f" / {timed(lambda: qmm(mx.pad(xb, [(0, 0), (0, PAD - B), (0, 0)]))[:, :B]):.3f}"
+        if B < PAD_ROWS:
+            cell += f" / {timed(lambda: qmm(mx.pad(xb, [(0, 0), (0, PAD_ROWS - B), (0, 0)]))[:, :B]):.3f}"
         cells.append(cell)
     print(f"| {name} | {N} | {K} | {timed(lambda: qmm(x1)):.3f} | " + " | ".join(cells) + " |", flush=True)

@@ -397,6 +397,16 @@ def state_parts(state) -> tuple[int, int]:
 DECODE_WARMUP = 4  # tokens time_decode feeds before its timed ones
 
 
+def batch_of(state, model, rows: int):
+    """A BatchState of `rows` slots, each a copy of the batch-1 `state` (a Runner's after fill_context)."""
+    from .batch_state import BatchState
+
+    batch = BatchState(model, rows)
+    for _ in range(rows):
+        batch.add(state)
+    return batch
+
+
 def batch_step(model, batch) -> Callable[[mx.array], mx.array]:
     """The batch engine's greedy step over every slot of a BatchState: tokens [C] -> the next tokens [C] (one
     Model.decode_rows, one argmax for all rows)."""
@@ -465,13 +475,8 @@ def time_batch_decode(r: Runner, cfg: ModelConfig, batch: int, n: int, tokens: i
 
 
 def _time_ours_batch(r: Runner, cfg: ModelConfig, first: list[int], n: int, tokens: int) -> float:
-    from .batch_state import BatchState
-
-    B = len(first)
-    batch = BatchState(r.model, B)
     r.fill_context(n, cfg)
-    for _ in range(B):
-        batch.add(r.state)
+    batch = batch_of(r.state, r.model, len(first))
     r.state = None
     step = batch_step(r.model, batch)
     y = step(mx.array(first, mx.uint32))
