@@ -21,8 +21,9 @@ decode (zeros' tokens, masked to their row 0) until a shrink cuts them off or th
 copy of every array, a layer at a time): what makes a row that leaves (removed, or paused by a server's preemption)
 give its memory back at once. The batch engine (batch.py) compacts before a step whenever the running rows need
 fewer slots than the capacity: every step computes every slot, so idle slots would cost each step what a row does
-(a matrix-vector product a row), while a compaction costs one copy when a row crosses a power of two. `layout_bytes` is the layout's size arithmetic, shared with the server's memory
-bound (server/worker.py StateSize), so the two cannot drift.
+(a matrix-vector product a row), while a compaction costs one copy when a row crosses a power of two.
+`layout_bytes` is the layout's size arithmetic, shared with the server's memory bound (server/worker.py
+StateSize), so the two cannot drift.
 
 Arrays are values: a StateMark-like `mark()` (the KDA arrays and the lengths) keeps what a slot held before a
 step, and `extract` reads a slot back as a batch-1 ModelState (its MLA rows are append-only, so rows below
