@@ -27,6 +27,7 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from . import settings
 from .errors import KimiError
 from .feed import Step, prefill
 from .model.verify import MAX_VERIFY, verify_forward
@@ -122,8 +123,6 @@ class DraftWidth:
         self.accept += ACCEPT_WEIGHT * (float(hit) - self.accept)
 
     def width(self, most: int) -> int:
-        from . import settings
-
         if most < 1 or settings.value(WIDTH_ENV) == "max":
             return max(most, 0)
         a, best, k_best = min(self.accept, 1.0 - 1e-9), MIN_GAIN, 0
