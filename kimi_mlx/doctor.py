@@ -478,14 +478,27 @@ def _guarded(name, check) -> Check:
                      detail=f"{type(e).__name__}: {str(e).strip()}")
 
 
-def run_checks() -> list[Check]:
-    checks = [_guarded("chunked prefill, ops", partial(check_chunked, False)),
-              _guarded("decode step, fused ops", partial(check_decode, "ops"))]
-    if kda_ops.gpu_backend():
-        checks += [_guarded(name, check) for name, check in GPU_CHECKS.items()]
-    else:
-        checks += [Check(name, None, "no Metal or CUDA backend here") for name in GPU_CHECKS]
+def run_checks(each=None) -> list[Check]:
+    """Every check, in order; each(check) is called as each one ends (on a GPU a check may compile its kernels for a
+    minute, so the doctor prints a check's line when it has one rather than all of them at the end)."""
+    jobs = [("chunked prefill, ops", partial(check_chunked, False)),
+            ("decode step, fused ops", partial(check_decode, "ops")), *GPU_CHECKS.items()]
+    gpu = kda_ops.gpu_backend()
+    checks = []
+    for name, check in jobs:
+        gpu_only = name in GPU_CHECKS
+        c = _guarded(name, check) if gpu or not gpu_only else Check(name, None, "no Metal or CUDA backend here")
+        if each is not None:
+            each(c)
+        checks.append(c)
     return checks
+
+
+def check_line(c: Check) -> str:
+    if c.error is None:
+        return f"  skip  {c.name}: {c.note}"
+    return (f"  {'ok  ' if c.ok else 'FAIL'}  {c.name}: max rel err {c.error:.1e} (tolerance {c.tol:.0e})"
+            + (f"; {c.note}" if c.note else ""))
 
 
 def main(echo=print, report: str | None = None, speed: bool = True, model=None) -> bool:
@@ -499,13 +512,7 @@ def main(echo=print, report: str | None = None, speed: bool = True, model=None) 
     for key, value in env:
         echo(f"{key:>16}: {value}")
     echo("")
-    checks = run_checks()
-    for c in checks:
-        if c.error is None:
-            echo(f"  skip  {c.name}: {c.note}")
-        else:
-            echo(f"  {'ok  ' if c.ok else 'FAIL'}  {c.name}: max rel err {c.error:.1e} (tolerance {c.tol:.0e})"
-                 + (f"; {c.note}" if c.note else ""))
+    checks = run_checks(lambda c: echo(check_line(c)))
     if target is not None:
         sample = speed_sample(SPEED_SECONDS) if speed else None
         write_atomically(target, render_report(env, checks, sample))

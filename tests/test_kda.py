@@ -388,7 +388,7 @@ def test_doctor_reports_a_kernel_that_fails_to_build_as_a_failed_check(monkeypat
     c = doctor._guarded("KDA per-chunk matrices, kernel", broken)
     assert not c.ok and "Failed to compile kernel" in c.note and "\n" not in c.note
     lines = []
-    monkeypatch.setattr(doctor, "run_checks", lambda: [c])
+    monkeypatch.setattr(doctor, "run_checks", lambda each=None: [each(c), c][1:])
     assert doctor.main(lines.append) is False
     assert any(line.startswith("  FAIL  KDA per-chunk matrices") and "Failed to compile" in line for line in lines)
 
@@ -586,3 +586,24 @@ def test_doctor_gate_and_cache_row_checks_on_gpu():
     from kimi_mlx import doctor
 
     assert doctor.check_gated_norm().ok and doctor.check_cache_rows().ok
+
+
+def test_doctor_prints_each_check_as_it_ends(monkeypatch):
+    """A check that compiles for a minute on a GPU must not hold back the lines of the checks before it."""
+    from kimi_mlx import doctor
+
+    lines = []
+
+    def first(_=None):
+        return doctor.Check("chunked prefill, ops", 0.0)
+
+    def second(_=None):
+        assert any("chunked prefill, ops" in line for line in lines), lines  # the first check's line is out
+        return doctor.Check("decode step, fused ops", 0.0)
+
+    monkeypatch.setattr(doctor, "check_chunked", first)
+    monkeypatch.setattr(doctor, "check_decode", second)
+    monkeypatch.setattr(doctor, "GPU_CHECKS", {})
+    assert doctor.main(lines.append) is True
+    assert [line.split(":")[0].strip() for line in lines if line.startswith("  ok")] == [
+        "ok    chunked prefill, ops", "ok    decode step, fused ops"]
