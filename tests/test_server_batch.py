@@ -70,12 +70,14 @@ def alone(demo, spec: TurnSpec) -> Sink:
     return sink
 
 
-def run_together(engine, specs, timeout=120) -> list[Sink]:
+def run_together(engine, specs, timeout=120, each=None) -> list[Sink]:
+    """specs submitted at once to the engine's thread; each(i, event), if given, sees turn i's events in the order
+    the engine sends them."""
     sinks = [Sink(engine, s.n) for s in specs]
     engine.start()
     try:
-        for s, sink in zip(specs, sinks):
-            engine.submit(s, sink)
+        for i, (s, sink) in enumerate(zip(specs, sinks)):
+            engine.submit(s, sink if each is None else (lambda ev, i=i, sink=sink: (each(i, ev), sink(ev))))
         for sink in sinks:
             assert sink.done.wait(timeout)
     finally:

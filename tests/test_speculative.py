@@ -530,8 +530,9 @@ def test_verification_with_the_rows_kernel_equals_decode_emulated(demo_random, m
 
 
 def test_server_engine_runs_a_speculative_turn_among_batched_turns(demo):
-    """A speculative turn runs alone while the batch's rows wait; every turn's reply equals the turn alone,
-    plain, and the batched turns still share the batch."""
+    """A speculative turn decodes beside the batch, a round an engine iteration: the batched turns' rows go on
+    while it runs (pieces of both come between its first and its last), and every turn's reply equals the turn
+    alone, plain."""
     from kimi_mlx.server.worker import Engine, EngineSettings, Piece
 
     from test_server_batch import alone, run_together, turn
@@ -545,8 +546,12 @@ def test_server_engine_runs_a_speculative_turn_among_batched_turns(demo):
              turn(tok, "Repeat this:\n" + CODE, max_tokens=24, logit_bias=ban, draft="ngram"),
              turn(tok, "one more", max_tokens=12, logit_bias=ban)]
     engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0, prefill_step_size=16))
-    together = run_together(engine, specs)
+    order = []  # (turn, event kind) in the order the engine sent them
+    together = run_together(engine, specs, each=lambda i, ev: order.append((i, type(ev).__name__)))
     assert engine.spec_replies == 1 and engine.spec.forwards > 0
+    ours = [k for k, (i, kind) in enumerate(order) if i == 1 and kind == "Piece"]
+    between = [i for i, kind in order[ours[0]: ours[-1]] if kind == "Piece" and i != 1]
+    assert between, order  # the batched rows decoded while the speculative turn ran
     for spec, got in zip(plain_specs, together):
         want = alone(demo, spec)
         assert got.tokens() == want.tokens()
@@ -555,6 +560,43 @@ def test_server_engine_runs_a_speculative_turn_among_batched_turns(demo):
         g, w = got.finished(), want.finished()
         assert (g.finish_reason, g.completion_tokens, g.generated) == (w.finish_reason, w.completion_tokens,
                                                                        w.generated)
+
+
+def test_server_engine_counts_speculative_turns_in_max_batch_and_cancels_one_mid_reply(demo):
+    """--max-batch bounds the batch's rows and the speculative turns together; a speculative turn cancelled mid-reply
+    ends with 'cancelled' while the batched turn goes on and replies as alone."""
+    from kimi_mlx.server.worker import Engine, EngineSettings, Failed
+
+    from test_server_batch import alone, run_together, turn
+
+    model, tok = demo
+    ban = {tok.im_end_id: -100.0, tok.eos_id: -100.0}
+    specs = [turn(tok, "Repeat this:\n" + CODE, max_tokens=400, logit_bias=ban, draft="ngram"),
+             turn(tok, "tell me a long story about a fox " * 3, max_tokens=16, logit_bias=ban),
+             turn(tok, "one more", max_tokens=12, logit_bias=ban)]
+    engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0, prefill_step_size=16, max_batch=2))
+    running, jobs = [], {}
+
+    def each(i, ev):
+        running.append(engine.batch.running + len(engine._speculating))
+        if i == 2 and type(ev).__name__ == "Piece" and not jobs[0].cancel.is_set():
+            engine.cancel(jobs[0])  # as a client's disconnect does; the turn leaves at the next iteration
+
+    orig_submit = engine.submit
+
+    def submit(spec, sink):  # keep the jobs, to cancel the first
+        job = orig_submit(spec, sink)
+        jobs[len(jobs)] = job
+        return job
+
+    engine.submit = submit
+    got = run_together(engine, specs, each=each)
+    assert max(running) == 2  # never three sequences at once
+    assert isinstance(got[0].events[-1], Failed) and "cancelled" in got[0].events[-1].message
+    assert 16 < len(got[0].tokens()) < 400  # cancelled mid-reply, after the first batched turn's 16 tokens
+    assert engine.spec_replies == 0 and not engine._speculating
+    for spec, sink in zip(specs[1:], got[1:]):
+        assert sink.tokens() == alone(demo, spec).tokens()
 
 
 @pytest.mark.parametrize("row_cost, hits, most, want", [

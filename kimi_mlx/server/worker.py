@@ -208,6 +208,7 @@ class Job:
         self.generated = 0  # decode steps its rows have taken (its n rows join, step, pause and resume together)
         self.paused: list[PausedRow] = []  # its rows while preempted
         self.closed = False  # every choice finished, or the turn failed: no more events
+        self.speculation = None  # a speculative turn: (its Generation, that generation's Responses), while running
 
     @property
     def length(self) -> int:
@@ -313,6 +314,7 @@ class Engine:
         self.prefill_budget = settings.prefill_step_size or PREFILL_STEP
         self._active: list[Job] = []  # jobs with rows in the batch
         self._paused: list[Job] = []  # preempted turns, by admission (the first admitted resumes first)
+        self._speculating: list[Job] = []  # speculative turns: each its own batch-1 state, a round an iteration
         self._admitted = 0  # turns admitted so far (Job.order)
         self.horizon = PREEMPT_HORIZON  # see PREEMPT_HORIZON
         self.preemptions = 0  # turns paused so far (/health)
@@ -342,6 +344,12 @@ class Engine:
     @property
     def busy(self) -> bool:
         return bool(self.rows_running or self.prefilling or self.rows_paused)
+
+    @property
+    def _free_rows(self) -> int:
+        """Sequences that may still start: the batch's free rows less the speculative turns (each a sequence
+        decoding beside the batch; --max-batch bounds both together)."""
+        return self.batch.free - len(self._speculating)
 
     def submit(self, spec: TurnSpec, sink: Callable[[Event], None]) -> Job:
         if spec.n > self.settings.max_batch:  # the request layer says so first, naming the field
@@ -382,14 +390,16 @@ class Engine:
     def _iterate(self) -> None:
         """One scheduling round: drop cancelled turns, resume paused turns that fit again (`_resume`), prefill
         waiting prompts up to prefill_budget tokens (`_admit`), preempt turns while the step would not fit
-        (`_preempt`), one decode step of every running row."""
+        (`_preempt`), one decode step of every running row, one round (a forward) of every speculative turn."""
         self._drop_cancelled()
         self._resume()
         self._admit()
         if self.batch.running:
             self._preempt()
             self._decode()
-        self.rows_running = self.batch.running
+        if self._speculating:
+            self._speculate()
+        self.rows_running = self.batch.running + len(self._speculating)
         self.rows_paused = sum(len(j.paused) for j in self._paused)
         self.prefilling = int(self._admitting is not None)
 
@@ -416,7 +426,7 @@ class Engine:
 
     def _take(self) -> bool:
         """Move submitted jobs to _pending, blocking while there is nothing else to do. False: stop."""
-        block = not (self._active or self._admitting or self._pending or self._paused)
+        block = not (self._active or self._admitting or self._pending or self._paused or self._speculating)
         while True:
             try:
                 job = self._queue.get(block=block)
@@ -428,7 +438,7 @@ class Engine:
             block = False
 
     def _started(self) -> list[Job]:
-        jobs = list(self._active) + list(self._paused)
+        jobs = list(self._active) + list(self._paused) + list(self._speculating)
         if self._admitting is not None and self._admitting[0] not in jobs:
             jobs.append(self._admitting[0])
         return jobs
@@ -474,6 +484,11 @@ class Engine:
                 self._active.remove(job)
             if job in self._paused:
                 self._paused.remove(job)
+            if job in self._speculating:
+                self._speculating.remove(job)
+        if job.speculation is not None:
+            job.speculation[1].close()  # its generation rewinds its state to the last token taken
+            job.speculation = None
 
     def _admit(self) -> None:
         """Prefill steps of the turns at the head of the queue, up to `prefill_budget` tokens a round (at least
@@ -490,7 +505,7 @@ class Engine:
                 if not self._pending:
                     return
                 job = self._pending[0]
-                if job.spec.n > self.batch.free or not self.fits(job):
+                if job.spec.n > self._free_rows or not self.fits(job):
                     return
                 self._pending.popleft()
                 with self._lock:
@@ -526,9 +541,11 @@ class Engine:
         return min(job.longest, job.length + self.horizon)
 
     def _held(self, skip: Job | None = None) -> int:
-        """Bytes held besides the batch: the paused rows (but `skip`'s) and the prompt being prefilled (at its
-        full length, as admission reserved it)."""
+        """Bytes held besides the batch: the paused rows (but `skip`'s), the prompt being prefilled (at its
+        full length, as admission reserved it) and the speculative turns' states (each at its longest: they are
+        not preempted)."""
         held = sum(p.nbytes for j in self._paused if j is not skip for p in j.paused)
+        held += sum(self.state_size.single(j.longest) for j in self._speculating)
         if self._admitting is not None:
             spec = self._admitting[0].spec
             held += self.state_size.single(len(spec.prompt) + len(spec.forced))
@@ -594,7 +611,7 @@ class Engine:
         its rows reserved at `reserved` within batch_memory; always, when nothing else runs)."""
         while self._paused:
             job = self._paused[0]
-            if len(job.paused) > self.batch.free:
+            if len(job.paused) > self._free_rows:
                 return
             if (self._active or self._admitting is not None) and \
                     not self._room_for(job, len(job.paused), self._held(skip=job)):
@@ -644,10 +661,11 @@ class Engine:
     def _insert(self, job: Job, state, last: int) -> None:
         spec = job.spec
         seq = spec.prompt + spec.forced
-        # a speculative turn runs alone, to its end (speculation is per sequence; the batch's rows wait meanwhile);
-        # stateful processors (a grammar, `once`) follow one sequence, not drafts, so those turns join the batch
+        # a speculative turn decodes beside the batch on its own state (speculation is per sequence), a round an
+        # iteration; stateful processors (a grammar, `once`) follow one sequence, not drafts, so those turns join
+        # the batch
         if spec.options.draft and spec.n == 1 and spec.grammar is None and not spec.once:
-            return self._speculative(job, state, last)
+            return self._start_speculative(job, state, last)
 
         def processors() -> list:  # each row its own: the grammar and `once` keep per-row state
             procs = [ban_tokens(spec.banned)] if spec.banned else []
@@ -669,9 +687,9 @@ class Engine:
             for j in range(spec.n):
                 job.emit(Piece(text, None, index=j))
 
-    def _speculative(self, job: Job, state, last: int) -> None:
-        """The turn's reply through a speculative Generation over its own batch-1 state (speculate.py), streamed
-        as the batch's rows are; then its state to the prefix cache and Finished, as _finish does for a row."""
+    def _start_speculative(self, job: Job, state, last: int) -> None:
+        """The turn's reply as a speculative Generation over its own batch-1 state (speculate.py), advanced a round
+        an iteration by _speculate, so the batch's rows and this turn take turns rather than wait for each other."""
         spec = job.spec
         seq = spec.prompt + spec.forced
         gen = Generation(self.model, self.tokenizer, state, [last], spec.options, context=seq[:-1])
@@ -679,22 +697,50 @@ class Engine:
             gen.processors.append(ban_tokens(spec.banned))
         if spec.forced:
             job.emit(Piece(self.tokenizer.decode(spec.forced), None, index=0))
-        for r in gen:
-            if job.cancel.is_set():
-                return self._fail(job, Failed("cancelled", client_error=True))
-            if job.first is None:
-                job.first = time.perf_counter() - job.t0
-            job.emit(Piece(r.text, r.token, r.logprob, r.top_logprobs, 0))
+        job.speculation = (gen, iter(gen))
+        self._speculating.append(job)
+
+    def _speculate(self) -> None:
+        """One round of every speculative turn: its Responses up to and including the first that took a forward
+        of the model (a verification or a plain step), so each turn costs an iteration one forward, as a batch
+        step costs its rows one; tokens a forward accepted beyond the first come out at the next round's start,
+        free. A turn that fails ends alone (its state is its own)."""
+        for job in list(self._speculating):
+            gen, responses = job.speculation
+            r = None
+            try:
+                forwards = gen.spec.forwards
+                for r in responses:
+                    if job.first is None:
+                        job.first = time.perf_counter() - job.t0
+                    job.emit(Piece(r.text, r.token, r.logprob, r.top_logprobs, 0))
+                    job.generated += 1
+                    if r.finish_reason or gen.spec.forwards != forwards:
+                        break
+                else:
+                    r = None  # the generation ended (it ends on a finish reason; this is a guard)
+            except Exception as e:
+                self._fail(job, self._failure(e))
+                continue
+            if r is None or r.finish_reason:
+                self._end_speculative(job, gen, r.finish_reason if r is not None else None)
+
+    def _end_speculative(self, job: Job, gen: Generation, reason: str | None) -> None:
+        """A speculative turn is done: its state (rewound to the last token taken) to the prefix cache, its ids
+        remembered, Finished, as _finish does for a row."""
+        spec = job.spec
+        seq = spec.prompt + spec.forced
+        job.speculation[1].close()  # the generation's own end: rewinds the state to the last token taken
         self.spec_replies += 1
         for f in ("drafted", "accepted", "forwards", "tokens"):
             setattr(self.spec, f, getattr(self.spec, f) + getattr(gen.spec, f))
         tokens = list(gen.tokens)
-        consumed, kept = (seq + tokens)[: state.offset], False
+        consumed, kept = (seq + tokens)[: gen.state.offset], False
         if self.cache.max_bytes > 0:
-            kept = self.cache.insert(consumed, state)
+            kept = self.cache.insert(consumed, gen.state)
         self.replies.remember(self.tokenizer, spec.forced + tokens, self.stops)
         self._close(job)
-        job.emit(Finished(gen.finish_reason or "stop", len(spec.prompt), min(job.cached, len(spec.prompt)),
+        job.emit(Finished(reason or gen.finish_reason or "stop", len(spec.prompt), min(job.cached, len(spec.prompt)),
                           len(spec.forced) + len(tokens), job.first or 0.0, spec.forced + tokens,
                           consumed if kept else None, index=0))
 
