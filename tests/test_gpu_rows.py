@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kimi_mlx import bench
+from kimi_mlx import bench, settings
 from kimi_mlx.batch_state import BatchState
 from kimi_mlx.feed import prefill
 from kimi_mlx.model.verify import verify_forward
@@ -50,8 +50,9 @@ def test_batched_decode_rows_match_each_sequence_alone(model, B):
             assert rel(got[b], want) <= TOL, (B, b)
 
 
-@pytest.mark.parametrize("T", [3, 5, 9])
-def test_verification_rows_match_decode(model, T):
+@pytest.mark.parametrize("T, rows_kernel", [(3, "off"), (5, "off"), (9, "off"), (5, "on"), (9, "on")])
+def test_verification_rows_match_decode(model, T, rows_kernel):
+    """rows_kernel 'on': the KDA steps of all T tokens in one kda_decode_rows launch (KIMI_MLX_KDA_ROWS)."""
     vocab = model.config.vocab_size
     rng = np.random.default_rng(T)
     prompt = rng.integers(0, vocab, 100).tolist()
@@ -59,7 +60,11 @@ def test_verification_rows_match_decode(model, T):
     prefill(model, plain, prompt)
     prefill(model, spec, prompt)
     toks = rng.integers(0, vocab, T).tolist()
-    logits, _ = verify_forward(model, toks, spec)
+    model.__dict__.pop("_verify_steps", None)  # traced under this setting, not an earlier test's
+    with settings.override(KIMI_MLX_KDA_ROWS=rows_kernel):
+        logits, _ = verify_forward(model, toks, spec)
+        mx.eval(logits)
+    model.__dict__.pop("_verify_steps", None)
     for i, t in enumerate(toks):
         want = model(mx.array([[t]]), plain)[0, -1]
         assert rel(logits[i], want) <= TOL, (T, i)
