@@ -613,7 +613,7 @@ class Engine:
             job = self._paused[0]
             if len(job.paused) > self._free_rows:
                 return
-            if (self._active or self._admitting is not None) and \
+            if (self._active or self._admitting is not None or self._speculating) and \
                     not self._room_for(job, len(job.paused), self._held(skip=job)):
                 return
             self._paused.pop(0)
