@@ -37,6 +37,7 @@ cost: a paused turn waits (and its state is copied out and back in). The queue i
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -292,6 +293,20 @@ class StateSize:
                             self.layers * self.row, copies=2)
 
 
+def _await_thread_exit(native_id: int | None, limit: float = 2.0) -> None:
+    """Wait (at most `limit` seconds) until the OS thread `native_id` has ended, where the system lists its threads
+    (Linux: /proc/self/task). Python's join returns before a thread's C++ thread-local destructors have run (MLX
+    keeps per-thread stream state there); a process that exits meanwhile (a server stopped right after its engine)
+    runs its static destructors alongside them, and the C++ runtime aborts it ('terminate called without an
+    active exception')."""
+    task = f"/proc/self/task/{native_id}"
+    if native_id is None or not os.path.isdir("/proc/self/task"):
+        return
+    end = time.perf_counter() + limit
+    while os.path.exists(task) and time.perf_counter() < end:
+        time.sleep(0.001)
+
+
 class Engine:
     def __init__(self, model, tokenizer, settings: EngineSettings):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
@@ -335,6 +350,8 @@ class Engine:
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout)
+            if not self._thread.is_alive():
+                _await_thread_exit(self._thread.native_id)
             self._thread = None
 
     @property
