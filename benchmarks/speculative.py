@@ -11,6 +11,7 @@ the prefill path over the same T tokens.
   python benchmarks/speculative.py --model none --shape full --context 1024 --rows-kernel --record
                                                                        (GPU: the verification cost)
   python benchmarks/speculative.py --max-tokens 200 --shape small --record        (CPU: the demo's tasks)
+  python benchmarks/speculative.py --shape none --beside       (a speculative turn beside a plain one, server engine)
 """
 
 from __future__ import annotations
@@ -64,6 +65,59 @@ def run_task(model, tok, prompt: str, max_tokens: int, draft: str | None, num_dr
     rs = list(stream_generate(model, tok, prompt, **kw))
     per_forward = rs[-1].spec.tokens_per_forward if rs[-1].spec else 1.0
     return rs[-1].generation_tps, per_forward, "".join(r.text for r in rs)
+
+
+def beside(model, tok, max_tokens: int, rounds: int, echo) -> None:
+    """The server's engine (no HTTP) with two turns submitted at once: the copy-heavy task (plain, then with
+    --draft ngram) and a plain companion turn of max_tokens // 4 tokens. Seconds from submission to each turn's first
+    and last token, the best of `rounds` alternating: whether a speculative turn holds the batch's rows back."""
+    import threading
+
+    from kimi_mlx.generate import GenerationOptions
+    from kimi_mlx.server.worker import Engine, EngineSettings, Failed, Finished, Piece, TurnSpec
+
+    ban = {tok.im_end_id: -100.0, tok.eos_id: -100.0}  # every reply runs its full length
+
+    def turn(text, n, **kw):
+        opts = GenerationOptions.from_kwargs(temperature=0.0, max_tokens=n, logit_bias=ban, **kw)
+        return TurnSpec(tok.encode(text), opts)
+
+    def once(draft) -> dict:
+        engine = Engine(model, tok, EngineSettings(prefix_cache_bytes=0))
+        marks, done = {}, [threading.Event(), threading.Event()]
+        t0 = time.perf_counter()
+
+        def sink(i):
+            def f(ev):
+                if isinstance(ev, Piece):
+                    marks.setdefault((i, "first"), time.perf_counter() - t0)
+                elif isinstance(ev, (Finished, Failed)):
+                    marks[(i, "last")] = time.perf_counter() - t0
+                    done[i].set()
+            return f
+
+        engine.start()
+        try:
+            engine.submit(turn(TASKS["copy-heavy"], max_tokens, **({"draft": draft} if draft else {})), sink(0))
+            engine.submit(turn(TASKS["free"], max(1, max_tokens // 4)), sink(1))
+            for d in done:
+                d.wait(600)
+        finally:
+            engine.stop()
+        return marks
+
+    runs = {d: [] for d in (None, "ngram")}
+    for _ in range(rounds):
+        for d in runs:
+            runs[d].append(once(d))
+    echo(f"the server's engine, two turns at once: copy-heavy ({max_tokens} tokens) and a plain free-task turn "
+         f"({max(1, max_tokens // 4)} tokens); seconds from submission, best of {rounds}")
+    echo("| copy-heavy turn | its first token | its last | plain turn's first token | its last |")
+    echo("|---|---|---|---|---|")
+    for d, ms in runs.items():
+        best = {k: min(m[k] for m in ms) for k in ms[0]}
+        echo(f"| {d or 'plain'} | {best[(0, 'first')]:.2f} | {best[(0, 'last')]:.2f} | {best[(1, 'first')]:.2f} | "
+             f"{best[(1, 'last')]:.2f} |")
 
 
 def median_ms(f, reps: int) -> float:
@@ -144,6 +198,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="runs of each task and draft, alternating (best kept)")
     ap.add_argument("--rows-kernel", action="store_true", help="also time the verification with KIMI_MLX_KDA_ROWS=on "
                     "(one kda_decode_rows launch a KDA layer; a GPU only)")
+    ap.add_argument("--beside", action="store_true", help="also time a plain turn submitted with a speculative one "
+                    "to the server's engine (and with the same turn plain)")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     a = ap.parse_args()
     from kimi_mlx import bench
@@ -170,6 +226,8 @@ def main():
                 tps, per, got = max(runs[d])
                 same = "yes" if got == text else "NO"
                 echo(f"| {name} | {d or 'none'} | {tps:.1f} | {tps / base:.2f} | {per:.2f} | {same} |")
+        if a.beside:
+            beside(model, tok, a.max_tokens, a.rounds, echo)
     if a.shape != "none":
         verification_costs(a.shape, a.context, a.ks, a.reps, a.bits, echo, a.rows_kernel)
     if a.record:

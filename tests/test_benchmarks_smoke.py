@@ -42,6 +42,8 @@ RUNS = [
      r"^MLA layer decode, context 32, compiled whole pages +[\d.]+ ms"),
     ("speculative.py", ["--max-tokens", "8", "--rounds", "1", "--shape", "small", "--context", "64", "--ks", "2", "--reps", "1"],
      r"^\| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$"),
+    ("speculative.py", ["--max-tokens", "8", "--rounds", "1", "--shape", "none", "--beside"],
+     r"^\| ngram \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$"),
     ("qmm_rows.py", ["--rows", "2", "--scale", "32", "--calls", "1"], r"^\| lm_head \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ / [\d.]+ / [\d.]+ \|$"),
     ("server.py", ["--turns", "2", "--user-tokens", "16", "--max-tokens", "2", "--api", "both"],
      r"^sum of TTFT: [\d.]+ s with the prefix cache, [\d.]+ s without"),
