@@ -11,7 +11,10 @@ is in, the state joins the batch as n rows (a prefix-cache hit that covers the w
 snapshot is the state inserted). Each row's tokens go to its request's sink as events; a finished row's final
 state is stored in the prefix cache for the next turn. A cancelled turn leaves at the next round and its working
 state is dropped. A scoring turn (completions with echo and logprobs) feeds its prompt from the empty state
-instead, reading the log-probability of every prompt token from the logits on the way.
+instead, reading the log-probability of every prompt token from the logits on the way. A speculative turn (a
+draft, one choice, no grammar) decodes on its own batch-1 state beside the batch: one round of it (one forward of
+the model, a verification or a plain step) each iteration, after the batch's step; it counts as a sequence of
+the batch's `max_batch` and its state as held memory (reserved at its longest: it is not preempted).
 
 Memory: the rows' states (the batched state, paused rows, the prompt being prefilled) are held within
 `batch_memory`, optimistically. A turn is admitted (and a paused one resumed) if the batch's state, with its rows
