@@ -750,7 +750,7 @@ class Engine:
         remembered, Finished, as _finish does for a row."""
         spec = job.spec
         seq = spec.prompt + spec.forced
-        job.speculation[1].close()  # the generation's own end: rewinds the state to the last token taken
+        self._close(job)  # closes the generation: its end rewinds the state to the last token taken
         self.spec_replies += 1
         for f in ("drafted", "accepted", "forwards", "tokens"):
             setattr(self.spec, f, getattr(self.spec, f) + getattr(gen.spec, f))
@@ -759,7 +759,6 @@ class Engine:
         if self.cache.max_bytes > 0:
             kept = self.cache.insert(consumed, gen.state)
         self.replies.remember(self.tokenizer, spec.forced + tokens, self.stops)
-        self._close(job)
         job.emit(Finished(reason or gen.finish_reason or "stop", len(spec.prompt), min(job.cached, len(spec.prompt)),
                           len(spec.forced) + len(tokens), job.first or 0.0, spec.forced + tokens,
                           consumed if kept else None, index=0))
