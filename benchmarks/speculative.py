@@ -12,6 +12,7 @@ the prefill path over the same T tokens.
                                                                        (GPU: the verification cost)
   python benchmarks/speculative.py --max-tokens 200 --shape small --record        (CPU: the demo's tasks)
   python benchmarks/speculative.py --shape none --beside       (a speculative turn beside a plain one, server engine)
+  python benchmarks/speculative.py --model none --shape full --batch 8 --ks 2,4,8   (GPU: a batched verification's cost)
 """
 
 from __future__ import annotations
@@ -65,6 +66,36 @@ def run_task(model, tok, prompt: str, max_tokens: int, draft: str | None, num_dr
     rs = list(stream_generate(model, tok, prompt, **kw))
     per_forward = rs[-1].spec.tokens_per_forward if rs[-1].spec else 1.0
     return rs[-1].generation_tps, per_forward, "".join(r.text for r in rs)
+
+
+def batch_tasks(model, tok, B: int, max_tokens: int, rounds: int, echo) -> None:
+    """B rows at once, the tasks alternating (half of them copy-heavy), through stream_batch without and with
+    draft='ngram' (spec_batch.py): generated tokens/s over all rows (after the first round of tokens), tokens a
+    forward per row, and whether every row's text is plain decoding's."""
+    from kimi_mlx.batch import stream_batch
+
+    prompts = [list(TASKS.values())[b % len(TASKS)] for b in range(B)]
+
+    def once(draft):
+        texts, last, first, n = [""] * B, {}, None, 0
+        for i, r in stream_batch(model, tok, prompts, max_batch=B, max_tokens=max_tokens, temperature=0.0,
+                                 **(dict(draft=draft) if draft else {})):
+            first = first or time.perf_counter()
+            texts[i] += r.text
+            last[i] = r
+            n += 1
+        per = statistics.mean(r.spec.tokens_per_forward for r in last.values()) if draft else 1.0
+        return (n - B) / (time.perf_counter() - first), per, texts
+
+    once(None)  # warm: traces the batch's steps
+    runs = {d: [once(d) for _ in range(rounds)] for d in (None, "ngram")}
+    base, _, text = max(runs[None])
+    echo(f"batch {B} (half copy-heavy), greedy, {max_tokens} tokens a row, best of {rounds}")
+    echo("| draft | tok/s, all rows | x plain | tokens/forward a row | same text |")
+    echo("|---|---|---|---|---|")
+    for d in (None, "ngram"):
+        tps, per, got = max(runs[d])
+        echo(f"| {d or 'none'} | {tps:.1f} | {tps / base:.2f} | {per:.2f} | {'yes' if got == text else 'NO'} |")
 
 
 def beside(model, tok, max_tokens: int, rounds: int, echo) -> None:
@@ -130,7 +161,55 @@ def median_ms(f, reps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def verification_costs(shape: str, context: int, ks, reps: int, bits: int, echo, rows_kernel: bool = False) -> None:
+def batch_verification_costs(model, state, B: int, ks, reps: int, echo) -> None:
+    """B slots each holding `state`: one batched decode step (model.decode_rows) against a batched verification
+    of T tokens a slot (model/verify.verify_batch, each slot keeping all T). The ratio is how many tokens a
+    forward each row must gain for a batched speculative round to pay."""
+    from kimi_mlx.batch_state import BatchState
+    from kimi_mlx.model.verify import verify_batch
+    from kimi_mlx.state import KDAState
+
+    batch = BatchState(model, max_batch=B)
+    for _ in range(B):
+        batch.add(state)
+    start, lens = batch.mark(), list(batch.lens)
+    vocab = model.config.vocab_size
+    toks = mx.random.randint(0, vocab, (B, max(ks)), dtype=mx.uint32)
+
+    def reset():
+        for i, (c, r) in start.kda.items():
+            batch.layers[i] = KDAState(c, r)
+        batch.lens = list(lens)
+        batch._lengths_changed()
+
+    def step():
+        reset()
+        batch.prepare()
+        mx.eval(model.decode_rows(toks[:, :1], batch))
+        batch.advance()
+        batch.eval()
+
+    def verify(T):
+        def f():
+            reset()
+            logits, after = verify_batch(model, toks[:, :T], batch)
+            batch.keep([T] * B, after)
+            mx.eval(logits)
+            batch.eval()
+        return f
+
+    one = median_ms(step, reps)
+    echo(f"batch {B}: one batched decode step {one:.2f} ms")
+    echo("| T (k + 1) | batched verify ms | x batched step |")
+    echo("|---|---|---|")
+    for T in ks:
+        if B * T <= 64:  # spec_batch.MAX_ROWS
+            v = median_ms(verify(T), reps)
+            echo(f"| {T} | {v:.2f} | {v / one:.2f} |")
+
+
+def verification_costs(shape: str, context: int, ks, reps: int, bits: int, echo, rows_kernel: bool = False,
+                       batch: int = 0) -> None:
     from kimi_mlx import bench, settings
     from kimi_mlx.feed import prefill
     from kimi_mlx.model.verify import verify_forward
@@ -182,6 +261,9 @@ def verification_costs(shape: str, context: int, ks, reps: int, bits: int, echo,
             model.__dict__.pop("_verify_steps", None)
             line += f" {r:.2f} | {r / one:.2f} |"
         echo(line)
+    if batch:
+        rewind(state, at)
+        batch_verification_costs(model, state, batch, ks, reps, echo)
 
 
 def main():
@@ -200,6 +282,8 @@ def main():
                     "(one kda_decode_rows launch a KDA layer; a GPU only)")
     ap.add_argument("--beside", action="store_true", help="also time a plain turn submitted with a speculative one "
                     "to the server's engine (and with the same turn plain)")
+    ap.add_argument("--batch", type=int, default=0, help="also run B rows at once (spec_batch.py): the tasks "
+                    "through stream_batch, and the verification table's batched step against a batched verification")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     a = ap.parse_args()
     from kimi_mlx import bench
@@ -228,8 +312,10 @@ def main():
                 echo(f"| {name} | {d or 'none'} | {tps:.1f} | {tps / base:.2f} | {per:.2f} | {same} |")
         if a.beside:
             beside(model, tok, a.max_tokens, a.rounds, echo)
+        if a.batch:
+            batch_tasks(model, tok, a.batch, a.max_tokens, a.rounds, echo)
     if a.shape != "none":
-        verification_costs(a.shape, a.context, a.ks, a.reps, a.bits, echo, a.rows_kernel)
+        verification_costs(a.shape, a.context, a.ks, a.reps, a.bits, echo, a.rows_kernel, a.batch)
     if a.record:
         echo.append("speculative decoding")
 

@@ -489,7 +489,8 @@ def stream_batch(model, tokenizer, prompts, *, max_batch: int = 8, n: int = 1, r
     """Generate for every prompt (strings, token lists or message lists, of any lengths), max_batch rows at a
     time: each prompt is prefilled alone and joins the batch as rows free up. Yields (id, Response) per token;
     id = prompt index * n + j for the j-th of n samples of a prompt (a seeded option gives sample j the seed
-    seed + j)."""
+    seed + j). With draft='ngram' every row decodes speculatively (spec_batch.py); a draft model drafts for one
+    sequence at a time and is refused here."""
     opts = GenerationOptions.from_kwargs(**options)
     if n < 1 or n > max_batch:
         raise KimiError(f"n must be between 1 and max_batch ({max_batch}), got {n}")
@@ -497,7 +498,15 @@ def stream_batch(model, tokenizer, prompts, *, max_batch: int = 8, n: int = 1, r
     for i, p in enumerate(ids):
         if not p:
             raise KimiError(f"prompt {i} is empty: give at least one token")
-    gen = BatchGenerator(model, tokenizer, max_batch=max_batch, reference=reference)
+    if opts.draft:  # every row drafts by prompt lookup, one forward verifies them all (spec_batch.py)
+        from .spec_batch import SpecBatch, check_draft
+
+        check_draft(opts)
+        if reference:
+            raise KimiError("the sequential reference decodes without drafts; drop the draft or reference")
+        gen = SpecBatch(model, tokenizer, max_batch)
+    else:
+        gen = BatchGenerator(model, tokenizer, max_batch=max_batch, reference=reference)
     names: dict[int, int] = {}
     waiting = list(range(len(ids)))
     while waiting or gen.running:
@@ -506,8 +515,10 @@ def stream_batch(model, tokenizer, prompts, *, max_batch: int = 8, n: int = 1, r
             t0 = time.perf_counter()
             state = model.new_state(1)
             prefill(model, state, ids[i][:-1], opts.prefill_step_size)
-            for j, seq in enumerate(gen.insert(state, ids[i][-1], opts, context_tail=ids[i][:-1], n=n,
-                                               prompt_seconds=time.perf_counter() - t0)):
+            seconds = time.perf_counter() - t0
+            seqs = gen.insert(state, ids[i], opts, n=n, prompt_seconds=seconds) if opts.draft else \
+                gen.insert(state, ids[i][-1], opts, context_tail=ids[i][:-1], n=n, prompt_seconds=seconds)
+            for j, seq in enumerate(seqs):
                 names[seq] = i * n + j
         for seq, r in gen.step():
             yield names[seq], r

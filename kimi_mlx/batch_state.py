@@ -206,8 +206,9 @@ class BatchState:
 
     # steps ------------------------------------------------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Before a step: room in the page for every slot's next row; shrink where slots left; the device lengths."""
+    def prepare(self, rows: int = 1) -> None:
+        """Before a step: room in the page for every slot's next `rows` rows (a verification's T, else one);
+        shrink where slots left; the device lengths."""
         if not self.running:
             return
         top = max(b for b, u in enumerate(self.used) if u) + 1
@@ -216,7 +217,7 @@ class BatchState:
             c //= 2                     # as many joins or leaves (no back and forth at a boundary)
         if c < self.capacity:
             self._resize(c)
-        want = page_size(max(self.lens) + 1)
+        want = page_size(max(self.lens) + rows)
         if want > self.rows or 4 * want <= self.rows:
             self._grow_rows(want)
         if self.rows_in is None:
@@ -227,6 +228,18 @@ class BatchState:
         """After a step: each occupied slot holds one more row."""
         self.lens = [n + u for n, u in zip(self.lens, self.used)]
         self.rows_in = self.rows_in + self._step
+
+    def keep(self, kept: list[int], after: dict) -> None:
+        """After a verification of T rows a slot (model/verify.verify_batch): occupied slot b keeps its first
+        kept[b] rows (1..T). Its KDA arrays become those after row kept[b] (one copy of the slots' state,
+        whatever T); its length counts those rows, so the rows written past them are masked and overwritten
+        by its next step as any row past a slot's length is."""
+        for i, (convs, recs) in after.items():
+            pick = [max(k, 1) - 1 for k in kept]  # (a free slot: any row)
+            self.layers[i] = KDAState(mx.concatenate([convs[t][b : b + 1] for b, t in enumerate(pick)]),
+                                      mx.concatenate([recs[t][b : b + 1] for b, t in enumerate(pick)]))
+        self.lens = [n + (k if u else 0) for n, k, u in zip(self.lens, kept, self.used)]
+        self._lengths_changed()
 
     def mark(self) -> BatchMark:
         return BatchMark({i: (s.conv, s.recurrent) for i, s in enumerate(self.layers) if isinstance(s, KDAState)},

@@ -102,8 +102,6 @@ def generate(
         typer.echo("[demo model: random weights, the text is gibberish]", err=True)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     if n > 1:
-        if opts.draft:
-            raise KimiError("--draft decodes one sequence at a time; drop it or --n")
         return _samples(m, tok, text if raw else messages, n, opts, verbose)
     last = None
     for r in stream_generate(m, tok, text if raw else messages, **opts.__dict__):
@@ -135,9 +133,19 @@ def _samples(m, tok, prompt, n: int, opts, verbose: bool) -> None:
     if verbose and first is not None:
         took = time.perf_counter() - first
         r = max((d for d in done if d), key=lambda d: d.generation_tokens)
+        spec = ""
+        if r.spec is not None:  # the samples' speculation summed
+            from .speculate import SpecStats
+
+            total = SpecStats()
+            for d in done:
+                if d is not None:
+                    for f in ("drafted", "accepted", "forwards", "tokens"):
+                        setattr(total, f, getattr(total, f) + getattr(d.spec, f))
+            spec = f" | {total.line()}"
         typer.echo(f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | {n} samples: {tokens} tokens, "
-                   f"{(tokens - n) / took if took > 0 else 0.0:.1f} tok/s in all | peak memory {r.peak_memory:.2f} GB",
-                   err=True)
+                   f"{(tokens - n) / took if took > 0 else 0.0:.1f} tok/s in all | peak memory {r.peak_memory:.2f} GB"
+                   f"{spec}", err=True)
 
 
 @app.command()

@@ -1,5 +1,5 @@
 """Many rows on a GPU (`pytest -m gpu` on the device machine): a batched decode step's rows and a speculative
-verification's rows against the same tokens decoded one sequence and one token at a time, at the real model's
+verification's rows (one sequence's, and a batch's) against the same tokens decoded one sequence and one token at a time, at the real model's
 depth and expert count ('narrow' widths) in float32 (TF32 off: conftest). These are the paths that differ on a
 GPU: the projections of 2-7 rows padded to one GEMM (ops/linear.padded_rows, lm_head here), from 8 rows one matrix
 (one_matrix), the batched KDA, MLA and expert kernels, and the verification's rows. On a CPU they take the ops
@@ -68,3 +68,27 @@ def test_verification_rows_match_decode(model, T, rows_kernel):
     for i, t in enumerate(toks):
         want = model(mx.array([[t]]), plain)[0, -1]
         assert rel(logits[i], want) <= TOL, (T, i)
+
+
+def test_batched_verification_rows_match_each_sequence_decoding(model):
+    """Three sequences at their own lengths, T = 5 tokens a slot in one forward (model/verify.verify_batch, the
+    batched speculative round of spec_batch.py): every slot's rows against its own decode steps."""
+    from kimi_mlx.model.verify import verify_batch
+
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(11)
+    batch = BatchState(model, max_batch=4)
+    alone = []
+    for n in (40, 90, 65):
+        s = model.new_state(1)
+        prefill(model, s, rng.integers(0, vocab, n).tolist())
+        batch.add(s)
+        alone.append(s)
+    T = 5
+    toks = rng.integers(0, vocab, (batch.capacity, T))
+    logits, _ = verify_batch(model, mx.array(toks, mx.uint32), batch)
+    mx.eval(logits)
+    for b, s in enumerate(alone):
+        for t in range(T):
+            want = model(mx.array([[int(toks[b, t])]]), s)[0, -1]
+            assert rel(logits[b, t], want) <= TOL, (b, t)

@@ -140,7 +140,8 @@ def mla_page_slot(s, T: int) -> tuple[tuple, mx.array] | None:
 def mla_rows_one_page(attn, x: mx.array, pages: tuple, at: mx.array) -> tuple[mx.array, tuple]:
     """KimiMLA over T rows whose cache rows go to rows `at` of the last of `pages` (mla_page_slot): all T queries
     in one attention, query t masked past row at[t] (mla_decode's matmul path, ops/mla_decode._decode_pages,
-    with a mask row a query). Returns (output [B, T, dim], the last page with the rows written)."""
+    with a mask row a query). at: [T] for every sequence, or [B, T] a sequence's own rows (a ragged batch's
+    slots, each at its own length). Returns (output [B, T, dim], the last page with the rows written)."""
     from ..ops.attention import _absorb
     from ..ops.mla_decode import _decode_pages
 
@@ -148,15 +149,17 @@ def mla_rows_one_page(attn, x: mx.array, pages: tuple, at: mx.array) -> tuple[mx
     q, rows = mla_projections(attn, x)
     H = q.shape[1]
     *before, last = pages
+    at = at.reshape(-1, T)  # [1 or B, T]
     bits = last[0].shape[-1] * 32 // rows.shape[-1] if len(last) > 1 else 0
     new = encode_rows(rows, bits, last[0].dtype)
-    last = tuple(mx.put_along_axis(p, at.reshape(1, T, 1), r, axis=1) for p, r in zip(last, new))
+    last = tuple(mx.put_along_axis(p, at[..., None], r, axis=1) for p, r in zip(last, new))
     cache = LatentCache((*before, last), bits, CACHE_GROUP_SIZE)
     absorb, values = attn.get("q_absorb"), attn.get("v_absorb")
     k_up, v_up = attn.k_up.astype(q.dtype), attn.v_up.astype(q.dtype)
     qa = q @ absorb.swapaxes(-1, -2) if absorb is not None else _absorb(q, k_up) * attn.scale  # [B, H, T, W]
     W = qa.shape[-1]
-    seen = mx.broadcast_to(at[None], (H, T))  # query (h, t) sees the last page up to row at[t]
+    # query (h, t) of sequence b sees the last page up to row at[b, t]
+    seen = mx.broadcast_to(at[:, None], (at.shape[0], H, T)).reshape(at.shape[0], H * T, 1)
     o = _decode_pages(qa.reshape(B, H * T, W), cache, seen, q.dtype).astype(q.dtype).reshape(B, H, T, W)
     L = k_up.shape[2]
     o = o @ values.swapaxes(-1, -2) if values is not None else o[..., :L] @ v_up.swapaxes(-1, -2)
@@ -262,3 +265,37 @@ def verify_forward(model, tokens: list[int], state: ModelState) -> tuple[mx.arra
         marks.append(StateMark(saved, offset + t + 1))
     return logits, marks
 
+
+
+def verify_batch(model, tokens: mx.array, batch) -> tuple[mx.array, dict]:
+    """Feed tokens [C, T] (T = 2..MAX_VERIFY) into every slot of a ragged batch (batch_state.BatchState, C its
+    capacity), each slot at its own length, as T decode steps would: (logits [C, T, vocab], {KDA layer: ([conv
+    after each row], [recurrent after each row])}). The same layer steps as verify_forward's, over C sequences:
+    each slot's rows land in its page from its own length on (mla_rows_one_page with a row per slot), and a
+    slot's results depend on its rows alone. The MLA rows are written but not counted: batch.keep() then takes,
+    per slot, the state after the rows it keeps."""
+    if model.pipeline is not None:
+        raise KimiError("speculative decoding runs on one machine; drop the draft or run without --distributed")
+    C, T = tokens.shape
+    if not 2 <= T <= MAX_VERIFY or C != batch.capacity:
+        raise KimiError(f"a batched verification takes {batch.capacity} rows of 2 to {MAX_VERIFY} tokens, "
+                        f"got {C} of {T}")
+    batch.prepare(T)
+    at = batch.rows_in.reshape(C, 1) + mx.arange(T, dtype=mx.int32)  # [C, T]: the page rows each slot writes
+    layers = model.model.layers
+    compiled = model.compile_decode and not model.eager_steps and not any(
+        getattr(layers[i].mlp, "host_routed", False) for i in model.owned)
+    h = model.model.embed_tokens(tokens)
+    r = None
+    after = {}
+    for i in model.owned:
+        s = batch.layers[i]
+        if layers[i].is_kda:
+            step = _kda_layer_step(model, i, r is None, compiled)
+            h, r, convs, recs = step(h, s.conv, s.recurrent) if r is None else step(h, r, s.conv, s.recurrent)
+            after[i] = (convs, recs)
+            continue
+        step = _mla_layer_step(model, i, r is None, compiled)
+        h, r, last = step(h, (s.page,), at) if r is None else step(h, r, (s.page,), at)
+        s.page = tuple(last)
+    return model.logits(model.final_norm(h, r)), after
