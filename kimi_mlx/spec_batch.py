@@ -1,20 +1,22 @@
 """Speculative decoding for many sequences at once: every row drafts by prompt lookup, and one forward verifies
 every row's drafts together.
 
-A round (SpecBatch.step): each running row returns its pending token y (drawn by the round before) and drafts up
-to k tokens continuing it, with its own NgramDraft and DraftWidth as a single sequence's speculative_steps does.
-One forward feeds every slot T = 1 + the most drafts any row made (model/verify.verify_batch); a row with fewer is
-padded, and its padding rows are computed and never kept. Each row keeps the drafts its own target distribution
-accepts (speculate._decide: the same acceptance rule) and draws its next pending token from the row after them;
-its slot then keeps the state after those rows (BatchState.keep). A round in which no row drafts is a plain
-batched decode step (model.decode_rows).
+Each row keeps its own NgramDraft and DraftWidth, as a single sequence's speculative_steps does. A round
+(SpecBatch.step) is one forward of every slot, of one of two kinds:
+  verification  some row may draft (it drafted in the round before, or prompt lookup guessed its pending token and
+                its width says drafting pays: speculative_steps's rule for leaving a plain run): the pending tokens
+                are read, those rows draft, and every slot is fed T = 1 + the most drafts any row made (model/
+                verify.verify_batch; a row with fewer is padded, its padding rows computed and never kept, and a
+                row that may not draft takes a plain step in it). Each row keeps the drafts its own target
+                distribution accepts (speculate._decide: the same acceptance rule) and draws its next pending
+                token from the row after them; its slot keeps the state after those rows (BatchState.keep).
+  plain         no row may draft: a batched decode step (model.decode_rows) queued before the pending tokens it
+                feeds are read back, as the plain engine's (batch.py) is, so the host returns the tokens and
+                builds the next step while the device computes.
 
 Invariant: a row's tokens are those plain decoding gives it (temperature 0: the same tokens; sampling: the same
-distribution), whatever else runs beside it. A row's widths depend on its own tokens and the batch's max_batch,
-never on the other rows, so a seeded row draws the same stream in any company.
-
-Unlike the plain batched engine (batch.py), a round reads its drafts' verdicts before it can queue the next
-forward, so the host does not build the next step while the device runs this one.
+distribution). Whether and how much a row drafts depends only on its own text, its own estimate and the batch's
+max_batch, so a seeded row draws the same stream whatever rows run beside it.
 
 Bound: a verification holds the KDA state after each of its T rows for each of the C slots (transient, T x C x one
 sequence's KDA state); MAX_ROWS bounds T x max_batch.
@@ -54,9 +56,10 @@ class _Row:
     draft: NgramDraft
     width: DraftWidth
     stats: SpecStats
-    y: int  # the pending token: drawn, not yet returned or fed
+    y: int | None  # the pending token (drawn, not yet returned), None while it is only on the device (plain rounds)
     lp: mx.array  # its raw logprobs [V]
-    n: int = 1  # y is the reply's n-th token
+    guess: int | None = None  # prompt lookup's guess at the pending token, checked when it is taken (DraftWidth)
+    eligible: bool = True  # may draft in the next round: it drafted in the last, or its guess and width say so
 
 
 def _drawn(row: _Row, logits: mx.array, extra: list[int]) -> tuple[mx.array, mx.array]:
@@ -81,6 +84,7 @@ class SpecBatch:
         self.batch = BatchState(model, max_batch)
         self.rows: dict[int, _Row] = {}
         self.most = max(1, min(MAX_VERIFY, MAX_ROWS // max_batch) - 1)  # drafts a row may make a round
+        self.y_all = None  # the latest plain round's draws [C] (each slot's pending token), on the device
         self._next = 0
 
     @property
@@ -114,7 +118,7 @@ class SpecBatch:
             draft = NgramDraft(opts.num_draft or NUM_DRAFT, opts.ngram)
             draft.extend(prompt)
             sampler = Sampler(opts.temperature, opts.top_p, opts.top_k, opts.min_p, opts.seed)
-            row = _Row(-1, reply, sampler, procs, tail + [last], draft, DraftWidth(), reply.spec, 0, None)
+            row = _Row(-1, reply, sampler, procs, tail + [last], draft, DraftWidth(), reply.spec, None, None)
             lp, drawn = _drawn(row, logits, [])
             row.y, row.lp = sampler(drawn).item(), lp
             row.slot = self.batch.add(fed)
@@ -124,34 +128,117 @@ class SpecBatch:
         return seqs
 
     def step(self) -> list[tuple[int, Response]]:
-        """One round of every running row: its pending token and the drafts the verification kept, as the same
-        Responses a single sequence's speculative Generation yields (a row's Responses in order). A row whose
-        last Response carries a finish_reason has left. The round's forward is queued before the pending tokens'
-        Responses are made, so the host detokenizes while the device computes."""
+        """One round of every running row (see the module docstring): its pending token and the drafts the round
+        kept, as the same Responses a single sequence's speculative Generation yields (a row's Responses in
+        order). A row whose last Response carries a finish_reason has left."""
+        rows = self.rows
+        if not rows:
+            return []
+        if any(row.y is None and (row.eligible or row.processors) for row in rows.values()):
+            self._read()  # drafting, and a row's penalties, need its pending token on the host
+        if self.batch.capacity > slots_for(len(rows), self.max_batch):
+            self._read()  # (compaction renumbers the slots: the pending tokens come off the device first)
+            self._compact()  # every round computes every slot: cut idle ones off (batch.py's _Batched.step)
+        if all(len(row.reply.tokens) + 1 >= row.reply.max_tokens for row in rows.values()):
+            self._read()  # every pending token is its row's last: nothing to feed
+            out = [(seq, self._take(row, row.y, row.lp)) for seq, row in rows.items()]
+            for seq in list(rows):
+                self._leave(seq)
+            return out
+        if any(row.eligible for row in rows.values()):
+            return self._verification()
+        return self._plain()
+
+    def _take(self, row: _Row, token: int, lp: mx.array, from_draft: bool = False) -> Response:
+        """The row returns `token`: its Response; the token joins the row's penalty context and prompt lookup's
+        text, and prompt lookup guesses the token after it (checked against the width's estimate when that one
+        is taken)."""
+        if row.guess is not None:
+            row.width.observe(row.guess == token)
+        r = row.reply.push(Step(token, lp, None, from_draft))
+        row.context.append(token)
+        row.draft.extend([token])
+        guess = row.draft.propose(1)
+        row.guess = guess[0] if guess else None
+        return r
+
+    def _read(self) -> None:
+        """The pending tokens of the latest plain round to the host (one read)."""
+        waiting = [row for row in self.rows.values() if row.y is None]
+        if waiting:
+            values = self.y_all.tolist()
+            for row in waiting:
+                row.y = values[row.slot]
+
+    def _plain(self) -> list[tuple[int, Response]]:
+        """A batched decode step of every slot, each fed its pending token (from the host, or the latest plain
+        round's draws on the device), queued before those tokens are read and returned."""
+        batch, C = self.batch, self.batch.capacity
+        if all(row.y is None for row in self.rows.values()) and self.y_all.shape[0] == C:
+            tokens = self.y_all
+        else:
+            blank = mx.zeros((1,), mx.uint32)
+            by_slot = {row.slot: row for row in self.rows.values()}
+            tokens = mx.concatenate([blank if b not in by_slot else mx.array([by_slot[b].y], mx.uint32)
+                                     if by_slot[b].y is not None else self.y_all[b : b + 1].astype(mx.uint32)
+                                     for b in range(C)])
+        batch.prepare()
+        logits = self.model.decode_rows(tokens.reshape(C, 1), batch)[:, -1]
+        batch.advance()
+        lp = normalize(logits.astype(mx.float32))
+        top = mx.argmax(lp, axis=-1)
+        draws = {}
+        for row in self.rows.values():
+            if row.processors:  # (its pending token is on the host: step() read it)
+                draws[row.slot] = row.sampler(_drawn(row, logits[row.slot], [row.y])[1])
+            elif not row.sampler.greedy:
+                draws[row.slot] = row.sampler(lp[row.slot : row.slot + 1])
+        y = top if not draws else mx.concatenate([draws[b].astype(top.dtype) if b in draws else top[b : b + 1]
+                                                  for b in range(C)])
+        mx.async_eval(y, lp)
+        self._read()
         out = []
-        plan = {}  # seq -> (drafts, prompt lookup's guess at the next token where it drafted none)
         for seq, row in list(self.rows.items()):
-            if row.n >= row.reply.max_tokens or row.y in row.reply.stops:  # y is its last token: nothing to feed
-                out.append((seq, row.reply.push(Step(row.y, row.lp, None))))
+            r = self._take(row, row.y, row.lp)
+            out.append((seq, r))
+            if r.finish_reason:
                 self._leave(seq)
                 continue
-            row.draft.extend([row.y])
-            k = min(row.width.width(min(row.draft.num_draft, self.most)), row.reply.max_tokens - 1 - row.n)
-            drafts = row.draft.propose(k) if k > 0 else []
-            cut = next((i for i, d in enumerate(drafts) if d in row.reply.stops), None)
-            if cut is not None:  # nothing after a stop token counts
-                drafts = drafts[: cut + 1]
-            guess = None if drafts else row.draft.propose(1)
-            plan[seq] = (drafts, guess[0] if guess else None)
+            row.y, row.lp = None, lp[row.slot]
+            row.stats.forwards += 1
+            row.stats.tokens += 1
+            row.eligible = row.guess is not None and row.width.width(self._most(row)) > 0
+        self.y_all = y
+        return out
+
+    def _most(self, row: _Row) -> int:
+        return min(row.draft.num_draft, self.most)
+
+    def _verification(self) -> list[tuple[int, Response]]:
+        """Every row returns its pending token (read), the eligible ones draft, and one forward verifies every
+        slot's drafts (a row without any takes a plain step in it)."""
+        out, plan = [], {}
+        for seq, row in list(self.rows.items()):
+            r = self._take(row, row.y, row.lp)
+            out.append((seq, r))
+            if r.finish_reason:
+                self._leave(seq)
+                continue
+            drafts = []
+            if row.eligible:
+                k = min(row.width.width(self._most(row)), row.reply.max_tokens - 1 - len(row.reply.tokens))
+                drafts = row.draft.propose(k) if k > 0 else []
+                cut = next((i for i, d in enumerate(drafts) if d in row.reply.stops), None)
+                if cut is not None:  # nothing after a stop token counts
+                    drafts = drafts[: cut + 1]
+            plan[seq] = drafts
         if not self.rows:
             return out
-        if self.batch.capacity > slots_for(len(self.rows), self.max_batch):
-            self._compact()  # every round computes every slot: cut idle ones off (batch.py's _Batched.step)
-        T = 1 + max(len(d) for d, _ in plan.values())
+        T = 1 + max(len(d) for d in plan.values())
         C = self.batch.capacity
         tokens = [[0] * T for _ in range(C)]
         for seq, row in self.rows.items():
-            drafts = plan[seq][0]
+            drafts = plan[seq]
             tokens[row.slot] = [row.y] + drafts + [row.y] * (T - 1 - len(drafts))
         if T == 1:
             self.batch.prepare()
@@ -160,18 +247,12 @@ class SpecBatch:
             after = None
         else:
             logits, after = verify_batch(self.model, mx.array(tokens, mx.uint32), self.batch)
-        mx.async_eval(logits)
-        for seq, row in list(self.rows.items()):
-            r = row.reply.push(Step(row.y, row.lp, None))
-            out.append((seq, r))
-            if r.finish_reason:  # a stop string: its slot's rows are computed and dropped
-                self._leave(seq)
         kept = [1] * C
         decided = {}
         for seq, row in self.rows.items():
-            drafts, guess = plan[seq]
+            drafts = plan[seq]
             K = len(drafts)
-            rows = [_drawn(row, logits[row.slot, i], [row.y] + drafts[:i]) for i in range(K + 1)]
+            rows = [_drawn(row, logits[row.slot, i], drafts[:i]) for i in range(K + 1)]
             drawn = mx.concatenate([d for _, d in rows]) if row.processors else mx.stack([lp for lp, _ in rows])
             accepted, nxt = _decide(row.sampler, drawn, drafts, None)
             kept[row.slot] = accepted + 1
@@ -180,26 +261,27 @@ class SpecBatch:
             self.batch.keep(kept, after)
         for seq, (accepted, nxt, rows) in decided.items():
             row = self.rows[seq]
-            drafts, guess = plan[seq]
+            drafts = plan[seq]
+            row.stats.forwards += 1
+            row.stats.tokens += accepted + 1
             if drafts:
+                row.stats.drafted += len(drafts)
+                row.stats.accepted += accepted
                 for i in range(min(accepted + 1, len(drafts))):  # the kept ones, then the first rejected
                     row.width.observe(i < accepted)
-            elif guess is not None:
-                row.width.observe(guess == nxt)
-            row.stats.forwards += 1
-            row.stats.drafted += len(drafts)
-            row.stats.accepted += accepted
-            row.stats.tokens += accepted + 1
             for i in range(accepted):
-                r = row.reply.push(Step(drafts[i], rows[i][0], None, True))
+                row.guess = None  # (the drafts' verdicts are their check)
+                r = self._take(row, drafts[i], rows[i][0], True)
                 out.append((seq, r))
                 if r.finish_reason:
                     self._leave(seq)
                     break
             else:
-                row.context += [row.y] + drafts[:accepted]
-                row.draft.extend(drafts[:accepted])
-                row.y, row.lp, row.n = nxt, rows[accepted][0], row.n + accepted + 1
+                row.y, row.lp = nxt, rows[accepted][0]
+                if drafts:
+                    row.guess, row.eligible = None, True
+                else:
+                    row.eligible = row.guess is not None and row.width.width(self._most(row)) > 0
         return out
 
     def remove(self, seq: int) -> None:

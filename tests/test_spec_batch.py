@@ -102,6 +102,17 @@ def test_greedy_rows_with_drafts_are_plain_decodings_text(demo, always_draft):
     assert two == [plain[0], plain[0]]
 
 
+@pytest.mark.parametrize("width", ["auto", "max"])
+def test_penalties_and_plain_rounds_keep_plain_decodings_text(demo, width):
+    """A repetition penalty (each row's processors see exactly its kept tokens), and the cost-aware width, which on
+    a CPU drafts nothing: every round is a plain one, queued before its tokens are read."""
+    model, tok = demo
+    opts = dict(max_tokens=30, temperature=0.0, repetition_penalty=1.3, max_batch=4)
+    plain = batch_generate(model, tok, PROMPTS[:4], **opts)
+    with settings.override(KIMI_MLX_DRAFT_WIDTH=width):
+        assert batch_generate(model, tok, PROMPTS[:4], draft="ngram", **opts) == plain
+
+
 def test_stops_and_max_tokens_inside_an_accepted_run(demo, always_draft):
     """A stop string taken from the middle of the plain reply and a max_tokens that ends inside a run of accepted
     drafts end the rows where plain decoding ends them."""
