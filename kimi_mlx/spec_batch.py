@@ -173,7 +173,9 @@ class SpecBatch:
     def _plain(self) -> list[tuple[int, Response]]:
         """A batched decode step of every slot, each fed its pending token (from the host, or the latest plain
         round's draws on the device), queued before those tokens are read and returned."""
-        batch, C = self.batch, self.batch.capacity
+        batch = self.batch
+        batch.prepare()  # (it may shrink the capacity where rows left: the tokens are laid out after it)
+        C = batch.capacity
         if all(row.y is None for row in self.rows.values()) and self.y_all.shape[0] == C:
             tokens = self.y_all
         else:
@@ -182,7 +184,6 @@ class SpecBatch:
             tokens = mx.concatenate([blank if b not in by_slot else mx.array([by_slot[b].y], mx.uint32)
                                      if by_slot[b].y is not None else self.y_all[b : b + 1].astype(mx.uint32)
                                      for b in range(C)])
-        batch.prepare()
         logits = self.model.decode_rows(tokens.reshape(C, 1), batch)[:, -1]
         batch.advance()
         lp = normalize(logits.astype(mx.float32))
@@ -235,13 +236,13 @@ class SpecBatch:
         if not self.rows:
             return out
         T = 1 + max(len(d) for d in plan.values())
+        self.batch.prepare(T)  # (it may shrink the capacity where rows left: the tokens are laid out after it)
         C = self.batch.capacity
         tokens = [[0] * T for _ in range(C)]
         for seq, row in self.rows.items():
             drafts = plan[seq]
             tokens[row.slot] = [row.y] + drafts + [row.y] * (T - 1 - len(drafts))
         if T == 1:
-            self.batch.prepare()
             logits = self.model.decode_rows(mx.array(tokens, mx.uint32), self.batch)
             self.batch.advance()
             after = None

@@ -158,3 +158,23 @@ def test_cli_samples_with_a_draft_print_plain_decodings_samples_and_the_summed_d
     assert spec.stdout == plain.stdout and spec.stdout.count("[sample") == 2
     found = re.search(r"draft: (\d+) drafted, (\d+) accepted", spec.stderr)
     assert found and int(found[2]) > 0
+
+
+def test_rows_leaving_before_a_round_shrink_the_batch_under_it(demo, always_draft):
+    """Three of four rows finish as a round begins (the batch then shrinks to the one left in slot 0): the round
+    runs at the shrunk size, and the row left goes on as plain decoding does."""
+    from kimi_mlx.generate import GenerationOptions
+    from kimi_mlx.spec_batch import SpecBatch
+
+    model, tok = demo
+    ids = tok.encode(COPY)
+    gen = SpecBatch(model, tok, max_batch=4)
+    for max_tokens in (30, 3, 3, 3):
+        state = model.new_state(1)
+        prefill(model, state, ids[:-1])
+        gen.insert(state, ids, GenerationOptions(max_tokens=max_tokens, temperature=0.0, draft="ngram"))
+    text = ""
+    while gen.running:
+        for seq, r in gen.step():
+            text += r.text if seq == 0 else ""
+    assert text == batch_generate(model, tok, [COPY], max_tokens=30, temperature=0.0)[0]

@@ -277,10 +277,10 @@ def verify_batch(model, tokens: mx.array, batch) -> tuple[mx.array, dict]:
     if model.pipeline is not None:
         raise KimiError("speculative decoding runs on one machine; drop the draft or run without --distributed")
     C, T = tokens.shape
+    batch.prepare(T)  # (the caller prepared it for T already: its capacity is the one the tokens were laid out for)
     if not 2 <= T <= MAX_VERIFY or C != batch.capacity:
         raise KimiError(f"a batched verification takes {batch.capacity} rows of 2 to {MAX_VERIFY} tokens, "
                         f"got {C} of {T}")
-    batch.prepare(T)
     at = batch.rows_in.reshape(C, 1) + mx.arange(T, dtype=mx.int32)  # [C, T]: the page rows each slot writes
     layers = model.model.layers
     compiled = model.compile_decode and not model.eager_steps and not any(
