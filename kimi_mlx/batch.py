@@ -26,17 +26,10 @@ from .errors import KimiError
 from .batch_state import BatchState, slots_for
 from .feed import Step, prefill
 from .generate import (GenerationOptions, ReplyText, Response, RowSampler, generate_step, prompt_ids, reply_room,
-                       sampling_context)
+                       row_options, sampling_context)
 from .sample import Sampler, normalize
 from .state import MLAState, ModelState
 from .state_io import rewind
-
-
-def row_options(opts: GenerationOptions, j: int) -> GenerationOptions:
-    """Row j's options of n sharing one prompt: a seeded option gives row j the seed seed + j."""
-    if opts.seed is None or j == 0:
-        return opts
-    return opts.updated(seed=opts.seed + j)
 
 
 @dataclass

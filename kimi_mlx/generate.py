@@ -243,6 +243,13 @@ class ReplyText:
         )
 
 
+def row_options(opts: GenerationOptions, j: int) -> GenerationOptions:
+    """Row j's options of n sharing one prompt: a seeded option gives row j the seed seed + j."""
+    if opts.seed is None or j == 0:
+        return opts
+    return opts.updated(seed=opts.seed + j)
+
+
 def reply_room(model, state, prompt_tokens: int, opts: GenerationOptions, reserve: int = 0) -> int:
     """The most tokens a reply may take: opts.max_tokens within the context limit after `state` and
     prompt_tokens more (the last reply token is not fed, hence + 1); ContextLimitError if none."""

@@ -72,9 +72,10 @@ SWITCHES = {s.env: s for s in (
            "quantized projections of 2-7 rows on CUDA (batched decode, speculative verification): auto (the rows "
            "padded to 8 where (rows - 1) x the weight's bytes >= 12 MB, so MLX runs one GEMM that reads the weight "
            "once instead of a mat-vec a row), off (the rows as they are)"),
-    Switch("KIMI_MLX_KDA_ROWS", ("off", "on"), "off",
-           "speculative verification's KDA steps on a GPU: off (the decode kernel once a token), on (one kernel for "
-           "all the tokens, kda_decode_rows; opt-in until measured on a GPU)"),
+    Switch("KIMI_MLX_KDA_ROWS", ("auto", "off", "on"), "auto",
+           "speculative verification's KDA steps on a GPU: auto (one kernel for all the tokens, kda_decode_rows, "
+           "from 5 tokens; below that the decode kernel once a token, which measured faster there), off (the decode "
+           "kernel once a token), on (the one kernel at every width)"),
     Switch("KIMI_MLX_DRAFT_WIDTH", ("auto", "max"), "auto",
            "prompt lookup's drafted tokens a round (speculate.DraftWidth): auto (the width whose expected tokens per "
            "unit of the verification's cost is best here, none where plain decoding is better: on a CPU nearly "

@@ -31,13 +31,19 @@ import mlx.core as mx
 from .batch_state import BatchState, slots_for
 from .errors import KimiError
 from .feed import Step
-from .generate import GenerationOptions, ReplyText, Response, reply_room, sampling_context
+from .generate import GenerationOptions, ReplyText, Response, reply_room, row_options, sampling_context
 from .model.verify import MAX_VERIFY, verify_batch
 from .sample import Sampler, normalize
 from .speculate import NGRAM, NUM_DRAFT, DraftWidth, NgramDraft, SpecStats, _decide
 from .state import ModelState
 
 MAX_ROWS = 64  # a verification's slots x rows at most (each row's KDA state is held until the rows are decided)
+# (fixed, per row): a batched verification of k drafts a slot costs about 1 + fixed + per_row k batched steps.
+# On a CPU each row costs about a step at any batch. On a GPU the decode expert kernels take each (row, expert)
+# pair as its own product, so each of a batch's C x T rows adds its eight experts' work: a row costs more than
+# speculate.ROW_COST's one-sequence figure, and a verification a fixed part more. Fitted to
+# benchmarks/speculative.py --batch (RESULTS.md: the CPU at batch 4, an H100 at batch 8).
+BATCH_COST = {"cpu": (0.0, 0.93), "gpu": (0.5, 0.37)}
 
 
 def check_draft(opts: GenerationOptions) -> None:
@@ -99,8 +105,6 @@ class SpecBatch:
                prompt_seconds: float = 0.0) -> list[int]:
         """Join n rows continuing `state`, a batch-1 state holding prompt[:-1] (the caller prefilled it; it is not
         mutated). Each row drafts from the whole prompt; a seeded option gives row j the seed seed + j."""
-        from .batch import row_options
-
         check_draft(options)
         if n > self.free:
             raise KimiError(f"{n} new rows do not fit: {self.running} of max_batch {self.max_batch} are running")
@@ -118,7 +122,9 @@ class SpecBatch:
             draft = NgramDraft(opts.num_draft or NUM_DRAFT, opts.ngram)
             draft.extend(prompt)
             sampler = Sampler(opts.temperature, opts.top_p, opts.top_k, opts.min_p, opts.seed)
-            row = _Row(-1, reply, sampler, procs, tail + [last], draft, DraftWidth(), reply.spec, None, None)
+            fixed, per_row = BATCH_COST["cpu" if mx.default_device() == mx.cpu else "gpu"]
+            row = _Row(-1, reply, sampler, procs, tail + [last], draft, DraftWidth(per_row, fixed), reply.spec, None,
+                       None)
             lp, drawn = _drawn(row, logits, [])
             row.y, row.lp = sampler(drawn).item(), lp
             row.slot = self.batch.add(fed)

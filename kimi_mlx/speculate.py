@@ -107,17 +107,18 @@ class NgramDraft:
 class DraftWidth:
     """How many tokens prompt lookup drafts a round. With a per-token acceptance a, a round of k drafts yields
     (1 - a^(k+1)) / (1 - a) tokens (the accepted run and the token drawn after it) for a verification costing
-    1 + c k decode steps (c: ROW_COST on this device); the width is the k <= most with the best ratio, or 0 (plain
+    1 + f + c k decode steps (c: ROW_COST on this device, f: a verification's fixed cost beyond a step, 0 for one
+    sequence; a batch passes its own, spec_batch.BATCH_COST); the width is the k <= most with the best ratio, or 0 (plain
     steps) where none beats plain decoding's 1 by MIN_GAIN. a is a running estimate over every guess checked:
     each drafted token verified, and during plain steps prompt lookup's guess at the next token against the token
     decoded (free: no forward). The width depends only on the tokens and the device kind, so a seeded run
     repeats itself; the tokens are plain decoding's (or its distribution's) whatever the width.
     KIMI_MLX_DRAFT_WIDTH=max: always `most`."""
 
-    def __init__(self, row_cost: float | None = None):
+    def __init__(self, row_cost: float | None = None, fixed: float = 0.0):
         if row_cost is None:
             row_cost = ROW_COST["cpu" if mx.default_device() == mx.cpu else "gpu"]
-        self.row_cost, self.accept = row_cost, ACCEPT_PRIOR
+        self.row_cost, self.fixed, self.accept = row_cost, fixed, ACCEPT_PRIOR
 
     def observe(self, hit: bool) -> None:
         self.accept += ACCEPT_WEIGHT * (float(hit) - self.accept)
@@ -127,7 +128,7 @@ class DraftWidth:
             return max(most, 0)
         a, best, k_best = min(self.accept, 1.0 - 1e-9), MIN_GAIN, 0
         for k in range(1, most + 1):
-            gain = (1.0 - a ** (k + 1)) / (1.0 - a) / (1.0 + self.row_cost * k)
+            gain = (1.0 - a ** (k + 1)) / (1.0 - a) / (1.0 + self.fixed + self.row_cost * k)
             if gain > best:
                 best, k_best = gain, k
         return k_best

@@ -76,17 +76,20 @@ def test_kda_decode(facts, shape, taps, want):
     assert choose_decode(facts, shape, taps) == want
 
 
-ROWS_ON = {"KIMI_MLX_KDA_ROWS": "on"}
+ROWS_ON, ROWS_OFF = {"KIMI_MLX_KDA_ROWS": "on"}, {"KIMI_MLX_KDA_ROWS": "off"}
 
 
-@pytest.mark.parametrize("facts, shape, taps, want", [
-    (CUDA, (1, 32, 128, 128), 4, "steps"), (with_(CUDA, **ROWS_ON), (1, 32, 128, 128), 4, "rows"),
-    (with_(METAL, **ROWS_ON), (1, 32, 128, 128), 4, "rows"), (with_(CPU, **ROWS_ON), (1, 32, 128, 128), 4, "steps"),
-    (off(with_(CUDA, **ROWS_ON), "kda_decode_rows"), (1, 32, 128, 128), 4, "steps"),
-    (with_(CUDA, **ROWS_ON), (1, 32, 128, 100), 4, "steps"), (with_(CUDA, **ROWS_ON), (1, 32, 128, 128), 1, "steps"),
+@pytest.mark.parametrize("facts, shape, taps, tokens, want", [
+    (CUDA, (1, 32, 128, 128), 4, 3, "steps"), (CUDA, (1, 32, 128, 128), 4, 5, "rows"),
+    (METAL, (1, 32, 128, 128), 4, 9, "rows"), (CPU, (1, 32, 128, 128), 4, 9, "steps"),
+    (with_(CUDA, **ROWS_ON), (1, 32, 128, 128), 4, 2, "rows"), (with_(CUDA, **ROWS_OFF), (1, 32, 128, 128), 4, 9, "steps"),
+    (with_(METAL, **ROWS_ON), (1, 32, 128, 128), 4, 2, "rows"), (with_(CPU, **ROWS_ON), (1, 32, 128, 128), 4, 9, "steps"),
+    (off(with_(CUDA, **ROWS_ON), "kda_decode_rows"), (1, 32, 128, 128), 4, 9, "steps"),
+    (with_(CUDA, **ROWS_ON), (1, 32, 128, 100), 4, 9, "steps"), (with_(CUDA, **ROWS_ON), (1, 32, 128, 128), 1, 9, "steps"),
 ])
-def test_kda_verification_rows(facts, shape, taps, want):
-    assert choose_rows(facts, shape, taps) == want
+def test_kda_verification_rows(facts, shape, taps, tokens, want):
+    """auto (the default): the one kernel from ROWS_FROM tokens; on: every width; off or no kernel: steps."""
+    assert choose_rows(facts, shape, taps, tokens) == want
 
 
 @pytest.mark.parametrize("facts, E, want", [

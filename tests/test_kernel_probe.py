@@ -105,7 +105,8 @@ def test_the_probe_runs_every_kernel_the_model_launches(checkpoint, probed_kerne
     """The probes launch every kernel a decode and a prefill take (kda_decode
     at load_model's probe, before the test quantizes the f_b and g_b projections the gates kernel reads); a
     generation after them launches no kernel they did not build."""
-    assert set(probed_kernels) == {"kda_decode", "kda_decode_gates", "kda_intra_chunk", "kda_chunk_scan", "kda_gated_norm",
+    assert set(probed_kernels) == {"kda_decode", "kda_decode_gates", "kda_decode_rows", "kda_intra_chunk",
+                                   "kda_chunk_scan", "kda_gated_norm",
                                    "add_norm", "mla_cache_row", "mla_decode_page", "mla_decode_merge",
                                    "mla_decode_chunks", "moe_router", "moe_route", "moe_gate_up", "moe_down"}
     gpu = EmulatedGPU(monkeypatch)
@@ -179,8 +180,9 @@ def test_a_0d_input_is_refused_at_the_launch():
 
 def test_the_verification_kernel_is_probed_where_switched_on_and_falls_back(checkpoint, reference, monkeypatch,
                                                                            capsys):
-    """KIMI_MLX_KDA_ROWS=on: the probe also runs a speculative verification, so kda_decode_rows is built at load;
-    where it fails it is switched off (one line) and a speculative run's tokens are still the reference's."""
+    """KIMI_MLX_KDA_ROWS=auto (the default): the probe also runs a speculative verification wide enough to take
+    kda_decode_rows, so it is built at load; where it fails it is switched off (one line) and a speculative run's
+    tokens are still the reference's. With the switch off the probe does not build it."""
     from kimi_mlx import settings
     from kimi_mlx.generate import GenerationOptions, Generation
     from kimi_mlx.speculate import NgramDraft, SpecStats
@@ -189,18 +191,23 @@ def test_the_verification_kernel_is_probed_where_switched_on_and_falls_back(chec
         def propose(self, k):
             return [3] * k
 
-    with settings.override(KIMI_MLX_KDA_ROWS="on"):
-        for failing in ((), ("kda_decode_rows",)):
+    with settings.override(KIMI_MLX_KDA_ROWS="off"):
+        gpu = EmulatedGPU(monkeypatch)
+        gpu.load(checkpoint)
+        assert "kda_decode_rows" not in gpu.launched
+    for failing in ((), ("kda_decode_rows",)):
+        with settings.override(KIMI_MLX_KDA_ROWS="auto"):
             gpu = EmulatedGPU(monkeypatch, failing=failing)
             model = gpu.load(checkpoint)
-            assert "kda_decode_rows" in gpu.launched
-            assert set(metal_kernels.switched_off()) == set(failing)
-            gpu.launched.clear()
+        assert "kda_decode_rows" in gpu.launched
+        assert set(metal_kernels.switched_off()) == set(failing)
+        gpu.launched.clear()
+        with settings.override(KIMI_MLX_KDA_ROWS="on"):  # (this reply's rounds verify 2 tokens: below auto's width)
             gen = Generation(model, _Tok(), model.new_state(1), PROMPT, GenerationOptions(max_tokens=TOKENS,
                                                                                         temperature=0))
             gen.draft, gen.spec = Repeat(num_draft=2), SpecStats()
             assert [r.token for r in gen] == reference and gen.spec.drafted > 0
-            assert ("kda_decode_rows" in gpu.launched) == (not failing)
+        assert ("kda_decode_rows" in gpu.launched) == (not failing)
     capsys.readouterr()
 
 

@@ -227,12 +227,13 @@ class Model(nn.Module):
             self._steps = None
         from .. import settings
 
-        if settings.value("KIMI_MLX_KDA_ROWS") == "on" and self._pipeline is None:  # speculative verification's
-            from .verify import verify_forward  # kernel, where it is switched on
+        if settings.value("KIMI_MLX_KDA_ROWS") != "off" and self._pipeline is None:  # speculative verification's
+            from ..ops.kda_decode import ROWS_FROM  # kernel, at a width that takes it
+            from .verify import verify_forward
 
             eager, self.eager_steps = self.eager_steps, True
             try:
-                mx.eval(verify_forward(self, [0, 0], state)[0])
+                mx.eval(verify_forward(self, [0] * ROWS_FROM, state)[0])
             finally:
                 self.eager_steps = eager
                 self.__dict__.pop("_verify_steps", None)

@@ -12,7 +12,7 @@ and at small T it costs several decode steps. Here each layer runs decode's own 
                  of its input row alone (reads each weight once for T rows, which is where a GPU's time goes)
   KDA            on the ops path (CPU) the conv, norms and gates of all T rows at once, the state update token
                  by token, the output gate over all rows (ops/kda_decode.decode_rows_ops); on the kernel path
-                 the fused decode kernel once a token, or with KIMI_MLX_KDA_ROWS=on one kda_decode_rows launch
+                 the fused decode kernel once a token, or from ROWS_FROM tokens one kda_decode_rows launch
                  for all of them; each token's conv tail and recurrent state kept
   MLA            all T queries in one attention over the cache with the T rows written (the decode matmul
                  path, query t masked past row t) where the rows land in one page, else decode's attention
@@ -58,7 +58,7 @@ def kda_rows(attn, x: mx.array, s: KDAState) -> tuple[mx.array, list[tuple[mx.ar
         return mx.concatenate(outs, axis=1), after
     qkv = attn.qkv_proj(x)
     ys = []
-    if path == "kernel" and rows_path(s.recurrent, attn.conv_weight) == "rows":  # one launch for all T
+    if path == "kernel" and rows_path(s.recurrent, attn.conv_weight, T) == "rows":  # one launch for all T
         f_b, g_b, b_logit = attn.decode_gates(x)
         y, after = decode_rows_kernel(qkv, f_b, b_logit, *attn._step_rest(s), g_b, attn.o_norm_weight, attn.norm_eps)
         s.conv, s.recurrent = after[-1]

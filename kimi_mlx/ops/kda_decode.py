@@ -245,18 +245,23 @@ def choose_decode(f, state_shape: tuple, conv_taps: int) -> str:
 
 
 ROWS_ENV = "KIMI_MLX_KDA_ROWS"
+# From this many tokens one kda_decode_rows launch measured faster than the decode kernel launched once a token;
+# at 3 tokens it measured slower (benchmarks/speculative.py --rows-kernel, RESULTS.md)
+ROWS_FROM = 5
 
 
-def choose_rows(f, state_shape: tuple, conv_taps: int) -> str:
-    """How a verification's KDA steps run on the decode kernel path (f: settings.Facts): 'rows' (one
-    kda_decode_rows launch for all the tokens) where KIMI_MLX_KDA_ROWS=on, on a GPU, the kernel not switched
-    off and the shapes the decode kernel's; else 'steps' (the decode kernel once a token)."""
+def choose_rows(f, state_shape: tuple, conv_taps: int, tokens: int) -> str:
+    """How a verification's KDA steps over `tokens` tokens run on the decode kernel path (f: settings.Facts):
+    'rows' (one kda_decode_rows launch for all of them) on a GPU, the kernel not switched off and the shapes the
+    decode kernel's, from ROWS_FROM tokens (KIMI_MLX_KDA_ROWS=auto) or at every width (on); else 'steps' (the
+    decode kernel once a token)."""
     fits = f.gpu is not None and f.usable("kda_decode_rows") and shape_supported(state_shape, conv_taps)
-    return "rows" if f[ROWS_ENV] == "on" and fits else "steps"
+    wanted = f[ROWS_ENV] == "on" or (f[ROWS_ENV] == "auto" and tokens >= ROWS_FROM)
+    return "rows" if wanted and fits else "steps"
 
 
-def rows_path(state: mx.array, conv_w: mx.array) -> str:
-    return choose_rows(settings.now(kda_ops.gpu_backend()), state.shape, conv_w.shape[0])
+def rows_path(state: mx.array, conv_w: mx.array, tokens: int) -> str:
+    return choose_rows(settings.now(kda_ops.gpu_backend()), state.shape, conv_w.shape[0], tokens)
 
 
 def decode_path(state: mx.array, conv_w: mx.array) -> str:
