@@ -19,7 +19,8 @@ distribution). Whether and how much a row drafts depends only on its own text, i
 max_batch, so a seeded row draws the same stream whatever rows run beside it.
 
 Bound: a verification holds the KDA state after each of its T rows for each of the C slots (transient, T x C x one
-sequence's KDA state); MAX_ROWS bounds T x max_batch.
+sequence's KDA state); MAX_ROWS bounds T x max_batch (a row drafts at least one token a round whatever the batch,
+so above 32 rows T x max_batch can reach 2 x max_batch).
 """
 
 from __future__ import annotations
