@@ -385,8 +385,8 @@ class BatchGenerator:
         if state.batch_size != 1:
             raise KimiError(f"insert takes a batch-1 state, got batch {state.batch_size}")
         if options.draft:
-            raise KimiError("speculative decoding runs one sequence at a time (generate, stream_generate, "
-                            "ChatSession); drop the draft for batched generation")
+            raise KimiError("BatchGenerator decodes without drafts: speculative rows run in spec_batch.SpecBatch "
+                            "(stream_batch or batch_generate with draft='ngram'); drop the draft here")
         options.checked()
         seqs, shared = [], {}
         for j in range(n):
