@@ -178,3 +178,21 @@ def test_rows_leaving_before_a_round_shrink_the_batch_under_it(demo, always_draf
         for seq, r in gen.step():
             text += r.text if seq == 0 else ""
     assert text == batch_generate(model, tok, [COPY], max_tokens=30, temperature=0.0)[0]
+
+
+def test_logprobs_of_drafted_tokens_are_plain_decodings(demo, always_draft):
+    """Each token's logprob and top logprobs, drafted or not, are those plain batched decoding reports for it."""
+    model, tok = demo
+
+    def run(**kw):
+        out = {}
+        for i, r in stream_batch(model, tok, [COPY, CODE], max_tokens=24, temperature=0.0, logprobs=True,
+                                 top_logprobs=3, **kw):
+            out.setdefault(i, []).append((r.token, r.logprob, [t for t, _ in r.top_logprobs], r.from_draft))
+        return out
+
+    plain, spec = run(), run(draft="ngram")
+    assert any(d for rows in spec.values() for *_, d in rows)
+    for i in plain:
+        assert [(t, top) for t, _, top, _ in spec[i]] == [(t, top) for t, _, top, _ in plain[i]]
+        assert [a[1] for a in spec[i]] == [b[1] for b in plain[i]], i  # (bit for bit on the CPU)
