@@ -40,8 +40,10 @@ RUNS = [
                           "--mla-contexts", "32", "--tiles-mb", "1", "--decode-contexts", "32", "--scan-rows", "1",
                           "--reps", "1"],
      r"^MLA layer decode, context 32, compiled whole pages +[\d.]+ ms"),
-    ("speculative.py", ["--max-tokens", "8", "--rounds", "1", "--shape", "small", "--context", "64", "--ks", "2", "--reps", "1"],
-     r"^\| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$"),
+    # (--batch 2: the batched tasks and, after the one-sequence table, the batched verification's row)
+    ("speculative.py", ["--max-tokens", "8", "--rounds", "1", "--shape", "small", "--context", "64", "--ks", "2", "--reps", "1",
+                        "--batch", "2"],
+     r"^\| 2 \| [\d.]+ \| [\d.]+ \|$"),
     ("speculative.py", ["--max-tokens", "8", "--rounds", "1", "--shape", "none", "--beside"],
      r"^\| ngram \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$"),
     ("qmm_rows.py", ["--rows", "2", "--scale", "32", "--calls", "1"], r"^\| lm_head \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ / [\d.]+ / [\d.]+ \|$"),
