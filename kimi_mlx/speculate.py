@@ -39,11 +39,12 @@ NUM_DRAFT = 8  # drafted tokens a round (benchmarks/speculative.py measures the 
 NGRAM_SIZE = 3  # longest suffix prompt lookup matches (it falls back to shorter ones down to MIN_MATCH)
 MIN_MATCH = 2  # shortest suffix prompt lookup trusts (an ngram of 1 allows 1)
 MODEL_NUM_DRAFT = 4  # drafted tokens a round for a draft model (each costs a draft forward)
-# A verification of T tokens costs about 1 + ROW_COST * (T - 1) decode steps. On a CPU MLX's matmuls take each row
-# at about the cost of one, so a row costs most of a step. On a GPU a step is bound by the host and a row adds
-# mostly the reads of the experts it routes to. Both fitted to benchmarks/speculative.py's verification table
-# (RESULTS.md).
-ROW_COST = {"cpu": 0.85, "gpu": 0.3}
+# (fixed, per row): a verification of T tokens costs about 1 + fixed + per_row * (T - 1) decode steps. On a CPU
+# MLX's matmuls take each row at about the cost of one, so a row costs most of a step. On a GPU a step is bound by
+# the host and a row adds mostly the reads of the experts it routes to, but a verification of even two tokens
+# costs well over a step. Both fitted to benchmarks/speculative.py's verification table at the full shape
+# (RESULTS.md: on an H100, T = 2..9 with the KDA rows kernel from T = 5).
+VERIFY_COST = {"cpu": (0.0, 0.85), "gpu": (0.55, 0.19)}
 MIN_GAIN = 1.05  # draft only where a round's expected tokens per unit of cost beat plain decoding's by this much
 ACCEPT_PRIOR = 0.5  # the acceptance estimate before any guess was checked
 ACCEPT_WEIGHT = 0.1  # the weight of each checked guess in the running acceptance estimate
@@ -107,18 +108,19 @@ class NgramDraft:
 class DraftWidth:
     """How many tokens prompt lookup drafts a round. With a per-token acceptance a, a round of k drafts yields
     (1 - a^(k+1)) / (1 - a) tokens (the accepted run and the token drawn after it) for a verification costing
-    1 + f + c k decode steps (c: ROW_COST on this device, f: a verification's fixed cost beyond a step, 0 for one
-    sequence; a batch passes its own, spec_batch.BATCH_COST); the width is the k <= most with the best ratio, or 0 (plain
+    1 + f + c k decode steps (f, c: VERIFY_COST on this device; a batch passes its own, spec_batch.BATCH_COST); the
+    width is the k <= most with the best ratio, or 0 (plain
     steps) where none beats plain decoding's 1 by MIN_GAIN. a is a running estimate over every guess checked:
     each drafted token verified, and during plain steps prompt lookup's guess at the next token against the token
     decoded (free: no forward). The width depends only on the tokens and the device kind, so a seeded run
     repeats itself; the tokens are plain decoding's (or its distribution's) whatever the width.
     KIMI_MLX_DRAFT_WIDTH=max: always `most`."""
 
-    def __init__(self, row_cost: float | None = None, fixed: float = 0.0):
-        if row_cost is None:
-            row_cost = ROW_COST["cpu" if mx.default_device() == mx.cpu else "gpu"]
-        self.row_cost, self.fixed, self.accept = row_cost, fixed, ACCEPT_PRIOR
+    def __init__(self, row_cost: float | None = None, fixed: float | None = None):
+        here_fixed, here_row = VERIFY_COST["cpu" if mx.default_device() == mx.cpu else "gpu"]
+        self.row_cost = here_row if row_cost is None else row_cost
+        self.fixed = here_fixed if fixed is None else fixed
+        self.accept = ACCEPT_PRIOR
 
     def observe(self, hit: bool) -> None:
         self.accept += ACCEPT_WEIGHT * (float(hit) - self.accept)

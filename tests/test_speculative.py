@@ -592,18 +592,21 @@ def test_server_engine_counts_speculative_turns_in_max_batch_and_cancels_one_mid
         assert sink.tokens() == alone(demo, spec).tokens()
 
 
-@pytest.mark.parametrize("row_cost, hits, most, want", [
-    (0.85, 0, 8, 0),  # a CPU at the prior 0.5: plain decoding is better
-    (0.85, 60, 8, 8),  # ... after 60 checked guesses all right: a wide draft pays even there
-    (0.3, 0, 8, 1),  # a GPU at the prior: one token
-    (0.3, 30, 15, 13),  # ... at ~0.98 acceptance: wide, short of the most
-    (0.3, 30, 2, 2),  # never past num_draft
-    (0.0, 0, 4, 4),  # rows free: always the most
+@pytest.mark.parametrize("fixed, row_cost, hits, most, want", [
+    (0.0, 0.85, 0, 8, 0),  # a CPU at the prior 0.5: plain decoding is better
+    (0.0, 0.85, 60, 8, 8),  # ... after 60 checked guesses all right: a wide draft pays even there
+    (0.0, 0.3, 0, 8, 1),  # cheap rows and no fixed cost, at the prior: one token
+    (0.0, 0.3, 30, 15, 13),  # ... at ~0.98 acceptance: wide, short of the most
+    (0.55, 0.19, 0, 8, 0),  # a GPU's fixed cost at the prior: plain decoding is better
+    (0.55, 0.19, 8, 8, 5),  # ... at ~0.78 acceptance: five drafts
+    (0.55, 0.19, 30, 15, 15),  # ... at ~0.98: the most
+    (0.55, 0.19, 30, 2, 2),  # never past num_draft
+    (0.0, 0.0, 0, 4, 4),  # rows free: always the most
 ])
-def test_draft_width_is_the_best_expected_tokens_per_cost(row_cost, hits, most, want):
+def test_draft_width_is_the_best_expected_tokens_per_cost(fixed, row_cost, hits, most, want):
     from kimi_mlx.speculate import DraftWidth
 
-    w = DraftWidth(row_cost)
+    w = DraftWidth(row_cost, fixed)
     for _ in range(hits):
         w.observe(True)
     with kimi_mlx.settings.override(KIMI_MLX_DRAFT_WIDTH="auto"):
