@@ -109,8 +109,8 @@ class DraftWidth:
     """How many tokens prompt lookup drafts a round. With a per-token acceptance a, a round of k drafts yields
     (1 - a^(k+1)) / (1 - a) tokens (the accepted run and the token drawn after it) for a verification costing
     1 + f + c k decode steps (f, c: VERIFY_COST on this device; a batch passes its own, spec_batch.BATCH_COST); the
-    width is the k <= most with the best ratio, or 0 (plain
-    steps) where none beats plain decoding's 1 by MIN_GAIN. a is a running estimate over every guess checked:
+    width is the k <= most with the best ratio, or 0 (plain steps) where none beats plain decoding's 1 by MIN_GAIN.
+    a is a running estimate over every guess checked:
     each drafted token verified, and during plain steps prompt lookup's guess at the next token against the token
     decoded (free: no forward). The width depends only on the tokens and the device kind, so a seeded run
     repeats itself; the tokens are plain decoding's (or its distribution's) whatever the width.
