@@ -147,11 +147,8 @@ class SpecBatch:
             self._read()  # (compaction renumbers the slots: the pending tokens come off the device first)
             self._compact()  # every round computes every slot: cut idle ones off (batch.py's _Batched.step)
         if all(len(row.reply.tokens) + 1 >= row.reply.max_tokens for row in rows.values()):
-            self._read()  # every pending token is its row's last: nothing to feed
-            out = [(seq, self._take(row, row.y, row.lp)) for seq, row in rows.items()]
-            for seq in list(rows):
-                self._leave(seq)
-            return out
+            self._read()  # every pending token is its row's last (each row finishes on it): nothing to feed
+            return self._take_pending()
         if any(row.eligible for row in rows.values()):
             return self._verification()
         return self._plain()
@@ -168,6 +165,16 @@ class SpecBatch:
         guess = row.draft.propose(1)
         row.guess = guess[0] if guess else None
         return r
+
+    def _take_pending(self) -> list[tuple[int, Response]]:
+        """Every row returns its pending token (on the host); a row that finishes on it leaves."""
+        out = []
+        for seq, row in list(self.rows.items()):
+            r = self._take(row, row.y, row.lp)
+            out.append((seq, r))
+            if r.finish_reason:
+                self._leave(seq)
+        return out
 
     def _read(self) -> None:
         """The pending tokens of the latest plain round to the host (one read)."""
@@ -205,13 +212,8 @@ class SpecBatch:
                                                   for b in range(C)])
         mx.async_eval(y, lp)
         self._read()
-        out = []
-        for seq, row in list(self.rows.items()):
-            r = self._take(row, row.y, row.lp)
-            out.append((seq, r))
-            if r.finish_reason:
-                self._leave(seq)
-                continue
+        out = self._take_pending()
+        for row in self.rows.values():
             row.y, row.lp = None, lp[row.slot]
             row.stats.forwards += 1
             row.stats.tokens += 1
@@ -225,13 +227,8 @@ class SpecBatch:
     def _verification(self) -> list[tuple[int, Response]]:
         """Every row returns its pending token (read), the eligible ones draft, and one forward verifies every
         slot's drafts (a row without any takes a plain step in it)."""
-        out, plan = [], {}
-        for seq, row in list(self.rows.items()):
-            r = self._take(row, row.y, row.lp)
-            out.append((seq, r))
-            if r.finish_reason:
-                self._leave(seq)
-                continue
+        out, plan = self._take_pending(), {}
+        for seq, row in self.rows.items():
             drafts = []
             if row.eligible:
                 k = min(row.width.width(self._most(row)), row.reply.max_tokens - 1 - len(row.reply.tokens))
