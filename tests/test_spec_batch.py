@@ -6,7 +6,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import kimi_mlx
 from kimi_mlx import settings
 from kimi_mlx.batch import batch_generate, stream_batch
 from kimi_mlx.batch_state import BatchState
@@ -14,29 +13,9 @@ from kimi_mlx.errors import KimiError
 from kimi_mlx.feed import prefill
 from kimi_mlx.model.verify import verify_batch, verify_forward
 from kimi_mlx.state_io import rewind
+from test_speculative import CODE, COPY, demo, on_the_cpu, states_equal  # noqa: F401 (fixtures: the CPU, the demo)
 
-CODE = '''def total_price(items, tax):
-    subtotal = 0
-    for item in items:
-        subtotal += item.price * item.count
-    return subtotal * (1 + tax)
-'''
-COPY = CODE + "\n# the same function, renamed to order_total:\n" + CODE.replace("total_price", "order_total")[:40]
 PROMPTS = [COPY, "Once upon a time", CODE, COPY[:150], CODE * 2]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def on_the_cpu():
-    """Bit for bit holds on the CPU in float32 (tests/test_gpu_rows.py bounds a GPU's rounding)."""
-    before = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(before)
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return kimi_mlx.load("demo")
 
 
 @pytest.fixture
@@ -45,11 +24,6 @@ def always_draft():
     are about the rounds that do."""
     with settings.override(KIMI_MLX_DRAFT_WIDTH="max"):
         yield
-
-
-def states_equal(a, b) -> bool:
-    xa, xb = a.arrays(), b.arrays()
-    return a.offset == b.offset and xa.keys() == xb.keys() and all(mx.array_equal(xa[k], xb[k]).item() for k in xa)
 
 
 def test_batched_verification_equals_each_sequence_alone(demo_random):
