@@ -508,10 +508,8 @@ def stream_batch(model, tokenizer, prompts, *, max_batch: int = 8, n: int = 1, r
             t0 = time.perf_counter()
             state = model.new_state(1)
             prefill(model, state, ids[i][:-1], opts.prefill_step_size)
-            seconds = time.perf_counter() - t0
-            seqs = gen.insert(state, ids[i], opts, n=n, prompt_seconds=seconds) if opts.draft else \
-                gen.insert(state, ids[i][-1], opts, context_tail=ids[i][:-1], n=n, prompt_seconds=seconds)
-            for j, seq in enumerate(seqs):
+            for j, seq in enumerate(gen.insert(state, ids[i][-1], opts, context_tail=ids[i][:-1], n=n,
+                                               prompt_seconds=time.perf_counter() - t0)):
                 names[seq] = i * n + j
         for seq, r in gen.step():
             yield names[seq], r

@@ -26,6 +26,7 @@ so above 32 rows T x max_batch can reach 2 x max_batch).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import mlx.core as mx
 
@@ -35,7 +36,7 @@ from .feed import Step
 from .generate import GenerationOptions, ReplyText, Response, reply_room, row_options, sampling_context
 from .model.verify import MAX_VERIFY, verify_batch
 from .sample import Sampler, normalize
-from .speculate import NGRAM, NUM_DRAFT, DraftWidth, NgramDraft, SpecStats, _decide
+from .speculate import NGRAM, NUM_DRAFT, DraftWidth, NgramDraft, SpecStats, _decide, device_kind
 from .state import ModelState
 
 MAX_ROWS = 64  # a verification's slots x rows at most (each row's KDA state is held until the rows are decided)
@@ -102,15 +103,17 @@ class SpecBatch:
     def free(self) -> int:
         return self.max_batch - self.running
 
-    def insert(self, state: ModelState, prompt: list[int], options: GenerationOptions, *, n: int = 1,
-               prompt_seconds: float = 0.0) -> list[int]:
-        """Join n rows continuing `state`, a batch-1 state holding prompt[:-1] (the caller prefilled it; it is not
-        mutated). Each row drafts from the whole prompt; a seeded option gives row j the seed seed + j."""
+    def insert(self, state: ModelState, last: int, options: GenerationOptions, *, context_tail: Sequence[int] = (),
+               n: int = 1, prompt_seconds: float = 0.0) -> list[int]:
+        """Join n rows continuing `state`, a batch-1 state holding the prompt but its last token `last` (the caller
+        prefilled it; it is not mutated), as BatchGenerator.insert takes them. context_tail: the tokens before
+        `last`, which the penalties look back on and prompt lookup searches (give the whole prompt for the best
+        drafts). A seeded option gives row j the seed seed + j."""
         check_draft(options)
+        prompt = [*context_tail, last]
         if n > self.free:
             raise KimiError(f"{n} new rows do not fit: {self.running} of max_batch {self.max_batch} are running")
         options.checked()
-        last = prompt[-1]
         fed = state.snapshot()
         logits = self.model(mx.array([[last]]), fed)[0, -1]
         seqs = []
@@ -123,7 +126,7 @@ class SpecBatch:
             draft = NgramDraft(opts.num_draft or NUM_DRAFT, opts.ngram)
             draft.extend(prompt)
             sampler = Sampler(opts.temperature, opts.top_p, opts.top_k, opts.min_p, opts.seed)
-            fixed, per_row = BATCH_COST["cpu" if mx.default_device() == mx.cpu else "gpu"]
+            fixed, per_row = BATCH_COST[device_kind()]
             row = _Row(-1, reply, sampler, procs, tail + [last], draft, DraftWidth(per_row, fixed), reply.spec, None,
                        None)
             lp, drawn = _drawn(row, logits, [])

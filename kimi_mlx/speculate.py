@@ -51,6 +51,11 @@ ACCEPT_WEIGHT = 0.1  # the weight of each checked guess in the running acceptanc
 WIDTH_ENV = "KIMI_MLX_DRAFT_WIDTH"
 
 
+def device_kind() -> str:
+    """The key of the cost tables (VERIFY_COST, spec_batch.BATCH_COST) for the default device: 'cpu' or 'gpu'."""
+    return "cpu" if mx.default_device() == mx.cpu else "gpu"
+
+
 @dataclass
 class SpecStats:
     """Counts of one generation's speculation."""
@@ -110,14 +115,13 @@ class DraftWidth:
     (1 - a^(k+1)) / (1 - a) tokens (the accepted run and the token drawn after it) for a verification costing
     1 + f + c k decode steps (f, c: VERIFY_COST on this device; a batch passes its own, spec_batch.BATCH_COST); the
     width is the k <= most with the best ratio, or 0 (plain steps) where none beats plain decoding's 1 by MIN_GAIN.
-    a is a running estimate over every guess checked:
-    each drafted token verified, and during plain steps prompt lookup's guess at the next token against the token
-    decoded (free: no forward). The width depends only on the tokens and the device kind, so a seeded run
+    a is a running estimate over every guess checked: each drafted token verified, and during plain steps prompt
+    lookup's guess at the next token against the token decoded (free: no forward). The width depends only on the tokens and the device kind, so a seeded run
     repeats itself; the tokens are plain decoding's (or its distribution's) whatever the width.
     KIMI_MLX_DRAFT_WIDTH=max: always `most`."""
 
     def __init__(self, row_cost: float | None = None, fixed: float | None = None):
-        here_fixed, here_row = VERIFY_COST["cpu" if mx.default_device() == mx.cpu else "gpu"]
+        here_fixed, here_row = VERIFY_COST[device_kind()]
         self.row_cost = here_row if row_cost is None else row_cost
         self.fixed = here_fixed if fixed is None else fixed
         self.accept = ACCEPT_PRIOR

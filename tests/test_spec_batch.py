@@ -146,7 +146,8 @@ def test_rows_leaving_before_a_round_shrink_the_batch_under_it(demo, always_draf
     for max_tokens in (30, 3, 3, 3):
         state = model.new_state(1)
         prefill(model, state, ids[:-1])
-        gen.insert(state, ids, GenerationOptions(max_tokens=max_tokens, temperature=0.0, draft="ngram"))
+        gen.insert(state, ids[-1], GenerationOptions(max_tokens=max_tokens, temperature=0.0, draft="ngram"),
+                   context_tail=ids[:-1])
     text = ""
     while gen.running:
         for seq, r in gen.step():
