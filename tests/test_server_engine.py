@@ -92,9 +92,9 @@ def test_running_turn_stops_when_cancelled(demo):
 
 
 def test_a_process_exits_cleanly_right_after_stopping_its_engine():
-    """Engine.stop waits for the engine's OS thread to end: a process that exited while the thread's C++ thread-local
-    destructors still ran (MLX's per-thread stream state) aborted about two times in three here ('terminate called
-    without an active exception', exit status 134), as a server stopped with Ctrl-C did."""
+    """Engine.stop waits for the engine's OS thread to end: a process that exits while the thread's C++ thread-local
+    destructors still run (MLX's per-thread stream state) can abort ('terminate called without an active
+    exception', exit status 134), as a server stopped with Ctrl-C did; three processes, so a race shows."""
     import subprocess
     import sys
     import textwrap
