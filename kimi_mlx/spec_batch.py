@@ -44,7 +44,7 @@ MAX_ROWS = 64  # a verification's slots x rows at most (each row's KDA state is 
 # On a CPU each row costs about a step at any batch. On a GPU the decode expert kernels take each (row, expert)
 # pair as its own product, so each of a batch's C x T rows adds its eight experts' work: a row costs more than
 # speculate.VERIFY_COST's one-sequence figure. Fitted to
-# benchmarks/speculative.py --batch (RESULTS.md: the CPU at batch 4, an H100 at batch 8).
+# benchmarks/speculative.py --batch (RESULTS.md).
 BATCH_COST = {"cpu": (0.0, 0.93), "gpu": (0.5, 0.37)}
 
 

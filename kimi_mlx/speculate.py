@@ -43,7 +43,7 @@ MODEL_NUM_DRAFT = 4  # drafted tokens a round for a draft model (each costs a dr
 # MLX's matmuls take each row at about the cost of one, so a row costs most of a step. On a GPU a step is bound by
 # the host and a row adds mostly the reads of the experts it routes to, but a verification of even two tokens
 # costs well over a step. Both fitted to benchmarks/speculative.py's verification table at the full shape
-# (RESULTS.md: on an H100, T = 2..9 with the KDA rows kernel from T = 5).
+# (RESULTS.md).
 VERIFY_COST = {"cpu": (0.0, 0.85), "gpu": (0.55, 0.19)}
 MIN_GAIN = 1.05  # draft only where a round's expected tokens per unit of cost beat plain decoding's by this much
 ACCEPT_PRIOR = 0.5  # the acceptance estimate before any guess was checked
