@@ -43,6 +43,14 @@ GPU_FN float gpu_qval(unsigned int word, int shift, unsigned int mask) {
   return gpu_as_float(0x4B000000u | ((word >> shift) & mask)) - 8388608.0f;
 }
 
+// A packed value times 2^s, left where it sits in a 16-bit half of its word (s: its bit offset in that half; the
+// high half's values read from word >> 16): its bits masked in place under 2^23's exponent, minus 2^23. Exact, and
+// no shift a value (one mask and one subtraction): the caller scales the value's partner by 2^-s instead, which
+// is exact (a power of two), so each product is the one gpu_qval's value would give.
+GPU_FN float gpu_qval_placed(unsigned int part, int s, unsigned int mask) {
+  return gpu_as_float(0x4B000000u | (part & (mask << s))) - 8388608.0f;
+}
+
 GPU_FN float gpu_silu(float x) {
   return x / (1.0f + gpu_exp(-x));
 }

@@ -43,6 +43,14 @@ GPU_FN float gpu_qval(unsigned int word, int shift, unsigned int mask) {
   return gpu_as_float(0x4B000000u | ((word >> shift) & mask)) - 8388608.0f;
 }
 
+// A packed value times 2^s, left where it sits in a 16-bit half of its word (s: its bit offset in that half; the
+// high half's values read from word >> 16): its bits masked in place under 2^23's exponent, minus 2^23. Exact, and
+// no shift a value (one mask and one subtraction): the caller scales the value's partner by 2^-s instead, which
+// is exact (a power of two), so each product is the one gpu_qval's value would give.
+GPU_FN float gpu_qval_placed(unsigned int part, int s, unsigned int mask) {
+  return gpu_as_float(0x4B000000u | (part & (mask << s))) - 8388608.0f;
+}
+
 GPU_FN float gpu_silu(float x) {
   return x / (1.0f + gpu_exp(-x));
 }
@@ -111,18 +119,22 @@ for (int u = 0; u < R; ++u) acc[u] = 0.0f;
 for (int step = 0; step < STEPS; ++step) {
   const int w = step * 32 + lane;
   if (w < WPR) {
-    float hv[VPW];
+    float hv[VPW];  // value j of h times 2^-(its bit offset in its half word): gpu_qval_placed's partner
     float hsum = 0.0f;
+    #pragma unroll
     for (int j = 0; j < VPW; ++j) {
-      hv[j] = h[static_cast<size_t>(pair) * I + w * VPW + j];
-      hsum += hv[j];
+      const float v = h[static_cast<size_t>(pair) * I + w * VPW + j];
+      hsum += v;
+      hv[j] = v * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));
     }
     const int group = (w * VPW) / GS;
     for (int u = 0; u < R; ++u) {
       const unsigned int word = wq[(row0 + u) * WPR + w];
+      const unsigned int high = word >> 16;
       float dot = 0.0f;
+      #pragma unroll
       for (int j = 0; j < VPW; ++j) {
-        dot += gpu_qval(word, j * BITS, MASK) * hv[j];
+        dot += gpu_qval_placed(j * BITS < 16 ? word : high, (j * BITS) % 16, MASK) * hv[j];
       }
       const size_t g = (row0 + u) * GPR + group;
       acc[u] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * hsum;

@@ -43,6 +43,14 @@ GPU_FN float gpu_qval(unsigned int word, int shift, unsigned int mask) {
   return gpu_as_float(0x4B000000u | ((word >> shift) & mask)) - 8388608.0f;
 }
 
+// A packed value times 2^s, left where it sits in a 16-bit half of its word (s: its bit offset in that half; the
+// high half's values read from word >> 16): its bits masked in place under 2^23's exponent, minus 2^23. Exact, and
+// no shift a value (one mask and one subtraction): the caller scales the value's partner by 2^-s instead, which
+// is exact (a power of two), so each product is the one gpu_qval's value would give.
+GPU_FN float gpu_qval_placed(unsigned int part, int s, unsigned int mask) {
+  return gpu_as_float(0x4B000000u | (part & (mask << s))) - 8388608.0f;
+}
+
 GPU_FN float gpu_silu(float x) {
   return x / (1.0f + gpu_exp(-x));
 }
@@ -145,8 +153,9 @@ for (int c0 = 0; c0 < len; c0 += TB) {
         xsum[t] = 0.0f;
         #pragma unroll
         for (int j = 0; j < VPW; ++j) {
-          xv[t][j] = static_cast<float>(x[tok[t] * D + w * VPW + j]);
-          xsum[t] += xv[t][j];
+          const float v = static_cast<float>(x[tok[t] * D + w * VPW + j]);
+          xsum[t] += v;
+          xv[t][j] = v * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));  // gpu_qval_placed's partner
         }
       }
       const int group = (w * VPW) / GS;
@@ -156,10 +165,11 @@ for (int c0 = 0; c0 < len; c0 += TB) {
         for (int u = 0; u < R; ++u) {
           const size_t row = gate_row + gu * I + u;
           const unsigned int word = wq[row * WPR + w];
+          const unsigned int high = word >> 16;
           float q[VPW];
           #pragma unroll
           for (int j = 0; j < VPW; ++j) {
-            q[j] = gpu_qval(word, j * BITS, MASK);
+            q[j] = gpu_qval_placed(j * BITS < 16 ? word : high, (j * BITS) % 16, MASK);
           }
           const size_t g = row * GPR + group;
           const float scale = static_cast<float>(scales[g]);
@@ -205,20 +215,24 @@ for (int gu = 0; gu < 2; ++gu) {
 for (int step = 0; step < STEPS; ++step) {
   const int w = step * 32 + lane;
   if (w < WPR) {
-    float xv[VPW];
+    float xv[VPW];  // value j of x times 2^-(its bit offset in its half word): gpu_qval_placed's partner
     float xsum = 0.0f;
+    #pragma unroll
     for (int j = 0; j < VPW; ++j) {
-      xv[j] = static_cast<float>(x[n * D + w * VPW + j]);
-      xsum += xv[j];
+      const float v = static_cast<float>(x[n * D + w * VPW + j]);
+      xsum += v;
+      xv[j] = v * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));
     }
     const int group = (w * VPW) / GS;
     for (int gu = 0; gu < 2; ++gu) {
       for (int u = 0; u < R; ++u) {
         const size_t row = gate_row + gu * I + u;
         const unsigned int word = wq[row * WPR + w];
+        const unsigned int high = word >> 16;
         float dot = 0.0f;
+        #pragma unroll
         for (int j = 0; j < VPW; ++j) {
-          dot += gpu_qval(word, j * BITS, MASK) * xv[j];
+          dot += gpu_qval_placed(j * BITS < 16 ? word : high, (j * BITS) % 16, MASK) * xv[j];
         }
         const size_t g = row * GPR + group;
         acc[gu][u] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * xsum;
