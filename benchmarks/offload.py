@@ -39,7 +39,6 @@ ap.add_argument("--warmup", type=int, default=8, help="untimed decode tokens fir
 ap.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many prompt tokens a run")
 ap.add_argument("--steps", default="0", help="prefill step sizes to run, comma-separated (0: the automatic plan)")
 ap.add_argument("--prefetch", default="off", help="KIMI_MLX_PREFETCH values to run, comma-separated (off,on)")
-ap.add_argument("--writes", default="auto", help="KIMI_MLX_POOL_WRITES values to run, comma-separated (auto,staged)")
 ap.add_argument("--cache", default="asis", choices=["warm", "cold", "asis"])
 ap.add_argument("--record", action="store_true", help="append the lines to benchmarks/RESULTS.md")
 ap.add_argument("--card", default="", help="the machine's name in the recorded title (default: the device's)")
@@ -157,18 +156,16 @@ echo(f"device: {bench.device_line()}; checkpoint {ckpt.name}: {disk / 1e9:.1f} G
      f"{a.warmup} warm-up + {a.tokens} timed decode tokens a run")
 for budget in a.budgets.split(","):
     budget = budget.strip()
-    for prefetch, writes, step in [(p, w, s) for p in a.prefetch.split(",") for w in a.writes.split(",")
-                                   for s in a.steps.split(",")]:
+    for prefetch, step in [(p, s) for p in a.prefetch.split(",") for s in a.steps.split(",")]:
         need = disk if budget == "resident" else float(budget) * 1e9 + 0.1 * disk
         if need + 4e9 > available():  # room for the trunk's working set and the machine's other work
             echo(f"{budget + ' GB' if budget != 'resident' else budget:>8} | skipped: needs ~{need / 1e9:.0f} GB of memory, {available() / 1e9:.0f} GB available here")
             break
-        if budget == "resident" and (prefetch, writes) != (a.prefetch.split(",")[0], a.writes.split(",")[0]):
+        if budget == "resident" and prefetch != a.prefetch.split(",")[0]:
             continue
         if a.cache != "asis":
             set_cache(a.cache)
-        env = dict(os.environ, KIMI_MLX_PREFETCH=prefetch.strip(), KIMI_MLX_POOL_WRITES=writes.strip(),
-                   OFFLOAD_BENCH_STEP=step.strip())
+        env = dict(os.environ, KIMI_MLX_PREFETCH=prefetch.strip(), OFFLOAD_BENCH_STEP=step.strip())
         p = subprocess.run([sys.executable, __file__, "--dir", a.dir, "--tokens", str(a.tokens), "--warmup",
                             str(a.warmup), "--prefill", str(a.prefill), "--one", budget], capture_output=True,
                            text=True, env=env)
@@ -192,7 +189,6 @@ for budget in a.budgets.split(","):
             continue
         pf = (f" | prefetch {prefetch}" + (f" ({r['prefetch_used']}/{r['prefetched']} guesses used)"
                                             if r.get("prefetched") else "")) if "," in a.prefetch else ""
-        pf += f" | writes {writes}" if "," in a.writes else ""
         echo(f"{budget:>5} GB | pool {r['slots']}/{r['experts']} a layer ({r['pool_gb']:.2f} of {r['expert_gb']:.1f} GB)"
              f" | decode {r['tok_s']:6.2f} tok/s | hit rate {r['hit_rate']:.2f} | {r['mb_per_token']:.0f} MB read/token | "
              f"{r['wait_ms_per_token']:.0f} ms/token waiting on reads | RssAnon peak {r['anon_peak_gb']:.2f} GB "

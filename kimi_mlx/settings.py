@@ -84,10 +84,6 @@ SWITCHES = {s.env: s for s in (
            "streamed experts (--experts-memory), decode: on (each MoE layer also runs the next one's router on its "
            "own input and starts reading the experts that guess misses while the device computes), off (reads only "
            "what the router asks; benchmarks/offload.py measures both)"),
-    Switch("KIMI_MLX_POOL_WRITES", ("auto", "staged"), "auto",
-           "streamed experts (--experts-memory): auto (reads land in the pool's own memory where MLX lets the host "
-           "write it in place, checked once a pool), staged (reads land in host buffers, then one copy into the pool "
-           "a layer: for comparison where host writes to device memory are slow)"),
     Switch("KIMI_MLX_FAST_MATH", ("auto", "off"), "auto",
            "exp, SiLU and softmax on the CPU: auto (range reduction + polynomial: MLX's CPU exp runs an element "
            "at a time), off (MLX's)"),

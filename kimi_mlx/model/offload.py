@@ -231,8 +231,7 @@ def _writable(arr: mx.array) -> np.ndarray | None:
     return view if live else None
 
 
-LIVE_VIEWS = True  # False: always the staged path (tests run both)
-WRITES_ENV = "KIMI_MLX_POOL_WRITES"
+LIVE_VIEWS = True  # False: always the host buffers (the fallback; tests run both)
 
 
 class Bank:
@@ -240,7 +239,7 @@ class Bank:
 
     Reads write rows through `views`: NumPy views of the arrays' own memory where MLX gives live ones (CPU, Apple
     unified memory; on CUDA MLX moves an array the host touches into managed memory, whose pages then migrate
-    between host and card on demand), so a read lands in the slot with no copy; with staged writes, host buffers
+    between host and card on demand), so a read lands in the slot with no copy; where the views are not live, host buffers
     of the same layout, whose written rows flush() then copies into the arrays (one scatter a part), the arrays
     staying in device memory."""
 
@@ -252,8 +251,7 @@ class Bank:
             zeros = mx.zeros((routed, *p.shape), p.dtype)
             self.arrays[(p.bank, p.key)] = mx.concatenate([zeros, shared[(p.bank, p.key)]]) if shared else zeros
         mx.eval(list(self.arrays.values()))
-        live = LIVE_VIEWS and settings.value(WRITES_ENV) == "auto"
-        views = {k: _writable(a) for k, a in self.arrays.items()} if live else {}
+        views = {k: _writable(a) for k, a in self.arrays.items()} if LIVE_VIEWS else {}
         self.live = bool(views) and all(v is not None for v in views.values())
         if not self.live:
             # fresh host buffers, not copies of the arrays: on CUDA the host's first access to an array's memory
