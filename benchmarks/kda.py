@@ -8,7 +8,8 @@ On the GPU machine (../shared/device/README.md), after `bash .device/b/install.s
   MLX_ENABLE_TF32=0 python3 -m pytest -m "gpu or not gpu" tests/test_kda.py tests/test_kernels_static.py
   python3 -m kimi_mlx doctor && python3 benchmarks/kda.py --record $OUT/kda_gpu.md --commit <sha>
 (TF32 off for the 1e-4 tests: MLX's CUDA backend runs float32 matmuls in TF32 by default.)
-The prefill variants side by side, with their pieces and fla (fla-core + einops wheels installed there, --no-deps):
+The prefill variants side by side, with their pieces and fla (fla-core + einops wheels installed there with
+`python3 -m pip install --no-deps`: that image's `pip` belongs to another Python):
   python3 benchmarks/kda.py --lengths 1024,8192,32768 --no-peers --parts \
       --scans affine+kernel,doubling+kernel,mma+kernel,affine+mma,doubling+mma,mma+mma
 
