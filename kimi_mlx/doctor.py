@@ -268,14 +268,16 @@ def expert_inputs(E: int, D: int, N: int, P: int, dtype=mx.float32):
 
 def check_experts() -> Check:
     """The two MoE decode kernels against MLX's gather matmuls (4-bit gate|up, 8-bit down), gate|up per pair and
-    per expert of the tokens' union (moe_gate_up_union, KIMI_MLX_EXPERTS=union)."""
+    per expert of the tokens' union (moe_gate_up_union, KIMI_MLX_EXPERTS=union), and the wide pair
+    (moe_gate_up_wide, moe_down_wide, KIMI_MLX_EXPERTS=wide)."""
     from .ops import experts
 
     mx.random.seed(3)
     gate_up, down = random_banks(12, 512, 256, bits=4, down_bits=8)
     x, idx, w = expert_inputs(12, 512, N=3, P=9)
     ref = experts.experts_ref(x, idx, w, gate_up, down)
-    err = max(_rel_err(experts.experts_kernel(x, idx, w, gate_up, down, union=union), ref) for union in (False, True))
+    err = max(_rel_err(experts.experts_kernel(x, idx, w, gate_up, down, **path), ref)
+              for path in ({}, {"union": True}, {"wide": True}))
     return Check("MoE experts, decode kernels", err)
 
 

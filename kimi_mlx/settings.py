@@ -61,11 +61,12 @@ SWITCHES = {s.env: s for s in (
            "MoE routing: auto (one kernel on a GPU where the expert count fits it), ref (ops), kernel (always)"),
     Switch("KIMI_MLX_NORM", ("auto", "ref"), "auto",
            "residual add + RMS norm in decode: auto (one kernel on a GPU), ref (ops)"),
-    Switch("KIMI_MLX_EXPERTS", ("auto", "kernel", "union", "gather", "sorted", "segmented", "bounded"), "auto",
+    Switch("KIMI_MLX_EXPERTS", ("auto", "kernel", "union", "wide", "gather", "sorted", "segmented", "bounded"), "auto",
            "MoE expert matmuls: auto (decode: two kernels on a GPU for affine 2/4/8-bit banks, else MLX's gather "
            "matmuls; prefill: bounded on CUDA, sorted on Metal, segmented on the CPU), or one of them (the prefill "
            "paths only for calls of 64+ token-expert pairs); union: the decode kernels reading each expert of a "
-           "batch's tokens once (gate|up), not once a token"),
+           "batch's tokens once (gate|up), not once a token; wide: the decode kernels reading a row's packed words 16 "
+           "bytes a load, every load of a lane issued before its first product (not yet timed on a GPU)"),
     Switch("KIMI_MLX_DEQUANT", ("auto", "on", "off"), "auto",
            "quantized projections of 256+ rows (prefill): auto (dequantized, then one dense matmul, on CUDA), on "
            "(every backend), off (MLX's quantized matmul)"),

@@ -21,6 +21,11 @@ GPU_FN float gpu_simd_sum(float x) {
 GPU_FN float gpu_shfl_xor(float x, int offset) { return __shfl_xor_sync(0xffffffffu, x, offset); }
 GPU_FN float gpu_shfl(float x, int lane) { return __shfl_sync(0xffffffffu, x, lane); }
 
+// Four consecutive 32-bit words of a buffer in one 16-byte load (i: the first word's index, a multiple of 4; MLX's
+// buffers start 16-byte aligned), and word w (0..3) of them.
+GPU_FN uint4 gpu_load4(const unsigned int* p, size_t i) { return *reinterpret_cast<const uint4*>(p + i); }
+GPU_FN unsigned int gpu_word(uint4 v, int w) { return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w; }
+
 // Threadgroup ("block") shared memory and the barrier over the whole group.
 #define GPU_SHARED __shared__
 GPU_FN void gpu_barrier() { __syncthreads(); }

@@ -13,6 +13,11 @@ GPU_FN float gpu_simd_sum(float x) { return metal::simd_sum(x); }
 GPU_FN float gpu_shfl_xor(float x, int offset) { return metal::simd_shuffle_xor(x, ushort(offset)); }
 GPU_FN float gpu_shfl(float x, int lane) { return metal::simd_shuffle(x, ushort(lane)); }
 
+// Four consecutive 32-bit words of a device buffer in one 16-byte load (i: the first word's index, a multiple of 4;
+// MLX's buffers start 16-byte aligned), and word w (0..3) of them.
+GPU_FN uint4 gpu_load4(const device uint* p, size_t i) { return *reinterpret_cast<const device uint4*>(p + i); }
+GPU_FN uint gpu_word(uint4 v, int w) { return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w; }
+
 // Threadgroup shared memory and the barrier over the whole group.
 #define GPU_SHARED threadgroup
 GPU_FN void gpu_barrier() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }

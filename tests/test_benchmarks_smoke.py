@@ -24,6 +24,7 @@ RUNS = [
      r"^ +2 \| 0-3 4-7 +\| +[\d.]+ \| +[\d.]+ \|"),
     ("e2e.py", ["--shape", "small", "--contexts", "64", "--prefill", "32", "--decode-tokens", "2"],
      r"^decode @ +64: kimi-mlx +[\d.]+ tok/s .*\| mlx-lm +[\d.]+ tok/s"),
+    ("experts_decode.py", ["--tokens", "2", "--scale", "16", "--calls", "1", "--routings", "2"], r"^\| 2 \| [\d.]+ \(\d+\) \|$"),
     ("expert_reads.py", ["--experts", "4", "--reads", "2", "--rounds", "1", "--dir", "{tmp}"], r"^cold: +1 run \(per expert\): +[\d.]+ ms an expert"),
     ("kda.py", ["--lengths", "1,16", "--repeats", "1", "--steps", "2"], r"^ +1 \| +\d+/\d+ us \|"),
     ("long_context.py", ["--lengths", "64", "--step", "32", "--fused-max", "64", "--prefill-contexts", "64",

@@ -108,6 +108,8 @@ def test_routing(facts, E, want):
     (with_(CUDA, KIMI_MLX_EXPERTS="union"), 9, True, "union"),
     (with_(CUDA, KIMI_MLX_EXPERTS="union"), 2048 * 9, True, "bounded"),  # union is a decode path: prefill keeps its own
     (with_(METAL, KIMI_MLX_EXPERTS="union"), 2048 * 9, True, "sorted"),
+    (with_(CUDA, KIMI_MLX_EXPERTS="wide"), 9, True, "wide"),
+    (with_(CUDA, KIMI_MLX_EXPERTS="wide"), 2048 * 9, True, "bounded"),  # a decode path too
 ])
 def test_experts(facts, pairs, fits, want):
     assert choose_experts(facts, pairs, fits) == want
@@ -122,6 +124,9 @@ def test_experts(facts, pairs, fits, want):
     (with_(CUDA, KIMI_MLX_EXPERTS="union"), 16 * 9, True, "union"),
     (with_(METAL, KIMI_MLX_EXPERTS="union"), 9, True, "union"),
     (off(with_(CUDA, KIMI_MLX_EXPERTS="union"), "moe_gate_up_union"), 16 * 9, True, "kernel"),
+    (with_(CUDA, KIMI_MLX_EXPERTS="wide"), 16 * 9, True, "wide"),  # wide only when forced (untimed)
+    (with_(METAL, KIMI_MLX_EXPERTS="wide"), 9, True, "wide"),
+    (off(with_(CUDA, KIMI_MLX_EXPERTS="wide"), "moe_down_wide"), 16 * 9, True, "kernel"),
 ])
 def test_experts_of_a_batched_decode_step(facts, pairs, fits, want):
     """A decode step of B sequences (B * k pairs, past 64) keeps the decode paths: no sorting, nothing read back."""
@@ -133,6 +138,8 @@ def test_forcing_the_expert_kernels_where_they_cannot_run_is_one_line():
         choose_experts(with_(CPU, KIMI_MLX_EXPERTS="kernel"), 9, True)
     with pytest.raises(ConfigError, match="KIMI_MLX_EXPERTS=union needs"):
         choose_experts(with_(CUDA, KIMI_MLX_EXPERTS="union"), 9, False)
+    with pytest.raises(ConfigError, match="KIMI_MLX_EXPERTS=wide needs"):
+        choose_experts(with_(CPU, KIMI_MLX_EXPERTS="wide"), 9, True)
 
 
 def test_the_small_kernels():

@@ -262,10 +262,11 @@ def test_expert_kernels_on_gpu(case, N):
     E, D, I = 20, 2304, 1024
     gate_up, down = doctor.random_banks(E, D, I, bits, gs, dtype, down_bits)
     x, idx, w = doctor.expert_inputs(E, D, N=N, P=9, dtype=dtype)
-    got = experts.experts_kernel(x, idx, w, gate_up, down)
     ref = experts.experts_ref(x.astype(mx.float32), idx, w, gate_up, down)
     tol = 1e-5 if dtype == mx.float32 else 2e-2
-    assert float(mx.abs(got - ref).max()) <= tol * float(mx.abs(ref).max())
+    for path in ({}, {"wide": True}):
+        got = experts.experts_kernel(x, idx, w, gate_up, down, **path)
+        assert float(mx.abs(got - ref).max()) <= tol * float(mx.abs(ref).max()), path
 
 
 @pytest.mark.gpu
@@ -339,3 +340,45 @@ def test_union_expert_kernel_text_runs_right_on_cpu(kind, case):
     assert float(mx.abs(got - pairs).max()) <= 1e-6 * float(mx.abs(pairs).max())
     assert float(mx.abs(got - ref).max()) <= tol * float(mx.abs(ref).max())
 
+
+
+def emulate_kernel_path(kind, x, idx, w, gate_up, down, **path):
+    """experts_kernel(**path), its launches run by the emulator."""
+    import metal_kernels
+
+    real = metal_kernels.kernel
+    metal_kernels.kernel = kernel_emulator.kernel_factory(kind)
+    try:
+        return experts.experts_kernel(x, idx, w, gate_up, down, **path)
+    finally:
+        metal_kernels.kernel = real
+
+
+WIDE_CASES = EXPERT_CASES + [
+    (4, 4, 64, mx.bfloat16, 1152),  # 36 chunks a gate|up row: a lane's second chunk exists for 4 of the 32 lanes
+    (2, 4, 32, mx.float32, 256),  # a 2-bit chunk (64 values) spans two groups of 32: the word-wise gate|up kernel
+]
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: f"b{c[0]}d{c[1]}g{c[2]}{str(c[3]).split('.')[-1]}"
+                         + (f"D{c[4]}" if len(c) > 4 else ""))
+def test_wide_expert_kernels_text_runs_right_on_cpu(kind, case):
+    """moe_gate_up_wide and moe_down_wide (16-byte loads, every load before the products): equal to the word-wise
+    kernels to float rounding (their sums run in another order) and to the gather matmuls, with ragged chunks a
+    lane and a bank they do not read (which takes the word-wise kernel)."""
+    bits, down_bits, gs, dtype = case[:4]
+    D = case[4] if len(case) > 4 else 256
+    mx.random.seed(11 + bits + D)
+    E, I = 7, 128
+    gate_up, down = doctor.random_banks(E, D, I, bits, gs, dtype, down_bits)
+    assert experts.wide_fits(gate_up) == (gs % (128 // bits) == 0) and experts.wide_fits(down)
+    x, idx, w = doctor.expert_inputs(E, D, N=2, P=4, dtype=dtype)
+    x = x * 30
+    got = emulate_kernel_path(kind, x, idx, w, gate_up, down, wide=True)
+    words = emulate_experts(kind, x, idx, w, gate_up, down)
+    ref = experts.experts_ref(x.astype(mx.float32), idx, w, gate_up, down)
+    tol = 1e-5 if dtype == mx.float32 else 2e-2
+    assert float(mx.abs(got - words).max()) <= 1e-5 * float(mx.abs(words).max())
+    assert float(mx.abs(got - ref).max()) <= tol * float(mx.abs(ref).max())

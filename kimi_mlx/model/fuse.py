@@ -107,8 +107,8 @@ def experts_out(path: str, flat: mx.array, idx: mx.array, w: mx.array, gate_up: 
     passes its whole banks; model/offload.py passes a slot pool or a step's working set with idx renumbered into
     it (each pair's result depends only on its row and its expert's weights, so the output is the same)."""
     k = idx.shape[1]
-    if path in ("kernel", "union"):  # decode on a GPU: two kernels over the quantized banks (ops/experts.py)
-        return experts_kernel(flat, idx, w, gate_up, down, union=path == "union")
+    if path in ("kernel", "union", "wide"):  # decode on a GPU: two kernels over the quantized banks (ops/experts.py)
+        return experts_kernel(flat, idx, w, gate_up, down, union=path == "union", wide=path == "wide")
     if path == "gather":  # decode otherwise: MLX's gather matmuls (the kernels' reference twin)
         return experts_ref(flat, idx, w, gate_up, down)
     if path == "bounded":  # prefill on CUDA: expert-sorted rows in fixed blocks, one gather matmul a bank
@@ -197,16 +197,18 @@ def choose_experts(f: settings.Facts, pairs: int, kernel_fits: bool = False, dec
     decode step's shape: each pair a matrix-vector product; the prefill paths' sorting and blocks would cost
     more launches than the pairs, and 'segmented' reads the host). 'union' (only when forced): the decode kernels with
     the gate|up bank read once per distinct expert of the call's tokens (moe_gate_up_union), for batches whose rows
-    share experts; falls back to 'kernel' where that kernel is switched off; a prefill call (64+ pairs, not decode)
-    takes the automatic choice."""
+    share experts; 'wide' (only when forced): the decode kernels reading 16 bytes a load (moe_gate_up_wide,
+    moe_down_wide). Each falls back to 'kernel' where its kernels are switched off; a prefill call (64+ pairs, not
+    decode) takes the automatic choice."""
     forced = f[EXPERTS_ENV]
-    if forced in ("kernel", "union") and not (kernel_fits and f.gpu):
+    if forced in ("kernel", "union", "wide") and not (kernel_fits and f.gpu):
         raise ConfigError(f"{EXPERTS_ENV}={forced} needs a Metal or CUDA device and affine "
                           f"{'/'.join(map(str, KERNEL_BITS))}-bit expert banks; unset it or pick another path")
-    if forced == "union":  # the decode kernels, gate|up reading each expert of the tokens' union once
+    if forced in ("union", "wide"):  # decode kernels of their own (union: gate|up reading each expert once)
         if decode or pairs < 64:
-            return "union" if f.usable("moe_gate_up_union") else "kernel"
-        forced = "auto"  # a prefill call takes its own path: union is a decode path
+            own = ("moe_gate_up_union",) if forced == "union" else ("moe_gate_up_wide", "moe_down_wide")
+            return forced if all(f.usable(k) for k in own) else "kernel"
+        forced = "auto"  # a prefill call takes its own path: these are decode paths
     if forced in ("gather", "kernel") or (forced != "auto" and pairs >= 64 and not decode):
         return forced
     if pairs < 64 or decode:

@@ -48,7 +48,7 @@ READ_THREADS = 8  # concurrent preads: an NVMe drive needs several in flight to 
 DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "U32": mx.uint32, "U8": mx.uint8,
           "I32": mx.int32, "U16": mx.uint16, "I8": mx.int8}
 NP_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
-DECODE_PATHS = ("kernel", "union", "gather")
+DECODE_PATHS = ("kernel", "union", "wide", "gather")
 PREFETCH_ENV = "KIMI_MLX_PREFETCH"
 
 _executor: ThreadPoolExecutor | None = None

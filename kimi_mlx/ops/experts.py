@@ -8,8 +8,11 @@
                   indices, gather_qmm's copy, two gather matmuls, SwiGLU, weighting, sum), and a GEMV
                   where MLX's gather_qmm runs a tiled GEMM from 8 pairs on (a matrix-vector product's work
                   at a GEMM's launch cost).
+                  wide=True: the same results through moe_gate_up_wide and moe_down_wide, which read a row's
+                  packed words 16 bytes a load and issue all of a lane's loads before its first product
+                  (a bank whose rows do not split into such chunks takes the word-wise kernel)
   kernel_fits     whether the kernels read a pair of banks (affine quantization, 2, 4 or 8 bits; <= 32 pairs a token)
-model/fuse.py's expert_path chooses between them (KIMI_MLX_EXPERTS=gather|kernel overrides).
+model/fuse.py's expert_path chooses between them (KIMI_MLX_EXPERTS=gather|kernel|wide overrides).
 Both take x [N, D], idx [N, P] int32, w [N, P] float32 and the banks gate_up [E, 2I, D] (gate rows, then up
 rows) and down [E, D, I] (QuantizedSwitchLinear or SwitchLinear); both return [N, D] float32.
 """
@@ -84,31 +87,41 @@ def kernel_fits(gate_up, down, pairs_per_token: int) -> bool:
 
 
 UNITS = 4  # rows a 32-lane group computes (each token value a lane reads serves them all), at most
+WIDE_UNITS = 2  # moe_gate_up_wide's hidden units a group, at most: a lane holds all its rows' loads in registers
 
 
-def units(n: int) -> int:
-    """Rows a group for n rows: the largest power of two <= UNITS dividing n."""
+def units(n: int, most: int = UNITS) -> int:
+    """Rows a group for n rows: the largest power of two <= most dividing n."""
     from metal_kernels import group_rows
 
-    return group_rows(n, UNITS)
+    return group_rows(n, most)
+
+
+def wide_fits(bank) -> bool:
+    """Whether the wide kernels read this (kernel-fit) bank: its rows split into chunks of 4 words, each chunk within
+    one scale group."""
+    values = 128 // bank.bits  # a chunk's values
+    cols = bank.weight.shape[-1] * 32 // bank.bits
+    return cols % values == 0 and bank.group_size % values == 0
 
 
 def _template(D: int, I: int, P: int, bank, R: int) -> list[tuple[str, int]]:
     return [("D", D), ("I", I), ("P", P), ("BITS", bank.bits), ("GS", bank.group_size), ("R", R)]
 
 
-def _gate_up_grid(N: int, P: int, I: int) -> dict:
+def _gate_up_grid(N: int, P: int, I: int, R: int) -> dict:
     from metal_kernels import group_rows
 
-    return dict(grid=(32 * N * P, I // units(I), 1), threadgroup=(32, group_rows(I // units(I)), 1))
+    return dict(grid=(32 * N * P, I // R, 1), threadgroup=(32, group_rows(I // R), 1))
 
 
 UNION_TOKENS = 4  # tokens moe_gate_up_union computes at once against an expert's rows (TB)
 
 
-def experts_kernel(x, idx, w, gate_up, down, union: bool = False):
+def experts_kernel(x, idx, w, gate_up, down, union: bool = False, wide: bool = False):
     """union: the gate|up bank through moe_gate_up_union, each expert of the tokens' union read once however many
-    of the tokens route to it (a batch's decode step: B tokens, B * P pairs), after one argsort of the pairs."""
+    of the tokens route to it (a batch's decode step: B tokens, B * P pairs), after one argsort of the pairs.
+    wide: each bank that wide_fits through the wide kernels (16-byte loads, all issued before the products)."""
     from metal_kernels import kernel, sizes
 
     N, P = idx.shape
@@ -116,29 +129,32 @@ def experts_kernel(x, idx, w, gate_up, down, union: bool = False):
     I = gate_up.weight.shape[1] // 2
     idx = idx.astype(mx.int32)  # the routing kernel's dtype already: no copy
     banks = [gate_up.weight, gate_up.scales, gate_up.biases]
-    template = _template(D, I, P, gate_up, units(I))
     if union:
         order = mx.argsort(idx.reshape(-1)).astype(mx.int32)
         (h,) = kernel("moe_gate_up_union")(
-            inputs=[x, idx, order, sizes(N * P), *banks], template=template + [("TB", UNION_TOKENS)],
-            output_shapes=[(N * P, I)], output_dtypes=[mx.float32], **_gate_up_grid(N, P, I),
+            inputs=[x, idx, order, sizes(N * P), *banks],
+            template=_template(D, I, P, gate_up, units(I)) + [("TB", UNION_TOKENS)],
+            output_shapes=[(N * P, I)], output_dtypes=[mx.float32], **_gate_up_grid(N, P, I, units(I)),
         )
     else:
-        (h,) = kernel("moe_gate_up")(
-            inputs=[x, idx, *banks], template=template,
-            output_shapes=[(N * P, I)], output_dtypes=[mx.float32], **_gate_up_grid(N, P, I),
+        wide_up = wide and wide_fits(gate_up)
+        R = units(I, WIDE_UNITS) if wide_up else units(I)
+        (h,) = kernel("moe_gate_up_wide" if wide_up else "moe_gate_up")(
+            inputs=[x, idx, *banks], template=_template(D, I, P, gate_up, R),
+            output_shapes=[(N * P, I)], output_dtypes=[mx.float32], **_gate_up_grid(N, P, I, R),
         )
-    return _down(h, idx, w, down)
+    return _down(h, idx, w, down, wide and wide_fits(down))
 
 
-def _down(h, idx, w, down):
-    """moe_down: each pair's down rows of h [N * P, I], weighted by w and summed over a token's pairs."""
+def _down(h, idx, w, down, wide: bool = False):
+    """moe_down (moe_down_wide): each pair's down rows of h [N * P, I], weighted by w and summed over a token's
+    pairs."""
     from metal_kernels import kernel
 
     N, P = idx.shape
     D, I = down.weight.shape[1], h.shape[-1]
     Rd = units(D)
-    (y,) = kernel("moe_down")(
+    (y,) = kernel("moe_down_wide" if wide else "moe_down")(
         inputs=[h, idx, w.astype(mx.float32), down.weight, down.scales, down.biases],
         template=_template(D, I, P, down, Rd), grid=(32 * D // Rd, P, N), threadgroup=(32, P, 1),
         output_shapes=[(N, D)], output_dtypes=[mx.float32],

@@ -1,0 +1,98 @@
+"""The MoE decode op alone: N tokens' (token, expert) pairs through one layer's gate|up and down banks, by each path
+ops/experts.py offers, against MLX's own gather matmuls (the `gather` path, mlx-lm's SwitchGLU op), at the full
+shape (D 2,304, I 1,024, 256 routed + 1 shared expert, 8 + 1 pairs a token, 4-bit affine gs64).
+
+  python benchmarks/experts_decode.py                       # tokens 1,8,9,16 on this device's paths
+  python benchmarks/experts_decode.py --tokens 8 --scale 8  # sizes divided by 8 (a quick CPU run)
+
+Each call routes its tokens to fresh uniformly random experts (a list of routings made ahead, cycled), so a call
+reads its experts from memory, not from the L2 cache the previous call filled; --calls calls are queued together
+and evaluated once. Reported: microseconds a call, and the rate at which the call's distinct experts' bytes
+(weights, scales, biases of both banks) were read. Paths: kernel (moe_gate_up + moe_down, the default on a GPU),
+wide (the 16-byte-load pair), union (gate|up read once per distinct expert), gather (MLX's gather_qmm; on the
+CPU the only one).
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kimi_mlx import doctor  # noqa: E402
+from kimi_mlx.ops import experts  # noqa: E402
+from kimi_mlx.ops.kda import gpu_backend  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--tokens", default="1,8,9,16", help="comma-separated token counts N (9: a verification of 8 drafts)")
+ap.add_argument("--scale", type=int, default=1, help="divide D and I by this (quick runs)")
+ap.add_argument("--calls", type=int, default=50)
+ap.add_argument("--routings", type=int, default=64, help="distinct random routings cycled through")
+ap.add_argument("--paths", default=None, help="comma-separated paths (default: every one this device runs)")
+a = ap.parse_args()
+try:
+    tokens = [int(t) for t in a.tokens.split(",")]
+except ValueError:
+    ap.error(f"--tokens takes comma-separated integers, got {a.tokens!r}")
+if a.scale < 1 or a.calls < 1 or a.routings < 1 or any(t < 1 for t in tokens):
+    ap.error("--tokens, --scale, --calls and --routings take positive numbers")
+
+E, K = 257, 9  # 256 routed + the shared expert (the last), 8 routed + 1 shared a token
+D, I = max(128, 2304 // a.scale // 128 * 128), max(128, 1024 // a.scale // 128 * 128)
+gpu = gpu_backend() is not None
+dtype = mx.bfloat16 if gpu else mx.float32
+paths = a.paths.split(",") if a.paths else (["kernel", "wide", "union", "gather"] if gpu else ["gather"])
+if not gpu and set(paths) - {"gather"}:
+    ap.error("the kernel paths need a Metal or CUDA device; on the CPU: --paths gather")
+
+mx.random.seed(0)
+gate_up, down = doctor.random_banks(E, D, I, 4, 64, dtype, 4)
+mx.eval(gate_up.parameters(), down.parameters())
+per_expert = sum(v.nbytes for v in gate_up.parameters().values()) / E + sum(
+    v.nbytes for v in down.parameters().values()) / E
+
+
+def routings(N: int) -> list[tuple[mx.array, mx.array, float]]:
+    """(idx [N, K] int32, weights [N, K], distinct experts' bytes) per routing: 8 distinct random routed experts a
+    token, the shared expert last."""
+    rng = np.random.default_rng(N)
+    out = []
+    for _ in range(a.routings):
+        routed = np.stack([rng.choice(E - 1, K - 1, replace=False) for _ in range(N)])
+        idx = np.concatenate([routed, np.full((N, 1), E - 1)], axis=1).astype(np.int32)
+        w = rng.uniform(0.01, 1.0, (N, K)).astype(np.float32)
+        out.append((mx.array(idx), mx.array(w), len(np.unique(idx)) * per_expert))
+    return out
+
+
+def run(path: str, x, idx, w):
+    if path == "gather":
+        return experts.experts_ref(x, idx, w, gate_up, down)
+    return experts.experts_kernel(x, idx, w, gate_up, down, union=path == "union", wide=path == "wide")
+
+
+info = mx.device_info()
+print(f"{mx.default_device()} {info.get('device_name') or info.get('architecture', '?')}, MLX {mx.__version__}; "
+      f"D {D}, I {I}, {E} experts, {K} pairs a token, 4-bit gs64, {str(dtype).split('.')[-1]}; us a call (GB/s of "
+      f"the call's distinct experts)")
+print("| tokens | " + " | ".join(paths) + " |")
+print("|---|" + "---|" * len(paths))
+for N in tokens:
+    rs = routings(N)
+    x = mx.random.normal((N, D)).astype(dtype)
+    mx.eval(x, *[r[:2] for r in rs])
+    cells = []
+    for path in paths:
+        mx.eval(run(path, x, *rs[0][:2]))  # built and warm
+        mx.synchronize()
+        calls = [rs[i % len(rs)] for i in range(a.calls)]
+        t0 = time.perf_counter()
+        mx.eval([run(path, x, idx, w) for idx, w, _ in calls])
+        mx.synchronize()
+        dt = (time.perf_counter() - t0) / a.calls
+        read = sum(c[2] for c in calls) / a.calls
+        cells.append(f"{dt * 1e6:.1f} ({read / dt / 1e9:.0f})")
+    print(f"| {N} | " + " | ".join(cells) + " |", flush=True)
