@@ -25,6 +25,17 @@ GPU_FN float gpu_shfl(float x, int lane) { return __shfl_sync(0xffffffffu, x, la
 // buffers start 16-byte aligned), and word w (0..3) of them.
 GPU_FN uint4 gpu_load4(const unsigned int* p, size_t i) { return *reinterpret_cast<const uint4*>(p + i); }
 GPU_FN unsigned int gpu_word(uint4 v, int w) { return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w; }
+// Eight consecutive values of a buffer (i a multiple of 8, the buffer 16-byte aligned) as floats, read as one
+// 16-byte load for 2-byte types (two for float), not eight.
+template <typename T>
+struct alignas(16) gpu_vals8 {
+  T v[8];
+};
+template <typename T>
+GPU_FN void gpu_load8(const T* p, size_t i, float* out) {
+  const gpu_vals8<T> a = *reinterpret_cast<const gpu_vals8<T>*>(p + i);
+  for (int j = 0; j < 8; ++j) out[j] = static_cast<float>(a.v[j]);
+}
 
 // Threadgroup ("block") shared memory and the barrier over the whole group.
 #define GPU_SHARED __shared__

@@ -17,6 +17,23 @@ GPU_FN float gpu_shfl(float x, int lane) { return metal::simd_shuffle(x, ushort(
 // MLX's buffers start 16-byte aligned), and word w (0..3) of them.
 GPU_FN uint4 gpu_load4(const device uint* p, size_t i) { return *reinterpret_cast<const device uint4*>(p + i); }
 GPU_FN uint gpu_word(uint4 v, int w) { return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w; }
+// Eight consecutive values of a device buffer (i a multiple of 8, the buffer 16-byte aligned) as floats, read as
+// one 16-byte load for 2-byte types (two for float), not eight: 2-byte values (bfloat16_t, half) converted from
+// their bits.
+GPU_FN void gpu_load8(const device float* p, size_t i, thread float* out) {
+  const float4 a = *reinterpret_cast<const device float4*>(p + i);
+  const float4 b = *reinterpret_cast<const device float4*>(p + i + 4);
+  out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+  out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+}
+template <typename T>
+GPU_FN void gpu_load8(const device T* p, size_t i, thread float* out) {
+  const uint4 v = *reinterpret_cast<const device uint4*>(p + i);
+  for (int j = 0; j < 8; ++j) {
+    const uint word = gpu_word(v, j / 2);
+    out[j] = static_cast<float>(as_type<T>(static_cast<ushort>(j % 2 == 0 ? word & 0xffffu : word >> 16)));
+  }
+}
 
 // Threadgroup shared memory and the barrier over the whole group.
 #define GPU_SHARED threadgroup

@@ -17,6 +17,23 @@ GPU_FN float gpu_shfl(float x, int lane) { return metal::simd_shuffle(x, ushort(
 // MLX's buffers start 16-byte aligned), and word w (0..3) of them.
 GPU_FN uint4 gpu_load4(const device uint* p, size_t i) { return *reinterpret_cast<const device uint4*>(p + i); }
 GPU_FN uint gpu_word(uint4 v, int w) { return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w; }
+// Eight consecutive values of a device buffer (i a multiple of 8, the buffer 16-byte aligned) as floats, read as
+// one 16-byte load for 2-byte types (two for float), not eight: 2-byte values (bfloat16_t, half) converted from
+// their bits.
+GPU_FN void gpu_load8(const device float* p, size_t i, thread float* out) {
+  const float4 a = *reinterpret_cast<const device float4*>(p + i);
+  const float4 b = *reinterpret_cast<const device float4*>(p + i + 4);
+  out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+  out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+}
+template <typename T>
+GPU_FN void gpu_load8(const device T* p, size_t i, thread float* out) {
+  const uint4 v = *reinterpret_cast<const device uint4*>(p + i);
+  for (int j = 0; j < 8; ++j) {
+    const uint word = gpu_word(v, j / 2);
+    out[j] = static_cast<float>(as_type<T>(static_cast<ushort>(j % 2 == 0 ? word & 0xffffu : word >> 16)));
+  }
+}
 
 // Threadgroup shared memory and the barrier over the whole group.
 #define GPU_SHARED threadgroup
@@ -83,8 +100,8 @@ const uint3 gpu_gid = thread_position_in_grid;
 // Grid (32 * D / R, P, N), threadgroup (32, P, 1): a threadgroup per (token, R output units), one 32-lane group per
 // pair; the groups' weighted dots meet in threadgroup memory and the first group's first R lanes sum them in pair
 // order, as in moe_down. A row's words are read as chunks of 4 (gpu_load4), lane l taking chunks l, l + 32, ...
-// of each of its R rows, every load issued before the first product (as in moe_gate_up_wide); values dequantized
-// in place (gpu_qval_placed, h's values scaled by the power of two instead).
+// of each of its R rows, every load issued before the first product, h's values read 8 at a time (as in
+// moe_gate_up_wide); values dequantized in place (gpu_qval_placed, h's values scaled by the power of two instead).
 // Template: D model width, I expert width, P pairs per token (<= 32), BITS (2, 4 or 8), GS group size (a multiple
 // of 128 / BITS dividing I), R output units a threadgroup (dividing D, <= 32).
 // Inputs: h [N * P, I] float32 (moe_gate_up or moe_gate_up_wide); idx [N, P] int32; weight [N, P] float32;
@@ -130,12 +147,17 @@ for (int k = 0; k < CPL; ++k) {
   if (c < CPR) {
     float hv[4][VPW];  // value j of word w of the chunk times 2^-(its bit offset in its half word)
     float hsum[4];
+    float vals[VPC];  // the chunk's SwiGLU values, read 16 bytes a load (VPC: a multiple of 8)
+    #pragma unroll
+    for (int e = 0; e < VPC; e += 8) {
+      gpu_load8(h, static_cast<size_t>(pair) * I + c * VPC + e, vals + e);
+    }
     #pragma unroll
     for (int w = 0; w < 4; ++w) {
       hsum[w] = 0.0f;
       #pragma unroll
       for (int j = 0; j < VPW; ++j) {
-        const float v = h[static_cast<size_t>(pair) * I + c * VPC + w * VPW + j];
+        const float v = vals[w * VPW + j];
         hsum[w] += v;
         hv[w][j] = v * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));
       }

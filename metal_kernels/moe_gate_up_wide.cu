@@ -25,6 +25,17 @@ GPU_FN float gpu_shfl(float x, int lane) { return __shfl_sync(0xffffffffu, x, la
 // buffers start 16-byte aligned), and word w (0..3) of them.
 GPU_FN uint4 gpu_load4(const unsigned int* p, size_t i) { return *reinterpret_cast<const uint4*>(p + i); }
 GPU_FN unsigned int gpu_word(uint4 v, int w) { return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w; }
+// Eight consecutive values of a buffer (i a multiple of 8, the buffer 16-byte aligned) as floats, read as one
+// 16-byte load for 2-byte types (two for float), not eight.
+template <typename T>
+struct alignas(16) gpu_vals8 {
+  T v[8];
+};
+template <typename T>
+GPU_FN void gpu_load8(const T* p, size_t i, float* out) {
+  const gpu_vals8<T> a = *reinterpret_cast<const gpu_vals8<T>*>(p + i);
+  for (int j = 0; j < 8; ++j) out[j] = static_cast<float>(a.v[j]);
+}
 
 // Threadgroup ("block") shared memory and the barrier over the whole group.
 #define GPU_SHARED __shared__
@@ -101,12 +112,14 @@ const uint3 gpu_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
 // words are read as chunks of 4 (gpu_load4); lane l takes chunks l, l + 32, ... of each of the group's 2R rows
 // (gate and up of each unit) and issues every load of them (words, scales, biases) before its first product, so a
 // group waits on memory about once, where moe_gate_up waits once for every 32 words of a row. Each token value a
-// lane reads serves its 2R rows; a chunk lies in one scale group (GS a multiple of the chunk's 128 / BITS values).
+// lane reads serves its 2R rows, and a chunk's token values are read 8 at a time (gpu_load8: lanes 32 values
+// apart would otherwise touch 32 cache lines a load instruction); a chunk lies in one scale group (GS a multiple of
+// the chunk's 128 / BITS values).
 // Values are dequantized in place (gpu_qval_placed): the token value, not the packed value, is scaled by the
 // power of two of the value's bit offset in its half word.
 // Template: D model width, I expert width, P pairs per token, BITS (2, 4 or 8), GS group size (a multiple of
 // 128 / BITS dividing D), R hidden units a group (dividing I).
-// Inputs: x [N, D]; idx [N, P] int32, the expert of each pair; wq [E, 2I, D * BITS / 32] uint32 (rows 0..I-1
+// Inputs: x [N, D] (rows 16-byte aligned); idx [N, P] int32, the expert of each pair; wq [E, 2I, D * BITS / 32] uint32 (rows 0..I-1
 // gate, I..2I-1 up; value j of a row in bits (j % VPW) * BITS of word j / VPW); scales, biases [E, 2I, D / GS]
 // (value = scale * q + bias).
 // Output: h [N * P, I] float32 = silu(gate . x) * (up . x).
@@ -155,12 +168,17 @@ for (int k = 0; k < CPL; ++k) {
   if (c < CPR) {
     float xv[4][VPW];  // value j of word w of the chunk times 2^-(its bit offset in its half word)
     float xsum[4];
+    float vals[VPC];  // the chunk's token values, read 16 bytes a load (VPC: a multiple of 8)
+    #pragma unroll
+    for (int e = 0; e < VPC; e += 8) {
+      gpu_load8(x, n * D + c * VPC + e, vals + e);
+    }
     #pragma unroll
     for (int w = 0; w < 4; ++w) {
       xsum[w] = 0.0f;
       #pragma unroll
       for (int j = 0; j < VPW; ++j) {
-        const float v = static_cast<float>(x[n * D + c * VPC + w * VPW + j]);
+        const float v = vals[w * VPW + j];
         xsum[w] += v;
         xv[w][j] = v * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));
       }

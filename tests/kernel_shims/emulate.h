@@ -31,6 +31,9 @@ struct uint3 {
 struct alignas(16) uint4 {
   unsigned int x, y, z, w;
 };
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 
 // A 32-lane group: the values lanes exchange in a shuffle, and its barrier. size counts the lanes that exist
 // (a Metal threadgroup cut by the grid's edge may end in a partial group); a lane that does not exist never
