@@ -9,7 +9,7 @@ Each call routes its tokens to fresh uniformly random experts (a list of routing
 reads its experts from memory, not from the L2 cache the previous call filled; --calls calls are queued together
 and evaluated once. Reported: microseconds a call, and the rate at which the call's distinct experts' bytes
 (weights, scales, biases of both banks) were read. Paths: kernel (moe_gate_up + moe_down, the default on a GPU),
-wide (the 16-byte-load pair), union (gate|up read once per distinct expert), gather (MLX's gather_qmm; on the
+wide (the 16-byte-load pair; --wide-units R,... a column for each of its lane groups' widths), union (gate|up read once per distinct expert), gather (MLX's gather_qmm; on the
 CPU the only one).
 """
 import argparse
@@ -32,6 +32,9 @@ ap.add_argument("--scale", type=int, default=1, help="divide D and I by this (qu
 ap.add_argument("--calls", type=int, default=50)
 ap.add_argument("--routings", type=int, default=64, help="distinct random routings cycled through")
 ap.add_argument("--paths", default=None, help="comma-separated paths (default: every one this device runs)")
+ap.add_argument("--wide-units", default=None,
+                help="comma-separated hidden units a lane group of moe_gate_up_wide (experts.WIDE_UNITS): a column "
+                     "'wide R' each (default: the module's value)")
 a = ap.parse_args()
 try:
     tokens = [int(t) for t in a.tokens.split(",")]
@@ -45,6 +48,9 @@ D, I = max(128, 2304 // a.scale // 128 * 128), max(128, 1024 // a.scale // 128 *
 gpu = gpu_backend() is not None
 dtype = mx.bfloat16 if gpu else mx.float32
 paths = a.paths.split(",") if a.paths else (["kernel", "wide", "union", "gather"] if gpu else ["gather"])
+if a.wide_units and "wide" in paths:  # wide -> a column for each R
+    at = paths.index("wide")
+    paths[at : at + 1] = [f"wide {int(r)}" for r in a.wide_units.split(",")]
 if not gpu and set(paths) - {"gather"}:
     ap.error("the kernel paths need a Metal or CUDA device; on the CPU: --paths gather")
 
@@ -71,6 +77,9 @@ def routings(N: int) -> list[tuple[mx.array, mx.array, float]]:
 def run(path: str, x, idx, w):
     if path == "gather":
         return experts.experts_ref(x, idx, w, gate_up, down)
+    if path.startswith("wide "):  # (the launch's template takes R: a kernel built for each)
+        experts.WIDE_UNITS = int(path.split()[1])
+        path = "wide"
     return experts.experts_kernel(x, idx, w, gate_up, down, union=path == "union", wide=path == "wide")
 
 

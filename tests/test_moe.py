@@ -382,3 +382,16 @@ def test_wide_expert_kernels_text_runs_right_on_cpu(kind, case):
     tol = 1e-5 if dtype == mx.float32 else 2e-2
     assert float(mx.abs(got - words).max()) <= 1e-5 * float(mx.abs(words).max())
     assert float(mx.abs(got - ref).max()) <= tol * float(mx.abs(ref).max())
+
+
+@pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
+def test_wide_gate_up_kernel_one_unit_a_group_on_cpu(monkeypatch):
+    """moe_gate_up_wide at R = 1 (benchmarks/experts_decode.py --wide-units times it against R = 2)."""
+    monkeypatch.setattr(experts, "WIDE_UNITS", 1)
+    mx.random.seed(5)
+    E, D, I = 7, 1152, 128
+    gate_up, down = doctor.random_banks(E, D, I, 4, 64, mx.float32, 4)
+    x, idx, w = doctor.expert_inputs(E, D, N=2, P=4)
+    got = emulate_kernel_path("cuda", x, idx, w, gate_up, down, wide=True)
+    ref = experts.experts_ref(x, idx, w, gate_up, down)
+    assert float(mx.abs(got - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
