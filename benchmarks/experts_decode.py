@@ -9,8 +9,8 @@ Each call routes its tokens to fresh uniformly random experts (a list of routing
 reads its experts from memory, not from the L2 cache the previous call filled; --calls calls are queued together
 and evaluated once. Reported: microseconds a call, and the rate at which the call's distinct experts' bytes
 (weights, scales, biases of both banks) were read. Paths: kernel (moe_gate_up + moe_down, the default on a GPU),
-wide (the 16-byte-load pair; --wide-units R,... a column for each of its lane groups' widths), union (gate|up read once per distinct expert), gather (MLX's gather_qmm; on the
-CPU the only one).
+wide (the 16-byte-load pair; --wide-units R,... a column for each of its lane groups' widths), union (gate|up read
+once per distinct expert), gather (MLX's gather_qmm; on the CPU the only one).
 """
 import argparse
 import sys

@@ -119,9 +119,9 @@ const uint3 gpu_gid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
 // power of two of the value's bit offset in its half word.
 // Template: D model width, I expert width, P pairs per token, BITS (2, 4 or 8), GS group size (a multiple of
 // 128 / BITS dividing D), R hidden units a group (dividing I).
-// Inputs: x [N, D] (rows 16-byte aligned); idx [N, P] int32, the expert of each pair; wq [E, 2I, D * BITS / 32] uint32 (rows 0..I-1
-// gate, I..2I-1 up; value j of a row in bits (j % VPW) * BITS of word j / VPW); scales, biases [E, 2I, D / GS]
-// (value = scale * q + bias).
+// Inputs: x [N, D] (rows 16-byte aligned); idx [N, P] int32, the expert of each pair; wq [E, 2I, D * BITS / 32]
+// uint32 (rows 0..I-1 gate, I..2I-1 up; value j of a row in bits (j % VPW) * BITS of word j / VPW); scales, biases
+// [E, 2I, D / GS] (value = scale * q + bias).
 // Output: h [N * P, I] float32 = silu(gate . x) * (up . x).
 constexpr int VPW = 32 / BITS;  // values per packed word
 constexpr int VPC = 4 * VPW;  // values per chunk (one 16-byte load)

@@ -239,9 +239,9 @@ class Bank:
 
     Reads write rows through `views`: NumPy views of the arrays' own memory where MLX gives live ones (CPU, Apple
     unified memory; on CUDA MLX moves an array the host touches into managed memory, whose pages then migrate
-    between host and card on demand), so a read lands in the slot with no copy; where the views are not live, host buffers
-    of the same layout, whose written rows flush() then copies into the arrays (one scatter a part), the arrays
-    staying in device memory."""
+    between host and card on demand), so a read lands in the slot with no copy; where the views are not live, host
+    buffers of the same layout, whose written rows flush() then copies into the arrays (one scatter a part), the
+    arrays staying in device memory."""
 
     def __init__(self, parts: list[Part], rows: int, shared: dict[tuple[str, str], mx.array], templates: dict):
         self.parts, self.rows = parts, rows
