@@ -3,6 +3,7 @@
   python benchmarks/decode_kernels.py [--shape full] [--context 1024]            # host split of the pipelined loop
   python benchmarks/decode_kernels.py --nap 1,2,4                                # the same with the host asleep
   python benchmarks/decode_kernels.py --batch 8                                  # a batched step of 8 rows
+  python benchmarks/decode_kernels.py --batch 8 --experts auto,wide              # expert paths alternating, one process
   ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --log-file K.csv \
       python benchmarks/decode_kernels.py --profile 2                            # the kernels of 3 tokens (NVIDIA)
   python benchmarks/decode_kernels.py --parse K.csv --tokens 3                   # their sum and the largest
@@ -38,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx
 
-from kimi_mlx import bench
+from kimi_mlx import bench, settings
+from kimi_mlx.settings import SWITCHES
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--shape", default="full", choices=list(bench.SHAPES))
@@ -56,6 +58,10 @@ ap.add_argument("--steps", type=int, default=4, help="--prefill without --profil
 ap.add_argument("--parse", help="an ncu --csv log of --profile: per-token kernel time, the largest kernels")
 ap.add_argument("--nap", default="", help="comma-separated milliseconds: also time the decode loop with the host "
                                           "asleep this long a token (see above)")
+ap.add_argument("--experts", default="",
+                help="comma-separated KIMI_MLX_EXPERTS values (auto, kernel, wide, union, gather): each window times "
+                     "each in turn in this process, its steps traced afresh (a host slowed between processes falls "
+                     "on all alike)")
 ap.add_argument("--by-seam", action="store_true",
                 help="with --parse: also the first token's (step's) kernels cut at each norm, by kind")
 a = ap.parse_args()
@@ -69,6 +75,12 @@ except ValueError:
     ap.error(f"--nap takes comma-separated milliseconds, e.g. 1,2,4 (got {a.nap!r})")
 if any(x < 0 for x in naps):
     ap.error("--nap takes milliseconds of zero or more")
+experts_paths = [x.strip() for x in a.experts.split(",") if x.strip()]
+if experts_paths and (a.prefill or a.profile or naps):
+    ap.error("--experts alternates decode windows: leave out --prefill, --profile and --nap")
+_choices = SWITCHES["KIMI_MLX_EXPERTS"].choices
+if any(x not in _choices for x in experts_paths):
+    ap.error(f"--experts takes comma-separated values of {', '.join(_choices)} (got {a.experts!r})")
 if a.by_seam and not a.parse:
     ap.error("--by-seam cuts an ncu log's kernels: give --parse LOG too")
 if not a.prefill and a.context < 1:
@@ -243,6 +255,17 @@ if a.profile:
     loop(a.profile)
     mx.synchronize()
     cuda.cuProfilerStop()
+    sys.exit()
+if experts_paths:
+    print(f"{'tok/s':>8} {'build ms':>9} {'queue ms':>9} {'wait ms':>9}  experts")
+    for _ in range(3):
+        for path in experts_paths:
+            with settings.override(KIMI_MLX_EXPERTS=path):
+                ours._steps = None  # the layers' steps traced again, choosing their expert path under the override
+                loop(4)
+                b, q, w = loop(a.tokens)
+            ours._steps = None
+            print(f"{a.batch / (b + q + w):8.1f} {b * 1e3:9.3f} {q * 1e3:9.3f} {w * 1e3:9.3f}  {path}", flush=True)
     sys.exit()
 print(f"{'tok/s':>8} {'build ms':>9} {'queue ms':>9} {'wait ms':>9}" + (f" {'nap ms':>7}" if naps else ""))
 for _ in range(3):

@@ -479,3 +479,19 @@ def test_decode_kernels_script_times_a_batched_step():
     bad = subprocess.run([sys.executable, str(script), "--batch", "2", "--nap", "1"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "--batch" in bad.stderr
+
+
+def test_decode_kernels_script_alternates_expert_paths():
+    """decode_kernels.py --experts A,B: each of three rounds times A then B in the same process (on the CPU both
+    take the gather matmuls); a value that is no expert path, or --experts with --nap, is one line."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_kernels.py"
+    out = subprocess.run([sys.executable, str(script), "--shape", "small", "--context", "64", "--tokens", "2",
+                          "--batch", "2", "--experts", "auto,gather"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [s.split() for s in out.stdout.splitlines()[2:]]
+    assert [r[-1] for r in rows] == ["auto", "gather"] * 3 and all(len(r) == 5 for r in rows), out.stdout
+    for args in (["--experts", "fast"], ["--experts", "auto", "--nap", "1"]):
+        bad = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "--experts" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
