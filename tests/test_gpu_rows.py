@@ -92,3 +92,35 @@ def test_batched_verification_rows_match_each_sequence_decoding(model):
         for t in range(T):
             want = model(mx.array([[int(toks[b, t])]]), s)[0, -1]
             assert rel(logits[b, t], want) <= TOL, (b, t)
+
+
+def test_batched_decode_rows_on_the_wide_expert_kernels(model):
+    """KIMI_MLX_EXPERTS=wide (moe_gate_up_wide, moe_down_wide): a batched decode step's rows against each sequence
+    decoded alone on the default expert kernels."""
+    from kimi_mlx.ops.kda import gpu_backend
+
+    if gpu_backend() is None:
+        pytest.skip("the expert kernels run on a Metal or CUDA device")
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(21)
+    batch = BatchState(model, max_batch=8)
+    alone = []
+    for b in range(5):
+        s = model.new_state(1)
+        prefill(model, s, rng.integers(0, vocab, 30 + 23 * b).tolist())
+        batch.add(s)
+        alone.append(s)
+    for _ in range(2):
+        toks = rng.integers(0, vocab, batch.capacity)
+        batch.prepare()
+        model._steps = None  # the layers' steps traced again under the override (they trace their expert path)
+        try:
+            with settings.override(KIMI_MLX_EXPERTS="wide"):
+                got = model.decode_rows(mx.array(toks).reshape(-1, 1), batch)[:, -1]
+                mx.eval(got)
+        finally:
+            model._steps = None
+        batch.advance()
+        for b in range(5):
+            want = model(mx.array([[int(toks[b])]]), alone[b])[0, -1]
+            assert rel(got[b], want) <= TOL, b
