@@ -13,6 +13,7 @@ the prefill path over the same T tokens.
   python benchmarks/speculative.py --max-tokens 200 --shape small --record        (CPU: the demo's tasks)
   python benchmarks/speculative.py --shape none --beside       (a speculative turn beside a plain one, server engine)
   python benchmarks/speculative.py --model none --shape full --batch 8 --ks 2,4,8   (GPU: a batched verification's cost)
+  python benchmarks/speculative.py --shape none --batch 8 --dtype bfloat16      (GPU: the demo's tasks, 1 and 8 rows)
 """
 
 from __future__ import annotations
@@ -285,6 +286,9 @@ def main():
                     "to the server's engine (and with the same turn plain)")
     ap.add_argument("--batch", type=int, default=0, help="also run B rows at once (spec_batch.py): the tasks "
                     "through stream_batch, and the verification table's batched step against a batched verification")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="cast --model's floating weights to this dtype (default: the checkpoint's; on a CUDA image "
+                         "whose MLX cannot build the float32 quantized matmul, bfloat16 runs the demo)")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     a = ap.parse_args()
     from kimi_mlx import bench
@@ -293,9 +297,12 @@ def main():
     echo(bench.device_line() + (f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
                                 if mx.default_device() == mx.cpu else ""))
     if a.model != "none":
-        from kimi_mlx.loading import load
+        from kimi_mlx.loading import resolve
+        from kimi_mlx.tokenizer import Tokenizer
+        from kimi_mlx.weights.load import load_model
 
-        model, tok = load(a.model)
+        path = resolve(a.model)
+        model, tok = load_model(path, dtype=getattr(mx, a.dtype) if a.dtype else None), Tokenizer(path)
         run_task(model, tok, "warm up", 4, None, 0)
         echo(f"greedy, {a.max_tokens} tokens, model {a.model}, best of {a.rounds} alternating rounds")
         echo("| task | draft | tok/s | x plain | tokens/forward | same text |")

@@ -45,7 +45,7 @@ RUNS = [
     ("speculative.py", ["--max-tokens", "8", "--rounds", "1", "--shape", "small", "--context", "64", "--ks", "2", "--reps", "1",
                         "--batch", "2"],
      r"^\| 2 \| [\d.]+ \| [\d.]+ \|$"),
-    ("speculative.py", ["--max-tokens", "8", "--rounds", "1", "--shape", "none", "--beside"],
+    ("speculative.py", ["--max-tokens", "8", "--rounds", "1", "--shape", "none", "--beside", "--dtype", "float32"],
      r"^\| ngram \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$"),
     ("qmm_rows.py", ["--rows", "2", "--scale", "32", "--calls", "1"], r"^\| lm_head \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ / [\d.]+ / [\d.]+ \|$"),
     ("server.py", ["--turns", "2", "--user-tokens", "16", "--max-tokens", "2", "--api", "both"],
