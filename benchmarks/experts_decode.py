@@ -31,6 +31,10 @@ ap.add_argument("--tokens", default="1,8,9,16", help="comma-separated token coun
 ap.add_argument("--scale", type=int, default=1, help="divide D and I by this (quick runs)")
 ap.add_argument("--calls", type=int, default=50)
 ap.add_argument("--routings", type=int, default=64, help="distinct random routings cycled through")
+ap.add_argument("--pool", type=int, default=256,
+                help="each call's tokens route among this many experts, drawn afresh a call (256: uniform routing, "
+                     "random weights' case; fewer: tokens that share experts, as n samples of one prompt or a "
+                     "verification's neighbouring tokens do, where union reads each shared expert once)")
 ap.add_argument("--paths", default=None, help="comma-separated paths (default: every one this device runs)")
 ap.add_argument("--wide-units", default=None,
                 help="comma-separated hidden units a lane group of moe_gate_up_wide (experts.WIDE_UNITS): a column "
@@ -42,6 +46,8 @@ except ValueError:
     ap.error(f"--tokens takes comma-separated integers, got {a.tokens!r}")
 if a.scale < 1 or a.calls < 1 or a.routings < 1 or any(t < 1 for t in tokens):
     ap.error("--tokens, --scale, --calls and --routings take positive numbers")
+if not 8 <= a.pool <= 256:
+    ap.error("--pool takes 8 to 256 experts (a token routes to 8 distinct ones)")
 
 E, K = 257, 9  # 256 routed + the shared expert (the last), 8 routed + 1 shared a token
 D, I = max(128, 2304 // a.scale // 128 * 128), max(128, 1024 // a.scale // 128 * 128)
@@ -63,11 +69,12 @@ per_expert = sum(v.nbytes for v in gate_up.parameters().values()) / E + sum(
 
 def routings(N: int) -> list[tuple[mx.array, mx.array, float]]:
     """(idx [N, K] int32, weights [N, K], distinct experts' bytes) per routing: 8 distinct random routed experts a
-    token, the shared expert last."""
+    token among a --pool of experts drawn for the call, the shared expert last."""
     rng = np.random.default_rng(N)
     out = []
     for _ in range(a.routings):
-        routed = np.stack([rng.choice(E - 1, K - 1, replace=False) for _ in range(N)])
+        pool = rng.choice(E - 1, a.pool, replace=False)
+        routed = np.stack([pool[rng.choice(a.pool, K - 1, replace=False)] for _ in range(N)])
         idx = np.concatenate([routed, np.full((N, 1), E - 1)], axis=1).astype(np.int32)
         w = rng.uniform(0.01, 1.0, (N, K)).astype(np.float32)
         out.append((mx.array(idx), mx.array(w), len(np.unique(idx)) * per_expert))
@@ -85,8 +92,8 @@ def run(path: str, x, idx, w):
 
 info = mx.device_info()
 print(f"{mx.default_device()} {info.get('device_name') or info.get('architecture', '?')}, MLX {mx.__version__}; "
-      f"D {D}, I {I}, {E} experts, {K} pairs a token, 4-bit gs64, {str(dtype).split('.')[-1]}; us a call (GB/s of "
-      f"the call's distinct experts)")
+      f"D {D}, I {I}, {E} experts, {K} pairs a token (routed among {a.pool} a call), 4-bit gs64, "
+      f"{str(dtype).split('.')[-1]}; us a call (GB/s of the call's distinct experts)")
 print("| tokens | " + " | ".join(paths) + " |")
 print("|---|" + "---|" * len(paths))
 for N in tokens:
