@@ -9,7 +9,7 @@ Each call routes its tokens to fresh uniformly random experts (a list of routing
 reads its experts from memory, not from the L2 cache the previous call filled; --calls calls are queued together
 and evaluated once. Reported: microseconds a call, and the rate at which the call's distinct experts' bytes
 (weights, scales, biases of both banks) were read. Paths: kernel (moe_gate_up + moe_down, the default on a GPU),
-wide (the 16-byte-load pair; --wide-units R,... a column for each of its lane groups' widths), union (gate|up read
+wide (the 16-byte-load pair; --wide-units R[/RD],... a column for each of its groups' widths), union (gate|up read
 once per distinct expert), gather (MLX's gather_qmm; on the CPU the only one).
 """
 import argparse
@@ -37,8 +37,9 @@ ap.add_argument("--pool", type=int, default=256,
                      "verification's neighbouring tokens do, where union reads each shared expert once)")
 ap.add_argument("--paths", default=None, help="comma-separated paths (default: every one this device runs)")
 ap.add_argument("--wide-units", default=None,
-                help="comma-separated hidden units a lane group of moe_gate_up_wide (experts.WIDE_UNITS): a column "
-                     "'wide R' each (default: the module's value)")
+                help="comma-separated R or R/RD: hidden units a lane group of moe_gate_up_wide (experts.WIDE_UNITS) "
+                     "and output rows a threadgroup of moe_down_wide (WIDE_DOWN_UNITS): a column 'wide R/RD' each "
+                     "(default: the module's values)")
 a = ap.parse_args()
 try:
     tokens = [int(t) for t in a.tokens.split(",")]
@@ -54,9 +55,16 @@ D, I = max(128, 2304 // a.scale // 128 * 128), max(128, 1024 // a.scale // 128 *
 gpu = gpu_backend() is not None
 dtype = mx.bfloat16 if gpu else mx.float32
 paths = a.paths.split(",") if a.paths else (["kernel", "wide", "union", "gather"] if gpu else ["gather"])
-if a.wide_units and "wide" in paths:  # wide -> a column for each R
-    at = paths.index("wide")
-    paths[at : at + 1] = [f"wide {int(r)}" for r in a.wide_units.split(",")]
+if a.wide_units:
+    try:
+        widths = [[int(v) for v in r.split("/")] for r in a.wide_units.split(",")]
+    except ValueError:
+        ap.error(f"--wide-units takes comma-separated R or R/RD, e.g. 1,2/8 (got {a.wide_units!r})")
+    if any(len(w) > 2 or min(w) < 1 or max(w) > 32 for w in widths):
+        ap.error(f"--wide-units takes widths of 1 to 32, R or R/RD (got {a.wide_units!r})")
+    if "wide" in paths:  # wide -> a column for each width
+        at = paths.index("wide")
+        paths[at : at + 1] = ["wide " + "/".join(map(str, w)) for w in widths]
 if not gpu and set(paths) - {"gather"}:
     ap.error("the kernel paths need a Metal or CUDA device; on the CPU: --paths gather")
 
@@ -81,11 +89,16 @@ def routings(N: int) -> list[tuple[mx.array, mx.array, float]]:
     return out
 
 
+DOWN_UNITS = experts.WIDE_DOWN_UNITS
+
+
 def run(path: str, x, idx, w):
     if path == "gather":
         return experts.experts_ref(x, idx, w, gate_up, down)
-    if path.startswith("wide "):  # (the launch's template takes R: a kernel built for each)
-        experts.WIDE_UNITS = int(path.split()[1])
+    if path.startswith("wide "):  # (the launches' templates take R and RD: kernels built for each)
+        widths = [int(v) for v in path.split()[1].split("/")]
+        experts.WIDE_UNITS = widths[0]
+        experts.WIDE_DOWN_UNITS = widths[1] if len(widths) > 1 else DOWN_UNITS
         path = "wide"
     return experts.experts_kernel(x, idx, w, gate_up, down, union=path == "union", wide=path == "wide")
 

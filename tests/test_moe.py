@@ -385,9 +385,11 @@ def test_wide_expert_kernels_text_runs_right_on_cpu(kind, case):
 
 
 @pytest.mark.skipif(not kernel_emulator.available(), reason="g++ is not installed")
-def test_wide_gate_up_kernel_one_unit_a_group_on_cpu(monkeypatch):
-    """moe_gate_up_wide at R = 1 (benchmarks/experts_decode.py --wide-units times it against R = 2)."""
+def test_wide_kernels_at_other_widths_on_cpu(monkeypatch):
+    """moe_gate_up_wide at R = 1 and moe_down_wide at 16 output rows a threadgroup (benchmarks/experts_decode.py
+    --wide-units 1/16 times them against the defaults)."""
     monkeypatch.setattr(experts, "WIDE_UNITS", 1)
+    monkeypatch.setattr(experts, "WIDE_DOWN_UNITS", 16)
     mx.random.seed(5)
     E, D, I = 7, 1152, 128
     gate_up, down = doctor.random_banks(E, D, I, 4, 64, mx.float32, 4)

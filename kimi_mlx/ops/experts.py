@@ -88,6 +88,7 @@ def kernel_fits(gate_up, down, pairs_per_token: int) -> bool:
 
 UNITS = 4  # rows a 32-lane group computes (each token value a lane reads serves them all), at most
 WIDE_UNITS = 2  # moe_gate_up_wide's hidden units a group, at most: a lane holds all its rows' loads in registers
+WIDE_DOWN_UNITS = 4  # moe_down_wide's output rows a threadgroup, at most (<= 32: that many lanes sum the pairs)
 
 
 def units(n: int, most: int = UNITS) -> int:
@@ -153,7 +154,7 @@ def _down(h, idx, w, down, wide: bool = False):
 
     N, P = idx.shape
     D, I = down.weight.shape[1], h.shape[-1]
-    Rd = units(D)
+    Rd = units(D, WIDE_DOWN_UNITS) if wide else units(D)
     (y,) = kernel("moe_down_wide" if wide else "moe_down")(
         inputs=[h, idx, w.astype(mx.float32), down.weight, down.scales, down.biases],
         template=_template(D, I, P, down, Rd), grid=(32 * D // Rd, P, N), threadgroup=(32, P, 1),
