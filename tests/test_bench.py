@@ -495,3 +495,14 @@ def test_decode_kernels_script_alternates_expert_paths():
     for args in (["--experts", "fast"], ["--experts", "auto", "--nap", "1"]):
         bad = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "--experts" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_experts_decode_script_refuses_bad_arguments_in_one_line():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "experts_decode.py"
+    for args in (["--tokens", "x"], ["--tokens", "0"], ["--pool", "4"], ["--wide-units", "x"], ["--wide-units", "1/64"],
+                 *([["--paths", "wide"]] if mx.default_device() == mx.cpu else [])):
+        bad = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith(
+            "experts_decode.py: error:"), (args, bad.stderr)
