@@ -105,6 +105,8 @@ def _calls():
                                                                                   union=True)
                 yield lambda B=B, g=gate_up, d=down, idx=idx, w=w: experts.experts_kernel(z((B, D), bf), idx, w, g, d,
                                                                                   wide=True)
+                yield lambda B=B, g=gate_up, d=down, idx=idx, w=w: experts.experts_kernel(z((B, D), f32), idx, w, g, d,
+                                                                                  wide=True)  # float rows: 2 loads of 8
         for n in PAGES:
             qa, last = z((B, MLA_H, W), bf), z((B,), i32)  # a last row per sequence (a ragged batch)
             if n <= mla_decode.PAGE_KERNEL_ROWS:
