@@ -7,11 +7,11 @@ shape (D 2,304, I 1,024, 256 routed + 1 shared expert, 8 + 1 pairs a token, 4-bi
 
 Each call routes its tokens to fresh random experts, uniformly among all 256 or among a --pool drawn for the call (a
 list of routings made ahead, cycled), so a call reads its experts from memory, not from the L2 cache the previous
-call filled; --calls calls are queued together
-and evaluated once. Reported: microseconds a call, and the rate at which the call's distinct experts' bytes
-(weights, scales, biases of both banks) were read. Paths: kernel (moe_gate_up + moe_down, the default on a GPU),
-wide (the 16-byte-load pair; --wide-units R[/RD],... a column for each of its groups' widths), union (gate|up read
-once per distinct expert), gather (MLX's gather_qmm; on the CPU the only one).
+call filled; --calls calls are queued together and evaluated once. Reported: microseconds a call, and the rate at
+which the call's distinct experts' bytes (weights, scales, biases of both banks) were read. Paths: kernel
+(moe_gate_up + moe_down, the default on a GPU), wide (the 16-byte-load pair; --wide-units R[/RD],... a column for
+each of its groups' widths), union (gate|up read once per distinct expert), gather (MLX's gather_qmm; on the CPU the
+only one).
 """
 import argparse
 import sys
