@@ -65,6 +65,19 @@ GPU_FN float gpu_qval_placed(unsigned int part, int s, unsigned int mask) {
   return gpu_as_float(0x4B000000u | (part & (mask << s))) - 8388608.0f;
 }
 
+// Value j of a word packed BITS to a value (value j in bits j * BITS), dequantized in place (gpu_qval_placed): it
+// times 2^((j * BITS) % 16), to be multiplied by gpu_placed_partner<BITS>(x, j), so the product is value j times x.
+template <int BITS>
+GPU_FN float gpu_qval_at(unsigned int word, int j) {
+  return gpu_qval_placed(j * BITS < 16 ? word : word >> 16, (j * BITS) % 16, (1u << BITS) - 1u);
+}
+
+// x scaled by 2^-((j * BITS) % 16), exactly: the partner of gpu_qval_at<BITS>(word, j).
+template <int BITS>
+GPU_FN float gpu_placed_partner(float x, int j) {
+  return x * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));
+}
+
 GPU_FN float gpu_silu(float x) {
   return x / (1.0f + gpu_exp(-x));
 }

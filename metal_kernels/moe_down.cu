@@ -67,6 +67,19 @@ GPU_FN float gpu_qval_placed(unsigned int part, int s, unsigned int mask) {
   return gpu_as_float(0x4B000000u | (part & (mask << s))) - 8388608.0f;
 }
 
+// Value j of a word packed BITS to a value (value j in bits j * BITS), dequantized in place (gpu_qval_placed): it
+// times 2^((j * BITS) % 16), to be multiplied by gpu_placed_partner<BITS>(x, j), so the product is value j times x.
+template <int BITS>
+GPU_FN float gpu_qval_at(unsigned int word, int j) {
+  return gpu_qval_placed(j * BITS < 16 ? word : word >> 16, (j * BITS) % 16, (1u << BITS) - 1u);
+}
+
+// x scaled by 2^-((j * BITS) % 16), exactly: the partner of gpu_qval_at<BITS>(word, j).
+template <int BITS>
+GPU_FN float gpu_placed_partner(float x, int j) {
+  return x * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));
+}
+
 GPU_FN float gpu_silu(float x) {
   return x / (1.0f + gpu_exp(-x));
 }
@@ -122,7 +135,6 @@ constexpr int VPW = 32 / BITS;
 constexpr int WPR = I / VPW;
 constexpr int STEPS = (WPR + 31) / 32;
 constexpr int GPR = I / GS;
-constexpr unsigned int MASK = (1u << BITS) - 1u;
 GPU_SHARED float part[P * R];
 const int lane = gpu_gid.x % 32;
 const int d0 = (gpu_gid.x / 32) * R;
@@ -135,22 +147,21 @@ for (int u = 0; u < R; ++u) acc[u] = 0.0f;
 for (int step = 0; step < STEPS; ++step) {
   const int w = step * 32 + lane;
   if (w < WPR) {
-    float hv[VPW];  // value j of h times 2^-(its bit offset in its half word): gpu_qval_placed's partner
+    float hv[VPW];  // value j of h as gpu_qval_at's partner (gpu_placed_partner)
     float hsum = 0.0f;
     #pragma unroll
     for (int j = 0; j < VPW; ++j) {
       const float v = h[static_cast<size_t>(pair) * I + w * VPW + j];
       hsum += v;
-      hv[j] = v * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));
+      hv[j] = gpu_placed_partner<BITS>(v, j);
     }
     const int group = (w * VPW) / GS;
     for (int u = 0; u < R; ++u) {
       const unsigned int word = wq[(row0 + u) * WPR + w];
-      const unsigned int high = word >> 16;
       float dot = 0.0f;
       #pragma unroll
       for (int j = 0; j < VPW; ++j) {
-        dot += gpu_qval_placed(j * BITS < 16 ? word : high, (j * BITS) % 16, MASK) * hv[j];
+        dot += gpu_qval_at<BITS>(word, j) * hv[j];
       }
       const size_t g = (row0 + u) * GPR + group;
       acc[u] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * hsum;

@@ -65,6 +65,19 @@ GPU_FN float gpu_qval_placed(unsigned int part, int s, unsigned int mask) {
   return gpu_as_float(0x4B000000u | (part & (mask << s))) - 8388608.0f;
 }
 
+// Value j of a word packed BITS to a value (value j in bits j * BITS), dequantized in place (gpu_qval_placed): it
+// times 2^((j * BITS) % 16), to be multiplied by gpu_placed_partner<BITS>(x, j), so the product is value j times x.
+template <int BITS>
+GPU_FN float gpu_qval_at(unsigned int word, int j) {
+  return gpu_qval_placed(j * BITS < 16 ? word : word >> 16, (j * BITS) % 16, (1u << BITS) - 1u);
+}
+
+// x scaled by 2^-((j * BITS) % 16), exactly: the partner of gpu_qval_at<BITS>(word, j).
+template <int BITS>
+GPU_FN float gpu_placed_partner(float x, int j) {
+  return x * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));
+}
+
 GPU_FN float gpu_silu(float x) {
   return x / (1.0f + gpu_exp(-x));
 }
@@ -101,7 +114,7 @@ const uint3 gpu_gid = thread_position_in_grid;
 // pair; the groups' weighted dots meet in threadgroup memory and the first group's first R lanes sum them in pair
 // order, as in moe_down. A row's words are read as chunks of 4 (gpu_load4), lane l taking chunks l, l + 32, ...
 // of each of its R rows, every load issued before the first product, h's values read 8 at a time (as in
-// moe_gate_up_wide); values dequantized in place (gpu_qval_placed, h's values scaled by the power of two instead).
+// moe_gate_up_wide); values dequantized in place (gpu_qval_at, h's values scaled by gpu_placed_partner instead).
 // Template: D model width, I expert width, P pairs per token (<= 32), BITS (2, 4 or 8), GS group size (a multiple
 // of 128 / BITS dividing I), R output units a threadgroup (dividing D, <= 32).
 // Inputs: h [N * P, I] float32 (moe_gate_up or moe_gate_up_wide); idx [N, P] int32; weight [N, P] float32;
@@ -114,7 +127,6 @@ constexpr int CPR = WPR / 4;
 constexpr int CPL = (CPR + 31) / 32;
 constexpr int GPR = I / GS;
 constexpr int CPG = GS / VPC;
-constexpr unsigned int MASK = (1u << BITS) - 1u;
 GPU_SHARED float part[P * R];
 const int lane = gpu_gid.x % 32;
 const int d0 = (gpu_gid.x / 32) * R;
@@ -145,7 +157,7 @@ for (int u = 0; u < R; ++u) acc[u] = 0.0f;
 for (int k = 0; k < CPL; ++k) {
   const int c = k * 32 + lane;
   if (c < CPR) {
-    float hv[4][VPW];  // value j of word w of the chunk times 2^-(its bit offset in its half word)
+    float hv[4][VPW];  // value j of word w of the chunk as gpu_qval_at's partner (gpu_placed_partner)
     float hsum[4];
     float vals[VPC];  // the chunk's SwiGLU values, read 16 bytes a load (VPC: a multiple of 8)
     #pragma unroll
@@ -159,7 +171,7 @@ for (int k = 0; k < CPL; ++k) {
       for (int j = 0; j < VPW; ++j) {
         const float v = vals[w * VPW + j];
         hsum[w] += v;
-        hv[w][j] = v * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));
+        hv[w][j] = gpu_placed_partner<BITS>(v, j);
       }
     }
     const float chunk_sum = (hsum[0] + hsum[1]) + (hsum[2] + hsum[3]);
@@ -169,10 +181,9 @@ for (int k = 0; k < CPL; ++k) {
       #pragma unroll
       for (int w = 0; w < 4; ++w) {
         const unsigned int word = gpu_word(words[u][k], w);
-        const unsigned int high = word >> 16;
         #pragma unroll
         for (int j = 0; j < VPW; ++j) {
-          dot += gpu_qval_placed(j * BITS < 16 ? word : high, (j * BITS) % 16, MASK) * hv[w][j];
+          dot += gpu_qval_at<BITS>(word, j) * hv[w][j];
         }
       }
       acc[u] += scale[u][k] * dot + bias[u][k] * chunk_sum;

@@ -67,6 +67,19 @@ GPU_FN float gpu_qval_placed(unsigned int part, int s, unsigned int mask) {
   return gpu_as_float(0x4B000000u | (part & (mask << s))) - 8388608.0f;
 }
 
+// Value j of a word packed BITS to a value (value j in bits j * BITS), dequantized in place (gpu_qval_placed): it
+// times 2^((j * BITS) % 16), to be multiplied by gpu_placed_partner<BITS>(x, j), so the product is value j times x.
+template <int BITS>
+GPU_FN float gpu_qval_at(unsigned int word, int j) {
+  return gpu_qval_placed(j * BITS < 16 ? word : word >> 16, (j * BITS) % 16, (1u << BITS) - 1u);
+}
+
+// x scaled by 2^-((j * BITS) % 16), exactly: the partner of gpu_qval_at<BITS>(word, j).
+template <int BITS>
+GPU_FN float gpu_placed_partner(float x, int j) {
+  return x * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));
+}
+
 GPU_FN float gpu_silu(float x) {
   return x / (1.0f + gpu_exp(-x));
 }
@@ -130,7 +143,6 @@ constexpr int VPW = 32 / BITS;  // values per packed word
 constexpr int WPR = D / VPW;  // words per row
 constexpr int STEPS = (WPR + 31) / 32;
 constexpr int GPR = D / GS;  // groups per row
-constexpr unsigned int MASK = (1u << BITS) - 1u;
 #if MOE_UNION
 const int lane = gpu_gid.x % 32;
 const int s = gpu_gid.x / 32;
@@ -171,7 +183,7 @@ for (int c0 = 0; c0 < len; c0 += TB) {
         for (int j = 0; j < VPW; ++j) {
           const float v = static_cast<float>(x[tok[t] * D + w * VPW + j]);
           xsum[t] += v;
-          xv[t][j] = v * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));  // gpu_qval_placed's partner
+          xv[t][j] = gpu_placed_partner<BITS>(v, j);
         }
       }
       const int group = (w * VPW) / GS;
@@ -181,11 +193,10 @@ for (int c0 = 0; c0 < len; c0 += TB) {
         for (int u = 0; u < R; ++u) {
           const size_t row = gate_row + gu * I + u;
           const unsigned int word = wq[row * WPR + w];
-          const unsigned int high = word >> 16;
           float q[VPW];
           #pragma unroll
           for (int j = 0; j < VPW; ++j) {
-            q[j] = gpu_qval_placed(j * BITS < 16 ? word : high, (j * BITS) % 16, MASK);
+            q[j] = gpu_qval_at<BITS>(word, j);
           }
           const size_t g = row * GPR + group;
           const float scale = static_cast<float>(scales[g]);
@@ -231,24 +242,23 @@ for (int gu = 0; gu < 2; ++gu) {
 for (int step = 0; step < STEPS; ++step) {
   const int w = step * 32 + lane;
   if (w < WPR) {
-    float xv[VPW];  // value j of x times 2^-(its bit offset in its half word): gpu_qval_placed's partner
+    float xv[VPW];  // value j of x as gpu_qval_at's partner (gpu_placed_partner)
     float xsum = 0.0f;
     #pragma unroll
     for (int j = 0; j < VPW; ++j) {
       const float v = static_cast<float>(x[n * D + w * VPW + j]);
       xsum += v;
-      xv[j] = v * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));
+      xv[j] = gpu_placed_partner<BITS>(v, j);
     }
     const int group = (w * VPW) / GS;
     for (int gu = 0; gu < 2; ++gu) {
       for (int u = 0; u < R; ++u) {
         const size_t row = gate_row + gu * I + u;
         const unsigned int word = wq[row * WPR + w];
-        const unsigned int high = word >> 16;
         float dot = 0.0f;
         #pragma unroll
         for (int j = 0; j < VPW; ++j) {
-          dot += gpu_qval_placed(j * BITS < 16 ? word : high, (j * BITS) % 16, MASK) * xv[j];
+          dot += gpu_qval_at<BITS>(word, j) * xv[j];
         }
         const size_t g = row * GPR + group;
         acc[gu][u] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * xsum;

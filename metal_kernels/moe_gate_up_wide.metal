@@ -65,6 +65,19 @@ GPU_FN float gpu_qval_placed(unsigned int part, int s, unsigned int mask) {
   return gpu_as_float(0x4B000000u | (part & (mask << s))) - 8388608.0f;
 }
 
+// Value j of a word packed BITS to a value (value j in bits j * BITS), dequantized in place (gpu_qval_placed): it
+// times 2^((j * BITS) % 16), to be multiplied by gpu_placed_partner<BITS>(x, j), so the product is value j times x.
+template <int BITS>
+GPU_FN float gpu_qval_at(unsigned int word, int j) {
+  return gpu_qval_placed(j * BITS < 16 ? word : word >> 16, (j * BITS) % 16, (1u << BITS) - 1u);
+}
+
+// x scaled by 2^-((j * BITS) % 16), exactly: the partner of gpu_qval_at<BITS>(word, j).
+template <int BITS>
+GPU_FN float gpu_placed_partner(float x, int j) {
+  return x * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));
+}
+
 GPU_FN float gpu_silu(float x) {
   return x / (1.0f + gpu_exp(-x));
 }
@@ -102,7 +115,7 @@ const uint3 gpu_gid = thread_position_in_grid;
 // lane reads serves its 2R rows, and a chunk's token values are read 8 at a time (gpu_load8: lanes 32 values
 // apart would otherwise touch 32 cache lines a load instruction); a chunk lies in one scale group (GS a multiple of
 // the chunk's 128 / BITS values).
-// Values are dequantized in place (gpu_qval_placed): the token value, not the packed value, is scaled by the
+// Values are dequantized in place (gpu_qval_at): the token value, not the packed value, is scaled by the
 // power of two of the value's bit offset in its half word.
 // Template: D model width, I expert width, P pairs per token, BITS (2, 4 or 8), GS group size (a multiple of
 // 128 / BITS dividing D), R hidden units a group (dividing I).
@@ -117,7 +130,6 @@ constexpr int CPR = WPR / 4;  // chunks per row
 constexpr int CPL = (CPR + 31) / 32;  // chunks of a row per lane, at most
 constexpr int GPR = D / GS;  // groups per row
 constexpr int CPG = GS / VPC;  // chunks per group
-constexpr unsigned int MASK = (1u << BITS) - 1u;
 const int lane = gpu_gid.x % 32;
 const int pair = gpu_gid.x / 32;
 const int r0 = gpu_gid.y * R;
@@ -153,7 +165,7 @@ for (int gu = 0; gu < 2; ++gu) {
 for (int k = 0; k < CPL; ++k) {
   const int c = k * 32 + lane;
   if (c < CPR) {
-    float xv[4][VPW];  // value j of word w of the chunk times 2^-(its bit offset in its half word)
+    float xv[4][VPW];  // value j of word w of the chunk as gpu_qval_at's partner (gpu_placed_partner)
     float xsum[4];
     float vals[VPC];  // the chunk's token values, read 16 bytes a load (VPC: a multiple of 8)
     #pragma unroll
@@ -167,7 +179,7 @@ for (int k = 0; k < CPL; ++k) {
       for (int j = 0; j < VPW; ++j) {
         const float v = vals[w * VPW + j];
         xsum[w] += v;
-        xv[w][j] = v * (1.0f / static_cast<float>(1u << ((j * BITS) % 16)));
+        xv[w][j] = gpu_placed_partner<BITS>(v, j);
       }
     }
     const float chunk_sum = (xsum[0] + xsum[1]) + (xsum[2] + xsum[3]);
@@ -179,10 +191,9 @@ for (int k = 0; k < CPL; ++k) {
         #pragma unroll
         for (int w = 0; w < 4; ++w) {
           const unsigned int word = gpu_word(words[gu][u][k], w);
-          const unsigned int high = word >> 16;
           #pragma unroll
           for (int j = 0; j < VPW; ++j) {
-            dot += gpu_qval_placed(j * BITS < 16 ? word : high, (j * BITS) % 16, MASK) * xv[w][j];
+            dot += gpu_qval_at<BITS>(word, j) * xv[w][j];
           }
         }
         acc[gu][u] += scale[gu][u][k] * dot + bias[gu][u][k] * chunk_sum;
