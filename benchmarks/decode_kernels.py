@@ -261,10 +261,10 @@ if experts_paths:
     for _ in range(3):
         for path in experts_paths:
             with settings.override(KIMI_MLX_EXPERTS=path):
-                ours._steps = None  # the layers' steps traced again, choosing their expert path under the override
+                ours.retrace()  # the steps traced again, choosing their expert path under the override
                 loop(4)
                 b, q, w = loop(a.tokens)
-            ours._steps = None
+            ours.retrace()
             print(f"{a.batch / (b + q + w):8.1f} {b * 1e3:9.3f} {q * 1e3:9.3f} {w * 1e3:9.3f}  {path}", flush=True)
     sys.exit()
 print(f"{'tok/s':>8} {'build ms':>9} {'queue ms':>9} {'wait ms':>9}" + (f" {'nap ms':>7}" if naps else ""))

@@ -258,9 +258,9 @@ def verification_costs(shape: str, context: int, ks, reps: int, bits: int, echo,
         v, p = median_ms(verify(T), reps), median_ms(prefill_path(T), reps)
         line = f"| {T} | {v:.2f} | {v / one:.2f} | {p:.2f} | {p / one:.2f} |"
         if rows_kernel:  # the compiled verification steps are traced again under the switch, and after it
-            model.__dict__.pop("_verify_steps", None)
+            model.retrace()
             r = median_ms(with_rows_kernel(verify(T)), reps)
-            model.__dict__.pop("_verify_steps", None)
+            model.retrace()
             line += f" {r:.2f} | {r / one:.2f} |"
         echo(line)
     if batch:

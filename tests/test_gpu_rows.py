@@ -60,11 +60,11 @@ def test_verification_rows_match_decode(model, T, rows_kernel):
     prefill(model, plain, prompt)
     prefill(model, spec, prompt)
     toks = rng.integers(0, vocab, T).tolist()
-    model.__dict__.pop("_verify_steps", None)  # traced under this setting, not an earlier test's
+    model.retrace()  # traced under this setting, not an earlier test's
     with settings.override(KIMI_MLX_KDA_ROWS=rows_kernel):
         logits, _ = verify_forward(model, toks, spec)
         mx.eval(logits)
-    model.__dict__.pop("_verify_steps", None)
+    model.retrace()
     for i, t in enumerate(toks):
         want = model(mx.array([[t]]), plain)[0, -1]
         assert rel(logits[i], want) <= TOL, (T, i)
@@ -113,13 +113,13 @@ def test_batched_decode_rows_on_the_wide_expert_kernels(model):
     for _ in range(2):
         toks = rng.integers(0, vocab, batch.capacity)
         batch.prepare()
-        model._steps = None  # the layers' steps traced again under the override (they trace their expert path)
+        model.retrace()  # the steps traced again under the override (they trace their expert path)
         try:
             with settings.override(KIMI_MLX_EXPERTS="wide"):
                 got = model.decode_rows(mx.array(toks).reshape(-1, 1), batch)[:, -1]
                 mx.eval(got)
         finally:
-            model._steps = None
+            model.retrace()
         batch.advance()
         for b in range(5):
             want = model(mx.array([[int(toks[b])]]), alone[b])[0, -1]

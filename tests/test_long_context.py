@@ -149,11 +149,11 @@ def test_decode_across_pages_with_a_rewind(long_case, dense_model, bits, monkeyp
     model, toks, ref = long_case
     if bits:
         model = dense_model
-    model._steps = None  # trace the steps again under this test's settings
+    model.retrace()  # trace the steps again under this test's settings
     try:
         _decode_with_a_rewind(model, toks, ref, bits)
     finally:
-        model._steps = None  # and let the next test trace its own
+        model.retrace()  # and let the next test trace its own
 
 
 def _decode_with_a_rewind(model, toks, ref, bits):

@@ -382,8 +382,8 @@ def test_verification_on_the_gpu_kernel_paths_equals_decode_emulated(name, monke
         assert all(mx.array_equal(logits[i], rows[i]).item() for i in range(len(toks)))
         assert states_equal(plain, spec)
     finally:
-        model.eager_steps, model._steps = False, None
-        model.__dict__.pop("_verify_steps", None)
+        model.eager_steps = False
+        model.retrace()
 
 
 def test_cli_generate_with_draft_prints_plain_text_and_the_draft_stats():
@@ -525,8 +525,8 @@ def test_verification_with_the_rows_kernel_equals_decode_emulated(demo_random, m
         assert all(mx.array_equal(logits[i], rows[i]).item() for i in range(len(toks)))
         assert states_equal(plain, spec)
     finally:
-        model.eager_steps, model._steps = False, None
-        model.__dict__.pop("_verify_steps", None)
+        model.eager_steps = False
+        model.retrace()
 
 
 def test_server_engine_runs_a_speculative_turn_among_batched_turns(demo):

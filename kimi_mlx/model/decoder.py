@@ -187,6 +187,13 @@ class Model(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.model.layers[self.owned[0]].input_layernorm.weight.dtype
 
+    def retrace(self) -> None:
+        """Drop every traced graph (the layers' one-token steps, prefill steps and FFN halves, verification steps):
+        each traces again at its next call, under the modules and settings of that moment (modules fused, a kernel
+        switched off, a settings override in a test or benchmark). Graphs choose their paths when traced."""
+        self._steps = self._prefill = self._prefill_ffn = None
+        self.__dict__.pop("_verify_steps", None)
+
     def probe_kernels(self) -> list[str]:
         """Build and run once every GPU kernel this model's owned layers launch, on zeros, outside compiled steps:
         a prefill of PROBE_TOKENS tokens, then one decode step through the layers' steps run eagerly (the same
@@ -211,7 +218,7 @@ class Model(nn.Module):
             except metal_kernels.KernelFailed as e:
                 metal_kernels.switch_off(e.name, e.why)
                 found.append(f"{e.name}: {e.why}")
-        self._steps = self._prefill = self._prefill_ffn = None  # graphs traced before a switch-off
+        self.retrace()  # graphs traced before a switch-off
         return found  # would still launch the kernel
 
     def _probe_pass(self) -> None:

@@ -313,6 +313,6 @@ def fuse_model(model, offload=None) -> int:
             a.v_absorb = value_matrix(a.v_up, a.pe)
             fuse_mla_inputs(a)
         dequant_linears(layer)  # prefill's projections: dequantize + dense matmul where chosen (ops/linear.py)
-    model._steps = model._prefill = model._prefill_ffn = None  # compiled steps close over the old modules
+    model.retrace()  # compiled steps close over the old modules
     mx.eval(model.parameters())
     return n
