@@ -169,20 +169,16 @@ def batch_verification_costs(model, state, B: int, ks, reps: int, echo) -> None:
     from kimi_mlx.batch_state import BatchState
     from kimi_mlx.model.verify import verify_batch
     from kimi_mlx.spec_batch import MAX_ROWS
-    from kimi_mlx.state import KDAState
 
     batch = BatchState(model, max_batch=B)
     for _ in range(B):
         batch.add(state)
-    start, lens = batch.mark(), list(batch.lens)
+    start = batch.mark()
     vocab = model.config.vocab_size
     toks = mx.random.randint(0, vocab, (B, max(ks)), dtype=mx.uint32)
 
     def reset():
-        for i, (c, r) in start.kda.items():
-            batch.layers[i] = KDAState(c, r)
-        batch.lens = list(lens)
-        batch._lengths_changed()
+        batch.restore(start)
 
     def step():
         reset()

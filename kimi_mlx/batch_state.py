@@ -245,6 +245,14 @@ class BatchState:
         return BatchMark({i: (s.conv, s.recurrent) for i, s in enumerate(self.layers) if isinstance(s, KDAState)},
                          list(self.lens))
 
+    def restore(self, mark: BatchMark) -> None:
+        """Back to `mark` (taken over the same slots): each KDA layer's arrays and each slot's length as they were
+        then. Rows the MLA pages gained since lie past the lengths, where the next steps write over them."""
+        for i, (conv, recurrent) in mark.kda.items():
+            self.layers[i] = KDAState(conv, recurrent)
+        self.lens = list(mark.lens)
+        self._lengths_changed()
+
     def extract(self, b: int, mark: BatchMark, offset: int) -> ModelState:
         """Slot b as it was at `mark`, as a batch-1 ModelState holding `offset` tokens (evaluated: the slices
         hold no reference to the live page afterwards, so the next step still writes it in place)."""

@@ -180,3 +180,29 @@ def test_compact_moves_slots_to_the_front_and_gives_memory_back(demo_random):
         assert mx.array_equal(model(mx.array([[7]]), got), model(mx.array([[7]]), want)).item()
     batch.free(0), batch.free(1)
     assert batch.compact() == [] and batch.nbytes == 0 and batch.capacity == 0
+
+
+def test_restore_takes_the_batch_back_to_a_mark(demo_random):
+    """restore(mark): after steps, each slot's KDA state and length as at the mark, so the same step again gives the
+    same logits (the rows the MLA pages gained since lie past the lengths and are written over)."""
+    model, _ = demo_random
+    batch = BatchState(model, max_batch=4)
+    for n in (7, 40):
+        s = model.new_state(1)
+        prefill(model, s, [3 + i % 200 for i in range(n)])
+        batch.add(s)
+    mark = batch.mark()
+    toks = mx.array([[11], [12]], mx.uint32)
+
+    def step(t):
+        batch.prepare()
+        out = model.decode_rows(t, batch)
+        batch.advance()
+        return out
+
+    first = step(toks)
+    step(mx.array([[13], [14]], mx.uint32))
+    assert batch.lens == [9, 42]
+    batch.restore(mark)
+    assert batch.lens == [7, 40]
+    assert mx.array_equal(step(toks), first).item()
