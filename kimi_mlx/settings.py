@@ -43,12 +43,12 @@ SWITCHES = {s.env: s for s in (
            "the chunked prefill's scan across chunks: auto (a matmul a chunk on CUDA, the scan kernel on Metal, ops "
            "on the CPU), or one of them (doubling: the chunks' affine maps combined in log2(chunks) levels of "
            "batched matmuls; mma: the affine steps in order in one kernel, the state's products on the matrix "
-           "units; mma under mx.compile, as the model runs it, within 1% of affine on an H100, doubling not timed: "
+           "units; under mx.compile, as the model runs it, mma measured no faster than affine and doubling is untimed: "
            "RESULTS.md)"),
     Switch("KIMI_MLX_KDA_INTRA", ("auto", "kernel", "mma"), "auto",
            "the chunked prefill's per-chunk matrices on a GPU: auto (kernel), kernel (their products on the CUDA / "
            "SIMD cores), mma (the products as 16x16 tiles on the matrix units: tensor cores, simdgroup matrices; "
-           "under mx.compile within 1% of kernel on an H100: RESULTS.md)"),
+           "under mx.compile measured no faster than kernel: RESULTS.md)"),
     Switch("KIMI_MLX_MLA", ("auto", "ref", "fused", "tiled"), "auto",
            "MLA prefill attention: auto (fused SDPA where one score tile holds the cache, else tiled), ref (one "
            "score array), fused, tiled"),
